@@ -1,0 +1,186 @@
+//! The one error type of `overlaybd-core`.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong reading, writing or stacking layers.
+///
+/// Low-level variants describe the fault (field, entry, offset); the `InFile`
+/// and `InLayer` wrappers add which file or layer it was found in.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O error.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+
+    /// A ZFile format or integrity error.
+    #[error("ZFile: {0}")]
+    ZFile(#[from] zfile::Error),
+
+    /// The error happened in this file.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// The error happened in this layer of an image (0 = bottom).
+    #[error("layer {index} ({name}): {source}")]
+    InLayer {
+        /// Position in `lowers`, 0 = bottom.
+        index: usize,
+        /// A human name: the file path or the digest.
+        name: String,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// Magic bytes do not match.
+    #[error("bad magic in {what}: not an LSMT file")]
+    BadMagic {
+        /// "header" or "trailer".
+        what: &'static str,
+    },
+
+    /// The data ends before a structure it must hold.
+    #[error("truncated {what}: need {need} bytes, have {have}")]
+    Truncated {
+        /// The structure.
+        what: &'static str,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes present.
+        have: u64,
+    },
+
+    /// A header or trailer field holds a value the format forbids.
+    #[error("LSMT {what} field `{field}`: {detail}")]
+    BadField {
+        /// "header", "trailer", "index header", ...
+        what: &'static str,
+        /// Field name as in the format reference.
+        field: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// Index entries out of order or overlapping.
+    #[error("LSMT index entry {index} (offset {offset}) overlaps or precedes the previous entry ending at {prev_end}")]
+    IndexOrder {
+        /// Entry position in the stored index.
+        index: usize,
+        /// End (sectors) of the previous entry.
+        prev_end: u64,
+        /// Offset (sectors) of this entry.
+        offset: u64,
+    },
+
+    /// An index entry points outside the layer's data area.
+    #[error("LSMT index entry {index}: moffset {moffset}..{mend} outside the data area 8..{limit} (sectors)")]
+    MoffsetRange {
+        /// Entry position in the stored index.
+        index: usize,
+        /// Entry moffset.
+        moffset: u64,
+        /// Entry mend.
+        mend: u64,
+        /// End of the data area in sectors.
+        limit: u64,
+    },
+
+    /// An index entry breaks a rule other than order or moffset range.
+    #[error("LSMT index entry {index}: {detail}")]
+    BadEntry {
+        /// Entry position in the stored index.
+        index: usize,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// More index entries than allowed.
+    #[error("{what}: {count} index entries exceeds the limit of {max}")]
+    TooManyEntries {
+        /// Which index.
+        what: &'static str,
+        /// Entries present.
+        count: u64,
+        /// The limit.
+        max: u64,
+    },
+
+    /// A strict-validation rule (a rule upstream's writers follow) is broken.
+    #[error("validation rule violated: {0}")]
+    Rule(String),
+
+    /// The tar wrapper is malformed.
+    #[error("tar wrapper: {0}")]
+    Tar(String),
+
+    /// `config.v1.json` is malformed.
+    #[error("config {field}: {detail}")]
+    Config {
+        /// JSON path of the offending key, e.g. `lowers[2].file`.
+        field: String,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// A read or write outside the device or not sector-aligned.
+    #[error("bad I/O request: {0}")]
+    BadRequest(String),
+
+    /// The operation needs a writable layer.
+    #[error("the image is read-only")]
+    ReadOnly,
+
+    /// A feature the format defines but this build does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    /// Wraps `self` with the file it came from.
+    pub fn in_file(self, path: impl Into<PathBuf>) -> Self {
+        Error::InFile {
+            path: path.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// Wraps `self` with the layer it came from.
+    pub fn in_layer(self, index: usize, name: impl Into<String>) -> Self {
+        Error::InLayer {
+            index,
+            name: name.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// Converts into an `io::Error`, keeping the message (for `ReadAt` impls).
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Error::Io(e) => e,
+            other => io::Error::new(io::ErrorKind::InvalidData, other),
+        }
+    }
+}
+
+/// Adds file context to results.
+pub trait Context<T> {
+    /// Names the file a failure came from.
+    fn in_file(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
+    fn in_file(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| e.into().in_file(path))
+    }
+}

@@ -1,0 +1,10 @@
+//! overlaybd-core: LSMT layer files, the merged index over up to 255 layers, the
+//! image stack built from `config.v1.json`, and the layer sources behind it.
+//!
+//! Data flows one way: image → layer files → sources.
+
+pub mod error;
+pub mod lsmt;
+
+pub use error::{Context, Error, Result};
+pub use zfile::{FileSource, ReadAt, Window};

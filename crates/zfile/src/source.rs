@@ -1,0 +1,191 @@
+//! Positional byte sources: the one I/O abstraction every format layer reads through.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+/// Thread-safe positional reads from an immutable byte source (a file, a memory
+/// buffer, a window of another source, a decoded ZFile, a remote blob, ...).
+pub trait ReadAt: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read.
+    /// Returns 0 only at or past the end of the source.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Total size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` from `offset`, or fails with `UnexpectedEof`.
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short read at offset {offset}"),
+                    ))
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A local file with its size captured at open time.
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    size: u64,
+}
+
+impl FileSource {
+    /// Wraps an open file; its current length becomes the source size.
+    pub fn new(file: File) -> io::Result<Self> {
+        let size = file.metadata()?.len();
+        Ok(Self { file, size })
+    }
+
+    /// Opens `path` read-only.
+    pub fn open(path: impl AsRef<std::path::Path>) -> io::Result<Self> {
+        Self::new(File::open(path)?)
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl ReadAt for FileSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let max = (self.size - offset).min(buf.len() as u64) as usize;
+        self.file.read_at(&mut buf[..max], offset)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+fn read_slice(data: &[u8], buf: &mut [u8], offset: u64) -> usize {
+    if offset >= data.len() as u64 {
+        return 0;
+    }
+    let start = offset as usize;
+    let n = buf.len().min(data.len() - start);
+    buf[..n].copy_from_slice(&data[start..start + n]);
+    n
+}
+
+impl ReadAt for [u8] {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        Ok(read_slice(self, buf, offset))
+    }
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        Ok(read_slice(self, buf, offset))
+    }
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for &T {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+}
+
+/// A window `[start, start + len)` of another source, addressed from 0.
+#[derive(Debug, Clone)]
+pub struct Window<R> {
+    inner: R,
+    start: u64,
+    len: u64,
+}
+
+impl<R: ReadAt> Window<R> {
+    /// A window of `inner`; `len` is clamped to what `inner` holds past `start`.
+    pub fn new(inner: R, start: u64, len: u64) -> Self {
+        let avail = inner.size().saturating_sub(start);
+        Self {
+            inner,
+            start,
+            len: len.min(avail),
+        }
+    }
+
+    /// The wrapped source.
+    pub fn inner(&self) -> &R {
+        &self.inner
+    }
+
+    /// Offset of the window inside the wrapped source.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+}
+
+impl<R: ReadAt> ReadAt for Window<R> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let n = (self.len - offset).min(buf.len() as u64) as usize;
+        self.inner.read_at(&mut buf[..n], self.start + offset)
+    }
+    fn size(&self) -> u64 {
+        self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_clamps_and_offsets() {
+        let data: Vec<u8> = (0..100u8).collect();
+        let w = Window::new(&data, 90, 50);
+        assert_eq!(w.size(), 10);
+        let mut buf = [0u8; 4];
+        assert_eq!(w.read_at(&mut buf, 2).unwrap(), 4);
+        assert_eq!(buf, [92, 93, 94, 95]);
+        assert_eq!(w.read_at(&mut buf, 10).unwrap(), 0);
+        assert!(w.read_exact_at(&mut buf, 8).is_err());
+    }
+}
