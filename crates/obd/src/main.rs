@@ -1,1 +1,53 @@
-fn main() {}
+//! `obd`: the command-line front of obd (block-level lazy container images,
+//! byte-compatible with overlaybd).
+
+mod bench;
+mod bench_read;
+mod bench_zfile;
+mod cmd_image;
+mod cmd_layer;
+mod cmd_zfile;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+/// Block-level lazy container images, compatible with overlaybd.
+///
+/// Layers are LSMT files (optionally ZFile-compressed and tar-wrapped, as in a
+/// registry); an image stacks up to 255 of them from a config.v1.json.
+#[derive(Parser, Debug)]
+#[command(name = "obd", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Compress, extract, inspect and verify ZFile files.
+    #[command(subcommand)]
+    Zfile(cmd_zfile::ZfileCmd),
+    /// Create, commit, inspect and verify LSMT layer files.
+    #[command(subcommand)]
+    Layer(cmd_layer::LayerCmd),
+    /// Inspect and flatten images described by a config.v1.json.
+    #[command(subcommand)]
+    Image(cmd_image::ImageCmd),
+    /// Measure the hot paths; `--json` prints one JSON object of figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Zfile(c) => cmd_zfile::run(c),
+        Cmd::Layer(c) => cmd_layer::run(c),
+        Cmd::Image(c) => cmd_image::run(c),
+        Cmd::Bench(c) => bench::run(c),
+    };
+    if let Err(e) = res {
+        eprintln!("obd: error: {e:#}");
+        std::process::exit(1);
+    }
+}

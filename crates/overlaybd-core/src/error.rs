@@ -15,32 +15,30 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// An operating-system I/O error.
     #[error("I/O error: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
 
     /// A ZFile format or integrity error.
     #[error("ZFile: {0}")]
-    ZFile(#[from] zfile::Error),
+    ZFile(zfile::Error),
 
     /// The error happened in this file.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {inner}", path.display())]
     InFile {
         /// The file.
         path: PathBuf,
-        /// What went wrong.
-        #[source]
-        source: Box<Error>,
+        /// What went wrong (shown in this error's message, not as a separate cause).
+        inner: Box<Error>,
     },
 
     /// The error happened in this layer of an image (0 = bottom).
-    #[error("layer {index} ({name}): {source}")]
+    #[error("layer {index} ({name}): {inner}")]
     InLayer {
         /// Position in `lowers`, 0 = bottom.
         index: usize,
         /// A human name: the file path or the digest.
         name: String,
-        /// What went wrong.
-        #[source]
-        source: Box<Error>,
+        /// What went wrong (shown in this error's message, not as a separate cause).
+        inner: Box<Error>,
     },
 
     /// Magic bytes do not match.
@@ -124,6 +122,13 @@ pub enum Error {
     #[error("tar wrapper: {0}")]
     Tar(String),
 
+    /// The tar wrapper still holds upstream's creation placeholder (magic
+    /// `xxtar`, name `overlaybd.new`): the writer never finished the blob.
+    #[error(
+        "tar wrapper incomplete: placeholder header (overlaybd.new, magic xxtar) was never patched"
+    )]
+    TarIncomplete,
+
     /// `config.v1.json` is malformed.
     #[error("config {field}: {detail}")]
     Config {
@@ -146,12 +151,26 @@ pub enum Error {
     Unsupported(String),
 }
 
+// Causes are part of each message (not a `source()` chain), so a message printed
+// once says everything and nothing is printed twice.
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+impl From<zfile::Error> for Error {
+    fn from(e: zfile::Error) -> Self {
+        Error::ZFile(e)
+    }
+}
+
 impl Error {
     /// Wraps `self` with the file it came from.
     pub fn in_file(self, path: impl Into<PathBuf>) -> Self {
         Error::InFile {
             path: path.into(),
-            source: Box::new(self),
+            inner: Box::new(self),
         }
     }
 
@@ -160,7 +179,7 @@ impl Error {
         Error::InLayer {
             index,
             name: name.into(),
-            source: Box::new(self),
+            inner: Box::new(self),
         }
     }
 

@@ -1,0 +1,213 @@
+//! `obd bench read`: flatten of a generated 3-layer image from local files,
+//! against copying a plain file of the same size, both with a warm page cache.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use fixtures::Rng;
+use overlaybd_core::config::{ImageConfig, Lower};
+use overlaybd_core::image::Image;
+use overlaybd_core::lsmt::{CommitOptions, CreateOptions, WritableLayer};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+
+/// Builds layer `k` of the benchmark image: layer 0 covers the whole disk, layer 1
+/// rewrites ~25% of it and layer 2 ~10%, in 256 KiB pieces.
+fn build_layer(dir: &Path, k: usize, size: u64, pool: &[u8], zfile: bool) -> Result<PathBuf> {
+    let data = dir.join(format!("layer{k}.data"));
+    let index = dir.join(format!("layer{k}.index"));
+    let mut w = WritableLayer::create(
+        &data,
+        &index,
+        CreateOptions {
+            virtual_size: if k == 0 { size } else { 0 },
+            ..Default::default()
+        },
+    )?;
+    let mut rng = Rng::new(100 + k as u64);
+    let stamp = |buf: &mut [u8], at: u64| {
+        // Make every 4 KiB page unique so no two layers or pages are alike.
+        for (i, page) in buf.chunks_mut(4096).enumerate() {
+            page[..8].copy_from_slice(&(at + i as u64 * 4096 + k as u64).to_le_bytes());
+        }
+    };
+    let piece = 4 * MIB;
+    let mut buf = vec![0u8; piece as usize];
+    if k == 0 {
+        for at in (0..size).step_by(piece as usize) {
+            let n = piece.min(size - at) as usize;
+            let src = (at % (pool.len() as u64 - piece)) as usize;
+            buf[..n].copy_from_slice(&pool[src..src + n]);
+            stamp(&mut buf[..n], at);
+            w.write_at(&buf[..n], at)?;
+        }
+    } else {
+        let share = if k == 1 { 4 } else { 10 };
+        let count = size / (256 << 10) / share;
+        for _ in 0..count {
+            let at = rng.below(size / (256 << 10)) * (256 << 10);
+            let src = rng.below((pool.len() as u64 - piece) / 4096) as usize * 4096;
+            buf[..256 << 10].copy_from_slice(&pool[src..src + (256 << 10)]);
+            stamp(&mut buf[..256 << 10], at);
+            w.write_at(&buf[..256 << 10], at)?;
+        }
+    }
+    let out_path = dir.join(format!("layer{k}.{}", if zfile { "zfile" } else { "lsmt" }));
+    let mut out = File::create(&out_path)?;
+    if zfile {
+        let mut z = zfile::ZFileWriter::new(
+            &mut out,
+            zfile::Options {
+                algorithm: zfile::Algorithm::Lz4,
+                block_size: 4096,
+                threads: 2,
+            },
+        )?;
+        w.commit(&CommitOptions::default(), &mut z)?;
+        z.finish()?;
+    } else {
+        let mut bw = std::io::BufWriter::with_capacity(4 << 20, &mut out);
+        w.commit(&CommitOptions::default(), &mut bw)?;
+        bw.flush()?;
+    }
+    drop(w);
+    std::fs::remove_file(&data)?;
+    std::fs::remove_file(&index)?;
+    Ok(out_path)
+}
+
+fn read_all(p: &Path) -> Result<u64> {
+    let mut f = File::open(p)?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut n = 0u64;
+    loop {
+        let r = f.read(&mut buf)?;
+        if r == 0 {
+            return Ok(n);
+        }
+        n += r as u64;
+    }
+}
+
+/// Userspace copy loop (read + write, 4 MiB buffer): the baseline.
+fn copy_loop(src: &Path, dst: &Path) -> Result<u64> {
+    let mut f = File::open(src)?;
+    let mut o = File::create(dst)?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut n = 0u64;
+    loop {
+        let r = f.read(&mut buf)?;
+        if r == 0 {
+            return Ok(n);
+        }
+        o.write_all(&buf[..r])?;
+        n += r as u64;
+    }
+}
+
+fn best_of<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        f()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+pub fn run(size_mib: u64, zfile: bool, dir: Option<PathBuf>) -> Result<Value> {
+    let tmp;
+    let dir = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            d
+        }
+        None => {
+            tmp = tempdir()?;
+            tmp.0.clone()
+        }
+    };
+    let size = size_mib * MIB;
+    let pool = fixtures::image_like(5, (64 * MIB).min(size + 4 * MIB) as usize + 4 * MIB as usize);
+    let t0 = Instant::now();
+    let layers: Vec<PathBuf> = (0..3)
+        .map(|k| build_layer(&dir, k, size, &pool, zfile))
+        .collect::<Result<_>>()?;
+    let build_s = t0.elapsed().as_secs_f64();
+    let cfg = ImageConfig {
+        lowers: layers
+            .iter()
+            .map(|p| Lower {
+                file: p.display().to_string(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let cfg_path = dir.join("config.v1.json");
+    cfg.save_atomic(&cfg_path)?;
+    let layer_bytes: u64 = layers.iter().map(|p| p.metadata().map_or(0, |m| m.len())).sum();
+
+    // Warm the page cache, and make the plain file the copy baseline reads.
+    for p in &layers {
+        read_all(p)?;
+    }
+    let flat = dir.join("flat.img");
+    let plain = dir.join("plain.img");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let flatten = |out: &Path| -> Result<()> {
+        let img = Image::open_config_file(&cfg_path)?;
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(out)?;
+        img.flatten_to(&f, threads, 4 << 20)?;
+        Ok(())
+    };
+    flatten(&plain)?;
+    read_all(&plain)?;
+    let copy_s = best_of(3, || {
+        let _ = std::fs::remove_file(&flat);
+        copy_loop(&plain, &flat)
+    })?;
+    let flatten_s = best_of(3, || {
+        let _ = std::fs::remove_file(&flat);
+        flatten(&flat)
+    })?;
+    // The flattened disk must equal the plain copy source byte for byte.
+    let same = crate::util::sha256_hex(File::open(&flat)?)? == crate::util::sha256_hex(File::open(&plain)?)?;
+    let _ = std::fs::remove_file(&flat);
+    let _ = std::fs::remove_file(&plain);
+    anyhow::ensure!(same, "flatten output differs between runs");
+    let mb = size as f64 / 1e6;
+    Ok(json!({
+        "bench": "read",
+        "what": "flatten of a 3-layer image from local files vs a userspace copy of a plain file of the same size, page cache warm, best of 3",
+        "virtual_size": size,
+        "layers": 3,
+        "layer_format": if zfile { "zfile(lz4,4K)(lsmt)" } else { "lsmt" },
+        "layer_bytes": layer_bytes,
+        "build_seconds": build_s,
+        "threads": threads,
+        "flatten_mb_per_s": mb / flatten_s,
+        "copy_mb_per_s": mb / copy_s,
+        "flatten_vs_copy_ratio": copy_s / flatten_s,
+        "goal_ratio": 0.8,
+    }))
+}
+
+/// A temporary folder removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> Result<TempDir> {
+    let base = std::env::temp_dir().join(format!("obd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
+    Ok(TempDir(base))
+}

@@ -1,0 +1,371 @@
+//! `obd layer …`
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use overlaybd_core::image::Layer;
+use overlaybd_core::lsmt::{self, CommitOptions, CreateOptions, RoLayer, Uuid, WritableLayer};
+use overlaybd_core::source::{self, Blob};
+use overlaybd_core::tar::TarWriter;
+use serde_json::json;
+use zfile::FileSource;
+
+use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg};
+use crate::util::{human, parse_size};
+
+#[derive(Subcommand, Debug)]
+pub enum LayerCmd {
+    /// Create an empty writable layer (an RW data file and an RW index file).
+    Create {
+        /// Virtual disk size (e.g. 64G); 0 inherits the size of the layers below.
+        #[arg(long, default_value = "0", value_parser = parse_size_arg)]
+        vsize: u64,
+        /// This layer's UUID.
+        #[arg(long)]
+        uuid: Option<String>,
+        /// The UUID of the layer below.
+        #[arg(long)]
+        parent_uuid: Option<String>,
+        /// RW data file to create.
+        data: PathBuf,
+        /// RW index file to create.
+        index: PathBuf,
+    },
+    /// Write a file's bytes into a writable layer at a byte offset (512-aligned).
+    Write {
+        /// Byte offset on the virtual disk (multiple of 512).
+        #[arg(long, value_parser = parse_size_arg)]
+        offset: u64,
+        /// RW data file.
+        data: PathBuf,
+        /// RW index file.
+        index: PathBuf,
+        /// File whose bytes to write (padded with zeros to 512).
+        input: PathBuf,
+    },
+    /// Discard (zero) a range of a writable layer, hiding lower layers there.
+    Discard {
+        /// Byte offset (multiple of 512).
+        #[arg(long, value_parser = parse_size_arg)]
+        offset: u64,
+        /// Length in bytes (multiple of 512).
+        #[arg(long, value_parser = parse_size_arg)]
+        length: u64,
+        /// RW data file.
+        data: PathBuf,
+        /// RW index file.
+        index: PathBuf,
+    },
+    /// Seal a writable layer: append its index and a trailer to the data file,
+    /// which becomes a read-only layer (not compacted).
+    Seal {
+        /// RW data file (becomes the sealed file).
+        data: PathBuf,
+        /// RW index file.
+        index: PathBuf,
+    },
+    /// Commit (compact) a layer into a read-only layer file, optionally ZFile-compressed
+    /// and tar-wrapped. Inputs: `<data> <index> <out>` for a writable layer, or
+    /// `<layer> <out>` for a sealed (or any read-only) layer file.
+    Commit {
+        /// Compress the output as a ZFile.
+        #[arg(long)]
+        zfile: bool,
+        /// ZFile codec.
+        #[arg(long, value_enum, default_value = "lz4", requires = "zfile")]
+        algorithm: AlgoArg,
+        /// ZFile block size: 4K, 8K, 16K or 32K.
+        #[arg(long, default_value = "4K", value_parser = parse_block_size, requires = "zfile")]
+        block_size: u32,
+        /// Wrap the output in the overlaybd tar disguise (what registries carry).
+        #[arg(long)]
+        tar: bool,
+        /// UUID of the committed layer (default: unset, as upstream).
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Parent UUID (default: the source layer's).
+        #[arg(long)]
+        parent_uuid: Option<String>,
+        /// Commit message stored in the header (at most 256 bytes).
+        #[arg(short, long)]
+        message: Option<String>,
+        /// Compression threads.
+        #[arg(long, default_value_t = default_threads())]
+        threads: usize,
+        /// `<data> <index> <out>` or `<layer> <out>`.
+        #[arg(num_args = 2..=3, required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show a layer file's header, trailer and index (any nesting).
+    Info {
+        /// Layer file: LSMT, ZFile(LSMT), tar(LSMT) or tar(ZFile(LSMT)).
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also list every index entry.
+        #[arg(long)]
+        entries: bool,
+    },
+    /// Check a layer file: every reader rule, every ZFile CRC, every data read.
+    Verify {
+        /// Layer file (any nesting).
+        file: PathBuf,
+        /// Also apply every rule upstream's writers follow, for a shippable layer.
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_uuid(s: &Option<String>, what: &str) -> Result<Option<Uuid>> {
+    s.as_deref()
+        .map(|u| Uuid::parse(u).with_context(|| format!("--{what} `{u}`")))
+        .transpose()
+}
+
+fn open_blob(path: &Path) -> Result<Blob> {
+    Ok(Arc::new(
+        FileSource::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+    ))
+}
+
+pub fn run(cmd: LayerCmd) -> Result<()> {
+    match cmd {
+        LayerCmd::Create {
+            vsize,
+            uuid,
+            parent_uuid,
+            data,
+            index,
+        } => {
+            if vsize % 512 != 0 {
+                bail!("--vsize must be a multiple of 512");
+            }
+            let opts = CreateOptions {
+                virtual_size: vsize,
+                uuid: parse_uuid(&uuid, "uuid")?.unwrap_or(Uuid::NIL),
+                parent_uuid: parse_uuid(&parent_uuid, "parent-uuid")?.unwrap_or(Uuid::NIL),
+            };
+            let w = WritableLayer::create(&data, &index, opts)?;
+            w.fsync()?;
+            eprintln!("created writable layer {} + {} ({})", data.display(), index.display(), human(vsize));
+            Ok(())
+        }
+        LayerCmd::Write {
+            offset,
+            data,
+            index,
+            input,
+        } => {
+            let mut w = WritableLayer::open(&data, &index)?;
+            let mut f = File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
+            let mut buf = vec![0u8; 4 << 20];
+            let mut at = offset;
+            loop {
+                let mut n = 0;
+                while n < buf.len() {
+                    let r = f.read(&mut buf[n..])?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                }
+                if n == 0 {
+                    break;
+                }
+                let padded = n.div_ceil(512) * 512;
+                buf[n..padded].fill(0);
+                w.write_at(&buf[..padded], at)?;
+                at += padded as u64;
+                if n < buf.len() {
+                    break;
+                }
+            }
+            w.fsync()?;
+            eprintln!("wrote {} at offset {}", human(at - offset), offset);
+            Ok(())
+        }
+        LayerCmd::Discard {
+            offset,
+            length,
+            data,
+            index,
+        } => {
+            let mut w = WritableLayer::open(&data, &index)?;
+            w.discard(offset, length)?;
+            w.fsync()?;
+            Ok(())
+        }
+        LayerCmd::Seal { data, index } => {
+            let w = WritableLayer::open(&data, &index)?;
+            let s = w.seal()?;
+            eprintln!(
+                "sealed {}: {} entries at offset {}, {} bytes",
+                data.display(),
+                s.index_size,
+                s.index_offset,
+                s.size
+            );
+            Ok(())
+        }
+        LayerCmd::Commit {
+            zfile: compress,
+            algorithm,
+            block_size,
+            tar,
+            uuid,
+            parent_uuid,
+            message,
+            threads,
+            paths,
+        } => {
+            let out_path = paths.last().expect("clap enforces 2..=3 paths").clone();
+            let opts = CommitOptions {
+                uuid: parse_uuid(&uuid, "uuid")?,
+                parent_uuid: parse_uuid(&parent_uuid, "parent-uuid")?,
+                user_tag: message.unwrap_or_default().into_bytes(),
+                ..Default::default()
+            };
+            let mut out =
+                File::create(&out_path).with_context(|| format!("cannot create {}", out_path.display()))?;
+            let tw = if tar { Some(TarWriter::begin(&mut out)?) } else { None };
+            let commit_into = |sink: &mut dyn Write| -> Result<lsmt::CommitInfo> {
+                if paths.len() == 3 {
+                    let w = WritableLayer::open(&paths[0], &paths[1])?;
+                    Ok(w.commit(&opts, sink)?)
+                } else {
+                    let dec = source::decode(open_blob(&paths[0])?)
+                        .with_context(|| format!("{}", paths[0].display()))?;
+                    let ro = RoLayer::open(dec.lsmt).with_context(|| format!("{}", paths[0].display()))?;
+                    Ok(ro.commit(&opts, sink)?)
+                }
+            };
+            let (info, payload) = if compress {
+                let mut z = zfile::ZFileWriter::new(
+                    &mut out,
+                    zfile::Options {
+                        algorithm: algorithm.into(),
+                        block_size,
+                        threads,
+                    },
+                )?;
+                let info = commit_into(&mut z)?;
+                let (_, zi) = z.finish()?;
+                (info, zi.zfile_size)
+            } else {
+                let mut bw = BufWriter::with_capacity(1 << 20, &mut out);
+                let info = commit_into(&mut bw)?;
+                bw.flush()?;
+                drop(bw);
+                (info, info.bytes)
+            };
+            if let Some(tw) = tw {
+                tw.finish(&mut out, payload)?;
+            }
+            out.sync_all()?;
+            eprintln!(
+                "committed {} entries (+{} padding), {} of data into {} ({})",
+                info.entries,
+                info.padding,
+                human(info.data_sectors * 512),
+                out_path.display(),
+                human(out.metadata()?.len())
+            );
+            Ok(())
+        }
+        LayerCmd::Info { file, json, entries } => {
+            let layer = Layer::open(file.display().to_string(), open_blob(&file)?)
+                .with_context(|| format!("{}", file.display()))?;
+            let ro = &layer.lsmt;
+            let (h, t) = (ro.header(), ro.trailer());
+            let segs = ro.segments();
+            let zeroed = segs.iter().filter(|s| s.zeroed).count();
+            let ht = |x: &lsmt::HeaderTrailer| {
+                json!({
+                    "flags": x.flags,
+                    "index_offset": x.index_offset,
+                    "index_size": x.index_size,
+                    "virtual_size": x.virtual_size,
+                    "uuid": x.uuid_str(),
+                    "parent_uuid": x.parent_uuid_str(),
+                    "version": [x.version, x.sub_version],
+                    "user_tag": String::from_utf8_lossy(x.user_tag_bytes()),
+                })
+            };
+            let mut v = json!({
+                "file": file.display().to_string(),
+                "nesting": layer.nesting.to_string(),
+                "blob_size": layer.blob_size,
+                "lsmt_size": ro.source().size(),
+                "kind": format!("{:?}", ro.kind()),
+                "header": ht(h),
+                "trailer": ht(t),
+                "valid_entries": segs.len(),
+                "zeroed_entries": zeroed,
+                "data_sectors": ro.data_sectors(),
+            });
+            if entries {
+                v["entries"] = segs
+                    .iter()
+                    .map(|s| json!([s.offset, s.length, s.moffset, s.zeroed as u8]))
+                    .collect();
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (k, val) in v.as_object().expect("object") {
+                    println!("{k}: {val}");
+                }
+            }
+            Ok(())
+        }
+        LayerCmd::Verify { file, strict } => verify(&file, strict),
+    }
+}
+
+use zfile::ReadAt;
+
+fn verify(file: &Path, strict: bool) -> Result<()> {
+    let name = file.display().to_string();
+    let dec = source::decode(open_blob(file)?).with_context(|| name.clone())?;
+    let mut notes = vec![format!("nesting {}", dec.nesting)];
+    if let Some(z) = &dec.zfile {
+        let r = z.verify().with_context(|| format!("{name}: ZFile"))?;
+        notes.push(format!("{} ZFile blocks CRC-checked", r.blocks));
+        if strict {
+            if let Err(v) = zfile::validate_strict(z) {
+                bail!("{name}: ZFile breaks upstream rules:\n  {}", v.join("\n  "));
+            }
+        }
+    }
+    let ro = RoLayer::open(dec.lsmt.clone()).with_context(|| name.clone())?;
+    // Read every mapped byte once: catches data that cannot be decoded.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    for s in ro.segments().iter().filter(|s| !s.zeroed) {
+        let (mut at, end) = (s.moffset * 512, s.mend() * 512);
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            dec.lsmt
+                .read_exact_at(&mut buf[..n], at)
+                .with_context(|| format!("{name}: reading layer data at offset {at}"))?;
+            at += n as u64;
+            bytes += n as u64;
+        }
+    }
+    notes.push(format!("{} entries, {} of data read", ro.segments().len(), human(bytes)));
+    if strict {
+        let rep = lsmt::validate_strict(&ro).with_context(|| format!("{name}: LSMT breaks upstream rules"))?;
+        notes.push(format!("strict LSMT rules ok ({rep:?})"));
+    }
+    println!("{name}: OK ({})", notes.join("; "));
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! An image: read-only LSMT layers stacked bottom to top (plus, optionally, a
+//! writable upper seen as the top layer), merged into one virtual disk.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::config::{resolve, ImageConfig, MAX_LAYERS};
+use crate::error::{Error, Result};
+use crate::index::MergedIndex;
+use crate::lsmt::{RoLayer, Segment, WritableLayer, SECTOR};
+use crate::source::{self, Blob, LayerRef, LayerSource, LocalFiles, Nesting};
+use zfile::ReadAt;
+
+/// One read-only layer of an image.
+pub struct Layer {
+    /// The path or digest it came from.
+    pub name: String,
+    /// How the blob wrapped the LSMT file.
+    pub nesting: Nesting,
+    /// Size of the blob as stored.
+    pub blob_size: u64,
+    /// The parsed LSMT layer.
+    pub lsmt: RoLayer,
+    /// The uncompressed LSMT bytes that index entries point into.
+    data: Blob,
+}
+
+impl Layer {
+    /// Opens a layer from its blob bytes (any nesting).
+    pub fn open(name: impl Into<String>, blob: Blob) -> Result<Layer> {
+        let blob_size = blob.size();
+        let dec = source::decode(blob)?;
+        let lsmt = RoLayer::open(dec.lsmt.clone())?;
+        Ok(Layer {
+            name: name.into(),
+            nesting: dec.nesting,
+            blob_size,
+            lsmt,
+            data: dec.lsmt,
+        })
+    }
+}
+
+/// A stacked, merged, read-only view of an image.
+pub struct Image {
+    layers: Vec<Layer>,
+    upper: Option<Arc<WritableLayer>>,
+    /// Per merged-index tag: the file its entries' `moffset` points into.
+    backing: Vec<Blob>,
+    index: MergedIndex,
+    vsize: u64,
+}
+
+impl Image {
+    /// Opens the image a `config.v1.json` file describes, with local files only.
+    /// Relative paths in it are resolved against the file's folder.
+    pub fn open_config_file(path: impl AsRef<Path>) -> Result<Image> {
+        let path = path.as_ref();
+        let cfg = ImageConfig::load(path)?;
+        Self::open(&cfg, path.parent(), &[&LocalFiles])
+            .map_err(|e| e.in_file(path))
+    }
+
+    /// Opens the image `cfg` describes. Each lower is asked of `sources` in order;
+    /// the first that has it wins. Layers are opened in parallel.
+    pub fn open(cfg: &ImageConfig, base_dir: Option<&Path>, sources: &[&dyn LayerSource]) -> Result<Image> {
+        cfg.validate()?;
+        let mut lowers = &cfg.lowers[..];
+        if cfg.acceleration_layer && !lowers.is_empty() {
+            // The last lower is the trace layer: replayed, not stacked.
+            lowers = &lowers[..lowers.len() - 1];
+        }
+        let open_one = |index: usize| -> Result<Layer> {
+            let r = LayerRef {
+                index,
+                lower: &lowers[index],
+                repo_blob_url: &cfg.repo_blob_url,
+                base_dir,
+            };
+            let name = describe(&lowers[index]);
+            let mut opened = None;
+            for s in sources {
+                if let Some(b) = s.open(r).map_err(|e| e.in_layer(index, &name))? {
+                    opened = Some(b);
+                    break;
+                }
+            }
+            let b = opened.ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "no source can provide this layer (digest `{}`); is it local, or is a registry source configured?",
+                    lowers[index].digest
+                ))
+                .in_layer(index, &name)
+            })?;
+            let bname = b.name.clone();
+            Layer::open(b.name, b.blob).map_err(|e| e.in_layer(index, bname))
+        };
+        let layers = parallel_map(lowers.len(), open_one)?;
+        let upper = if cfg.upper.is_writable() {
+            let data = resolve(base_dir, &cfg.upper.data);
+            let idx = resolve(base_dir, &cfg.upper.index);
+            Some(Arc::new(WritableLayer::open(&data, &idx)?))
+        } else {
+            None
+        };
+        Self::from_parts(layers, upper)
+    }
+
+    /// Stacks already opened layers (bottom to top) under an optional upper.
+    pub fn from_parts(layers: Vec<Layer>, upper: Option<Arc<WritableLayer>>) -> Result<Image> {
+        let total = layers.len() + upper.is_some() as usize;
+        if total > MAX_LAYERS + upper.is_some() as usize {
+            return Err(Error::Config {
+                field: "lowers".into(),
+                detail: format!("{} layers; at most {MAX_LAYERS} can be stacked", layers.len()),
+            });
+        }
+        let mut segs: Vec<Vec<Segment>> = layers.iter().map(|l| l.lsmt.segments().to_vec()).collect();
+        let mut backing: Vec<Blob> = layers.iter().map(|l| l.data.clone()).collect();
+        let mut vsize = layers
+            .iter()
+            .rev()
+            .map(|l| l.lsmt.virtual_size())
+            .find(|&v| v != 0)
+            .unwrap_or(0);
+        if let Some(u) = &upper {
+            segs.push(u.segments());
+            let data = zfile::FileSource::open(u.data_path()).map_err(|e| Error::Io(e).in_file(u.data_path()))?;
+            backing.push(Arc::new(data));
+            if u.virtual_size() != 0 {
+                vsize = u.virtual_size();
+            }
+        }
+        let index = MergedIndex::build(&segs);
+        Ok(Image {
+            layers,
+            upper,
+            backing,
+            index,
+            vsize,
+        })
+    }
+
+    /// Opens blobs (any nesting) as a stack, bottom to top.
+    pub fn from_blobs(blobs: Vec<(String, Blob)>) -> Result<Image> {
+        let blobs: Vec<_> = blobs.into_iter().map(Some).collect();
+        let slots: Vec<std::sync::Mutex<Option<(String, Blob)>>> =
+            blobs.into_iter().map(std::sync::Mutex::new).collect();
+        let layers = parallel_map(slots.len(), |i| {
+            let (name, blob) = slots[i].lock().expect("slot").take().expect("taken once");
+            Layer::open(name.clone(), blob).map_err(|e| e.in_layer(i, name))
+        })?;
+        Self::from_parts(layers, None)
+    }
+
+    /// Device size in bytes: the virtual size of the top-most layer that sets one.
+    pub fn virtual_size(&self) -> u64 {
+        self.vsize
+    }
+
+    /// The read-only layers, bottom to top.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The writable upper, if the image has one.
+    pub fn upper(&self) -> Option<&Arc<WritableLayer>> {
+        self.upper.as_ref()
+    }
+
+    /// The merged index (tag = layer position, 0 = bottom; the upper is last).
+    pub fn index(&self) -> &MergedIndex {
+        &self.index
+    }
+
+    /// Reads up to `buf.len()` bytes at byte `offset` of the virtual disk, at any
+    /// alignment. Unmapped and zeroed ranges read as zeros. Short only at the end
+    /// of the device.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if offset >= self.vsize || buf.is_empty() {
+            return Ok(0);
+        }
+        let len = (buf.len() as u64).min(self.vsize - offset) as usize;
+        let buf = &mut buf[..len];
+        let end = offset + len as u64;
+        let first = offset / SECTOR;
+        let last = end.div_ceil(SECTOR);
+        let mut pos = offset;
+        for seg in self.index.lookup(first, last - first) {
+            let s = (seg.offset * SECTOR).max(offset);
+            let e = (seg.end() * SECTOR).min(end);
+            buf[(pos - offset) as usize..(s - offset) as usize].fill(0);
+            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            if seg.zeroed {
+                dst.fill(0);
+            } else {
+                let at = seg.moffset * SECTOR + (s - seg.offset * SECTOR);
+                self.read_layer(seg.tag as usize, dst, at)?;
+            }
+            pos = e;
+        }
+        buf[(pos - offset) as usize..].fill(0);
+        Ok(len)
+    }
+
+    fn read_layer(&self, tag: usize, dst: &mut [u8], at: u64) -> Result<()> {
+        self.backing[tag].read_exact_at(dst, at).map_err(|e| {
+            let name = self.layers.get(tag).map_or("upper".to_string(), |l| l.name.clone());
+            Error::Io(e).in_layer(tag, name)
+        })
+    }
+
+    /// Writes the whole virtual disk to `out` (a regular file): truncated to the
+    /// device size, with holes where the disk reads as zeros. Work is spread over
+    /// `threads` threads in chunks of `chunk` bytes.
+    pub fn flatten_to(&self, out: &File, threads: usize, chunk: usize) -> Result<FlattenStats> {
+        out.set_len(0)?;
+        out.set_len(self.vsize)?;
+        let chunk = chunk.max(SECTOR as usize) as u64 / SECTOR * SECTOR;
+        // Jobs: the data-bearing ranges of the merged index, cut into chunks.
+        let mut jobs: Vec<(u64, u64)> = Vec::new();
+        let mut run: Option<(u64, u64)> = None;
+        for s in self.index.segments().iter().filter(|s| !s.zeroed) {
+            let (a, b) = (s.offset * SECTOR, (s.end() * SECTOR).min(self.vsize));
+            if a >= b {
+                continue;
+            }
+            run = match run {
+                Some((ra, rb)) if rb == a && b - ra <= chunk => Some((ra, b)),
+                Some(r) => {
+                    jobs.push(r);
+                    Some((a, b))
+                }
+                None => Some((a, b)),
+            };
+        }
+        jobs.extend(run);
+        let jobs: Vec<(u64, u64)> = jobs
+            .into_iter()
+            .flat_map(|(a, b)| (a..b).step_by(chunk as usize).map(move |x| (x, (x + chunk).min(b))))
+            .collect();
+        let next = AtomicUsize::new(0);
+        let written = std::sync::atomic::AtomicU64::new(0);
+        let worker = || -> Result<()> {
+            let mut buf = vec![0u8; chunk as usize];
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(a, b)) = jobs.get(i) else { return Ok(()) };
+                let n = (b - a) as usize;
+                self.read_at(&mut buf[..n], a)?;
+                // Keep holes where whole 4 KiB pages are zero.
+                let mut p = 0;
+                while p < n {
+                    let q = (p + 4096).min(n);
+                    if buf[p..q].iter().any(|&x| x != 0) {
+                        let mut r = q;
+                        while r < n {
+                            let t = (r + 4096).min(n);
+                            if buf[r..t].iter().all(|&x| x == 0) {
+                                break;
+                            }
+                            r = t;
+                        }
+                        out.write_all_at(&buf[p..r], a + p as u64)?;
+                        written.fetch_add((r - p) as u64, Ordering::Relaxed);
+                        p = r;
+                    } else {
+                        p = q;
+                    }
+                }
+            }
+        };
+        let threads = threads.max(1).min(jobs.len().max(1));
+        std::thread::scope(|sc| -> Result<()> {
+            let hs: Vec<_> = (0..threads).map(|_| sc.spawn(worker)).collect();
+            for h in hs {
+                h.join().map_err(|_| Error::Io(io::Error::other("flatten worker panicked")))??;
+            }
+            Ok(())
+        })?;
+        Ok(FlattenStats {
+            virtual_size: self.vsize,
+            data_bytes: written.into_inner(),
+        })
+    }
+}
+
+/// What `flatten_to` wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct FlattenStats {
+    /// Size of the output disk.
+    pub virtual_size: u64,
+    /// Bytes actually written (the rest are holes).
+    pub data_bytes: u64,
+}
+
+impl ReadAt for Image {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        Image::read_at(self, buf, offset).map_err(Error::into_io)
+    }
+    fn size(&self) -> u64 {
+        self.vsize
+    }
+}
+
+fn describe(l: &crate::config::Lower) -> String {
+    if !l.file.is_empty() {
+        l.file.clone()
+    } else if !l.dir.is_empty() {
+        l.dir.clone()
+    } else {
+        l.digest.clone()
+    }
+}
+
+/// Runs `f(0..n)` on up to 8 threads, keeping order; the first error wins.
+fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let threads = std::thread::available_parallelism().map_or(2, |p| p.get()).clamp(1, 8).min(n.max(1));
+    if threads <= 1 || n <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<T>>>> = (0..n).map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|sc| {
+        for _ in 0..threads {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let r = f(i);
+                *results[i].lock().expect("result slot") = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| m.into_inner().expect("result slot").expect("every index ran"))
+        .collect()
+}
