@@ -8,3 +8,4 @@ pub mod lsmt;
 
 pub use error::{Context, Error, Result};
 pub use zfile::{FileSource, ReadAt, Window};
+pub mod tar;
