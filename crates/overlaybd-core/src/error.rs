@@ -129,13 +129,6 @@ pub enum Error {
     )]
     TarIncomplete,
 
-    /// The tar wrapper still holds upstream's creation placeholder (magic
-    /// `xxtar`, name `overlaybd.new`): the writer never finished the blob.
-    #[error(
-        "tar wrapper incomplete: placeholder header (overlaybd.new, magic xxtar) was never patched"
-    )]
-    TarIncomplete,
-
     /// `config.v1.json` is malformed.
     #[error("config {field}: {detail}")]
     Config {
