@@ -31,8 +31,16 @@ pub fn max_compressed_len(algo: Algorithm, len: usize) -> usize {
 pub fn compress_block(algo: Algorithm, src: &[u8], out: &mut Vec<u8>) -> Result<usize> {
     let start = out.len();
     out.resize(start + max_compressed_len(algo, src.len()), 0);
-    let res = match algo {
-        Algorithm::Lz4 => lz4_flex::block::compress_into(src, &mut out[start..])
+    let res = compress_into(algo, src, &mut out[start..]);
+    out.truncate(start + *res.as_ref().unwrap_or(&0));
+    res
+}
+
+/// Like [`compress_block`], into `dst`, which should hold at least
+/// [`max_compressed_len`] bytes; returns the compressed length.
+pub fn compress_into(algo: Algorithm, src: &[u8], dst: &mut [u8]) -> Result<usize> {
+    match algo {
+        Algorithm::Lz4 => lz4_flex::block::compress_into(src, dst)
             .map_err(|e| Error::Compress(format!("lz4: {e}"))),
         Algorithm::Zstd => ZSTD_C.with(|slot| {
             let mut c = match slot.take() {
@@ -41,21 +49,11 @@ pub fn compress_block(algo: Algorithm, src: &[u8], out: &mut Vec<u8>) -> Result<
                     .map_err(|e| Error::Compress(format!("zstd init: {e}")))?,
             };
             let r = c
-                .compress_to_buffer(src, &mut out[start..])
+                .compress_to_buffer(src, dst)
                 .map_err(|e| Error::Compress(format!("zstd: {e}")));
             slot.set(Some(c));
             r
         }),
-    };
-    match res {
-        Ok(n) => {
-            out.truncate(start + n);
-            Ok(n)
-        }
-        Err(e) => {
-            out.truncate(start);
-            Err(e)
-        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::codec::compress_block;
+use crate::codec::{compress_into, max_compressed_len};
 use crate::crc::{crc32c_raw, BLOCK_CRC_SEED};
 use crate::error::{Error, Result};
 use crate::header::{flags, Algorithm, Header, HEADER_SIZE, STRUCT_SIZE};
@@ -36,32 +36,38 @@ impl Default for Options {
     }
 }
 
-/// Compresses `input` (a whole number of blocks, the last one may be short) into
-/// `out` as stored blocks (compressed bytes + CRC), and their stored lengths into
-/// `lens`.
+/// Compresses `input` (whole blocks; the last one may be short) into `out` as stored
+/// blocks (compressed bytes + CRC) and their stored lengths into `lens`; returns the
+/// bytes used in `out`. `out` only grows (no re-zeroing between jobs).
 fn compress_job(
     algo: Algorithm,
     bs: usize,
     input: &[u8],
     out: &mut Vec<u8>,
     lens: &mut Vec<u32>,
-) -> Result<()> {
-    out.clear();
+) -> Result<usize> {
     lens.clear();
-    for chunk in input.chunks(bs) {
-        let start = out.len();
-        let n = compress_block(algo, chunk, out)?;
-        let crc = crc32c_raw(BLOCK_CRC_SEED, &out[start..]);
-        out.extend_from_slice(&crc.to_le_bytes());
-        lens.push((n + 4) as u32);
+    let bound = input.len().div_ceil(bs) * (max_compressed_len(algo, bs) + 4);
+    if out.len() < bound {
+        out.resize(bound, 0);
     }
-    Ok(())
+    let mut pos = 0;
+    for chunk in input.chunks(bs) {
+        let n = compress_into(algo, chunk, &mut out[pos..])?;
+        let crc = crc32c_raw(BLOCK_CRC_SEED, &out[pos..pos + n]);
+        out[pos + n..pos + n + 4].copy_from_slice(&crc.to_le_bytes());
+        lens.push((n + 4) as u32);
+        pos += n + 4;
+    }
+    Ok(pos)
 }
 
+/// One job: up to 1 MiB of input and its compressed output.
 struct Job {
     seq: u64,
     input: Vec<u8>,
     out: Vec<u8>,
+    used: usize,
     lens: Vec<u32>,
 }
 
@@ -70,7 +76,7 @@ struct Done {
     result: Result<()>,
 }
 
-/// Worker threads compressing jobs; results come back tagged with their sequence
+/// Helper threads compressing jobs; results come back tagged with their sequence
 /// number and are written in order.
 struct Pool {
     jobs: Option<mpsc::Sender<Job>>,
@@ -95,7 +101,10 @@ impl Pool {
                         Err(_) => break,
                     };
                     let Ok(mut job) = job else { break };
-                    let result = compress_job(algo, bs, &job.input, &mut job.out, &mut job.lens);
+                    let result = compress_job(algo, bs, &job.input, &mut job.out, &mut job.lens)
+                        .map(|n| {
+                            job.used = n;
+                        });
                     if tx.send(Done { job, result }).is_err() {
                         break;
                     }
@@ -124,7 +133,8 @@ impl Drop for Pool {
 /// table and a trailer (flags 0x16). Feed it with [`Write`] or [`ZFileWriter::append`],
 /// then call [`ZFileWriter::finish`].
 ///
-/// Blocks are compressed in jobs of 1 MiB, in parallel when `threads > 1`; the
+/// Blocks are compressed in jobs of 1 MiB. With `threads = T > 1`, `T - 1` helper
+/// threads take jobs while the calling thread compresses whenever they are busy; the
 /// output is byte-identical for any thread count.
 pub struct ZFileWriter<W: Write + Seek> {
     out: W,
@@ -136,7 +146,13 @@ pub struct ZFileWriter<W: Write + Seek> {
     data_bytes: u64,
     original: u64,
     pool: Option<Pool>,
-    max_inflight: usize,
+    /// Jobs the helpers may hold at once.
+    pool_depth: u64,
+    /// Jobs sent to / received from the helpers.
+    sent: u64,
+    received: u64,
+    /// Most jobs compressed or in flight but not yet written.
+    max_unwritten: u64,
     next_seq: u64,
     next_write: u64,
     ready: BTreeMap<u64, Job>,
@@ -153,6 +169,10 @@ impl<W: Write + Seek> std::fmt::Debug for ZFileWriter<W> {
             .field("original", &self.original)
             .finish_non_exhaustive()
     }
+}
+
+fn worker_gone() -> Error {
+    Error::Io(io::Error::other("compression worker exited"))
 }
 
 impl<W: Write + Seek> ZFileWriter<W> {
@@ -174,9 +194,10 @@ impl<W: Write + Seek> ZFileWriter<W> {
             ..Self::template(opts.algorithm, opts.block_size)
         };
         out.write_all(&placeholder.encode())?;
-        let pool = if threads > 1 {
+        let helpers = threads - 1;
+        let pool = if helpers > 0 {
             Some(Pool::new(
-                threads,
+                helpers,
                 opts.algorithm,
                 opts.block_size as usize,
             )?)
@@ -193,7 +214,10 @@ impl<W: Write + Seek> ZFileWriter<W> {
             data_bytes: 0,
             original: 0,
             pool,
-            max_inflight: threads * 2,
+            pool_depth: 2 * helpers as u64,
+            sent: 0,
+            received: 0,
+            max_unwritten: 4 * threads as u64,
             next_seq: 0,
             next_write: 0,
             ready: BTreeMap::new(),
@@ -223,92 +247,112 @@ impl<W: Write + Seek> ZFileWriter<W> {
     }
 
     /// Appends uncompressed data.
-    pub fn append(&mut self, mut data: &[u8]) -> Result<()> {
+    pub fn append(&mut self, data: &[u8]) -> Result<()> {
         if self.poisoned {
             return Err(Error::Poisoned);
         }
-        self.original += data.len() as u64;
-        while !data.is_empty() {
-            let take = (JOB_BYTES - self.pending.len()).min(data.len());
-            self.pending.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.pending.len() == JOB_BYTES {
-                self.guard(|w| w.submit())?;
-            }
-        }
-        Ok(())
-    }
-
-    fn guard(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
-        let r = f(self);
+        let r = self.append_inner(data);
         if r.is_err() {
             self.poisoned = true;
         }
         r
     }
 
-    fn spare_job(&mut self) -> Job {
-        self.free.pop().unwrap_or_else(|| Job {
-            seq: 0,
-            input: Vec::with_capacity(JOB_BYTES),
-            out: Vec::new(),
-            lens: Vec::new(),
-        })
+    fn append_inner(&mut self, mut data: &[u8]) -> Result<()> {
+        self.original += data.len() as u64;
+        while !data.is_empty() {
+            if self.pending.is_empty() && data.len() >= JOB_BYTES {
+                // Whole job straight from the caller's buffer.
+                let (job, rest) = data.split_at(JOB_BYTES);
+                self.submit(Some(job))?;
+                data = rest;
+                continue;
+            }
+            let take = (JOB_BYTES - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() == JOB_BYTES {
+                self.submit(None)?;
+            }
+        }
+        Ok(())
     }
 
-    /// Compresses (or hands to the pool) the pending input.
-    fn submit(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let mut job = self.spare_job();
+    /// Starts one job (from `direct`, or else from the pending buffer): hands it to a
+    /// helper if one has room, otherwise compresses it on this thread. Then writes
+    /// whatever is complete, in order.
+    fn submit(&mut self, direct: Option<&[u8]>) -> Result<()> {
+        let mut job = self.free.pop().unwrap_or_else(|| Job {
+            seq: 0,
+            input: Vec::new(),
+            out: Vec::new(),
+            used: 0,
+            lens: Vec::new(),
+        });
         job.seq = self.next_seq;
         self.next_seq += 1;
-        std::mem::swap(&mut job.input, &mut self.pending);
-        self.pending.clear();
-        let Some(pool) = &self.pool else {
-            let r = compress_job(
-                self.algorithm,
-                self.block_size as usize,
-                &job.input,
-                &mut job.out,
-                &mut job.lens,
-            );
-            return r.and_then(|()| self.write_job(job));
-        };
-        let tx = pool.jobs.as_ref().ok_or(Error::Poisoned)?;
-        tx.send(job)
-            .map_err(|_| io::Error::other("compression worker exited"))?;
-        while self.next_seq - self.next_write >= self.max_inflight as u64 {
-            self.wait_one()?;
+        let pool = self
+            .pool
+            .as_ref()
+            .filter(|_| self.sent - self.received < self.pool_depth);
+        if let Some(pool) = pool {
+            match direct {
+                Some(d) => {
+                    job.input.clear();
+                    job.input.extend_from_slice(d);
+                }
+                None => std::mem::swap(&mut job.input, &mut self.pending),
+            }
+            self.pending.clear();
+            let tx = pool.jobs.as_ref().ok_or(Error::Poisoned)?;
+            tx.send(job).map_err(|_| worker_gone())?;
+            self.sent += 1;
+        } else {
+            let input = direct.unwrap_or(&self.pending);
+            let bs = self.block_size as usize;
+            job.used = compress_job(self.algorithm, bs, input, &mut job.out, &mut job.lens)?;
+            self.pending.clear();
+            self.ready.insert(job.seq, job);
+        }
+        self.collect(false)?;
+        while self.next_seq - self.next_write > self.max_unwritten {
+            self.collect(true)?;
         }
         Ok(())
     }
 
-    /// Waits for one job result, then writes every result that is next in order.
-    fn wait_one(&mut self) -> Result<()> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        let done = pool
-            .done
-            .recv()
-            .map_err(|_| io::Error::other("compression worker exited"))?;
-        done.result?;
-        self.ready.insert(done.job.seq, done.job);
-        while let Some(job) = self.ready.remove(&self.next_write) {
-            self.write_job(job)?;
+    /// Takes finished jobs from the helpers (waiting for one if `wait`), then writes
+    /// every job that is next in order.
+    fn collect(&mut self, wait: bool) -> Result<()> {
+        if let Some(pool) = &self.pool {
+            let mut first = wait;
+            loop {
+                let done = if first {
+                    if self.sent == self.received {
+                        return Err(worker_gone());
+                    }
+                    first = false;
+                    pool.done.recv().map_err(|_| worker_gone())?
+                } else {
+                    match pool.done.try_recv() {
+                        Ok(d) => d,
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => return Err(worker_gone()),
+                    }
+                };
+                self.received += 1;
+                done.result?;
+                self.ready.insert(done.job.seq, done.job);
+            }
         }
-        Ok(())
-    }
-
-    fn write_job(&mut self, mut job: Job) -> Result<()> {
-        self.out.write_all(&job.out)?;
-        self.data_bytes += job.out.len() as u64;
-        self.lens.extend_from_slice(&job.lens);
-        self.next_write = job.seq + 1;
-        job.input.clear();
-        self.free.push(job);
+        while let Some(mut job) = self.ready.remove(&self.next_write) {
+            self.out.write_all(&job.out[..job.used])?;
+            self.data_bytes += job.used as u64;
+            self.lens.extend_from_slice(&job.lens);
+            self.next_write += 1;
+            job.input.clear();
+            self.free.push(job);
+        }
         Ok(())
     }
 
@@ -320,9 +364,11 @@ impl<W: Write + Seek> ZFileWriter<W> {
         if self.poisoned {
             return Err(Error::Poisoned);
         }
-        self.submit()?;
+        if !self.pending.is_empty() {
+            self.submit(None)?;
+        }
         while self.next_write < self.next_seq {
-            self.wait_one()?;
+            self.collect(true)?;
         }
         self.pool = None;
 
