@@ -8,4 +8,8 @@ pub mod lsmt;
 
 pub use error::{Context, Error, Result};
 pub use zfile::{FileSource, ReadAt, Window};
+pub mod config;
+pub mod image;
+pub mod index;
+pub mod source;
 pub mod tar;
