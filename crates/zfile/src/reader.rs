@@ -94,7 +94,12 @@ struct Scratch {
 }
 
 thread_local! {
-    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+    static SCRATCH: Cell<Scratch> = const {
+        Cell::new(Scratch {
+            staging: Vec::new(),
+            block: Vec::new(),
+        })
+    };
 }
 
 /// A read-only, random-access view of the uncompressed content of a ZFile.
@@ -439,14 +444,21 @@ impl<R: ReadAt> ZFileReader<R> {
                 g_end += 1;
             }
             let span = (self.offsets[g_end as usize] - start) as usize;
-            if s.staging.len() < span {
-                s.staging.resize(span, 0);
-            }
-            read_exact(&self.src, &mut s.staging[..span], start, "block data")?;
+            // Memory-backed sources are decoded in place; others go through staging.
+            let stored: &[u8] = match self.src.slice_at(start, span) {
+                Some(bytes) => bytes,
+                None => {
+                    if s.staging.len() < span {
+                        s.staging.resize(span, 0);
+                    }
+                    read_exact(&self.src, &mut s.staging[..span], start, "block data")?;
+                    &s.staging[..span]
+                }
+            };
             for i in b..g_end {
                 let lo = (self.offsets[i as usize] - start) as usize;
                 let hi = (self.offsets[i as usize + 1] - start) as usize;
-                let data = self.payload(i, &s.staging[lo..hi])?;
+                let data = self.payload(i, &stored[lo..hi])?;
                 let bstart = i << self.shift;
                 let blen = self.block_len(i);
                 let from = bstart.max(offset);
@@ -575,12 +587,18 @@ impl<R: ReadAt> ZFileReader<R> {
                 g_end += 1;
             }
             let span = (self.offsets[g_end as usize] - start) as usize;
-            buf.resize(span, 0);
-            read_exact(&self.src, &mut buf, start, "block data")?;
+            let stored: &[u8] = match self.src.slice_at(start, span) {
+                Some(bytes) => bytes,
+                None => {
+                    buf.resize(span, 0);
+                    read_exact(&self.src, &mut buf, start, "block data")?;
+                    &buf
+                }
+            };
             for i in b..g_end {
                 let lo = (self.offsets[i as usize] - start) as usize;
                 let hi = (self.offsets[i as usize + 1] - start) as usize;
-                let (data, tail) = buf[lo..hi].split_at(hi - lo - 4);
+                let (data, tail) = stored[lo..hi].split_at(hi - lo - 4);
                 let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
                 let computed = crc32c_raw(BLOCK_CRC_SEED, data);
                 if stored != computed {

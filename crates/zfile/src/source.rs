@@ -15,6 +15,14 @@ pub trait ReadAt: Send + Sync {
     /// Total size in bytes.
     fn size(&self) -> u64;
 
+    /// Borrows `len` bytes at `offset` without copying, for memory-backed sources
+    /// (buffers, mappings). `None` (the default) means "use `read_at`"; also `None`
+    /// when the range is not entirely inside the source.
+    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let _ = (offset, len);
+        None
+    }
+
     /// Fills `buf` from `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -75,6 +83,11 @@ impl ReadAt for FileSource {
     }
 }
 
+fn sub_slice(data: &[u8], offset: u64, len: usize) -> Option<&[u8]> {
+    let start = usize::try_from(offset).ok()?;
+    data.get(start..start.checked_add(len)?)
+}
+
 fn read_slice(data: &[u8], buf: &mut [u8], offset: u64) -> usize {
     if offset >= data.len() as u64 {
         return 0;
@@ -92,6 +105,9 @@ impl ReadAt for [u8] {
     fn size(&self) -> u64 {
         self.len() as u64
     }
+    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        sub_slice(self, offset, len)
+    }
 }
 
 impl ReadAt for Vec<u8> {
@@ -100,6 +116,9 @@ impl ReadAt for Vec<u8> {
     }
     fn size(&self) -> u64 {
         self.len() as u64
+    }
+    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        sub_slice(self, offset, len)
     }
 }
 
@@ -110,6 +129,9 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
     fn size(&self) -> u64 {
         (**self).size()
     }
+    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        (**self).slice_at(offset, len)
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
@@ -119,6 +141,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
     fn size(&self) -> u64 {
         (**self).size()
     }
+    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        (**self).slice_at(offset, len)
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
@@ -127,6 +152,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
     }
     fn size(&self) -> u64 {
         (**self).size()
+    }
+    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        (**self).slice_at(offset, len)
     }
 }
 
@@ -171,6 +199,12 @@ impl<R: ReadAt> ReadAt for Window<R> {
     fn size(&self) -> u64 {
         self.len
     }
+    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        if offset.checked_add(len as u64)? > self.len {
+            return None;
+        }
+        self.inner.slice_at(self.start + offset, len)
+    }
 }
 
 #[cfg(test)]
@@ -187,5 +221,11 @@ mod tests {
         assert_eq!(buf, [92, 93, 94, 95]);
         assert_eq!(w.read_at(&mut buf, 10).unwrap(), 0);
         assert!(w.read_exact_at(&mut buf, 8).is_err());
+        assert_eq!(w.slice_at(2, 3), Some(&[92u8, 93, 94][..]));
+        assert_eq!(w.slice_at(8, 3), None);
+        assert_eq!(w.slice_at(u64::MAX, 3), None);
+        assert_eq!(data.slice_at(99, 1), Some(&[99u8][..]));
+        assert_eq!(data.slice_at(99, 2), None);
+        assert_eq!(data.slice_at(u64::MAX, 0), None);
     }
 }
