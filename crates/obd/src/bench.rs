@@ -113,7 +113,7 @@ pub fn random_layer(rng: &mut Rng, n: usize, span: u64) -> Vec<Segment> {
     let mut cur = 0u64;
     let mut m = 8u64;
     for _ in 0..n {
-        cur += rng.below(avg / 2 + 1);
+        cur += 1 + rng.below(avg / 2);
         let len = 1 + rng.below((avg / 2).clamp(1, 16383));
         segs.push(Segment::data(cur, len as u32, m));
         m += len;
@@ -135,7 +135,7 @@ fn bench_index(segments: usize, layers: usize, seconds: f64) -> Value {
     let end = idx.segments().last().map_or(1, |s| s.end());
     let queries: Vec<u64> = (0..(1 << 20)).map(|_| rng.below(end)).collect();
 
-    let run_queries = |f: &dyn Fn(u64) -> u64| {
+    fn run_queries(queries: &[u64], seconds: f64, f: impl Fn(u64) -> u64) -> (u64, Duration) {
         let mut qi = 0usize;
         time_loop(seconds, || {
             let mut acc = 0u64;
@@ -146,9 +146,9 @@ fn bench_index(segments: usize, layers: usize, seconds: f64) -> Value {
             black_box(acc);
             4096
         })
-    };
+    }
     // The lookup a read does: find the segments overlapping an 8-sector request.
-    let (n, dt) = run_queries(&|q| {
+    let (n, dt) = run_queries(&queries, seconds, |q| {
         idx.lookup(q, 8)
             .next()
             .map_or(0, |s| s.moffset)
@@ -156,7 +156,7 @@ fn bench_index(segments: usize, layers: usize, seconds: f64) -> Value {
     let lps = n as f64 / dt.as_secs_f64();
     // Baseline: binary search (std partition_point) over the same sorted segments.
     let segs = idx.segments();
-    let (bn, bdt) = run_queries(&|q| {
+    let (bn, bdt) = run_queries(&queries, seconds, |q| {
         let i = segs.partition_point(|s| s.end() <= q);
         segs.get(i).filter(|s| s.offset < q + 8).map_or(0, |s| s.trimmed(q, q + 8).moffset)
     });
