@@ -2,7 +2,9 @@
 //!
 //! * `random_read_4k/*`: random aligned 4 KiB reads through [`ZFileReader`] (from
 //!   memory and from a page-cached file) against the bare codec decoding the same
-//!   blocks from memory (`raw_decode`, the baseline). Goal: reader >= 85% of raw.
+//!   blocks from memory (`raw_decode`, the baseline; goal: reader >= 85% of it) and,
+//!   for the file case, a pread of the block plus the bare codec (`raw_decode_pread`).
+//!   `zfile_mem_nocrc` shows the cost of the block CRC.
 //! * `compress/*`: 64 MiB of image-like data, 1 vs 2 threads. Goal: 2 threads >=
 //!   1.6x one thread.
 
@@ -52,6 +54,18 @@ fn random_reads(c: &mut Criterion) {
                     let (off, len) = mem.block_extent(b);
                     let src = &file[off as usize..(off + u64::from(len)) as usize - 4];
                     decompress_block(algo, src, &mut buf).unwrap();
+                    black_box(&buf);
+                }
+            })
+        });
+        let mut cbuf = vec![0u8; 8192];
+        g.bench_function("raw_decode_pread", |bch| {
+            bch.iter(|| {
+                for &b in &blocks {
+                    let (off, len) = disk.block_extent(b);
+                    let c = &mut cbuf[..len as usize];
+                    disk.inner().read_exact_at(c, off).unwrap();
+                    decompress_block(algo, &c[..len as usize - 4], &mut buf).unwrap();
                     black_box(&buf);
                 }
             })

@@ -12,7 +12,7 @@ use std::io::{Cursor, Write};
 use std::time::{Duration, Instant};
 
 use zfile::codec::decompress_block;
-use zfile::{Algorithm, FileSource, Options, ZFileReader, ZFileWriter};
+use zfile::{Algorithm, FileSource, Options, ReadAt, ZFileReader, ZFileWriter};
 
 fn build(data: &[u8], algorithm: Algorithm, threads: usize) -> Vec<u8> {
     let opts = Options {
@@ -61,6 +61,8 @@ fn main() {
         let mut b2 = vec![0u8; 4096];
         let mut b3 = vec![0u8; 4096];
         let mut b4 = vec![0u8; 4096];
+        let mut b5 = vec![0u8; 4096];
+        let mut cbuf = vec![0u8; 8192];
         let nocrc = ZFileReader::open_with(
             &file[..],
             zfile::OpenOptions {
@@ -97,16 +99,26 @@ fn main() {
                         black_box(&b4);
                     }
                 },
+                &mut || {
+                    for &b in &blocks {
+                        let (off, len) = disk.block_extent(b);
+                        let c = &mut cbuf[..len as usize];
+                        disk.inner().read_exact_at(c, off).unwrap();
+                        decompress_block(algo, &c[..len as usize - 4], &mut b5).unwrap();
+                        black_box(&b5);
+                    }
+                },
             ],
         );
         let mbps = |d: Duration| (reads * 4096) as f64 / d.as_secs_f64() / 1e6;
         println!(
-            "{algo:4} random 4 KiB reads: raw decode {:7.0} MB/s | reader (memory) {:7.0} MB/s = {:5.1}% | reader (file) {:7.0} MB/s = {:5.1}% | memory, CRC off {:5.1}%",
+            "{algo:4} random 4 KiB reads: raw decode {:5.0} MB/s | reader (memory) {:5.0} MB/s = {:5.1}% | reader (file) {:5.0} MB/s = {:5.1}% (vs pread + raw decode {:5.1}%) | memory, CRC off {:5.1}%",
             mbps(t[0]),
             mbps(t[1]),
             100.0 * t[0].as_secs_f64() / t[1].as_secs_f64(),
             mbps(t[2]),
             100.0 * t[0].as_secs_f64() / t[2].as_secs_f64(),
+            100.0 * t[4].as_secs_f64() / t[2].as_secs_f64(),
             100.0 * t[0].as_secs_f64() / t[3].as_secs_f64(),
         );
     }

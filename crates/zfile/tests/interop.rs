@@ -132,3 +132,57 @@ fn our_output_of_the_source_is_valid() {
         }
     }
 }
+
+/// Every object in the manifest describing a `tar(zfile(lsmt))` blob.
+fn committed_blobs(v: &Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Object(m) => {
+            if m.get("container").and_then(Value::as_str) == Some("tar(zfile(lsmt))") {
+                out.push(v.clone());
+            }
+            m.values().for_each(|x| committed_blobs(x, out));
+        }
+        Value::Array(a) => a.iter().for_each(|x| committed_blobs(x, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn committed_layers_use_the_overwritten_header() {
+    // `overlaybd-commit -z` output: header 0x1B carries the index fields, so the
+    // trailer is never read on open; strict validation still checks it (0x16).
+    let dir = fixtures::interop();
+    let mut blobs = Vec::new();
+    committed_blobs(&manifest(), &mut blobs);
+    assert!(blobs.len() >= 8, "{}", blobs.len());
+    for b in &blobs {
+        let name = b["file"].as_str().unwrap();
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let (off, size) = (
+            b["tar"]["payload_offset"].as_u64().unwrap(),
+            b["tar"]["payload_size"].as_u64().unwrap(),
+        );
+        let z = &b["zfile"];
+        let u = |k: &str| z[k].as_u64().unwrap_or_else(|| panic!("{name}: {k}"));
+        let r = ZFileReader::open(Window::new(&bytes, off, size)).unwrap();
+        let i = r.info();
+        assert!(i.header_overwritten && i.trailer_flags.is_none(), "{name}");
+        assert_eq!(i.header_flags, u("header_flags"), "{name}");
+        assert_eq!(i.blocks, u("blocks"), "{name}");
+        assert_eq!(u64::from(i.block_size), u("block_size"), "{name}");
+        assert_eq!(i.original_size, u("original_file_size"), "{name}");
+        assert_eq!(i.index_offset, u("index_offset"), "{name}");
+        assert_eq!(u64::from(i.index_crc), u("index_crc"), "{name}");
+        assert_eq!(u64::from(i.header_digest), u("header_digest"), "{name}");
+        assert_eq!(u("trailer_flags"), 0x16);
+        r.verify().unwrap();
+        validate_strict(&r).unwrap_or_else(|p| panic!("{name}: {p:?}"));
+        let mut out = Vec::new();
+        zfile::decompress(Window::new(&bytes, off, size), &mut out).unwrap();
+        assert_eq!(
+            sha256_hex(&out),
+            b["lsmt"]["sha256"].as_str().unwrap(),
+            "{name}"
+        );
+    }
+}
