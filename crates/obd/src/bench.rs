@@ -149,16 +149,16 @@ fn bench_index(segments: usize, layers: usize, seconds: f64) -> Value {
     }
     // The lookup a read does: find the segments overlapping an 8-sector request.
     let (n, dt) = run_queries(&queries, seconds, |q| {
-        idx.lookup(q, 8)
-            .next()
-            .map_or(0, |s| s.moffset)
+        idx.lookup(q, 8).next().map_or(0, |s| s.moffset)
     });
     let lps = n as f64 / dt.as_secs_f64();
     // Baseline: binary search (std partition_point) over the same sorted segments.
     let segs = idx.segments();
     let (bn, bdt) = run_queries(&queries, seconds, |q| {
         let i = segs.partition_point(|s| s.end() <= q);
-        segs.get(i).filter(|s| s.offset < q + 8).map_or(0, |s| s.trimmed(q, q + 8).moffset)
+        segs.get(i)
+            .filter(|s| s.offset < q + 8)
+            .map_or(0, |s| s.trimmed(q, q + 8).moffset)
     });
     let blps = bn as f64 / bdt.as_secs_f64();
     json!({

@@ -132,7 +132,10 @@ pub fn run(size_mib: u64, zfile: bool, dir: Option<PathBuf>) -> Result<Value> {
         }
     };
     let size = size_mib * MIB;
-    let pool = fixtures::image_like(5, (64 * MIB).min(size + 4 * MIB) as usize + 4 * MIB as usize);
+    let pool = fixtures::image_like(
+        5,
+        (64 * MIB).min(size + 4 * MIB) as usize + 4 * MIB as usize,
+    );
     let t0 = Instant::now();
     let layers: Vec<PathBuf> = (0..3)
         .map(|k| build_layer(&dir, k, size, &pool, zfile))
@@ -150,7 +153,10 @@ pub fn run(size_mib: u64, zfile: bool, dir: Option<PathBuf>) -> Result<Value> {
     };
     let cfg_path = dir.join("config.v1.json");
     cfg.save_atomic(&cfg_path)?;
-    let layer_bytes: u64 = layers.iter().map(|p| p.metadata().map_or(0, |m| m.len())).sum();
+    let layer_bytes: u64 = layers
+        .iter()
+        .map(|p| p.metadata().map_or(0, |m| m.len()))
+        .sum();
 
     // Warm the page cache, and make the plain file the copy baseline reads.
     for p in &layers {
@@ -161,7 +167,12 @@ pub fn run(size_mib: u64, zfile: bool, dir: Option<PathBuf>) -> Result<Value> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let flatten = |out: &Path| -> Result<()> {
         let img = Image::open_config_file(&cfg_path)?;
-        let f = File::options().read(true).write(true).create(true).truncate(true).open(out)?;
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(out)?;
         img.flatten_to(&f, threads, 4 << 20)?;
         Ok(())
     };
@@ -176,7 +187,8 @@ pub fn run(size_mib: u64, zfile: bool, dir: Option<PathBuf>) -> Result<Value> {
         flatten(&flat)
     })?;
     // The flattened disk must equal the plain copy source byte for byte.
-    let same = crate::util::sha256_hex(File::open(&flat)?)? == crate::util::sha256_hex(File::open(&plain)?)?;
+    let same = crate::util::sha256_hex(File::open(&flat)?)?
+        == crate::util::sha256_hex(File::open(&plain)?)?;
     let _ = std::fs::remove_file(&flat);
     let _ = std::fs::remove_file(&plain);
     anyhow::ensure!(same, "flatten output differs between runs");

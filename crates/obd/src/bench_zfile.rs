@@ -35,12 +35,17 @@ fn one_algo(data: &[u8], algo: Algorithm, seconds: f64) -> Result<Value> {
     let (z2, t2a) = compress_timed(data, algo, 2)?;
     let (_, t2b) = compress_timed(data, algo, 2)?;
     let (t1, t2) = (t1a.min(t1b), t2a.min(t2b));
-    anyhow::ensure!(z1 == z2, "compressed output differs between 1 and 2 threads");
+    anyhow::ensure!(
+        z1 == z2,
+        "compressed output differs between 1 and 2 threads"
+    );
 
     let reader = ZFileReader::open(z1.as_slice())?;
     let blocks = reader.info().blocks;
     let mut rng = Rng::new(11);
-    let picks: Vec<u64> = (0..65536).map(|_| rng.below(blocks.saturating_sub(1).max(1))).collect();
+    let picks: Vec<u64> = (0..65536)
+        .map(|_| rng.below(blocks.saturating_sub(1).max(1)))
+        .collect();
 
     // Reader: random 4 KiB reads at block-aligned offsets (CRC checked, decoded).
     let mut buf = vec![0u8; 4096];

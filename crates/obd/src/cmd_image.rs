@@ -59,9 +59,11 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
                 .truncate(false)
                 .open(&output)
                 .with_context(|| format!("cannot create {}", output.display()))?;
-            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let stats = img.flatten_to(&out, threads, 4 << 20)?;
-            out.sync_all().with_context(|| format!("fsync {}", output.display()))?;
+            out.sync_all()
+                .with_context(|| format!("fsync {}", output.display()))?;
             let dt = t0.elapsed().as_secs_f64();
             eprintln!(
                 "flattened {} layers into {}: {} virtual, {} data, {:.2}s",
@@ -80,8 +82,16 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
         ImageCmd::Info { config, json } => {
             let img = Image::open_config_file(&config)?;
             let segs = img.index().segments();
-            let mapped: u64 = segs.iter().filter(|s| !s.zeroed).map(|s| s.length as u64 * SECTOR).sum();
-            let zeroed: u64 = segs.iter().filter(|s| s.zeroed).map(|s| s.length as u64 * SECTOR).sum();
+            let mapped: u64 = segs
+                .iter()
+                .filter(|s| !s.zeroed)
+                .map(|s| s.length as u64 * SECTOR)
+                .sum();
+            let zeroed: u64 = segs
+                .iter()
+                .filter(|s| s.zeroed)
+                .map(|s| s.length as u64 * SECTOR)
+                .sum();
             let layers: Vec<_> = img
                 .layers()
                 .iter()
@@ -112,12 +122,21 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("virtual size: {} ({} bytes)", human(img.virtual_size()), img.virtual_size());
+                println!(
+                    "virtual size: {} ({} bytes)",
+                    human(img.virtual_size()),
+                    img.virtual_size()
+                );
                 for l in v["layers"].as_array().expect("array") {
                     println!(
                         "layer {}: {} [{}] blob {} B, LSMT {} B, {} entries, uuid {}",
-                        l["index"], l["name"].as_str().unwrap_or(""), l["nesting"].as_str().unwrap_or(""),
-                        l["blob_size"], l["lsmt_size"], l["entries"], l["uuid"].as_str().unwrap_or("")
+                        l["index"],
+                        l["name"].as_str().unwrap_or(""),
+                        l["nesting"].as_str().unwrap_or(""),
+                        l["blob_size"],
+                        l["lsmt_size"],
+                        l["entries"],
+                        l["uuid"].as_str().unwrap_or("")
                     );
                 }
                 println!(

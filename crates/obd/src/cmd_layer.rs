@@ -12,7 +12,7 @@ use overlaybd_core::lsmt::{self, CommitOptions, CreateOptions, RoLayer, Uuid, Wr
 use overlaybd_core::source::{self, Blob};
 use overlaybd_core::tar::TarWriter;
 use serde_json::json;
-use zfile::FileSource;
+use zfile::{FileSource, ReadAt};
 
 use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg};
 use crate::util::{human, parse_size};
@@ -132,9 +132,9 @@ fn parse_uuid(s: &Option<String>, what: &str) -> Result<Option<Uuid>> {
 }
 
 fn open_blob(path: &Path) -> Result<Blob> {
-    Ok(Arc::new(
-        FileSource::open(path).with_context(|| format!("cannot open {}", path.display()))?,
-    ))
+    Ok(Arc::new(FileSource::open(path).with_context(|| {
+        format!("cannot open {}", path.display())
+    })?))
 }
 
 pub fn run(cmd: LayerCmd) -> Result<()> {
@@ -156,7 +156,12 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
             };
             let w = WritableLayer::create(&data, &index, opts)?;
             w.fsync()?;
-            eprintln!("created writable layer {} + {} ({})", data.display(), index.display(), human(vsize));
+            eprintln!(
+                "created writable layer {} + {} ({})",
+                data.display(),
+                index.display(),
+                human(vsize)
+            );
             Ok(())
         }
         LayerCmd::Write {
@@ -166,7 +171,8 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
             input,
         } => {
             let mut w = WritableLayer::open(&data, &index)?;
-            let mut f = File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
+            let mut f =
+                File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
             let mut buf = vec![0u8; 4 << 20];
             let mut at = offset;
             loop {
@@ -234,9 +240,13 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
                 user_tag: message.unwrap_or_default().into_bytes(),
                 ..Default::default()
             };
-            let mut out =
-                File::create(&out_path).with_context(|| format!("cannot create {}", out_path.display()))?;
-            let tw = if tar { Some(TarWriter::begin(&mut out)?) } else { None };
+            let mut out = File::create(&out_path)
+                .with_context(|| format!("cannot create {}", out_path.display()))?;
+            let tw = if tar {
+                Some(TarWriter::begin(&mut out)?)
+            } else {
+                None
+            };
             let commit_into = |sink: &mut dyn Write| -> Result<lsmt::CommitInfo> {
                 if paths.len() == 3 {
                     let w = WritableLayer::open(&paths[0], &paths[1])?;
@@ -244,7 +254,8 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
                 } else {
                     let dec = source::decode(open_blob(&paths[0])?)
                         .with_context(|| format!("{}", paths[0].display()))?;
-                    let ro = RoLayer::open(dec.lsmt).with_context(|| format!("{}", paths[0].display()))?;
+                    let ro = RoLayer::open(dec.lsmt)
+                        .with_context(|| format!("{}", paths[0].display()))?;
                     Ok(ro.commit(&opts, sink)?)
                 }
             };
@@ -281,7 +292,11 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
             );
             Ok(())
         }
-        LayerCmd::Info { file, json, entries } => {
+        LayerCmd::Info {
+            file,
+            json,
+            entries,
+        } => {
             let layer = Layer::open(file.display().to_string(), open_blob(&file)?)
                 .with_context(|| format!("{}", file.display()))?;
             let ro = &layer.lsmt;
@@ -331,8 +346,6 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
     }
 }
 
-use zfile::ReadAt;
-
 fn verify(file: &Path, strict: bool) -> Result<()> {
     let name = file.display().to_string();
     let dec = source::decode(open_blob(file)?).with_context(|| name.clone())?;
@@ -361,9 +374,14 @@ fn verify(file: &Path, strict: bool) -> Result<()> {
             bytes += n as u64;
         }
     }
-    notes.push(format!("{} entries, {} of data read", ro.segments().len(), human(bytes)));
+    notes.push(format!(
+        "{} entries, {} of data read",
+        ro.segments().len(),
+        human(bytes)
+    ));
     if strict {
-        let rep = lsmt::validate_strict(&ro).with_context(|| format!("{name}: LSMT breaks upstream rules"))?;
+        let rep = lsmt::validate_strict(&ro)
+            .with_context(|| format!("{name}: LSMT breaks upstream rules"))?;
         notes.push(format!("strict LSMT rules ok ({rep:?})"));
     }
     println!("{name}: OK ({})", notes.join("; "));

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
+use overlaybd_core::source::Blob;
 use overlaybd_core::tar;
 use serde_json::json;
 use zfile::{Algorithm, FileSource, ReadAt, Window, ZFileReader};
@@ -36,7 +37,10 @@ impl From<AlgoArg> for Algorithm {
 pub fn parse_block_size(s: &str) -> Result<u32, String> {
     match parse_size(s).map_err(|e| e.to_string())? {
         v @ (4096 | 8192 | 16384 | 32768) => Ok(v as u32),
-        65536 => Err("64K blocks are read-only: upstream overlaybd cannot read stored blocks over 64 KiB".into()),
+        65536 => Err(
+            "64K blocks are read-only: upstream overlaybd cannot read stored blocks over 64 KiB"
+                .into(),
+        ),
         v => Err(format!("{v} is not a block size; use 4K, 8K, 16K or 32K")),
     }
 }
@@ -92,15 +96,17 @@ pub fn default_threads() -> usize {
 }
 
 /// Opens a ZFile, peeling a tar wrapper if there is one.
-pub fn open_zfile(path: &Path) -> Result<(ZFileReader<Arc<dyn ReadAt>>, Option<u64>)> {
-    let src: Arc<dyn ReadAt> =
-        Arc::new(FileSource::open(path).with_context(|| format!("cannot open {}", path.display()))?);
+pub fn open_zfile(path: &Path) -> Result<(ZFileReader<Blob>, Option<u64>)> {
+    let src: Arc<dyn ReadAt> = Arc::new(
+        FileSource::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+    );
     let payload = tar::detect(&*src).with_context(|| format!("{}", path.display()))?;
     let (inner, tar_off): (Arc<dyn ReadAt>, Option<u64>) = match payload {
         Some(p) => (Arc::new(Window::new(src, p.offset, p.size)), Some(p.offset)),
         None => (src, None),
     };
-    let z = ZFileReader::open(inner).with_context(|| format!("{}: not a valid ZFile", path.display()))?;
+    let z = ZFileReader::open(inner)
+        .with_context(|| format!("{}: not a valid ZFile", path.display()))?;
     Ok((z, tar_off))
 }
 
@@ -115,14 +121,20 @@ pub fn run(cmd: ZfileCmd) -> Result<()> {
             output,
         } => {
             let t0 = Instant::now();
-            let inp = File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
-            let mut out = File::create(&output).with_context(|| format!("cannot create {}", output.display()))?;
+            let inp =
+                File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
+            let mut out = File::create(&output)
+                .with_context(|| format!("cannot create {}", output.display()))?;
             let opts = zfile::Options {
                 algorithm: algorithm.into(),
                 block_size,
                 threads,
             };
-            let tw = if wrap { Some(tar::TarWriter::begin(&mut out)?) } else { None };
+            let tw = if wrap {
+                Some(tar::TarWriter::begin(&mut out)?)
+            } else {
+                None
+            };
             let info = zfile::compress(BufReader::with_capacity(1 << 20, inp), &mut out, opts)
                 .with_context(|| format!("compressing {}", input.display()))?;
             if let Some(tw) = tw {
@@ -145,9 +157,11 @@ pub fn run(cmd: ZfileCmd) -> Result<()> {
         }
         ZfileCmd::Extract { input, output } => {
             let (z, _) = open_zfile(&input)?;
-            let out = File::create(&output).with_context(|| format!("cannot create {}", output.display()))?;
+            let out = File::create(&output)
+                .with_context(|| format!("cannot create {}", output.display()))?;
             let mut w = BufWriter::with_capacity(1 << 20, out);
-            let n = zfile::decompress(z.into_inner(), &mut w).with_context(|| format!("extracting {}", input.display()))?;
+            let n = zfile::decompress(z.into_inner(), &mut w)
+                .with_context(|| format!("extracting {}", input.display()))?;
             w.flush()?;
             w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             eprintln!("{} -> {}: {} bytes", input.display(), output.display(), n);
@@ -155,13 +169,22 @@ pub fn run(cmd: ZfileCmd) -> Result<()> {
         }
         ZfileCmd::Verify { file, strict } => {
             let (z, _) = open_zfile(&file)?;
-            let r = z.verify().with_context(|| format!("{}: verification failed", file.display()))?;
+            let r = z
+                .verify()
+                .with_context(|| format!("{}: verification failed", file.display()))?;
             if !r.block_crcs_checked {
-                bail!("{}: the file stores no block CRCs (verify = 0); nothing to check", file.display());
+                bail!(
+                    "{}: the file stores no block CRCs (verify = 0); nothing to check",
+                    file.display()
+                );
             }
             if strict {
                 if let Err(v) = zfile::validate_strict(&z) {
-                    bail!("{}: breaks upstream rules:\n  {}", file.display(), v.join("\n  "));
+                    bail!(
+                        "{}: breaks upstream rules:\n  {}",
+                        file.display(),
+                        v.join("\n  ")
+                    );
                 }
             }
             println!(
@@ -169,7 +192,11 @@ pub fn run(cmd: ZfileCmd) -> Result<()> {
                 file.display(),
                 r.blocks,
                 human(r.compressed_bytes),
-                if r.header_digest_checked { "ok" } else { "absent" },
+                if r.header_digest_checked {
+                    "ok"
+                } else {
+                    "absent"
+                },
                 if r.index_crc_checked { "ok" } else { "absent" },
                 if strict { ", strict rules ok" } else { "" }
             );

@@ -7,7 +7,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().with_context(|| format!("`{s}` is not a size"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("`{s}` is not a size"))?;
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1,
         "K" | "KB" | "KIB" => 1 << 10,
@@ -16,7 +18,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "T" | "TB" | "TIB" => 1 << 40,
         u => bail!("`{s}`: unknown size unit `{u}` (use K, M, G or T)"),
     };
-    n.checked_mul(mult).with_context(|| format!("`{s}` is too large"))
+    n.checked_mul(mult)
+        .with_context(|| format!("`{s}` is too large"))
 }
 
 /// Human-readable byte count.
@@ -35,21 +38,6 @@ pub fn human(n: u64) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4K").unwrap(), 4096);
-        assert_eq!(parse_size("32KiB").unwrap(), 32768);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert!(parse_size("4X").is_err());
-        assert!(parse_size("K").is_err());
-        assert!(parse_size("99999999999999T").is_err());
-    }
-}
-
 /// SHA-256 of everything `r` yields, as lower-case hex.
 pub fn sha256_hex(mut r: impl std::io::Read) -> Result<String> {
     use sha2::{Digest, Sha256};
@@ -63,4 +51,19 @@ pub fn sha256_hex(mut r: impl std::io::Read) -> Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4K").unwrap(), 4096);
+        assert_eq!(parse_size("32KiB").unwrap(), 32768);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("K").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+    }
 }
