@@ -61,13 +61,16 @@ impl Image {
     pub fn open_config_file(path: impl AsRef<Path>) -> Result<Image> {
         let path = path.as_ref();
         let cfg = ImageConfig::load(path)?;
-        Self::open(&cfg, path.parent(), &[&LocalFiles])
-            .map_err(|e| e.in_file(path))
+        Self::open(&cfg, path.parent(), &[&LocalFiles]).map_err(|e| e.in_file(path))
     }
 
     /// Opens the image `cfg` describes. Each lower is asked of `sources` in order;
     /// the first that has it wins. Layers are opened in parallel.
-    pub fn open(cfg: &ImageConfig, base_dir: Option<&Path>, sources: &[&dyn LayerSource]) -> Result<Image> {
+    pub fn open(
+        cfg: &ImageConfig,
+        base_dir: Option<&Path>,
+        sources: &[&dyn LayerSource],
+    ) -> Result<Image> {
         cfg.validate()?;
         let mut lowers = &cfg.lowers[..];
         if cfg.acceleration_layer && !lowers.is_empty() {
@@ -116,10 +119,14 @@ impl Image {
         if total > MAX_LAYERS + upper.is_some() as usize {
             return Err(Error::Config {
                 field: "lowers".into(),
-                detail: format!("{} layers; at most {MAX_LAYERS} can be stacked", layers.len()),
+                detail: format!(
+                    "{} layers; at most {MAX_LAYERS} can be stacked",
+                    layers.len()
+                ),
             });
         }
-        let mut segs: Vec<Vec<Segment>> = layers.iter().map(|l| l.lsmt.segments().to_vec()).collect();
+        let mut segs: Vec<Vec<Segment>> =
+            layers.iter().map(|l| l.lsmt.segments().to_vec()).collect();
         let mut backing: Vec<Blob> = layers.iter().map(|l| l.data.clone()).collect();
         let mut vsize = layers
             .iter()
@@ -129,7 +136,8 @@ impl Image {
             .unwrap_or(0);
         if let Some(u) = &upper {
             segs.push(u.segments());
-            let data = zfile::FileSource::open(u.data_path()).map_err(|e| Error::Io(e).in_file(u.data_path()))?;
+            let data = zfile::FileSource::open(u.data_path())
+                .map_err(|e| Error::Io(e).in_file(u.data_path()))?;
             backing.push(Arc::new(data));
             if u.virtual_size() != 0 {
                 vsize = u.virtual_size();
@@ -209,7 +217,10 @@ impl Image {
 
     fn read_layer(&self, tag: usize, dst: &mut [u8], at: u64) -> Result<()> {
         self.backing[tag].read_exact_at(dst, at).map_err(|e| {
-            let name = self.layers.get(tag).map_or("upper".to_string(), |l| l.name.clone());
+            let name = self
+                .layers
+                .get(tag)
+                .map_or("upper".to_string(), |l| l.name.clone());
             Error::Io(e).in_layer(tag, name)
         })
     }
@@ -241,7 +252,11 @@ impl Image {
         jobs.extend(run);
         let jobs: Vec<(u64, u64)> = jobs
             .into_iter()
-            .flat_map(|(a, b)| (a..b).step_by(chunk as usize).map(move |x| (x, (x + chunk).min(b))))
+            .flat_map(|(a, b)| {
+                (a..b)
+                    .step_by(chunk as usize)
+                    .map(move |x| (x, (x + chunk).min(b)))
+            })
             .collect();
         let next = AtomicUsize::new(0);
         let written = std::sync::atomic::AtomicU64::new(0);
@@ -249,7 +264,9 @@ impl Image {
             let mut buf = vec![0u8; chunk as usize];
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(a, b)) = jobs.get(i) else { return Ok(()) };
+                let Some(&(a, b)) = jobs.get(i) else {
+                    return Ok(());
+                };
                 let n = (b - a) as usize;
                 self.read_at(&mut buf[..n], a)?;
                 // Keep holes where whole 4 KiB pages are zero.
@@ -278,7 +295,8 @@ impl Image {
         std::thread::scope(|sc| -> Result<()> {
             let hs: Vec<_> = (0..threads).map(|_| sc.spawn(worker)).collect();
             for h in hs {
-                h.join().map_err(|_| Error::Io(io::Error::other("flatten worker panicked")))??;
+                h.join()
+                    .map_err(|_| Error::Io(io::Error::other("flatten worker panicked")))??;
             }
             Ok(())
         })?;
@@ -319,12 +337,16 @@ fn describe(l: &crate::config::Lower) -> String {
 
 /// Runs `f(0..n)` on up to 8 threads, keeping order; the first error wins.
 fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let threads = std::thread::available_parallelism().map_or(2, |p| p.get()).clamp(1, 8).min(n.max(1));
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |p| p.get())
+        .clamp(1, 8)
+        .min(n.max(1));
     if threads <= 1 || n <= 1 {
         return (0..n).map(f).collect();
     }
     let next = AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Result<T>>>> = (0..n).map(|_| std::sync::Mutex::new(None)).collect();
+    let results: Vec<std::sync::Mutex<Option<Result<T>>>> =
+        (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|sc| {
         for _ in 0..threads {
             sc.spawn(|| loop {
@@ -339,6 +361,10 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Res
     });
     results
         .into_iter()
-        .map(|m| m.into_inner().expect("result slot").expect("every index ran"))
+        .map(|m| {
+            m.into_inner()
+                .expect("result slot")
+                .expect("every index ran")
+        })
         .collect()
 }

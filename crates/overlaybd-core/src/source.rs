@@ -145,7 +145,11 @@ pub fn decode(blob: Blob) -> Result<Decoded> {
         let z = Arc::new(ZFileReader::open(inner)?);
         let lsmt: Blob = z.clone();
         Ok(Decoded {
-            nesting: if tarred { Nesting::TarZFile } else { Nesting::ZFile },
+            nesting: if tarred {
+                Nesting::TarZFile
+            } else {
+                Nesting::ZFile
+            },
             lsmt,
             zfile: Some(z),
         })

@@ -18,8 +18,15 @@ const SECTORS: u64 = VSIZE / 512;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { sector: u64, sectors: u64, seed: u64 },
-    Discard { sector: u64, sectors: u64 },
+    Write {
+        sector: u64,
+        sectors: u64,
+        seed: u64,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +47,11 @@ fn ship() -> impl Strategy<Value = Ship> {
     prop_oneof![
         Just(Ship::Raw),
         Just(Ship::Sealed),
-        (prop_oneof![Just(Algorithm::Lz4), Just(Algorithm::Zstd)], prop_oneof![Just(4096u32), Just(8192), Just(16384), Just(32768)], any::<bool>())
+        (
+            prop_oneof![Just(Algorithm::Lz4), Just(Algorithm::Zstd)],
+            prop_oneof![Just(4096u32), Just(8192), Just(16384), Just(32768)],
+            any::<bool>()
+        )
             .prop_map(|(a, b, t)| Ship::ZFile(a, b, t)),
     ]
 }
@@ -61,15 +72,23 @@ fn build_layer(dir: &std::path::Path, k: usize, ops: &[Op], ship: Ship, model: &
     let mut w = WritableLayer::create(
         &data,
         &index,
-        CreateOptions { virtual_size: if k == 0 { VSIZE } else { 0 }, ..Default::default() },
+        CreateOptions {
+            virtual_size: if k == 0 { VSIZE } else { 0 },
+            ..Default::default()
+        },
     )
     .unwrap();
     for op in ops {
         match *op {
-            Op::Write { sector, sectors, seed } => {
+            Op::Write {
+                sector,
+                sectors,
+                seed,
+            } => {
                 let buf = bytes_for(seed, (sectors * 512) as usize);
                 w.write_at(&buf, sector * 512).unwrap();
-                model[(sector * 512) as usize..((sector + sectors) * 512) as usize].copy_from_slice(&buf);
+                model[(sector * 512) as usize..((sector + sectors) * 512) as usize]
+                    .copy_from_slice(&buf);
             }
             Op::Discard { sector, sectors } => {
                 w.discard(sector * 512, sectors * 512).unwrap();
@@ -91,7 +110,15 @@ fn build_layer(dir: &std::path::Path, k: usize, ops: &[Op], ship: Ship, model: &
         Ship::ZFile(algorithm, block_size, tar) => {
             let mut f = File::create(&out).unwrap();
             let tw = tar.then(|| TarWriter::begin(&mut f).unwrap());
-            let mut z = zfile::ZFileWriter::new(&mut f, zfile::Options { algorithm, block_size, threads: 2 }).unwrap();
+            let mut z = zfile::ZFileWriter::new(
+                &mut f,
+                zfile::Options {
+                    algorithm,
+                    block_size,
+                    threads: 2,
+                },
+            )
+            .unwrap();
             w.commit(&CommitOptions::default(), &mut z).unwrap();
             let (_, info) = z.finish().unwrap();
             if let Some(tw) = tw {
@@ -141,10 +168,18 @@ proptest! {
 #[test]
 fn too_many_layers_is_a_typed_error() {
     let cfg = overlaybd_core::config::ImageConfig {
-        lowers: vec![overlaybd_core::config::Lower { file: "x".into(), ..Default::default() }; 256],
+        lowers: vec![
+            overlaybd_core::config::Lower {
+                file: "x".into(),
+                ..Default::default()
+            };
+            256
+        ],
         ..Default::default()
     };
-    let err = Image::open(&cfg, None, &[&overlaybd_core::source::LocalFiles]).err().unwrap();
+    let err = Image::open(&cfg, None, &[&overlaybd_core::source::LocalFiles])
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("at most 255"), "{err}");
 }
 
@@ -163,13 +198,22 @@ fn a_remote_only_layer_without_a_registry_source_is_a_clear_error() {
         br#"{"repoBlobUrl":"https://r/v2/x/blobs","lowers":[{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":5}]}"#,
     )
     .unwrap();
-    let err = Image::open(&cfg, None, &[&overlaybd_core::source::LocalFiles]).err().unwrap().to_string();
-    assert!(err.contains("layer 0") && err.contains("no source"), "{err}");
+    let err = Image::open(&cfg, None, &[&overlaybd_core::source::LocalFiles])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("layer 0") && err.contains("no source"),
+        "{err}"
+    );
 }
 
 #[test]
 fn garbage_blob_is_a_typed_error() {
     let blob: Blob = Arc::new(vec![7u8; 10_000]);
-    let err = Image::from_blobs(vec![("junk".into(), blob)]).err().unwrap().to_string();
+    let err = Image::from_blobs(vec![("junk".into(), blob)])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("layer 0 (junk)"), "{err}");
 }

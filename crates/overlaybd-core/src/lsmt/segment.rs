@@ -148,30 +148,59 @@ mod tests {
     #[test]
     fn reference_vectors() {
         let cases = [
-            (Segment::data(0, 1280, 8), "00 00 00 00 00 00 00 14 08 00 00 00 00 00 00 00"),
-            (Segment::data(5120, 256, 1288), "00 14 00 00 00 00 00 04 08 05 00 00 00 00 00 00"),
             (
-                Segment { offset: 0x100000, length: 16383, moffset: 9, zeroed: true, tag: 0 },
+                Segment::data(0, 1280, 8),
+                "00 00 00 00 00 00 00 14 08 00 00 00 00 00 00 00",
+            ),
+            (
+                Segment::data(5120, 256, 1288),
+                "00 14 00 00 00 00 00 04 08 05 00 00 00 00 00 00",
+            ),
+            (
+                Segment {
+                    offset: 0x100000,
+                    length: 16383,
+                    moffset: 9,
+                    zeroed: true,
+                    tag: 0,
+                },
                 "00 00 10 00 00 00 FC FF 09 00 00 00 00 00 80 00",
             ),
             (
-                Segment { offset: 8, length: 8, moffset: 100, zeroed: false, tag: 3 },
+                Segment {
+                    offset: 8,
+                    length: 8,
+                    moffset: 100,
+                    zeroed: false,
+                    tag: 3,
+                },
                 "08 00 00 00 00 00 20 00 64 00 00 00 00 00 00 03",
             ),
-            (Segment::INVALID, "FF FF FF FF FF FF 03 00 00 00 00 00 00 00 00 00"),
+            (
+                Segment::INVALID,
+                "FF FF FF FF FF FF 03 00 00 00 00 00 00 00 00 00",
+            ),
         ];
         for (seg, bytes) in cases {
             assert_eq!(seg.encode(), hex(bytes), "{seg:?}");
             assert_eq!(Segment::decode(&hex(bytes)), seg);
         }
-        assert!(Segment::decode(&hex("FF FF FF FF FF FF 03 00 00 00 00 00 00 00 00 00")).is_invalid());
+        assert!(
+            Segment::decode(&hex("FF FF FF FF FF FF 03 00 00 00 00 00 00 00 00 00")).is_invalid()
+        );
     }
 
     #[test]
     fn trim_advances_moffset() {
         let s = Segment::data(100, 50, 1000);
         assert_eq!(s.trimmed(110, 120), Segment::data(110, 10, 1010));
-        let z = Segment { offset: 100, length: 50, moffset: 7, zeroed: true, tag: 1 };
+        let z = Segment {
+            offset: 100,
+            length: 50,
+            moffset: 7,
+            zeroed: true,
+            tag: 1,
+        };
         assert_eq!(z.trimmed(90, 120).moffset, 7);
         assert_eq!(z.trimmed(90, 120).length, 20);
     }
