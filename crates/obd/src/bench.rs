@@ -77,19 +77,13 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             json,
         } => (crate::bench_read::run(size_mib, zfile, dir)?, json),
     };
-    print_result(&v, as_json);
-    Ok(())
-}
-
-/// Prints a result object as JSON, or as `key: value` lines.
-pub fn print_result(v: &Value, as_json: bool) {
+    // One JSON object on one line, so scripts can parse the output.
     if as_json {
         println!("{v}");
-    } else if let Some(m) = v.as_object() {
-        for (k, val) in m {
-            println!("{k}: {val}");
-        }
+    } else {
+        crate::util::print_object(&v, false);
     }
+    Ok(())
 }
 
 /// Runs `f` repeatedly for about `secs`, returning (iterations, elapsed).

@@ -80,33 +80,31 @@ fn build_layer(dir: &Path, k: usize, size: u64, pool: &[u8], zfile: bool) -> Res
     Ok(out_path)
 }
 
-fn read_all(p: &Path) -> Result<u64> {
-    let mut f = File::open(p)?;
+/// Reads `src` through a 4 MiB buffer, writing each piece to `dst` if given.
+fn stream(src: &Path, mut dst: Option<File>) -> Result<u64> {
+    let mut f = File::open(src)?;
     let mut buf = vec![0u8; 4 << 20];
     let mut n = 0u64;
     loop {
         let r = f.read(&mut buf)?;
         if r == 0 {
             return Ok(n);
+        }
+        if let Some(o) = dst.as_mut() {
+            o.write_all(&buf[..r])?;
         }
         n += r as u64;
     }
 }
 
+/// Warms the page cache with `p`.
+fn read_all(p: &Path) -> Result<u64> {
+    stream(p, None)
+}
+
 /// Userspace copy loop (read + write, 4 MiB buffer): the baseline.
 fn copy_loop(src: &Path, dst: &Path) -> Result<u64> {
-    let mut f = File::open(src)?;
-    let mut o = File::create(dst)?;
-    let mut buf = vec![0u8; 4 << 20];
-    let mut n = 0u64;
-    loop {
-        let r = f.read(&mut buf)?;
-        if r == 0 {
-            return Ok(n);
-        }
-        o.write_all(&buf[..r])?;
-        n += r as u64;
-    }
+    stream(src, Some(File::create(dst)?))
 }
 
 fn best_of<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {

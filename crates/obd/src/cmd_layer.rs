@@ -333,13 +333,7 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
                     .map(|s| json!([s.offset, s.length, s.moffset, s.zeroed as u8]))
                     .collect();
             }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                for (k, val) in v.as_object().expect("object") {
-                    println!("{k}: {val}");
-                }
-            }
+            crate::util::print_object(&v, json);
             Ok(())
         }
         LayerCmd::Verify { file, strict } => verify(&file, strict),

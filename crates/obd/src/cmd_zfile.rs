@@ -223,13 +223,7 @@ pub fn run(cmd: ZfileCmd) -> Result<()> {
                 "verify": i.verify,
                 "header_overwritten": i.header_overwritten,
             });
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                for (k, val) in v.as_object().expect("object") {
-                    println!("{k}: {val}");
-                }
-            }
+            crate::util::print_object(&v, json);
             Ok(())
         }
     }

@@ -53,6 +53,18 @@ pub fn sha256_hex(mut r: impl std::io::Read) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Prints a JSON object pretty-printed, or as `key: value` lines.
+pub fn print_object(v: &serde_json::Value, as_json: bool) {
+    match v.as_object() {
+        Some(m) if !as_json => {
+            for (k, val) in m {
+                println!("{k}: {val}");
+            }
+        }
+        _ => println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialise")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
