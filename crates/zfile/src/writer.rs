@@ -1,8 +1,9 @@
 //! Streaming writer: [`ZFileWriter`], plus the [`compress`] / [`decompress`] helpers.
 
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::codec::{compress_into, max_compressed_len};
@@ -62,6 +63,13 @@ fn compress_job(
     Ok(pos)
 }
 
+/// Compresses `job` on this thread, from `input` or else from its own input buffer.
+fn compress_into_job(algo: Algorithm, bs: u32, job: &mut Job, input: Option<&[u8]>) -> Result<()> {
+    let src = input.unwrap_or(&job.input);
+    job.used = compress_job(algo, bs as usize, src, &mut job.out, &mut job.lens)?;
+    Ok(())
+}
+
 /// One job: up to 1 MiB of input and its compressed output.
 struct Job {
     seq: u64,
@@ -71,57 +79,129 @@ struct Job {
     lens: Vec<u32>,
 }
 
+impl Job {
+    fn new() -> Self {
+        Job {
+            seq: 0,
+            input: Vec::new(),
+            out: Vec::new(),
+            used: 0,
+            lens: Vec::new(),
+        }
+    }
+}
+
+/// Shared state of [`ZFileWriter::compress_bulk`].
+struct Bulk {
+    /// Next job index to claim.
+    next: usize,
+    /// Jobs written so far (claims stay within `written + window`).
+    written: usize,
+    spares: Vec<Job>,
+    failed: bool,
+}
+
 struct Done {
     job: Job,
     result: Result<()>,
 }
 
-/// Helper threads compressing jobs; results come back tagged with their sequence
-/// number and are written in order.
+/// Jobs waiting for a helper. The calling thread may take ("steal") the oldest one
+/// back instead of waiting idle.
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> Result<MutexGuard<'_, QueueState>> {
+        self.state.lock().map_err(|_| worker_gone())
+    }
+
+    /// Next job for a helper; `None` once the queue is closed (or poisoned).
+    fn next(&self) -> Option<Job> {
+        let mut g = self.state.lock().ok()?;
+        loop {
+            if let Some(job) = g.jobs.pop_front() {
+                return Some(job);
+            }
+            if g.closed {
+                return None;
+            }
+            g = self.wake.wait(g).ok()?;
+        }
+    }
+}
+
+/// Helper threads compressing queued jobs; results come back tagged with their
+/// sequence number and are written in order.
 struct Pool {
-    jobs: Option<mpsc::Sender<Job>>,
+    queue: Arc<Queue>,
     done: mpsc::Receiver<Done>,
     workers: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
-    fn new(threads: usize, algo: Algorithm, bs: usize) -> Result<Self> {
-        let (job_tx, job_rx) = mpsc::channel::<Job>();
+    fn new(threads: usize, algo: Algorithm, bs: u32) -> Result<Self> {
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        });
         let (done_tx, done_rx) = mpsc::channel::<Done>();
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let mut workers = Vec::with_capacity(threads);
+        let mut pool = Self {
+            queue,
+            done: done_rx,
+            workers: Vec::with_capacity(threads),
+        };
         for k in 0..threads {
-            let rx = Arc::clone(&job_rx);
+            let q = Arc::clone(&pool.queue);
             let tx = done_tx.clone();
             let h = std::thread::Builder::new()
                 .name(format!("zfile-compress-{k}"))
-                .spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(g) => g.recv(),
-                        Err(_) => break,
-                    };
-                    let Ok(mut job) = job else { break };
-                    let result = compress_job(algo, bs, &job.input, &mut job.out, &mut job.lens)
-                        .map(|n| {
-                            job.used = n;
-                        });
-                    if tx.send(Done { job, result }).is_err() {
-                        break;
+                .spawn(move || {
+                    while let Some(mut job) = q.next() {
+                        let result = compress_into_job(algo, bs, &mut job, None);
+                        if tx.send(Done { job, result }).is_err() {
+                            break;
+                        }
                     }
                 })?;
-            workers.push(h);
+            pool.workers.push(h);
         }
-        Ok(Self {
-            jobs: Some(job_tx),
-            done: done_rx,
-            workers,
-        })
+        Ok(pool)
+    }
+
+    fn push(&self, job: Job) -> Result<()> {
+        self.queue.lock()?.jobs.push_back(job);
+        self.queue.wake.notify_one();
+        Ok(())
+    }
+
+    /// Jobs no helper has taken yet.
+    fn queued(&self) -> Result<usize> {
+        Ok(self.queue.lock()?.jobs.len())
+    }
+
+    /// Takes back the oldest job no helper has started.
+    fn steal(&self) -> Result<Option<Job>> {
+        Ok(self.queue.lock()?.jobs.pop_front())
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.jobs.take();
+        if let Ok(mut g) = self.queue.state.lock() {
+            g.closed = true;
+        }
+        self.queue.wake.notify_all();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -146,11 +226,12 @@ pub struct ZFileWriter<W: Write + Seek> {
     data_bytes: u64,
     original: u64,
     pool: Option<Pool>,
-    /// Jobs the helpers may hold at once.
-    pool_depth: u64,
-    /// Jobs sent to / received from the helpers.
-    sent: u64,
-    received: u64,
+    /// Helper threads (`threads - 1`).
+    helpers: usize,
+    /// Jobs allowed to wait for a helper; beyond that the caller compresses.
+    pool_depth: usize,
+    /// Jobs queued or being compressed by helpers.
+    in_pool: u64,
     /// Most jobs compressed or in flight but not yet written.
     max_unwritten: u64,
     next_seq: u64,
@@ -196,11 +277,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
         out.write_all(&placeholder.encode())?;
         let helpers = threads - 1;
         let pool = if helpers > 0 {
-            Some(Pool::new(
-                helpers,
-                opts.algorithm,
-                opts.block_size as usize,
-            )?)
+            Some(Pool::new(helpers, opts.algorithm, opts.block_size)?)
         } else {
             None
         };
@@ -214,9 +291,9 @@ impl<W: Write + Seek> ZFileWriter<W> {
             data_bytes: 0,
             original: 0,
             pool,
-            pool_depth: 2 * helpers as u64,
-            sent: 0,
-            received: 0,
+            helpers,
+            pool_depth: 2 * helpers,
+            in_pool: 0,
             max_unwritten: 4 * threads as u64,
             next_seq: 0,
             next_write: 0,
@@ -261,12 +338,21 @@ impl<W: Write + Seek> ZFileWriter<W> {
     fn append_inner(&mut self, mut data: &[u8]) -> Result<()> {
         self.original += data.len() as u64;
         while !data.is_empty() {
-            if self.pending.is_empty() && data.len() >= JOB_BYTES {
-                // Whole job straight from the caller's buffer.
-                let (job, rest) = data.split_at(JOB_BYTES);
-                self.submit(Some(job))?;
-                data = rest;
-                continue;
+            if self.pending.is_empty() {
+                if self.helpers > 0 && data.len() >= 2 * JOB_BYTES {
+                    // Many whole jobs: helpers read them in place.
+                    let (bulk, rest) = data.split_at(data.len() / JOB_BYTES * JOB_BYTES);
+                    self.compress_bulk(bulk)?;
+                    data = rest;
+                    continue;
+                }
+                if data.len() >= JOB_BYTES {
+                    // One whole job straight from the caller's buffer.
+                    let (job, rest) = data.split_at(JOB_BYTES);
+                    self.submit(Some(job))?;
+                    data = rest;
+                    continue;
+                }
             }
             let take = (JOB_BYTES - self.pending.len()).min(data.len());
             self.pending.extend_from_slice(&data[..take]);
@@ -278,24 +364,126 @@ impl<W: Write + Seek> ZFileWriter<W> {
         Ok(())
     }
 
-    /// Starts one job (from `direct`, or else from the pending buffer): hands it to a
-    /// helper if one has room, otherwise compresses it on this thread. Then writes
-    /// whatever is complete, in order.
-    fn submit(&mut self, direct: Option<&[u8]>) -> Result<()> {
-        let mut job = self.free.pop().unwrap_or_else(|| Job {
-            seq: 0,
-            input: Vec::new(),
-            out: Vec::new(),
-            used: 0,
-            lens: Vec::new(),
+    /// Compresses `data` (whole jobs, at least two) with scoped helper threads that
+    /// read it in place (no copy of the caller's buffer), this thread taking jobs
+    /// too, and writes the results in order. At most `max_unwritten` jobs are
+    /// buffered.
+    fn compress_bulk(&mut self, data: &[u8]) -> Result<()> {
+        // Everything queued earlier goes out first.
+        while self.next_write < self.next_seq {
+            self.help_or_wait()?;
+        }
+        let n = data.len() / JOB_BYTES;
+        let window = self.max_unwritten as usize;
+        let (algo, bs) = (self.algorithm, self.block_size);
+        let state = Mutex::new(Bulk {
+            next: 0,
+            written: 0,
+            spares: std::mem::take(&mut self.free),
+            failed: false,
         });
+        let wake = Condvar::new();
+        let chunk = |i: usize| &data[i * JOB_BYTES..(i + 1) * JOB_BYTES];
+        let lock = || state.lock().map_err(|_| worker_gone());
+        let (tx, rx) = mpsc::channel::<(usize, Job, Result<()>)>();
+        let result = std::thread::scope(|s| {
+            for _ in 0..self.helpers {
+                let tx = tx.clone();
+                let (state, wake) = (&state, &wake);
+                s.spawn(move || loop {
+                    let (i, mut job) = {
+                        let Ok(mut g) = state.lock() else { return };
+                        while !g.failed && g.next < n && g.next >= g.written + window {
+                            g = match wake.wait(g) {
+                                Ok(g) => g,
+                                Err(_) => return,
+                            };
+                        }
+                        if g.failed || g.next >= n {
+                            return;
+                        }
+                        g.next += 1;
+                        (g.next - 1, g.spares.pop().unwrap_or_else(Job::new))
+                    };
+                    let r = compress_into_job(algo, bs, &mut job, Some(chunk(i)));
+                    if tx.send((i, job, r)).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(tx);
+            let mut ready = BTreeMap::new();
+            let mut written = 0usize;
+            let run = (|| -> Result<()> {
+                while written < n {
+                    let claim = {
+                        let mut g = lock()?;
+                        if g.next < n && g.next < written + window {
+                            g.next += 1;
+                            Some((g.next - 1, g.spares.pop().unwrap_or_else(Job::new)))
+                        } else {
+                            None
+                        }
+                    };
+                    match claim {
+                        Some((i, mut job)) => {
+                            compress_into_job(algo, bs, &mut job, Some(chunk(i)))?;
+                            ready.insert(i, job);
+                        }
+                        None => {
+                            let (i, job, r) = rx.recv().map_err(|_| worker_gone())?;
+                            r?;
+                            ready.insert(i, job);
+                        }
+                    }
+                    while let Ok((i, job, r)) = rx.try_recv() {
+                        r?;
+                        ready.insert(i, job);
+                    }
+                    let before = written;
+                    while let Some(job) = ready.remove(&written) {
+                        self.out.write_all(&job.out[..job.used])?;
+                        self.data_bytes += job.used as u64;
+                        self.lens.extend_from_slice(&job.lens);
+                        written += 1;
+                        lock()?.spares.push(job);
+                    }
+                    if written != before {
+                        lock()?.written = written;
+                        wake.notify_all();
+                    }
+                }
+                Ok(())
+            })();
+            if run.is_err() {
+                if let Ok(mut g) = state.lock() {
+                    g.failed = true;
+                }
+                wake.notify_all();
+            }
+            run
+        });
+        self.next_seq += n as u64;
+        self.next_write += n as u64;
+        if let Ok(mut g) = state.into_inner() {
+            self.free = std::mem::take(&mut g.spares);
+            self.free.truncate(self.max_unwritten as usize);
+        }
+        result
+    }
+
+    /// Starts one job (from `direct`, or else from the pending buffer): queues it
+    /// for a helper unless enough are waiting, in which case it is compressed on this
+    /// thread straight from its buffer. Then writes whatever is complete, in order.
+    fn submit(&mut self, direct: Option<&[u8]>) -> Result<()> {
+        let mut job = self.free.pop().unwrap_or_else(Job::new);
         job.seq = self.next_seq;
         self.next_seq += 1;
-        let pool = self
-            .pool
-            .as_ref()
-            .filter(|_| self.sent - self.received < self.pool_depth);
-        if let Some(pool) = pool {
+        let queue_it = match &self.pool {
+            Some(pool) => pool.queued()? < self.pool_depth,
+            None => false,
+        };
+        if let (true, Some(pool)) = (queue_it, &self.pool) {
             match direct {
                 Some(d) => {
                     job.input.clear();
@@ -303,22 +491,37 @@ impl<W: Write + Seek> ZFileWriter<W> {
                 }
                 None => std::mem::swap(&mut job.input, &mut self.pending),
             }
-            self.pending.clear();
-            let tx = pool.jobs.as_ref().ok_or(Error::Poisoned)?;
-            tx.send(job).map_err(|_| worker_gone())?;
-            self.sent += 1;
+            pool.push(job)?;
+            self.in_pool += 1;
         } else {
             let input = direct.unwrap_or(&self.pending);
-            let bs = self.block_size as usize;
-            job.used = compress_job(self.algorithm, bs, input, &mut job.out, &mut job.lens)?;
-            self.pending.clear();
+            compress_into_job(self.algorithm, self.block_size, &mut job, Some(input))?;
             self.ready.insert(job.seq, job);
         }
+        self.pending.clear();
         self.collect(false)?;
         while self.next_seq - self.next_write > self.max_unwritten {
-            self.collect(true)?;
+            self.help_or_wait()?;
         }
         Ok(())
+    }
+
+    /// Compresses the oldest job still waiting for a helper, or, if none, waits for
+    /// a helper to finish one. Then writes what is complete.
+    fn help_or_wait(&mut self) -> Result<()> {
+        let stolen = match &self.pool {
+            Some(pool) => pool.steal()?,
+            None => None,
+        };
+        match stolen {
+            Some(mut job) => {
+                self.in_pool -= 1;
+                compress_into_job(self.algorithm, self.block_size, &mut job, None)?;
+                self.ready.insert(job.seq, job);
+                self.collect(false)
+            }
+            None => self.collect(true),
+        }
     }
 
     /// Takes finished jobs from the helpers (waiting for one if `wait`), then writes
@@ -328,7 +531,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
             let mut first = wait;
             loop {
                 let done = if first {
-                    if self.sent == self.received {
+                    if self.in_pool == 0 {
                         return Err(worker_gone());
                     }
                     first = false;
@@ -340,7 +543,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
                         Err(mpsc::TryRecvError::Disconnected) => return Err(worker_gone()),
                     }
                 };
-                self.received += 1;
+                self.in_pool -= 1;
                 done.result?;
                 self.ready.insert(done.job.seq, done.job);
             }
@@ -368,7 +571,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
             self.submit(None)?;
         }
         while self.next_write < self.next_seq {
-            self.collect(true)?;
+            self.help_or_wait()?;
         }
         self.pool = None;
 
@@ -439,15 +642,22 @@ impl<W: Write + Seek> Write for ZFileWriter<W> {
 /// its current position); returns the file's [`Info`].
 pub fn compress<W: Write + Seek>(mut input: impl Read, output: W, opts: Options) -> Result<Info> {
     let mut w = ZFileWriter::new(output, opts)?;
-    let mut buf = vec![0u8; JOB_BYTES];
+    // Large reads let helper threads compress straight from this buffer.
+    let mut buf = vec![0u8; 8 * JOB_BYTES];
     loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
-        w.append(&buf[..n])?;
+        let mut filled = 0;
+        while filled < buf.len() {
+            match input.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        w.append(&buf[..filled])?;
+        if filled < buf.len() {
+            break;
+        }
     }
     Ok(w.finish()?.1)
 }

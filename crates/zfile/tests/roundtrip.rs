@@ -223,3 +223,106 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn write_patterns_and_thread_counts_give_identical_bytes() {
+    // Large writes take the in-place (bulk) path, small ones the buffered path;
+    // mixes switch between them. Every combination must produce the same file.
+    let data = fixtures::image_like(31, (6 << 20) + 4097);
+    let patterns: [&[usize]; 5] = [
+        &[usize::MAX],
+        &[100, usize::MAX],
+        &[3 << 20, 10, 4 << 20, usize::MAX],
+        &[(1 << 20) - 1, 2, (2 << 20) + 5, 1, usize::MAX],
+        &[65_536; 200],
+    ];
+    for algo in ALGOS {
+        let mut reference: Option<Vec<u8>> = None;
+        for threads in [1, 2, 3] {
+            for pattern in patterns {
+                let opts = Options {
+                    algorithm: algo,
+                    block_size: 8192,
+                    threads,
+                };
+                let mut w = ZFileWriter::new(Cursor::new(Vec::new()), opts).unwrap();
+                let mut rest = &data[..];
+                for &n in pattern.iter().cycle() {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let (a, b) = rest.split_at(n.min(rest.len()));
+                    std::io::Write::write_all(&mut w, a).unwrap();
+                    rest = b;
+                }
+                let out = w.finish().unwrap().0.into_inner();
+                match &reference {
+                    None => {
+                        check_all(&data, &out, algo, 8192);
+                        reference = Some(out);
+                    }
+                    Some(r) => assert!(*r == out, "{algo} threads {threads} {pattern:?}"),
+                }
+            }
+        }
+        // The compress() helper (large reads) agrees too.
+        let mut c = Cursor::new(Vec::new());
+        let opts = Options {
+            algorithm: algo,
+            block_size: 8192,
+            threads: 2,
+        };
+        zfile::compress(&data[..], &mut c, opts).unwrap();
+        assert!(c.into_inner() == reference.unwrap());
+    }
+}
+
+/// A sink that fails after `limit` bytes.
+struct FailingSink {
+    inner: Cursor<Vec<u8>>,
+    limit: u64,
+}
+
+impl std::io::Write for FailingSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.inner.position() + buf.len() as u64 > self.limit {
+            return Err(std::io::Error::other("disk full"));
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::io::Seek for FailingSink {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+#[test]
+fn sink_errors_surface_and_poison_the_writer() {
+    let data = fixtures::image_like(32, 5 << 20);
+    for threads in [1, 2] {
+        for limit in [100, 600_000, 2_000_000] {
+            let sink = FailingSink {
+                inner: Cursor::new(Vec::new()),
+                limit,
+            };
+            let opts = Options {
+                threads,
+                ..Options::default()
+            };
+            let r = ZFileWriter::new(sink, opts).and_then(|mut w| {
+                let first = w.append(&data);
+                if first.is_err() {
+                    assert!(matches!(w.append(b"more"), Err(Error::Poisoned)));
+                }
+                first?;
+                w.finish().map(|_| ())
+            });
+            assert!(r.is_err(), "threads {threads} limit {limit}");
+        }
+    }
+}
