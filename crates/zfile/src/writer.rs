@@ -214,8 +214,10 @@ impl Drop for Pool {
 /// then call [`ZFileWriter::finish`].
 ///
 /// Blocks are compressed in jobs of 1 MiB. With `threads = T > 1`, `T - 1` helper
-/// threads take jobs while the calling thread compresses whenever they are busy; the
-/// output is byte-identical for any thread count.
+/// threads take queued jobs while the calling thread compresses whenever they are
+/// busy; writes of two jobs or more are compressed in place by scoped helpers (no
+/// copy of the caller's buffer). The output is byte-identical for any thread count
+/// and any sequence of write sizes.
 pub struct ZFileWriter<W: Write + Seek> {
     out: W,
     base: u64,
