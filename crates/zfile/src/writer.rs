@@ -65,7 +65,7 @@ fn compress_job(
 
 /// Compresses `job` on this thread, from `input` or else from its own input buffer.
 fn compress_into_job(algo: Algorithm, bs: u32, job: &mut Job, input: Option<&[u8]>) -> Result<()> {
-    let src = input.unwrap_or(&job.input);
+    let src = input.unwrap_or(&job.input[..job.input_len]);
     job.used = compress_job(algo, bs as usize, src, &mut job.out, &mut job.lens)?;
     Ok(())
 }
@@ -73,7 +73,9 @@ fn compress_into_job(algo: Algorithm, bs: u32, job: &mut Job, input: Option<&[u8
 /// One job: up to 1 MiB of input and its compressed output.
 struct Job {
     seq: u64,
+    /// Input buffer (`JOB_BYTES` long once used) and how much of it is data.
     input: Vec<u8>,
+    input_len: usize,
     out: Vec<u8>,
     used: usize,
     lens: Vec<u32>,
@@ -84,6 +86,7 @@ impl Job {
         Job {
             seq: 0,
             input: Vec::new(),
+            input_len: 0,
             out: Vec::new(),
             used: 0,
             lens: Vec::new(),
@@ -223,7 +226,9 @@ pub struct ZFileWriter<W: Write + Seek> {
     base: u64,
     algorithm: Algorithm,
     block_size: u32,
+    /// Input buffer of the next job (always `JOB_BYTES` long) and its fill level.
     pending: Vec<u8>,
+    pending_len: usize,
     lens: Vec<u32>,
     data_bytes: u64,
     original: u64,
@@ -288,7 +293,8 @@ impl<W: Write + Seek> ZFileWriter<W> {
             base,
             algorithm: opts.algorithm,
             block_size: opts.block_size,
-            pending: Vec::with_capacity(JOB_BYTES),
+            pending: vec![0; JOB_BYTES],
+            pending_len: 0,
             lens: Vec::new(),
             data_bytes: 0,
             original: 0,
@@ -337,10 +343,39 @@ impl<W: Write + Seek> ZFileWriter<W> {
         r
     }
 
+    /// Appends everything `input` yields (reading straight into the job buffers);
+    /// returns the byte count.
+    pub fn append_from(&mut self, mut input: impl Read) -> Result<u64> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        let mut total = 0u64;
+        loop {
+            let n = match input.read(&mut self.pending[self.pending_len..]) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.poisoned = true;
+                    return Err(e.into());
+                }
+            };
+            self.pending_len += n;
+            self.original += n as u64;
+            total += n as u64;
+            if self.pending_len == JOB_BYTES {
+                if let Err(e) = self.submit(None) {
+                    self.poisoned = true;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     fn append_inner(&mut self, mut data: &[u8]) -> Result<()> {
         self.original += data.len() as u64;
         while !data.is_empty() {
-            if self.pending.is_empty() {
+            if self.pending_len == 0 {
                 if self.helpers > 0 && data.len() >= 2 * JOB_BYTES {
                     // Many whole jobs: helpers read them in place.
                     let (bulk, rest) = data.split_at(data.len() / JOB_BYTES * JOB_BYTES);
@@ -356,10 +391,11 @@ impl<W: Write + Seek> ZFileWriter<W> {
                     continue;
                 }
             }
-            let take = (JOB_BYTES - self.pending.len()).min(data.len());
-            self.pending.extend_from_slice(&data[..take]);
+            let take = (JOB_BYTES - self.pending_len).min(data.len());
+            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&data[..take]);
+            self.pending_len += take;
             data = &data[take..];
-            if self.pending.len() == JOB_BYTES {
+            if self.pending_len == JOB_BYTES {
                 self.submit(None)?;
             }
         }
@@ -488,19 +524,28 @@ impl<W: Write + Seek> ZFileWriter<W> {
         if let (true, Some(pool)) = (queue_it, &self.pool) {
             match direct {
                 Some(d) => {
-                    job.input.clear();
-                    job.input.extend_from_slice(d);
+                    if job.input.len() < JOB_BYTES {
+                        job.input.resize(JOB_BYTES, 0);
+                    }
+                    job.input[..d.len()].copy_from_slice(d);
+                    job.input_len = d.len();
                 }
-                None => std::mem::swap(&mut job.input, &mut self.pending),
+                None => {
+                    std::mem::swap(&mut job.input, &mut self.pending);
+                    job.input_len = self.pending_len;
+                    if self.pending.len() < JOB_BYTES {
+                        self.pending.resize(JOB_BYTES, 0);
+                    }
+                }
             }
             pool.push(job)?;
             self.in_pool += 1;
         } else {
-            let input = direct.unwrap_or(&self.pending);
+            let input = direct.unwrap_or(&self.pending[..self.pending_len]);
             compress_into_job(self.algorithm, self.block_size, &mut job, Some(input))?;
             self.ready.insert(job.seq, job);
         }
-        self.pending.clear();
+        self.pending_len = 0;
         self.collect(false)?;
         while self.next_seq - self.next_write > self.max_unwritten {
             self.help_or_wait()?;
@@ -550,12 +595,11 @@ impl<W: Write + Seek> ZFileWriter<W> {
                 self.ready.insert(done.job.seq, done.job);
             }
         }
-        while let Some(mut job) = self.ready.remove(&self.next_write) {
+        while let Some(job) = self.ready.remove(&self.next_write) {
             self.out.write_all(&job.out[..job.used])?;
             self.data_bytes += job.used as u64;
             self.lens.extend_from_slice(&job.lens);
             self.next_write += 1;
-            job.input.clear();
             self.free.push(job);
         }
         Ok(())
@@ -569,7 +613,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
         if self.poisoned {
             return Err(Error::Poisoned);
         }
-        if !self.pending.is_empty() {
+        if self.pending_len > 0 {
             self.submit(None)?;
         }
         while self.next_write < self.next_seq {
@@ -642,25 +686,9 @@ impl<W: Write + Seek> Write for ZFileWriter<W> {
 
 /// Compresses everything `input` yields into a ZFile written to `output` (starting at
 /// its current position); returns the file's [`Info`].
-pub fn compress<W: Write + Seek>(mut input: impl Read, output: W, opts: Options) -> Result<Info> {
+pub fn compress<W: Write + Seek>(input: impl Read, output: W, opts: Options) -> Result<Info> {
     let mut w = ZFileWriter::new(output, opts)?;
-    // Large reads let helper threads compress straight from this buffer.
-    let mut buf = vec![0u8; 8 * JOB_BYTES];
-    loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            match input.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        w.append(&buf[..filled])?;
-        if filled < buf.len() {
-            break;
-        }
-    }
+    w.append_from(input)?;
     Ok(w.finish()?.1)
 }
 

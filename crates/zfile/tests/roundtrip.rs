@@ -265,15 +265,34 @@ fn write_patterns_and_thread_counts_give_identical_bytes() {
                 }
             }
         }
-        // The compress() helper (large reads) agrees too.
-        let mut c = Cursor::new(Vec::new());
-        let opts = Options {
-            algorithm: algo,
-            block_size: 8192,
-            threads: 2,
-        };
-        zfile::compress(&data[..], &mut c, opts).unwrap();
-        assert!(c.into_inner() == reference.unwrap());
+        // The compress() helper agrees too, with whole and with trickling reads.
+        let reference = reference.unwrap();
+        for threads in [1, 2] {
+            let opts = Options {
+                algorithm: algo,
+                block_size: 8192,
+                threads,
+            };
+            let mut c = Cursor::new(Vec::new());
+            zfile::compress(&data[..], &mut c, opts).unwrap();
+            assert!(c.into_inner() == reference);
+            let mut c = Cursor::new(Vec::new());
+            let info = zfile::compress(Trickle(&data[..]), &mut c, opts).unwrap();
+            assert_eq!(info.original_size, data.len() as u64);
+            assert!(c.into_inner() == reference);
+        }
+    }
+}
+
+/// A reader that returns at most 777 bytes per call.
+struct Trickle<'a>(&'a [u8]);
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(777).min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
     }
 }
 
