@@ -30,6 +30,9 @@ pub enum ImageCmd {
         /// Print the SHA-256 of the whole disk after writing it.
         #[arg(long)]
         sha256: bool,
+        /// Skip the final fsync (the data may still be in the page cache on return).
+        #[arg(long)]
+        no_sync: bool,
     },
     /// Show the layers of an image and its merged index.
     Info {
@@ -49,9 +52,16 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             output,
             threads,
             sha256,
+            no_sync,
         } => {
             let t0 = Instant::now();
             let img = Image::open_config_file(&config)?;
+            // Replace a regular file rather than truncating it in place (a truncated
+            // ext4 file is flushed to disk on close); block devices are written over.
+            if std::fs::metadata(&output).is_ok_and(|m| m.is_file()) {
+                std::fs::remove_file(&output)
+                    .with_context(|| format!("cannot replace {}", output.display()))?;
+            }
             let out = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -62,8 +72,10 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let stats = img.flatten_to(&out, threads, 4 << 20)?;
-            out.sync_all()
-                .with_context(|| format!("fsync {}", output.display()))?;
+            if !no_sync {
+                out.sync_all()
+                    .with_context(|| format!("fsync {}", output.display()))?;
+            }
             let dt = t0.elapsed().as_secs_f64();
             eprintln!(
                 "flattened {} layers into {}: {} virtual, {} data, {:.2}s",

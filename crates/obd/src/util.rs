@@ -61,7 +61,10 @@ pub fn print_object(v: &serde_json::Value, as_json: bool) {
                 println!("{k}: {val}");
             }
         }
-        _ => println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialise")),
+        _ => println!(
+            "{}",
+            serde_json::to_string_pretty(v).expect("JSON values serialise")
+        ),
     }
 }
 

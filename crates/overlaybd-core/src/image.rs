@@ -215,21 +215,65 @@ impl Image {
         Ok(len)
     }
 
-    fn read_layer(&self, tag: usize, dst: &mut [u8], at: u64) -> Result<()> {
-        self.backing[tag].read_exact_at(dst, at).map_err(|e| {
-            let name = self
-                .layers
-                .get(tag)
-                .map_or("upper".to_string(), |l| l.name.clone());
-            Error::Io(e).in_layer(tag, name)
-        })
+    fn layer_name(&self, tag: usize) -> String {
+        self.layers
+            .get(tag)
+            .map_or_else(|| "upper".to_string(), |l| l.name.clone())
     }
 
-    /// Writes the whole virtual disk to `out` (a regular file): truncated to the
-    /// device size, with holes where the disk reads as zeros. Work is spread over
+    /// Copies disk bytes `[a, b)` to `out` through the read path, leaving holes
+    /// where whole 4 KiB pages are zero; returns the bytes written.
+    fn copy_through(&self, buf: &mut [u8], out: &File, a: u64, b: u64) -> Result<u64> {
+        let mut written = 0;
+        let mut at = a;
+        while at < b {
+            let n = ((b - at) as usize).min(buf.len());
+            self.read_at(&mut buf[..n], at)?;
+            let mut p = 0;
+            while p < n {
+                let q = (p + 4096).min(n);
+                if buf[p..q].iter().all(|&x| x == 0) {
+                    p = q;
+                    continue;
+                }
+                let mut r = q;
+                while r < n {
+                    let t = (r + 4096).min(n);
+                    if buf[r..t].iter().all(|&x| x == 0) {
+                        break;
+                    }
+                    r = t;
+                }
+                out.write_all_at(&buf[p..r], at + p as u64)?;
+                written += (r - p) as u64;
+                p = r;
+            }
+            at += n as u64;
+        }
+        Ok(written)
+    }
+
+    fn read_layer(&self, tag: usize, dst: &mut [u8], at: u64) -> Result<()> {
+        self.backing[tag]
+            .read_exact_at(dst, at)
+            .map_err(|e| Error::Io(e).in_layer(tag, self.layer_name(tag)))
+    }
+
+    /// Writes the whole virtual disk to `out` (a regular file; best a new, empty
+    /// one): sized to the device, with holes where the disk reads as zeros. Work is spread over
     /// `threads` threads in chunks of `chunk` bytes.
     pub fn flatten_to(&self, out: &File, threads: usize, chunk: usize) -> Result<FlattenStats> {
-        out.set_len(0)?;
+        // Truncate only when needed: on ext4 a truncate to zero makes close()
+        // start writeback of everything written afterwards (auto_da_alloc).
+        let meta = out.metadata()?;
+        if !meta.is_file() {
+            return Err(Error::Unsupported(
+                "flatten writes to a regular file (it leaves holes where the disk is zero)".into(),
+            ));
+        }
+        if meta.len() != 0 {
+            out.set_len(0)?;
+        }
         out.set_len(self.vsize)?;
         let chunk = chunk.max(SECTOR as usize) as u64 / SECTOR * SECTOR;
         // Jobs: the data-bearing ranges of the merged index, cut into chunks.
@@ -267,27 +311,47 @@ impl Image {
                 let Some(&(a, b)) = jobs.get(i) else {
                     return Ok(());
                 };
-                let n = (b - a) as usize;
-                self.read_at(&mut buf[..n], a)?;
-                // Keep holes where whole 4 KiB pages are zero.
-                let mut p = 0;
-                while p < n {
-                    let q = (p + 4096).min(n);
-                    if buf[p..q].iter().any(|&x| x != 0) {
-                        let mut r = q;
-                        while r < n {
-                            let t = (r + 4096).min(n);
-                            if buf[r..t].iter().all(|&x| x == 0) {
-                                break;
-                            }
-                            r = t;
-                        }
-                        out.write_all_at(&buf[p..r], a + p as u64)?;
-                        written.fetch_add((r - p) as u64, Ordering::Relaxed);
-                        p = r;
-                    } else {
-                        p = q;
+                // Segments backed by plain local files are copied inside the kernel;
+                // the rest (compressed, remote) go through the read path.
+                let mut pending: Option<(u64, u64)> = None; // a run for read_at
+                for seg in self.index.lookup(a / SECTOR, (b - a).div_ceil(SECTOR)) {
+                    let s = (seg.offset * SECTOR).max(a);
+                    let e = (seg.end() * SECTOR).min(b);
+                    if seg.zeroed || s >= e {
+                        continue;
                     }
+                    let tag = seg.tag as usize;
+                    match self.backing[tag].local_file() {
+                        Some((file, base)) => {
+                            if let Some((ra, rb)) = pending.take() {
+                                written.fetch_add(
+                                    self.copy_through(&mut buf, out, ra, rb)?,
+                                    Ordering::Relaxed,
+                                );
+                            }
+                            let from = base + seg.moffset * SECTOR + (s - seg.offset * SECTOR);
+                            copy_file_range_all(file, from, out, s, e - s).map_err(|err| {
+                                Error::Io(err).in_layer(tag, self.layer_name(tag))
+                            })?;
+                            written.fetch_add(e - s, Ordering::Relaxed);
+                        }
+                        None => {
+                            pending = match pending {
+                                Some((ra, rb)) if rb == s => Some((ra, e)),
+                                Some((ra, rb)) => {
+                                    written.fetch_add(
+                                        self.copy_through(&mut buf, out, ra, rb)?,
+                                        Ordering::Relaxed,
+                                    );
+                                    Some((s, e))
+                                }
+                                None => Some((s, e)),
+                            };
+                        }
+                    }
+                }
+                if let Some((ra, rb)) = pending {
+                    written.fetch_add(self.copy_through(&mut buf, out, ra, rb)?, Ordering::Relaxed);
                 }
             }
         };
@@ -323,6 +387,75 @@ impl ReadAt for Image {
     fn size(&self) -> u64 {
         self.vsize
     }
+}
+
+/// Copies `len` bytes from `src` at `from` to `dst` at `to` inside the kernel
+/// (`copy_file_range`), falling back to a buffered copy where the kernel or
+/// file system cannot. A source that ends early is an error.
+fn copy_file_range_all(
+    src: &File,
+    mut from: u64,
+    dst: &File,
+    mut to: u64,
+    mut len: u64,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while len > 0 {
+        let mut off_in = from as libc::loff_t;
+        let mut off_out = to as libc::loff_t;
+        let want = len.min(1 << 30) as usize;
+        // SAFETY: both descriptors are open for the whole call (borrowed `File`s);
+        // the offset pointers refer to live locals; no memory is shared with the kernel.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => {
+                    copy_buffered(src, from, dst, to, len)
+                }
+                Some(libc::EINTR) => continue,
+                _ => Err(err),
+            };
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("layer data ends before offset {from}"),
+            ));
+        }
+        from += n as u64;
+        to += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+fn copy_buffered(
+    src: &File,
+    mut from: u64,
+    dst: &File,
+    mut to: u64,
+    mut len: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len.min(4 << 20) as usize];
+    while len > 0 {
+        let n = len.min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], from)?;
+        dst.write_all_at(&buf[..n], to)?;
+        from += n as u64;
+        to += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
 }
 
 fn describe(l: &crate::config::Lower) -> String {

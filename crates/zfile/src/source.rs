@@ -23,6 +23,13 @@ pub trait ReadAt: Send + Sync {
         None
     }
 
+    /// The local file holding this source's bytes and the file offset of byte 0,
+    /// when the source is a plain (uncompressed) view of a local file. Lets bulk
+    /// copies run inside the kernel (`copy_file_range`). `None` by default.
+    fn local_file(&self) -> Option<(&File, u64)> {
+        None
+    }
+
     /// Fills `buf` from `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -81,6 +88,9 @@ impl ReadAt for FileSource {
     fn size(&self) -> u64 {
         self.size
     }
+    fn local_file(&self) -> Option<(&File, u64)> {
+        Some((&self.file, 0))
+    }
 }
 
 fn sub_slice(data: &[u8], offset: u64, len: usize) -> Option<&[u8]> {
@@ -132,6 +142,9 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
     fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
         (**self).slice_at(offset, len)
     }
+    fn local_file(&self) -> Option<(&File, u64)> {
+        (**self).local_file()
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
@@ -144,6 +157,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
     fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
         (**self).slice_at(offset, len)
     }
+    fn local_file(&self) -> Option<(&File, u64)> {
+        (**self).local_file()
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
@@ -155,6 +171,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
     }
     fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
         (**self).slice_at(offset, len)
+    }
+    fn local_file(&self) -> Option<(&File, u64)> {
+        (**self).local_file()
     }
 }
 
@@ -204,6 +223,11 @@ impl<R: ReadAt> ReadAt for Window<R> {
             return None;
         }
         self.inner.slice_at(self.start + offset, len)
+    }
+    fn local_file(&self) -> Option<(&File, u64)> {
+        self.inner
+            .local_file()
+            .map(|(f, base)| (f, base + self.start))
     }
 }
 
