@@ -146,6 +146,59 @@ pub enum Error {
     #[error("the image is read-only")]
     ReadOnly,
 
+    /// A remote fetch failed (after retries); names the blob URL and range.
+    #[error("remote {url} bytes {offset}..{end}: {detail}")]
+    Remote {
+        /// Blob URL (registry, mirror or proxy form).
+        url: String,
+        /// First byte of the failed range.
+        offset: u64,
+        /// End of the failed range (exclusive).
+        end: u64,
+        /// What went wrong (status, timeout, bad Content-Range, ...).
+        detail: String,
+    },
+
+    /// Registry authentication failed.
+    #[error("authentication to {registry} failed: {detail}")]
+    Auth {
+        /// Registry host.
+        registry: String,
+        /// Why.
+        detail: String,
+    },
+
+    /// The local block cache is unusable (not for ordinary misses).
+    #[error("cache {}: {detail}", path.display())]
+    Cache {
+        /// Cache file or folder.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+
+    /// Data failed its integrity check even after re-fetching.
+    #[error("integrity check failed for {what} at offset {offset} after {tries} tries: {detail}")]
+    Integrity {
+        /// Blob name or URL.
+        what: String,
+        /// Byte offset in the blob.
+        offset: u64,
+        /// Attempts made.
+        tries: u32,
+        /// The last failure.
+        detail: String,
+    },
+
+    /// A service configuration file is malformed.
+    #[error("service config {field}: {detail}")]
+    ServiceConfig {
+        /// TOML key path.
+        field: String,
+        /// What is wrong.
+        detail: String,
+    },
+
     /// A feature the format defines but this build does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod lsmt;
+pub mod remote;
 
 pub use error::{Context, Error, Result};
 pub use zfile::{FileSource, ReadAt, Window};
