@@ -41,7 +41,7 @@ mod writer;
 pub use crc::crc32c_raw;
 pub use error::{Error, Result};
 pub use header::{flags, is_zfile, Algorithm, Header, HEADER_SIZE};
-pub use reader::{Info, OpenOptions, VerifyReport, ZFileReader, MAX_INDEX_SIZE};
+pub use reader::{Info, OpenOptions, VerifyReport, ZFileReader, BLOCK_TRIES, MAX_INDEX_SIZE};
 pub use source::{FileSource, ReadAt, Window};
 pub use validate::{validate_strict, UPSTREAM_MAX_STORED};
 pub use writer::{compress, decompress, Options, ZFileWriter};

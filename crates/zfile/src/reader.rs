@@ -15,6 +15,9 @@ pub const MAX_INDEX_SIZE: u64 = 1_000_000_000;
 const FETCH_MAX: u64 = 1 << 20;
 /// Jump-table bytes read per source read at open time.
 const INDEX_CHUNK: usize = 1 << 20;
+/// Tries (first read included) for a block that fails its CRC or does not decode,
+/// when the source can drop its cached copy ([`ReadAt::invalidate`]).
+pub const BLOCK_TRIES: u32 = 3;
 /// Compressed bytes per source read in [`ZFileReader::verify`].
 const VERIFY_CHUNK: u64 = 4 << 20;
 
@@ -458,27 +461,76 @@ impl<R: ReadAt> ZFileReader<R> {
             for i in b..g_end {
                 let lo = (self.offsets[i as usize] - start) as usize;
                 let hi = (self.offsets[i as usize + 1] - start) as usize;
-                let data = self.payload(i, &stored[lo..hi])?;
                 let bstart = i << self.shift;
-                let blen = self.block_len(i);
+                let blen = self.block_len(i) as u64;
                 let from = bstart.max(offset);
-                let to = (bstart + blen as u64).min(end);
+                let to = (bstart + blen).min(end);
                 let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                if dst.len() == blen {
-                    decompress_block_at(self.info.algorithm, data, dst, i)?;
-                } else {
-                    if s.block.len() < blen {
-                        s.block.resize(blen, 0);
-                    }
-                    let tmp = &mut s.block[..blen];
-                    decompress_block_at(self.info.algorithm, data, tmp, i)?;
-                    let k = (from - bstart) as usize;
-                    dst.copy_from_slice(&tmp[k..k + dst.len()]);
+                let skip = (from - bstart) as usize;
+                if let Err(e) = self.decode_block(i, &stored[lo..hi], dst, skip, &mut s.block) {
+                    self.heal_block(i, dst, skip, &mut s.block, e)?;
                 }
             }
             b = g_end;
         }
         Ok(())
+    }
+
+    /// Checks and decodes stored block `i`, writing its decoded bytes
+    /// `[skip, skip + dst.len())` to `dst` (through `tmp` when partial).
+    #[inline]
+    fn decode_block(
+        &self,
+        i: u64,
+        stored: &[u8],
+        dst: &mut [u8],
+        skip: usize,
+        tmp: &mut Vec<u8>,
+    ) -> Result<()> {
+        let data = self.payload(i, stored)?;
+        let blen = self.block_len(i);
+        if dst.len() == blen {
+            decompress_block_at(self.info.algorithm, data, dst, i).map(drop)
+        } else {
+            if tmp.len() < blen {
+                tmp.resize(blen, 0);
+            }
+            let tmp = &mut tmp[..blen];
+            decompress_block_at(self.info.algorithm, data, tmp, i)?;
+            dst.copy_from_slice(&tmp[skip..skip + dst.len()]);
+            Ok(())
+        }
+    }
+
+    /// Block `i` failed with `err`. If it is an integrity failure (bad CRC or
+    /// undecodable) and the source drops its cached copy ([`ReadAt::invalidate`]),
+    /// re-reads and re-checks the block, up to [`BLOCK_TRIES`] tries in total
+    /// (formats.md 3.9). Returns the last error when no try succeeds.
+    #[cold]
+    fn heal_block(
+        &self,
+        i: u64,
+        dst: &mut [u8],
+        skip: usize,
+        tmp: &mut Vec<u8>,
+        mut err: Error,
+    ) -> Result<()> {
+        if !matches!(err, Error::BlockCrc { .. } | Error::Decompress { .. }) {
+            return Err(err);
+        }
+        let (off, len) = self.block_extent(i);
+        let mut fresh = vec![0u8; len as usize];
+        for _ in 1..BLOCK_TRIES {
+            if !self.src.invalidate(off, u64::from(len)) {
+                break;
+            }
+            read_exact(&self.src, &mut fresh, off, "block data")?;
+            match self.decode_block(i, &fresh, dst, skip, tmp) {
+                Ok(()) => return Ok(()),
+                Err(e) => err = e,
+            }
+        }
+        Err(err)
     }
 
     /// Checks the header digest, the trailer digest (if the trailer was read), the
@@ -630,5 +682,97 @@ impl<R: ReadAt> ReadAt for ZFileReader<R> {
     }
     fn size(&self) -> u64 {
         self.info.original_size
+    }
+}
+
+#[cfg(test)]
+mod heal_tests {
+    use super::*;
+    use crate::writer::{Options, ZFileWriter};
+    use std::io::Cursor;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A source that serves a corrupted copy of one byte range until it has been
+    /// invalidated `bad_until` times, and counts invalidations.
+    struct Flaky {
+        good: Vec<u8>,
+        bad: Vec<u8>,
+        bad_until: u32,
+        heals: bool,
+        invalidated: AtomicU32,
+    }
+
+    impl ReadAt for Flaky {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            let src = if self.invalidated.load(Ordering::SeqCst) < self.bad_until {
+                &self.bad
+            } else {
+                &self.good
+            };
+            src.read_at(buf, offset)
+        }
+        fn size(&self) -> u64 {
+            self.good.len() as u64
+        }
+        fn invalidate(&self, _offset: u64, _len: u64) -> bool {
+            if self.heals {
+                self.invalidated.fetch_add(1, Ordering::SeqCst);
+            }
+            self.heals
+        }
+    }
+
+    fn setup(bad_until: u32, heals: bool) -> (Vec<u8>, ZFileReader<Flaky>, u64) {
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut w = ZFileWriter::new(Cursor::new(Vec::new()), Options::default()).unwrap();
+        w.append(&data).unwrap();
+        let good = w.finish().unwrap().0.into_inner();
+        let probe = ZFileReader::open(&good[..]).unwrap();
+        let (off, _) = probe.block_extent(3);
+        let mut bad = good.clone();
+        bad[off as usize + 1] ^= 0x55;
+        let src = Flaky {
+            good,
+            bad,
+            bad_until,
+            heals,
+            invalidated: AtomicU32::new(0),
+        };
+        (data, ZFileReader::open(src).unwrap(), off)
+    }
+
+    #[test]
+    fn corrupt_block_is_invalidated_and_reread() {
+        let (data, r, _) = setup(1, true);
+        let mut out = vec![0u8; data.len()];
+        assert_eq!(r.read_at(&mut out, 0).unwrap(), data.len());
+        assert!(out == data);
+        assert_eq!(r.inner().invalidated.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn persistent_corruption_fails_after_three_tries() {
+        let (data, r, off) = setup(u32::MAX, true);
+        let mut out = vec![0u8; 100];
+        let e = r.read_at(&mut out, 3 * 4096 + 10).unwrap_err();
+        assert!(
+            matches!(e, Error::BlockCrc { block: 3, offset, .. } if offset == off),
+            "{e}"
+        );
+        assert_eq!(
+            r.inner().invalidated.load(Ordering::SeqCst),
+            BLOCK_TRIES - 1
+        );
+        // Blocks before the bad one still read.
+        r.read_at(&mut out, 0).unwrap();
+        assert!(out[..] == data[..100]);
+    }
+
+    #[test]
+    fn no_retry_when_source_cannot_drop_its_copy() {
+        let (_, r, _) = setup(u32::MAX, false);
+        let mut out = vec![0u8; 4096];
+        let e = r.read_at(&mut out, 3 * 4096).unwrap_err();
+        assert!(matches!(e, Error::BlockCrc { block: 3, .. }), "{e}");
     }
 }

@@ -30,6 +30,16 @@ pub trait ReadAt: Send + Sync {
         None
     }
 
+    /// Asks the source to drop any cached copy of bytes `[offset, offset + len)`,
+    /// because a reader found them corrupt (bad CRC, undecodable). Returns `true`
+    /// when cached bytes were dropped, so a re-read may return different (fresh)
+    /// bytes and is worth trying; `false` (the default) means a re-read would see
+    /// the same bytes.
+    fn invalidate(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
     /// Fills `buf` from `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -145,6 +155,9 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
     fn local_file(&self) -> Option<(&File, u64)> {
         (**self).local_file()
     }
+    fn invalidate(&self, offset: u64, len: u64) -> bool {
+        (**self).invalidate(offset, len)
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
@@ -160,6 +173,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
     fn local_file(&self) -> Option<(&File, u64)> {
         (**self).local_file()
     }
+    fn invalidate(&self, offset: u64, len: u64) -> bool {
+        (**self).invalidate(offset, len)
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
@@ -174,6 +190,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
     }
     fn local_file(&self) -> Option<(&File, u64)> {
         (**self).local_file()
+    }
+    fn invalidate(&self, offset: u64, len: u64) -> bool {
+        (**self).invalidate(offset, len)
     }
 }
 
@@ -228,6 +247,13 @@ impl<R: ReadAt> ReadAt for Window<R> {
         self.inner
             .local_file()
             .map(|(f, base)| (f, base + self.start))
+    }
+    fn invalidate(&self, offset: u64, len: u64) -> bool {
+        if offset >= self.len {
+            return false;
+        }
+        let len = len.min(self.len - offset);
+        self.inner.invalidate(self.start + offset, len)
     }
 }
 
