@@ -40,3 +40,10 @@ pub trait RangeFetcher: Send + Sync {
     /// The blob's size, when the config does not give it.
     fn blob_size(&self, blob_url: &str) -> Result<u64>;
 }
+
+#[cfg(feature = "registry")]
+pub mod auth;
+#[cfg(feature = "registry")]
+pub mod creds;
+#[cfg(feature = "registry")]
+pub mod registry;
