@@ -23,10 +23,8 @@ pub struct Layer {
     pub nesting: Nesting,
     /// Size of the blob as stored.
     pub blob_size: u64,
-    /// The parsed LSMT layer.
+    /// The parsed LSMT layer; its `source()` is the uncompressed LSMT bytes.
     pub lsmt: RoLayer,
-    /// The uncompressed LSMT bytes that index entries point into.
-    data: Blob,
 }
 
 impl Layer {
@@ -34,13 +32,11 @@ impl Layer {
     pub fn open(name: impl Into<String>, blob: Blob) -> Result<Layer> {
         let blob_size = blob.size();
         let dec = source::decode(blob)?;
-        let lsmt = RoLayer::open(dec.lsmt.clone())?;
         Ok(Layer {
             name: name.into(),
             nesting: dec.nesting,
             blob_size,
-            lsmt,
-            data: dec.lsmt,
+            lsmt: RoLayer::open(dec.lsmt)?,
         })
     }
 }
@@ -127,7 +123,7 @@ impl Image {
         }
         let mut segs: Vec<Vec<Segment>> =
             layers.iter().map(|l| l.lsmt.segments().to_vec()).collect();
-        let mut backing: Vec<Blob> = layers.iter().map(|l| l.data.clone()).collect();
+        let mut backing: Vec<Blob> = layers.iter().map(|l| l.lsmt.source().clone()).collect();
         let mut vsize = layers
             .iter()
             .rev()
