@@ -7,6 +7,10 @@
 
 use crate::error::Result;
 
+pub mod blob;
+pub mod cache;
+pub mod sched;
+
 /// How urgent a fetch is: a container waiting on a read goes before prefetch and
 /// background download, always.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

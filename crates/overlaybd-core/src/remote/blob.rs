@@ -1,0 +1,430 @@
+//! [`RemoteBlob`]: a remote blob as a [`ReadAt`], backed by the block cache.
+//!
+//! A read is served from the [`BlockCache`] when every byte of it is cached.
+//! Otherwise the read is split into *fetch units* (`min_fetch`-aligned ranges,
+//! 256 KiB by default, upstream's `refillSize`); units already cached are read
+//! from the cache, the missing ones are fetched through the [`RangeFetcher`]:
+//! - consecutive missing units of one read are merged into one request of at
+//!   most `max_request` bytes (4 MiB by default);
+//! - **single flight**: a unit being fetched by another thread is not fetched
+//!   again; the reader waits for that fetch and shares its bytes (or error);
+//! - fetches go through the [`Scheduler`], foreground reads at
+//!   [`Priority::Foreground`], [`RemoteBlob::prefetch`] at
+//!   [`Priority::Prefetch`];
+//! - fetched bytes are written to the cache, then copied to the caller
+//!   straight from the fetch buffer (so a read succeeds even when the cache
+//!   cannot keep the data).
+//!
+//! [`ReadAt::invalidate`] evicts the covering cache blocks, so a reader that
+//! finds a corrupt block (the ZFile block CRC) re-reads it from the registry.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use zfile::ReadAt;
+
+use super::cache::{BlockCache, CachedBlob};
+use super::sched::Scheduler;
+use super::{BlobRef, Priority, RangeFetcher};
+use crate::error::{Error, Result};
+
+/// Default minimum (and alignment of every) remote request: 256 KiB, upstream's
+/// `refillSize`.
+pub const DEFAULT_MIN_FETCH: u64 = 256 << 10;
+/// Default largest single remote request: 4 MiB.
+pub const DEFAULT_MAX_REQUEST: u64 = 4 << 20;
+
+/// Request shaping of a [`RemoteBlob`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteOptions {
+    /// Every request starts on a multiple of this and covers whole multiples
+    /// of it (except at the end of the blob). Must be a multiple of the cache
+    /// block size. Default [`DEFAULT_MIN_FETCH`] (256 KiB).
+    pub min_fetch: u64,
+    /// Upper bound of one request; rounded down to a multiple of `min_fetch`
+    /// (at least one unit). Default [`DEFAULT_MAX_REQUEST`] (4 MiB).
+    pub max_request: u64,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        Self {
+            min_fetch: DEFAULT_MIN_FETCH,
+            max_request: DEFAULT_MAX_REQUEST,
+        }
+    }
+}
+
+/// Outcome of one request: `(request offset, bytes)` or the error.
+type FlightResult = std::result::Result<(u64, Arc<Vec<u8>>), Arc<Error>>;
+
+/// One in-progress request; readers of any of its units wait on it.
+#[derive(Debug, Default)]
+struct Flight {
+    done: Mutex<Option<FlightResult>>,
+    cv: Condvar,
+}
+
+impl Flight {
+    fn wait(&self) -> FlightResult {
+        let mut g = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone();
+            }
+            g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// What one read does for each of its units.
+enum Unit {
+    /// Copied from the cache already.
+    Cached,
+    /// Fetched by this reader, in its request number `usize`.
+    Lead(usize),
+    /// Fetched by someone else.
+    Wait(Arc<Flight>),
+}
+
+/// A request this reader leads; publishes an error if dropped unfinished (a
+/// panicking fetcher), so waiters never hang.
+struct Lead<'a> {
+    blob: &'a RemoteBlob,
+    offset: u64,
+    len: u64,
+    units: Vec<u64>,
+    flight: Arc<Flight>,
+    result: Option<FlightResult>,
+}
+
+impl Lead<'_> {
+    /// Records the outcome, wakes the waiters and clears the in-flight entries.
+    fn publish(&mut self, r: FlightResult) {
+        if self.result.is_some() {
+            return;
+        }
+        self.result = Some(r.clone());
+        *self
+            .flight
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(r);
+        self.flight.cv.notify_all();
+        let mut map = self.blob.lock_inflight();
+        for u in &self.units {
+            if map.get(u).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
+                map.remove(u);
+            }
+        }
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        if self.result.is_none() {
+            let e = self.blob.remote_err(
+                self.offset,
+                self.len,
+                "fetch abandoned (the fetching thread panicked)".into(),
+            );
+            self.publish(Err(Arc::new(e)));
+        }
+    }
+}
+
+/// A remote blob, read through the block cache; a [`ReadAt`].
+pub struct RemoteBlob {
+    blob: BlobRef,
+    fetcher: Arc<dyn RangeFetcher>,
+    cache: Arc<BlockCache>,
+    cached: Arc<CachedBlob>,
+    sched: Arc<Scheduler>,
+    unit: u64,
+    max_units: u64,
+    /// Unit index → request fetching it.
+    inflight: Mutex<HashMap<u64, Arc<Flight>>>,
+}
+
+impl std::fmt::Debug for RemoteBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteBlob")
+            .field("blob", &self.blob)
+            .field("min_fetch", &self.unit)
+            .field("max_units", &self.max_units)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteBlob {
+    /// A remote blob of `blob.size` bytes fetched by `fetcher`, cached in
+    /// `cache`, with fetches admitted by `sched`.
+    pub fn new(
+        blob: BlobRef,
+        fetcher: Arc<dyn RangeFetcher>,
+        cache: Arc<BlockCache>,
+        sched: Arc<Scheduler>,
+        opts: RemoteOptions,
+    ) -> Result<Self> {
+        let bs = cache.block_size();
+        if opts.min_fetch == 0 || opts.min_fetch % bs != 0 {
+            return Err(Error::ServiceConfig {
+                field: "remote.min_fetch".into(),
+                detail: format!(
+                    "{} is not a positive multiple of the cache block size {bs}",
+                    opts.min_fetch
+                ),
+            });
+        }
+        let cached = cache.blob(&blob.digest, blob.size)?;
+        Ok(Self {
+            unit: opts.min_fetch,
+            max_units: (opts.max_request / opts.min_fetch).max(1),
+            blob,
+            fetcher,
+            cache,
+            cached,
+            sched,
+            inflight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The blob.
+    pub fn blob(&self) -> &BlobRef {
+        &self.blob
+    }
+
+    /// The cache this blob is read through.
+    pub fn cache(&self) -> &Arc<BlockCache> {
+        &self.cache
+    }
+
+    fn lock_inflight(&self) -> MutexGuard<'_, HashMap<u64, Arc<Flight>>> {
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remote_err(&self, offset: u64, len: u64, detail: String) -> Error {
+        Error::Remote {
+            url: self.blob.url.clone(),
+            offset,
+            end: offset + len,
+            detail,
+        }
+    }
+
+    /// The error a reader of `[offset, offset + len)` reports for a failed
+    /// request: the fetcher's own `Remote` error, or one naming this range.
+    fn share_err(&self, e: &Error, offset: u64, len: u64) -> Error {
+        match e {
+            Error::Remote {
+                url,
+                offset,
+                end,
+                detail,
+            } => Error::Remote {
+                url: url.clone(),
+                offset: *offset,
+                end: *end,
+                detail: detail.clone(),
+            },
+            other => self.remote_err(offset, len, other.to_string()),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (clamped to the blob); returns the
+    /// count.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if offset >= self.blob.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = (self.blob.size - offset).min(buf.len() as u64) as usize;
+        self.load(Some(&mut buf[..n]), offset, n as u64, Priority::Foreground)?;
+        Ok(n)
+    }
+
+    /// Fetches `[offset, offset + len)` into the cache at
+    /// [`Priority::Prefetch`], unless already cached or being fetched.
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.fetch_into_cache(offset, len, Priority::Prefetch)
+    }
+
+    /// [`RemoteBlob::prefetch`] at any priority (e.g. `Background` for a
+    /// whole-blob download).
+    pub fn fetch_into_cache(&self, offset: u64, len: u64, prio: Priority) -> Result<()> {
+        if offset >= self.blob.size || len == 0 {
+            return Ok(());
+        }
+        let len = len.min(self.blob.size - offset);
+        self.load(None, offset, len, prio)
+    }
+
+    /// Makes `[offset, offset + len)` available, copying it to `out` if given.
+    fn load(
+        &self,
+        mut out: Option<&mut [u8]>,
+        offset: u64,
+        len: u64,
+        prio: Priority,
+    ) -> Result<()> {
+        // Fast path: all cached.
+        if let Some(buf) = out.as_deref_mut() {
+            if self.cache_read(buf, offset) {
+                return Ok(());
+            }
+        } else if self.cache.contains(&self.cached, offset, len) {
+            return Ok(());
+        }
+
+        let end = offset + len;
+        let first = offset / self.unit;
+        let last = (end - 1) / self.unit;
+        let mut plan = Vec::with_capacity((last - first + 1) as usize);
+        let mut leads: Vec<Lead<'_>> = Vec::new();
+        for u in first..=last {
+            let (us, ue) = self.unit_range(u);
+            let (lo, hi) = (us.max(offset), ue.min(end));
+            let mut tries = 0;
+            let unit = loop {
+                tries += 1;
+                let cached = match out.as_deref_mut() {
+                    Some(buf) => self
+                        .cache_read(&mut buf[(lo - offset) as usize..(hi - offset) as usize], lo),
+                    None => self.cache.contains(&self.cached, lo, hi - lo),
+                };
+                if cached {
+                    break Unit::Cached;
+                }
+                let mut map = self.lock_inflight();
+                if let Some(f) = map.get(&u) {
+                    break Unit::Wait(Arc::clone(f));
+                }
+                // A request may have finished since the cache check: leaders
+                // insert into the cache before leaving the map, so re-check
+                // under the lock (once; then fetch regardless).
+                if tries == 1 && self.cache.contains(&self.cached, lo, hi - lo) {
+                    continue;
+                }
+                // Lead it: extend our previous request if adjacent and not full.
+                let extend = match (plan.last(), leads.last()) {
+                    (Some(Unit::Lead(k)), Some(l)) => {
+                        *k == leads.len() - 1 && (l.units.len() as u64) < self.max_units
+                    }
+                    _ => false,
+                };
+                if extend {
+                    let l = leads.last_mut().expect("checked");
+                    map.insert(u, Arc::clone(&l.flight));
+                    l.units.push(u);
+                    l.len = ue - l.offset;
+                } else {
+                    let flight = Arc::new(Flight::default());
+                    map.insert(u, Arc::clone(&flight));
+                    leads.push(Lead {
+                        blob: self,
+                        offset: us,
+                        len: ue - us,
+                        units: vec![u],
+                        flight,
+                        result: None,
+                    });
+                }
+                break Unit::Lead(leads.len() - 1);
+            };
+            plan.push(unit);
+        }
+
+        // Run our own requests first (never waiting on others while leading,
+        // so readers cannot deadlock on each other), then collect.
+        for l in &mut leads {
+            let r = self.fetch_request(l.offset, l.len, prio);
+            l.publish(r);
+        }
+        let mut first_err = None;
+        for (k, unit) in plan.iter().enumerate() {
+            let u = first + k as u64;
+            let r = match unit {
+                Unit::Cached => continue,
+                Unit::Lead(i) => leads[*i].result.clone().expect("fetched"),
+                Unit::Wait(f) => f.wait(),
+            };
+            match r {
+                Ok((base, data)) => {
+                    if let Some(buf) = out.as_deref_mut() {
+                        let (us, ue) = self.unit_range(u);
+                        let (lo, hi) = (us.max(offset), ue.min(end));
+                        buf[(lo - offset) as usize..(hi - offset) as usize]
+                            .copy_from_slice(&data[(lo - base) as usize..(hi - base) as usize]);
+                    }
+                }
+                Err(e) => {
+                    first_err.get_or_insert_with(|| self.share_err(&e, offset, len));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Blob range of unit `u`.
+    fn unit_range(&self, u: u64) -> (u64, u64) {
+        let s = u * self.unit;
+        (s, (s + self.unit).min(self.blob.size))
+    }
+
+    /// Reads from the cache; a cache I/O error counts as a miss and drops the
+    /// range from the cache.
+    fn cache_read(&self, buf: &mut [u8], offset: u64) -> bool {
+        match self.cache.read(&self.cached, buf, offset) {
+            Ok(hit) => hit,
+            Err(_) => {
+                let _ = self
+                    .cache
+                    .evict(&self.blob.digest, offset, buf.len() as u64);
+                false
+            }
+        }
+    }
+
+    /// One remote request, then the cache insert (best effort).
+    fn fetch_request(&self, offset: u64, len: u64, prio: Priority) -> FlightResult {
+        let data = {
+            let _permit = self.sched.acquire(prio);
+            self.fetcher.fetch(&self.blob, offset, len, prio)
+        };
+        let data = match data {
+            Ok(d) if d.len() as u64 == len => d,
+            Ok(d) => {
+                return Err(Arc::new(self.remote_err(
+                    offset,
+                    len,
+                    format!("fetcher returned {} bytes, expected {len}", d.len()),
+                )))
+            }
+            Err(e) => return Err(Arc::new(self.share_err(&e, offset, len))),
+        };
+        // A full or failing cache must not fail the read: the bytes are here.
+        let _ = self.cache.insert(&self.cached, offset, &data);
+        Ok((offset, Arc::new(data)))
+    }
+}
+
+impl ReadAt for RemoteBlob {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.read(buf, offset).map_err(Error::into_io)
+    }
+
+    fn size(&self) -> u64 {
+        self.blob.size
+    }
+
+    /// Evicts the cache blocks covering the range; the next read re-fetches
+    /// them. True for any range inside the blob (a re-read always goes back to
+    /// the registry, even when the bytes were served without being cached).
+    fn invalidate(&self, offset: u64, len: u64) -> bool {
+        if offset >= self.blob.size || len == 0 {
+            return false;
+        }
+        let _ = self.cache.evict(&self.blob.digest, offset, len);
+        true
+    }
+}

@@ -1,0 +1,598 @@
+//! RemoteBlob over the block cache, with an in-memory counting fetcher:
+//! request shaping, single flight, restart reuse, self-healing of corrupt
+//! cache data and metadata, LRU budget, error surfacing, end to end through
+//! ZFile and LSMT.
+
+use std::collections::HashSet;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+
+use fixtures::Rng;
+use overlaybd_core::remote::blob::{RemoteBlob, RemoteOptions};
+use overlaybd_core::remote::cache::{BlockCache, CacheOptions};
+use overlaybd_core::remote::sched::Scheduler;
+use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use overlaybd_core::{Error, ReadAt, Result};
+use zfile::{ZFileReader, ZFileWriter};
+
+const KIB: u64 = 1024;
+const DIGEST: &str = "sha256:0123456789abcdef";
+
+/// An in-memory blob server that records every request and can corrupt or
+/// fail responses.
+#[derive(Default)]
+struct Fake {
+    data: Vec<u8>,
+    calls: Mutex<Vec<(u64, u64, Priority)>>,
+    /// `(start, end, remaining)`: the next `remaining` responses overlapping
+    /// `[start, end)` have that overlap bit-flipped.
+    corrupt: Mutex<Vec<(u64, u64, u32)>>,
+    /// Fail every request with this message.
+    fail: Mutex<Option<String>>,
+}
+
+impl Fake {
+    fn new(data: Vec<u8>) -> Arc<Self> {
+        Arc::new(Self {
+            data,
+            ..Self::default()
+        })
+    }
+    fn calls(&self) -> Vec<(u64, u64, Priority)> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn count(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+    fn reset(&self) {
+        self.calls.lock().unwrap().clear();
+    }
+    fn corrupt_next(&self, start: u64, end: u64, times: u32) {
+        self.corrupt.lock().unwrap().push((start, end, times));
+    }
+}
+
+impl RangeFetcher for Fake {
+    fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, prio: Priority) -> Result<Vec<u8>> {
+        self.calls.lock().unwrap().push((offset, len, prio));
+        if let Some(msg) = self.fail.lock().unwrap().clone() {
+            return Err(Error::Remote {
+                url: blob.url.clone(),
+                offset,
+                end: offset + len,
+                detail: msg,
+            });
+        }
+        let end = offset + len;
+        assert!(end <= self.data.len() as u64, "request past the blob end");
+        let mut out = self.data[offset as usize..end as usize].to_vec();
+        for (s, e, n) in self.corrupt.lock().unwrap().iter_mut() {
+            if *n > 0 && *s < end && *e > offset {
+                *n -= 1;
+                let (lo, hi) = ((*s).max(offset) - offset, (*e).min(end) - offset);
+                for b in &mut out[lo as usize..hi as usize] {
+                    *b ^= 0x5a;
+                }
+            }
+        }
+        Ok(out)
+    }
+    fn blob_size(&self, _blob_url: &str) -> Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+}
+
+fn blob_ref(size: u64) -> BlobRef {
+    BlobRef {
+        url: format!("https://registry.test/v2/ns/repo/blobs/{DIGEST}"),
+        digest: DIGEST.into(),
+        size,
+    }
+}
+
+fn cache_opts(dir: &Path) -> CacheOptions {
+    CacheOptions::new(dir)
+}
+
+fn open_blob(fake: &Arc<Fake>, cache: &Arc<BlockCache>, opts: RemoteOptions) -> RemoteBlob {
+    RemoteBlob::new(
+        blob_ref(fake.data.len() as u64),
+        Arc::clone(fake) as Arc<dyn RangeFetcher>,
+        Arc::clone(cache),
+        Arc::new(Scheduler::new(8)),
+        opts,
+    )
+    .unwrap()
+}
+
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Rng::new(seed).fill(&mut v);
+    v
+}
+
+fn read_exact(b: &impl ReadAt, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    b.read_exact_at(&mut buf, offset).unwrap();
+    buf
+}
+
+#[test]
+fn random_reads_match_and_requests_are_aligned_and_capped() {
+    let size = (5 << 20) + 12_345;
+    let fake = Fake::new(random_bytes(1, size));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let opts = RemoteOptions {
+        min_fetch: 256 * KIB,
+        max_request: 1 << 20,
+    };
+    let blob = open_blob(&fake, &cache, opts);
+    assert_eq!(blob.size(), size as u64);
+
+    // A small read fetches exactly one aligned unit.
+    assert_eq!(read_exact(&blob, 300_000, 10), fake.data[300_000..300_010]);
+    assert_eq!(
+        fake.calls(),
+        vec![(256 * KIB, 256 * KIB, Priority::Foreground)]
+    );
+
+    // One large read over missing data: adjacent units merged, capped at 1 MiB.
+    fake.reset();
+    let got = read_exact(&blob, 600_000, 3_000_000);
+    assert!(got == fake.data[600_000..3_600_000]);
+    let calls = fake.calls();
+    assert!(
+        calls.iter().any(|c| c.1 == 1 << 20),
+        "no merged request: {calls:?}"
+    );
+
+    let mut rng = Rng::new(7);
+    for _ in 0..300 {
+        let off = rng.below(size as u64 + 100);
+        let max = if rng.below(4) == 0 { 3 << 20 } else { 70_000 };
+        let len = rng.below(max) as usize;
+        let mut buf = vec![0u8; len];
+        let n = blob.read_at(&mut buf, off).unwrap();
+        let want = len.min((size as u64).saturating_sub(off) as usize);
+        assert_eq!(n, want);
+        assert!(buf[..n] == fake.data[off as usize..off as usize + n]);
+    }
+    let calls = fake.calls();
+    assert!(!calls.is_empty());
+    for &(off, len, prio) in &calls {
+        assert_eq!(prio, Priority::Foreground);
+        assert_eq!(off % (256 * KIB), 0, "unaligned request at {off}");
+        assert!(len <= 1 << 20, "request of {len} bytes over the cap");
+        assert!(
+            len % (256 * KIB) == 0 || off + len == size as u64,
+            "request {off}+{len} not whole units"
+        );
+    }
+    // Nothing is fetched twice: the whole blob fits the (default 4 GiB) budget.
+    let mut seen = HashSet::new();
+    for &(off, len, _) in &calls {
+        for u in off / (256 * KIB)..(off + len).div_ceil(256 * KIB) {
+            assert!(seen.insert(u), "unit {u} fetched twice");
+        }
+    }
+    // Everything read so far is cached now: a full read fetches only the rest.
+    fake.reset();
+    let all = read_exact(&blob, 0, size);
+    assert!(all == fake.data);
+    for &(off, len, _) in &fake.calls() {
+        for u in off / (256 * KIB)..(off + len).div_ceil(256 * KIB) {
+            assert!(seen.insert(u), "unit {u} fetched again");
+        }
+    }
+}
+
+#[test]
+fn concurrent_readers_fetch_each_block_once() {
+    let size = 4 << 20;
+    let fake = Fake::new(random_bytes(2, size));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let blob = Arc::new(open_blob(&fake, &cache, RemoteOptions::default()));
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (blob, barrier, fake) =
+                (Arc::clone(&blob), Arc::clone(&barrier), Arc::clone(&fake));
+            thread::spawn(move || {
+                barrier.wait();
+                // Every thread reads every 64 KiB piece, in a thread-specific order.
+                let pieces = (size as u64) / (64 * KIB);
+                for k in 0..pieces {
+                    let p = (k * (2 * t + 1) + t) % pieces;
+                    let off = p * 64 * KIB;
+                    let got = read_exact(&*blob, off, 64 * KIB as usize);
+                    assert!(got[..] == fake.data[off as usize..(off + 64 * KIB) as usize]);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let calls = fake.calls();
+    let mut fetched = vec![0u32; size / (256 << 10)];
+    for (off, len, _) in calls {
+        for u in off / (256 * KIB)..(off + len) / (256 * KIB) {
+            fetched[u as usize] += 1;
+        }
+    }
+    assert!(
+        fetched.iter().all(|&n| n == 1),
+        "fetch counts per unit: {fetched:?}"
+    );
+}
+
+#[test]
+fn concurrent_identical_reads_share_one_request() {
+    let fake = Fake::new(random_bytes(3, 1 << 20));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let blob = Arc::new(open_blob(&fake, &cache, RemoteOptions::default()));
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (blob, barrier) = (Arc::clone(&blob), Arc::clone(&barrier));
+            thread::spawn(move || {
+                barrier.wait();
+                read_exact(&*blob, 1000, 200_000)
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap()[..] == fake.data[1000..201_000]);
+    }
+    assert_eq!(fake.calls(), vec![(0, 256 * KIB, Priority::Foreground)]);
+}
+
+#[test]
+fn restart_reuses_cached_blocks() {
+    let size = 3 << 20;
+    let fake = Fake::new(random_bytes(4, size));
+    let dir = tempfile::tempdir().unwrap();
+    let ranges = [(0u64, 100usize), (700_000, 300_000), (2_900_000, 245_728)];
+    {
+        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+        let blob = open_blob(&fake, &cache, RemoteOptions::default());
+        for &(o, l) in &ranges {
+            assert!(read_exact(&blob, o, l)[..] == fake.data[o as usize..o as usize + l]);
+        }
+        assert!(fake.count() > 0);
+    }
+    fake.reset();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    assert_eq!(cache.resets(), 0);
+    assert!(cache.usage() > 0);
+    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    for &(o, l) in &ranges {
+        assert!(read_exact(&blob, o, l)[..] == fake.data[o as usize..o as usize + l]);
+    }
+    assert_eq!(fake.count(), 0, "restart refetched: {:?}", fake.calls());
+}
+
+/// A ZFile of `len` compressible pseudo-random bytes (4 KiB blocks, CRCs on).
+fn zfile_of(seed: u64, len: usize) -> (Vec<u8>, Vec<u8>) {
+    let plain = fixtures::image_like(seed, len);
+    let mut w = ZFileWriter::new(Cursor::new(Vec::new()), zfile::Options::default()).unwrap();
+    w.append(&plain).unwrap();
+    (plain, w.finish().unwrap().0.into_inner())
+}
+
+fn data_file(dir: &Path) -> std::path::PathBuf {
+    dir.join(format!("{}.data", DIGEST.replace(':', "_")))
+}
+
+fn meta_file(dir: &Path) -> std::path::PathBuf {
+    dir.join(format!("{}.meta", DIGEST.replace(':', "_")))
+}
+
+#[test]
+fn corrupt_cache_data_is_detected_by_zfile_crc_evicted_and_refetched() {
+    let (plain, z) = zfile_of(5, 3 << 20);
+    let fake = Fake::new(z);
+    let dir = tempfile::tempdir().unwrap();
+    let bad_block = 300u64;
+    let bad_off;
+    {
+        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+        let r = ZFileReader::open(open_blob(&fake, &cache, RemoteOptions::default())).unwrap();
+        bad_off = r.block_extent(bad_block).0;
+        let mut all = vec![0u8; plain.len()];
+        r.read_at(&mut all, 0).unwrap();
+        assert!(all == plain);
+    }
+    // Flip bytes of one ZFile block inside the cached sparse file.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(data_file(dir.path()))
+            .unwrap();
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, bad_off + 3).unwrap();
+        for x in &mut b {
+            *x ^= 0xff;
+        }
+        f.write_all_at(&b, bad_off + 3).unwrap();
+    }
+    fake.reset();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let r = ZFileReader::open(open_blob(&fake, &cache, RemoteOptions::default())).unwrap();
+    assert_eq!(fake.count(), 0, "open must be served from the cache");
+    let at = bad_block * 4096;
+    let mut buf = vec![0u8; 3 * 4096];
+    r.read_at(&mut buf, at - 4096).unwrap();
+    assert!(buf[..] == plain[(at - 4096) as usize..(at + 2 * 4096) as usize]);
+    // Exactly the unit holding the bad block was fetched again, once.
+    let unit = bad_off / (256 * KIB) * (256 * KIB);
+    let unit_len = (256 * KIB).min(fake.data.len() as u64 - unit);
+    assert_eq!(fake.calls(), vec![(unit, unit_len, Priority::Foreground)]);
+    // And the cache now holds good bytes: a fresh reader needs no fetch.
+    fake.reset();
+    let mut all = vec![0u8; plain.len()];
+    r.read_at(&mut all, 0).unwrap();
+    assert!(all == plain);
+    assert_eq!(fake.count(), 0);
+}
+
+#[test]
+fn corrupt_remote_response_is_refetched_up_to_three_tries() {
+    let (plain, z) = zfile_of(6, 1 << 20);
+    let fake = Fake::new(z);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let r = ZFileReader::open(open_blob(&fake, &cache, RemoteOptions::default())).unwrap();
+    let (off, len) = r.block_extent(100);
+    let (off2, len2) = r.block_extent(200);
+    // Block 100: the first two responses are corrupt, the third is good.
+    fake.corrupt_next(off + 1, off + u64::from(len) - 1, 2);
+    // Block 200: always corrupt.
+    fake.corrupt_next(off2, off2 + u64::from(len2), u32::MAX);
+    // Start from an empty cache (open cached the header region).
+    cache.evict(DIGEST, 0, u64::MAX).unwrap();
+    fake.reset();
+    let mut buf = vec![0u8; 4096];
+    r.read_at(&mut buf, 100 * 4096).unwrap();
+    assert!(buf[..] == plain[100 * 4096..101 * 4096]);
+    assert_eq!(fake.count(), 3, "{:?}", fake.calls());
+
+    cache.evict(DIGEST, 0, u64::MAX).unwrap();
+    fake.reset();
+    let e = r.read_at(&mut buf, 200 * 4096).unwrap_err();
+    assert!(
+        matches!(e, zfile::Error::BlockCrc { block: 200, offset, .. } if offset == off2),
+        "{e}"
+    );
+    assert_eq!(fake.count(), zfile::BLOCK_TRIES as usize);
+}
+
+#[test]
+fn corrupt_bitmap_resets_the_blob_cache() {
+    let size = 2 << 20;
+    let fake = Fake::new(random_bytes(8, size));
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+        let blob = open_blob(&fake, &cache, RemoteOptions::default());
+        read_exact(&blob, 0, size);
+    }
+    // Corrupt the cached data too: a trusted (bad) bitmap would serve it.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(data_file(dir.path()))
+            .unwrap();
+        f.write_all_at(&[0xAA; 4096], 8192).unwrap();
+    }
+    let mut meta = std::fs::read(meta_file(dir.path())).unwrap();
+    let k = meta.len() - 10;
+    meta[k] ^= 0x01;
+    std::fs::write(meta_file(dir.path()), &meta).unwrap();
+
+    fake.reset();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    assert_eq!(cache.resets(), 1);
+    assert_eq!(cache.usage(), 0);
+    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    assert!(read_exact(&blob, 0, size) == fake.data);
+    assert_eq!(fake.calls(), vec![(0, size as u64, Priority::Foreground)]);
+}
+
+#[test]
+fn stale_bitmap_for_another_size_is_not_trusted() {
+    let fake = Fake::new(random_bytes(9, 1 << 20));
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+        let blob = open_blob(&fake, &cache, RemoteOptions::default());
+        read_exact(&blob, 0, 1 << 20);
+    }
+    // Same digest, different size (a stale entry): reset, not trusted.
+    let fake2 = Fake::new(random_bytes(10, (1 << 20) + 5));
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let blob = open_blob(&fake2, &cache, RemoteOptions::default());
+    assert_eq!(cache.resets(), 1);
+    assert!(read_exact(&blob, 0, (1 << 20) + 5) == fake2.data);
+    assert!(fake2.count() > 0);
+    // A missing data file also resets the blob.
+    drop(blob);
+    drop(cache);
+    std::fs::remove_file(data_file(dir.path())).unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    assert_eq!((cache.resets(), cache.usage()), (1, 0));
+}
+
+#[test]
+fn lru_keeps_usage_within_budget_and_evicts_least_recent() {
+    let unit = 256 * KIB;
+    let fake = Fake::new(random_bytes(11, 8 * unit as usize));
+    let dir = tempfile::tempdir().unwrap();
+    let opts = CacheOptions {
+        budget: 4 * unit,
+        low_water_pct: 100,
+        ..cache_opts(dir.path())
+    };
+    let cache = BlockCache::open(opts).unwrap();
+    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    let cb = |u: u64| cache.contains_range(DIGEST, u * unit, unit);
+    // Units 0..4 fill the budget exactly.
+    for u in 0..4 {
+        read_exact(&blob, u * unit, unit as usize);
+    }
+    assert_eq!(cache.usage(), 4 * unit);
+    // Use unit 0 again (a cache hit), so unit 1 is now the least recent.
+    fake.reset();
+    read_exact(&blob, 0, unit as usize);
+    assert_eq!(fake.count(), 0);
+    read_exact(&blob, 4 * unit, unit as usize);
+    assert!(cache.usage() <= 4 * unit);
+    assert!(cb(0) && !cb(1) && cb(2) && cb(3) && cb(4));
+    read_exact(&blob, 5 * unit, 1);
+    assert!(cb(0) && !cb(2) && cb(3) && cb(4) && cb(5));
+
+    // Random reads of far more than the budget: usage stays within it and
+    // the bytes stay right.
+    let mut rng = Rng::new(12);
+    for _ in 0..200 {
+        let off = rng.below(8 * unit);
+        let len = rng.below(600_000).min(8 * unit - off) as usize;
+        assert!(read_exact(&blob, off, len)[..] == fake.data[off as usize..off as usize + len]);
+        assert!(cache.usage() <= 4 * unit, "usage {}", cache.usage());
+    }
+    // Evicted bytes are released from the sparse file (hole punching).
+    let f = std::fs::metadata(data_file(dir.path())).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        f.blocks() * 512 <= 5 * unit,
+        "allocated {}",
+        f.blocks() * 512
+    );
+}
+
+#[test]
+fn fetch_errors_surface_as_remote_errors() {
+    let fake = Fake::new(random_bytes(13, 1 << 20));
+    *fake.fail.lock().unwrap() = Some("503 Service Unavailable".into());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    let mut buf = vec![7u8; 1000];
+    let e = blob.read_at(&mut buf, 5000).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    assert!(e.to_string().contains("503 Service Unavailable"), "{e}");
+    assert!(e.to_string().contains("registry.test"), "{e}");
+    let inner = e
+        .get_ref()
+        .and_then(|x| x.downcast_ref::<Error>())
+        .expect("typed");
+    assert!(
+        matches!(inner, Error::Remote { offset: 0, end, .. } if *end == 256 * KIB),
+        "{inner}"
+    );
+    // Errors are not cached: once the registry recovers, the read succeeds.
+    *fake.fail.lock().unwrap() = None;
+    assert!(read_exact(&blob, 5000, 1000)[..] == fake.data[5000..6000]);
+
+    // A short response is an error too, never short or wrong bytes.
+    struct Short;
+    impl RangeFetcher for Short {
+        fn fetch(&self, _: &BlobRef, _: u64, len: u64, _: Priority) -> Result<Vec<u8>> {
+            Ok(vec![0; len as usize - 1])
+        }
+        fn blob_size(&self, _: &str) -> Result<u64> {
+            Ok(0)
+        }
+    }
+    let dir2 = tempfile::tempdir().unwrap();
+    let cache2 = BlockCache::open(cache_opts(dir2.path())).unwrap();
+    let blob2 = RemoteBlob::new(
+        blob_ref(1 << 20),
+        Arc::new(Short),
+        cache2,
+        Arc::new(Scheduler::default()),
+        RemoteOptions::default(),
+    )
+    .unwrap();
+    let e = blob2.read_at(&mut buf, 0).unwrap_err();
+    assert!(e.to_string().contains("expected"), "{e}");
+}
+
+#[test]
+fn prefetch_uses_prefetch_priority_and_fills_the_cache() {
+    let fake = Fake::new(random_bytes(14, 3 << 20));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    blob.prefetch(100_000, 2 << 20).unwrap();
+    let calls = fake.calls();
+    assert!(!calls.is_empty() && calls.iter().all(|c| c.2 == Priority::Prefetch));
+    blob.prefetch(100_000, 2 << 20).unwrap();
+    assert_eq!(fake.count(), calls.len(), "second prefetch fetched again");
+    fake.reset();
+    assert!(read_exact(&blob, 0, 2 << 20) == fake.data[..2 << 20]);
+    assert_eq!(fake.count(), 0);
+}
+
+#[test]
+fn end_to_end_zfile_of_lsmt_through_remote_blob() {
+    use overlaybd_core::lsmt::commit::CommitOptions;
+    use overlaybd_core::lsmt::ro::RoLayer;
+    use overlaybd_core::lsmt::writable::{CreateOptions, WritableLayer};
+
+    let work = tempfile::tempdir().unwrap();
+    let vsize = 16u64 << 20;
+    let mut l = WritableLayer::create(
+        work.path().join("data"),
+        work.path().join("index"),
+        CreateOptions {
+            virtual_size: vsize,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let mut model = vec![0u8; vsize as usize];
+    let mut rng = Rng::new(15);
+    for i in 0..200 {
+        let off = rng.below(vsize / 512 - 64) * 512;
+        let len = (rng.below(63) + 1) as usize * 512;
+        let bytes = fixtures::image_like(i, len);
+        l.write_at(&bytes, off).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&bytes);
+    }
+    let mut lsmt = Vec::new();
+    l.commit(&CommitOptions::default(), &mut lsmt).unwrap();
+    let mut w = ZFileWriter::new(Cursor::new(Vec::new()), zfile::Options::default()).unwrap();
+    w.append(&lsmt).unwrap();
+    let z = w.finish().unwrap().0.into_inner();
+
+    let fake = Fake::new(z);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let remote = open_blob(&fake, &cache, RemoteOptions::default());
+    let zr = ZFileReader::open(remote).unwrap();
+    let layer = RoLayer::open(Arc::new(zr)).unwrap();
+    assert_eq!(layer.virtual_size(), vsize);
+    let mut got = vec![0u8; vsize as usize];
+    let mut off = 0;
+    while off < vsize {
+        let n = layer
+            .read_at(&mut got[off as usize..(off + (1 << 20)) as usize], off)
+            .unwrap();
+        assert_eq!(n, 1 << 20);
+        off += n as u64;
+    }
+    assert!(got == model, "LSMT over ZFile over RemoteBlob differs");
+    for &(o, _, p) in &fake.calls() {
+        assert_eq!(o % (256 * KIB), 0);
+        assert_eq!(p, Priority::Foreground);
+    }
+}
