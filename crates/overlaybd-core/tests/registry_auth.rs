@@ -1,0 +1,223 @@
+//! Bearer token auth and redirect caching.
+//!
+//! docker-registry's own `auth: token` needs signed JWTs and a certificate
+//! chain, so the tests put a small auth gate in front of a no-auth registry
+//! instead: it answers 401 + `WWW-Authenticate: Bearer realm=…,service=…,
+//! scope=repository:<name>:pull` unless the request carries a token the test's
+//! token server issued, and forwards everything else.
+#![cfg(feature = "registry")]
+
+mod support;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use overlaybd_core::remote::creds::{Credential, StaticCredentials};
+use overlaybd_core::remote::registry::{RegistryClient, RegistryOptions, RetryOptions, Timeouts};
+use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use overlaybd_core::Error;
+use support::http::{Action, Fault, Req, Resp, Server};
+use support::{digest_of, pattern, Registry};
+
+const REPO: &str = "test/bearer";
+
+fn opts() -> RegistryOptions {
+    RegistryOptions {
+        use_docker_config: false,
+        timeouts: Timeouts {
+            connect_ms: 1_000,
+            request_ms: 2_000,
+            total_ms: 10_000,
+        },
+        retry: RetryOptions {
+            tries: 3,
+            backoff_ms: 10,
+            max_backoff_ms: 100,
+        },
+        ..RegistryOptions::default()
+    }
+}
+
+fn creds(host: &str, user: &str, pass: &str) -> Arc<StaticCredentials> {
+    Arc::new(StaticCredentials::new().with(
+        host,
+        Credential {
+            username: user.into(),
+            password: pass.into(),
+        },
+    ))
+}
+
+struct Setup {
+    reg: Registry,
+    tokens: Server,
+    gate: Server,
+    storage: Server,
+    /// Tokens the gate accepts.
+    valid: Arc<Mutex<HashSet<String>>>,
+    /// Gate answers data GETs with 307 to `storage`.
+    redirect: Arc<AtomicBool>,
+    /// Faults for data GETs at the storage server.
+    storage_faults: Arc<Mutex<VecDeque<Fault>>>,
+    data: Vec<u8>,
+    url: String,
+}
+
+fn setup() -> Option<Setup> {
+    let reg = Registry::start()?;
+    let data = pattern(500_000, 9);
+    let direct = reg.push_blob(REPO, &data);
+
+    let valid: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let issued = Arc::new(AtomicUsize::new(0));
+    let (v, n) = (valid.clone(), issued.clone());
+    let expect_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("bob:hunter2")
+    );
+    let tokens = Server::start(move |r: &Req| {
+        if r.header("authorization") != Some(expect_basic.as_str()) {
+            return Action::Reply(Resp::new(401));
+        }
+        let t = format!("tok-{}", n.fetch_add(1, Ordering::SeqCst));
+        v.lock().unwrap().insert(t.clone());
+        Action::Reply(
+            Resp::new(200)
+                .with_header("Content-Type", "application/json")
+                .with_body(format!(r#"{{"token":"{t}","expires_in":300}}"#)),
+        )
+    });
+
+    let storage_faults: Arc<Mutex<VecDeque<Fault>>> = Arc::default();
+    let (up, sf) = (reg.addr.clone(), storage_faults.clone());
+    let storage = Server::start(move |r: &Req| {
+        if r.is_data_get() {
+            if let Some(f) = sf.lock().unwrap().pop_front() {
+                return Action::Faulty(up.clone(), f);
+            }
+        }
+        Action::Forward(up.clone())
+    });
+
+    let redirect = Arc::new(AtomicBool::new(false));
+    let (v, up, rd, realm, st) = (
+        valid.clone(),
+        reg.addr.clone(),
+        redirect.clone(),
+        format!("{}/token", tokens.url()),
+        storage.url(),
+    );
+    let gate = Server::start(move |r: &Req| {
+        let ok = r
+            .header("authorization")
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .is_some_and(|t| v.lock().unwrap().contains(t));
+        if !ok {
+            return Action::Reply(Resp::new(401).with_header(
+                "WWW-Authenticate",
+                &format!(
+                    r#"Bearer realm="{realm}",service="obd-test",scope="repository:{REPO}:pull""#
+                ),
+            ));
+        }
+        if rd.load(Ordering::SeqCst) && r.is_data_get() {
+            return Action::Reply(
+                Resp::new(307).with_header("Location", &format!("{st}{}?sig=x", r.target)),
+            );
+        }
+        Action::Forward(up.clone())
+    });
+    let url = direct.replace(&reg.addr, &gate.addr);
+    Some(Setup {
+        reg,
+        tokens,
+        gate,
+        storage,
+        valid,
+        redirect,
+        storage_faults,
+        data,
+        url,
+    })
+}
+
+fn blob(s: &Setup) -> BlobRef {
+    BlobRef {
+        url: s.url.clone(),
+        digest: digest_of(&s.url),
+        size: s.data.len() as u64,
+    }
+}
+
+#[test]
+fn bearer_token_fetched_cached_and_renewed() {
+    let Some(s) = setup() else { return };
+    let c =
+        RegistryClient::with_credentials(opts(), creds(&s.gate.addr, "bob", "hunter2")).unwrap();
+    let b = blob(&s);
+    for off in [0usize, 1000, 400_000] {
+        let got = c.fetch(&b, off as u64, 4096, Priority::Foreground).unwrap();
+        assert!(got == s.data[off..off + 4096]);
+    }
+    assert_eq!(c.blob_size(&s.url).unwrap(), s.data.len() as u64);
+    // One probe without credentials, one token for all reads.
+    let treqs = s.tokens.requests();
+    assert_eq!(treqs.len(), 1);
+    let q = &treqs[0].target;
+    assert!(q.starts_with("/token?"), "{q}");
+    assert!(q.contains("service=obd-test"), "{q}");
+    assert!(q.contains("scope=repository%3Atest%2Fbearer%3Apull"), "{q}");
+    let probes = s
+        .gate
+        .count(|r| r.header("range") == Some("bytes=0-0") && r.header("authorization").is_none());
+    assert_eq!(probes, 1);
+    assert_eq!(s.gate.count(|r| r.is_data_get()), 3);
+
+    // The registry revokes the token: 401 -> new token -> retried once -> OK.
+    s.valid.lock().unwrap().clear();
+    let got = c.fetch(&b, 5, 10, Priority::Foreground).unwrap();
+    assert!(got == s.data[5..15]);
+    assert_eq!(s.tokens.requests().len(), 2);
+
+    // Wrong credentials: the token server refuses -> Error::Auth.
+    let c = RegistryClient::with_credentials(opts(), creds(&s.gate.addr, "bob", "nope")).unwrap();
+    let e = c.fetch(&b, 0, 10, Priority::Foreground).unwrap_err();
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+}
+
+#[test]
+fn redirects_cached_and_fetched_without_authorization() {
+    let Some(s) = setup() else { return };
+    s.redirect.store(true, Ordering::SeqCst);
+    let c =
+        RegistryClient::with_credentials(opts(), creds(&s.gate.addr, "bob", "hunter2")).unwrap();
+    let b = blob(&s);
+    for off in [0usize, 100_000, 200_000] {
+        let got = c.fetch(&b, off as u64, 8192, Priority::Foreground).unwrap();
+        assert!(got == s.data[off..off + 8192]);
+    }
+    // Only the first data read went to the registry; the location was reused.
+    assert_eq!(s.gate.count(Req::is_data_get), 1);
+    assert_eq!(s.storage.count(Req::is_data_get), 3);
+    assert_eq!(s.storage.count(|r| r.header("authorization").is_some()), 0);
+    let loc = c.cached_redirect(&s.url).expect("cached");
+    assert!(
+        loc.starts_with(&s.storage.url()) && loc.ends_with("?sig=x"),
+        "{loc}"
+    );
+
+    // An error at the location drops it: the next try resolves again.
+    s.storage_faults
+        .lock()
+        .unwrap()
+        .push_back(Fault::Status(503));
+    let got = c.fetch(&b, 7, 100, Priority::Foreground).unwrap();
+    assert!(got == s.data[7..107]);
+    assert_eq!(s.gate.count(Req::is_data_get), 2);
+    assert_eq!(s.storage.count(Req::is_data_get), 5);
+    assert_eq!(s.storage.count(|r| r.header("authorization").is_some()), 0);
+    let _ = (&s.reg, Duration::ZERO);
+}

@@ -1,0 +1,353 @@
+//! The registry client against a real `docker-registry`: plain reads, Basic
+//! auth (htpasswd), blob size, injected faults, mirrors and the P2P proxy.
+#![cfg(feature = "registry")]
+
+mod support;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use overlaybd_core::remote::creds::{Credential, StaticCredentials};
+use overlaybd_core::remote::registry::{RegistryClient, RegistryOptions, RetryOptions, Timeouts};
+use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use overlaybd_core::Error;
+use support::http::{closed_port, Action, Fault, Req, Resp, Server};
+use support::{digest_of, pattern, Registry};
+
+const MIB: usize = 1 << 20;
+
+fn opts() -> RegistryOptions {
+    RegistryOptions {
+        use_docker_config: false,
+        timeouts: Timeouts {
+            connect_ms: 1_000,
+            request_ms: 700,
+            total_ms: 10_000,
+        },
+        retry: RetryOptions {
+            tries: 3,
+            backoff_ms: 10,
+            max_backoff_ms: 100,
+        },
+        ..RegistryOptions::default()
+    }
+}
+
+fn anon(o: RegistryOptions) -> RegistryClient {
+    RegistryClient::with_credentials(o, Arc::new(StaticCredentials::new())).unwrap()
+}
+
+fn blob(url: &str, size: usize) -> BlobRef {
+    BlobRef {
+        url: url.to_string(),
+        digest: digest_of(url),
+        size: size as u64,
+    }
+}
+
+#[test]
+fn plain_reads_sizes_and_concurrency() {
+    let Some(reg) = Registry::start() else { return };
+    let data = pattern(3 * MIB + 17, 1);
+    let url = reg.push_blob("test/plain", &data);
+    let c = Arc::new(anon(opts()));
+    let b = blob(&url, data.len());
+    assert_eq!(c.blob_size(&url).unwrap(), data.len() as u64);
+    for (off, len) in [(0, 1), (0, 4096), (12345, 100_000), (data.len() - 10, 10)] {
+        let got = c
+            .fetch(&b, off as u64, len as u64, Priority::Foreground)
+            .unwrap();
+        assert_eq!(got, &data[off..off + len], "range {off}+{len}");
+    }
+    // Unknown size (0) works too, and a range past a known end is refused.
+    let b0 = blob(&url, 0);
+    assert_eq!(
+        c.fetch(&b0, 5, 5, Priority::Prefetch).unwrap(),
+        &data[5..10]
+    );
+    let e = c
+        .fetch(&b, data.len() as u64 - 1, 2, Priority::Foreground)
+        .unwrap_err();
+    assert!(matches!(e, Error::Remote { .. }), "{e}");
+    let st = c.stats(&url);
+    assert_eq!(st.bytes, 1 + 4096 + 100_000 + 10 + 5);
+    assert_eq!(st.retries, 0);
+    // Many threads on one client.
+    let hs: Vec<_> = (0..8)
+        .map(|i| {
+            let (c, b, data) = (c.clone(), b.clone(), data.clone());
+            std::thread::spawn(move || {
+                for j in 0..8 {
+                    let off = (i * 8 + j) * 40_000;
+                    let got = c
+                        .fetch(&b, off as u64, 30_000, Priority::Background)
+                        .unwrap();
+                    assert_eq!(got, &data[off..off + 30_000]);
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    // A missing blob: a clear error naming the URL, no retries.
+    let missing = reg.blob_url("test/plain", &format!("sha256:{}", "0".repeat(64)));
+    let t = Instant::now();
+    let e = c
+        .fetch(&blob(&missing, 0), 0, 10, Priority::Foreground)
+        .unwrap_err();
+    match &e {
+        Error::Remote {
+            url,
+            offset,
+            end,
+            detail,
+        } => {
+            assert_eq!((url.as_str(), *offset, *end), (missing.as_str(), 0, 10));
+            assert!(detail.contains("404"), "{detail}");
+        }
+        e => panic!("unexpected {e}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn basic_auth_htpasswd() {
+    let Some(reg) = Registry::start_basic("alice", "s3cret") else {
+        return;
+    };
+    let data = pattern(200_000, 2);
+    let url = reg.push_blob("test/basic", &data);
+    let b = blob(&url, data.len());
+    let good = StaticCredentials::new().with(
+        &format!("http://{}/", reg.addr),
+        Credential {
+            username: "alice".into(),
+            password: "s3cret".into(),
+        },
+    );
+    let c = RegistryClient::with_credentials(opts(), Arc::new(good)).unwrap();
+    assert_eq!(
+        c.fetch(&b, 100, 1000, Priority::Foreground).unwrap(),
+        &data[100..1100]
+    );
+    assert_eq!(c.blob_size(&url).unwrap(), data.len() as u64);
+
+    let bad = StaticCredentials::new().with(
+        &reg.addr,
+        Credential {
+            username: "alice".into(),
+            password: "wrong".into(),
+        },
+    );
+    let c = RegistryClient::with_credentials(opts(), Arc::new(bad)).unwrap();
+    let e = c.fetch(&b, 0, 10, Priority::Foreground).unwrap_err();
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+
+    let e = anon(opts())
+        .fetch(&b, 0, 10, Priority::Foreground)
+        .unwrap_err();
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+}
+
+/// A proxy in front of `upstream` that damages data GETs as scripted.
+fn fault_proxy(upstream: &str) -> (Server, Arc<Mutex<VecDeque<Fault>>>) {
+    let faults: Arc<Mutex<VecDeque<Fault>>> = Arc::default();
+    let (f, up) = (faults.clone(), upstream.to_string());
+    let s = Server::start(move |req: &Req| {
+        if req.is_data_get() {
+            if let Some(fault) = f.lock().unwrap().pop_front() {
+                return Action::Faulty(up.clone(), fault);
+            }
+        }
+        Action::Forward(up.clone())
+    });
+    (s, faults)
+}
+
+#[test]
+fn faults_are_retried_or_reported_in_bounded_time() {
+    let Some(reg) = Registry::start() else { return };
+    let data = pattern(MIB, 3);
+    let direct = reg.push_blob("test/faults", &data);
+    let (proxy, faults) = fault_proxy(&reg.addr);
+    let url = direct.replace(&reg.addr, &proxy.addr);
+    let b = blob(&url, data.len());
+    let (off, len) = (1000usize, 65_536usize);
+
+    let cases = [
+        ("500", Fault::Status(500)),
+        ("503", Fault::Status(503)),
+        ("reset mid-body", Fault::ResetMidBody),
+        ("truncated body", Fault::Truncate),
+        ("slow response", Fault::Delay(Duration::from_secs(3))),
+        ("wrong Content-Range", Fault::WrongContentRange),
+    ];
+    for (name, fault) in cases {
+        let c = anon(opts());
+        faults.lock().unwrap().push_back(fault);
+        let t = Instant::now();
+        let got = c
+            .fetch(&b, off as u64, len as u64, Priority::Foreground)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(got == data[off..off + len], "{name}: wrong bytes");
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{name}: took {:?}",
+            t.elapsed()
+        );
+        let st = c.stats(&url);
+        assert_eq!(st.retries, 1, "{name}: {st:?}");
+        assert!(faults.lock().unwrap().is_empty(), "{name}: fault not used");
+    }
+
+    // A 200 with the whole blob is fine on the first try.
+    let c = anon(opts());
+    faults.lock().unwrap().push_back(Fault::Whole200);
+    let got = c
+        .fetch(&b, off as u64, len as u64, Priority::Foreground)
+        .unwrap();
+    assert!(got == data[off..off + len]);
+    assert_eq!(c.stats(&url).retries, 0);
+
+    // Persistent faults: a clear Error::Remote naming URL and range, in bounded time.
+    for (name, fault) in [
+        ("503", Fault::Status(503)),
+        ("slow", Fault::Delay(Duration::from_secs(3))),
+        ("reset", Fault::ResetMidBody),
+        ("wrong Content-Range", Fault::WrongContentRange),
+    ] {
+        let c = anon(opts());
+        faults.lock().unwrap().extend(std::iter::repeat_n(fault, 3));
+        let t = Instant::now();
+        let e = c
+            .fetch(&b, off as u64, len as u64, Priority::Foreground)
+            .unwrap_err();
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "{name}: took {:?}",
+            t.elapsed()
+        );
+        match &e {
+            Error::Remote {
+                url: u,
+                offset,
+                end,
+                detail,
+            } => {
+                assert_eq!(u, &url, "{name}");
+                assert_eq!((*offset, *end), (off as u64, (off + len) as u64), "{name}");
+                assert!(detail.contains("try 3"), "{name}: {detail}");
+            }
+            e => panic!("{name}: unexpected {e}"),
+        }
+        assert!(
+            faults.lock().unwrap().is_empty(),
+            "{name}: {} faults left",
+            faults.lock().unwrap().len()
+        );
+        // Healthy again.
+        assert!(c.fetch(&b, 0, 10, Priority::Foreground).unwrap() == data[..10]);
+    }
+
+    // A hung server (accepts, never answers) is bounded by the read deadline.
+    let hang = Server::start(|_req: &Req| {
+        std::thread::sleep(Duration::from_secs(30));
+        Action::Hangup
+    });
+    let mut o = opts();
+    o.timeouts.total_ms = 1_500;
+    o.timeouts.request_ms = 5_000;
+    let c = anon(o);
+    let hung = direct.replace(&reg.addr, &hang.addr);
+    let t = Instant::now();
+    let e = c
+        .fetch(&blob(&hung, 0), 0, 10, Priority::Foreground)
+        .unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(e, Error::Remote { .. }), "{e}");
+}
+
+#[test]
+fn mirrors_fail_over_to_the_next() {
+    let Some(reg) = Registry::start() else { return };
+    let data = pattern(300_000, 4);
+    let direct = reg.push_blob("test/mirror", &data);
+    // The origin as seen by the client: a counting forwarder.
+    let up = reg.addr.clone();
+    let origin = Server::start(move |_r: &Req| Action::Forward(up.clone()));
+    let url = direct.replace(&reg.addr, &origin.addr);
+    let b = blob(&url, data.len());
+    let up = reg.addr.clone();
+    let mirror = Server::start(move |_r: &Req| Action::Forward(up.clone()));
+    let broken = Server::start(|_r: &Req| Action::Reply(Resp::new(503)));
+
+    // Closed port first, then a working mirror: the origin is not touched.
+    let mut o = opts();
+    o.mirrors.insert(
+        origin.addr.clone(),
+        vec![format!("http://127.0.0.1:{}", closed_port()), mirror.url()],
+    );
+    let c = anon(o);
+    let t = Instant::now();
+    assert!(c.fetch(&b, 10, 5000, Priority::Foreground).unwrap() == data[10..5010]);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(mirror.count(Req::is_data_get), 1);
+    assert_eq!(origin.count(|_| true), 0);
+
+    // A mirror answering 503: retried, then the origin.
+    let mut o = opts();
+    o.mirrors.insert(origin.addr.clone(), vec![broken.url()]);
+    let c = anon(o);
+    assert!(c.fetch(&b, 0, 100, Priority::Foreground).unwrap() == data[..100]);
+    assert_eq!(origin.count(Req::is_data_get), 1);
+    assert_eq!(broken.count(|_| true), 3, "the probe is retried 3 times");
+}
+
+#[test]
+fn p2p_proxy_prefix_and_fallback() {
+    let Some(reg) = Registry::start() else { return };
+    let data = pattern(300_000, 5);
+    let url = reg.push_blob("test/p2p", &data);
+    let b = blob(&url, data.len());
+
+    // Proxy down: direct reads.
+    let mut o = opts();
+    o.p2p.enable = true;
+    o.p2p.address = format!("http://127.0.0.1:{}/accelerator", closed_port());
+    let c = anon(o);
+    assert!(c.fetch(&b, 0, 1000, Priority::Foreground).unwrap() == data[..1000]);
+
+    // Proxy up: `<address>/<full URL>`, Range kept.
+    let p2p = Server::start(|r: &Req| {
+        let Some(full) = r.target.strip_prefix("/accelerator/") else {
+            return Action::Reply(Resp::new(400));
+        };
+        let u = reqwest::Url::parse(full).unwrap();
+        let host = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap());
+        Action::ForwardPath(host, u.path().to_string())
+    });
+    let mut o = opts();
+    o.p2p.enable = true;
+    o.p2p.address = format!("{}/accelerator/", p2p.url());
+    let c = anon(o);
+    assert!(c.fetch(&b, 7, 1000, Priority::Foreground).unwrap() == data[7..1007]);
+    assert!(c.fetch(&b, 70_000, 1000, Priority::Foreground).unwrap() == data[70_000..71_000]);
+    let reqs: Vec<_> = p2p
+        .requests()
+        .into_iter()
+        .filter(Req::is_data_get)
+        .collect();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[0].target, format!("/accelerator/{url}"));
+    assert_eq!(reqs[1].header("range"), Some("bytes=70000-70999"));
+
+    // The proxy goes away mid-life: direct again.
+    drop(p2p);
+    assert!(c.fetch(&b, 5, 10, Priority::Foreground).unwrap() == data[5..15]);
+}
