@@ -543,6 +543,59 @@ fn prefetch_uses_prefetch_priority_and_fills_the_cache() {
 }
 
 #[test]
+fn foreground_reader_raises_the_queued_background_fetch_it_waits_for() {
+    let unit = 256 * KIB;
+    let fake = Fake::new(random_bytes(16, 8 * unit as usize));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let sched = Arc::new(Scheduler::new(1));
+    let blob = Arc::new(
+        RemoteBlob::new(
+            blob_ref(fake.data.len() as u64),
+            Arc::clone(&fake) as Arc<dyn RangeFetcher>,
+            cache,
+            Arc::clone(&sched),
+            RemoteOptions::default(),
+        )
+        .unwrap(),
+    );
+    // The only slot is busy (a blocked in-flight fetch).
+    let held = sched.acquire(Priority::Foreground);
+    let bg = {
+        let blob = Arc::clone(&blob);
+        thread::spawn(move || blob.fetch_into_cache(0, unit, Priority::Background))
+    };
+    sched.wait_queued(1);
+    let pf = {
+        let blob = Arc::clone(&blob);
+        thread::spawn(move || blob.prefetch(5 * unit, unit))
+    };
+    sched.wait_queued(2);
+    let fg = {
+        let blob = Arc::clone(&blob);
+        thread::spawn(move || read_exact(&*blob, 1000, 5000))
+    };
+    // The reader joins the background flight and raises it.
+    sched.wait_queued_at(Priority::Foreground, 1);
+    assert_eq!(
+        sched.queued(),
+        2,
+        "the reader must not issue its own request"
+    );
+    drop(held);
+    assert!(fg.join().unwrap()[..] == fake.data[1000..6000]);
+    bg.join().unwrap().unwrap();
+    pf.join().unwrap().unwrap();
+    assert_eq!(
+        fake.calls(),
+        vec![
+            (0, unit, Priority::Foreground),
+            (5 * unit, unit, Priority::Prefetch)
+        ]
+    );
+}
+
+#[test]
 fn end_to_end_zfile_of_lsmt_through_remote_blob() {
     use overlaybd_core::lsmt::commit::CommitOptions;
     use overlaybd_core::lsmt::ro::RoLayer;

@@ -118,3 +118,37 @@ fn concurrency_is_bounded() {
     .sum();
     assert_eq!(total, 16 * 50);
 }
+
+#[test]
+fn raised_request_is_requeued_at_its_new_priority() {
+    use overlaybd_core::remote::sched::PrioCell;
+    let s = Arc::new(Scheduler::new(1));
+    let held = s.acquire(Priority::Foreground);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let cell = Arc::new(PrioCell::new(Priority::Background));
+    let spawn = |name: &'static str, cell: Arc<PrioCell>| {
+        let (s, order) = (Arc::clone(&s), Arc::clone(&order));
+        thread::spawn(move || {
+            let p = s.acquire_dyn(&cell);
+            order.lock().unwrap().push((name, p.priority()));
+        })
+    };
+    let bg = spawn("raised", Arc::clone(&cell));
+    s.wait_queued(1);
+    let pf = spawn("prefetch", Arc::new(PrioCell::new(Priority::Prefetch)));
+    s.wait_queued(2);
+    assert!(cell.raise(Priority::Foreground));
+    assert!(!cell.raise(Priority::Prefetch), "raise never lowers");
+    s.nudge();
+    s.wait_queued_at(Priority::Foreground, 1);
+    drop(held);
+    bg.join().unwrap();
+    pf.join().unwrap();
+    assert_eq!(
+        *order.lock().unwrap(),
+        vec![
+            ("raised", Priority::Foreground),
+            ("prefetch", Priority::Prefetch)
+        ]
+    );
+}

@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use zfile::ReadAt;
 
 use super::cache::{BlockCache, CachedBlob};
-use super::sched::Scheduler;
+use super::sched::{PrioCell, Scheduler};
 use super::{BlobRef, Priority, RangeFetcher};
 use crate::error::{Error, Result};
 
@@ -60,10 +60,12 @@ impl Default for RemoteOptions {
 type FlightResult = std::result::Result<(u64, Arc<Vec<u8>>), Arc<Error>>;
 
 /// One in-progress request; readers of any of its units wait on it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Flight {
     done: Mutex<Option<FlightResult>>,
     cv: Condvar,
+    /// Raised by more urgent readers joining while the request is queued.
+    prio: PrioCell,
 }
 
 impl Flight {
@@ -297,7 +299,13 @@ impl RemoteBlob {
                 }
                 let mut map = self.lock_inflight();
                 if let Some(f) = map.get(&u) {
-                    break Unit::Wait(Arc::clone(f));
+                    let f = Arc::clone(f);
+                    drop(map);
+                    // Don't wait behind a less urgent queued request: raise it.
+                    if f.prio.raise(prio) {
+                        self.sched.nudge();
+                    }
+                    break Unit::Wait(f);
                 }
                 // A request may have finished since the cache check: leaders
                 // insert into the cache before leaving the map, so re-check
@@ -318,7 +326,11 @@ impl RemoteBlob {
                     l.units.push(u);
                     l.len = ue - l.offset;
                 } else {
-                    let flight = Arc::new(Flight::default());
+                    let flight = Arc::new(Flight {
+                        done: Mutex::new(None),
+                        cv: Condvar::new(),
+                        prio: PrioCell::new(prio),
+                    });
                     map.insert(u, Arc::clone(&flight));
                     leads.push(Lead {
                         blob: self,
@@ -337,7 +349,8 @@ impl RemoteBlob {
         // Run our own requests first (never waiting on others while leading,
         // so readers cannot deadlock on each other), then collect.
         for l in &mut leads {
-            let r = self.fetch_request(l.offset, l.len, prio);
+            let flight = Arc::clone(&l.flight);
+            let r = self.fetch_request(l.offset, l.len, &flight.prio);
             l.publish(r);
         }
         let mut first_err = None;
@@ -386,10 +399,11 @@ impl RemoteBlob {
     }
 
     /// One remote request, then the cache insert (best effort).
-    fn fetch_request(&self, offset: u64, len: u64, prio: Priority) -> FlightResult {
+    fn fetch_request(&self, offset: u64, len: u64, prio: &PrioCell) -> FlightResult {
         let data = {
-            let _permit = self.sched.acquire(prio);
-            self.fetcher.fetch(&self.blob, offset, len, prio)
+            let permit = self.sched.acquire_dyn(prio);
+            self.fetcher
+                .fetch(&self.blob, offset, len, permit.priority())
         };
         let data = match data {
             Ok(d) if d.len() as u64 == len => d,

@@ -6,8 +6,15 @@
 //!
 //! Callers are plain threads: [`Scheduler::acquire`] blocks until a slot is
 //! granted and returns a [`Permit`] that frees the slot when dropped.
+//!
+//! A queued request can be made more urgent while it waits
+//! ([`Scheduler::acquire_dyn`] with a [`PrioCell`]): when a foreground reader
+//! needs bytes that a queued background fetch will bring, it raises that
+//! fetch's priority instead of waiting behind all other traffic (no priority
+//! inversion, no starvation of readers behind background download).
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use super::Priority;
@@ -60,6 +67,37 @@ impl Drop for Permit<'_> {
     }
 }
 
+fn prio_from(v: u8) -> Priority {
+    match v {
+        0 => Priority::Foreground,
+        1 => Priority::Prefetch,
+        _ => Priority::Background,
+    }
+}
+
+/// A priority that other threads may raise while its request is queued.
+#[derive(Debug)]
+pub struct PrioCell(AtomicU8);
+
+impl PrioCell {
+    /// A cell holding `prio`.
+    pub fn new(prio: Priority) -> Self {
+        Self(AtomicU8::new(prio as u8))
+    }
+
+    /// The current priority.
+    pub fn get(&self) -> Priority {
+        prio_from(self.0.load(Ordering::Acquire))
+    }
+
+    /// Makes the priority at least as urgent as `prio`; returns whether it
+    /// changed. Call [`Scheduler::nudge`] afterwards so a queued request
+    /// notices.
+    pub fn raise(&self, prio: Priority) -> bool {
+        self.0.fetch_min(prio as u8, Ordering::AcqRel) > prio as u8
+    }
+}
+
 impl Default for Scheduler {
     fn default() -> Self {
         Self::new(DEFAULT_CONCURRENCY)
@@ -90,26 +128,52 @@ impl Scheduler {
     /// Blocks until a slot is free and no more urgent (or earlier equally
     /// urgent) request is waiting, then takes the slot.
     pub fn acquire(&self, prio: Priority) -> Permit<'_> {
+        self.acquire_dyn(&PrioCell::new(prio))
+    }
+
+    /// [`Scheduler::acquire`] with a priority that may be raised (by
+    /// [`PrioCell::raise`] + [`Scheduler::nudge`]) while the request waits. The
+    /// permit carries the priority the slot was finally granted at.
+    pub fn acquire_dyn(&self, cell: &PrioCell) -> Permit<'_> {
         let mut st = self.lock();
         let ticket = st.next_ticket;
         st.next_ticket += 1;
-        let me = (prio, ticket);
+        let mut me = (cell.get(), ticket);
         st.queue.insert(me);
         // Wake anyone in `wait_queued`.
         self.cv.notify_all();
-        while !(st.running < self.limit && st.queue.first() == Some(&me)) {
+        loop {
+            let now = cell.get();
+            if now < me.0 {
+                st.queue.remove(&me);
+                me.0 = now;
+                st.queue.insert(me);
+                self.cv.notify_all();
+            }
+            if st.running < self.limit && st.queue.first() == Some(&me) {
+                break;
+            }
             st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
         st.queue.remove(&me);
         st.running += 1;
-        st.granted[prio as usize] += 1;
+        st.granted[me.0 as usize] += 1;
         let more = st.running < self.limit && !st.queue.is_empty();
         drop(st);
         if more {
             // The next waiter may fit too.
             self.cv.notify_all();
         }
-        Permit { sched: self, prio }
+        Permit {
+            sched: self,
+            prio: me.0,
+        }
+    }
+
+    /// Wakes queued requests so they re-read their [`PrioCell`]s.
+    pub fn nudge(&self) {
+        let _st = self.lock();
+        self.cv.notify_all();
     }
 
     /// Runs `f` holding a slot of priority `prio`.
@@ -133,11 +197,25 @@ impl Scheduler {
         self.lock().granted[prio as usize]
     }
 
+    /// Requests waiting for a slot now at priority `prio`.
+    pub fn queued_at(&self, prio: Priority) -> usize {
+        self.lock().queue.iter().filter(|q| q.0 == prio).count()
+    }
+
     /// Blocks until at least `n` requests are waiting for a slot. For tests and
     /// diagnostics: lets a caller order events without sleeping.
     pub fn wait_queued(&self, n: usize) {
         let mut st = self.lock();
         while st.queue.len() < n {
+            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Blocks until at least `n` requests are waiting at priority `prio`
+    /// (counting requests raised to it). For tests and diagnostics.
+    pub fn wait_queued_at(&self, prio: Priority, n: usize) {
+        let mut st = self.lock();
+        while st.queue.iter().filter(|q| q.0 == prio).count() < n {
             st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
     }
