@@ -339,10 +339,18 @@ impl RegistryClient {
         for (host, o) in &opts.hosts {
             if let Some(ca) = &o.ca_file {
                 let pem = std::fs::read(ca).map_err(|e| Error::Io(e).in_file(ca))?;
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::ServiceConfig {
-                    field: format!("hosts.{host}.ca_file"),
-                    detail: format!("{}: {e}", ca.display()),
+                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                    Error::ServiceConfig {
+                        field: format!("hosts.{host}.ca_file"),
+                        detail: format!("{}: {e}", ca.display()),
+                    }
                 })?;
+                if certs.is_empty() {
+                    return Err(Error::ServiceConfig {
+                        field: format!("hosts.{host}.ca_file"),
+                        detail: format!("{}: no PEM certificates", ca.display()),
+                    });
+                }
             }
         }
         Ok(Self {
@@ -543,11 +551,15 @@ impl RegistryClient {
             })?;
             rb = rb.header(k, hv);
         }
-        rb.send().map_err(|e| match classify(&e) {
-            Fail::Connect(_) => Fail::Connect(format!("cannot connect: {}", chain(&e))),
-            Fail::Retry(_) if e.is_timeout() => Fail::Retry(format!("timed out: {}", chain(&e))),
-            _ => Fail::Retry(format!("request failed: {}", chain(&e))),
-        })
+        rb.send()
+            .map_err(|e| e.without_url())
+            .map_err(|e| match classify(&e) {
+                Fail::Connect(_) => Fail::Connect(format!("cannot connect: {}", chain(&e))),
+                Fail::Retry(_) if e.is_timeout() => {
+                    Fail::Retry(format!("timed out: {}", chain(&e)))
+                }
+                _ => Fail::Retry(format!("request failed: {}", chain(&e))),
+            })
     }
 
     fn auth_err(host: &str, detail: String) -> Fail {
@@ -652,7 +664,7 @@ impl RegistryClient {
                 }
                 let body = resp
                     .bytes()
-                    .map_err(|e| Fail::Retry(format!("token body: {}", chain(&e))))?;
+                    .map_err(|e| Fail::Retry(format!("token body: {}", chain(&e.without_url()))))?;
                 let (tok, ttl) =
                     auth::parse_token_response(&ep.host, &body).map_err(Fail::Fatal)?;
                 self.auth
@@ -788,9 +800,9 @@ impl RegistryClient {
                             )));
                         }
                     }
-                    let body = resp
-                        .bytes()
-                        .map_err(|e| Fail::Retry(format!("reading body: {}", chain(&e))))?;
+                    let body = resp.bytes().map_err(|e| {
+                        Fail::Retry(format!("reading body: {}", chain(&e.without_url())))
+                    })?;
                     if body.len() as u64 != len {
                         return Err(Fail::Retry(format!(
                             "body has {} bytes, expected {len}",
@@ -800,9 +812,9 @@ impl RegistryClient {
                     Ok((body.to_vec(), total.or(expect_total).unwrap_or(0)))
                 }
                 StatusCode::OK => {
-                    let body = resp
-                        .bytes()
-                        .map_err(|e| Fail::Retry(format!("reading body: {}", chain(&e))))?;
+                    let body = resp.bytes().map_err(|e| {
+                        Fail::Retry(format!("reading body: {}", chain(&e.without_url())))
+                    })?;
                     let total = body.len() as u64;
                     if let Some(e) = expect_total {
                         if total != e {
@@ -857,7 +869,8 @@ impl RegistryClient {
         let counters = self.counters(url);
         let deadline = Instant::now() + Duration::from_millis(self.opts.timeouts.total_ms);
         let tries = self.opts.retry.tries.max(1);
-        let mut failures: Vec<String> = Vec::new();
+        // (endpoint, first try, last try, detail)
+        let mut failures: Vec<(String, u32, u32, String)> = Vec::new();
         for (i, ep) in endpoints.iter().enumerate() {
             let is_last = i + 1 == endpoints.len();
             let mut backoff = Duration::from_millis(self.opts.retry.backoff_ms);
@@ -877,7 +890,16 @@ impl RegistryClient {
                             Fail::Connect(d) => (d, is_last),
                             Fail::Retry(d) => (d, true),
                         };
-                        failures.push(format!("{} (try {attempt}): {detail}", ep.url));
+                        let who = if ep.url == url {
+                            "origin"
+                        } else {
+                            ep.url.as_str()
+                        };
+                        match failures.last_mut() {
+                            // The same failure again: "tries 1-3: ...".
+                            Some((w, _, last, d)) if w == who && *d == detail => *last = attempt,
+                            _ => failures.push((who.to_string(), attempt, attempt, detail)),
+                        }
                         let left = deadline.saturating_duration_since(Instant::now());
                         if !go_on || attempt == tries || left.is_zero() {
                             break;
@@ -889,14 +911,27 @@ impl RegistryClient {
                 }
             }
             if Instant::now() >= deadline {
-                failures.push(format!(
-                    "gave up after the {} ms read deadline",
-                    self.opts.timeouts.total_ms
+                failures.push((
+                    String::new(),
+                    0,
+                    0,
+                    format!(
+                        "gave up after the {} ms read deadline",
+                        self.opts.timeouts.total_ms
+                    ),
                 ));
                 break;
             }
         }
-        Err(remote(url, failures.join("; ")))
+        let text: Vec<String> = failures
+            .iter()
+            .map(|(w, a, b, d)| match (w.is_empty(), a == b) {
+                (true, _) => d.clone(),
+                (false, true) => format!("{w} try {a}: {d}"),
+                (false, false) => format!("{w} tries {a}-{b}: {d}"),
+            })
+            .collect();
+        Err(remote(url, text.join("; ")))
     }
 
     /// `HEAD` on the origin: the `Content-Length` of a 200.

@@ -45,6 +45,87 @@ pub struct Registry {
     pub addr: String,
     /// Basic credentials when started with htpasswd auth.
     pub basic: Option<(String, String)>,
+    /// Served over TLS.
+    pub tls: bool,
+}
+
+/// A test CA and a leaf certificate for 127.0.0.1 made with `openssl`.
+pub struct TestCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes a CA and a leaf for IP 127.0.0.1 in `dir`; `None` (after a SKIPPED
+/// line) without `openssl`.
+pub fn make_certs(dir: &Path) -> Option<TestCerts> {
+    require(&["openssl"])?;
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=obd-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+    Some(TestCerts {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("leaf.pem"),
+        key: dir.join("leaf.key"),
+    })
 }
 
 impl Registry {
@@ -60,6 +141,15 @@ impl Registry {
     }
 
     fn start_with(basic: Option<(&str, &str)>) -> Option<Registry> {
+        Self::start_full(basic, None)
+    }
+
+    /// Starts a registry serving TLS with `certs`.
+    pub fn start_tls(certs: &TestCerts) -> Option<Registry> {
+        Self::start_full(None, Some(certs))
+    }
+
+    fn start_full(basic: Option<(&str, &str)>, tls: Option<&TestCerts>) -> Option<Registry> {
         require(&["docker-registry"])?;
         if basic.is_some() {
             require(&["htpasswd"])?;
@@ -82,8 +172,16 @@ impl Registry {
                 f.display()
             );
         }
+        let mut tls_cfg = String::new();
+        if let Some(t) = tls {
+            tls_cfg.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                t.cert.display(),
+                t.key.display()
+            ));
+        }
         let cfg = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: {addr}\n{auth}",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: {addr}\n{tls_cfg}{auth}",
             dir.path().join("data").display()
         );
         let cfg_path = dir.path().join("config.yml");
@@ -122,6 +220,7 @@ impl Registry {
             _dir: dir,
             addr,
             basic: basic.map(|(u, p)| (u.to_string(), p.to_string())),
+            tls: tls.is_some(),
         };
         match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(Ok(())) => {}
@@ -146,12 +245,14 @@ impl Registry {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     fn client(&self) -> reqwest::blocking::Client {
         reqwest::blocking::Client::builder()
             .no_proxy()
+            .tls_danger_accept_invalid_certs(true)
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap()
