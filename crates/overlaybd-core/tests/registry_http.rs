@@ -91,6 +91,19 @@ fn plain_reads_sizes_and_concurrency() {
     for h in hs {
         h.join().unwrap();
     }
+    // `plain_http` turns an https URL into http for that host.
+    let mut o = opts();
+    o.hosts.insert(
+        reg.addr.clone(),
+        overlaybd_core::remote::registry::HostOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+    );
+    let https = url.replace("http://", "https://");
+    let got = anon(o).fetch(&blob(&https, data.len()), 9, 9, Priority::Foreground);
+    assert_eq!(got.unwrap(), &data[9..18]);
+
     // A missing blob: a clear error naming the URL, no retries.
     let missing = reg.blob_url("test/plain", &format!("sha256:{}", "0".repeat(64)));
     let t = Instant::now();
@@ -310,7 +323,30 @@ fn mirrors_fail_over_to_the_next() {
     let c = anon(o);
     assert!(c.fetch(&b, 0, 100, Priority::Foreground).unwrap() == data[..100]);
     assert_eq!(origin.count(Req::is_data_get), 1);
-    assert_eq!(broken.count(|_| true), 3, "the probe is retried 3 times");
+    assert_eq!(broken.count(|_| true), 1, "a mirror gets one try");
+    assert!(mirror.requests().iter().all(|r| r
+        .header("user-agent")
+        .is_some_and(|u| u.starts_with("obd/"))));
+
+    // A mirror that refused a connection is skipped for a while: a second
+    // read goes straight to the next endpoint.
+    let gone = Server::start(|_r: &Req| Action::Hangup);
+    let gone_url = gone.url();
+    drop(gone);
+    let mut o = opts();
+    o.mirrors
+        .insert(origin.addr.clone(), vec![gone_url, mirror.url()]);
+    let c = anon(o);
+    let before = mirror.count(Req::is_data_get);
+    for _ in 0..3 {
+        assert!(c.fetch(&b, 0, 100, Priority::Foreground).unwrap() == data[..100]);
+    }
+    assert_eq!(mirror.count(Req::is_data_get), before + 3);
+    assert_eq!(
+        c.stats(&url).retries,
+        1,
+        "only the first read tried the dead mirror"
+    );
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //!
 //! Request flow for one [`RangeFetcher::fetch`]:
 //! 1. The endpoints are the configured mirrors of the blob's host, in order,
-//!    then the origin. A connection error (or retries exhausted) on one moves
-//!    to the next.
+//!    then the origin. A mirror gets one try: any failure moves to the next
+//!    endpoint, and a mirror that cannot be connected to is skipped for 30 s.
+//!    The origin gets `retry.tries` tries.
 //! 2. The first request to a repository is the auth probe (`GET`,
 //!    `Range: bytes=0-0`, no redirects, no `Authorization`); a 401/403 with
 //!    `WWW-Authenticate` selects Basic or Bearer for it (see [`super::auth`]).
@@ -295,6 +296,8 @@ pub struct RegistryClient {
     stats: Mutex<HashMap<String, Arc<BlobCounters>>>,
     /// P2P reachability: (reachable, checked at).
     p2p_state: Mutex<Option<(bool, Instant)>>,
+    /// Mirrors that refused a connection, skipped until the instant.
+    mirror_down: Mutex<HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -307,6 +310,8 @@ impl std::fmt::Debug for RegistryClient {
 
 /// How long a P2P reachability verdict is kept.
 const P2P_RECHECK: Duration = Duration::from_secs(30);
+/// How long a mirror that refused a connection is skipped.
+const MIRROR_RECHECK: Duration = Duration::from_secs(30);
 
 impl RegistryClient {
     /// A client reading credentials from the files named in `opts`.
@@ -361,6 +366,7 @@ impl RegistryClient {
             redirects: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             p2p_state: Mutex::new(None),
+            mirror_down: Mutex::new(HashMap::new()),
         })
     }
 
@@ -513,6 +519,25 @@ impl RegistryClient {
         addrs
             .into_iter()
             .any(|a| TcpStream::connect_timeout(&a, to).is_ok())
+    }
+
+    fn mirror_is_down(&self, host: &str) -> bool {
+        let mut m = self.mirror_down.lock().unwrap();
+        match m.get(host) {
+            Some(until) if Instant::now() < *until => true,
+            Some(_) => {
+                m.remove(host);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark_mirror_down(&self, host: &str) {
+        self.mirror_down
+            .lock()
+            .unwrap()
+            .insert(host.to_string(), Instant::now() + MIRROR_RECHECK);
     }
 
     fn mark_p2p_down(&self) {
@@ -873,7 +898,12 @@ impl RegistryClient {
         let mut failures: Vec<(String, u32, u32, String)> = Vec::new();
         for (i, ep) in endpoints.iter().enumerate() {
             let is_last = i + 1 == endpoints.len();
+            if !is_last && self.mirror_is_down(&ep.host) {
+                continue;
+            }
             let mut backoff = Duration::from_millis(self.opts.retry.backoff_ms);
+            // A mirror gets one try: on any failure the next endpoint is as good.
+            let tries = if is_last { tries } else { 1 };
             for attempt in 1..=tries {
                 match self.try_once(ep, &counters, offset, len, expect_total, deadline) {
                     Ok((data, total)) => {
@@ -887,7 +917,12 @@ impl RegistryClient {
                             Fail::Fatal(Error::Remote { detail, .. }) => (detail, false),
                             Fail::Fatal(e) if is_last => return Err(e),
                             Fail::Fatal(e) => (e.to_string(), false),
-                            Fail::Connect(d) => (d, is_last),
+                            Fail::Connect(d) => {
+                                if !is_last {
+                                    self.mark_mirror_down(&ep.host);
+                                }
+                                (d, is_last)
+                            }
                             Fail::Retry(d) => (d, true),
                         };
                         let who = if ep.url == url {
