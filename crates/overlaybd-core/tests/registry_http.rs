@@ -73,6 +73,7 @@ fn plain_reads_sizes_and_concurrency() {
     let st = c.stats(&url);
     assert_eq!(st.bytes, 1 + 4096 + 100_000 + 10 + 5);
     assert_eq!(st.retries, 0);
+    assert_eq!(st.http2, 0, "plain http is HTTP/1.1");
     // Many threads on one client.
     let hs: Vec<_> = (0..8)
         .map(|i| {
@@ -91,6 +92,23 @@ fn plain_reads_sizes_and_concurrency() {
     for h in hs {
         h.join().unwrap();
     }
+    // No HEAD (405): the size comes from a range probe's Content-Range.
+    let up = reg.addr.clone();
+    let no_head = Server::start(move |r: &Req| {
+        if r.method == "HEAD" {
+            Action::Reply(Resp::new(405))
+        } else {
+            Action::Forward(up.clone())
+        }
+    });
+    let via = url.replace(&reg.addr, &no_head.addr);
+    assert_eq!(anon(opts()).blob_size(&via).unwrap(), data.len() as u64);
+    assert_eq!(
+        no_head.count(|r| r.header("range") == Some("bytes=0-0")),
+        2,
+        "probe + size"
+    );
+
     // `plain_http` turns an https URL into http for that host.
     let mut o = opts();
     o.hosts.insert(
@@ -404,6 +422,7 @@ fn tls_with_ca_file_insecure_and_untrusted() {
     let data = pattern(200_000, 6);
     let url = reg.push_blob("test/tls", &data);
     assert!(url.starts_with("https://"));
+
     let b = blob(&url, data.len());
 
     // Trusting the test CA for this host.
@@ -417,6 +436,10 @@ fn tls_with_ca_file_insecure_and_untrusted() {
     );
     let c = anon(o);
     assert!(c.fetch(&b, 3, 5000, Priority::Foreground).unwrap() == data[3..5003]);
+    // distribution serves HTTP/2 over TLS; the client negotiates it (ALPN).
+    assert!(c.fetch(&b, 50_000, 5000, Priority::Foreground).unwrap() == data[50_000..55_000]);
+    let st = c.stats(&url);
+    assert_eq!((st.requests, st.http2), (2, 2), "{st:?}");
     assert_eq!(c.blob_size(&url).unwrap(), data.len() as u64);
 
     // Skipping verification.

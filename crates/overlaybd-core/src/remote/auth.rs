@@ -309,6 +309,32 @@ mod tests {
     }
 
     #[test]
+    fn cache_expiry_and_invalidation() {
+        let c = AuthCache::new();
+        let (svc, scope) = (Some("s".to_string()), Some("repository:a:pull".to_string()));
+        c.put_token("r", &svc, &scope, "t1".into(), Duration::from_secs(60));
+        assert_eq!(c.token("r", &svc, &scope).as_deref(), Some("t1"));
+        assert_eq!(c.token("r", &svc, &None), None, "per scope");
+        c.put_token("r", &svc, &scope, "t0".into(), Duration::ZERO);
+        assert_eq!(c.token("r", &svc, &scope), None, "expired");
+        c.put_token("r", &svc, &scope, "t2".into(), Duration::from_secs(60));
+        let bearer = Scheme::Bearer {
+            realm: "r".into(),
+            service: svc.clone(),
+            scope: scope.clone(),
+        };
+        c.set_scheme("h/a", bearer.clone());
+        assert_eq!(c.scheme("h/a"), Some(bearer));
+        c.invalidate("h/a");
+        assert_eq!(c.scheme("h/a"), None);
+        assert_eq!(
+            c.token("r", &svc, &scope),
+            None,
+            "token dropped with the scheme"
+        );
+    }
+
+    #[test]
     fn token_parsing_and_ttl() {
         let (t, ttl) = parse_token_response("r", br#"{"token":"abc","expires_in":5}"#).unwrap();
         assert_eq!((t.as_str(), ttl), ("abc", MIN_TOKEN_TTL));

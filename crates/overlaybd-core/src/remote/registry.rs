@@ -167,8 +167,10 @@ pub struct BlobCounters {
     pub requests: AtomicU64,
     /// Payload bytes returned to callers.
     pub bytes: AtomicU64,
-    /// Failed attempts that were retried or failed over.
+    /// Failed attempts (each then retried, failed over, or reported).
     pub retries: AtomicU64,
+    /// Data responses that came over HTTP/2.
+    pub http2: AtomicU64,
 }
 
 /// A snapshot of [`BlobCounters`].
@@ -180,6 +182,8 @@ pub struct BlobStats {
     pub bytes: u64,
     /// Failed attempts.
     pub retries: u64,
+    /// Data responses over HTTP/2.
+    pub http2: u64,
 }
 
 /// Why one attempt failed.
@@ -382,6 +386,7 @@ impl RegistryClient {
                 requests: c.requests.load(Ordering::Relaxed),
                 bytes: c.bytes.load(Ordering::Relaxed),
                 retries: c.retries.load(Ordering::Relaxed),
+                http2: c.http2.load(Ordering::Relaxed),
             },
             None => BlobStats::default(),
         }
@@ -750,6 +755,9 @@ impl RegistryClient {
                 }
                 Err(e) => return Err(e),
             };
+            if resp.version() == reqwest::Version::HTTP_2 {
+                counters.http2.fetch_add(1, Ordering::Relaxed);
+            }
             let st = resp.status();
             if st.is_redirection() {
                 let loc = resp
