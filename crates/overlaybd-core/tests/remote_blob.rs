@@ -250,6 +250,12 @@ fn concurrent_identical_reads_share_one_request() {
         assert!(h.join().unwrap()[..] == fake.data[1000..201_000]);
     }
     assert_eq!(fake.calls(), vec![(0, 256 * KIB, Priority::Foreground)]);
+    let st = blob.stats();
+    assert_eq!((st.loads, st.requests, st.errors), (8, 1, 0));
+    assert_eq!(st.fetched_bytes, 256 * KIB);
+    // The other 7 readers joined the request or, arriving after it
+    // finished, read the cache.
+    assert!(st.joined + st.cache_hits <= 7, "{st:?}");
 }
 
 #[test]
@@ -363,6 +369,7 @@ fn corrupt_remote_response_is_refetched_up_to_three_tries() {
     r.read_at(&mut buf, 100 * 4096).unwrap();
     assert!(buf[..] == plain[100 * 4096..101 * 4096]);
     assert_eq!(fake.count(), 3, "{:?}", fake.calls());
+    assert_eq!(r.inner().stats().invalidations, 2);
 
     cache.evict(DIGEST, 0, u64::MAX).unwrap();
     fake.reset();
@@ -429,6 +436,31 @@ fn stale_bitmap_for_another_size_is_not_trusted() {
     std::fs::remove_file(data_file(dir.path())).unwrap();
     let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
     assert_eq!((cache.resets(), cache.usage()), (1, 0));
+}
+
+#[test]
+fn hole_where_the_bitmap_claims_data_resets_the_blob_cache() {
+    let size = 1 << 20;
+    let fake = Fake::new(random_bytes(17, size));
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+        read_exact(&open_blob(&fake, &cache, RemoteOptions::default()), 0, size);
+    }
+    // Valid bitmap, but the data file was emptied behind our back (same length).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(data_file(dir.path()))
+        .unwrap();
+    f.set_len(0).unwrap();
+    f.set_len(size as u64).unwrap();
+    drop(f);
+    fake.reset();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    assert_eq!((cache.resets(), cache.usage()), (1, 0));
+    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    assert!(read_exact(&blob, 0, size) == fake.data);
+    assert_eq!(fake.count(), 1);
 }
 
 #[test]

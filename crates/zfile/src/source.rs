@@ -260,6 +260,44 @@ impl<R: ReadAt> ReadAt for Window<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// Records invalidations.
+    struct Evicting(Mutex<Vec<(u64, u64)>>);
+
+    impl ReadAt for Evicting {
+        fn read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn size(&self) -> u64 {
+            1000
+        }
+        fn invalidate(&self, offset: u64, len: u64) -> bool {
+            self.0.lock().unwrap().push((offset, len));
+            true
+        }
+    }
+
+    #[test]
+    fn invalidate_is_forwarded_and_offset_by_windows() {
+        let inner = Arc::new(Evicting(Mutex::new(Vec::new())));
+        let w = Window::new(Arc::clone(&inner), 512, 400);
+        assert!(w.invalidate(10, 20));
+        assert!(w.invalidate(390, 50), "clamped to the window");
+        assert!(!w.invalidate(400, 1), "past the window");
+        let boxed: Box<dyn ReadAt> = Box::new(&w);
+        assert!(boxed.invalidate(0, 1));
+        assert!(!data_invalidate());
+        assert_eq!(
+            *inner.0.lock().unwrap(),
+            vec![(522, 20), (902, 10), (512, 1)]
+        );
+    }
+
+    fn data_invalidate() -> bool {
+        // Memory and file sources hold no cache: nothing to drop.
+        vec![1u8, 2, 3].invalidate(0, 3)
+    }
 
     #[test]
     fn window_clamps_and_offsets() {

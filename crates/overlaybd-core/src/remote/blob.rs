@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use zfile::ReadAt;
@@ -54,6 +55,40 @@ impl Default for RemoteOptions {
             max_request: DEFAULT_MAX_REQUEST,
         }
     }
+}
+
+/// Counters of one [`RemoteBlob`] (since it was created).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemoteStats {
+    /// Reads and prefetches asked for.
+    pub loads: u64,
+    /// Of those, served entirely from the cache without a request.
+    pub cache_hits: u64,
+    /// Remote requests made.
+    pub requests: u64,
+    /// Bytes received from those requests.
+    pub fetched_bytes: u64,
+    /// Units a reader got by joining another reader's request.
+    pub joined: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Ranges dropped through [`ReadAt::invalidate`] (corrupt data).
+    pub invalidations: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    loads: AtomicU64,
+    cache_hits: AtomicU64,
+    requests: AtomicU64,
+    fetched_bytes: AtomicU64,
+    joined: AtomicU64,
+    errors: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Outcome of one request: `(request offset, bytes)` or the error.
@@ -147,6 +182,7 @@ pub struct RemoteBlob {
     max_units: u64,
     /// Unit index → request fetching it.
     inflight: Mutex<HashMap<u64, Arc<Flight>>>,
+    counters: Counters,
 }
 
 impl std::fmt::Debug for RemoteBlob {
@@ -189,6 +225,7 @@ impl RemoteBlob {
             cached,
             sched,
             inflight: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
         })
     }
 
@@ -200,6 +237,21 @@ impl RemoteBlob {
     /// The cache this blob is read through.
     pub fn cache(&self) -> &Arc<BlockCache> {
         &self.cache
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> RemoteStats {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RemoteStats {
+            loads: g(&c.loads),
+            cache_hits: g(&c.cache_hits),
+            requests: g(&c.requests),
+            fetched_bytes: g(&c.fetched_bytes),
+            joined: g(&c.joined),
+            errors: g(&c.errors),
+            invalidations: g(&c.invalidations),
+        }
     }
 
     fn lock_inflight(&self) -> MutexGuard<'_, HashMap<u64, Arc<Flight>>> {
@@ -269,12 +321,14 @@ impl RemoteBlob {
         len: u64,
         prio: Priority,
     ) -> Result<()> {
+        bump(&self.counters.loads, 1);
         // Fast path: all cached.
-        if let Some(buf) = out.as_deref_mut() {
-            if self.cache_read(buf, offset) {
-                return Ok(());
-            }
-        } else if self.cache.contains(&self.cached, offset, len) {
+        let hit = match out.as_deref_mut() {
+            Some(buf) => self.cache_read(buf, offset),
+            None => self.cache.contains(&self.cached, offset, len),
+        };
+        if hit {
+            bump(&self.counters.cache_hits, 1);
             return Ok(());
         }
 
@@ -305,6 +359,7 @@ impl RemoteBlob {
                     if f.prio.raise(prio) {
                         self.sched.nudge();
                     }
+                    bump(&self.counters.joined, 1);
                     break Unit::Wait(f);
                 }
                 // A request may have finished since the cache check: leaders
@@ -400,21 +455,29 @@ impl RemoteBlob {
 
     /// One remote request, then the cache insert (best effort).
     fn fetch_request(&self, offset: u64, len: u64, prio: &PrioCell) -> FlightResult {
+        bump(&self.counters.requests, 1);
         let data = {
             let permit = self.sched.acquire_dyn(prio);
             self.fetcher
                 .fetch(&self.blob, offset, len, permit.priority())
         };
+        if let Ok(d) = &data {
+            bump(&self.counters.fetched_bytes, d.len() as u64);
+        }
         let data = match data {
             Ok(d) if d.len() as u64 == len => d,
             Ok(d) => {
+                bump(&self.counters.errors, 1);
                 return Err(Arc::new(self.remote_err(
                     offset,
                     len,
                     format!("fetcher returned {} bytes, expected {len}", d.len()),
-                )))
+                )));
             }
-            Err(e) => return Err(Arc::new(self.share_err(&e, offset, len))),
+            Err(e) => {
+                bump(&self.counters.errors, 1);
+                return Err(Arc::new(self.share_err(&e, offset, len)));
+            }
         };
         // A full or failing cache must not fail the read: the bytes are here.
         let _ = self.cache.insert(&self.cached, offset, &data);
@@ -438,6 +501,7 @@ impl ReadAt for RemoteBlob {
         if offset >= self.blob.size || len == 0 {
             return false;
         }
+        bump(&self.counters.invalidations, 1);
         let _ = self.cache.evict(&self.blob.digest, offset, len);
         true
     }

@@ -89,6 +89,8 @@ struct BlobState {
     /// This blob's cache was reset and replaced; it must not touch the files
     /// at its paths any more.
     detached: bool,
+    /// Bumped on every bitmap change.
+    gen: u64,
 }
 
 impl BlobState {
@@ -120,6 +122,9 @@ pub struct CachedBlob {
     meta_path: PathBuf,
     file: File,
     state: RwLock<BlobState>,
+    /// Serialises bitmap writes (taken before `state`), so a bitmap written
+    /// from an older snapshot never replaces a newer one.
+    persist_lock: Mutex<()>,
 }
 
 impl CachedBlob {
@@ -161,15 +166,47 @@ impl CachedBlob {
         }
     }
 
-    /// Syncs the data file, then atomically replaces the bitmap file.
+    /// Persists the bitmap with the state lock held; the caller holds
+    /// `persist_lock` too (eviction: the bitmap must be on disk before the
+    /// bytes are punched out).
     fn persist(&self, st: &mut BlobState) -> Result<()> {
         if st.detached {
             return Ok(());
         }
+        self.write_meta(&st.present)?;
+        st.unflushed = 0;
+        st.dirty = false;
+        Ok(())
+    }
+
+    /// Persists a snapshot of the bitmap without holding the state lock across
+    /// the syncs, so readers of this blob are not stalled by `fdatasync`.
+    fn persist_snapshot(&self) -> Result<()> {
+        let _p = lock(&self.persist_lock);
+        let (snap, gen) = {
+            let mut st = self.write_state();
+            if st.detached || !st.dirty {
+                return Ok(());
+            }
+            st.unflushed = 0;
+            (st.present.clone(), st.gen)
+        };
+        // Every bit in `snap` was set after its bytes were written, so this
+        // sync makes them durable before the bitmap claims them.
+        self.write_meta(&snap)?;
+        let mut st = self.write_state();
+        if st.gen == gen {
+            st.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Syncs the data file, then atomically replaces the bitmap file.
+    fn write_meta(&self, present: &[u64]) -> Result<()> {
         self.file
             .sync_data()
             .map_err(|e| self.cache_err(&self.data_path, "fdatasync", e))?;
-        let bytes = encode_meta(&self.digest, self.bs, self.size, self.blocks, &st.present);
+        let bytes = encode_meta(&self.digest, self.bs, self.size, self.blocks, present);
         let tmp = self.meta_path.with_extension("meta.tmp");
         let write = || -> io::Result<()> {
             let mut f = File::create(&tmp)?;
@@ -181,10 +218,7 @@ impl CachedBlob {
             }
             Ok(())
         };
-        write().map_err(|e| self.cache_err(&self.meta_path, "writing the bitmap", e))?;
-        st.unflushed = 0;
-        st.dirty = false;
-        Ok(())
+        write().map_err(|e| self.cache_err(&self.meta_path, "writing the bitmap", e))
     }
 }
 
@@ -199,6 +233,7 @@ impl Drop for CachedBlob {
                     unflushed: 0,
                     dirty: false,
                     detached: true,
+                    gen: 0,
                 },
             );
             // Best effort: a lost bitmap only means refetching.
@@ -481,7 +516,7 @@ impl BlockCache {
             .write(true)
             .open(&data_path)
             .ok()?;
-        if file.metadata().ok()?.len() != size {
+        if file.metadata().ok()?.len() != size || !runs_allocated(&file, &present, bs, size) {
             return None;
         }
         Some(Arc::new(CachedBlob {
@@ -498,7 +533,9 @@ impl BlockCache {
                 unflushed: 0,
                 dirty: false,
                 detached: false,
+                gen: 0,
             }),
+            persist_lock: Mutex::new(()),
         }))
     }
 
@@ -537,8 +574,10 @@ impl BlockCache {
             }
             let old = blobs.remove(digest).expect("present");
             lock(&self.lru).remove_blob(&old);
+            let _p = lock(&old.persist_lock);
             let mut st = old.write_state();
             st.detached = true;
+            st.gen += 1;
             st.present.iter_mut().for_each(|w| *w = 0);
             self.resets.fetch_add(1, Ordering::Relaxed);
         }
@@ -580,7 +619,9 @@ impl BlockCache {
                 unflushed: 0,
                 dirty: false,
                 detached: false,
+                gen: 0,
             }),
+            persist_lock: Mutex::new(()),
         });
         blobs.insert(digest.to_owned(), Arc::clone(&b));
         Ok(b)
@@ -650,7 +691,7 @@ impl BlockCache {
         }
         let last = (last_end - 1) / b.bs;
         let bytes = &data[..(last_end - offset) as usize];
-        {
+        let flush_now = {
             let mut st = b.write_state();
             if st.detached {
                 return Ok(());
@@ -663,11 +704,13 @@ impl BlockCache {
                     st.set(i, true);
                     st.unflushed += 1;
                     st.dirty = true;
+                    st.gen += 1;
                 }
             }
-            if st.unflushed >= self.opts.flush_every.max(1) {
-                b.persist(&mut st)?;
-            }
+            st.unflushed >= self.opts.flush_every.max(1)
+        };
+        if flush_now {
+            b.persist_snapshot()?;
         }
         let mut lru = lock(&self.lru);
         {
@@ -707,6 +750,7 @@ impl BlockCache {
     /// Clears the bits of `blocks`, persists the bitmap, then punches the
     /// bytes out of the data file. Returns whether any bit was set.
     fn drop_blocks(&self, b: &CachedBlob, blocks: &[u64]) -> Result<bool> {
+        let _p = lock(&b.persist_lock);
         let mut st = b.write_state();
         let mut any = false;
         for &i in blocks {
@@ -719,6 +763,7 @@ impl BlockCache {
             return Ok(false);
         }
         st.dirty = true;
+        st.gen += 1;
         b.persist(&mut st)?;
         // Punch runs of consecutive blocks.
         let mut k = 0;
@@ -768,10 +813,7 @@ impl BlockCache {
     pub fn flush(&self) -> Result<()> {
         let blobs: Vec<Arc<CachedBlob>> = lock(&self.blobs).values().cloned().collect();
         for b in blobs {
-            let mut st = b.write_state();
-            if st.dirty {
-                b.persist(&mut st)?;
-            }
+            b.persist_snapshot()?;
         }
         Ok(())
     }
@@ -783,6 +825,51 @@ impl Drop for BlockCache {
         // Break the LRU's references so the blobs drop (and persist) now.
         lock(&self.lru).by_tick.clear();
     }
+}
+
+/// Checks that every run of present blocks is allocated in `file` (no hole
+/// where the bitmap claims data, e.g. a data file truncated or replaced behind
+/// our back). Filesystems without `SEEK_DATA` pass.
+fn runs_allocated(file: &File, present: &[u64], bs: u64, size: u64) -> bool {
+    let blocks = size.div_ceil(bs);
+    let get = |i: u64| present[(i / 64) as usize] & (1 << (i % 64)) != 0;
+    let mut i = 0;
+    while i < blocks {
+        if !get(i) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < blocks && get(j) {
+            j += 1;
+        }
+        let (start, end) = (i * bs, (j * bs).min(size));
+        match seek(file, start, libc::SEEK_DATA) {
+            Ok(d) if d != start => return false,
+            Ok(_) => {
+                if seek(file, start, libc::SEEK_HOLE).is_ok_and(|h| h < end) {
+                    return false;
+                }
+            }
+            // No data at or after `start`.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return false,
+            // Not supported here: cannot check.
+            Err(_) => return true,
+        }
+        i = j;
+    }
+    true
+}
+
+/// `lseek(file, off, whence)`.
+fn seek(file: &File, off: u64, whence: libc::c_int) -> io::Result<u64> {
+    let off =
+        libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek receives a file descriptor that `file` keeps open for the
+    // whole call and plain integers; no memory is passed. The shared file
+    // offset it moves is never used (all our I/O is positional).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    u64::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
 /// Releases the disk space of `[off, off + len)` of `file`, keeping its size.
