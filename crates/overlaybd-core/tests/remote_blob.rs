@@ -382,6 +382,68 @@ fn corrupt_remote_response_is_refetched_up_to_three_tries() {
 }
 
 #[test]
+fn corrupt_cached_jump_table_is_refetched_on_open() {
+    let (plain, z) = zfile_of(18, 1 << 20);
+    let zlen = z.len();
+    let fake = Fake::new(z);
+    let dir = tempfile::tempdir().unwrap();
+    let index_offset;
+    {
+        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+        let r = ZFileReader::open(open_blob(&fake, &cache, RemoteOptions::default())).unwrap();
+        index_offset = r.info().index_offset;
+    }
+    // Corrupt the cached jump table (the blob's metadata, no block CRC).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(data_file(dir.path()))
+            .unwrap();
+        f.write_all_at(&[0xEE; 8], index_offset + 4).unwrap();
+    }
+    fake.reset();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let blob = Arc::new(open_blob(&fake, &cache, RemoteOptions::default()));
+    assert!(
+        ZFileReader::open(Arc::clone(&blob)).is_err(),
+        "corruption not seen"
+    );
+    let r = blob
+        .retry_open(|| Ok(ZFileReader::open(Arc::clone(&blob))?))
+        .unwrap();
+    let mut all = vec![0u8; plain.len()];
+    r.read_at(&mut all, 0).unwrap();
+    assert!(all == plain);
+    assert!(fake.count() >= 1);
+    assert!(fake.calls().iter().all(|c| c.0 + c.1 <= zlen as u64));
+
+    // A header that is corrupt at the registry fails after OPEN_TRIES tries,
+    // naming the blob.
+    fake.corrupt_next(40, 41, u32::MAX);
+    cache.evict_blob(DIGEST).unwrap();
+    fake.reset();
+    let e = blob
+        .retry_open(|| Ok(ZFileReader::open(Arc::clone(&blob))?))
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Integrity { tries: 3, what, .. } if what.contains("registry.test")),
+        "{e}"
+    );
+    assert_eq!(fake.count(), 3);
+
+    // Remote failures are not retried.
+    *fake.fail.lock().unwrap() = Some("connection reset".into());
+    cache.evict_blob(DIGEST).unwrap();
+    fake.reset();
+    let e = blob
+        .retry_open(|| Ok(ZFileReader::open(Arc::clone(&blob))?))
+        .unwrap_err();
+    assert!(e.to_string().contains("connection reset"), "{e}");
+    assert_eq!(fake.count(), 1);
+}
+
+#[test]
 fn corrupt_bitmap_resets_the_blob_cache() {
     let size = 2 << 20;
     let fake = Fake::new(random_bytes(8, size));

@@ -57,6 +57,26 @@ impl Default for RemoteOptions {
     }
 }
 
+/// Tries of [`RemoteBlob::retry_open`] (the first included).
+pub const OPEN_TRIES: u32 = 3;
+
+/// Whether `e` is (or wraps, or carries as an I/O payload) a remote fetch
+/// failure.
+fn is_remote(e: &Error) -> bool {
+    fn io_remote(e: &io::Error) -> bool {
+        e.get_ref()
+            .and_then(|x| x.downcast_ref::<Error>())
+            .is_some_and(is_remote)
+    }
+    match e {
+        Error::Remote { .. } | Error::Auth { .. } => true,
+        Error::InFile { inner, .. } | Error::InLayer { inner, .. } => is_remote(inner),
+        Error::Io(io) => io_remote(io),
+        Error::ZFile(zfile::Error::Io(io)) => io_remote(io),
+        _ => false,
+    }
+}
+
 /// Counters of one [`RemoteBlob`] (since it was created).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RemoteStats {
@@ -283,6 +303,39 @@ impl RemoteBlob {
                 detail: detail.clone(),
             },
             other => self.remote_err(offset, len, other.to_string()),
+        }
+    }
+
+    /// Runs `open` (which parses structures of this blob, e.g. the tar header,
+    /// ZFile header, trailer and jump table, or the LSMT index) up to
+    /// [`OPEN_TRIES`] times. Between tries the blob's cached bytes are evicted,
+    /// so metadata corrupted in the cache is fetched again instead of failing
+    /// the layer for good (upstream evicts and retries a failed jump-table
+    /// load, formats.md 3.9; its header region is never healed, OBD #239).
+    /// Remote errors are returned at once (re-fetching would not help); when
+    /// every try fails, [`Error::Integrity`] names the blob and the last
+    /// failure.
+    pub fn retry_open<T>(&self, mut open: impl FnMut() -> Result<T>) -> Result<T> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let e = match open() {
+                Ok(t) => return Ok(t),
+                Err(e) => e,
+            };
+            if is_remote(&e) {
+                return Err(e);
+            }
+            if tries >= OPEN_TRIES {
+                return Err(Error::Integrity {
+                    what: self.blob.url.clone(),
+                    offset: 0,
+                    tries,
+                    detail: e.to_string(),
+                });
+            }
+            bump(&self.counters.invalidations, 1);
+            self.cache.evict_blob(&self.blob.digest)?;
         }
     }
 
