@@ -1,0 +1,205 @@
+//! The service configuration (TOML) for remote layers, and the registry
+//! [`LayerSource`] built from it.
+//!
+//! ```toml
+//! # Every key is optional; the values shown are the defaults.
+//! [cache]
+//! dir = "/var/lib/obd/cache"     # persistent block cache (one sparse file per blob)
+//! budget = 4294967296            # bytes of cached data across all blobs (LRU beyond)
+//! block_size = 65536             # presence/eviction granularity
+//!
+//! [fetch]
+//! min_fetch = 262144             # every remote request covers whole multiples of this
+//! max_request = 4194304          # largest single request
+//! concurrency = 8                # outstanding requests; foreground reads go first
+//!
+//! [registry]                     # see RegistryOptions: hosts, mirrors, p2p, timeouts,
+//! user_agent = "obd/<version>"   # retry, credential_file, use_docker_config, ...
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::remote::blob::{RemoteBlob, RemoteOptions, DEFAULT_MAX_REQUEST, DEFAULT_MIN_FETCH};
+use crate::remote::cache::{BlockCache, CacheOptions, DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET};
+use crate::remote::registry::{RegistryClient, RegistryOptions};
+use crate::remote::sched::Scheduler;
+use crate::remote::{BlobRef, RangeFetcher};
+use crate::source::{LayerRef, LayerSource, OpenedBlob};
+
+/// Default cache directory.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/obd/cache";
+
+/// The whole service configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ServiceConfig {
+    /// The block cache.
+    pub cache: CacheSection,
+    /// Request shaping and scheduling.
+    pub fetch: FetchSection,
+    /// Registry access: hosts, mirrors, P2P, timeouts, retries, credentials.
+    pub registry: RegistryOptions,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct CacheSection {
+    /// Cache directory. Default `/var/lib/obd/cache`.
+    pub dir: PathBuf,
+    /// Byte budget across all blobs. Default 4 GiB.
+    pub budget: u64,
+    /// Presence/eviction granularity (power of two ≥ 4096). Default 64 KiB.
+    pub block_size: u64,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            dir: PathBuf::from(DEFAULT_CACHE_DIR),
+            budget: DEFAULT_BUDGET,
+            block_size: DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+/// `[fetch]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct FetchSection {
+    /// Minimum (and alignment of every) remote request. Default 256 KiB.
+    pub min_fetch: u64,
+    /// Largest single remote request. Default 4 MiB.
+    pub max_request: u64,
+    /// Outstanding remote requests. Default 8.
+    pub concurrency: usize,
+}
+
+impl Default for FetchSection {
+    fn default() -> Self {
+        FetchSection {
+            min_fetch: DEFAULT_MIN_FETCH,
+            max_request: DEFAULT_MAX_REQUEST,
+            concurrency: 8,
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// Parses TOML; errors name the key.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::ServiceConfig {
+            field: e
+                .span()
+                .map_or_else(|| "?".into(), |s| format!("bytes {}..{}", s.start, s.end)),
+            detail: e.message().to_string(),
+        })
+    }
+
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io(e).in_file(path))?;
+        Self::from_toml(&text).map_err(|e| e.in_file(path))
+    }
+}
+
+/// Remote lowers (`digest` + `repoBlobUrl`) read lazily from a registry through
+/// the persistent block cache.
+pub struct RegistrySource {
+    fetcher: Arc<dyn RangeFetcher>,
+    cache: Arc<BlockCache>,
+    sched: Arc<Scheduler>,
+    opts: RemoteOptions,
+}
+
+impl RegistrySource {
+    /// Builds the registry client, opens the cache and the scheduler.
+    pub fn new(cfg: &ServiceConfig) -> Result<Self> {
+        let fetcher: Arc<dyn RangeFetcher> = Arc::new(RegistryClient::new(cfg.registry.clone())?);
+        Self::with_fetcher(cfg, fetcher)
+    }
+
+    /// Like [`RegistrySource::new`] with any fetcher (tests, custom transports).
+    pub fn with_fetcher(cfg: &ServiceConfig, fetcher: Arc<dyn RangeFetcher>) -> Result<Self> {
+        let mut copts = CacheOptions::new(&cfg.cache.dir);
+        copts.budget = cfg.cache.budget;
+        copts.block_size = cfg.cache.block_size;
+        Ok(RegistrySource {
+            fetcher,
+            cache: BlockCache::open(copts)?,
+            sched: Arc::new(Scheduler::new(cfg.fetch.concurrency.max(1))),
+            opts: RemoteOptions {
+                min_fetch: cfg.fetch.min_fetch,
+                max_request: cfg.fetch.max_request,
+            },
+        })
+    }
+
+    /// The block cache.
+    pub fn cache(&self) -> &Arc<BlockCache> {
+        &self.cache
+    }
+}
+
+impl LayerSource for RegistrySource {
+    fn open(&self, layer: LayerRef<'_>) -> Result<Option<OpenedBlob>> {
+        let l = layer.lower;
+        if l.digest.is_empty() {
+            return Ok(None);
+        }
+        if layer.repo_blob_url.is_empty() {
+            return Err(Error::Config {
+                field: "repoBlobUrl".into(),
+                detail: format!("needed to fetch remote layer {}", l.digest),
+            });
+        }
+        let url = format!("{}/{}", layer.repo_blob_url.trim_end_matches('/'), l.digest);
+        let size = if l.size > 0 {
+            l.size
+        } else {
+            self.fetcher.blob_size(&url)?
+        };
+        let blob = RemoteBlob::new(
+            BlobRef {
+                url,
+                digest: l.digest.clone(),
+                size,
+            },
+            self.fetcher.clone(),
+            self.cache.clone(),
+            self.sched.clone(),
+            self.opts,
+        )?;
+        Ok(Some(OpenedBlob {
+            name: l.digest.clone(),
+            blob: Arc::new(blob),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_toml_gives_documented_defaults() {
+        let c = ServiceConfig::from_toml("").unwrap();
+        assert_eq!(c.cache.dir, PathBuf::from(DEFAULT_CACHE_DIR));
+        assert_eq!(c.cache.budget, 4 << 30);
+        assert_eq!(c.fetch.min_fetch, 256 << 10);
+        assert_eq!(c.fetch.max_request, 4 << 20);
+        assert_eq!(c.fetch.concurrency, 8);
+    }
+
+    #[test]
+    fn bad_toml_names_the_problem() {
+        let e = ServiceConfig::from_toml("[cache]\nbudget = \"lots\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("service config"), "{e}");
+    }
+}

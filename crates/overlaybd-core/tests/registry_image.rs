@@ -1,0 +1,152 @@
+//! An upstream-made image served by a real `docker-registry`: flattening it
+//! lazily through the registry source and the block cache gives the same disk
+//! sha256 as from local files; a second open over the same cache fetches
+//! nothing; 8 concurrent readers of the same blocks cause one fetch per block.
+
+mod support;
+
+use std::sync::Arc;
+
+use overlaybd_core::config::{ImageConfig, Lower};
+use overlaybd_core::image::Image;
+use overlaybd_core::remote::service::{RegistrySource, ServiceConfig};
+use overlaybd_core::source::LocalFiles;
+use sha2::{Digest, Sha256};
+use support::http::{Action, Req, Server};
+use support::Registry;
+
+const STACK: [(&str, &str); 3] = [
+    (
+        "stack-lz4/layer0.overlaybd.tar",
+        "sha256:fc6d00471402b6130c16a99bea6fd6455e46bb2fc07b275d72205a8730a4af64",
+    ),
+    (
+        "stack-lz4/layer1.overlaybd.tar",
+        "sha256:f1f109e0a0774bee52a144cbc939e3de41bd9d6b0a4625b7c73dddd510f8d225",
+    ),
+    (
+        "stack-lz4/layer2.overlaybd.tar",
+        "sha256:199dc6797b707531ae9a887d4d3691e1e5f474271e09611ffb891013157da274",
+    ),
+];
+const DISK_SHA256: &str = "5f991ff760855d103d3b44d0249e97e393fc97231bbf1d201bab8f04ac863461";
+
+fn disk_sha256(img: &Image) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0;
+    while at < img.virtual_size() {
+        let n = img.read_at(&mut buf, at).unwrap();
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    hex::encode(h.finalize())
+}
+
+fn service(cache: &std::path::Path) -> ServiceConfig {
+    let mut s = ServiceConfig::default();
+    s.cache.dir = cache.to_path_buf();
+    s.registry.use_docker_config = false;
+    s
+}
+
+#[test]
+fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() {
+    let Some(reg) = Registry::start() else { return };
+    support::init_tls();
+    let mut lowers = Vec::new();
+    let mut total = 0u64;
+    for (file, digest) in STACK {
+        let data = std::fs::read(fixtures::interop().join(file)).unwrap();
+        let url = reg.push_blob("obd/stack", &data);
+        assert!(url.ends_with(digest));
+        total += data.len() as u64;
+        lowers.push(Lower {
+            digest: digest.into(),
+            size: data.len() as u64,
+            ..Default::default()
+        });
+    }
+    // A counting forwarder in front of the registry.
+    let upstream = reg.url().trim_start_matches("http://").to_string();
+    let proxy = Server::start(move |_r: &Req| Action::Forward(upstream.clone()));
+    let cfg = ImageConfig {
+        repo_blob_url: format!("{}/v2/obd/stack/blobs", proxy.url()),
+        lowers,
+        ..Default::default()
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let data_gets = |p: &Server| {
+        p.count(|r: &Req| r.method == "GET" && r.header("range").is_some_and(|v| v != "bytes=0-0"))
+    };
+
+    let src = RegistrySource::new(&service(cache.path())).unwrap();
+    let img = Image::open(&cfg, None, &[&LocalFiles, &src]).unwrap();
+    assert_eq!(img.virtual_size(), 1 << 30);
+    assert_eq!(disk_sha256(&img), DISK_SHA256);
+    let first = data_gets(&proxy);
+    assert!(first > 0);
+    let fetched: u64 = proxy
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r.header("range")
+                .and_then(|v| v.strip_prefix("bytes="))
+                .map(str::to_string)
+        })
+        .filter_map(|v| {
+            v.split_once('-')
+                .map(|(a, b)| b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1)
+        })
+        .sum();
+    assert!(
+        fetched <= total + 3 * (256 << 10),
+        "fetched {fetched} of {total} blob bytes"
+    );
+    drop(img);
+    drop(src);
+
+    // Restart: a new source over the same cache dir serves everything locally.
+    let src = RegistrySource::new(&service(cache.path())).unwrap();
+    let img = Image::open(&cfg, None, &[&LocalFiles, &src]).unwrap();
+    assert_eq!(disk_sha256(&img), DISK_SHA256);
+    assert_eq!(
+        data_gets(&proxy),
+        first,
+        "the restarted cache fetched again"
+    );
+
+    // Eight readers of the same range at once on a cold cache: one fetch per block.
+    let cold = tempfile::tempdir().unwrap();
+    let src = RegistrySource::new(&service(cold.path())).unwrap();
+    let img = Arc::new(Image::open(&cfg, None, &[&LocalFiles, &src]).unwrap());
+    let before = data_gets(&proxy);
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (img, barrier) = (img.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                barrier.wait();
+                img.read_at(&mut buf, 0).unwrap();
+                hex::encode(Sha256::digest(&buf))
+            })
+        })
+        .collect();
+    let sums: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(sums.windows(2).all(|w| w[0] == w[1]));
+    let ranges: Vec<String> = proxy.requests()[..]
+        .iter()
+        .filter(|r| r.method == "GET")
+        .filter_map(|r| r.header("range").map(str::to_string))
+        .skip(before)
+        .collect();
+    let mut unique = ranges.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        ranges.len(),
+        "a range was fetched twice: {ranges:?}"
+    );
+}
