@@ -51,3 +51,5 @@ pub mod auth;
 pub mod creds;
 #[cfg(feature = "registry")]
 pub mod registry;
+#[cfg(feature = "registry")]
+pub mod service;
