@@ -33,6 +33,8 @@ pub enum ImageCmd {
         /// Skip the final fsync (the data may still be in the page cache on return).
         #[arg(long)]
         no_sync: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Show the layers of an image and its merged index.
     Info {
@@ -42,7 +44,52 @@ pub enum ImageCmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
+}
+
+/// Where remote lowers (`digest` + `repoBlobUrl`) are fetched and cached.
+#[derive(clap::Args, Debug)]
+pub struct RemoteArgs {
+    /// Block cache folder for remote layers (overrides the service config).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Service config (TOML): cache, fetch sizes, registry hosts, mirrors, P2P,
+    /// timeouts, credentials.
+    #[arg(long)]
+    service_config: Option<PathBuf>,
+}
+
+/// Opens the image of `config`: local lowers from files, the rest lazily from
+/// the registry through the block cache.
+fn open_image(config: &std::path::Path, remote: &RemoteArgs) -> Result<Image> {
+    use overlaybd_core::config::ImageConfig;
+    use overlaybd_core::remote::service::{RegistrySource, ServiceConfig};
+    use overlaybd_core::source::{LayerRef, LocalFiles};
+    let cfg = ImageConfig::load(config)?;
+    let base = config.parent();
+    let all_local = cfg.lowers.iter().enumerate().all(|(index, lower)| {
+        LocalFiles::locate(LayerRef {
+            index,
+            lower,
+            repo_blob_url: &cfg.repo_blob_url,
+            base_dir: base,
+        })
+        .is_some()
+    });
+    if all_local {
+        return Ok(Image::open(&cfg, base, &[&LocalFiles]).map_err(|e| e.in_file(config))?);
+    }
+    let mut svc = match &remote.service_config {
+        Some(p) => ServiceConfig::load(p)?,
+        None => ServiceConfig::default(),
+    };
+    if let Some(d) = &remote.cache_dir {
+        svc.cache.dir = d.clone();
+    }
+    let registry = RegistrySource::new(&svc)?;
+    Ok(Image::open(&cfg, base, &[&LocalFiles, &registry]).map_err(|e| e.in_file(config))?)
 }
 
 pub fn run(cmd: ImageCmd) -> Result<()> {
@@ -53,9 +100,10 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             threads,
             sha256,
             no_sync,
+            remote,
         } => {
             let t0 = Instant::now();
-            let img = Image::open_config_file(&config)?;
+            let img = open_image(&config, &remote)?;
             // Replace a regular file rather than truncating it in place (a truncated
             // ext4 file is flushed to disk on close); block devices are written over.
             if std::fs::metadata(&output).is_ok_and(|m| m.is_file()) {
@@ -91,8 +139,12 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             }
             Ok(())
         }
-        ImageCmd::Info { config, json } => {
-            let img = Image::open_config_file(&config)?;
+        ImageCmd::Info {
+            config,
+            json,
+            remote,
+        } => {
+            let img = open_image(&config, &remote)?;
             let segs = img.index().segments();
             let mapped: u64 = segs
                 .iter()
