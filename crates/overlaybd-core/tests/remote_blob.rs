@@ -31,6 +31,11 @@ struct Fake {
     corrupt: Mutex<Vec<(u64, u64, u32)>>,
     /// Fail every request with this message.
     fail: Mutex<Option<String>>,
+    /// When set, each request waits (up to 10 s) until another one is in
+    /// flight too; records the most seen at once.
+    pair_up: std::sync::atomic::AtomicBool,
+    inflight: Mutex<(usize, usize)>,
+    inflight_cv: std::sync::Condvar,
 }
 
 impl Fake {
@@ -57,6 +62,17 @@ impl Fake {
 impl RangeFetcher for Fake {
     fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, prio: Priority) -> Result<Vec<u8>> {
         self.calls.lock().unwrap().push((offset, len, prio));
+        if self.pair_up.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut g = self.inflight.lock().unwrap();
+            g.0 += 1;
+            g.1 = g.1.max(g.0);
+            self.inflight_cv.notify_all();
+            let (mut g, _) = self
+                .inflight_cv
+                .wait_timeout_while(g, std::time::Duration::from_secs(10), |g| g.1 < 2)
+                .unwrap();
+            g.0 -= 1;
+        }
         if let Some(msg) = self.fail.lock().unwrap().clone() {
             return Err(Error::Remote {
                 url: blob.url.clone(),
@@ -187,6 +203,29 @@ fn random_reads_match_and_requests_are_aligned_and_capped() {
             assert!(seen.insert(u), "unit {u} fetched again");
         }
     }
+}
+
+#[test]
+fn a_read_larger_than_max_request_runs_its_requests_in_parallel() {
+    let size = 6 << 20;
+    let fake = Fake::new(random_bytes(21, size));
+    fake.pair_up
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let opts = RemoteOptions {
+        min_fetch: 256 * KIB,
+        max_request: 1 << 20,
+    };
+    let blob = open_blob(&fake, &cache, opts);
+    let t0 = std::time::Instant::now();
+    assert!(read_exact(&blob, 100, size - 200)[..] == fake.data[100..size - 100]);
+    assert_eq!(fake.count(), 6);
+    assert!(
+        fake.inflight.lock().unwrap().1 >= 2,
+        "requests ran one by one"
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
 }
 
 #[test]

@@ -20,8 +20,9 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use zfile::ReadAt;
 
@@ -153,16 +154,15 @@ struct Lead<'a> {
     len: u64,
     units: Vec<u64>,
     flight: Arc<Flight>,
-    result: Option<FlightResult>,
+    result: OnceLock<FlightResult>,
 }
 
 impl Lead<'_> {
     /// Records the outcome, wakes the waiters and clears the in-flight entries.
-    fn publish(&mut self, r: FlightResult) {
-        if self.result.is_some() {
+    fn publish(&self, r: FlightResult) {
+        if self.result.set(r.clone()).is_err() {
             return;
         }
-        self.result = Some(r.clone());
         *self
             .flight
             .done
@@ -180,7 +180,7 @@ impl Lead<'_> {
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
-        if self.result.is_none() {
+        if self.result.get().is_none() {
             let e = self.blob.remote_err(
                 self.offset,
                 self.len,
@@ -446,7 +446,7 @@ impl RemoteBlob {
                         len: ue - us,
                         units: vec![u],
                         flight,
-                        result: None,
+                        result: OnceLock::new(),
                     });
                 }
                 break Unit::Lead(leads.len() - 1);
@@ -455,18 +455,31 @@ impl RemoteBlob {
         }
 
         // Run our own requests first (never waiting on others while leading,
-        // so readers cannot deadlock on each other), then collect.
-        for l in &mut leads {
-            let flight = Arc::clone(&l.flight);
-            let r = self.fetch_request(l.offset, l.len, &flight.prio);
-            l.publish(r);
+        // so readers cannot deadlock on each other), then collect. Several
+        // requests (a read larger than `max_request`) run in parallel, up to
+        // the scheduler's limit.
+        let run = |l: &Lead<'_>| l.publish(self.fetch_request(l.offset, l.len, &l.flight.prio));
+        let workers = leads.len().min(self.sched.limit());
+        if workers <= 1 {
+            leads.iter().for_each(run);
+        } else {
+            let next = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..workers {
+                    s.spawn(|| {
+                        while let Some(l) = leads.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            run(l);
+                        }
+                    });
+                }
+            });
         }
         let mut first_err = None;
         for (k, unit) in plan.iter().enumerate() {
             let u = first + k as u64;
             let r = match unit {
                 Unit::Cached => continue,
-                Unit::Lead(i) => leads[*i].result.clone().expect("fetched"),
+                Unit::Lead(i) => leads[*i].result.get().cloned().expect("fetched"),
                 Unit::Wait(f) => f.wait(),
             };
             match r {
