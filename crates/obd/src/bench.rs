@@ -40,6 +40,19 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Lazy reads from a docker-registry on 127.0.0.1: cold flatten vs curl,
+    /// cold random 4 KiB latency, and latency under a background download.
+    Remote {
+        /// Virtual size of the generated image, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Folder for the generated files (default: a temporary folder).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Flatten of a 3-layer image from local files against copying a plain file.
     Read {
         /// Virtual size of the generated image, in MiB.
@@ -76,6 +89,11 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             dir,
             json,
         } => (crate::bench_read::run(size_mib, zfile, dir)?, json),
+        BenchCmd::Remote {
+            size_mib,
+            dir,
+            json,
+        } => (crate::bench_remote::run(size_mib, dir)?, json),
     };
     // One JSON object on one line, so scripts can parse the output.
     if as_json {

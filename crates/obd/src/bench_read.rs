@@ -16,7 +16,7 @@ const MIB: u64 = 1 << 20;
 
 /// Builds layer `k` of the benchmark image: layer 0 covers the whole disk, layer 1
 /// rewrites ~25% of it and layer 2 ~10%, in 256 KiB pieces.
-fn build_layer(dir: &Path, k: usize, size: u64, pool: &[u8], zfile: bool) -> Result<PathBuf> {
+pub fn build_layer(dir: &Path, k: usize, size: u64, pool: &[u8], zfile: bool) -> Result<PathBuf> {
     let data = dir.join(format!("layer{k}.data"));
     let index = dir.join(format!("layer{k}.index"));
     let mut w = WritableLayer::create(

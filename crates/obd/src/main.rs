@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_read;
+mod bench_remote;
 mod bench_zfile;
 mod cmd_image;
 mod cmd_layer;

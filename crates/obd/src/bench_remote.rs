@@ -1,0 +1,361 @@
+//! `obd bench remote`: lazy reads from a real `docker-registry` on 127.0.0.1,
+//! against baselines in the same run: `curl` downloading the same blobs, and
+//! foreground reads with no background download running.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use fixtures::Rng;
+use overlaybd_core::remote::blob::{RemoteBlob, RemoteOptions};
+use overlaybd_core::remote::cache::{BlockCache, CacheOptions};
+use overlaybd_core::remote::registry::{RegistryClient, RegistryOptions};
+use overlaybd_core::remote::sched::Scheduler;
+use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use serde_json::{json, Value};
+use zfile::ReadAt;
+
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry(dir: &Path) -> Result<Registry> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.join("registry").display()
+        ),
+    )?;
+    let child = Command::new("docker-registry")
+        .args(["serve", cfg.to_str().unwrap_or_default()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start docker-registry (apt install docker-registry)")?;
+    let reg = Registry { child, addr };
+    let up = Command::new("curl")
+        .args([
+            "-sf",
+            "--retry",
+            "50",
+            "--retry-connrefused",
+            "--retry-delay",
+            "0",
+            "--max-time",
+            "20",
+        ])
+        .arg(format!("http://{}/v2/", reg.addr))
+        .stdout(Stdio::null())
+        .status()
+        .context("cannot run curl")?;
+    ensure!(
+        up.success(),
+        "docker-registry did not come up on {}",
+        reg.addr
+    );
+    Ok(reg)
+}
+
+fn push(reg: &Registry, repo: &str, file: &Path) -> Result<(String, u64)> {
+    let digest = format!(
+        "sha256:{}",
+        crate::util::sha256_hex(std::fs::File::open(file)?)?
+    );
+    let out = Command::new("curl")
+        .args(["-sf", "-X", "POST", "-D", "-", "-o", "/dev/null"])
+        .arg(format!("http://{}/v2/{repo}/blobs/uploads/", reg.addr))
+        .output()?;
+    let headers = String::from_utf8_lossy(&out.stdout).to_string();
+    let loc = headers
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .context("registry gave no upload location")?;
+    let url = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("http://{}{loc}", reg.addr)
+    };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let ok = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", file.display()))
+        .arg(format!("{url}{sep}digest={digest}"))
+        .stdout(Stdio::null())
+        .status()?
+        .success();
+    ensure!(ok, "push of {} failed", file.display());
+    Ok((digest, file.metadata()?.len()))
+}
+
+/// A fetcher that counts requests and bytes.
+struct Counting {
+    inner: RegistryClient,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl RangeFetcher for Counting {
+    fn fetch(
+        &self,
+        blob: &BlobRef,
+        offset: u64,
+        len: u64,
+        prio: Priority,
+    ) -> overlaybd_core::Result<Vec<u8>> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        self.inner.fetch(blob, offset, len, prio)
+    }
+    fn blob_size(&self, url: &str) -> overlaybd_core::Result<u64> {
+        self.inner.blob_size(url)
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Random 4 KiB reads from a cold cache; returns latencies in µs and requests.
+fn cold_reads(
+    blob: &BlobRef,
+    fetcher: Arc<dyn RangeFetcher>,
+    sched: Arc<Scheduler>,
+    cache_dir: &Path,
+    offsets: &[u64],
+) -> Result<(Vec<f64>, u64)> {
+    let cache = BlockCache::open(CacheOptions::new(cache_dir))?;
+    let rb = RemoteBlob::new(
+        blob.clone(),
+        fetcher,
+        cache,
+        sched,
+        RemoteOptions::default(),
+    )?;
+    let mut lat = Vec::with_capacity(offsets.len());
+    let mut buf = vec![0u8; 4096];
+    for &off in offsets {
+        let t = Instant::now();
+        rb.read_exact_at(&mut buf, off)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((lat, rb.stats().requests))
+}
+
+pub fn run(size_mib: u64, dir: Option<PathBuf>) -> Result<Value> {
+    for prog in ["docker-registry", "curl"] {
+        if !Command::new("sh")
+            .args(["-c", &format!("command -v {prog}")])
+            .stdout(Stdio::null())
+            .status()?
+            .success()
+        {
+            bail!("`obd bench remote` needs {prog} (apt install docker-registry curl)");
+        }
+    }
+    let base = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("obd-bench-remote-{}", std::process::id()))
+    });
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base)?;
+    let res = run_in(&base, size_mib);
+    let _ = std::fs::remove_dir_all(&base);
+    res
+}
+
+fn run_in(base: &Path, size_mib: u64) -> Result<Value> {
+    let reg = start_registry(base)?;
+    let size = size_mib << 20;
+    let pool = fixtures::image_like(
+        5,
+        (64usize << 20).min(size as usize + (4 << 20)) + (4 << 20),
+    );
+    let mut lowers = Vec::new();
+    let mut blobs = Vec::new();
+    for k in 0..3 {
+        let file = crate::bench_read::build_layer(base, k, size, &pool, true)?;
+        let (digest, len) = push(&reg, "bench/img", &file)?;
+        std::fs::remove_file(&file)?;
+        lowers.push(json!({"digest": digest, "size": len}));
+        blobs.push((digest, len));
+    }
+    drop(pool);
+    let repo_url = format!("http://{}/v2/bench/img/blobs", reg.addr);
+    let cfg = base.join("config.v1.json");
+    std::fs::write(
+        &cfg,
+        json!({"repoBlobUrl": repo_url, "lowers": lowers}).to_string(),
+    )?;
+    let blob_bytes: u64 = blobs.iter().map(|b| b.1).sum();
+
+    // Baseline: curl downloading the same blobs, all at once (best of 3).
+    let mut curl_s = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let kids: Vec<Child> = blobs
+            .iter()
+            .map(|(d, _)| {
+                Command::new("curl")
+                    .args(["-sf", "-o", "/dev/null"])
+                    .arg(format!("{repo_url}/{d}"))
+                    .spawn()
+            })
+            .collect::<std::io::Result<_>>()?;
+        for mut k in kids {
+            ensure!(k.wait()?.success(), "curl download failed");
+        }
+        curl_s = curl_s.min(t.elapsed().as_secs_f64());
+    }
+    // obd: cold flatten (fresh cache each run, best of 3), as its own process.
+    let exe = std::env::current_exe()?;
+    let mut flatten_s = f64::MAX;
+    for i in 0..3 {
+        let cache = base.join(format!("cache-flatten-{i}"));
+        let out = base.join("flat.img");
+        let _ = std::fs::remove_file(&out);
+        let t = Instant::now();
+        let st = Command::new(&exe)
+            .args(["image", "flatten", "--no-sync", "--config"])
+            .arg(&cfg)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        ensure!(st.success(), "obd image flatten from the registry failed");
+        flatten_s = flatten_s.min(t.elapsed().as_secs_f64());
+        let _ = std::fs::remove_dir_all(&cache);
+        let _ = std::fs::remove_file(&out);
+    }
+
+    // Cold random 4 KiB reads of the base layer blob, and the same while a
+    // background download of that blob runs through the same scheduler.
+    let client = RegistryClient::new(RegistryOptions {
+        use_docker_config: false,
+        ..Default::default()
+    })?;
+    let fetcher = Arc::new(Counting {
+        inner: client,
+        requests: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+    });
+    let (digest, len) = blobs[0].clone();
+    let blob = BlobRef {
+        url: format!("{repo_url}/{digest}"),
+        digest,
+        size: len,
+    };
+    let mut rng = Rng::new(77);
+    let offsets: Vec<u64> = (0..300).map(|_| rng.below(len / 4096) * 4096).collect();
+    let sched = Arc::new(Scheduler::new(8));
+    let (mut alone, alone_req) = cold_reads(
+        &blob,
+        fetcher.clone(),
+        sched.clone(),
+        &base.join("c-alone"),
+        &offsets,
+    )?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let bg = {
+        let (blob, fetcher, sched, stop) =
+            (blob.clone(), fetcher.clone(), sched.clone(), stop.clone());
+        let dir = base.join("c-bg");
+        std::thread::spawn(move || -> Result<u64> {
+            let cache = BlockCache::open(CacheOptions::new(&dir))?;
+            let rb = RemoteBlob::new(
+                blob.clone(),
+                fetcher,
+                cache.clone(),
+                sched,
+                RemoteOptions::default(),
+            )?;
+            let mut done = 0u64;
+            // Download the blob again and again until told to stop.
+            while !stop.load(Ordering::Relaxed) {
+                let mut at = 0;
+                while at < blob.size && !stop.load(Ordering::Relaxed) {
+                    let n = (4u64 << 20).min(blob.size - at);
+                    rb.fetch_into_cache(at, n, Priority::Background)?;
+                    done += n;
+                    at += n;
+                }
+                cache.evict_blob(&blob.digest)?;
+            }
+            Ok(done)
+        })
+    };
+    let mut rng = Rng::new(78);
+    let offsets2: Vec<u64> = (0..300).map(|_| rng.below(len / 4096) * 4096).collect();
+    // Let the background download get going before measuring.
+    let t0 = Instant::now();
+    while fetcher.bytes.load(Ordering::Relaxed) < (16 << 20)
+        && t0.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::yield_now();
+    }
+    let (mut busy, _) = cold_reads(
+        &blob,
+        fetcher.clone(),
+        sched,
+        &base.join("c-busy"),
+        &offsets2,
+    )?;
+    stop.store(true, Ordering::Relaxed);
+    let bg_bytes = bg
+        .join()
+        .map_err(|_| anyhow::anyhow!("background thread panicked"))??;
+
+    let (p50, p99) = (percentile(&mut alone, 0.5), percentile(&mut alone, 0.99));
+    let (bp50, bp99) = (percentile(&mut busy, 0.5), percentile(&mut busy, 0.99));
+    Ok(json!({
+        "bench": "remote",
+        "what": "lazy reads from docker-registry on 127.0.0.1 (loopback, plain HTTP)",
+        "virtual_size": size,
+        "blob_bytes": blob_bytes,
+        "layer_format": "zfile(lz4,4K)(lsmt)",
+        "curl_parallel_mb_per_s": blob_bytes as f64 / 1e6 / curl_s,
+        "cold_flatten_mb_per_s": blob_bytes as f64 / 1e6 / flatten_s,
+        "cold_flatten_vs_curl_ratio": curl_s / flatten_s,
+        "cold_flatten_seconds": flatten_s,
+        "cold_random_4k_p50_us": p50,
+        "cold_random_4k_p99_us": p99,
+        "cold_random_4k_requests_per_read": alone_req as f64 / offsets.len() as f64,
+        "with_background_download_p50_us": bp50,
+        "with_background_download_p99_us": bp99,
+        "background_bytes_during_measurement": bg_bytes,
+        "p50_ratio_with_vs_without_background": bp50 / p50,
+        "p99_ratio_with_vs_without_background": bp99 / p99,
+        "goals": {"cold_flatten_vs_curl_ratio": 0.7, "p50_ratio_with_vs_without_background": 1.5},
+    }))
+}
