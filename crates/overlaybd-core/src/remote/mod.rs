@@ -9,6 +9,7 @@ use crate::error::Result;
 
 pub mod blob;
 pub mod cache;
+pub mod download;
 pub mod sched;
 
 /// How urgent a fetch is: a container waiting on a read goes before prefetch and
