@@ -10,9 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use overlaybd_core::config::Download;
+use overlaybd_core::remote::blob::{RemoteBlob, RemoteOptions};
+use overlaybd_core::remote::cache::{BlockCache, CacheOptions};
 use overlaybd_core::remote::download::{
-    is_cancelled, DownloadOptions, DownloadPhase, Downloader, SwitchBlob, COMMIT_FILE,
-    DOWNLOAD_FILE,
+    is_cancelled, CachedFetcher, DownloadOptions, DownloadPhase, Downloader, SwitchBlob,
+    COMMIT_FILE, DOWNLOAD_FILE,
 };
 use overlaybd_core::remote::sched::Scheduler;
 use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
@@ -540,4 +542,48 @@ fn options_from_config() {
     assert_eq!(o.delay, Duration::from_secs(300));
     assert_eq!(o.try_cnt, 5);
     assert_eq!(o.block_size, 262_144);
+}
+
+#[test]
+fn download_through_the_block_cache_skips_cached_ranges() {
+    // 1 MiB + a bit: five 256 KiB fetch units.
+    let fake = Fake::new(data((1 << 20) + 5000, 7));
+    let cache_dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(CacheOptions::new(cache_dir.path())).unwrap();
+    let sched = Arc::new(Scheduler::new(2));
+    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
+    let remote =
+        Arc::new(RemoteBlob::new(fake.blob(), f, cache, sched, RemoteOptions::default()).unwrap());
+    let sw = Arc::new(SwitchBlob::new(Arc::clone(&remote) as Arc<dyn ReadAt>));
+
+    // A foreground read caches the second unit.
+    let mut b = vec![0u8; 1000];
+    sw.read_exact_at(&mut b, 300 * KIB).unwrap();
+    assert_eq!(b, fake.data[300 * 1024..300 * 1024 + 1000]);
+    let before = fake.count();
+
+    let cf: Arc<dyn RangeFetcher> = Arc::new(CachedFetcher::new(Arc::clone(&remote)));
+    let r = Downloader::start(
+        fake.blob(),
+        cf,
+        dir.path().to_path_buf(),
+        opts(64 * KIB),
+        Arc::clone(&sw),
+    )
+    .wait()
+    .unwrap();
+    assert_eq!(r.bytes, fake.data.len() as u64);
+    let calls = &fake.calls()[before..];
+    let mut offs: Vec<u64> = calls.iter().map(|c| c.0).collect();
+    offs.sort();
+    assert_eq!(
+        offs,
+        vec![0, 512 * KIB, 768 * KIB, 1024 * KIB],
+        "the cached unit is not fetched again"
+    );
+    assert!(calls.iter().all(|c| c.2 == Priority::Background));
+    assert!(sw.is_local());
+    assert_eq!(read_all(&*sw), fake.data);
+    assert_eq!(fake.count(), before + 4);
 }

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sha2::{Digest, Sha256};
 use zfile::{FileSource, ReadAt};
 
+use super::blob::RemoteBlob;
 use super::sched::Scheduler;
 use super::{BlobRef, Priority, RangeFetcher};
 use crate::config::Download;
@@ -141,6 +142,62 @@ impl ReadAt for SwitchBlob {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         // The whole read on one source.
         self.current().read_exact_at(buf, offset)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Downloading through the block cache
+// ---------------------------------------------------------------------------
+
+/// A [`RangeFetcher`] reading one blob through its [`RemoteBlob`]: a range is
+/// brought into the block cache at the requested priority (single-flight with
+/// foreground reads, admitted by the blob's [`Scheduler`], skipping what is
+/// cached already), then copied out of the cache.
+///
+/// Give this to [`Downloader::start`] to download through the cache (as
+/// upstream does): blocks foreground reads fetched are not fetched again.
+/// Leave [`DownloadOptions::scheduler`] `None` then: the blob's own scheduler
+/// already orders the requests. Caveats: the downloaded blob also fills the
+/// cache budget; a range the cache could not keep is re-read at
+/// [`Priority::Foreground`]; corrupt cached bytes make the sha256 check fail.
+#[derive(Debug, Clone)]
+pub struct CachedFetcher {
+    remote: Arc<RemoteBlob>,
+}
+
+impl CachedFetcher {
+    /// Fetches through `remote`.
+    pub fn new(remote: Arc<RemoteBlob>) -> Self {
+        Self { remote }
+    }
+}
+
+impl RangeFetcher for CachedFetcher {
+    fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, prio: Priority) -> Result<Vec<u8>> {
+        let mine = self.remote.blob();
+        let fail = |detail: String| Error::Remote {
+            url: blob.url.clone(),
+            offset,
+            end: offset + len,
+            detail,
+        };
+        if blob.digest != mine.digest {
+            return Err(fail(format!(
+                "cached fetcher serves {}, asked for {}",
+                mine.digest, blob.digest
+            )));
+        }
+        self.remote.fetch_into_cache(offset, len, prio)?;
+        let mut v = vec![0u8; len as usize];
+        let n = self.remote.read(&mut v, offset)?;
+        if n as u64 != len {
+            return Err(fail(format!("blob ends after {n} of {len} bytes")));
+        }
+        Ok(v)
+    }
+
+    fn blob_size(&self, _blob_url: &str) -> Result<u64> {
+        Ok(self.remote.blob().size)
     }
 }
 
