@@ -19,7 +19,11 @@
 //! Failure or cancellation before the rename removes `.download` (this
 //! implementation does not resume partial downloads, so a partial file has no
 //! use) and never leaves an `overlaybd.commit`. Once the file is renamed the
-//! download is complete: a later cancel changes nothing.
+//! download is complete: a later cancel changes nothing. Dropping the
+//! [`DownloadHandle`] cancels; [`DownloadHandle::detach`] does not.
+//!
+//! The caller decides whether to download at all (`Download::enable`, and
+//! upstream skips it while a trace is recorded).
 
 use std::collections::hash_map::RandomState;
 use std::fs::{File, OpenOptions};
@@ -389,12 +393,18 @@ impl Shared {
 pub struct DownloadHandle {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<Result<DownloadReport>>>,
+    /// Why no worker thread runs (it could not be spawned).
+    spawn_error: Option<Error>,
 }
 
 impl DownloadHandle {
-    /// Asks the download to stop. Returns at once: the delay and retry waits
-    /// end immediately, a request in flight (or queued for a scheduler slot)
-    /// is finished first. No effect once the file is committed.
+    /// Asks the download to stop. Returns at once: the delay, rate-limit and
+    /// retry waits end immediately; a request in flight (or queued for a
+    /// scheduler slot) is finished first. The worker checks the flag under
+    /// the same lock it renames `overlaybd.commit` under, so after `cancel`
+    /// either [`DownloadHandle::wait`] reports the cancellation and no
+    /// `overlaybd.commit` was made, or the download had already committed
+    /// (then `cancel` changes nothing and `wait` returns the report).
     pub fn cancel(&self) {
         self.shared.lock().cancelled = true;
         self.shared.cv.notify_all();
@@ -413,13 +423,17 @@ impl DownloadHandle {
 
     /// Whether the worker has ended (successfully or not).
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// Waits for the end; the report, or why it failed ([`is_cancelled`]
     /// tells a cancellation).
     pub fn wait(mut self) -> Result<DownloadReport> {
-        let t = self.thread.take().expect("joined once");
+        let Some(t) = self.thread.take() else {
+            return Err(self.spawn_error.take().unwrap_or_else(|| {
+                Error::Io(io::Error::other("background download has no worker"))
+            }));
+        };
         t.join().unwrap_or_else(|_| {
             Err(Error::Io(io::Error::other(
                 "background download thread panicked",
@@ -489,17 +503,21 @@ impl Downloader {
                 job.shared.set_phase(phase);
                 r
             });
-        let thread = match thread {
-            Ok(t) => t,
+        match thread {
+            Ok(t) => DownloadHandle {
+                shared,
+                thread: Some(t),
+                spawn_error: None,
+            },
             Err(e) => {
-                // No thread: report the failure through `wait`.
+                // No thread: `wait` reports why.
                 shared.set_phase(DownloadPhase::Failed);
-                std::thread::spawn(move || Err(Error::Io(e)))
+                DownloadHandle {
+                    shared,
+                    thread: None,
+                    spawn_error: Some(Error::Io(e)),
+                }
             }
-        };
-        DownloadHandle {
-            shared,
-            thread: Some(thread),
         }
     }
 }
@@ -590,7 +608,21 @@ impl Job {
             return Err(e);
         }
 
-        std::fs::rename(&partial, &commit).in_file(&commit)?;
+        {
+            // Under the control lock: a cancel either lands before the
+            // rename (no commit file) or after it (ignored).
+            let g = self.shared.lock();
+            let r = if g.cancelled {
+                Err(cancelled_err(&self.blob))
+            } else {
+                std::fs::rename(&partial, &commit).in_file(&commit)
+            };
+            drop(g);
+            if let Err(e) = r {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        }
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .in_file(&self.dir)?;
@@ -610,7 +642,7 @@ impl Job {
         self.switch.switch_to(Arc::new(src))
     }
 
-    /// Fills, verifies and syncs `partial`; checks for cancellation last.
+    /// Fills, syncs and verifies `partial`.
     fn download(&self, partial: &Path, want: &str) -> Result<()> {
         let size = match self.blob.size {
             0 => self.fetcher.blob_size(&self.blob.url)?,
@@ -665,9 +697,6 @@ impl Job {
                     self.blob.digest
                 ),
             });
-        }
-        if self.shared.is_cancelled() {
-            return Err(cancelled_err(&self.blob));
         }
         Ok(())
     }
