@@ -1,6 +1,7 @@
 //! `obd image …`
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -59,11 +60,32 @@ pub struct RemoteArgs {
     /// timeouts, credentials.
     #[arg(long)]
     service_config: Option<PathBuf>,
+    /// Print the remote-fetch metrics (OpenMetrics text) to stderr at the end.
+    #[arg(long)]
+    metrics: bool,
+}
+
+fn print_metrics(
+    remote: &RemoteArgs,
+    registry: Option<&overlaybd_core::remote::service::RegistrySource>,
+) {
+    if remote.metrics {
+        match registry {
+            Some(r) => eprint!("{}", r.metrics().encode()),
+            None => eprintln!("(no remote layers: nothing was fetched)"),
+        }
+    }
 }
 
 /// Opens the image of `config`: local lowers from files, the rest lazily from
 /// the registry through the block cache.
-fn open_image(config: &std::path::Path, remote: &RemoteArgs) -> Result<Image> {
+fn open_image(
+    config: &std::path::Path,
+    remote: &RemoteArgs,
+) -> Result<(
+    Image,
+    Option<Arc<overlaybd_core::remote::service::RegistrySource>>,
+)> {
     use overlaybd_core::config::ImageConfig;
     use overlaybd_core::remote::service::{RegistrySource, ServiceConfig};
     use overlaybd_core::source::{LayerRef, LocalFiles};
@@ -79,7 +101,10 @@ fn open_image(config: &std::path::Path, remote: &RemoteArgs) -> Result<Image> {
         .is_some()
     });
     if all_local {
-        return Ok(Image::open(&cfg, base, &[&LocalFiles]).map_err(|e| e.in_file(config))?);
+        return Ok((
+            Image::open(&cfg, base, &[&LocalFiles]).map_err(|e| e.in_file(config))?,
+            None,
+        ));
     }
     let mut svc = match &remote.service_config {
         Some(p) => ServiceConfig::load(p)?,
@@ -88,8 +113,9 @@ fn open_image(config: &std::path::Path, remote: &RemoteArgs) -> Result<Image> {
     if let Some(d) = &remote.cache_dir {
         svc.cache.dir = d.clone();
     }
-    let registry = RegistrySource::new(&svc)?;
-    Ok(Image::open(&cfg, base, &[&LocalFiles, &registry]).map_err(|e| e.in_file(config))?)
+    let registry = Arc::new(RegistrySource::new(&svc)?);
+    let img = Image::open(&cfg, base, &[&LocalFiles, &*registry]).map_err(|e| e.in_file(config))?;
+    Ok((img, Some(registry)))
 }
 
 pub fn run(cmd: ImageCmd) -> Result<()> {
@@ -103,7 +129,7 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             remote,
         } => {
             let t0 = Instant::now();
-            let img = open_image(&config, &remote)?;
+            let (img, registry) = open_image(&config, &remote)?;
             // Replace a regular file rather than truncating it in place (a truncated
             // ext4 file is flushed to disk on close); block devices are written over.
             if std::fs::metadata(&output).is_ok_and(|m| m.is_file()) {
@@ -137,6 +163,7 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
                 let f = std::fs::File::open(&output)?;
                 println!("{}", crate::util::sha256_hex(f)?);
             }
+            print_metrics(&remote, registry.as_deref());
             Ok(())
         }
         ImageCmd::Info {
@@ -144,7 +171,7 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             json,
             remote,
         } => {
-            let img = open_image(&config, &remote)?;
+            let (img, registry) = open_image(&config, &remote)?;
             let segs = img.index().segments();
             let mapped: u64 = segs
                 .iter()
@@ -210,6 +237,7 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
                     human(zeroed)
                 );
             }
+            print_metrics(&remote, registry.as_deref());
             Ok(())
         }
     }

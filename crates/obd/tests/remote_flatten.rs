@@ -165,6 +165,30 @@ fn remote_lowers_flatten_to_the_local_digest_through_the_cache() {
         "--sha256",
     ]);
     assert_eq!(sha.trim(), want);
+    // A cold run with --metrics reports what it fetched, per layer.
+    let cold = dir.path().join("cache2");
+    let out2 = Command::new(env!("CARGO_BIN_EXE_obd"))
+        .args([
+            "image",
+            "flatten",
+            "--metrics",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--cache-dir",
+        ])
+        .arg(&cold)
+        .args(["-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out2.status.success());
+    let err = String::from_utf8_lossy(&out2.stderr);
+    let first = stack["layers"][0]["digest"].as_str().unwrap();
+    assert!(
+        err.contains(&format!(
+            "obd_remote_bytes_total{{layer=\"{first}\",priority=\"foreground\"}}"
+        )),
+        "{err}"
+    );
     let cached: u64 = std::fs::read_dir(&cache)
         .unwrap()
         .filter_map(|e| e.ok()?.metadata().ok())

@@ -54,3 +54,4 @@ pub mod creds;
 pub mod registry;
 #[cfg(feature = "registry")]
 pub mod service;
+pub mod metrics;

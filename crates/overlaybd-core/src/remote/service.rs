@@ -25,6 +25,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::remote::blob::{RemoteBlob, RemoteOptions, DEFAULT_MAX_REQUEST, DEFAULT_MIN_FETCH};
 use crate::remote::cache::{BlockCache, CacheOptions, DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET};
+use crate::remote::metrics::{MeteredFetcher, Metrics};
 use crate::remote::registry::{RegistryClient, RegistryOptions};
 use crate::remote::sched::Scheduler;
 use crate::remote::{BlobRef, RangeFetcher};
@@ -110,6 +111,7 @@ impl ServiceConfig {
 /// Remote lowers (`digest` + `repoBlobUrl`) read lazily from a registry through
 /// the persistent block cache.
 pub struct RegistrySource {
+    metrics: Metrics,
     fetcher: Arc<dyn RangeFetcher>,
     cache: Arc<BlockCache>,
     sched: Arc<Scheduler>,
@@ -125,10 +127,14 @@ impl RegistrySource {
 
     /// Like [`RegistrySource::new`] with any fetcher (tests, custom transports).
     pub fn with_fetcher(cfg: &ServiceConfig, fetcher: Arc<dyn RangeFetcher>) -> Result<Self> {
+        let metrics = Metrics::new();
+        let fetcher: Arc<dyn RangeFetcher> =
+            Arc::new(MeteredFetcher::new(fetcher, metrics.clone()));
         let mut copts = CacheOptions::new(&cfg.cache.dir);
         copts.budget = cfg.cache.budget;
         copts.block_size = cfg.cache.block_size;
         Ok(RegistrySource {
+            metrics,
             fetcher,
             cache: BlockCache::open(copts)?,
             sched: Arc::new(Scheduler::new(cfg.fetch.concurrency.max(1))),
@@ -142,6 +148,13 @@ impl RegistrySource {
     /// The block cache.
     pub fn cache(&self) -> &Arc<BlockCache> {
         &self.cache
+    }
+
+    /// Fetch metrics (OpenMetrics via [`Metrics::encode`]); cache usage is
+    /// sampled on each call.
+    pub fn metrics(&self) -> &Metrics {
+        self.metrics.cache_bytes.set(self.cache.usage() as i64);
+        &self.metrics
     }
 }
 
