@@ -587,3 +587,30 @@ fn download_through_the_block_cache_skips_cached_ranges() {
     assert_eq!(read_all(&*sw), fake.data);
     assert_eq!(fake.count(), before + 4);
 }
+
+#[test]
+fn cancel_during_retry_backoff_returns_promptly() {
+    let (fake, sw, dir) = setup(100_000);
+    fake.fail_first(0, u32::MAX);
+    let (reached_tx, reached_rx) = channel();
+    let (resume_tx, resume_rx) = channel();
+    *fake.gate.lock().unwrap() = Some(Gate {
+        offset: 0,
+        reached: reached_tx,
+        resume: Mutex::new(resume_rx),
+    });
+    let mut o = opts(64 * KIB);
+    o.try_cnt = 5;
+    o.retry_backoff = Duration::from_secs(60);
+    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
+    let h = Downloader::start(fake.blob(), f, dir.path().to_path_buf(), o, Arc::clone(&sw));
+    reached_rx.recv().unwrap();
+    resume_tx.send(()).unwrap();
+    let t = Instant::now();
+    h.cancel();
+    let e = h.wait().unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(is_cancelled(&e), "{e}");
+    assert_eq!(fake.count(), 1, "no retry after the cancel");
+    assert!(files(dir.path()).is_empty());
+}
