@@ -270,6 +270,41 @@ fn concurrent_readers_fetch_each_block_once() {
 }
 
 #[test]
+fn two_remote_blobs_of_one_digest_share_requests() {
+    let size = 2 << 20;
+    let fake = Fake::new(random_bytes(22, size));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    // Two devices using the same layer, each with its own scheduler.
+    let blobs = [
+        Arc::new(open_blob(&fake, &cache, RemoteOptions::default())),
+        Arc::new(open_blob(&fake, &cache, RemoteOptions::default())),
+    ];
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8u64)
+        .map(|t| {
+            let blob = Arc::clone(&blobs[t as usize % 2]);
+            let (barrier, fake) = (Arc::clone(&barrier), Arc::clone(&fake));
+            thread::spawn(move || {
+                barrier.wait();
+                let pieces = size as u64 / (64 * KIB);
+                for k in 0..pieces {
+                    let off = ((k * (2 * t + 1) + t) % pieces) * 64 * KIB;
+                    let got = read_exact(&*blob, off, 64 * KIB as usize);
+                    assert!(got[..] == fake.data[off as usize..(off + 64 * KIB) as usize]);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let mut units: Vec<u64> = fake.calls().iter().map(|c| c.0 / (256 * KIB)).collect();
+    units.sort_unstable();
+    assert_eq!(units, (0..8).collect::<Vec<_>>(), "{:?}", fake.calls());
+}
+
+#[test]
 fn concurrent_identical_reads_share_one_request() {
     let fake = Fake::new(random_bytes(3, 1 << 20));
     let dir = tempfile::tempdir().unwrap();

@@ -122,7 +122,12 @@ struct Flight {
     cv: Condvar,
     /// Raised by more urgent readers joining while the request is queued.
     prio: PrioCell,
+    /// The scheduler the request is queued in (to nudge after a raise).
+    sched: Arc<Scheduler>,
 }
+
+/// The in-flight table of one blob.
+type FlightMap = Mutex<HashMap<(u64, u64), Arc<Flight>>>;
 
 impl Flight {
     fn wait(&self) -> FlightResult {
@@ -170,9 +175,10 @@ impl Lead<'_> {
             .unwrap_or_else(PoisonError::into_inner) = Some(r);
         self.flight.cv.notify_all();
         let mut map = self.blob.lock_inflight();
-        for u in &self.units {
-            if map.get(u).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
-                map.remove(u);
+        for &u in &self.units {
+            let key = (self.blob.unit, u);
+            if map.get(&key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
+                map.remove(&key);
             }
         }
     }
@@ -200,8 +206,9 @@ pub struct RemoteBlob {
     sched: Arc<Scheduler>,
     unit: u64,
     max_units: u64,
-    /// Unit index → request fetching it.
-    inflight: Mutex<HashMap<u64, Arc<Flight>>>,
+    /// (unit size, unit index) → request fetching it; shared by every
+    /// RemoteBlob of this digest (through [`CachedBlob::shared`]).
+    inflight: Arc<FlightMap>,
     counters: Counters,
 }
 
@@ -236,6 +243,7 @@ impl RemoteBlob {
             });
         }
         let cached = cache.blob(&blob.digest, blob.size)?;
+        let inflight = cached.shared::<FlightMap>();
         Ok(Self {
             unit: opts.min_fetch,
             max_units: (opts.max_request / opts.min_fetch).max(1),
@@ -244,7 +252,7 @@ impl RemoteBlob {
             cache,
             cached,
             sched,
-            inflight: Mutex::new(HashMap::new()),
+            inflight,
             counters: Counters::default(),
         })
     }
@@ -274,7 +282,7 @@ impl RemoteBlob {
         }
     }
 
-    fn lock_inflight(&self) -> MutexGuard<'_, HashMap<u64, Arc<Flight>>> {
+    fn lock_inflight(&self) -> MutexGuard<'_, HashMap<(u64, u64), Arc<Flight>>> {
         self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -405,12 +413,12 @@ impl RemoteBlob {
                     break Unit::Cached;
                 }
                 let mut map = self.lock_inflight();
-                if let Some(f) = map.get(&u) {
+                if let Some(f) = map.get(&(self.unit, u)) {
                     let f = Arc::clone(f);
                     drop(map);
                     // Don't wait behind a less urgent queued request: raise it.
                     if f.prio.raise(prio) {
-                        self.sched.nudge();
+                        f.sched.nudge();
                     }
                     bump(&self.counters.joined, 1);
                     break Unit::Wait(f);
@@ -430,7 +438,7 @@ impl RemoteBlob {
                 };
                 if extend {
                     let l = leads.last_mut().expect("checked");
-                    map.insert(u, Arc::clone(&l.flight));
+                    map.insert((self.unit, u), Arc::clone(&l.flight));
                     l.units.push(u);
                     l.len = ue - l.offset;
                 } else {
@@ -438,8 +446,9 @@ impl RemoteBlob {
                         done: Mutex::new(None),
                         cv: Condvar::new(),
                         prio: PrioCell::new(prio),
+                        sched: Arc::clone(&self.sched),
                     });
-                    map.insert(u, Arc::clone(&flight));
+                    map.insert((self.unit, u), Arc::clone(&flight));
                     leads.push(Lead {
                         blob: self,
                         offset: us,

@@ -26,6 +26,7 @@
 //!
 //! One process owns a cache directory at a time (an `flock` on `<dir>/LOCK`).
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -125,6 +126,8 @@ pub struct CachedBlob {
     /// Serialises bitmap writes (taken before `state`), so a bitmap written
     /// from an older snapshot never replaces a newer one.
     persist_lock: Mutex<()>,
+    /// State that users of this blob share (see [`CachedBlob::shared`]).
+    shared: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
 }
 
 impl CachedBlob {
@@ -136,6 +139,20 @@ impl CachedBlob {
     /// The blob size.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// A value of type `T` shared by every user of this blob's cache (all
+    /// [`RemoteBlob`](super::blob::RemoteBlob)s of the same digest share their
+    /// in-flight requests through it). Created with `T::default()` on first
+    /// use; a reset blob starts a new one.
+    pub fn shared<T: Any + Send + Sync + Default>(&self) -> Arc<T> {
+        let mut g = lock(&self.shared);
+        if let Some(t) = g.as_ref().and_then(|a| Arc::clone(a).downcast::<T>().ok()) {
+            return t;
+        }
+        let t = Arc::new(T::default());
+        *g = Some(Arc::clone(&t) as Arc<dyn Any + Send + Sync>);
+        t
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, BlobState> {
@@ -536,6 +553,7 @@ impl BlockCache {
                 gen: 0,
             }),
             persist_lock: Mutex::new(()),
+            shared: Mutex::new(None),
         }))
     }
 
@@ -622,6 +640,7 @@ impl BlockCache {
                 gen: 0,
             }),
             persist_lock: Mutex::new(()),
+            shared: Mutex::new(None),
         });
         blobs.insert(digest.to_owned(), Arc::clone(&b));
         Ok(b)
