@@ -558,6 +558,30 @@ fn the_files_on_disk_are_a_valid_cache_at_any_moment() {
 }
 
 #[test]
+fn self_heal_works_through_a_window_as_in_a_tar_wrapper() {
+    let (plain, z) = zfile_of(23, 1 << 20);
+    // tar(ZFile): a 512-byte header, the ZFile, padding.
+    let mut wrapped = vec![0u8; 512];
+    wrapped.extend_from_slice(&z);
+    wrapped.resize(wrapped.len().next_multiple_of(512) + 1024, 0);
+    let fake = Fake::new(wrapped);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let blob = Arc::new(open_blob(&fake, &cache, RemoteOptions::default()));
+    let r = ZFileReader::open(zfile::Window::new(Arc::clone(&blob), 512, z.len() as u64)).unwrap();
+    let (off, len) = r.block_extent(150);
+    // The blob offset of block 150 is 512 past its ZFile offset.
+    fake.corrupt_next(512 + off, 512 + off + u64::from(len), 1);
+    cache.evict_blob(DIGEST).unwrap();
+    fake.reset();
+    let mut buf = vec![0u8; 4096];
+    r.read_at(&mut buf, 150 * 4096).unwrap();
+    assert!(buf[..] == plain[150 * 4096..151 * 4096]);
+    assert_eq!(blob.stats().invalidations, 1);
+    assert_eq!(fake.count(), 2);
+}
+
+#[test]
 fn corrupt_bitmap_resets_the_blob_cache() {
     let size = 2 << 20;
     let fake = Fake::new(random_bytes(8, size));

@@ -5,18 +5,25 @@
 //! 256 KiB by default, upstream's `refillSize`); units already cached are read
 //! from the cache, the missing ones are fetched through the [`RangeFetcher`]:
 //! - consecutive missing units of one read are merged into one request of at
-//!   most `max_request` bytes (4 MiB by default);
-//! - **single flight**: a unit being fetched by another thread is not fetched
-//!   again; the reader waits for that fetch and shares its bytes (or error);
-//! - fetches go through the [`Scheduler`], foreground reads at
+//!   most `max_request` bytes (4 MiB by default); the requests of a larger
+//!   read run in parallel, up to the scheduler's limit;
+//! - **single flight**: a unit being fetched by another thread (through this
+//!   or any other `RemoteBlob` of the same digest and cache) is not fetched
+//!   again; the reader waits for that request and shares its bytes (or
+//!   error), raising its priority if the reader is more urgent;
+//! - requests are admitted by the [`Scheduler`]: foreground reads at
 //!   [`Priority::Foreground`], [`RemoteBlob::prefetch`] at
-//!   [`Priority::Prefetch`];
+//!   [`Priority::Prefetch`], [`RemoteBlob::fetch_into_cache`] at any;
 //! - fetched bytes are written to the cache, then copied to the caller
 //!   straight from the fetch buffer (so a read succeeds even when the cache
 //!   cannot keep the data).
 //!
-//! [`ReadAt::invalidate`] evicts the covering cache blocks, so a reader that
-//! finds a corrupt block (the ZFile block CRC) re-reads it from the registry.
+//! Self-healing: [`ReadAt::invalidate`] evicts the covering cache blocks, so a
+//! ZFile reader that finds a corrupt block (bad CRC, undecodable) re-reads it
+//! from the registry (up to 3 tries, in `zfile`); [`RemoteBlob::retry_open`]
+//! does the same for metadata parsed at open (tar/ZFile header, jump table,
+//! LSMT index). Errors from the fetcher reach `read_at` callers as an
+//! `io::Error` carrying [`Error::Remote`] (URL and range).
 
 use std::collections::HashMap;
 use std::io;
