@@ -46,6 +46,9 @@ pub enum BenchCmd {
         /// Virtual size of the generated image, in MiB.
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
+        /// Flatten threads (remote reads are latency-bound: more than cores helps).
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
         /// Folder for the generated files (default: a temporary folder).
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
@@ -91,9 +94,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         } => (crate::bench_read::run(size_mib, zfile, dir)?, json),
         BenchCmd::Remote {
             size_mib,
+            threads,
             dir,
             json,
-        } => (crate::bench_remote::run(size_mib, dir)?, json),
+        } => (crate::bench_remote::run(size_mib, threads, dir)?, json),
     };
     // One JSON object on one line, so scripts can parse the output.
     if as_json {

@@ -170,7 +170,7 @@ fn cold_reads(
     Ok((lat, rb.stats().requests))
 }
 
-pub fn run(size_mib: u64, dir: Option<PathBuf>) -> Result<Value> {
+pub fn run(size_mib: u64, threads: usize, dir: Option<PathBuf>) -> Result<Value> {
     for prog in ["docker-registry", "curl"] {
         if !Command::new("sh")
             .args(["-c", &format!("command -v {prog}")])
@@ -186,12 +186,12 @@ pub fn run(size_mib: u64, dir: Option<PathBuf>) -> Result<Value> {
     });
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base)?;
-    let res = run_in(&base, size_mib);
+    let res = run_in(&base, size_mib, threads);
     let _ = std::fs::remove_dir_all(&base);
     res
 }
 
-fn run_in(base: &Path, size_mib: u64) -> Result<Value> {
+fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     let reg = start_registry(base)?;
     let size = size_mib << 20;
     let pool = fixtures::image_like(
@@ -243,7 +243,14 @@ fn run_in(base: &Path, size_mib: u64) -> Result<Value> {
         let _ = std::fs::remove_file(&out);
         let t = Instant::now();
         let st = Command::new(&exe)
-            .args(["image", "flatten", "--no-sync", "--config"])
+            .args([
+                "image",
+                "flatten",
+                "--no-sync",
+                "--threads",
+                &threads.to_string(),
+                "--config",
+            ])
             .arg(&cfg)
             .arg("--cache-dir")
             .arg(&cache)
@@ -348,6 +355,7 @@ fn run_in(base: &Path, size_mib: u64) -> Result<Value> {
         "cold_flatten_mb_per_s": blob_bytes as f64 / 1e6 / flatten_s,
         "cold_flatten_vs_curl_ratio": curl_s / flatten_s,
         "cold_flatten_seconds": flatten_s,
+        "flatten_threads": threads,
         "cold_random_4k_p50_us": p50,
         "cold_random_4k_p99_us": p99,
         "cold_random_4k_requests_per_read": alone_req as f64 / offsets.len() as f64,
