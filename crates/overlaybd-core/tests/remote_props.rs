@@ -121,3 +121,44 @@ proptest! {
         }
     }
 }
+
+/// Readers racing with evictions (tiny budget) and invalidations never see
+/// wrong bytes.
+#[test]
+fn concurrent_reads_evictions_and_invalidations_stay_correct() {
+    let size = 1 << 20;
+    let mut data = vec![0u8; size];
+    fixtures::Rng::new(99).fill(&mut data);
+    let src = Arc::new(Mem {
+        data,
+        calls: Mutex::new(Vec::new()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, blob) = open(dir.path(), 12 * BS, &src);
+    let blob = Arc::new(blob);
+    let barrier = Arc::new(std::sync::Barrier::new(6));
+    let handles: Vec<_> = (0..6u64)
+        .map(|t| {
+            let (blob, src, barrier) = (Arc::clone(&blob), Arc::clone(&src), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                let mut rng = fixtures::Rng::new(t + 1);
+                barrier.wait();
+                for _ in 0..300 {
+                    let o = rng.below(size as u64);
+                    let l = rng.below(40_000) as usize;
+                    if t == 0 && rng.below(3) == 0 {
+                        blob.invalidate(o, l as u64 + 1);
+                        continue;
+                    }
+                    let mut buf = vec![0u8; l];
+                    let n = blob.read_at(&mut buf, o).unwrap();
+                    assert!(buf[..n] == src.data[o as usize..o as usize + n]);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(cache.usage() <= 12 * BS);
+}
