@@ -25,18 +25,21 @@ pub struct Layer {
     pub blob_size: u64,
     /// The parsed LSMT layer; its `source()` is the uncompressed LSMT bytes.
     pub lsmt: RoLayer,
+    /// The blob as stored (for read-ahead advice to remote sources).
+    raw: Blob,
 }
 
 impl Layer {
     /// Opens a layer from its blob bytes (any nesting).
     pub fn open(name: impl Into<String>, blob: Blob) -> Result<Layer> {
         let blob_size = blob.size();
-        let dec = source::decode(blob)?;
+        let dec = source::decode(blob.clone())?;
         Ok(Layer {
             name: name.into(),
             nesting: dec.nesting,
             blob_size,
             lsmt: RoLayer::open(dec.lsmt)?,
+            raw: blob,
         })
     }
 }
@@ -352,8 +355,29 @@ impl Image {
             }
         };
         let threads = threads.max(1).min(jobs.len().max(1));
+        // Whole-disk reads are coming: advise every layer blob to stream ahead in
+        // large pieces (remote blobs fetch them at Prefetch priority; local files
+        // ignore it), two streams per layer, stopped when flatten ends.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let advise = |layer: &Layer, lane: u64| {
+            const PIECE: u64 = 4 << 20;
+            let size = layer.raw.size();
+            let mut at = lane * PIECE;
+            while at < size && !done.load(Ordering::Relaxed) {
+                layer.raw.will_need(at, PIECE.min(size - at));
+                at += 2 * PIECE;
+            }
+        };
         std::thread::scope(|sc| -> Result<()> {
+            for layer in &self.layers {
+                if layer.raw.local_file().is_none() {
+                    for lane in 0..2 {
+                        sc.spawn(move || advise(layer, lane));
+                    }
+                }
+            }
             let hs: Vec<_> = (0..threads).map(|_| sc.spawn(worker)).collect();
+            let _stop = StopOnDrop(&done);
             for h in hs {
                 h.join()
                     .map_err(|_| Error::Io(io::Error::other("flatten worker panicked")))??;
@@ -364,6 +388,15 @@ impl Image {
             virtual_size: self.vsize,
             data_bytes: written.into_inner(),
         })
+    }
+}
+
+/// Sets the flag when dropped (also on early return or unwinding).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

@@ -40,6 +40,14 @@ pub trait ReadAt: Send + Sync {
         false
     }
 
+    /// Advice that `[offset, offset + len)` will be read soon (like
+    /// `POSIX_FADV_WILLNEED`). Remote sources fetch it ahead at low priority and
+    /// return when it is cached; local sources ignore it. Errors are not
+    /// reported here: the later read reports them.
+    fn will_need(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
     /// Fills `buf` from `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -155,6 +163,9 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
     fn local_file(&self) -> Option<(&File, u64)> {
         (**self).local_file()
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
+    }
     fn invalidate(&self, offset: u64, len: u64) -> bool {
         (**self).invalidate(offset, len)
     }
@@ -173,6 +184,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
     fn local_file(&self) -> Option<(&File, u64)> {
         (**self).local_file()
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
+    }
     fn invalidate(&self, offset: u64, len: u64) -> bool {
         (**self).invalidate(offset, len)
     }
@@ -190,6 +204,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
     }
     fn local_file(&self) -> Option<(&File, u64)> {
         (**self).local_file()
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
     }
     fn invalidate(&self, offset: u64, len: u64) -> bool {
         (**self).invalidate(offset, len)
@@ -254,6 +271,12 @@ impl<R: ReadAt> ReadAt for Window<R> {
         }
         let len = len.min(self.len - offset);
         self.inner.invalidate(self.start + offset, len)
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        if offset < self.len {
+            self.inner
+                .will_need(self.start + offset, len.min(self.len - offset))
+        }
     }
 }
 

@@ -587,4 +587,9 @@ impl ReadAt for RemoteBlob {
         let _ = self.cache.evict(&self.blob.digest, offset, len);
         true
     }
+
+    /// Fetches the range into the cache at [`Priority::Prefetch`].
+    fn will_need(&self, offset: u64, len: u64) {
+        let _ = self.fetch_into_cache(offset, len, Priority::Prefetch);
+    }
 }

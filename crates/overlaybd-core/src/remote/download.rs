@@ -140,6 +140,9 @@ impl ReadAt for SwitchBlob {
     fn local_file(&self) -> Option<(&File, u64)> {
         self.current().local_file()
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        self.current().will_need(offset, len)
+    }
     fn invalidate(&self, offset: u64, len: u64) -> bool {
         self.current().invalidate(offset, len)
     }

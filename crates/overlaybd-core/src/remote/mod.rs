@@ -50,8 +50,8 @@ pub trait RangeFetcher: Send + Sync {
 pub mod auth;
 #[cfg(feature = "registry")]
 pub mod creds;
+pub mod metrics;
 #[cfg(feature = "registry")]
 pub mod registry;
 #[cfg(feature = "registry")]
 pub mod service;
-pub mod metrics;
