@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
+use fixtures::registry::Registry;
 use fixtures::Rng;
 use overlaybd_core::remote::blob::{RemoteBlob, RemoteOptions};
 use overlaybd_core::remote::cache::{BlockCache, CacheOptions};
@@ -18,100 +19,12 @@ use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
 use serde_json::{json, Value};
 use zfile::ReadAt;
 
-struct Registry {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_registry(dir: &Path) -> Result<Registry> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let cfg = dir.join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.join("registry").display()
-        ),
-    )?;
-    let child = Command::new("docker-registry")
-        .args(["serve", cfg.to_str().unwrap_or_default()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start docker-registry (apt install docker-registry)")?;
-    let reg = Registry { child, addr };
-    let up = Command::new("curl")
-        .args([
-            "-sf",
-            "--retry",
-            "50",
-            "--retry-connrefused",
-            "--retry-delay",
-            "0",
-            "--max-time",
-            "20",
-        ])
-        .arg(format!("http://{}/v2/", reg.addr))
-        .stdout(Stdio::null())
-        .status()
-        .context("cannot run curl")?;
-    ensure!(
-        up.success(),
-        "docker-registry did not come up on {}",
-        reg.addr
-    );
-    Ok(reg)
-}
-
 fn push(reg: &Registry, repo: &str, file: &Path) -> Result<(String, u64)> {
     let digest = format!(
         "sha256:{}",
         crate::util::sha256_hex(std::fs::File::open(file)?)?
     );
-    let out = Command::new("curl")
-        .args(["-sf", "-X", "POST", "-D", "-", "-o", "/dev/null"])
-        .arg(format!("http://{}/v2/{repo}/blobs/uploads/", reg.addr))
-        .output()?;
-    let headers = String::from_utf8_lossy(&out.stdout).to_string();
-    let loc = headers
-        .lines()
-        .find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .context("registry gave no upload location")?;
-    let url = if loc.starts_with("http") {
-        loc
-    } else {
-        format!("http://{}{loc}", reg.addr)
-    };
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let ok = Command::new("curl")
-        .args([
-            "-sf",
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/octet-stream",
-            "--data-binary",
-        ])
-        .arg(format!("@{}", file.display()))
-        .arg(format!("{url}{sep}digest={digest}"))
-        .stdout(Stdio::null())
-        .status()?
-        .success();
-    ensure!(ok, "push of {} failed", file.display());
+    reg.push(repo, file, &digest).map_err(anyhow::Error::msg)?;
     Ok((digest, file.metadata()?.len()))
 }
 
@@ -171,16 +84,6 @@ fn cold_reads(
 }
 
 pub fn run(size_mib: u64, threads: usize, dir: Option<PathBuf>) -> Result<Value> {
-    for prog in ["docker-registry", "curl"] {
-        if !Command::new("sh")
-            .args(["-c", &format!("command -v {prog}")])
-            .stdout(Stdio::null())
-            .status()?
-            .success()
-        {
-            bail!("`obd bench remote` needs {prog} (apt install docker-registry curl)");
-        }
-    }
     let base = dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("obd-bench-remote-{}", std::process::id()))
     });
@@ -192,7 +95,7 @@ pub fn run(size_mib: u64, threads: usize, dir: Option<PathBuf>) -> Result<Value>
 }
 
 fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
-    let reg = start_registry(base)?;
+    let reg = Registry::start(base).map_err(|e| anyhow::anyhow!("obd bench remote: {e}"))?;
     let size = size_mib << 20;
     let pool = fixtures::image_like(
         5,
@@ -208,7 +111,7 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
         blobs.push((digest, len));
     }
     drop(pool);
-    let repo_url = format!("http://{}/v2/bench/img/blobs", reg.addr);
+    let repo_url = reg.repo_blob_url("bench/img");
     let cfg = base.join("config.v1.json");
     std::fs::write(
         &cfg,
