@@ -168,22 +168,7 @@ pub(crate) fn load_ro_segments(raw: &[Segment], limit: u64) -> Result<Vec<Segmen
                 });
             }
         }
-        let ok = if s.zeroed {
-            DATA_START_SECTOR <= s.moffset && s.moffset <= limit
-        } else {
-            DATA_START_SECTOR <= s.moffset
-                && s.moffset < limit
-                && DATA_START_SECTOR < s.mend()
-                && s.mend() <= limit
-        };
-        if !ok {
-            return Err(Error::MoffsetRange {
-                index: i,
-                moffset: s.moffset,
-                mend: s.mend(),
-                limit,
-            });
-        }
+        check_moffset(i, &s, limit)?;
         out.push(s);
     }
     Ok(out)
@@ -358,6 +343,29 @@ impl ReadAt for RoLayer {
     }
     fn size(&self) -> u64 {
         self.extent()
+    }
+}
+
+/// Upstream's moffset rule for entry `index`: data entries lie inside the data
+/// area `[8, limit)` sectors; zeroed entries need `8 <= moffset <= limit`.
+pub(crate) fn check_moffset(index: usize, s: &Segment, limit: u64) -> Result<()> {
+    let ok = if s.zeroed {
+        DATA_START_SECTOR <= s.moffset && s.moffset <= limit
+    } else {
+        DATA_START_SECTOR <= s.moffset
+            && s.moffset < limit
+            && DATA_START_SECTOR < s.mend()
+            && s.mend() <= limit
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::MoffsetRange {
+            index,
+            moffset: s.moffset,
+            mend: s.mend(),
+            limit,
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Context, Error, Result};
 use crate::lsmt::commit::CommitInput;
 use crate::lsmt::header::{flags, HeaderTrailer, Uuid, BLOCK};
-use crate::lsmt::ro::{read_mapped, read_raw_entries, sector_span, DATA_START_SECTOR};
+use crate::lsmt::ro::{check_moffset, read_mapped, read_raw_entries, sector_span};
 use crate::lsmt::segment::{Segment, SECTOR};
 use crate::ReadAt;
 
@@ -263,23 +263,7 @@ impl WritableLayer {
             }
             let mut s = *e;
             s.tag = 0;
-            let ok = if s.zeroed {
-                DATA_START_SECTOR <= s.moffset && s.moffset <= limit
-            } else {
-                DATA_START_SECTOR <= s.moffset
-                    && s.moffset < limit
-                    && DATA_START_SECTOR < s.mend()
-                    && s.mend() <= limit
-            };
-            if !ok {
-                return Err(Error::MoffsetRange {
-                    index: i,
-                    moffset: s.moffset,
-                    mend: s.mend(),
-                    limit,
-                }
-                .in_file(index_path));
-            }
+            check_moffset(i, &s, limit).map_err(|e| e.in_file(index_path))?;
             layer.insert(s);
         }
         Ok(layer)
