@@ -1,0 +1,1 @@
+//! FUSE frontend: the device as one file in a FUSE mount (fuser).

@@ -1,0 +1,1 @@
+//! The TCMU frontend: UAPI, command ring, SCSI emulation, configfs set-up.
