@@ -97,6 +97,7 @@ fn open_image(
             lower,
             repo_blob_url: &cfg.repo_blob_url,
             base_dir: base,
+            download: None,
         })
         .is_some()
     });

@@ -82,6 +82,7 @@ impl Image {
                 lower: &lowers[index],
                 repo_blob_url: &cfg.repo_blob_url,
                 base_dir,
+                download: cfg.download.as_ref(),
             };
             let name = describe(&lowers[index]);
             let mut opened = None;

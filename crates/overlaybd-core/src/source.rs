@@ -27,6 +27,8 @@ pub struct LayerRef<'a> {
     pub repo_blob_url: &'a str,
     /// Folder that relative paths are resolved against (the config's folder).
     pub base_dir: Option<&'a Path>,
+    /// The image's own `download` settings, overriding the service's.
+    pub download: Option<&'a crate::config::Download>,
 }
 
 /// A blob opened by a source.

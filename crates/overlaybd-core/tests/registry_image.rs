@@ -150,3 +150,77 @@ fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() 
         "a range was fetched twice: {ranges:?}"
     );
 }
+
+#[test]
+fn background_download_switches_layers_to_verified_local_copies() {
+    let Some(reg) = Registry::start() else { return };
+    support::init_tls();
+    let upstream = reg.url().trim_start_matches("http://").to_string();
+    let proxy = Server::start(move |_r: &Req| Action::Forward(upstream.clone()));
+    let dl_dir = tempfile::tempdir().unwrap();
+    let mut lowers = Vec::new();
+    for (i, (file, digest)) in STACK.iter().enumerate() {
+        let data = std::fs::read(fixtures::interop().join(file)).unwrap();
+        reg.push_blob("obd/dl", &data);
+        lowers.push(Lower {
+            digest: digest.to_string(),
+            size: data.len() as u64,
+            // The bottom layer names its own dir, the others use the service's.
+            dir: if i == 0 {
+                dl_dir.path().join("own").to_string_lossy().into_owned()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        });
+    }
+    let cfg = ImageConfig {
+        repo_blob_url: format!("{}/v2/obd/dl/blobs", proxy.url()),
+        lowers,
+        ..Default::default()
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let mut svc = service(cache.path());
+    svc.download.enable = true;
+    svc.download.delay = 0;
+    svc.download.delay_extra = 0;
+    svc.download.max_mbps = 0;
+    svc.download.dir = dl_dir.path().join("svc");
+    let src = RegistrySource::new(&svc).unwrap();
+    let img = Image::open(&cfg, None, &[&LocalFiles, &src]).unwrap();
+    let done = src.wait_downloads();
+    assert_eq!(done.len(), 3);
+    for (digest, r) in &done {
+        let r = r.as_ref().unwrap_or_else(|e| panic!("{digest}: {e}"));
+        assert!(r.path.ends_with("overlaybd.commit"), "{r:?}");
+    }
+    assert!(dl_dir.path().join("own/overlaybd.commit").is_file());
+    let hex1 = STACK[1].1.trim_start_matches("sha256:");
+    assert!(dl_dir
+        .path()
+        .join("svc")
+        .join(hex1)
+        .join("overlaybd.commit")
+        .is_file());
+    // Every read is local now: the whole disk reads right with no request.
+    let before = proxy.requests().len();
+    assert_eq!(disk_sha256(&img), DISK_SHA256);
+    assert_eq!(
+        proxy.requests().len(),
+        before,
+        "reads went remote after the switch"
+    );
+    drop(img);
+    drop(src);
+
+    // A new image over the committed dirs opens the bottom layer from its own
+    // dir (`overlaybd.commit`) through LocalFiles, with no download at all.
+    let src2 = RegistrySource::new(&service(cache.path())).unwrap();
+    let img = Image::open(&cfg, None, &[&LocalFiles, &src2]).unwrap();
+    assert!(
+        img.layers()[0].name.ends_with("overlaybd.commit"),
+        "{}",
+        img.layers()[0].name
+    );
+    assert!(src2.wait_downloads().is_empty());
+}

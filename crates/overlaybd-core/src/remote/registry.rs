@@ -29,6 +29,7 @@
 //! `timeouts.total_ms` for a whole read including retries and failover.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -845,27 +846,42 @@ impl RegistryClient {
                     Ok((body.to_vec(), total.or(expect_total).unwrap_or(0)))
                 }
                 StatusCode::OK => {
-                    let body = resp.bytes().map_err(|e| {
-                        Fail::Retry(format!("reading body: {}", chain(&e.without_url())))
-                    })?;
-                    let total = body.len() as u64;
-                    if let Some(e) = expect_total {
-                        if total != e {
+                    // The server ignored the range and sends the whole blob: stream
+                    // past `offset`, keep only `len` bytes, and drop the rest with
+                    // the connection, so memory stays bounded by the request size.
+                    let total = resp.content_length().or(expect_total);
+                    if let (Some(t), Some(e)) = (resp.content_length(), expect_total) {
+                        if t != e {
                             return Err(Fail::Retry(format!(
-                                "200 body has {total} bytes, the blob has {e}"
+                                "200 body has {t} bytes, the blob has {e}"
                             )));
                         }
                     }
-                    if total < offset + len {
+                    if let Some(t) = total {
+                        if t < offset + len {
+                            return Err(Fail::Retry(format!(
+                                "200 body has {t} bytes, the range ends at {}",
+                                offset + len
+                            )));
+                        }
+                    }
+                    let mut body = resp;
+                    let skipped =
+                        std::io::copy(&mut (&mut body).take(offset), &mut std::io::sink())
+                            .map_err(|e| Fail::Retry(format!("reading 200 body: {e}")))?;
+                    if skipped != offset {
                         return Err(Fail::Retry(format!(
-                            "200 body has {total} bytes, the range ends at {}",
-                            offset + len
+                            "200 body ended at {skipped} bytes, before the range start {offset}"
                         )));
                     }
-                    Ok((
-                        body[offset as usize..(offset + len) as usize].to_vec(),
-                        total,
-                    ))
+                    let mut out = vec![0u8; len as usize];
+                    body.read_exact(&mut out).map_err(|e| {
+                        Fail::Retry(format!(
+                            "200 body ended before the range end {}: {e}",
+                            offset + len
+                        ))
+                    })?;
+                    Ok((out, total.unwrap_or(0)))
                 }
                 s if s.is_server_error()
                     || s == StatusCode::TOO_MANY_REQUESTS

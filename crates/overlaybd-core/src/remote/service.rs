@@ -13,18 +13,33 @@
 //! max_request = 4194304          # largest single request
 //! concurrency = 8                # outstanding requests; foreground reads go first
 //!
+//! [download]                     # background whole-blob download, then reads go local
+//! enable = false                 # a config.v1.json `download` section overrides this
+//! delay = 300                    # seconds after the layer opens
+//! delay_extra = 30               # plus a random 0..delay_extra seconds
+//! max_mbps = 100                 # MiB/s per blob; 0 = unlimited
+//! try_cnt = 5                    # attempts per chunk
+//! block_size = 262144            # bytes per request
+//! dir = "/var/lib/obd/download"  # `<dir>/<digest hex>/overlaybd.commit` when the
+//!                                # layer's config entry names no `dir` of its own
+//!
 //! [registry]                     # see RegistryOptions: hosts, mirrors, p2p, timeouts,
 //! user_agent = "obd/<version>"   # retry, credential_file, use_docker_config, ...
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
+use crate::config::{resolve, Download};
 use crate::error::{Error, Result};
 use crate::remote::blob::{RemoteBlob, RemoteOptions, DEFAULT_MAX_REQUEST, DEFAULT_MIN_FETCH};
 use crate::remote::cache::{BlockCache, CacheOptions, DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET};
+use crate::remote::download::{
+    CachedFetcher, DownloadHandle, DownloadOptions, DownloadProgress, DownloadReport, Downloader,
+    SwitchBlob,
+};
 use crate::remote::metrics::{MeteredFetcher, Metrics};
 use crate::remote::registry::{RegistryClient, RegistryOptions};
 use crate::remote::sched::Scheduler;
@@ -44,6 +59,60 @@ pub struct ServiceConfig {
     pub fetch: FetchSection,
     /// Registry access: hosts, mirrors, P2P, timeouts, retries, credentials.
     pub registry: RegistryOptions,
+    /// Background download of whole blobs.
+    pub download: DownloadSection,
+}
+
+/// Default download directory.
+pub const DEFAULT_DOWNLOAD_DIR: &str = "/var/lib/obd/download";
+
+/// `[download]`: the service-wide background download settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadSection {
+    /// Download whole blobs in the background. Default false.
+    pub enable: bool,
+    /// Seconds before starting. Default 300.
+    pub delay: u64,
+    /// Random extra delay bound, seconds. Default 30.
+    pub delay_extra: u64,
+    /// Rate limit per blob in MiB/s; 0 = unlimited. Default 100.
+    pub max_mbps: u64,
+    /// Attempts per chunk. Default 5.
+    pub try_cnt: u32,
+    /// Bytes per request. Default 256 KiB.
+    pub block_size: u64,
+    /// Where blobs go when their config entry has no `dir`. Default
+    /// `/var/lib/obd/download`.
+    pub dir: PathBuf,
+}
+
+impl Default for DownloadSection {
+    fn default() -> Self {
+        let d = Download::default();
+        DownloadSection {
+            enable: d.enable,
+            delay: d.delay,
+            delay_extra: d.delay_extra,
+            max_mbps: d.max_mbps,
+            try_cnt: d.try_cnt,
+            block_size: d.block_size,
+            dir: PathBuf::from(DEFAULT_DOWNLOAD_DIR),
+        }
+    }
+}
+
+impl DownloadSection {
+    fn as_download(&self) -> Download {
+        Download {
+            enable: self.enable,
+            delay: self.delay,
+            delay_extra: self.delay_extra,
+            max_mbps: self.max_mbps,
+            try_cnt: self.try_cnt,
+            block_size: self.block_size,
+        }
+    }
 }
 
 /// `[cache]`.
@@ -111,6 +180,8 @@ impl ServiceConfig {
 /// Remote lowers (`digest` + `repoBlobUrl`) read lazily from a registry through
 /// the persistent block cache.
 pub struct RegistrySource {
+    download: DownloadSection,
+    downloads: Mutex<Vec<(String, DownloadHandle)>>,
     metrics: Metrics,
     fetcher: Arc<dyn RangeFetcher>,
     cache: Arc<BlockCache>,
@@ -134,6 +205,8 @@ impl RegistrySource {
         copts.budget = cfg.cache.budget;
         copts.block_size = cfg.cache.block_size;
         Ok(RegistrySource {
+            download: cfg.download.clone(),
+            downloads: Mutex::new(Vec::new()),
             metrics,
             fetcher,
             cache: BlockCache::open(copts)?,
@@ -143,6 +216,23 @@ impl RegistrySource {
                 max_request: cfg.fetch.max_request,
             },
         })
+    }
+
+    /// The background downloads started so far: digest and progress.
+    pub fn downloads(&self) -> Vec<(String, DownloadProgress)> {
+        self.downloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(d, h)| (d.clone(), h.progress()))
+            .collect()
+    }
+
+    /// Waits for every background download started so far and returns each
+    /// digest with its outcome (the handles are consumed).
+    pub fn wait_downloads(&self) -> Vec<(String, Result<DownloadReport>)> {
+        let all = std::mem::take(&mut *self.downloads.lock().unwrap_or_else(|e| e.into_inner()));
+        all.into_iter().map(|(d, h)| (d, h.wait())).collect()
     }
 
     /// The block cache.
@@ -176,7 +266,7 @@ impl LayerSource for RegistrySource {
         } else {
             self.fetcher.blob_size(&url)?
         };
-        let blob = RemoteBlob::new(
+        let blob = Arc::new(RemoteBlob::new(
             BlobRef {
                 url,
                 digest: l.digest.clone(),
@@ -186,10 +276,40 @@ impl LayerSource for RegistrySource {
             self.cache.clone(),
             self.sched.clone(),
             self.opts,
-        )?;
+        )?);
+        let service = self.download.as_download();
+        let dl = layer.download.unwrap_or(&service);
+        if !dl.enable {
+            return Ok(Some(OpenedBlob {
+                name: l.digest.clone(),
+                blob,
+            }));
+        }
+        // Background download: reads go remote (through the cache) until the
+        // verified copy is committed, then local.
+        let dir = if l.dir.is_empty() {
+            let hex = l.digest.strip_prefix("sha256:").unwrap_or(&l.digest);
+            self.download.dir.join(hex)
+        } else {
+            resolve(layer.base_dir, &l.dir)
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io(e).in_file(&dir))?;
+        let switch = Arc::new(SwitchBlob::new(blob.clone()));
+        let fetcher: Arc<dyn RangeFetcher> = Arc::new(CachedFetcher::new(blob.clone()));
+        let handle = Downloader::start(
+            blob.blob().clone(),
+            fetcher,
+            dir,
+            DownloadOptions::from(dl),
+            switch.clone(),
+        );
+        self.downloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((l.digest.clone(), handle));
         Ok(Some(OpenedBlob {
             name: l.digest.clone(),
-            blob: Arc::new(blob),
+            blob: switch,
         }))
     }
 }
