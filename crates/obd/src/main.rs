@@ -5,6 +5,7 @@ mod bench;
 mod bench_read;
 mod bench_remote;
 mod bench_zfile;
+mod cmd_device;
 mod cmd_image;
 mod cmd_layer;
 mod cmd_zfile;
@@ -34,6 +35,9 @@ enum Cmd {
     /// Inspect and flatten images described by a config.v1.json.
     #[command(subcommand)]
     Image(cmd_image::ImageCmd),
+    /// Serve images as block devices: a service, one worker per device.
+    #[command(subcommand)]
+    Device(cmd_device::DeviceCmd),
     /// Measure the hot paths; `--json` prints one JSON object of figures.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -46,6 +50,7 @@ fn main() {
         Cmd::Layer(c) => cmd_layer::run(c),
         Cmd::Image(c) => cmd_image::run(c),
         Cmd::Bench(c) => bench::run(c),
+        Cmd::Device(c) => cmd_device::run(c),
     };
     if let Err(e) = res {
         eprintln!("obd: error: {e:#}");

@@ -1,0 +1,434 @@
+//! The device service: a control socket (`<root>/obd.sock`, one JSON request
+//! and one JSON reply per connection), worker processes, and reconciliation.
+//!
+//! Requests: `{"op":"attach","config":…,"frontend":…,"mountpoint":…,"id":…}`,
+//! `{"op":"detach","device":<id, /dev path or mount point>}`, `{"op":"list"}`,
+//! `{"op":"ping"}`. Replies: `{"ok":true,…}` or `{"ok":false,"error":…}`.
+//!
+//! The service holds no device state in memory: everything is in the device
+//! directories (see [`crate::state`]), written by the workers. So when the
+//! service stops or dies, devices keep working; at start it adopts the devices
+//! whose workers are alive and cleans up the rest.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::state::{check_id, worker_alive, DeviceRecord, Request, Root};
+use crate::{mount, Error, Result};
+
+/// How long detach waits for a worker to finish.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A control request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Op {
+    /// Attach an image.
+    Attach {
+        /// config.v1.json (absolute).
+        config: PathBuf,
+        /// Frontend name.
+        frontend: String,
+        /// Mount the filesystem here.
+        #[serde(default)]
+        mountpoint: Option<PathBuf>,
+        /// Device id; chosen by the service when absent.
+        #[serde(default)]
+        id: Option<String>,
+    },
+    /// Detach a device by id, device node or mount point.
+    Detach {
+        /// Which.
+        device: String,
+    },
+    /// List devices.
+    List,
+    /// Liveness check.
+    Ping,
+}
+
+/// A device as `list` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listed {
+    /// The record.
+    #[serde(flatten)]
+    pub record: DeviceRecord,
+    /// Whether its worker is running.
+    pub alive: bool,
+}
+
+/// The running service.
+pub struct Service {
+    root: Root,
+    worker_cmd: Vec<String>,
+    lock: Mutex<()>,
+}
+
+impl Service {
+    /// A service over `root`. `worker_cmd` is the program and leading arguments
+    /// that run a worker; `--root <root> --id <id>` is appended.
+    pub fn new(root: Root, worker_cmd: Vec<String>) -> Self {
+        Service {
+            root,
+            worker_cmd,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Adopts devices whose workers are alive; cleans up and removes the rest.
+    /// Returns (adopted, cleaned) ids.
+    pub fn reconcile(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut adopted, mut cleaned) = (Vec::new(), Vec::new());
+        for id in self.root.ids()? {
+            match self.root.record(&id) {
+                Ok(Some(rec)) if worker_alive(&rec) => adopted.push(id),
+                _ => {
+                    cleanup_device(&self.root, &id)?;
+                    cleaned.push(id);
+                }
+            }
+        }
+        Ok((adopted, cleaned))
+    }
+
+    /// Serves the control socket until the process is stopped. Reconciles first.
+    pub fn serve(&self) -> Result<()> {
+        let dir = self.root.dir();
+        std::fs::create_dir_all(self.root.devices_dir())
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let sock = self.root.socket();
+        if UnixStream::connect(&sock).is_ok() {
+            return Err(Error::Service {
+                socket: sock,
+                detail: "another device service is already running on this root".into(),
+            });
+        }
+        let _ = std::fs::remove_file(&sock);
+        let (adopted, cleaned) = self.reconcile()?;
+        eprintln!(
+            "obd device service: root {}, adopted {adopted:?}, cleaned up {cleaned:?}",
+            dir.display()
+        );
+        let listener = UnixListener::bind(&sock)
+            .map_err(|e| Error::io(format!("binding {}", sock.display()), e))?;
+        eprintln!("obd device service: listening on {}", sock.display());
+        std::thread::scope(|s| {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        s.spawn(move || self.handle(c));
+                    }
+                    Err(e) => eprintln!("obd device service: accept: {e}"),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn handle(&self, conn: UnixStream) {
+        let mut line = String::new();
+        let mut r = BufReader::new(&conn);
+        let reply = match r.read_line(&mut line) {
+            Ok(_) => match serde_json::from_str::<Op>(&line) {
+                Ok(op) => self
+                    .dispatch(op)
+                    .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()})),
+                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+            },
+            Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
+        };
+        let mut w = &conn;
+        let _ = writeln!(w, "{reply}");
+    }
+
+    /// Runs one request.
+    pub fn dispatch(&self, op: Op) -> Result<Value> {
+        match op {
+            Op::Ping => Ok(json!({"ok": true})),
+            Op::List => {
+                let list = list(&self.root)?;
+                Ok(json!({"ok": true, "devices": list}))
+            }
+            Op::Attach {
+                config,
+                frontend,
+                mountpoint,
+                id,
+            } => {
+                let rec = self.attach(config, frontend, mountpoint, id)?;
+                Ok(json!({"ok": true, "device": rec.device, "id": rec.id, "record": rec}))
+            }
+            Op::Detach { device } => {
+                let id = self.detach(&device)?;
+                Ok(json!({"ok": true, "id": id}))
+            }
+        }
+    }
+
+    fn attach(
+        &self,
+        config: PathBuf,
+        frontend: String,
+        mountpoint: Option<PathBuf>,
+        id: Option<String>,
+    ) -> Result<DeviceRecord> {
+        crate::frontend(&frontend)?;
+        if !config.is_absolute() {
+            return Err(Error::Request(format!(
+                "config path {} must be absolute",
+                config.display()
+            )));
+        }
+        let id = {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let id = match id {
+                Some(id) => id,
+                None => {
+                    let used = self.root.ids()?;
+                    (0..)
+                        .map(|n| format!("d{n}"))
+                        .find(|c| !used.contains(c))
+                        .expect("an unused id")
+                }
+            };
+            check_id(&id)?;
+            let dir = self.root.device_dir(&id);
+            std::fs::create_dir_all(self.root.devices_dir())
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir(&dir).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::Request(format!("device {id} exists already"))
+                } else {
+                    Error::io(format!("creating {}", dir.display()), e)
+                }
+            })?;
+            id
+        };
+        let req = Request {
+            config,
+            frontend,
+            mountpoint,
+        };
+        let r = self.spawn_worker(&id, &req);
+        if r.is_err() {
+            let _ = cleanup_device(&self.root, &id);
+        }
+        r
+    }
+
+    fn spawn_worker(&self, id: &str, req: &Request) -> Result<DeviceRecord> {
+        self.root.save_request(id, req)?;
+        let log_path = self.root.device_dir(id).join("worker.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| Error::io(format!("creating {}", log_path.display()), e))?;
+        let (prog, args) = self
+            .worker_cmd
+            .split_first()
+            .ok_or_else(|| Error::Request("no worker command".into()))?;
+        let mut child = Command::new(prog)
+            .args(args)
+            .arg("--root")
+            .arg(self.root.dir())
+            .arg("--id")
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| Error::io(format!("starting worker {prog}"), e))?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped");
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        // Reap the worker whenever it exits; it may outlive this call by days.
+        std::thread::spawn(move || child.wait());
+        let line = line.trim();
+        if let Some(dev) = line.strip_prefix("ok ") {
+            return match self.root.record(id)? {
+                Some(rec) => Ok(rec),
+                None => Err(Error::AttachFailed(format!(
+                    "worker reported {dev} but wrote no state"
+                ))),
+            };
+        }
+        let reason = line
+            .strip_prefix("failed:")
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                format!("worker exited without a result; its log: {}", log.trim())
+            });
+        Err(Error::AttachFailed(reason))
+    }
+
+    fn detach(&self, which: &str) -> Result<String> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let id = find(&self.root, which)?;
+        match self.root.record(&id)? {
+            Some(rec) if worker_alive(&rec) => {
+                stop_worker(&rec)?;
+                // The worker removes its directory when it detached cleanly.
+                if self.root.device_dir(&id).exists() {
+                    let log = std::fs::read_to_string(self.root.device_dir(&id).join("worker.log"))
+                        .unwrap_or_default();
+                    cleanup_device(&self.root, &id)?;
+                    return Err(Error::Request(format!(
+                        "device {id}: the worker did not detach cleanly (cleaned up after it); its log: {}",
+                        log.trim()
+                    )));
+                }
+            }
+            _ => cleanup_device(&self.root, &id)?,
+        }
+        Ok(id)
+    }
+}
+
+/// Finds a device by id, device node or mount point.
+pub fn find(root: &Root, which: &str) -> Result<String> {
+    for id in root.ids()? {
+        if id == which {
+            return Ok(id);
+        }
+        if let Ok(Some(rec)) = root.record(&id) {
+            let p = Path::new(which);
+            if rec.device == p || rec.request.mountpoint.as_deref() == Some(p) {
+                return Ok(id);
+            }
+        }
+    }
+    Err(Error::Request(format!("no device {which:?}")))
+}
+
+/// Every device with its liveness.
+pub fn list(root: &Root) -> Result<Vec<Listed>> {
+    let mut out = Vec::new();
+    for id in root.ids()? {
+        if let Ok(Some(record)) = root.record(&id) {
+            let alive = worker_alive(&record);
+            out.push(Listed { record, alive });
+        }
+    }
+    Ok(out)
+}
+
+/// Sends SIGTERM to a worker and waits (bounded) for it to exit.
+fn stop_worker(rec: &DeviceRecord) -> Result<()> {
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
+    let pid = Pid::from_raw(rec.pid as i32).ok_or_else(|| Error::Request("pid 0".into()))?;
+    let fd = match pidfd_open(pid, PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(_) => return Ok(()), // already gone
+    };
+    if !worker_alive(rec) {
+        return Ok(());
+    }
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+        .map_err(|e| Error::io(format!("signalling worker {}", rec.pid), e.into()))?;
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let ts = rustix::event::Timespec {
+        tv_sec: DETACH_TIMEOUT.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    let n = rustix::event::poll(&mut fds, Some(&ts))
+        .map_err(|e| Error::io(format!("waiting for worker {}", rec.pid), e.into()))?;
+    if n == 0 {
+        return Err(Error::Request(format!(
+            "device {}: worker {} did not stop within {}s",
+            rec.id,
+            rec.pid,
+            DETACH_TIMEOUT.as_secs()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes what a dead (or never started) worker of `id` left: mounts of its
+/// device and mount point, the frontend's kernel objects, the directory.
+pub fn cleanup_device(root: &Root, id: &str) -> Result<()> {
+    let rec = root.record(id).ok().flatten();
+    let req = rec
+        .as_ref()
+        .map(|r| r.request.clone())
+        .or_else(|| root.request(id).ok());
+    if let Some(rec) = &rec {
+        if worker_alive(rec) {
+            // A worker that reported nothing useful: stop it first.
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(rec.pid as i32).expect("nonzero"),
+                rustix::process::Signal::KILL,
+            );
+        }
+        for mp in mount::mounts_of(&rec.device) {
+            let _ = mount::unmount(&mp, true);
+        }
+    }
+    if let Some(req) = &req {
+        if let Some(mp) = &req.mountpoint {
+            if mount::is_mounted(mp) {
+                let _ = mount::unmount(mp, true);
+            }
+        }
+        let fe = crate::frontend(&req.frontend)?;
+        fe.cleanup(id, &root.work_dir(id))
+            .map_err(|source| Error::Frontend {
+                frontend: req.frontend.clone(),
+                source,
+            })?;
+    } else {
+        // Unknown frontend: try them all.
+        for name in ["fuse", "tcmu"] {
+            if let Ok(fe) = crate::frontend(name) {
+                let _ = fe.cleanup(id, &root.work_dir(id));
+            }
+        }
+    }
+    let dir = root.device_dir(id);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("removing {}", dir.display()), e)),
+    }
+}
+
+/// Sends one request to the service at `root` and returns its reply (an
+/// `ok: false` reply becomes an error).
+pub fn call(root: &Root, op: &Op) -> Result<Value> {
+    let sock = root.socket();
+    let svc = |detail: String| Error::Service {
+        socket: sock.clone(),
+        detail,
+    };
+    let conn = UnixStream::connect(&sock).map_err(|e| {
+        svc(format!(
+            "cannot connect ({e}); is `obd device serve --root {}` running?",
+            root.dir().display()
+        ))
+    })?;
+    let mut w = &conn;
+    writeln!(w, "{}", serde_json::to_string(op).expect("serializable"))
+        .map_err(|e| svc(format!("sending: {e}")))?;
+    let mut line = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut line)
+        .map_err(|e| svc(format!("reading the reply: {e}")))?;
+    let v: Value =
+        serde_json::from_str(&line).map_err(|e| svc(format!("bad reply {line:?}: {e}")))?;
+    if v["ok"] == json!(true) {
+        Ok(v)
+    } else {
+        Err(Error::Request(
+            v["error"].as_str().unwrap_or("unknown error").to_string(),
+        ))
+    }
+}

@@ -1,0 +1,211 @@
+//! Per-device records under `<root>/devices/<id>/`:
+//!
+//! | file | written by | content |
+//! |---|---|---|
+//! | `request.json` | service | what to attach ([`Request`]) |
+//! | `state.json` | worker, once the device is up | [`DeviceRecord`] |
+//! | `worker.log` | worker | its stderr |
+//! | `work/` | frontend | FUSE mount point and other private files |
+//!
+//! A directory without `state.json`, or whose worker is gone, is a leftover:
+//! the service cleans it up (frontend objects, mounts) and removes it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Default service root.
+pub const DEFAULT_ROOT: &str = "/var/lib/obd";
+
+/// What the service asks a worker to attach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Request {
+    /// The image's `config.v1.json`, absolute.
+    pub config: PathBuf,
+    /// Frontend name.
+    pub frontend: String,
+    /// Where to mount the device's filesystem, if anywhere.
+    #[serde(default)]
+    pub mountpoint: Option<PathBuf>,
+}
+
+/// A live device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Device id (directory name).
+    pub id: String,
+    /// The request it was made from.
+    pub request: Request,
+    /// The block device node.
+    pub device: PathBuf,
+    /// Whether the device is read-only.
+    pub read_only: bool,
+    /// Size in bytes.
+    pub size: u64,
+    /// The worker's pid.
+    pub pid: u32,
+    /// The worker's start time (clock ticks since boot, /proc/<pid>/stat field
+    /// 22), so a recycled pid is not mistaken for it.
+    pub pid_start: u64,
+    /// Whether the worker mounted the filesystem at `request.mountpoint`.
+    pub mounted: bool,
+}
+
+/// The paths of one service root.
+#[derive(Debug, Clone)]
+pub struct Root {
+    dir: PathBuf,
+}
+
+impl Root {
+    /// The root at `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Root { dir: dir.into() }
+    }
+    /// The root directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("obd.sock")
+    }
+    /// The registry service config, if the user put one there.
+    pub fn service_config(&self) -> PathBuf {
+        self.dir.join("service.toml")
+    }
+    /// All device directories.
+    pub fn devices_dir(&self) -> PathBuf {
+        self.dir.join("devices")
+    }
+    /// One device's directory.
+    pub fn device_dir(&self, id: &str) -> PathBuf {
+        self.devices_dir().join(id)
+    }
+    /// One device's private frontend directory.
+    pub fn work_dir(&self, id: &str) -> PathBuf {
+        self.device_dir(id).join("work")
+    }
+    /// The ids of every device directory, sorted.
+    pub fn ids(&self) -> Result<Vec<String>> {
+        let d = self.devices_dir();
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("reading {}", d.display()), e)),
+        };
+        let mut ids: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+    /// Reads a device's request.
+    pub fn request(&self, id: &str) -> Result<Request> {
+        read_json(&self.device_dir(id).join("request.json"))
+    }
+    /// Reads a device's record, `None` if it has none (never came up).
+    pub fn record(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        let p = self.device_dir(id).join("state.json");
+        if !p.exists() {
+            return Ok(None);
+        }
+        read_json(&p).map(Some)
+    }
+    /// Writes a device's record atomically.
+    pub fn save_record(&self, rec: &DeviceRecord) -> Result<()> {
+        write_json(&self.device_dir(&rec.id).join("state.json"), rec)
+    }
+    /// Writes a device's request atomically.
+    pub fn save_request(&self, id: &str, req: &Request) -> Result<()> {
+        write_json(&self.device_dir(id).join("request.json"), req)
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(p: &Path) -> Result<T> {
+    let bytes = fs::read(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Request(format!("{}: bad JSON: {e}", p.display())))
+}
+
+/// Writes `v` as JSON to `p` through a temporary file, rename and fsync.
+pub fn write_json<T: Serialize>(p: &Path, v: &T) -> Result<()> {
+    let tmp = p.with_extension("tmp");
+    let body = serde_json::to_vec_pretty(v).expect("plain structs serialize");
+    let ctx = |what: &str| format!("{what} {}", p.display());
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(ctx("creating"), e))?;
+        f.write_all(&body)
+            .map_err(|e| Error::io(ctx("writing"), e))?;
+        f.sync_all().map_err(|e| Error::io(ctx("syncing"), e))?;
+    }
+    fs::rename(&tmp, p).map_err(|e| Error::io(ctx("renaming into"), e))?;
+    if let Some(dir) = p.parent() {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Start time of process `pid` (field 22 of /proc/<pid>/stat), `None` if it is gone.
+pub fn pid_start(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is parenthesised and may hold spaces.
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // `rest` starts at field 3; field 22 is 19 further.
+    f.nth(18)?.parse().ok()
+}
+
+/// Whether the worker of `rec` is still running.
+pub fn worker_alive(rec: &DeviceRecord) -> bool {
+    pid_start(rec.pid) == Some(rec.pid_start)
+}
+
+/// Checks a device id: `[a-z0-9-]`, 1 to 32 bytes.
+pub fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Request(format!(
+            "bad device id {id:?}: use 1-32 of [a-z0-9-]"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_pid_start_is_stable() {
+        let me = std::process::id();
+        let a = pid_start(me).unwrap();
+        assert_eq!(pid_start(me), Some(a));
+        assert!(pid_start(u32::MAX - 1).is_none());
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(check_id("dev-1").is_ok());
+        assert!(check_id("").is_err());
+        assert!(check_id("../x").is_err());
+        assert!(check_id(&"a".repeat(33)).is_err());
+    }
+}

@@ -1,0 +1,259 @@
+//! The worker: one process per device. It opens the image, attaches it through
+//! its frontend, mounts it if asked, reports `ok <device>` or `failed:<reason>`
+//! on stdout (and in the config's `resultFile`), then serves the device until
+//! SIGTERM, SIGINT or SIGHUP, when it unmounts, detaches, flushes and removes
+//! its state.
+//!
+//! Workers run in their own session, so the service can die and restart
+//! (`kill -9` included) while containers keep reading their devices.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use overlaybd_core::source::{LayerRef, LayerSource, LocalFiles};
+
+use crate::open::{open_image, Opened};
+use crate::state::{pid_start, DeviceRecord, Root};
+use crate::{mount, Error, Result};
+
+/// Blocks the stop signals in the calling thread (and so in every thread it
+/// starts afterwards), so only [`wait_for_stop`] sees them. Call first thing.
+pub fn block_stop_signals() {
+    // SAFETY: the sigset is initialised by sigemptyset before use, and
+    // pthread_sigmask only reads it; no Rust state depends on the mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits for SIGTERM, SIGINT or SIGHUP (blocked by [`block_stop_signals`]).
+pub fn wait_for_stop() -> i32 {
+    // SAFETY: as above; sigwait writes the received signal into `sig`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+        sig
+    }
+}
+
+fn write_result(cfg_dir: Option<&Path>, result_file: &str, text: &str) {
+    if result_file.is_empty() {
+        return;
+    }
+    let p = overlaybd_core::config::resolve(cfg_dir, result_file);
+    if let Err(e) = std::fs::write(&p, text) {
+        log::warn!("cannot write resultFile {}: {e}", p.display());
+    }
+}
+
+/// Whether every lower of the config is a local file (no registry needed).
+fn all_local(cfg: &overlaybd_core::config::ImageConfig, base: Option<&Path>) -> bool {
+    cfg.lowers.iter().enumerate().all(|(index, lower)| {
+        LocalFiles::locate(LayerRef {
+            index,
+            lower,
+            repo_blob_url: &cfg.repo_blob_url,
+            base_dir: base,
+            download: None,
+        })
+        .is_some()
+    })
+}
+
+#[cfg(feature = "registry")]
+fn registry_source(root: &Root, id: &str) -> Result<Option<Box<dyn LayerSource>>> {
+    use overlaybd_core::remote::service::{RegistrySource, ServiceConfig};
+    let p = root.service_config();
+    let mut cfg = if p.exists() {
+        ServiceConfig::load(&p).map_err(|source| Error::Image {
+            config: p.clone(),
+            source,
+        })?
+    } else {
+        let mut c = ServiceConfig::default();
+        c.cache.dir = root.dir().join("cache");
+        c.download.dir = root.dir().join("download");
+        c
+    };
+    // The block cache is locked by one process; each device worker has its own
+    // part of it.
+    cfg.cache.dir = cfg.cache.dir.join(id);
+    let src = RegistrySource::new(&cfg).map_err(|source| Error::Image { config: p, source })?;
+    Ok(Some(Box::new(src)))
+}
+
+#[cfg(not(feature = "registry"))]
+fn registry_source(_root: &Root, _id: &str) -> Result<Option<Box<dyn LayerSource>>> {
+    Ok(None)
+}
+
+/// What a worker brought up.
+struct Up {
+    attachment: Box<dyn tcmu_target::Attachment>,
+    backend: Arc<crate::backend::ImageBackend>,
+    record: DeviceRecord,
+    _remote: Option<Box<dyn LayerSource>>,
+}
+
+fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
+    let req = root.request(id)?;
+    let cfg =
+        overlaybd_core::config::ImageConfig::load(&req.config).map_err(|source| Error::Image {
+            config: req.config.clone(),
+            source,
+        })?;
+    let base = req.config.parent();
+    let remote = if all_local(&cfg, base) {
+        None
+    } else {
+        registry_source(root, id)?
+    };
+    let Opened {
+        backend,
+        config,
+        fresh_upper,
+    } = open_image(&req.config, remote.as_deref())?;
+    let backend = Arc::new(backend);
+    let fe = crate::frontend(&req.frontend)?;
+    let work = root.work_dir(id);
+    std::fs::create_dir_all(&work)
+        .map_err(|e| Error::io(format!("creating {}", work.display()), e))?;
+    let read_only = tcmu_target::BlockBackend::read_only(&*backend);
+    let attachment = fe
+        .attach(backend.clone(), id, &work)
+        .map_err(|source| Error::Frontend {
+            frontend: req.frontend.clone(),
+            source,
+        })?;
+    let device = attachment.device_path().to_owned();
+    let mut mounted = false;
+    let r = (|| -> Result<()> {
+        if fresh_upper && config.lowers.is_empty() {
+            mount::mkfs_ext4(&device)?;
+        }
+        if let Some(mp) = &req.mountpoint {
+            let fs = mount::detect_fs(&device)?;
+            mount::mount(&device, mp, fs, read_only)?;
+            mounted = true;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        let _ = attachment.detach();
+        return Err(e);
+    }
+    let me = std::process::id();
+    let record = DeviceRecord {
+        id: id.to_string(),
+        request: req,
+        device,
+        read_only,
+        size: tcmu_target::BlockBackend::size(&*backend),
+        pid: me,
+        pid_start: pid_start(me).unwrap_or(0),
+        mounted,
+    };
+    Ok((
+        Up {
+            attachment,
+            backend,
+            record,
+            _remote: remote,
+        },
+        Opened2 { config },
+    ))
+}
+
+struct Opened2 {
+    config: overlaybd_core::config::ImageConfig,
+}
+
+/// Runs the worker of device `id` under `root` (the hidden `obd device worker`).
+/// Returns the process exit code.
+pub fn run(root: &Root, id: &str) -> i32 {
+    block_stop_signals();
+    // Own session: the service's death (or its terminal's) does not stop us.
+    let _ = rustix::process::setsid();
+    let req_cfg = root.request(id).ok().map(|r| r.config);
+    let (up, opened) = match bring_up(root, id) {
+        Ok(v) => v,
+        Err(e) => {
+            let reason = e.to_string().replace('\n', " ");
+            if let Some(c) = &req_cfg {
+                if let Ok(cfg) = overlaybd_core::config::ImageConfig::load(c) {
+                    write_result(c.parent(), &cfg.result_file, &format!("failed:{reason}"));
+                }
+            }
+            eprintln!("obd device worker {id}: {reason}");
+            println!("failed:{reason}");
+            return 1;
+        }
+    };
+    if let Err(e) = root.save_record(&up.record) {
+        eprintln!("obd device worker {id}: {e}");
+    }
+    let cfg_dir = up.record.request.config.parent().map(Path::to_owned);
+    write_result(cfg_dir.as_deref(), &opened.config.result_file, "success");
+    println!("ok {}", up.record.device.display());
+    let _ = std::io::stdout().flush();
+    release_stdout();
+    let sig = wait_for_stop();
+    eprintln!(
+        "obd device worker {id}: signal {sig}, detaching {}",
+        up.record.device.display()
+    );
+    let code = match tear_down(root, up) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("obd device worker {id}: teardown: {e}");
+            1
+        }
+    };
+    code
+}
+
+/// Points stdout at /dev/null, so the service's end of the pipe sees EOF and a
+/// dead service cannot make our writes fail.
+fn release_stdout() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: both descriptors are valid for the duration of the call; dup2
+        // atomically replaces fd 1, which std's Stdout keeps using by number.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
+
+fn tear_down(root: &Root, up: Up) -> Result<()> {
+    let rec = &up.record;
+    if rec.mounted {
+        if let Some(mp) = &rec.request.mountpoint {
+            if let Err(e) = mount::unmount(mp, false) {
+                eprintln!("{e}; detaching it lazily");
+                mount::unmount(mp, true)?;
+            }
+        }
+    }
+    tcmu_target::BlockBackend::flush(&*up.backend)
+        .map_err(|e| Error::io(format!("flushing {}", rec.id), e))?;
+    up.attachment.detach().map_err(|source| Error::Frontend {
+        frontend: rec.request.frontend.clone(),
+        source,
+    })?;
+    tcmu_target::BlockBackend::flush(&*up.backend)
+        .map_err(|e| Error::io(format!("flushing {}", rec.id), e))?;
+    let dir = root.device_dir(&rec.id);
+    std::fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
+}
