@@ -6,8 +6,9 @@ export DEBIAN_FRONTEND=noninteractive
 
 # gcc builds the vendored zstd and ring; e2fsprogs provides the ext4 oracles
 # (mke2fs, e2fsck); docker-registry and apache2-utils (htpasswd) run the registry
-# tests against a real registry on 127.0.0.1.
-pkgs=(gcc pkg-config e2fsprogs docker-registry apache2-utils curl)
+# tests against a real registry on 127.0.0.1; fuse3 (fusermount3) and
+# util-linux serve the FUSE + loop device tests; fio measures the devices.
+pkgs=(gcc pkg-config e2fsprogs docker-registry apache2-utils curl fuse3 util-linux fio)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
