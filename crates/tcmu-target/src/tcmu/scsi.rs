@@ -345,7 +345,12 @@ pub fn execute(
     let Some(&opcode) = cdb.first() else {
         return illegal(asc::INVALID_OPCODE);
     };
-    if opcode != 0x7f && cdb.len() < min_cdb_len(opcode) {
+    if !is_known(opcode) {
+        // REPORT SUPPORTED OPERATION CODES and friends: the kernel takes "invalid
+        // opcode" as "not supported" and stops asking.
+        return illegal(asc::INVALID_OPCODE);
+    }
+    if cdb.len() < min_cdb_len(opcode) {
         return invalid_cdb();
     }
     match opcode {
@@ -371,10 +376,42 @@ pub fn execute(
         op::WRITE_SAME_10 | op::WRITE_SAME_16 => write_same(lun, backend, cdb, data_out),
         op::UNMAP => unmap(lun, backend, cdb, data_out),
         op::REPORT_LUNS => report_luns(cdb),
-        // REPORT SUPPORTED OPERATION CODES and friends: the kernel takes "invalid
-        // opcode" as "not supported" and stops asking.
         _ => illegal(asc::INVALID_OPCODE),
     }
+}
+
+/// True for the opcodes [`execute`] implements.
+pub fn is_known(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        op::TEST_UNIT_READY
+            | op::REQUEST_SENSE
+            | op::INQUIRY
+            | op::READ_CAPACITY_10
+            | op::SERVICE_ACTION_IN_16
+            | op::MODE_SENSE_6
+            | op::MODE_SENSE_10
+            | op::MODE_SELECT_6
+            | op::MODE_SELECT_10
+            | op::START_STOP_UNIT
+            | op::PREVENT_ALLOW_MEDIUM_REMOVAL
+            | op::READ_6
+            | op::READ_10
+            | op::READ_12
+            | op::READ_16
+            | op::WRITE_6
+            | op::WRITE_10
+            | op::WRITE_12
+            | op::WRITE_16
+            | op::VERIFY_10
+            | op::VERIFY_16
+            | op::SYNCHRONIZE_CACHE_10
+            | op::SYNCHRONIZE_CACHE_16
+            | op::WRITE_SAME_10
+            | op::WRITE_SAME_16
+            | op::UNMAP
+            | op::REPORT_LUNS
+    )
 }
 
 fn truncate(mut data: Vec<u8>, alloc_len: usize) -> ScsiResponse {
