@@ -88,7 +88,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// The frontend called `name`.
 pub fn frontend(name: &str) -> Result<Box<dyn tcmu_target::Frontend>> {
     match name {
-        "fuse" | "tcmu" => Err(Error::Request(format!("frontend {name} is not wired yet"))),
+        "fuse" => Ok(Box::new(tcmu_target::fuse::FuseFrontend::default())),
+        "tcmu" => Ok(Box::new(tcmu_target::tcmu::TcmuFrontend::default())),
         other => Err(Error::Request(format!(
             "unknown frontend {other:?} (this build has: fuse, tcmu)"
         ))),
