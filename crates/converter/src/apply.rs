@@ -1,0 +1,466 @@
+//! Applies one OCI layer tar to an open filesystem, streaming: regular files
+//! (large and sparse), directories, symlinks, hard links, device nodes,
+//! fifos, xattrs (PAX `SCHILY.xattr.*`), owner, mode, times, long names, and
+//! the OCI whiteouts (`.wh.<name>`, `.wh..wh..opq`).
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+
+use crate::error::{Error, Result};
+use crate::ffi::{ext2_ino_t, EXT2_ROOT_INO};
+use crate::fs::{mode, Attrs, Ext4};
+
+const WHITEOUT: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// What one layer application did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Tar entries read.
+    pub entries: u64,
+    /// Bytes of regular-file content.
+    pub file_bytes: u64,
+    /// Whiteouts and opaque markers applied.
+    pub whiteouts: u64,
+}
+
+/// Splits a tar path into normal components, refusing `..` and empty paths.
+pub fn normalize(raw: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for c in raw.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                return Err(Error::BadEntry(format!(
+                    "path `{}` leaves the root (`..`)",
+                    String::from_utf8_lossy(raw)
+                )))
+            }
+            c => out.push(c.to_vec()),
+        }
+    }
+    Ok(out)
+}
+
+fn join(parts: &[Vec<u8>]) -> Vec<u8> {
+    parts.join(&b'/')
+}
+
+/// Layer application state over one filesystem.
+pub struct Applier<'a> {
+    fs: &'a Ext4,
+    /// Directory path → inode, for the parents of recent entries.
+    dirs: HashMap<Vec<u8>, ext2_ino_t>,
+    /// Paths this layer created (whiteouts only hide lower layers).
+    created: HashSet<Vec<u8>>,
+    /// Inodes of the paths this layer created, for hard links.
+    stats: ApplyStats,
+}
+
+struct Entry {
+    kind: tar::EntryType,
+    attrs: Attrs,
+    size: u64,
+    link: Option<Vec<u8>>,
+    dev: (u32, u32),
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl<'a> Applier<'a> {
+    /// A fresh applier for one layer.
+    pub fn new(fs: &'a Ext4) -> Applier<'a> {
+        Applier {
+            fs,
+            dirs: HashMap::new(),
+            created: HashSet::new(),
+            stats: ApplyStats::default(),
+        }
+    }
+
+    /// Applies every entry of the (decompressed) tar stream `r`.
+    pub fn apply(mut self, r: impl Read) -> Result<ApplyStats> {
+        let mut ar = tar::Archive::new(r);
+        let entries = ar
+            .entries()
+            .map_err(|e| Error::io("reading the layer tar", e))?;
+        for e in entries {
+            let mut e = e.map_err(|e| Error::io("reading the layer tar", e))?;
+            let raw_path = e.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&raw_path).into_owned();
+            self.entry(&mut e, &raw_path)
+                .map_err(|err| err.in_entry(&shown))?;
+            self.stats.entries += 1;
+        }
+        Ok(self.stats)
+    }
+
+    fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>, raw_path: &[u8]) -> Result<()> {
+        let kind = e.header().entry_type();
+        if matches!(
+            kind,
+            tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+        ) {
+            return Ok(());
+        }
+        let parts = normalize(raw_path)?;
+        let h = e.header();
+        let bad = |what: &str, err: std::io::Error| Error::BadEntry(format!("{what}: {err}"));
+        let mut attrs = Attrs {
+            perm: (h.mode().map_err(|x| bad("mode", x))? & 0o7777) as u16,
+            uid: h.uid().map_err(|x| bad("uid", x))? as u32,
+            gid: h.gid().map_err(|x| bad("gid", x))? as u32,
+            mtime: h.mtime().map_err(|x| bad("mtime", x))? as i64,
+            mtime_nsec: 0,
+        };
+        let dev = (
+            h.device_major().ok().flatten().unwrap_or(0),
+            h.device_minor().ok().flatten().unwrap_or(0),
+        );
+        let mut xattrs = Vec::new();
+        if let Some(pax) = e.pax_extensions().map_err(|x| bad("pax header", x))? {
+            for ext in pax {
+                let ext = ext.map_err(|x| bad("pax record", x))?;
+                let key = ext.key_bytes();
+                let val = ext.value_bytes();
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    xattrs.push((name.to_vec(), val.to_vec()));
+                } else if key == b"mtime" {
+                    let s = String::from_utf8_lossy(val);
+                    let (sec, frac) = s.split_once('.').unwrap_or((&s, ""));
+                    if let Ok(sec) = sec.parse::<i64>() {
+                        attrs.mtime = sec;
+                        let mut digits: String = frac.chars().take(9).collect();
+                        while digits.len() < 9 {
+                            digits.push('0');
+                        }
+                        attrs.mtime_nsec = digits.parse().unwrap_or(0);
+                        if sec < 0 && attrs.mtime_nsec > 0 && s.starts_with('-') {
+                            // "-1.5" means -1.5 s: floor the seconds.
+                            attrs.mtime -= 1;
+                            attrs.mtime_nsec = 1_000_000_000 - attrs.mtime_nsec;
+                        }
+                    }
+                } else if key == b"uid" {
+                    if let Ok(v) = String::from_utf8_lossy(val).parse() {
+                        attrs.uid = v;
+                    }
+                } else if key == b"gid" {
+                    if let Ok(v) = String::from_utf8_lossy(val).parse() {
+                        attrs.gid = v;
+                    }
+                }
+            }
+        }
+        // Deterministic xattr order whatever the tar writer did.
+        xattrs.sort();
+        let link = match kind {
+            tar::EntryType::Link | tar::EntryType::Symlink => Some(
+                e.link_name_bytes()
+                    .ok_or_else(|| Error::BadEntry("link without a target".into()))?
+                    .into_owned(),
+            ),
+            _ => None,
+        };
+        let size = e.size();
+        let ent = Entry {
+            kind,
+            attrs,
+            size,
+            link,
+            dev,
+            xattrs,
+        };
+
+        // Whiteouts.
+        if let Some(last) = parts.last() {
+            if last.as_slice() == OPAQUE.as_bytes() {
+                self.stats.whiteouts += 1;
+                return self.opaque(&parts[..parts.len() - 1]);
+            }
+            if let Some(name) = last.strip_prefix(WHITEOUT.as_bytes()) {
+                self.stats.whiteouts += 1;
+                let mut target = parts[..parts.len() - 1].to_vec();
+                target.push(name.to_vec());
+                return self.whiteout(&target);
+            }
+        }
+        if parts.is_empty() {
+            // The root itself.
+            if kind.is_dir() {
+                self.fs.set_attrs(EXT2_ROOT_INO, &ent.attrs)?;
+                self.fs.set_xattrs(EXT2_ROOT_INO, &ent.xattrs, true)?;
+            }
+            return Ok(());
+        }
+        self.create(&parts, ent, e)
+    }
+
+    fn create(&mut self, parts: &[Vec<u8>], ent: Entry, data: &mut dyn Read) -> Result<()> {
+        let (dir_parts, name) = parts.split_at(parts.len() - 1);
+        let name = &name[0];
+        let parent = self.ensure_dir(dir_parts)?;
+        let path = join(parts);
+        let existing = self.fs.lookup(parent, name)?;
+        let fs = self.fs;
+        if let Some(old) = existing {
+            let old_inode = fs.read_inode(old)?;
+            let old_is_dir = old_inode.i.i_mode & mode::S_IFMT == mode::S_IFDIR;
+            if ent.kind.is_dir() && old_is_dir {
+                fs.set_attrs(old, &ent.attrs)?;
+                fs.set_xattrs(old, &ent.xattrs, true)?;
+                self.created.insert(path.clone());
+                self.dirs.insert(path, old);
+                return Ok(());
+            }
+            if ent.kind == tar::EntryType::Link {
+                let target = self.resolve_link_target(ent.link.as_deref().unwrap_or_default())?;
+                if target == old {
+                    self.created.insert(path);
+                    return Ok(());
+                }
+            }
+            fs.remove(parent, name, old)?;
+            self.dirs.clear();
+        }
+        let ino = match ent.kind {
+            tar::EntryType::Directory => {
+                let ino = fs.mkdir(parent, name, &ent.attrs)?;
+                self.dirs.insert(path.clone(), ino);
+                ino
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                self.stats.file_bytes += ent.size;
+                fs.create_file(parent, name, &ent.attrs, ent.size, data)?
+            }
+            tar::EntryType::Symlink => fs.symlink(
+                parent,
+                name,
+                ent.link.as_deref().unwrap_or_default(),
+                &ent.attrs,
+            )?,
+            tar::EntryType::Link => {
+                let target = self.resolve_link_target(ent.link.as_deref().unwrap_or_default())?;
+                fs.hardlink(parent, name, target)?;
+                self.created.insert(path);
+                // A hard link shares the target's inode, xattrs included.
+                return Ok(());
+            }
+            tar::EntryType::Char => fs.mknod(
+                parent,
+                name,
+                mode::S_IFCHR,
+                ent.dev.0,
+                ent.dev.1,
+                &ent.attrs,
+            )?,
+            tar::EntryType::Block => fs.mknod(
+                parent,
+                name,
+                mode::S_IFBLK,
+                ent.dev.0,
+                ent.dev.1,
+                &ent.attrs,
+            )?,
+            tar::EntryType::Fifo => fs.mknod(parent, name, mode::S_IFIFO, 0, 0, &ent.attrs)?,
+            other => {
+                return Err(Error::Unsupported(format!("tar entry type {other:?}")));
+            }
+        };
+        fs.set_xattrs(ino, &ent.xattrs, false)?;
+        self.created.insert(path);
+        Ok(())
+    }
+
+    fn resolve_link_target(&mut self, raw: &[u8]) -> Result<ext2_ino_t> {
+        let parts = normalize(raw)?;
+        if parts.is_empty() {
+            return Err(Error::BadEntry("hard link to the root".into()));
+        }
+        let (dir, name) = parts.split_at(parts.len() - 1);
+        let missing = || {
+            Error::BadEntry(format!(
+                "hard link target `{}` does not exist",
+                String::from_utf8_lossy(raw)
+            ))
+        };
+        let parent = self.find_dir(dir)?.ok_or_else(missing)?;
+        self.fs.lookup(parent, &name[0])?.ok_or_else(missing)
+    }
+
+    /// The directory at `parts`, following symlinks in it, if it exists.
+    fn find_dir(&mut self, parts: &[Vec<u8>]) -> Result<Option<ext2_ino_t>> {
+        self.walk(parts, false)
+    }
+
+    /// The directory at `parts`, creating missing ones (mode 0755, root-owned).
+    fn ensure_dir(&mut self, parts: &[Vec<u8>]) -> Result<ext2_ino_t> {
+        Ok(self.walk(parts, true)?.expect("created on demand"))
+    }
+
+    fn walk(&mut self, parts: &[Vec<u8>], create: bool) -> Result<Option<ext2_ino_t>> {
+        if parts.is_empty() {
+            return Ok(Some(EXT2_ROOT_INO));
+        }
+        let key = join(parts);
+        if let Some(&ino) = self.dirs.get(&key) {
+            return Ok(Some(ino));
+        }
+        let Some(parent) = self.walk(&parts[..parts.len() - 1], create)? else {
+            return Ok(None);
+        };
+        let name = &parts[parts.len() - 1];
+        let ino = match self.fs.lookup(parent, name)? {
+            Some(ino) => {
+                let inode = self.fs.read_inode(ino)?;
+                match inode.i.i_mode & mode::S_IFMT {
+                    mode::S_IFDIR => ino,
+                    mode::S_IFLNK => match self.follow(parts, 0)? {
+                        Some(ino) => ino,
+                        None if create => {
+                            return Err(Error::BadEntry(format!(
+                                "parent `{}` is a symlink to a missing directory",
+                                String::from_utf8_lossy(&key)
+                            )))
+                        }
+                        None => return Ok(None),
+                    },
+                    _ if create => {
+                        // A non-directory where a parent directory is needed:
+                        // the layer replaces it.
+                        self.fs.remove(parent, name, ino)?;
+                        self.dirs.clear();
+                        self.fs.mkdir(parent, name, &default_dir_attrs())?
+                    }
+                    _ => return Ok(None),
+                }
+            }
+            None if create => self.fs.mkdir(parent, name, &default_dir_attrs())?,
+            None => return Ok(None),
+        };
+        self.dirs.insert(key, ino);
+        Ok(Some(ino))
+    }
+
+    /// Resolves a path whose last component is a symlink to the directory it
+    /// points to (inside the image root), following up to 40 links.
+    fn follow(&mut self, parts: &[Vec<u8>], depth: u32) -> Result<Option<ext2_ino_t>> {
+        if depth > 40 {
+            return Err(Error::BadEntry("too many levels of symbolic links".into()));
+        }
+        let parent = match self.walk(&parts[..parts.len() - 1], false)? {
+            Some(p) => p,
+            None => return Ok(None),
+        };
+        let Some(ino) = self.fs.lookup(parent, &parts[parts.len() - 1])? else {
+            return Ok(None);
+        };
+        let inode = self.fs.read_inode(ino)?;
+        match inode.i.i_mode & mode::S_IFMT {
+            mode::S_IFDIR => Ok(Some(ino)),
+            mode::S_IFLNK => {
+                let target = self.read_symlink(ino, &inode)?;
+                let mut base: Vec<Vec<u8>> = if target.first() == Some(&b'/') {
+                    Vec::new()
+                } else {
+                    parts[..parts.len() - 1].to_vec()
+                };
+                for c in target.split(|&b| b == b'/') {
+                    match c {
+                        b"" | b"." => {}
+                        b".." => {
+                            base.pop();
+                        }
+                        c => base.push(c.to_vec()),
+                    }
+                }
+                if base.is_empty() {
+                    return Ok(Some(EXT2_ROOT_INO));
+                }
+                self.follow(&base, depth + 1)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn read_symlink(&self, ino: ext2_ino_t, inode: &crate::ffi::Inode256) -> Result<Vec<u8>> {
+        let size = inode.i.i_size as usize;
+        // Fast symlinks keep the target in i_block (60 bytes).
+        if size < 60 && inode.i.i_flags & crate::ffi::EXT4_EXTENTS_FL == 0 {
+            let mut b = Vec::with_capacity(60);
+            for w in inode.i.i_block {
+                b.extend_from_slice(&w.to_le_bytes());
+            }
+            b.truncate(size);
+            return Ok(b);
+        }
+        Err(Error::Unsupported(format!(
+            "following a long symlink (inode {ino}, {size} bytes) in a parent path"
+        )))
+    }
+
+    fn whiteout(&mut self, parts: &[Vec<u8>]) -> Result<()> {
+        let path = join(parts);
+        if self.created.contains(&path) {
+            return Ok(());
+        }
+        let (dir, name) = parts.split_at(parts.len() - 1);
+        let Some(parent) = self.find_dir(dir)? else {
+            return Ok(());
+        };
+        if let Some(ino) = self.fs.lookup(parent, &name[0])? {
+            self.fs.remove(parent, &name[0], ino)?;
+            self.dirs.clear();
+        }
+        Ok(())
+    }
+
+    fn opaque(&mut self, dir: &[Vec<u8>]) -> Result<()> {
+        let ino = self.ensure_dir(dir)?;
+        let prefix = join(dir);
+        let mut removed = false;
+        for (name, cino) in self.fs.list_dir(ino)? {
+            let mut p = prefix.clone();
+            if !p.is_empty() {
+                p.push(b'/');
+            }
+            p.extend_from_slice(&name);
+            if self.created.contains(&p) {
+                continue;
+            }
+            if dir.is_empty() && name == b"lost+found" {
+                continue;
+            }
+            self.fs.remove(ino, &name, cino)?;
+            removed = true;
+        }
+        if removed {
+            self.dirs.clear();
+        }
+        Ok(())
+    }
+}
+
+fn default_dir_attrs() -> Attrs {
+    Attrs {
+        perm: 0o755,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_paths() {
+        assert_eq!(
+            normalize(b"./a//b/").unwrap(),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
+        assert!(normalize(b"./").unwrap().is_empty());
+        assert!(normalize(b"a/../b").is_err());
+    }
+}

@@ -1,0 +1,554 @@
+//! The conversion pipeline: per source layer, apply its tar to the ext4 on
+//! top of the layers converted so far, commit the block delta as a
+//! tar(ZFile(LSMT)) blob, then write the config (diff_ids replaced) and the
+//! manifest with the overlaybd annotations, and tag it last.
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use overlaybd_core::image::Image;
+use overlaybd_core::lsmt::{CommitInfo, CommitOptions, CreateOptions, Uuid, WritableLayer};
+use overlaybd_core::source::Blob;
+use overlaybd_core::tar::TarWriter;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::apply::{Applier, ApplyStats};
+use crate::error::{Error, Result};
+use crate::fs::{Ext4, MkfsParams};
+use crate::io::Backend;
+use crate::oci::*;
+
+/// Manifest annotation keys (formats.md §8.1).
+pub const ANN_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+pub const ANN_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
+pub const ANN_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
+pub const ANN_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
+
+/// Conversion options.
+pub struct Options {
+    /// ZFile codec.
+    pub algorithm: zfile::Algorithm,
+    /// ZFile block size (4 KiB to 32 KiB).
+    pub block_size: u32,
+    /// Device (and ext4) size in bytes.
+    pub vsize: u64,
+    /// Produce a single layer.
+    pub flatten: bool,
+    /// Compression threads.
+    pub threads: usize,
+    /// Bytes of dirty filesystem pages kept before writing to the layer.
+    pub cache_bytes: usize,
+    /// Called after each converted layer.
+    pub progress: Option<Box<dyn Fn(&LayerReport)>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            algorithm: zfile::Algorithm::Lz4,
+            block_size: 4096,
+            vsize: 64 << 30,
+            flatten: false,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cache_bytes: 64 << 20,
+            progress: None,
+        }
+    }
+}
+
+/// What converting one output layer did.
+#[derive(Clone, Debug)]
+pub struct LayerReport {
+    /// Output layer position.
+    pub index: usize,
+    /// The source layer digests it came from (several when flattening).
+    pub sources: Vec<String>,
+    /// Output blob digest and size.
+    pub digest: String,
+    pub size: u64,
+    /// Source bytes: compressed and uncompressed.
+    pub source_bytes: u64,
+    pub tar_bytes: u64,
+    /// Entries applied.
+    pub apply: ApplyStats,
+    /// What the commit wrote.
+    pub commit: CommitInfo,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// The result of a conversion.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The tagged root (manifest or index).
+    pub root: Descriptor,
+    /// Every converted manifest, in order.
+    pub manifests: Vec<Descriptor>,
+    /// Per output layer.
+    pub layers: Vec<LayerReport>,
+}
+
+/// Converts the image `src` resolves to into `dst`.
+pub fn convert(src: &dyn ImageSource, dst: &dyn ImageDest, opts: &Options) -> Result<Report> {
+    if opts.vsize % 4096 != 0 || opts.vsize < 64 << 20 {
+        return Err(Error::Unsupported(format!(
+            "vsize {} must be a multiple of 4096 and at least 64 MiB",
+            opts.vsize
+        )));
+    }
+    let root = src.root()?;
+    let bytes = src.read_small(&root)?;
+    let doc: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        what: root.digest.clone(),
+        source: e,
+    })?;
+    let media_type = doc
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .unwrap_or(&root.media_type)
+        .to_string();
+    let scratch = Scratch(dst.scratch_dir()?);
+    let mut report = Report {
+        root: root.clone(),
+        manifests: Vec::new(),
+        layers: Vec::new(),
+    };
+    let new_root = if media_type == MT_OCI_INDEX
+        || media_type == MT_DOCKER_LIST
+        || doc.get("manifests").is_some()
+    {
+        let mut out = doc.clone();
+        let list = out
+            .get_mut("manifests")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| Error::Image("index without `manifests`".into()))?;
+        for m in list.iter_mut() {
+            let d = Descriptor::from_json(m, "index")?;
+            let nd = convert_manifest(src, dst, opts, &d, &scratch.0, &mut report)?;
+            m["digest"] = json!(nd.digest);
+            m["size"] = json!(nd.size);
+        }
+        let b = serde_json::to_vec(&out).expect("json");
+        let d = Descriptor {
+            media_type: media_type.clone(),
+            digest: sha256_digest(&b),
+            size: b.len() as u64,
+        };
+        dst.put_blob(&d.digest, &b)?;
+        d
+    } else {
+        convert_manifest(src, dst, opts, &root, &scratch.0, &mut report)?
+    };
+    dst.tag(&new_root)?;
+    report.root = new_root;
+    Ok(report)
+}
+
+/// Removes the scratch directory on every exit path.
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => sha256_digest(format!("{prev} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}
+
+fn derive16(label: &str, input: &str) -> [u8; 16] {
+    let h = Sha256::digest(format!("obd-convert/{label}\n{input}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    b
+}
+
+fn convert_manifest(
+    src: &dyn ImageSource,
+    dst: &dyn ImageDest,
+    opts: &Options,
+    desc: &Descriptor,
+    scratch: &Path,
+    report: &mut Report,
+) -> Result<Descriptor> {
+    let bytes = src.read_small(desc)?;
+    let mut manifest: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        what: format!("manifest {}", desc.digest),
+        source: e,
+    })?;
+    let mt = manifest
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .unwrap_or(&desc.media_type)
+        .to_string();
+    let docker = mt == MT_DOCKER_MANIFEST;
+    let cfg_desc = Descriptor::from_json(
+        manifest
+            .get("config")
+            .ok_or_else(|| Error::Image(format!("manifest {} has no config", desc.digest)))?,
+        "config",
+    )?;
+    let layers: Vec<Descriptor> = manifest
+        .get("layers")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::Image(format!("manifest {} has no layers", desc.digest)))?
+        .iter()
+        .map(|l| Descriptor::from_json(l, "layer"))
+        .collect::<Result<_>>()?;
+    for (i, l) in manifest["layers"]
+        .as_array()
+        .expect("checked")
+        .iter()
+        .enumerate()
+    {
+        if l.pointer(&format!(
+            "/annotations/{}",
+            ANN_BLOB_DIGEST.replace('/', "~1")
+        ))
+        .is_some()
+        {
+            return Err(Error::Image(format!(
+                "layer {i} is already an overlaybd layer"
+            )));
+        }
+    }
+    let cfg_bytes = src.read_small(&cfg_desc)?;
+    let mut config: Value = serde_json::from_slice(&cfg_bytes).map_err(|e| Error::Json {
+        what: format!("config {}", cfg_desc.digest),
+        source: e,
+    })?;
+    let diff_ids: Vec<String> = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::Image("config has no rootfs.diff_ids".into()))?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| Error::Image("non-string diff_id".into()))
+        })
+        .collect::<Result<_>>()?;
+    if diff_ids.len() != layers.len() {
+        return Err(Error::Image(format!(
+            "{} layers but {} diff_ids",
+            layers.len(),
+            diff_ids.len()
+        )));
+    }
+    if layers.is_empty() {
+        return Err(Error::Image("image without layers".into()));
+    }
+    if layers.len() > overlaybd_core::config::MAX_LAYERS {
+        return Err(Error::Unsupported(format!(
+            "{} layers; at most {} can be stacked (use --flatten)",
+            layers.len(),
+            overlaybd_core::config::MAX_LAYERS
+        )));
+    }
+    let chains = chain_ids(&diff_ids);
+    let mkfs = MkfsParams {
+        size: opts.vsize,
+        uuid: uuid_v4(derive16(
+            "ext4-uuid",
+            &format!("{} {}", diff_ids[0], opts.vsize),
+        )),
+        hash_seed: uuid_v4(derive16(
+            "ext4-hash-seed",
+            &format!("{} {}", diff_ids[0], opts.vsize),
+        )),
+    };
+
+    let mut out_layers: Vec<(String, u64)> = Vec::new();
+    let mut lowers: Vec<(String, Blob)> = Vec::new();
+    let groups: Vec<Vec<usize>> = if opts.flatten {
+        vec![(0..layers.len()).collect()]
+    } else {
+        (0..layers.len()).map(|i| vec![i]).collect()
+    };
+    for (out_index, group) in groups.iter().enumerate() {
+        let start = Instant::now();
+        let last = *group.last().expect("non-empty");
+        let uuid = Uuid::from_chain_id(&chains[last])?;
+        let parent = if out_index == 0 {
+            Uuid::NIL
+        } else {
+            Uuid::from_chain_id(&chains[groups[out_index - 1].last().copied().expect("non-empty")])?
+        };
+        let work = scratch.join(format!("layer-{out_index}"));
+        fs::create_dir_all(&work).map_err(|e| Error::file(&work, e))?;
+        let upper = WritableLayer::create(
+            work.join("data"),
+            work.join("index"),
+            CreateOptions {
+                virtual_size: opts.vsize,
+                uuid,
+                parent_uuid: parent,
+            },
+        )?;
+        let lower = if lowers.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Image::from_blobs(lowers.clone())?))
+        };
+        let backend = Arc::new(Mutex::new(Backend::new(
+            lower,
+            upper,
+            opts.vsize,
+            opts.cache_bytes,
+        )));
+        let mut apply = ApplyStats::default();
+        let (mut source_bytes, mut tar_bytes) = (0, 0);
+        {
+            let lr = &layers;
+            let layer_err = move |i: usize| move |e: Error| e.in_layer(i, &lr[i].digest);
+            let first = group[0];
+            let fs = if first == 0 {
+                Ext4::mkfs(backend.clone(), &mkfs).map_err(layer_err(first))?
+            } else {
+                Ext4::open(backend.clone()).map_err(layer_err(first))?
+            };
+            for &i in group {
+                let (st, sb, tb) =
+                    apply_layer(src, &fs, &layers[i], &diff_ids[i]).map_err(layer_err(i))?;
+                apply.entries += st.entries;
+                apply.file_bytes += st.file_bytes;
+                apply.whiteouts += st.whiteouts;
+                source_bytes += sb;
+                tar_bytes += tb;
+            }
+            fs.close().map_err(layer_err(last))?;
+        }
+        let backend = Arc::try_unwrap(backend)
+            .map_err(|_| Error::Image("internal: filesystem backend still shared".into()))?
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        let upper = backend
+            .into_upper()
+            .map_err(|e| Error::Image(e).in_layer(last, &layers[last].digest))?;
+        let blob_path = work.join("blob");
+        let commit = commit_layer(&upper, opts, uuid, parent, &blob_path)
+            .map_err(|e| e.in_layer(last, &layers[last].digest))?;
+        drop(upper);
+        let (digest, size) = file_digest(&blob_path)?;
+        dst.put_blob_file(&digest, &blob_path)?;
+        let _ = fs::remove_dir_all(&work);
+        let local = dst.blob_path(&digest).ok_or_else(|| {
+            Error::Unsupported("destination without local blobs for multi-layer conversion".into())
+        })?;
+        let fsrc = zfile::FileSource::open(&local).map_err(|e| Error::file(&local, e))?;
+        lowers.push((digest.clone(), Arc::new(fsrc)));
+        let lr = LayerReport {
+            index: out_index,
+            sources: group.iter().map(|&i| layers[i].digest.clone()).collect(),
+            digest: digest.clone(),
+            size,
+            source_bytes,
+            tar_bytes,
+            apply,
+            commit,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        if let Some(p) = &opts.progress {
+            p(&lr);
+        }
+        report.layers.push(lr);
+        out_layers.push((digest, size));
+    }
+
+    // Config: diff_ids = the new (uncompressed tar) layer digests.
+    config["rootfs"]["diff_ids"] = json!(out_layers
+        .iter()
+        .map(|(d, _)| d.clone())
+        .collect::<Vec<_>>());
+    if opts.flatten {
+        let mut h =
+            json!({"created_by": format!("obd convert --flatten ({} layers)", layers.len())});
+        if let Some(c) = config.get("created") {
+            h["created"] = c.clone();
+        }
+        config["history"] = json!([h]);
+    }
+    let cfg_out = serde_json::to_vec(&config).expect("json");
+    let cfg_digest = sha256_digest(&cfg_out);
+    dst.put_blob(&cfg_digest, &cfg_out)?;
+
+    let layer_mt = if docker {
+        MT_DOCKER_LAYER_TAR
+    } else {
+        MT_OCI_LAYER_TAR
+    };
+    manifest["config"]["digest"] = json!(cfg_digest);
+    manifest["config"]["size"] = json!(cfg_out.len());
+    manifest["layers"] = json!(out_layers
+        .iter()
+        .map(|(d, s)| json!({
+            "mediaType": layer_mt,
+            "digest": d,
+            "size": s,
+            "annotations": {
+                ANN_BLOB_DIGEST: d,
+                ANN_BLOB_SIZE: s.to_string(),
+                ANN_VERSION: "0.1.0",
+                ANN_FS_TYPE: "ext4",
+            }
+        }))
+        .collect::<Vec<_>>());
+    let mb = serde_json::to_vec(&manifest).expect("json");
+    let md = Descriptor {
+        media_type: mt,
+        digest: sha256_digest(&mb),
+        size: mb.len() as u64,
+    };
+    dst.put_blob(&md.digest, &mb)?;
+    report.manifests.push(md.clone());
+    Ok(md)
+}
+
+/// Marks 16 random-looking bytes as a version-4 UUID.
+fn uuid_v4(mut b: [u8; 16]) -> [u8; 16] {
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    b
+}
+
+/// A reader that hashes and counts what passes through.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R> Hashing<R> {
+    fn new(inner: R) -> Self {
+        Hashing {
+            inner,
+            hash: Sha256::new(),
+            bytes: 0,
+        }
+    }
+    fn digest(&self) -> String {
+        format!("sha256:{}", hex::encode(self.hash.clone().finalize()))
+    }
+}
+
+/// Streams one source layer into `fs`, checking its digest and diff_id.
+/// Returns the stats, compressed bytes and tar bytes.
+fn apply_layer(
+    src: &dyn ImageSource,
+    fs: &Ext4,
+    layer: &Descriptor,
+    diff_id: &str,
+) -> Result<(ApplyStats, u64, u64)> {
+    let raw = src.open_blob(&layer.digest)?;
+    let mut hashed = Hashing::new(raw);
+    let stats;
+    let tar_bytes;
+    {
+        let mut buffered = BufReader::with_capacity(1 << 20, &mut hashed);
+        let head = buffered
+            .fill_buf()
+            .map_err(|e| Error::io("reading the layer", e))?
+            .to_vec();
+        let decoder: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
+            Box::new(flate2::read::MultiGzDecoder::new(buffered))
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Box::new(
+                zstd::stream::read::Decoder::with_buffer(buffered)
+                    .map_err(|e| Error::io("starting the zstd decoder", e))?,
+            )
+        } else {
+            Box::new(buffered)
+        };
+        let mut tar = Hashing::new(decoder);
+        stats = Applier::new(fs).apply(&mut tar)?;
+        io::copy(&mut tar, &mut io::sink()).map_err(|e| Error::io("reading the layer tail", e))?;
+        let got = tar.digest();
+        if got != diff_id {
+            return Err(Error::Image(format!(
+                "uncompressed layer has digest {got}, but the config's diff_id is {diff_id}"
+            )));
+        }
+        tar_bytes = tar.bytes;
+    }
+    io::copy(&mut hashed, &mut io::sink()).map_err(|e| Error::io("reading the layer tail", e))?;
+    let got = hashed.digest();
+    if got != layer.digest {
+        return Err(Error::Image(format!(
+            "blob has digest {got}, expected {}",
+            layer.digest
+        )));
+    }
+    Ok((stats, hashed.bytes, tar_bytes))
+}
+
+/// Commits `upper` as tar(ZFile(LSMT)) into `path`.
+fn commit_layer(
+    upper: &WritableLayer,
+    opts: &Options,
+    uuid: Uuid,
+    parent: Uuid,
+    path: &Path,
+) -> Result<CommitInfo> {
+    let mut out = File::create(path).map_err(|e| Error::file(path, e))?;
+    let tw = TarWriter::begin(&mut out)?;
+    let mut z = zfile::ZFileWriter::new(
+        &mut out,
+        zfile::Options {
+            algorithm: opts.algorithm,
+            block_size: opts.block_size,
+            threads: opts.threads.max(1),
+        },
+    )?;
+    let info = upper.commit(
+        &CommitOptions {
+            uuid: Some(uuid),
+            parent_uuid: Some(parent),
+            virtual_size: Some(opts.vsize),
+            ..Default::default()
+        },
+        &mut z,
+    )?;
+    let (_, zi) = z.finish()?;
+    tw.finish(&mut out, zi.zfile_size)?;
+    Ok(info)
+}
+
+fn file_digest(path: &Path) -> Result<(String, u64)> {
+    let mut f = File::open(path).map_err(|e| Error::file(path, e))?;
+    let mut h = Hashing::new(&mut f);
+    io::copy(&mut h, &mut io::sink()).map_err(|e| Error::file(path, e))?;
+    Ok((h.digest(), h.bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_rule() {
+        let c = chain_ids(&["sha256:a".into(), "sha256:b".into()]);
+        assert_eq!(c[0], "sha256:a");
+        assert_eq!(c[1], sha256_digest(b"sha256:a sha256:b"));
+    }
+}

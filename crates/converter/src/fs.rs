@@ -1,0 +1,801 @@
+//! A safe wrapper over one libext2fs filesystem handle opened through our
+//! io_manager: mkfs, open, and the few namespace operations layer
+//! application needs. libext2fs is not thread-safe: an [`Ext4`] stays on the
+//! thread that made it (it is neither `Send` nor `Sync`).
+
+use std::ffi::{CStr, CString};
+use std::io::Read;
+use std::os::raw::{c_char, c_int, c_void};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::ffi::*;
+use crate::io::{self, Backend, MANAGER};
+
+/// File type bits of `i_mode`.
+pub mod mode {
+    pub const S_IFMT: u16 = 0o170000;
+    pub const S_IFSOCK: u16 = 0o140000;
+    pub const S_IFLNK: u16 = 0o120000;
+    pub const S_IFREG: u16 = 0o100000;
+    pub const S_IFBLK: u16 = 0o060000;
+    pub const S_IFDIR: u16 = 0o040000;
+    pub const S_IFCHR: u16 = 0o020000;
+    pub const S_IFIFO: u16 = 0o010000;
+}
+
+/// Inode metadata taken from a tar header.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attrs {
+    /// Permission bits, including setuid/setgid/sticky (`& 0o7777`).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, seconds since the epoch (may be negative).
+    pub mtime: i64,
+    /// Nanoseconds part of the modification time.
+    pub mtime_nsec: u32,
+}
+
+/// Parameters of a fresh filesystem.
+#[derive(Clone, Debug)]
+pub struct MkfsParams {
+    /// Filesystem size in bytes (a multiple of 4096).
+    pub size: u64,
+    /// Filesystem UUID.
+    pub uuid: [u8; 16],
+    /// Directory-hash seed.
+    pub hash_seed: [u8; 16],
+}
+
+/// The clock every filesystem handle runs on: libext2fs stamps superblock
+/// and scratch inode times with it, so output never depends on the real time.
+pub const FS_TIME: i64 = 1_577_836_800; // 2020-01-01T00:00:00Z
+
+const BLOCK: u32 = 4096;
+const INODE_SIZE: u16 = 256;
+const INODE_RATIO: u64 = 16384;
+const EXTRA_ISIZE: u16 = 32;
+
+// Feature bits (ext2_fs.h): ext4 as mke2fs.conf defines it on Debian 12,
+// minus has_journal (upstream mkfs: `-O ^has_journal,sparse_super,flex_bg
+// -G 1`) and minus resize_inode (reserving growth GDT blocks would put tens of
+// MiB of zeros into every base layer; online growth still works via meta_bg).
+const COMPAT_EXT_ATTR: u32 = 0x0008;
+const COMPAT_DIR_INDEX: u32 = 0x0020;
+const INCOMPAT_FILETYPE: u32 = 0x0002;
+const INCOMPAT_EXTENTS: u32 = 0x0040;
+const INCOMPAT_64BIT: u32 = 0x0080;
+const INCOMPAT_FLEX_BG: u32 = 0x0200;
+const RO_COMPAT_SPARSE_SUPER: u32 = 0x0001;
+const RO_COMPAT_LARGE_FILE: u32 = 0x0002;
+const RO_COMPAT_HUGE_FILE: u32 = 0x0008;
+const RO_COMPAT_DIR_NLINK: u32 = 0x0020;
+const RO_COMPAT_EXTRA_ISIZE: u32 = 0x0040;
+const RO_COMPAT_METADATA_CSUM: u32 = 0x0400;
+
+fn put_u16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Encodes a time as ext4 does: low 32 bits of the seconds, and an extra
+/// word of `nsec << 2 | epoch bits`.
+pub fn encode_time(sec: i64, nsec: u32) -> (u32, u32) {
+    let lo = sec as i32;
+    let epoch = ((sec - lo as i64) >> 32) as u32 & 3;
+    (lo as u32, (nsec.min(999_999_999) << 2) | epoch)
+}
+
+fn cstr(s: &[u8], what: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::BadEntry(format!("{what} contains a NUL byte")))
+}
+
+/// One open filesystem.
+pub struct Ext4 {
+    fs: ext2_filsys,
+    backend: Arc<Mutex<Backend>>,
+}
+
+impl Ext4 {
+    fn err(&self, op: impl Into<String>, code: errcode_t) -> Error {
+        let detail = self
+            .backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error
+            .take();
+        Error::Ext2 {
+            op: op.into(),
+            code: code as i64,
+            msg: message(code),
+            detail,
+        }
+    }
+
+    fn check(&self, op: impl FnOnce() -> String, code: errcode_t) -> Result<()> {
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(self.err(op(), code))
+        }
+    }
+
+    fn set_now(&mut self) {
+        // SAFETY: `self.fs` is a live handle; `now` is a plain field in the
+        // verified prefix of struct_ext2_filsys.
+        unsafe { (*self.fs).now = FS_TIME as libc::time_t };
+    }
+
+    fn open_err(backend: &Arc<Mutex<Backend>>, op: &str, code: errcode_t) -> Error {
+        Error::Ext2 {
+            op: op.to_string(),
+            code: code as i64,
+            msg: message(code),
+            detail: backend
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .last_error
+                .take(),
+        }
+    }
+
+    /// Makes a fresh ext4 on `backend`, as upstream's converter does for a
+    /// first layer (mke2fs: ext4 features without a journal, flex_bg size 1,
+    /// 4 KiB blocks, 256-byte inodes, one inode per 16 KiB, lazy itable init
+    /// off with the tables known to read as zeros), with a fixed UUID and
+    /// hash seed, then creates `/`, `/lost+found` and the reserved inodes.
+    pub fn mkfs(backend: Arc<Mutex<Backend>>, p: &MkfsParams) -> Result<Ext4> {
+        let blocks = p.size / BLOCK as u64;
+        let mut param = vec![0u8; sb::SIZE];
+        put_u32(&mut param, sb::S_BLOCKS_COUNT, blocks as u32);
+        put_u32(&mut param, sb::S_BLOCKS_COUNT_HI, (blocks >> 32) as u32);
+        put_u32(&mut param, sb::S_LOG_BLOCK_SIZE, 2);
+        put_u32(&mut param, sb::S_REV_LEVEL, 1);
+        put_u16(&mut param, sb::S_INODE_SIZE, INODE_SIZE);
+        let inodes = (p.size / INODE_RATIO).min(u32::MAX as u64) as u32;
+        put_u32(&mut param, sb::S_INODES_COUNT, inodes);
+        put_u32(
+            &mut param,
+            sb::S_FEATURE_COMPAT,
+            COMPAT_EXT_ATTR | COMPAT_DIR_INDEX,
+        );
+        put_u32(
+            &mut param,
+            sb::S_FEATURE_INCOMPAT,
+            INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG,
+        );
+        put_u32(
+            &mut param,
+            sb::S_FEATURE_RO_COMPAT,
+            RO_COMPAT_SPARSE_SUPER
+                | RO_COMPAT_LARGE_FILE
+                | RO_COMPAT_HUGE_FILE
+                | RO_COMPAT_DIR_NLINK
+                | RO_COMPAT_EXTRA_ISIZE
+                | RO_COMPAT_METADATA_CSUM,
+        );
+        put_u16(&mut param, sb::S_DESC_SIZE, 64);
+        param[sb::S_LOG_GROUPS_PER_FLEX] = 0; // -G 1
+        put_u32(&mut param, sb::S_DEFAULT_MOUNT_OPTS, 0x0004 | 0x0008); // user_xattr,acl
+
+        let name = io::register(backend.clone());
+        let mut fs: ext2_filsys = std::ptr::null_mut();
+        // SAFETY: `name` is NUL-terminated, `param` is a 1024-byte superblock
+        // image, MANAGER is our static table and `fs` receives the handle.
+        let rc = unsafe {
+            ext2fs_initialize(
+                name.as_ptr(),
+                EXT2_FLAG_64BITS,
+                param.as_mut_ptr(),
+                &MANAGER,
+                &mut fs,
+            )
+        };
+        if rc != 0 {
+            io::unregister(&name);
+            return Err(Self::open_err(&backend, "initialize", rc));
+        }
+        let mut me = Ext4 { fs, backend };
+        me.set_now();
+        // SAFETY: `super_` points to the handle's 1024-byte in-memory
+        // superblock, owned by libext2fs for the handle's lifetime.
+        let sbuf = unsafe { std::slice::from_raw_parts_mut((*me.fs).super_, sb::SIZE) };
+        sbuf[sb::S_UUID..sb::S_UUID + 16].copy_from_slice(&p.uuid);
+        sbuf[sb::S_HASH_SEED..sb::S_HASH_SEED + 16].copy_from_slice(&p.hash_seed);
+        sbuf[sb::S_DEF_HASH_VERSION] = 1; // half_md4, mke2fs's default
+        sbuf[sb::S_CHECKSUM_TYPE] = 1; // crc32c
+        put_u16(sbuf, sb::S_MAX_MNT_COUNT, 0xFFFF); // -1: no periodic fsck
+        put_u32(sbuf, sb::S_CHECKINTERVAL, 0);
+        for off in [sb::S_MKFS_TIME, sb::S_LASTCHECK, sb::S_WTIME] {
+            put_u32(sbuf, off, FS_TIME as u32);
+        }
+        put_u32(sbuf, sb::S_MTIME, 0);
+        // SAFETY: live handle; the uuid was just set.
+        unsafe { ext2fs_init_csum_seed(me.fs) };
+        // SAFETY: live handle with bitmaps from ext2fs_initialize.
+        let rc = unsafe { ext2fs_allocate_tables(me.fs) };
+        me.check(|| "allocate_tables".into(), rc)?;
+        // SAFETY: live handle.
+        let groups = unsafe { (*me.fs).group_desc_count };
+        for g in 0..groups {
+            // The inode tables read as zeros (the layer below is empty), so
+            // they count as zeroed without writing a byte.
+            // SAFETY: `g` is a valid group of the live handle.
+            unsafe {
+                ext2fs_bg_flags_set(me.fs, g, EXT2_BG_INODE_ZEROED);
+                ext2fs_group_desc_csum_set(me.fs, g);
+            }
+        }
+        // Root directory.
+        // SAFETY: live handle; NULL name makes the root itself.
+        let rc = unsafe { ext2fs_mkdir(me.fs, EXT2_ROOT_INO, EXT2_ROOT_INO, std::ptr::null()) };
+        me.check(|| "mkdir /".into(), rc)?;
+        me.set_attrs(
+            EXT2_ROOT_INO,
+            &Attrs {
+                perm: 0o755,
+                mtime: FS_TIME,
+                ..Default::default()
+            },
+        )?;
+        // lost+found, grown to 16 KiB as mke2fs does (e2fsck wants it).
+        let lpf = me.mkdir(
+            EXT2_ROOT_INO,
+            b"lost+found",
+            &Attrs {
+                perm: 0o700,
+                mtime: FS_TIME,
+                ..Default::default()
+            },
+        )?;
+        for _ in 1..4 {
+            // SAFETY: live handle, `lpf` is a directory.
+            let rc = unsafe { ext2fs_expand_dir(me.fs, lpf) };
+            me.check(|| "expand lost+found".into(), rc)?;
+        }
+        // Reserved inodes (1..first_ino), the bad-block inode included:
+        // upstream once forgot inode 1 (overlaybd #285).
+        for ino in 1..EXT2_GOOD_OLD_FIRST_INO {
+            if ino != EXT2_ROOT_INO {
+                // SAFETY: live handle; `ino` is within the inode count.
+                unsafe { ext2fs_inode_alloc_stats2(me.fs, ino, 1, 0) };
+            }
+        }
+        // SAFETY: live handle; NULL = an empty bad-block list.
+        let rc = unsafe { ext2fs_update_bb_inode(me.fs, std::ptr::null_mut()) };
+        me.check(|| "bad-block inode".into(), rc)?;
+        Ok(me)
+    }
+
+    /// Opens the filesystem the stack in `backend` already holds, read-write.
+    pub fn open(backend: Arc<Mutex<Backend>>) -> Result<Ext4> {
+        let name = io::register(backend.clone());
+        let mut fs: ext2_filsys = std::ptr::null_mut();
+        // SAFETY: NUL-terminated name, our static manager, out-pointer.
+        let rc = unsafe {
+            ext2fs_open(
+                name.as_ptr(),
+                EXT2_FLAG_RW | EXT2_FLAG_64BITS,
+                0,
+                0,
+                &MANAGER,
+                &mut fs,
+            )
+        };
+        if rc != 0 {
+            io::unregister(&name);
+            return Err(Self::open_err(&backend, "open", rc));
+        }
+        let mut me = Ext4 { fs, backend };
+        me.set_now();
+        // SAFETY: live handle.
+        let rc = unsafe { ext2fs_read_bitmaps(me.fs) };
+        me.check(|| "read_bitmaps".into(), rc)?;
+        Ok(me)
+    }
+
+    /// Writes everything back and closes the handle.
+    pub fn close(mut self) -> Result<()> {
+        let mut fs = std::mem::replace(&mut self.fs, std::ptr::null_mut());
+        // SAFETY: `fs` is the live handle, taken out of `self` so Drop will
+        // not free it again; close_free frees it even on error.
+        let rc = unsafe { ext2fs_close_free(&mut fs) };
+        if rc != 0 {
+            return Err(self.err("close", rc));
+        }
+        Ok(())
+    }
+
+    /// The inode of `name` in directory `dir`, if any.
+    pub fn lookup(&self, dir: ext2_ino_t, name: &[u8]) -> Result<Option<ext2_ino_t>> {
+        let mut ino = 0;
+        // SAFETY: live handle; `name` is passed with its length (no NUL needed).
+        let rc = unsafe {
+            ext2fs_lookup(
+                self.fs,
+                dir,
+                name.as_ptr() as *const c_char,
+                name.len() as c_int,
+                std::ptr::null_mut(),
+                &mut ino,
+            )
+        };
+        match rc {
+            0 => Ok(Some(ino)),
+            EXT2_ET_FILE_NOT_FOUND => Ok(None),
+            rc => Err(self.err(format!("lookup {}", String::from_utf8_lossy(name)), rc)),
+        }
+    }
+
+    /// Reads a whole inode.
+    pub fn read_inode(&self, ino: ext2_ino_t) -> Result<Inode256> {
+        let mut inode = Inode256::default();
+        // SAFETY: live handle; the buffer is 256 bytes, our inode size.
+        let rc = unsafe {
+            ext2fs_read_inode_full(
+                self.fs,
+                ino,
+                &mut inode as *mut Inode256 as *mut c_void,
+                INODE_SIZE as c_int,
+            )
+        };
+        self.check(|| format!("read inode {ino}"), rc)?;
+        Ok(inode)
+    }
+
+    /// Writes a whole inode.
+    pub fn write_inode(&self, ino: ext2_ino_t, inode: &mut Inode256) -> Result<()> {
+        // SAFETY: live handle; the buffer is 256 bytes, our inode size.
+        let rc = unsafe {
+            ext2fs_write_inode_full(
+                self.fs,
+                ino,
+                inode as *mut Inode256 as *mut c_void,
+                INODE_SIZE as c_int,
+            )
+        };
+        self.check(|| format!("write inode {ino}"), rc)
+    }
+
+    fn fill_attrs(i: &mut ext2_inode_large, kind: u16, a: &Attrs) {
+        i.i_mode = kind | (a.perm & 0o7777);
+        i.i_uid = a.uid as u16;
+        i.l_i_uid_high = (a.uid >> 16) as u16;
+        i.i_gid = a.gid as u16;
+        i.l_i_gid_high = (a.gid >> 16) as u16;
+        let (t, extra) = encode_time(a.mtime, a.mtime_nsec);
+        // ctime, atime and crtime follow mtime: never the clock.
+        i.i_mtime = t;
+        i.i_atime = t;
+        i.i_ctime = t;
+        i.i_crtime = t;
+        i.i_mtime_extra = extra;
+        i.i_atime_extra = extra;
+        i.i_ctime_extra = extra;
+        i.i_crtime_extra = extra;
+        i.i_dtime = 0;
+    }
+
+    /// Sets mode bits, owner and times of an existing inode (type kept).
+    pub fn set_attrs(&self, ino: ext2_ino_t, a: &Attrs) -> Result<()> {
+        let mut inode = self.read_inode(ino)?;
+        let kind = inode.i.i_mode & mode::S_IFMT;
+        Self::fill_attrs(&mut inode.i, kind, a);
+        if inode.i.i_extra_isize < EXTRA_ISIZE {
+            inode.i.i_extra_isize = EXTRA_ISIZE;
+        }
+        self.write_inode(ino, &mut inode)
+    }
+
+    fn new_inode(&self, dir: ext2_ino_t, kind: u16) -> Result<ext2_ino_t> {
+        let mut ino = 0;
+        // SAFETY: live handle; NULL map = the filesystem's inode bitmap.
+        let rc = unsafe {
+            ext2fs_new_inode(
+                self.fs,
+                dir,
+                kind as c_int | 0o755,
+                std::ptr::null_mut(),
+                &mut ino,
+            )
+        };
+        self.check(|| "allocate an inode".into(), rc)?;
+        Ok(ino)
+    }
+
+    /// Runs `f` (a call that adds a name to `dir`) and, if the directory is
+    /// full, grows it by one block and runs it again.
+    fn with_dir_space(
+        &self,
+        dir: ext2_ino_t,
+        what: impl Fn() -> String,
+        f: impl Fn() -> errcode_t,
+    ) -> Result<()> {
+        let mut rc = f();
+        if rc == EXT2_ET_DIR_NO_SPACE {
+            // SAFETY: live handle; `dir` is a directory.
+            let rc2 = unsafe { ext2fs_expand_dir(self.fs, dir) };
+            self.check(|| format!("expand directory for {}", what()), rc2)?;
+            rc = f();
+        }
+        self.check(what, rc)
+    }
+
+    fn link(&self, dir: ext2_ino_t, name: &[u8], ino: ext2_ino_t, ft: c_int) -> Result<()> {
+        let cname = cstr(name, "name")?;
+        self.with_dir_space(
+            dir,
+            || format!("link {}", String::from_utf8_lossy(name)),
+            // SAFETY: live handle, NUL-terminated name, allocated inode.
+            || unsafe { ext2fs_link(self.fs, dir, cname.as_ptr(), ino, ft) },
+        )
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&self, parent: ext2_ino_t, name: &[u8], a: &Attrs) -> Result<ext2_ino_t> {
+        let cname = cstr(name, "name")?;
+        let ino = self.new_inode(parent, mode::S_IFDIR)?;
+        self.with_dir_space(
+            parent,
+            || format!("mkdir {}", String::from_utf8_lossy(name)),
+            // SAFETY: live handle; `ino` is free (ext2fs_mkdir marks it used
+            // only once the name is linked, so a retry is safe).
+            || unsafe { ext2fs_mkdir(self.fs, parent, ino, cname.as_ptr()) },
+        )?;
+        self.set_attrs(ino, a)?;
+        Ok(ino)
+    }
+
+    /// Creates a symbolic link.
+    pub fn symlink(
+        &self,
+        parent: ext2_ino_t,
+        name: &[u8],
+        target: &[u8],
+        a: &Attrs,
+    ) -> Result<ext2_ino_t> {
+        let cname = cstr(name, "name")?;
+        let ctarget = cstr(target, "symlink target")?;
+        let ino = self.new_inode(parent, mode::S_IFLNK)?;
+        self.with_dir_space(
+            parent,
+            || format!("symlink {}", String::from_utf8_lossy(name)),
+            // SAFETY: live handle; both strings NUL-terminated; `ino` free
+            // until linked (allocation stats are updated after the link).
+            || unsafe { ext2fs_symlink(self.fs, parent, ino, cname.as_ptr(), ctarget.as_ptr()) },
+        )?;
+        let mut a = a.clone();
+        a.perm = 0o777;
+        self.set_attrs(ino, &a)?;
+        Ok(ino)
+    }
+
+    fn new_plain_inode(
+        &self,
+        parent: ext2_ino_t,
+        name: &[u8],
+        kind: u16,
+        ft: c_int,
+    ) -> Result<ext2_ino_t> {
+        let ino = self.new_inode(parent, kind)?;
+        self.link(parent, name, ino, ft)?;
+        // SAFETY: live handle; `ino` was just linked.
+        unsafe { ext2fs_inode_alloc_stats2(self.fs, ino, 1, 0) };
+        Ok(ino)
+    }
+
+    /// Creates a device node, fifo or socket.
+    pub fn mknod(
+        &self,
+        parent: ext2_ino_t,
+        name: &[u8],
+        kind: u16,
+        major: u32,
+        minor: u32,
+        a: &Attrs,
+    ) -> Result<ext2_ino_t> {
+        let ft = match kind {
+            mode::S_IFCHR => EXT2_FT_CHRDEV,
+            mode::S_IFBLK => EXT2_FT_BLKDEV,
+            mode::S_IFIFO => EXT2_FT_FIFO,
+            _ => EXT2_FT_SOCK,
+        };
+        let ino = self.new_plain_inode(parent, name, kind, ft)?;
+        let mut inode = Inode256::default();
+        Self::fill_attrs(&mut inode.i, kind, a);
+        inode.i.i_links_count = 1;
+        inode.i.i_extra_isize = EXTRA_ISIZE;
+        if kind == mode::S_IFCHR || kind == mode::S_IFBLK {
+            if major < 256 && minor < 256 {
+                inode.i.i_block[0] = major * 256 + minor;
+            } else {
+                inode.i.i_block[1] = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
+            }
+        }
+        self.write_inode(ino, &mut inode)?;
+        Ok(ino)
+    }
+
+    /// Creates a regular file with `size` bytes from `data`. All-zero 4 KiB
+    /// blocks become holes.
+    pub fn create_file(
+        &self,
+        parent: ext2_ino_t,
+        name: &[u8],
+        a: &Attrs,
+        size: u64,
+        data: &mut dyn Read,
+    ) -> Result<ext2_ino_t> {
+        let ino = self.new_plain_inode(parent, name, mode::S_IFREG, EXT2_FT_REG_FILE)?;
+        let mut inode = Inode256::default();
+        Self::fill_attrs(&mut inode.i, mode::S_IFREG, a);
+        inode.i.i_links_count = 1;
+        inode.i.i_extra_isize = EXTRA_ISIZE;
+        inode.i.i_flags = EXT4_EXTENTS_FL;
+        // Empty extent tree header: magic, 0 entries, room for 4, depth 0.
+        inode.i.i_block[0] = 0xF30A;
+        inode.i.i_block[1] = 4;
+        self.write_inode(ino, &mut inode)?;
+        if size == 0 {
+            return Ok(ino);
+        }
+        let mut file: ext2_file_t = std::ptr::null_mut();
+        // SAFETY: live handle, inode just written.
+        let rc = unsafe { ext2fs_file_open(self.fs, ino, EXT2_FILE_WRITE, &mut file) };
+        self.check(|| "open file".into(), rc)?;
+        let r = self.fill_file(file, size, data);
+        // SAFETY: `file` is open; closing it writes the inode back.
+        let rc = unsafe { ext2fs_file_close(file) };
+        r?;
+        self.check(|| "close file".into(), rc)?;
+        Ok(ino)
+    }
+
+    fn fill_file(&self, file: ext2_file_t, size: u64, data: &mut dyn Read) -> Result<()> {
+        const CHUNK: usize = 1 << 20;
+        let mut buf = vec![0u8; CHUNK];
+        let mut pos = 0u64;
+        let mut file_pos = 0u64;
+        while pos < size {
+            let want = (size - pos).min(CHUNK as u64) as usize;
+            data.read_exact(&mut buf[..want])
+                .map_err(|e| Error::io(format!("reading file data at {pos}"), e))?;
+            let mut off = 0usize;
+            while off < want {
+                let end = (off + BLOCK as usize).min(want);
+                if buf[off..end].iter().all(|&b| b == 0) {
+                    off = end;
+                    continue;
+                }
+                // A run of non-zero blocks.
+                let mut run_end = end;
+                while run_end < want {
+                    let e2 = (run_end + BLOCK as usize).min(want);
+                    if buf[run_end..e2].iter().all(|&b| b == 0) {
+                        break;
+                    }
+                    run_end = e2;
+                }
+                let at = pos + off as u64;
+                if at != file_pos {
+                    let mut ret = 0u64;
+                    // SAFETY: open file handle; plain seek.
+                    let rc = unsafe { ext2fs_file_llseek(file, at, EXT2_SEEK_SET, &mut ret) };
+                    self.check(|| format!("seek to {at}"), rc)?;
+                }
+                let mut written = 0u32;
+                let chunk = &buf[off..run_end];
+                // SAFETY: open file; `chunk` is valid for its length (≤ 1 MiB).
+                let rc = unsafe {
+                    ext2fs_file_write(
+                        file,
+                        chunk.as_ptr() as *const c_void,
+                        chunk.len() as u32,
+                        &mut written,
+                    )
+                };
+                self.check(|| format!("write {} bytes at {at}", chunk.len()), rc)?;
+                if written as usize != chunk.len() {
+                    return Err(Error::BadEntry(format!("short write at {at}")));
+                }
+                file_pos = at + chunk.len() as u64;
+                off = run_end;
+            }
+            pos += want as u64;
+        }
+        // SAFETY: open file; sets i_size (covers a trailing hole).
+        let rc = unsafe { ext2fs_file_set_size2(file, size) };
+        self.check(|| format!("set size {size}"), rc)
+    }
+
+    /// Adds a hard link to `ino`.
+    pub fn hardlink(&self, parent: ext2_ino_t, name: &[u8], ino: ext2_ino_t) -> Result<()> {
+        let mut inode = self.read_inode(ino)?;
+        let ft = match inode.i.i_mode & mode::S_IFMT {
+            mode::S_IFREG => EXT2_FT_REG_FILE,
+            mode::S_IFLNK => EXT2_FT_SYMLINK,
+            mode::S_IFCHR => EXT2_FT_CHRDEV,
+            mode::S_IFBLK => EXT2_FT_BLKDEV,
+            mode::S_IFIFO => EXT2_FT_FIFO,
+            mode::S_IFSOCK => EXT2_FT_SOCK,
+            _ => return Err(Error::BadEntry("hard link to a directory".into())),
+        };
+        self.link(parent, name, ino, ft)?;
+        inode.i.i_links_count = inode.i.i_links_count.saturating_add(1);
+        self.write_inode(ino, &mut inode)
+    }
+
+    /// The entries of a directory, without `.` and `..`.
+    pub fn list_dir(&self, dir: ext2_ino_t) -> Result<Vec<(Vec<u8>, ext2_ino_t)>> {
+        unsafe extern "C" fn cb(
+            _dir: ext2_ino_t,
+            _entry: c_int,
+            dirent: *mut ext2_dir_entry,
+            _offset: c_int,
+            _blocksize: c_int,
+            _buf: *mut c_char,
+            data: *mut c_void,
+        ) -> c_int {
+            // SAFETY: libext2fs passes a valid entry; `data` is our Vec.
+            unsafe {
+                let out = &mut *(data as *mut Vec<(Vec<u8>, ext2_ino_t)>);
+                let len = ((*dirent).name_len & 0xff) as usize;
+                let name = std::slice::from_raw_parts((*dirent).name.as_ptr() as *const u8, len);
+                if (*dirent).inode != 0 && name != b"." && name != b".." {
+                    out.push((name.to_vec(), (*dirent).inode));
+                }
+            }
+            0
+        }
+        let mut out: Vec<(Vec<u8>, ext2_ino_t)> = Vec::new();
+        // SAFETY: live handle; the callback only appends to `out`, which
+        // outlives the call.
+        let rc = unsafe {
+            ext2fs_dir_iterate2(
+                self.fs,
+                dir,
+                0,
+                std::ptr::null_mut(),
+                cb,
+                &mut out as *mut _ as *mut c_void,
+            )
+        };
+        self.check(|| format!("list directory inode {dir}"), rc)?;
+        Ok(out)
+    }
+
+    /// Removes `name` (inode `ino`) from `parent`, recursively for
+    /// directories, freeing inodes whose last link goes.
+    pub fn remove(&self, parent: ext2_ino_t, name: &[u8], ino: ext2_ino_t) -> Result<()> {
+        let inode = self.read_inode(ino)?;
+        let is_dir = inode.i.i_mode & mode::S_IFMT == mode::S_IFDIR;
+        if is_dir {
+            for (child, cino) in self.list_dir(ino)? {
+                self.remove(ino, &child, cino)?;
+            }
+        }
+        let cname = cstr(name, "name")?;
+        // SAFETY: live handle; NUL-terminated name.
+        let rc = unsafe { ext2fs_unlink(self.fs, parent, cname.as_ptr(), ino, 0) };
+        self.check(|| format!("unlink {}", String::from_utf8_lossy(name)), rc)?;
+        let mut inode = self.read_inode(ino)?;
+        if is_dir {
+            let mut p = self.read_inode(parent)?;
+            if p.i.i_links_count > 2 {
+                p.i.i_links_count -= 1;
+                self.write_inode(parent, &mut p)?;
+            }
+            inode.i.i_links_count = 0;
+        } else {
+            inode.i.i_links_count = inode.i.i_links_count.saturating_sub(1);
+        }
+        if inode.i.i_links_count > 0 {
+            return self.write_inode(ino, &mut inode);
+        }
+        self.write_inode(ino, &mut inode)?;
+        // SAFETY: live handle; 256-byte inode buffer; frees the EA block
+        // (refcounted) and in-inode attributes, writing the inode back.
+        let rc = unsafe {
+            ext2fs_free_ext_attr(self.fs, ino, &mut inode as *mut Inode256 as *mut c_void)
+        };
+        self.check(|| "free xattrs".into(), rc)?;
+        let mut inode = self.read_inode(ino)?;
+        // SAFETY: live handle; the inode buffer is at least a struct ext2_inode.
+        if unsafe {
+            ext2fs_inode_has_valid_blocks2(self.fs, &mut inode as *mut Inode256 as *mut c_void)
+        } != 0
+        {
+            // SAFETY: as above; punches every block and writes the inode.
+            let rc = unsafe {
+                ext2fs_punch(
+                    self.fs,
+                    ino,
+                    &mut inode as *mut Inode256 as *mut c_void,
+                    std::ptr::null_mut(),
+                    0,
+                    !0u64,
+                )
+            };
+            self.check(|| "free blocks".into(), rc)?;
+        }
+        let mut inode = self.read_inode(ino)?;
+        inode.i.i_dtime = FS_TIME as u32;
+        self.write_inode(ino, &mut inode)?;
+        // SAFETY: live handle; the inode is no longer referenced.
+        unsafe { ext2fs_inode_alloc_stats2(self.fs, ino, -1, is_dir as c_int) };
+        Ok(())
+    }
+
+    /// Replaces all extended attributes of `ino` with `xattrs`.
+    pub fn set_xattrs(
+        &self,
+        ino: ext2_ino_t,
+        xattrs: &[(Vec<u8>, Vec<u8>)],
+        clear: bool,
+    ) -> Result<()> {
+        if xattrs.is_empty() && !clear {
+            return Ok(());
+        }
+        let mut h: xattr_handle = std::ptr::null_mut();
+        // SAFETY: live handle; `h` receives a new xattr handle.
+        let rc = unsafe { ext2fs_xattrs_open(self.fs, ino, &mut h) };
+        self.check(|| "open xattrs".into(), rc)?;
+        let r = (|| -> Result<()> {
+            // SAFETY: `h` is open.
+            let rc = unsafe { ext2fs_xattrs_read(h) };
+            self.check(|| "read xattrs".into(), rc)?;
+            if clear {
+                unsafe extern "C" fn collect(
+                    name: *mut c_char,
+                    _v: *mut c_char,
+                    _l: usize,
+                    data: *mut c_void,
+                ) -> c_int {
+                    // SAFETY: `name` is NUL-terminated; `data` is our Vec.
+                    unsafe {
+                        let out = &mut *(data as *mut Vec<CString>);
+                        out.push(CStr::from_ptr(name).to_owned());
+                    }
+                    0
+                }
+                let mut names: Vec<CString> = Vec::new();
+                // SAFETY: `h` is open; the callback only appends to `names`.
+                let rc = unsafe {
+                    ext2fs_xattrs_iterate(h, collect, &mut names as *mut _ as *mut c_void)
+                };
+                self.check(|| "list xattrs".into(), rc)?;
+                for n in names {
+                    // SAFETY: `h` is open; `n` is NUL-terminated.
+                    let rc = unsafe { ext2fs_xattr_remove(h, n.as_ptr()) };
+                    self.check(|| format!("remove xattr {}", n.to_string_lossy()), rc)?;
+                }
+            }
+            for (k, v) in xattrs {
+                let key = cstr(k, "xattr name")?;
+                // SAFETY: `h` is open; key NUL-terminated; value with length.
+                let rc = unsafe {
+                    ext2fs_xattr_set(h, key.as_ptr(), v.as_ptr() as *const c_void, v.len())
+                };
+                self.check(|| format!("set xattr {}", String::from_utf8_lossy(k)), rc)?;
+            }
+            Ok(())
+        })();
+        // SAFETY: `h` is open; close writes the attributes and frees it.
+        let rc = unsafe { ext2fs_xattrs_close(&mut h) };
+        r?;
+        self.check(|| "write xattrs".into(), rc)
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        if !self.fs.is_null() {
+            // SAFETY: an unclosed live handle (an error path): free it
+            // without writing anything back.
+            unsafe { ext2fs_free(self.fs) };
+        }
+    }
+}

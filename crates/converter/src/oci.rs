@@ -1,0 +1,298 @@
+//! Image sources and destinations. An OCI image layout on disk
+//! (`oci:<dir>[:<tag>]`) implements both; a registry backend can implement
+//! the same two traits later.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MT_OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const MT_DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+
+/// A content descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+impl Descriptor {
+    /// Parses the `mediaType`/`digest`/`size` of a JSON descriptor.
+    pub fn from_json(v: &Value, what: &str) -> Result<Descriptor> {
+        let s = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| Error::Image(format!("{what}: descriptor without `{k}`")))
+        };
+        Ok(Descriptor {
+            media_type: s("mediaType").unwrap_or_default(),
+            digest: s("digest")?,
+            size: v
+                .get("size")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| Error::Image(format!("{what}: descriptor without `size`")))?,
+        })
+    }
+}
+
+/// Where the source image comes from.
+pub trait ImageSource {
+    /// The descriptor the reference resolves to (a manifest or an index).
+    fn root(&self) -> Result<Descriptor>;
+    /// A blob's bytes, streamed. The caller verifies the digest.
+    fn open_blob(&self, digest: &str) -> Result<Box<dyn Read + Send>>;
+    /// A small blob (manifest, config) read whole and digest-checked.
+    fn read_small(&self, d: &Descriptor) -> Result<Vec<u8>> {
+        if d.size > 64 << 20 {
+            return Err(Error::Image(format!(
+                "{} is {} bytes; too large for metadata",
+                d.digest, d.size
+            )));
+        }
+        let mut buf = Vec::with_capacity(d.size as usize);
+        self.open_blob(&d.digest)?
+            .take(d.size + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io(format!("reading {}", d.digest), e))?;
+        let got = sha256_digest(&buf);
+        if got != d.digest || buf.len() as u64 != d.size {
+            return Err(Error::Image(format!(
+                "blob {} has digest {got} and {} bytes (descriptor says {})",
+                d.digest,
+                buf.len(),
+                d.size
+            )));
+        }
+        Ok(buf)
+    }
+}
+
+/// Where the converted image goes.
+pub trait ImageDest {
+    /// A scratch directory on the same filesystem as the blobs (for renames).
+    fn scratch_dir(&self) -> Result<PathBuf>;
+    /// Stores the finished file `path` as blob `digest` (moving it).
+    fn put_blob_file(&self, digest: &str, path: &Path) -> Result<()>;
+    /// Stores `bytes` as a blob.
+    fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<()>;
+    /// The local path of a stored blob, when the destination has one (lets
+    /// the converter read back the layers it wrote).
+    fn blob_path(&self, digest: &str) -> Option<PathBuf>;
+    /// Publishes the root descriptor (manifest or index) under the tag.
+    /// Called last: nothing is tagged before every blob is in place.
+    fn tag(&self, root: &Descriptor) -> Result<()>;
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn digest_hex(digest: &str) -> Result<&str> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| Error::Image(format!("unsupported digest `{digest}` (sha256 only)")))?;
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return Err(Error::Image(format!("malformed digest `{digest}`")));
+    }
+    Ok(hex)
+}
+
+/// An OCI image layout directory with a tag (`org.opencontainers.image.ref.name`).
+#[derive(Clone, Debug)]
+pub struct OciLayout {
+    pub dir: PathBuf,
+    pub tag: Option<String>,
+}
+
+impl OciLayout {
+    /// Parses `oci:<dir>[:<tag>]`.
+    pub fn parse(reference: &str) -> Result<OciLayout> {
+        let rest = reference
+            .strip_prefix("oci:")
+            .ok_or_else(|| Error::Reference {
+                reference: reference.into(),
+                detail: "expected `oci:<dir>[:<tag>]` (registry references are not supported yet)"
+                    .into(),
+            })?;
+        let (dir, tag) = match rest.rsplit_once(':') {
+            Some((d, t)) if !t.contains('/') && !d.is_empty() => (d, Some(t.to_string())),
+            _ => (rest, None),
+        };
+        if dir.is_empty() {
+            return Err(Error::Reference {
+                reference: reference.into(),
+                detail: "empty directory".into(),
+            });
+        }
+        Ok(OciLayout {
+            dir: PathBuf::from(dir),
+            tag: tag.filter(|t| !t.is_empty()),
+        })
+    }
+
+    fn blob(&self, digest: &str) -> Result<PathBuf> {
+        Ok(self
+            .dir
+            .join("blobs")
+            .join("sha256")
+            .join(digest_hex(digest)?))
+    }
+
+    fn index(&self) -> Result<Value> {
+        let p = self.dir.join("index.json");
+        let b = fs::read(&p).map_err(|e| Error::file(&p, e))?;
+        serde_json::from_slice(&b).map_err(|e| Error::Json {
+            what: p.display().to_string(),
+            source: e,
+        })
+    }
+
+    /// Creates the layout skeleton if missing.
+    pub fn init(&self) -> Result<()> {
+        let blobs = self.dir.join("blobs").join("sha256");
+        fs::create_dir_all(&blobs).map_err(|e| Error::file(&blobs, e))?;
+        let ol = self.dir.join("oci-layout");
+        if !ol.exists() {
+            fs::write(&ol, br#"{"imageLayoutVersion":"1.0.0"}"#)
+                .map_err(|e| Error::file(&ol, e))?;
+        }
+        let idx = self.dir.join("index.json");
+        if !idx.exists() {
+            let v = json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": []});
+            write_atomic(&idx, &serde_json::to_vec_pretty(&v).expect("json"))?;
+        }
+        Ok(())
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-obd");
+    let mut f = File::create(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::file(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::file(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+}
+
+impl ImageSource for OciLayout {
+    fn root(&self) -> Result<Descriptor> {
+        let idx = self.index()?;
+        let ms = idx
+            .get("manifests")
+            .and_then(Value::as_array)
+            .ok_or_else(|| Error::Image("index.json has no `manifests`".into()))?;
+        let pick: Vec<&Value> = match &self.tag {
+            Some(t) => ms
+                .iter()
+                .filter(|m| {
+                    m.pointer("/annotations/org.opencontainers.image.ref.name")
+                        .and_then(Value::as_str)
+                        == Some(t.as_str())
+                })
+                .collect(),
+            None => ms.iter().collect(),
+        };
+        match pick.as_slice() {
+            [one] => Descriptor::from_json(one, "index.json"),
+            [] => Err(Error::Reference {
+                reference: format!(
+                    "oci:{}:{}",
+                    self.dir.display(),
+                    self.tag.as_deref().unwrap_or("")
+                ),
+                detail: "no such tag in index.json".into(),
+            }),
+            _ => Err(Error::Reference {
+                reference: format!("oci:{}", self.dir.display()),
+                detail: "index.json holds several images; name a tag".into(),
+            }),
+        }
+    }
+
+    fn open_blob(&self, digest: &str) -> Result<Box<dyn Read + Send>> {
+        let p = self.blob(digest)?;
+        let f = File::open(&p).map_err(|e| Error::file(&p, e))?;
+        Ok(Box::new(f))
+    }
+}
+
+impl ImageDest for OciLayout {
+    fn scratch_dir(&self) -> Result<PathBuf> {
+        self.init()?;
+        let d = self
+            .dir
+            .join(format!(".obd-convert-{}", std::process::id()));
+        fs::create_dir_all(&d).map_err(|e| Error::file(&d, e))?;
+        Ok(d)
+    }
+
+    fn put_blob_file(&self, digest: &str, path: &Path) -> Result<()> {
+        let dst = self.blob(digest)?;
+        fs::rename(path, &dst).map_err(|e| Error::file(&dst, e))
+    }
+
+    fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        let dst = self.blob(digest)?;
+        if dst.exists() {
+            return Ok(());
+        }
+        write_atomic(&dst, bytes)
+    }
+
+    fn blob_path(&self, digest: &str) -> Option<PathBuf> {
+        self.blob(digest).ok().filter(|p| p.exists())
+    }
+
+    fn tag(&self, root: &Descriptor) -> Result<()> {
+        self.init()?;
+        let p = self.dir.join("index.json");
+        let mut idx = self.index()?;
+        let tag = self.tag.clone().unwrap_or_else(|| "latest".into());
+        let ms = idx
+            .get_mut("manifests")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| Error::Image("index.json has no `manifests`".into()))?;
+        ms.retain(|m| {
+            m.pointer("/annotations/org.opencontainers.image.ref.name")
+                .and_then(Value::as_str)
+                != Some(tag.as_str())
+        });
+        ms.push(json!({
+            "mediaType": root.media_type,
+            "digest": root.digest,
+            "size": root.size,
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }));
+        write_atomic(&p, &serde_json::to_vec_pretty(&idx).expect("json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_references() {
+        let l = OciLayout::parse("oci:/tmp/x:v1").unwrap();
+        assert_eq!(l.dir, PathBuf::from("/tmp/x"));
+        assert_eq!(l.tag.as_deref(), Some("v1"));
+        let l = OciLayout::parse("oci:rel/dir").unwrap();
+        assert_eq!(l.tag, None);
+        assert!(OciLayout::parse("docker://x/y").is_err());
+    }
+}
