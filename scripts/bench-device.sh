@@ -28,7 +28,7 @@ if [ ! -f "$IMG" ]; then
   rm -rf "$W/src"; mkdir -p "$W/src"
   for i in $(seq 1 $((MB / 4))); do
     head -c 1048576 /dev/urandom > "$W/src/r$i"
-    head -c 786432 /dev/urandom | base64 -w 100 | head -c 1048576 > "$W/src/t$i"
+    head -c 786432 /dev/urandom | base64 -w 100 > "$W/src/t$i"
   done
   mkfs.ext4 -q -F -d "$W/src" "$IMG" "${MB}M"
   rm -rf "$W/src"
