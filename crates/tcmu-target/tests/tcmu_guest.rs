@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tcmu_target::tcmu::configfs::{self, DevicePaths};
 use tcmu_target::tcmu::{TcmuFrontend, TcmuOptions};
-use tcmu_target::{BlockBackend, Frontend, MemBackend};
+use tcmu_target::{Attachment, BlockBackend, Frontend, MemBackend};
 
 const MIB: usize = 1 << 20;
 
@@ -297,6 +297,7 @@ fn tcmu_guest_e2e_read_write() {
     let big_data = pattern(7, 16 * MIB);
     big.write_all(&big_data).unwrap();
     big.sync_all().unwrap();
+    drop(big);
     eprintln!("write ~30 MiB + fsync: {:?}", t.elapsed());
     umount(&mnt);
     drop_caches();
@@ -419,13 +420,17 @@ fn tcmu_guest_child() {
     });
     let fe = frontend();
     let t = Instant::now();
-    let att = fe.attach(backend, &id, &state).unwrap();
+    let att = fe.attach_device(backend, &id, &state).unwrap();
     eprintln!(
-        "child {}: serving {} ({:?})",
+        "child {}: serving {} ({:?}, ring reset: {})",
         std::process::id(),
         att.device_path().display(),
-        t.elapsed()
+        t.elapsed(),
+        att.ring_was_reset()
     );
+    if att.ring_was_reset() {
+        fs::write(state.join("ring-reset"), b"").unwrap();
+    }
     fs::write(
         state.join("dev.tmp"),
         att.device_path().to_string_lossy().as_bytes(),
@@ -435,7 +440,13 @@ fn tcmu_guest_child() {
     while !state.join("stop").exists() {
         std::thread::sleep(Duration::from_millis(20));
     }
-    att.detach().unwrap();
+    assert_eq!(att.broken(), None);
+    eprintln!(
+        "child {}: {} commands completed",
+        std::process::id(),
+        att.completed()
+    );
+    Box::new(att).detach().unwrap();
     fs::write(state.join("detached"), b"ok").unwrap();
 }
 
@@ -544,6 +555,10 @@ fn tcmu_guest_recovery() {
     let dev2 = wait_dev(&state, &mut second);
     eprintln!("took over {} in {:?}", dev2.display(), t.elapsed());
     assert_eq!(dev2, dev, "the same disk is served again");
+    assert!(
+        state.join("ring-reset").exists(),
+        "the reader's pending command made the takeover reset the ring"
+    );
 
     let mismatches = rd.join().unwrap().expect("the reader sees no I/O error");
     assert_eq!(mismatches, 0);

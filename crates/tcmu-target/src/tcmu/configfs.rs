@@ -266,12 +266,14 @@ pub fn open_uio(p: &DevicePaths, timeout: Duration) -> Result<UioDevice> {
     let size = read_attr(&sys.join("maps").join("map0").join("size"))?;
     let map_size = parse_size(&size)
         .ok_or_else(|| Error::Protocol(format!("UIO map size {size:?} of {}", sys.display())))?;
+    // The kernel sets the UIO version to the mailbox version ("2"); the mailbox
+    // itself is checked again when the ring is opened.
     let version = read_attr(&sys.join("version")).unwrap_or_default();
-    if version != super::uapi::TCMU_VERSION {
+    let mailbox = super::uapi::TCMU_MAILBOX_VERSION.to_string();
+    if version != mailbox && version != super::uapi::TCMU_VERSION {
         return Err(Error::Unsupported(format!(
-            "{} has TCMU version {version:?} (expected {})",
-            sys.display(),
-            super::uapi::TCMU_VERSION
+            "{} has TCMU version {version:?} (expected {mailbox})",
+            sys.display()
         )));
     }
     wait_for(&format!("{}", node.display()), timeout, || {
@@ -345,24 +347,16 @@ pub fn find_block_device(addr: &str) -> Option<String> {
     names.into_iter().next()
 }
 
-/// Removes the tcm_loop export: deletes the SCSI device, unlinks the LUNs, drops
-/// the nexus, removes the TPG and WWN. Absent pieces are skipped.
+/// Removes the tcm_loop export: unlinks the LUNs (which removes the SCSI disk),
+/// drops the nexus, removes the TPG and WWN. Absent pieces are skipped.
 pub fn remove_loopback(p: &DevicePaths) -> Result<()> {
     if !p.wwn_dir.exists() {
         return Ok(());
     }
-    if let Ok(addr) = read_attr(&p.tpg_dir.join("address")) {
-        let delete = Path::new("/sys/class/scsi_device")
-            .join(format!("{addr}:0"))
-            .join("device")
-            .join("delete");
-        if delete.exists() {
-            // Flushes and waits for outstanding I/O, so the ring must still be served.
-            if let Err(e) = write_attr(&delete, "1") {
-                log::warn!("tcmu {}: {e}", p.id);
-            }
-        }
-    }
+    // Unlinking the LUN removes the SCSI disk (tcm_loop_port_unlink), flushing and
+    // waiting for its outstanding I/O, so the ring must still be served. Deleting
+    // the disk through sysfs first would leave tcm_loop's port count raised (its
+    // unlink gives up when the disk is gone) and the nexus could not be dropped.
     let luns = p.tpg_dir.join("lun");
     if let Ok(entries) = fs::read_dir(&luns) {
         for lun in entries.flatten() {

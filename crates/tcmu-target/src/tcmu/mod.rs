@@ -98,6 +98,8 @@ struct Live {
     server: Option<Server>,
     scsi_address: Option<String>,
     uio_path: PathBuf,
+    /// A takeover found commands pending and had the kernel reset the ring.
+    ring_reset: bool,
 }
 
 impl Live {
@@ -131,6 +133,12 @@ impl TcmuAttachment {
     /// The `/dev/uioN` this process serves.
     pub fn uio_path(&self) -> Option<&Path> {
         Some(self.live.as_ref()?.uio_path.as_path())
+    }
+
+    /// True if this attachment took over a device whose ring still held commands
+    /// of a dead handler, and had the kernel hand them back to the initiator.
+    pub fn ring_was_reset(&self) -> bool {
+        self.live.as_ref().is_some_and(|l| l.ring_reset)
     }
 
     /// Commands completed so far.
@@ -240,7 +248,7 @@ impl TcmuFrontend {
         paths: &DevicePaths,
         backend: Arc<dyn BlockBackend>,
         recover: bool,
-    ) -> Result<(Server, PathBuf)> {
+    ) -> Result<(Server, PathBuf, bool)> {
         let uio = configfs::open_uio(paths, self.opts.attach_timeout)?;
         let mmap = memmap2::MmapOptions::new()
             .len(uio.map_size)
@@ -252,6 +260,7 @@ impl TcmuFrontend {
             uio.dev_path.display().to_string(),
         )?);
         let mut ring = Ring::open(region.clone())?;
+        let mut reset = false;
         if recover {
             // Completions a dead handler published but never announced.
             doorbell.kick()?;
@@ -264,11 +273,12 @@ impl TcmuFrontend {
                 );
                 configfs::reset_ring(paths)?;
                 ring = Ring::open(region)?;
+                reset = true;
             }
         }
         let lun = scsi::LunInfo::new(&paths.id, backend.as_ref());
         let server = Server::start(ring, doorbell, backend, lun, self.opts.workers)?;
-        Ok((server, uio.dev_path))
+        Ok((server, uio.dev_path, reset))
     }
 
     fn export(&self, live: &mut Live) -> Result<PathBuf> {
@@ -328,12 +338,13 @@ impl TcmuFrontend {
                 ),
             ));
         }
-        let (server, uio_path) = self.serve(&paths, backend, true)?;
+        let (server, uio_path, ring_reset) = self.serve(&paths, backend, true)?;
         let mut live = Live {
             paths,
             server: Some(server),
             scsi_address: None,
             uio_path,
+            ring_reset,
         };
         match self.export(&mut live) {
             Ok(device) => Ok(TcmuAttachment {
@@ -367,10 +378,11 @@ impl TcmuFrontend {
             server: None,
             scsi_address: None,
             uio_path: PathBuf::new(),
+            ring_reset: false,
         };
         let res = (|| {
             configfs::create_backstore(&live.paths, &cfg)?;
-            let (server, uio_path) = self.serve(&live.paths, backend, false)?;
+            let (server, uio_path, _) = self.serve(&live.paths, backend, false)?;
             live.server = Some(server);
             live.uio_path = uio_path;
             self.export(&mut live)

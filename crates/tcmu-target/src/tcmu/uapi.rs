@@ -5,7 +5,8 @@
 //! below (the memory is shared with the kernel, so it never forms references to
 //! these structs over it). All integers are native-endian.
 
-/// `TCMU_VERSION`, the UIO device's `version` attribute.
+/// `TCMU_VERSION` of the header (the UIO device's `version` attribute is the
+/// mailbox version, "2").
 pub const TCMU_VERSION: &str = "2.0";
 /// `TCMU_MAILBOX_VERSION`: the only mailbox layout this module understands.
 pub const TCMU_MAILBOX_VERSION: u16 = 2;
