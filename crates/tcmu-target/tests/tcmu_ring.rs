@@ -266,8 +266,16 @@ fn malformed_commands_are_flagged_not_fatal() {
     // An iovec running past the end of the mapping.
     sim.push_raw(&raw_cmd(11, cdb_at + 256, Some((4096 + 128, 1 << 40))))
         .unwrap();
+    // Two in-bounds iovecs that overlap: more bytes than the data area holds.
+    let mut e = raw_cmd(12, cdb_at + 512, Some((4096 + 128, 4 * 4096)));
+    e[ent::IOV_CNT..ent::IOV_CNT + 4].copy_from_slice(&2u32.to_ne_bytes());
+    e[ent::IOV + 16..ent::IOV + 24].copy_from_slice(&(4096u64 + 128).to_ne_bytes());
+    e[ent::IOV + 24..ent::IOV + 32].copy_from_slice(&(4u64 * 4096).to_ne_bytes());
+    sim.push_raw(&e).unwrap();
     let c = cmds(ring.poll().unwrap());
-    assert_eq!(c.len(), 3);
+    assert_eq!(c.len(), 4);
+    assert!(matches!(c[3].defect, Some(Defect::BadIovec(ref w)) if w.contains("exceed")));
+    assert!(c[3].iovs.is_empty());
     assert!(matches!(c[0].defect, Some(Defect::BadIovec(_))));
     assert!(matches!(c[1].defect, Some(Defect::BadCdb(_))));
     assert!(matches!(c[2].defect, Some(Defect::BadIovec(_))));

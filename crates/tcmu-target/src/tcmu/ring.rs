@@ -502,6 +502,21 @@ impl Ring {
                     cmd.bidi_iovs.push(v);
                 }
             }
+            // Each buffer is a distinct part of the data area, so together they
+            // cannot exceed it (this bounds what the handler allocates).
+            let total: u128 = cmd
+                .iovs
+                .iter()
+                .chain(&cmd.bidi_iovs)
+                .map(|v| u128::from(v.len))
+                .sum();
+            if total > u128::from(self.region.len() as u64 - self.data_off) {
+                cmd.defect = Some(Defect::BadIovec(format!(
+                    "iovecs of {total} bytes exceed the data area"
+                )));
+                cmd.iovs.clear();
+                cmd.bidi_iovs.clear();
+            }
         }
         // The CDB: its length follows from the opcode (and, for variable-length
         // CDBs, from byte 7).
