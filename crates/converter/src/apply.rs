@@ -361,7 +361,7 @@ impl<'a> Applier<'a> {
         match inode.i.i_mode & mode::S_IFMT {
             mode::S_IFDIR => Ok(Some(ino)),
             mode::S_IFLNK => {
-                let target = self.read_symlink(ino, &inode)?;
+                let target = self.fs.readlink(ino, &inode)?;
                 let mut base: Vec<Vec<u8>> = if target.first() == Some(&b'/') {
                     Vec::new()
                 } else {
@@ -383,22 +383,6 @@ impl<'a> Applier<'a> {
             }
             _ => Ok(None),
         }
-    }
-
-    fn read_symlink(&self, ino: ext2_ino_t, inode: &crate::ffi::Inode256) -> Result<Vec<u8>> {
-        let size = inode.i.i_size as usize;
-        // Fast symlinks keep the target in i_block (60 bytes).
-        if size < 60 && inode.i.i_flags & crate::ffi::EXT4_EXTENTS_FL == 0 {
-            let mut b = Vec::with_capacity(60);
-            for w in inode.i.i_block {
-                b.extend_from_slice(&w.to_le_bytes());
-            }
-            b.truncate(size);
-            return Ok(b);
-        }
-        Err(Error::Unsupported(format!(
-            "following a long symlink (inode {ino}, {size} bytes) in a parent path"
-        )))
     }
 
     fn whiteout(&mut self, parts: &[Vec<u8>]) -> Result<()> {

@@ -355,6 +355,14 @@ extern "C" {
         ret: *mut ext2_file_t,
     ) -> errcode_t;
     pub fn ext2fs_file_close(file: ext2_file_t) -> errcode_t;
+    pub fn ext2fs_file_read(
+        file: ext2_file_t,
+        buf: *mut c_void,
+        wanted: c_uint,
+        got: *mut c_uint,
+    ) -> errcode_t;
+    pub fn ext2fs_is_fast_symlink(inode: *mut c_void) -> c_int;
+    pub static unix_io_manager: io_manager;
     pub fn ext2fs_file_write(
         file: ext2_file_t,
         buf: *const c_void,

@@ -96,17 +96,17 @@ fn cstr(s: &[u8], what: &str) -> Result<CString> {
 /// One open filesystem.
 pub struct Ext4 {
     fs: ext2_filsys,
-    backend: Arc<Mutex<Backend>>,
+    backend: Option<Arc<Mutex<Backend>>>,
 }
 
 impl Ext4 {
     fn err(&self, op: impl Into<String>, code: errcode_t) -> Error {
-        let detail = self
-            .backend
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .last_error
-            .take();
+        let detail = self.backend.as_ref().and_then(|b| {
+            b.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .last_error
+                .take()
+        });
         Error::Ext2 {
             op: op.into(),
             code: code as i64,
@@ -198,7 +198,10 @@ impl Ext4 {
             io::unregister(&name);
             return Err(Self::open_err(&backend, "initialize", rc));
         }
-        let mut me = Ext4 { fs, backend };
+        let mut me = Ext4 {
+            fs,
+            backend: Some(backend),
+        };
         me.set_now();
         // SAFETY: `super_` points to the handle's 1024-byte in-memory
         // superblock, owned by libext2fs for the handle's lifetime.
@@ -289,12 +292,138 @@ impl Ext4 {
             io::unregister(&name);
             return Err(Self::open_err(&backend, "open", rc));
         }
-        let mut me = Ext4 { fs, backend };
+        let mut me = Ext4 {
+            fs,
+            backend: Some(backend),
+        };
         me.set_now();
         // SAFETY: live handle.
         let rc = unsafe { ext2fs_read_bitmaps(me.fs) };
         me.check(|| "read_bitmaps".into(), rc)?;
         Ok(me)
+    }
+
+    /// Opens an ext4 image file read-only (libext2fs's own unix I/O), for
+    /// verification.
+    pub fn open_image_file(path: &std::path::Path) -> Result<Ext4> {
+        use std::os::unix::ffi::OsStrExt;
+        let cpath = cstr(path.as_os_str().as_bytes(), "path")?;
+        let mut fs: ext2_filsys = std::ptr::null_mut();
+        // SAFETY: NUL-terminated path; unix_io_manager is libext2fs's own
+        // static manager; `fs` receives the handle.
+        let rc = unsafe {
+            ext2fs_open(
+                cpath.as_ptr(),
+                EXT2_FLAG_64BITS,
+                0,
+                0,
+                unix_io_manager,
+                &mut fs,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Ext2 {
+                op: format!("open {}", path.display()),
+                code: rc as i64,
+                msg: message(rc),
+                detail: None,
+            });
+        }
+        Ok(Ext4 { fs, backend: None })
+    }
+
+    /// Streams the content of a regular file (or a slow symlink) to `f`.
+    pub fn read_file(&self, ino: ext2_ino_t, f: &mut dyn FnMut(&[u8])) -> Result<()> {
+        let mut file: ext2_file_t = std::ptr::null_mut();
+        // SAFETY: live handle; read-only open.
+        let rc = unsafe { ext2fs_file_open(self.fs, ino, 0, &mut file) };
+        self.check(|| format!("open inode {ino}"), rc)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let r = loop {
+            let mut got = 0u32;
+            // SAFETY: open file; `buf` is valid for its length.
+            let rc = unsafe {
+                ext2fs_file_read(
+                    file,
+                    buf.as_mut_ptr() as *mut c_void,
+                    buf.len() as u32,
+                    &mut got,
+                )
+            };
+            if rc != 0 {
+                break Err(self.err(format!("read inode {ino}"), rc));
+            }
+            if got == 0 {
+                break Ok(());
+            }
+            f(&buf[..got as usize]);
+        };
+        // SAFETY: `file` is open.
+        let rc = unsafe { ext2fs_file_close(file) };
+        r?;
+        self.check(|| "close file".into(), rc)
+    }
+
+    /// The target of a symlink.
+    pub fn readlink(&self, ino: ext2_ino_t, inode: &Inode256) -> Result<Vec<u8>> {
+        let mut copy = *inode;
+        // SAFETY: the buffer holds at least a struct ext2_inode.
+        let fast =
+            unsafe { ext2fs_is_fast_symlink(&mut copy as *mut Inode256 as *mut c_void) } != 0;
+        let size = inode.i.i_size as usize;
+        if fast {
+            let mut b = Vec::with_capacity(60);
+            for w in inode.i.i_block {
+                b.extend_from_slice(&w.to_le_bytes());
+            }
+            b.truncate(size.min(60));
+            return Ok(b);
+        }
+        let mut out = Vec::with_capacity(size);
+        self.read_file(ino, &mut |d| out.extend_from_slice(d))?;
+        out.truncate(size);
+        Ok(out)
+    }
+
+    /// All extended attributes of an inode, as libext2fs reports them.
+    pub fn xattrs(&self, ino: ext2_ino_t) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        unsafe extern "C" fn collect(
+            name: *mut c_char,
+            value: *mut c_char,
+            len: usize,
+            data: *mut c_void,
+        ) -> c_int {
+            // SAFETY: `name` is NUL-terminated, `value` holds `len` bytes,
+            // `data` is our Vec.
+            unsafe {
+                let out = &mut *(data as *mut Vec<(Vec<u8>, Vec<u8>)>);
+                let v = if value.is_null() {
+                    &[][..]
+                } else {
+                    std::slice::from_raw_parts(value as *const u8, len)
+                };
+                out.push((CStr::from_ptr(name).to_bytes().to_vec(), v.to_vec()));
+            }
+            0
+        }
+        let mut h: xattr_handle = std::ptr::null_mut();
+        // SAFETY: live handle.
+        let rc = unsafe { ext2fs_xattrs_open(self.fs, ino, &mut h) };
+        self.check(|| "open xattrs".into(), rc)?;
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        // SAFETY: `h` is open; the callback only appends to `out`.
+        let rc = unsafe { ext2fs_xattrs_read(h) };
+        let rc = if rc == 0 {
+            // SAFETY: as above.
+            unsafe { ext2fs_xattrs_iterate(h, collect, &mut out as *mut _ as *mut c_void) }
+        } else {
+            rc
+        };
+        // SAFETY: `h` is open; nothing was changed, so nothing is written.
+        unsafe { ext2fs_xattrs_close(&mut h) };
+        self.check(|| format!("read xattrs of inode {ino}"), rc)?;
+        out.sort();
+        Ok(out)
     }
 
     /// Writes everything back and closes the handle.

@@ -23,6 +23,7 @@ pub mod ffi;
 pub mod fs;
 pub mod io;
 pub mod oci;
+pub mod tree;
 
 pub use convert::{convert, LayerReport, Options, Report};
 pub use error::{Error, Result};
