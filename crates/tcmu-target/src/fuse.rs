@@ -48,17 +48,22 @@ const ROOT_INO: u64 = 1;
 const DISK_INO: u64 = 2;
 /// Attributes never change: let the kernel cache them for a day.
 const TTL: Duration = Duration::from_secs(86_400);
-/// How long detach waits for the kernel (loop release, unmount, session end).
+/// How long detach waits for the kernel (unmount, session end).
 const TEARDOWN_WAIT: Duration = Duration::from_secs(10);
+/// How long detach waits for the loop device to let go of the FUSE file.
+const LOOP_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Tuning of [`FuseFrontend`].
 #[derive(Clone, Debug)]
 pub struct FuseOptions {
     /// fuser event-loop threads, each with its own cloned `/dev/fuse` fd.
     pub threads: usize,
-    /// Largest READ/WRITE request and readahead window in bytes (the kernel caps it,
+    /// Largest WRITE request and readahead window in bytes (the kernel caps it,
     /// usually at 1 MiB).
     pub max_io: u32,
+    /// Largest READ request in bytes (`max_read` mount option). Smaller than the
+    /// device's requests, it lets one large read be served by several threads at once.
+    pub max_read: u32,
     /// Open the file with `FOPEN_DIRECT_IO` (no FUSE page cache) instead of
     /// `FOPEN_KEEP_CACHE`.
     pub fuse_direct_io: bool,
@@ -73,6 +78,7 @@ impl Default for FuseOptions {
         FuseOptions {
             threads: 8,
             max_io: 1 << 20,
+            max_read: 1 << 20,
             fuse_direct_io: true,
             loop_direct_io: true,
             max_background: 128,
@@ -157,6 +163,7 @@ impl FuseAttachment {
 
     fn teardown(&mut self) -> Result<()> {
         let mut first_err = None;
+        let mut busy = false;
         if let Some(lo) = self.loopdev.take() {
             let n = lo.number();
             if let Err(e) = lo.detach() {
@@ -165,21 +172,26 @@ impl FuseAttachment {
             // The FUSE file stays open until the loop device is really unbound.
             let bound = format!("/sys/block/loop{n}/loop/backing_file");
             let disk = self.disk_path();
-            let released = wait_until(TEARDOWN_WAIT, || {
+            let released = wait_until(LOOP_RELEASE_WAIT, || {
                 std::fs::read(&bound).map_or(true, |b| {
                     let b = b.strip_suffix(b"\n").unwrap_or(&b);
                     b != disk.as_os_str().as_bytes()
                 })
             });
             if !released {
+                // Someone still holds the device (a mount the caller forgot): stop
+                // serving anyway; its I/O fails from now on, and the device goes
+                // away on its last close (autoclear).
+                busy = true;
                 first_err.get_or_insert(Error::Timeout(format!(
-                    "{} is still open by someone; it goes away on its last close",
+                    "{} is still open by someone; its I/O now fails and it goes away \
+                     on its last close",
                     self.device.display()
                 )));
             }
         }
         if let Some(session) = self.session.take() {
-            if let Err(e) = unmount_and_join(&self.mountpoint, self.conn, session) {
+            if let Err(e) = unmount_and_join(&self.mountpoint, self.conn, session, busy) {
                 first_err.get_or_insert(e);
             }
         }
@@ -254,7 +266,7 @@ fn attach(
         dev.as_raw_fd(),
         rustix::process::geteuid().as_raw(),
         rustix::process::getegid().as_raw(),
-        opts.max_io,
+        opts.max_read.max(4096),
     );
     let data = CString::new(data).expect("mount options hold no NUL");
     let mut flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
@@ -326,10 +338,22 @@ fn attach(
 }
 
 /// Unmounts the FUSE mount and waits for the session threads; aborts the connection
-/// if they do not stop.
-fn unmount_and_join(mnt: &Path, conn: Option<u64>, session: BackgroundSession) -> Result<()> {
+/// if they do not stop. `busy`: the file is known to be held open, so unmount lazily
+/// and abort at once.
+fn unmount_and_join(
+    mnt: &Path,
+    conn: Option<u64>,
+    session: BackgroundSession,
+    busy: bool,
+) -> Result<()> {
     let mut result = Ok(());
-    let unmounted = wait_until(TEARDOWN_WAIT, || {
+    if busy {
+        if let Some(c) = conn {
+            abort_conn(c);
+        }
+    }
+    let wait = if busy { Duration::ZERO } else { TEARDOWN_WAIT };
+    let unmounted = wait_until(wait, || {
         match rustix::mount::unmount(mnt, UnmountFlags::empty()) {
             Ok(()) => true,
             Err(rustix::io::Errno::BUSY) => false,
@@ -345,10 +369,12 @@ fn unmount_and_join(mnt: &Path, conn: Option<u64>, session: BackgroundSession) -
     if !unmounted {
         log::warn!("{} is busy; detaching it lazily", mnt.display());
         let _ = rustix::mount::unmount(mnt, UnmountFlags::DETACH);
-        result = Err(Error::Timeout(format!(
-            "{} stayed busy; detached lazily",
-            mnt.display()
-        )));
+        if !busy {
+            result = Err(Error::Timeout(format!(
+                "{} stayed busy; detached lazily",
+                mnt.display()
+            )));
+        }
     }
     let mut stopped = wait_until(TEARDOWN_WAIT, || session.guard.is_finished());
     if !stopped {

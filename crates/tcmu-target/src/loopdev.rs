@@ -395,12 +395,12 @@ pub enum BackingRef<'a> {
 
 impl Backing for &File {
     fn as_backing(&self) -> BackingRef<'_> {
-        BackingRef::File(*self)
+        BackingRef::File(self)
     }
 }
 impl Backing for &Path {
     fn as_backing(&self) -> BackingRef<'_> {
-        BackingRef::Path(*self)
+        BackingRef::Path(self)
     }
 }
 impl Backing for &PathBuf {

@@ -317,6 +317,32 @@ fn fuse_writable_ext4_survives_reattach() {
     assert_gone(&work, &dev, &backing);
 }
 
+#[test]
+fn detach_while_still_mounted_stops_serving() {
+    require!();
+    let tmp = tempfile::tempdir().unwrap();
+    let files = sample_files();
+    let img = ext4_image(tmp.path(), &files);
+    let backend = Arc::new(MemBackend::new(std::fs::read(&img).unwrap(), true));
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let att = FuseFrontend::new()
+        .attach(backend, "busy-test", &work)
+        .unwrap();
+    let dev = att.device_path().to_path_buf();
+    let backing = loop_backing(&dev).unwrap();
+    let m = tmp.path().join("m");
+    mount_ext4(&dev, &m, true);
+    check_files(&m, &files[..1]);
+    // The caller forgot to unmount: detach reports it but stops serving anyway.
+    let err = att.detach().unwrap_err();
+    assert!(err.to_string().contains("still open"), "{err}");
+    assert!(!is_mounted(&work.canonicalize().unwrap().join("fuse")));
+    assert!(std::fs::read(m.join("big.bin")).is_err());
+    umount(&m);
+    assert_gone(&work, &dev, &backing);
+}
+
 /// The child half of `cleanup_after_crash`: attaches and waits to be killed.
 #[test]
 fn crash_child() {
