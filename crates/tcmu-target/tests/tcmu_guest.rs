@@ -604,3 +604,36 @@ fn tcmu_guest_cleanup_after_kill() {
     // Idempotent.
     fe.cleanup(id, &state).unwrap();
 }
+
+/// Runs everywhere: without the LIO configfs tree, attach says what is missing
+/// and cleanup has nothing to do.
+#[test]
+fn tcmu_unsupported_kernel_is_reported() {
+    if configfs::target_available() {
+        eprintln!("SKIPPED: tcmu_unsupported_kernel_is_reported: this kernel has TCMU");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let fe = TcmuFrontend::default();
+    let r = fe.attach(
+        Arc::new(MemBackend::new(vec![0; MIB], true)),
+        "nope",
+        tmp.path(),
+    );
+    match r {
+        Err(tcmu_target::Error::Unsupported(m)) => assert!(m.contains("target_core_user"), "{m}"),
+        Err(e) => panic!("expected Unsupported, got {e}"),
+        Ok(_) => panic!("attach succeeded without TCMU"),
+    }
+    fe.cleanup("nope", tmp.path()).unwrap();
+    // Bad ids are refused before anything else.
+    assert!(DevicePaths::new("Bad_Id").is_err());
+    assert!(DevicePaths::new(&"x".repeat(33)).is_err());
+    let p = DevicePaths::new("abc-1").unwrap();
+    assert_eq!(
+        p.uio_name,
+        format!("tcm-user/{}/abc-1/obd/abc-1", configfs::HBA)
+    );
+    assert!(p.wwn.starts_with("naa.5001405"));
+    assert_eq!(p.wwn.len(), 4 + 16);
+}
