@@ -560,6 +560,17 @@ fn tcmu_guest_recovery() {
         "the reader's pending command made the takeover reset the ring"
     );
 
+    // While a live process serves it, nobody else can take the device.
+    let other = frontend().attach(
+        Arc::new(MemBackend::new(vec![0; image.len()], true)),
+        id,
+        &state,
+    );
+    match other {
+        Err(e) => assert!(e.to_string().contains("another process"), "{e}"),
+        Ok(_) => panic!("a second handler attached a served device"),
+    }
+
     let mismatches = rd.join().unwrap().expect("the reader sees no I/O error");
     assert_eq!(mismatches, 0);
     assert_eq!(progress.load(Ordering::SeqCst), 2 * image.len() as u64);
@@ -568,6 +579,67 @@ fn tcmu_guest_recovery() {
     let st = second.wait().unwrap();
     assert!(st.success(), "second serving process: {st}");
     assert!(state.join("detached").exists());
+    assert_no_leftovers(id);
+}
+
+/// A MemBackend that is slow to read.
+struct SlowMem(MemBackend, Duration);
+
+impl BlockBackend for SlowMem {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        std::thread::sleep(self.1);
+        self.0.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.0.write_at(buf, off)
+    }
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        self.0.discard(off, len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[test]
+#[ignore = "needs root and the TCMU/tcm_loop kernel modules: scripts/tcmu-guest-test.sh"]
+fn tcmu_guest_reattach_in_process() {
+    require_kernel!("tcmu_guest_reattach_in_process");
+    let tmp = tempfile::tempdir().unwrap();
+    let image = Arc::new(pattern(5, 8 * MIB));
+    let backend = Arc::new(SlowMem(
+        MemBackend::new((*image).clone(), true),
+        Duration::from_millis(3),
+    ));
+    let fe = frontend();
+    let id = "inproc";
+    fe.cleanup(id, tmp.path()).unwrap();
+    let att = fe.attach_device(backend.clone(), id, tmp.path()).unwrap();
+    let dev = att.device_path().to_path_buf();
+    let progress = Arc::new(AtomicU64::new(0));
+    let rd = reader(dev.clone(), image.clone(), progress.clone(), 2);
+    wait_progress(&progress, image.len() as u64 / 3);
+    // Stop serving without tearing anything down, then take over again.
+    att.abandon();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let att = fe.reattach(backend, id, tmp.path()).unwrap();
+    eprintln!(
+        "reattached {} in {:?} (ring reset: {})",
+        att.device_path().display(),
+        t.elapsed(),
+        att.ring_was_reset()
+    );
+    assert_eq!(att.device_path(), dev);
+    assert_eq!(rd.join().unwrap().expect("no I/O error"), 0);
+    assert_eq!(progress.load(Ordering::SeqCst), 2 * image.len() as u64);
+    Box::new(att).detach().unwrap();
     assert_no_leftovers(id);
 }
 
