@@ -39,14 +39,15 @@ pub unsafe trait RingMemory: Send + Sync + 'static {
 
 /// Heap memory laid out like a UIO mapping, for tests and the simulator.
 pub struct HeapMemory {
-    ptr: *mut u8,
+    // u64 elements give 8-byte alignment; UnsafeCell allows writes through the
+    // shared pointers handed out by `as_ptr`.
+    buf: Box<[std::cell::UnsafeCell<u64>]>,
     len: usize,
-    // Owns the allocation; u64 elements give 8-byte alignment.
-    _buf: Box<[std::cell::UnsafeCell<u64>]>,
 }
 
-// SAFETY: the buffer is only reached through raw pointers (volatile-free copies and
-// atomics), never through references; sharing it between threads is the point.
+// SAFETY: the buffer is only reached through raw pointers from `as_ptr` (bounds-
+// checked copies and atomics in `Region`), never through references to its
+// contents; sharing it between threads is the point.
 unsafe impl Send for HeapMemory {}
 // SAFETY: as above.
 unsafe impl Sync for HeapMemory {}
@@ -54,27 +55,19 @@ unsafe impl Sync for HeapMemory {}
 impl HeapMemory {
     /// `len` zeroed bytes.
     pub fn new(len: usize) -> Self {
-        let words = len.div_ceil(8);
-        let buf: Box<[std::cell::UnsafeCell<u64>]> =
-            (0..words).map(|_| std::cell::UnsafeCell::new(0)).collect();
-        let ptr = if buf.is_empty() {
-            std::ptr::NonNull::<u64>::dangling().as_ptr().cast::<u8>()
-        } else {
-            buf[0].get().cast::<u8>()
-        };
-        HeapMemory {
-            ptr,
-            len,
-            _buf: buf,
-        }
+        let buf = (0..len.div_ceil(8))
+            .map(|_| std::cell::UnsafeCell::new(0))
+            .collect();
+        HeapMemory { buf, len }
     }
 }
 
-// SAFETY: `ptr` points into `_buf`, which lives as long as `self`, holds at least
-// `len` bytes and is 8-byte aligned (u64 elements).
+// SAFETY: the pointer covers the whole boxed slice (at least `len` bytes, 8-byte
+// aligned), which never moves or shrinks while `self` lives, so every call returns
+// the same pointer; its bytes sit in UnsafeCells, so writing through it is allowed.
 unsafe impl RingMemory for HeapMemory {
     fn as_ptr(&self) -> *mut u8 {
-        self.ptr
+        self.buf.as_ptr().cast_mut().cast::<u8>()
     }
     fn len(&self) -> usize {
         self.len
