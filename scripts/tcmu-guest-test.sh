@@ -39,15 +39,16 @@ command -v python3 >/dev/null || die "python3 is missing"
 T0=$(now_ms)
 # ---- 1. the test binary, built on the host (the guest runs it from the shared root)
 log "building the tcmu_guest test binary"
+mkdir -p "$OBD_ENV_DIR/tcmu-vm"; BUILD_LOG=$OBD_ENV_DIR/tcmu-vm/build.log
 BIN=$(cd "$ROOT" && cargo test -p tcmu-target --test tcmu_guest --no-run ${CARGO_PROFILE_FLAGS:-} \
-        --message-format=json 2>/dev/null | python3 -c '
+        --message-format=json 2>"$BUILD_LOG" | python3 -c '
 import json, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "tcmu_guest":
         print(m["executable"])')
-[ -x "$BIN" ] || die "could not build or find the tcmu_guest test binary (cargo test -p tcmu-target --test tcmu_guest --no-run)"
+[ -x "$BIN" ] || { tail -30 "$BUILD_LOG" >&2; die "could not build or find the tcmu_guest test binary (see $BUILD_LOG)"; }
 log "test binary: $BIN"
 T1=$(now_ms)
 

@@ -10,6 +10,12 @@
 //! - [`scsi`]: SCSI emulation, pure over a [`BlockBackend`].
 //! - [`configfs`]: backstore, UIO and tcm_loop objects.
 //!
+//! No netlink: the backstore's control gets `nl_reply_supported=-1`, so the kernel
+//! never waits for a netlink reply for it (it would if some daemon had told the
+//! TCMU genl family that it sends replies); with no listener at all the kernel's
+//! "device added" multicast finds no one and `enable` goes ahead. `enable` is
+//! retried on EAGAIN (netlink blocked while such a daemon starts).
+//!
 //! Recovery: a process that died leaves the backstore and the tcm_loop export in
 //! place, with commands queued on the ring; [`TcmuFrontend::reattach`] (or
 //! [`Frontend::attach`] of the same id) opens the UIO device again. Commands the
