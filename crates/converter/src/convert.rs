@@ -28,6 +28,9 @@ pub const ANN_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
 pub const ANN_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
 pub const ANN_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
 
+/// A per-layer progress callback.
+pub type ProgressFn = dyn Fn(&LayerReport);
+
 /// Conversion options.
 pub struct Options {
     /// ZFile codec.
@@ -43,7 +46,7 @@ pub struct Options {
     /// Bytes of dirty filesystem pages kept before writing to the layer.
     pub cache_bytes: usize,
     /// Called after each converted layer.
-    pub progress: Option<Box<dyn Fn(&LayerReport)>>,
+    pub progress: Option<Box<ProgressFn>>,
 }
 
 impl Default for Options {

@@ -109,7 +109,7 @@ impl Ext4 {
         });
         Error::Ext2 {
             op: op.into(),
-            code: code as i64,
+            code,
             msg: message(code),
             detail,
         }
@@ -132,7 +132,7 @@ impl Ext4 {
     fn open_err(backend: &Arc<Mutex<Backend>>, op: &str, code: errcode_t) -> Error {
         Error::Ext2 {
             op: op.to_string(),
-            code: code as i64,
+            code,
             msg: message(code),
             detail: backend
                 .lock()
@@ -324,7 +324,7 @@ impl Ext4 {
         if rc != 0 {
             return Err(Error::Ext2 {
                 op: format!("open {}", path.display()),
-                code: rc as i64,
+                code: rc,
                 msg: message(rc),
                 detail: None,
             });

@@ -433,7 +433,7 @@ unsafe extern "C" fn io_write_byte(
     unsafe {
         with_backend(ch, EXT2_ET_SHORT_READ + 1, |b, _| {
             let buf = std::slice::from_raw_parts(data as *const u8, count as usize);
-            b.write(buf, offset as u64)
+            b.write(buf, offset)
         })
     }
 }
