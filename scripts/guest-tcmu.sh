@@ -17,7 +17,7 @@ t1=$(date +%s%N)
 echo "tcmu guest tests: rc=$rc in $(( (t1-t0)/1000000 )) ms"
 echo "--- configfs after the tests: core: $(ls /sys/kernel/config/target/core 2>&1 | tr '\n' ' ')" \
   "loopback: $(ls /sys/kernel/config/target/loopback 2>&1 | tr '\n' ' ') uio: $(ls /sys/class/uio 2>&1 | tr '\n' ' ')"
-echo "--- kernel messages: $(dmesg | grep -ciE 'I/O error|error,') I/O error lines (the cleanup test causes some);" \
+echo "--- kernel messages: $(dmesg | grep -ciE 'I/O error|error,') I/O error lines (the cleanup test may cause some);" \
   "TCMU/tcm_loop warnings:"
 dmesg | grep -iE 'tcmu|tcm_loop|ring is broken|Unable' | grep -v 'TCM_Loopback' | tail -${DMESG_LINES:-40}
 if [ "$rc" != 0 ]; then echo "--- dmesg tail:"; dmesg | tail -60; fi

@@ -127,14 +127,20 @@ case $ACCEL in
   *) die "ACCEL must be tcg or kvm" ;;
 esac
 fsdev() { echo "-fsdev local,id=$1,path=$2,security_model=none${3:+,$3} -device virtio-9p-pci,fsdev=$1,mount_tag=$1"; }
-log "booting $KV under qemu ($ACCEL), running: $FILTER"
 T3=$(now_ms)
-# qemu pauses (rather than exits) on a KVM emulation failure: the timeout ends such a run
-timeout "${VM_TIMEOUT:-900}" qemu-system-x86_64 $A -m "$MEM" -smp "$SMP" -nographic -no-reboot -nodefaults -serial stdio \
-  -kernel "$VMLINUZ" -initrd "$INITRD" -append "console=ttyS0 panic=-1 rdinit=/init ${KAPPEND:-quiet loglevel=3}" \
-  $(fsdev hostroot / readonly=on) $(fsdev share "$SHARE") $(fsdev kroot "$KD/root" readonly=on) \
-  2>&1 | tee "$RUN/console.log" | sed -E 's/\x1b(\[[0-9;?]*[a-zA-Z]|c)//g; s/\r$//; s/^.*(GUEST-)/\1/' \
-  | grep -E 'GUEST-|Kernel panic' || true
+# qemu (TCG, multi-threaded) occasionally dies on an internal assertion before the guest kernel starts: boot again then.
+for try in $(seq "${BOOT_TRIES:-2}"); do
+  log "booting $KV under qemu ($ACCEL), running: $FILTER (boot $try)"
+  rm -f "$SHARE/rc" "$SHARE/guest.log"
+  # qemu pauses (rather than exits) on a KVM emulation failure: the timeout ends such a run
+  timeout "${VM_TIMEOUT:-900}" qemu-system-x86_64 $A -m "$MEM" -smp "$SMP" -nographic -no-reboot -nodefaults -serial stdio \
+    -kernel "$VMLINUZ" -initrd "$INITRD" -append "console=ttyS0 panic=-1 rdinit=/init ${KAPPEND:-quiet loglevel=3}" \
+    $(fsdev hostroot / readonly=on) $(fsdev share "$SHARE") $(fsdev kroot "$KD/root" readonly=on) \
+    2>&1 | tee "$RUN/console.log" | sed -E 's/\x1b(\[[0-9;?]*[a-zA-Z]|c)//g; s/\r$//; s/^.*(GUEST-)/\1/' \
+    | grep -E 'GUEST-|Kernel panic|qemu-system' || true
+  grep -q GUEST-INIT-UP "$RUN/console.log" && break
+  log "the guest never came up (see $RUN/console.log)"
+done
 T4=$(now_ms)
 rc=$(cat "$SHARE/rc" 2>/dev/null || echo 99)
 cp "$SHARE/guest.log" "$RUN/guest.log" 2>/dev/null || true
