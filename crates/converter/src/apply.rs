@@ -64,6 +64,64 @@ struct Entry {
     link: Option<Vec<u8>>,
     dev: (u32, u32),
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    sparse: Option<Sparse>,
+}
+
+/// A PAX-format GNU sparse file (formats 0.0, 0.1 and 1.0; the tar crate
+/// expands only the old GNU `S` entries itself).
+#[derive(Default, Debug)]
+struct Sparse {
+    major: Option<u32>,
+    minor: Option<u32>,
+    name: Option<Vec<u8>>,
+    real_size: Option<u64>,
+    /// (offset, length) pairs known from the PAX records (0.0 and 0.1).
+    map: Vec<(u64, u64)>,
+    pending_offset: Option<u64>,
+}
+
+fn num<T: std::str::FromStr>(v: &[u8], what: &str) -> Result<T> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| Error::BadEntry(format!("bad {what} `{}`", String::from_utf8_lossy(v))))
+}
+
+/// Reads the 1.0 sparse map at the start of the data: decimal numbers, one
+/// per line (count, then offset/length pairs), padded to 512 bytes.
+fn read_sparse_map(r: &mut dyn Read) -> Result<(Vec<(u64, u64)>, u64)> {
+    let mut consumed = 0u64;
+    let mut line = |consumed: &mut u64| -> Result<u64> {
+        let mut digits = Vec::new();
+        loop {
+            let mut b = [0u8; 1];
+            r.read_exact(&mut b)
+                .map_err(|e| Error::io("reading the sparse map", e))?;
+            *consumed += 1;
+            if b[0] == b'\n' {
+                break;
+            }
+            if digits.len() > 20 {
+                return Err(Error::BadEntry("sparse map number too long".into()));
+            }
+            digits.push(b[0]);
+        }
+        num(&digits, "sparse map number")
+    };
+    let n = line(&mut consumed)?;
+    if n > 1 << 20 {
+        return Err(Error::BadEntry(format!("sparse map with {n} extents")));
+    }
+    let mut map = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let off = line(&mut consumed)?;
+        let len = line(&mut consumed)?;
+        map.push((off, len));
+    }
+    let pad = (512 - consumed % 512) % 512;
+    std::io::copy(&mut r.take(pad), &mut std::io::sink())
+        .map_err(|e| Error::io("reading the sparse map", e))?;
+    Ok((map, consumed + pad))
 }
 
 impl<'a> Applier<'a> {
@@ -105,7 +163,6 @@ impl<'a> Applier<'a> {
         ) {
             return Ok(());
         }
-        let parts = normalize(raw_path)?;
         let h = e.header();
         let bad = |what: &str, err: std::io::Error| Error::BadEntry(format!("{what}: {err}"));
         let mut attrs = Attrs {
@@ -120,6 +177,7 @@ impl<'a> Applier<'a> {
             h.device_minor().ok().flatten().unwrap_or(0),
         );
         let mut xattrs = Vec::new();
+        let mut sparse: Option<Sparse> = None;
         if let Some(pax) = e.pax_extensions().map_err(|x| bad("pax header", x))? {
             for ext in pax {
                 let ext = ext.map_err(|x| bad("pax record", x))?;
@@ -143,6 +201,33 @@ impl<'a> Applier<'a> {
                             attrs.mtime_nsec = 1_000_000_000 - attrs.mtime_nsec;
                         }
                     }
+                } else if let Some(k) = key.strip_prefix(b"GNU.sparse.") {
+                    let sp = sparse.get_or_insert_with(Sparse::default);
+                    match k {
+                        b"major" => sp.major = Some(num(val, "GNU.sparse.major")?),
+                        b"minor" => sp.minor = Some(num(val, "GNU.sparse.minor")?),
+                        b"name" => sp.name = Some(val.to_vec()),
+                        b"realsize" | b"size" => sp.real_size = Some(num(val, "GNU.sparse.size")?),
+                        b"offset" => sp.pending_offset = Some(num(val, "GNU.sparse.offset")?),
+                        b"numbytes" => {
+                            let off = sp.pending_offset.take().ok_or_else(|| {
+                                Error::BadEntry("GNU.sparse.numbytes without an offset".into())
+                            })?;
+                            sp.map.push((off, num(val, "GNU.sparse.numbytes")?));
+                        }
+                        b"map" => {
+                            let nums: Vec<u64> = val
+                                .split(|&b| b == b',')
+                                .filter(|p| !p.is_empty())
+                                .map(|p| num(p, "GNU.sparse.map"))
+                                .collect::<Result<_>>()?;
+                            if nums.len() % 2 != 0 {
+                                return Err(Error::BadEntry("odd GNU.sparse.map".into()));
+                            }
+                            sp.map = nums.chunks(2).map(|c| (c[0], c[1])).collect();
+                        }
+                        _ => {}
+                    }
                 } else if key == b"uid" {
                     if let Ok(v) = String::from_utf8_lossy(val).parse() {
                         attrs.uid = v;
@@ -164,7 +249,16 @@ impl<'a> Applier<'a> {
             ),
             _ => None,
         };
-        let size = e.size();
+        let mut size = e.size();
+        let parts = match sparse.as_ref().and_then(|s| s.name.as_deref()) {
+            Some(name) => normalize(name)?,
+            None => normalize(raw_path)?,
+        };
+        if let Some(sp) = &sparse {
+            size = sp
+                .real_size
+                .ok_or_else(|| Error::BadEntry("PAX sparse file without a real size".into()))?;
+        }
         let ent = Entry {
             kind,
             attrs,
@@ -172,6 +266,7 @@ impl<'a> Applier<'a> {
             link,
             dev,
             xattrs,
+            sparse,
         };
 
         // Whiteouts.
@@ -233,7 +328,17 @@ impl<'a> Applier<'a> {
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 self.stats.file_bytes += ent.size;
-                fs.create_file(parent, name, &ent.attrs, ent.size, data)?
+                match &ent.sparse {
+                    None => fs.create_file(parent, name, &ent.attrs, ent.size, None, data)?,
+                    Some(sp) => {
+                        let map = if sp.major == Some(1) {
+                            read_sparse_map(data)?.0
+                        } else {
+                            sp.map.clone()
+                        };
+                        fs.create_file(parent, name, &ent.attrs, ent.size, Some(&map), data)?
+                    }
+                }
             }
             tar::EntryType::Symlink => fs.symlink(
                 parent,

@@ -648,14 +648,16 @@ impl Ext4 {
         Ok(ino)
     }
 
-    /// Creates a regular file with `size` bytes from `data`. All-zero 4 KiB
-    /// blocks become holes.
+    /// Creates a regular file of `size` bytes. `data` holds the bytes of
+    /// `extents` (offset, length) in order, or of the whole file when `None`;
+    /// the rest reads as zeros. All-zero 4 KiB pieces become holes.
     pub fn create_file(
         &self,
         parent: ext2_ino_t,
         name: &[u8],
         a: &Attrs,
         size: u64,
+        extents: Option<&[(u64, u64)]>,
         data: &mut dyn Read,
     ) -> Result<ext2_ino_t> {
         let ino = self.new_plain_inode(parent, name, mode::S_IFREG, EXT2_FT_REG_FILE)?;
@@ -675,7 +677,7 @@ impl Ext4 {
         // SAFETY: live handle, inode just written.
         let rc = unsafe { ext2fs_file_open(self.fs, ino, EXT2_FILE_WRITE, &mut file) };
         self.check(|| "open file".into(), rc)?;
-        let r = self.fill_file(file, size, data);
+        let r = self.fill_file(file, size, extents, data);
         // SAFETY: `file` is open; closing it writes the inode back.
         let rc = unsafe { ext2fs_file_close(file) };
         r?;
@@ -683,11 +685,43 @@ impl Ext4 {
         Ok(ino)
     }
 
-    fn fill_file(&self, file: ext2_file_t, size: u64, data: &mut dyn Read) -> Result<()> {
-        const CHUNK: usize = 1 << 20;
-        let mut buf = vec![0u8; CHUNK];
-        let mut pos = 0u64;
+    fn fill_file(
+        &self,
+        file: ext2_file_t,
+        size: u64,
+        extents: Option<&[(u64, u64)]>,
+        data: &mut dyn Read,
+    ) -> Result<()> {
+        let whole = [(0, size)];
+        let extents = extents.unwrap_or(&whole);
+        let mut buf = vec![0u8; 1 << 20];
         let mut file_pos = 0u64;
+        for &(base, len) in extents {
+            if base.checked_add(len).is_none_or(|e| e > size) {
+                return Err(Error::BadEntry(format!(
+                    "sparse extent {base}+{len} is past the file size {size}"
+                )));
+            }
+            self.fill_extent(file, base, len, data, &mut buf, &mut file_pos)?;
+        }
+        // SAFETY: open file; sets i_size (covers a trailing hole).
+        let rc = unsafe { ext2fs_file_set_size2(file, size) };
+        self.check(|| format!("set size {size}"), rc)
+    }
+
+    /// Writes `size` bytes of `data` at file offset `base`, skipping all-zero
+    /// 4 KiB pieces (they read as zeros anyway).
+    fn fill_extent(
+        &self,
+        file: ext2_file_t,
+        base: u64,
+        size: u64,
+        data: &mut dyn Read,
+        buf: &mut [u8],
+        file_pos: &mut u64,
+    ) -> Result<()> {
+        const CHUNK: usize = 1 << 20;
+        let mut pos = 0u64;
         while pos < size {
             let want = (size - pos).min(CHUNK as u64) as usize;
             data.read_exact(&mut buf[..want])
@@ -708,8 +742,8 @@ impl Ext4 {
                     }
                     run_end = e2;
                 }
-                let at = pos + off as u64;
-                if at != file_pos {
+                let at = base + pos + off as u64;
+                if at != *file_pos {
                     let mut ret = 0u64;
                     // SAFETY: open file handle; plain seek.
                     let rc = unsafe { ext2fs_file_llseek(file, at, EXT2_SEEK_SET, &mut ret) };
@@ -730,14 +764,12 @@ impl Ext4 {
                 if written as usize != chunk.len() {
                     return Err(Error::BadEntry(format!("short write at {at}")));
                 }
-                file_pos = at + chunk.len() as u64;
+                *file_pos = at + chunk.len() as u64;
                 off = run_end;
             }
             pos += want as u64;
         }
-        // SAFETY: open file; sets i_size (covers a trailing hole).
-        let rc = unsafe { ext2fs_file_set_size2(file, size) };
-        self.check(|| format!("set size {size}"), rc)
+        Ok(())
     }
 
     /// Adds a hard link to `ino`.

@@ -628,7 +628,10 @@ fn converts_every_entry_type_and_whiteout() {
     assert_eq!(ext[&b"highid"[..]].uid, 100_000);
     if let Some(host) = umoci_tree(&src_gz, "v1", tmp.path()) {
         assert!(host.len() > 300, "umoci unpacked {} paths", host.len());
-        assert!(host[&b"bin/ping"[..]].xattrs.iter().any(|(k, _)| k == b"security.capability"));
+        assert!(host[&b"bin/ping"[..]]
+            .xattrs
+            .iter()
+            .any(|(k, _)| k == b"security.capability"));
         compare(&ext, &host);
     }
 }
@@ -717,4 +720,68 @@ fn errors_name_the_layer_and_the_path() {
                 .unwrap()
                 .contains("\"t\"")
     );
+}
+
+/// PAX GNU sparse files (formats 0.0, 0.1 and 1.0, as GNU tar writes them)
+/// come out with the right size and content.
+#[test]
+fn pax_sparse_formats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = layer2_plain();
+    let want = {
+        let mut ar = tar::Archive::new(&expected[..]);
+        let mut e = ar.entries().unwrap().next().unwrap().unwrap();
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut v).unwrap();
+        hex::encode(Sha256::digest(&v))
+    };
+    // Reuse layer2's sparse source file.
+    let _ = layer2(tmp.path());
+    for version in ["0.0", "0.1", "1.0"] {
+        let t = tmp.path().join(format!("s{version}.tar"));
+        let st = Command::new("tar")
+            .args([
+                "--format=posix",
+                "--sparse",
+                "--numeric-owner",
+                "--owner=0",
+                "--group=0",
+            ])
+            .arg(format!("--sparse-version={version}"))
+            .arg(format!("--mtime=@{MTIME}"))
+            .arg("-C")
+            .arg(tmp.path().join("sparse-src"))
+            .arg("-cf")
+            .arg(&t)
+            .arg("sparse.img")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let src = tmp.path().join(format!("src{version}"));
+        let out = tmp.path().join(format!("out{version}"));
+        make_layout(&src, "v1", &[(fs::read(&t).unwrap(), "gzip")]);
+        convert(
+            &OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap(),
+            &OciLayout::parse(&format!("oci:{}:t", out.display())).unwrap(),
+            &small_opts(),
+        )
+        .unwrap();
+        let raw = tmp.path().join(format!("raw{version}"));
+        flatten(&output_blobs(&out, "t"), &raw);
+        e2fsck_clean(&raw);
+        let tree = ext4_tree(&raw);
+        let paths: Vec<_> = tree
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        let n = tree
+            .get(&b"sparse.img"[..])
+            .unwrap_or_else(|| panic!("sparse {version}: no sparse.img in {paths:?}"));
+        assert_eq!(n.size, 64 << 20, "sparse {version}");
+        assert_eq!(
+            n.content.as_deref(),
+            Some(want.as_str()),
+            "sparse {version}"
+        );
+    }
 }
