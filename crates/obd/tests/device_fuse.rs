@@ -8,7 +8,9 @@
 //!   reader sees no error, and a restarted service adopts the device.
 //!
 //! Needs root, /dev/fuse, /dev/loop-control and fusermount3; otherwise each
-//! test prints `SKIPPED: …` and passes.
+//! test prints `SKIPPED: …` and passes. `OBD_TEST_FRONTEND=tcmu` runs the same
+//! tests through the TCMU frontend (needs configfs with target_core_user and
+//! tcm_loop: `scripts/tcmu-guest-test.sh` runs them in a qemu guest).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -23,10 +25,20 @@ use sha2::{Digest, Sha256};
 
 const OBD: &str = env!("CARGO_BIN_EXE_obd");
 
+fn frontend() -> String {
+    std::env::var("OBD_TEST_FRONTEND").unwrap_or_else(|_| "fuse".into())
+}
+
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root".into());
+    }
+    if frontend() == "tcmu" {
+        if !Path::new("/sys/kernel/config/target/core").exists() {
+            return Some("no configfs target (modprobe target_core_user tcm_loop)".into());
+        }
+        return None;
     }
     for p in ["/dev/fuse", "/dev/loop-control"] {
         if !Path::new(p).exists() {
@@ -106,7 +118,8 @@ impl Service {
 
     /// Attaches; returns (id, device).
     fn attach(&self, config: &Path, mount: Option<&Path>) -> (String, String) {
-        let mut args = vec!["attach", "--frontend", "fuse", "--config", config.to_str().unwrap()];
+        let fe = frontend();
+        let mut args = vec!["attach", "--frontend", &fe, "--config", config.to_str().unwrap()];
         if let Some(m) = mount {
             args.extend(["--mount", m.to_str().unwrap()]);
         }
@@ -114,7 +127,8 @@ impl Service {
         let lines: Vec<&str> = out.lines().collect();
         let id = lines[0].strip_prefix("id ").unwrap().to_string();
         let dev = lines.last().unwrap().to_string();
-        assert!(dev.starts_with("/dev/loop"), "{out}");
+        let prefix = if fe == "tcmu" { "/dev/sd" } else { "/dev/loop" };
+        assert!(dev.starts_with(prefix), "{out}");
         (id, dev)
     }
 
@@ -151,6 +165,25 @@ fn assert_clean(root: &Path) {
         let bf = e.path().join("loop/backing_file");
         if let Ok(b) = std::fs::read_to_string(&bf) {
             assert!(!b.contains(&r), "{} still backed by {b}", e.file_name().to_string_lossy());
+        }
+    }
+    if frontend() == "tcmu" {
+        let t = Path::new("/sys/kernel/config/target");
+        let dirs = |p: &Path| -> Vec<String> {
+            std::fs::read_dir(p)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.path().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let wwns = dirs(&t.join("loopback"));
+        assert!(wwns.is_empty(), "tcm_loop targets left: {wwns:?}");
+        for hba in dirs(&t.join("core")).iter().filter(|h| h.contains("/user_")) {
+            let left = dirs(Path::new(hba));
+            assert!(left.is_empty(), "TCMU backstores left: {left:?}");
         }
     }
     let devs = root.join("devices");
