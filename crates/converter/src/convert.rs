@@ -107,7 +107,7 @@ pub fn convert(src: &dyn ImageSource, dst: &dyn ImageDest, opts: &Options) -> Re
     let bytes = src.read_small(&root)?;
     let doc: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
         what: root.digest.clone(),
-        source: e,
+        error: e,
     })?;
     let media_type = doc
         .get("mediaType")
@@ -189,7 +189,7 @@ fn convert_manifest(
     let bytes = src.read_small(desc)?;
     let mut manifest: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
         what: format!("manifest {}", desc.digest),
-        source: e,
+        error: e,
     })?;
     let mt = manifest
         .get("mediaType")
@@ -230,7 +230,7 @@ fn convert_manifest(
     let cfg_bytes = src.read_small(&cfg_desc)?;
     let mut config: Value = serde_json::from_slice(&cfg_bytes).map_err(|e| Error::Json {
         what: format!("config {}", cfg_desc.digest),
-        source: e,
+        error: e,
     })?;
     let diff_ids: Vec<String> = config
         .pointer("/rootfs/diff_ids")

@@ -22,13 +22,13 @@ pub enum Error {
         detail: Option<String>,
     },
     /// An I/O error on a named file or stream.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being read or written.
         context: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (part of the message, not a `source()`, so
+        /// error chains print it once).
+        error: std::io::Error,
     },
     /// An error from the LSMT/image layer.
     #[error(transparent)]
@@ -37,24 +37,22 @@ pub enum Error {
     #[error(transparent)]
     Zfile(#[from] zfile::Error),
     /// A layer failed; wraps the cause with the layer's position and digest.
-    #[error("layer {index} ({digest}): {source}")]
+    #[error("layer {index} ({digest}): {cause}")]
     Layer {
         /// Position in the source manifest, from 0 (bottom).
         index: usize,
         /// The source layer digest.
         digest: String,
-        /// The cause.
-        #[source]
-        source: Box<Error>,
+        /// The cause (part of the message).
+        cause: Box<Error>,
     },
     /// A tar entry failed; wraps the cause with the entry path.
-    #[error("entry `{path}`: {source}")]
+    #[error("entry `{path}`: {cause}")]
     Entry {
         /// Path of the entry inside the layer tar.
         path: String,
-        /// The cause.
-        #[source]
-        source: Box<Error>,
+        /// The cause (part of the message).
+        cause: Box<Error>,
     },
     /// A tar entry that cannot be applied (bad path, missing link target...).
     #[error("bad tar entry: {0}")]
@@ -74,13 +72,12 @@ pub enum Error {
         detail: String,
     },
     /// Malformed JSON in a manifest, index or config.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Json {
         /// Which document.
         what: String,
         /// The parse error.
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
 }
 
@@ -89,7 +86,7 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
             context: context.into(),
-            source,
+            error: source,
         }
     }
 
@@ -104,7 +101,7 @@ impl Error {
             e @ Error::Entry { .. } => e,
             e => Error::Entry {
                 path: path.to_string(),
-                source: Box::new(e),
+                cause: Box::new(e),
             },
         }
     }
@@ -116,7 +113,7 @@ impl Error {
             e => Error::Layer {
                 index,
                 digest: digest.to_string(),
-                source: Box::new(e),
+                cause: Box::new(e),
             },
         }
     }

@@ -159,7 +159,7 @@ impl OciLayout {
         let b = fs::read(&p).map_err(|e| Error::file(&p, e))?;
         serde_json::from_slice(&b).map_err(|e| Error::Json {
             what: p.display().to_string(),
-            source: e,
+            error: e,
         })
     }
 

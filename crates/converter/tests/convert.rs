@@ -785,3 +785,95 @@ fn pax_sparse_formats() {
         );
     }
 }
+
+/// A multi-platform index converts every platform; Docker manifests keep
+/// Docker media types.
+#[test]
+fn index_and_docker_media_types() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let blobs = src.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| -> String {
+        let d = sha(b);
+        fs::write(blobs.join(&d[7..]), b).unwrap();
+        d
+    };
+    let mut entries = Vec::new();
+    for (arch, docker) in [("amd64", false), ("arm64", true)] {
+        let mut l = Layer::new();
+        l.file(&format!("arch-{arch}"), 0o644, arch.as_bytes());
+        let tar = l.finish();
+        let gz = gzip(&tar);
+        let ld = put(&gz);
+        let cfg = serde_json::to_vec(&json!({
+            "architecture": arch, "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha(&tar)]},
+        }))
+        .unwrap();
+        let cd = put(&cfg);
+        let (mt, cmt, lmt) = if docker {
+            (
+                "application/vnd.docker.distribution.manifest.v2+json",
+                "application/vnd.docker.container.image.v1+json",
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            )
+        } else {
+            (
+                "application/vnd.oci.image.manifest.v1+json",
+                "application/vnd.oci.image.config.v1+json",
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
+        };
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": mt,
+            "config": {"mediaType": cmt, "digest": cd, "size": cfg.len()},
+            "layers": [{"mediaType": lmt, "digest": ld, "size": gz.len()}],
+        }))
+        .unwrap();
+        let md = put(&m);
+        entries.push(json!({"mediaType": mt, "digest": md, "size": m.len(),
+            "platform": {"architecture": arch, "os": "linux"}}));
+    }
+    let idx = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    }))
+    .unwrap();
+    let id = put(&idx);
+    fs::write(src.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(
+        src.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": id, "size": idx.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let r = convert(
+        &OciLayout::parse(&format!("oci:{}:multi", src.display())).unwrap(),
+        &OciLayout::parse(&format!("oci:{}:multi", out.display())).unwrap(),
+        &small_opts(),
+    )
+    .unwrap();
+    assert_eq!(r.manifests.len(), 2);
+    assert_eq!(r.root.media_type, "application/vnd.oci.image.index.v1+json");
+    let read = |d: &str| -> serde_json::Value {
+        serde_json::from_slice(&fs::read(out.join("blobs/sha256").join(&d[7..])).unwrap()).unwrap()
+    };
+    let index = read(&r.root.digest);
+    let ms = index["manifests"].as_array().unwrap();
+    assert_eq!(ms[0]["platform"]["architecture"], "amd64");
+    assert_eq!(ms[1]["platform"]["architecture"], "arm64");
+    for (m, want) in ms.iter().zip([
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.docker.image.rootfs.diff.tar",
+    ]) {
+        let man = read(m["digest"].as_str().unwrap());
+        assert_eq!(man["layers"][0]["mediaType"], want);
+        let cfg = read(man["config"]["digest"].as_str().unwrap());
+        assert_eq!(cfg["rootfs"]["diff_ids"][0], man["layers"][0]["digest"]);
+    }
+}
