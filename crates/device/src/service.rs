@@ -90,6 +90,18 @@ impl Service {
         for id in self.root.ids()? {
             match self.root.record(&id) {
                 Ok(Some(rec)) if worker_alive(&rec) => adopted.push(id),
+                // A TCMU device outlives its worker (the kernel keeps the ring):
+                // a new worker takes it over and readers never notice.
+                Ok(Some(rec)) if rec.request.frontend == "tcmu" => {
+                    match self.spawn_worker(&id, &rec.request) {
+                        Ok(_) => adopted.push(format!("{id} (taken over)")),
+                        Err(e) => {
+                            eprintln!("obd device service: takeover of {id} failed: {e}");
+                            cleanup_device(&self.root, &id)?;
+                            cleaned.push(id);
+                        }
+                    }
+                }
                 _ => {
                     cleanup_device(&self.root, &id)?;
                     cleaned.push(id);
@@ -227,7 +239,10 @@ impl Service {
     fn spawn_worker(&self, id: &str, req: &Request) -> Result<DeviceRecord> {
         self.root.save_request(id, req)?;
         let log_path = self.root.device_dir(id).join("worker.log");
-        let log = std::fs::File::create(&log_path)
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
             .map_err(|e| Error::io(format!("creating {}", log_path.display()), e))?;
         let (prog, args) = self
             .worker_cmd
@@ -247,8 +262,22 @@ impl Service {
         let mut line = String::new();
         let stdout = child.stdout.take().expect("piped");
         let _ = BufReader::new(stdout).read_line(&mut line);
-        // Reap the worker whenever it exits; it may outlive this call by days.
-        std::thread::spawn(move || child.wait());
+        // Reap the worker whenever it exits (it may outlive this call by days);
+        // a TCMU worker that crashed is replaced, which takes its ring over.
+        let (root, cmd, id2) = (self.root.clone(), self.worker_cmd.clone(), id.to_string());
+        std::thread::spawn(move || {
+            let Ok(st) = child.wait() else { return };
+            let crashed = std::os::unix::process::ExitStatusExt::signal(&st).is_some()
+                || st.code() == Some(101);
+            let rec = root.record(&id2).ok().flatten();
+            if let Some(rec) = rec.filter(|r| crashed && r.request.frontend == "tcmu") {
+                eprintln!("obd device service: worker of {id2} died ({st}); taking over");
+                let svc = Service::new(root, cmd);
+                if let Err(e) = svc.spawn_worker(&id2, &rec.request) {
+                    eprintln!("obd device service: takeover of {id2} failed: {e}");
+                }
+            }
+        });
         let line = line.trim();
         if let Some(dev) = line.strip_prefix("ok ") {
             return match self.root.record(id)? {

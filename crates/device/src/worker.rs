@@ -137,15 +137,20 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
             source,
         })?;
     let device = attachment.device_path().to_owned();
-    let mut mounted = false;
+    // A record left by a predecessor that died means this is a takeover (the
+    // frontend kept the device alive): its filesystem is made and maybe mounted.
+    let prev = root.record(id).ok().flatten();
+    let mut mounted = prev.as_ref().is_some_and(|p| p.mounted);
     let r = (|| -> Result<()> {
-        if fresh_upper && config.lowers.is_empty() {
+        if prev.is_none() && fresh_upper && config.lowers.is_empty() {
             mount::mkfs_ext4(&device)?;
         }
         if let Some(mp) = &req.mountpoint {
-            let fs = mount::detect_fs(&device)?;
-            mount::mount(&device, mp, fs, read_only)?;
-            mounted = true;
+            if !mount::is_mounted(mp) {
+                let fs = mount::detect_fs(&device)?;
+                mount::mount(&device, mp, fs, read_only)?;
+                mounted = true;
+            }
         }
         Ok(())
     })();

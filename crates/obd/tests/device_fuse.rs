@@ -78,7 +78,10 @@ impl Service {
         let err = child.stderr.take().unwrap();
         let mut lines = BufReader::new(err).lines();
         loop {
-            let l = lines.next().expect("service exited before listening").unwrap();
+            let l = lines
+                .next()
+                .expect("service exited before listening")
+                .unwrap();
             eprintln!("[service] {l}");
             if l.contains("listening on") {
                 break;
@@ -119,11 +122,19 @@ impl Service {
     /// Attaches; returns (id, device).
     fn attach(&self, config: &Path, mount: Option<&Path>) -> (String, String) {
         let fe = frontend();
-        let mut args = vec!["attach", "--frontend", &fe, "--config", config.to_str().unwrap()];
+        let mut args = vec![
+            "attach",
+            "--frontend",
+            &fe,
+            "--config",
+            config.to_str().unwrap(),
+        ];
         if let Some(m) = mount {
             args.extend(["--mount", m.to_str().unwrap()]);
         }
-        let out = self.obd(&args).unwrap_or_else(|e| panic!("attach {config:?}: {e}"));
+        let out = self
+            .obd(&args)
+            .unwrap_or_else(|e| panic!("attach {config:?}: {e}"));
         let lines: Vec<&str> = out.lines().collect();
         let id = lines[0].strip_prefix("id ").unwrap().to_string();
         let dev = lines.last().unwrap().to_string();
@@ -133,7 +144,8 @@ impl Service {
     }
 
     fn detach(&self, which: &str) {
-        self.obd(&["detach", which]).unwrap_or_else(|e| panic!("detach {which}: {e}"));
+        self.obd(&["detach", which])
+            .unwrap_or_else(|e| panic!("detach {which}: {e}"));
     }
 
     fn list(&self) -> Vec<Value> {
@@ -164,7 +176,11 @@ fn assert_clean(root: &Path) {
         let e = e.unwrap();
         let bf = e.path().join("loop/backing_file");
         if let Ok(b) = std::fs::read_to_string(&bf) {
-            assert!(!b.contains(&r), "{} still backed by {b}", e.file_name().to_string_lossy());
+            assert!(
+                !b.contains(&r),
+                "{} still backed by {b}",
+                e.file_name().to_string_lossy()
+            );
         }
     }
     if frontend() == "tcmu" {
@@ -181,7 +197,10 @@ fn assert_clean(root: &Path) {
         };
         let wwns = dirs(&t.join("loopback"));
         assert!(wwns.is_empty(), "tcm_loop targets left: {wwns:?}");
-        for hba in dirs(&t.join("core")).iter().filter(|h| h.contains("/user_")) {
+        for hba in dirs(&t.join("core"))
+            .iter()
+            .filter(|h| h.contains("/user_"))
+        {
             let left = dirs(Path::new(hba));
             assert!(left.is_empty(), "TCMU backstores left: {left:?}");
         }
@@ -213,7 +232,11 @@ fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Value>) {
         let ft = m.file_type();
         if ft.is_symlink() {
             v["type"] = "symlink".into();
-            v["target"] = std::fs::read_link(&p).unwrap().to_string_lossy().into_owned().into();
+            v["target"] = std::fs::read_link(&p)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+                .into();
         } else {
             v["mode"] = format!("{:04o}", m.permissions().mode() & 0o7777).into();
             if ft.is_dir() {
@@ -239,9 +262,12 @@ fn expected(name: &str) -> BTreeMap<String, Value> {
         let path = e["path"].as_str().unwrap().to_string();
         e.as_object_mut().unwrap().remove("path");
         // Compare only the keys we record.
-        e.as_object_mut()
-            .unwrap()
-            .retain(|k, _| ["uid", "gid", "mtime", "type", "target", "mode", "size", "nlink", "sha256"].contains(&k.as_str()));
+        e.as_object_mut().unwrap().retain(|k, _| {
+            [
+                "uid", "gid", "mtime", "type", "target", "mode", "size", "nlink", "sha256",
+            ]
+            .contains(&k.as_str())
+        });
         out.insert(path, e);
     }
     out
@@ -266,7 +292,12 @@ fn assert_tree(dir: &Path, manifest: &str) {
     for p in got.keys().filter(|p| !want.contains_key(*p)) {
         diffs.push(format!("unexpected {p}"));
     }
-    assert!(diffs.is_empty(), "{manifest}: {} differences: {:?}", diffs.len(), &diffs[..diffs.len().min(20)]);
+    assert!(
+        diffs.is_empty(),
+        "{manifest}: {} differences: {:?}",
+        diffs.len(),
+        &diffs[..diffs.len().min(20)]
+    );
 }
 
 /// A config with the first `n` lowers of an interop stack, paths absolute.
@@ -334,7 +365,10 @@ fn read_write_device_keeps_data_and_its_committed_upper_stacks() {
     .unwrap();
     let mnt = tmp.path().join("m-rw");
     let (id, _) = svc.attach(&cfg, Some(&mnt));
-    assert_eq!(std::fs::read_to_string(tmp.path().join("rw.result")).unwrap(), "success");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("rw.result")).unwrap(),
+        "success"
+    );
     let mut want = BTreeMap::new();
     let mut rng = fixtures::Rng::new(3);
     for i in 0..20 {
@@ -352,9 +386,16 @@ fn read_write_device_keeps_data_and_its_committed_upper_stacks() {
 
     let check = |m: &Path| {
         for (f, sum) in &want {
-            assert_eq!(&hex::encode(Sha256::digest(std::fs::read(m.join(f)).unwrap())), sum, "{f}");
+            assert_eq!(
+                &hex::encode(Sha256::digest(std::fs::read(m.join(f)).unwrap())),
+                sum,
+                "{f}"
+            );
         }
-        assert_eq!(std::fs::read_link(m.join("dir/link")).unwrap(), Path::new("f1"));
+        assert_eq!(
+            std::fs::read_link(m.join("dir/link")).unwrap(),
+            Path::new("f1")
+        );
     };
     let (id, _) = svc.attach(&cfg, Some(&mnt));
     check(&mnt);
@@ -369,7 +410,11 @@ fn read_write_device_keeps_data_and_its_committed_upper_stacks() {
         .arg(&layer)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cfg2 = tmp.path().join("ro.json");
     std::fs::write(
         &cfg2,
@@ -403,7 +448,8 @@ fn kill_9_of_the_service_does_not_disturb_a_reader() {
             let mut passes = 0;
             while !stop.load(Ordering::SeqCst) || passes < 3 {
                 let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-                let t = std::panic::catch_unwind(|| tree(&mnt)).map_err(|_| "read failed".to_string())?;
+                let t = std::panic::catch_unwind(|| tree(&mnt))
+                    .map_err(|_| "read failed".to_string())?;
                 if t.len() < 400 {
                     return Err(format!("pass {passes}: only {} entries", t.len()));
                 }
@@ -419,7 +465,11 @@ fn kill_9_of_the_service_does_not_disturb_a_reader() {
     let during = rx.recv().unwrap();
     let svc = Service::start(&root);
     let l = svc.list();
-    assert_eq!(l.len(), 1, "the restarted service adopted the device: {l:?}");
+    assert_eq!(
+        l.len(),
+        1,
+        "the restarted service adopted the device: {l:?}"
+    );
     assert_eq!(l[0]["device"], dev.as_str());
     assert!(rx.recv().unwrap() > during);
     stop.store(true, Ordering::SeqCst);
@@ -443,16 +493,92 @@ fn a_dead_worker_is_cleaned_up_by_the_next_service() {
     svc.kill9();
     // SIGKILL the worker: its FUSE connection dies, the loop device and the
     // mount stay behind until someone cleans up.
-    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::time::Instant::now() < deadline
         && Path::new(&format!("/proc/{pid}/stat")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
     {
         std::thread::yield_now();
     }
     let svc = Service::start(&root);
+    if frontend() == "tcmu" {
+        // TCMU devices survive their worker: the new service takes them over.
+        let l = svc.list();
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert_eq!(l[0]["alive"], true);
+        assert_tree(&mnt, "after-2-layers.json");
+        svc.detach(l[0]["id"].as_str().unwrap());
+    }
     assert!(svc.list().is_empty());
     assert_clean(&root);
     drop(svc);
+}
+
+/// TCMU only: `kill -9` of a device's worker while a process reads the mounted
+/// image. The kernel keeps the ring; the service starts a new worker that takes
+/// it over, and the reader sees no error.
+#[test]
+fn tcmu_worker_kill_is_taken_over_without_reader_errors() {
+    need_root!();
+    if frontend() != "tcmu" {
+        eprintln!("SKIPPED worker takeover: only TCMU keeps a device alive across its server's death (OBD_TEST_FRONTEND=tcmu)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let svc = Service::start(&root);
+    let cfg = stack_config(tmp.path(), "stack-lz4", 3);
+    let mnt = tmp.path().join("m");
+    let (id, dev) = svc.attach(&cfg, Some(&mnt));
+    let pid = svc.list()[0]["pid"].as_u64().unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let reader = {
+        let (stop, mnt) = (stop.clone(), mnt.clone());
+        std::thread::spawn(move || -> Result<usize, String> {
+            let mut passes = 0;
+            while !stop.load(Ordering::SeqCst) || passes < 3 {
+                let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+                let t = std::panic::catch_unwind(|| tree(&mnt))
+                    .map_err(|_| "read failed".to_string())?;
+                if t.len() < 400 {
+                    return Err(format!("pass {passes}: only {} entries", t.len()));
+                }
+                passes += 1;
+                let _ = tx.send(passes);
+            }
+            Ok(passes)
+        })
+    };
+    assert_eq!(rx.recv().unwrap(), 1);
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // Passes complete after the kill only once a new worker serves the ring.
+    let after = rx.recv().unwrap();
+    assert!(rx.recv().unwrap() > after);
+    let l = svc.list();
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0]["device"], dev.as_str());
+    assert_ne!(
+        l[0]["pid"].as_u64().unwrap(),
+        pid,
+        "a new worker serves the device"
+    );
+    assert_eq!(l[0]["alive"], true);
+    stop.store(true, Ordering::SeqCst);
+    reader.join().unwrap().expect("the reader saw an error");
+    assert_tree(&mnt, "after-3-layers.json");
+    svc.detach(&id);
+    assert_clean(&root);
 }
