@@ -4,6 +4,7 @@
 #
 #   bash scripts/bench-device.sh            # FUSE + loop frontend, 512 MiB image
 #   IMG_MB=1024 RUNTIME=10 bash scripts/bench-device.sh
+#   LAYER=raw bash scripts/bench-device.sh  # an uncompressed LSMT layer instead of ZFile lz4
 #
 # The image: an ext4 filesystem half full of 1 MiB files (half random, half
 # base64 text), stored as one ZFile lz4 (4 KiB blocks) layer, as a converted
@@ -33,12 +34,14 @@ if [ ! -f "$IMG" ]; then
   mkfs.ext4 -q -F -d "$W/src" "$IMG" "${MB}M"
   rm -rf "$W/src"
 fi
-LAYER=$W/layer-$MB.zfile
+KIND=${LAYER:-zfile}
+case $KIND in zfile) ZF=--zfile ;; raw) ZF= ;; *) echo "LAYER must be zfile or raw" >&2; exit 1 ;; esac
+LAYER=$W/layer-$MB.$KIND
 if [ ! -f "$LAYER" ]; then
   rm -f "$W/rw.data" "$W/rw.index"
   "$OBD" layer create --vsize "${MB}M" "$W/rw.data" "$W/rw.index"
   "$OBD" layer write --offset 0 "$W/rw.data" "$W/rw.index" "$IMG"
-  "$OBD" layer commit --zfile "$W/rw.data" "$W/rw.index" "$LAYER"
+  "$OBD" layer commit $ZF "$W/rw.data" "$W/rw.index" "$LAYER"
   rm -f "$W/rw.data" "$W/rw.index"
 fi
 printf '{"lowers":[{"file":"%s"}]}\n' "$LAYER" > "$W/config.v1.json"
@@ -76,12 +79,12 @@ for dev in plain obd; do
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", (b>0)?a/b:0}'; }
 echo
-echo "| measurement ($MB MiB ext4, $FRONTEND frontend, ZFile lz4 layer) | obd | plain loop | ratio |"
+echo "| measurement ($MB MiB ext4, $FRONTEND frontend, $KIND layer) | obd | plain loop | ratio |"
 echo "|---|---|---|---|"
 echo "| sequential 1 MiB O_DIRECT read (MiB/s) | ${R[obd.seq]} | ${R[plain.seq]} | $(ratio ${R[obd.seq]} ${R[plain.seq]}) |"
 echo "| random 4 KiB read QD1 (IOPS) | ${R[obd.qd1]} | ${R[plain.qd1]} | $(ratio ${R[obd.qd1]} ${R[plain.qd1]}) |"
 echo "| random 4 KiB read QD32 (IOPS) | ${R[obd.qd32]} | ${R[plain.qd32]} | $(ratio ${R[obd.qd32]} ${R[plain.qd32]}) |"
-printf '{"frontend":"%s","image_mib":%s,"seq_mib_s":{"obd":%s,"plain":%s,"ratio":%s},"randread_qd1_iops":{"obd":%s,"plain":%s,"ratio":%s},"randread_qd32_iops":{"obd":%s,"plain":%s,"ratio":%s},"goals":{"seq":0.7,"qd32":0.5}}\n' \
+printf '{"frontend":"%s","layer":"'"$KIND"'","image_mib":%s,"seq_mib_s":{"obd":%s,"plain":%s,"ratio":%s},"randread_qd1_iops":{"obd":%s,"plain":%s,"ratio":%s},"randread_qd32_iops":{"obd":%s,"plain":%s,"ratio":%s},"goals":{"seq":0.7,"qd32":0.5}}\n' \
   "$FRONTEND" "$MB" "${R[obd.seq]}" "${R[plain.seq]}" "$(ratio ${R[obd.seq]} ${R[plain.seq]})" \
   "${R[obd.qd1]}" "${R[plain.qd1]}" "$(ratio ${R[obd.qd1]} ${R[plain.qd1]})" \
   "${R[obd.qd32]}" "${R[plain.qd32]}" "$(ratio ${R[obd.qd32]} ${R[plain.qd32]})"
