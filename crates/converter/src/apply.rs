@@ -53,6 +53,11 @@ pub struct Applier<'a> {
     dirs: HashMap<Vec<u8>, ext2_ino_t>,
     /// Paths this layer created (whiteouts only hide lower layers).
     created: HashSet<Vec<u8>>,
+    /// Directory inode → its entries, loaded on first use: libext2fs's
+    /// lookup scans the whole directory, which is quadratic for big ones.
+    names: HashMap<ext2_ino_t, HashMap<Vec<u8>, ext2_ino_t>>,
+    /// Directories whose entries changed, scrubbed at the end.
+    touched: std::collections::BTreeSet<ext2_ino_t>,
     /// Inodes of the paths this layer created, for hard links.
     stats: ApplyStats,
 }
@@ -131,6 +136,8 @@ impl<'a> Applier<'a> {
             fs,
             dirs: HashMap::new(),
             created: HashSet::new(),
+            names: HashMap::new(),
+            touched: Default::default(),
             stats: ApplyStats::default(),
         }
     }
@@ -148,6 +155,9 @@ impl<'a> Applier<'a> {
             self.entry(&mut e, &raw_path)
                 .map_err(|err| err.in_entry(&shown))?;
             self.stats.entries += 1;
+        }
+        for dir in std::mem::take(&mut self.touched) {
+            self.fs.scrub_dir(dir)?;
         }
         Ok(self.stats)
     }
@@ -298,7 +308,7 @@ impl<'a> Applier<'a> {
         let name = &name[0];
         let parent = self.ensure_dir(dir_parts)?;
         let path = join(parts);
-        let existing = self.fs.lookup(parent, name)?;
+        let existing = self.lookup(parent, name)?;
         let fs = self.fs;
         if let Some(old) = existing {
             let old_inode = fs.read_inode(old)?;
@@ -317,12 +327,11 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
             }
-            fs.remove(parent, name, old)?;
-            self.dirs.clear();
+            self.remove(parent, name, old)?;
         }
         let ino = match ent.kind {
             tar::EntryType::Directory => {
-                let ino = fs.mkdir(parent, name, &ent.attrs)?;
+                let ino = self.mkdir(parent, name, &ent.attrs)?;
                 self.dirs.insert(path.clone(), ino);
                 ino
             }
@@ -349,6 +358,7 @@ impl<'a> Applier<'a> {
             tar::EntryType::Link => {
                 let target = self.resolve_link_target(ent.link.as_deref().unwrap_or_default())?;
                 fs.hardlink(parent, name, target)?;
+                self.note(parent, name, target);
                 self.created.insert(path);
                 // A hard link shares the target's inode, xattrs included.
                 return Ok(());
@@ -374,9 +384,53 @@ impl<'a> Applier<'a> {
                 return Err(Error::Unsupported(format!("tar entry type {other:?}")));
             }
         };
+        self.note(parent, name, ino);
         fs.set_xattrs(ino, &ent.xattrs, false)?;
         self.created.insert(path);
         Ok(())
+    }
+
+    /// `name` in directory `dir`, through the entry cache.
+    fn lookup(&mut self, dir: ext2_ino_t, name: &[u8]) -> Result<Option<ext2_ino_t>> {
+        if !self.names.contains_key(&dir) {
+            let map: HashMap<Vec<u8>, ext2_ino_t> = self.fs.list_dir(dir)?.into_iter().collect();
+            self.names.insert(dir, map);
+        }
+        Ok(self.names[&dir].get(name).copied())
+    }
+
+    /// Records a new entry in the cache.
+    fn note(&mut self, dir: ext2_ino_t, name: &[u8], ino: ext2_ino_t) {
+        self.touched.insert(dir);
+        if let Some(m) = self.names.get_mut(&dir) {
+            m.insert(name.to_vec(), ino);
+        }
+    }
+
+    /// Removes an entry (recursively) and keeps the caches right: a removed
+    /// directory or symlink may have been part of cached paths, and freed
+    /// inode numbers may come back as new directories.
+    fn remove(&mut self, dir: ext2_ino_t, name: &[u8], ino: ext2_ino_t) -> Result<()> {
+        let kind = self.fs.read_inode(ino)?.i.i_mode & mode::S_IFMT;
+        self.fs.remove(dir, name, ino)?;
+        self.touched.insert(dir);
+        if let Some(m) = self.names.get_mut(&dir) {
+            m.remove(name);
+        }
+        if kind == mode::S_IFDIR {
+            self.names.clear();
+            self.dirs.clear();
+        } else if kind == mode::S_IFLNK {
+            self.dirs.clear();
+        }
+        Ok(())
+    }
+
+    fn mkdir(&mut self, parent: ext2_ino_t, name: &[u8], a: &Attrs) -> Result<ext2_ino_t> {
+        let ino = self.fs.mkdir(parent, name, a)?;
+        self.note(parent, name, ino);
+        self.names.insert(ino, HashMap::new());
+        Ok(ino)
     }
 
     fn resolve_link_target(&mut self, raw: &[u8]) -> Result<ext2_ino_t> {
@@ -392,7 +446,7 @@ impl<'a> Applier<'a> {
             ))
         };
         let parent = self.find_dir(dir)?.ok_or_else(missing)?;
-        self.fs.lookup(parent, &name[0])?.ok_or_else(missing)
+        self.lookup(parent, &name[0])?.ok_or_else(missing)
     }
 
     /// The directory at `parts`, following symlinks in it, if it exists.
@@ -417,7 +471,7 @@ impl<'a> Applier<'a> {
             return Ok(None);
         };
         let name = &parts[parts.len() - 1];
-        let ino = match self.fs.lookup(parent, name)? {
+        let ino = match self.lookup(parent, name)? {
             Some(ino) => {
                 let inode = self.fs.read_inode(ino)?;
                 match inode.i.i_mode & mode::S_IFMT {
@@ -435,14 +489,13 @@ impl<'a> Applier<'a> {
                     _ if create => {
                         // A non-directory where a parent directory is needed:
                         // the layer replaces it.
-                        self.fs.remove(parent, name, ino)?;
-                        self.dirs.clear();
-                        self.fs.mkdir(parent, name, &default_dir_attrs())?
+                        self.remove(parent, name, ino)?;
+                        self.mkdir(parent, name, &default_dir_attrs())?
                     }
                     _ => return Ok(None),
                 }
             }
-            None if create => self.fs.mkdir(parent, name, &default_dir_attrs())?,
+            None if create => self.mkdir(parent, name, &default_dir_attrs())?,
             None => return Ok(None),
         };
         self.dirs.insert(key, ino);
@@ -459,7 +512,7 @@ impl<'a> Applier<'a> {
             Some(p) => p,
             None => return Ok(None),
         };
-        let Some(ino) = self.fs.lookup(parent, &parts[parts.len() - 1])? else {
+        let Some(ino) = self.lookup(parent, &parts[parts.len() - 1])? else {
             return Ok(None);
         };
         let inode = self.fs.read_inode(ino)?;
@@ -499,9 +552,8 @@ impl<'a> Applier<'a> {
         let Some(parent) = self.find_dir(dir)? else {
             return Ok(());
         };
-        if let Some(ino) = self.fs.lookup(parent, &name[0])? {
-            self.fs.remove(parent, &name[0], ino)?;
-            self.dirs.clear();
+        if let Some(ino) = self.lookup(parent, &name[0])? {
+            self.remove(parent, &name[0], ino)?;
         }
         Ok(())
     }
@@ -509,7 +561,6 @@ impl<'a> Applier<'a> {
     fn opaque(&mut self, dir: &[Vec<u8>]) -> Result<()> {
         let ino = self.ensure_dir(dir)?;
         let prefix = join(dir);
-        let mut removed = false;
         for (name, cino) in self.fs.list_dir(ino)? {
             let mut p = prefix.clone();
             if !p.is_empty() {
@@ -522,11 +573,7 @@ impl<'a> Applier<'a> {
             if dir.is_empty() && name == b"lost+found" {
                 continue;
             }
-            self.fs.remove(ino, &name, cino)?;
-            removed = true;
-        }
-        if removed {
-            self.dirs.clear();
+            self.remove(ino, &name, cino)?;
         }
         Ok(())
     }

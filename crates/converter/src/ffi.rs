@@ -45,6 +45,8 @@ pub const EXT2_ROOT_INO: ext2_ino_t = 2;
 pub const EXT2_GOOD_OLD_FIRST_INO: ext2_ino_t = 11;
 pub const EXT2_BG_INODE_ZEROED: u16 = 0x0004;
 pub const EXT4_EXTENTS_FL: u32 = 0x0008_0000;
+pub const EXT2_INDEX_FL: u32 = 0x0000_1000;
+pub const EXT2_FLAGS_UNSIGNED_HASH: u32 = 0x0002;
 pub const EXT2_FT_REG_FILE: c_int = 1;
 pub const EXT2_FT_DIR: c_int = 2;
 pub const EXT2_FT_CHRDEV: c_int = 3;
@@ -263,6 +265,7 @@ pub mod sb {
     pub const S_KBYTES_WRITTEN: usize = 0x178;
     pub const S_INODES_PER_GROUP: usize = 0x28;
     pub const S_FIRST_INO: usize = 0x54;
+    pub const S_FLAGS: usize = 0x160;
 }
 
 #[link(name = "ext2fs")]
@@ -360,6 +363,40 @@ extern "C" {
         buf: *mut c_void,
         wanted: c_uint,
         got: *mut c_uint,
+    ) -> errcode_t;
+    pub fn ext2fs_bmap2(
+        fs: ext2_filsys,
+        ino: ext2_ino_t,
+        inode: *mut c_void,
+        block_buf: *mut c_char,
+        bmap_flags: c_int,
+        block: blk64_t,
+        ret_flags: *mut c_int,
+        phys_blk: *mut blk64_t,
+    ) -> errcode_t;
+    pub fn ext2fs_read_dir_block4(
+        fs: ext2_filsys,
+        block: blk64_t,
+        buf: *mut c_void,
+        flags: c_int,
+        ino: ext2_ino_t,
+    ) -> errcode_t;
+    pub fn ext2fs_write_dir_block4(
+        fs: ext2_filsys,
+        block: blk64_t,
+        buf: *mut c_void,
+        flags: c_int,
+        ino: ext2_ino_t,
+    ) -> errcode_t;
+    pub fn ext2fs_dirhash2(
+        version: c_int,
+        name: *const c_char,
+        len: c_int,
+        charset: *const c_void,
+        hash_flags: c_int,
+        seed: *const u32,
+        ret_hash: *mut u32,
+        ret_minor_hash: *mut u32,
     ) -> errcode_t;
     pub fn ext2fs_is_fast_symlink(inode: *mut c_void) -> c_int;
     pub static unix_io_manager: io_manager;
@@ -489,7 +526,7 @@ int main(void) {
   O(struct ext2_super_block, s_mkfs_time); O(struct ext2_super_block, s_blocks_count_hi);
   O(struct ext2_super_block, s_log_groups_per_flex); O(struct ext2_super_block, s_checksum_type);
   O(struct ext2_super_block, s_kbytes_written); O(struct ext2_super_block, s_inodes_per_group);
-  O(struct ext2_super_block, s_first_ino);
+  O(struct ext2_super_block, s_first_ino); O(struct ext2_super_block, s_flags);
   O(struct ext2_dir_entry, name_len); O(struct ext2_dir_entry, name);
   return 0;
 }
@@ -651,6 +688,7 @@ int main(void) {
                 sb::S_INODES_PER_GROUP,
             ),
             ("struct ext2_super_block.s_first_ino", sb::S_FIRST_INO),
+            ("struct ext2_super_block.s_flags", sb::S_FLAGS),
             (
                 "struct ext2_dir_entry.name_len",
                 offset_of!(ext2_dir_entry, name_len),

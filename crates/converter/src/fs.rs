@@ -545,12 +545,297 @@ impl Ext4 {
     ) -> Result<()> {
         let mut rc = f();
         if rc == EXT2_ET_DIR_NO_SPACE {
-            // SAFETY: live handle; `dir` is a directory.
-            let rc2 = unsafe { ext2fs_expand_dir(self.fs, dir) };
-            self.check(|| format!("expand directory for {}", what()), rc2)?;
+            let inode = self.read_inode(dir)?;
+            if inode.i.i_flags & EXT2_INDEX_FL != 0 {
+                // libext2fs grows indexed directories itself; no space
+                // here means the tree is at its depth limit.
+                return self.check(what, rc);
+            }
+            let size = inode.i.i_size as u64 | (inode.i.i_size_high as u64) << 32;
+            if size == BLOCK as u64 && self.has_feature_dir_index() {
+                // The first block is full: index the directory (as the
+                // kernel does) so every later link is O(log n).
+                self.index_dir(dir).map_err(|e| {
+                    Error::BadEntry(format!("indexing the directory for {}: {e}", what()))
+                })?;
+            } else {
+                // SAFETY: live handle; `dir` is a directory.
+                let rc2 = unsafe { ext2fs_expand_dir(self.fs, dir) };
+                self.check(|| format!("expand directory for {}", what()), rc2)?;
+            }
             rc = f();
         }
         self.check(what, rc)
+    }
+
+    fn super_bytes(&self) -> &[u8] {
+        // SAFETY: `super_` points to the live handle's 1024-byte superblock.
+        unsafe { std::slice::from_raw_parts((*self.fs).super_, sb::SIZE) }
+    }
+
+    fn super_u32(&self, off: usize) -> u32 {
+        let b = self.super_bytes();
+        u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+    }
+
+    fn has_feature_dir_index(&self) -> bool {
+        self.super_u32(sb::S_FEATURE_COMPAT) & COMPAT_DIR_INDEX != 0
+    }
+
+    fn has_metadata_csum(&self) -> bool {
+        self.super_u32(sb::S_FEATURE_RO_COMPAT) & RO_COMPAT_METADATA_CSUM != 0
+    }
+
+    pub fn dir_block_pblk(&self, dir: ext2_ino_t, lblk: u64) -> Result<u64> {
+        let mut pblk = 0u64;
+        // SAFETY: live handle; NULL inode/buffer let libext2fs read them.
+        let rc = unsafe {
+            ext2fs_bmap2(
+                self.fs,
+                dir,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+                lblk,
+                std::ptr::null_mut(),
+                &mut pblk,
+            )
+        };
+        self.check(|| format!("map block {lblk} of directory {dir}"), rc)?;
+        if pblk == 0 {
+            return Err(Error::BadEntry(format!(
+                "directory {dir} has a hole at block {lblk}"
+            )));
+        }
+        Ok(pblk)
+    }
+
+    /// Zeroes the unused bytes of every block of directory `dir` (entry
+    /// slack, unused index slots) and rewrites the blocks that change.
+    /// libext2fs fills new directory blocks from uninitialised buffers when
+    /// it splits htree leaves; without this the output would not be
+    /// byte-for-byte reproducible.
+    pub fn scrub_dir(&self, dir: ext2_ino_t) -> Result<()> {
+        let inode = self.read_inode(dir)?;
+        if inode.i.i_mode & mode::S_IFMT != mode::S_IFDIR || inode.i.i_links_count == 0 {
+            return Ok(());
+        }
+        let indexed = inode.i.i_flags & EXT2_INDEX_FL != 0;
+        let bs = BLOCK as usize;
+        let size = inode.i.i_size as u64 | (inode.i.i_size_high as u64) << 32;
+        let mut buf = vec![0u8; bs];
+        let rd16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+        let rd32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
+        for lblk in 0..size / BLOCK as u64 {
+            let pblk = self.dir_block_pblk(dir, lblk)?;
+            // SAFETY: live handle; `buf` is one block.
+            let rc = unsafe {
+                ext2fs_read_dir_block4(self.fs, pblk, buf.as_mut_ptr() as *mut c_void, 0, dir)
+            };
+            self.check(|| format!("read directory {dir} block {lblk}"), rc)?;
+            let before = buf.clone();
+            let clear_index = |b: &mut [u8], at: usize| {
+                let (limit, count) = (rd16(b, at), rd16(b, at + 2));
+                if count <= limit && at + limit * 8 <= bs {
+                    b[at + count * 8..at + limit * 8].fill(0);
+                }
+            };
+            if indexed && lblk == 0 {
+                let info_len = buf[29] as usize;
+                clear_index(&mut buf, 24 + info_len);
+            } else if indexed && rd32(&buf, 0) == 0 && rd16(&buf, 4) == bs {
+                clear_index(&mut buf, 8);
+            } else {
+                let mut off = 0usize;
+                while off + 8 <= bs {
+                    let rec = rd16(&buf, off + 4);
+                    let nlen = buf[off + 6] as usize;
+                    if rec < 8 || off + rec > bs || 8 + nlen > rec {
+                        break;
+                    }
+                    let is_tail = off + 12 == bs && rec == 12 && buf[off + 7] == 0xDE;
+                    if !is_tail {
+                        buf[off + 8 + nlen..off + rec].fill(0);
+                    }
+                    off += rec;
+                }
+            }
+            if buf != before {
+                // SAFETY: live handle; one block; the checksum is recomputed.
+                let rc = unsafe {
+                    ext2fs_write_dir_block4(self.fs, pblk, buf.as_mut_ptr() as *mut c_void, 0, dir)
+                };
+                self.check(|| format!("write directory {dir} block {lblk}"), rc)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns a full one-block linear directory into a hash-indexed one: a
+    /// root block (`.`, `..`, dx root) over two leaves holding the entries in
+    /// hash order. libext2fs then adds entries through the index.
+    fn index_dir(&self, dir: ext2_ino_t) -> Result<()> {
+        let bs = BLOCK as usize;
+        let csum = self.has_metadata_csum();
+        let pblk0 = self.dir_block_pblk(dir, 0)?;
+        let mut block = vec![0u8; bs];
+        // SAFETY: live handle; `block` is one block long.
+        let rc = unsafe {
+            ext2fs_read_dir_block4(self.fs, pblk0, block.as_mut_ptr() as *mut c_void, 0, dir)
+        };
+        self.check(|| format!("read directory {dir}"), rc)?;
+        // Parse the linear block.
+        let rd16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let rd32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
+        let mut parent = 0u32;
+        let mut entries: Vec<(u32, u32, Vec<u8>, u32, u8)> = Vec::new(); // hash, minor, name, ino, ft
+        let mut off = 0usize;
+        let version = {
+            let mut v = self.super_bytes()[sb::S_DEF_HASH_VERSION] as c_int;
+            if v <= 2 && self.super_u32(sb::S_FLAGS) & EXT2_FLAGS_UNSIGNED_HASH != 0 {
+                v += 3;
+            }
+            v
+        };
+        let seed = {
+            let b = self.super_bytes();
+            let mut s = [0u32; 4];
+            for (i, w) in s.iter_mut().enumerate() {
+                *w = rd32(b, sb::S_HASH_SEED + 4 * i);
+            }
+            s
+        };
+        while off + 8 <= bs {
+            let ino = rd32(&block, off);
+            let rec = rd16(&block, off + 4) as usize;
+            let nlen = block[off + 6] as usize;
+            let ft = block[off + 7];
+            if rec < 8 || off + rec > bs || 8 + nlen > rec {
+                return Err(Error::BadEntry(format!(
+                    "directory {dir}: bad entry at {off}"
+                )));
+            }
+            let name = &block[off + 8..off + 8 + nlen];
+            if ino != 0 && nlen > 0 {
+                if name == b"." {
+                } else if name == b".." {
+                    parent = ino;
+                } else {
+                    let (mut h, mut m) = (0u32, 0u32);
+                    // SAFETY: `name` is valid for `nlen` bytes; `seed` is 4 words.
+                    let rc = unsafe {
+                        ext2fs_dirhash2(
+                            version,
+                            name.as_ptr() as *const c_char,
+                            nlen as c_int,
+                            std::ptr::null(),
+                            0,
+                            seed.as_ptr(),
+                            &mut h,
+                            &mut m,
+                        )
+                    };
+                    self.check(|| "hash a name".into(), rc)?;
+                    entries.push((h, m, name.to_vec(), ino, ft));
+                }
+            }
+            off += rec;
+        }
+        if parent == 0 {
+            return Err(Error::BadEntry(format!("directory {dir} has no `..`")));
+        }
+        entries.sort();
+        // Two leaves, split by size at the half (never inside a run of
+        // equal hashes unless it cannot be helped: then mark the index
+        // entry as continued).
+        let rec_len = |n: usize| (8 + n + 3) & !3;
+        let usable = bs - if csum { 12 } else { 0 };
+        let total: usize = entries.iter().map(|e| rec_len(e.2.len())).sum();
+        let mut split = 0usize;
+        let mut acc = 0usize;
+        while split < entries.len() && acc + rec_len(entries[split].2.len()) <= total / 2 {
+            acc += rec_len(entries[split].2.len());
+            split += 1;
+        }
+        let split = split.clamp(1, entries.len().saturating_sub(1).max(1));
+        let leaves = [&entries[..split], &entries[split..]];
+        let mut leaf_blocks = Vec::new();
+        for leaf in leaves {
+            let mut b = vec![0u8; bs];
+            let mut o = 0usize;
+            for (i, (_, _, name, ino, ft)) in leaf.iter().enumerate() {
+                let mut rl = rec_len(name.len());
+                if i + 1 == leaf.len() {
+                    rl = usable - o;
+                }
+                if o + rl > usable {
+                    return Err(Error::BadEntry(format!(
+                        "directory {dir}: a leaf overflows"
+                    )));
+                }
+                b[o..o + 4].copy_from_slice(&ino.to_le_bytes());
+                b[o + 4..o + 6].copy_from_slice(&(rl as u16).to_le_bytes());
+                b[o + 6] = name.len() as u8;
+                b[o + 7] = *ft;
+                b[o + 8..o + 8 + name.len()].copy_from_slice(name);
+                o += rl;
+            }
+            if leaf.is_empty() {
+                b[4..6].copy_from_slice(&(usable as u16).to_le_bytes());
+            }
+            if csum {
+                // struct ext2_dir_entry_tail; the checksum is set on write.
+                b[bs - 12 + 4..bs - 12 + 6].copy_from_slice(&12u16.to_le_bytes());
+                b[bs - 12 + 7] = 0xDE;
+            }
+            leaf_blocks.push(b);
+        }
+        // The root block.
+        let mut root = vec![0u8; bs];
+        root[0..4].copy_from_slice(&dir.to_le_bytes());
+        root[4..6].copy_from_slice(&12u16.to_le_bytes());
+        root[6] = 1;
+        root[7] = EXT2_FT_DIR as u8;
+        root[8] = b'.';
+        root[12..16].copy_from_slice(&parent.to_le_bytes());
+        root[16..18].copy_from_slice(&((bs - 12) as u16).to_le_bytes());
+        root[18] = 2;
+        root[19] = EXT2_FT_DIR as u8;
+        root[20] = b'.';
+        root[21] = b'.';
+        // dx_root_info: reserved, hash_version, info_length 8, levels 0, flags.
+        root[28] = self.super_bytes()[sb::S_DEF_HASH_VERSION];
+        root[29] = 8;
+        let limit = (bs - 32 - if csum { 8 } else { 0 }) / 8;
+        root[32..34].copy_from_slice(&(limit as u16).to_le_bytes());
+        root[34..36].copy_from_slice(&2u16.to_le_bytes());
+        root[36..40].copy_from_slice(&1u32.to_le_bytes());
+        let first2 = leaves[1].first().map(|e| e.0).unwrap_or(!1u32);
+        let continued = leaves[0].last().map(|e| e.0) == Some(first2);
+        root[40..44].copy_from_slice(&(first2 | continued as u32).to_le_bytes());
+        root[44..48].copy_from_slice(&2u32.to_le_bytes());
+        // Grow the directory to three blocks, then write them.
+        for _ in 0..2 {
+            // SAFETY: live handle; `dir` is a directory.
+            let rc = unsafe { ext2fs_expand_dir(self.fs, dir) };
+            self.check(|| format!("expand directory {dir}"), rc)?;
+        }
+        for (i, b) in leaf_blocks.iter_mut().enumerate() {
+            let p = self.dir_block_pblk(dir, i as u64 + 1)?;
+            // SAFETY: live handle; `b` is one block; the checksum is set.
+            let rc = unsafe {
+                ext2fs_write_dir_block4(self.fs, p, b.as_mut_ptr() as *mut c_void, 0, dir)
+            };
+            self.check(|| format!("write directory {dir} leaf"), rc)?;
+        }
+        // SAFETY: as above, for the root block.
+        let rc = unsafe {
+            ext2fs_write_dir_block4(self.fs, pblk0, root.as_mut_ptr() as *mut c_void, 0, dir)
+        };
+        self.check(|| format!("write directory {dir} root"), rc)?;
+        let mut inode = self.read_inode(dir)?;
+        inode.i.i_flags |= EXT2_INDEX_FL;
+        self.write_inode(dir, &mut inode)
     }
 
     fn link(&self, dir: ext2_ino_t, name: &[u8], ino: ext2_ino_t, ft: c_int) -> Result<()> {

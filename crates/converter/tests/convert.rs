@@ -691,8 +691,28 @@ fn conversion_is_deterministic() {
                 .map(|l| l.digest.clone())
                 .collect::<Vec<_>>(),
         ));
+        flatten(
+            &output_blobs(&out, "t"),
+            &tmp.path().join(format!("raw{run}")),
+        );
     }
-    assert_eq!(digests[0], digests[1]);
+    if digests[0] != digests[1] {
+        // Name the differing 4 KiB blocks of the two disks.
+        let a = File::open(tmp.path().join("raw0")).unwrap();
+        let b = File::open(tmp.path().join("raw1")).unwrap();
+        use std::os::unix::fs::FileExt;
+        let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
+        let mut diff = Vec::new();
+        for blk in 0..(small_opts().vsize / 4096) {
+            a.read_exact_at(&mut x, blk * 4096).unwrap();
+            b.read_exact_at(&mut y, blk * 4096).unwrap();
+            if x != y {
+                let first = x.iter().zip(&y).position(|(p, q)| p != q).unwrap();
+                diff.push((blk, first));
+            }
+        }
+        panic!("runs differ: {digests:?}; differing (block, first byte): {diff:?}");
+    }
 }
 
 #[test]
