@@ -80,8 +80,10 @@ pub struct LayerReport {
     pub apply: ApplyStats,
     /// What the commit wrote.
     pub commit: CommitInfo,
-    /// Wall time.
+    /// Wall time: total, applying the tar, committing and compressing.
     pub seconds: f64,
+    pub apply_seconds: f64,
+    pub commit_seconds: f64,
 }
 
 /// The result of a conversion.
@@ -333,6 +335,7 @@ fn convert_manifest(
             }
             fs.close().map_err(layer_err(last))?;
         }
+        let apply_seconds = start.elapsed().as_secs_f64();
         let backend = Arc::try_unwrap(backend)
             .map_err(|_| Error::Image("internal: filesystem backend still shared".into()))?
             .into_inner()
@@ -362,6 +365,8 @@ fn convert_manifest(
             apply,
             commit,
             seconds: start.elapsed().as_secs_f64(),
+            apply_seconds,
+            commit_seconds: start.elapsed().as_secs_f64() - apply_seconds,
         };
         if let Some(p) = &opts.progress {
             p(&lr);
@@ -464,9 +469,57 @@ fn apply_layer(
     diff_id: &str,
 ) -> Result<(ApplyStats, u64, u64)> {
     let raw = src.open_blob(&layer.digest)?;
+    // Reading, hashing and decompressing run on their own thread, feeding
+    // the (single-threaded) filesystem through a small bounded channel.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    let reader = std::thread::spawn(move || decompress(raw, tx));
+    let mut chunks = ChannelReader {
+        rx,
+        buf: Vec::new(),
+        pos: 0,
+    };
+    let applied = Applier::new(fs).apply(&mut chunks).and_then(|st| {
+        io::copy(&mut chunks, &mut io::sink())
+            .map_err(|e| Error::io("reading the layer tail", e))?;
+        Ok(st)
+    });
+    drop(chunks);
+    let read = reader
+        .join()
+        .map_err(|_| Error::Image("the layer reader thread panicked".into()))?;
+    let stats = applied?;
+    let r = read?;
+    if r.tar_digest != diff_id {
+        return Err(Error::Image(format!(
+            "uncompressed layer has digest {}, but the config's diff_id is {diff_id}",
+            r.tar_digest
+        )));
+    }
+    if r.blob_digest != layer.digest {
+        return Err(Error::Image(format!(
+            "blob has digest {}, expected {}",
+            r.blob_digest, layer.digest
+        )));
+    }
+    Ok((stats, r.blob_bytes, r.tar_bytes))
+}
+
+/// What the layer reader thread saw.
+struct ReadSummary {
+    blob_digest: String,
+    blob_bytes: u64,
+    tar_digest: String,
+    tar_bytes: u64,
+}
+
+/// Reads a layer blob (gzip, zstd or plain, by magic), hashing both the
+/// blob and the tar, and sends the tar in 1 MiB chunks.
+fn decompress(
+    raw: Box<dyn Read + Send>,
+    tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+) -> Result<ReadSummary> {
     let mut hashed = Hashing::new(raw);
-    let stats;
-    let tar_bytes;
+    let (tar_digest, tar_bytes);
     {
         let mut buffered = BufReader::with_capacity(1 << 20, &mut hashed);
         let head = buffered
@@ -484,25 +537,67 @@ fn apply_layer(
             Box::new(buffered)
         };
         let mut tar = Hashing::new(decoder);
-        stats = Applier::new(fs).apply(&mut tar)?;
-        io::copy(&mut tar, &mut io::sink()).map_err(|e| Error::io("reading the layer tail", e))?;
-        let got = tar.digest();
-        if got != diff_id {
-            return Err(Error::Image(format!(
-                "uncompressed layer has digest {got}, but the config's diff_id is {diff_id}"
-            )));
+        loop {
+            let mut chunk = vec![0u8; 1 << 20];
+            let mut n = 0;
+            while n < chunk.len() {
+                match tar.read(&mut chunk[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let msg = e.to_string();
+                        let _ = tx.send(Err(e));
+                        return Err(Error::Image(format!("decompressing the layer: {msg}")));
+                    }
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            chunk.truncate(n);
+            if tx.send(Ok(chunk)).is_err() {
+                // The applier stopped (it reports its own error).
+                return Err(Error::Image("layer application stopped".into()));
+            }
         }
+        tar_digest = tar.digest();
         tar_bytes = tar.bytes;
     }
+    drop(tx);
     io::copy(&mut hashed, &mut io::sink()).map_err(|e| Error::io("reading the layer tail", e))?;
-    let got = hashed.digest();
-    if got != layer.digest {
-        return Err(Error::Image(format!(
-            "blob has digest {got}, expected {}",
-            layer.digest
-        )));
+    Ok(ReadSummary {
+        blob_digest: hashed.digest(),
+        blob_bytes: hashed.bytes,
+        tar_digest,
+        tar_bytes,
+    })
+}
+
+/// `Read` over the chunks the reader thread sends.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
-    Ok((stats, hashed.bytes, tar_bytes))
 }
 
 /// Commits `upper` as tar(ZFile(LSMT)) into `path`.

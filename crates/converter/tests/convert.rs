@@ -177,7 +177,10 @@ fn layer0() -> Vec<u8> {
         .file("replace_f2d", 0o644, b"file")
         .dir("replace_d2f", 0o755)
         .file("replace_d2f/c", 0o644, b"c")
-        .file("empty", 0o644, b"");
+        .file("empty", 0o644, b"")
+        .dir("real", 0o755)
+        .file("real/old", 0o644, b"old")
+        .link(tar::EntryType::Symlink, "alias", "real");
     l.pax(&[("SCHILY.xattr.user.dirattr", b"1")]);
     l.dir("dirx", 0o750);
     l.dir("many", 0o755);
@@ -208,6 +211,9 @@ fn layer1() -> Vec<u8> {
         .dir("newdir", 0o700);
     l.pax(&[("SCHILY.xattr.user.other", b"2")]);
     l.dir("dirx", 0o755);
+    // A parent path through a symlink from a lower layer lands in its
+    // target, as umoci (securejoin) and tar do.
+    l.file("alias/new-through-link", 0o644, b"via alias");
     // A file and its whiteout in the same layer: the file stays.
     l.file("samelayer", 0o644, b"kept")
         .file(".wh.samelayer", 0o644, b"");
@@ -623,6 +629,7 @@ fn converts_every_entry_type_and_whiteout() {
     assert!(!ext.contains_key(&b"opq/a"[..]));
     assert!(ext.contains_key(&b"opq/new"[..]));
     assert!(ext.contains_key(&b"samelayer"[..]));
+    assert!(ext.contains_key(&b"real/new-through-link"[..]));
     assert_eq!(ext[&b"bin/ping"[..]].mode, 0o104755);
     assert_eq!(ext[&b"sparse.img"[..]].size, 64 << 20);
     assert_eq!(ext[&b"highid"[..]].uid, 100_000);
@@ -896,4 +903,30 @@ fn index_and_docker_media_types() {
         let cfg = read(man["config"]["digest"].as_str().unwrap());
         assert_eq!(cfg["rootfs"]["diff_ids"][0], man["layers"][0]["digest"]);
     }
+}
+
+/// A blob whose bytes do not match its digest is refused, naming the layer.
+#[test]
+fn corrupt_blob_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut l = Layer::new();
+    l.file("a", 0o644, b"aaaa");
+    let tar = l.finish();
+    make_layout(&src, "v1", &[(tar.clone(), "")]);
+    let p = src.join("blobs/sha256").join(&sha(&tar)[7..]);
+    let mut b = fs::read(&p).unwrap();
+    b[600] ^= 1; // inside the file data
+    fs::write(&p, b).unwrap();
+    let err = convert(
+        &OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap(),
+        &OciLayout::parse(&format!("oci:{}:t", tmp.path().join("out").display())).unwrap(),
+        &small_opts(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("layer 0 (sha256:") && err.contains("digest"),
+        "{err}"
+    );
 }

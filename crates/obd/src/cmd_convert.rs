@@ -57,7 +57,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         progress: Some(Box::new(move |l: &converter::LayerReport| {
             if !quiet {
                 eprintln!(
-                    "layer {}: {} entries, {} of files ({} tar) -> {} ({} index entries) in {:.2}s, {}/s",
+                    "layer {}: {} entries, {} of files ({} tar) -> {} ({} index entries) in {:.2}s (apply {:.2}s, commit {:.2}s), {}/s",
                     l.index,
                     l.apply.entries,
                     human(l.apply.file_bytes),
@@ -65,6 +65,8 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                     human(l.size),
                     l.commit.entries,
                     l.seconds,
+                    l.apply_seconds,
+                    l.commit_seconds,
                     human((l.tar_bytes as f64 / l.seconds.max(1e-9)) as u64),
                 );
             }
@@ -72,8 +74,8 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         ..Default::default()
     };
     let start = Instant::now();
-    let report = convert(&src, &dst, &opts)
-        .with_context(|| format!("converting {} to {}", a.src, a.dst))?;
+    let report =
+        convert(&src, &dst, &opts).with_context(|| format!("converting {} to {}", a.src, a.dst))?;
     let secs = start.elapsed().as_secs_f64();
     let tar_bytes: u64 = report.layers.iter().map(|l| l.tar_bytes).sum();
     if a.json {
@@ -92,6 +94,8 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                     "file_bytes": l.apply.file_bytes,
                     "index_entries": l.commit.entries,
                     "seconds": l.seconds,
+                    "apply_seconds": l.apply_seconds,
+                    "commit_seconds": l.commit_seconds,
                 })
             })
             .collect();
