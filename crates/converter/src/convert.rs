@@ -472,9 +472,11 @@ fn apply_layer(
     // Reading, hashing and decompressing run on their own thread, feeding
     // the (single-threaded) filesystem through a small bounded channel.
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
-    let reader = std::thread::spawn(move || decompress(raw, tx));
+    let (recycle_tx, recycle_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let reader = std::thread::spawn(move || decompress(raw, tx, recycle_rx));
     let mut chunks = ChannelReader {
         rx,
+        recycle: recycle_tx,
         buf: Vec::new(),
         pos: 0,
     };
@@ -517,6 +519,7 @@ struct ReadSummary {
 fn decompress(
     raw: Box<dyn Read + Send>,
     tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+    recycle: std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<ReadSummary> {
     let mut hashed = Hashing::new(raw);
     let (tar_digest, tar_bytes);
@@ -538,7 +541,8 @@ fn decompress(
         };
         let mut tar = Hashing::new(decoder);
         loop {
-            let mut chunk = vec![0u8; 1 << 20];
+            let mut chunk = recycle.try_recv().unwrap_or_default();
+            chunk.resize(1 << 20, 0);
             let mut n = 0;
             while n < chunk.len() {
                 match tar.read(&mut chunk[n..]) {
@@ -577,6 +581,7 @@ fn decompress(
 /// `Read` over the chunks the reader thread sends.
 struct ChannelReader {
     rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    recycle: std::sync::mpsc::SyncSender<Vec<u8>>,
     buf: Vec<u8>,
     pos: usize,
 }
@@ -586,7 +591,12 @@ impl Read for ChannelReader {
         while self.pos == self.buf.len() {
             match self.rx.recv() {
                 Ok(Ok(b)) => {
-                    self.buf = b;
+                    let old = std::mem::replace(&mut self.buf, b);
+                    if old.capacity() > 0 {
+                        // Hand the buffer back; dropped if the reader is gone
+                        // or has enough spares.
+                        let _ = self.recycle.try_send(old);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),

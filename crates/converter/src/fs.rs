@@ -979,7 +979,8 @@ impl Ext4 {
     ) -> Result<()> {
         let whole = [(0, size)];
         let extents = extents.unwrap_or(&whole);
-        let mut buf = vec![0u8; 1 << 20];
+        let biggest = extents.iter().map(|e| e.1).max().unwrap_or(0);
+        let mut buf = vec![0u8; biggest.min(1 << 20) as usize];
         let mut file_pos = 0u64;
         for &(base, len) in extents {
             if base.checked_add(len).is_none_or(|e| e > size) {
@@ -1005,10 +1006,9 @@ impl Ext4 {
         buf: &mut [u8],
         file_pos: &mut u64,
     ) -> Result<()> {
-        const CHUNK: usize = 1 << 20;
         let mut pos = 0u64;
         while pos < size {
-            let want = (size - pos).min(CHUNK as u64) as usize;
+            let want = (size - pos).min(buf.len() as u64) as usize;
             data.read_exact(&mut buf[..want])
                 .map_err(|e| Error::io(format!("reading file data at {pos}"), e))?;
             let mut off = 0usize;
