@@ -930,3 +930,77 @@ fn corrupt_blob_is_refused() {
         "{err}"
     );
 }
+
+/// A sparse file larger than 4 GiB, with data past the 4 GiB mark, on a
+/// 1 GiB filesystem (64-bit offsets and sizes, holes kept).
+#[test]
+fn huge_sparse_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("huge");
+    fs::create_dir_all(&d).unwrap();
+    let f = File::create(d.join("huge.img")).unwrap();
+    f.set_len(5 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"start", 0).unwrap();
+    f.write_all_at(&noise(10_000, 11), (4 << 30) + 12345)
+        .unwrap();
+    drop(f);
+    let t = tmp.path().join("huge.tar");
+    let st = Command::new("tar")
+        .args([
+            "--format=posix",
+            "--sparse",
+            "--numeric-owner",
+            "--owner=0",
+            "--group=0",
+        ])
+        .arg(format!("--mtime=@{MTIME}"))
+        .arg("-C")
+        .arg(&d)
+        .arg("-cf")
+        .arg(&t)
+        .arg("huge.img")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let src = tmp.path().join("src");
+    make_layout(&src, "v1", &[(fs::read(&t).unwrap(), "gzip")]);
+    let out = tmp.path().join("out");
+    convert(
+        &OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap(),
+        &OciLayout::parse(&format!("oci:{}:t", out.display())).unwrap(),
+        &small_opts(),
+    )
+    .unwrap();
+    let raw = tmp.path().join("raw");
+    flatten(&output_blobs(&out, "t"), &raw);
+    e2fsck_clean(&raw);
+    let fs = Ext4::open_image_file(&raw).unwrap();
+    let root = fs.list_dir(2).unwrap();
+    let ino = root.iter().find(|(n, _)| n == b"huge.img").unwrap().1;
+    let inode = fs.read_inode(ino).unwrap();
+    let size = inode.i.i_size as u64 | (inode.i.i_size_high as u64) << 32;
+    assert_eq!(size, 5 << 30);
+    // Read the region past 4 GiB back.
+    let mut got = Vec::new();
+    let mut pos = 0u64;
+    let want_at = (4u64 << 30) + 12345;
+    fs.read_file(ino, &mut |chunk| {
+        let end = pos + chunk.len() as u64;
+        if end > want_at && pos < want_at + 10_000 {
+            let s = want_at.saturating_sub(pos) as usize;
+            let e = ((want_at + 10_000).min(end) - pos) as usize;
+            got.extend_from_slice(&chunk[s..e]);
+        }
+        pos = end;
+    })
+    .unwrap();
+    assert_eq!(got, noise(10_000, 11));
+    // Only a few blocks are allocated.
+    assert!(
+        (inode.i.i_blocks as u64) < 1000,
+        "i_blocks {}",
+        inode.i.i_blocks
+    );
+    fs.close().unwrap();
+}
