@@ -276,11 +276,21 @@ fn convert_manifest(
     };
 
     let mut out_layers: Vec<(String, u64)> = Vec::new();
+    // Committed layers, bottom to top (blobs already in the destination).
     let mut lowers: Vec<(String, Blob)> = Vec::new();
+    // The layer whose commit runs on a background thread; its writable
+    // files are the top of the stack the next layer is applied on.
+    let mut pending: Option<Pending> = None;
     let groups: Vec<Vec<usize>> = if opts.flatten {
         vec![(0..layers.len()).collect()]
     } else {
         (0..layers.len()).map(|i| vec![i]).collect()
+    };
+    let params = CommitParams {
+        algorithm: opts.algorithm,
+        block_size: opts.block_size,
+        threads: opts.threads.max(1),
+        vsize: opts.vsize,
     };
     for (out_index, group) in groups.iter().enumerate() {
         let start = Instant::now();
@@ -292,87 +302,107 @@ fn convert_manifest(
             Uuid::from_chain_id(&chains[groups[out_index - 1].last().copied().expect("non-empty")])?
         };
         let work = scratch.join(format!("layer-{out_index}"));
-        fs::create_dir_all(&work).map_err(|e| Error::file(&work, e))?;
-        let upper = WritableLayer::create(
-            work.join("data"),
-            work.join("index"),
-            CreateOptions {
-                virtual_size: opts.vsize,
-                uuid,
-                parent_uuid: parent,
-            },
-        )?;
-        let lower = if lowers.is_empty() {
-            None
-        } else {
-            Some(Arc::new(Image::from_blobs(lowers.clone())?))
-        };
-        let backend = Arc::new(Mutex::new(Backend::new(
-            lower,
-            upper,
-            opts.vsize,
-            opts.cache_bytes,
-        )));
-        let mut apply = ApplyStats::default();
-        let (mut source_bytes, mut tar_bytes) = (0, 0);
-        {
-            let lr = &layers;
-            let layer_err = move |i: usize| move |e: Error| e.in_layer(i, &lr[i].digest);
-            let first = group[0];
-            let fs = if first == 0 {
-                Ext4::mkfs(backend.clone(), &mkfs).map_err(layer_err(first))?
-            } else {
-                Ext4::open(backend.clone()).map_err(layer_err(first))?
-            };
-            for &i in group {
-                let (st, sb, tb) =
-                    apply_layer(src, &fs, &layers[i], &diff_ids[i]).map_err(layer_err(i))?;
-                apply.entries += st.entries;
-                apply.file_bytes += st.file_bytes;
-                apply.whiteouts += st.whiteouts;
-                source_bytes += sb;
-                tar_bytes += tb;
+        let applied = (|| -> Result<(Arc<WritableLayer>, ApplyStats, u64, u64)> {
+            fs::create_dir_all(&work).map_err(|e| Error::file(&work, e))?;
+            let upper = WritableLayer::create(
+                work.join("data"),
+                work.join("index"),
+                CreateOptions {
+                    virtual_size: opts.vsize,
+                    uuid,
+                    parent_uuid: parent,
+                },
+            )?;
+            let lower = stack(&lowers, pending.as_ref().map(|p| p.upper.clone()))?;
+            let backend = Arc::new(Mutex::new(Backend::new(
+                lower,
+                upper,
+                opts.vsize,
+                opts.cache_bytes,
+            )));
+            let mut apply = ApplyStats::default();
+            let (mut source_bytes, mut tar_bytes) = (0, 0);
+            {
+                let lr = &layers;
+                let layer_err = move |i: usize| move |e: Error| e.in_layer(i, &lr[i].digest);
+                let first = group[0];
+                let fs = if first == 0 {
+                    Ext4::mkfs(backend.clone(), &mkfs).map_err(layer_err(first))?
+                } else {
+                    Ext4::open(backend.clone()).map_err(layer_err(first))?
+                };
+                for &i in group {
+                    let (st, sb, tb) =
+                        apply_layer(src, &fs, &layers[i], &diff_ids[i]).map_err(layer_err(i))?;
+                    apply.entries += st.entries;
+                    apply.file_bytes += st.file_bytes;
+                    apply.whiteouts += st.whiteouts;
+                    source_bytes += sb;
+                    tar_bytes += tb;
+                }
+                fs.close().map_err(layer_err(last))?;
             }
-            fs.close().map_err(layer_err(last))?;
-        }
-        let apply_seconds = start.elapsed().as_secs_f64();
-        let backend = Arc::try_unwrap(backend)
-            .map_err(|_| Error::Image("internal: filesystem backend still shared".into()))?
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner());
-        let upper = backend
-            .into_upper()
-            .map_err(|e| Error::Image(e).in_layer(last, &layers[last].digest))?;
-        let blob_path = work.join("blob");
-        let commit = commit_layer(&upper, opts, uuid, parent, &blob_path)
-            .map_err(|e| e.in_layer(last, &layers[last].digest))?;
-        drop(upper);
-        let (digest, size) = file_digest(&blob_path)?;
-        dst.put_blob_file(&digest, &blob_path)?;
-        let _ = fs::remove_dir_all(&work);
-        let local = dst.blob_path(&digest).ok_or_else(|| {
-            Error::Unsupported("destination without local blobs for multi-layer conversion".into())
-        })?;
-        let fsrc = zfile::FileSource::open(&local).map_err(|e| Error::file(&local, e))?;
-        lowers.push((digest.clone(), Arc::new(fsrc)));
-        let lr = LayerReport {
-            index: out_index,
-            sources: group.iter().map(|&i| layers[i].digest.clone()).collect(),
-            digest: digest.clone(),
-            size,
-            source_bytes,
-            tar_bytes,
-            apply,
-            commit,
-            seconds: start.elapsed().as_secs_f64(),
-            apply_seconds,
-            commit_seconds: start.elapsed().as_secs_f64() - apply_seconds,
+            let backend = Arc::try_unwrap(backend)
+                .map_err(|_| Error::Image("internal: filesystem backend still shared".into()))?
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner());
+            let upper = backend
+                .into_upper()
+                .map_err(|e| Error::Image(e).in_layer(last, &layers[last].digest))?;
+            Ok((Arc::new(upper), apply, source_bytes, tar_bytes))
+        })();
+        let (upper, apply, source_bytes, tar_bytes) = match applied {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(p) = pending.take() {
+                    let _ = p.handle.join();
+                }
+                return Err(e);
+            }
         };
-        if let Some(p) = &opts.progress {
-            p(&lr);
+        let apply_seconds = start.elapsed().as_secs_f64();
+        // One commit at a time: finish the previous layer's first.
+        if let Some(p) = pending.take() {
+            finish(p, dst, opts, &mut lowers, &mut out_layers, report)?;
         }
-        report.layers.push(lr);
-        out_layers.push((digest, size));
+        let blob_path = work.join("blob");
+        let (u, pr, bp) = (upper.clone(), params.clone(), blob_path.clone());
+        let digest = layers[last].digest.clone();
+        let handle = std::thread::spawn(move || {
+            let t = Instant::now();
+            let info =
+                commit_layer(&u, &pr, uuid, parent, &bp).map_err(|e| e.in_layer(last, &digest))?;
+            let (d, size) = file_digest(&bp)?;
+            Ok((info, d, size, t.elapsed().as_secs_f64()))
+        });
+        pending = Some(Pending {
+            upper,
+            handle,
+            work,
+            blob_path,
+            start,
+            report: LayerReport {
+                index: out_index,
+                sources: group.iter().map(|&i| layers[i].digest.clone()).collect(),
+                digest: String::new(),
+                size: 0,
+                source_bytes,
+                tar_bytes,
+                apply,
+                commit: CommitInfo {
+                    bytes: 0,
+                    entries: 0,
+                    padding: 0,
+                    data_sectors: 0,
+                },
+                seconds: 0.0,
+                apply_seconds,
+                commit_seconds: 0.0,
+            },
+        });
+    }
+    if let Some(p) = pending.take() {
+        finish(p, dst, opts, &mut lowers, &mut out_layers, report)?;
     }
 
     // Config: diff_ids = the new (uncompressed tar) layer digests.
@@ -422,6 +452,75 @@ fn convert_manifest(
     dst.put_blob(&md.digest, &mb)?;
     report.manifests.push(md.clone());
     Ok(md)
+}
+
+/// What a background commit needs (the options minus the callback).
+#[derive(Clone)]
+struct CommitParams {
+    algorithm: zfile::Algorithm,
+    block_size: u32,
+    threads: usize,
+    vsize: u64,
+}
+
+type CommitResult = Result<(CommitInfo, String, u64, f64)>;
+
+/// A layer being committed in the background.
+struct Pending {
+    upper: Arc<WritableLayer>,
+    handle: std::thread::JoinHandle<CommitResult>,
+    work: PathBuf,
+    blob_path: PathBuf,
+    start: Instant,
+    report: LayerReport,
+}
+
+/// The read-only view a layer is applied on: the committed layers plus,
+/// while its commit runs, the previous layer's writable files.
+fn stack(lowers: &[(String, Blob)], top: Option<Arc<WritableLayer>>) -> Result<Option<Arc<Image>>> {
+    if lowers.is_empty() && top.is_none() {
+        return Ok(None);
+    }
+    let layers = lowers
+        .iter()
+        .map(|(n, b)| overlaybd_core::image::Layer::open(n.clone(), b.clone()))
+        .collect::<overlaybd_core::Result<Vec<_>>>()?;
+    Ok(Some(Arc::new(Image::from_parts(layers, top)?)))
+}
+
+/// Waits for a background commit, stores its blob and reports the layer.
+fn finish(
+    p: Pending,
+    dst: &dyn ImageDest,
+    opts: &Options,
+    lowers: &mut Vec<(String, Blob)>,
+    out_layers: &mut Vec<(String, u64)>,
+    report: &mut Report,
+) -> Result<()> {
+    let (info, digest, size, commit_seconds) = p
+        .handle
+        .join()
+        .map_err(|_| Error::Image("the commit thread panicked".into()))??;
+    drop(p.upper);
+    dst.put_blob_file(&digest, &p.blob_path)?;
+    let _ = fs::remove_dir_all(&p.work);
+    let local = dst.blob_path(&digest).ok_or_else(|| {
+        Error::Unsupported("destination without local blobs for multi-layer conversion".into())
+    })?;
+    let fsrc = zfile::FileSource::open(&local).map_err(|e| Error::file(&local, e))?;
+    lowers.push((digest.clone(), Arc::new(fsrc)));
+    let mut lr = p.report;
+    lr.digest = digest.clone();
+    lr.size = size;
+    lr.commit = info;
+    lr.commit_seconds = commit_seconds;
+    lr.seconds = p.start.elapsed().as_secs_f64();
+    if let Some(cb) = &opts.progress {
+        cb(&lr);
+    }
+    report.layers.push(lr);
+    out_layers.push((digest, size));
+    Ok(())
 }
 
 /// Marks 16 random-looking bytes as a version-4 UUID.
@@ -613,7 +712,7 @@ impl Read for ChannelReader {
 /// Commits `upper` as tar(ZFile(LSMT)) into `path`.
 fn commit_layer(
     upper: &WritableLayer,
-    opts: &Options,
+    opts: &CommitParams,
     uuid: Uuid,
     parent: Uuid,
     path: &Path,
@@ -625,7 +724,7 @@ fn commit_layer(
         zfile::Options {
             algorithm: opts.algorithm,
             block_size: opts.block_size,
-            threads: opts.threads.max(1),
+            threads: opts.threads,
         },
     )?;
     let info = upper.commit(
