@@ -57,7 +57,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         progress: Some(Box::new(move |l: &converter::LayerReport| {
             if !quiet {
                 eprintln!(
-                    "layer {}: {} entries, {} of files ({} tar) -> {} ({} index entries) in {:.2}s (apply {:.2}s, commit {:.2}s), {}/s",
+                    "layer {}: {} entries, {} of files ({} tar) -> {} ({} index entries) in {:.2}s (apply {:.2}s at {}/s, commit {:.2}s)",
                     l.index,
                     l.apply.entries,
                     human(l.apply.file_bytes),
@@ -66,8 +66,8 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                     l.commit.entries,
                     l.seconds,
                     l.apply_seconds,
+                    human((l.tar_bytes as f64 / l.apply_seconds.max(1e-9)) as u64),
                     l.commit_seconds,
-                    human((l.tar_bytes as f64 / l.seconds.max(1e-9)) as u64),
                 );
             }
         })),
