@@ -563,6 +563,10 @@ fn umoci_tree(src: &Path, tag: &str, tmp: &Path) -> Option<BTreeMap<Vec<u8>, Nod
         eprintln!("SKIPPED: comparison with `umoci unpack` needs root (devices, owners, security.* xattrs)");
         return None;
     }
+    if Command::new("umoci").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: comparison with `umoci unpack`: umoci is not installed (apt-get install umoci)");
+        return None;
+    }
     let bundle = tmp.join("bundle");
     let out = Command::new("umoci")
         .arg("unpack")
