@@ -1,20 +1,35 @@
 //! converter: OCI image → obd image in user space.
 //!
 //! Each OCI layer tar is applied to an ext4 filesystem with libext2fs
-//! (through FFI, linked dynamically) whose block device is our own
-//! `io_manager`: reads come from the layers converted so far plus the current
-//! [`overlaybd_core::lsmt::WritableLayer`], writes land in that writable layer
-//! only when they change a block. Each layer therefore becomes exactly its
-//! block delta, committed as a tar(ZFile(LSMT)) blob; the config's diff_ids
-//! and the manifest's overlaybd annotations follow upstream's converter.
+//! (through FFI, linked dynamically; declarations in [`ffi`], checked against
+//! the C headers by a test) whose block device is our own `io_manager`
+//! ([`io`]): reads come from the layers converted so far plus the current
+//! [`overlaybd_core::lsmt::WritableLayer`]; writes go through a bounded
+//! write-back page cache and reach the writable layer only when they change
+//! a block. Each layer therefore becomes exactly its block delta, committed
+//! as a tar(ZFile(LSMT)) blob; the config's diff_ids and the manifest's
+//! overlaybd annotations follow upstream's converter (formats.md §8).
 //!
-//! No root, mount or kernel is involved, and nothing depends on the clock:
-//! the filesystem UUID and hash seed derive from the source diff_ids, every
-//! inode time from the tar mtime, the superblock times from a constant.
+//! - [`apply`]: the streaming tar applier (every entry type, PAX xattrs and
+//!   GNU sparse files, OCI whiteouts and opaque directories).
+//! - [`fs`]: the safe wrapper over one libext2fs handle: mkfs (upstream's
+//!   fresh-layer options), open, create/link/remove, xattrs, and hash-indexing
+//!   of directories that outgrow one block.
+//! - [`mod@convert`]: the pipeline. Layer N+1 is applied on top of layer N's
+//!   writable files while layer N is committed and compressed on another
+//!   thread; layer blobs are decompressed and digest-checked on a reader
+//!   thread.
+//! - [`oci`]: sources and destinations as traits ([`oci::ImageSource`],
+//!   [`oci::ImageDest`]); [`oci::OciLayout`] implements both for OCI image
+//!   layouts on disk. A registry backend implements the same traits.
+//! - [`tree`]: reads an ext4 tree back, for verification.
 //!
-//! Sources and destinations are traits ([`oci::ImageSource`],
-//! [`oci::ImageDest`]); [`oci::OciLayout`] implements both for OCI image
-//! layouts on disk.
+//! No root, mount or kernel is involved, and nothing depends on the clock or
+//! on memory contents: the filesystem UUID and hash seed derive from the
+//! first diff_id, inode times from the tar mtime, superblock times from a
+//! constant, and directory blocks are scrubbed of the uninitialised bytes
+//! libext2fs leaves when it splits htree leaves. The same input and options
+//! give byte-identical blobs and manifests.
 
 pub mod apply;
 pub mod convert;
