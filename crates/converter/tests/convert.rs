@@ -377,7 +377,27 @@ fn output_blobs(out: &Path, tag: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Every output blob is tar(ZFile(LSMT)) and keeps upstream's writer rules
+/// (ZFile and LSMT strict validation), with the UUID chain set.
+fn check_blobs(blobs: &[PathBuf]) {
+    let mut parent = overlaybd_core::lsmt::Uuid::NIL;
+    for p in blobs {
+        let blob: overlaybd_core::source::Blob = Arc::new(zfile::FileSource::open(p).unwrap());
+        let dec = overlaybd_core::source::decode(blob).unwrap();
+        assert_eq!(dec.nesting.to_string(), "tar(zfile(lsmt))");
+        let z = dec.zfile.as_ref().expect("compressed");
+        zfile::validate_strict(&**z).unwrap_or_else(|v| panic!("{}: {v:?}", p.display()));
+        let ro = overlaybd_core::lsmt::RoLayer::open(dec.lsmt.clone()).unwrap();
+        overlaybd_core::lsmt::validate_strict(&ro).unwrap();
+        assert!(ro.trailer().index_size <= 1_000_000);
+        assert_eq!(ro.header().parent_uuid().unwrap(), parent);
+        parent = ro.header().uuid().unwrap();
+        assert!(!parent.is_nil());
+    }
+}
+
 fn flatten(blobs: &[PathBuf], raw: &Path) {
+    check_blobs(blobs);
     let parts = blobs
         .iter()
         .map(|p| {
