@@ -230,6 +230,89 @@ fn loop_over_plain_file() {
 }
 
 #[test]
+fn loop_attach_races() {
+    require!();
+    let tmp = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let p = tmp.path().join(format!("f{i}"));
+            std::fs::write(&p, vec![i as u8; 1 << 20]).unwrap();
+            p
+        })
+        .collect();
+    let devs: Vec<LoopDevice> = std::thread::scope(|s| {
+        let hs: Vec<_> = paths
+            .iter()
+            .map(|p| s.spawn(move || LoopDevice::attach(p, LoopOptions::default()).unwrap()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut names: Vec<&Path> = devs.iter().map(|d| d.path()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 4);
+    for (i, d) in devs.iter().enumerate() {
+        let mut b = [0u8; 512];
+        std::fs::File::open(d.path())
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        assert_eq!(b, [i as u8; 512]);
+    }
+    for d in devs {
+        d.detach().unwrap();
+    }
+}
+
+#[test]
+fn fuse_reads_match_backend() {
+    require!();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Arc::new(pseudo_random(16 << 20, 4));
+    let backend = Arc::new(MemBackend::new(data.to_vec(), true));
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let att = FuseFrontend::new()
+        .attach(backend, "read-test", &work)
+        .unwrap();
+    let dev = att.device_path().to_path_buf();
+    let backing = loop_backing(&dev).unwrap();
+    // O_DIRECT preads from several threads at scattered offsets and sizes.
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (dev, data) = (&dev, &data);
+            s.spawn(move || {
+                use std::os::unix::fs::{FileExt, OpenOptionsExt};
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(dev)
+                    .unwrap();
+                // An O_DIRECT buffer must be aligned: take an aligned window.
+                let mut buf = vec![0u8; (1 << 20) + 4096];
+                let off = buf.as_ptr().align_offset(4096);
+                let buf = &mut buf[off..off + (1 << 20)];
+                let mut x = t + 1;
+                for _ in 0..200 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let len = 4096 * (1 + (x >> 33) as usize % 256);
+                    let pos = 4096 * ((x >> 17) as usize % ((data.len() - len) / 4096));
+                    f.read_exact_at(&mut buf[..len], pos as u64).unwrap();
+                    assert!(
+                        buf[..len] == data[pos..pos + len],
+                        "{len} bytes at {pos} differ"
+                    );
+                }
+            });
+        }
+    });
+    att.detach().unwrap();
+    assert_gone(&work, &dev, &backing);
+}
+
+#[test]
 fn fuse_read_only_ext4() {
     require!();
     let tmp = tempfile::tempdir().unwrap();
