@@ -5,6 +5,7 @@ mod bench;
 mod bench_read;
 mod bench_remote;
 mod bench_zfile;
+mod cmd_convert;
 mod cmd_device;
 mod cmd_image;
 mod cmd_layer;
@@ -35,6 +36,8 @@ enum Cmd {
     /// Inspect and flatten images described by a config.v1.json.
     #[command(subcommand)]
     Image(cmd_image::ImageCmd),
+    /// Convert an OCI image into an obd image (user space, deterministic).
+    Convert(cmd_convert::ConvertArgs),
     /// Serve images as block devices: a service, one worker per device.
     #[command(subcommand)]
     Device(cmd_device::DeviceCmd),
@@ -51,6 +54,7 @@ fn main() {
         Cmd::Image(c) => cmd_image::run(c),
         Cmd::Bench(c) => bench::run(c),
         Cmd::Device(c) => cmd_device::run(c),
+        Cmd::Convert(c) => cmd_convert::run(c),
     };
     if let Err(e) = res {
         eprintln!("obd: error: {e:#}");
