@@ -303,10 +303,21 @@ impl TcmuFrontend {
             log::warn!("tcmu {}: {e}", live.paths.id);
         }
         let dev = PathBuf::from("/dev").join(&sd);
+        // The disk's sysfs entry and device node appear (device_add) a moment before
+        // the disk can be opened (bdev_add): an open in between fails with ENXIO, seen
+        // under qemu TCG when the next attach mounted the device at once.
         configfs::wait_for(
-            &format!("{}", dev.display()),
+            &format!("{} to open", dev.display()),
             self.opts.attach_timeout,
-            || dev.exists().then_some(()),
+            || {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .open(&dev)
+                    .ok()
+                    .map(drop)
+            },
         )?;
         Ok(dev)
     }
