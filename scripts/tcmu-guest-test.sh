@@ -1,23 +1,33 @@
 #!/bin/bash
-# Runs the TCMU end-to-end tests (crates/tcmu-target/tests/tcmu_guest.rs) against a real kernel: builds the test
-# binary on the host, boots Debian's 6.12 kernel under qemu with the host's / shared read-only over virtio-9p (plus a
-# tmpfs overlay, so the guest can write and the host is never written), and runs scripts/guest-tcmu.sh there as root.
+# Runs the TCMU end-to-end tests against a real kernel: builds the test binaries on the host, boots Debian's 6.12
+# kernel under qemu with the host's / shared read-only over virtio-9p (plus a tmpfs overlay, so the guest can write and
+# the host is never written), and runs scripts/guest-tcmu.sh there as root. The suites, in this order:
+#   tcmu    crates/tcmu-target/tests/tcmu_guest.rs (the frontend alone; ignored tests, run with --ignored)
+#   device  crates/obd/tests/device_fuse.rs with OBD_TEST_FRONTEND=tcmu (`obd device serve|attach|detach` end to end)
+#   bench   scripts/bench-device.sh with FRONTEND=tcmu (fio, obd device vs plain loop device; only with GUEST_BENCH=1)
 # The host's own kernel may lack configfs/TCMU/tcm_loop; Debian's linux-image-6.12-amd64 has them as modules.
 #
-# Usage: sudo scripts/tcmu-guest-test.sh [test-name-filter]        (default filter: tcmu_guest, i.e. all of them)
+# Usage: sudo scripts/tcmu-guest-test.sh [test-name-filter]        (filter for the tcmu suite; default: all of it)
 # Env:   OBD_ENV_DIR  cache and scratch directory (default ${TMPDIR:-/tmp}/obd-env): the unpacked kernel is cached in
 #                     $OBD_ENV_DIR/vm/kernel-<package>, the last guest log is $OBD_ENV_DIR/tcmu-vm/guest.log
+#        SUITES       which suites to run (default "tcmu device"); DEVICE_FILTER: test-name filter for the device suite
+#        GUEST_BENCH=1  also run the fio benchmark (builds obd with --release); BENCH_IMG_MB (default 256),
+#                     BENCH_RUNTIME (s per measurement, default 5), BENCH_FRONTEND (default tcmu; fuse to compare)
 #        KPKG         kernel package (default linux-image-6.12-amd64)
-#        ACCEL        tcg (default) | kvm;  MEM (MiB, default 2048), SMP (default 2), VM_TIMEOUT (s, default 900)
+#        ACCEL        tcg (default) | kvm;  MEM (MiB, default 2048, 3072 with the bench), SMP (default 2),
+#                     VM_TIMEOUT (s, default 900)
 #        CARGO_PROFILE_FLAGS  extra flags for `cargo test --no-run` (e.g. --release)
-# Exit status: the guest test run's (0 = all passed); 99 if the guest did not report.
+# Exit status: 0 if every suite passed; else the first failing suite's status; 99 if the guest did not report.
 # Time: a first run downloads the kernel package (~107 MB); a TCG boot takes 8-12 s of wall time.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 FILTER=${1:-tcmu_guest}
+SUITES=${SUITES:-tcmu device}
+case " $SUITES " in *" bench "*) ;; *) [ "${GUEST_BENCH:-0}" = 1 ] && SUITES="$SUITES bench" ;; esac
 OBD_ENV_DIR=${OBD_ENV_DIR:-${TMPDIR:-/tmp}/obd-env}
 mkdir -p "$OBD_ENV_DIR"; OBD_ENV_DIR=$(readlink -f "$OBD_ENV_DIR")
-KPKG=${KPKG:-linux-image-6.12-amd64}; ACCEL=${ACCEL:-tcg}; MEM=${MEM:-2048}; SMP=${SMP:-2}
+KPKG=${KPKG:-linux-image-6.12-amd64}; ACCEL=${ACCEL:-tcg}; SMP=${SMP:-2}
+case " $SUITES " in *" bench "*) MEM=${MEM:-3072} ;; *) MEM=${MEM:-2048} ;; esac
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 now_ms() { date +%s%3N; }
@@ -37,19 +47,38 @@ command -v qemu-system-x86_64 >/dev/null ||
 command -v python3 >/dev/null || die "python3 is missing"
 
 T0=$(now_ms)
-# ---- 1. the test binary, built on the host (the guest runs it from the shared root)
-log "building the tcmu_guest test binary"
-mkdir -p "$OBD_ENV_DIR/tcmu-vm"; BUILD_LOG=$OBD_ENV_DIR/tcmu-vm/build.log
-BIN=$(cd "$ROOT" && cargo test -p tcmu-target --test tcmu_guest --no-run ${CARGO_PROFILE_FLAGS:-} \
-        --message-format=json 2>"$BUILD_LOG" | python3 -c '
+# ---- 1. the test binaries, built on the host (the guest runs them from the shared root)
+mkdir -p "$OBD_ENV_DIR/tcmu-vm"; BUILD_LOG=$OBD_ENV_DIR/tcmu-vm/build.log; : > "$BUILD_LOG"
+# build_test PACKAGE TEST: builds one integration test binary and prints its path
+build_test() {
+  log "building the $2 test binary (package $1)"
+  local bin
+  bin=$(cd "$ROOT" && cargo test -p "$1" --test "$2" --no-run ${CARGO_PROFILE_FLAGS:-} \
+          --message-format=json 2>>"$BUILD_LOG" | python3 -c '
 import json, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "tcmu_guest":
-        print(m["executable"])')
-[ -x "$BIN" ] || { tail -30 "$BUILD_LOG" >&2; die "could not build or find the tcmu_guest test binary (see $BUILD_LOG)"; }
-log "test binary: $BIN"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$2")
+  [ -x "$bin" ] || { tail -30 "$BUILD_LOG" >&2; die "could not build or find the $2 test binary (see $BUILD_LOG)"; }
+  log "$2: $bin"
+  echo "$bin"
+}
+BIN=""; DEVICE_BIN=""; OBD_RELEASE=""
+for s in $SUITES; do
+  case $s in
+    tcmu) BIN=$(build_test tcmu-target tcmu_guest) ;;
+    # cargo builds the obd binary the test runs (CARGO_BIN_EXE_obd, an absolute path under target/) with it
+    device) DEVICE_BIN=$(build_test obd device_fuse) ;;
+    bench)
+      log "building obd --release (for the benchmark)"
+      (cd "$ROOT" && cargo build --release -p obd 2>>"$BUILD_LOG") || { tail -30 "$BUILD_LOG" >&2; die "cargo build --release -p obd failed"; }
+      OBD_RELEASE=$ROOT/target/release/obd
+      command -v fio >/dev/null || die "fio is missing (bash scripts/setup.sh)" ;;
+    *) die "unknown suite $s (SUITES: tcmu device bench)" ;;
+  esac
+done
 T1=$(now_ms)
 
 # ---- 2. the kernel: apt-get download + dpkg -x, never installed; cached (shared with the env scripts' cache)
@@ -117,7 +146,12 @@ guest_path() { case $1 in /tmp) echo /hosttmp ;; /tmp/*) echo "/hosttmp/${1#/tmp
 cp "$ROOT/scripts/guest-tcmu.sh" "$SHARE/guest-main.sh"
 {
   echo '#!/bin/bash'
+  printf 'export SUITES=%q HOST_REPO=%q\n' "$SUITES" "$ROOT"
   printf 'export TCMU_TEST_BIN=%q TCMU_TEST_FILTER=%q\n' "$(guest_path "$BIN")" "$FILTER"
+  printf 'export DEVICE_TEST_BIN=%q DEVICE_FILTER=%q\n' "$(guest_path "$DEVICE_BIN")" "${DEVICE_FILTER:-}"
+  printf 'export BENCH_SCRIPT=%q OBD_RELEASE=%q BENCH_IMG_MB=%q BENCH_RUNTIME=%q BENCH_FRONTEND=%q\n' \
+    "$(guest_path "$ROOT/scripts/bench-device.sh")" "$(guest_path "$OBD_RELEASE")" "${BENCH_IMG_MB:-256}" \
+    "${BENCH_RUNTIME:-5}" "${BENCH_FRONTEND:-tcmu}"
   echo 'exec bash /share/guest-main.sh'
 } > "$SHARE/guest.sh"
 
@@ -130,7 +164,7 @@ fsdev() { echo "-fsdev local,id=$1,path=$2,security_model=none${3:+,$3} -device 
 T3=$(now_ms)
 # qemu (TCG, multi-threaded) occasionally dies on an internal assertion before the guest kernel starts: boot again then.
 for try in $(seq "${BOOT_TRIES:-2}"); do
-  log "booting $KV under qemu ($ACCEL), running: $FILTER (boot $try)"
+  log "booting $KV under qemu ($ACCEL), running: $SUITES (boot $try)"
   rm -f "$SHARE/rc" "$SHARE/guest.log"
   # qemu pauses (rather than exits) on a KVM emulation failure: the timeout ends such a run
   timeout "${VM_TIMEOUT:-900}" qemu-system-x86_64 $A -m "$MEM" -smp "$SMP" -nographic -no-reboot -nodefaults -serial stdio \
