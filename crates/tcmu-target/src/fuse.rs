@@ -78,7 +78,9 @@ impl Default for FuseOptions {
         FuseOptions {
             threads: 8,
             max_io: 1 << 20,
-            max_read: 1 << 20,
+            // Measured: splitting a loop device's 1 MiB request into four READs
+            // served in parallel beats one 1 MiB READ for sequential reads.
+            max_read: 256 << 10,
             fuse_direct_io: true,
             loop_direct_io: true,
             max_background: 128,
