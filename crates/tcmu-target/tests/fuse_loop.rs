@@ -1,8 +1,8 @@
 //! FUSE + loop frontend against the real kernel: loop devices over plain files, ext4
 //! images served from memory (read-only and writable), and crash cleanup.
 //!
-//! Needs root, /dev/fuse, /dev/loop-control, fusermount3 and mkfs.ext4; otherwise
-//! each test prints `SKIPPED: <why>` to stderr and passes.
+//! Needs root, /dev/fuse, /dev/loop-control, fusermount3, mkfs.ext4 and blkdiscard;
+//! otherwise each test prints `SKIPPED: <why>` to stderr and passes.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -28,7 +28,7 @@ fn missing_requirement() -> Option<String> {
             return Some(format!("{dev} is missing"));
         }
     }
-    for tool in ["fusermount3", "mkfs.ext4", "mount", "umount"] {
+    for tool in ["fusermount3", "mkfs.ext4", "mount", "umount", "blkdiscard"] {
         let found = Command::new("sh")
             .arg("-c")
             .arg(format!("command -v {tool}"))
@@ -356,7 +356,9 @@ fn fuse_read_only_ext4() {
 fn fuse_writable_ext4_survives_reattach() {
     require!();
     let tmp = tempfile::tempdir().unwrap();
-    let backend = Arc::new(MemBackend::new(vec![0; 64 << 20], false));
+    let mut data = vec![0; 64 << 20];
+    data[..2 << 20].fill(0x5a);
+    let backend = Arc::new(MemBackend::new(data, false));
     let work = tmp.path().join("work");
     std::fs::create_dir(&work).unwrap();
     let fe = FuseFrontend::new();
@@ -372,7 +374,13 @@ fn fuse_writable_ext4_survives_reattach() {
         0o644
     );
     let backing = loop_backing(&dev).unwrap();
-    // mkfs discards the whole device first: that goes through FALLOCATE(PUNCH_HOLE).
+    // A discard reaches the backend as FALLOCATE(PUNCH_HOLE).
+    run(Command::new("blkdiscard")
+        .args(["-o", "0", "-l", "1048576"])
+        .arg(&dev));
+    let snap = backend.snapshot();
+    assert!(snap[..1 << 20].iter().all(|&b| b == 0));
+    assert!(snap[1 << 20..2 << 20].iter().all(|&b| b == 0x5a));
     run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
     mount_ext4(&dev, &m, false);
     write_files(&m, &files);
