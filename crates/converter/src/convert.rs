@@ -31,6 +31,33 @@ pub const ANN_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
 /// A per-layer progress callback.
 pub type ProgressFn = dyn Fn(&LayerReport);
 
+/// Which media types the output uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MediaTypes {
+    /// The source manifest's family (OCI stays OCI, Docker stays Docker).
+    #[default]
+    Source,
+    /// Docker schema 2 (upstream's userspace converter default).
+    Docker,
+    /// OCI (upstream `--oci`; forced by `--referrer`).
+    Oci,
+}
+
+/// Live progress, called from the converter's threads. Manifests are
+/// numbered in conversion order; layers by their source position.
+pub trait Observer: Send + Sync {
+    /// A manifest starts (`platform` as `os/arch[/variant]` when known).
+    fn manifest_start(&self, _manifest: usize, _platform: Option<&str>, _layers: &[Descriptor]) {}
+    /// Source layer `layer` starts; `size` is its (compressed) blob size.
+    fn layer_start(&self, _manifest: usize, _layer: usize, _size: u64) {}
+    /// `bytes` more of the source blob were read.
+    fn layer_read(&self, _manifest: usize, _layer: usize, _bytes: u64) {}
+    /// The layer is applied; its commit (and compression) runs now.
+    fn layer_applied(&self, _manifest: usize, _layer: usize) {}
+    /// An output layer is finished.
+    fn layer_done(&self, _manifest: usize, _report: &LayerReport) {}
+}
+
 /// Conversion options.
 pub struct Options {
     /// ZFile codec.
@@ -47,6 +74,15 @@ pub struct Options {
     pub cache_bytes: usize,
     /// Called after each converted layer.
     pub progress: Option<Box<ProgressFn>>,
+    /// Live progress.
+    pub observer: Option<Arc<dyn Observer>>,
+    /// Output media types.
+    pub media_types: MediaTypes,
+    /// Platforms to convert from an index (`os/arch[/variant]`); empty = all.
+    pub platforms: Vec<String>,
+    /// Make the output a referrer of the source (`subject` +
+    /// `artifactType`, formats.md §8.5); forces OCI media types.
+    pub referrer: bool,
 }
 
 impl Default for Options {
@@ -59,6 +95,10 @@ impl Default for Options {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             cache_bytes: 64 << 20,
             progress: None,
+            observer: None,
+            media_types: MediaTypes::Source,
+            platforms: Vec::new(),
+            referrer: false,
         }
     }
 }
@@ -131,22 +171,64 @@ pub fn convert(src: &dyn ImageSource, dst: &dyn ImageDest, opts: &Options) -> Re
             .get_mut("manifests")
             .and_then(Value::as_array_mut)
             .ok_or_else(|| Error::Image("index without `manifests`".into()))?;
-        for m in list.iter_mut() {
-            let d = Descriptor::from_json(m, "index")?;
-            let nd = convert_manifest(src, dst, opts, &d, &scratch.0, &mut report)?;
+        let mut kept = Vec::new();
+        for m in list.iter() {
+            let plat = platform_of(m);
+            if plat
+                .as_deref()
+                .is_some_and(|p| p.starts_with("unknown/unknown"))
+            {
+                // BuildKit attestations and the like: not images.
+                continue;
+            }
+            if !opts.platforms.is_empty()
+                && !opts
+                    .platforms
+                    .iter()
+                    .any(|want| plat.as_deref().is_some_and(|p| platform_matches(want, p)))
+            {
+                continue;
+            }
+            let mut m = m.clone();
+            let d = Descriptor::from_json(&m, "index")?;
+            let nd =
+                convert_manifest(src, dst, opts, &d, plat.as_deref(), &scratch.0, &mut report)?;
+            m["mediaType"] = json!(nd.media_type);
             m["digest"] = json!(nd.digest);
             m["size"] = json!(nd.size);
+            kept.push(m);
+        }
+        if kept.is_empty() {
+            return Err(Error::Image(if opts.platforms.is_empty() {
+                "the index lists no image manifests".to_string()
+            } else {
+                format!(
+                    "no manifest in the index matches --platform {}",
+                    opts.platforms.join(",")
+                )
+            }));
+        }
+        *list = kept;
+        let index_mt = match effective(opts) {
+            MediaTypes::Source => media_type.clone(),
+            MediaTypes::Docker => MT_DOCKER_LIST.to_string(),
+            MediaTypes::Oci => MT_OCI_INDEX.to_string(),
+        };
+        out["mediaType"] = json!(index_mt);
+        if opts.referrer {
+            out["artifactType"] = json!(ARTIFACT_NATIVE);
+            out["subject"] = subject_json(&root, &media_type);
         }
         let b = serde_json::to_vec(&out).expect("json");
         let d = Descriptor {
-            media_type: media_type.clone(),
+            media_type: index_mt,
             digest: sha256_digest(&b),
             size: b.len() as u64,
         };
-        dst.put_blob(&d.digest, &b)?;
+        dst.put_manifest(&d, &b)?;
         d
     } else {
-        convert_manifest(src, dst, opts, &root, &scratch.0, &mut report)?
+        convert_manifest(src, dst, opts, &root, None, &scratch.0, &mut report)?
     };
     dst.tag(&new_root)?;
     report.root = new_root;
@@ -159,6 +241,43 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// The media types in force: `--referrer` forces OCI.
+fn effective(opts: &Options) -> MediaTypes {
+    if opts.referrer {
+        MediaTypes::Oci
+    } else {
+        opts.media_types
+    }
+}
+
+/// `os/arch[/variant]` of an index entry.
+fn platform_of(m: &Value) -> Option<String> {
+    let p = m.get("platform")?;
+    let os = p.get("os")?.as_str()?;
+    let arch = p.get("architecture")?.as_str()?;
+    Some(match p.get("variant").and_then(Value::as_str) {
+        Some(v) if !v.is_empty() => format!("{os}/{arch}/{v}"),
+        _ => format!("{os}/{arch}"),
+    })
+}
+
+/// Whether `have` (`os/arch[/variant]`) is what `want` asks for; a `want`
+/// without a variant takes any variant.
+pub fn platform_matches(want: &str, have: &str) -> bool {
+    let w: Vec<&str> = want.split('/').collect();
+    let h: Vec<&str> = have.split('/').collect();
+    w.len() >= 2
+        && h.len() >= 2
+        && w[0] == h[0]
+        && w[1] == h[1]
+        && (w.len() < 3 || h.get(2) == w.get(2))
+}
+
+/// The source descriptor as a `subject`.
+fn subject_json(d: &Descriptor, media_type: &str) -> Value {
+    json!({"mediaType": media_type, "digest": d.digest, "size": d.size})
 }
 
 fn chain_ids(diff_ids: &[String]) -> Vec<String> {
@@ -185,9 +304,11 @@ fn convert_manifest(
     dst: &dyn ImageDest,
     opts: &Options,
     desc: &Descriptor,
+    platform: Option<&str>,
     scratch: &Path,
     report: &mut Report,
 ) -> Result<Descriptor> {
+    let mindex = report.manifests.len();
     let bytes = src.read_small(desc)?;
     let mut manifest: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
         what: format!("manifest {}", desc.digest),
@@ -198,7 +319,19 @@ fn convert_manifest(
         .and_then(Value::as_str)
         .unwrap_or(&desc.media_type)
         .to_string();
-    let docker = mt == MT_DOCKER_MANIFEST;
+    let source_mt = mt.clone();
+    let docker = match effective(opts) {
+        MediaTypes::Source => mt == MT_DOCKER_MANIFEST,
+        MediaTypes::Docker => true,
+        MediaTypes::Oci => false,
+    };
+    let mt = if docker {
+        MT_DOCKER_MANIFEST.to_string()
+    } else if mt == MT_DOCKER_MANIFEST {
+        MT_OCI_MANIFEST.to_string()
+    } else {
+        mt
+    };
     let cfg_desc = Descriptor::from_json(
         manifest
             .get("config")
@@ -261,6 +394,9 @@ fn convert_manifest(
             layers.len(),
             overlaybd_core::config::MAX_LAYERS
         )));
+    }
+    if let Some(o) = &opts.observer {
+        o.manifest_start(mindex, platform, &layers);
     }
     let chains = chain_ids(&diff_ids);
     let mkfs = MkfsParams {
@@ -332,8 +468,9 @@ fn convert_manifest(
                     Ext4::open(backend.clone()).map_err(layer_err(first))?
                 };
                 for &i in group {
-                    let (st, sb, tb) =
-                        apply_layer(src, &fs, &layers[i], &diff_ids[i]).map_err(layer_err(i))?;
+                    let obs = opts.observer.clone().map(|o| (o, mindex, i));
+                    let (st, sb, tb) = apply_layer(src, &fs, &layers[i], &diff_ids[i], obs)
+                        .map_err(layer_err(i))?;
                     apply.entries += st.entries;
                     apply.file_bytes += st.file_bytes;
                     apply.whiteouts += st.whiteouts;
@@ -361,9 +498,12 @@ fn convert_manifest(
             }
         };
         let apply_seconds = start.elapsed().as_secs_f64();
+        if let Some(o) = &opts.observer {
+            o.layer_applied(mindex, last);
+        }
         // One commit at a time: finish the previous layer's first.
         if let Some(p) = pending.take() {
-            finish(p, dst, opts, &mut lowers, &mut out_layers, report)?;
+            finish(p, dst, opts, mindex, &mut lowers, &mut out_layers, report)?;
         }
         let blob_path = work.join("blob");
         let (u, pr, bp) = (upper.clone(), params.clone(), blob_path.clone());
@@ -402,7 +542,7 @@ fn convert_manifest(
         });
     }
     if let Some(p) = pending.take() {
-        finish(p, dst, opts, &mut lowers, &mut out_layers, report)?;
+        finish(p, dst, opts, mindex, &mut lowers, &mut out_layers, report)?;
     }
 
     // Config: diff_ids = the new (uncompressed tar) layer digests.
@@ -429,6 +569,19 @@ fn convert_manifest(
     };
     manifest["config"]["digest"] = json!(cfg_digest);
     manifest["config"]["size"] = json!(cfg_out.len());
+    let cmt = manifest["config"]["mediaType"].as_str().unwrap_or("");
+    if cmt == MT_OCI_CONFIG || cmt == MT_DOCKER_CONFIG || cmt.is_empty() {
+        manifest["config"]["mediaType"] = json!(if docker {
+            MT_DOCKER_CONFIG
+        } else {
+            MT_OCI_CONFIG
+        });
+    }
+    manifest["mediaType"] = json!(mt);
+    if opts.referrer {
+        manifest["artifactType"] = json!(ARTIFACT_NATIVE);
+        manifest["subject"] = subject_json(desc, &source_mt);
+    }
     manifest["layers"] = json!(out_layers
         .iter()
         .map(|(d, s)| json!({
@@ -449,7 +602,7 @@ fn convert_manifest(
         digest: sha256_digest(&mb),
         size: mb.len() as u64,
     };
-    dst.put_blob(&md.digest, &mb)?;
+    dst.put_manifest(&md, &mb)?;
     report.manifests.push(md.clone());
     Ok(md)
 }
@@ -493,6 +646,7 @@ fn finish(
     p: Pending,
     dst: &dyn ImageDest,
     opts: &Options,
+    mindex: usize,
     lowers: &mut Vec<(String, Blob)>,
     out_layers: &mut Vec<(String, u64)>,
     report: &mut Report,
@@ -517,6 +671,9 @@ fn finish(
     lr.seconds = p.start.elapsed().as_secs_f64();
     if let Some(cb) = &opts.progress {
         cb(&lr);
+    }
+    if let Some(o) = &opts.observer {
+        o.layer_done(mindex, &lr);
     }
     report.layers.push(lr);
     out_layers.push((digest, size));
@@ -566,8 +723,19 @@ fn apply_layer(
     fs: &Ext4,
     layer: &Descriptor,
     diff_id: &str,
+    observer: Option<(Arc<dyn Observer>, usize, usize)>,
 ) -> Result<(ApplyStats, u64, u64)> {
-    let raw = src.open_blob(&layer.digest)?;
+    let mut raw = src.open(layer)?;
+    if let Some((o, m, i)) = observer {
+        o.layer_start(m, i, layer.size);
+        raw = Box::new(Observed {
+            inner: raw,
+            o,
+            m,
+            i,
+            pending: 0,
+        });
+    }
     // Reading, hashing and decompressing run on their own thread, feeding
     // the (single-threaded) filesystem through a small bounded channel.
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
@@ -603,6 +771,27 @@ fn apply_layer(
         )));
     }
     Ok((stats, r.blob_bytes, r.tar_bytes))
+}
+
+/// Reports bytes read to an [`Observer`] (every 256 KiB and at the end).
+struct Observed {
+    inner: Box<dyn Read + Send>,
+    o: Arc<dyn Observer>,
+    m: usize,
+    i: usize,
+    pending: u64,
+}
+
+impl Read for Observed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pending += n as u64;
+        if self.pending >= 256 << 10 || (n == 0 && self.pending > 0) {
+            self.o.layer_read(self.m, self.i, self.pending);
+            self.pending = 0;
+        }
+        Ok(n)
+    }
 }
 
 /// What the layer reader thread saw.

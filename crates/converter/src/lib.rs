@@ -21,7 +21,10 @@
 //!   thread.
 //! - [`oci`]: sources and destinations as traits ([`oci::ImageSource`],
 //!   [`oci::ImageDest`]); [`oci::OciLayout`] implements both for OCI image
-//!   layouts on disk. A registry backend implements the same traits.
+//!   layouts on disk.
+//! - [`registry`]: the same traits for registries (`docker://…`): streamed,
+//!   digest-checked reads; uploads overlapping the conversion; manifests
+//!   pushed by digest once their blobs are in, and the tag last.
 //! - [`tree`]: reads an ext4 tree back, for verification.
 //!
 //! No root, mount or kernel is involved, and nothing depends on the clock or
@@ -38,8 +41,9 @@ pub mod ffi;
 pub mod fs;
 pub mod io;
 pub mod oci;
+pub mod registry;
 pub mod tree;
 
-pub use convert::{convert, LayerReport, Options, Report};
+pub use convert::{convert, LayerReport, MediaTypes, Observer, Options, Report};
 pub use error::{Error, Result};
 pub use oci::{Descriptor, ImageDest, ImageSource, OciLayout};

@@ -17,6 +17,10 @@ pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manife
 pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MT_OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const MT_DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+/// `artifactType` of a native overlaybd image pushed as a referrer (formats.md §8.5).
+pub const ARTIFACT_NATIVE: &str = "application/vnd.containerd.overlaybd.native.v1+json";
 
 /// A content descriptor.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +56,11 @@ pub trait ImageSource {
     fn root(&self) -> Result<Descriptor>;
     /// A blob's bytes, streamed. The caller verifies the digest.
     fn open_blob(&self, digest: &str) -> Result<Box<dyn Read + Send>>;
+    /// The blob a descriptor names, streamed (lets remote sources use the
+    /// size). The caller verifies the digest.
+    fn open(&self, d: &Descriptor) -> Result<Box<dyn Read + Send>> {
+        self.open_blob(&d.digest)
+    }
     /// A small blob (manifest, config) read whole and digest-checked.
     fn read_small(&self, d: &Descriptor) -> Result<Vec<u8>> {
         if d.size > 64 << 20 {
@@ -86,6 +95,11 @@ pub trait ImageDest {
     fn put_blob_file(&self, digest: &str, path: &Path) -> Result<()>;
     /// Stores `bytes` as a blob.
     fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<()>;
+    /// Stores a manifest or index. Called only after every blob it refers
+    /// to was handed over (`put_blob*`), and every manifest an index lists.
+    fn put_manifest(&self, d: &Descriptor, bytes: &[u8]) -> Result<()> {
+        self.put_blob(&d.digest, bytes)
+    }
     /// The local path of a stored blob, when the destination has one (lets
     /// the converter read back the layers it wrote).
     fn blob_path(&self, digest: &str) -> Option<PathBuf>;
@@ -127,8 +141,9 @@ impl OciLayout {
             .strip_prefix("oci:")
             .ok_or_else(|| Error::Reference {
                 reference: reference.into(),
-                detail: "expected `oci:<dir>[:<tag>]` (registry references are not supported yet)"
-                    .into(),
+                detail:
+                    "expected `oci:<dir>[:<tag>]` or `docker://<host>/<repo>[:<tag>|@<digest>]`"
+                        .into(),
             })?;
         let (dir, tag) = match rest.rsplit_once(':') {
             Some((d, t)) if !t.contains('/') && !d.is_empty() => (d, Some(t.to_string())),

@@ -1,10 +1,23 @@
-//! `obd convert <src> <dst>`: OCI image → obd image, in user space.
+//! `obd convert <src> <dst>`: OCI image → obd image, in user space, between
+//! OCI layouts (`oci:<dir>[:<tag>]`) and registries
+//! (`docker://host[:port]/repo[:tag|@digest]`).
 
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use converter::{convert, OciLayout, Options};
+use converter::registry::{parse_docker_ref, LogFn, RegistryDest, RegistrySource};
+use converter::{
+    convert, Descriptor, ImageDest, ImageSource, LayerReport, MediaTypes, Observer, OciLayout,
+    Options,
+};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use overlaybd_core::remote::distribution::Distribution;
+use overlaybd_core::remote::registry::{HostOptions, RegistryOptions};
 use serde_json::json;
 
 use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg};
@@ -15,11 +28,13 @@ use crate::util::{human, parse_size};
 #[derive(Args, Debug)]
 #[command(about = "Convert an OCI image into an obd (overlaybd) image, in user space")]
 pub struct ConvertArgs {
-    /// Source image: `oci:<dir>[:<tag>]` (an OCI image layout).
+    /// Source image: `oci:<dir>[:<tag>]` (an OCI image layout) or
+    /// `docker://<host>[:<port>]/<repo>[:<tag>|@sha256:<hex>]`.
     pub src: String,
-    /// Destination: `oci:<dir>[:<tag>]` (created if missing; the tag is
-    /// written last, after every blob).
-    pub dst: String,
+    /// Destination: `oci:<dir>[:<tag>]` (created if missing) or
+    /// `docker://<host>[:<port>]/<repo>[:<tag>]`. The tag is written last,
+    /// after every blob and manifest. May be omitted with `--no-push -o`.
+    pub dst: Option<String>,
     /// ZFile codec of the output layers.
     #[arg(long, value_enum, default_value = "lz4")]
     pub algorithm: AlgoArg,
@@ -32,6 +47,36 @@ pub struct ConvertArgs {
     /// Produce a single layer holding the whole image.
     #[arg(long)]
     pub flatten: bool,
+    /// Convert only these platforms of an index (`os/arch[/variant]`;
+    /// repeatable or comma-separated). Default: every platform.
+    #[arg(long, value_delimiter = ',')]
+    pub platform: Vec<String>,
+    /// OCI media types for the output (default: Docker schema 2, as
+    /// upstream's userspace converter).
+    #[arg(long)]
+    pub oci: bool,
+    /// Push the result as a referrer of the source manifest (`subject` =
+    /// source, artifactType `application/vnd.containerd.overlaybd.native.v1+json`;
+    /// implies `--oci`). Registries without the referrers API get the
+    /// `sha256-<hex>` fallback tag.
+    #[arg(long)]
+    pub referrer: bool,
+    /// Do not push: write the result as an OCI layout into `-o` instead.
+    #[arg(long, requires = "output")]
+    pub no_push: bool,
+    /// The OCI layout directory `--no-push` writes (tag: the destination's,
+    /// else `latest`).
+    #[arg(short = 'o', long, requires = "no_push")]
+    pub output: Option<PathBuf>,
+    /// Talk plain HTTP to this registry (`host` or `host:port`; repeatable).
+    #[arg(long = "plain-http", value_name = "HOST")]
+    pub plain_http: Vec<String>,
+    /// Skip TLS certificate verification for this registry (repeatable).
+    #[arg(long, value_name = "HOST")]
+    pub insecure: Vec<String>,
+    /// Where registry destinations stage blobs (default: the temp dir).
+    #[arg(long)]
+    pub tmp_dir: Option<PathBuf>,
     /// Compression threads.
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
@@ -44,38 +89,221 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
+/// Progress: per-layer bars (bytes of the source blob and throughput) on a
+/// terminal; one line per finished layer otherwise.
+struct Progress {
+    mp: Option<MultiProgress>,
+    bars: Mutex<HashMap<(usize, usize), ProgressBar>>,
+    platforms: Mutex<HashMap<usize, String>>,
+    quiet: bool,
+    flatten: bool,
+}
+
+impl Progress {
+    fn new(quiet: bool, flatten: bool) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        Progress {
+            mp: (tty && !quiet).then(MultiProgress::new),
+            bars: Mutex::new(HashMap::new()),
+            platforms: Mutex::new(HashMap::new()),
+            quiet,
+            flatten,
+        }
+    }
+
+    fn println(&self, msg: &str) {
+        if self.quiet {
+            return;
+        }
+        match &self.mp {
+            Some(mp) => {
+                let _ = mp.println(msg);
+            }
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    fn label(&self, m: usize, layer: usize) -> String {
+        match self.platforms.lock().unwrap().get(&m) {
+            Some(p) => format!("{p} layer {layer}"),
+            None => format!("layer {layer}"),
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn manifest_start(&self, m: usize, platform: Option<&str>, layers: &[Descriptor]) {
+        if let Some(p) = platform {
+            self.platforms.lock().unwrap().insert(m, p.to_string());
+        }
+        let total: u64 = layers.iter().map(|l| l.size).sum();
+        self.println(&format!(
+            "converting {}{} layer(s), {}",
+            platform.map(|p| format!("{p}: ")).unwrap_or_default(),
+            layers.len(),
+            human(total)
+        ));
+    }
+
+    fn layer_start(&self, m: usize, layer: usize, size: u64) {
+        let Some(mp) = &self.mp else { return };
+        let pb = mp.add(ProgressBar::new(size));
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>18} [{bar:28}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        pb.set_prefix(self.label(m, layer));
+        pb.set_message("applying");
+        self.bars.lock().unwrap().insert((m, layer), pb);
+    }
+
+    fn layer_read(&self, m: usize, layer: usize, bytes: u64) {
+        if let Some(pb) = self.bars.lock().unwrap().get(&(m, layer)) {
+            pb.inc(bytes);
+        }
+    }
+
+    fn layer_applied(&self, m: usize, layer: usize) {
+        if let Some(pb) = self.bars.lock().unwrap().get(&(m, layer)) {
+            pb.set_message("committing");
+        }
+    }
+
+    fn layer_done(&self, m: usize, l: &LayerReport) {
+        let line = format!(
+            "{}: {} entries, {} of files ({} tar) -> {} ({} index entries) in {:.2}s (apply {:.2}s at {}/s, commit {:.2}s) {}",
+            self.label(m, l.index),
+            l.apply.entries,
+            human(l.apply.file_bytes),
+            human(l.tar_bytes),
+            human(l.size),
+            l.commit.entries,
+            l.seconds,
+            l.apply_seconds,
+            human((l.tar_bytes as f64 / l.apply_seconds.max(1e-9)) as u64),
+            l.commit_seconds,
+            l.digest,
+        );
+        let mut bars = self.bars.lock().unwrap();
+        let keys: Vec<_> = bars
+            .keys()
+            .filter(|(bm, bl)| *bm == m && (self.flatten || *bl == l.index))
+            .copied()
+            .collect();
+        if keys.is_empty() {
+            drop(bars);
+            self.println(&line);
+            return;
+        }
+        for k in keys {
+            if let Some(pb) = bars.remove(&k) {
+                pb.finish_with_message(format!(
+                    "-> {} {}",
+                    human(l.size),
+                    &l.digest[..l.digest.len().min(19)]
+                ));
+            }
+        }
+    }
+}
+
+fn registry_client(a: &ConvertArgs) -> Result<Arc<Distribution>> {
+    let mut opts = RegistryOptions::default();
+    for h in &a.plain_http {
+        opts.hosts.entry(h.clone()).or_default().plain_http = true;
+    }
+    for h in &a.insecure {
+        opts.hosts
+            .entry(h.clone())
+            .or_insert_with(HostOptions::default)
+            .insecure_skip_verify = true;
+    }
+    Ok(Arc::new(Distribution::new(opts)?))
+}
+
 pub fn run(a: ConvertArgs) -> Result<()> {
-    let src = OciLayout::parse(&a.src)?;
-    let dst = OciLayout::parse(&a.dst)?;
-    let quiet = a.json;
+    let progress = Arc::new(Progress::new(a.json, a.flatten));
+    let client = if a.src.starts_with("docker://")
+        || a.dst.as_deref().is_some_and(|d| d.starts_with("docker://"))
+    {
+        Some(registry_client(&a)?)
+    } else {
+        None
+    };
+    let src: Box<dyn ImageSource> = if a.src.starts_with("docker://") {
+        Box::new(RegistrySource::new(
+            client.clone().expect("client"),
+            parse_docker_ref(&a.src)?,
+        ))
+    } else {
+        Box::new(OciLayout::parse(&a.src)?)
+    };
+    let dst_name;
+    let dst: Box<dyn ImageDest> = match (&a.dst, &a.output) {
+        (_, Some(dir)) => {
+            let tag = match a.dst.as_deref() {
+                Some(d) if d.starts_with("docker://") => parse_docker_ref(d)?.tag,
+                Some(d) => OciLayout::parse(d)?.tag,
+                None => None,
+            };
+            dst_name = format!(
+                "oci:{}:{}",
+                dir.display(),
+                tag.as_deref().unwrap_or("latest")
+            );
+            Box::new(OciLayout {
+                dir: dir.clone(),
+                tag,
+            })
+        }
+        (Some(d), None) if d.starts_with("docker://") => {
+            dst_name = d.clone();
+            let log: Arc<LogFn> = {
+                let p = progress.clone();
+                Arc::new(move |m: &str| p.println(m))
+            };
+            let tmp = a.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+            Box::new(RegistryDest::new(
+                client.clone().expect("client"),
+                parse_docker_ref(d)?,
+                &tmp,
+                Some(log),
+            )?)
+        }
+        (Some(d), None) => {
+            dst_name = d.clone();
+            Box::new(OciLayout::parse(d)?)
+        }
+        (None, None) => bail!("a destination is needed (or --no-push -o <dir>)"),
+    };
+    for p in &a.platform {
+        if p.split('/').count() < 2 || p.split('/').count() > 3 {
+            bail!("--platform {p}: expected os/arch[/variant]");
+        }
+    }
     let opts = Options {
         algorithm: a.algorithm.into(),
         block_size: a.block_size,
         vsize: a.vsize,
         flatten: a.flatten,
         threads: a.threads.max(1),
-        progress: Some(Box::new(move |l: &converter::LayerReport| {
-            if !quiet {
-                eprintln!(
-                    "layer {}: {} entries, {} of files ({} tar) -> {} ({} index entries) in {:.2}s (apply {:.2}s at {}/s, commit {:.2}s)",
-                    l.index,
-                    l.apply.entries,
-                    human(l.apply.file_bytes),
-                    human(l.tar_bytes),
-                    human(l.size),
-                    l.commit.entries,
-                    l.seconds,
-                    l.apply_seconds,
-                    human((l.tar_bytes as f64 / l.apply_seconds.max(1e-9)) as u64),
-                    l.commit_seconds,
-                );
-            }
-        })),
+        observer: Some(progress.clone()),
+        media_types: if a.oci || a.referrer {
+            MediaTypes::Oci
+        } else {
+            MediaTypes::Docker
+        },
+        platforms: a.platform.clone(),
+        referrer: a.referrer,
         ..Default::default()
     };
     let start = Instant::now();
-    let report =
-        convert(&src, &dst, &opts).with_context(|| format!("converting {} to {}", a.src, a.dst))?;
+    let report = convert(&*src, &*dst, &opts)
+        .with_context(|| format!("converting {} to {dst_name}", a.src))?;
+    drop(dst);
     let secs = start.elapsed().as_secs_f64();
     let tar_bytes: u64 = report.layers.iter().map(|l| l.tar_bytes).sum();
     if a.json {
@@ -112,14 +340,14 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             })
         );
     } else {
-        eprintln!(
+        progress.println(&format!(
             "converted {} layer(s), {} of layer tar in {:.2}s ({}/s): {}",
             report.layers.len(),
             human(tar_bytes),
             secs,
             human((tar_bytes as f64 / secs.max(1e-9)) as u64),
             report.root.digest
-        );
+        ));
     }
     Ok(())
 }

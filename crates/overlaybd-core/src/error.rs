@@ -159,6 +159,15 @@ pub enum Error {
         detail: String,
     },
 
+    /// A registry request (manifest, whole blob, upload) failed.
+    #[error("registry {url}: {detail}")]
+    Registry {
+        /// The request URL.
+        url: String,
+        /// What went wrong.
+        detail: String,
+    },
+
     /// Registry authentication failed.
     #[error("authentication to {registry} failed: {detail}")]
     Auth {

@@ -50,6 +50,8 @@ pub trait RangeFetcher: Send + Sync {
 pub mod auth;
 #[cfg(feature = "registry")]
 pub mod creds;
+#[cfg(feature = "registry")]
+pub mod distribution;
 pub mod metrics;
 #[cfg(feature = "registry")]
 pub mod registry;
