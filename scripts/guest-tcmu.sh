@@ -19,6 +19,10 @@ for i in 0:stdin 1:stdout 2:stderr; do [ -e "/dev/${i#*:}" ] || ln -s "/proc/sel
 if [ -n "${HOST_REPO:-}" ] && [ ! -d "$HOST_REPO" ] && [ -d "/hosttmp/${HOST_REPO#/tmp/}" ]; then
   mkdir -p "$HOST_REPO" && mount --bind "/hosttmp/${HOST_REPO#/tmp/}" "$HOST_REPO"
 fi
+# The device tests run target/<profile>/obd: show the host's copy of it made for this run there.
+if [ -n "${OBD_DEBUG_COPY:-}" ]; then
+  mount --bind "$OBD_DEBUG_COPY" "$OBD_DEBUG" || echo "bind-mounting $OBD_DEBUG_COPY over $OBD_DEBUG FAILED"
+fi
 
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 configfs_state() {

@@ -144,13 +144,21 @@ SHARE=$(mktemp -d "$RUN/share.XXXXXX")
 trap 'rm -rf "$SHARE"' EXIT
 guest_path() { case $1 in /tmp) echo /hosttmp ;; /tmp/*) echo "/hosttmp/${1#/tmp/}" ;; *) echo "$1" ;; esac; }
 cp "$ROOT/scripts/guest-tcmu.sh" "$SHARE/guest-main.sh"
+# The guest runs copies of the binaries: a build on the host (another cargo command) may replace target/ files while
+# the guest runs them, and the guest's 9p page cache would then mix old and new pages (seen: obd segfaulting in
+# ld.so). The guest reaches the copies through the shared root; the obd binary the device tests run
+# (CARGO_BIN_EXE_obd, compiled in as target/<profile>/obd) is bind-mounted over with its copy in the guest.
+mkdir "$SHARE/bin"
+snap() { [ -n "$1" ] || return 0; cp "$1" "$SHARE/bin/$2"; guest_path "$SHARE/bin/$2"; }
+OBD_DEBUG=""; [ -n "$DEVICE_BIN" ] && OBD_DEBUG=$(dirname "$(dirname "$DEVICE_BIN")")/obd
 {
   echo '#!/bin/bash'
   printf 'export SUITES=%q HOST_REPO=%q\n' "$SUITES" "$ROOT"
-  printf 'export TCMU_TEST_BIN=%q TCMU_TEST_FILTER=%q\n' "$(guest_path "$BIN")" "$FILTER"
-  printf 'export DEVICE_TEST_BIN=%q DEVICE_FILTER=%q\n' "$(guest_path "$DEVICE_BIN")" "${DEVICE_FILTER:-}"
+  printf 'export TCMU_TEST_BIN=%q TCMU_TEST_FILTER=%q\n' "$(snap "$BIN" tcmu_guest)" "$FILTER"
+  printf 'export DEVICE_TEST_BIN=%q DEVICE_FILTER=%q\n' "$(snap "$DEVICE_BIN" device_fuse)" "${DEVICE_FILTER:-}"
+  printf 'export OBD_DEBUG=%q OBD_DEBUG_COPY=%q\n' "$OBD_DEBUG" "$(snap "$OBD_DEBUG" obd-debug)"
   printf 'export BENCH_SCRIPT=%q OBD_RELEASE=%q BENCH_IMG_MB=%q BENCH_RUNTIME=%q BENCH_FRONTEND=%q\n' \
-    "$(guest_path "$ROOT/scripts/bench-device.sh")" "$(guest_path "$OBD_RELEASE")" "${BENCH_IMG_MB:-256}" \
+    "$(guest_path "$ROOT/scripts/bench-device.sh")" "$(snap "$OBD_RELEASE" obd-release)" "${BENCH_IMG_MB:-256}" \
     "${BENCH_RUNTIME:-5}" "${BENCH_FRONTEND:-tcmu}"
   echo 'exec bash /share/guest-main.sh'
 } > "$SHARE/guest.sh"
