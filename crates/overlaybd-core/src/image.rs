@@ -232,14 +232,14 @@ impl Image {
             let mut p = 0;
             while p < n {
                 let q = (p + 4096).min(n);
-                if buf[p..q].iter().all(|&x| x == 0) {
+                if is_zero(&buf[p..q]) {
                     p = q;
                     continue;
                 }
                 let mut r = q;
                 while r < n {
                     let t = (r + 4096).min(n);
-                    if buf[r..t].iter().all(|&x| x == 0) {
+                    if is_zero(&buf[r..t]) {
                         break;
                     }
                     r = t;
@@ -530,4 +530,14 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Res
                 .expect("every index ran")
         })
         .collect()
+}
+
+/// Whether `b` (at most 4 KiB) is all zeros: one `memcmp` against a zero page,
+/// which the C library vectorises (a byte loop cost a quarter of flatten's CPU).
+fn is_zero(b: &[u8]) -> bool {
+    static ZERO: [u8; 4096] = [0; 4096];
+    match ZERO.get(..b.len()) {
+        Some(z) => b == z,
+        None => b.iter().all(|&x| x == 0),
+    }
 }
