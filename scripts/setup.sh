@@ -10,8 +10,11 @@ export DEBIAN_FRONTEND=noninteractive
 # util-linux serve the FUSE + loop device tests; fio measures the devices.
 # The TCMU tests in a qemu guest (scripts/tcmu-guest-test.sh) need busybox-static,
 # cpio, kmod, xz-utils and zstd for the guest's initramfs, and qemu (below).
+# The converter links libext2fs (libext2fs-dev); its tests compare with umoci and
+# push through skopeo; scripts/bench-convert.sh uses bc.
 pkgs=(gcc pkg-config e2fsprogs docker-registry apache2-utils curl fuse3 util-linux fio
-      busybox-static cpio kmod xz-utils zstd python3)
+      busybox-static cpio kmod xz-utils zstd python3
+      libext2fs-dev umoci skopeo bc)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 qemu_missing=0
