@@ -90,6 +90,13 @@ if [ ! -f "$KD/ok" ]; then
   rm -rf "$KD"; mkdir -p "$KD/deb"
   real=$(apt-cache depends "$KPKG" | awk '/Depends: linux-image-/{print $2; exit}'); real=${real:-$KPKG}
   (cd "$KD/deb" && timeout 600 apt-get download -q "$real" 2>&1 | grep -v '^W:' >&2) || true
+  if ! ls "$KD"/deb/*.deb >/dev/null 2>&1; then
+    # stale package lists (the mirror dropped the version they name) or none yet: refresh once and retry
+    log "apt-get update, then fetching $KPKG again"
+    timeout 600 apt-get update -qq || true
+    real=$(apt-cache depends "$KPKG" | awk '/Depends: linux-image-/{print $2; exit}'); real=${real:-$KPKG}
+    (cd "$KD/deb" && timeout 600 apt-get download -q "$real" 2>&1 | grep -v '^W:' >&2) || true
+  fi
   ls "$KD"/deb/*.deb >/dev/null 2>&1 || die "could not download $real (is the apt index current? try: apt-get update)"
   dpkg -x "$KD"/deb/*.deb "$KD/root"; rm -rf "$KD/deb"
   KV=$(ls "$KD/root/lib/modules"); MD=$KD/root/lib/modules/$KV/kernel
