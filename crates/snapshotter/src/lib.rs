@@ -1,4 +1,45 @@
-//! snapshotter: the containerd proxy snapshotter (snapshots v1 gRPC on a unix
-//! socket) with remote-snapshot lazy pull of overlaybd layers.
+//! snapshotter: the containerd proxy snapshotter of obd.
 //!
-//! Filled in by the snapshotter issue.
+//! - [`service`]: containerd's snapshots v1 gRPC service (generated at build
+//!   time from containerd's own protos in `proto/`) on a unix socket; the
+//!   namespace comes from the `containerd-namespace` gRPC metadata.
+//! - [`snapshotter`]: plain OCI layers behave like containerd's overlayfs
+//!   snapshotter (`<root>/snapshots/<id>/{fs,work}`, overlay/bind mounts).
+//! - [`meta`]: crash-safe metadata in redb, one write transaction per change.
+//! - [`layer`]: the classification hook where overlaybd layers take the
+//!   remote-snapshot (lazy pull) path.
+//! - [`config`]: the TOML configuration of `obd-snapshotter`.
+
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod layer;
+pub mod meta;
+pub mod service;
+pub mod snapshotter;
+
+pub use error::{Error, Result};
+pub use snapshotter::Snapshotter;
+
+/// Code generated from containerd's protos (module tree mirrors the proto
+/// packages, as the generated code requires).
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    /// `containerd.*`
+    pub mod containerd {
+        /// `containerd.types`
+        pub mod types {
+            tonic::include_proto!("containerd.types");
+        }
+        /// `containerd.services`
+        pub mod services {
+            /// `containerd.services.snapshots`
+            pub mod snapshots {
+                /// `containerd.services.snapshots.v1`
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.snapshots.v1");
+                }
+            }
+        }
+    }
+}

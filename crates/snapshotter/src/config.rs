@@ -1,0 +1,118 @@
+//! The snapshotter's TOML configuration.
+//!
+//! ```toml
+//! # Metadata (metadata.db) and snapshot directories (snapshots/<id>/).
+//! root = "/var/lib/containerd/io.containerd.snapshotter.v1.obd"
+//! # gRPC unix socket containerd connects to ([proxy_plugins.obd] address).
+//! address = "/run/obd-snapshotter/obd.sock"
+//! # error | warn | info | debug | trace (RUST_LOG overrides it).
+//! log_level = "info"
+//! # Writable layer of a container on an obd image: overlayfs | dir | dev.
+//! rw_mode = "overlayfs"
+//! # Remote-snapshot handshake for overlaybd layers. Off until the device
+//! # attach lands: a remote layer has no data on the host yet.
+//! lazy_pull = false
+//! ```
+//! Every key is optional; the values above are the defaults. The
+//! upstream spellings `rwMode` and `verbose` are accepted too.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Default `root`.
+pub const DEFAULT_ROOT: &str = "/var/lib/containerd/io.containerd.snapshotter.v1.obd";
+/// Default `address`.
+pub const DEFAULT_ADDRESS: &str = "/run/obd-snapshotter/obd.sock";
+
+/// How a container's writable layer is stored on an obd image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RwMode {
+    /// overlayfs upper on the host over the read-only image device.
+    #[default]
+    Overlayfs,
+    /// A private writable device, mounted and bound into the container.
+    Dir,
+    /// A private writable device, returned unmounted (VMs).
+    Dev,
+}
+
+/// The configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Metadata and snapshot directories.
+    pub root: PathBuf,
+    /// gRPC unix socket.
+    pub address: PathBuf,
+    /// Log level.
+    #[serde(alias = "verbose")]
+    pub log_level: String,
+    /// Writable layer mode.
+    #[serde(alias = "rwMode")]
+    pub rw_mode: RwMode,
+    /// Remote-snapshot handshake for overlaybd layers.
+    #[serde(alias = "lazyPull")]
+    pub lazy_pull: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: DEFAULT_ROOT.into(),
+            address: DEFAULT_ADDRESS.into(),
+            log_level: "info".into(),
+            rw_mode: RwMode::Overlayfs,
+            lazy_pull: false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|msg| Error::Config {
+            path: path.into(),
+            msg,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_aliases() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.root, Path::new(DEFAULT_ROOT));
+        assert_eq!(c.rw_mode, RwMode::Overlayfs);
+        assert!(!c.lazy_pull);
+        let c = Config::parse("rwMode = \"dir\"\nroot = \"/x\"\nverbose = \"debug\"").unwrap();
+        assert_eq!(c.rw_mode, RwMode::Dir);
+        assert_eq!(c.log_level, "debug");
+        assert!(Config::parse("rw_mode = \"bogus\"").is_err());
+        assert!(Config::parse("nope = 1").is_err());
+    }
+
+    #[test]
+    fn example_file_is_the_defaults() {
+        let c = Config::parse(include_str!("../obd-snapshotter.toml")).unwrap();
+        let d = Config::default();
+        assert_eq!(
+            (c.root, c.address, c.log_level),
+            (d.root, d.address, d.log_level)
+        );
+        assert_eq!((c.rw_mode, c.lazy_pull), (d.rw_mode, d.lazy_pull));
+    }
+}

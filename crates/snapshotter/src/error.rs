@@ -1,0 +1,89 @@
+//! The crate's error type and its mapping onto gRPC status codes (which
+//! containerd's `errdefs.FromGRPC` turns back into its error classes).
+
+use std::path::PathBuf;
+
+/// Every error the snapshotter reports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The snapshot (or parent) does not exist.
+    #[error("snapshot {0} not found")]
+    NotFound(String),
+    /// A snapshot with this key or name exists already.
+    #[error("snapshot {0} already exists")]
+    AlreadyExists(String),
+    /// The request is malformed (bad filter, immutable field, wrong kind…).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request is valid but the state does not allow it (e.g. children).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A filesystem operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metadata store failed.
+    #[error("metadata store: {0}")]
+    Db(String),
+    /// The configuration file is unreadable or invalid.
+    #[error("config {path}: {msg}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the operation and path.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    serde_json::Error
+);
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::NotFound(_) => tonic::Status::not_found(msg),
+            Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            Error::Io { .. } | Error::Db(_) | Error::Config { .. } => tonic::Status::internal(msg),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Layer classification: the hook through which lazy-pull (overlaybd) layers
+//! take a different path from plain OCI layers.
+//!
+//! [`Snapshotter`](crate::Snapshotter) asks its [`LayerHook`] at `Prepare`
+//! what to do with a new snapshot, and at `Mounts`/`Prepare`/`View` whether it
+//! wants to supply the mounts itself (e.g. a device mounted on the parent's
+//! `block/mountpoint`). [`PlainLayers`] treats everything like containerd's
+//! overlayfs snapshotter; [`OverlaybdLayers`] adds the remote-snapshot
+//! handshake (formats.md §9.2).
+
+use crate::error::Result;
+use crate::meta::Kind;
+use crate::proto::containerd::types::Mount;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// `containerd.io/snapshot.ref`: the committed name a layer pull targets.
+pub const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
+/// Marks a layer committed without data.
+pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
+/// Value of [`LABEL_REMOTE`].
+pub const REMOTE_VALUE: &str = "remote snapshot";
+/// Image reference set by `ctr rpull`-style clients.
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
+/// Image reference set by CRI / the transfer service.
+pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// overlaybd blob digest (manifest annotation).
+pub const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+/// overlaybd blob size (manifest annotation).
+pub const LABEL_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
+/// overlaybd acceleration (trace) layer.
+pub const LABEL_ACCEL_LAYER: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
+
+/// A Prepare/View as the hook sees it.
+pub struct PrepareInfo<'a> {
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Key of the new snapshot.
+    pub key: &'a str,
+    /// Parent name or "".
+    pub parent: &'a str,
+    /// Active or view.
+    pub kind: Kind,
+    /// Labels of the request.
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// What Prepare does with a new snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PrepareAction {
+    /// Plain overlayfs behaviour: a writable upper (or view) over the parents.
+    Plain,
+    /// Remote-snapshot handshake: commit a snapshot named `target` right away
+    /// (with these labels) and answer AlreadyExists, so containerd skips the
+    /// download and unpack.
+    CommitRemote {
+        /// Committed name (`containerd.io/snapshot.ref`, verbatim).
+        target: String,
+        /// Labels of the committed snapshot.
+        labels: BTreeMap<String, String>,
+    },
+}
+
+/// A snapshot whose mounts are being computed.
+pub struct MountInfo<'a> {
+    /// Kind of the snapshot.
+    pub kind: Kind,
+    /// `<root>/snapshots/<id>`.
+    pub dir: PathBuf,
+    /// Parent directories, nearest first, with their labels.
+    pub parents: Vec<(PathBuf, &'a BTreeMap<String, String>)>,
+    /// Labels of the snapshot.
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// Decides how layers are stored and mounted.
+pub trait LayerHook: Send + Sync + 'static {
+    /// Classifies a Prepare (or View).
+    fn classify(&self, info: &PrepareInfo<'_>) -> PrepareAction;
+    /// Mounts for a snapshot, or `None` for the plain overlayfs mounts.
+    fn mounts(&self, _info: &MountInfo<'_>) -> Result<Option<Vec<Mount>>> {
+        Ok(None)
+    }
+    /// Called after a snapshot's metadata was removed, before its directory
+    /// goes (e.g. to detach a device).
+    fn removed(&self, _dir: &std::path::Path, _labels: &BTreeMap<String, String>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Every layer is a plain OCI layer (containerd's overlayfs snapshotter).
+pub struct PlainLayers;
+
+impl LayerHook for PlainLayers {
+    fn classify(&self, _info: &PrepareInfo<'_>) -> PrepareAction {
+        PrepareAction::Plain
+    }
+}
+
+/// overlaybd classification (formats.md §9.2): layers carrying the overlaybd
+/// annotations and an image reference are committed remotely (no download);
+/// everything else is plain.
+pub struct OverlaybdLayers;
+
+impl LayerHook for OverlaybdLayers {
+    fn classify(&self, info: &PrepareInfo<'_>) -> PrepareAction {
+        classify_overlaybd(info)
+    }
+}
+
+/// The remote-snapshot decision of formats.md §9.2.
+pub fn classify_overlaybd(info: &PrepareInfo<'_>) -> PrepareAction {
+    let l = info.labels;
+    let Some(target) = l.get(LABEL_TARGET_REF) else {
+        return PrepareAction::Plain;
+    };
+    if info.kind != Kind::Active
+        || l.get(LABEL_ACCEL_LAYER).map(String::as_str) == Some("yes")
+        || target.is_empty()
+    {
+        return PrepareAction::Plain;
+    }
+    let remote = l.contains_key(LABEL_BLOB_DIGEST)
+        && l.contains_key(LABEL_BLOB_SIZE)
+        && (l.contains_key(LABEL_IMAGE_REF) || l.contains_key(LABEL_CRI_IMAGE_REF));
+    if !remote {
+        return PrepareAction::Plain;
+    }
+    let mut labels = l.clone();
+    labels.insert(LABEL_REMOTE.to_string(), REMOTE_VALUE.to_string());
+    PrepareAction::CommitRemote {
+        target: target.clone(),
+        labels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_needs_all_labels() {
+        let mut l = BTreeMap::new();
+        let info = |l: &BTreeMap<String, String>| {
+            classify_overlaybd(&PrepareInfo {
+                namespace: "default",
+                key: "extract-1 sha256:x",
+                parent: "",
+                kind: Kind::Active,
+                labels: l,
+            })
+        };
+        assert_eq!(info(&l), PrepareAction::Plain);
+        l.insert(LABEL_TARGET_REF.into(), "sha256:x".into());
+        l.insert(LABEL_BLOB_DIGEST.into(), "sha256:b".into());
+        l.insert(LABEL_BLOB_SIZE.into(), "10".into());
+        assert_eq!(info(&l), PrepareAction::Plain);
+        l.insert(LABEL_CRI_IMAGE_REF.into(), "r/x:1".into());
+        match info(&l) {
+            PrepareAction::CommitRemote { target, labels } => {
+                assert_eq!(target, "sha256:x");
+                assert_eq!(labels[LABEL_REMOTE], REMOTE_VALUE);
+            }
+            other => panic!("{other:?}"),
+        }
+        l.insert(LABEL_ACCEL_LAYER.into(), "yes".into());
+        assert_eq!(info(&l), PrepareAction::Plain);
+    }
+}

@@ -1,0 +1,245 @@
+//! Smoke test with a real containerd (Debian's 1.6) and runc: a private
+//! containerd with `obd-snapshotter` registered as the proxy plugin `obd`
+//! imports a busybox OCI archive built offline (busybox-static + umoci +
+//! skopeo) and `ctr run --snapshotter obd` prints `hi`. Needs root and those
+//! tools; otherwise it is skipped with a loud message.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn skip(why: &str) {
+    eprintln!("\n*** SKIPPED containerd smoke test: {why} ***\n");
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn build_busybox_archive(dir: &Path) -> PathBuf {
+    let oci = dir.join("oci");
+    let bundle = dir.join("bundle");
+    let img = format!("{}:busybox", oci.display());
+    run(Command::new("umoci").args(["init", "--layout"]).arg(&oci));
+    run(Command::new("umoci").args(["new", "--image", &img]));
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &img])
+        .arg(&bundle));
+    let r = bundle.join("rootfs");
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
+    for a in run(Command::new("/bin/busybox").arg("--list")).split_whitespace() {
+        let p = r.join("bin").join(a);
+        if !p.exists() {
+            std::os::unix::fs::symlink("busybox", p).unwrap();
+        }
+    }
+    std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    run(Command::new("umoci")
+        .args(["repack", "--image", &img])
+        .arg(&bundle));
+    run(Command::new("umoci").args(["config", "--image", &img, "--config.cmd", "/bin/sh"]));
+    let tar = dir.join("busybox-oci.tar");
+    run(Command::new("skopeo").args([
+        "copy".to_string(),
+        "-q".to_string(),
+        format!("oci:{img}"),
+        format!(
+            "oci-archive:{}:localhost/obd-test/busybox:latest",
+            tar.display()
+        ),
+    ]));
+    tar
+}
+
+struct Procs {
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        // containerd first, then the snapshotter: SIGTERM, bounded wait, KILL.
+        for c in self.children.iter_mut().rev() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while c.try_wait().ok().flatten().is_none() {
+                if t0.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Unmount whatever containerd left under our directory.
+        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut mps: Vec<&str> = mi
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|m| Path::new(m).starts_with(&self.dir))
+                .collect();
+            mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in mps {
+                let _ = Command::new("umount").args(["-l", m]).status();
+            }
+        }
+    }
+}
+
+#[test]
+fn ctr_run_with_obd_snapshotter() {
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("needs root (containerd, runc, mounts)");
+    }
+    for t in ["containerd", "ctr", "runc", "umoci", "skopeo"] {
+        if !have(t) {
+            return skip(&format!("{t} is not installed"));
+        }
+    }
+    if !Path::new("/bin/busybox").exists() {
+        return skip("busybox-static is not installed");
+    }
+    // Short path: unix sockets are limited to 107 bytes.
+    let tmp = tempfile::Builder::new()
+        .prefix("obd-ctd-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
+    let tar = build_busybox_archive(&dir);
+    let mut procs = Procs {
+        children: Vec::new(),
+        dir: dir.clone(),
+    };
+
+    let sn_sock = dir.join("obd.sock");
+    let sn_log = std::fs::File::create(dir.join("snapshotter.log")).unwrap();
+    procs.children.push(
+        Command::new(env!("CARGO_BIN_EXE_obd-snapshotter"))
+            .arg("--root")
+            .arg(dir.join("snroot"))
+            .arg("--address")
+            .arg(&sn_sock)
+            .stderr(sn_log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the snapshotter socket", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&sn_sock).is_ok()
+    });
+
+    let sock = dir.join("containerd.sock");
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+[metrics]
+  address = ""
+[proxy_plugins]
+  [proxy_plugins.obd]
+    type = "snapshot"
+    address = "{s}"
+"#,
+            d = dir.display(),
+            s = sn_sock.display()
+        ),
+    )
+    .unwrap();
+    let ctd_log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    procs.children.push(
+        Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(ctd_log.try_clone().unwrap())
+            .stderr(ctd_log)
+            .spawn()
+            .unwrap(),
+    );
+    let ctr = || {
+        let mut c = Command::new("timeout");
+        c.args(["120", "ctr", "--address"]).arg(&sock);
+        c
+    };
+    wait_until("containerd", Duration::from_secs(30), || {
+        ctr()
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let plugins = run(ctr().args(["plugins", "ls"]));
+    assert!(
+        plugins
+            .lines()
+            .any(|l| l.contains("io.containerd.snapshotter.v1")
+                && l.contains(" obd ")
+                && l.trim_end().ends_with("ok")),
+        "obd is not an ok snapshotter plugin:\n{plugins}"
+    );
+    run(ctr()
+        .args(["image", "import", "--snapshotter", "obd"])
+        .arg(&tar));
+    let snaps = run(ctr().args(["snapshots", "--snapshotter", "obd", "ls"]));
+    assert!(snaps.contains("Committed"), "{snaps}");
+    let out = run(ctr().args([
+        "run",
+        "--snapshotter",
+        "obd",
+        "--rm",
+        "localhost/obd-test/busybox:latest",
+        "obd-smoke-1",
+        "/bin/echo",
+        "hi",
+    ]));
+    eprintln!("ctr run --snapshotter obd … /bin/echo hi printed: {out:?}");
+    assert_eq!(out.trim(), "hi");
+    // The rootfs is writable (overlay upper of the container's snapshot).
+    let out = run(ctr().args([
+        "run",
+        "--snapshotter",
+        "obd",
+        "--rm",
+        "localhost/obd-test/busybox:latest",
+        "obd-smoke-2",
+        "/bin/sh",
+        "-c",
+        "echo written > /tmp/f && cat /tmp/f",
+    ]));
+    assert_eq!(out.trim(), "written");
+    drop(procs);
+}
