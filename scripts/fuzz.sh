@@ -10,7 +10,7 @@ cargo build --release -q -p obd
 obd=$PWD/target/release/obd
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 c=fuzz/corpus
-mkdir -p $c/{zfile_header,zfile_file,lsmt_file,tar_wrapper,config,www_authenticate,service_config}
+mkdir -p $c/{zfile_header,zfile_file,lsmt_file,tar_wrapper,config,www_authenticate,service_config,lz4_block}
 head -c 20000 fixtures/interop/zfile/source.bin > "$tmp/small.bin"
 $obd zfile compress "$tmp/small.bin" $c/zfile_file/seed-lz4 2>/dev/null
 $obd zfile compress --algorithm zstd --block-size 8K "$tmp/small.bin" $c/zfile_file/seed-zstd 2>/dev/null
@@ -28,7 +28,7 @@ printf '{"token":"abc","expires_in":300}' > $c/www_authenticate/seed-token
 printf '[cache]\ndir = "/x"\nbudget = 100\n[fetch]\nmin_fetch = 262144\n[registry]\nuser_agent = "x"\n' > $c/service_config/seed
 chmod -R u+w $c
 cd fuzz
-for t in zfile_header zfile_file lsmt_file tar_wrapper config www_authenticate service_config; do
+for t in zfile_header zfile_file lsmt_file tar_wrapper config www_authenticate service_config lz4_block; do
   echo "=== $t ($secs s)"
   cargo fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -max_len=65536 -print_final_stats=1 2>&1 |
     grep -E "stat::number_of_executed_units|Done|ERROR|panicked|SUMMARY|crash-" || true

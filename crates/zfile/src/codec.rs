@@ -72,12 +72,10 @@ pub(crate) fn decompress_block_at(
     block: u64,
 ) -> Result<usize> {
     let n = match algo {
-        Algorithm::Lz4 => {
-            lz4_flex::block::decompress_into(src, dst).map_err(|e| Error::Decompress {
-                block,
-                detail: format!("lz4: {e} (expected {} bytes)", dst.len()),
-            })?
-        }
+        Algorithm::Lz4 => crate::lz4::decompress_into(src, dst).map_err(|e| Error::Decompress {
+            block,
+            detail: format!("lz4: {e} (expected {} bytes)", dst.len()),
+        })?,
         Algorithm::Zstd => ZSTD_D.with(|slot| {
             let mut d = match slot.take() {
                 Some(d) => d,

@@ -33,6 +33,7 @@ pub mod codec;
 pub mod crc;
 mod error;
 pub mod header;
+pub mod lz4;
 mod reader;
 pub mod source;
 mod validate;
