@@ -73,5 +73,38 @@ fn python_image_converts_exactly() {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ready");
+        // The kernel's view: the flattened disk loop-mounted read-only has the
+        // same tree, and the app runs from it.
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let lo = Command::new("losetup")
+            .args(["-f", "--show", "-r"])
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(lo.status.success(), "{}", String::from_utf8_lossy(&lo.stderr));
+        let dev = String::from_utf8(lo.stdout).unwrap().trim().to_string();
+        let st = Command::new("mount")
+            .args(["-t", "ext4", "-o", "ro", &dev])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        let result = std::panic::catch_unwind(|| {
+            assert!(st.success(), "mount {dev}");
+            let mut mounted = host_tree(&mnt);
+            mounted.retain(|k, _| !k.starts_with(b"lost+found"));
+            compare(&mounted, &host);
+            let out = Command::new("chroot")
+                .arg(&mnt)
+                .args(["/usr/bin/python3", "/app/main.py"])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ready");
+        });
+        let _ = Command::new("umount").arg(&mnt).status();
+        let _ = Command::new("losetup").args(["-d", &dev]).status();
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
     }
 }
