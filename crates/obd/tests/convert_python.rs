@@ -82,7 +82,11 @@ fn python_image_converts_exactly() {
             .arg(&raw)
             .output()
             .unwrap();
-        assert!(lo.status.success(), "{}", String::from_utf8_lossy(&lo.stderr));
+        assert!(
+            lo.status.success(),
+            "{}",
+            String::from_utf8_lossy(&lo.stderr)
+        );
         let dev = String::from_utf8(lo.stdout).unwrap().trim().to_string();
         let st = Command::new("mount")
             .args(["-t", "ext4", "-o", "ro", &dev])
