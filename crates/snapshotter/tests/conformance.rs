@@ -16,6 +16,7 @@ fn skip(why: &str) {
 
 #[test]
 fn containerd_snapshotter_conformance_suite() {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return skip("needs root (the suite mounts overlay and bind mounts)");
     }

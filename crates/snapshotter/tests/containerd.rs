@@ -87,6 +87,7 @@ impl Drop for Procs {
     fn drop(&mut self) {
         // containerd first, then the snapshotter: SIGTERM, bounded wait, KILL.
         for c in self.children.iter_mut().rev() {
+            // SAFETY: kill takes plain integers; the pid is our own child's.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let t0 = Instant::now();
             while c.try_wait().ok().flatten().is_none() {
@@ -115,6 +116,7 @@ impl Drop for Procs {
 
 #[test]
 fn ctr_run_with_obd_snapshotter() {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return skip("needs root (containerd, runc, mounts)");
     }
