@@ -304,6 +304,37 @@ fn assert_tree(dir: &Path, manifest: &str) {
     );
 }
 
+/// A reader that re-reads every file under `mnt`, dropping the page cache
+/// between passes so each pass goes to the device. It sends the pass count
+/// after each pass and stops after at least 3 passes once `stop` is set.
+#[allow(clippy::type_complexity)]
+fn spawn_reader(
+    mnt: &Path,
+) -> (
+    Arc<AtomicBool>,
+    std::sync::mpsc::Receiver<usize>,
+    std::thread::JoinHandle<Result<usize, String>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let (stop2, mnt) = (stop.clone(), mnt.to_owned());
+    let reader = std::thread::spawn(move || -> Result<usize, String> {
+        let mut passes = 0;
+        while !stop2.load(Ordering::SeqCst) || passes < 3 {
+            let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+            let t =
+                std::panic::catch_unwind(|| tree(&mnt)).map_err(|_| "read failed".to_string())?;
+            if t.len() < 400 {
+                return Err(format!("pass {passes}: only {} entries", t.len()));
+            }
+            passes += 1;
+            let _ = tx.send(passes);
+        }
+        Ok(passes)
+    });
+    (stop, rx, reader)
+}
+
 /// A config with the first `n` lowers of an interop stack, paths absolute.
 fn stack_config(dir: &Path, stack: &str, n: usize) -> PathBuf {
     let src = fixtures::interop().join(stack);
@@ -442,27 +473,7 @@ fn kill_9_of_the_service_does_not_disturb_a_reader() {
     let mnt = tmp.path().join("m");
     let (id, dev) = svc.attach(&cfg, Some(&mnt));
 
-    // A reader that re-reads every file, dropping the page cache between passes
-    // so each pass goes to the device.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel::<usize>();
-    let reader = {
-        let (stop, mnt) = (stop.clone(), mnt.clone());
-        std::thread::spawn(move || -> Result<usize, String> {
-            let mut passes = 0;
-            while !stop.load(Ordering::SeqCst) || passes < 3 {
-                let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-                let t = std::panic::catch_unwind(|| tree(&mnt))
-                    .map_err(|_| "read failed".to_string())?;
-                if t.len() < 400 {
-                    return Err(format!("pass {passes}: only {} entries", t.len()));
-                }
-                passes += 1;
-                let _ = tx.send(passes);
-            }
-            Ok(passes)
-        })
-    };
+    let (stop, rx, reader) = spawn_reader(&mnt);
     assert_eq!(rx.recv().unwrap(), 1, "first pass");
     svc.kill9();
     // Reads go on while no service runs.
@@ -543,25 +554,7 @@ fn tcmu_worker_kill_is_taken_over_without_reader_errors() {
     let (id, dev) = svc.attach(&cfg, Some(&mnt));
     let pid = svc.list()[0]["pid"].as_u64().unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel::<usize>();
-    let reader = {
-        let (stop, mnt) = (stop.clone(), mnt.clone());
-        std::thread::spawn(move || -> Result<usize, String> {
-            let mut passes = 0;
-            while !stop.load(Ordering::SeqCst) || passes < 3 {
-                let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-                let t = std::panic::catch_unwind(|| tree(&mnt))
-                    .map_err(|_| "read failed".to_string())?;
-                if t.len() < 400 {
-                    return Err(format!("pass {passes}: only {} entries", t.len()));
-                }
-                passes += 1;
-                let _ = tx.send(passes);
-            }
-            Ok(passes)
-        })
-    };
+    let (stop, rx, reader) = spawn_reader(&mnt);
     assert_eq!(rx.recv().unwrap(), 1);
     assert!(Command::new("kill")
         .args(["-9", &pid.to_string()])

@@ -214,11 +214,11 @@ impl LoopDevice {
             };
             cfg.info.lo_flags = flags_of(&opts, direct_io);
             set_name(&mut cfg.info.lo_file_name, name.as_os_str());
-            // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`; `cfg` is a live,
-            // properly laid out (`repr(C)`, size checked in tests) value that outlives
-            // the call, and `dev` is an open loop device fd.
-            let rc =
-                unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
+            let cfg_ptr = &cfg as *const LoopConfig;
+            // `cfg` is `repr(C)` with its size checked in tests, and `dev` is an open
+            // loop device fd.
+            // SAFETY: LOOP_CONFIGURE reads one `struct loop_config` from a live value.
+            let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, cfg_ptr) };
             if rc == 0 {
                 let dev = LoopDevice {
                     number,

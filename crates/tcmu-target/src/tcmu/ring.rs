@@ -191,10 +191,10 @@ impl Region {
         if off % 4 != 0 {
             return Err(Error::Protocol(format!("unaligned atomic at {off}")));
         }
-        // SAFETY: the 4 bytes at `off` are inside the region, 4-byte aligned (the
-        // region is 8-byte aligned and `off` is a multiple of 4), and live as long as
-        // `self.mem`, which the returned reference borrows. They are only accessed
-        // atomically by this side; AtomicU32 has the layout of u32.
+        // The region is 8-byte aligned and `off` a multiple of 4; the bytes live as
+        // long as `self.mem`, which the returned reference borrows, and this side
+        // only accesses them atomically (AtomicU32 has the layout of u32).
+        // SAFETY: the 4 bytes at `off` are inside the region and 4-byte aligned.
         Ok(unsafe { &*self.mem.as_ptr().add(off).cast::<AtomicU32>() })
     }
 
