@@ -11,10 +11,13 @@ export DEBIAN_FRONTEND=noninteractive
 # The TCMU tests in a qemu guest (scripts/tcmu-guest-test.sh) need busybox-static,
 # cpio, kmod, xz-utils and zstd for the guest's initramfs, and qemu (below).
 # The converter links libext2fs (libext2fs-dev); its tests compare with umoci and
-# push through skopeo; scripts/bench-convert.sh uses bc.
+# push through skopeo; scripts/bench-convert.sh uses bc. The snapshotter's tests
+# run containerd (with ctr) and runc, and containerd's own snapshotter conformance
+# suite, which needs Go and containerd's source (golang-github-containerd-containerd-dev).
 pkgs=(gcc pkg-config e2fsprogs docker-registry apache2-utils curl fuse3 util-linux fio
       busybox-static cpio kmod xz-utils zstd python3
-      libext2fs-dev umoci skopeo bc)
+      libext2fs-dev umoci skopeo bc
+      containerd runc golang-go golang-github-containerd-containerd-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 qemu_missing=0

@@ -9,9 +9,18 @@
 //! log_level = "info"
 //! # Writable layer of a container on an obd image: overlayfs | dir | dev.
 //! rw_mode = "overlayfs"
-//! # Remote-snapshot handshake for overlaybd layers. Off until the device
-//! # attach lands: a remote layer has no data on the host yet.
-//! lazy_pull = false
+//! # Remote-snapshot handshake for overlaybd layers (lazy pull).
+//! lazy_pull = true
+//! # Block device frontend for obd images: fuse (FUSE file + loop) | tcmu.
+//! device_frontend = "fuse"
+//! # Registry/cache settings of lazily pulled layers (overlaybd-core's
+//! # service TOML); unset: `<root>/devices/service.toml` if present, else
+//! # built-in defaults.
+//! # service_config = "/etc/obd/service.toml"
+//! # Prometheus endpoint (`GET /metrics`); unset: none.
+//! # metrics_address = "127.0.0.1:9863"
+//! # text | json (one JSON object per line).
+//! log_format = "text"
 //! ```
 //! Every key is optional; the values above are the defaults. The
 //! upstream spellings `rwMode` and `verbose` are accepted too.
@@ -55,6 +64,25 @@ pub struct Config {
     /// Remote-snapshot handshake for overlaybd layers.
     #[serde(alias = "lazyPull")]
     pub lazy_pull: bool,
+    /// Block device frontend (`fuse` or `tcmu`).
+    pub device_frontend: String,
+    /// Registry service config for lazily pulled layers.
+    pub service_config: Option<PathBuf>,
+    /// Prometheus endpoint address (`host:port`).
+    pub metrics_address: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for Config {
@@ -64,7 +92,11 @@ impl Default for Config {
             address: DEFAULT_ADDRESS.into(),
             log_level: "info".into(),
             rw_mode: RwMode::Overlayfs,
-            lazy_pull: false,
+            lazy_pull: true,
+            device_frontend: "fuse".into(),
+            service_config: None,
+            metrics_address: None,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -97,7 +129,8 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert_eq!(c.root, Path::new(DEFAULT_ROOT));
         assert_eq!(c.rw_mode, RwMode::Overlayfs);
-        assert!(!c.lazy_pull);
+        assert!(c.lazy_pull);
+        assert_eq!(c.device_frontend, "fuse");
         let c = Config::parse("rwMode = \"dir\"\nroot = \"/x\"\nverbose = \"debug\"").unwrap();
         assert_eq!(c.rw_mode, RwMode::Dir);
         assert_eq!(c.log_level, "debug");
@@ -114,5 +147,19 @@ mod tests {
             (d.root, d.address, d.log_level)
         );
         assert_eq!((c.rw_mode, c.lazy_pull), (d.rw_mode, d.lazy_pull));
+        assert_eq!(
+            (
+                c.device_frontend,
+                c.service_config,
+                c.metrics_address,
+                c.log_format
+            ),
+            (
+                d.device_frontend,
+                d.service_config,
+                d.metrics_address,
+                d.log_format
+            )
+        );
     }
 }
