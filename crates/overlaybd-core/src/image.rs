@@ -27,6 +27,8 @@ pub struct Layer {
     pub lsmt: RoLayer,
     /// The blob as stored (for read-ahead advice to remote sources).
     raw: Blob,
+    /// The ZFile reader between `raw` and the LSMT file, when compressed.
+    zfile: Option<Arc<zfile::ZFileReader<Blob>>>,
 }
 
 impl Layer {
@@ -40,8 +42,68 @@ impl Layer {
             blob_size,
             lsmt: RoLayer::open(dec.lsmt)?,
             raw: blob,
+            zfile: dec.zfile,
         })
     }
+
+    /// The layer's uncompressed LSMT file as a source whose `will_need` reaches
+    /// the stored blob: the advised range is mapped through the ZFile jump table
+    /// (and the tar window), so a remote blob fetches exactly the compressed
+    /// blocks behind it at prefetch priority. Reads are the layer's own reads.
+    pub fn prefetch_reader(&self) -> Blob {
+        Arc::new(PrefetchView {
+            lsmt: self.lsmt.source().clone(),
+            zfile: self.zfile.clone(),
+        })
+    }
+}
+
+/// See [`Layer::prefetch_reader`].
+struct PrefetchView {
+    lsmt: Blob,
+    zfile: Option<Arc<zfile::ZFileReader<Blob>>>,
+}
+
+impl ReadAt for PrefetchView {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.lsmt.read_at(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        self.lsmt.size()
+    }
+    fn invalidate(&self, offset: u64, len: u64) -> bool {
+        self.lsmt.invalidate(offset, len)
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        let size = self.lsmt.size();
+        if len == 0 || offset >= size {
+            return;
+        }
+        let len = len.min(size - offset);
+        let Some(z) = &self.zfile else {
+            // tar(LSMT) or LSMT: the window forwards the advice.
+            self.lsmt.will_need(offset, len);
+            return;
+        };
+        let info = z.info();
+        let bs = u64::from(info.block_size.max(1));
+        if info.blocks == 0 {
+            return;
+        }
+        let first = (offset / bs).min(info.blocks - 1);
+        let last = ((offset + len - 1) / bs).min(info.blocks - 1);
+        let (start, _) = z.block_extent(first);
+        let (last_at, last_len) = z.block_extent(last);
+        let end = last_at + u64::from(last_len);
+        z.inner().will_need(start, end.saturating_sub(start));
+    }
+}
+
+/// Sees every completed read of a lower layer's LSMT file: what a trace
+/// recorder captures (upstream records below the merge, per layer file).
+pub trait ReadObserver: Send + Sync {
+    /// `len` bytes at `offset` of lower `layer` (0 = bottom) were read in full.
+    fn layer_read(&self, layer: usize, offset: u64, len: u64);
 }
 
 /// A stacked, merged, read-only view of an image.
@@ -52,6 +114,8 @@ pub struct Image {
     backing: Vec<Blob>,
     index: MergedIndex,
     vsize: u64,
+    /// Told of every completed lower-layer read (trace recording).
+    observer: Option<Arc<dyn ReadObserver>>,
 }
 
 impl Image {
@@ -150,7 +214,20 @@ impl Image {
             backing,
             index,
             vsize,
+            observer: None,
         })
+    }
+
+    /// Sets (or clears) the observer told of every completed read of a lower
+    /// layer file (not of the upper), at LSMT-file offsets.
+    pub fn set_observer(&mut self, observer: Option<Arc<dyn ReadObserver>>) {
+        self.observer = observer;
+    }
+
+    /// Each lower's [`Layer::prefetch_reader`], bottom to top: what a trace
+    /// replay reads (layer index = position).
+    pub fn layer_readers(&self) -> Vec<Blob> {
+        self.layers.iter().map(Layer::prefetch_reader).collect()
     }
 
     /// Opens blobs (any nesting) as a stack, bottom to top.
@@ -256,7 +333,13 @@ impl Image {
     fn read_layer(&self, tag: usize, dst: &mut [u8], at: u64) -> Result<()> {
         self.backing[tag]
             .read_exact_at(dst, at)
-            .map_err(|e| Error::Io(e).in_layer(tag, self.layer_name(tag)))
+            .map_err(|e| Error::Io(e).in_layer(tag, self.layer_name(tag)))?;
+        if let Some(o) = &self.observer {
+            if tag < self.layers.len() {
+                o.layer_read(tag, at, dst.len() as u64);
+            }
+        }
+        Ok(())
     }
 
     /// Writes the whole virtual disk to `out` (a regular file; best a new, empty

@@ -1,4 +1,110 @@
-//! trace-replay: record the reads a container makes at start (upstream trace
-//! format) and replay them as low-priority prefetch.
+//! trace-replay: record the reads a container makes at start, in upstream
+//! overlaybd's trace format, and replay them as low-priority prefetch.
 //!
-//! Filled in by the trace/prefetch issue.
+//! - [`format`]: the binary trace file (`Trace`, `Record`; parse and write,
+//!   byte-compatible with overlaybd v1.0.18).
+//! - [`mode`]: what the file at `recordTracePath` asks for (disabled, record,
+//!   replay, priority list) and the priority-list parser.
+//! - [`recorder`]: collects completed layer-file reads and writes the trace
+//!   with upstream's lock-file handshake.
+//! - [`replay`]: merges the records into large requests and reads them with
+//!   bounded concurrency at prefetch priority.
+//!
+//! Offsets are always inside a layer's uncompressed LSMT file (after the tar
+//! wrapper and ZFile decoding), and layer 0 is the bottom of `lowers`.
+
+pub mod format;
+pub mod mode;
+pub mod recorder;
+pub mod replay;
+
+pub use format::{Record, Trace, HEADER_SIZE, MAGIC, MAX_RECORD_BYTES, RECORD_SIZE};
+pub use mode::{detect_mode, parse_priority_list, Mode, PriorityEntry, MAX_PRIORITY_LIST};
+pub use recorder::{Recorder, RecorderWatch};
+pub use replay::{plan, replay, ReplayOptions, ReplayReport, Request};
+
+use std::path::PathBuf;
+
+/// Errors of this crate; each names the file or field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The trace is shorter than its header.
+    #[error("trace: {len} bytes, shorter than the {HEADER_SIZE}-byte header")]
+    TooShort {
+        /// Bytes available.
+        len: usize,
+    },
+    /// The header's magic is wrong.
+    #[error("trace header: magic {found:#010x}, expected {MAGIC:#010x}")]
+    BadMagic {
+        /// The stored value.
+        found: u32,
+    },
+    /// `data_size` disagrees with the file length.
+    #[error("trace header: data_size {data_size} but the file holds {actual} bytes of records")]
+    SizeMismatch {
+        /// The stored `data_size`.
+        data_size: u64,
+        /// Bytes after the header.
+        actual: u64,
+    },
+    /// `data_size` is not a whole number of records.
+    #[error("trace header: data_size {0} is not a multiple of {RECORD_SIZE}")]
+    Misaligned(u64),
+    /// The records do not match the stored checksum.
+    #[error("trace header: checksum {stored:#010x}, records hash to {computed:#010x}")]
+    Checksum {
+        /// The stored checksum.
+        stored: u32,
+        /// The checksum of the stored records.
+        computed: u32,
+    },
+    /// A priority list is malformed.
+    #[error("priority list line {line}: {detail}")]
+    PriorityList {
+        /// 1-based line number (0: the whole file).
+        line: usize,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A trace file error, with the file it came from.
+    #[error("{path}: {source}")]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn in_file(self, path: impl Into<PathBuf>) -> Self {
+        match self {
+            e @ (Error::Io { .. } | Error::InFile { .. }) => e,
+            e => Error::InFile {
+                path: path.into(),
+                source: Box::new(e),
+            },
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
