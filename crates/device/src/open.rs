@@ -1,10 +1,10 @@
 //! Opening the backend a `config.v1.json` describes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use overlaybd_core::config::{resolve, ImageConfig};
-use overlaybd_core::image::Image;
+use overlaybd_core::config::{resolve, Download, ImageConfig};
+use overlaybd_core::image::{Image, ReadObserver};
 use overlaybd_core::lsmt::writable::{CreateOptions, WritableLayer};
 use overlaybd_core::source::{LayerSource, LocalFiles};
 
@@ -24,6 +24,76 @@ pub struct Opened {
     /// True when the upper was created now or holds no data: a fresh writable
     /// layer (mkfs applies when it also has no lowers).
     pub fresh_upper: bool,
+    /// What the image's trace file asks for (record, replay, priority list).
+    pub trace: TracePlan,
+}
+
+/// What the trace file of an image (`recordTracePath`, or `<dir>/trace` of an
+/// acceleration layer) asks the worker to do (formats §5.1).
+pub enum TracePlan {
+    /// No trace file, or it could not be used (a warning was printed).
+    None,
+    /// Recording: the recorder already observes the image's layer reads; the
+    /// worker watches its lock file and finishes it when the device goes.
+    Record(Arc<trace_replay::Recorder>),
+    /// Replaying a binary trace once the device is up.
+    Replay {
+        /// The trace file.
+        path: PathBuf,
+        /// Its records.
+        trace: trace_replay::Trace,
+    },
+    /// A priority list (paths to prefetch).
+    PriorityList {
+        /// The list file.
+        path: PathBuf,
+        /// Its entries.
+        entries: Vec<trace_replay::PriorityEntry>,
+    },
+}
+
+impl std::fmt::Debug for TracePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TracePlan::None => f.write_str("None"),
+            TracePlan::Record(r) => write!(f, "Record({})", r.path().display()),
+            TracePlan::Replay { path, trace } => {
+                write!(
+                    f,
+                    "Replay({}, {} records)",
+                    path.display(),
+                    trace.records.len()
+                )
+            }
+            TracePlan::PriorityList { path, entries } => {
+                write!(
+                    f,
+                    "PriorityList({}, {} paths)",
+                    path.display(),
+                    entries.len()
+                )
+            }
+        }
+    }
+}
+
+/// The trace file of `cfg`: `recordTracePath`, or the `trace` file in the
+/// acceleration layer's (last lower's) `dir`. The flag is true for the latter.
+pub fn trace_file(cfg: &ImageConfig, base: Option<&Path>) -> Option<(PathBuf, bool)> {
+    if !cfg.record_trace_path.is_empty() {
+        return Some((resolve(base, &cfg.record_trace_path), false));
+    }
+    if cfg.acceleration_layer {
+        let last = cfg.lowers.last()?;
+        if !last.dir.is_empty() {
+            return Some((resolve(base, &last.dir).join("trace"), true));
+        }
+    }
+    None
+}
+
+fn warn_trace(path: &Path, what: &str) {
+    eprintln!("obd device: trace {}: {what}", path.display());
 }
 
 /// Opens `config_path`: lowers through `remote` (after local files), the
@@ -37,9 +107,94 @@ pub fn open_image(config_path: &Path, remote: Option<&dyn LayerSource>) -> Resul
     let base = config_path.parent();
     let mut lower_cfg = cfg.clone();
     lower_cfg.upper = Default::default();
+    let trace = trace_file(&cfg, base);
+    let mode = trace
+        .as_ref()
+        .map_or(trace_replay::Mode::Disabled, |(p, _)| {
+            trace_replay::detect_mode(p).unwrap_or_else(|e| {
+                warn_trace(p, &format!("ignored: {e}"));
+                trace_replay::Mode::Disabled
+            })
+        });
+    let recording = mode == trace_replay::Mode::Record && trace.as_ref().is_some_and(|t| !t.1);
+    if recording {
+        // Upstream: no background download while recording, so the trace sees
+        // the reads the container makes, not a local copy's.
+        lower_cfg.download = Some(Download {
+            enable: false,
+            ..cfg.download.clone().unwrap_or_default()
+        });
+    }
     let mut sources: Vec<&dyn LayerSource> = vec![&LocalFiles];
     sources.extend(remote);
-    let lower = Arc::new(Image::open(&lower_cfg, base, &sources).map_err(err)?);
+    let mut image = Image::open(&lower_cfg, base, &sources).map_err(err)?;
+    let plan = match (&trace, mode) {
+        (Some((p, _)), trace_replay::Mode::Record) if recording => {
+            match trace_replay::Recorder::start(p) {
+                Ok(r) => {
+                    image.set_observer(Some(r.clone() as Arc<dyn ReadObserver>));
+                    TracePlan::Record(r)
+                }
+                Err(e) => {
+                    warn_trace(p, &format!("not recording: {e}"));
+                    TracePlan::None
+                }
+            }
+        }
+        (Some((p, _)), trace_replay::Mode::Record) => {
+            warn_trace(
+                p,
+                "the acceleration layer's trace is empty; nothing to replay",
+            );
+            TracePlan::None
+        }
+        (Some((p, _)), trace_replay::Mode::Replay) => match trace_replay::Trace::read_file(p) {
+            Ok(trace) => TracePlan::Replay {
+                path: p.clone(),
+                trace,
+            },
+            Err(e) => {
+                warn_trace(p, &format!("not replayed: {e}"));
+                TracePlan::None
+            }
+        },
+        (Some((p, _)), trace_replay::Mode::PriorityList) => {
+            match trace_replay::mode::read_priority_list(p) {
+                Ok(entries) => TracePlan::PriorityList {
+                    path: p.clone(),
+                    entries,
+                },
+                Err(e) => {
+                    warn_trace(p, &format!("ignored: {e}"));
+                    TracePlan::None
+                }
+            }
+        }
+        _ => TracePlan::None,
+    };
+    let lower = Arc::new(image);
+    // On failure the recorder is dropped unfinished, which releases its lock.
+    let (backend, fresh_upper) = finish_open(config_path, &cfg, base, lower)?;
+    Ok(Opened {
+        backend,
+        config: cfg,
+        fresh_upper,
+        trace: plan,
+    })
+}
+
+/// The upper (created if both its files are missing) over `lower`, as a
+/// backend; and whether the upper is fresh.
+fn finish_open(
+    config_path: &Path,
+    cfg: &ImageConfig,
+    base: Option<&Path>,
+    lower: Arc<Image>,
+) -> Result<(ImageBackend, bool)> {
+    let err = |source| Error::Image {
+        config: config_path.to_owned(),
+        source,
+    };
     let mut fresh = false;
     let upper = if cfg.upper.is_writable() {
         let data = resolve(base, &cfg.upper.data);
@@ -70,9 +225,5 @@ pub fn open_image(config_path: &Path, remote: Option<&dyn LayerSource>) -> Resul
             config_path.display()
         )));
     }
-    Ok(Opened {
-        backend,
-        config: cfg,
-        fresh_upper: fresh,
-    })
+    Ok((backend, fresh))
 }

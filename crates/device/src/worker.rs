@@ -9,11 +9,13 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use overlaybd_core::source::{LayerRef, LayerSource, LocalFiles};
+use overlaybd_core::ReadAt;
 
-use crate::open::{open_image, Opened};
+use crate::open::{open_image, Opened, TracePlan};
 use crate::state::{pid_start, DeviceRecord, Root};
 use crate::{mount, Error, Result};
 
@@ -57,9 +59,11 @@ fn write_result(cfg_dir: Option<&Path>, result_file: &str, text: &str) {
     }
 }
 
-/// Whether every lower of the config is a local file (no registry needed).
+/// Whether every lower of the config is a local file (no registry needed). An
+/// acceleration layer (the last lower) is a trace, not a blob, and not counted.
 fn all_local(cfg: &overlaybd_core::config::ImageConfig, base: Option<&Path>) -> bool {
-    cfg.lowers.iter().enumerate().all(|(index, lower)| {
+    let n = cfg.lowers.len() - usize::from(cfg.acceleration_layer && !cfg.lowers.is_empty());
+    cfg.lowers[..n].iter().enumerate().all(|(index, lower)| {
         LocalFiles::locate(LayerRef {
             index,
             lower,
@@ -123,6 +127,7 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
         backend,
         config,
         fresh_upper,
+        trace,
     } = open_image(&req.config, remote.as_deref())?;
     let backend = Arc::new(backend);
     let fe = crate::frontend(&req.frontend)?;
@@ -176,12 +181,81 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
             record,
             _remote: remote,
         },
-        Opened2 { config },
+        Opened2 { config, trace },
     ))
 }
 
 struct Opened2 {
     config: overlaybd_core::config::ImageConfig,
+    trace: TracePlan,
+}
+
+/// The trace work running beside a served device.
+enum TraceRun {
+    None,
+    /// Recording; the watcher finishes the trace when the lock is deleted.
+    Record {
+        rec: Arc<trace_replay::Recorder>,
+        watch: trace_replay::RecorderWatch,
+    },
+    /// A replay thread, stopped through the flag when the device goes.
+    Replay {
+        stop: Arc<AtomicBool>,
+        handle: std::thread::JoinHandle<()>,
+    },
+}
+
+/// Starts what `plan` asks for, once the device is up.
+fn start_trace(id: &str, plan: TracePlan, backend: &Arc<crate::backend::ImageBackend>) -> TraceRun {
+    match plan {
+        TracePlan::None => TraceRun::None,
+        TracePlan::Record(rec) => {
+            eprintln!(
+                "obd device worker {id}: recording reads into {}; delete {} to stop",
+                rec.path().display(),
+                rec.lock_path().display()
+            );
+            let watch = rec.watch(trace_replay::recorder::POLL_INTERVAL);
+            TraceRun::Record { rec, watch }
+        }
+        TracePlan::Replay { path, trace } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let image = backend.lower().clone();
+            let (id2, stop2) = (id.to_string(), stop.clone());
+            let spawned = std::thread::Builder::new()
+                .name("trace-replay".into())
+                .spawn(move || {
+                    let readers = image.layer_readers();
+                    let layers: Vec<&dyn ReadAt> =
+                        readers.iter().map(|b| &**b as &dyn ReadAt).collect();
+                    let report = trace_replay::replay(
+                        &trace,
+                        &layers,
+                        &trace_replay::ReplayOptions::default(),
+                        &stop2,
+                    );
+                    eprintln!(
+                        "obd device worker {id2}: replayed {}: {report}",
+                        path.display()
+                    );
+                });
+            match spawned {
+                Ok(handle) => TraceRun::Replay { stop, handle },
+                Err(e) => {
+                    eprintln!("obd device worker {id}: cannot start the trace replay: {e}");
+                    TraceRun::None
+                }
+            }
+        }
+        TracePlan::PriorityList { path, entries } => {
+            eprintln!(
+                "obd device worker {id}: {}: priority lists ({} paths) are not supported yet; skipped",
+                path.display(),
+                entries.len()
+            );
+            TraceRun::None
+        }
+    }
 }
 
 /// Runs the worker of device `id` under `root` (the hidden `obd device worker`).
@@ -213,11 +287,22 @@ pub fn run(root: &Root, id: &str) -> i32 {
     println!("ok {}", up.record.device.display());
     let _ = std::io::stdout().flush();
     release_stdout();
+    let trace = start_trace(id, opened.trace, &up.backend);
     let sig = wait_for_stop();
     eprintln!(
         "obd device worker {id}: signal {sig}, detaching {}",
         up.record.device.display()
     );
+    // A replay still running is advice no one needs any more.
+    let recording = match trace {
+        TraceRun::Replay { stop, handle } => {
+            stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
+            None
+        }
+        TraceRun::Record { rec, watch } => Some((rec, watch)),
+        TraceRun::None => None,
+    };
     let code = match tear_down(root, up) {
         Ok(()) => 0,
         Err(e) => {
@@ -225,6 +310,17 @@ pub fn run(root: &Root, id: &str) -> i32 {
             1
         }
     };
+    // The device is gone: that ends a recording too (after the last read).
+    if let Some((rec, watch)) = recording {
+        drop(watch);
+        match rec.finish() {
+            Ok(n) => eprintln!(
+                "obd device worker {id}: trace {} written: {n} records",
+                rec.path().display()
+            ),
+            Err(e) => eprintln!("obd device worker {id}: trace not written: {e}"),
+        }
+    }
     code
 }
 

@@ -199,6 +199,22 @@ impl Recorder {
     }
 }
 
+impl Drop for Recorder {
+    /// A recorder dropped without [`Recorder::finish`] (the device never came
+    /// up) releases its lock, so the trace can be recorded by a later attempt.
+    fn drop(&mut self) {
+        let written = self
+            .state
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .written
+            .is_some();
+        if !written {
+            let _ = std::fs::remove_file(&self.lock);
+        }
+    }
+}
+
 impl overlaybd_core::image::ReadObserver for Recorder {
     fn layer_read(&self, layer: usize, offset: u64, len: u64) {
         if let Ok(layer) = u32::try_from(layer) {
@@ -261,5 +277,23 @@ mod tests {
         let t = Trace::read_file(&p).unwrap();
         assert_eq!(t.records.len(), 3);
         assert_eq!(t.total_bytes(), 3 << 20);
+    }
+
+    #[test]
+    fn an_unfinished_recorder_releases_its_lock_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("trace");
+        std::fs::write(&p, b"").unwrap();
+        let r = Recorder::start(&p).unwrap();
+        let lock = r.lock_path().to_owned();
+        r.record(0, 0, 512);
+        drop(r);
+        assert!(!lock.exists());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+        assert!(!sibling(&p, ".ok").exists());
+        // And a new recording can start.
+        let r = Recorder::start(&p).unwrap();
+        assert_eq!(r.finish().unwrap(), 0);
+        assert_eq!(Trace::read_file(&p).unwrap(), Trace::default());
     }
 }
