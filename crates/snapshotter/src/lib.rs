@@ -15,6 +15,7 @@ pub mod error;
 pub mod filter;
 pub mod layer;
 pub mod meta;
+pub mod metrics;
 pub mod service;
 pub mod snapshotter;
 

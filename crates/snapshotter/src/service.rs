@@ -2,6 +2,7 @@
 
 use crate::error::Error;
 use crate::meta::Kind;
+use crate::metrics;
 use crate::proto::containerd::services::snapshots::v1 as api;
 use crate::snapshotter::{Info, Snapshotter};
 use std::collections::BTreeMap;
@@ -50,24 +51,88 @@ fn namespace<T>(req: &Request<T>) -> Result<String, Status> {
         .to_string())
 }
 
-/// Runs a blocking snapshotter call off the async runtime, logging it.
-async fn run<T: Send + 'static>(
+/// Runs a blocking snapshotter call off the async runtime.
+async fn blocking<T: Send + 'static>(
     method: &'static str,
-    ns: &str,
-    key: &str,
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Status> {
-    let t0 = Instant::now();
-    let res = tokio::task::spawn_blocking(f)
+    tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Status::internal(format!("{method}: {e}")))?;
-    let ms = t0.elapsed().as_secs_f64() * 1e3;
-    match &res {
-        Ok(_) => tracing::debug!(method, ns, key, ms, "ok"),
-        Err(e @ Error::AlreadyExists(_)) => tracing::debug!(method, ns, key, ms, error = %e),
-        Err(e) => tracing::info!(method, ns, key, ms, error = %e, "failed"),
+        .map_err(|e| Status::internal(format!("{method}: {e}")))?
+        .map_err(Status::from)
+}
+
+/// The snake_case name of a gRPC code, as in the metrics' `code` label.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        AlreadyExists => "already_exists",
+        PermissionDenied => "permission_denied",
+        ResourceExhausted => "resource_exhausted",
+        FailedPrecondition => "failed_precondition",
+        Aborted => "aborted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
+        Internal => "internal",
+        Unavailable => "unavailable",
+        DataLoss => "data_loss",
+        Unauthenticated => "unauthenticated",
     }
-    res.map_err(Status::from)
+}
+
+/// Runs one RPC body: records its latency and result in
+/// [`metrics::global`] and logs one event with `method`, `namespace`, `key`,
+/// `duration_ms` and `result` (debug; warn for errors other than
+/// `not_found` and `already_exists`, which are ordinary answers: existence
+/// probes and the remote-snapshot handshake).
+async fn rpc<T>(
+    method: &'static str,
+    namespace: &str,
+    key: &str,
+    body: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let t0 = Instant::now();
+    let res = body.await;
+    let secs = t0.elapsed().as_secs_f64();
+    let duration_ms = secs * 1e3;
+    let code = match &res {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    let result = code_name(code);
+    metrics::global().observe(method, secs, result);
+    match &res {
+        Ok(_) => tracing::debug!(method, namespace, key, duration_ms, result, "rpc"),
+        Err(s) if matches!(code, tonic::Code::NotFound | tonic::Code::AlreadyExists) => {
+            tracing::debug!(
+                method,
+                namespace,
+                key,
+                duration_ms,
+                result,
+                error = s.message(),
+                "rpc"
+            )
+        }
+        Err(s) => {
+            tracing::warn!(
+                method,
+                namespace,
+                key,
+                duration_ms,
+                result,
+                error = s.message(),
+                "rpc failed"
+            )
+        }
+    }
+    res
 }
 
 fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
@@ -106,110 +171,130 @@ impl api::snapshots_server::Snapshots for Service {
         &self,
         req: Request<api::PrepareSnapshotRequest>,
     ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
+        const M: &str = "Prepare";
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let sn = self.sn.clone();
         let (n, k) = (ns.clone(), r.key.clone());
-        let mounts = run("Prepare", &ns, &r.key, move || {
-            sn.prepare(&n, &k, &r.parent, labels(r.labels))
+        rpc(M, &ns, &r.key, async move {
+            let mounts =
+                blocking(M, move || sn.prepare(&n, &k, &r.parent, labels(r.labels))).await?;
+            Ok(Response::new(api::PrepareSnapshotResponse { mounts }))
         })
-        .await?;
-        Ok(Response::new(api::PrepareSnapshotResponse { mounts }))
+        .await
     }
 
     async fn view(
         &self,
         req: Request<api::ViewSnapshotRequest>,
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
+        const M: &str = "View";
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let sn = self.sn.clone();
         let (n, k) = (ns.clone(), r.key.clone());
-        let mounts = run("View", &ns, &r.key, move || {
-            sn.view(&n, &k, &r.parent, labels(r.labels))
+        rpc(M, &ns, &r.key, async move {
+            let mounts = blocking(M, move || sn.view(&n, &k, &r.parent, labels(r.labels))).await?;
+            Ok(Response::new(api::ViewSnapshotResponse { mounts }))
         })
-        .await?;
-        Ok(Response::new(api::ViewSnapshotResponse { mounts }))
+        .await
     }
 
     async fn mounts(
         &self,
         req: Request<api::MountsRequest>,
     ) -> Result<Response<api::MountsResponse>, Status> {
+        const M: &str = "Mounts";
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let sn = self.sn.clone();
         let (n, k) = (ns.clone(), r.key.clone());
-        let mounts = run("Mounts", &ns, &r.key, move || sn.mounts(&n, &k)).await?;
-        Ok(Response::new(api::MountsResponse { mounts }))
+        rpc(M, &ns, &r.key, async move {
+            let mounts = blocking(M, move || sn.mounts(&n, &k)).await?;
+            Ok(Response::new(api::MountsResponse { mounts }))
+        })
+        .await
     }
 
     async fn commit(
         &self,
         req: Request<api::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        const M: &str = "Commit";
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let sn = self.sn.clone();
         let (n, k) = (ns.clone(), r.key.clone());
-        run("Commit", &ns, &r.key, move || {
-            sn.commit(&n, &r.name, &k, labels(r.labels))
+        rpc(M, &ns, &r.key, async move {
+            blocking(M, move || sn.commit(&n, &r.name, &k, labels(r.labels))).await?;
+            Ok(Response::new(()))
         })
-        .await?;
-        Ok(Response::new(()))
+        .await
     }
 
     async fn remove(
         &self,
         req: Request<api::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        const M: &str = "Remove";
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let sn = self.sn.clone();
         let (n, k) = (ns.clone(), r.key.clone());
-        run("Remove", &ns, &r.key, move || sn.remove(&n, &k)).await?;
-        Ok(Response::new(()))
+        rpc(M, &ns, &r.key, async move {
+            blocking(M, move || sn.remove(&n, &k)).await?;
+            Ok(Response::new(()))
+        })
+        .await
     }
 
     async fn stat(
         &self,
         req: Request<api::StatSnapshotRequest>,
     ) -> Result<Response<api::StatSnapshotResponse>, Status> {
+        const M: &str = "Stat";
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let sn = self.sn.clone();
         let (n, k) = (ns.clone(), r.key.clone());
-        let info = run("Stat", &ns, &r.key, move || sn.stat(&n, &k)).await?;
-        Ok(Response::new(api::StatSnapshotResponse {
-            info: Some(to_api(info)),
-        }))
+        rpc(M, &ns, &r.key, async move {
+            let info = blocking(M, move || sn.stat(&n, &k)).await?;
+            Ok(Response::new(api::StatSnapshotResponse {
+                info: Some(to_api(info)),
+            }))
+        })
+        .await
     }
 
     async fn update(
         &self,
         req: Request<api::UpdateSnapshotRequest>,
     ) -> Result<Response<api::UpdateSnapshotResponse>, Status> {
+        const M: &str = "Update";
         let ns = namespace(&req)?;
         let r = req.into_inner();
-        let info = r
-            .info
-            .ok_or_else(|| Status::invalid_argument("update: info is required"))?;
-        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        let key = info.name.clone();
-        let info = Info {
-            name: info.name,
-            parent: info.parent,
-            kind: Kind::Active, // ignored: immutable
-            labels: labels(info.labels),
-            created: crate::meta::Ts { secs: 0, nanos: 0 },
-            updated: crate::meta::Ts { secs: 0, nanos: 0 },
-        };
+        let key = r.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
         let sn = self.sn.clone();
         let n = ns.clone();
-        let info = run("Update", &ns, &key, move || sn.update(&n, info, &paths)).await?;
-        Ok(Response::new(api::UpdateSnapshotResponse {
-            info: Some(to_api(info)),
-        }))
+        rpc(M, &ns, &key, async move {
+            let info = r
+                .info
+                .ok_or_else(|| Status::invalid_argument("update: info is required"))?;
+            let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+            let info = Info {
+                name: info.name,
+                parent: info.parent,
+                kind: Kind::Active, // ignored: immutable
+                labels: labels(info.labels),
+                created: crate::meta::Ts { secs: 0, nanos: 0 },
+                updated: crate::meta::Ts { secs: 0, nanos: 0 },
+            };
+            let info = blocking(M, move || sn.update(&n, info, &paths)).await?;
+            Ok(Response::new(api::UpdateSnapshotResponse {
+                info: Some(to_api(info)),
+            }))
+        })
+        .await
     }
 
     type ListStream = ListStream;
@@ -218,43 +303,56 @@ impl api::snapshots_server::Snapshots for Service {
         &self,
         req: Request<api::ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
+        const M: &str = "List";
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let sn = self.sn.clone();
         let n = ns.clone();
-        let infos = run("List", &ns, "", move || sn.list(&n, &r.filters)).await?;
-        let mut batches = Vec::new();
-        let mut it = infos.into_iter().map(to_api).peekable();
-        while it.peek().is_some() {
-            let info: Vec<api::Info> = it.by_ref().take(LIST_BATCH).collect();
-            batches.push(Ok(api::ListSnapshotsResponse { info }));
-        }
-        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+        rpc(M, &ns, "", async move {
+            let infos = blocking(M, move || sn.list(&n, &r.filters)).await?;
+            let mut batches = Vec::new();
+            let mut it = infos.into_iter().map(to_api).peekable();
+            while it.peek().is_some() {
+                let info: Vec<api::Info> = it.by_ref().take(LIST_BATCH).collect();
+                batches.push(Ok(api::ListSnapshotsResponse { info }));
+            }
+            let stream: Self::ListStream = Box::pin(tokio_stream::iter(batches));
+            Ok(Response::new(stream))
+        })
+        .await
     }
 
     async fn usage(
         &self,
         req: Request<api::UsageRequest>,
     ) -> Result<Response<api::UsageResponse>, Status> {
+        const M: &str = "Usage";
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let sn = self.sn.clone();
         let (n, k) = (ns.clone(), r.key.clone());
-        let u = run("Usage", &ns, &r.key, move || sn.usage(&n, &k)).await?;
-        Ok(Response::new(api::UsageResponse {
-            size: u.size,
-            inodes: u.inodes,
-        }))
+        rpc(M, &ns, &r.key, async move {
+            let u = blocking(M, move || sn.usage(&n, &k)).await?;
+            Ok(Response::new(api::UsageResponse {
+                size: u.size,
+                inodes: u.inodes,
+            }))
+        })
+        .await
     }
 
     async fn cleanup(&self, req: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
+        const M: &str = "Cleanup";
         let ns = namespace(&req)?;
         let sn = self.sn.clone();
-        let removed = run("Cleanup", &ns, "", move || sn.cleanup()).await?;
-        if !removed.is_empty() {
-            tracing::info!(count = removed.len(), "cleanup removed orphan directories");
-        }
-        Ok(Response::new(()))
+        rpc(M, &ns, "", async move {
+            let removed = blocking(M, move || sn.cleanup()).await?;
+            if !removed.is_empty() {
+                tracing::info!(count = removed.len(), "cleanup removed orphan directories");
+            }
+            Ok(Response::new(()))
+        })
+        .await
     }
 }
 
