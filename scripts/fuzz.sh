@@ -10,7 +10,7 @@ cargo build --release -q -p obd
 obd=$PWD/target/release/obd
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 c=fuzz/corpus
-mkdir -p $c/{zfile_header,zfile_file,lsmt_file,tar_wrapper,config,www_authenticate,service_config,lz4_block}
+mkdir -p $c/{zfile_header,zfile_file,lsmt_file,tar_wrapper,config,www_authenticate,service_config,lz4_block,trace}
 head -c 20000 fixtures/interop/zfile/source.bin > "$tmp/small.bin"
 $obd zfile compress "$tmp/small.bin" $c/zfile_file/seed-lz4 2>/dev/null
 $obd zfile compress --algorithm zstd --block-size 8K "$tmp/small.bin" $c/zfile_file/seed-zstd 2>/dev/null
@@ -26,9 +26,12 @@ cp fixtures/interop/discard/config.v1.json $c/config/seed-discard
 printf 'Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull"' > $c/www_authenticate/seed-challenge
 printf '{"token":"abc","expires_in":300}' > $c/www_authenticate/seed-token
 printf '[cache]\ndir = "/x"\nbudget = 100\n[fetch]\nmin_fetch = 262144\n[registry]\nuser_agent = "x"\n' > $c/service_config/seed
+# The §5.2 check vector and a priority list.
+printf '\x20\x18\xef\xc2\0\0\0\0\x30\0\0\0\0\0\0\0\xf1\xae\x06\x68\0\0\0\0R\0\0\0\0\0\0\0\0\x10\0\0\0\0\0\0\0\x10\0\0\0\0\0\0R\0\0\0\x02\0\0\0\0\0\x01\0\0\0\0\0\0\0\x10\0\0\0\0\0' > $c/trace/seed-vector
+printf '/usr/bin/\n/etc/hosts\n/opt/app*\n' > $c/trace/seed-list
 chmod -R u+w $c
 cd fuzz
-for t in zfile_header zfile_file lsmt_file tar_wrapper config www_authenticate service_config lz4_block; do
+for t in zfile_header zfile_file lsmt_file tar_wrapper config www_authenticate service_config lz4_block trace; do
   echo "=== $t ($secs s)"
   cargo fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -max_len=65536 -print_final_stats=1 2>&1 |
     grep -E "stat::number_of_executed_units|Done|ERROR|panicked|SUMMARY|crash-" || true

@@ -9,7 +9,10 @@ use overlaybd_core::lsmt::writable::{CreateOptions, WritableLayer};
 use overlaybd_core::source::{LayerSource, LocalFiles};
 
 use crate::backend::ImageBackend;
+
 use crate::{Error, Result};
+/// The trace crate, whose types [`TracePlan`] carries.
+pub use trace_replay;
 
 /// Default device size of an image with no lowers and a fresh upper (64 GiB, as
 /// upstream's `overlaybd-create`).

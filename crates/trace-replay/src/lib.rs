@@ -67,23 +67,22 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
-    /// A file operation failed.
-    #[error("{path}: {source}")]
+    /// A file operation failed. (The cause is part of the message, not a
+    /// separate `source()`, so error chains do not print it twice.)
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A trace file error, with the file it came from.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     InFile {
         /// The file.
         path: PathBuf,
         /// The cause.
-        #[source]
-        source: Box<Error>,
+        cause: Box<Error>,
     },
 }
 
@@ -91,7 +90,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 
@@ -100,7 +99,7 @@ impl Error {
             e @ (Error::Io { .. } | Error::InFile { .. }) => e,
             e => Error::InFile {
                 path: path.into(),
-                source: Box::new(e),
+                cause: Box::new(e),
             },
         }
     }
