@@ -1,12 +1,39 @@
-//! Generates the containerd snapshots v1 gRPC service from containerd's own
-//! .proto files (copied into `proto/`) with protox, so no `protoc` is needed.
+//! Generates containerd's gRPC services from containerd's own .proto files
+//! (copied into `proto/` from Debian's golang-github-containerd-containerd-dev)
+//! with protox, so no `protoc` is needed.
+//!
+//! - snapshots v1: server (the proxy snapshotter) and client.
+//! - content, images, leases, diff v1: clients (`obd pull`).
+//!
+//! Two passes, because tonic-build's server/client switches are per pass.
+//! Both write `containerd.types.rs`; the second pass (whose protos import
+//! every type the first one does, plus more) runs last, so the file holds
+//! every type.
+
+const API: &str = "proto/github.com/containerd/containerd/api";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto";
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile([proto], ["proto"])?;
+    let snapshots = format!("{API}/services/snapshots/v1/snapshots.proto");
+    let fds = protox::compile([snapshots], ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+
+    let clients = [
+        "services/content/v1/content.proto",
+        "services/images/v1/images.proto",
+        "services/leases/v1/leases.proto",
+        "services/diff/v1/diff.proto",
+        "types/descriptor.proto",
+        "types/mount.proto",
+        "types/platform.proto",
+    ]
+    .map(|p| format!("{API}/{p}"));
+    let fds = protox::compile(clients, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
         .build_client(true)
         .compile_fds(fds)?;
     Ok(())

@@ -9,6 +9,7 @@ mod cmd_convert;
 mod cmd_device;
 mod cmd_image;
 mod cmd_layer;
+mod cmd_pull;
 mod cmd_zfile;
 mod util;
 
@@ -38,6 +39,8 @@ enum Cmd {
     Image(cmd_image::ImageCmd),
     /// Convert an OCI image into an obd image (user space, deterministic).
     Convert(cmd_convert::ConvertArgs),
+    /// Pull an image into containerd; obd layers are not downloaded.
+    Pull(cmd_pull::PullArgs),
     /// Serve images as block devices: a service, one worker per device.
     #[command(subcommand)]
     Device(cmd_device::DeviceCmd),
@@ -55,6 +58,7 @@ fn main() {
         Cmd::Bench(c) => bench::run(c),
         Cmd::Device(c) => cmd_device::run(c),
         Cmd::Convert(c) => cmd_convert::run(c),
+        Cmd::Pull(c) => cmd_pull::run(c),
     };
     if let Err(e) = res {
         eprintln!("obd: error: {e:#}");

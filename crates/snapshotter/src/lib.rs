@@ -15,6 +15,7 @@ pub mod error;
 pub mod filter;
 pub mod layer;
 pub mod meta;
+pub mod pull;
 pub mod metrics;
 pub mod service;
 pub mod snapshotter;
@@ -39,6 +40,34 @@ pub mod proto {
                 /// `containerd.services.snapshots.v1`
                 pub mod v1 {
                     tonic::include_proto!("containerd.services.snapshots.v1");
+                }
+            }
+            /// `containerd.services.content` (client)
+            pub mod content {
+                /// `containerd.services.content.v1`
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.content.v1");
+                }
+            }
+            /// `containerd.services.images` (client)
+            pub mod images {
+                /// `containerd.services.images.v1`
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.images.v1");
+                }
+            }
+            /// `containerd.services.leases` (client)
+            pub mod leases {
+                /// `containerd.services.leases.v1`
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.leases.v1");
+                }
+            }
+            /// `containerd.services.diff` (client)
+            pub mod diff {
+                /// `containerd.services.diff.v1`
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.diff.v1");
                 }
             }
         }

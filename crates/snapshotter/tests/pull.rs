@@ -1,0 +1,510 @@
+//! `obd pull` (snapshotter::pull) against a private containerd (Debian's
+//! 1.6) with `obd-snapshotter` (lazy_pull = true) as the proxy plugin `obd`
+//! and a private `docker-registry` whose access log is kept:
+//!
+//! - an obd image (a two-layer busybox image built offline with umoci,
+//!   converted by the converter library, pushed to the registry) is pulled
+//!   with every layer committed remotely: the image record exists, every
+//!   chainID is a committed snapshot, the registry served the manifest and
+//!   config but no layer blob, no lease is left; a second pull is a no-op;
+//! - the plain OCI image is pulled with every layer downloaded and applied
+//!   by containerd's diff service, and `ctr run --snapshotter obd` of it
+//!   prints the file of its top layer.
+//!
+//! Needs root and containerd, ctr, runc, docker-registry, curl, umoci,
+//! skopeo and busybox-static; otherwise skipped with a loud message.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use overlaybd_core::remote::distribution::{Distribution, ImageRef};
+use overlaybd_core::remote::registry::RegistryOptions;
+use snapshotter::pull::{pull_blocking, LayerState, PullOptions, PullReport};
+
+const MARK: &str = "obd-pull-test-layer-2";
+
+fn skip(why: &str) {
+    eprintln!("\n*** SKIPPED obd pull test: {why} ***\n");
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A two-layer busybox OCI layout (`<dir>/oci:busybox`): busybox, then a
+/// layer adding `/etc/obd-pull`.
+fn build_busybox_layout(dir: &Path) -> PathBuf {
+    let oci = dir.join("oci");
+    let bundle = dir.join("bundle");
+    let img = format!("{}:busybox", oci.display());
+    run(Command::new("umoci").args(["init", "--layout"]).arg(&oci));
+    run(Command::new("umoci").args(["new", "--image", &img]));
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &img])
+        .arg(&bundle));
+    let r = bundle.join("rootfs");
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
+    for a in run(Command::new("/bin/busybox").arg("--list")).split_whitespace() {
+        let p = r.join("bin").join(a);
+        if !p.exists() {
+            std::os::unix::fs::symlink("busybox", p).unwrap();
+        }
+    }
+    std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    run(Command::new("umoci")
+        .args(["repack", "--image", &img])
+        .arg(&bundle));
+    std::fs::remove_dir_all(&bundle).unwrap();
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &img])
+        .arg(&bundle));
+    std::fs::write(bundle.join("rootfs/etc/obd-pull"), format!("{MARK}\n")).unwrap();
+    run(Command::new("umoci")
+        .args(["repack", "--image", &img])
+        .arg(&bundle));
+    run(Command::new("umoci").args(["config", "--image", &img, "--config.cmd", "/bin/sh"]));
+    oci
+}
+
+/// A `docker-registry` on a free loopback port with its access log in
+/// `<dir>/registry.log`; killed on drop.
+struct Registry {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let cfg = dir.join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("registry-data").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("registry.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let reg = Registry { child, addr, log };
+        wait_until("docker-registry", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&reg.addr).is_ok()
+        });
+        reg
+    }
+
+    /// The access log's request lines (`GET /v2/... HTTP/1.1`).
+    fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split('"').nth(1).map(str::to_string))
+            .collect()
+    }
+}
+
+struct Procs {
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        // containerd first, then the snapshotter: SIGTERM, bounded wait, KILL.
+        for c in self.children.iter_mut().rev() {
+            // SAFETY: kill takes plain integers; the pid is our own child's.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while c.try_wait().ok().flatten().is_none() {
+                if t0.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut mps: Vec<&str> = mi
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|m| Path::new(m).starts_with(&self.dir))
+                .collect();
+            mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in mps {
+                let _ = Command::new("umount").args(["-l", m]).status();
+            }
+        }
+    }
+}
+
+/// obd-snapshotter (lazy_pull = true) and a containerd using it as `obd`.
+fn start_containerd(dir: &Path, procs: &mut Procs) -> PathBuf {
+    let sn_sock = dir.join("obd.sock");
+    let sn_cfg = dir.join("obd-snapshotter.toml");
+    std::fs::write(
+        &sn_cfg,
+        format!(
+            "root = \"{}\"\naddress = \"{}\"\nlazy_pull = true\n",
+            dir.join("snroot").display(),
+            sn_sock.display()
+        ),
+    )
+    .unwrap();
+    let sn_log = std::fs::File::create(dir.join("snapshotter.log")).unwrap();
+    procs.children.push(
+        Command::new(env!("CARGO_BIN_EXE_obd-snapshotter"))
+            .arg("--config")
+            .arg(&sn_cfg)
+            .env("RUST_LOG", "info,snapshotter=debug")
+            .stderr(sn_log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the snapshotter socket", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&sn_sock).is_ok()
+    });
+    let sock = dir.join("containerd.sock");
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+[metrics]
+  address = ""
+[proxy_plugins]
+  [proxy_plugins.obd]
+    type = "snapshot"
+    address = "{s}"
+"#,
+            d = dir.display(),
+            s = sn_sock.display()
+        ),
+    )
+    .unwrap();
+    let ctd_log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    procs.children.push(
+        Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(ctd_log.try_clone().unwrap())
+            .stderr(ctd_log)
+            .spawn()
+            .unwrap(),
+    );
+    let s = sock.clone();
+    wait_until("containerd", Duration::from_secs(30), || {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&s)
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    sock
+}
+
+/// The last lines of the daemons' logs, for failure messages.
+fn logs(dir: &Path) -> String {
+    let mut s = String::new();
+    for f in ["snapshotter.log", "containerd.log"] {
+        let t = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        s.push_str(&format!("--- {f} (tail)\n"));
+        for l in &lines[lines.len().saturating_sub(40)..] {
+            s.push_str(l);
+            s.push('\n');
+        }
+    }
+    s
+}
+
+fn pull(sock: &Path, reference: &str) -> PullReport {
+    let mut o = PullOptions::new(reference);
+    o.address = sock.to_path_buf();
+    o.plain_http = true;
+    o.registry.use_docker_config = false;
+    let mut seen = Vec::new();
+    let rep = pull_blocking(&o, |l| seen.push(l.index)).unwrap_or_else(|e| {
+        panic!(
+            "pull {reference}: {e}\n{}",
+            logs(sock.parent().unwrap_or(Path::new("/")))
+        )
+    });
+    assert_eq!(seen, (0..rep.layers.len()).collect::<Vec<_>>());
+    eprintln!(
+        "pulled {reference}: {}",
+        serde_json::to_string(&rep).unwrap()
+    );
+    rep
+}
+
+fn states(r: &PullReport) -> Vec<LayerState> {
+    r.layers.iter().map(|l| l.state).collect()
+}
+
+#[test]
+fn obd_pull_remote_and_plain() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("needs root (containerd, runc, mounts)");
+    }
+    for t in [
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "umoci",
+        "skopeo",
+    ] {
+        if !have(t) {
+            return skip(&format!("{t} is not installed (bash scripts/setup.sh)"));
+        }
+    }
+    if !Path::new("/bin/busybox").exists() {
+        return skip("busybox-static is not installed");
+    }
+    // Short path: unix sockets are limited to 107 bytes.
+    let tmp = tempfile::Builder::new()
+        .prefix("obd-pull-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
+    let oci = build_busybox_layout(&dir);
+    let reg = Registry::start(&dir);
+    let addr = reg.addr.clone();
+
+    // The plain image, pushed as is.
+    let plain = format!("{addr}/plain/busybox:v1");
+    run(Command::new("skopeo").args([
+        "copy".to_string(),
+        "--quiet".to_string(),
+        "--dest-tls-verify=false".to_string(),
+        format!("oci:{}:busybox", oci.display()),
+        format!("docker://{plain}"),
+    ]));
+    // The obd image, converted from the same layout.
+    let obd = format!("{addr}/obd/busybox:v1");
+    let mut ro = RegistryOptions {
+        use_docker_config: false,
+        ..Default::default()
+    };
+    ro.hosts.entry(addr.clone()).or_default().plain_http = true;
+    let client = Arc::new(Distribution::new(ro).unwrap());
+    let dst = converter::registry::RegistryDest::new(
+        client.clone(),
+        ImageRef::parse(&obd).unwrap(),
+        &dir,
+        None,
+    )
+    .unwrap();
+    let src = converter::OciLayout {
+        dir: oci.clone(),
+        tag: Some("busybox".into()),
+    };
+    let conv = converter::convert(
+        &src,
+        &dst,
+        &converter::Options {
+            vsize: 1 << 30,
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    drop(dst);
+    assert_eq!(conv.layers.len(), 2, "two obd layers");
+
+    let mut procs = Procs {
+        children: Vec::new(),
+        dir: dir.clone(),
+    };
+    let sock = start_containerd(&dir, &mut procs);
+    let ctr = || {
+        let mut c = Command::new("timeout");
+        c.args(["120", "ctr", "--address"]).arg(&sock);
+        c
+    };
+
+    // --- plain image: Prepare succeeds, diff Apply, Commit; it runs.
+    let r3 = pull(&sock, &plain);
+    assert_eq!(states(&r3), vec![LayerState::Downloaded; 2], "{r3:?}");
+    assert_eq!(r3.downloaded_layers, 2);
+    assert!(r3.layers.iter().all(|l| l.fetched_bytes == l.size));
+    let snaps = run(ctr().args(["-n", "default", "snapshots", "--snapshotter", "obd", "ls"]));
+    for l in &r3.layers {
+        assert!(
+            snaps
+                .lines()
+                .any(|s| s.starts_with(&l.chain_id) && s.contains("Committed")),
+            "chainID {} is not committed:\n{snaps}",
+            l.chain_id
+        );
+    }
+    let out = run(ctr().args([
+        "-n",
+        "default",
+        "run",
+        "--snapshotter",
+        "obd",
+        "--rm",
+        &plain,
+        "obd-pull-1",
+        "/bin/cat",
+        "/etc/obd-pull",
+    ]));
+    assert_eq!(out.trim(), MARK);
+    let r4 = pull(&sock, &plain);
+    assert_eq!(states(&r4), vec![LayerState::Present; 2], "{r4:?}");
+    let leases = run(ctr().args(["-n", "default", "leases", "ls"]));
+    assert_eq!(leases.lines().count(), 1, "a lease was left:\n{leases}");
+
+    // --- obd image: every layer a remote snapshot, no layer blob fetched.
+    let m = client
+        .get_manifest(&ImageRef::parse(&obd).unwrap(), "v1")
+        .unwrap();
+    let man: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap();
+    let layer_digests: Vec<String> = man["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    let before = reg.requests().len();
+    let r1 = pull(&sock, &obd);
+    assert_eq!(r1.name, obd);
+    assert_eq!(r1.digest, m.digest);
+    assert!(r1.created);
+    assert_eq!(states(&r1), vec![LayerState::Remote; 2], "{r1:?}");
+    assert_eq!(r1.downloaded_layers, 0);
+    let cfg_size = man["config"]["size"].as_u64().unwrap();
+    assert_eq!(
+        r1.registry_bytes,
+        m.bytes.len() as u64 + cfg_size,
+        "only the manifest and config come from the registry"
+    );
+    let reqs: Vec<String> = reg.requests()[before..].to_vec();
+    assert!(
+        reqs.iter()
+            .any(|l| l.starts_with("GET /v2/obd/busybox/manifests/v1 ")),
+        "the access log works: {reqs:?}"
+    );
+    for d in &layer_digests {
+        assert!(
+            !reqs.iter().any(|l| l.contains(d.as_str())),
+            "layer blob {d} was requested: {reqs:?}"
+        );
+    }
+    let imgs = run(ctr().args(["-n", "default", "images", "ls"]));
+    assert!(
+        imgs.lines().any(|l| l.starts_with(&format!("{obd} "))),
+        "{imgs}"
+    );
+    let snaps = run(ctr().args(["-n", "default", "snapshots", "--snapshotter", "obd", "ls"]));
+    for l in &r1.layers {
+        assert!(
+            snaps
+                .lines()
+                .any(|s| s.starts_with(&l.chain_id) && s.contains("Committed")),
+            "chainID {} is not committed:\n{snaps}",
+            l.chain_id
+        );
+    }
+    let info = run(ctr().args([
+        "-n",
+        "default",
+        "snapshots",
+        "--snapshotter",
+        "obd",
+        "info",
+        &r1.layers[1].chain_id,
+    ]));
+    assert!(info.contains(&r1.layers[0].chain_id), "parent: {info}");
+    assert!(info.contains("containerd.io/snapshot/image-ref"), "{info}");
+    let content = run(ctr().args(["-n", "default", "content", "ls"]));
+    let cfg_line = content
+        .lines()
+        .find(|l| l.starts_with(&r1.config))
+        .unwrap_or_else(|| panic!("no config in the content store:\n{content}"));
+    assert!(
+        cfg_line.contains(&format!(
+            "containerd.io/gc.ref.snapshot.obd={}",
+            r1.layers[1].chain_id
+        )),
+        "{cfg_line}"
+    );
+    for d in &layer_digests {
+        assert!(!content.contains(d.as_str()), "layer blob {d} in the store");
+    }
+    let leases = run(ctr().args(["-n", "default", "leases", "ls"]));
+    assert_eq!(leases.lines().count(), 1, "a lease was left:\n{leases}");
+
+    // A second pull changes nothing.
+    let r2 = pull(&sock, &obd);
+    assert!(!r2.created);
+    assert_eq!(states(&r2), vec![LayerState::Present; 2], "{r2:?}");
+    let reqs: Vec<String> = reg.requests()[before..].to_vec();
+    for d in &layer_digests {
+        assert!(!reqs.iter().any(|l| l.contains(d.as_str())), "{reqs:?}");
+    }
+
+    drop(procs);
+}
