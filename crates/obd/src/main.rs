@@ -10,6 +10,7 @@ mod cmd_device;
 mod cmd_image;
 mod cmd_layer;
 mod cmd_pull;
+mod cmd_trace;
 mod cmd_zfile;
 mod util;
 
@@ -44,6 +45,9 @@ enum Cmd {
     /// Serve images as block devices: a service, one worker per device.
     #[command(subcommand)]
     Device(cmd_device::DeviceCmd),
+    /// Dump trace files and replay them against an image (prefetch).
+    #[command(subcommand)]
+    Trace(cmd_trace::TraceCmd),
     /// Measure the hot paths; `--json` prints one JSON object of figures.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -57,6 +61,7 @@ fn main() {
         Cmd::Image(c) => cmd_image::run(c),
         Cmd::Bench(c) => bench::run(c),
         Cmd::Device(c) => cmd_device::run(c),
+        Cmd::Trace(c) => cmd_trace::run(c),
         Cmd::Convert(c) => cmd_convert::run(c),
         Cmd::Pull(c) => cmd_pull::run(c),
     };
