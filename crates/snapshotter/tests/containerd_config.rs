@@ -1,0 +1,263 @@
+//! The shipped containerd configs (`contrib/containerd/`): both parse and
+//! carry the keys lazy pull depends on; the 1.6/1.7 one is loaded for real by
+//! Debian's containerd 1.6 (private root, state and sockets; the CRI plugin
+//! enabled) next to `obd-snapshotter`, and `ctr plugins ls` must show the obd
+//! proxy snapshotter and CRI as ok. The containerd part needs root and
+//! containerd; otherwise it is skipped with a loud message. There is no
+//! containerd 2.x binary here: its config is only checked statically.
+
+use snapshotter::config::DEFAULT_ADDRESS;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn contrib(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../contrib/containerd")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn get<'a>(v: &'a toml::Value, path: &[&str]) -> &'a toml::Value {
+    path.iter().fold(v, |v, k| {
+        v.get(k)
+            .unwrap_or_else(|| panic!("missing key {k} in {}", path.join(".")))
+    })
+}
+
+#[test]
+fn configs_carry_the_lazy_pull_keys() {
+    let v: toml::Value = toml::from_str(&contrib("config-1.6-1.7.toml")).unwrap();
+    assert_eq!(get(&v, &["version"]).as_integer(), Some(2));
+    let obd = get(&v, &["proxy_plugins", "obd"]);
+    assert_eq!(get(obd, &["type"]).as_str(), Some("snapshot"));
+    assert_eq!(get(obd, &["address"]).as_str(), Some(DEFAULT_ADDRESS));
+    let cri = get(&v, &["plugins", "io.containerd.grpc.v1.cri", "containerd"]);
+    assert_eq!(get(cri, &["snapshotter"]).as_str(), Some("obd"));
+    assert_eq!(
+        get(cri, &["disable_snapshot_annotations"]).as_bool(),
+        Some(false)
+    );
+
+    let v: toml::Value = toml::from_str(&contrib("config-2.x.toml")).unwrap();
+    assert_eq!(get(&v, &["version"]).as_integer(), Some(3));
+    let obd = get(&v, &["proxy_plugins", "obd"]);
+    assert_eq!(get(obd, &["type"]).as_str(), Some("snapshot"));
+    assert_eq!(get(obd, &["address"]).as_str(), Some(DEFAULT_ADDRESS));
+    assert!(obd.get("capabilities").is_none(), "no rebase capability");
+    assert_eq!(
+        get(obd, &["exports", "enable_remote_snapshot_annotations"]).as_str(),
+        Some("true")
+    );
+    assert_eq!(
+        get(obd, &["exports", "root"]).as_str(),
+        Some(snapshotter::config::DEFAULT_ROOT)
+    );
+    let images = get(&v, &["plugins", "io.containerd.cri.v1.images"]);
+    assert_eq!(get(images, &["snapshotter"]).as_str(), Some("obd"));
+    assert_eq!(
+        get(images, &["disable_snapshot_annotations"]).as_bool(),
+        Some(false)
+    );
+    let unpack = get(
+        &v,
+        &[
+            "plugins",
+            "io.containerd.transfer.v1.local",
+            "unpack_config",
+        ],
+    )
+    .as_array()
+    .unwrap();
+    assert!(unpack.iter().any(|u| {
+        u.get("snapshotter").and_then(|s| s.as_str()) == Some("obd")
+            && u.get("platform").and_then(|s| s.as_str()) == Some("linux")
+    }));
+}
+
+fn skip(why: &str) {
+    eprintln!("\n*** SKIPPED containerd 1.6 config check: {why} ***\n");
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Child processes, stopped in reverse order (SIGTERM, bounded wait, KILL).
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().rev() {
+            // SAFETY: kill takes plain integers; the pid is our own child's.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while c.try_wait().ok().flatten().is_none() {
+                if t0.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// The shipped 1.6/1.7 config, pointed at private paths under `dir`.
+fn private_config(dir: &Path, sn_sock: &Path) -> String {
+    let shipped = contrib("config-1.6-1.7.toml");
+    assert!(shipped.contains(DEFAULT_ADDRESS));
+    let mut out = String::new();
+    for line in shipped
+        .replace(DEFAULT_ADDRESS, &sn_sock.to_string_lossy())
+        .lines()
+    {
+        out.push_str(line);
+        out.push('\n');
+        // Top-level keys must precede the first table.
+        if line.trim() == "version = 2" {
+            out.push_str(&format!(
+                "root = \"{d}/root\"\nstate = \"{d}/state\"\n",
+                d = dir.display()
+            ));
+        }
+    }
+    out.push_str(&format!(
+        r#"
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+[metrics]
+  address = ""
+"#,
+        d = dir.display()
+    ));
+    out
+}
+
+#[test]
+fn containerd_1_6_loads_the_shipped_config() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("needs root (containerd)");
+    }
+    for t in ["containerd", "ctr"] {
+        if !have(t) {
+            return skip(&format!("{t} is not installed"));
+        }
+    }
+    // Short path: unix sockets are limited to 107 bytes.
+    let tmp = tempfile::Builder::new()
+        .prefix("obd-cfg-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir: PathBuf = tmp.path().into();
+    let sn_sock = dir.join("obd.sock");
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, private_config(&dir, &sn_sock)).unwrap();
+
+    // containerd reads the CRI section as the shipped file says.
+    let dump = run(Command::new("containerd")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["config", "dump"]));
+    let dumped: toml::Value = toml::from_str(&dump).unwrap();
+    let cri = get(
+        &dumped,
+        &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
+    );
+    assert_eq!(get(cri, &["snapshotter"]).as_str(), Some("obd"), "{dump}");
+    assert_eq!(
+        get(cri, &["disable_snapshot_annotations"]).as_bool(),
+        Some(false),
+        "{dump}"
+    );
+
+    let mut procs = Procs(Vec::new());
+    let sn_log = std::fs::File::create(dir.join("snapshotter.log")).unwrap();
+    procs.0.push(
+        Command::new(env!("CARGO_BIN_EXE_obd-snapshotter"))
+            .arg("--root")
+            .arg(dir.join("snroot"))
+            .arg("--address")
+            .arg(&sn_sock)
+            .stderr(sn_log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the snapshotter socket", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&sn_sock).is_ok()
+    });
+    let ctd_log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    procs.0.push(
+        Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(ctd_log.try_clone().unwrap())
+            .stderr(ctd_log)
+            .spawn()
+            .unwrap(),
+    );
+    let sock = dir.join("containerd.sock");
+    let ctr = || {
+        let mut c = Command::new("timeout");
+        c.args(["60", "ctr", "--address"]).arg(&sock);
+        c
+    };
+    wait_until("containerd", Duration::from_secs(30), || {
+        ctr()
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let plugins = run(ctr().args(["plugins", "ls"]));
+    let ok = |ty: &str, id: &str| {
+        plugins.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&ty) && f.get(1) == Some(&id) && f.last() == Some(&"ok")
+        })
+    };
+    let log = || std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default();
+    assert!(
+        ok("io.containerd.snapshotter.v1", "obd"),
+        "obd is not an ok snapshotter plugin:\n{plugins}\n{}",
+        log()
+    );
+    assert!(
+        ok("io.containerd.grpc.v1", "cri"),
+        "the CRI plugin did not load:\n{plugins}\n{}",
+        log()
+    );
+    // containerd reaches the snapshotter through the proxy.
+    let snaps = run(ctr().args(["snapshots", "--snapshotter", "obd", "ls"]));
+    assert!(snaps.starts_with("KEY"), "{snaps}");
+    drop(procs);
+}
