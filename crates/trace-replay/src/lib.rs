@@ -7,6 +7,8 @@
 //!   replay, priority list) and the priority-list parser.
 //! - [`recorder`]: collects completed layer-file reads and writes the trace
 //!   with upstream's lock-file handshake.
+//! - [`priority`]: priority lists on ext4 (`debugfs` finds the files' blocks,
+//!   the merged index maps them to layer-file ranges).
 //! - [`replay`]: merges the records into large requests and reads them with
 //!   bounded concurrency at prefetch priority.
 //!
@@ -15,6 +17,7 @@
 
 pub mod format;
 pub mod mode;
+pub mod priority;
 pub mod recorder;
 pub mod replay;
 
