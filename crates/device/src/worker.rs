@@ -205,8 +205,14 @@ enum TraceRun {
     },
 }
 
-/// Starts what `plan` asks for, once the device is up.
-fn start_trace(id: &str, plan: TracePlan, backend: &Arc<crate::backend::ImageBackend>) -> TraceRun {
+/// Starts what `plan` asks for, once `device` (serving `backend`) is up.
+fn start_trace(
+    id: &str,
+    plan: TracePlan,
+    backend: &Arc<crate::backend::ImageBackend>,
+    device: &Path,
+) -> TraceRun {
+    let image = backend.lower().clone();
     match plan {
         TracePlan::None => TraceRun::None,
         TracePlan::Record(rec) => {
@@ -218,41 +224,76 @@ fn start_trace(id: &str, plan: TracePlan, backend: &Arc<crate::backend::ImageBac
             let watch = rec.watch(trace_replay::recorder::POLL_INTERVAL);
             TraceRun::Record { rec, watch }
         }
-        TracePlan::Replay { path, trace } => {
-            let stop = Arc::new(AtomicBool::new(false));
-            let image = backend.lower().clone();
-            let (id2, stop2) = (id.to_string(), stop.clone());
-            let spawned = std::thread::Builder::new()
-                .name("trace-replay".into())
-                .spawn(move || {
-                    let readers = image.layer_readers();
-                    let layers: Vec<&dyn ReadAt> =
-                        readers.iter().map(|b| &**b as &dyn ReadAt).collect();
-                    let report = trace_replay::replay(
-                        &trace,
-                        &layers,
-                        &trace_replay::ReplayOptions::default(),
-                        &stop2,
-                    );
+        TracePlan::Replay { path, trace } => spawn_replay(id, path, image, move |_| Ok(trace)),
+        TracePlan::PriorityList { path, entries } => {
+            let device = device.to_owned();
+            spawn_replay(id, path, image, move |image| {
+                priority_trace(image, &device, &entries)
+            })
+        }
+    }
+}
+
+/// The trace a priority list stands for: its files' blocks on the device's
+/// ext4, as lower-layer ranges.
+fn priority_trace(
+    image: &overlaybd_core::image::Image,
+    device: &Path,
+    entries: &[trace_replay::PriorityEntry],
+) -> std::result::Result<trace_replay::Trace, String> {
+    use trace_replay::priority::{device_ranges_to_trace, ext4_block_size, ext4_ranges};
+    let bs = ext4_block_size(image)
+        .ok_or("the image holds no ext4; priority lists are supported on ext4 only")?;
+    let ranges = ext4_ranges(device, bs, entries).map_err(|e| e.to_string())?;
+    Ok(device_ranges_to_trace(
+        image.index(),
+        image.layers().len(),
+        &ranges,
+    ))
+}
+
+/// Replays, in a background thread, the trace `make` builds for `image`;
+/// `path` names the trace (or list) file in the log.
+fn spawn_replay(
+    id: &str,
+    path: std::path::PathBuf,
+    image: Arc<overlaybd_core::image::Image>,
+    make: impl FnOnce(&overlaybd_core::image::Image) -> std::result::Result<trace_replay::Trace, String>
+        + Send
+        + 'static,
+) -> TraceRun {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (id2, stop2) = (id.to_string(), stop.clone());
+    let spawned = std::thread::Builder::new()
+        .name("trace-replay".into())
+        .spawn(move || {
+            let trace = match make(&image) {
+                Ok(t) => t,
+                Err(e) => {
                     eprintln!(
-                        "obd device worker {id2}: replayed {}: {report}",
+                        "obd device worker {id2}: {}: not replayed: {e}",
                         path.display()
                     );
-                });
-            match spawned {
-                Ok(handle) => TraceRun::Replay { stop, handle },
-                Err(e) => {
-                    eprintln!("obd device worker {id}: cannot start the trace replay: {e}");
-                    TraceRun::None
+                    return;
                 }
-            }
-        }
-        TracePlan::PriorityList { path, entries } => {
-            eprintln!(
-                "obd device worker {id}: {}: priority lists ({} paths) are not supported yet; skipped",
-                path.display(),
-                entries.len()
+            };
+            let readers = image.layer_readers();
+            let layers: Vec<&dyn ReadAt> = readers.iter().map(|b| &**b as &dyn ReadAt).collect();
+            let report = trace_replay::replay(
+                &trace,
+                &layers,
+                &trace_replay::ReplayOptions::default(),
+                &stop2,
             );
+            eprintln!(
+                "obd device worker {id2}: replayed {}: {report}",
+                path.display()
+            );
+        });
+    match spawned {
+        Ok(handle) => TraceRun::Replay { stop, handle },
+        Err(e) => {
+            eprintln!("obd device worker {id}: cannot start the trace replay: {e}");
             TraceRun::None
         }
     }
@@ -287,7 +328,7 @@ pub fn run(root: &Root, id: &str) -> i32 {
     println!("ok {}", up.record.device.display());
     let _ = std::io::stdout().flush();
     release_stdout();
-    let trace = start_trace(id, opened.trace, &up.backend);
+    let trace = start_trace(id, opened.trace, &up.backend, &up.record.device);
     let sig = wait_for_stop();
     eprintln!(
         "obd device worker {id}: signal {sig}, detaching {}",

@@ -253,3 +253,34 @@ fn detaching_while_recording_writes_the_trace() {
     assert!(!lock(&trace).exists());
     assert!(!dump(&trace)["records"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_priority_list_is_prefetched_from_the_ext4_blocks_of_its_files() {
+    need_root!();
+    if Command::new("debugfs").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: debugfs (e2fsprogs) is missing");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let svc = Service::start(&tmp.path().join("root"));
+    let list = tmp.path().join("list");
+    std::fs::write(&list, b"/opt/data/big.log\n/etc/\n").unwrap();
+    let cfg = config(tmp.path(), &list);
+    let id = svc.attach(&cfg, None);
+    let mut log = String::new();
+    wait_for("the priority-list report", 30, || {
+        log = svc.worker_log(&id);
+        log.contains("replayed") || log.contains("not replayed")
+    });
+    let line = log.lines().find(|l| l.contains("replayed")).unwrap();
+    assert!(line.contains(" 0 errors"), "{line}");
+    // At least big.log's 2 MiB were prefetched.
+    let bytes: u64 = line
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" bytes")?.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {line}"));
+    assert!(bytes >= 2_097_485, "{line}");
+    svc.detach(&id);
+    // The list is left as it was.
+    assert_eq!(std::fs::read(&list).unwrap(), b"/opt/data/big.log\n/etc/\n");
+}
