@@ -16,6 +16,7 @@ use snapshotter::config::{Config, LogFormat};
 use snapshotter::layer::{LayerHook, OverlaybdLayers, PlainLayers};
 use snapshotter::service::{serve_unix, Service};
 use snapshotter::{metrics, Snapshotter};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -80,7 +81,9 @@ fn main() -> anyhow::Result<()> {
         .context("log level")?;
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // No colour codes in the journal or in files.
+        .with_ansi(std::io::stderr().is_terminal());
     match cfg.log_format {
         LogFormat::Text => fmt.init(),
         LogFormat::Json => fmt

@@ -279,6 +279,8 @@ fn unusable_metrics_address_fails_the_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&addr), "{err}");
+    // Text logs to a pipe carry no colour codes.
+    assert!(!err.contains('\x1b'), "{err:?}");
     assert!(!dir.join("obd.sock").exists());
 
     let out = Command::new(env!("CARGO_BIN_EXE_obd-snapshotter"))
