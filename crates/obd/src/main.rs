@@ -6,6 +6,7 @@ mod bench_read;
 mod bench_remote;
 mod bench_zfile;
 mod cmd_convert;
+mod cmd_demo;
 mod cmd_device;
 mod cmd_image;
 mod cmd_layer;
@@ -42,6 +43,9 @@ enum Cmd {
     Convert(cmd_convert::ConvertArgs),
     /// Pull an image into containerd; obd layers are not downloaded.
     Pull(cmd_pull::PullArgs),
+    /// Run the whole path end to end: registry, sample image, convert,
+    /// containerd + obd-snapshotter, lazy pull, run; prints timings.
+    Demo(cmd_demo::DemoArgs),
     /// Serve images as block devices: a service, one worker per device.
     #[command(subcommand)]
     Device(cmd_device::DeviceCmd),
@@ -64,6 +68,7 @@ fn main() {
         Cmd::Trace(c) => cmd_trace::run(c),
         Cmd::Convert(c) => cmd_convert::run(c),
         Cmd::Pull(c) => cmd_pull::run(c),
+        Cmd::Demo(c) => cmd_demo::run(c),
     };
     if let Err(e) = res {
         eprintln!("obd: error: {e:#}");

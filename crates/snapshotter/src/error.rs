@@ -32,6 +32,9 @@ pub enum Error {
     /// The metadata store failed.
     #[error("metadata store: {0}")]
     Db(String),
+    /// A block device of an obd layer could not be attached or configured.
+    #[error("obd device: {0}")]
+    Device(String),
     /// The configuration file is unreadable or invalid.
     #[error("config {path}: {msg}")]
     Config {
@@ -83,7 +86,9 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
-            Error::Io { .. } | Error::Db(_) | Error::Config { .. } => tonic::Status::internal(msg),
+            Error::Io { .. } | Error::Db(_) | Error::Config { .. } | Error::Device(_) => {
+                tonic::Status::internal(msg)
+            }
         }
     }
 }

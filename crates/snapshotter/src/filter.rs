@@ -32,8 +32,10 @@ impl Fields<'_> {
         }
         match path.first().map(String::as_str)? {
             "kind" if path.len() == 1 => non_empty(self.kind),
-            "name" if path.len() == 1 => non_empty(self.name),
-            "parent" if path.len() == 1 => non_empty(self.parent),
+            // Always present, even when empty (containerd's adaptSnapshot):
+            // containerd looks remote snapshots up with `parent==""`.
+            "name" if path.len() == 1 => Some(self.name),
+            "parent" if path.len() == 1 => Some(self.parent),
             "labels" if path.len() > 1 => self.labels.get(&path[1..].join(".")).map(String::as_str),
             _ => None,
         }

@@ -73,6 +73,16 @@ pub struct MountInfo<'a> {
     pub labels: &'a BTreeMap<String, String>,
 }
 
+/// A snapshot just committed (by the remote handshake or after an unpack).
+pub struct CommitInfo<'a> {
+    /// `<root>/snapshots/<id>`.
+    pub dir: &'a std::path::Path,
+    /// The parent's directory, if any.
+    pub parent_dir: Option<&'a std::path::Path>,
+    /// Labels of the committed snapshot.
+    pub labels: &'a BTreeMap<String, String>,
+}
+
 /// Decides how layers are stored and mounted.
 pub trait LayerHook: Send + Sync + 'static {
     /// Classifies a Prepare (or View).
@@ -81,9 +91,19 @@ pub trait LayerHook: Send + Sync + 'static {
     fn mounts(&self, _info: &MountInfo<'_>) -> Result<Option<Vec<Mount>>> {
         Ok(None)
     }
+    /// Called in the commit transaction (an error aborts the commit), e.g.
+    /// to write a layer's device config.
+    fn committed(&self, _info: &CommitInfo<'_>) -> Result<()> {
+        Ok(())
+    }
     /// Called after a snapshot's metadata was removed, before its directory
     /// goes (e.g. to detach a device).
     fn removed(&self, _dir: &std::path::Path, _labels: &BTreeMap<String, String>) -> Result<()> {
+        Ok(())
+    }
+    /// Releases what is held for snapshot directories not in `in_use` (the
+    /// active and view snapshots and all their ancestors).
+    fn sweep(&self, _in_use: &std::collections::HashSet<PathBuf>) -> Result<()> {
         Ok(())
     }
 }

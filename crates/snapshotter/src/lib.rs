@@ -17,6 +17,7 @@ pub mod layer;
 pub mod meta;
 pub mod pull;
 pub mod metrics;
+pub mod obd;
 pub mod service;
 pub mod snapshotter;
 

@@ -13,7 +13,8 @@
 use anyhow::Context;
 use clap::Parser;
 use snapshotter::config::{Config, LogFormat};
-use snapshotter::layer::{LayerHook, OverlaybdLayers, PlainLayers};
+use snapshotter::layer::LayerHook;
+use snapshotter::obd::{self, ObdLayers};
 use snapshotter::service::{serve_unix, Service};
 use snapshotter::{metrics, Snapshotter};
 use std::io::IsTerminal;
@@ -56,6 +57,11 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Device workers are this binary in a hidden mode (one process per device).
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = obd::device_worker_main(&argv) {
+        std::process::exit(code);
+    }
     let args = Args::parse();
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
@@ -93,12 +99,29 @@ fn main() -> anyhow::Result<()> {
             .init(),
     }
 
-    let hook: Box<dyn LayerHook> = if cfg.lazy_pull {
-        Box::new(OverlaybdLayers)
-    } else {
-        Box::new(PlainLayers)
-    };
+    // obd layers always get devices (a fully downloaded one still works
+    // through its tar wrapper); lazy_pull only decides the remote handshake.
+    std::fs::create_dir_all(&cfg.root)
+        .with_context(|| format!("creating {}", cfg.root.display()))?;
+    if let Some(sc) = &cfg.service_config {
+        let dst = cfg.root.join("service.toml");
+        std::fs::copy(sc, &dst)
+            .with_context(|| format!("copying {} to {}", sc.display(), dst.display()))?;
+    }
+    let layers = ObdLayers::new(
+        &cfg.root,
+        obd::worker_command().context("locating obd-snapshotter")?,
+        &cfg.device_frontend,
+        cfg.rw_mode,
+        cfg.lazy_pull,
+    );
+    let (adopted, cleaned) = layers.reconcile()?;
+    tracing::info!(?adopted, ?cleaned, "devices reconciled");
+    let hook: Box<dyn LayerHook> = Box::new(layers);
     let sn = Arc::new(Snapshotter::open(&cfg.root, hook)?);
+    if let Err(e) = sn.sweep() {
+        tracing::warn!(error = %e, "releasing devices no snapshot uses");
+    }
     tracing::info!(root = %cfg.root.display(), rw_mode = ?cfg.rw_mode, lazy_pull = cfg.lazy_pull, "obd-snapshotter starting");
 
     let rt = tokio::runtime::Builder::new_multi_thread()

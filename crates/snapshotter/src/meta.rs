@@ -109,6 +109,8 @@ pub trait Reader {
     fn list(&self, ns: &str) -> Result<Vec<(String, Record)>>;
     /// Every directory id referenced, in all namespaces.
     fn all_ids(&self) -> Result<std::collections::HashSet<u64>>;
+    /// Every snapshot of every namespace: (namespace, key, record).
+    fn all(&self) -> Result<Vec<(String, String, Record)>>;
 }
 
 macro_rules! impl_reader {
@@ -128,6 +130,19 @@ macro_rules! impl_reader {
                     let (k, v) = item?;
                     let key = k.value()[lo.len()..].to_string();
                     out.push((key, serde_json::from_slice(v.value())?));
+                }
+                Ok(out)
+            }
+            fn all(&self) -> Result<Vec<(String, String, Record)>> {
+                let mut out = Vec::new();
+                for item in self.snaps.iter()? {
+                    let (k, v) = item?;
+                    let (ns, key) = k.value().split_once('\0').unwrap_or(("", k.value()));
+                    out.push((
+                        ns.to_string(),
+                        key.to_string(),
+                        serde_json::from_slice(v.value())?,
+                    ));
                 }
                 Ok(out)
             }

@@ -11,7 +11,7 @@
 
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
-use crate::layer::{LayerHook, MountInfo, PrepareAction, PrepareInfo};
+use crate::layer::{CommitInfo, LayerHook, MountInfo, PrepareAction, PrepareInfo};
 use crate::meta::{Kind, Reader, Record, Store, Ts, Usage};
 use crate::proto::containerd::types::Mount;
 use std::collections::{BTreeMap, HashSet};
@@ -76,6 +76,13 @@ fn mkdir_mode(p: &Path, mode: u32) -> Result<()> {
     // Explicit chmod: the process umask must not change the modes.
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
         .map_err(|e| Error::io("chmod", p, e))
+}
+
+/// Whether a snapshot directory has a filesystem mounted at
+/// `block/mountpoint` (removing the tree would reach into it).
+fn mounted_below(dir: &Path) -> bool {
+    let mp = dir.join("block").join("mountpoint");
+    mp.is_dir() && obd_device::mount::is_mounted(&mp)
 }
 
 /// Disk usage of a directory tree: allocated bytes (st_blocks × 512) and
@@ -233,9 +240,17 @@ impl Snapshotter {
                     updated: now,
                     usage: None,
                 },
-            )?;
-            self.mounts_in(w, ns, key)
-        })
+            )
+        })?;
+        // Outside the transaction: the mounts may attach a device (seconds).
+        match self.mounts(ns, key) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "mounts of a new snapshot failed; removing it");
+                let _ = self.remove(ns, key);
+                Err(e)
+            }
+        }
     }
 
     /// Remote-snapshot handshake: commits `target` without data.
@@ -252,7 +267,13 @@ impl Snapshotter {
             }
             let parent_id = self.committed_parent(w, ns, parent)?;
             let id = w.next_id()?;
-            self.make_dirs(id, Kind::Committed, parent_id)?;
+            let dir = self.make_dirs(id, Kind::Committed, parent_id)?;
+            let parent_dir = parent_id.map(|p| self.snapshot_dir(p));
+            self.hook.committed(&CommitInfo {
+                dir: &dir,
+                parent_dir: parent_dir.as_deref(),
+                labels: &labels,
+            })?;
             let now = Ts::now();
             tracing::info!(ns, target, id, "remote snapshot committed without download");
             w.put(
@@ -361,6 +382,15 @@ impl Snapshotter {
                 return Err(Error::AlreadyExists(name.to_string()));
             }
             let usage = disk_usage(&self.snapshot_dir(rec.id).join("fs"))?;
+            let parent_dir = match rec.parent.as_str() {
+                "" => None,
+                p => w.get(ns, p)?.map(|r| self.snapshot_dir(r.id)),
+            };
+            self.hook.committed(&CommitInfo {
+                dir: &self.snapshot_dir(rec.id),
+                parent_dir: parent_dir.as_deref(),
+                labels: &labels,
+            })?;
             let now = Ts::now();
             w.delete(ns, key)?;
             w.put(
@@ -397,6 +427,16 @@ impl Snapshotter {
         let dir = self.snapshot_dir(rec.id);
         if let Err(e) = self.hook.removed(&dir, &rec.labels) {
             tracing::warn!(key, error = %e, "layer hook failed on remove");
+        }
+        if rec.kind != Kind::Committed {
+            // The image's shared device goes with its last container.
+            if let Err(e) = self.sweep() {
+                tracing::warn!(key, error = %e, "releasing unused devices");
+            }
+        }
+        if mounted_below(&dir) {
+            tracing::warn!(key, dir = %dir.display(), "a device is still mounted in the snapshot; its directory is kept for Cleanup");
+            return Ok(());
         }
         let gone = self.root.join("snapshots").join(format!("rm-{}", rec.id));
         let res = std::fs::rename(&dir, &gone).and_then(|_| std::fs::remove_dir_all(&gone));
@@ -450,6 +490,37 @@ impl Snapshotter {
         })
     }
 
+    /// The directories of active and view snapshots and all their
+    /// ancestors, in every namespace.
+    pub fn in_use(&self) -> Result<HashSet<PathBuf>> {
+        self.store.read(|r| {
+            let all = r.all()?;
+            let by_key: std::collections::HashMap<(&str, &str), &Record> = all
+                .iter()
+                .map(|(ns, k, rec)| ((ns.as_str(), k.as_str()), rec))
+                .collect();
+            let mut out = HashSet::new();
+            for (ns, _, rec) in all.iter().filter(|(_, _, r)| r.kind != Kind::Committed) {
+                out.insert(self.snapshot_dir(rec.id));
+                let mut p = rec.parent.as_str();
+                while let Some(pr) = by_key.get(&(ns.as_str(), p)) {
+                    if !out.insert(self.snapshot_dir(pr.id)) {
+                        break;
+                    }
+                    p = pr.parent.as_str();
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Lets the layer hook release what no active or view snapshot uses
+    /// (devices of images whose last container went).
+    pub fn sweep(&self) -> Result<()> {
+        let in_use = self.in_use()?;
+        self.hook.sweep(&in_use)
+    }
+
     /// Usage: walked now for active snapshots, recorded at Commit otherwise.
     pub fn usage(&self, ns: &str, key: &str) -> Result<Usage> {
         let rec = self.store.read(|r| {
@@ -457,7 +528,19 @@ impl Snapshotter {
                 .ok_or_else(|| Error::NotFound(key.to_string()))
         })?;
         match (rec.kind, rec.usage) {
-            (Kind::Active, _) => disk_usage(&self.snapshot_dir(rec.id).join("fs")),
+            (Kind::Active, _) => {
+                // The upper, plus a private writable device's files (dir/dev
+                // rw modes); never the mounted image below.
+                let dir = self.snapshot_dir(rec.id);
+                let mut u = disk_usage(&dir.join("fs"))?;
+                for f in ["writable_data", "writable_index"] {
+                    if let Ok(md) = std::fs::metadata(dir.join("block").join(f)) {
+                        u.size += md.blocks() as i64 * 512;
+                        u.inodes += 1;
+                    }
+                }
+                Ok(u)
+            }
             (Kind::Committed, None) => disk_usage(&self.snapshot_dir(rec.id).join("fs")),
             (_, u) => Ok(u.unwrap_or_default()),
         }
@@ -482,8 +565,12 @@ impl Snapshotter {
         })
     }
 
-    /// Removes snapshot directories that no metadata refers to.
+    /// Removes snapshot directories that no metadata refers to, and releases
+    /// devices that no snapshot uses.
     pub fn cleanup(&self) -> Result<Vec<PathBuf>> {
+        if let Err(e) = self.sweep() {
+            tracing::warn!(error = %e, "cleanup: releasing unused devices");
+        }
         let snaps = self.root.join("snapshots");
         // Under the writer lock, so no Prepare is between mkdir and commit.
         self.store.write(|w| {
@@ -500,6 +587,10 @@ impl Snapshotter {
                     continue;
                 }
                 let p = e.path();
+                if mounted_below(&p) {
+                    tracing::warn!(path = %p.display(), "cleanup: a device is still mounted here; kept");
+                    continue;
+                }
                 match std::fs::remove_dir_all(&p) {
                     Ok(()) => removed.push(p),
                     Err(err) => tracing::warn!(path = %p.display(), error = %err, "cleanup"),

@@ -1,0 +1,423 @@
+//! obd (overlaybd) layers: `config.v1.json` per snapshot, block devices
+//! attached through the device service, and the mounts on top of them
+//! (integration.md §3–4, formats.md §7 and §9.2).
+//!
+//! - A remote layer (the Prepare → AlreadyExists handshake) gets
+//!   `block/config.v1.json`: its parent's lowers plus `{digest, size, dir}`,
+//!   with `repoBlobUrl` from the image reference.
+//! - A layer containerd downloaded and unpacked anyway (plain `ctr pull`; the
+//!   tar wrapper leaves `fs/overlaybd.commit`) gets a config whose lower is
+//!   that local file. The fallback is logged and counted.
+//! - A container rootfs whose parent chain holds an obd layer: in `overlayfs`
+//!   mode the image's read-only device (one per image, on the top obd layer,
+//!   shared by its containers) is mounted at `<layer>/block/mountpoint` and
+//!   used as the overlay's lowest lowerdir; in `dir` mode a private writable
+//!   device (`block/writable_{data,index}`) is mounted and bound; in `dev`
+//!   mode that device is returned unmounted.
+//! - Devices are one worker process each (crate `obd-device`), with state
+//!   under the snapshotter root (`devices/<id>/`, `cache/<id>/`, registry
+//!   settings in `service.toml`), so they survive a snapshotter restart; the
+//!   next start adopts them and detaches those no snapshot uses.
+
+use crate::config::RwMode;
+use crate::error::{Error, Result};
+use crate::layer::{
+    classify_overlaybd, CommitInfo, LayerHook, MountInfo, PrepareAction, PrepareInfo,
+    LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_REMOTE,
+};
+use crate::meta::Kind;
+use crate::proto::containerd::types::Mount;
+use obd_device::service::{Op, Service};
+use obd_device::state::{worker_alive, Root};
+use overlaybd_core::config::{ImageConfig, Lower, Upper};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Per-snapshot override of `rw_mode` (`dir` or `dev`).
+pub const LABEL_WRITABLE: &str = "containerd.io/snapshot/overlaybd.writable";
+/// Names the file of a locally unpacked obd layer inside `fs/`.
+pub const COMMIT_FILE: &str = "overlaybd.commit";
+
+/// The device config of a snapshot directory.
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("block").join("config.v1.json")
+}
+
+/// Whether a snapshot directory holds an obd layer (its config exists).
+pub fn is_obd(dir: &Path) -> bool {
+    config_path(dir).is_file()
+}
+
+/// `https://<host>/v2/<repo>/blobs` of an image reference (docker.io →
+/// registry-1.docker.io; the scheme becomes http through the registry
+/// service config's per-host `plain_http`).
+pub fn repo_blob_url(image_ref: &str) -> Result<String> {
+    let r = overlaybd_core::remote::distribution::ImageRef::parse(image_ref)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let host = match r.host.as_str() {
+        "docker.io" | "index.docker.io" | "registry-1.docker.io" => "registry-1.docker.io",
+        h => h,
+    };
+    Ok(format!("https://{host}/v2/{}/blobs", r.repo))
+}
+
+/// Whether `f` starts like a ZFile or LSMT file (formats.md §9.2 probe).
+fn looks_like_layer(f: &Path) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 24];
+    let Ok(mut file) = std::fs::File::open(f) else {
+        return false;
+    };
+    if file.read_exact(&mut b).is_err() {
+        return false;
+    }
+    // ZFile magic0 "ZFile\0\x01\0"; LSMT magic0 "LSMT\0\x01\x02\0".
+    b.starts_with(b"ZFile\0") || b.starts_with(b"LSMT\0")
+}
+
+/// The overlaybd layer hook with devices.
+pub struct ObdLayers {
+    root: PathBuf,
+    devices: Service,
+    dev_root: Root,
+    frontend: String,
+    rw_mode: RwMode,
+    lazy_pull: bool,
+    attach_lock: Mutex<()>,
+}
+
+impl ObdLayers {
+    /// Devices live under `root` (the snapshotter root); workers run as
+    /// `worker_cmd … --root <root> --id <id>`.
+    /// `lazy_pull` enables the remote-snapshot handshake.
+    pub fn new(
+        root: &Path,
+        worker_cmd: Vec<String>,
+        frontend: &str,
+        rw_mode: RwMode,
+        lazy_pull: bool,
+    ) -> Self {
+        let dev_root = Root::new(root);
+        ObdLayers {
+            root: root.to_path_buf(),
+            devices: Service::new(dev_root.clone(), worker_cmd),
+            dev_root,
+            frontend: frontend.to_string(),
+            rw_mode,
+            lazy_pull,
+            attach_lock: Mutex::new(()),
+        }
+    }
+
+    /// Adopts live devices and cleans up dead ones (at start).
+    pub fn reconcile(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let r = self.devices.reconcile().map_err(dev_err)?;
+        self.report_devices();
+        Ok(r)
+    }
+
+    fn report_devices(&self) {
+        let n = self.dev_root.ids().map(|v| v.len()).unwrap_or(0);
+        crate::metrics::global().set_devices(n as i64);
+    }
+
+    fn device_id(dir: &Path) -> String {
+        let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or("x");
+        format!("s{id}")
+    }
+
+    /// The device of snapshot `dir` with `config`, mounted at
+    /// `block/mountpoint` if `mount`; attached now if it is not up.
+    /// Returns the device node.
+    fn ensure_device(&self, dir: &Path, config: &Path, mount: bool) -> Result<PathBuf> {
+        let _g = self.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let id = Self::device_id(dir);
+        let mp = dir.join("block").join("mountpoint");
+        if let Ok(Some(rec)) = self.dev_root.record(&id) {
+            let mounted_ok = !mount || obd_device::mount::is_mounted(&mp);
+            if worker_alive(&rec) && mounted_ok && rec.request.config == config {
+                return Ok(rec.device);
+            }
+            tracing::warn!(device = %id, "device is gone or stale; attaching it again");
+            let _ = self.devices.dispatch(Op::Detach { device: id.clone() });
+        } else if self.dev_root.device_dir(&id).exists() {
+            let _ = obd_device::service::cleanup_device(&self.dev_root, &id);
+        }
+        if mount {
+            std::fs::create_dir_all(&mp).map_err(|e| Error::io("mkdir", &mp, e))?;
+        }
+        let t = Instant::now();
+        let r = self.devices.dispatch(Op::Attach {
+            config: config.to_path_buf(),
+            frontend: self.frontend.clone(),
+            mountpoint: mount.then_some(mp.clone()),
+            id: Some(id.clone()),
+        });
+        let secs = t.elapsed().as_secs_f64();
+        crate::metrics::global().device_attach(secs, r.is_ok());
+        self.report_devices();
+        let v = r.map_err(dev_err)?;
+        let dev = v
+            .get("device")
+            .and_then(|d| d.as_str())
+            .map(PathBuf::from)
+            .ok_or_else(|| Error::Device(format!("device service gave no device for {id}")))?;
+        tracing::info!(device = %id, node = %dev.display(), config = %config.display(), ms = (secs * 1000.0) as u64, "device attached");
+        let _ = std::fs::write(
+            dir.join("block").join("backstore_mark"),
+            dev.to_string_lossy().as_bytes(),
+        );
+        Ok(dev)
+    }
+
+    fn detach(&self, dir: &Path) {
+        let _g = self.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let id = Self::device_id(dir);
+        if !self.dev_root.device_dir(&id).exists() {
+            return;
+        }
+        match self.devices.dispatch(Op::Detach { device: id.clone() }) {
+            Ok(_) => tracing::info!(device = %id, "device detached"),
+            Err(e) => tracing::warn!(device = %id, error = %e, "detach"),
+        }
+        self.report_devices();
+    }
+
+    /// The private writable device config of an active snapshot `dir` over
+    /// the image of `obd_dir`.
+    fn writable_config(&self, dir: &Path, obd_dir: &Path) -> Result<PathBuf> {
+        let p = config_path(dir);
+        if p.is_file() {
+            return Ok(p);
+        }
+        let mut cfg = load(obd_dir)?;
+        let block = dir.join("block");
+        cfg.upper = Upper {
+            index: block.join("writable_index").to_string_lossy().into_owned(),
+            data: block.join("writable_data").to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        cfg.result_file = block.join("init-debug.log").to_string_lossy().into_owned();
+        save(&p, &cfg)?;
+        Ok(p)
+    }
+}
+
+fn dev_err(e: obd_device::Error) -> Error {
+    Error::Device(format!("device service: {e}"))
+}
+
+fn load(dir: &Path) -> Result<ImageConfig> {
+    let p = config_path(dir);
+    ImageConfig::load(&p).map_err(|e| Error::Device(format!("{}: {e}", p.display())))
+}
+
+fn save(p: &Path, cfg: &ImageConfig) -> Result<()> {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).map_err(|e| Error::io("mkdir", d, e))?;
+    }
+    cfg.save_atomic(p)
+        .map_err(|e| Error::Device(format!("{}: {e}", p.display())))
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl LayerHook for ObdLayers {
+    fn classify(&self, info: &PrepareInfo<'_>) -> PrepareAction {
+        if self.lazy_pull {
+            classify_overlaybd(info)
+        } else {
+            PrepareAction::Plain
+        }
+    }
+
+    fn committed(&self, c: &CommitInfo<'_>) -> Result<()> {
+        let l = c.labels;
+        let parent_cfg = match c.parent_dir {
+            Some(p) if is_obd(p) => Some(load(p)?),
+            _ => None,
+        };
+        let fs = c.dir.join("fs");
+        let local = fs.join(COMMIT_FILE);
+        let lower = if l.contains_key(LABEL_REMOTE) {
+            let digest = l.get(LABEL_BLOB_DIGEST).cloned().unwrap_or_default();
+            let size = l
+                .get(LABEL_BLOB_SIZE)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("label {LABEL_BLOB_SIZE} is not a number"))
+                })?;
+            Lower {
+                digest,
+                size,
+                dir: s(&fs),
+                ..Default::default()
+            }
+        } else if local.is_file() && looks_like_layer(&local) {
+            if c.parent_dir.is_some() && parent_cfg.is_none() {
+                tracing::warn!(dir = %c.dir.display(), "obd layer over a plain OCI layer: kept as a plain layer");
+                return Ok(());
+            }
+            tracing::warn!(
+                dir = %c.dir.display(),
+                digest = l.get(LABEL_BLOB_DIGEST).map(String::as_str).unwrap_or(""),
+                "obd layer was downloaded in full (no image-ref label: plain pull?); serving it from the local tar-wrapped copy"
+            );
+            crate::metrics::global().fallback("downloaded");
+            Lower {
+                dir: s(&fs),
+                digest: l.get(LABEL_BLOB_DIGEST).cloned().unwrap_or_default(),
+                size: l
+                    .get(LABEL_BLOB_SIZE)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                ..Default::default()
+            }
+        } else {
+            return Ok(());
+        };
+        let mut cfg = parent_cfg.unwrap_or_default();
+        if let Some(r) = l
+            .get(LABEL_IMAGE_REF)
+            .or_else(|| l.get(LABEL_CRI_IMAGE_REF))
+        {
+            cfg.repo_blob_url = repo_blob_url(r)?;
+        }
+        cfg.lowers.push(lower);
+        if cfg.lowers.len() > overlaybd_core::config::MAX_LAYERS {
+            return Err(Error::FailedPrecondition(format!(
+                "image has more than {} obd layers",
+                overlaybd_core::config::MAX_LAYERS
+            )));
+        }
+        cfg.upper = Upper::default();
+        cfg.result_file = s(&c.dir.join("block").join("init-debug.log"));
+        save(&config_path(c.dir), &cfg)?;
+        let _ = std::fs::create_dir_all(c.dir.join("block").join("mountpoint"));
+        Ok(())
+    }
+
+    fn mounts(&self, info: &MountInfo<'_>) -> Result<Option<Vec<Mount>>> {
+        let Some(k) = info.parents.iter().position(|(d, _)| is_obd(d)) else {
+            return Ok(None);
+        };
+        let obd_dir = &info.parents[k].0;
+        let mode = match info.labels.get(LABEL_WRITABLE).map(String::as_str) {
+            Some("dir") => RwMode::Dir,
+            Some("dev") => RwMode::Dev,
+            _ => self.rw_mode,
+        };
+        if info.kind == Kind::Active && mode != RwMode::Overlayfs && k == 0 {
+            let cfg = self.writable_config(&info.dir, obd_dir)?;
+            let mount = mode == RwMode::Dir;
+            let dev = self.ensure_device(&info.dir, &cfg, mount)?;
+            let m = if mount {
+                Mount {
+                    r#type: "bind".into(),
+                    source: s(&info.dir.join("block").join("mountpoint")),
+                    target: String::new(),
+                    options: vec!["rw".into(), "rbind".into()],
+                }
+            } else {
+                Mount {
+                    r#type: "ext4".into(),
+                    source: s(&dev),
+                    target: String::new(),
+                    options: vec!["rw".into(), "discard".into()],
+                }
+            };
+            return Ok(Some(vec![m]));
+        }
+        if info.kind == Kind::Active && mode != RwMode::Overlayfs {
+            tracing::warn!(dir = %info.dir.display(), "plain layers above the obd image: rw_mode overlayfs used");
+        }
+        self.ensure_device(obd_dir, &config_path(obd_dir), true)?;
+        let mp = obd_dir.join("block").join("mountpoint");
+        let mut lowers: Vec<String> = info.parents[..k]
+            .iter()
+            .map(|(d, _)| s(&d.join("fs")))
+            .collect();
+        lowers.push(s(&mp));
+        if info.kind != Kind::Active && lowers.len() == 1 {
+            return Ok(Some(vec![Mount {
+                r#type: "bind".into(),
+                source: s(&mp),
+                target: String::new(),
+                options: vec!["ro".into(), "rbind".into()],
+            }]));
+        }
+        let mut options = Vec::new();
+        if Path::new("/sys/module/overlay/parameters/index").exists() {
+            options.push("index=off".to_string());
+        }
+        if info.kind == Kind::Active {
+            options.push(format!("workdir={}", info.dir.join("work").display()));
+            options.push(format!("upperdir={}", info.dir.join("fs").display()));
+        }
+        options.push(format!("lowerdir={}", lowers.join(":")));
+        Ok(Some(vec![Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options,
+        }]))
+    }
+
+    fn removed(&self, dir: &Path, _labels: &BTreeMap<String, String>) -> Result<()> {
+        self.detach(dir);
+        Ok(())
+    }
+
+    fn sweep(&self, in_use: &HashSet<PathBuf>) -> Result<()> {
+        let ids = self.dev_root.ids().map_err(dev_err)?;
+        for id in ids {
+            let Some(n) = id.strip_prefix('s') else {
+                continue;
+            };
+            let dir = self.root.join("snapshots").join(n);
+            if !in_use.contains(&dir) {
+                tracing::info!(device = %id, "no snapshot uses this device any more");
+                self.detach(&dir);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The hidden `device-worker --root R --id I` mode of `obd-snapshotter`: the
+/// process that serves one device. Returns its exit code when `args` (without
+/// the program name) ask for it, `None` otherwise.
+pub fn device_worker_main(args: &[String]) -> Option<i32> {
+    if args.first().map(String::as_str) != Some("device-worker") {
+        return None;
+    }
+    let (mut root, mut id) = (None, None);
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--root" => root = it.next().cloned(),
+            "--id" => id = it.next().cloned(),
+            _ => {}
+        }
+    }
+    match (root, id) {
+        (Some(r), Some(i)) => Some(obd_device::worker::run(&Root::new(r), &i)),
+        _ => {
+            eprintln!("usage: obd-snapshotter device-worker --root DIR --id ID");
+            Some(2)
+        }
+    }
+}
+
+/// The worker command of this executable (`<exe> device-worker`).
+pub fn worker_command() -> std::io::Result<Vec<String>> {
+    let exe = std::env::current_exe()?;
+    Ok(vec![
+        exe.to_string_lossy().into_owned(),
+        "device-worker".into(),
+    ])
+}
