@@ -37,6 +37,10 @@ use std::time::Instant;
 
 /// Per-snapshot override of `rw_mode` (`dir` or `dev`).
 pub const LABEL_WRITABLE: &str = "containerd.io/snapshot/overlaybd.writable";
+/// Record a trace for this rootfs (`yes`), into [`LABEL_RECORD_TRACE_PATH`].
+pub const LABEL_RECORD_TRACE: &str = "containerd.io/snapshot/overlaybd/record-trace";
+/// Where the trace of a recording rootfs goes (an empty file starts it).
+pub const LABEL_RECORD_TRACE_PATH: &str = "containerd.io/snapshot/overlaybd/record-trace-path";
 /// Names the file of a locally unpacked obd layer inside `fs/`.
 pub const COMMIT_FILE: &str = "overlaybd.commit";
 
@@ -243,6 +247,30 @@ impl LayerHook for ObdLayers {
         };
         let fs = c.dir.join("fs");
         let local = fs.join(COMMIT_FILE);
+        let accel = l.get(crate::layer::LABEL_ACCEL_LAYER).map(String::as_str) == Some("yes");
+        if accel {
+            // The acceleration (trace) layer: its `fs/trace` is replayed when
+            // the image's device opens, and it is not part of the block stack.
+            let Some(mut cfg) = parent_cfg else {
+                tracing::warn!(dir = %c.dir.display(), "acceleration layer over no obd layer: ignored");
+                return Ok(());
+            };
+            if !fs.join("trace").is_file() {
+                tracing::warn!(dir = %c.dir.display(), "acceleration layer without a trace file: ignored");
+                return Ok(());
+            }
+            cfg.lowers.push(Lower {
+                dir: s(&fs),
+                digest: l.get(LABEL_BLOB_DIGEST).cloned().unwrap_or_default(),
+                ..Default::default()
+            });
+            cfg.acceleration_layer = true;
+            cfg.result_file = s(&c.dir.join("block").join("init-debug.log"));
+            save(&config_path(c.dir), &cfg)?;
+            let _ = std::fs::create_dir_all(c.dir.join("block").join("mountpoint"));
+            tracing::info!(dir = %c.dir.display(), "acceleration layer: its trace is replayed at attach");
+            return Ok(());
+        }
         let lower = if l.contains_key(LABEL_REMOTE) {
             let digest = l.get(LABEL_BLOB_DIGEST).cloned().unwrap_or_default();
             let size = l
@@ -281,6 +309,12 @@ impl LayerHook for ObdLayers {
             return Ok(());
         };
         let mut cfg = parent_cfg.unwrap_or_default();
+        if cfg.acceleration_layer {
+            // A layer above an acceleration layer: the trace no longer
+            // describes this image; drop it from the stack.
+            cfg.lowers.pop();
+            cfg.acceleration_layer = false;
+        }
         if let Some(r) = l
             .get(LABEL_IMAGE_REF)
             .or_else(|| l.get(LABEL_CRI_IMAGE_REF))
@@ -302,6 +336,21 @@ impl LayerHook for ObdLayers {
     }
 
     fn mounts(&self, info: &MountInfo<'_>) -> Result<Option<Vec<Mount>>> {
+        if info.kind == Kind::Active
+            && info
+                .labels
+                .get(crate::layer::LABEL_ACCEL_LAYER)
+                .map(String::as_str)
+                == Some("yes")
+        {
+            // Unpacking the acceleration layer: its tar holds only `trace`.
+            return Ok(Some(vec![Mount {
+                r#type: "bind".into(),
+                source: s(&info.dir.join("fs")),
+                target: String::new(),
+                options: vec!["rw".into(), "rbind".into()],
+            }]));
+        }
         let Some(k) = info.parents.iter().position(|(d, _)| is_obd(d)) else {
             return Ok(None);
         };
@@ -331,6 +380,40 @@ impl LayerHook for ObdLayers {
                 }
             };
             return Ok(Some(vec![m]));
+        }
+        let record = (info.labels.get(LABEL_RECORD_TRACE).map(String::as_str) == Some("yes"))
+            .then(|| info.labels.get(LABEL_RECORD_TRACE_PATH))
+            .flatten();
+        if let (Some(trace), Kind::Active, 0) = (record, info.kind, k) {
+            // Recording: a private read-only device of the image for this
+            // rootfs, with `recordTracePath`; the trace is written when the
+            // snapshot is removed (the device goes).
+            let p = config_path(&info.dir);
+            if !p.is_file() {
+                let mut cfg = load(obd_dir)?;
+                if cfg.acceleration_layer {
+                    cfg.lowers.pop();
+                    cfg.acceleration_layer = false;
+                }
+                cfg.record_trace_path = trace.clone();
+                cfg.result_file = s(&info.dir.join("block").join("init-debug.log"));
+                save(&p, &cfg)?;
+            }
+            self.ensure_device(&info.dir, &p, true)?;
+            let mp = info.dir.join("block").join("mountpoint");
+            let mut options = Vec::new();
+            if Path::new("/sys/module/overlay/parameters/index").exists() {
+                options.push("index=off".to_string());
+            }
+            options.push(format!("workdir={}", info.dir.join("work").display()));
+            options.push(format!("upperdir={}", info.dir.join("fs").display()));
+            options.push(format!("lowerdir={}", mp.display()));
+            return Ok(Some(vec![Mount {
+                r#type: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options,
+            }]));
         }
         if info.kind == Kind::Active && mode != RwMode::Overlayfs {
             tracing::warn!(dir = %info.dir.display(), "plain layers above the obd image: rw_mode overlayfs used");
