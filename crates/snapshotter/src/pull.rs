@@ -200,7 +200,7 @@ pub enum PullError {
         detail: String,
     },
     /// A containerd call failed.
-    #[error("containerd {op}: {status}")]
+    #[error("containerd {op}: {:?}: {}", status.code(), status.message())]
     Containerd {
         /// The call and its object, e.g. `snapshots.Prepare <key>`.
         op: String,
@@ -208,13 +208,12 @@ pub enum PullError {
         status: Status,
     },
     /// A registry request failed.
-    #[error("registry: {what}: {source}")]
+    #[error("registry: {what}: {error}")]
     Registry {
         /// What was being fetched.
         what: String,
-        /// The error.
-        #[source]
-        source: overlaybd_core::Error,
+        /// The error (its text names the URL).
+        error: overlaybd_core::Error,
     },
     /// A manifest, index or config is not what it should be.
     #[error("{what} {digest}: {detail}")]
@@ -805,7 +804,7 @@ struct Resolved {
 }
 
 fn reg_err(what: String) -> impl FnOnce(overlaybd_core::Error) -> PullError {
-    move |source| PullError::Registry { what, source }
+    move |error| PullError::Registry { what, error }
 }
 
 /// index → platform → manifest → config, digest-checked.

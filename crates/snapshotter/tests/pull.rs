@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use overlaybd_core::remote::distribution::{Distribution, ImageRef};
 use overlaybd_core::remote::registry::RegistryOptions;
-use snapshotter::pull::{pull_blocking, LayerState, PullOptions, PullReport};
+use snapshotter::pull::{pull_blocking, LayerState, PullError, PullOptions, PullReport};
 
 const MARK: &str = "obd-pull-test-layer-2";
 
@@ -416,6 +416,60 @@ fn obd_pull_remote_and_plain() {
     assert_eq!(states(&r4), vec![LayerState::Present; 2], "{r4:?}");
     let leases = run(ctr().args(["-n", "default", "leases", "ls"]));
     assert_eq!(leases.lines().count(), 1, "a lease was left:\n{leases}");
+
+    // --- an index over the plain manifest: the platform's manifest is
+    // picked, the index becomes the image's target and references it.
+    let pm = client
+        .get_manifest(&ImageRef::parse(&plain).unwrap(), "v1")
+        .unwrap();
+    let entry = |arch: &str| {
+        serde_json::json!({"mediaType": pm.media_type, "digest": pm.digest,
+            "size": pm.bytes.len(), "platform": {"os": "linux", "architecture": arch}})
+    };
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry("arm64"), entry("amd64")],
+    }))
+    .unwrap();
+    let multi = format!("{addr}/plain/busybox:multi");
+    let pushed = client
+        .put_manifest(
+            &ImageRef::parse(&multi).unwrap(),
+            "multi",
+            "application/vnd.oci.image.index.v1+json",
+            &index,
+        )
+        .unwrap();
+    let r5 = pull(&sock, &multi);
+    assert_eq!(r5.digest, pushed.digest);
+    assert_eq!(r5.media_type, "application/vnd.oci.image.index.v1+json");
+    assert_eq!(r5.manifest, pm.digest);
+    assert_eq!(states(&r5), vec![LayerState::Present; 2], "{r5:?}");
+    let content = run(ctr().args(["-n", "default", "content", "ls"]));
+    let idx_line = content
+        .lines()
+        .find(|l| l.starts_with(&pushed.digest))
+        .unwrap_or_else(|| panic!("no index in the content store:\n{content}"));
+    assert!(
+        idx_line.contains(&format!("containerd.io/gc.ref.content.m.0={}", pm.digest)),
+        "{idx_line}"
+    );
+    let imgs = run(ctr().args(["-n", "default", "images", "ls"]));
+    assert!(
+        imgs.lines()
+            .any(|l| l.starts_with(&format!("{multi} ")) && l.contains(&pushed.digest)),
+        "{imgs}"
+    );
+    let mut o = PullOptions::new(&multi);
+    o.address = sock.clone();
+    o.plain_http = true;
+    o.platform = "linux/s390x".into();
+    let e = pull_blocking(&o, |_| {}).unwrap_err();
+    assert!(
+        matches!(e, PullError::Platform { .. }) && e.to_string().contains("linux/arm64"),
+        "{e}"
+    );
 
     // --- obd image: every layer a remote snapshot, no layer blob fetched.
     let m = client
