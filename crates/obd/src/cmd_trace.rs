@@ -12,8 +12,14 @@ use overlaybd_core::source::{LayerRef, LayerSource, LocalFiles};
 use overlaybd_core::ReadAt;
 use serde_json::json;
 
+#[path = "cmd_trace_record.rs"]
+pub mod record;
+
 #[derive(Subcommand, Debug)]
 pub enum TraceCmd {
+    /// Record an image's start into a trace and push the image again with
+    /// it as an acceleration layer (like upstream `ctr record-trace`).
+    Record(record::RecordArgs),
     /// Print the records of a trace file (upstream's binary format).
     Dump {
         /// The trace file.
@@ -48,6 +54,7 @@ pub enum TraceCmd {
 
 pub fn run(cmd: TraceCmd) -> Result<()> {
     match cmd {
+        TraceCmd::Record(a) => record::run(a),
         TraceCmd::Dump { file, json } => {
             let t = Trace::read_file(&file)?;
             if json {

@@ -1,0 +1,831 @@
+//! `obd trace record <image> <new-image>`: records which blocks an obd image
+//! reads while its entrypoint runs, and pushes the image again with the
+//! trace as an acceleration layer (upstream's `ctr record-trace`; formats.md
+//! §5 and §8.3, integration.md §10).
+//!
+//! 1. The image is pulled into containerd (remote snapshots, `obd pull`).
+//! 2. An empty trace file is created and a rootfs is prepared through
+//!    containerd's snapshots service with the `record-trace` labels: the
+//!    snapshotter gives it a private device that records reads.
+//! 3. The rootfs is mounted, the image's entrypoint/cmd runs in it with
+//!    `ctr run --rootfs` for `--time` seconds (or until it exits), then it
+//!    is stopped, unmounted and the snapshot removed: the device goes and
+//!    the trace is finished (`<trace>.ok`).
+//! 4. The trace is wrapped in a one-file tar (`trace`, mode 0444, fixed
+//!    headers) and pushed as a new top layer with the acceleration-layer
+//!    annotations; the config gets its diffID (= digest, uncompressed), and
+//!    config and manifest are pushed under `<new-image>`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use obd_device::open::trace_replay::Trace;
+use overlaybd_core::remote::distribution::{
+    Distribution, ImageRef, Manifest, MT_DOCKER_LIST, MT_OCI_INDEX,
+};
+use overlaybd_core::remote::registry::RegistryOptions;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use snapshotter::proto::containerd::services::snapshots::v1 as snapshots;
+use snapshotter::proto::containerd::types::Mount;
+use snapshotter::pull::{chain_ids, pull_blocking, PullOptions, DEFAULT_ADDRESS, NAMESPACE_HEADER};
+
+/// Layer annotation marking the acceleration (trace) layer.
+pub const ANN_ACCEL: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
+/// Layer annotation: the overlaybd version string.
+pub const ANN_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
+/// Layer annotation: the blob digest.
+pub const ANN_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+/// Layer annotation: the blob size.
+pub const ANN_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
+/// History `created_by` of the acceleration layer.
+const CREATED_BY: &str = "obd trace record";
+/// Largest config blob read.
+const MAX_CONFIG: usize = 16 << 20;
+/// How long to wait for `<trace>.ok` after the snapshot is removed.
+const OK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopped container gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Record a trace of an obd image's start and push it as a new image with an
+/// acceleration layer (needs root, containerd and the obd snapshotter).
+#[derive(Args, Debug)]
+pub struct RecordArgs {
+    /// The obd image to record, `host[:port]/repo[:tag|@digest]`.
+    pub image: String,
+    /// Where to push the image with the acceleration layer.
+    pub new_image: String,
+    /// Seconds the container runs before it is stopped (it may exit sooner).
+    #[arg(long, default_value_t = 60)]
+    pub time: u64,
+    /// Talk plain HTTP to the registries of both images.
+    #[arg(long)]
+    pub plain_http: bool,
+    /// containerd's gRPC socket.
+    #[arg(short, long, default_value = DEFAULT_ADDRESS)]
+    pub address: PathBuf,
+    /// containerd namespace.
+    #[arg(short, long, default_value = "default")]
+    pub namespace: String,
+    /// containerd snapshotter (the obd proxy plugin's name).
+    #[arg(long, default_value = "obd")]
+    pub snapshotter: String,
+    /// Platform to pick from a multi-platform image, `os/arch[/variant]`.
+    #[arg(long, default_value = "linux/amd64")]
+    pub platform: String,
+    /// Keep the trace here (default: a temporary directory, removed).
+    #[arg(long)]
+    pub trace_out: Option<PathBuf>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A short random-enough token for snapshot keys and container ids.
+fn token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let h = Sha256::digest(format!("{nanos} {}", std::process::id()).as_bytes());
+    hex::encode(&h[..6])
+}
+
+fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// The source image as stored in the registry.
+struct Source {
+    /// The platform manifest, parsed.
+    manifest: Value,
+    /// Its media type.
+    media_type: String,
+    /// The config, parsed.
+    config: Value,
+    /// The config's media type.
+    config_media_type: String,
+}
+
+/// Reads a whole small blob and checks its digest.
+fn read_blob(d: &Arc<Distribution>, r: &ImageRef, digest: &str, size: u64) -> Result<Vec<u8>> {
+    if size as usize > MAX_CONFIG {
+        bail!("blob {digest} of {r}: {size} bytes is larger than {MAX_CONFIG}");
+    }
+    let mut buf = Vec::new();
+    d.open_blob(r, digest, size)
+        .with_context(|| format!("fetching blob {digest} of {r}"))?
+        .take(MAX_CONFIG as u64 + 1)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("reading blob {digest} of {r}"))?;
+    if sha256(&buf) != digest {
+        bail!("blob {digest} of {r}: content does not match its digest");
+    }
+    Ok(buf)
+}
+
+fn is_index(m: &Manifest, v: &Value) -> bool {
+    m.media_type == MT_OCI_INDEX
+        || m.media_type == MT_DOCKER_LIST
+        || (m.media_type.is_empty() && v.get("manifests").is_some_and(Value::is_array))
+}
+
+/// Index (if any) → platform manifest → config.
+fn resolve(d: &Arc<Distribution>, r: &ImageRef, platform: &str) -> Result<Source> {
+    let (os, arch) = platform
+        .split_once('/')
+        .map(|(o, a)| (o, a.split('/').next().unwrap_or(a)))
+        .ok_or_else(|| anyhow!("platform `{platform}`: expected os/arch[/variant]"))?;
+    let mut m = d
+        .get_manifest(r, r.reference())
+        .with_context(|| format!("fetching the manifest of {r}"))?;
+    let mut v: Value = serde_json::from_slice(&m.bytes)
+        .with_context(|| format!("manifest {} of {r}: not JSON", m.digest))?;
+    if is_index(&m, &v) {
+        let pick = v["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["platform"]["os"] == os && e["platform"]["architecture"] == arch)
+            .and_then(|e| e["digest"].as_str())
+            .ok_or_else(|| anyhow!("index {} of {r} has no {platform} manifest", m.digest))?
+            .to_string();
+        m = d
+            .get_manifest(r, &pick)
+            .with_context(|| format!("fetching manifest {pick} of {r}"))?;
+        v = serde_json::from_slice(&m.bytes)
+            .with_context(|| format!("manifest {pick} of {r}: not JSON"))?;
+    }
+    let media_type = v["mediaType"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| m.media_type.clone());
+    let cdig = v["config"]["digest"]
+        .as_str()
+        .ok_or_else(|| anyhow!("manifest {} of {r}: no config.digest", m.digest))?
+        .to_string();
+    let csize = v["config"]["size"].as_u64().unwrap_or(0);
+    let config_media_type = v["config"]["mediaType"]
+        .as_str()
+        .unwrap_or("application/vnd.oci.image.config.v1+json")
+        .to_string();
+    let cbytes = read_blob(d, r, &cdig, csize)?;
+    let config: Value = serde_json::from_slice(&cbytes)
+        .with_context(|| format!("config {cdig} of {r}: not JSON"))?;
+    Ok(Source {
+        manifest: v,
+        media_type,
+        config,
+        config_media_type,
+    })
+}
+
+/// The acceleration layer: an uncompressed tar holding `trace` (mode 0444,
+/// uid/gid 0, mtime 0), byte-identical for the same trace.
+pub fn accel_layer_tar(trace: &[u8]) -> Result<Vec<u8>> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path("trace")?;
+    h.set_size(trace.len() as u64);
+    h.set_mode(0o444);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, trace)?;
+    Ok(b.into_inner()?)
+}
+
+/// The manifest and config with the acceleration layer `(digest, size)` on
+/// top (replacing one the source had). Returns (manifest, config).
+fn with_accel_layer(src: &Source, digest: &str, size: u64) -> Result<(Value, Value)> {
+    let mut m = src.manifest.clone();
+    let mut c = src.config.clone();
+    let layers = m["layers"]
+        .as_array_mut()
+        .ok_or_else(|| anyhow!("the manifest has no layers array"))?;
+    let diff_ids = c["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .ok_or_else(|| anyhow!("the config has no rootfs.diff_ids array"))?;
+    if layers.len() != diff_ids.len() {
+        bail!(
+            "the manifest has {} layers but the config {} diff_ids",
+            layers.len(),
+            diff_ids.len()
+        );
+    }
+    let had_accel = layers
+        .last()
+        .is_some_and(|l| l["annotations"][ANN_ACCEL] == "yes");
+    if had_accel {
+        layers.pop();
+        diff_ids.pop();
+    }
+    let media_type = layers
+        .iter()
+        .rev()
+        .find(|l| l["annotations"].get(ANN_BLOB_DIGEST).is_some())
+        .and_then(|l| l["mediaType"].as_str())
+        .ok_or_else(|| anyhow!("not an obd image: no layer has the {ANN_BLOB_DIGEST} annotation"))?
+        .to_string();
+    layers.push(json!({
+        "mediaType": media_type,
+        "digest": digest,
+        "size": size,
+        "annotations": {
+            ANN_ACCEL: "yes",
+            ANN_VERSION: "0.1.0",
+            ANN_BLOB_DIGEST: digest,
+            ANN_BLOB_SIZE: size.to_string(),
+        }
+    }));
+    diff_ids.push(json!(digest));
+    if let Some(h) = c.get_mut("history").and_then(Value::as_array_mut) {
+        if had_accel
+            && h.last()
+                .is_some_and(|e| e["created_by"].as_str() == Some(CREATED_BY))
+        {
+            h.pop();
+        }
+        h.push(
+            json!({"created": "1970-01-01T00:00:00Z", "created_by": CREATED_BY,
+                      "comment": "overlaybd acceleration layer (trace)"}),
+        );
+    }
+    Ok((m, c))
+}
+
+/// The process of the image config: (args, env, cwd).
+fn process_of(config: &Value) -> Result<(Vec<String>, Vec<String>, Option<String>)> {
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    let cc = &config["config"];
+    let mut args = strs(&cc["Entrypoint"]);
+    args.extend(strs(&cc["Cmd"]));
+    if args.is_empty() {
+        bail!("the image config has neither Entrypoint nor Cmd: nothing to run");
+    }
+    let cwd = cc["WorkingDir"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    Ok((args, strs(&cc["Env"]), cwd))
+}
+
+/// containerd's snapshots service for one namespace.
+struct Snapshots {
+    rt: tokio::runtime::Runtime,
+    client: snapshots::snapshots_client::SnapshotsClient<tonic::transport::Channel>,
+    ns: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    snapshotter: String,
+}
+
+impl Snapshots {
+    fn connect(address: &Path, ns: &str, snapshotter: &str) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a tokio runtime")?;
+        let path = address.to_path_buf();
+        if !path.exists() {
+            bail!("containerd socket {}: no such file", path.display());
+        }
+        let ch = rt
+            .block_on(
+                tonic::transport::Endpoint::try_from("http://containerd.invalid")?
+                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    })),
+            )
+            .with_context(|| format!("connecting to containerd at {}", address.display()))?;
+        Ok(Snapshots {
+            rt,
+            client: snapshots::snapshots_client::SnapshotsClient::new(ch),
+            ns: ns
+                .parse()
+                .map_err(|_| anyhow!("namespace `{ns}`: not a valid header value"))?,
+            snapshotter: snapshotter.to_string(),
+        })
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert(NAMESPACE_HEADER, self.ns.clone());
+        r
+    }
+
+    fn prepare(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let r = self.req(snapshots::PrepareSnapshotRequest {
+            snapshotter: self.snapshotter.clone(),
+            key: key.to_string(),
+            parent: parent.to_string(),
+            labels,
+        });
+        let resp = self
+            .rt
+            .block_on(self.client.prepare(r))
+            .map_err(|s| anyhow!("containerd snapshots.Prepare {key}: {s}"))?;
+        Ok(resp.into_inner().mounts)
+    }
+
+    fn remove(&mut self, key: &str) -> Result<()> {
+        let r = self.req(snapshots::RemoveSnapshotRequest {
+            snapshotter: self.snapshotter.clone(),
+            key: key.to_string(),
+        });
+        self.rt
+            .block_on(self.client.remove(r))
+            .map_err(|s| anyhow!("containerd snapshots.Remove {key}: {s}"))?;
+        Ok(())
+    }
+}
+
+/// The recording rootfs: snapshot, mount and container, torn down in order
+/// on [`Recording::finish`] or (best effort) on drop.
+struct Recording {
+    snaps: Snapshots,
+    key: String,
+    rootfs: PathBuf,
+    mounted: bool,
+    prepared: bool,
+    ctr: Vec<String>,
+    id: String,
+}
+
+impl Recording {
+    fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.args(&self.ctr);
+        c
+    }
+
+    fn mount(&mut self, mounts: &[Mount]) -> Result<()> {
+        std::fs::create_dir_all(&self.rootfs)
+            .with_context(|| format!("creating {}", self.rootfs.display()))?;
+        for m in mounts {
+            let mut c = Command::new("mount");
+            c.arg("-t").arg(&m.r#type);
+            if !m.options.is_empty() {
+                c.arg("-o").arg(m.options.join(","));
+            }
+            c.arg(&m.source).arg(&self.rootfs);
+            let out = c.output().with_context(|| format!("running {c:?}"))?;
+            if !out.status.success() {
+                bail!(
+                    "{c:?} failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            self.mounted = true;
+        }
+        Ok(())
+    }
+
+    /// Runs the process in the rootfs for at most `time`; its exit status
+    /// (None when it was stopped).
+    fn run(
+        &self,
+        args: &[String],
+        env: &[String],
+        cwd: Option<&str>,
+        time: Duration,
+    ) -> Result<Option<i32>> {
+        let mut c = self.ctr();
+        c.args(["run", "--rm", "--rootfs"]);
+        for e in env {
+            c.arg("--env").arg(e);
+        }
+        if let Some(w) = cwd {
+            c.arg("--cwd").arg(w);
+        }
+        c.arg(&self.rootfs).arg(&self.id).args(args);
+        // The container's output goes to our stderr; stdout stays the report.
+        let err = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating stderr")?;
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(err))
+            .spawn()
+            .with_context(|| format!("running {c:?}"))?;
+        if let Some(st) = wait_child(&mut child, time)? {
+            return Ok(Some(st.code().unwrap_or(-1)));
+        }
+        eprintln!(
+            "obd trace record: {}s passed; stopping the container",
+            time.as_secs()
+        );
+        for sig in ["SIGTERM", "SIGKILL"] {
+            let _ = self
+                .ctr()
+                .args(["task", "kill", "--all", "--signal", sig, &self.id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if wait_child(&mut child, STOP_GRACE)?.is_some() {
+                return Ok(None);
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(None)
+    }
+
+    fn unmount(&mut self) -> Result<()> {
+        if self.mounted {
+            obd_device::mount::unmount(&self.rootfs, false)
+                .or_else(|_| obd_device::mount::unmount(&self.rootfs, true))
+                .with_context(|| format!("unmounting {}", self.rootfs.display()))?;
+            self.mounted = false;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.unmount()?;
+        if self.prepared {
+            self.snaps.remove(&self.key)?;
+            self.prepared = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        for args in [
+            vec!["task", "kill", "--all", "--signal", "SIGKILL", &self.id],
+            vec!["task", "rm", "-f", &self.id],
+            vec!["container", "rm", &self.id],
+        ] {
+            let _ = self
+                .ctr()
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Err(e) = self.finish() {
+            eprintln!("obd trace record: cleanup: {e:#}");
+        }
+    }
+}
+
+/// Waits for `child` until `timeout`; its status if it exited.
+fn wait_child(child: &mut Child, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().context("waiting for ctr run")? {
+            return Ok(Some(st));
+        }
+        if t0.elapsed() >= timeout {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls for `path` until `timeout`.
+fn wait_for(path: &Path, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while !path.exists() {
+        if t0.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+fn with_suffix(p: &Path, s: &str) -> PathBuf {
+    let mut o = p.as_os_str().to_owned();
+    o.push(s);
+    PathBuf::from(o)
+}
+
+/// Makes sure every layer blob of `layers` is in `dst`'s repository,
+/// copying it from `src` through `tmp` when it is not.
+fn copy_layers(
+    d: &Arc<Distribution>,
+    src: &ImageRef,
+    dst: &ImageRef,
+    layers: &[Value],
+    tmp: &Path,
+) -> Result<()> {
+    if src.host == dst.host && src.repo == dst.repo {
+        return Ok(());
+    }
+    for l in layers {
+        let digest = l["digest"]
+            .as_str()
+            .ok_or_else(|| anyhow!("a manifest layer has no digest"))?;
+        let size = l["size"].as_u64().unwrap_or(0);
+        if d.blob_exists(dst, digest)?.is_some() {
+            continue;
+        }
+        let p = tmp.join(digest.replace(':', "-"));
+        let mut f =
+            std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+        std::io::copy(&mut d.open_blob(src, digest, size)?, &mut f)
+            .with_context(|| format!("copying blob {digest} from {src}"))?;
+        d.push_blob(dst, digest, &p)
+            .with_context(|| format!("pushing blob {digest} to {dst}"))?;
+        let _ = std::fs::remove_file(&p);
+    }
+    Ok(())
+}
+
+/// Runs `obd trace record`.
+pub fn run(a: RecordArgs) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("obd trace record needs root (mounts, ctr run)");
+    }
+    let src_ref = ImageRef::parse(&a.image)?;
+    let dst_ref = ImageRef::parse(&a.new_image)?;
+    let mut ropts = RegistryOptions::default();
+    if a.plain_http {
+        for h in [&src_ref.host, &dst_ref.host] {
+            ropts.hosts.entry(h.clone()).or_default().plain_http = true;
+        }
+    }
+    let dist = Arc::new(Distribution::new(ropts)?);
+    let src = resolve(&dist, &src_ref, &a.platform)?;
+    let (args, env, cwd) = process_of(&src.config)?;
+    let diff_ids: Vec<String> = src.config["rootfs"]["diff_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    // Fails early (before running anything) on a non-obd image.
+    with_accel_layer(&src, "sha256:0", 0)?;
+    let parent = chain_ids(&diff_ids)
+        .pop()
+        .ok_or_else(|| anyhow!("{}: the config has no layers", a.image))?;
+
+    // 1. Pull (remote snapshots; nothing moves if it is there already).
+    let mut popts = PullOptions::new(&a.image);
+    popts.address = a.address.clone();
+    popts.namespace = a.namespace.clone();
+    popts.snapshotter = a.snapshotter.clone();
+    popts.platform = a.platform.clone();
+    popts.plain_http = a.plain_http;
+    let pulled = pull_blocking(&popts, |_| {}).with_context(|| format!("pulling {}", a.image))?;
+    eprintln!(
+        "obd trace record: pulled {} ({} layers, {} remote)",
+        a.image,
+        pulled.layers.len(),
+        pulled.remote_layers
+    );
+
+    // 2. The recording rootfs.
+    let tmp = tempfile::Builder::new()
+        .prefix("obd-record-")
+        .tempdir_in("/tmp")
+        .context("creating a temporary directory")?;
+    let trace = match &a.trace_out {
+        Some(p) => {
+            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            }
+            std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?
+        }
+        None => tmp.path().join("trace"),
+    };
+    let ok = with_suffix(&trace, ".ok");
+    let lock = with_suffix(&trace, ".lock");
+    let _ = std::fs::remove_file(&ok);
+    std::fs::write(&trace, b"").with_context(|| format!("creating {}", trace.display()))?;
+    let t = token();
+    let mut ctr = vec![
+        "--address".to_string(),
+        a.address.to_string_lossy().into_owned(),
+    ];
+    ctr.extend(["--namespace".to_string(), a.namespace.clone()]);
+    let mut rec = Recording {
+        snaps: Snapshots::connect(&a.address, &a.namespace, &a.snapshotter)?,
+        key: format!("obd-record-{t}"),
+        rootfs: tmp.path().join("rootfs"),
+        mounted: false,
+        prepared: false,
+        ctr,
+        id: format!("obd-record-{t}"),
+    };
+    let labels = HashMap::from([
+        (
+            snapshotter::obd::LABEL_RECORD_TRACE.to_string(),
+            "yes".to_string(),
+        ),
+        (
+            snapshotter::obd::LABEL_RECORD_TRACE_PATH.to_string(),
+            trace.to_string_lossy().into_owned(),
+        ),
+        // Not collected by containerd's GC while we use it (no lease).
+        (
+            "containerd.io/gc.root".to_string(),
+            "obd-trace-record".to_string(),
+        ),
+    ]);
+    let key = rec.key.clone();
+    let mounts = rec.snaps.prepare(&key, &parent, labels)?;
+    rec.prepared = true;
+    rec.mount(&mounts)?;
+
+    // 3. Run, stop, tear down: the device goes and finishes the trace.
+    eprintln!(
+        "obd trace record: running {:?} for up to {}s",
+        args.join(" "),
+        a.time
+    );
+    let t0 = Instant::now();
+    let status = rec.run(&args, &env, cwd.as_deref(), Duration::from_secs(a.time))?;
+    let ran = t0.elapsed();
+    rec.finish()?;
+    drop(rec);
+    if !wait_for(&ok, OK_TIMEOUT) {
+        // The device may still be up (another user): end the recording by
+        // the lock-file handshake.
+        let _ = std::fs::remove_file(&lock);
+        if !wait_for(&ok, OK_TIMEOUT) {
+            bail!(
+                "the trace was not finished: {} did not appear within {}s after the snapshot was removed (see the snapshotter's log)",
+                ok.display(),
+                2 * OK_TIMEOUT.as_secs()
+            );
+        }
+    }
+    let trace_bytes =
+        std::fs::read(&trace).with_context(|| format!("reading {}", trace.display()))?;
+    let parsed =
+        Trace::read_file(&trace).with_context(|| format!("parsing {}", trace.display()))?;
+    if parsed.records.is_empty() {
+        eprintln!("obd trace record: warning: the trace has no records (the container read nothing from the image?)");
+    }
+
+    // 4. The acceleration layer, config and manifest.
+    let layer = accel_layer_tar(&trace_bytes)?;
+    let ldigest = sha256(&layer);
+    let (manifest, config) = with_accel_layer(&src, &ldigest, layer.len() as u64)?;
+    let cbytes = serde_json::to_vec(&config)?;
+    let cdigest = sha256(&cbytes);
+    let mut manifest = manifest;
+    manifest["config"] =
+        json!({"mediaType": src.config_media_type, "digest": cdigest, "size": cbytes.len()});
+    let mbytes = serde_json::to_vec(&manifest)?;
+    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    copy_layers(
+        &dist,
+        &src_ref,
+        &dst_ref,
+        &layers[..layers.len() - 1],
+        tmp.path(),
+    )?;
+    dist.push_blob_bytes(&dst_ref, &ldigest, &layer, tmp.path())
+        .context("pushing the acceleration layer")?;
+    dist.push_blob_bytes(&dst_ref, &cdigest, &cbytes, tmp.path())
+        .context("pushing the config")?;
+    let pushed = dist
+        .put_manifest(&dst_ref, dst_ref.reference(), &src.media_type, &mbytes)
+        .with_context(|| format!("pushing the manifest of {}", a.new_image))?;
+
+    let report = json!({
+        "image": a.image, "new_image": a.new_image, "manifest": pushed.digest,
+        "config": cdigest, "acceleration_layer": ldigest, "layer_size": layer.len(),
+        "trace": trace, "trace_records": parsed.records.len(),
+        "trace_bytes": parsed.total_bytes(), "ran_s": ran.as_secs_f64(),
+        "exit_code": status,
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "recorded {} reads ({}) in {:.1} s ({}); pushed {} {} with acceleration layer {} ({} bytes)",
+            parsed.records.len(),
+            crate::util::human(parsed.total_bytes()),
+            ran.as_secs_f64(),
+            match status {
+                Some(c) => format!("exited {c}"),
+                None => "stopped".into(),
+            },
+            a.new_image,
+            pushed.digest,
+            ldigest,
+            layer.len()
+        );
+    }
+    if a.trace_out.is_none() {
+        drop(tmp);
+    } else {
+        let _ = tmp.keep();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accel_tar_is_deterministic_and_holds_the_trace() {
+        let a = accel_layer_tar(b"abc").unwrap();
+        assert_eq!(a, accel_layer_tar(b"abc").unwrap());
+        let mut ar = tar::Archive::new(&a[..]);
+        let mut n = 0;
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            n += 1;
+            assert_eq!(e.path().unwrap().to_str(), Some("trace"));
+            assert_eq!(e.header().mode().unwrap(), 0o444);
+            let mut body = String::new();
+            e.read_to_string(&mut body).unwrap();
+            assert_eq!(body, "abc");
+        }
+        assert_eq!(n, 1);
+    }
+
+    fn source(layers: Value, diff_ids: Value) -> Source {
+        Source {
+            manifest: json!({"schemaVersion": 2, "layers": layers,
+                             "config": {"digest": "sha256:c", "size": 1}}),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            config: json!({"rootfs": {"type": "layers", "diff_ids": diff_ids},
+                           "history": [{"created_by": "x"}]}),
+            config_media_type: "application/vnd.oci.image.config.v1+json".into(),
+        }
+    }
+
+    #[test]
+    fn accel_layer_is_appended_with_annotations_and_diff_id() {
+        let mt = "application/vnd.oci.image.layer.v1.tar";
+        let s = source(
+            json!([{"mediaType": mt, "digest": "sha256:a", "size": 5,
+                    "annotations": {ANN_BLOB_DIGEST: "sha256:a"}}]),
+            json!(["sha256:a"]),
+        );
+        let (m, c) = with_accel_layer(&s, "sha256:t", 7).unwrap();
+        let l = &m["layers"][1];
+        assert_eq!(l["mediaType"], mt);
+        assert_eq!(l["annotations"][ANN_ACCEL], "yes");
+        assert_eq!(l["annotations"][ANN_VERSION], "0.1.0");
+        assert_eq!(l["annotations"][ANN_BLOB_SIZE], "7");
+        assert_eq!(c["rootfs"]["diff_ids"], json!(["sha256:a", "sha256:t"]));
+        assert_eq!(c["history"].as_array().unwrap().len(), 2);
+        // Recording again replaces the layer instead of stacking a second.
+        let s2 = Source {
+            manifest: m,
+            config: c,
+            ..s
+        };
+        let (m2, c2) = with_accel_layer(&s2, "sha256:u", 8).unwrap();
+        assert_eq!(m2["layers"].as_array().unwrap().len(), 2);
+        assert_eq!(c2["rootfs"]["diff_ids"], json!(["sha256:a", "sha256:u"]));
+        assert_eq!(c2["history"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn plain_images_and_mismatched_configs_are_refused() {
+        let s = source(
+            json!([{"mediaType": "x", "digest": "sha256:a", "size": 5}]),
+            json!(["sha256:a"]),
+        );
+        let e = with_accel_layer(&s, "sha256:t", 1).unwrap_err().to_string();
+        assert!(e.contains("not an obd image"), "{e}");
+        let s = source(json!([]), json!(["sha256:a"]));
+        assert!(with_accel_layer(&s, "sha256:t", 1).is_err());
+    }
+
+    #[test]
+    fn process_comes_from_entrypoint_and_cmd() {
+        let c = json!({"config": {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hi"],
+                                  "Env": ["PATH=/bin"], "WorkingDir": "/app"}});
+        let (args, env, cwd) = process_of(&c).unwrap();
+        assert_eq!(args, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(env, ["PATH=/bin"]);
+        assert_eq!(cwd.as_deref(), Some("/app"));
+        assert!(process_of(&json!({"config": {}})).is_err());
+    }
+}
