@@ -71,6 +71,11 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The containerd snapshotter (needs root, containerd, runc,
+    /// docker-registry, skopeo): remote-snapshot pull latency of an N-layer
+    /// obd image, and warm `ctr run` of it against the same image as plain
+    /// OCI on containerd's overlayfs snapshotter.
+    Snapshotter(crate::bench_snapshotter::SnapshotterArgs),
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -98,6 +103,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             dir,
             json,
         } => (crate::bench_remote::run(size_mib, threads, dir)?, json),
+        BenchCmd::Snapshotter(a) => {
+            let json = a.json;
+            (crate::bench_snapshotter::run(a)?, json)
+        }
     };
     // One JSON object on one line, so scripts can parse the output.
     if as_json {

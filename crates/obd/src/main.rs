@@ -4,6 +4,7 @@
 mod bench;
 mod bench_read;
 mod bench_remote;
+mod bench_snapshotter;
 mod bench_zfile;
 mod cmd_convert;
 mod cmd_demo;
@@ -13,6 +14,7 @@ mod cmd_layer;
 mod cmd_pull;
 mod cmd_trace;
 mod cmd_zfile;
+mod testbed;
 mod util;
 
 use clap::{Parser, Subcommand};
