@@ -807,6 +807,12 @@ fn reg_err(what: String) -> impl FnOnce(overlaybd_core::Error) -> PullError {
     move |error| PullError::Registry { what, error }
 }
 
+/// `sha256:` and 64 lower-case hex digits.
+fn is_sha256(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
 /// index → platform → manifest → config, digest-checked.
 fn resolve(
     dist: &Arc<Distribution>,
@@ -833,6 +839,13 @@ fn resolve(
                 available: platforms_of(&idx),
             })?
             .clone();
+        if !is_sha256(&d.digest) {
+            return Err(image_err(
+                "index",
+                &m.digest,
+                format!("unsupported descriptor digest `{}`", d.digest),
+            ));
+        }
         let child = dist
             .get_manifest(r, &d.digest)
             .map_err(reg_err(format!("manifest {} of {r}", d.digest)))?;
@@ -849,6 +862,16 @@ fn resolve(
     }
     let mj: JsonManifest = serde_json::from_slice(&m.bytes)
         .map_err(|e| image_err("manifest", &m.digest, format!("not an image manifest: {e}")))?;
+    // Digests end up in URLs, ingest refs and labels: only sha256 ones.
+    for d in std::iter::once(&mj.config).chain(&mj.layers) {
+        if !is_sha256(&d.digest) {
+            return Err(image_err(
+                "manifest",
+                &m.digest,
+                format!("unsupported descriptor digest `{}`", d.digest),
+            ));
+        }
+    }
     if mj.config.size > MAX_CONFIG {
         return Err(image_err(
             "config",
@@ -891,10 +914,7 @@ fn resolve(
         ));
     }
     for d in &cfg.rootfs.diff_ids {
-        let ok = d
-            .strip_prefix("sha256:")
-            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-        if !ok {
+        if !is_sha256(d) {
             return Err(image_err(
                 "config",
                 &mj.config.digest,
@@ -1354,6 +1374,15 @@ mod tests {
             l["containerd.io/snapshot/overlaybd/blob-digest"],
             "sha256:1"
         );
+    }
+
+    #[test]
+    fn digests_must_be_sha256() {
+        assert!(is_sha256(&format!("sha256:{}", "0a".repeat(32))));
+        assert!(!is_sha256(&format!("sha256:{}", "0A".repeat(32))));
+        assert!(!is_sha256("sha256:00"));
+        assert!(!is_sha256(&format!("sha512:{}", "0".repeat(128))));
+        assert!(!is_sha256(&format!("sha256:../{}", "0".repeat(61))));
     }
 
     #[test]
