@@ -1,0 +1,190 @@
+//! `obd trace record` end to end, with a real registry, containerd, runc and
+//! obd-snapshotter (the testbed of `obd demo`): the demo image is recorded
+//! into a new image whose top layer is the acceleration layer (annotated,
+//! its diffID in the config, a one-file tar holding a valid trace of the
+//! container's reads); `obd pull` + `ctr run` of the new image prints what
+//! the app prints, and the image's device replays the trace at attach (its
+//! worker log says so, without errors). Needs root, containerd, runc,
+//! docker-registry, FUSE and the obd-snapshotter binary next to obd;
+//! otherwise skipped loudly.
+
+#[allow(dead_code)]
+#[path = "../src/testbed.rs"]
+mod testbed;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use overlaybd_core::remote::distribution::{Distribution, ImageRef};
+use overlaybd_core::remote::registry::RegistryOptions;
+use testbed::{build_sample, have, run_ok, Options, Testbed};
+
+const ACCEL: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
+
+fn skip(why: &str) {
+    eprintln!("\n*** SKIPPED obd trace record test: {why} ***\n");
+}
+
+/// The `worker.log`s of the devices under the snapshotter root.
+fn worker_logs(root: &Path) -> String {
+    let mut s = String::new();
+    for e in std::fs::read_dir(root.join("devices"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        s += &std::fs::read_to_string(e.path().join("worker.log")).unwrap_or_default();
+    }
+    s
+}
+
+fn registry(reg: &str) -> Arc<Distribution> {
+    let mut o = RegistryOptions::default();
+    o.hosts.entry(reg.to_string()).or_default().plain_http = true;
+    Arc::new(Distribution::new(o).unwrap())
+}
+
+fn blob(d: &Arc<Distribution>, r: &ImageRef, digest: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    d.open_blob(r, digest, 0)
+        .unwrap()
+        .read_to_end(&mut v)
+        .unwrap();
+    v
+}
+
+#[test]
+fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
+    if !rustix::process::geteuid().is_root() {
+        return skip("needs root (containerd, runc, mounts)");
+    }
+    for t in ["containerd", "ctr", "runc", "docker-registry", "mount"] {
+        if !have(t) {
+            return skip(&format!("{t} is not installed (scripts/setup.sh)"));
+        }
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return skip("/dev/fuse is missing");
+    }
+    let obd = PathBuf::from(env!("CARGO_BIN_EXE_obd"));
+    let sn = obd.with_file_name("obd-snapshotter");
+    if !sn.exists() {
+        return skip("obd-snapshotter is not built (cargo build -p snapshotter)");
+    }
+    let mut opts = Options::new(obd.clone(), sn);
+    opts.prefix = "obd-trace-rec-".into();
+    let mut tb = Testbed::new(opts).unwrap();
+    tb.start_registry().unwrap();
+    let layout = tb.dir.join("oci");
+    build_sample(&layout, 3, 16 << 20).unwrap();
+    let image = format!("{}/rec/app:obd", tb.reg);
+    let accel = format!("{}/rec/app:obd-trace", tb.reg);
+    tb.convert_push(&layout, "demo", &image).unwrap();
+    tb.start_runtime().unwrap();
+
+    // Record (the app exits by itself, well before --time).
+    let trace = tb.dir.join("kept-trace");
+    let out = run_ok(
+        Command::new(&obd)
+            .args(["trace", "record", "--plain-http", "--json", "--time", "60"])
+            .arg("--address")
+            .arg(&tb.sock)
+            .arg("--trace-out")
+            .arg(&trace)
+            .args([&image, &accel]),
+    )
+    .unwrap_or_else(|e| panic!("obd trace record: {e:#}"));
+    eprintln!("obd trace record: {out}");
+    let rep: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("a report")).expect("JSON report");
+    assert!(rep["trace_records"].as_u64().unwrap() > 0, "{rep}");
+    assert_eq!(rep["exit_code"], 0, "the app ran to its end: {rep}");
+    assert!(Path::new(&format!("{}.ok", trace.display())).exists());
+
+    // The new image: the old layers plus the acceleration layer on top.
+    let d = registry(&tb.reg);
+    let (r0, r1) = (
+        ImageRef::parse(&image).unwrap(),
+        ImageRef::parse(&accel).unwrap(),
+    );
+    let m0: serde_json::Value =
+        serde_json::from_slice(&d.get_manifest(&r0, "obd").unwrap().bytes).unwrap();
+    let m1: serde_json::Value =
+        serde_json::from_slice(&d.get_manifest(&r1, "obd-trace").unwrap().bytes).unwrap();
+    let (l0, l1) = (
+        m0["layers"].as_array().unwrap(),
+        m1["layers"].as_array().unwrap(),
+    );
+    assert_eq!(l1.len(), l0.len() + 1);
+    assert_eq!(&l1[..l0.len()], &l0[..]);
+    let top = l1.last().unwrap();
+    let digest = top["digest"].as_str().unwrap();
+    assert_eq!(top["annotations"][ACCEL], "yes");
+    assert_eq!(
+        top["annotations"]["containerd.io/snapshot/overlaybd/version"],
+        "0.1.0"
+    );
+    assert_eq!(
+        top["annotations"]["containerd.io/snapshot/overlaybd/blob-digest"],
+        digest
+    );
+    assert_eq!(
+        top["annotations"]["containerd.io/snapshot/overlaybd/blob-size"],
+        top["size"].to_string()
+    );
+    assert_eq!(top["digest"], rep["acceleration_layer"]);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&blob(&d, &r1, m1["config"]["digest"].as_str().unwrap())).unwrap();
+    let ids = cfg["rootfs"]["diff_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), l1.len());
+    assert_eq!(ids.last().unwrap(), digest);
+    // The layer is a tar of one file, `trace`, 0444, holding the kept trace.
+    let tar = blob(&d, &r1, digest);
+    let mut ar = tar::Archive::new(&tar[..]);
+    let mut files = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut body = Vec::new();
+        e.read_to_end(&mut body).unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        files.push((path, e.header().mode().unwrap(), body));
+    }
+    assert_eq!(files.len(), 1);
+    let (path, mode, body) = files.pop().unwrap();
+    assert_eq!((path.as_str(), mode), ("trace", 0o444));
+    assert_eq!(body, std::fs::read(&trace).unwrap());
+
+    // Pull and run the new image: same output, and the device replays.
+    run_ok(&mut tb.obd_pull("default", &accel)).unwrap();
+    let out = run_ok(
+        tb.ctr()
+            .args(["run", "--snapshotter", "obd", &accel, "accel-run"]),
+    )
+    .unwrap_or_else(|e| panic!("ctr run: {e:#}"));
+    assert_eq!(
+        out.trim(),
+        format!("{}\n{}", testbed::EXPECTED, testbed::WRITTEN)
+    );
+    // The device stays while the container (and its snapshot) exists; the
+    // replay thread logs when it is done.
+    let mut logs = String::new();
+    testbed::wait_until(
+        "the replay's log line",
+        std::time::Duration::from_secs(30),
+        || {
+            logs = worker_logs(&tb.snroot);
+            logs.contains("replayed ")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}; worker logs:\n{logs}"));
+    let line = logs.lines().find(|l| l.contains("replayed ")).unwrap();
+    eprintln!("{line}");
+    assert!(line.contains(" 0 errors"), "{line}");
+    let _ = tb
+        .ctr()
+        .args(["containers", "rm", "accel-run"])
+        .stdout(Stdio::null())
+        .status();
+}
