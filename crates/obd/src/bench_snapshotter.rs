@@ -38,6 +38,11 @@ pub struct SnapshotterArgs {
     /// The `obd-snapshotter` binary (default: next to `obd`, else on PATH).
     #[arg(long)]
     pub snapshotter: Option<PathBuf>,
+    /// Work directory (default: a new directory under /tmp); its file
+    /// system holds containerd's and the snapshotter's metadata, so its
+    /// fsync cost shows in the pull figures.
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
     /// Keep the work directory and the processes.
     #[arg(long)]
     pub keep: bool,
@@ -76,6 +81,7 @@ fn summary(v: &[f64]) -> Value {
 
 /// One timed `ctr run --rm`; checks what the container printed.
 fn timed_run(tb: &Testbed, sn: &str, image: &str, id: &str) -> Result<f64> {
+    let id = &tb.cid(id);
     let t = Instant::now();
     let out =
         run_ok(
@@ -120,6 +126,25 @@ fn start_figures(a: &[f64], b: &[f64]) -> Value {
     })
 }
 
+/// The file system type of the mount holding `dir` (/proc/self/mountinfo).
+fn fs_type(dir: &std::path::Path) -> String {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut best = (0, String::new());
+    for l in mi.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        let (Some(mp), Some(ty)) = (f.get(4), f.get(sep + 1)) else {
+            continue;
+        };
+        if dir.starts_with(mp) && mp.len() >= best.0 {
+            best = (mp.len(), ty.to_string());
+        }
+    }
+    best.1
+}
+
 /// Runs the benchmark.
 pub fn run(a: SnapshotterArgs) -> Result<Value> {
     if !rustix::process::geteuid().is_root() {
@@ -139,6 +164,7 @@ pub fn run(a: SnapshotterArgs) -> Result<Value> {
     let obd_exe = std::env::current_exe().context("locating obd")?;
     let mut opts = Options::new(obd_exe, snapshotter);
     opts.keep = a.keep;
+    opts.dir = a.workdir;
     opts.prefix = "obd-bench-sn-".into();
     let mut tb = Testbed::new(opts)?;
     eprintln!("obd bench snapshotter in {}", tb.dir.display());
@@ -183,19 +209,20 @@ pub fn run(a: SnapshotterArgs) -> Result<Value> {
     run_ok(&mut tb.obd_pull("default", &obd_image))?;
     let (oci_free, obd_free) = interleaved(&tb, a.runs, &oci_image, &obd_image, "s")?;
     // The same with a container holding the image's device.
+    let holder = tb.cid("holder");
     run_ok(tb.ctr().args([
         "run",
         "-d",
         "--snapshotter",
         "obd",
         &obd_image,
-        "holder",
+        &holder,
         "sleep",
         "100000",
     ]))?;
     let (oci_held, obd_held) = interleaved(&tb, a.runs, &oci_image, &obd_image, "h")?;
-    run_ok(tb.ctr().args(["tasks", "rm", "-f", "holder"]))?;
-    run_ok(tb.ctr().args(["containers", "rm", "holder"]))?;
+    run_ok(tb.ctr().args(["tasks", "rm", "-f", &holder]))?;
+    run_ok(tb.ctr().args(["containers", "rm", &holder]))?;
 
     let p = summary(&pulls);
     let start = start_figures(&oci_free, &obd_free);
@@ -207,6 +234,7 @@ pub fn run(a: SnapshotterArgs) -> Result<Value> {
         "layers": a.layers,
         "runs": a.runs,
         "image_bytes": image_bytes,
+        "workdir_fs": fs_type(&tb.dir),
         "pull_remote": p,
         "pull_goal_p99_s": 0.2,
         "pull_goal_met": ok_pull,

@@ -140,7 +140,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
 
     // 6. Run.
-    let out = run_ok(ctr().args(["run", "--snapshotter", "obd", "--rm", &image, "obd-demo"]))?;
+    let out = run_ok(ctr().args([
+        "run",
+        "--snapshotter",
+        "obd",
+        "--rm",
+        &image,
+        &tb.cid("obd-demo"),
+    ]))?;
     ph.done("ctr run (attach + start + exit)");
     for l in out.lines() {
         println!("  container printed: {l}");

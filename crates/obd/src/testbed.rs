@@ -300,6 +300,19 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.start_containerd()
     }
 
+    /// A container id unique to this work directory: runc keeps its state
+    /// in /run/containerd/runc/<namespace>/<id>, shared by every containerd
+    /// on the machine.
+    pub fn cid(&self, name: &str) -> String {
+        let base = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tag = base.rsplit('-').next().unwrap_or("");
+        format!("{name}-{tag}")
+    }
+
     /// `ctr --address <containerd.sock>`.
     pub fn ctr(&self) -> Command {
         let mut c = Command::new("ctr");

@@ -101,11 +101,22 @@ fn no_devices(root: &Path) {
     .unwrap_or_else(|e| panic!("{e}: {:?}", device_dirs(root)));
 }
 
+/// The snapshotter's last "devices reconciled" log line.
+fn last_reconcile(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap_or_default();
+    log.lines()
+        .rev()
+        .find(|l| l.contains("devices reconciled"))
+        .unwrap_or("")
+        .to_string()
+}
+
 fn expected() -> String {
     format!("{}\n{}", testbed::EXPECTED, testbed::WRITTEN)
 }
 
 fn run_container(tb: &Testbed, image: &str, id: &str) {
+    let id = &tb.cid(id);
     let out = run_ok(
         tb.ctr()
             .args(["run", "--rm", "--snapshotter", "obd", image, id]),
@@ -116,6 +127,7 @@ fn run_container(tb: &Testbed, image: &str, id: &str) {
 
 /// Best effort: removes task, container and snapshot `id`.
 fn forget(tb: &Testbed, id: &str) {
+    let id = &tb.cid(id);
     for args in [
         vec!["tasks", "rm", "-f", id],
         vec!["containers", "rm", id],
@@ -131,6 +143,7 @@ fn forget(tb: &Testbed, id: &str) {
 }
 
 fn task_status(tb: &Testbed, id: &str) -> String {
+    let id = &tb.cid(id);
     let out = tb
         .ctr()
         .args(["tasks", "ls"])
@@ -193,7 +206,12 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     let at_kill = obd_snapshots(&root);
     let st = pull.wait().unwrap();
     eprintln!("(a) killed after {at_kill} of {layers} remote snapshots; the pull exited {st}");
+    let t = Instant::now();
     tb.start_snapshotter().unwrap();
+    eprintln!(
+        "(a) restart until containerd reaches the snapshotter: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     let again = run_ok(&mut tb.obd_pull("default", &image)).expect("pull after the restart");
     eprintln!("(a) pull after restart:\n{again}");
     run_container(&tb, &image, "a1");
@@ -203,7 +221,7 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     no_devices(&root);
     let ctr_b1 = {
         let mut c = tb.ctr();
-        c.args(["run", "--rm", "--snapshotter", "obd", &image, "b1"]);
+        c.args(["run", "--rm", "--snapshotter", "obd", &image, &tb.cid("b1")]);
         std::thread::spawn(move || c.output())
     };
     poll("the attach of b1's device", Duration::from_secs(60), || {
@@ -218,16 +236,22 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     tb.start_snapshotter().unwrap();
+    eprintln!(
+        "(b1) after the restart: {}; workers {:?}",
+        last_reconcile(&dir),
+        workers(&root)
+    );
     forget(&tb, "b1");
 
     // (b2) kill -9 while a container runs: its device is adopted.
+    let b2 = tb.cid("b2");
     run_ok(tb.ctr().args([
         "run",
         "-d",
         "--snapshotter",
         "obd",
         &image,
-        "b2",
+        &b2,
         "sleep",
         "100000",
     ]))
@@ -243,12 +267,7 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     tb.restart_snapshotter().unwrap();
     assert_eq!(device_dirs(&root), devs, "the device was adopted");
     assert_eq!(workers(&root), before, "the same worker serves it");
-    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
-    let last = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("devices reconciled"))
-        .unwrap_or("");
+    let last = last_reconcile(&dir);
     assert!(last.contains(&devs[0]), "adopted: {last}");
     assert_eq!(task_status(&tb, "b2"), "RUNNING");
     let msg = run_ok(tb.ctr().args([
@@ -256,20 +275,20 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
         "exec",
         "--exec-id",
         "check",
-        "b2",
+        &b2,
         "cat",
         "/app/message",
         "/app/layers/7",
     ]))
     .expect("exec in b2 after the restart");
     assert_eq!(msg, format!("{}\nlayer 7\n", testbed::EXPECTED));
-    run_ok(tb.ctr().args(["tasks", "kill", "-s", "KILL", "b2"])).unwrap();
+    run_ok(tb.ctr().args(["tasks", "kill", "-s", "KILL", &b2])).unwrap();
     wait_until("b2 stopped", Duration::from_secs(30), || {
         task_status(&tb, "b2") == "STOPPED"
     })
     .unwrap();
-    run_ok(tb.ctr().args(["tasks", "rm", "b2"])).unwrap();
-    run_ok(tb.ctr().args(["containers", "rm", "b2"])).unwrap();
+    run_ok(tb.ctr().args(["tasks", "rm", &b2])).unwrap();
+    run_ok(tb.ctr().args(["containers", "rm", &b2])).unwrap();
 
     // Nothing left: devices, workers, loop devices, mounts.
     no_devices(&root);
