@@ -224,6 +224,19 @@ pub fn run(a: SnapshotterArgs) -> Result<Value> {
     run_ok(tb.ctr().args(["tasks", "rm", "-f", &holder]))?;
     run_ok(tb.ctr().args(["containers", "rm", &holder]))?;
 
+    // What attaching the image's device cost, from the snapshotter's log.
+    let log = std::fs::read_to_string(tb.dir.join("snapshotter.log")).unwrap_or_default();
+    let attach_ms: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("device attached"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("ms="))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect();
+    let attach = sorted(attach_ms);
+
     let p = summary(&pulls);
     let start = start_figures(&oci_free, &obd_free);
     let held = start_figures(&oci_held, &obd_held);
@@ -240,6 +253,8 @@ pub fn run(a: SnapshotterArgs) -> Result<Value> {
         "pull_goal_met": ok_pull,
         "start": start,
         "start_device_held": held,
+        "device_attaches": attach.len(),
+        "device_attach_median_ms": quantile(&attach, 0.5),
         "start_goal_ratio": 1.1,
         "start_goal_met": ok_start,
         "pull_s": pulls,
