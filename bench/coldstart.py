@@ -16,6 +16,7 @@ node (warm), and counts the bytes the node received on the veth.
 
 Environment (defaults):
   BENCH_DIR=/tmp/obd-coldstart  BENCH_REPS=3  BENCH_LINKS="100mbit 1gbit"
+    (a link is RATE or RATE@DELAY, e.g. 100mbit@20ms adds 20 ms per round trip)
   BENCH_IMAGES="large small"    BENCH_PAD_MB=448  BENCH_RECORD_TIME=30
   BENCH_VARIANTS="oci estargz obd obd-trace"
   BENCH_OUT=bench/results       OBD_BIN / OBD_SNAPSHOTTER (release builds)
@@ -88,15 +89,21 @@ def net_down():
     sh("ip", "netns", "del", NS, check=False, quiet=True)
 
 
-def shape(rate):
-    """Registry -> node at `rate` (tbf on the namespace side's egress);
-    None removes the limit."""
+def shape(link):
+    """Registry -> node at `link`: `RATE` (tbf on the namespace side's
+    egress) or `RATE@DELAY` (tbf with a netem delay under it, e.g.
+    `100mbit@20ms`: the round trip grows by DELAY); None removes it."""
     sh("ip", "netns", "exec", NS, "tc", "qdisc", "del", "dev", NS_IF, "root",
        check=False, quiet=True)
-    if rate:
-        # burst: at least rate/HZ; 1 MiB covers 1 Gbit/s at HZ=100.
-        sh("ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", NS_IF, "root", "tbf",
-           "rate", rate, "burst", "1mb", "latency", "50ms")
+    if not link:
+        return
+    rate, _, delay = link.partition("@")
+    # burst: at least rate/HZ; 1 MiB covers 1 Gbit/s at HZ=100.
+    sh("ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", NS_IF, "root", "handle", "1:",
+       "tbf", "rate", rate, "burst", "1mb", "latency", "50ms")
+    if delay:
+        sh("ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", NS_IF, "parent", "1:1",
+           "handle", "10:", "netem", "delay", delay, "limit", "100000")
 
 
 def rx_bytes():

@@ -116,6 +116,10 @@ def main():
     path = sys.argv[1]
     with open(path) as f:
         r = json.load(f)
+    if "summary" not in r:  # an unfinished run: summarise what is there
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from coldstart import summarize
+        r["summary"] = summarize(r)
     base = os.path.dirname(os.path.abspath(path))
     imgs = []
     for name, i in r["images"].items():
