@@ -115,11 +115,94 @@ impl ObdLayers {
         }
     }
 
-    /// Adopts live devices and cleans up dead ones (at start).
+    /// Adopts live devices and cleans up dead ones (at start). A device
+    /// that cannot be cleaned up is logged and left for a later sweep: it
+    /// must not keep the snapshotter from starting.
     pub fn reconcile(&self) -> Result<(Vec<String>, Vec<String>)> {
-        let r = self.devices.reconcile().map_err(dev_err)?;
+        self.kill_unrecorded_workers();
+        let r = match self.devices.reconcile() {
+            Ok(r) => r,
+            Err(e) => {
+                // E.g. a worker still bringing its device up when the last
+                // snapshotter was killed: it has no record yet (so it is not
+                // stopped) and mounts below the directory being removed.
+                tracing::warn!(error = %e, "reconciling devices failed; going on device by device");
+                self.reconcile_each()
+            }
+        };
         self.report_devices();
         Ok(r)
+    }
+
+    /// Kills the device workers of this root that no device record names:
+    /// workers the previous snapshotter started whose attach it did not see
+    /// through. Left running, one would finish its attach under the
+    /// reconcile's cleanup (mounts in a directory being removed, a device
+    /// over files already gone: EIO in the next container).
+    fn kill_unrecorded_workers(&self) {
+        let root = self.dev_root.dir().as_os_str().as_encoded_bytes().to_vec();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let mut killed = Vec::new();
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            let arg = |k: &[u8]| args.windows(2).find(|w| w[0] == k).map(|w| w[1]);
+            if !args.contains(&&b"device-worker"[..]) || arg(b"--root") != Some(&root[..]) {
+                continue;
+            }
+            let Some(id) = arg(b"--id").map(|v| String::from_utf8_lossy(v).into_owned()) else {
+                continue;
+            };
+            if matches!(self.dev_root.record(&id), Ok(Some(rec)) if rec.pid == pid) {
+                continue;
+            }
+            tracing::warn!(device = %id, pid, "device worker without a record (its attach was cut short): killing it");
+            // SAFETY: kill(2) with a pid read from /proc and a valid signal;
+            // no memory is shared.
+            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+                killed.push(pid);
+            }
+        }
+        // Gone, or a zombie its new parent has not reaped yet.
+        let gone = |pid: &u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+                st.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+            })
+        };
+        let t0 = Instant::now();
+        while !killed.iter().all(gone) && t0.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// The device service's reconcile, one device at a time, logging the
+    /// devices that fail instead of stopping at the first.
+    fn reconcile_each(&self) -> (Vec<String>, Vec<String>) {
+        let (mut adopted, mut cleaned) = (Vec::new(), Vec::new());
+        for id in self.dev_root.ids().unwrap_or_default() {
+            match self.dev_root.record(&id) {
+                Ok(Some(rec)) if worker_alive(&rec) => adopted.push(id),
+                // A TCMU device outlives its worker: left to ensure_device.
+                Ok(Some(rec)) if rec.request.frontend == "tcmu" => {
+                    tracing::warn!(device = %id, "TCMU device without a worker; left as is");
+                }
+                _ => match obd_device::service::cleanup_device(&self.dev_root, &id) {
+                    Ok(()) => cleaned.push(id),
+                    Err(e) => {
+                        tracing::warn!(device = %id, error = %e, "cleaning up a dead device failed; retried when a snapshot needs it or none uses it")
+                    }
+                },
+            }
+        }
+        (adopted, cleaned)
     }
 
     fn report_devices(&self) {
@@ -209,6 +292,38 @@ impl ObdLayers {
     }
 }
 
+impl ObdLayers {
+    /// Commit of a dir/dev snapshot: detach its private device, seal the
+    /// writable layer into `fs/overlaybd.sealed` and make it the top lower
+    /// of the committed snapshot's config (integration.md §3.2).
+    fn seal_writable(&self, dir: &Path) -> Result<()> {
+        let block = dir.join("block");
+        let (data, index) = (block.join("writable_data"), block.join("writable_index"));
+        let mut cfg = load(dir)?;
+        self.detach(dir);
+        let w = overlaybd_core::lsmt::writable::WritableLayer::open(&data, &index)
+            .map_err(|e| Error::Device(format!("{}: {e}", data.display())))?;
+        w.seal()
+            .map_err(|e| Error::Device(format!("sealing {}: {e}", data.display())))?;
+        let sealed = dir.join("fs").join("overlaybd.sealed");
+        std::fs::rename(&data, &sealed).map_err(|e| Error::io("rename", &data, e))?;
+        let _ = std::fs::remove_file(&index);
+        if cfg.acceleration_layer {
+            cfg.lowers.pop();
+            cfg.acceleration_layer = false;
+        }
+        cfg.upper = Upper::default();
+        cfg.lowers.push(Lower {
+            dir: s(&dir.join("fs")),
+            ..Default::default()
+        });
+        cfg.result_file = s(&block.join("init-debug.log"));
+        save(&config_path(dir), &cfg)?;
+        tracing::info!(dir = %dir.display(), "writable device sealed into fs/overlaybd.sealed");
+        Ok(())
+    }
+}
+
 fn dev_err(e: obd_device::Error) -> Error {
     Error::Device(format!("device service: {e}"))
 }
@@ -247,6 +362,9 @@ impl LayerHook for ObdLayers {
         };
         let fs = c.dir.join("fs");
         let local = fs.join(COMMIT_FILE);
+        if c.dir.join("block").join("writable_data").is_file() {
+            return self.seal_writable(c.dir);
+        }
         let accel = l.get(crate::layer::LABEL_ACCEL_LAYER).map(String::as_str) == Some("yes");
         if accel {
             // The acceleration (trace) layer: its `fs/trace` is replayed when
