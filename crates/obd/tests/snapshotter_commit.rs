@@ -1,0 +1,175 @@
+//! A writable (rw_mode dir) snapshot on an obd image, committed through
+//! containerd: its private device is sealed into `fs/overlaybd.sealed`, and
+//! a view of the committed snapshot shows what was written plus the image.
+//! Uses `obd demo --keep` for the registry, containerd and obd-snapshotter.
+//! Needs root and the demo's tools; otherwise skipped loudly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn skip(why: &str) {
+    eprintln!("\n*** SKIPPED snapshotter commit test: {why} ***\n");
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stops what `obd demo --keep` left running under `dir` and removes it.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let d = self.0.display().to_string();
+        let _ = Command::new("pkill")
+            .args(["-f", &format!("{d}/")])
+            .status();
+        // Wait (bounded) for them to go before unmounting.
+        for _ in 0..500 {
+            let alive = Command::new("pgrep")
+                .args(["-f", &format!("{d}/")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !alive {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Devices outlive the snapshotter by design: detach them.
+        let root = obd_device::state::Root::new(self.0.join("w/snapshotter"));
+        for id in root.ids().unwrap_or_default() {
+            let _ = obd_device::service::cleanup_device(&root, &id);
+        }
+        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut mps: Vec<&str> = mi
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|m| Path::new(m).starts_with(&self.0))
+                .collect();
+            mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in mps {
+                let _ = Command::new("umount").args(["-l", m]).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn dir_mode_snapshot_commits_into_a_sealed_layer() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("needs root (containerd, runc, mounts)");
+    }
+    for t in [
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "pkill",
+        "pgrep",
+    ] {
+        if !have(t) {
+            return skip(&format!("{t} is not installed (scripts/setup.sh)"));
+        }
+    }
+    let sn = PathBuf::from(env!("CARGO_BIN_EXE_obd")).with_file_name("obd-snapshotter");
+    if !sn.exists() || !Path::new("/dev/fuse").exists() {
+        return skip("obd-snapshotter is not built or /dev/fuse is missing");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("obd-commit-")
+        .tempdir_in("/tmp")
+        .unwrap()
+        .keep();
+    let _cleanup = Cleanup(tmp.clone());
+    let dir = tmp.join("w");
+    run(Command::new(env!("CARGO_BIN_EXE_obd"))
+        .args([
+            "demo",
+            "--data",
+            "1M",
+            "--keep",
+            "--rw-mode",
+            "dir",
+            "--workdir",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::null()));
+    let sock = dir.join("containerd.sock");
+    let ctr = || {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(&sock)
+            .args(["snapshots", "--snapshotter", "obd"]);
+        c
+    };
+    // The image's top layer: the committed snapshot nothing else names as parent.
+    let ls = run(ctr().arg("ls"));
+    let rows: Vec<Vec<&str>> = ls
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let top = rows
+        .iter()
+        .find(|r| r.len() >= 2 && !rows.iter().any(|o| o.len() == 3 && o[1] == r[0]))
+        .map(|r| r[0].to_string())
+        .expect("a top layer");
+    run(ctr().args(["prepare", "k1", &top]));
+    let m1 = tmp.join("m1");
+    std::fs::create_dir_all(&m1).unwrap();
+    let mounts = run(ctr().arg("mounts").arg(&m1).arg("k1"));
+    assert!(
+        mounts.contains("-t bind") && mounts.contains("block/mountpoint"),
+        "{mounts}"
+    );
+    let src = mounts.split_whitespace().nth(3).unwrap().to_string();
+    run(Command::new("mount").args(["--bind", &src]).arg(&m1));
+    std::fs::write(m1.join("root/written"), b"kept across commit\n").unwrap();
+    run(Command::new("umount").arg(&m1));
+    run(ctr().args(["commit", "c1", "k1"]));
+    let snaps = dir.join("snapshotter/snapshots");
+    let sealed: Vec<_> = std::fs::read_dir(&snaps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("fs/overlaybd.sealed"))
+        .filter(|p| p.is_file())
+        .collect();
+    assert_eq!(
+        sealed.len(),
+        1,
+        "one sealed layer under {}",
+        snaps.display()
+    );
+    run(ctr().args(["view", "v1", "c1"]));
+    let m2 = tmp.join("m2");
+    std::fs::create_dir_all(&m2).unwrap();
+    let mounts = run(ctr().arg("mounts").arg(&m2).arg("v1"));
+    assert!(mounts.contains("ro"), "{mounts}");
+    let src = mounts.split_whitespace().nth(3).unwrap().to_string();
+    run(Command::new("mount")
+        .args(["--bind", "-o", "ro", &src])
+        .arg(&m2));
+    let got = std::fs::read_to_string(m2.join("root/written"));
+    let msg = std::fs::read_to_string(m2.join("app/message"));
+    run(Command::new("umount").arg(&m2));
+    assert_eq!(got.unwrap(), "kept across commit\n");
+    assert!(msg.unwrap().starts_with("hello from"));
+}
