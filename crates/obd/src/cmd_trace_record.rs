@@ -62,7 +62,8 @@ pub struct RecordArgs {
     pub image: String,
     /// Where to push the image with the acceleration layer.
     pub new_image: String,
-    /// Seconds the container runs before it is stopped (it may exit sooner).
+    /// Seconds the container runs before it is stopped (it may exit
+    /// sooner): SIGTERM to all its processes, SIGKILL 10 s later.
     #[arg(long, default_value_t = 60)]
     pub time: u64,
     /// Talk plain HTTP to the registries of both images.
