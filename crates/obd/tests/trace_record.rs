@@ -158,11 +158,14 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
 
     // Pull and run the new image: same output, and the device replays.
     run_ok(&mut tb.obd_pull("default", &accel)).unwrap();
-    let out = run_ok(
-        tb.ctr()
-            .args(["run", "--snapshotter", "obd", &accel, "accel-run"]),
-    )
-    .unwrap_or_else(|e| panic!("ctr run: {e:#}"));
+    // runc's state (/run/containerd/runc/<ns>/<id>) is shared by every
+    // containerd on the machine: an id of this work dir's own.
+    let id = format!(
+        "accel-run-{}",
+        tb.dir.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let out = run_ok(tb.ctr().args(["run", "--snapshotter", "obd", &accel, &id]))
+        .unwrap_or_else(|e| panic!("ctr run: {e:#}"));
     assert_eq!(
         out.trim(),
         format!("{}\n{}", testbed::EXPECTED, testbed::WRITTEN)
@@ -184,7 +187,7 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
     assert!(line.contains(" 0 errors"), "{line}");
     let _ = tb
         .ctr()
-        .args(["containers", "rm", "accel-run"])
+        .args(["containers", "rm", &id])
         .stdout(Stdio::null())
         .status();
 }
