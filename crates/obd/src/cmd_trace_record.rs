@@ -738,11 +738,8 @@ pub fn run(a: RecordArgs) -> Result<()> {
             layer.len()
         );
     }
-    if a.trace_out.is_none() {
-        drop(tmp);
-    } else {
-        let _ = tmp.keep();
-    }
+    // The trace is in `tmp` only without --trace-out; the rest is scratch.
+    drop(tmp);
     Ok(())
 }
 
