@@ -15,9 +15,9 @@ pub mod error;
 pub mod filter;
 pub mod layer;
 pub mod meta;
-pub mod pull;
 pub mod metrics;
 pub mod obd;
+pub mod pull;
 pub mod service;
 pub mod snapshotter;
 
