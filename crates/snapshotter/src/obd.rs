@@ -292,6 +292,38 @@ impl ObdLayers {
     }
 }
 
+impl ObdLayers {
+    /// Commit of a dir/dev snapshot: detach its private device, seal the
+    /// writable layer into `fs/overlaybd.sealed` and make it the top lower
+    /// of the committed snapshot's config (integration.md §3.2).
+    fn seal_writable(&self, dir: &Path) -> Result<()> {
+        let block = dir.join("block");
+        let (data, index) = (block.join("writable_data"), block.join("writable_index"));
+        let mut cfg = load(dir)?;
+        self.detach(dir);
+        let w = overlaybd_core::lsmt::writable::WritableLayer::open(&data, &index)
+            .map_err(|e| Error::Device(format!("{}: {e}", data.display())))?;
+        w.seal()
+            .map_err(|e| Error::Device(format!("sealing {}: {e}", data.display())))?;
+        let sealed = dir.join("fs").join("overlaybd.sealed");
+        std::fs::rename(&data, &sealed).map_err(|e| Error::io("rename", &data, e))?;
+        let _ = std::fs::remove_file(&index);
+        if cfg.acceleration_layer {
+            cfg.lowers.pop();
+            cfg.acceleration_layer = false;
+        }
+        cfg.upper = Upper::default();
+        cfg.lowers.push(Lower {
+            dir: s(&dir.join("fs")),
+            ..Default::default()
+        });
+        cfg.result_file = s(&block.join("init-debug.log"));
+        save(&config_path(dir), &cfg)?;
+        tracing::info!(dir = %dir.display(), "writable device sealed into fs/overlaybd.sealed");
+        Ok(())
+    }
+}
+
 fn dev_err(e: obd_device::Error) -> Error {
     Error::Device(format!("device service: {e}"))
 }
@@ -330,6 +362,9 @@ impl LayerHook for ObdLayers {
         };
         let fs = c.dir.join("fs");
         let local = fs.join(COMMIT_FILE);
+        if c.dir.join("block").join("writable_data").is_file() {
+            return self.seal_writable(c.dir);
+        }
         let accel = l.get(crate::layer::LABEL_ACCEL_LAYER).map(String::as_str) == Some("yes");
         if accel {
             // The acceleration (trace) layer: its `fs/trace` is replayed when
