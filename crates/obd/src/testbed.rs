@@ -187,9 +187,12 @@ impl Testbed {
             if let Some(c) = self.snapshotter.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
                     self.snapshotter = None;
+                    let log = std::fs::read_to_string(self.dir.join("snapshotter.log"))
+                        .unwrap_or_default();
+                    let lines: Vec<&str> = log.lines().collect();
                     bail!(
-                        "obd-snapshotter exited ({st}) at start; see {}",
-                        self.dir.join("snapshotter.log").display()
+                        "obd-snapshotter exited ({st}) at start; the end of its log:\n{}",
+                        lines[lines.len().saturating_sub(15)..].join("\n")
                     );
                 }
             }

@@ -217,15 +217,22 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     run_container(&tb, &image, "a1");
 
     // (b1) kill -9 while a container's device is being attached (the
-    // image's device was released when a1 went).
+    // image's device was released when a1 went): as soon as its worker
+    // process exists.
     no_devices(&root);
+    wait_until(
+        "a1's device worker to exit",
+        Duration::from_secs(10),
+        || workers(&root).is_empty(),
+    )
+    .unwrap();
     let ctr_b1 = {
         let mut c = tb.ctr();
         c.args(["run", "--rm", "--snapshotter", "obd", &image, &tb.cid("b1")]);
         std::thread::spawn(move || c.output())
     };
     poll("the attach of b1's device", Duration::from_secs(60), || {
-        !device_dirs(&root).is_empty() || ctr_b1.is_finished()
+        !workers(&root).is_empty() || ctr_b1.is_finished()
     });
     tb.kill_snapshotter().unwrap();
     let out = ctr_b1.join().unwrap().unwrap();
@@ -270,6 +277,20 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     let last = last_reconcile(&dir);
     assert!(last.contains(&devs[0]), "adopted: {last}");
     assert_eq!(task_status(&tb, "b2"), "RUNNING");
+    // Known bug (crates/device/src/worker.rs): a worker whose service died
+    // during its attach (b1)
+    // panics printing its "ok" line (EPIPE) and lingers half alive; it is
+    // adopted, serves, and is killed at detach. Reported, not asserted.
+    for d in &devs {
+        let log = std::fs::read_to_string(root.join("devices").join(d).join("worker.log"))
+            .unwrap_or_default();
+        if log.contains("panicked") {
+            eprintln!(
+                "\n*** KNOWN BUG: the worker of {d} panicked: {} ***\n",
+                log.trim()
+            );
+        }
+    }
     let msg = run_ok(tb.ctr().args([
         "tasks",
         "exec",
