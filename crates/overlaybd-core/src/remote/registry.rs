@@ -834,16 +834,27 @@ impl RegistryClient {
                             )));
                         }
                     }
-                    let body = resp.bytes().map_err(|e| {
-                        Fail::Retry(format!("reading body: {}", chain(&e.without_url())))
-                    })?;
+                    // Read straight into a buffer of the expected size: one copy
+                    // out of the HTTP client's chunks, no intermediate buffer. One
+                    // byte more than asked for is read to detect a longer body.
+                    let mut body = Vec::with_capacity(len as usize);
+                    let mut resp = resp;
+                    (&mut resp)
+                        .take(len + 1)
+                        .read_to_end(&mut body)
+                        .map_err(|e| Fail::Retry(format!("reading body: {}", chain(&e))))?;
                     if body.len() as u64 != len {
                         return Err(Fail::Retry(format!(
-                            "body has {} bytes, expected {len}",
-                            body.len()
+                            "body has {}{} bytes, expected {len}",
+                            if body.len() as u64 > len {
+                                "more than "
+                            } else {
+                                ""
+                            },
+                            body.len().min(len as usize)
                         )));
                     }
-                    Ok((body.to_vec(), total.or(expect_total).unwrap_or(0)))
+                    Ok((body, total.or(expect_total).unwrap_or(0)))
                 }
                 StatusCode::OK => {
                     // The server ignored the range and sends the whole blob: stream
