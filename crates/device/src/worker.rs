@@ -316,7 +316,7 @@ pub fn run(root: &Root, id: &str) -> i32 {
                 }
             }
             eprintln!("obd device worker {id}: {reason}");
-            println!("failed:{reason}");
+            report(&format!("failed:{reason}"));
             return 1;
         }
     };
@@ -325,7 +325,7 @@ pub fn run(root: &Root, id: &str) -> i32 {
     }
     let cfg_dir = up.record.request.config.parent().map(Path::to_owned);
     write_result(cfg_dir.as_deref(), &opened.config.result_file, "success");
-    println!("ok {}", up.record.device.display());
+    report(&format!("ok {}", up.record.device.display()));
     let _ = std::io::stdout().flush();
     release_stdout();
     let trace = start_trace(id, opened.trace, &up.backend, &up.record.device);
@@ -398,4 +398,13 @@ fn tear_down(root: &Root, up: Up) -> Result<()> {
         .map_err(|e| Error::io(format!("flushing {}", rec.id), e))?;
     let dir = root.device_dir(&rec.id);
     std::fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
+}
+
+/// Tells the service how the attach went (one line on stdout). The service
+/// may be gone by now (killed mid-attach): a closed pipe is not an error
+/// for the device, so write failures are ignored instead of panicking.
+fn report(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
 }
