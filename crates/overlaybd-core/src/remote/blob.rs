@@ -156,12 +156,18 @@ enum Unit {
     Lead(usize),
     /// Fetched by someone else.
     Wait(Arc<Flight>),
+    /// Partly being fetched by exact requests ([`RemoteBlob::fetch_exact`],
+    /// cache-block keys): wait for them, then read the unit again.
+    Parts(Vec<Arc<Flight>>),
 }
 
 /// A request this reader leads; publishes an error if dropped unfinished (a
 /// panicking fetcher), so waiters never hang.
 struct Lead<'a> {
     blob: &'a RemoteBlob,
+    /// Size of the units in `units` (the in-flight keys): `min_fetch`, or the
+    /// cache block size for an exact request.
+    unit: u64,
     offset: u64,
     len: u64,
     units: Vec<u64>,
@@ -183,7 +189,7 @@ impl Lead<'_> {
         self.flight.cv.notify_all();
         let mut map = self.blob.lock_inflight();
         for &u in &self.units {
-            let key = (self.blob.unit, u);
+            let key = (self.unit, u);
             if map.get(&key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
                 map.remove(&key);
             }
@@ -361,7 +367,13 @@ impl RemoteBlob {
             return Ok(0);
         }
         let n = (self.blob.size - offset).min(buf.len() as u64) as usize;
-        self.load(Some(&mut buf[..n]), offset, n as u64, Priority::Foreground)?;
+        self.load(
+            Some(&mut buf[..n]),
+            offset,
+            n as u64,
+            Priority::Foreground,
+            true,
+        )?;
         Ok(n)
     }
 
@@ -378,16 +390,113 @@ impl RemoteBlob {
             return Ok(());
         }
         let len = len.min(self.blob.size - offset);
-        self.load(None, offset, len, prio)
+        self.load(None, offset, len, prio, true)
+    }
+
+    /// Fetches into the cache exactly the cache blocks covering
+    /// `[offset, offset + len)` that are neither cached nor being fetched, at
+    /// `prio`, without rounding to `min_fetch`: each run of consecutive
+    /// missing blocks is one request of at most `max_request` bytes. For
+    /// trace-guided prefetch, which knows the compressed blocks it needs; the
+    /// cache records presence per block, so the fetched bytes are kept. A
+    /// reader of a unit that is partly being fetched this way waits for those
+    /// requests instead of fetching the unit again. Returns when the requests
+    /// this call made are done (not those of others it skipped).
+    pub fn fetch_exact(&self, offset: u64, len: u64, prio: Priority) -> Result<()> {
+        if offset >= self.blob.size || len == 0 {
+            return Ok(());
+        }
+        let len = len.min(self.blob.size - offset);
+        bump(&self.counters.loads, 1);
+        if self.cache.contains(&self.cached, offset, len) {
+            bump(&self.counters.cache_hits, 1);
+            return Ok(());
+        }
+        let bs = self.cache.block_size();
+        let runs = exact_runs(offset, len, self.blob.size, bs, self.max_units * self.unit);
+        let mut leads: Vec<Lead<'_>> = Vec::new();
+        {
+            let mut map = self.lock_inflight();
+            for (first, last) in runs {
+                for i in first..=last {
+                    let (s, e) = (i * bs, ((i + 1) * bs).min(self.blob.size));
+                    let busy = map.contains_key(&(bs, i))
+                        || map.contains_key(&(self.unit, s / self.unit))
+                        || self.cache.contains(&self.cached, s, e - s);
+                    let extend = !busy
+                        && i != first
+                        && leads.last().is_some_and(|l| {
+                            l.offset + l.len == s && l.units.last() == Some(&(i - 1))
+                        });
+                    if busy {
+                        continue;
+                    }
+                    if extend {
+                        let l = leads.last_mut().expect("checked");
+                        map.insert((bs, i), Arc::clone(&l.flight));
+                        l.units.push(i);
+                        l.len = e - l.offset;
+                    } else {
+                        let flight = Arc::new(Flight {
+                            done: Mutex::new(None),
+                            cv: Condvar::new(),
+                            prio: PrioCell::new(prio),
+                            sched: Arc::clone(&self.sched),
+                        });
+                        map.insert((bs, i), Arc::clone(&flight));
+                        leads.push(Lead {
+                            blob: self,
+                            unit: bs,
+                            offset: s,
+                            len: e - s,
+                            units: vec![i],
+                            flight,
+                            result: OnceLock::new(),
+                        });
+                    }
+                }
+            }
+        }
+        self.run_leads(&leads);
+        for l in &leads {
+            if let Some(Err(e)) = l.result.get() {
+                return Err(self.share_err(e, offset, len));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `leads` and publishes their results; several run in parallel, up
+    /// to the scheduler's limit.
+    fn run_leads(&self, leads: &[Lead<'_>]) {
+        let run = |l: &Lead<'_>| l.publish(self.fetch_request(l.offset, l.len, &l.flight.prio));
+        let workers = leads.len().min(self.sched.limit());
+        if workers <= 1 {
+            leads.iter().for_each(run);
+        } else {
+            let next = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..workers {
+                    s.spawn(|| {
+                        while let Some(l) = leads.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            run(l);
+                        }
+                    });
+                }
+            });
+        }
     }
 
     /// Makes `[offset, offset + len)` available, copying it to `out` if given.
+    /// With `parts`, a unit partly being fetched by [`RemoteBlob::fetch_exact`]
+    /// waits for those requests and is then read again (without `parts`).
     fn load(
         &self,
         mut out: Option<&mut [u8]>,
         offset: u64,
         len: u64,
         prio: Priority,
+        parts: bool,
     ) -> Result<()> {
         bump(&self.counters.loads, 1);
         // Fast path: all cached.
@@ -436,6 +545,13 @@ impl RemoteBlob {
                 if tries == 1 && self.cache.contains(&self.cached, lo, hi - lo) {
                     continue;
                 }
+                if parts {
+                    let flights = self.exact_flights(&map, lo, hi, prio);
+                    if !flights.is_empty() {
+                        bump(&self.counters.joined, 1);
+                        break Unit::Parts(flights);
+                    }
+                }
                 // Lead it: extend our previous request if adjacent and not full.
                 let extend = match (plan.last(), leads.last()) {
                     (Some(Unit::Lead(k)), Some(l)) => {
@@ -458,6 +574,7 @@ impl RemoteBlob {
                     map.insert((self.unit, u), Arc::clone(&flight));
                     leads.push(Lead {
                         blob: self,
+                        unit: self.unit,
                         offset: us,
                         len: ue - us,
                         units: vec![u],
@@ -474,27 +591,24 @@ impl RemoteBlob {
         // so readers cannot deadlock on each other), then collect. Several
         // requests (a read larger than `max_request`) run in parallel, up to
         // the scheduler's limit.
-        let run = |l: &Lead<'_>| l.publish(self.fetch_request(l.offset, l.len, &l.flight.prio));
-        let workers = leads.len().min(self.sched.limit());
-        if workers <= 1 {
-            leads.iter().for_each(run);
-        } else {
-            let next = AtomicUsize::new(0);
-            std::thread::scope(|s| {
-                for _ in 0..workers {
-                    s.spawn(|| {
-                        while let Some(l) = leads.get(next.fetch_add(1, Ordering::Relaxed)) {
-                            run(l);
-                        }
-                    });
-                }
-            });
-        }
+        self.run_leads(&leads);
         let mut first_err = None;
         for (k, unit) in plan.iter().enumerate() {
             let u = first + k as u64;
             let r = match unit {
                 Unit::Cached => continue,
+                Unit::Parts(flights) => {
+                    flights.iter().for_each(|f| drop(f.wait()));
+                    let (us, ue) = self.unit_range(u);
+                    let (lo, hi) = (us.max(offset), ue.min(end));
+                    let sub = out
+                        .as_deref_mut()
+                        .map(|b| &mut b[(lo - offset) as usize..(hi - offset) as usize]);
+                    if let Err(e) = self.load(sub, lo, hi - lo, prio, false) {
+                        first_err.get_or_insert(e);
+                    }
+                    continue;
+                }
                 Unit::Lead(i) => leads[*i].result.get().cloned().expect("fetched"),
                 Unit::Wait(f) => f.wait(),
             };
@@ -513,6 +627,34 @@ impl RemoteBlob {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// The exact requests ([`RemoteBlob::fetch_exact`]) fetching cache blocks
+    /// of `[lo, hi)`, raised to `prio`; empty when the cache block size is the
+    /// unit (exact requests then share the unit keys) or there are none.
+    fn exact_flights(
+        &self,
+        map: &HashMap<(u64, u64), Arc<Flight>>,
+        lo: u64,
+        hi: u64,
+        prio: Priority,
+    ) -> Vec<Arc<Flight>> {
+        let bs = self.cache.block_size();
+        if bs == self.unit {
+            return Vec::new();
+        }
+        let mut out: Vec<Arc<Flight>> = Vec::new();
+        for i in lo / bs..=(hi - 1) / bs {
+            if let Some(f) = map.get(&(bs, i)) {
+                if !out.iter().any(|g| Arc::ptr_eq(g, f)) {
+                    if f.prio.raise(prio) {
+                        f.sched.nudge();
+                    }
+                    out.push(Arc::clone(f));
+                }
+            }
+        }
+        out
     }
 
     /// Blob range of unit `u`.
@@ -567,6 +709,32 @@ impl RemoteBlob {
     }
 }
 
+/// The cache blocks (index ranges, inclusive) an exact fetch of
+/// `[offset, offset + len)` of a `size`-byte blob covers, cut so that no run
+/// spans more than `max_request` bytes (at least one block per run).
+pub(crate) fn exact_runs(
+    offset: u64,
+    len: u64,
+    size: u64,
+    block: u64,
+    max_request: u64,
+) -> Vec<(u64, u64)> {
+    if offset >= size || len == 0 || block == 0 {
+        return Vec::new();
+    }
+    let end = offset.saturating_add(len).min(size);
+    let (first, last) = (offset / block, (end - 1) / block);
+    let per = (max_request / block).max(1);
+    let mut out = Vec::new();
+    let mut at = first;
+    while at <= last {
+        let stop = last.min(at + per - 1);
+        out.push((at, stop));
+        at = stop + 1;
+    }
+    out
+}
+
 impl ReadAt for RemoteBlob {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         self.read(buf, offset).map_err(Error::into_io)
@@ -588,8 +756,60 @@ impl ReadAt for RemoteBlob {
         true
     }
 
-    /// Fetches the range into the cache at [`Priority::Prefetch`].
+    /// Fetches the range into the cache at [`Priority::Prefetch`]. A range of
+    /// whole `min_fetch` units (e.g. flatten's streaming advice) goes through
+    /// the unit path; any other range (e.g. the compressed blocks behind a
+    /// trace record) is fetched exactly ([`RemoteBlob::fetch_exact`]), so
+    /// prefetch does not pull in the rest of each unit.
     fn will_need(&self, offset: u64, len: u64) {
-        let _ = self.fetch_into_cache(offset, len, Priority::Prefetch);
+        if offset >= self.blob.size || len == 0 {
+            return;
+        }
+        let end = offset.saturating_add(len).min(self.blob.size);
+        let aligned = offset % self.unit == 0 && (end % self.unit == 0 || end == self.blob.size);
+        let _ = if aligned {
+            self.fetch_into_cache(offset, len, Priority::Prefetch)
+        } else {
+            self.fetch_exact(offset, len, Priority::Prefetch)
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exact_runs;
+
+    #[test]
+    fn exact_runs_cover_the_range_in_blocks_cut_at_max_request() {
+        const K: u64 = 1024;
+        // One block, unaligned inside it.
+        assert_eq!(exact_runs(5, 10, 1 << 20, 4 * K, 4 << 20), vec![(0, 0)]);
+        // Crossing a block boundary.
+        assert_eq!(
+            exact_runs(4 * K - 1, 2, 1 << 20, 4 * K, 4 << 20),
+            vec![(0, 1)]
+        );
+        // Cut at max_request (3 blocks per run).
+        assert_eq!(
+            exact_runs(0, 28 * K, 1 << 20, 4 * K, 12 * K),
+            vec![(0, 2), (3, 5), (6, 6)]
+        );
+        // max_request below a block: one block per run.
+        assert_eq!(
+            exact_runs(0, 8 * K, 1 << 20, 4 * K, 1),
+            vec![(0, 0), (1, 1)]
+        );
+        // Clamped to the blob; empty, past the end, or zero block: nothing.
+        assert_eq!(
+            exact_runs(9 * K, 100 * K, 10 * K, 4 * K, 4 << 20),
+            vec![(2, 2)]
+        );
+        assert!(exact_runs(0, 0, 10, 4, 4).is_empty());
+        assert!(exact_runs(10, 5, 10, 4, 4).is_empty());
+        assert!(exact_runs(0, 5, 10, 0, 4).is_empty());
+        assert_eq!(
+            exact_runs(0, u64::MAX, 10, 4, 4),
+            vec![(0, 0), (1, 1), (2, 2)]
+        );
     }
 }
