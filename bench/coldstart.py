@@ -20,6 +20,13 @@ Environment (defaults):
   BENCH_IMAGES="large small"    BENCH_PAD_MB=448  BENCH_RECORD_TIME=30
   BENCH_VARIANTS="oci estargz obd obd-trace"
   BENCH_OUT=bench/results       OBD_BIN / OBD_SNAPSHOTTER (release builds)
+  obd settings (recorded in the JSON as "obd"):
+  BENCH_OBD_ALGO=lz4            `obd convert --algorithm` (lz4 or zstd)
+  BENCH_OBD_MIN_FETCH=          service `[fetch] min_fetch` (bytes; unset =
+                                the service default, 256 KiB)
+  BENCH_OBD_CACHE_BLOCK=        service `[cache] block_size` (bytes; unset =
+                                the default, 64 KiB): the granularity of
+                                trace prefetch's exact ranges
 """
 import json
 import os
@@ -42,6 +49,9 @@ RECORD_TIME = int(os.environ.get("BENCH_RECORD_TIME", "30"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(HERE, "results"))
 # Results file name (several passes can be merged by report.py).
 NAME = os.environ.get("BENCH_NAME", "coldstart")
+OBD_ALGO = os.environ.get("BENCH_OBD_ALGO", "lz4")
+OBD_MIN_FETCH = os.environ.get("BENCH_OBD_MIN_FETCH", "")
+OBD_CACHE_BLOCK = os.environ.get("BENCH_OBD_CACHE_BLOCK", "")
 OBD = os.environ.get("OBD_BIN", os.path.join(REPO, "target/release/obd"))
 SNAP = os.environ.get("OBD_SNAPSHOTTER", os.path.join(REPO, "target/release/obd-snapshotter"))
 # bench/stargz-grpc (built by coldstart.sh from Debian's Go packages).
@@ -161,8 +171,11 @@ class Node:
             sn = os.path.join(self.dir, "obd")
             os.makedirs(sn)
             with open(os.path.join(sn, "service.toml"), "w") as f:
-                f.write(f'[cache]\ndir = "{self.dir}/obd-cache"\n\n'
-                        f'[registry.hosts."{REG}"]\nplain_http = true\n')
+                f.write(f'[cache]\ndir = "{self.dir}/obd-cache"\n'
+                        + (f'block_size = {int(OBD_CACHE_BLOCK)}\n' if OBD_CACHE_BLOCK else "")
+                        + (f'\n[fetch]\nmin_fetch = {int(OBD_MIN_FETCH)}\n'
+                           if OBD_MIN_FETCH else "")
+                        + f'\n[registry.hosts."{REG}"]\nplain_http = true\n')
             toml = os.path.join(self.dir, "obd.toml")
             with open(toml, "w") as f:
                 f.write(f'root = "{sn}"\naddress = "{self.dir}/obd.sock"\n'
@@ -301,7 +314,8 @@ def prepare(imgs, variants, stargz):
             sh("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
                f"oci:{layout}:bench", f"docker://{r['oci']}")
             if "obd" in variants or "obd-trace" in variants:
-                sh(OBD, "convert", "--plain-http", REG, f"oci:{layout}:bench",
+                sh(OBD, "convert", "--plain-http", REG, "--algorithm", OBD_ALGO,
+                   f"oci:{layout}:bench",
                    f"docker://{r['obd']}")
             if "obd-trace" in variants:
                 info["record"] = json.loads(sh(
@@ -407,7 +421,9 @@ def main():
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "load_at_start": load_start, "reps": REPS, "links": LINKS,
                "cpus": os.cpu_count(), "kernel": os.uname().release,
-               "skipped": skipped, "images": {}, "runs": []}
+               "skipped": skipped, "images": {}, "runs": [],
+               "obd": {"algorithm": OBD_ALGO, "min_fetch": OBD_MIN_FETCH or "default",
+                       "cache_block_size": OBD_CACHE_BLOCK or "default"}}
     try:
         shape(None)
         prep = prepare(imgs, variants, stargz)

@@ -39,6 +39,15 @@ def table(r):
     return "\n".join(rows)
 
 
+def obd_settings(r):
+    """The obd conversion and fetch settings of the run (older runs: none)."""
+    o = r.get("obd")
+    if not o:
+        return []
+    return [f"- obd: `obd convert --algorithm {o['algorithm']}`, service `min_fetch` "
+            f"{o['min_fetch']}, cache `block_size` {o['cache_block_size']}"]
+
+
 def goals(r):
     s, out = r["summary"], []
     link = "100mbit" if "100mbit" in r["links"] else r["links"][0]
@@ -121,6 +130,7 @@ def main():
         from coldstart import summarize
         r["summary"] = summarize(r)
     base = os.path.dirname(os.path.abspath(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
     imgs = []
     for name, i in r["images"].items():
         rec = i.get("record", {})
@@ -131,10 +141,10 @@ def main():
         f"Run {r['started']} → {r.get('finished', '(unfinished)')}, {r['reps']} repetitions, "
         f"{r['cpus']} CPUs, kernel {r['kernel']}, load average at start "
         f"{' '.join(r['load_at_start'])}, at end {' '.join(r.get('load_at_end', ['?']))}.",
-        "", *imgs, "", table(r), "", goals(r), ""])
-    with open(os.path.join(base, "coldstart.md"), "w") as f:
+        "", *imgs, *obd_settings(r), "", table(r), "", goals(r), ""])
+    with open(os.path.join(base, stem + ".md"), "w") as f:
         f.write(md)
-    plot(r, os.path.join(base, "coldstart.png"))
+    plot(r, os.path.join(base, stem + ".png"))
     print(md)
     if "--doc" in sys.argv:
         doc = sys.argv[sys.argv.index("--doc") + 1]
