@@ -256,27 +256,7 @@ impl Testbed {
         let conf = self.dir.join("containerd.toml");
         std::fs::write(
             &conf,
-            format!(
-                r#"version = 2
-root = "{d}/containerd-root"
-state = "{d}/containerd-state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{d}/containerd.sock"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[debug]
-  address = "{d}/containerd-debug.sock"
-[metrics]
-  address = ""
-[proxy_plugins]
-  [proxy_plugins.obd]
-    type = "snapshot"
-    address = "{s}"
-"#,
-                d = self.dir.display(),
-                s = self.sn_sock.display()
-            ),
+            fixtures::containerd::config(&self.dir, &self.sn_sock),
         )
         .with_context(|| format!("writing {}", conf.display()))?;
         let clog = std::fs::File::create(self.dir.join("containerd.log"))?;

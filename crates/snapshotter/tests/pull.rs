@@ -215,31 +215,7 @@ fn start_containerd(dir: &Path, procs: &mut Procs) -> PathBuf {
     });
     let sock = dir.join("containerd.sock");
     let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{d}/containerd.sock"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[debug]
-  address = "{d}/debug.sock"
-[metrics]
-  address = ""
-[proxy_plugins]
-  [proxy_plugins.obd]
-    type = "snapshot"
-    address = "{s}"
-"#,
-            d = dir.display(),
-            s = sn_sock.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, fixtures::containerd::config(dir, &sn_sock)).unwrap();
     let ctd_log = std::fs::File::create(dir.join("containerd.log")).unwrap();
     procs.children.push(
         Command::new("containerd")
