@@ -15,7 +15,7 @@
 //! skopeo and busybox-static; otherwise skipped with a loud message.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,38 +23,13 @@ use overlaybd_core::remote::distribution::{Distribution, ImageRef};
 use overlaybd_core::remote::registry::RegistryOptions;
 use snapshotter::pull::{pull_blocking, LayerState, PullError, PullOptions, PullReport};
 
+mod common;
+use common::{have, run, wait_until};
+
 const MARK: &str = "obd-pull-test-layer-2";
 
 fn skip(why: &str) {
     eprintln!("\n*** SKIPPED obd pull test: {why} ***\n");
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Polls `cond` until it holds or `timeout` passes.
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A two-layer busybox OCI layout (`<dir>/oci:busybox`): busybox, then a
