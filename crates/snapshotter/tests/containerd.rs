@@ -9,36 +9,14 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{have, run, wait_until};
+use common::{busybox_layout, have, run, wait_until};
 
 fn skip(why: &str) {
     eprintln!("\n*** SKIPPED containerd smoke test: {why} ***\n");
 }
 
 fn build_busybox_archive(dir: &Path) -> PathBuf {
-    let oci = dir.join("oci");
-    let bundle = dir.join("bundle");
-    let img = format!("{}:busybox", oci.display());
-    run(Command::new("umoci").args(["init", "--layout"]).arg(&oci));
-    run(Command::new("umoci").args(["new", "--image", &img]));
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &img])
-        .arg(&bundle));
-    let r = bundle.join("rootfs");
-    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
-        std::fs::create_dir_all(r.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
-    for a in run(Command::new("/bin/busybox").arg("--list")).split_whitespace() {
-        let p = r.join("bin").join(a);
-        if !p.exists() {
-            std::os::unix::fs::symlink("busybox", p).unwrap();
-        }
-    }
-    std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    run(Command::new("umoci")
-        .args(["repack", "--image", &img])
-        .arg(&bundle));
+    let img = busybox_layout(dir);
     run(Command::new("umoci").args(["config", "--image", &img, "--config.cmd", "/bin/sh"]));
     let tar = dir.join("busybox-oci.tar");
     run(Command::new("skopeo").args([

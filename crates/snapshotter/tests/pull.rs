@@ -24,7 +24,7 @@ use overlaybd_core::remote::registry::RegistryOptions;
 use snapshotter::pull::{pull_blocking, LayerState, PullError, PullOptions, PullReport};
 
 mod common;
-use common::{have, run, wait_until};
+use common::{busybox_layout, have, run, wait_until};
 
 const MARK: &str = "obd-pull-test-layer-2";
 
@@ -37,27 +37,7 @@ fn skip(why: &str) {
 fn build_busybox_layout(dir: &Path) -> PathBuf {
     let oci = dir.join("oci");
     let bundle = dir.join("bundle");
-    let img = format!("{}:busybox", oci.display());
-    run(Command::new("umoci").args(["init", "--layout"]).arg(&oci));
-    run(Command::new("umoci").args(["new", "--image", &img]));
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &img])
-        .arg(&bundle));
-    let r = bundle.join("rootfs");
-    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
-        std::fs::create_dir_all(r.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
-    for a in run(Command::new("/bin/busybox").arg("--list")).split_whitespace() {
-        let p = r.join("bin").join(a);
-        if !p.exists() {
-            std::os::unix::fs::symlink("busybox", p).unwrap();
-        }
-    }
-    std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    run(Command::new("umoci")
-        .args(["repack", "--image", &img])
-        .arg(&bundle));
+    let img = busybox_layout(dir);
     std::fs::remove_dir_all(&bundle).unwrap();
     run(Command::new("umoci")
         .args(["unpack", "--image", &img])
