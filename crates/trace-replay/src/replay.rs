@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use overlaybd_core::remote::{with_read_priority, Priority};
 use zfile::ReadAt;
 
 use crate::format::{Record, Trace};
@@ -223,9 +224,12 @@ pub fn replay(
         }
     };
     let workers = opts.concurrency.max(1).min(requests.len());
+    // The workers' reads run at prefetch priority too: a read that joins a
+    // request another worker's advice queued must not raise it above the
+    // container's own reads.
     std::thread::scope(|sc| {
         for _ in 0..workers {
-            sc.spawn(worker);
+            sc.spawn(|| with_read_priority(Priority::Prefetch, worker));
         }
     });
     ReplayReport {

@@ -361,7 +361,8 @@ impl RemoteBlob {
     }
 
     /// Reads `buf.len()` bytes at `offset` (clamped to the blob); returns the
-    /// count.
+    /// count. Admitted at this thread's [`super::read_priority`]
+    /// (foreground unless under [`super::with_read_priority`]).
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         if offset >= self.blob.size || buf.is_empty() {
             return Ok(0);
@@ -371,7 +372,7 @@ impl RemoteBlob {
             Some(&mut buf[..n]),
             offset,
             n as u64,
-            Priority::Foreground,
+            super::read_priority(),
             true,
         )?;
         Ok(n)

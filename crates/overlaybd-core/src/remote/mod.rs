@@ -24,6 +24,33 @@ pub enum Priority {
     Background = 2,
 }
 
+thread_local! {
+    static READ_PRIORITY: std::cell::Cell<Priority> =
+        const { std::cell::Cell::new(Priority::Foreground) };
+}
+
+/// Runs `f` with this thread's remote-blob reads ([`blob::RemoteBlob::read`],
+/// hence every [`zfile::ReadAt`] read that reaches one) admitted at `prio`
+/// instead of [`Priority::Foreground`]. Trace replay reads under
+/// [`Priority::Prefetch`], so that joining a queued prefetch request never
+/// raises it above the container's own reads.
+pub fn with_read_priority<R>(prio: Priority, f: impl FnOnce() -> R) -> R {
+    struct Restore(Priority);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            READ_PRIORITY.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(READ_PRIORITY.with(|p| p.replace(prio)));
+    f()
+}
+
+/// The priority this thread's remote-blob reads run at (see
+/// [`with_read_priority`]).
+pub fn read_priority() -> Priority {
+    READ_PRIORITY.with(|p| p.get())
+}
+
 /// One remote blob.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BlobRef {
