@@ -130,6 +130,16 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
         trace,
     } = open_image(&req.config, remote.as_deref())?;
     let backend = Arc::new(backend);
+    // A recorded trace needs only the image: replay it now, so the prefetch
+    // overlaps the attach and the mount (whose reads go first anyway). Stopped
+    // if the bring-up fails. A priority list needs the device; it waits.
+    let (trace, mut early) = match trace {
+        TracePlan::Replay { path, trace } => {
+            let run = spawn_replay(id, path, backend.lower().clone(), move |_| Ok(trace));
+            (TracePlan::None, EarlyReplay(Some(run)))
+        }
+        other => (other, EarlyReplay(None)),
+    };
     let fe = crate::frontend(&req.frontend)?;
     let work = root.work_dir(id);
     std::fs::create_dir_all(&work)
@@ -181,13 +191,32 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
             record,
             _remote: remote,
         },
-        Opened2 { config, trace },
+        Opened2 {
+            config,
+            trace,
+            early: early.0.take(),
+        },
     ))
 }
 
 struct Opened2 {
     config: overlaybd_core::config::ImageConfig,
     trace: TracePlan,
+    /// A replay already running (started before the attach).
+    early: Option<TraceRun>,
+}
+
+/// A replay started during bring-up; stopped and joined when dropped, unless
+/// taken (the bring-up succeeded).
+struct EarlyReplay(Option<TraceRun>);
+
+impl Drop for EarlyReplay {
+    fn drop(&mut self) {
+        if let Some(TraceRun::Replay { stop, handle }) = self.0.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
+        }
+    }
 }
 
 /// The trace work running beside a served device.
@@ -328,7 +357,10 @@ pub fn run(root: &Root, id: &str) -> i32 {
     report(&format!("ok {}", up.record.device.display()));
     let _ = std::io::stdout().flush();
     release_stdout();
-    let trace = start_trace(id, opened.trace, &up.backend, &up.record.device);
+    let trace = match opened.early {
+        Some(run) => run,
+        None => start_trace(id, opened.trace, &up.backend, &up.record.device),
+    };
     let sig = wait_for_stop();
     eprintln!(
         "obd device worker {id}: signal {sig}, detaching {}",
