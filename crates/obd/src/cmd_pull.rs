@@ -91,6 +91,12 @@ pub fn run(a: PullArgs) -> Result<()> {
             human(report.registry_bytes),
             report.total_ms
         );
+        if report.snapshotter_retries > 0 {
+            println!(
+                "waited for containerd to reach the snapshotter: {} retried calls",
+                report.snapshotter_retries
+            );
+        }
     }
     Ok(())
 }

@@ -139,6 +139,17 @@ impl Testbed {
     /// settings written the first time; its log is appended to
     /// `snapshotter.log`) and waits until its socket answers.
     pub fn start_snapshotter(&mut self) -> Result<()> {
+        self.start_snapshotter_with(true)
+    }
+
+    /// Starts obd-snapshotter without waiting for containerd to reconnect to
+    /// it: the next calls through containerd may get `Unavailable`.
+    #[allow(dead_code)] // used by tests/snapshotter_restart.rs
+    pub fn start_snapshotter_unprobed(&mut self) -> Result<()> {
+        self.start_snapshotter_with(false)
+    }
+
+    fn start_snapshotter_with(&mut self, probe_containerd: bool) -> Result<()> {
         if self.snapshotter.is_some() {
             bail!("obd-snapshotter is already running");
         }
@@ -201,7 +212,7 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        if self.containerd.is_some() {
+        if probe_containerd && self.containerd.is_some() {
             // containerd's gRPC channel to the proxy plugin backs off after
             // the snapshotter went away (connection refused, ~1 s and
             // growing): wait until calls through containerd reach it again

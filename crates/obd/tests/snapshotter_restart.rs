@@ -206,14 +206,16 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     let at_kill = obd_snapshots(&root);
     let st = pull.wait().unwrap();
     eprintln!("(a) killed after {at_kill} of {layers} remote snapshots; the pull exited {st}");
+    // The pull starts as soon as the socket is back, while containerd's
+    // connection to the proxy plugin may still be backing off (its calls
+    // answer Unavailable): `obd pull` waits that out instead of failing.
     let t = Instant::now();
-    tb.start_snapshotter().unwrap();
+    tb.start_snapshotter_unprobed().unwrap();
+    let again = run_ok(&mut tb.obd_pull("default", &image)).expect("pull right after the restart");
     eprintln!(
-        "(a) restart until containerd reaches the snapshotter: {:.2} s",
+        "(a) pull right after the restart ({:.2} s):\n{again}",
         t.elapsed().as_secs_f64()
     );
-    let again = run_ok(&mut tb.obd_pull("default", &image)).expect("pull after the restart");
-    eprintln!("(a) pull after restart:\n{again}");
     run_container(&tb, &image, "a1");
 
     // (b1) kill -9 while a container's device is being attached (the

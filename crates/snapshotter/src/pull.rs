@@ -181,6 +181,9 @@ pub struct PullReport {
     pub present_layers: usize,
     /// Bytes fetched from the registry (manifests, config, layer blobs).
     pub registry_bytes: u64,
+    /// Snapshot calls retried because containerd could not reach the
+    /// snapshotter yet (`Unavailable`, e.g. right after its restart).
+    pub snapshotter_retries: u32,
     /// Wall time of the whole pull.
     pub total_ms: u64,
 }
@@ -493,6 +496,8 @@ struct Containerd {
     diff: DiffClient<Channel>,
     snapshots: SnapshotsClient<Channel>,
     snapshotter: String,
+    /// Snapshot calls retried after `Unavailable` (see [`UNAVAILABLE_GRACE`]).
+    unavailable_retries: u32,
 }
 
 /// What a content write did.
@@ -520,6 +525,7 @@ impl Containerd {
             diff: DiffClient::new(ch.clone()),
             snapshots: SnapshotsClient::new(ch),
             snapshotter: opts.snapshotter.clone(),
+            unavailable_retries: 0,
         })
     }
 
@@ -769,14 +775,20 @@ impl Containerd {
 
     /// Whether the snapshotter has a snapshot `key`.
     async fn snapshot_exists(&mut self, key: &str) -> Result<bool, PullError> {
-        let r = self.req(snapshots::StatSnapshotRequest {
-            snapshotter: self.snapshotter.clone(),
-            key: key.to_string(),
-        });
-        match self.snapshots.stat(r).await {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == Code::NotFound => Ok(false),
-            Err(s) => Err(ctd(format!("snapshots.Stat {key}"))(s)),
+        let mut unavailable = Unavailable::new();
+        loop {
+            let r = self.req(snapshots::StatSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.to_string(),
+            });
+            match self.snapshots.stat(r).await {
+                Ok(_) => return Ok(true),
+                Err(s) if s.code() == Code::NotFound => return Ok(false),
+                Err(s) if unavailable.retry(&s, "snapshots.Stat").await => {
+                    self.unavailable_retries += 1;
+                }
+                Err(s) => return Err(ctd(format!("snapshots.Stat {key}"))(s)),
+            }
         }
     }
 
@@ -1174,6 +1186,7 @@ async fn pull_into(
         present_layers: count(LayerState::Present),
         layers: reports,
         registry_bytes,
+        snapshotter_retries: c.unavailable_retries,
         total_ms: t0.elapsed().as_millis() as u64,
     })
 }
@@ -1193,23 +1206,31 @@ async fn unpack_layer(
     source_label: &(String, String),
 ) -> Result<(LayerState, u64), PullError> {
     let labels = snapshot_labels(layer, chain, image_ref);
-    let key = format!("extract-{} {chain}", token());
-    let req = c.req(snapshots::PrepareSnapshotRequest {
-        snapshotter: c.snapshotter.clone(),
-        key: key.clone(),
-        parent: parent.to_string(),
-        labels: labels.clone(),
-    });
-    let mounts: Vec<Mount> = match c.snapshots.prepare(req).await {
-        Ok(resp) => resp.into_inner().mounts,
-        Err(s) if s.code() == Code::AlreadyExists => {
-            // Committed by the snapshotter (or by a concurrent pull).
-            // containerd answers AlreadyExists for a target only after it
-            // found the committed snapshot in the backend (labelled with this
-            // chainID, on this parent) and recorded it, so no Stat is needed.
-            return Ok((LayerState::Remote, 0));
+    let mut unavailable = Unavailable::new();
+    let (key, mounts): (String, Vec<Mount>) = loop {
+        // A fresh key per try: a Prepare that reached the snapshotter before
+        // the connection broke leaves its key behind (the lease collects it).
+        let key = format!("extract-{} {chain}", token());
+        let req = c.req(snapshots::PrepareSnapshotRequest {
+            snapshotter: c.snapshotter.clone(),
+            key: key.clone(),
+            parent: parent.to_string(),
+            labels: labels.clone(),
+        });
+        match c.snapshots.prepare(req).await {
+            Ok(resp) => break (key, resp.into_inner().mounts),
+            Err(s) if s.code() == Code::AlreadyExists => {
+                // Committed by the snapshotter (or by a concurrent pull).
+                // containerd answers AlreadyExists for a target only after it
+                // found the committed snapshot in the backend (labelled with this
+                // chainID, on this parent) and recorded it, so no Stat is needed.
+                return Ok((LayerState::Remote, 0));
+            }
+            Err(s) if unavailable.retry(&s, "snapshots.Prepare").await => {
+                c.unavailable_retries += 1;
+            }
+            Err(s) => return Err(ctd(format!("snapshots.Prepare {key}"))(s)),
         }
-        Err(s) => return Err(ctd(format!("snapshots.Prepare {key}"))(s)),
     };
     match apply_layer(c, dist, r, layer, diff_id, &mounts, source_label).await {
         Ok(fetched) => {
@@ -1236,6 +1257,39 @@ async fn unpack_layer(
             c.remove_snapshot(&key).await;
             Err(e)
         }
+    }
+}
+
+/// How long a snapshot call answered `Unavailable` is retried. containerd
+/// says `Unavailable` while its connection to a restarted proxy snapshotter
+/// is backing off (about 1 s after a restart, growing with each refused
+/// connect), so a pull started right after a restart waits instead of failing.
+const UNAVAILABLE_GRACE: Duration = Duration::from_secs(15);
+
+/// Retry state for snapshot calls answered `Unavailable`.
+struct Unavailable {
+    deadline: Instant,
+    backoff: Duration,
+}
+
+impl Unavailable {
+    fn new() -> Self {
+        Unavailable {
+            deadline: Instant::now() + UNAVAILABLE_GRACE,
+            backoff: Duration::from_millis(50),
+        }
+    }
+
+    /// True, after a backoff, if `s` is `Unavailable` and the grace period
+    /// has room for another try.
+    async fn retry(&mut self, s: &Status, call: &str) -> bool {
+        if s.code() != Code::Unavailable || Instant::now() + self.backoff > self.deadline {
+            return false;
+        }
+        tracing::info!(call, error = %s.message(), "the snapshotter is unavailable through containerd; retrying");
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+        true
     }
 }
 
