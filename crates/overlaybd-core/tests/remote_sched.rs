@@ -152,3 +152,53 @@ fn raised_request_is_requeued_at_its_new_priority() {
         ]
     );
 }
+
+/// A background fetch does not take a free slot while a foreground fetch
+/// runs, and starts only the quiet time after the last one ended; a
+/// foreground fetch arriving meanwhile goes first.
+#[test]
+fn background_waits_for_foreground_to_pause() {
+    use std::time::{Duration, Instant};
+    let quiet = Duration::from_millis(50);
+    let s = Arc::new(Scheduler::new(4).with_background_quiet(quiet));
+    let fg = s.acquire(Priority::Foreground);
+    let (granted_tx, granted_rx) = mpsc::channel();
+    let bg = {
+        let s = Arc::clone(&s);
+        thread::spawn(move || {
+            let _p = s.acquire(Priority::Background);
+            granted_tx.send(Instant::now()).unwrap();
+        })
+    };
+    s.wait_queued_at(Priority::Background, 1);
+    // Slots are free, yet the background request stays queued; another
+    // foreground request is granted at once.
+    let fg2 = s.acquire(Priority::Foreground);
+    assert_eq!(s.running(), 2);
+    assert_eq!(s.queued_at(Priority::Background), 1);
+    drop(fg);
+    // Taken before the last foreground slot is freed: the quiet time starts
+    // no earlier than this.
+    let before_idle = Instant::now();
+    drop(fg2);
+    let at = granted_rx.recv().unwrap();
+    bg.join().unwrap();
+    assert!(
+        at.duration_since(before_idle) >= quiet,
+        "granted {:?} after the last foreground fetch, quiet time {quiet:?}",
+        at.duration_since(before_idle)
+    );
+    assert_eq!(s.granted(Priority::Background), 1);
+}
+
+/// With no foreground traffic at all a background fetch starts at once, and
+/// a quiet time of zero turns the pause off.
+#[test]
+fn background_runs_when_nothing_else_does() {
+    let s = Scheduler::new(2);
+    drop(s.acquire(Priority::Background));
+    let s = Scheduler::new(2).with_background_quiet(std::time::Duration::ZERO);
+    let _fg = s.acquire(Priority::Foreground);
+    let _bg = s.acquire(Priority::Background);
+    assert_eq!(s.running(), 2);
+}

@@ -12,15 +12,26 @@
 //! needs bytes that a queued background fetch will bring, it raises that
 //! fetch's priority instead of waiting behind all other traffic (no priority
 //! inversion, no starvation of readers behind background download).
+//!
+//! Background fetches also stay out of the way of running ones: a
+//! [`Priority::Background`] request is granted only when no more urgent fetch
+//! holds a slot and none has for [`BACKGROUND_QUIET`]. A whole-blob download
+//! shares the link and the CPU with the reads it would slow down, so it runs
+//! in the pauses between a container's reads, not beside them.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::Priority;
 
 /// Default number of fetches allowed in flight at once.
 pub const DEFAULT_CONCURRENCY: usize = 8;
+
+/// How long after the last foreground or prefetch fetch a background fetch
+/// waits before it is granted a slot.
+pub const BACKGROUND_QUIET: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Default)]
 struct State {
@@ -31,6 +42,10 @@ struct State {
     next_ticket: u64,
     /// Slots granted so far, per priority (diagnostics).
     granted: [u64; 3],
+    /// Foreground and prefetch fetches holding a slot.
+    urgent_running: usize,
+    /// When the last of them finished.
+    urgent_idle_since: Option<Instant>,
 }
 
 /// Bounded-concurrency, strict-priority admission for fetches. Share it (in an
@@ -39,6 +54,7 @@ struct State {
 #[derive(Debug)]
 pub struct Scheduler {
     limit: usize,
+    background_quiet: Duration,
     state: Mutex<State>,
     cv: Condvar,
 }
@@ -62,6 +78,12 @@ impl Drop for Permit<'_> {
     fn drop(&mut self) {
         let mut st = self.sched.lock();
         st.running -= 1;
+        if self.prio != Priority::Background {
+            st.urgent_running -= 1;
+            if st.urgent_running == 0 {
+                st.urgent_idle_since = Some(Instant::now());
+            }
+        }
         drop(st);
         self.sched.cv.notify_all();
     }
@@ -109,6 +131,7 @@ impl Scheduler {
     pub fn new(limit: usize) -> Self {
         Self {
             limit: limit.max(1),
+            background_quiet: BACKGROUND_QUIET,
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
         }
@@ -118,6 +141,14 @@ impl Scheduler {
         // The state is a few counters updated atomically under the lock; a
         // panic elsewhere cannot leave it half-updated.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The same scheduler with background fetches waiting `quiet` (instead of
+    /// [`BACKGROUND_QUIET`]) after the last urgent fetch; zero lets them run
+    /// beside urgent ones whenever a slot is free.
+    pub fn with_background_quiet(mut self, quiet: Duration) -> Self {
+        self.background_quiet = quiet;
+        self
     }
 
     /// The concurrency limit.
@@ -151,12 +182,38 @@ impl Scheduler {
                 self.cv.notify_all();
             }
             if st.running < self.limit && st.queue.first() == Some(&me) {
-                break;
+                // The most urgent waiter; a background one also waits out
+                // running urgent fetches and the quiet time after them.
+                let quiet_left = match (me.0, st.urgent_idle_since) {
+                    (Priority::Background, _) if self.background_quiet.is_zero() => {
+                        Some(Duration::ZERO)
+                    }
+                    (Priority::Background, _) if st.urgent_running > 0 => None,
+                    (Priority::Background, Some(t)) => {
+                        Some(self.background_quiet.saturating_sub(t.elapsed()))
+                    }
+                    _ => Some(Duration::ZERO),
+                };
+                match quiet_left {
+                    Some(d) if d.is_zero() => break,
+                    Some(d) => {
+                        st = self
+                            .cv
+                            .wait_timeout(st, d)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                        continue;
+                    }
+                    None => {}
+                }
             }
             st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
         st.queue.remove(&me);
         st.running += 1;
+        if me.0 != Priority::Background {
+            st.urgent_running += 1;
+        }
         st.granted[me.0 as usize] += 1;
         let more = st.running < self.limit && !st.queue.is_empty();
         drop(st);
