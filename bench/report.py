@@ -21,9 +21,13 @@ def mib(b):
 
 def table(r):
     s = r["summary"]
+    dropped = all("warm_dropped_s" in x for x in s.values())
     rows = ["| link | image | variant | cold median (s) | cold p90 (s) | pull (s) | "
-            "run→ready (s) | warm median (s) | fetched MiB (veth) | fetched MiB (blobs) |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "run→ready (s) | warm median (s) | "
+            + ("warm, caches dropped (s) | " if dropped else "")
+            + "fetched MiB (veth) | fetched MiB (blobs) |",
+            "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if dropped else "")
+            + "---:|---:|"]
     for link in r["links"]:
         for image in r["images"]:
             for v in ORDER:
@@ -35,7 +39,8 @@ def table(r):
                     f"| {link} | {image} | {NAMES[v]} | {x['cold_s']['median']:.2f} | "
                     f"{x['cold_s']['p90']:.2f} | {x['pull_s']['median']:.2f} | "
                     f"{x['run_to_ready_s']['median']:.2f} | {x['warm_s']['median']:.2f} | "
-                    f"{mib(x['rx_bytes']['median'])} | {mib(x['blob_bytes']['median'])} |")
+                    + (f"{x['warm_dropped_s']['median']:.2f} | " if dropped else "")
+                    + f"{mib(x['rx_bytes']['median'])} | {mib(x['blob_bytes']['median'])} |")
     return "\n".join(rows)
 
 
@@ -79,6 +84,13 @@ def goals(r):
         line("prefetch closes ≥ 90% of the cold→warm gap", closed >= 0.9,
              f"lazy cold {lazy:.2f} s, prefetch cold {tr:.2f} s, warm {warm:.2f} s: "
              f"{100 * closed:.0f}% closed")
+    dropped = med("obd", "warm_dropped_s") if "warm_dropped_s" in s.get(
+        f"{link}/{img}/obd", {}) else None
+    if lazy and tr and dropped is not None and lazy > dropped:
+        closed = (lazy - tr) / (lazy - dropped)
+        line("(the same, against a warm start with the page cache dropped)", closed >= 0.9,
+             f"lazy cold {lazy:.2f} s, prefetch cold {tr:.2f} s, warm with caches dropped "
+             f"{dropped:.2f} s: {100 * closed:.0f}% closed")
     rec = r["images"].get(img, {}).get("record", {})
     fetched = med("obd-trace", "rx_bytes")
     if rec.get("trace_bytes") and fetched:

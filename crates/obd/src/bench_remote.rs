@@ -1,6 +1,7 @@
 //! `obd bench remote`: lazy reads from a real `docker-registry` on 127.0.0.1,
-//! against baselines in the same run: `curl` downloading the same blobs, and
-//! foreground reads with no background download running.
+//! against baselines in the same run: `curl` downloading the same blobs, the
+//! same flatten from local copies of them (the ceiling for a remote flatten),
+//! and foreground reads with no background download running.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -137,8 +138,49 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
         }
         curl_s = curl_s.min(t.elapsed().as_secs_f64());
     }
-    // obd: cold flatten (fresh cache each run, best of 3), as its own process.
     let exe = std::env::current_exe()?;
+    // Ceiling: the same flatten from local copies of the blobs (page cache
+    // warm, no network, no block cache). The remote flatten does all of this
+    // work and more, on the same cores.
+    let mut local_lowers = Vec::new();
+    for (k, (d, _)) in blobs.iter().enumerate() {
+        let f = base.join(format!("local-blob-{k}"));
+        let st = Command::new("curl")
+            .args(["-sf", "-o"])
+            .arg(&f)
+            .arg(format!("{repo_url}/{d}"))
+            .status()?;
+        ensure!(st.success(), "curl download of {d} failed");
+        local_lowers.push(json!({"file": f}));
+    }
+    let local_cfg = base.join("local.json");
+    std::fs::write(&local_cfg, json!({"lowers": local_lowers}).to_string())?;
+    let mut local_s = f64::MAX;
+    for _ in 0..3 {
+        let out = base.join("flat.img");
+        let _ = std::fs::remove_file(&out);
+        let t = Instant::now();
+        let st = Command::new(&exe)
+            .args(["image", "flatten", "--no-sync", "--threads"])
+            .arg(threads.to_string())
+            .arg("--config")
+            .arg(&local_cfg)
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        ensure!(st.success(), "obd image flatten of the local copies failed");
+        local_s = local_s.min(t.elapsed().as_secs_f64());
+        let _ = std::fs::remove_file(&out);
+    }
+    for l in &local_lowers {
+        if let Some(f) = l["file"].as_str() {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+
+    // obd: cold flatten (fresh cache each run, best of 3), as its own process.
     let mut flatten_s = f64::MAX;
     for i in 0..3 {
         let cache = base.join(format!("cache-flatten-{i}"));
@@ -258,6 +300,9 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
         "cold_flatten_mb_per_s": blob_bytes as f64 / 1e6 / flatten_s,
         "cold_flatten_vs_curl_ratio": curl_s / flatten_s,
         "cold_flatten_seconds": flatten_s,
+        "local_flatten_seconds": local_s,
+        "local_flatten_vs_curl_ratio": curl_s / local_s,
+        "cold_flatten_vs_local_ratio": local_s / flatten_s,
         "flatten_threads": threads,
         "cold_random_4k_p50_us": p50,
         "cold_random_4k_p99_us": p99,
