@@ -20,11 +20,13 @@ Environment (defaults):
   BENCH_IMAGES="large small"    BENCH_PAD_MB=448  BENCH_RECORD_TIME=30
   BENCH_VARIANTS="oci estargz obd obd-trace"
   BENCH_OUT=bench/results       OBD_BIN / OBD_SNAPSHOTTER (release builds)
-  obd settings (recorded in the JSON as "obd"):
-  BENCH_OBD_ALGO=lz4            `obd convert --algorithm` (lz4 or zstd)
-  BENCH_OBD_MIN_FETCH=          service `[fetch] min_fetch` (bytes; unset =
+  obd settings (recorded in the JSON as "obd"); the defaults are the
+  slow-link tuning of docs/BENCHMARKS.md, not the service's own defaults:
+  BENCH_OBD_ALGO=zstd           `obd convert --algorithm` (lz4 or zstd)
+  BENCH_OBD_BLOCK=16K           `obd convert --block-size` (4K, 8K, 16K, 32K)
+  BENCH_OBD_MIN_FETCH=65536     service `[fetch] min_fetch` (bytes; empty =
                                 the service default, 256 KiB)
-  BENCH_OBD_CACHE_BLOCK=        service `[cache] block_size` (bytes; unset =
+  BENCH_OBD_CACHE_BLOCK=4096    service `[cache] block_size` (bytes; empty =
                                 the default, 64 KiB): the granularity of
                                 trace prefetch's exact ranges
 """
@@ -49,9 +51,10 @@ RECORD_TIME = int(os.environ.get("BENCH_RECORD_TIME", "30"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(HERE, "results"))
 # Results file name (several passes can be merged by report.py).
 NAME = os.environ.get("BENCH_NAME", "coldstart")
-OBD_ALGO = os.environ.get("BENCH_OBD_ALGO", "lz4")
-OBD_MIN_FETCH = os.environ.get("BENCH_OBD_MIN_FETCH", "")
-OBD_CACHE_BLOCK = os.environ.get("BENCH_OBD_CACHE_BLOCK", "")
+OBD_ALGO = os.environ.get("BENCH_OBD_ALGO", "zstd")
+OBD_BLOCK = os.environ.get("BENCH_OBD_BLOCK", "16K")
+OBD_MIN_FETCH = os.environ.get("BENCH_OBD_MIN_FETCH", "65536")
+OBD_CACHE_BLOCK = os.environ.get("BENCH_OBD_CACHE_BLOCK", "4096")
 OBD = os.environ.get("OBD_BIN", os.path.join(REPO, "target/release/obd"))
 SNAP = os.environ.get("OBD_SNAPSHOTTER", os.path.join(REPO, "target/release/obd-snapshotter"))
 # bench/stargz-grpc (built by coldstart.sh from Debian's Go packages).
@@ -315,6 +318,7 @@ def prepare(imgs, variants, stargz):
                f"oci:{layout}:bench", f"docker://{r['oci']}")
             if "obd" in variants or "obd-trace" in variants:
                 sh(OBD, "convert", "--plain-http", REG, "--algorithm", OBD_ALGO,
+                   "--block-size", OBD_BLOCK,
                    f"oci:{layout}:bench",
                    f"docker://{r['obd']}")
             if "obd-trace" in variants:
@@ -427,7 +431,7 @@ def main():
                "load_at_start": load_start, "reps": REPS, "links": LINKS,
                "cpus": os.cpu_count(), "kernel": os.uname().release,
                "skipped": skipped, "images": {}, "runs": [],
-               "obd": {"algorithm": OBD_ALGO, "min_fetch": OBD_MIN_FETCH or "default",
+               "obd": {"algorithm": OBD_ALGO, "block_size": OBD_BLOCK, "min_fetch": OBD_MIN_FETCH or "default",
                        "cache_block_size": OBD_CACHE_BLOCK or "default"}}
     try:
         shape(None)

@@ -49,7 +49,8 @@ def obd_settings(r):
     o = r.get("obd")
     if not o:
         return []
-    return [f"- obd: `obd convert --algorithm {o['algorithm']}`, service `min_fetch` "
+    block = f" --block-size {o['block_size']}" if "block_size" in o else ""
+    return [f"- obd: `obd convert --algorithm {o['algorithm']}{block}`, service `min_fetch` "
             f"{o['min_fetch']}, cache `block_size` {o['cache_block_size']}"]
 
 
