@@ -101,9 +101,14 @@ pub trait LayerHook: Send + Sync + 'static {
     fn removed(&self, _dir: &std::path::Path, _labels: &BTreeMap<String, String>) -> Result<()> {
         Ok(())
     }
-    /// Releases what is held for snapshot directories not in `in_use` (the
-    /// active and view snapshots and all their ancestors).
-    fn sweep(&self, _in_use: &std::collections::HashSet<PathBuf>) -> Result<()> {
+    /// Releases what is held for snapshot directories not in the set
+    /// `in_use` returns (the active and view snapshots and all their
+    /// ancestors). The hook calls `in_use` under the lock that its attaches
+    /// take, so nothing is handed out between the check and the release.
+    fn sweep(
+        &self,
+        _in_use: &dyn Fn() -> Result<std::collections::HashSet<PathBuf>>,
+    ) -> Result<()> {
         Ok(())
     }
 }

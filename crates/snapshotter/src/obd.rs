@@ -261,6 +261,11 @@ impl ObdLayers {
 
     fn detach(&self, dir: &Path) {
         let _g = self.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.detach_locked(dir);
+    }
+
+    /// [`ObdLayers::detach`] with `attach_lock` held by the caller.
+    fn detach_locked(&self, dir: &Path) {
         let id = Self::device_id(dir);
         if !self.dev_root.device_dir(&id).exists() {
             return;
@@ -573,7 +578,12 @@ impl LayerHook for ObdLayers {
         Ok(())
     }
 
-    fn sweep(&self, in_use: &HashSet<PathBuf>) -> Result<()> {
+    fn sweep(&self, in_use: &dyn Fn() -> Result<HashSet<PathBuf>>) -> Result<()> {
+        // Under the attach lock: a Prepare cannot hand out a device between
+        // the in-use check and its detach (its attach waits, then finds the
+        // device gone and attaches it again).
+        let _g = self.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let in_use = in_use()?;
         let ids = self.dev_root.ids().map_err(dev_err)?;
         for id in ids {
             let Some(n) = id.strip_prefix('s') else {
@@ -582,7 +592,7 @@ impl LayerHook for ObdLayers {
             let dir = self.root.join("snapshots").join(n);
             if !in_use.contains(&dir) {
                 tracing::info!(device = %id, "no snapshot uses this device any more");
-                self.detach(&dir);
+                self.detach_locked(&dir);
             }
         }
         Ok(())

@@ -242,7 +242,18 @@ impl api::snapshots_server::Snapshots for Service {
         let sn = self.sn.clone();
         let (n, k) = (ns.clone(), r.key.clone());
         rpc(M, &ns, &r.key, async move {
-            blocking(M, move || sn.remove(&n, &k)).await?;
+            let sn2 = sn.clone();
+            let key = k.clone();
+            let sweep = blocking(M, move || sn.remove_then_sweep(&n, &k)).await?;
+            if sweep {
+                // After the answer: `ctr run --rm` (and a pod's teardown) need
+                // not wait for the image's device to detach.
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = sn2.sweep() {
+                        tracing::warn!(key, error = %e, "releasing unused devices");
+                    }
+                });
+            }
             Ok(Response::new(()))
         })
         .await

@@ -411,7 +411,21 @@ impl Snapshotter {
 
     /// Removes a snapshot that has no children; its directory goes after the
     /// metadata transaction (what a crash leaves behind, Cleanup removes).
+    /// Devices its removal left unused are released before it returns.
     pub fn remove(&self, ns: &str, key: &str) -> Result<()> {
+        if self.remove_then_sweep(ns, key)? {
+            if let Err(e) = self.sweep() {
+                tracing::warn!(key, error = %e, "releasing unused devices");
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Snapshotter::remove`] without the sweep; true when one is due (an
+    /// active or view snapshot went: the image's shared device may have lost
+    /// its last user). The gRPC service sweeps after answering, so a
+    /// container's removal does not wait for its image's device to detach.
+    pub fn remove_then_sweep(&self, ns: &str, key: &str) -> Result<bool> {
         let rec = self.store.write(|w| {
             let rec = w
                 .get(ns, key)?
@@ -428,22 +442,18 @@ impl Snapshotter {
         if let Err(e) = self.hook.removed(&dir, &rec.labels) {
             tracing::warn!(key, error = %e, "layer hook failed on remove");
         }
-        if rec.kind != Kind::Committed {
-            // The image's shared device goes with its last container.
-            if let Err(e) = self.sweep() {
-                tracing::warn!(key, error = %e, "releasing unused devices");
-            }
-        }
+        // The image's shared device goes with its last container.
+        let sweep = rec.kind != Kind::Committed;
         if mounted_below(&dir) {
             tracing::warn!(key, dir = %dir.display(), "a device is still mounted in the snapshot; its directory is kept for Cleanup");
-            return Ok(());
+            return Ok(sweep);
         }
         let gone = self.root.join("snapshots").join(format!("rm-{}", rec.id));
         let res = std::fs::rename(&dir, &gone).and_then(|_| std::fs::remove_dir_all(&gone));
         if let Err(e) = res {
             tracing::warn!(key, dir = %dir.display(), error = %e, "removing snapshot directory failed; Cleanup will retry");
         }
-        Ok(())
+        Ok(sweep)
     }
 
     /// Stat.
@@ -517,8 +527,7 @@ impl Snapshotter {
     /// Lets the layer hook release what no active or view snapshot uses
     /// (devices of images whose last container went).
     pub fn sweep(&self) -> Result<()> {
-        let in_use = self.in_use()?;
-        self.hook.sweep(&in_use)
+        self.hook.sweep(&|| self.in_use())
     }
 
     /// Usage: walked now for active snapshots, recorded at Commit otherwise.
