@@ -64,6 +64,8 @@ pub struct Options {
     pub algorithm: zfile::Algorithm,
     /// ZFile block size (4 KiB to 32 KiB).
     pub block_size: u32,
+    /// zstd level (0 = upstream's 3; ignored for LZ4).
+    pub level: i32,
     /// Device (and ext4) size in bytes.
     pub vsize: u64,
     /// Produce a single layer.
@@ -90,6 +92,7 @@ impl Default for Options {
         Options {
             algorithm: zfile::Algorithm::Lz4,
             block_size: 4096,
+            level: 0,
             vsize: 64 << 30,
             flatten: false,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -425,6 +428,7 @@ fn convert_manifest(
     let params = CommitParams {
         algorithm: opts.algorithm,
         block_size: opts.block_size,
+        level: opts.level,
         threads: opts.threads.max(1),
         vsize: opts.vsize,
     };
@@ -612,6 +616,7 @@ fn convert_manifest(
 struct CommitParams {
     algorithm: zfile::Algorithm,
     block_size: u32,
+    level: i32,
     threads: usize,
     vsize: u64,
 }
@@ -914,6 +919,7 @@ fn commit_layer(
             algorithm: opts.algorithm,
             block_size: opts.block_size,
             threads: opts.threads,
+            level: opts.level,
         },
     )?;
     let info = upper.commit(

@@ -64,6 +64,7 @@ pub fn build_layer(dir: &Path, k: usize, size: u64, pool: &[u8], zfile: bool) ->
                 algorithm: zfile::Algorithm::Lz4,
                 block_size: 4096,
                 threads: 2,
+                ..Default::default()
             },
         )?;
         w.commit(&CommitOptions::default(), &mut z)?;

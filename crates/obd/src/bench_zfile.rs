@@ -22,6 +22,7 @@ fn compress_timed(data: &[u8], algo: Algorithm, threads: usize) -> Result<(Vec<u
             algorithm: algo,
             block_size: 4096,
             threads,
+            ..Default::default()
         },
     )?;
     Ok((out.into_inner(), t0.elapsed().as_secs_f64()))

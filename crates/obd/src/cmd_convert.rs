@@ -41,6 +41,11 @@ pub struct ConvertArgs {
     /// ZFile block size: 4K, 8K, 16K or 32K.
     #[arg(long, default_value = "4K", value_parser = parse_block_size)]
     pub block_size: u32,
+    /// zstd compression level, 1–22 (default 3, as upstream). Higher levels
+    /// convert slower and make smaller layers that decode as fast, so lazy
+    /// pulls move fewer bytes. Ignored for LZ4.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub level: i32,
     /// Virtual disk (and ext4) size.
     #[arg(long, default_value = "64G", value_parser = parse_size_arg)]
     pub vsize: u64,
@@ -287,6 +292,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     let opts = Options {
         algorithm: a.algorithm.into(),
         block_size: a.block_size,
+        level: a.level,
         vsize: a.vsize,
         flatten: a.flatten,
         threads: a.threads.max(1),

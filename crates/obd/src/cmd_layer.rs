@@ -266,6 +266,7 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
                         algorithm: algorithm.into(),
                         block_size,
                         threads,
+                        ..Default::default()
                     },
                 )?;
                 let info = commit_into(&mut z)?;

@@ -129,6 +129,7 @@ pub fn run(cmd: ZfileCmd) -> Result<()> {
                 algorithm: algorithm.into(),
                 block_size,
                 threads,
+                ..Default::default()
             };
             let tw = if wrap {
                 Some(tar::TarWriter::begin(&mut out)?)

@@ -116,6 +116,7 @@ fn build_layer(dir: &std::path::Path, k: usize, ops: &[Op], ship: Ship, model: &
                     algorithm,
                     block_size,
                     threads: 2,
+                    ..Default::default()
                 },
             )
             .unwrap();

@@ -32,6 +32,7 @@ fn build_into(data: &[u8], algorithm: Algorithm, threads: usize, out: &mut Vec<u
         algorithm,
         block_size: 4096,
         threads,
+        ..Default::default()
     };
     let mut w = ZFileWriter::new(Cursor::new(out), opts).unwrap();
     w.write_all(data).unwrap();

@@ -11,7 +11,7 @@ use crate::header::Algorithm;
 pub const ZSTD_LEVEL: i32 = 3;
 
 thread_local! {
-    static ZSTD_C: Cell<Option<zstd::bulk::Compressor<'static>>> = const { Cell::new(None) };
+    static ZSTD_C: Cell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { Cell::new(None) };
     static ZSTD_D: Cell<Option<zstd::bulk::Decompressor<'static>>> = const { Cell::new(None) };
 }
 
@@ -39,19 +39,34 @@ pub fn compress_block(algo: Algorithm, src: &[u8], out: &mut Vec<u8>) -> Result<
 /// Like [`compress_block`], into `dst`, which should hold at least
 /// [`max_compressed_len`] bytes; returns the compressed length.
 pub fn compress_into(algo: Algorithm, src: &[u8], dst: &mut [u8]) -> Result<usize> {
+    compress_into_level(algo, ZSTD_LEVEL, src, dst)
+}
+
+/// Like [`compress_into`] at zstd `level` (0 = [`ZSTD_LEVEL`]; clamped to
+/// zstd's range; ignored for LZ4).
+pub fn compress_into_level(
+    algo: Algorithm,
+    level: i32,
+    src: &[u8],
+    dst: &mut [u8],
+) -> Result<usize> {
+    let level = match level {
+        0 => ZSTD_LEVEL,
+        l => l.clamp(1, 22),
+    };
     match algo {
         Algorithm::Lz4 => lz4_flex::block::compress_into(src, dst)
             .map_err(|e| Error::Compress(format!("lz4: {e}"))),
         Algorithm::Zstd => ZSTD_C.with(|slot| {
             let mut c = match slot.take() {
-                Some(c) => c,
-                None => zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                Some((l, c)) if l == level => c,
+                _ => zstd::bulk::Compressor::new(level)
                     .map_err(|e| Error::Compress(format!("zstd init: {e}")))?,
             };
             let r = c
                 .compress_to_buffer(src, dst)
                 .map_err(|e| Error::Compress(format!("zstd: {e}")));
-            slot.set(Some(c));
+            slot.set(Some((level, c)));
             r
         }),
     }

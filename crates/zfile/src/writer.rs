@@ -6,7 +6,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use crate::codec::{compress_into, max_compressed_len};
+use crate::codec::{compress_into_level, max_compressed_len};
 use crate::crc::{crc32c_raw, BLOCK_CRC_SEED};
 use crate::error::{Error, Result};
 use crate::header::{flags, Algorithm, Header, HEADER_SIZE, STRUCT_SIZE};
@@ -25,6 +25,9 @@ pub struct Options {
     pub block_size: u32,
     /// Compression threads; 0 = all available CPUs. The output does not depend on it.
     pub threads: usize,
+    /// zstd level (1–22; 0 = upstream's 3). Higher levels make smaller blocks
+    /// that decode as fast; ignored for LZ4. Readers do not depend on it.
+    pub level: i32,
 }
 
 impl Default for Options {
@@ -33,6 +36,7 @@ impl Default for Options {
             algorithm: Algorithm::Lz4,
             block_size: 4096,
             threads: 1,
+            level: 0,
         }
     }
 }
@@ -41,20 +45,20 @@ impl Default for Options {
 /// blocks (compressed bytes + CRC) and their stored lengths into `lens`; returns the
 /// bytes used in `out`. `out` only grows (no re-zeroing between jobs).
 fn compress_job(
-    algo: Algorithm,
+    enc: Enc,
     bs: usize,
     input: &[u8],
     out: &mut Vec<u8>,
     lens: &mut Vec<u32>,
 ) -> Result<usize> {
     lens.clear();
-    let bound = input.len().div_ceil(bs) * (max_compressed_len(algo, bs) + 4);
+    let bound = input.len().div_ceil(bs) * (max_compressed_len(enc.algo, bs) + 4);
     if out.len() < bound {
         out.resize(bound, 0);
     }
     let mut pos = 0;
     for chunk in input.chunks(bs) {
-        let n = compress_into(algo, chunk, &mut out[pos..])?;
+        let n = compress_into_level(enc.algo, enc.level, chunk, &mut out[pos..])?;
         let crc = crc32c_raw(BLOCK_CRC_SEED, &out[pos..pos + n]);
         out[pos + n..pos + n + 4].copy_from_slice(&crc.to_le_bytes());
         lens.push((n + 4) as u32);
@@ -64,10 +68,17 @@ fn compress_job(
 }
 
 /// Compresses `job` on this thread, from `input` or else from its own input buffer.
-fn compress_into_job(algo: Algorithm, bs: u32, job: &mut Job, input: Option<&[u8]>) -> Result<()> {
+fn compress_into_job(enc: Enc, bs: u32, job: &mut Job, input: Option<&[u8]>) -> Result<()> {
     let src = input.unwrap_or(&job.input[..job.input_len]);
-    job.used = compress_job(algo, bs as usize, src, &mut job.out, &mut job.lens)?;
+    job.used = compress_job(enc, bs as usize, src, &mut job.out, &mut job.lens)?;
     Ok(())
+}
+
+/// A codec and its level.
+#[derive(Debug, Clone, Copy)]
+struct Enc {
+    algo: Algorithm,
+    level: i32,
 }
 
 /// One job: up to 1 MiB of input and its compressed output.
@@ -150,7 +161,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(threads: usize, algo: Algorithm, bs: u32) -> Result<Self> {
+    fn new(threads: usize, algo: Enc, bs: u32) -> Result<Self> {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::new(),
@@ -225,6 +236,7 @@ pub struct ZFileWriter<W: Write + Seek> {
     out: W,
     base: u64,
     algorithm: Algorithm,
+    level: i32,
     block_size: u32,
     /// Input buffer of the next job (always `JOB_BYTES` long) and its fill level.
     pending: Vec<u8>,
@@ -284,7 +296,14 @@ impl<W: Write + Seek> ZFileWriter<W> {
         out.write_all(&placeholder.encode())?;
         let helpers = threads - 1;
         let pool = if helpers > 0 {
-            Some(Pool::new(helpers, opts.algorithm, opts.block_size)?)
+            Some(Pool::new(
+                helpers,
+                Enc {
+                    algo: opts.algorithm,
+                    level: opts.level,
+                },
+                opts.block_size,
+            )?)
         } else {
             None
         };
@@ -292,6 +311,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
             out,
             base,
             algorithm: opts.algorithm,
+            level: opts.level,
             block_size: opts.block_size,
             pending: vec![0; JOB_BYTES],
             pending_len: 0,
@@ -309,6 +329,13 @@ impl<W: Write + Seek> ZFileWriter<W> {
             free: Vec::new(),
             poisoned: false,
         })
+    }
+
+    fn enc(&self) -> Enc {
+        Enc {
+            algo: self.algorithm,
+            level: self.level,
+        }
     }
 
     fn template(algorithm: Algorithm, block_size: u32) -> Header {
@@ -413,7 +440,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
         }
         let n = data.len() / JOB_BYTES;
         let window = self.max_unwritten as usize;
-        let (algo, bs) = (self.algorithm, self.block_size);
+        let (algo, bs) = (self.enc(), self.block_size);
         let state = Mutex::new(Bulk {
             next: 0,
             written: 0,
@@ -542,7 +569,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
             self.in_pool += 1;
         } else {
             let input = direct.unwrap_or(&self.pending[..self.pending_len]);
-            compress_into_job(self.algorithm, self.block_size, &mut job, Some(input))?;
+            compress_into_job(self.enc(), self.block_size, &mut job, Some(input))?;
             self.ready.insert(job.seq, job);
         }
         self.pending_len = 0;
@@ -563,7 +590,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
         match stolen {
             Some(mut job) => {
                 self.in_pool -= 1;
-                compress_into_job(self.algorithm, self.block_size, &mut job, None)?;
+                compress_into_job(self.enc(), self.block_size, &mut job, None)?;
                 self.ready.insert(job.seq, job);
                 self.collect(false)
             }

@@ -98,6 +98,7 @@ fn compress_helper_and_writer_agree() {
         algorithm: Algorithm::Zstd,
         block_size: 16384,
         threads: 2,
+        ..Default::default()
     };
     let mut a = Cursor::new(Vec::new());
     let info = zfile::compress(&data[..], &mut a, opts).unwrap();
@@ -244,6 +245,7 @@ fn write_patterns_and_thread_counts_give_identical_bytes() {
                     algorithm: algo,
                     block_size: 8192,
                     threads,
+                    ..Default::default()
                 };
                 let mut w = ZFileWriter::new(Cursor::new(Vec::new()), opts).unwrap();
                 let mut rest = &data[..];
@@ -272,6 +274,7 @@ fn write_patterns_and_thread_counts_give_identical_bytes() {
                 algorithm: algo,
                 block_size: 8192,
                 threads,
+                ..Default::default()
             };
             let mut c = Cursor::new(Vec::new());
             zfile::compress(&data[..], &mut c, opts).unwrap();
@@ -344,4 +347,39 @@ fn sink_errors_surface_and_poison_the_writer() {
             assert!(r.is_err(), "threads {threads} limit {limit}");
         }
     }
+}
+
+#[test]
+fn zstd_levels_round_trip_and_higher_levels_are_no_larger() {
+    let data = fixtures::image_like(9, (2 << 20) + 77);
+    let enc = |level: i32, threads: usize| {
+        let mut w = ZFileWriter::new(
+            Cursor::new(Vec::new()),
+            Options {
+                algorithm: Algorithm::Zstd,
+                block_size: 16384,
+                threads,
+                level,
+            },
+        )
+        .unwrap();
+        w.append(&data).unwrap();
+        w.finish().unwrap().0.into_inner()
+    };
+    let default = enc(0, 1);
+    assert!(default == enc(3, 1), "level 0 is upstream's 3");
+    let high = enc(19, 2);
+    assert!(
+        high == enc(19, 1),
+        "output independent of threads at level 19"
+    );
+    check_all(&data, &high, Algorithm::Zstd, 16384);
+    assert!(
+        high.len() <= default.len(),
+        "{} > {}",
+        high.len(),
+        default.len()
+    );
+    // Out-of-range levels are clamped, not an error.
+    check_all(&data, &enc(99, 1), Algorithm::Zstd, 16384);
 }

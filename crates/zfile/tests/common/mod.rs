@@ -16,6 +16,7 @@ pub fn write_zfile(data: &[u8], algorithm: Algorithm, block_size: u32, threads: 
         algorithm,
         block_size,
         threads,
+        ..Default::default()
     };
     let mut w = ZFileWriter::new(Cursor::new(Vec::new()), opts).unwrap();
     // Feed in odd-sized pieces to exercise buffering.
