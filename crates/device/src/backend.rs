@@ -73,16 +73,9 @@ fn to_io(e: overlaybd_core::error::Error) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-impl BlockBackend for ImageBackend {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_only(&self) -> bool {
-        self.upper.is_none()
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+impl ImageBackend {
+    /// [`BlockBackend::read_at`] without the timeline.
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len() as u64, false)?;
         let Some(upper) = &self.upper else {
             let n = self.lower.read_at(buf, offset).map_err(to_io)?;
@@ -116,6 +109,31 @@ impl BlockBackend for ImageBackend {
             pos = b;
         }
         fill_lower(buf, pos, end)
+    }
+}
+
+impl BlockBackend for ImageBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.upper.is_none()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        use overlaybd_core::remote::timeline;
+        if !timeline::enabled() {
+            return self.read_inner(buf, offset);
+        }
+        let t0 = timeline::now_us();
+        let r = self.read_inner(buf, offset);
+        timeline::line(&format!(
+            "dev {offset} {} {t0} {}",
+            buf.len(),
+            timeline::now_us()
+        ));
+        r
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

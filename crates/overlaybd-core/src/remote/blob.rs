@@ -681,10 +681,22 @@ impl RemoteBlob {
     /// One remote request, then the cache insert (best effort).
     fn fetch_request(&self, offset: u64, len: u64, prio: &PrioCell) -> FlightResult {
         bump(&self.counters.requests, 1);
+        let log = super::timeline::enabled();
+        let t_ask = log.then(super::timeline::now_us);
         let data = {
             let permit = self.sched.acquire_dyn(prio);
-            self.fetcher
-                .fetch(&self.blob, offset, len, permit.priority())
+            let t_go = log.then(super::timeline::now_us);
+            let p = permit.priority();
+            let d = self.fetcher.fetch(&self.blob, offset, len, p);
+            if let (Some(a), Some(g)) = (t_ask, t_go) {
+                super::timeline::line(&format!(
+                    "{} {offset} {len} {p:?} {a} {g} {} {}",
+                    self.blob.digest,
+                    super::timeline::now_us(),
+                    d.is_ok()
+                ));
+            }
+            d
         };
         if let Ok(d) = &data {
             bump(&self.counters.fetched_bytes, d.len() as u64);

@@ -11,6 +11,7 @@ pub mod blob;
 pub mod cache;
 pub mod download;
 pub mod sched;
+pub mod timeline;
 
 /// How urgent a fetch is: a container waiting on a read goes before prefetch and
 /// background download, always.
