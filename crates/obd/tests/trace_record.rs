@@ -158,6 +158,17 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
 
     // Pull and run the new image: same output, and the device replays.
     run_ok(&mut tb.obd_pull("default", &accel)).unwrap();
+    // The pull committed the acceleration layer: its device is attached at
+    // once (prefetch_at_pull), before any container asks for it.
+    let sn_log = || std::fs::read_to_string(tb.dir.join("snapshotter.log")).unwrap_or_default();
+    testbed::wait_until(
+        "the device attached at pull",
+        std::time::Duration::from_secs(30),
+        || sn_log().contains("device attached at pull"),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}; snapshotter log:\n{}", sn_log()));
+    let attaches = || sn_log().matches("device attached").count();
+    let before = attaches();
     // runc's state (/run/containerd/runc/<ns>/<id>) is shared by every
     // containerd on the machine: an id of this work dir's own.
     let id = format!(
@@ -169,6 +180,12 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
     assert_eq!(
         out.trim(),
         format!("{}\n{}", testbed::EXPECTED, testbed::WRITTEN)
+    );
+    assert_eq!(
+        attaches(),
+        before,
+        "the container used the device attached at pull; snapshotter log:\n{}",
+        sn_log()
     );
     // The device stays while the container (and its snapshot) exists; the
     // replay thread logs when it is done.

@@ -72,6 +72,13 @@ pub struct Config {
     pub metrics_address: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Attach an image's device when a pull commits its acceleration layer
+    /// (the recorded trace), so the prefetch runs before the container
+    /// starts (overlayfs `rw_mode` only).
+    pub prefetch_at_pull: bool,
+    /// Seconds a device attached at pull waits for its first container
+    /// before a sweep may release it.
+    pub prefetch_hold_secs: u64,
 }
 
 /// Log output format.
@@ -97,6 +104,8 @@ impl Default for Config {
             service_config: None,
             metrics_address: None,
             log_format: LogFormat::Text,
+            prefetch_at_pull: true,
+            prefetch_hold_secs: 600,
         }
     }
 }
@@ -147,6 +156,10 @@ mod tests {
             (d.root, d.address, d.log_level)
         );
         assert_eq!((c.rw_mode, c.lazy_pull), (d.rw_mode, d.lazy_pull));
+        assert_eq!(
+            (c.prefetch_at_pull, c.prefetch_hold_secs),
+            (d.prefetch_at_pull, d.prefetch_hold_secs)
+        );
         assert_eq!(
             (
                 c.device_frontend,

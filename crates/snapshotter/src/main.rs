@@ -115,12 +115,31 @@ fn main() -> anyhow::Result<()> {
         cfg.rw_mode,
         cfg.lazy_pull,
     );
+    let layers = if cfg.prefetch_at_pull {
+        layers.with_prefetch_at_pull(std::time::Duration::from_secs(cfg.prefetch_hold_secs))
+    } else {
+        layers
+    };
     let (adopted, cleaned) = layers.reconcile()?;
     tracing::info!(?adopted, ?cleaned, "devices reconciled");
     let hook: Box<dyn LayerHook> = Box::new(layers);
     let sn = Arc::new(Snapshotter::open(&cfg.root, hook)?);
     if let Err(e) = sn.sweep() {
         tracing::warn!(error = %e, "releasing devices no snapshot uses");
+    }
+    if cfg.prefetch_at_pull {
+        // Devices attached at pull whose container never came are released
+        // once their hold is over, even if nothing else triggers a sweep.
+        let sn = Arc::clone(&sn);
+        std::thread::Builder::new()
+            .name("sweeper".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+                if let Err(e) = sn.sweep() {
+                    tracing::warn!(error = %e, "periodic sweep");
+                }
+            })
+            .context("starting the sweeper thread")?;
     }
     tracing::info!(root = %cfg.root.display(), rw_mode = ?cfg.rw_mode, lazy_pull = cfg.lazy_pull, "obd-snapshotter starting");
 

@@ -32,8 +32,8 @@ use obd_device::state::{worker_alive, Root};
 use overlaybd_core::config::{ImageConfig, Lower, Upper};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Per-snapshot override of `rw_mode` (`dir` or `dev`).
 pub const LABEL_WRITABLE: &str = "containerd.io/snapshot/overlaybd.writable";
@@ -81,15 +81,34 @@ fn looks_like_layer(f: &Path) -> bool {
     b.starts_with(b"ZFile\0") || b.starts_with(b"LSMT\0")
 }
 
+/// Marks (in `block/`) a device attached when a pull committed the image's
+/// acceleration layer, that no container has used yet.
+const PREFETCH_MARK: &str = "prefetch-attached";
+
 /// The overlaybd layer hook with devices.
 pub struct ObdLayers {
+    inner: Arc<ObdInner>,
+}
+
+/// The state of [`ObdLayers`], shared with its background attaches.
+pub struct ObdInner {
     root: PathBuf,
     devices: Service,
     dev_root: Root,
     frontend: String,
     rw_mode: RwMode,
     lazy_pull: bool,
+    /// How long a device attached at pull waits for a container; `None`:
+    /// no attach at pull.
+    prefetch_hold: Option<Duration>,
     attach_lock: Mutex<()>,
+}
+
+impl std::ops::Deref for ObdLayers {
+    type Target = ObdInner;
+    fn deref(&self) -> &ObdInner {
+        &self.inner
+    }
 }
 
 impl ObdLayers {
@@ -105,16 +124,31 @@ impl ObdLayers {
     ) -> Self {
         let dev_root = Root::new(root);
         ObdLayers {
-            root: root.to_path_buf(),
-            devices: Service::new(dev_root.clone(), worker_cmd),
-            dev_root,
-            frontend: frontend.to_string(),
-            rw_mode,
-            lazy_pull,
-            attach_lock: Mutex::new(()),
+            inner: Arc::new(ObdInner {
+                root: root.to_path_buf(),
+                devices: Service::new(dev_root.clone(), worker_cmd),
+                dev_root,
+                frontend: frontend.to_string(),
+                rw_mode,
+                lazy_pull,
+                prefetch_hold: None,
+                attach_lock: Mutex::new(()),
+            }),
         }
     }
 
+    /// Attach an image's device as soon as a pull commits its acceleration
+    /// layer (overlayfs `rw_mode`), so its trace is replayed before the
+    /// container starts; a sweep keeps it `hold` for its first container.
+    pub fn with_prefetch_at_pull(mut self, hold: Duration) -> Self {
+        if let Some(i) = Arc::get_mut(&mut self.inner) {
+            i.prefetch_hold = Some(hold);
+        }
+        self
+    }
+}
+
+impl ObdInner {
     /// Adopts live devices and cleans up dead ones (at start). A device
     /// that cannot be cleaned up is logged and left for a later sweep: it
     /// must not keep the snapshotter from starting.
@@ -220,6 +254,11 @@ impl ObdLayers {
     /// Returns the device node.
     fn ensure_device(&self, dir: &Path, config: &Path, mount: bool) -> Result<PathBuf> {
         let _g = self.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.ensure_device_locked(dir, config, mount)
+    }
+
+    /// [`ObdInner::ensure_device`] with `attach_lock` held by the caller.
+    fn ensure_device_locked(&self, dir: &Path, config: &Path, mount: bool) -> Result<PathBuf> {
         let id = Self::device_id(dir);
         let mp = dir.join("block").join("mountpoint");
         if let Ok(Some(rec)) = self.dev_root.record(&id) {
@@ -277,6 +316,56 @@ impl ObdLayers {
         self.report_devices();
     }
 
+    /// Whether the device of `dir` was attached at pull and is still within
+    /// its hold, waiting for its first container.
+    fn held_for_a_container(&self, dir: &Path) -> bool {
+        let Some(hold) = self.prefetch_hold else {
+            return false;
+        };
+        let mark = dir.join("block").join(PREFETCH_MARK);
+        let age = std::fs::metadata(&mark)
+            .and_then(|m| m.modified())
+            .map(|t| SystemTime::now().duration_since(t).unwrap_or_default());
+        matches!(age, Ok(a) if a < hold)
+    }
+
+    /// Attaches (and mounts) the device of the committed image snapshot
+    /// `dir` on a thread of its own: its worker starts replaying the
+    /// recorded trace while the pull finishes. Skipped if the snapshot was
+    /// removed (its mark deleted) before the attach could start.
+    fn attach_at_pull(self: &Arc<Self>, dir: &Path) {
+        let mark = dir.join("block").join(PREFETCH_MARK);
+        if let Err(e) = std::fs::write(&mark, b"") {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot mark a device for attach at pull");
+            return;
+        }
+        let (me, dir) = (Arc::clone(self), dir.to_path_buf());
+        let spawned = std::thread::Builder::new()
+            .name("attach-at-pull".into())
+            .spawn(move || {
+                let _g = me.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+                if !dir.join("block").join(PREFETCH_MARK).exists() {
+                    return;
+                }
+                match me.ensure_device_locked(&dir, &config_path(&dir), true) {
+                    Ok(dev) => tracing::info!(dir = %dir.display(), node = %dev.display(), "device attached at pull: the trace prefetch runs before the container starts"),
+                    Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "attach at pull failed; the container's start will attach"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the attach at pull");
+        }
+    }
+
+    /// A container or view uses the device of `obd_dir`: it is no longer
+    /// held for one.
+    fn claimed(&self, obd_dir: &Path) {
+        let mark = obd_dir.join("block").join(PREFETCH_MARK);
+        if mark.exists() {
+            let _ = std::fs::remove_file(mark);
+        }
+    }
+
     /// The private writable device config of an active snapshot `dir` over
     /// the image of `obd_dir`.
     fn writable_config(&self, dir: &Path, obd_dir: &Path) -> Result<PathBuf> {
@@ -297,7 +386,7 @@ impl ObdLayers {
     }
 }
 
-impl ObdLayers {
+impl ObdInner {
     /// Commit of a dir/dev snapshot: detach its private device, seal the
     /// writable layer into `fs/overlaybd.sealed` and make it the top lower
     /// of the committed snapshot's config (integration.md §3.2).
@@ -392,6 +481,9 @@ impl LayerHook for ObdLayers {
             save(&config_path(c.dir), &cfg)?;
             let _ = std::fs::create_dir_all(c.dir.join("block").join("mountpoint"));
             tracing::info!(dir = %c.dir.display(), "acceleration layer: its trace is replayed at attach");
+            if self.prefetch_hold.is_some() && self.rw_mode == RwMode::Overlayfs {
+                self.inner.attach_at_pull(c.dir);
+            }
             return Ok(());
         }
         let lower = if l.contains_key(LABEL_REMOTE) {
@@ -542,6 +634,7 @@ impl LayerHook for ObdLayers {
             tracing::warn!(dir = %info.dir.display(), "plain layers above the obd image: rw_mode overlayfs used");
         }
         self.ensure_device(obd_dir, &config_path(obd_dir), true)?;
+        self.claimed(obd_dir);
         let mp = obd_dir.join("block").join("mountpoint");
         let mut lowers: Vec<String> = info.parents[..k]
             .iter()
@@ -574,6 +667,8 @@ impl LayerHook for ObdLayers {
     }
 
     fn removed(&self, dir: &Path, _labels: &BTreeMap<String, String>) -> Result<()> {
+        // First the mark: an attach at pull not yet started then skips.
+        self.claimed(dir);
         self.detach(dir);
         Ok(())
     }
@@ -590,7 +685,7 @@ impl LayerHook for ObdLayers {
                 continue;
             };
             let dir = self.root.join("snapshots").join(n);
-            if !in_use.contains(&dir) {
+            if !in_use.contains(&dir) && !self.held_for_a_container(&dir) {
                 tracing::info!(device = %id, "no snapshot uses this device any more");
                 self.detach_locked(&dir);
             }
