@@ -97,6 +97,37 @@ fn registry_source(root: &Root, id: &str) -> Result<Option<Box<dyn LayerSource>>
     Ok(Some(Box::new(src)))
 }
 
+/// The `[prefetch]` settings of the service config, as replay options
+/// (defaults if there is no config or it does not parse: prefetch is advice).
+/// Over remote layers the replay only advises: the advice fills the block
+/// cache, and reading it back would decode it once more for nothing.
+#[cfg(feature = "registry")]
+fn replay_options(root: &Root, remote: bool) -> trace_replay::ReplayOptions {
+    use overlaybd_core::remote::service::{PrefetchOrder, ServiceConfig};
+    let p = root.service_config();
+    let pf = match p.exists() {
+        true => ServiceConfig::load(&p)
+            .map(|c| c.prefetch)
+            .unwrap_or_default(),
+        false => Default::default(),
+    };
+    trace_replay::ReplayOptions {
+        concurrency: pf.concurrency,
+        max_request: pf.max_request,
+        order: match pf.order {
+            PrefetchOrder::Recorded => trace_replay::Order::Recorded,
+            PrefetchOrder::Offset => trace_replay::Order::Offset,
+        },
+        merge_gap: pf.merge_gap,
+        read: !remote,
+    }
+}
+
+#[cfg(not(feature = "registry"))]
+fn replay_options(_root: &Root, _remote: bool) -> trace_replay::ReplayOptions {
+    trace_replay::ReplayOptions::default()
+}
+
 #[cfg(not(feature = "registry"))]
 fn registry_source(_root: &Root, _id: &str) -> Result<Option<Box<dyn LayerSource>>> {
     Ok(None)
@@ -107,7 +138,8 @@ struct Up {
     attachment: Box<dyn tcmu_target::Attachment>,
     backend: Arc<crate::backend::ImageBackend>,
     record: DeviceRecord,
-    _remote: Option<Box<dyn LayerSource>>,
+    /// Keeps the registry source (and its cache) alive while serving.
+    remote: Option<Box<dyn LayerSource>>,
 }
 
 fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
@@ -135,7 +167,13 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
     // if the bring-up fails. A priority list needs the device; it waits.
     let (trace, mut early) = match trace {
         TracePlan::Replay { path, trace } => {
-            let run = spawn_replay(id, path, backend.lower().clone(), move |_| Ok(trace));
+            let run = spawn_replay(
+                id,
+                path,
+                backend.lower().clone(),
+                replay_options(root, remote.is_some()),
+                move |_| Ok(trace),
+            );
             (TracePlan::None, EarlyReplay(Some(run)))
         }
         other => (other, EarlyReplay(None)),
@@ -189,7 +227,7 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
             attachment,
             backend,
             record,
-            _remote: remote,
+            remote,
         },
         Opened2 {
             config,
@@ -237,6 +275,7 @@ enum TraceRun {
 /// Starts what `plan` asks for, once `device` (serving `backend`) is up.
 fn start_trace(
     id: &str,
+    opts: trace_replay::ReplayOptions,
     plan: TracePlan,
     backend: &Arc<crate::backend::ImageBackend>,
     device: &Path,
@@ -253,10 +292,12 @@ fn start_trace(
             let watch = rec.watch(trace_replay::recorder::POLL_INTERVAL);
             TraceRun::Record { rec, watch }
         }
-        TracePlan::Replay { path, trace } => spawn_replay(id, path, image, move |_| Ok(trace)),
+        TracePlan::Replay { path, trace } => {
+            spawn_replay(id, path, image, opts, move |_| Ok(trace))
+        }
         TracePlan::PriorityList { path, entries } => {
             let device = device.to_owned();
-            spawn_replay(id, path, image, move |image| {
+            spawn_replay(id, path, image, opts, move |image| {
                 priority_trace(image, &device, &entries)
             })
         }
@@ -287,6 +328,7 @@ fn spawn_replay(
     id: &str,
     path: std::path::PathBuf,
     image: Arc<overlaybd_core::image::Image>,
+    opts: trace_replay::ReplayOptions,
     make: impl FnOnce(&overlaybd_core::image::Image) -> std::result::Result<trace_replay::Trace, String>
         + Send
         + 'static,
@@ -308,12 +350,7 @@ fn spawn_replay(
             };
             let readers = image.layer_readers();
             let layers: Vec<&dyn ReadAt> = readers.iter().map(|b| &**b as &dyn ReadAt).collect();
-            let report = trace_replay::replay(
-                &trace,
-                &layers,
-                &trace_replay::ReplayOptions::default(),
-                &stop2,
-            );
+            let report = trace_replay::replay(&trace, &layers, &opts, &stop2);
             eprintln!(
                 "obd device worker {id2}: replayed {}: {report}",
                 path.display()
@@ -359,7 +396,13 @@ pub fn run(root: &Root, id: &str) -> i32 {
     release_stdout();
     let trace = match opened.early {
         Some(run) => run,
-        None => start_trace(id, opened.trace, &up.backend, &up.record.device),
+        None => start_trace(
+            id,
+            replay_options(root, up.remote.is_some()),
+            opened.trace,
+            &up.backend,
+            &up.record.device,
+        ),
     };
     let sig = wait_for_stop();
     eprintln!(

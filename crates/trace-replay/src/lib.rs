@@ -24,7 +24,7 @@ pub mod replay;
 pub use format::{Record, Trace, HEADER_SIZE, MAGIC, MAX_RECORD_BYTES, RECORD_SIZE};
 pub use mode::{detect_mode, parse_priority_list, Mode, PriorityEntry, MAX_PRIORITY_LIST};
 pub use recorder::{Recorder, RecorderWatch};
-pub use replay::{plan, replay, ReplayOptions, ReplayReport, Request};
+pub use replay::{plan, plan_by_offset, replay, Order, ReplayOptions, ReplayReport, Request};
 
 use std::path::PathBuf;
 

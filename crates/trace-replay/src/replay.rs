@@ -1,14 +1,16 @@
 //! Replay: turn a trace into large prefetch requests and run them at the
 //! lowest priority that still helps the container (prefetch).
 //!
-//! Records are sorted and merged per layer (adjacent or overlapping ranges),
-//! cut into requests of at most [`ReplayOptions::max_request`] bytes, and
-//! issued in the order the container first needed them. Each request is first
+//! Records are planned in the order the container read them: what an earlier
+//! record already covers is dropped, a range continuing a recent request of
+//! its layer extends it (adjacent ranges become large requests), and requests
+//! are cut at [`ReplayOptions::max_request`] bytes. Each request is first
 //! advised with [`ReadAt::will_need`] — a remote layer fetches the compressed
 //! blocks behind it into its cache at `Priority::Prefetch`, after every
 //! foreground read — and then, if [`ReplayOptions::read`], read (from that
 //! cache, or from local files into the page cache).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -22,6 +24,8 @@ use crate::format::{Record, Trace};
 pub const DEFAULT_CONCURRENCY: usize = 16;
 /// Default largest merged request.
 pub const DEFAULT_MAX_REQUEST: u64 = 4 << 20;
+/// Default [`ReplayOptions::merge_gap`].
+pub const DEFAULT_MERGE_GAP: u64 = 64 << 10;
 /// Size of each worker's read buffer.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -35,6 +39,24 @@ pub struct ReplayOptions {
     /// Read each request after advising it (warms local page caches and checks
     /// the data decodes); otherwise only advise.
     pub read: bool,
+    /// How records become requests.
+    pub order: Order,
+    /// [`Order::Offset`]: ranges of a layer at most this many bytes apart
+    /// become one request (each request costs the registry and the node
+    /// more than a few KiB of extra bytes do).
+    pub merge_gap: u64,
+}
+
+/// How [`replay`] turns records into requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Order {
+    /// In the order the container read ([`plan`]): requests no larger
+    /// than the reads allow.
+    Recorded,
+    /// Each layer's ranges merged by offset, issued by first use
+    /// ([`plan_by_offset`]; the default): fewest requests.
+    #[default]
+    Offset,
 }
 
 impl Default for ReplayOptions {
@@ -43,6 +65,8 @@ impl Default for ReplayOptions {
             concurrency: DEFAULT_CONCURRENCY,
             max_request: DEFAULT_MAX_REQUEST,
             read: true,
+            order: Order::Offset,
+            merge_gap: DEFAULT_MERGE_GAP,
         }
     }
 }
@@ -103,15 +127,88 @@ impl std::fmt::Display for ReplayReport {
     }
 }
 
-/// Merges `records` into requests against layers of `layer_sizes` bytes:
-/// per layer, adjacent and overlapping ranges are joined, then cut into
+/// How many of the latest requests a new range may extend: merging moves
+/// data earlier by at most this many requests, never later.
+const MERGE_WINDOW: usize = 8;
+
+/// Turns `records` into requests against layers of `layer_sizes` bytes, in
+/// the order the container read them: each record contributes the parts of
+/// its range no earlier record covered; a part that continues one of the last
+/// [`MERGE_WINDOW`] requests of its layer extends it, up to `max_request`
+/// bytes; longer parts are cut. Every byte is planned once. Returns the requests and the number of records skipped (unknown
+/// layer, negative offset, empty, past the end).
+///
+/// Keeping the recorded order matters on a slow link: the data arrives about
+/// when the container needs it, so it starts while the rest is in flight
+/// (merging each layer's ranges by offset had it wait for nearly all of it).
+pub fn plan(records: &[Record], layer_sizes: &[u64], max_request: u64) -> (Vec<Request>, usize) {
+    let max_request = max_request.max(4096);
+    let mut skipped = 0;
+    // Per layer: planned ranges, start -> end, disjoint and not touching.
+    let mut covered: Vec<BTreeMap<u64, u64>> = vec![BTreeMap::new(); layer_sizes.len()];
+    let mut out: Vec<Request> = Vec::new();
+    for r in records {
+        let size = layer_sizes.get(r.layer as usize).copied();
+        let start = u64::try_from(r.offset).ok();
+        let (layer, s, e) = match (size, start) {
+            (Some(size), Some(start)) if r.count > 0 && start < size => {
+                (r.layer, start, start.saturating_add(r.count).min(size))
+            }
+            _ => {
+                skipped += 1;
+                continue;
+            }
+        };
+        let cov = &mut covered[layer as usize];
+        for (s, e) in uncovered(cov, s, e) {
+            cover(cov, s, e);
+            let mut at = s;
+            while at < e {
+                let n = out.len();
+                let joins = out[n.saturating_sub(MERGE_WINDOW)..]
+                    .iter_mut()
+                    .rev()
+                    .find(|q| q.layer == layer && q.offset + q.len == at && q.len < max_request);
+                let len = match joins {
+                    Some(q) => {
+                        let add = (e - at).min(max_request - q.len);
+                        q.len += add;
+                        add
+                    }
+                    None => {
+                        let len = (e - at).min(max_request);
+                        out.push(Request {
+                            layer,
+                            offset: at,
+                            len,
+                        });
+                        len
+                    }
+                };
+                at += len;
+            }
+        }
+    }
+    (out, skipped)
+}
+
+/// The [`Order::Offset`] plan: merges `records` into requests against layers
+/// of `layer_sizes` bytes: per layer, ranges that overlap, touch or lie at
+/// most `merge_gap` bytes apart are joined (the gap is fetched too), then cut into
 /// pieces of at most `max_request` bytes. Requests come in the order of the
 /// earliest record they serve. Returns the requests and the number of records
 /// skipped (unknown layer, negative offset, empty, past the end).
 ///
-/// When every record is at most `max_request` bytes, there are never more
-/// requests than records.
-pub fn plan(records: &[Record], layer_sizes: &[u64], max_request: u64) -> (Vec<Request>, usize) {
+/// Fewer, larger requests than [`plan`] (less work per byte for the
+/// registry and the node), but a request holding data needed early and late
+/// keeps the container waiting for all of it. When every record is at most
+/// `max_request` bytes, there are never more requests than records.
+pub fn plan_by_offset(
+    records: &[Record],
+    layer_sizes: &[u64],
+    max_request: u64,
+    merge_gap: u64,
+) -> (Vec<Request>, usize) {
     let max_request = max_request.max(4096);
     let mut skipped = 0;
     // (layer, start, end, first record index)
@@ -131,7 +228,7 @@ pub fn plan(records: &[Record], layer_sizes: &[u64], max_request: u64) -> (Vec<R
     let mut merged: Vec<(u32, u64, u64, usize)> = Vec::new();
     for (l, s, e, i) in ranges {
         match merged.last_mut() {
-            Some(m) if m.0 == l && s <= m.2 => {
+            Some(m) if m.0 == l && s <= m.2.saturating_add(merge_gap) => {
                 m.2 = m.2.max(e);
                 m.3 = m.3.min(i);
             }
@@ -158,6 +255,42 @@ pub fn plan(records: &[Record], layer_sizes: &[u64], max_request: u64) -> (Vec<R
     (out.into_iter().map(|(_, r)| r).collect(), skipped)
 }
 
+/// The parts of `[s, e)` outside `cov`, in order.
+fn uncovered(cov: &BTreeMap<u64, u64>, s: u64, e: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = s;
+    if let Some((_, &ce)) = cov.range(..=s).next_back() {
+        at = at.max(ce);
+    }
+    for (&cs, &ce) in cov.range(s..e) {
+        if cs > at {
+            out.push((at, cs));
+        }
+        at = at.max(ce);
+    }
+    if at < e {
+        out.push((at, e));
+    }
+    out
+}
+
+/// Adds `[s, e)` to `cov`, joining what it overlaps or touches.
+fn cover(cov: &mut BTreeMap<u64, u64>, mut s: u64, mut e: u64) {
+    if let Some((&ps, &pe)) = cov.range(..=s).next_back() {
+        if pe >= s {
+            s = ps;
+            e = e.max(pe);
+        }
+    }
+    let inside: Vec<u64> = cov.range(s..=e).map(|(&k, _)| k).collect();
+    for k in inside {
+        if let Some(v) = cov.remove(&k) {
+            e = e.max(v);
+        }
+    }
+    cov.insert(s, e);
+}
+
 /// Replays `trace` against `layers` (index = layer index, bottom first; each
 /// the layer's uncompressed LSMT file) with `opts.concurrency` workers. Stops
 /// early, between requests, when `stop` becomes true. Failures are counted,
@@ -170,7 +303,10 @@ pub fn replay(
 ) -> ReplayReport {
     let started = Instant::now();
     let sizes: Vec<u64> = layers.iter().map(|l| l.size()).collect();
-    let (requests, skipped) = plan(&trace.records, &sizes, opts.max_request);
+    let (requests, skipped) = match opts.order {
+        Order::Recorded => plan(&trace.records, &sizes, opts.max_request),
+        Order::Offset => plan_by_offset(&trace.records, &sizes, opts.max_request, opts.merge_gap),
+    };
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
@@ -252,6 +388,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn plan_by_offset_merges_per_layer_and_keeps_first_use_order() {
+        let recs = [
+            Record::read(0, 8192, 4096),
+            Record::read(1, 0, 10),
+            Record::read(0, 0, 8192),
+        ];
+        let (reqs, _) = plan_by_offset(&recs, &[1 << 20, 1 << 20], 4 << 20, 0);
+        assert_eq!(reqs.len(), 2);
+        // With a gap allowance, ranges close by become one request.
+        let near = [Record::read(0, 0, 4096), Record::read(0, 8192, 4096)];
+        let (one, _) = plan_by_offset(&near, &[1 << 20], 4 << 20, 4096);
+        assert_eq!(
+            one,
+            vec![Request {
+                layer: 0,
+                offset: 0,
+                len: 12288
+            }]
+        );
+        let (two, _) = plan_by_offset(&near, &[1 << 20], 4 << 20, 4095);
+        assert_eq!(two.len(), 2);
+        assert_eq!(
+            reqs,
+            vec![
+                Request {
+                    layer: 0,
+                    offset: 0,
+                    len: 12288
+                },
+                Request {
+                    layer: 1,
+                    offset: 0,
+                    len: 10
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn plan_merges_per_layer_and_keeps_first_use_order() {
         let recs = [
             Record::read(1, 8192, 4096),
@@ -286,6 +461,62 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn plan_keeps_the_recorded_order_and_merges_only_recent_requests() {
+        let r = |layer, offset, len| Request { layer, offset, len };
+        // A region read back to front, then a file read in pieces between
+        // reads of others: ranges join recent requests only, in order.
+        let mut recs = vec![
+            Record::read(0, 8192, 4096),
+            Record::read(0, 0, 4096),  // before the last: its own request
+            Record::read(0, 0, 16384), // the gaps join the two
+            Record::read(1, 1 << 20, 4096),
+            Record::read(0, 16384, 4096), // continues the first
+        ];
+        for i in 0..MERGE_WINDOW as i64 {
+            recs.push(Record::read(1, i * 65536, 4096));
+        }
+        recs.push(Record::read(0, 20480, 4096)); // too far back to join
+        let (reqs, skipped) = plan(&recs, &[1 << 20, 2 << 20], 4 << 20);
+        assert_eq!(skipped, 0);
+        let mut want = vec![r(0, 8192, 12288), r(0, 0, 8192), r(1, 1 << 20, 4096)];
+        want.extend((0..MERGE_WINDOW as u64).map(|i| r(1, i * 65536, 4096)));
+        want.push(r(0, 20480, 4096));
+        assert_eq!(reqs, want);
+    }
+
+    #[test]
+    fn plan_covers_exactly_the_records() {
+        use proptest::prelude::*;
+        proptest!(|(recs in proptest::collection::vec((0u32..3, -10i64..300_000, 0u64..70_000), 0..60),
+                    max in 4096u64..200_000)| {
+            let sizes = [100_000u64, 250_000];
+            let records: Vec<Record> = recs.iter().map(|&(l, o, c)| Record::read(l, o, c)).collect();
+            let (reqs, skipped) = plan(&records, &sizes, max);
+            // Reference: a byte map per layer.
+            let mut want = [vec![false; 100_000], vec![false; 250_000]];
+            let mut n_valid = 0;
+            for &(l, o, c) in &recs {
+                let Some(size) = sizes.get(l as usize) else { continue };
+                if o < 0 || c == 0 || o as u64 >= *size { continue; }
+                n_valid += 1;
+                for b in o as u64..(o as u64 + c).min(*size) {
+                    want[l as usize][b as usize] = true;
+                }
+            }
+            prop_assert_eq!(skipped, recs.len() - n_valid);
+            let mut got = [vec![false; 100_000], vec![false; 250_000]];
+            for q in &reqs {
+                prop_assert!(q.len > 0 && q.len <= max);
+                for b in q.offset..q.offset + q.len {
+                    prop_assert!(!got[q.layer as usize][b as usize], "planned twice");
+                    got[q.layer as usize][b as usize] = true;
+                }
+            }
+            prop_assert!(want == got, "planned bytes differ from the records'");
+        });
     }
 
     #[test]

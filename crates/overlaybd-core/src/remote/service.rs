@@ -23,6 +23,12 @@
 //! dir = "/var/lib/obd/download"  # `<dir>/<digest hex>/overlaybd.commit` when the
 //!                                # layer's config entry names no `dir` of its own
 //!
+//! [prefetch]                     # trace replay in device workers
+//! concurrency = 16               # replay workers
+//! max_request = 4194304          # largest merged replay request
+//! order = "offset"               # ranges merged per layer by offset, or "recorded"
+//! merge_gap = 65536              # offset: ranges this close become one request
+//!
 //! [registry]                     # see RegistryOptions: hosts, mirrors, p2p, timeouts,
 //! user_agent = "obd/<version>"   # retry, credential_file, use_docker_config, ...
 //! ```
@@ -61,6 +67,47 @@ pub struct ServiceConfig {
     pub registry: RegistryOptions,
     /// Background download of whole blobs.
     pub download: DownloadSection,
+    /// Trace replay (prefetch) in device workers.
+    pub prefetch: PrefetchSection,
+}
+
+/// `[prefetch]`: how a device worker replays a recorded trace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefetchSection {
+    /// Replay workers. Default 16 (upstream's `prefetchConfig.concurrency`).
+    pub concurrency: usize,
+    /// Largest merged replay request in bytes. Default 4 MiB.
+    pub max_request: u64,
+    /// `offset` (default): each layer's ranges merged by offset, issued by
+    /// first use (fewest requests); `recorded`: requests in the order the
+    /// container read.
+    pub order: PrefetchOrder,
+    /// `offset`: ranges at most this many bytes apart become one request.
+    /// Default 64 KiB.
+    pub merge_gap: u64,
+}
+
+/// `[prefetch] order`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefetchOrder {
+    /// The order the container read.
+    Recorded,
+    /// By offset within each layer.
+    #[default]
+    Offset,
+}
+
+impl Default for PrefetchSection {
+    fn default() -> Self {
+        PrefetchSection {
+            concurrency: 16,
+            max_request: 4 << 20,
+            order: PrefetchOrder::Offset,
+            merge_gap: 64 << 10,
+        }
+    }
 }
 
 /// Default download directory.
