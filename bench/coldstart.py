@@ -19,11 +19,22 @@ Environment (defaults):
     (a link is RATE or RATE@DELAY, e.g. 100mbit@20ms adds 20 ms per round trip)
   BENCH_IMAGES="large small"    BENCH_PAD_MB=448  BENCH_RECORD_TIME=30
   BENCH_VARIANTS="oci estargz obd obd-trace"
+    (also obd-trace-late: obd + trace with the snapshotter's
+    prefetch_at_pull off, the device attached when the container starts;
+    obd-trace-alt: obd + trace with the service's [prefetch] section set to
+    BENCH_OBD_PREFETCH_ALT, by default `order = "recorded"`)
   BENCH_OUT=bench/results       OBD_BIN / OBD_SNAPSHOTTER (release builds)
   obd settings (recorded in the JSON as "obd"); the defaults are the
   slow-link tuning of docs/BENCHMARKS.md, not the service's own defaults:
   BENCH_OBD_ALGO=zstd           `obd convert --algorithm` (lz4 or zstd)
   BENCH_OBD_BLOCK=16K           `obd convert --block-size` (4K, 8K, 16K, 32K)
+  BENCH_OBD_LEVEL=19            `obd convert --level` (zstd level, 1-22; 19
+                                makes ~10% fewer bytes than upstream's 3)
+  BENCH_TIMELINE=<dir>          keep a timeline of each obd cold run there:
+                                one line per registry request from every
+                                obd process (OBD_FETCH_LOG, fetch-<pid>.log),
+                                the snapshotter log, and each cold run's
+                                start, pull end and ready times (<tag>.json)
   BENCH_OBD_MIN_FETCH=65536     service `[fetch] min_fetch` (bytes; empty =
                                 the service default, 256 KiB)
   BENCH_OBD_CACHE_BLOCK=4096    service `[cache] block_size` (bytes; empty =
@@ -53,6 +64,12 @@ OUT = os.environ.get("BENCH_OUT", os.path.join(HERE, "results"))
 NAME = os.environ.get("BENCH_NAME", "coldstart")
 OBD_ALGO = os.environ.get("BENCH_OBD_ALGO", "zstd")
 OBD_BLOCK = os.environ.get("BENCH_OBD_BLOCK", "16K")
+OBD_LEVEL = os.environ.get("BENCH_OBD_LEVEL", "19")
+PREFETCH_ALT = os.environ.get("BENCH_OBD_PREFETCH_ALT", 'order = "recorded"')
+TIMELINE = os.environ.get("BENCH_TIMELINE")
+if TIMELINE:
+    os.makedirs(TIMELINE, exist_ok=True)
+    os.environ["OBD_FETCH_LOG"] = os.path.abspath(TIMELINE)
 OBD_MIN_FETCH = os.environ.get("BENCH_OBD_MIN_FETCH", "65536")
 OBD_CACHE_BLOCK = os.environ.get("BENCH_OBD_CACHE_BLOCK", "4096")
 OBD = os.environ.get("OBD_BIN", os.path.join(REPO, "target/release/obd"))
@@ -163,7 +180,7 @@ def stop_proc(p, timeout=15):
 # --- a node: containerd + snapshotters -----------------------------------
 
 class Node:
-    def __init__(self, name, obd=True, stargz=False):
+    def __init__(self, name, obd=True, stargz=False, at_pull=True, prefetch=""):
         self.dir = os.path.join(DIR, "nodes", name)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -178,11 +195,13 @@ class Node:
                         + (f'block_size = {int(OBD_CACHE_BLOCK)}\n' if OBD_CACHE_BLOCK else "")
                         + (f'\n[fetch]\nmin_fetch = {int(OBD_MIN_FETCH)}\n'
                            if OBD_MIN_FETCH else "")
+                        + (f'\n[prefetch]\n{prefetch}\n' if prefetch else "")
                         + f'\n[registry.hosts."{REG}"]\nplain_http = true\n')
             toml = os.path.join(self.dir, "obd.toml")
             with open(toml, "w") as f:
                 f.write(f'root = "{sn}"\naddress = "{self.dir}/obd.sock"\n'
-                        f'lazy_pull = true\nrw_mode = "overlayfs"\n')
+                        f'lazy_pull = true\nrw_mode = "overlayfs"\n'
+                        f'prefetch_at_pull = {"true" if at_pull else "false"}\n')
             self.snroot = sn
             self.procs.append(subprocess.Popen(
                 [SNAP, "--config", toml], stderr=open(os.path.join(self.dir, "obd.log"), "a")))
@@ -313,15 +332,17 @@ def prepare(imgs, variants, stargz):
     try:
         for name, layout in imgs.items():
             r = {k: f"{REG}/bench/{name}:{k}" for k in ("oci", "obd", "obd-trace", "estargz")}
+            r["obd-trace-late"] = r["obd-trace-alt"] = r["obd-trace"]
+            traced = any(v.startswith("obd-trace") for v in variants)
             info = {"refs": r, "oci_layer_bytes": layout_bytes(layout)}
             sh("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
                f"oci:{layout}:bench", f"docker://{r['oci']}")
-            if "obd" in variants or "obd-trace" in variants:
+            if "obd" in variants or traced:
                 sh(OBD, "convert", "--plain-http", REG, "--algorithm", OBD_ALGO,
-                   "--block-size", OBD_BLOCK,
+                   "--block-size", OBD_BLOCK, "--level", OBD_LEVEL,
                    f"oci:{layout}:bench",
                    f"docker://{r['obd']}")
-            if "obd-trace" in variants:
+            if traced:
                 info["record"] = json.loads(sh(
                     OBD, "trace", "record", "--plain-http", "--json", "--address", node.sock,
                     "--time", str(RECORD_TIME), r["obd"], r["obd-trace"]).strip().splitlines()[-1])
@@ -368,7 +389,9 @@ def access_bytes(log_path, offset):
 
 
 def measure(variant, ref, reg, tag):
-    node = Node(tag, obd=variant.startswith("obd"), stargz=variant == "estargz")
+    node = Node(tag, obd=variant.startswith("obd"), stargz=variant == "estargz",
+                at_pull=variant != "obd-trace-late",
+                prefetch=PREFETCH_ALT if variant == "obd-trace-alt" else "")
     try:
         drop_caches()
         rx0, off = rx_bytes(), os.path.getsize(reg.log)
@@ -386,6 +409,8 @@ def measure(variant, ref, reg, tag):
         pull = time.time() - t0
         ready = run_until_ready(run)
         cold = time.time() - t0
+        if TIMELINE and variant.startswith("obd"):
+            keep_timeline(node, tag, t0, pull, cold)
         fetched_rx = rx_bytes() - rx0
         fetched_log = access_bytes(reg.log, off)
         warm = run_until_ready([*run[:-1], f"{tag}-c2"])
@@ -398,6 +423,13 @@ def measure(variant, ref, reg, tag):
                 "rx_bytes": fetched_rx, "blob_bytes": fetched_log}
     finally:
         node.stop()
+
+
+def keep_timeline(node, tag, t0, pull, cold):
+    shutil.copy(os.path.join(node.dir, "obd.log"), os.path.join(TIMELINE, f"{tag}-obd.log"))
+    with open(os.path.join(TIMELINE, f"{tag}.json"), "w") as f:
+        json.dump({"t0_us": int(t0 * 1e6), "pull_end_us": int((t0 + pull) * 1e6),
+                   "ready_us": int((t0 + cold) * 1e6)}, f)
 
 
 def summary(xs):
@@ -431,7 +463,7 @@ def main():
                "load_at_start": load_start, "reps": REPS, "links": LINKS,
                "cpus": os.cpu_count(), "kernel": os.uname().release,
                "skipped": skipped, "images": {}, "runs": [],
-               "obd": {"algorithm": OBD_ALGO, "block_size": OBD_BLOCK, "min_fetch": OBD_MIN_FETCH or "default",
+               "obd": {"algorithm": OBD_ALGO, "block_size": OBD_BLOCK, "level": OBD_LEVEL, "prefetch_alt": PREFETCH_ALT, "min_fetch": OBD_MIN_FETCH or "default",
                        "cache_block_size": OBD_CACHE_BLOCK or "default"}}
     try:
         shape(None)
@@ -440,11 +472,13 @@ def main():
         for link in LINKS:
             shape(link)
             for name in imgs:
-                for variant in variants:
-                    ref = prep[name]["refs"][variant]
-                    for rep in range(REPS):
+                # Variants interleaved within each repetition: drift of the
+                # machine over the run weighs on all of them alike.
+                for rep in range(REPS):
+                    for variant in variants:
+                        ref = prep[name]["refs"][variant]
                         log(f"{link} {name} {variant} rep {rep + 1}/{REPS}")
-                        m = measure(variant, ref, reg, f"obdbench-{variant}-{rep}")
+                        m = measure(variant, ref, reg, f"obdbench-{link}-{variant}-{rep}")
                         m.update(link=link, image=name, variant=variant, rep=rep)
                         log(json.dumps(m))
                         results["runs"].append(m)

@@ -10,9 +10,11 @@ import json
 import os
 import sys
 
-ORDER = ["oci", "estargz", "obd", "obd-trace"]
+ORDER = ["oci", "estargz", "obd", "obd-trace", "obd-trace-late", "obd-trace-alt"]
 NAMES = {"oci": "OCI (overlayfs, full pull)", "estargz": "eStargz (stargz snapshotter)",
-         "obd": "obd lazy", "obd-trace": "obd + trace prefetch"}
+         "obd": "obd lazy", "obd-trace": "obd + trace prefetch",
+         "obd-trace-late": "obd + trace, device attached at run (prefetch_at_pull off)",
+         "obd-trace-alt": "obd + trace, [prefetch] as in the JSON's obd.prefetch_alt"}
 
 
 def mib(b):
@@ -50,8 +52,12 @@ def obd_settings(r):
     if not o:
         return []
     block = f" --block-size {o['block_size']}" if "block_size" in o else ""
-    return [f"- obd: `obd convert --algorithm {o['algorithm']}{block}`, service `min_fetch` "
-            f"{o['min_fetch']}, cache `block_size` {o['cache_block_size']}"]
+    level = f" --level {o['level']}" if "level" in o else ""
+    alt = ""
+    if any(x.get("variant") == "obd-trace-alt" for x in r.get("runs", [])):
+        alt = f"; obd-trace-alt: `[prefetch]` {o.get('prefetch_alt', '')!r}"
+    return [f"- obd: `obd convert --algorithm {o['algorithm']}{block}{level}`, service `min_fetch` "
+            f"{o['min_fetch']}, cache `block_size` {o['cache_block_size']}{alt}"]
 
 
 def goals(r):
