@@ -238,7 +238,12 @@ fn replay_stops_when_asked_and_reports_bad_layers() {
     }
     t.push_read(9, 0, 4096); // no such layer
     let stop = AtomicBool::new(true);
-    let r = replay(&t, &layers, &ReplayOptions::default(), &stop);
+    // No merging across the 4 KiB gaps: one request per record.
+    let opts = ReplayOptions {
+        merge_gap: 0,
+        ..Default::default()
+    };
+    let r = replay(&t, &layers, &opts, &stop);
     assert!(r.stopped);
     assert_eq!(r.done, 0);
     assert_eq!(r.skipped, 1);
