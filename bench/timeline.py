@@ -12,6 +12,15 @@ import os
 import sys
 
 
+def per_100ms(items, at, values):
+    """Sums of the `values(item)` tuples per 100 ms of `at(item)` (ms), sorted."""
+    out = {}
+    for r in items:
+        k = int(at(r) // 100)
+        out[k] = tuple(a + b for a, b in zip(out.get(k, (0,) * len(values(r))), values(r)))
+    return sorted(out.items())
+
+
 def main(d):
     reqs, devs = [], []
     for p in glob.glob(os.path.join(d, "fetch-*.log")):
@@ -47,26 +56,20 @@ def main(d):
             print(f"   {p:10} {b['n']:4} requests {b['bytes'] / 2**20:6.2f} MiB, first asked "
                   f"{ms(b['first']):6.0f} ms, last done {ms(b['last']):6.0f} ms, "
                   f"mean ask→done {b['wait'] / b['n'] / 1000:6.1f} ms")
-        # Bytes done per 100 ms bucket: how busy the link was.
-        buckets = {}
-        for r in mine:
-            k = int(ms(r["done"]) // 100)
-            buckets[k] = buckets.get(k, 0) + r["len"]
+        # Bytes done per 100 ms: how busy the link was.
+        done = per_100ms(mine, lambda r: ms(r["done"]), lambda r: (r["len"],))
         print("   MiB done per 100 ms: " + " ".join(
-            f"{k * 100}:{v / 2**20:.2f}" for k, v in sorted(buckets.items())))
+            f"{k * 100}:{v[0] / 2**20:.2f}" for k, v in done))
         dv = sorted((r for r in devs if t0 <= r["start"] <= end), key=lambda r: r["start"])
         if dv:
             waited = sum(r["end"] - r["start"] for r in dv) / 1000
             print(f"   device reads: {len(dv)}, {sum(r['len'] for r in dv) / 2**20:.2f} MiB, first "
                   f"{ms(dv[0]['start']):.0f} ms, last done {ms(max(r['end'] for r in dv)):.0f} ms, "
                   f"{waited:.0f} ms in reads (summed)")
-            b = {}
-            for r in dv:
-                k = int(ms(r["start"]) // 100)
-                n, w = b.get(k, (0, 0))
-                b[k] = (n + 1, w + (r["end"] - r["start"]) / 1000)
+            reads = per_100ms(dv, lambda r: ms(r["start"]),
+                              lambda r: (1, (r["end"] - r["start"]) / 1000))
             print("   device reads per 100 ms (count/ms waited): " + " ".join(
-                f"{k * 100}:{n}/{w:.0f}" for k, (n, w) in sorted(b.items())))
+                f"{k * 100}:{n}/{w:.0f}" for k, (n, w) in reads))
             slow = sorted(dv, key=lambda r: r["start"] - r["end"])[:8]
             print("   slowest: " + ", ".join(
                 f"{ms(r['start']):.0f}+{(r['end'] - r['start']) / 1000:.0f}ms" for r in slow))
