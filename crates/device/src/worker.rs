@@ -138,8 +138,7 @@ struct Up {
     attachment: Box<dyn tcmu_target::Attachment>,
     backend: Arc<crate::backend::ImageBackend>,
     record: DeviceRecord,
-    /// Keeps the registry source (and its cache) alive while serving.
-    remote: Option<Box<dyn LayerSource>>,
+    _remote: Option<Box<dyn LayerSource>>,
 }
 
 fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
@@ -165,15 +164,12 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
     // A recorded trace needs only the image: replay it now, so the prefetch
     // overlaps the attach and the mount (whose reads go first anyway). Stopped
     // if the bring-up fails. A priority list needs the device; it waits.
+    let replay = replay_options(root, remote.is_some());
     let (trace, mut early) = match trace {
         TracePlan::Replay { path, trace } => {
-            let run = spawn_replay(
-                id,
-                path,
-                backend.lower().clone(),
-                replay_options(root, remote.is_some()),
-                move |_| Ok(trace),
-            );
+            let run = spawn_replay(id, path, backend.lower().clone(), replay, move |_| {
+                Ok(trace)
+            });
             (TracePlan::None, EarlyReplay(Some(run)))
         }
         other => (other, EarlyReplay(None)),
@@ -227,11 +223,12 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
             attachment,
             backend,
             record,
-            remote,
+            _remote: remote,
         },
         Opened2 {
             config,
             trace,
+            replay,
             early: early.0.take(),
         },
     ))
@@ -240,6 +237,8 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
 struct Opened2 {
     config: overlaybd_core::config::ImageConfig,
     trace: TracePlan,
+    /// How to replay it.
+    replay: trace_replay::ReplayOptions,
     /// A replay already running (started before the attach).
     early: Option<TraceRun>,
 }
@@ -398,7 +397,7 @@ pub fn run(root: &Root, id: &str) -> i32 {
         Some(run) => run,
         None => start_trace(
             id,
-            replay_options(root, up.remote.is_some()),
+            opened.replay,
             opened.trace,
             &up.backend,
             &up.record.device,
