@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use fixtures::registry::Registry;
 use fixtures::Rng;
 use overlaybd_core::remote::blob::{RemoteBlob, RemoteOptions};
@@ -155,25 +155,8 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     }
     let local_cfg = base.join("local.json");
     std::fs::write(&local_cfg, json!({"lowers": local_lowers}).to_string())?;
-    let mut local_s = f64::MAX;
-    for _ in 0..3 {
-        let out = base.join("flat.img");
-        let _ = std::fs::remove_file(&out);
-        let t = Instant::now();
-        let st = Command::new(&exe)
-            .args(["image", "flatten", "--no-sync", "--threads"])
-            .arg(threads.to_string())
-            .arg("--config")
-            .arg(&local_cfg)
-            .arg("-o")
-            .arg(&out)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        ensure!(st.success(), "obd image flatten of the local copies failed");
-        local_s = local_s.min(t.elapsed().as_secs_f64());
-        let _ = std::fs::remove_file(&out);
-    }
+    let local_s = best_flatten(&exe, threads, &local_cfg, None, &base.join("flat.img"))
+        .context("obd image flatten of the local copies")?;
     for l in &local_lowers {
         if let Some(f) = l["file"].as_str() {
             let _ = std::fs::remove_file(f);
@@ -181,34 +164,14 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     }
 
     // obd: cold flatten (fresh cache each run, best of 3), as its own process.
-    let mut flatten_s = f64::MAX;
-    for i in 0..3 {
-        let cache = base.join(format!("cache-flatten-{i}"));
-        let out = base.join("flat.img");
-        let _ = std::fs::remove_file(&out);
-        let t = Instant::now();
-        let st = Command::new(&exe)
-            .args([
-                "image",
-                "flatten",
-                "--no-sync",
-                "--threads",
-                &threads.to_string(),
-                "--config",
-            ])
-            .arg(&cfg)
-            .arg("--cache-dir")
-            .arg(&cache)
-            .arg("-o")
-            .arg(&out)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        ensure!(st.success(), "obd image flatten from the registry failed");
-        flatten_s = flatten_s.min(t.elapsed().as_secs_f64());
-        let _ = std::fs::remove_dir_all(&cache);
-        let _ = std::fs::remove_file(&out);
-    }
+    let flatten_s = best_flatten(
+        &exe,
+        threads,
+        &cfg,
+        Some(&base.join("cache-flatten")),
+        &base.join("flat.img"),
+    )
+    .context("obd image flatten from the registry")?;
 
     // Cold random 4 KiB reads of the base layer blob, and the same while a
     // background download of that blob runs through the same scheduler.
@@ -314,4 +277,42 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
         "p99_ratio_with_vs_without_background": bp99 / p99,
         "goals": {"cold_flatten_vs_curl_ratio": 0.7, "p50_ratio_with_vs_without_background": 1.5},
     }))
+}
+
+/// Best of 3 runs of `obd image flatten --config cfg -o out` as its own
+/// process, in seconds; with `cache`, each run starts from a fresh block
+/// cache (`<cache>-<i>`, removed after the run).
+fn best_flatten(
+    exe: &Path,
+    threads: usize,
+    cfg: &Path,
+    cache: Option<&Path>,
+    out: &Path,
+) -> Result<f64> {
+    let mut best = f64::MAX;
+    for i in 0..3 {
+        let _ = std::fs::remove_file(out);
+        let cache = cache.map(|c| PathBuf::from(format!("{}-{i}", c.display())));
+        let mut cmd = Command::new(exe);
+        cmd.args(["image", "flatten", "--no-sync", "--threads"])
+            .arg(threads.to_string())
+            .arg("--config")
+            .arg(cfg)
+            .arg("-o")
+            .arg(out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(c) = &cache {
+            cmd.arg("--cache-dir").arg(c);
+        }
+        let t = Instant::now();
+        let st = cmd.status()?;
+        ensure!(st.success(), "exit status {st}");
+        best = best.min(t.elapsed().as_secs_f64());
+        if let Some(c) = &cache {
+            let _ = std::fs::remove_dir_all(c);
+        }
+        let _ = std::fs::remove_file(out);
+    }
+    Ok(best)
 }
