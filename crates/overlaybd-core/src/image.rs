@@ -75,27 +75,23 @@ impl ReadAt for PrefetchView {
         self.lsmt.invalidate(offset, len)
     }
     fn will_need(&self, offset: u64, len: u64) {
-        let size = self.lsmt.size();
-        if len == 0 || offset >= size {
-            return;
-        }
-        let len = len.min(size - offset);
-        let Some(z) = &self.zfile else {
+        match &self.zfile {
+            Some(z) => z.will_need(offset, len),
             // tar(LSMT) or LSMT: the window forwards the advice.
-            self.lsmt.will_need(offset, len);
-            return;
-        };
-        let info = z.info();
-        let bs = u64::from(info.block_size.max(1));
-        if info.blocks == 0 {
-            return;
+            None => self.lsmt.will_need(offset, len),
         }
-        let first = (offset / bs).min(info.blocks - 1);
-        let last = ((offset + len - 1) / bs).min(info.blocks - 1);
-        let (start, _) = z.block_extent(first);
-        let (last_at, last_len) = z.block_extent(last);
-        let end = last_at + u64::from(last_len);
-        z.inner().will_need(start, end.saturating_sub(start));
+    }
+    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
+        match &self.zfile {
+            Some(z) => z.stored_extent(offset, len),
+            None => self.lsmt.stored_extent(offset, len),
+        }
+    }
+    fn will_need_stored(&self, offset: u64, len: u64) {
+        match &self.zfile {
+            Some(z) => z.will_need_stored(offset, len),
+            None => self.lsmt.will_need_stored(offset, len),
+        }
     }
 }
 

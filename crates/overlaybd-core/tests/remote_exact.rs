@@ -2,7 +2,8 @@
 //! that is not whole `min_fetch` units): only the cache blocks covering the
 //! range are fetched, split at `max_request`, cached blocks are skipped, the
 //! cache keeps what was fetched, and a reader of a unit that is partly being
-//! fetched this way waits for it instead of fetching the unit again.
+//! fetched this way waits for it instead of fetching the unit again — unless
+//! that request is long (then the reader fetches its unit itself).
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -212,5 +213,35 @@ fn a_reader_needing_more_than_the_exact_request_fetches_the_rest_after_it() {
     assert_eq!(
         fake.calls(),
         vec![(300 * KIB, 20 * KIB), (256 * KIB, 256 * KIB)]
+    );
+}
+
+#[test]
+fn a_reader_does_not_wait_for_a_long_exact_prefetch() {
+    let fake = Fake::new(4 << 20);
+    let (started_tx, started_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    *fake.hold.lock().unwrap() = Some((started_tx, release_rx));
+    let (_d, _c, blob) = setup(&fake, 4 * KIB, RemoteOptions::default());
+    let blob = Arc::new(blob);
+    thread::scope(|s| {
+        // A trace prefetch of 1 MiB (more than two 256 KiB units), held.
+        let b = Arc::clone(&blob);
+        let pre = s.spawn(move || b.fetch_exact(100 * KIB, 1 << 20, Priority::Prefetch));
+        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The container's read inside it fetches its own unit and returns
+        // while the prefetch is still held.
+        let got = read(&blob, 600 * KIB, 8 * KIB as usize);
+        assert_eq!(
+            got[..],
+            fake.data[(600 * KIB) as usize..(608 * KIB) as usize]
+        );
+        assert_eq!(blob.stats().joined, 0);
+        release_tx.send(()).unwrap();
+        pre.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        fake.calls(),
+        vec![(100 * KIB, 1 << 20), (512 * KIB, 256 * KIB)]
     );
 }

@@ -197,8 +197,36 @@ fn background_waits_for_foreground_to_pause() {
 fn background_runs_when_nothing_else_does() {
     let s = Scheduler::new(2);
     drop(s.acquire(Priority::Background));
-    let s = Scheduler::new(2).with_background_quiet(std::time::Duration::ZERO);
+    let s = Scheduler::new(3).with_background_quiet(std::time::Duration::ZERO);
     let _fg = s.acquire(Priority::Foreground);
     let _bg = s.acquire(Priority::Background);
     assert_eq!(s.running(), 2);
+}
+
+/// The last slot is kept for foreground reads: prefetch fills all but one,
+/// a foreground read still gets in at once, and the next prefetch waits.
+#[test]
+fn last_slot_is_kept_for_foreground() {
+    let s = Arc::new(Scheduler::new(3));
+    let p1 = s.acquire(Priority::Prefetch);
+    let p2 = s.acquire(Priority::Prefetch);
+    let t = {
+        let s = Arc::clone(&s);
+        std::thread::spawn(move || drop(s.acquire(Priority::Prefetch)))
+    };
+    s.wait_queued_at(Priority::Prefetch, 1);
+    assert_eq!(s.running(), 2);
+    let fg = s.acquire(Priority::Foreground);
+    assert_eq!(s.running(), 3);
+    assert_eq!(s.queued_at(Priority::Prefetch), 1);
+    drop(fg);
+    // Still two prefetches running: the third keeps waiting.
+    assert_eq!(s.queued_at(Priority::Prefetch), 1);
+    drop(p1);
+    t.join().unwrap();
+    drop(p2);
+    assert_eq!(s.granted(Priority::Prefetch), 3);
+    // A limit of 1 keeps nothing back.
+    let one = Scheduler::new(1);
+    drop(one.acquire(Priority::Prefetch));
 }

@@ -8,7 +8,9 @@
 //! advised with [`ReadAt::will_need`] — a remote layer fetches the compressed
 //! blocks behind it into its cache at `Priority::Prefetch`, after every
 //! foreground read — and then, if [`ReplayOptions::read`], read (from that
-//! cache, or from local files into the page cache).
+//! cache, or from local files into the page cache). When only advising, the
+//! requests are moved to where the bytes are stored and merged there
+//! ([`plan_stored`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -20,10 +22,13 @@ use zfile::ReadAt;
 
 use crate::format::{Record, Trace};
 
-/// Default number of replay workers (upstream `prefetchConfig.concurrency`).
-pub const DEFAULT_CONCURRENCY: usize = 16;
-/// Default largest merged request.
-pub const DEFAULT_MAX_REQUEST: u64 = 4 << 20;
+/// Default number of replay workers (upstream's `prefetchConfig.concurrency`
+/// is 16; fewer requests in flight bring the data needed first sooner on a
+/// slow link).
+pub const DEFAULT_CONCURRENCY: usize = 2;
+/// Default largest merged request (a request serves readers only once all of
+/// it has arrived).
+pub const DEFAULT_MAX_REQUEST: u64 = 512 << 10;
 /// Default [`ReplayOptions::merge_gap`].
 pub const DEFAULT_MERGE_GAP: u64 = 64 << 10;
 /// Size of each worker's read buffer.
@@ -90,11 +95,11 @@ pub struct ReplayReport {
     /// Records ignored: unknown layer, negative offset, empty, or past the
     /// layer's end.
     pub skipped: usize,
-    /// Merged requests planned.
+    /// Merged requests planned (of stored ranges when only advising).
     pub requests: usize,
     /// Requests completed.
     pub done: usize,
-    /// Bytes of the completed requests.
+    /// Bytes of the completed requests (stored bytes when only advising).
     pub bytes: u64,
     /// Requests that failed.
     pub errors: usize,
@@ -224,6 +229,17 @@ pub fn plan_by_offset(
             _ => skipped += 1,
         }
     }
+    (merge_by_offset(ranges, max_request, merge_gap), skipped)
+}
+
+/// Joins `(layer, start, end, first use)` ranges of a layer that overlap,
+/// touch or lie at most `merge_gap` bytes apart, cuts the result into pieces
+/// of at most `max_request` bytes and orders them by first use.
+fn merge_by_offset(
+    mut ranges: Vec<(u32, u64, u64, usize)>,
+    max_request: u64,
+    merge_gap: u64,
+) -> Vec<Request> {
     ranges.sort_unstable_by_key(|&(l, s, e, _)| (l, s, e));
     let mut merged: Vec<(u32, u64, u64, usize)> = Vec::new();
     for (l, s, e, i) in ranges {
@@ -252,7 +268,38 @@ pub fn plan_by_offset(
         }
     }
     out.sort_by_key(|&(first, r)| (first, r.layer, r.offset));
-    (out.into_iter().map(|(_, r)| r).collect(), skipped)
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Moves `requests` (ranges of the layers' data) to where the bytes are
+/// stored ([`ReadAt::stored_extent`]: the compressed blocks of a ZFile
+/// layer), for advice only. With [`Order::Offset`] the stored ranges are
+/// merged again, by offset with `merge_gap` and cut at `max_request`: ranges
+/// far apart in the data are often next to each other in the blob (a few
+/// KiB of compressed blocks each), and every request costs the registry a
+/// round of work whatever its size. With [`Order::Recorded`] each request
+/// maps to one stored range, in order.
+pub fn plan_stored(
+    requests: &[Request],
+    layers: &[&dyn ReadAt],
+    order: Order,
+    max_request: u64,
+    merge_gap: u64,
+) -> Vec<Request> {
+    let stored = requests.iter().enumerate().filter_map(|(i, r)| {
+        let (at, len) = layers.get(r.layer as usize)?.stored_extent(r.offset, r.len);
+        (len > 0).then_some((r.layer, at, at + len, i))
+    });
+    match order {
+        Order::Offset => merge_by_offset(stored.collect(), max_request.max(4096), merge_gap),
+        Order::Recorded => stored
+            .map(|(layer, s, e, _)| Request {
+                layer,
+                offset: s,
+                len: e - s,
+            })
+            .collect(),
+    }
 }
 
 /// The parts of `[s, e)` outside `cov`, in order.
@@ -307,6 +354,18 @@ pub fn replay(
         Order::Recorded => plan(&trace.records, &sizes, opts.max_request),
         Order::Offset => plan_by_offset(&trace.records, &sizes, opts.max_request, opts.merge_gap),
     };
+    // Advice only: advise the stored ranges, merged where they are stored.
+    let requests = if opts.read {
+        requests
+    } else {
+        plan_stored(
+            &requests,
+            layers,
+            opts.order,
+            opts.max_request,
+            opts.merge_gap,
+        )
+    };
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
@@ -328,9 +387,11 @@ pub fn replay(
                 return;
             };
             let src = layers[r.layer as usize];
-            src.will_need(r.offset, r.len);
             let mut result = Ok(());
-            if opts.read {
+            if !opts.read {
+                src.will_need_stored(r.offset, r.len);
+            } else {
+                src.will_need(r.offset, r.len);
                 let mut at = r.offset;
                 let end = r.offset + r.len;
                 while at < end && result.is_ok() {
@@ -424,6 +485,119 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// A layer stored compressed 4:1 in 4 KiB blocks (1 KiB each when
+    /// stored); records the stored advice it gets.
+    struct Packed {
+        size: u64,
+        advised: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl ReadAt for Packed {
+        fn read_at(&self, _buf: &mut [u8], _offset: u64) -> std::io::Result<usize> {
+            Ok(0)
+        }
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
+            let (first, last) = (offset / 4096, (offset + len - 1) / 4096);
+            (first * 1024, (last - first + 1) * 1024)
+        }
+        fn will_need_stored(&self, offset: u64, len: u64) {
+            self.advised.lock().unwrap().push((offset, len));
+        }
+    }
+
+    #[test]
+    fn plan_stored_merges_where_the_bytes_are_stored() {
+        let l = Packed {
+            size: 1 << 30,
+            advised: Mutex::new(Vec::new()),
+        };
+        let layers: [&dyn ReadAt; 1] = [&l];
+        // Two ranges 40 KiB apart in the data are 10 KiB apart stored.
+        let reqs = [
+            Request {
+                layer: 0,
+                offset: 0,
+                len: 8192,
+            },
+            Request {
+                layer: 0,
+                offset: 49152,
+                len: 100,
+            },
+        ];
+        let one = plan_stored(&reqs, &layers, Order::Offset, 4 << 20, 16 << 10);
+        assert_eq!(
+            one,
+            vec![Request {
+                layer: 0,
+                offset: 0,
+                len: 13 << 10
+            }]
+        );
+        let two = plan_stored(&reqs, &layers, Order::Offset, 4 << 20, 8 << 10);
+        assert_eq!(two.len(), 2);
+        // Recorded order maps one to one.
+        let rec = plan_stored(&reqs, &layers, Order::Recorded, 4 << 20, 1 << 30);
+        assert_eq!(rec[1].offset, 12 << 10);
+        assert_eq!(rec.len(), 2);
+        // A replay that only advises hands the stored ranges to the layer.
+        let trace = Trace {
+            records: vec![Record::read(0, 0, 8192), Record::read(0, 49152, 100)],
+        };
+        let opts = ReplayOptions {
+            read: false,
+            merge_gap: 16 << 10,
+            ..ReplayOptions::default()
+        };
+        let report = replay(&trace, &layers, &opts, &AtomicBool::new(false));
+        assert_eq!(report.requests, 1);
+        assert_eq!(report.bytes, 13 << 10);
+        assert_eq!(*l.advised.lock().unwrap(), vec![(0, 13 << 10)]);
+    }
+
+    #[test]
+    fn plan_stored_covers_every_request_once() {
+        use proptest::prelude::*;
+        proptest!(|(reqs in proptest::collection::vec((0u32..2, 0u64..400_000, 1u64..70_000), 0..40),
+                    gap in 0u64..20_000, max in 4096u64..100_000)| {
+            let a = Packed { size: 1 << 20, advised: Mutex::new(Vec::new()) };
+            let b = Packed { size: 1 << 20, advised: Mutex::new(Vec::new()) };
+            let layers: [&dyn ReadAt; 2] = [&a, &b];
+            let reqs: Vec<Request> = reqs.iter().map(|&(layer, offset, len)| Request { layer, offset, len }).collect();
+            let got = plan_stored(&reqs, &layers, Order::Offset, max, gap);
+            // Reference: the stored bytes of every request, per layer.
+            let mut want = [vec![false; 1 << 18], vec![false; 1 << 18]];
+            for r in &reqs {
+                let (at, n) = layers[r.layer as usize].stored_extent(r.offset, r.len);
+                for x in at..at + n { want[r.layer as usize][x as usize] = true; }
+            }
+            let mut seen = [vec![false; 1 << 18], vec![false; 1 << 18]];
+            for q in &got {
+                prop_assert!(q.len > 0 && q.len <= max.max(4096));
+                for x in q.offset..q.offset + q.len {
+                    prop_assert!(!seen[q.layer as usize][x as usize], "advised twice");
+                    seen[q.layer as usize][x as usize] = true;
+                }
+            }
+            for l in 0..2 {
+                for x in 0..1 << 18 {
+                    prop_assert!(!want[l][x] || seen[l][x], "stored byte {} of layer {} not advised", x, l);
+                }
+            }
+            // Stored ranges closer than the gap were joined.
+            let mut per: Vec<(u32, u64, u64)> = got.iter().map(|q| (q.layer, q.offset, q.offset + q.len)).collect();
+            per.sort_unstable();
+            for w in per.windows(2) {
+                if w[0].0 == w[1].0 && w[0].2 != w[1].1 {
+                    prop_assert!(w[1].1 > w[0].2 + gap, "ranges {:?} and {:?} within the gap", w[0], w[1]);
+                }
+            }
+        });
     }
 
     #[test]

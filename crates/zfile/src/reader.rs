@@ -683,6 +683,36 @@ impl<R: ReadAt> ReadAt for ZFileReader<R> {
     fn size(&self) -> u64 {
         self.info.original_size
     }
+    /// Advises the inner source of the stored blocks behind the range.
+    fn will_need(&self, offset: u64, len: u64) {
+        let (at, n) = self.stored_extent(offset, len);
+        if n > 0 {
+            self.inner().will_need(at, n);
+        }
+    }
+    /// The stored (compressed) blocks behind `[offset, offset + len)`: from
+    /// the start of the first block to the end of the last, in the inner
+    /// source's offsets. Empty (`(0, 0)`) for an empty range or one past the
+    /// end.
+    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
+        let size = self.info.original_size;
+        if len == 0 || offset >= size || self.info.blocks == 0 {
+            return (0, 0);
+        }
+        let end = offset.saturating_add(len).min(size);
+        let last_block = self.info.blocks - 1;
+        let first = (offset >> self.shift).min(last_block);
+        let last = ((end - 1) >> self.shift).min(last_block);
+        let (start, _) = self.block_extent(first);
+        let (at, n) = self.block_extent(last);
+        let stop = at + u64::from(n);
+        (start, stop.saturating_sub(start))
+    }
+    fn will_need_stored(&self, offset: u64, len: u64) {
+        if len > 0 {
+            self.inner().will_need(offset, len);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -774,5 +804,63 @@ mod heal_tests {
         let mut out = vec![0u8; 4096];
         let e = r.read_at(&mut out, 3 * 4096).unwrap_err();
         assert!(matches!(e, Error::BlockCrc { block: 3, .. }), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod advice_tests {
+    use super::*;
+    use crate::writer::{Options, ZFileWriter};
+    use std::io::Cursor;
+    use std::sync::Mutex;
+
+    /// Stored bytes that record the advice they get.
+    struct Advised {
+        bytes: Vec<u8>,
+        got: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl ReadAt for Advised {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            self.bytes.read_at(buf, offset)
+        }
+        fn size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn will_need(&self, offset: u64, len: u64) {
+            self.got.lock().unwrap().push((offset, len));
+        }
+    }
+
+    #[test]
+    fn advice_maps_to_the_stored_blocks() {
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut w = ZFileWriter::new(Cursor::new(Vec::new()), Options::default()).unwrap();
+        w.append(&data).unwrap();
+        let bytes = w.finish().unwrap().0.into_inner();
+        let r = ZFileReader::open(Advised {
+            bytes,
+            got: Mutex::new(Vec::new()),
+        })
+        .unwrap();
+        let (b1, _) = r.block_extent(1);
+        let (b3, n3) = r.block_extent(3);
+        // Bytes of blocks 1..=3 (4 KiB blocks).
+        let want = (b1, b3 + u64::from(n3) - b1);
+        assert_eq!(r.stored_extent(4096 + 5, 3 * 4096 - 10), want);
+        // Clamped at the end; empty past it.
+        let blocks = r.info().blocks;
+        let (bl, nl) = r.block_extent(blocks - 1);
+        let (bp, _) = r.block_extent(blocks - 2);
+        assert_eq!(
+            r.stored_extent(40_000 - 4097, 1 << 30),
+            (bp, bl + u64::from(nl) - bp)
+        );
+        assert_eq!(r.stored_extent(40_000, 10), (0, 0));
+        assert_eq!(r.stored_extent(0, 0), (0, 0));
+        r.will_need(4096 + 5, 3 * 4096 - 10);
+        r.will_need_stored(7, 9);
+        r.will_need(40_000, 10);
+        assert_eq!(*r.inner().got.lock().unwrap(), vec![want, (7, 9)]);
     }
 }

@@ -48,6 +48,24 @@ pub trait ReadAt: Send + Sync {
         let _ = (offset, len);
     }
 
+    /// The range `(offset, len)` of the stored bytes (what a remote source
+    /// fetches: the compressed blocks of a ZFile) behind bytes
+    /// `[offset, offset + len)` of this source, in the address space
+    /// [`ReadAt::will_need_stored`] takes. Lets a prefetcher merge ranges that
+    /// lie apart in the data but next to each other where they are stored.
+    /// Sources that store their bytes as they read them return the range
+    /// unchanged (the default). A type overriding this overrides
+    /// `will_need_stored` too.
+    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset, len)
+    }
+
+    /// [`ReadAt::will_need`] of a range of the stored bytes, as
+    /// [`ReadAt::stored_extent`] returns them. Default: `will_need`.
+    fn will_need_stored(&self, offset: u64, len: u64) {
+        self.will_need(offset, len)
+    }
+
     /// Fills `buf` from `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -166,6 +184,12 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
     fn will_need(&self, offset: u64, len: u64) {
         (**self).will_need(offset, len)
     }
+    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
+        (**self).stored_extent(offset, len)
+    }
+    fn will_need_stored(&self, offset: u64, len: u64) {
+        (**self).will_need_stored(offset, len)
+    }
     fn invalidate(&self, offset: u64, len: u64) -> bool {
         (**self).invalidate(offset, len)
     }
@@ -187,6 +211,12 @@ impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
     fn will_need(&self, offset: u64, len: u64) {
         (**self).will_need(offset, len)
     }
+    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
+        (**self).stored_extent(offset, len)
+    }
+    fn will_need_stored(&self, offset: u64, len: u64) {
+        (**self).will_need_stored(offset, len)
+    }
     fn invalidate(&self, offset: u64, len: u64) -> bool {
         (**self).invalidate(offset, len)
     }
@@ -207,6 +237,12 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
     }
     fn will_need(&self, offset: u64, len: u64) {
         (**self).will_need(offset, len)
+    }
+    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
+        (**self).stored_extent(offset, len)
+    }
+    fn will_need_stored(&self, offset: u64, len: u64) {
+        (**self).will_need_stored(offset, len)
     }
     fn invalidate(&self, offset: u64, len: u64) -> bool {
         (**self).invalidate(offset, len)
@@ -277,6 +313,14 @@ impl<R: ReadAt> ReadAt for Window<R> {
             self.inner
                 .will_need(self.start + offset, len.min(self.len - offset))
         }
+    }
+    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
+        let offset = offset.min(self.len);
+        self.inner
+            .stored_extent(self.start + offset, len.min(self.len - offset))
+    }
+    fn will_need_stored(&self, offset: u64, len: u64) {
+        self.inner.will_need_stored(offset, len)
     }
 }
 

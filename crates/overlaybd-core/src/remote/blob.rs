@@ -10,7 +10,9 @@
 //! - **single flight**: a unit being fetched by another thread (through this
 //!   or any other `RemoteBlob` of the same digest and cache) is not fetched
 //!   again; the reader waits for that request and shares its bytes (or
-//!   error), raising its priority if the reader is more urgent;
+//!   error), raising its priority if the reader is more urgent — except a
+//!   long, less urgent exact request (trace prefetch): a reader fetches its
+//!   unit itself rather than wait for all of it;
 //! - requests are admitted by the [`Scheduler`]: foreground reads at
 //!   [`Priority::Foreground`], [`RemoteBlob::prefetch`] at
 //!   [`Priority::Prefetch`], [`RemoteBlob::fetch_into_cache`] at any;
@@ -131,12 +133,35 @@ struct Flight {
     prio: PrioCell,
     /// The scheduler the request is queued in (to nudge after a raise).
     sched: Arc<Scheduler>,
+    /// The priority the request was made at.
+    origin: Priority,
+    /// Bytes the request covers (grows while its leader plans it).
+    span: AtomicU64,
 }
 
 /// The in-flight table of one blob.
 type FlightMap = Mutex<HashMap<(u64, u64), Arc<Flight>>>;
 
 impl Flight {
+    fn new(prio: Priority, sched: &Arc<Scheduler>, span: u64) -> Arc<Self> {
+        Arc::new(Flight {
+            done: Mutex::new(None),
+            cv: Condvar::new(),
+            prio: PrioCell::new(prio),
+            sched: Arc::clone(sched),
+            origin: prio,
+            span: AtomicU64::new(span),
+        })
+    }
+
+    /// Whether a reader at `prio` should fetch a `unit`-byte unit itself
+    /// rather than wait for this request: one made at a lower priority and
+    /// more than two units long takes a share of the link several times as
+    /// long as the reader's own request would.
+    fn too_slow_for(&self, prio: Priority, unit: u64) -> bool {
+        prio < self.origin && self.span.load(Ordering::Relaxed) > 2 * unit
+    }
+
     fn wait(&self) -> FlightResult {
         let mut g = self.done.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
@@ -437,13 +462,9 @@ impl RemoteBlob {
                         map.insert((bs, i), Arc::clone(&l.flight));
                         l.units.push(i);
                         l.len = e - l.offset;
+                        l.flight.span.store(l.len, Ordering::Relaxed);
                     } else {
-                        let flight = Arc::new(Flight {
-                            done: Mutex::new(None),
-                            cv: Condvar::new(),
-                            prio: PrioCell::new(prio),
-                            sched: Arc::clone(&self.sched),
-                        });
+                        let flight = Flight::new(prio, &self.sched, e - s);
                         map.insert((bs, i), Arc::clone(&flight));
                         leads.push(Lead {
                             blob: self,
@@ -565,13 +586,9 @@ impl RemoteBlob {
                     map.insert((self.unit, u), Arc::clone(&l.flight));
                     l.units.push(u);
                     l.len = ue - l.offset;
+                    l.flight.span.store(l.len, Ordering::Relaxed);
                 } else {
-                    let flight = Arc::new(Flight {
-                        done: Mutex::new(None),
-                        cv: Condvar::new(),
-                        prio: PrioCell::new(prio),
-                        sched: Arc::clone(&self.sched),
-                    });
+                    let flight = Flight::new(prio, &self.sched, ue - us);
                     map.insert((self.unit, u), Arc::clone(&flight));
                     leads.push(Lead {
                         blob: self,
@@ -632,7 +649,11 @@ impl RemoteBlob {
 
     /// The exact requests ([`RemoteBlob::fetch_exact`]) fetching cache blocks
     /// of `[lo, hi)`, raised to `prio`; empty when the cache block size is the
-    /// unit (exact requests then share the unit keys) or there are none.
+    /// unit (exact requests then share the unit keys), when there are none,
+    /// or when one of them is a long, less urgent request (trace prefetch):
+    /// then the reader fetches the unit itself instead of waiting for all of
+    /// that request (its bytes come a second time; the container's reads go
+    /// first).
     fn exact_flights(
         &self,
         map: &HashMap<(u64, u64), Arc<Flight>>,
@@ -647,12 +668,17 @@ impl RemoteBlob {
         let mut out: Vec<Arc<Flight>> = Vec::new();
         for i in lo / bs..=(hi - 1) / bs {
             if let Some(f) = map.get(&(bs, i)) {
+                if f.too_slow_for(prio, self.unit) {
+                    return Vec::new();
+                }
                 if !out.iter().any(|g| Arc::ptr_eq(g, f)) {
-                    if f.prio.raise(prio) {
-                        f.sched.nudge();
-                    }
                     out.push(Arc::clone(f));
                 }
+            }
+        }
+        for f in &out {
+            if f.prio.raise(prio) {
+                f.sched.nudge();
             }
         }
         out

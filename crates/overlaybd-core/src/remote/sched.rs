@@ -1,5 +1,7 @@
-//! A priority scheduler for remote fetches: at most `limit` fetches run at once,
-//! and when a slot frees the most urgent waiter gets it: every queued
+//! A priority scheduler for remote fetches: at most `limit` fetches run at once
+//! (at most `limit - 1` of them prefetch or background: the last slot is kept
+//! for a container's reads), and when a slot frees the most urgent waiter gets
+//! it: every queued
 //! [`Priority::Foreground`] request goes before any [`Priority::Prefetch`] one,
 //! which goes before any [`Priority::Background`] one; equal priorities are
 //! served in arrival order.
@@ -156,6 +158,18 @@ impl Scheduler {
         self.limit
     }
 
+    /// Slots a request at `prio` may be granted while others run: all of
+    /// them for a foreground read; one fewer for prefetch and background
+    /// (when the limit is above 1), so a container's read never queues
+    /// behind a full house of long prefetch requests.
+    fn cap(&self, prio: Priority) -> usize {
+        if prio == Priority::Foreground || self.limit < 2 {
+            self.limit
+        } else {
+            self.limit - 1
+        }
+    }
+
     /// Blocks until a slot is free and no more urgent (or earlier equally
     /// urgent) request is waiting, then takes the slot.
     pub fn acquire(&self, prio: Priority) -> Permit<'_> {
@@ -181,7 +195,7 @@ impl Scheduler {
                 st.queue.insert(me);
                 self.cv.notify_all();
             }
-            if st.running < self.limit && st.queue.first() == Some(&me) {
+            if st.running < self.cap(me.0) && st.queue.first() == Some(&me) {
                 // The most urgent waiter; a background one also waits out
                 // running urgent fetches and the quiet time after them.
                 let quiet_left = match (me.0, st.urgent_idle_since) {
@@ -216,6 +230,7 @@ impl Scheduler {
         }
         st.granted[me.0 as usize] += 1;
         let more = st.running < self.limit && !st.queue.is_empty();
+        // (A waiter that does not fit re-checks its own cap.)
         drop(st);
         if more {
             // The next waiter may fit too.

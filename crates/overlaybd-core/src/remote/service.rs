@@ -24,10 +24,11 @@
 //!                                # layer's config entry names no `dir` of its own
 //!
 //! [prefetch]                     # trace replay in device workers
-//! concurrency = 16               # replay workers
-//! max_request = 4194304          # largest merged replay request
+//! concurrency = 2                # replay workers (requests in flight)
+//! max_request = 524288           # largest merged replay request
 //! order = "offset"               # ranges merged per layer by offset, or "recorded"
 //! merge_gap = 65536              # offset: ranges this close become one request
+//!                                # (over remote layers: this close in the blob)
 //!
 //! [registry]                     # see RegistryOptions: hosts, mirrors, p2p, timeouts,
 //! user_agent = "obd/<version>"   # retry, credential_file, use_docker_config, ...
@@ -75,16 +76,22 @@ pub struct ServiceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrefetchSection {
-    /// Replay workers. Default 16 (upstream's `prefetchConfig.concurrency`).
+    /// Replay workers, i.e. prefetch requests in flight. Default 2 (upstream
+    /// uses 16): every byte in flight shares the link with the container's
+    /// reads, so on a slow link few requests in first-use order bring what
+    /// the container needs next soonest (docs/BENCHMARKS.md, issue 7); raise
+    /// it for a registry far away (high round-trip time).
     pub concurrency: usize,
-    /// Largest merged replay request in bytes. Default 4 MiB.
+    /// Largest merged replay request in bytes. Default 512 KiB: a request
+    /// completes (and serves readers) only when all of it has arrived.
     pub max_request: u64,
     /// `offset` (default): each layer's ranges merged by offset, issued by
     /// first use (fewest requests); `recorded`: requests in the order the
     /// container read.
     pub order: PrefetchOrder,
-    /// `offset`: ranges at most this many bytes apart become one request.
-    /// Default 64 KiB.
+    /// `offset`: ranges at most this many bytes apart become one request;
+    /// over remote layers, where their compressed blocks are stored (the
+    /// replay only advises there). Default 64 KiB.
     pub merge_gap: u64,
 }
 
@@ -102,8 +109,8 @@ pub enum PrefetchOrder {
 impl Default for PrefetchSection {
     fn default() -> Self {
         PrefetchSection {
-            concurrency: 16,
-            max_request: 4 << 20,
+            concurrency: 2,
+            max_request: 512 << 10,
             order: PrefetchOrder::Offset,
             merge_gap: 64 << 10,
         }
