@@ -78,6 +78,15 @@ fn setup(
     (dir, cache, blob)
 }
 
+/// Makes `fake` hold its next request: returns the receiver that hears when
+/// it has started and the sender that releases it.
+fn hold_first_request(fake: &Fake) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (started_tx, started_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    *fake.hold.lock().unwrap() = Some((started_tx, release_rx));
+    (started_rx, release_tx)
+}
+
 fn read(b: &RemoteBlob, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     b.read_exact_at(&mut buf, offset).unwrap();
@@ -147,9 +156,7 @@ fn exact_fetch_skips_cached_blocks_and_is_cut_at_max_request() {
 #[test]
 fn a_reader_waits_for_an_exact_request_instead_of_fetching_the_unit() {
     let fake = Fake::new(2 << 20);
-    let (started_tx, started_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
-    *fake.hold.lock().unwrap() = Some((started_tx, release_rx));
+    let (started_rx, release_tx) = hold_first_request(&fake);
     let (_d, _c, blob) = setup(&fake, 4 * KIB, RemoteOptions::default());
     let blob = Arc::new(blob);
     thread::scope(|s| {
@@ -182,9 +189,7 @@ fn a_reader_waits_for_an_exact_request_instead_of_fetching_the_unit() {
 #[test]
 fn a_reader_needing_more_than_the_exact_request_fetches_the_rest_after_it() {
     let fake = Fake::new(2 << 20);
-    let (started_tx, started_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
-    *fake.hold.lock().unwrap() = Some((started_tx, release_rx));
+    let (started_rx, release_tx) = hold_first_request(&fake);
     let (_d, _c, blob) = setup(&fake, 4 * KIB, RemoteOptions::default());
     let blob = Arc::new(blob);
     thread::scope(|s| {
@@ -219,9 +224,7 @@ fn a_reader_needing_more_than_the_exact_request_fetches_the_rest_after_it() {
 #[test]
 fn a_reader_does_not_wait_for_a_long_exact_prefetch() {
     let fake = Fake::new(4 << 20);
-    let (started_tx, started_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
-    *fake.hold.lock().unwrap() = Some((started_tx, release_rx));
+    let (started_rx, release_tx) = hold_first_request(&fake);
     let (_d, _c, blob) = setup(&fake, 4 * KIB, RemoteOptions::default());
     let blob = Arc::new(blob);
     thread::scope(|s| {
