@@ -1,7 +1,7 @@
 #![no_main]
 //! Registry auth parsing: WWW-Authenticate challenges and token responses from
 //! arbitrary bytes must parse or fail cleanly.
-use overlaybd_core::remote::auth::{parse_token_response, parse_www_authenticate, Scheme};
+use obd_remote::auth::{parse_token_response, parse_www_authenticate, Scheme};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(s) = std::str::from_utf8(data) {

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use overlaybd_core::remote::distribution::{Distribution, ImageRef, Manifest};
+use obd_remote::distribution::{Distribution, ImageRef, Manifest};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};

@@ -122,7 +122,7 @@ impl BlockBackend for ImageBackend {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        use overlaybd_core::remote::timeline;
+        use obd_remote::timeline;
         if !timeline::enabled() {
             return self.read_inner(buf, offset);
         }

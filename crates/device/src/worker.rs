@@ -77,7 +77,7 @@ fn all_local(cfg: &overlaybd_core::config::ImageConfig, base: Option<&Path>) -> 
 
 #[cfg(feature = "registry")]
 fn registry_source(root: &Root, id: &str) -> Result<Option<Box<dyn LayerSource>>> {
-    use overlaybd_core::remote::service::{RegistrySource, ServiceConfig};
+    use obd_remote::service::{RegistrySource, ServiceConfig};
     let p = root.service_config();
     let mut cfg = if p.exists() {
         ServiceConfig::load(&p).map_err(|source| Error::Image {
@@ -103,7 +103,7 @@ fn registry_source(root: &Root, id: &str) -> Result<Option<Box<dyn LayerSource>>
 /// cache, and reading it back would decode it once more for nothing.
 #[cfg(feature = "registry")]
 fn replay_options(root: &Root, remote: bool) -> trace_replay::ReplayOptions {
-    use overlaybd_core::remote::service::{PrefetchOrder, ServiceConfig};
+    use obd_remote::service::{PrefetchOrder, ServiceConfig};
     let p = root.service_config();
     let pf = match p.exists() {
         true => ServiceConfig::load(&p)

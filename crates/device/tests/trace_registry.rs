@@ -9,7 +9,7 @@ use std::path::Path;
 
 use obd_device::open::{open_image, TracePlan};
 use overlaybd_core::config::{Download, ImageConfig, Lower};
-use overlaybd_core::remote::service::{RegistrySource, ServiceConfig};
+use obd_remote::service::{RegistrySource, ServiceConfig};
 use tcmu_target::BlockBackend;
 
 const STACK: [(&str, &str); 3] = [

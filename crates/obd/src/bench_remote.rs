@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use fixtures::registry::Registry;
 use fixtures::Rng;
-use overlaybd_core::remote::blob::{RemoteBlob, RemoteOptions};
-use overlaybd_core::remote::cache::{BlockCache, CacheOptions};
-use overlaybd_core::remote::registry::{RegistryClient, RegistryOptions};
-use overlaybd_core::remote::sched::Scheduler;
-use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use obd_remote::blob::{RemoteBlob, RemoteOptions};
+use obd_remote::cache::{BlockCache, CacheOptions};
+use obd_remote::registry::{RegistryClient, RegistryOptions};
+use obd_remote::sched::Scheduler;
+use obd_remote::{BlobRef, Priority, RangeFetcher};
 use serde_json::{json, Value};
 use zfile::ReadAt;
 

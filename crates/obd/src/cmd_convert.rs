@@ -16,8 +16,8 @@ use converter::{
     Options,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use overlaybd_core::remote::distribution::Distribution;
-use overlaybd_core::remote::registry::{HostOptions, RegistryOptions};
+use obd_remote::distribution::Distribution;
+use obd_remote::registry::{HostOptions, RegistryOptions};
 use serde_json::json;
 
 use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg};

@@ -69,7 +69,7 @@ pub struct RemoteArgs {
 
 fn print_metrics(
     remote: &RemoteArgs,
-    registry: Option<&overlaybd_core::remote::service::RegistrySource>,
+    registry: Option<&obd_remote::service::RegistrySource>,
 ) {
     if remote.metrics {
         match registry {
@@ -95,10 +95,10 @@ fn open_image(
     bulk: bool,
 ) -> Result<(
     Image,
-    Option<Arc<overlaybd_core::remote::service::RegistrySource>>,
+    Option<Arc<obd_remote::service::RegistrySource>>,
 )> {
     use overlaybd_core::config::ImageConfig;
-    use overlaybd_core::remote::service::{RegistrySource, ServiceConfig};
+    use obd_remote::service::{RegistrySource, ServiceConfig};
     use overlaybd_core::source::{LayerRef, LocalFiles};
     let cfg = ImageConfig::load(config)?;
     let base = config.parent();

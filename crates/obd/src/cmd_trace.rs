@@ -112,7 +112,7 @@ pub fn run(cmd: TraceCmd) -> Result<()> {
             let registry = if all_local {
                 None
             } else {
-                use overlaybd_core::remote::service::{RegistrySource, ServiceConfig};
+                use obd_remote::service::{RegistrySource, ServiceConfig};
                 let mut svc = match &service_config {
                     Some(p) => ServiceConfig::load(p)?,
                     None => ServiceConfig::default(),

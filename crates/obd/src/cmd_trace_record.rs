@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use obd_device::open::trace_replay::Trace;
-use overlaybd_core::remote::distribution::{
+use obd_remote::distribution::{
     Distribution, ImageRef, Manifest, MT_DOCKER_LIST, MT_OCI_INDEX,
 };
-use overlaybd_core::remote::registry::RegistryOptions;
+use obd_remote::registry::RegistryOptions;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use snapshotter::proto::containerd::services::snapshots::v1 as snapshots;

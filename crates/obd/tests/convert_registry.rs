@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use base64::Engine;
 use converter::registry::{RegistryDest, RegistrySource};
-use overlaybd_core::remote::creds::{Credential, StaticCredentials};
-use overlaybd_core::remote::distribution::{Distribution, ImageRef};
-use overlaybd_core::remote::registry::RegistryOptions;
+use obd_remote::creds::{Credential, StaticCredentials};
+use obd_remote::distribution::{Distribution, ImageRef};
+use obd_remote::registry::RegistryOptions;
 use serde_json::{json, Value};
 
 #[path = "../../converter/tests/common/mod.rs"]

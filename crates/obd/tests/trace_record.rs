@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use overlaybd_core::remote::distribution::{Distribution, ImageRef};
-use overlaybd_core::remote::registry::RegistryOptions;
+use obd_remote::distribution::{Distribution, ImageRef};
+use obd_remote::registry::RegistryOptions;
 use testbed::{build_sample, have, run_ok, Options, Testbed};
 
 const ACCEL: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";

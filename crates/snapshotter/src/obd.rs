@@ -58,7 +58,7 @@ pub fn is_obd(dir: &Path) -> bool {
 /// registry-1.docker.io; the scheme becomes http through the registry
 /// service config's per-host `plain_http`).
 pub fn repo_blob_url(image_ref: &str) -> Result<String> {
-    let r = overlaybd_core::remote::distribution::ImageRef::parse(image_ref)
+    let r = obd_remote::distribution::ImageRef::parse(image_ref)
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let host = match r.host.as_str() {
         "docker.io" | "index.docker.io" | "registry-1.docker.io" => "registry-1.docker.io",

@@ -34,10 +34,10 @@ use diff::diff_client::DiffClient;
 use hyper_util::rt::TokioIo;
 use images::images_client::ImagesClient;
 use leases::leases_client::LeasesClient;
-use overlaybd_core::remote::distribution::{
+use obd_remote::distribution::{
     Distribution, ImageRef, Manifest, MT_DOCKER_LIST, MT_OCI_INDEX,
 };
-use overlaybd_core::remote::registry::RegistryOptions;
+use obd_remote::registry::RegistryOptions;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use snapshots::snapshots_client::SnapshotsClient;

@@ -19,8 +19,8 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use overlaybd_core::remote::distribution::{Distribution, ImageRef};
-use overlaybd_core::remote::registry::RegistryOptions;
+use obd_remote::distribution::{Distribution, ImageRef};
+use obd_remote::registry::RegistryOptions;
 use snapshotter::pull::{pull_blocking, LayerState, PullError, PullOptions, PullReport};
 
 mod common;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use overlaybd_core::remote::{with_read_priority, Priority};
+use obd_remote::{with_read_priority, Priority};
 use zfile::ReadAt;
 
 use crate::format::{Record, Trace};

@@ -10,10 +10,10 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
 use fixtures::Rng;
-use overlaybd_core::remote::blob::{RemoteBlob, RemoteOptions};
-use overlaybd_core::remote::cache::{BlockCache, CacheOptions};
-use overlaybd_core::remote::sched::Scheduler;
-use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use obd_remote::blob::{RemoteBlob, RemoteOptions};
+use obd_remote::cache::{BlockCache, CacheOptions};
+use obd_remote::sched::Scheduler;
+use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::{Error, ReadAt, Result};
 use zfile::{ZFileReader, ZFileWriter};
 

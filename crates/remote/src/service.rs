@@ -39,19 +39,19 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use crate::config::{resolve, Download};
-use crate::error::{Error, Result};
-use crate::remote::blob::{RemoteBlob, RemoteOptions, DEFAULT_MAX_REQUEST, DEFAULT_MIN_FETCH};
-use crate::remote::cache::{BlockCache, CacheOptions, DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET};
-use crate::remote::download::{
+use overlaybd_core::config::{resolve, Download};
+use overlaybd_core::error::{Error, Result};
+use crate::blob::{RemoteBlob, RemoteOptions, DEFAULT_MAX_REQUEST, DEFAULT_MIN_FETCH};
+use crate::cache::{BlockCache, CacheOptions, DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET};
+use crate::download::{
     CachedFetcher, DownloadHandle, DownloadOptions, DownloadProgress, DownloadReport, Downloader,
     SwitchBlob,
 };
-use crate::remote::metrics::{MeteredFetcher, Metrics};
-use crate::remote::registry::{RegistryClient, RegistryOptions};
-use crate::remote::sched::Scheduler;
-use crate::remote::{BlobRef, RangeFetcher};
-use crate::source::{LayerRef, LayerSource, OpenedBlob};
+use crate::metrics::{MeteredFetcher, Metrics};
+use crate::registry::{RegistryClient, RegistryOptions};
+use crate::sched::Scheduler;
+use crate::{BlobRef, RangeFetcher};
+use overlaybd_core::source::{LayerRef, LayerSource, OpenedBlob};
 
 /// Default cache directory.
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/obd/cache";

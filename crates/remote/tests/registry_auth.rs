@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use overlaybd_core::remote::creds::{Credential, StaticCredentials};
-use overlaybd_core::remote::registry::{RegistryClient, RegistryOptions, RetryOptions, Timeouts};
-use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use obd_remote::creds::{Credential, StaticCredentials};
+use obd_remote::registry::{RegistryClient, RegistryOptions, RetryOptions, Timeouts};
+use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::Error;
 use support::http::{Action, Fault, Req, Resp, Server};
 use support::{digest_of, pattern, Registry};

@@ -38,7 +38,7 @@ use zfile::ReadAt;
 use super::cache::{BlockCache, CachedBlob};
 use super::sched::{PrioCell, Scheduler};
 use super::{BlobRef, Priority, RangeFetcher};
-use crate::error::{Error, Result};
+use overlaybd_core::error::{Error, Result};
 
 /// Default minimum (and alignment of every) remote request: 256 KiB, upstream's
 /// `refillSize`.

@@ -8,9 +8,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use overlaybd_core::remote::creds::{Credential, StaticCredentials};
-use overlaybd_core::remote::registry::{RegistryClient, RegistryOptions, RetryOptions, Timeouts};
-use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use obd_remote::creds::{Credential, StaticCredentials};
+use obd_remote::registry::{RegistryClient, RegistryOptions, RetryOptions, Timeouts};
+use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::Error;
 use support::http::{closed_port, Action, Fault, Req, Resp, Server};
 use support::{digest_of, pattern, Registry};
@@ -113,7 +113,7 @@ fn plain_reads_sizes_and_concurrency() {
     let mut o = opts();
     o.hosts.insert(
         reg.addr.clone(),
-        overlaybd_core::remote::registry::HostOptions {
+        obd_remote::registry::HostOptions {
             plain_http: true,
             ..Default::default()
         },
@@ -429,7 +429,7 @@ fn tls_with_ca_file_insecure_and_untrusted() {
     let mut o = opts();
     o.hosts.insert(
         reg.addr.clone(),
-        overlaybd_core::remote::registry::HostOptions {
+        obd_remote::registry::HostOptions {
             ca_file: Some(certs.ca.clone()),
             ..Default::default()
         },
@@ -446,7 +446,7 @@ fn tls_with_ca_file_insecure_and_untrusted() {
     let mut o = opts();
     o.hosts.insert(
         reg.addr.clone(),
-        overlaybd_core::remote::registry::HostOptions {
+        obd_remote::registry::HostOptions {
             insecure_skip_verify: true,
             ..Default::default()
         },
@@ -468,7 +468,7 @@ fn tls_with_ca_file_insecure_and_untrusted() {
     std::fs::write(&bad, "not a cert").unwrap();
     o.hosts.insert(
         reg.addr.clone(),
-        overlaybd_core::remote::registry::HostOptions {
+        obd_remote::registry::HostOptions {
             ca_file: Some(bad),
             ..Default::default()
         },

@@ -44,7 +44,7 @@ use serde::Deserialize;
 use super::auth::{self, AuthCache, Scheme};
 use super::creds::{self, CredentialSource, FileCredentials};
 use super::{BlobRef, Priority, RangeFetcher};
-use crate::error::{Error, Result};
+use overlaybd_core::error::{Error, Result};
 
 /// TLS and scheme settings for one registry host.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -42,8 +42,8 @@ use zfile::{FileSource, ReadAt};
 use super::blob::RemoteBlob;
 use super::sched::Scheduler;
 use super::{BlobRef, Priority, RangeFetcher};
-use crate::config::Download;
-use crate::error::{Context, Error, Result};
+use overlaybd_core::config::Download;
+use overlaybd_core::error::{Context, Error, Result};
 
 /// Name of the in-progress download file inside the layer directory.
 pub const DOWNLOAD_FILE: &str = ".download";

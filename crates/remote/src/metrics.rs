@@ -12,8 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::error::Result;
-use crate::remote::{BlobRef, Priority, RangeFetcher};
+use overlaybd_core::error::Result;
+use crate::{BlobRef, Priority, RangeFetcher};
 
 /// Labels of per-layer series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -182,7 +182,7 @@ mod tests {
     impl RangeFetcher for Mem {
         fn fetch(&self, b: &BlobRef, offset: u64, len: u64, _p: Priority) -> Result<Vec<u8>> {
             if offset + len > self.0.len() as u64 {
-                return Err(crate::Error::Remote {
+                return Err(overlaybd_core::Error::Remote {
                     url: b.url.clone(),
                     offset,
                     end: offset + len,

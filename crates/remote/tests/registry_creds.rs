@@ -10,11 +10,11 @@ mod support;
 use std::path::Path;
 
 use base64::Engine;
-use overlaybd_core::remote::creds::{
+use obd_remote::creds::{
     run_helper, Anonymous, CredentialSource, DockerConfig, FileCredentials,
 };
-use overlaybd_core::remote::registry::{RegistryClient, RegistryOptions};
-use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use obd_remote::registry::{RegistryClient, RegistryOptions};
+use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::Error;
 use support::{digest_of, pattern, write_script, Registry};
 

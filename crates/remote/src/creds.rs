@@ -22,7 +22,7 @@ use base64::Engine;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use crate::error::{Error, Result};
+use overlaybd_core::error::{Error, Result};
 
 /// A username and password (or token) for one registry.
 #[derive(Clone, PartialEq, Eq)]

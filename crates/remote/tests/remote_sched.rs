@@ -5,8 +5,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use overlaybd_core::remote::sched::Scheduler;
-use overlaybd_core::remote::Priority;
+use obd_remote::sched::Scheduler;
+use obd_remote::Priority;
 
 /// With one slot held, queues `prios` in the given order (each one is queued
 /// before the next is started), frees the slot and returns the grant order.
@@ -121,7 +121,7 @@ fn concurrency_is_bounded() {
 
 #[test]
 fn raised_request_is_requeued_at_its_new_priority() {
-    use overlaybd_core::remote::sched::PrioCell;
+    use obd_remote::sched::PrioCell;
     let s = Arc::new(Scheduler::new(1));
     let held = s.acquire(Priority::Foreground);
     let order = Arc::new(Mutex::new(Vec::new()));

@@ -13,7 +13,7 @@ use base64::Engine;
 use serde::Deserialize;
 
 use super::creds::Credential;
-use crate::error::{Error, Result};
+use overlaybd_core::error::{Error, Result};
 
 /// One challenge of a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]

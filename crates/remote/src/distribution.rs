@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use super::auth::{self, AuthCache, Scheme};
 use super::creds::{self, CredentialSource, FileCredentials};
 use super::registry::{HostOptions, RegistryOptions};
-use crate::error::{Error, Result};
+use overlaybd_core::error::{Error, Result};
 
 /// OCI image manifest.
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use overlaybd_core::config::Download;
-use overlaybd_core::remote::blob::{RemoteBlob, RemoteOptions};
-use overlaybd_core::remote::cache::{BlockCache, CacheOptions};
-use overlaybd_core::remote::download::{
+use obd_remote::blob::{RemoteBlob, RemoteOptions};
+use obd_remote::cache::{BlockCache, CacheOptions};
+use obd_remote::download::{
     is_cancelled, CachedFetcher, DownloadOptions, DownloadPhase, Downloader, SwitchBlob,
     COMMIT_FILE, DOWNLOAD_FILE,
 };
-use overlaybd_core::remote::sched::Scheduler;
-use overlaybd_core::remote::{BlobRef, Priority, RangeFetcher};
+use obd_remote::sched::Scheduler;
+use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::{Error, ReadAt, Result};
 use sha2::{Digest, Sha256};
 

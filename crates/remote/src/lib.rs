@@ -1,11 +1,13 @@
-//! Remote layer sources: registry range reads (auth, mirrors, P2P), request
-//! shaping, the persistent block cache, and background download.
+//! obd-remote: remote layer sources for the image stack of `overlaybd-core`:
+//! registry range reads (auth, mirrors, P2P), request shaping and scheduling,
+//! the persistent block cache, background download, the OCI distribution
+//! client (manifests, blobs, uploads) and the TOML service config.
 //!
 //! The pieces meet at [`RangeFetcher`]: the registry client implements it; the
 //! cached, single-flight [`blob::RemoteBlob`] consumes it and is a `ReadAt`, so
 //! the ZFile and LSMT layers above read a remote blob like a local file.
 
-use crate::error::Result;
+use overlaybd_core::error::Result;
 
 pub mod blob;
 pub mod cache;

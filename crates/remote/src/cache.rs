@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
-use crate::error::{Error, Result};
+use overlaybd_core::error::{Error, Result};
 
 /// Default cache block (presence granularity): 64 KiB.
 pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
