@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use obd_device::open::{open_image, TracePlan};
-use overlaybd_core::config::{Download, ImageConfig, Lower};
 use obd_remote::service::{RegistrySource, ServiceConfig};
+use overlaybd_core::config::{Download, ImageConfig, Lower};
 use tcmu_target::BlockBackend;
 
 const STACK: [(&str, &str); 3] = [

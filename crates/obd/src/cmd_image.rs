@@ -67,10 +67,7 @@ pub struct RemoteArgs {
     metrics: bool,
 }
 
-fn print_metrics(
-    remote: &RemoteArgs,
-    registry: Option<&obd_remote::service::RegistrySource>,
-) {
+fn print_metrics(remote: &RemoteArgs, registry: Option<&obd_remote::service::RegistrySource>) {
     if remote.metrics {
         match registry {
             Some(r) => eprint!("{}", r.metrics().encode()),
@@ -93,12 +90,9 @@ fn open_image(
     config: &std::path::Path,
     remote: &RemoteArgs,
     bulk: bool,
-) -> Result<(
-    Image,
-    Option<Arc<obd_remote::service::RegistrySource>>,
-)> {
-    use overlaybd_core::config::ImageConfig;
+) -> Result<(Image, Option<Arc<obd_remote::service::RegistrySource>>)> {
     use obd_remote::service::{RegistrySource, ServiceConfig};
+    use overlaybd_core::config::ImageConfig;
     use overlaybd_core::source::{LayerRef, LocalFiles};
     let cfg = ImageConfig::load(config)?;
     let base = config.parent();

@@ -27,9 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use obd_device::open::trace_replay::Trace;
-use obd_remote::distribution::{
-    Distribution, ImageRef, Manifest, MT_DOCKER_LIST, MT_OCI_INDEX,
-};
+use obd_remote::distribution::{Distribution, ImageRef, Manifest, MT_DOCKER_LIST, MT_OCI_INDEX};
 use obd_remote::registry::RegistryOptions;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};

@@ -12,8 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use overlaybd_core::error::Result;
 use crate::{BlobRef, Priority, RangeFetcher};
+use overlaybd_core::error::Result;
 
 /// Labels of per-layer series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -39,8 +39,6 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use overlaybd_core::config::{resolve, Download};
-use overlaybd_core::error::{Error, Result};
 use crate::blob::{RemoteBlob, RemoteOptions, DEFAULT_MAX_REQUEST, DEFAULT_MIN_FETCH};
 use crate::cache::{BlockCache, CacheOptions, DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET};
 use crate::download::{
@@ -51,6 +49,8 @@ use crate::metrics::{MeteredFetcher, Metrics};
 use crate::registry::{RegistryClient, RegistryOptions};
 use crate::sched::Scheduler;
 use crate::{BlobRef, RangeFetcher};
+use overlaybd_core::config::{resolve, Download};
+use overlaybd_core::error::{Error, Result};
 use overlaybd_core::source::{LayerRef, LayerSource, OpenedBlob};
 
 /// Default cache directory.

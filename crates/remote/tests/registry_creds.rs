@@ -10,9 +10,7 @@ mod support;
 use std::path::Path;
 
 use base64::Engine;
-use obd_remote::creds::{
-    run_helper, Anonymous, CredentialSource, DockerConfig, FileCredentials,
-};
+use obd_remote::creds::{run_helper, Anonymous, CredentialSource, DockerConfig, FileCredentials};
 use obd_remote::registry::{RegistryClient, RegistryOptions};
 use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::Error;

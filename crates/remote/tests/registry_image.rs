@@ -7,9 +7,9 @@ mod support;
 
 use std::sync::Arc;
 
+use obd_remote::service::{RegistrySource, ServiceConfig};
 use overlaybd_core::config::{ImageConfig, Lower};
 use overlaybd_core::image::Image;
-use obd_remote::service::{RegistrySource, ServiceConfig};
 use overlaybd_core::source::LocalFiles;
 use sha2::{Digest, Sha256};
 use support::http::{Action, Req, Server};

@@ -9,7 +9,6 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use overlaybd_core::config::Download;
 use obd_remote::blob::{RemoteBlob, RemoteOptions};
 use obd_remote::cache::{BlockCache, CacheOptions};
 use obd_remote::download::{
@@ -18,6 +17,7 @@ use obd_remote::download::{
 };
 use obd_remote::sched::Scheduler;
 use obd_remote::{BlobRef, Priority, RangeFetcher};
+use overlaybd_core::config::Download;
 use overlaybd_core::{Error, ReadAt, Result};
 use sha2::{Digest, Sha256};
 

@@ -147,40 +147,24 @@ impl Scanner<'_> {
         Err("unterminated quoted string".into())
     }
     fn field(&mut self) -> Result<String, String> {
-        match self.peek() {
-            Some(b'"') | Some(b'`') => self.quoted(),
-            _ => {
-                let st = self.i;
-                while self
-                    .peek()
-                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_')
-                {
-                    self.i += 1;
-                }
-                if st == self.i {
-                    return Err(format!("expected a field at offset {st}"));
-                }
-                Ok(String::from_utf8_lossy(&self.s[st..self.i]).into_owned())
-            }
-        }
+        self.token("field", |c| c.is_ascii_alphanumeric() || c == b'_')
     }
     fn value(&mut self) -> Result<String, String> {
-        match self.peek() {
-            Some(b'"') | Some(b'`') => self.quoted(),
-            _ => {
-                let st = self.i;
-                while self
-                    .peek()
-                    .is_some_and(|c| c != b',' && !c.is_ascii_whitespace())
-                {
-                    self.i += 1;
-                }
-                if st == self.i {
-                    return Err(format!("expected a value at offset {st}"));
-                }
-                Ok(String::from_utf8_lossy(&self.s[st..self.i]).into_owned())
-            }
+        self.token("value", |c| c != b',' && !c.is_ascii_whitespace())
+    }
+    /// A quoted string, or a non-empty run of bytes that `ok` accepts.
+    fn token(&mut self, what: &str, ok: impl Fn(u8) -> bool) -> Result<String, String> {
+        if let Some(b'"') | Some(b'`') = self.peek() {
+            return self.quoted();
         }
+        let st = self.i;
+        while self.peek().is_some_and(&ok) {
+            self.i += 1;
+        }
+        if st == self.i {
+            return Err(format!("expected a {what} at offset {st}"));
+        }
+        Ok(String::from_utf8_lossy(&self.s[st..self.i]).into_owned())
     }
 }
 

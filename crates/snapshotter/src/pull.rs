@@ -34,9 +34,7 @@ use diff::diff_client::DiffClient;
 use hyper_util::rt::TokioIo;
 use images::images_client::ImagesClient;
 use leases::leases_client::LeasesClient;
-use obd_remote::distribution::{
-    Distribution, ImageRef, Manifest, MT_DOCKER_LIST, MT_OCI_INDEX,
-};
+use obd_remote::distribution::{Distribution, ImageRef, Manifest, MT_DOCKER_LIST, MT_OCI_INDEX};
 use obd_remote::registry::RegistryOptions;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};

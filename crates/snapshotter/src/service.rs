@@ -165,147 +165,192 @@ fn to_api(i: Info) -> api::Info {
 type ListStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<api::ListSnapshotsResponse, Status>> + Send>>;
 
+impl Service {
+    /// One RPC: the namespace from the request's metadata, then `f` (the
+    /// snapshotter call) on a blocking thread, timed and logged by [`rpc`]
+    /// under `method` and the key that `key` picks from the request.
+    async fn call<R, T>(
+        &self,
+        method: &'static str,
+        req: Request<R>,
+        key: impl FnOnce(&R) -> String,
+        f: impl FnOnce(&Snapshotter, &str, R) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Status>
+    where
+        R: Send + 'static,
+        T: Send + 'static,
+    {
+        let ns = namespace(&req)?;
+        let r = req.into_inner();
+        let key = key(&r);
+        let sn = self.sn.clone();
+        let n = ns.clone();
+        rpc(method, &ns, &key, blocking(method, move || f(&sn, &n, r))).await
+    }
+
+    /// Prepare and View: a new active snapshot or view.
+    async fn create<R: CreateRequest>(
+        &self,
+        method: &'static str,
+        req: Request<R>,
+        kind: Kind,
+    ) -> Result<Vec<crate::proto::containerd::types::Mount>, Status> {
+        self.call(method, req, key_of, move |sn, n, r| {
+            let (key, parent, l) = r.parts();
+            sn.create(n, &key, &parent, labels(l), kind)
+        })
+        .await
+    }
+}
+
+/// Prepare and View requests: key, parent, labels.
+trait CreateRequest: KeyOf + Send + 'static {
+    fn parts(self) -> (String, String, std::collections::HashMap<String, String>);
+}
+
+macro_rules! create_request {
+    ($($t:ty),*) => {
+        $(impl CreateRequest for $t {
+            fn parts(self) -> (String, String, std::collections::HashMap<String, String>) {
+                (self.key, self.parent, self.labels)
+            }
+        })*
+    };
+}
+create_request!(api::PrepareSnapshotRequest, api::ViewSnapshotRequest);
+
+fn key_of<R: KeyOf>(r: &R) -> String {
+    r.key().to_string()
+}
+
+/// Requests addressed by a snapshot key.
+trait KeyOf {
+    fn key(&self) -> &str;
+}
+
+macro_rules! key_of {
+    ($($t:ty),*) => {
+        $(impl KeyOf for $t {
+            fn key(&self) -> &str {
+                &self.key
+            }
+        })*
+    };
+}
+key_of!(
+    api::PrepareSnapshotRequest,
+    api::ViewSnapshotRequest,
+    api::MountsRequest,
+    api::CommitSnapshotRequest,
+    api::RemoveSnapshotRequest,
+    api::StatSnapshotRequest,
+    api::UsageRequest
+);
+
+/// The snapshot an `Update` request names, as the snapshotter takes it.
+fn update_info(info: Option<api::Info>) -> Result<Info, Error> {
+    let info =
+        info.ok_or_else(|| Error::InvalidArgument("update: info is required".to_string()))?;
+    Ok(Info {
+        name: info.name,
+        parent: info.parent,
+        kind: Kind::Active, // ignored: immutable
+        labels: labels(info.labels),
+        created: crate::meta::Ts { secs: 0, nanos: 0 },
+        updated: crate::meta::Ts { secs: 0, nanos: 0 },
+    })
+}
+
 #[tonic::async_trait]
 impl api::snapshots_server::Snapshots for Service {
     async fn prepare(
         &self,
         req: Request<api::PrepareSnapshotRequest>,
     ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
-        const M: &str = "Prepare";
-        let ns = namespace(&req)?;
-        let r = req.into_inner();
-        let sn = self.sn.clone();
-        let (n, k) = (ns.clone(), r.key.clone());
-        rpc(M, &ns, &r.key, async move {
-            let mounts =
-                blocking(M, move || sn.prepare(&n, &k, &r.parent, labels(r.labels))).await?;
-            Ok(Response::new(api::PrepareSnapshotResponse { mounts }))
-        })
-        .await
+        let mounts = self.create("Prepare", req, Kind::Active).await?;
+        Ok(Response::new(api::PrepareSnapshotResponse { mounts }))
     }
 
     async fn view(
         &self,
         req: Request<api::ViewSnapshotRequest>,
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
-        const M: &str = "View";
-        let ns = namespace(&req)?;
-        let r = req.into_inner();
-        let sn = self.sn.clone();
-        let (n, k) = (ns.clone(), r.key.clone());
-        rpc(M, &ns, &r.key, async move {
-            let mounts = blocking(M, move || sn.view(&n, &k, &r.parent, labels(r.labels))).await?;
-            Ok(Response::new(api::ViewSnapshotResponse { mounts }))
-        })
-        .await
+        let mounts = self.create("View", req, Kind::View).await?;
+        Ok(Response::new(api::ViewSnapshotResponse { mounts }))
     }
 
     async fn mounts(
         &self,
         req: Request<api::MountsRequest>,
     ) -> Result<Response<api::MountsResponse>, Status> {
-        const M: &str = "Mounts";
-        let ns = namespace(&req)?;
-        let r = req.into_inner();
-        let sn = self.sn.clone();
-        let (n, k) = (ns.clone(), r.key.clone());
-        rpc(M, &ns, &r.key, async move {
-            let mounts = blocking(M, move || sn.mounts(&n, &k)).await?;
-            Ok(Response::new(api::MountsResponse { mounts }))
-        })
-        .await
+        let mounts = self
+            .call("Mounts", req, key_of, |sn, n, r| sn.mounts(n, &r.key))
+            .await?;
+        Ok(Response::new(api::MountsResponse { mounts }))
     }
 
     async fn commit(
         &self,
         req: Request<api::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
-        const M: &str = "Commit";
-        let ns = namespace(&req)?;
-        let r = req.into_inner();
-        let sn = self.sn.clone();
-        let (n, k) = (ns.clone(), r.key.clone());
-        rpc(M, &ns, &r.key, async move {
-            blocking(M, move || sn.commit(&n, &r.name, &k, labels(r.labels))).await?;
-            Ok(Response::new(()))
+        self.call("Commit", req, key_of, |sn, n, r| {
+            sn.commit(n, &r.name, &r.key, labels(r.labels))
         })
-        .await
+        .await?;
+        Ok(Response::new(()))
     }
 
     async fn remove(
         &self,
         req: Request<api::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
-        const M: &str = "Remove";
-        let ns = namespace(&req)?;
-        let r = req.into_inner();
-        let sn = self.sn.clone();
-        let (n, k) = (ns.clone(), r.key.clone());
-        rpc(M, &ns, &r.key, async move {
-            let sn2 = sn.clone();
-            let key = k.clone();
-            let sweep = blocking(M, move || sn.remove_then_sweep(&n, &k)).await?;
-            if sweep {
-                // After the answer: `ctr run --rm` (and a pod's teardown) need
-                // not wait for the image's device to detach.
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = sn2.sweep() {
-                        tracing::warn!(key, error = %e, "releasing unused devices");
-                    }
-                });
-            }
-            Ok(Response::new(()))
-        })
-        .await
+        let key = req.get_ref().key.clone();
+        let sweep = self
+            .call("Remove", req, key_of, |sn, n, r| {
+                sn.remove_then_sweep(n, &r.key)
+            })
+            .await?;
+        if sweep {
+            // After the answer: `ctr run --rm` (and a pod's teardown) need
+            // not wait for the image's device to detach.
+            let sn = self.sn.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = sn.sweep() {
+                    tracing::warn!(key, error = %e, "releasing unused devices");
+                }
+            });
+        }
+        Ok(Response::new(()))
     }
 
     async fn stat(
         &self,
         req: Request<api::StatSnapshotRequest>,
     ) -> Result<Response<api::StatSnapshotResponse>, Status> {
-        const M: &str = "Stat";
-        let ns = namespace(&req)?;
-        let r = req.into_inner();
-        let sn = self.sn.clone();
-        let (n, k) = (ns.clone(), r.key.clone());
-        rpc(M, &ns, &r.key, async move {
-            let info = blocking(M, move || sn.stat(&n, &k)).await?;
-            Ok(Response::new(api::StatSnapshotResponse {
-                info: Some(to_api(info)),
-            }))
-        })
-        .await
+        let info = self
+            .call("Stat", req, key_of, |sn, n, r| sn.stat(n, &r.key))
+            .await?;
+        Ok(Response::new(api::StatSnapshotResponse {
+            info: Some(to_api(info)),
+        }))
     }
 
     async fn update(
         &self,
         req: Request<api::UpdateSnapshotRequest>,
     ) -> Result<Response<api::UpdateSnapshotResponse>, Status> {
-        const M: &str = "Update";
-        let ns = namespace(&req)?;
-        let r = req.into_inner();
-        let key = r.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
-        let sn = self.sn.clone();
-        let n = ns.clone();
-        rpc(M, &ns, &key, async move {
-            let info = r
-                .info
-                .ok_or_else(|| Status::invalid_argument("update: info is required"))?;
-            let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-            let info = Info {
-                name: info.name,
-                parent: info.parent,
-                kind: Kind::Active, // ignored: immutable
-                labels: labels(info.labels),
-                created: crate::meta::Ts { secs: 0, nanos: 0 },
-                updated: crate::meta::Ts { secs: 0, nanos: 0 },
-            };
-            let info = blocking(M, move || sn.update(&n, info, &paths)).await?;
-            Ok(Response::new(api::UpdateSnapshotResponse {
-                info: Some(to_api(info)),
-            }))
-        })
-        .await
+        let key = |r: &api::UpdateSnapshotRequest| {
+            r.info.as_ref().map(|i| i.name.clone()).unwrap_or_default()
+        };
+        let info = self
+            .call("Update", req, key, |sn, n, r| {
+                let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+                sn.update(n, update_info(r.info)?, &paths)
+            })
+            .await?;
+        Ok(Response::new(api::UpdateSnapshotResponse {
+            info: Some(to_api(info)),
+        }))
     }
 
     type ListStream = ListStream;
@@ -314,56 +359,45 @@ impl api::snapshots_server::Snapshots for Service {
         &self,
         req: Request<api::ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
-        const M: &str = "List";
-        let ns = namespace(&req)?;
-        let r = req.into_inner();
-        let sn = self.sn.clone();
-        let n = ns.clone();
-        rpc(M, &ns, "", async move {
-            let infos = blocking(M, move || sn.list(&n, &r.filters)).await?;
-            let mut batches = Vec::new();
-            let mut it = infos.into_iter().map(to_api).peekable();
-            while it.peek().is_some() {
-                let info: Vec<api::Info> = it.by_ref().take(LIST_BATCH).collect();
-                batches.push(Ok(api::ListSnapshotsResponse { info }));
-            }
-            let stream: Self::ListStream = Box::pin(tokio_stream::iter(batches));
-            Ok(Response::new(stream))
-        })
-        .await
+        let infos = self
+            .call(
+                "List",
+                req,
+                |_| String::new(),
+                |sn, n, r| sn.list(n, &r.filters),
+            )
+            .await?;
+        let mut batches = Vec::new();
+        let mut it = infos.into_iter().map(to_api).peekable();
+        while it.peek().is_some() {
+            let info: Vec<api::Info> = it.by_ref().take(LIST_BATCH).collect();
+            batches.push(Ok(api::ListSnapshotsResponse { info }));
+        }
+        let stream: Self::ListStream = Box::pin(tokio_stream::iter(batches));
+        Ok(Response::new(stream))
     }
 
     async fn usage(
         &self,
         req: Request<api::UsageRequest>,
     ) -> Result<Response<api::UsageResponse>, Status> {
-        const M: &str = "Usage";
-        let ns = namespace(&req)?;
-        let r = req.into_inner();
-        let sn = self.sn.clone();
-        let (n, k) = (ns.clone(), r.key.clone());
-        rpc(M, &ns, &r.key, async move {
-            let u = blocking(M, move || sn.usage(&n, &k)).await?;
-            Ok(Response::new(api::UsageResponse {
-                size: u.size,
-                inodes: u.inodes,
-            }))
-        })
-        .await
+        let u = self
+            .call("Usage", req, key_of, |sn, n, r| sn.usage(n, &r.key))
+            .await?;
+        Ok(Response::new(api::UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
     }
 
     async fn cleanup(&self, req: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
-        const M: &str = "Cleanup";
-        let ns = namespace(&req)?;
-        let sn = self.sn.clone();
-        rpc(M, &ns, "", async move {
-            let removed = blocking(M, move || sn.cleanup()).await?;
-            if !removed.is_empty() {
-                tracing::info!(count = removed.len(), "cleanup removed orphan directories");
-            }
-            Ok(Response::new(()))
-        })
-        .await
+        let removed = self
+            .call("Cleanup", req, |_| String::new(), |sn, _, _| sn.cleanup())
+            .await?;
+        if !removed.is_empty() {
+            tracing::info!(count = removed.len(), "cleanup removed orphan directories");
+        }
+        Ok(Response::new(()))
     }
 }
 

@@ -148,17 +148,6 @@ impl Snapshotter {
         self.create(ns, key, parent, labels, Kind::Active)
     }
 
-    /// Creates a read-only view; returns its mounts.
-    pub fn view(
-        &self,
-        ns: &str,
-        key: &str,
-        parent: &str,
-        labels: BTreeMap<String, String>,
-    ) -> Result<Vec<Mount>> {
-        self.create(ns, key, parent, labels, Kind::View)
-    }
-
     fn committed_parent<R: Reader>(&self, r: &R, ns: &str, parent: &str) -> Result<Option<u64>> {
         if parent.is_empty() {
             return Ok(None);
@@ -197,7 +186,9 @@ impl Snapshotter {
         Ok(dir)
     }
 
-    fn create(
+    /// Creates an active snapshot ([`Kind::Active`]) or a read-only view
+    /// ([`Kind::View`]); returns its mounts.
+    pub fn create(
         &self,
         ns: &str,
         key: &str,
@@ -637,7 +628,7 @@ mod tests {
         let u = sn.usage("ns", "c").unwrap();
         assert_eq!(u.inodes, 2);
         // One parent: views bind it read-only; actives get an overlay.
-        let m = sn.view("ns", "v", "c", l(&[])).unwrap();
+        let m = sn.create("ns", "v", "c", l(&[]), Kind::View).unwrap();
         assert_eq!(
             (m[0].r#type.as_str(), m[0].options[0].as_str()),
             ("bind", "ro")

@@ -5,11 +5,11 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use overlaybd_core::image::Image;
 use obd_remote::blob::{RemoteBlob, RemoteOptions};
 use obd_remote::cache::{BlockCache, CacheOptions};
 use obd_remote::sched::Scheduler;
 use obd_remote::{BlobRef, Priority, RangeFetcher};
+use overlaybd_core::image::Image;
 use overlaybd_core::source::Blob;
 use overlaybd_core::Result;
 use trace_replay::{replay, ReplayOptions, Trace};
