@@ -168,86 +168,39 @@ impl ReadAt for Vec<u8> {
     }
 }
 
-impl<T: ReadAt + ?Sized> ReadAt for &T {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        (**self).read_at(buf, offset)
-    }
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        (**self).slice_at(offset, len)
-    }
-    fn local_file(&self) -> Option<(&File, u64)> {
-        (**self).local_file()
-    }
-    fn will_need(&self, offset: u64, len: u64) {
-        (**self).will_need(offset, len)
-    }
-    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
-        (**self).stored_extent(offset, len)
-    }
-    fn will_need_stored(&self, offset: u64, len: u64) {
-        (**self).will_need_stored(offset, len)
-    }
-    fn invalidate(&self, offset: u64, len: u64) -> bool {
-        (**self).invalidate(offset, len)
-    }
+/// `ReadAt` for pointers to a source (`&T`, `Arc<T>`, `Box<T>`): every method
+/// forwards to the pointee, so overridden defaults keep working through them.
+macro_rules! forward_read_at {
+    ($($ptr:ty),*) => {$(
+        impl<T: ReadAt + ?Sized> ReadAt for $ptr {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+                (**self).read_at(buf, offset)
+            }
+            fn size(&self) -> u64 {
+                (**self).size()
+            }
+            fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+                (**self).slice_at(offset, len)
+            }
+            fn local_file(&self) -> Option<(&File, u64)> {
+                (**self).local_file()
+            }
+            fn will_need(&self, offset: u64, len: u64) {
+                (**self).will_need(offset, len)
+            }
+            fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
+                (**self).stored_extent(offset, len)
+            }
+            fn will_need_stored(&self, offset: u64, len: u64) {
+                (**self).will_need_stored(offset, len)
+            }
+            fn invalidate(&self, offset: u64, len: u64) -> bool {
+                (**self).invalidate(offset, len)
+            }
+        }
+    )*};
 }
-
-impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        (**self).read_at(buf, offset)
-    }
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        (**self).slice_at(offset, len)
-    }
-    fn local_file(&self) -> Option<(&File, u64)> {
-        (**self).local_file()
-    }
-    fn will_need(&self, offset: u64, len: u64) {
-        (**self).will_need(offset, len)
-    }
-    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
-        (**self).stored_extent(offset, len)
-    }
-    fn will_need_stored(&self, offset: u64, len: u64) {
-        (**self).will_need_stored(offset, len)
-    }
-    fn invalidate(&self, offset: u64, len: u64) -> bool {
-        (**self).invalidate(offset, len)
-    }
-}
-
-impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        (**self).read_at(buf, offset)
-    }
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        (**self).slice_at(offset, len)
-    }
-    fn local_file(&self) -> Option<(&File, u64)> {
-        (**self).local_file()
-    }
-    fn will_need(&self, offset: u64, len: u64) {
-        (**self).will_need(offset, len)
-    }
-    fn stored_extent(&self, offset: u64, len: u64) -> (u64, u64) {
-        (**self).stored_extent(offset, len)
-    }
-    fn will_need_stored(&self, offset: u64, len: u64) {
-        (**self).will_need_stored(offset, len)
-    }
-    fn invalidate(&self, offset: u64, len: u64) -> bool {
-        (**self).invalidate(offset, len)
-    }
-}
+forward_read_at!(&T, Arc<T>, Box<T>);
 
 /// A window `[start, start + len)` of another source, addressed from 0.
 #[derive(Debug, Clone)]
