@@ -1,4 +1,6 @@
-//! tcmu-target: the frontends that turn an image into a block device.
+//! tcmu-target: the frontends that turn an image into a block device. The
+//! crate keeps the name the project started with, though it holds every
+//! frontend, not only TCMU:
 //!
 //! - [`tcmu`]: the Linux TCMU handler — hand-written `target_core_user.h` UAPI,
 //!   the UIO command ring, SCSI emulation, configfs + tcm_loop set-up (`/dev/sdX`).
@@ -37,9 +39,9 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn flush(&self) -> io::Result<()>;
 }
 
-/// A way to expose a [`BlockBackend`] as a kernel block device (TCMU, FUSE + loop, ublk).
+/// A way to expose a [`BlockBackend`] as a kernel block device (TCMU, or FUSE + loop).
 pub trait Frontend: Send + Sync {
-    /// Short name used on the command line and in state files: `tcmu`, `fuse`, `ublk`.
+    /// Short name used on the command line and in state files: `tcmu` or `fuse`.
     fn name(&self) -> &'static str;
 
     /// Exposes `backend` as a block device and returns once the device node exists.
