@@ -96,7 +96,7 @@ impl Service {
                     match self.spawn_worker(&id, &rec.request) {
                         Ok(_) => adopted.push(format!("{id} (taken over)")),
                         Err(e) => {
-                            eprintln!("obd device service: takeover of {id} failed: {e}");
+                            tracing::error!("obd device service: takeover of {id} failed: {e}");
                             cleanup_device(&self.root, &id)?;
                             cleaned.push(id);
                         }
@@ -125,20 +125,20 @@ impl Service {
         }
         let _ = std::fs::remove_file(&sock);
         let (adopted, cleaned) = self.reconcile()?;
-        eprintln!(
+        tracing::info!(
             "obd device service: root {}, adopted {adopted:?}, cleaned up {cleaned:?}",
             dir.display()
         );
         let listener = UnixListener::bind(&sock)
             .map_err(|e| Error::io(format!("binding {}", sock.display()), e))?;
-        eprintln!("obd device service: listening on {}", sock.display());
+        tracing::info!("obd device service: listening on {}", sock.display());
         std::thread::scope(|s| {
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
                         s.spawn(move || self.handle(c));
                     }
-                    Err(e) => eprintln!("obd device service: accept: {e}"),
+                    Err(e) => tracing::warn!("obd device service: accept: {e}"),
                 }
             }
         });
@@ -271,10 +271,10 @@ impl Service {
                 || st.code() == Some(101);
             let rec = root.record(&id2).ok().flatten();
             if let Some(rec) = rec.filter(|r| crashed && r.request.frontend == "tcmu") {
-                eprintln!("obd device service: worker of {id2} died ({st}); taking over");
+                tracing::warn!("obd device service: worker of {id2} died ({st}); taking over");
                 let svc = Service::new(root, cmd);
                 if let Err(e) = svc.spawn_worker(&id2, &rec.request) {
-                    eprintln!("obd device service: takeover of {id2} failed: {e}");
+                    tracing::error!("obd device service: takeover of {id2} failed: {e}");
                 }
             }
         });

@@ -367,7 +367,7 @@ fn stop(name: &str, c: &mut Child) {
     let t0 = Instant::now();
     while c.try_wait().ok().flatten().is_none() {
         if t0.elapsed() > Duration::from_secs(10) {
-            eprintln!("obd: {name} did not stop; killing it");
+            tracing::warn!("obd: {name} did not stop; killing it");
             let _ = c.kill();
             let _ = c.wait();
             break;
@@ -398,12 +398,12 @@ impl Drop for Testbed {
         let root = obd_device::state::Root::new(&self.snroot);
         for id in root.ids().unwrap_or_default() {
             if let Err(e) = obd_device::service::cleanup_device(&root, &id) {
-                eprintln!("obd: detaching device {id}: {e}");
+                tracing::warn!("obd: detaching device {id}: {e}");
             }
         }
         unmount_below(&self.dir);
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!("obd: removing {}: {e}", self.dir.display());
+            tracing::warn!("obd: removing {}: {e}", self.dir.display());
         }
     }
 }

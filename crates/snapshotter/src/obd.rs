@@ -701,6 +701,9 @@ pub fn device_worker_main(args: &[String]) -> Option<i32> {
     if args.first().map(String::as_str) != Some("device-worker") {
         return None;
     }
+    // Its stderr is the device's `worker.log`. This runs before anything else
+    // could install a subscriber, so init cannot fail but on a bad RUST_LOG.
+    let _ = crate::logging::init("info", crate::config::LogFormat::Text);
     let (mut root, mut id) = (None, None);
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
@@ -713,7 +716,7 @@ pub fn device_worker_main(args: &[String]) -> Option<i32> {
     match (root, id) {
         (Some(r), Some(i)) => Some(obd_device::worker::run(&Root::new(r), &i)),
         _ => {
-            eprintln!("usage: obd-snapshotter device-worker --root DIR --id ID");
+            tracing::error!("usage: obd-snapshotter device-worker --root DIR --id ID");
             Some(2)
         }
     }

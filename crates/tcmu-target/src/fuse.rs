@@ -215,7 +215,7 @@ impl Drop for FuseAttachment {
     fn drop(&mut self) {
         if self.session.is_some() || self.loopdev.is_some() {
             if let Err(e) = self.teardown() {
-                log::warn!("dropping FUSE device {}: {e}", self.device.display());
+                tracing::warn!("dropping FUSE device {}: {e}", self.device.display());
             }
         }
     }
@@ -326,7 +326,7 @@ fn attach(
         },
     )?;
     drop(file);
-    log::info!(
+    tracing::info!(
         "FUSE device {}: {} over {} (direct I/O: loop {}, FUSE {})",
         id,
         lo.path().display(),
@@ -362,14 +362,14 @@ fn unmount_and_join(
             Err(e) => {
                 // EINVAL: not mounted any more.
                 if e != rustix::io::Errno::INVAL {
-                    log::warn!("unmount {}: {e}", mnt.display());
+                    tracing::warn!("unmount {}: {e}", mnt.display());
                 }
                 true
             }
         }
     });
     if !unmounted {
-        log::warn!("{} is busy; detaching it lazily", mnt.display());
+        tracing::warn!("{} is busy; detaching it lazily", mnt.display());
         let _ = rustix::mount::unmount(mnt, UnmountFlags::DETACH);
         if !busy {
             result = Err(Error::Timeout(format!(
@@ -381,7 +381,7 @@ fn unmount_and_join(
     let mut stopped = wait_until(TEARDOWN_WAIT, || session.guard.is_finished());
     if !stopped {
         if let Some(c) = conn {
-            log::warn!(
+            tracing::warn!(
                 "FUSE session of {} did not stop; aborting connection {c}",
                 mnt.display()
             );
@@ -397,7 +397,7 @@ fn unmount_and_join(
         )));
     }
     if let Err(e) = session.join() {
-        log::warn!("FUSE session of {} ended with: {e}", mnt.display());
+        tracing::warn!("FUSE session of {} ended with: {e}", mnt.display());
     }
     result
 }
@@ -417,7 +417,7 @@ fn cleanup(id: &str, work_dir: &Path) -> Result<()> {
         .filter(|m| m.mount_point == mnt)
         .collect();
     for m in stale.iter().filter(|m| m.fstype.starts_with("fuse")) {
-        log::info!(
+        tracing::info!(
             "cleanup {id}: aborting FUSE connection {} at {}",
             m.dev,
             mnt.display()
@@ -427,9 +427,9 @@ fn cleanup(id: &str, work_dir: &Path) -> Result<()> {
 
     // 2. Loop devices over <work_dir>/fuse/disk.
     for dev in LoopDevice::find_by_backing(&disk) {
-        log::info!("cleanup {id}: detaching {}", dev.display());
+        tracing::info!("cleanup {id}: detaching {}", dev.display());
         if let Err(e) = LoopDevice::detach_path(&dev) {
-            log::warn!("cleanup {id}: {e}");
+            tracing::warn!("cleanup {id}: {e}");
             first_err.get_or_insert(e);
         }
     }
@@ -437,11 +437,11 @@ fn cleanup(id: &str, work_dir: &Path) -> Result<()> {
     // 3. Lazily unmount whatever is stacked at <work_dir>/fuse.
     for _ in 0..stale.len() {
         match rustix::mount::unmount(&mnt, UnmountFlags::DETACH) {
-            Ok(()) => log::info!("cleanup {id}: unmounted {}", mnt.display()),
+            Ok(()) => tracing::info!("cleanup {id}: unmounted {}", mnt.display()),
             Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => break,
             Err(e) => {
                 let e = Error::io(format!("unmount {}", mnt.display()), e.into());
-                log::warn!("cleanup {id}: {e}");
+                tracing::warn!("cleanup {id}: {e}");
                 first_err.get_or_insert(e);
                 break;
             }
@@ -461,12 +461,12 @@ fn abort_conn(conn: u64) {
         if let Err(e) =
             rustix::mount::mount("fusectl", FUSECTL, "fusectl", MountFlags::empty(), None)
         {
-            log::warn!("mount fusectl at {FUSECTL}: {e}");
+            tracing::warn!("mount fusectl at {FUSECTL}: {e}");
         }
     }
     if dir.exists() {
         if let Err(e) = std::fs::write(dir.join("abort"), b"1") {
-            log::warn!("abort FUSE connection {conn}: {e}");
+            tracing::warn!("abort FUSE connection {conn}: {e}");
         }
     }
 }
@@ -633,7 +633,7 @@ impl DiskFs {
 impl Filesystem for DiskFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO) {
-            log::info!("FUSE: kernel lacks {missing:?}; direct I/O is synchronous");
+            tracing::info!("FUSE: kernel lacks {missing:?}; direct I/O is synchronous");
         }
         if let Err(max) = config.set_max_write(self.max_io) {
             let _ = config.set_max_write(max);
@@ -737,7 +737,7 @@ impl Filesystem for DiskFs {
             match self.backend.read_at(b, offset) {
                 Ok(()) => reply.data(b),
                 Err(e) => {
-                    log::error!("FUSE read of {n} bytes at {offset}: {e}");
+                    tracing::error!("FUSE read of {n} bytes at {offset}: {e}");
                     reply.error(Errno::EIO);
                 }
             }
@@ -769,7 +769,7 @@ impl Filesystem for DiskFs {
         match self.backend.write_at(&data[..n], offset) {
             Ok(()) => reply.written(n as u32),
             Err(e) => {
-                log::error!("FUSE write of {n} bytes at {offset}: {e}");
+                tracing::error!("FUSE write of {n} bytes at {offset}: {e}");
                 reply.error(Errno::EIO);
             }
         }
@@ -876,7 +876,7 @@ impl Filesystem for DiskFs {
             match self.backend.discard(offset, len) {
                 Ok(()) => reply.ok(),
                 Err(e) => {
-                    log::error!("FUSE discard of {len} bytes at {offset}: {e}");
+                    tracing::error!("FUSE discard of {len} bytes at {offset}: {e}");
                     reply.error(Errno::EIO);
                 }
             }
@@ -900,7 +900,7 @@ impl DiskFs {
         match self.backend.flush() {
             Ok(()) => reply.ok(),
             Err(e) => {
-                log::error!("FUSE flush: {e}");
+                tracing::error!("FUSE flush: {e}");
                 reply.error(Errno::EIO);
             }
         }

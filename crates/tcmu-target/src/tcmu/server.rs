@@ -123,7 +123,7 @@ impl Shared {
     }
 
     fn set_broken(&self, why: String) {
-        log::error!("tcmu {}: {why}", self.lun.serial);
+        tracing::error!("tcmu {}: {why}", self.lun.serial);
         let mut b = self.broken.lock().unwrap_or_else(|e| e.into_inner());
         b.get_or_insert(why);
     }
@@ -221,7 +221,7 @@ impl Server {
         self.shared.doorbell.interrupt();
         for t in self.threads.drain(..) {
             if t.join().is_err() {
-                log::error!("tcmu {}: a server thread panicked", self.shared.lun.serial);
+                tracing::error!("tcmu {}: a server thread panicked", self.shared.lun.serial);
             }
         }
     }
@@ -255,7 +255,7 @@ fn ring_loop(sh: &Shared, tx: mpsc::Sender<Command>) {
                         return;
                     }
                 }
-                Request::Tmr(t) => log::info!(
+                Request::Tmr(t) => tracing::info!(
                     "tcmu {}: task management {} for commands {:?}",
                     sh.lun.serial,
                     t.tmr_type,
@@ -265,7 +265,7 @@ fn ring_loop(sh: &Shared, tx: mpsc::Sender<Command>) {
         }
         if moved {
             if let Err(e) = sh.doorbell.kick() {
-                log::warn!("tcmu {}: {e}", sh.lun.serial);
+                tracing::warn!("tcmu {}: {e}", sh.lun.serial);
             }
         }
         match sh.doorbell.wait(IDLE_POLL) {
@@ -295,7 +295,7 @@ fn worker(sh: &Shared, rx: &Mutex<mpsc::Receiver<Command>>) {
             Ok(()) => {
                 sh.stats.completed.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = sh.doorbell.kick() {
-                    log::warn!("tcmu {}: {e}", sh.lun.serial);
+                    tracing::warn!("tcmu {}: {e}", sh.lun.serial);
                 }
             }
             Err(e) => sh.set_broken(format!("completing command {}: {e}", cmd.cmd_id)),
@@ -318,7 +318,7 @@ fn hardware_error() -> Response {
 fn execute(sh: &Shared, cmd: &Command) -> Response {
     match &cmd.defect {
         Some(Defect::BadCdb(why)) => {
-            log::warn!("tcmu {}: command {}: {why}", sh.lun.serial, cmd.cmd_id);
+            tracing::warn!("tcmu {}: command {}: {why}", sh.lun.serial, cmd.cmd_id);
             return Response {
                 status: scsi::status::CHECK_CONDITION,
                 unknown_op: true,
@@ -326,7 +326,7 @@ fn execute(sh: &Shared, cmd: &Command) -> Response {
             };
         }
         Some(Defect::BadIovec(why)) => {
-            log::warn!("tcmu {}: command {}: {why}", sh.lun.serial, cmd.cmd_id);
+            tracing::warn!("tcmu {}: command {}: {why}", sh.lun.serial, cmd.cmd_id);
             return hardware_error();
         }
         None => {}
@@ -335,7 +335,7 @@ fn execute(sh: &Shared, cmd: &Command) -> Response {
         match ring::gather(&sh.region, &cmd.iovs) {
             Ok(d) => d,
             Err(e) => {
-                log::warn!("tcmu {}: command {}: {e}", sh.lun.serial, cmd.cmd_id);
+                tracing::warn!("tcmu {}: command {}: {e}", sh.lun.serial, cmd.cmd_id);
                 return hardware_error();
             }
         }
@@ -356,7 +356,7 @@ fn execute(sh: &Shared, cmd: &Command) -> Response {
     );
     if !scsi::is_data_out(&cmd.cdb) && !cmd.iovs.is_empty() && r.status == scsi::status::GOOD {
         if let Err(e) = ring::scatter(&sh.region, &cmd.iovs, &r.data_in) {
-            log::warn!("tcmu {}: command {}: {e}", sh.lun.serial, cmd.cmd_id);
+            tracing::warn!("tcmu {}: command {}: {e}", sh.lun.serial, cmd.cmd_id);
             return hardware_error();
         }
     }
