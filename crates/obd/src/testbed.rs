@@ -401,31 +401,10 @@ impl Drop for Testbed {
                 tracing::warn!("obd: detaching device {id}: {e}");
             }
         }
-        unmount_below(&self.dir);
+        obd_device::mount::unmount_below(&self.dir);
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!("obd: removing {}: {e}", self.dir.display());
         }
-    }
-}
-
-/// Mount points under `dir` (from /proc/self/mountinfo).
-pub(crate) fn mounts_below(dir: &Path) -> Vec<String> {
-    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    mi.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| Path::new(m).starts_with(dir))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Unmounts everything mounted under `dir`, deepest first.
-pub(crate) fn unmount_below(dir: &Path) {
-    let mut mps = mounts_below(dir);
-    mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mps {
-        let _ = obd_device::mount::unmount(Path::new(&m), true);
     }
 }
 

@@ -4,6 +4,7 @@
 //!   the UIO command ring, SCSI emulation, configfs + tcm_loop set-up (`/dev/sdX`).
 //! - [`fuse`]: the device as one file in a FUSE mount, attached to a loop device
 //!   ([`loopdev`]) with direct I/O (`/dev/loopN`).
+//! - [`mountinfo`]: `/proc/self/mountinfo` parsed into typed entries.
 //!
 //! Every frontend serves a [`BlockBackend`]; none knows about layers or
 //! registries, so data flows frontend → image → layer files → sources.
@@ -12,6 +13,7 @@ use std::io;
 
 pub mod fuse;
 pub mod loopdev;
+pub mod mountinfo;
 pub mod tcmu;
 
 /// What a frontend serves: the bytes of one block device.
