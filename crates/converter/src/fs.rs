@@ -8,6 +8,8 @@ use std::io::Read;
 use std::os::raw::{c_char, c_int, c_void};
 use std::sync::{Arc, Mutex};
 
+use zfile::sync::MutexExt;
+
 use crate::error::{Error, Result};
 use crate::ffi::*;
 use crate::io::{self, Backend, MANAGER};
@@ -101,12 +103,10 @@ pub struct Ext4 {
 
 impl Ext4 {
     fn err(&self, op: impl Into<String>, code: errcode_t) -> Error {
-        let detail = self.backend.as_ref().and_then(|b| {
-            b.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .last_error
-                .take()
-        });
+        let detail = self
+            .backend
+            .as_ref()
+            .and_then(|b| b.locked().last_error.take());
         Error::Ext2 {
             op: op.into(),
             code,
@@ -134,11 +134,7 @@ impl Ext4 {
             op: op.to_string(),
             code,
             msg: message(code),
-            detail: backend
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .last_error
-                .take(),
+            detail: backend.locked().last_error.take(),
         }
     }
 

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use zfile::sync::MutexExt;
 
 use crate::state::{check_id, worker_alive, DeviceRecord, Request, Root};
 use crate::{mount, Error, Result};
@@ -85,7 +86,7 @@ impl Service {
     /// Adopts devices whose workers are alive; cleans up and removes the rest.
     /// Returns (adopted, cleaned) ids.
     pub fn reconcile(&self) -> Result<(Vec<String>, Vec<String>)> {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.lock.locked();
         let (mut adopted, mut cleaned) = (Vec::new(), Vec::new());
         for id in self.root.ids()? {
             match self.root.record(&id) {
@@ -200,7 +201,7 @@ impl Service {
             )));
         }
         let id = {
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = self.lock.locked();
             let id = match id {
                 Some(id) => id,
                 None => {
@@ -298,7 +299,7 @@ impl Service {
     }
 
     fn detach(&self, which: &str) -> Result<String> {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.lock.locked();
         let id = find(&self.root, which)?;
         match self.root.record(&id)? {
             Some(rec) if worker_alive(&rec) => {

@@ -11,6 +11,8 @@
 
 use std::io;
 
+use zfile::sync::RwLockExt;
+
 pub mod fuse;
 pub mod loopdev;
 pub mod mountinfo;
@@ -89,7 +91,7 @@ impl MemBackend {
 
     /// A copy of the current bytes.
     pub fn snapshot(&self) -> Vec<u8> {
-        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.data.read_locked().clone()
     }
 
     fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
@@ -117,26 +119,26 @@ impl MemBackend {
 
 impl BlockBackend for MemBackend {
     fn size(&self) -> u64 {
-        self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64
+        self.data.read_locked().len() as u64
     }
     fn read_only(&self) -> bool {
         self.read_only
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let r = self.range(offset, buf.len())?;
-        buf.copy_from_slice(&self.data.read().unwrap_or_else(|e| e.into_inner())[r]);
+        buf.copy_from_slice(&self.data.read_locked()[r]);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_writable()?;
         let r = self.range(offset, buf.len())?;
-        self.data.write().unwrap_or_else(|e| e.into_inner())[r].copy_from_slice(buf);
+        self.data.write_locked()[r].copy_from_slice(buf);
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         let r = self.range(offset, len as usize)?;
-        self.data.write().unwrap_or_else(|e| e.into_inner())[r].fill(0);
+        self.data.write_locked()[r].fill(0);
         Ok(())
     }
     fn flush(&self) -> io::Result<()> {

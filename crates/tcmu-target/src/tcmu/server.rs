@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use zfile::sync::MutexExt;
+
 use super::ring::{self, Command, Defect, Request, Response, Ring};
 use super::scsi::{self, LunInfo};
 use crate::{BlockBackend, Error, Result};
@@ -119,12 +121,12 @@ struct Shared {
 
 impl Shared {
     fn lock_ring(&self) -> std::sync::MutexGuard<'_, Ring> {
-        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+        self.ring.locked()
     }
 
     fn set_broken(&self, why: String) {
         tracing::error!("tcmu {}: {why}", self.lun.serial);
-        let mut b = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.broken.locked();
         b.get_or_insert(why);
     }
 }
@@ -199,11 +201,7 @@ impl Server {
     /// Why the server stopped serving on its own (a corrupt ring, a vanished
     /// device), if it did.
     pub fn broken(&self) -> Option<String> {
-        self.shared
-            .broken
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.broken.locked().clone()
     }
 
     /// Commands parsed and not yet completed.
@@ -282,7 +280,7 @@ fn ring_loop(sh: &Shared, tx: mpsc::Sender<Command>) {
 fn worker(sh: &Shared, rx: &Mutex<mpsc::Receiver<Command>>) {
     loop {
         let cmd = {
-            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            let rx = rx.locked();
             rx.recv()
         };
         let Ok(cmd) = cmd else { return };
