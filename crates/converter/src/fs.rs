@@ -26,6 +26,21 @@ pub mod mode {
     pub const S_IFIFO: u16 = 0o010000;
 }
 
+pub use crate::ffi::{ext2_ino_t, Inode256};
+
+impl Inode256 {
+    /// File size in bytes (`i_size` and `i_size_high`).
+    pub fn size(&self) -> u64 {
+        u64::from(self.i.i_size) | u64::from(self.i.i_size_high) << 32
+    }
+
+    /// Allocated space (`i_blocks` and its high 16 bits): 512-byte units, or
+    /// filesystem blocks if the inode has `EXT4_HUGE_FILE_FL`.
+    pub fn blocks(&self) -> u64 {
+        u64::from(self.i.i_blocks) | u64::from(self.i.l_i_blocks_hi) << 32
+    }
+}
+
 /// Inode metadata taken from a tar header.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Attrs {
@@ -547,7 +562,7 @@ impl Ext4 {
                 // here means the tree is at its depth limit.
                 return self.check(what, rc);
             }
-            let size = inode.i.i_size as u64 | (inode.i.i_size_high as u64) << 32;
+            let size = inode.size();
             if size == BLOCK as u64 && self.has_feature_dir_index() {
                 // The first block is full: index the directory (as the
                 // kernel does) so every later link is O(log n).
@@ -618,7 +633,7 @@ impl Ext4 {
         }
         let indexed = inode.i.i_flags & EXT2_INDEX_FL != 0;
         let bs = BLOCK as usize;
-        let size = inode.i.i_size as u64 | (inode.i.i_size_high as u64) << 32;
+        let size = inode.size();
         let mut buf = vec![0u8; bs];
         let rd16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
         let rd32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));

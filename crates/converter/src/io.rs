@@ -207,7 +207,7 @@ fn registry() -> &'static Mutex<HashMap<String, Arc<Mutex<Backend>>>> {
 
 /// Registers `backend` under a fresh channel name for `ext2fs_open`/
 /// `ext2fs_initialize`; the name is removed again when the channel opens.
-pub fn register(backend: Arc<Mutex<Backend>>) -> CString {
+pub(crate) fn register(backend: Arc<Mutex<Backend>>) -> CString {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let name = format!("obd-convert:{}", NEXT.fetch_add(1, Ordering::Relaxed));
     registry().locked().insert(name.clone(), backend);
@@ -215,7 +215,7 @@ pub fn register(backend: Arc<Mutex<Backend>>) -> CString {
 }
 
 /// Drops a registration that was never opened.
-pub fn unregister(name: &CStr) {
+pub(crate) fn unregister(name: &CStr) {
     let key = name.to_string_lossy().into_owned();
     registry().locked().remove(&key);
 }
@@ -226,7 +226,7 @@ struct Private {
 }
 
 /// The io_manager table handed to libext2fs.
-pub static MANAGER: struct_io_manager = struct_io_manager {
+pub(crate) static MANAGER: struct_io_manager = struct_io_manager {
     magic: EXT2_ET_MAGIC_IO_MANAGER,
     name: c"obd-convert I/O manager".as_ptr(),
     open: Some(io_open),
