@@ -15,6 +15,7 @@ use overlaybd_core::source::Blob;
 use overlaybd_core::tar::TarWriter;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use zfile::sync::recover;
 
 use crate::apply::{Applier, ApplyStats};
 use crate::error::{Error, Result};
@@ -483,10 +484,11 @@ fn convert_manifest(
                 }
                 fs.close().map_err(layer_err(last))?;
             }
-            let backend = Arc::try_unwrap(backend)
-                .map_err(|_| Error::Image("internal: filesystem backend still shared".into()))?
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner());
+            let backend = recover(
+                Arc::try_unwrap(backend)
+                    .map_err(|_| Error::Image("internal: filesystem backend still shared".into()))?
+                    .into_inner(),
+            );
             let upper = backend
                 .into_upper()
                 .map_err(|e| Error::Image(e).in_layer(last, &layers[last].digest))?;

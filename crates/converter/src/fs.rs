@@ -8,6 +8,8 @@ use std::io::Read;
 use std::os::raw::{c_char, c_int, c_void};
 use std::sync::{Arc, Mutex};
 
+use zfile::sync::MutexExt;
+
 use crate::error::{Error, Result};
 use crate::ffi::*;
 use crate::io::{self, Backend, MANAGER};
@@ -22,6 +24,21 @@ pub mod mode {
     pub const S_IFDIR: u16 = 0o040000;
     pub const S_IFCHR: u16 = 0o020000;
     pub const S_IFIFO: u16 = 0o010000;
+}
+
+pub use crate::ffi::{ext2_ino_t, Inode256};
+
+impl Inode256 {
+    /// File size in bytes (`i_size` and `i_size_high`).
+    pub fn size(&self) -> u64 {
+        u64::from(self.i.i_size) | u64::from(self.i.i_size_high) << 32
+    }
+
+    /// Allocated space (`i_blocks` and its high 16 bits): 512-byte units, or
+    /// filesystem blocks if the inode has `EXT4_HUGE_FILE_FL`.
+    pub fn blocks(&self) -> u64 {
+        u64::from(self.i.i_blocks) | u64::from(self.i.l_i_blocks_hi) << 32
+    }
 }
 
 /// Inode metadata taken from a tar header.
@@ -101,12 +118,10 @@ pub struct Ext4 {
 
 impl Ext4 {
     fn err(&self, op: impl Into<String>, code: errcode_t) -> Error {
-        let detail = self.backend.as_ref().and_then(|b| {
-            b.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .last_error
-                .take()
-        });
+        let detail = self
+            .backend
+            .as_ref()
+            .and_then(|b| b.locked().last_error.take());
         Error::Ext2 {
             op: op.into(),
             code,
@@ -134,11 +149,7 @@ impl Ext4 {
             op: op.to_string(),
             code,
             msg: message(code),
-            detail: backend
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .last_error
-                .take(),
+            detail: backend.locked().last_error.take(),
         }
     }
 
@@ -551,7 +562,7 @@ impl Ext4 {
                 // here means the tree is at its depth limit.
                 return self.check(what, rc);
             }
-            let size = inode.i.i_size as u64 | (inode.i.i_size_high as u64) << 32;
+            let size = inode.size();
             if size == BLOCK as u64 && self.has_feature_dir_index() {
                 // The first block is full: index the directory (as the
                 // kernel does) so every later link is O(log n).
@@ -622,7 +633,7 @@ impl Ext4 {
         }
         let indexed = inode.i.i_flags & EXT2_INDEX_FL != 0;
         let bs = BLOCK as usize;
-        let size = inode.i.i_size as u64 | (inode.i.i_size_high as u64) << 32;
+        let size = inode.size();
         let mut buf = vec![0u8; bs];
         let rd16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
         let rd32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use overlaybd_core::image::Image;
 use overlaybd_core::lsmt::{WritableLayer, SECTOR};
+use zfile::sync::MutexExt;
 
 use crate::ffi::*;
 
@@ -206,23 +207,17 @@ fn registry() -> &'static Mutex<HashMap<String, Arc<Mutex<Backend>>>> {
 
 /// Registers `backend` under a fresh channel name for `ext2fs_open`/
 /// `ext2fs_initialize`; the name is removed again when the channel opens.
-pub fn register(backend: Arc<Mutex<Backend>>) -> CString {
+pub(crate) fn register(backend: Arc<Mutex<Backend>>) -> CString {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let name = format!("obd-convert:{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    registry()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(name.clone(), backend);
+    registry().locked().insert(name.clone(), backend);
     CString::new(name).expect("no NUL in the name")
 }
 
 /// Drops a registration that was never opened.
-pub fn unregister(name: &CStr) {
+pub(crate) fn unregister(name: &CStr) {
     let key = name.to_string_lossy().into_owned();
-    registry()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&key);
+    registry().locked().remove(&key);
 }
 
 /// What a channel's `private_data` points to.
@@ -231,7 +226,7 @@ struct Private {
 }
 
 /// The io_manager table handed to libext2fs.
-pub static MANAGER: struct_io_manager = struct_io_manager {
+pub(crate) static MANAGER: struct_io_manager = struct_io_manager {
     magic: EXT2_ET_MAGIC_IO_MANAGER,
     name: c"obd-convert I/O manager".as_ptr(),
     open: Some(io_open),
@@ -265,7 +260,7 @@ unsafe fn with_backend(
     // `Private` box io_open leaked.
     let (private, bs) = unsafe { (&*((*ch).private_data as *const Private), (*ch).block_size) };
     let r = catch_unwind(AssertUnwindSafe(|| {
-        let mut b = private.backend.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = private.backend.locked();
         match f(&mut b, bs) {
             Ok(()) => 0,
             Err(e) => {
@@ -301,11 +296,7 @@ unsafe extern "C" fn io_open(
     // SAFETY: libext2fs passes the NUL-terminated name it was given.
     let cname = unsafe { CStr::from_ptr(name) }.to_owned();
     let key = cname.to_string_lossy().into_owned();
-    let backend = match registry()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&key)
-    {
+    let backend = match registry().locked().remove(&key) {
         Some(b) => b,
         None => return EXT2_ET_INVALID_ARGUMENT,
     };

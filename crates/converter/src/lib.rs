@@ -1,9 +1,9 @@
 //! converter: OCI image → obd image in user space.
 //!
 //! Each OCI layer tar is applied to an ext4 filesystem with libext2fs
-//! (through FFI, linked dynamically; declarations in [`ffi`], checked against
-//! the C headers by a test) whose block device is our own `io_manager`
-//! ([`io`]): reads come from the layers converted so far plus the current
+//! (through FFI, linked dynamically; the declarations are private to the
+//! crate and checked against the C headers by a test) whose block device is
+//! our own `io_manager` ([`io`]): reads come from the layers converted so far plus the current
 //! [`overlaybd_core::lsmt::WritableLayer`]; writes go through a bounded
 //! write-back page cache and reach the writable layer only when they change
 //! a block. Each layer therefore becomes exactly its block delta, committed
@@ -37,7 +37,7 @@
 pub mod apply;
 pub mod convert;
 pub mod error;
-pub mod ffi;
+mod ffi;
 pub mod fs;
 pub mod io;
 pub mod oci;

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use obd_remote::distribution::{Distribution, ImageRef, Manifest};
 use serde_json::{json, Value};
+use zfile::sync::MutexExt;
 
 use crate::error::{Error, Result};
 use crate::oci::*;
@@ -65,14 +66,11 @@ impl RegistrySource {
     }
 
     fn manifest(&self, reference: &str) -> Result<Manifest> {
-        if let Some(m) = self.manifests.lock().unwrap().get(reference) {
+        if let Some(m) = self.manifests.locked().get(reference) {
             return Ok(m.clone());
         }
         let m = self.client.get_manifest(&self.r, reference)?;
-        self.manifests
-            .lock()
-            .unwrap()
-            .insert(m.digest.clone(), m.clone());
+        self.manifests.locked().insert(m.digest.clone(), m.clone());
         Ok(m)
     }
 }
@@ -96,7 +94,7 @@ impl ImageSource for RegistrySource {
     }
 
     fn read_small(&self, d: &Descriptor) -> Result<Vec<u8>> {
-        let cached = self.manifests.lock().unwrap().contains_key(&d.digest);
+        let cached = self.manifests.locked().contains_key(&d.digest);
         let bytes = if cached || is_manifest_type(&d.media_type) {
             // Digest-checked by the client.
             self.manifest(&d.digest)?.bytes
@@ -199,15 +197,15 @@ impl RegistryDest {
 
     /// Starts uploading a staged blob (waiting for a slot first).
     fn upload(&self, digest: &str) -> Result<()> {
-        let mut ups = self.uploads.lock().unwrap();
-        if ups.iter().any(|(d, _)| d == digest) || self.uploaded.lock().unwrap().contains(digest) {
+        let mut ups = self.uploads.locked();
+        if ups.iter().any(|(d, _)| d == digest) || self.uploaded.locked().contains(digest) {
             return Ok(());
         }
         while ups.len() >= self.parallel.max(1) {
             let i = ups.iter().position(|(_, h)| h.is_finished()).unwrap_or(0);
             let (d, h) = ups.remove(i);
             join_upload(&d, h)?;
-            self.uploaded.lock().unwrap().insert(d);
+            self.uploaded.locked().insert(d);
         }
         let path = self.staged(digest)?;
         let (client, r, d, log) = (
@@ -242,12 +240,12 @@ impl RegistryDest {
 
     /// Waits for every upload started so far; the first failure is returned.
     fn wait_uploads(&self) -> Result<()> {
-        let ups: Vec<_> = std::mem::take(&mut *self.uploads.lock().unwrap());
+        let ups: Vec<_> = std::mem::take(&mut *self.uploads.locked());
         let mut first = None;
         for (d, h) in ups {
             match join_upload(&d, h) {
                 Ok(()) => {
-                    self.uploaded.lock().unwrap().insert(d);
+                    self.uploaded.locked().insert(d);
                 }
                 Err(e) => {
                     first.get_or_insert(e);
@@ -258,7 +256,7 @@ impl RegistryDest {
     }
 
     fn update_referrers(&self) -> Result<()> {
-        let refs: Vec<Referrer> = std::mem::take(&mut *self.referrers.lock().unwrap());
+        let refs: Vec<Referrer> = std::mem::take(&mut *self.referrers.locked());
         let mut by: Vec<(String, Vec<Value>)> = Vec::new();
         for r in refs {
             match by.iter_mut().find(|(s, _)| *s == r.subject) {
@@ -301,7 +299,7 @@ fn join_upload(digest: &str, h: JoinHandle<Result<()>>) -> Result<()> {
 
 impl Drop for RegistryDest {
     fn drop(&mut self) {
-        let ups: Vec<_> = std::mem::take(&mut *self.uploads.lock().unwrap());
+        let ups: Vec<_> = std::mem::take(&mut *self.uploads.locked());
         for (_, h) in ups {
             let _ = h.join();
         }
@@ -353,15 +351,14 @@ impl ImageDest for RegistryDest {
                 if let Some(a) = doc.get("annotations") {
                     desc["annotations"] = a.clone();
                 }
-                self.referrers.lock().unwrap().push(Referrer {
+                self.referrers.locked().push(Referrer {
                     subject: subject.to_string(),
                     desc,
                 });
             }
         }
         self.manifests
-            .lock()
-            .unwrap()
+            .locked()
             .insert(d.digest.clone(), (d.media_type.clone(), bytes.to_vec()));
         Ok(())
     }
@@ -379,8 +376,7 @@ impl ImageDest for RegistryDest {
         };
         let (mt, bytes) = self
             .manifests
-            .lock()
-            .unwrap()
+            .locked()
             .get(&root.digest)
             .cloned()
             .ok_or_else(|| {

@@ -62,7 +62,7 @@ fn walk(
     };
     match kind {
         mode::S_IFREG => {
-            node.size = i.i_size as u64 | (i.i_size_high as u64) << 32;
+            node.size = inode.size();
             let mut h = Sha256::new();
             let mut n = 0u64;
             fs.read_file(ino, &mut |d| {

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use overlaybd_core::image::Image;
 use overlaybd_core::lsmt::writable::WritableLayer;
 use tcmu_target::BlockBackend;
+use zfile::sync::RwLockExt;
 
 const SECTOR: u64 = 512;
 
@@ -82,7 +83,7 @@ impl ImageBackend {
             buf[n..].fill(0);
             return Ok(());
         };
-        let upper = upper.read().unwrap_or_else(|e| e.into_inner());
+        let upper = upper.read_locked();
         let end = offset + buf.len() as u64;
         let (from, to) = (offset / SECTOR, end.div_ceil(SECTOR));
         let segs = upper.lookup(from, to);
@@ -138,23 +139,19 @@ impl BlockBackend for ImageBackend {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len() as u64, true)?;
-        let mut u = self.upper()?.write().unwrap_or_else(|e| e.into_inner());
+        let mut u = self.upper()?.write_locked();
         u.write_at(buf, offset).map_err(to_io)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len, true)?;
-        let mut u = self.upper()?.write().unwrap_or_else(|e| e.into_inner());
+        let mut u = self.upper()?.write_locked();
         u.discard(offset, len).map_err(to_io)
     }
 
     fn flush(&self) -> io::Result<()> {
         match &self.upper {
-            Some(u) => u
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .fsync()
-                .map_err(to_io),
+            Some(u) => u.read_locked().fsync().map_err(to_io),
             None => Ok(()),
         }
     }

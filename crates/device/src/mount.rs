@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rustix::mount::{MountFlags, UnmountFlags};
+use tcmu_target::mountinfo;
 
 use crate::{Error, Result};
 
@@ -82,53 +83,28 @@ pub fn unmount(dir: &Path, lazy: bool) -> Result<()> {
         .map_err(|e| Error::io(format!("unmounting {}", dir.display()), e.into()))
 }
 
-/// One line of /proc/self/mountinfo: (mount point, source).
-fn mountinfo() -> Vec<(PathBuf, String)> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let mp = unescape(f.get(4)?);
-            let dash = f.iter().position(|&x| x == "-")?;
-            let src = unescape(f.get(dash + 2)?);
-            Some((PathBuf::from(mp), src))
-        })
-        .collect()
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Whether something is mounted exactly at `dir`.
 pub fn is_mounted(dir: &Path) -> bool {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
-    mountinfo().iter().any(|(mp, _)| *mp == dir)
+    mountinfo::mounts().iter().any(|m| m.mount_point == dir)
 }
 
 /// Mount points whose source is `device`.
 pub fn mounts_of(device: &Path) -> Vec<PathBuf> {
     let d = device.to_string_lossy();
-    mountinfo()
+    mountinfo::mounts()
         .into_iter()
-        .filter(|(_, src)| *src == d)
-        .map(|(mp, _)| mp)
+        .filter(|m| m.source == d)
+        .map(|m| m.mount_point)
         .collect()
+}
+
+/// Lazily unmounts everything mounted at or below `dir`, deepest first; best
+/// effort (for cleanup after tests and crashes).
+pub fn unmount_below(dir: &Path) {
+    for mp in mountinfo::mount_points_below(dir) {
+        let _ = unmount(&mp, true);
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -153,13 +129,6 @@ fn run(cmd: &mut Command) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_decode() {
-        assert_eq!(unescape(r"/a\040b"), "/a b");
-        assert_eq!(unescape(r"/plain"), "/plain");
-        assert_eq!(unescape(r"/x\1"), r"/x\1");
-    }
 
     #[test]
     fn root_is_mounted() {

@@ -96,7 +96,7 @@ pub fn trace_file(cfg: &ImageConfig, base: Option<&Path>) -> Option<(PathBuf, bo
 }
 
 fn warn_trace(path: &Path, what: &str) {
-    eprintln!("obd device: trace {}: {what}", path.display());
+    tracing::warn!("obd device: trace {}: {what}", path.display());
 }
 
 /// Opens `config_path`: lowers through `remote` (after local files), the

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use zfile::sync::MutexExt;
 
 use crate::state::{check_id, worker_alive, DeviceRecord, Request, Root};
 use crate::{mount, Error, Result};
@@ -85,7 +86,7 @@ impl Service {
     /// Adopts devices whose workers are alive; cleans up and removes the rest.
     /// Returns (adopted, cleaned) ids.
     pub fn reconcile(&self) -> Result<(Vec<String>, Vec<String>)> {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.lock.locked();
         let (mut adopted, mut cleaned) = (Vec::new(), Vec::new());
         for id in self.root.ids()? {
             match self.root.record(&id) {
@@ -96,7 +97,7 @@ impl Service {
                     match self.spawn_worker(&id, &rec.request) {
                         Ok(_) => adopted.push(format!("{id} (taken over)")),
                         Err(e) => {
-                            eprintln!("obd device service: takeover of {id} failed: {e}");
+                            tracing::error!("obd device service: takeover of {id} failed: {e}");
                             cleanup_device(&self.root, &id)?;
                             cleaned.push(id);
                         }
@@ -125,20 +126,20 @@ impl Service {
         }
         let _ = std::fs::remove_file(&sock);
         let (adopted, cleaned) = self.reconcile()?;
-        eprintln!(
+        tracing::info!(
             "obd device service: root {}, adopted {adopted:?}, cleaned up {cleaned:?}",
             dir.display()
         );
         let listener = UnixListener::bind(&sock)
             .map_err(|e| Error::io(format!("binding {}", sock.display()), e))?;
-        eprintln!("obd device service: listening on {}", sock.display());
+        tracing::info!("obd device service: listening on {}", sock.display());
         std::thread::scope(|s| {
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
                         s.spawn(move || self.handle(c));
                     }
-                    Err(e) => eprintln!("obd device service: accept: {e}"),
+                    Err(e) => tracing::warn!("obd device service: accept: {e}"),
                 }
             }
         });
@@ -200,7 +201,7 @@ impl Service {
             )));
         }
         let id = {
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = self.lock.locked();
             let id = match id {
                 Some(id) => id,
                 None => {
@@ -271,10 +272,10 @@ impl Service {
                 || st.code() == Some(101);
             let rec = root.record(&id2).ok().flatten();
             if let Some(rec) = rec.filter(|r| crashed && r.request.frontend == "tcmu") {
-                eprintln!("obd device service: worker of {id2} died ({st}); taking over");
+                tracing::warn!("obd device service: worker of {id2} died ({st}); taking over");
                 let svc = Service::new(root, cmd);
                 if let Err(e) = svc.spawn_worker(&id2, &rec.request) {
-                    eprintln!("obd device service: takeover of {id2} failed: {e}");
+                    tracing::error!("obd device service: takeover of {id2} failed: {e}");
                 }
             }
         });
@@ -298,7 +299,7 @@ impl Service {
     }
 
     fn detach(&self, which: &str) -> Result<String> {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.lock.locked();
         let id = find(&self.root, which)?;
         match self.root.record(&id)? {
             Some(rec) if worker_alive(&rec) => {

@@ -55,7 +55,7 @@ fn write_result(cfg_dir: Option<&Path>, result_file: &str, text: &str) {
     }
     let p = overlaybd_core::config::resolve(cfg_dir, result_file);
     if let Err(e) = std::fs::write(&p, text) {
-        log::warn!("cannot write resultFile {}: {e}", p.display());
+        tracing::warn!("cannot write resultFile {}: {e}", p.display());
     }
 }
 
@@ -283,7 +283,7 @@ fn start_trace(
     match plan {
         TracePlan::None => TraceRun::None,
         TracePlan::Record(rec) => {
-            eprintln!(
+            tracing::info!(
                 "obd device worker {id}: recording reads into {}; delete {} to stop",
                 rec.path().display(),
                 rec.lock_path().display()
@@ -340,7 +340,7 @@ fn spawn_replay(
             let trace = match make(&image) {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!(
+                    tracing::warn!(
                         "obd device worker {id2}: {}: not replayed: {e}",
                         path.display()
                     );
@@ -350,7 +350,7 @@ fn spawn_replay(
             let readers = image.layer_readers();
             let layers: Vec<&dyn ReadAt> = readers.iter().map(|b| &**b as &dyn ReadAt).collect();
             let report = trace_replay::replay(&trace, &layers, &opts, &stop2);
-            eprintln!(
+            tracing::info!(
                 "obd device worker {id2}: replayed {}: {report}",
                 path.display()
             );
@@ -358,7 +358,7 @@ fn spawn_replay(
     match spawned {
         Ok(handle) => TraceRun::Replay { stop, handle },
         Err(e) => {
-            eprintln!("obd device worker {id}: cannot start the trace replay: {e}");
+            tracing::warn!("obd device worker {id}: cannot start the trace replay: {e}");
             TraceRun::None
         }
     }
@@ -380,13 +380,13 @@ pub fn run(root: &Root, id: &str) -> i32 {
                     write_result(c.parent(), &cfg.result_file, &format!("failed:{reason}"));
                 }
             }
-            eprintln!("obd device worker {id}: {reason}");
+            tracing::error!("obd device worker {id}: {reason}");
             report(&format!("failed:{reason}"));
             return 1;
         }
     };
     if let Err(e) = root.save_record(&up.record) {
-        eprintln!("obd device worker {id}: {e}");
+        tracing::warn!("obd device worker {id}: {e}");
     }
     let cfg_dir = up.record.request.config.parent().map(Path::to_owned);
     write_result(cfg_dir.as_deref(), &opened.config.result_file, "success");
@@ -404,7 +404,7 @@ pub fn run(root: &Root, id: &str) -> i32 {
         ),
     };
     let sig = wait_for_stop();
-    eprintln!(
+    tracing::info!(
         "obd device worker {id}: signal {sig}, detaching {}",
         up.record.device.display()
     );
@@ -421,7 +421,7 @@ pub fn run(root: &Root, id: &str) -> i32 {
     let code = match tear_down(root, up) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("obd device worker {id}: teardown: {e}");
+            tracing::error!("obd device worker {id}: teardown: {e}");
             1
         }
     };
@@ -429,11 +429,11 @@ pub fn run(root: &Root, id: &str) -> i32 {
     if let Some((rec, watch)) = recording {
         drop(watch);
         match rec.finish() {
-            Ok(n) => eprintln!(
+            Ok(n) => tracing::info!(
                 "obd device worker {id}: trace {} written: {n} records",
                 rec.path().display()
             ),
-            Err(e) => eprintln!("obd device worker {id}: trace not written: {e}"),
+            Err(e) => tracing::error!("obd device worker {id}: trace not written: {e}"),
         }
     }
     code
@@ -457,7 +457,7 @@ fn tear_down(root: &Root, up: Up) -> Result<()> {
     if rec.mounted {
         if let Some(mp) = &rec.request.mountpoint {
             if let Err(e) = mount::unmount(mp, false) {
-                eprintln!("{e}; detaching it lazily");
+                tracing::warn!("{e}; detaching it lazily");
                 mount::unmount(mp, true)?;
             }
         }

@@ -126,23 +126,15 @@ fn start_figures(a: &[f64], b: &[f64]) -> Value {
     })
 }
 
-/// The file system type of the mount holding `dir` (/proc/self/mountinfo).
+/// The file system type of the mount holding `dir` (/proc/self/mountinfo): the
+/// longest mount point above it, the last mounted if several.
 fn fs_type(dir: &std::path::Path) -> String {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut best = (0, String::new());
-    for l in mi.lines() {
-        let f: Vec<&str> = l.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        let (Some(mp), Some(ty)) = (f.get(4), f.get(sep + 1)) else {
-            continue;
-        };
-        if dir.starts_with(mp) && mp.len() >= best.0 {
-            best = (mp.len(), ty.to_string());
-        }
-    }
-    best.1
+    tcmu_target::mountinfo::mounts()
+        .into_iter()
+        .filter(|m| dir.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .map(|m| m.fs_type)
+        .unwrap_or_default()
 }
 
 /// Runs the benchmark.

@@ -19,6 +19,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use obd_remote::distribution::Distribution;
 use obd_remote::registry::{HostOptions, RegistryOptions};
 use serde_json::json;
+use zfile::sync::MutexExt;
 
 use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg};
 use crate::util::{human, parse_size};
@@ -129,7 +130,7 @@ impl Progress {
     }
 
     fn label(&self, m: usize, layer: usize) -> String {
-        match self.platforms.lock().unwrap().get(&m) {
+        match self.platforms.locked().get(&m) {
             Some(p) => format!("{p} layer {layer}"),
             None => format!("layer {layer}"),
         }
@@ -139,7 +140,7 @@ impl Progress {
 impl Observer for Progress {
     fn manifest_start(&self, m: usize, platform: Option<&str>, layers: &[Descriptor]) {
         if let Some(p) = platform {
-            self.platforms.lock().unwrap().insert(m, p.to_string());
+            self.platforms.locked().insert(m, p.to_string());
         }
         let total: u64 = layers.iter().map(|l| l.size).sum();
         self.println(&format!(
@@ -162,17 +163,17 @@ impl Observer for Progress {
         );
         pb.set_prefix(self.label(m, layer));
         pb.set_message("applying");
-        self.bars.lock().unwrap().insert((m, layer), pb);
+        self.bars.locked().insert((m, layer), pb);
     }
 
     fn layer_read(&self, m: usize, layer: usize, bytes: u64) {
-        if let Some(pb) = self.bars.lock().unwrap().get(&(m, layer)) {
+        if let Some(pb) = self.bars.locked().get(&(m, layer)) {
             pb.inc(bytes);
         }
     }
 
     fn layer_applied(&self, m: usize, layer: usize) {
-        if let Some(pb) = self.bars.lock().unwrap().get(&(m, layer)) {
+        if let Some(pb) = self.bars.locked().get(&(m, layer)) {
             pb.set_message("committing");
         }
     }
@@ -192,7 +193,7 @@ impl Observer for Progress {
             l.commit_seconds,
             l.digest,
         );
-        let mut bars = self.bars.lock().unwrap();
+        let mut bars = self.bars.locked();
         let keys: Vec<_> = bars
             .keys()
             .filter(|(bm, bl)| *bm == m && (self.flatten || *bl == l.index))

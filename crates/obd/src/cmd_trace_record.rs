@@ -489,7 +489,7 @@ impl Drop for Recording {
                 .status();
         }
         if let Err(e) = self.finish() {
-            eprintln!("obd trace record: cleanup: {e:#}");
+            tracing::warn!("obd trace record: cleanup: {e:#}");
         }
     }
 }

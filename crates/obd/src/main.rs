@@ -61,6 +61,12 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    // Diagnostics (of `obd device serve` and its workers above all) go to stderr
+    // at INFO and above unless RUST_LOG says otherwise; results and progress are
+    // printed by the commands themselves.
+    if let Err(e) = snapshotter::logging::init("info", snapshotter::config::LogFormat::Text) {
+        eprintln!("obd: {e}");
+    }
     let res = match cli.cmd {
         Cmd::Zfile(c) => cmd_zfile::run(c),
         Cmd::Layer(c) => cmd_layer::run(c),

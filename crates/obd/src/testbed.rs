@@ -367,7 +367,7 @@ fn stop(name: &str, c: &mut Child) {
     let t0 = Instant::now();
     while c.try_wait().ok().flatten().is_none() {
         if t0.elapsed() > Duration::from_secs(10) {
-            eprintln!("obd: {name} did not stop; killing it");
+            tracing::warn!("obd: {name} did not stop; killing it");
             let _ = c.kill();
             let _ = c.wait();
             break;
@@ -398,34 +398,13 @@ impl Drop for Testbed {
         let root = obd_device::state::Root::new(&self.snroot);
         for id in root.ids().unwrap_or_default() {
             if let Err(e) = obd_device::service::cleanup_device(&root, &id) {
-                eprintln!("obd: detaching device {id}: {e}");
+                tracing::warn!("obd: detaching device {id}: {e}");
             }
         }
-        unmount_below(&self.dir);
+        obd_device::mount::unmount_below(&self.dir);
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!("obd: removing {}: {e}", self.dir.display());
+            tracing::warn!("obd: removing {}: {e}", self.dir.display());
         }
-    }
-}
-
-/// Mount points under `dir` (from /proc/self/mountinfo).
-pub(crate) fn mounts_below(dir: &Path) -> Vec<String> {
-    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    mi.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| Path::new(m).starts_with(dir))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Unmounts everything mounted under `dir`, deepest first.
-pub(crate) fn unmount_below(dir: &Path) {
-    let mut mps = mounts_below(dir);
-    mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mps {
-        let _ = obd_device::mount::unmount(Path::new(&m), true);
     }
 }
 

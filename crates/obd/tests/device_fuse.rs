@@ -169,8 +169,11 @@ impl Drop for Service {
 /// under it, no mount under it, no device directory.
 fn assert_clean(root: &Path) {
     let r = root.to_string_lossy().into_owned();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&r)).collect();
+    let left: Vec<_> = tcmu_target::mountinfo::read()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(root) || m.source.contains(&r))
+        .collect();
     assert!(left.is_empty(), "mounts left: {left:?}");
     for e in std::fs::read_dir("/sys/block").unwrap() {
         let e = e.unwrap();

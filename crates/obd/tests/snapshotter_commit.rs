@@ -56,17 +56,7 @@ impl Drop for Cleanup {
         for id in root.ids().unwrap_or_default() {
             let _ = obd_device::service::cleanup_device(&root, &id);
         }
-        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let mut mps: Vec<&str> = mi
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|m| Path::new(m).starts_with(&self.0))
-                .collect();
-            mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
-            for m in mps {
-                let _ = Command::new("umount").args(["-l", m]).status();
-            }
-        }
+        obd_device::mount::unmount_below(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use testbed::{build_sample, have, mounts_below, run_ok, wait_until, Options, Testbed};
+use tcmu_target::mountinfo::mount_points_below;
+use testbed::{build_sample, have, run_ok, wait_until, Options, Testbed};
 
 fn skip(why: &str) {
     eprintln!("\n*** SKIPPED snapshotter restart test: {why} ***\n");
@@ -320,7 +321,11 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     })
     .unwrap_or_else(|e| panic!("{e}: {:?}", workers(&root)));
     assert_eq!(loops_below(&dir), Vec::<String>::new(), "loop devices left");
-    assert_eq!(mounts_below(&dir), Vec::<String>::new(), "mounts left");
+    assert_eq!(
+        mount_points_below(&dir),
+        Vec::<PathBuf>::new(),
+        "mounts left"
+    );
 
     // And a fresh container works.
     run_container(&tb, &image, "c1");

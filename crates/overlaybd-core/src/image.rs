@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::index::MergedIndex;
 use crate::lsmt::{RoLayer, Segment, WritableLayer, SECTOR};
 use crate::source::{self, Blob, LayerRef, LayerSource, LocalFiles, Nesting};
+use zfile::sync::{recover, MutexExt};
 use zfile::ReadAt;
 
 /// One read-only layer of an image.
@@ -232,7 +233,7 @@ impl Image {
         let slots: Vec<std::sync::Mutex<Option<(String, Blob)>>> =
             blobs.into_iter().map(std::sync::Mutex::new).collect();
         let layers = parallel_map(slots.len(), |i| {
-            let (name, blob) = slots[i].lock().expect("slot").take().expect("taken once");
+            let (name, blob) = slots[i].locked().take().expect("taken once");
             Layer::open(name.clone(), blob).map_err(|e| e.in_layer(i, name))
         })?;
         Self::from_parts(layers, None)
@@ -597,17 +598,13 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Res
                     break;
                 }
                 let r = f(i);
-                *results[i].lock().expect("result slot") = Some(r);
+                *results[i].locked() = Some(r);
             });
         }
     });
     results
         .into_iter()
-        .map(|m| {
-            m.into_inner()
-                .expect("result slot")
-                .expect("every index ran")
-        })
+        .map(|m| recover(m.into_inner()).expect("every index ran"))
         .collect()
 }
 

@@ -5,8 +5,8 @@
 //! what to do with a new snapshot, and at `Mounts`/`Prepare`/`View` whether it
 //! wants to supply the mounts itself (e.g. a device mounted on the parent's
 //! `block/mountpoint`). [`PlainLayers`] treats everything like containerd's
-//! overlayfs snapshotter; [`OverlaybdLayers`] adds the remote-snapshot
-//! handshake (formats.md §9.2).
+//! overlayfs snapshotter; obd's own hook ([`ObdLayers`](crate::obd::ObdLayers)) takes the
+//! remote-snapshot handshake (formats.md §9.2, [`classify_overlaybd`]).
 
 use crate::error::Result;
 use crate::meta::Kind;
@@ -122,18 +122,9 @@ impl LayerHook for PlainLayers {
     }
 }
 
-/// overlaybd classification (formats.md §9.2): layers carrying the overlaybd
-/// annotations and an image reference are committed remotely (no download);
-/// everything else is plain.
-pub struct OverlaybdLayers;
-
-impl LayerHook for OverlaybdLayers {
-    fn classify(&self, info: &PrepareInfo<'_>) -> PrepareAction {
-        classify_overlaybd(info)
-    }
-}
-
-/// The remote-snapshot decision of formats.md §9.2.
+/// The remote-snapshot decision of formats.md §9.2: layers carrying the
+/// overlaybd annotations and an image reference are committed remotely (no
+/// download); everything else is plain.
 pub fn classify_overlaybd(info: &PrepareInfo<'_>) -> PrepareAction {
     let l = info.labels;
     let Some(target) = l.get(LABEL_TARGET_REF) else {

@@ -9,11 +9,13 @@
 //! - [`layer`]: the classification hook where overlaybd layers take the
 //!   remote-snapshot (lazy pull) path.
 //! - [`config`]: the TOML configuration of `obd-snapshotter`.
+//! - [`logging`]: the tracing subscriber of obd's binaries.
 
 pub mod config;
 pub mod error;
 pub mod filter;
 pub mod layer;
+pub mod logging;
 pub mod meta;
 pub mod metrics;
 pub mod obd;

@@ -17,7 +17,6 @@ use snapshotter::layer::LayerHook;
 use snapshotter::obd::{self, ObdLayers};
 use snapshotter::service::{serve_unix, Service};
 use snapshotter::{metrics, Snapshotter};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -82,22 +81,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(m) = args.metrics_address {
         cfg.metrics_address = Some(m);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log_level))
-        .context("log level")?;
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // No colour codes in the journal or in files.
-        .with_ansi(std::io::stderr().is_terminal());
-    match cfg.log_format {
-        LogFormat::Text => fmt.init(),
-        LogFormat::Json => fmt
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
+    snapshotter::logging::init(&cfg.log_level, cfg.log_format).map_err(anyhow::Error::msg)?;
 
     // obd layers always get devices (a fully downloaded one still works
     // through its tar wrapper); lazy_pull only decides the remote handshake.

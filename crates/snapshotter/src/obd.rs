@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+use zfile::sync::MutexExt;
 
 /// Per-snapshot override of `rw_mode` (`dir` or `dev`).
 pub const LABEL_WRITABLE: &str = "containerd.io/snapshot/overlaybd.writable";
@@ -253,7 +254,7 @@ impl ObdInner {
     /// `block/mountpoint` if `mount`; attached now if it is not up.
     /// Returns the device node.
     fn ensure_device(&self, dir: &Path, config: &Path, mount: bool) -> Result<PathBuf> {
-        let _g = self.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.attach_lock.locked();
         self.ensure_device_locked(dir, config, mount)
     }
 
@@ -299,7 +300,7 @@ impl ObdInner {
     }
 
     fn detach(&self, dir: &Path) {
-        let _g = self.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.attach_lock.locked();
         self.detach_locked(dir);
     }
 
@@ -343,7 +344,7 @@ impl ObdInner {
         let spawned = std::thread::Builder::new()
             .name("attach-at-pull".into())
             .spawn(move || {
-                let _g = me.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+                let _g = me.attach_lock.locked();
                 if !dir.join("block").join(PREFETCH_MARK).exists() {
                     return;
                 }
@@ -677,7 +678,7 @@ impl LayerHook for ObdLayers {
         // Under the attach lock: a Prepare cannot hand out a device between
         // the in-use check and its detach (its attach waits, then finds the
         // device gone and attaches it again).
-        let _g = self.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.attach_lock.locked();
         let in_use = in_use()?;
         let ids = self.dev_root.ids().map_err(dev_err)?;
         for id in ids {
@@ -701,6 +702,9 @@ pub fn device_worker_main(args: &[String]) -> Option<i32> {
     if args.first().map(String::as_str) != Some("device-worker") {
         return None;
     }
+    // Its stderr is the device's `worker.log`. This runs before anything else
+    // could install a subscriber, so init cannot fail but on a bad RUST_LOG.
+    let _ = crate::logging::init("info", crate::config::LogFormat::Text);
     let (mut root, mut id) = (None, None);
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
@@ -713,7 +717,7 @@ pub fn device_worker_main(args: &[String]) -> Option<i32> {
     match (root, id) {
         (Some(r), Some(i)) => Some(obd_device::worker::run(&Root::new(r), &i)),
         _ => {
-            eprintln!("usage: obd-snapshotter device-worker --root DIR --id ID");
+            tracing::error!("usage: obd-snapshotter device-worker --root DIR --id ID");
             Some(2)
         }
     }

@@ -604,7 +604,16 @@ impl Snapshotter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::{OverlaybdLayers, PlainLayers};
+    use crate::layer::{classify_overlaybd, LayerHook, PlainLayers, PrepareAction, PrepareInfo};
+
+    /// The remote-snapshot handshake alone (obd's hook without its devices).
+    struct RemoteLayers;
+
+    impl LayerHook for RemoteLayers {
+        fn classify(&self, info: &PrepareInfo<'_>) -> PrepareAction {
+            classify_overlaybd(info)
+        }
+    }
 
     fn l(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -684,7 +693,7 @@ mod tests {
     #[test]
     fn remote_handshake_commits_without_data() {
         let d = tempfile::tempdir().unwrap();
-        let sn = Snapshotter::open(d.path(), Box::new(OverlaybdLayers)).unwrap();
+        let sn = Snapshotter::open(d.path(), Box::new(RemoteLayers)).unwrap();
         let labels = l(&[
             (crate::layer::LABEL_TARGET_REF, "default/sha256:aa"),
             (crate::layer::LABEL_BLOB_DIGEST, "sha256:bb"),

@@ -128,17 +128,7 @@ impl Drop for Procs {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let mut mps: Vec<&str> = mi
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|m| Path::new(m).starts_with(&self.dir))
-                .collect();
-            mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
-            for m in mps {
-                let _ = Command::new("umount").args(["-l", m]).status();
-            }
-        }
+        obd_device::mount::unmount_below(&self.dir);
     }
 }
 

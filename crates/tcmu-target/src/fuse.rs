@@ -36,6 +36,7 @@ use fuser::{
 use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::loopdev::{LoopDevice, LoopOptions};
+use crate::mountinfo::{mounts, MountInfo};
 use crate::{Attachment, BlockBackend, Error, Frontend, Result};
 
 /// Name of the one file in the mount.
@@ -215,7 +216,7 @@ impl Drop for FuseAttachment {
     fn drop(&mut self) {
         if self.session.is_some() || self.loopdev.is_some() {
             if let Err(e) = self.teardown() {
-                log::warn!("dropping FUSE device {}: {e}", self.device.display());
+                tracing::warn!("dropping FUSE device {}: {e}", self.device.display());
             }
         }
     }
@@ -238,7 +239,7 @@ fn attach(
     }
     if mounts()
         .iter()
-        .any(|m| m.mount_point == mnt && m.fstype.starts_with("fuse"))
+        .any(|m| m.mount_point == mnt && m.fs_type.starts_with("fuse"))
     {
         return Err(Error::io(
             format!(
@@ -326,7 +327,7 @@ fn attach(
         },
     )?;
     drop(file);
-    log::info!(
+    tracing::info!(
         "FUSE device {}: {} over {} (direct I/O: loop {}, FUSE {})",
         id,
         lo.path().display(),
@@ -362,14 +363,14 @@ fn unmount_and_join(
             Err(e) => {
                 // EINVAL: not mounted any more.
                 if e != rustix::io::Errno::INVAL {
-                    log::warn!("unmount {}: {e}", mnt.display());
+                    tracing::warn!("unmount {}: {e}", mnt.display());
                 }
                 true
             }
         }
     });
     if !unmounted {
-        log::warn!("{} is busy; detaching it lazily", mnt.display());
+        tracing::warn!("{} is busy; detaching it lazily", mnt.display());
         let _ = rustix::mount::unmount(mnt, UnmountFlags::DETACH);
         if !busy {
             result = Err(Error::Timeout(format!(
@@ -381,7 +382,7 @@ fn unmount_and_join(
     let mut stopped = wait_until(TEARDOWN_WAIT, || session.guard.is_finished());
     if !stopped {
         if let Some(c) = conn {
-            log::warn!(
+            tracing::warn!(
                 "FUSE session of {} did not stop; aborting connection {c}",
                 mnt.display()
             );
@@ -397,7 +398,7 @@ fn unmount_and_join(
         )));
     }
     if let Err(e) = session.join() {
-        log::warn!("FUSE session of {} ended with: {e}", mnt.display());
+        tracing::warn!("FUSE session of {} ended with: {e}", mnt.display());
     }
     result
 }
@@ -412,24 +413,24 @@ fn cleanup(id: &str, work_dir: &Path) -> Result<()> {
 
     // 1. Abort the connections of FUSE mounts left at <work_dir>/fuse, so that no
     //    I/O through a leftover loop device can hang on an unserved connection.
-    let stale: Vec<Mount> = mounts()
+    let stale: Vec<MountInfo> = mounts()
         .into_iter()
         .filter(|m| m.mount_point == mnt)
         .collect();
-    for m in stale.iter().filter(|m| m.fstype.starts_with("fuse")) {
-        log::info!(
+    for m in stale.iter().filter(|m| m.fs_type.starts_with("fuse")) {
+        tracing::info!(
             "cleanup {id}: aborting FUSE connection {} at {}",
-            m.dev,
+            m.dev(),
             mnt.display()
         );
-        abort_conn(m.dev);
+        abort_conn(m.dev());
     }
 
     // 2. Loop devices over <work_dir>/fuse/disk.
     for dev in LoopDevice::find_by_backing(&disk) {
-        log::info!("cleanup {id}: detaching {}", dev.display());
+        tracing::info!("cleanup {id}: detaching {}", dev.display());
         if let Err(e) = LoopDevice::detach_path(&dev) {
-            log::warn!("cleanup {id}: {e}");
+            tracing::warn!("cleanup {id}: {e}");
             first_err.get_or_insert(e);
         }
     }
@@ -437,11 +438,11 @@ fn cleanup(id: &str, work_dir: &Path) -> Result<()> {
     // 3. Lazily unmount whatever is stacked at <work_dir>/fuse.
     for _ in 0..stale.len() {
         match rustix::mount::unmount(&mnt, UnmountFlags::DETACH) {
-            Ok(()) => log::info!("cleanup {id}: unmounted {}", mnt.display()),
+            Ok(()) => tracing::info!("cleanup {id}: unmounted {}", mnt.display()),
             Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => break,
             Err(e) => {
                 let e = Error::io(format!("unmount {}", mnt.display()), e.into());
-                log::warn!("cleanup {id}: {e}");
+                tracing::warn!("cleanup {id}: {e}");
                 first_err.get_or_insert(e);
                 break;
             }
@@ -455,18 +456,18 @@ fn cleanup(id: &str, work_dir: &Path) -> Result<()> {
 fn abort_conn(conn: u64) {
     let dir = Path::new(FUSECTL).join(conn.to_string());
     if !dir.exists()
-        && !mounts().iter().any(|m| m.fstype == "fusectl")
+        && !mounts().iter().any(|m| m.fs_type == "fusectl")
         && Path::new(FUSECTL).is_dir()
     {
         if let Err(e) =
             rustix::mount::mount("fusectl", FUSECTL, "fusectl", MountFlags::empty(), None)
         {
-            log::warn!("mount fusectl at {FUSECTL}: {e}");
+            tracing::warn!("mount fusectl at {FUSECTL}: {e}");
         }
     }
     if dir.exists() {
         if let Err(e) = std::fs::write(dir.join("abort"), b"1") {
-            log::warn!("abort FUSE connection {conn}: {e}");
+            tracing::warn!("abort FUSE connection {conn}: {e}");
         }
     }
 }
@@ -478,70 +479,7 @@ fn conn_id(mnt: &Path) -> Option<u64> {
         .into_iter()
         .rev()
         .find(|m| m.mount_point == mnt)
-        .map(|m| m.dev)
-}
-
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug)]
-struct Mount {
-    /// `sb->s_dev` in the kernel's encoding (major << 20 | minor), which is also the
-    /// FUSE connection id.
-    dev: u64,
-    mount_point: PathBuf,
-    fstype: String,
-}
-
-fn mounts() -> Vec<Mount> {
-    std::fs::read("/proc/self/mountinfo")
-        .map(|b| parse_mountinfo(&b))
-        .unwrap_or_default()
-}
-
-fn parse_mountinfo(text: &[u8]) -> Vec<Mount> {
-    let mut out = Vec::new();
-    for line in text.split(|&b| b == b'\n') {
-        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == b"-") else {
-            continue;
-        };
-        if sep < 5 || fields.len() < sep + 2 {
-            continue;
-        }
-        let Some(dev) = std::str::from_utf8(fields[2]).ok().and_then(|s| {
-            let (ma, mi) = s.split_once(':')?;
-            Some((ma.parse::<u64>().ok()? << 20) | mi.parse::<u64>().ok()?)
-        }) else {
-            continue;
-        };
-        out.push(Mount {
-            dev,
-            mount_point: PathBuf::from(OsStr::from_bytes(&unescape(fields[4]))),
-            fstype: String::from_utf8_lossy(fields[sep + 1]).into_owned(),
-        });
-    }
-    out
-}
-
-/// Undoes the `\ooo` octal escapes of mountinfo paths.
-fn unescape(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'\\'
-            && i + 3 < s.len()
-            && s[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = s[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(s[i]);
-            i += 1;
-        }
-    }
-    out
+        .map(|m| m.dev())
 }
 
 /// Polls `cond` with a growing pause (1 ms up to 50 ms) until it holds or `timeout`
@@ -633,7 +571,7 @@ impl DiskFs {
 impl Filesystem for DiskFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO) {
-            log::info!("FUSE: kernel lacks {missing:?}; direct I/O is synchronous");
+            tracing::info!("FUSE: kernel lacks {missing:?}; direct I/O is synchronous");
         }
         if let Err(max) = config.set_max_write(self.max_io) {
             let _ = config.set_max_write(max);
@@ -737,7 +675,7 @@ impl Filesystem for DiskFs {
             match self.backend.read_at(b, offset) {
                 Ok(()) => reply.data(b),
                 Err(e) => {
-                    log::error!("FUSE read of {n} bytes at {offset}: {e}");
+                    tracing::error!("FUSE read of {n} bytes at {offset}: {e}");
                     reply.error(Errno::EIO);
                 }
             }
@@ -769,7 +707,7 @@ impl Filesystem for DiskFs {
         match self.backend.write_at(&data[..n], offset) {
             Ok(()) => reply.written(n as u32),
             Err(e) => {
-                log::error!("FUSE write of {n} bytes at {offset}: {e}");
+                tracing::error!("FUSE write of {n} bytes at {offset}: {e}");
                 reply.error(Errno::EIO);
             }
         }
@@ -876,7 +814,7 @@ impl Filesystem for DiskFs {
             match self.backend.discard(offset, len) {
                 Ok(()) => reply.ok(),
                 Err(e) => {
-                    log::error!("FUSE discard of {len} bytes at {offset}: {e}");
+                    tracing::error!("FUSE discard of {len} bytes at {offset}: {e}");
                     reply.error(Errno::EIO);
                 }
             }
@@ -900,7 +838,7 @@ impl DiskFs {
         match self.backend.flush() {
             Ok(()) => reply.ok(),
             Err(e) => {
-                log::error!("FUSE flush: {e}");
+                tracing::error!("FUSE flush: {e}");
                 reply.error(Errno::EIO);
             }
         }
@@ -910,26 +848,6 @@ impl DiskFs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo() {
-        let text = b"27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
-            99 27 0:52 / /tmp/a\\040b/fuse rw,nosuid - fuse.obd obd-x rw,user_id=0\n\
-            garbage\n";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].dev, (254 << 20));
-        assert_eq!(m[1].dev, 52);
-        assert_eq!(m[1].mount_point, Path::new("/tmp/a b/fuse"));
-        assert_eq!(m[1].fstype, "fuse.obd");
-    }
-
-    #[test]
-    fn unescape_edges() {
-        assert_eq!(unescape(b"a\\134b"), b"a\\b");
-        assert_eq!(unescape(b"tail\\04"), b"tail\\04");
-        assert_eq!(unescape(b"\\"), b"\\");
-    }
 
     #[test]
     fn attrs_and_clamp() {

@@ -6,14 +6,18 @@
 //!   the UIO command ring, SCSI emulation, configfs + tcm_loop set-up (`/dev/sdX`).
 //! - [`fuse`]: the device as one file in a FUSE mount, attached to a loop device
 //!   ([`loopdev`]) with direct I/O (`/dev/loopN`).
+//! - [`mountinfo`]: `/proc/self/mountinfo` parsed into typed entries.
 //!
 //! Every frontend serves a [`BlockBackend`]; none knows about layers or
 //! registries, so data flows frontend → image → layer files → sources.
 
 use std::io;
 
+use zfile::sync::RwLockExt;
+
 pub mod fuse;
 pub mod loopdev;
+pub mod mountinfo;
 pub mod tcmu;
 
 /// What a frontend serves: the bytes of one block device.
@@ -89,7 +93,7 @@ impl MemBackend {
 
     /// A copy of the current bytes.
     pub fn snapshot(&self) -> Vec<u8> {
-        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.data.read_locked().clone()
     }
 
     fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
@@ -117,26 +121,26 @@ impl MemBackend {
 
 impl BlockBackend for MemBackend {
     fn size(&self) -> u64 {
-        self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64
+        self.data.read_locked().len() as u64
     }
     fn read_only(&self) -> bool {
         self.read_only
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let r = self.range(offset, buf.len())?;
-        buf.copy_from_slice(&self.data.read().unwrap_or_else(|e| e.into_inner())[r]);
+        buf.copy_from_slice(&self.data.read_locked()[r]);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_writable()?;
         let r = self.range(offset, buf.len())?;
-        self.data.write().unwrap_or_else(|e| e.into_inner())[r].copy_from_slice(buf);
+        self.data.write_locked()[r].copy_from_slice(buf);
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         let r = self.range(offset, len as usize)?;
-        self.data.write().unwrap_or_else(|e| e.into_inner())[r].fill(0);
+        self.data.write_locked()[r].fill(0);
         Ok(())
     }
     fn flush(&self) -> io::Result<()> {

@@ -228,12 +228,12 @@ impl LoopDevice {
                 if opts.direct_io {
                     match dev.direct_io() {
                         Ok(true) => {}
-                        Ok(false) => log::info!(
+                        Ok(false) => tracing::info!(
                             "{}: the kernel refused direct I/O on {}; using buffered I/O",
                             dev.path.display(),
                             name.display()
                         ),
-                        Err(e) => log::warn!("{}: {e}", dev.path.display()),
+                        Err(e) => tracing::warn!("{}: {e}", dev.path.display()),
                     }
                 }
                 return Ok(dev);
@@ -246,7 +246,7 @@ impl LoopDevice {
                     continue;
                 }
                 libc::EINVAL if direct_io => {
-                    log::info!(
+                    tracing::info!(
                         "{}: LOOP_CONFIGURE with direct I/O over {} failed ({e}); retrying buffered",
                         path.display(),
                         name.display()
@@ -373,7 +373,7 @@ impl Drop for LoopDevice {
     fn drop(&mut self) {
         if let Some(f) = self.file.take() {
             if let Err(e) = clear_fd(&f, &self.path) {
-                log::warn!("dropping {}: {e}", self.path.display());
+                tracing::warn!("dropping {}: {e}", self.path.display());
             }
         }
     }

@@ -5,7 +5,6 @@
 //! otherwise each test prints `SKIPPED: <why>` to stderr and passes.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -78,10 +77,10 @@ fn run(cmd: &mut Command) {
 }
 
 fn is_mounted(path: &Path) -> bool {
-    let info = std::fs::read("/proc/self/mountinfo").unwrap();
-    let want = path.as_os_str().as_bytes();
-    info.split(|&b| b == b'\n')
-        .any(|line| line.split(|&b| b == b' ').nth(4) == Some(want))
+    tcmu_target::mountinfo::read()
+        .unwrap()
+        .iter()
+        .any(|m| m.mount_point == path)
 }
 
 /// The backing file of /dev/loopN as the kernel shows it, if bound.

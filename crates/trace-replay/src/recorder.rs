@@ -15,9 +15,11 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use zfile::sync::{recover, MutexExt};
 
 use crate::format::{header_bytes, Trace};
 use crate::{Error, Result};
@@ -90,7 +92,7 @@ impl Recorder {
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is a vector and a flag, consistent after every operation.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.locked()
     }
 
     /// Records a completed read of `count` bytes at `offset` of `layer` (0 =
@@ -203,12 +205,7 @@ impl Drop for Recorder {
     /// A recorder dropped without [`Recorder::finish`] (the device never came
     /// up) releases its lock, so the trace can be recorded by a later attempt.
     fn drop(&mut self) {
-        let written = self
-            .state
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .written
-            .is_some();
+        let written = recover(self.state.get_mut()).written.is_some();
         if !written {
             let _ = std::fs::remove_file(&self.lock);
         }

@@ -14,10 +14,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use obd_remote::{with_read_priority, Priority};
+use zfile::sync::{recover, MutexExt};
 use zfile::ReadAt;
 
 use crate::format::{Record, Trace};
@@ -407,7 +408,7 @@ pub fn replay(
                 }
                 Err(e) => {
                     errors.fetch_add(1, Ordering::Relaxed);
-                    let mut fe = first_error.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut fe = first_error.locked();
                     if fe.is_none() {
                         *fe = Some(format!(
                             "layer {} bytes {}..{}: {e}",
@@ -436,9 +437,7 @@ pub fn replay(
         done: done.into_inner(),
         bytes: bytes.into_inner(),
         errors: errors.into_inner(),
-        first_error: first_error
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner),
+        first_error: recover(first_error.into_inner()),
         stopped: stopped.into_inner(),
         elapsed: started.elapsed(),
     }

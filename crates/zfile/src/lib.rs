@@ -36,6 +36,7 @@ pub mod header;
 pub mod lz4;
 mod reader;
 pub mod source;
+pub mod sync;
 mod validate;
 mod writer;
 

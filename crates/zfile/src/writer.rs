@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::header::{flags, Algorithm, Header, HEADER_SIZE, STRUCT_SIZE};
 use crate::reader::{Info, ZFileReader};
 use crate::source::ReadAt;
+use crate::sync::{recover, MutexExt};
 
 /// Uncompressed bytes per compression job (a multiple of every block size).
 const JOB_BYTES: usize = 1 << 20;
@@ -133,13 +134,13 @@ struct QueueState {
 }
 
 impl Queue {
-    fn lock(&self) -> Result<MutexGuard<'_, QueueState>> {
-        self.state.lock().map_err(|_| worker_gone())
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.locked()
     }
 
-    /// Next job for a helper; `None` once the queue is closed (or poisoned).
+    /// Next job for a helper; `None` once the queue is closed.
     fn next(&self) -> Option<Job> {
-        let mut g = self.state.lock().ok()?;
+        let mut g = self.lock();
         loop {
             if let Some(job) = g.jobs.pop_front() {
                 return Some(job);
@@ -147,7 +148,7 @@ impl Queue {
             if g.closed {
                 return None;
             }
-            g = self.wake.wait(g).ok()?;
+            g = recover(self.wake.wait(g));
         }
     }
 }
@@ -193,28 +194,25 @@ impl Pool {
         Ok(pool)
     }
 
-    fn push(&self, job: Job) -> Result<()> {
-        self.queue.lock()?.jobs.push_back(job);
+    fn push(&self, job: Job) {
+        self.queue.lock().jobs.push_back(job);
         self.queue.wake.notify_one();
-        Ok(())
     }
 
     /// Jobs no helper has taken yet.
-    fn queued(&self) -> Result<usize> {
-        Ok(self.queue.lock()?.jobs.len())
+    fn queued(&self) -> usize {
+        self.queue.lock().jobs.len()
     }
 
     /// Takes back the oldest job no helper has started.
-    fn steal(&self) -> Result<Option<Job>> {
-        Ok(self.queue.lock()?.jobs.pop_front())
+    fn steal(&self) -> Option<Job> {
+        self.queue.lock().jobs.pop_front()
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if let Ok(mut g) = self.queue.state.lock() {
-            g.closed = true;
-        }
+        self.queue.lock().closed = true;
         self.queue.wake.notify_all();
         for w in self.workers.drain(..) {
             let _ = w.join();
@@ -449,7 +447,6 @@ impl<W: Write + Seek> ZFileWriter<W> {
         });
         let wake = Condvar::new();
         let chunk = |i: usize| &data[i * JOB_BYTES..(i + 1) * JOB_BYTES];
-        let lock = || state.lock().map_err(|_| worker_gone());
         let (tx, rx) = mpsc::channel::<(usize, Job, Result<()>)>();
         let result = std::thread::scope(|s| {
             for _ in 0..self.helpers {
@@ -457,12 +454,9 @@ impl<W: Write + Seek> ZFileWriter<W> {
                 let (state, wake) = (&state, &wake);
                 s.spawn(move || loop {
                     let (i, mut job) = {
-                        let Ok(mut g) = state.lock() else { return };
+                        let mut g = state.locked();
                         while !g.failed && g.next < n && g.next >= g.written + window {
-                            g = match wake.wait(g) {
-                                Ok(g) => g,
-                                Err(_) => return,
-                            };
+                            g = recover(wake.wait(g));
                         }
                         if g.failed || g.next >= n {
                             return;
@@ -482,7 +476,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
             let run = (|| -> Result<()> {
                 while written < n {
                     let claim = {
-                        let mut g = lock()?;
+                        let mut g = state.locked();
                         if g.next < n && g.next < written + window {
                             g.next += 1;
                             Some((g.next - 1, g.spares.pop().unwrap_or_else(Job::new)))
@@ -511,29 +505,25 @@ impl<W: Write + Seek> ZFileWriter<W> {
                         self.data_bytes += job.used as u64;
                         self.lens.extend_from_slice(&job.lens);
                         written += 1;
-                        lock()?.spares.push(job);
+                        state.locked().spares.push(job);
                     }
                     if written != before {
-                        lock()?.written = written;
+                        state.locked().written = written;
                         wake.notify_all();
                     }
                 }
                 Ok(())
             })();
             if run.is_err() {
-                if let Ok(mut g) = state.lock() {
-                    g.failed = true;
-                }
+                state.locked().failed = true;
                 wake.notify_all();
             }
             run
         });
         self.next_seq += n as u64;
         self.next_write += n as u64;
-        if let Ok(mut g) = state.into_inner() {
-            self.free = std::mem::take(&mut g.spares);
-            self.free.truncate(self.max_unwritten as usize);
-        }
+        self.free = recover(state.into_inner()).spares;
+        self.free.truncate(self.max_unwritten as usize);
         result
     }
 
@@ -545,7 +535,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
         job.seq = self.next_seq;
         self.next_seq += 1;
         let queue_it = match &self.pool {
-            Some(pool) => pool.queued()? < self.pool_depth,
+            Some(pool) => pool.queued() < self.pool_depth,
             None => false,
         };
         if let (true, Some(pool)) = (queue_it, &self.pool) {
@@ -565,7 +555,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
                     }
                 }
             }
-            pool.push(job)?;
+            pool.push(job);
             self.in_pool += 1;
         } else {
             let input = direct.unwrap_or(&self.pending[..self.pending_len]);
@@ -584,7 +574,7 @@ impl<W: Write + Seek> ZFileWriter<W> {
     /// a helper to finish one. Then writes what is complete.
     fn help_or_wait(&mut self) -> Result<()> {
         let stolen = match &self.pool {
-            Some(pool) => pool.steal()?,
+            Some(pool) => pool.steal(),
             None => None,
         };
         match stolen {

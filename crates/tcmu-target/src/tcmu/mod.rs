@@ -192,7 +192,7 @@ impl Drop for TcmuAttachment {
     fn drop(&mut self) {
         if let Some(mut l) = self.live.take() {
             if let Err(e) = l.teardown() {
-                log::error!("tcmu {}: teardown on drop: {e}", l.paths.id);
+                tracing::error!("tcmu {}: teardown on drop: {e}", l.paths.id);
             }
         }
     }
@@ -272,7 +272,7 @@ impl TcmuFrontend {
             doorbell.kick()?;
             let head = ring.head()?;
             if head != ring.tail() {
-                log::info!(
+                tracing::info!(
                     "tcmu {}: {} bytes of ring entries pending after a restart: resetting the ring",
                     paths.id,
                     (head + ring.cmdr_size() - ring.tail()) % ring.cmdr_size()
@@ -300,7 +300,7 @@ impl TcmuFrontend {
             .join("device")
             .join("timeout");
         if let Err(e) = configfs::write_attr(&timeout, &self.opts.scsi_timeout_secs.to_string()) {
-            log::warn!("tcmu {}: {e}", live.paths.id);
+            tracing::warn!("tcmu {}: {e}", live.paths.id);
         }
         let dev = PathBuf::from("/dev").join(&sd);
         // The disk's sysfs entry and device node appear (device_add) a moment before
@@ -411,7 +411,7 @@ impl TcmuFrontend {
             }),
             Err(e) => {
                 if let Err(e2) = live.teardown() {
-                    log::error!("tcmu {}: undoing a failed attach: {e2}", live.paths.id);
+                    tracing::error!("tcmu {}: undoing a failed attach: {e2}", live.paths.id);
                 }
                 Err(e)
             }

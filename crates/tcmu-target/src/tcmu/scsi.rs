@@ -690,7 +690,7 @@ fn read(lun: &LunInfo, backend: &dyn BlockBackend, cdb: &[u8], data_in_len: usiz
     match backend.read_at(&mut buf, off) {
         Ok(()) => ScsiResponse::data(buf),
         Err(e) => {
-            log::warn!("tcmu: read of {len} bytes at {off} failed: {e}");
+            tracing::warn!("tcmu: read of {len} bytes at {off} failed: {e}");
             ScsiResponse::check(key::MEDIUM_ERROR, asc::UNRECOVERED_READ_ERROR)
         }
     }
@@ -700,7 +700,7 @@ fn write_error(e: &io::Error, what: &str) -> ScsiResponse {
     if e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS) {
         return write_protected();
     }
-    log::warn!("tcmu: {what} failed: {e}");
+    tracing::warn!("tcmu: {what} failed: {e}");
     ScsiResponse::check(key::MEDIUM_ERROR, asc::WRITE_ERROR)
 }
 

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use zfile::sync::MutexExt;
+
 use super::ring::{self, Command, Defect, Request, Response, Ring};
 use super::scsi::{self, LunInfo};
 use crate::{BlockBackend, Error, Result};
@@ -119,12 +121,12 @@ struct Shared {
 
 impl Shared {
     fn lock_ring(&self) -> std::sync::MutexGuard<'_, Ring> {
-        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+        self.ring.locked()
     }
 
     fn set_broken(&self, why: String) {
-        log::error!("tcmu {}: {why}", self.lun.serial);
-        let mut b = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::error!("tcmu {}: {why}", self.lun.serial);
+        let mut b = self.broken.locked();
         b.get_or_insert(why);
     }
 }
@@ -199,11 +201,7 @@ impl Server {
     /// Why the server stopped serving on its own (a corrupt ring, a vanished
     /// device), if it did.
     pub fn broken(&self) -> Option<String> {
-        self.shared
-            .broken
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.broken.locked().clone()
     }
 
     /// Commands parsed and not yet completed.
@@ -221,7 +219,7 @@ impl Server {
         self.shared.doorbell.interrupt();
         for t in self.threads.drain(..) {
             if t.join().is_err() {
-                log::error!("tcmu {}: a server thread panicked", self.shared.lun.serial);
+                tracing::error!("tcmu {}: a server thread panicked", self.shared.lun.serial);
             }
         }
     }
@@ -255,7 +253,7 @@ fn ring_loop(sh: &Shared, tx: mpsc::Sender<Command>) {
                         return;
                     }
                 }
-                Request::Tmr(t) => log::info!(
+                Request::Tmr(t) => tracing::info!(
                     "tcmu {}: task management {} for commands {:?}",
                     sh.lun.serial,
                     t.tmr_type,
@@ -265,7 +263,7 @@ fn ring_loop(sh: &Shared, tx: mpsc::Sender<Command>) {
         }
         if moved {
             if let Err(e) = sh.doorbell.kick() {
-                log::warn!("tcmu {}: {e}", sh.lun.serial);
+                tracing::warn!("tcmu {}: {e}", sh.lun.serial);
             }
         }
         match sh.doorbell.wait(IDLE_POLL) {
@@ -282,7 +280,7 @@ fn ring_loop(sh: &Shared, tx: mpsc::Sender<Command>) {
 fn worker(sh: &Shared, rx: &Mutex<mpsc::Receiver<Command>>) {
     loop {
         let cmd = {
-            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            let rx = rx.locked();
             rx.recv()
         };
         let Ok(cmd) = cmd else { return };
@@ -295,7 +293,7 @@ fn worker(sh: &Shared, rx: &Mutex<mpsc::Receiver<Command>>) {
             Ok(()) => {
                 sh.stats.completed.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = sh.doorbell.kick() {
-                    log::warn!("tcmu {}: {e}", sh.lun.serial);
+                    tracing::warn!("tcmu {}: {e}", sh.lun.serial);
                 }
             }
             Err(e) => sh.set_broken(format!("completing command {}: {e}", cmd.cmd_id)),
@@ -318,7 +316,7 @@ fn hardware_error() -> Response {
 fn execute(sh: &Shared, cmd: &Command) -> Response {
     match &cmd.defect {
         Some(Defect::BadCdb(why)) => {
-            log::warn!("tcmu {}: command {}: {why}", sh.lun.serial, cmd.cmd_id);
+            tracing::warn!("tcmu {}: command {}: {why}", sh.lun.serial, cmd.cmd_id);
             return Response {
                 status: scsi::status::CHECK_CONDITION,
                 unknown_op: true,
@@ -326,7 +324,7 @@ fn execute(sh: &Shared, cmd: &Command) -> Response {
             };
         }
         Some(Defect::BadIovec(why)) => {
-            log::warn!("tcmu {}: command {}: {why}", sh.lun.serial, cmd.cmd_id);
+            tracing::warn!("tcmu {}: command {}: {why}", sh.lun.serial, cmd.cmd_id);
             return hardware_error();
         }
         None => {}
@@ -335,7 +333,7 @@ fn execute(sh: &Shared, cmd: &Command) -> Response {
         match ring::gather(&sh.region, &cmd.iovs) {
             Ok(d) => d,
             Err(e) => {
-                log::warn!("tcmu {}: command {}: {e}", sh.lun.serial, cmd.cmd_id);
+                tracing::warn!("tcmu {}: command {}: {e}", sh.lun.serial, cmd.cmd_id);
                 return hardware_error();
             }
         }
@@ -356,7 +354,7 @@ fn execute(sh: &Shared, cmd: &Command) -> Response {
     );
     if !scsi::is_data_out(&cmd.cdb) && !cmd.iovs.is_empty() && r.status == scsi::status::GOOD {
         if let Err(e) = ring::scatter(&sh.region, &cmd.iovs, &r.data_in) {
-            log::warn!("tcmu {}: command {}: {e}", sh.lun.serial, cmd.cmd_id);
+            tracing::warn!("tcmu {}: command {}: {e}", sh.lun.serial, cmd.cmd_id);
             return hardware_error();
         }
     }

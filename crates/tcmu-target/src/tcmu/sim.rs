@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use zfile::sync::{recover, MutexExt};
+
 use super::ring::{HeapMemory, Region};
 use super::server::Doorbell;
 use super::uapi::{self, ent, mb};
@@ -412,34 +414,31 @@ impl SimDoorbell {
 
     /// The kernel side: new entries were queued.
     pub fn ring(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         s.events += 1;
         self.cv.notify_all();
     }
 
     /// How often the handler kicked.
     pub fn kicks(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).kicks
+        self.state.locked().kicks
     }
 
     /// Waits until the handler has kicked more than `n` times in total.
     pub fn wait_kicks(&self, n: u64, timeout: Duration) -> bool {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (s, _) = self
-            .cv
-            .wait_timeout_while(s, timeout, |s| s.kicks <= n)
-            .unwrap_or_else(|e| e.into_inner());
+        let s = self.state.locked();
+        let (s, _) = recover(self.cv.wait_timeout_while(s, timeout, |s| s.kicks <= n));
         s.kicks > n
     }
 }
 
 impl Doorbell for SimDoorbell {
     fn wait(&self, timeout: Duration) -> Result<bool> {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut s, _) = self
-            .cv
-            .wait_timeout_while(s, timeout, |s| s.events == s.seen && !s.interrupted)
-            .unwrap_or_else(|e| e.into_inner());
+        let s = self.state.locked();
+        let (mut s, _) = recover(
+            self.cv
+                .wait_timeout_while(s, timeout, |s| s.events == s.seen && !s.interrupted),
+        );
         if s.interrupted {
             return Ok(false);
         }
@@ -448,14 +447,14 @@ impl Doorbell for SimDoorbell {
     }
 
     fn kick(&self) -> Result<()> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         s.kicks += 1;
         self.cv.notify_all();
         Ok(())
     }
 
     fn interrupt(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         s.interrupted = true;
         self.cv.notify_all();
     }
