@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# A/B of two obd builds on the `obd bench` figures, interleaved in one run so
+# both see the same machine: bench/ab.sh OLD_OBD NEW_OBD [REPS] > results.jsonl
+# Each line: {"build": "old"|"new", "rep": N, "bench": NAME, "figures": {...}}.
+# Used for refactors that must not move the figures (issue 13).
+set -euo pipefail
+old=$1 new=$2 reps=${3:-3}
+run() { # build-name binary rep bench args...
+  local name=$1 bin=$2 rep=$3 bench=$4; shift 4
+  local out
+  out=$("$bin" bench "$bench" "$@" --json)
+  printf '{"build":"%s","rep":%d,"bench":"%s","figures":%s}\n' "$name" "$rep" "$bench" "$out"
+}
+for rep in $(seq 1 "$reps"); do
+  for pair in "old $old" "new $new"; do
+    set -- $pair
+    run "$1" "$2" "$rep" index --seconds 1
+    run "$1" "$2" "$rep" zfile --size-mib 32 --seconds 1
+    run "$1" "$2" "$rep" read --size-mib 512 --zfile
+    run "$1" "$2" "$rep" remote --size-mib 256
+  done
+done
