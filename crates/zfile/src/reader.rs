@@ -158,31 +158,16 @@ pub(crate) fn valid_read_block_size(bs: u32) -> bool {
 
 /// Reads the header block of a ZFile of `size` bytes: magic, header bit, digest.
 fn read_header<R: ReadAt + ?Sized>(src: &R, size: u64) -> Result<Header> {
-    if size < HEADER_SIZE as u64 {
-        return Err(Error::Truncated {
-            what: "header",
-            need: HEADER_SIZE as u64,
-            have: size,
-        });
-    }
+    need_size("header", HEADER_SIZE as u64, size)?;
     let hblock = read_block512(src, 0, "header")?;
     let header = Header::parse_at(&hblock, "header", 0)?;
     if !header.is_header() {
-        return Err(Error::BadFlags {
-            what: "header",
-            flags: header.flags,
-            detail: "header bit clear",
-        });
+        return Err(bad_flags("header", &header, "header bit clear"));
     }
-    if header.has_digest() {
-        let computed = block_digest(&hblock).unwrap_or(0);
-        if computed != header.digest {
-            return Err(Error::HeaderDigest {
-                stored: header.digest,
-                computed,
-            });
-        }
-    }
+    check_block_digest(&hblock, &header, |stored, computed| Error::HeaderDigest {
+        stored,
+        computed,
+    })?;
     Ok(header)
 }
 
@@ -190,19 +175,9 @@ fn read_header<R: ReadAt + ?Sized>(src: &R, size: u64) -> Result<Header> {
 /// returns it and its offset.
 fn read_trailer<R: ReadAt + ?Sized>(src: &R, size: u64, header: &Header) -> Result<(Header, u64)> {
     if header.flags & flags::TYPE == 0 {
-        return Err(Error::BadFlags {
-            what: "header",
-            flags: header.flags,
-            detail: "not a data file",
-        });
+        return Err(bad_flags("header", header, "not a data file"));
     }
-    if size < 2 * HEADER_SIZE as u64 {
-        return Err(Error::Truncated {
-            what: "trailer",
-            need: 2 * HEADER_SIZE as u64,
-            have: size,
-        });
-    }
+    need_size("trailer", 2 * HEADER_SIZE as u64, size)?;
     let toff = size - HEADER_SIZE as u64;
     let tblock = read_block512(src, toff, "trailer")?;
     let t = Header::parse_at(&tblock, "trailer", toff)?;
@@ -216,22 +191,41 @@ fn read_trailer<R: ReadAt + ?Sized>(src: &R, size: u64, header: &Header) -> Resu
         None
     };
     if let Some(detail) = detail {
-        return Err(Error::BadFlags {
-            what: "trailer",
-            flags: t.flags,
-            detail,
-        });
+        return Err(bad_flags("trailer", &t, detail));
     }
-    if t.has_digest() {
-        let computed = block_digest(&tblock).unwrap_or(0);
-        if computed != t.digest {
-            return Err(Error::TrailerDigest {
-                stored: t.digest,
-                computed,
-            });
+    check_block_digest(&tblock, &t, |stored, computed| Error::TrailerDigest {
+        stored,
+        computed,
+    })?;
+    Ok((t, toff))
+}
+
+/// [`Error::Truncated`] unless the ZFile (`have` bytes) holds `need` bytes.
+fn need_size(what: &'static str, need: u64, have: u64) -> Result<()> {
+    if have < need {
+        return Err(Error::Truncated { what, need, have });
+    }
+    Ok(())
+}
+
+fn bad_flags(what: &'static str, h: &Header, detail: &'static str) -> Error {
+    Error::BadFlags {
+        what,
+        flags: h.flags,
+        detail,
+    }
+}
+
+/// Checks the stored digest of a header or trailer `block` (parsed as `h`),
+/// if it has one; `err(stored, computed)` is the error on a mismatch.
+fn check_block_digest(block: &[u8], h: &Header, err: fn(u32, u32) -> Error) -> Result<()> {
+    if h.has_digest() {
+        let computed = block_digest(block).unwrap_or(0);
+        if computed != h.digest {
+            return Err(err(h.digest, computed));
         }
     }
-    Ok((t, toff))
+    Ok(())
 }
 
 /// Checks the index fields of `meta` (the block they came from) against each
