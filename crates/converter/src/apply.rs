@@ -88,9 +88,12 @@ struct Entry {
     size: u64,
     link: Option<Vec<u8>>,
     dev: (u32, u32),
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xattrs: Xattrs,
     sparse: Option<Sparse>,
 }
+
+/// Extended attributes: (name, value) pairs.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A PAX-format GNU sparse file (formats 0.0, 0.1 and 1.0; the tar crate
 /// expands only the old GNU `S` entries itself).
@@ -110,6 +113,107 @@ fn num<T: std::str::FromStr>(v: &[u8], what: &str) -> Result<T> {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| Error::BadEntry(format!("bad {what} `{}`", String::from_utf8_lossy(v))))
+}
+
+fn bad_field(what: &str, err: std::io::Error) -> Error {
+    Error::BadEntry(format!("{what}: {err}"))
+}
+
+/// Mode, owner and time from the ustar fields of a tar header.
+fn header_attrs(h: &tar::Header) -> Result<Attrs> {
+    Ok(Attrs {
+        perm: (h.mode().map_err(|x| bad_field("mode", x))? & 0o7777) as u16,
+        uid: h.uid().map_err(|x| bad_field("uid", x))? as u32,
+        gid: h.gid().map_err(|x| bad_field("gid", x))? as u32,
+        mtime: h.mtime().map_err(|x| bad_field("mtime", x))? as i64,
+        mtime_nsec: 0,
+    })
+}
+
+/// Reads the PAX records of an entry: returns its xattrs and sparse-file
+/// records, and applies `mtime`, `uid` and `gid` to `attrs`.
+fn read_pax<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+    attrs: &mut Attrs,
+) -> Result<(Xattrs, Option<Sparse>)> {
+    let mut xattrs = Vec::new();
+    let mut sparse: Option<Sparse> = None;
+    let Some(pax) = e.pax_extensions().map_err(|x| bad_field("pax header", x))? else {
+        return Ok((xattrs, sparse));
+    };
+    for ext in pax {
+        let ext = ext.map_err(|x| bad_field("pax record", x))?;
+        let key = ext.key_bytes();
+        let val = ext.value_bytes();
+        if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+            xattrs.push((name.to_vec(), val.to_vec()));
+        } else if key == b"mtime" {
+            pax_mtime(val, attrs);
+        } else if let Some(k) = key.strip_prefix(b"GNU.sparse.") {
+            sparse.get_or_insert_with(Sparse::default).record(k, val)?;
+        } else if key == b"uid" {
+            if let Ok(v) = String::from_utf8_lossy(val).parse() {
+                attrs.uid = v;
+            }
+        } else if key == b"gid" {
+            if let Ok(v) = String::from_utf8_lossy(val).parse() {
+                attrs.gid = v;
+            }
+        }
+    }
+    Ok((xattrs, sparse))
+}
+
+/// Applies a PAX `mtime` record (decimal seconds with an optional fraction)
+/// to `attrs`; an unparsable one is ignored.
+fn pax_mtime(val: &[u8], attrs: &mut Attrs) {
+    let s = String::from_utf8_lossy(val);
+    let (sec, frac) = s.split_once('.').unwrap_or((&s, ""));
+    if let Ok(sec) = sec.parse::<i64>() {
+        attrs.mtime = sec;
+        let mut digits: String = frac.chars().take(9).collect();
+        while digits.len() < 9 {
+            digits.push('0');
+        }
+        attrs.mtime_nsec = digits.parse().unwrap_or(0);
+        if sec < 0 && attrs.mtime_nsec > 0 && s.starts_with('-') {
+            // "-1.5" means -1.5 s: floor the seconds.
+            attrs.mtime -= 1;
+            attrs.mtime_nsec = 1_000_000_000 - attrs.mtime_nsec;
+        }
+    }
+}
+
+impl Sparse {
+    /// Takes one `GNU.sparse.<key>` PAX record.
+    fn record(&mut self, key: &[u8], val: &[u8]) -> Result<()> {
+        match key {
+            b"major" => self.major = Some(num(val, "GNU.sparse.major")?),
+            b"minor" => self.minor = Some(num(val, "GNU.sparse.minor")?),
+            b"name" => self.name = Some(val.to_vec()),
+            b"realsize" | b"size" => self.real_size = Some(num(val, "GNU.sparse.size")?),
+            b"offset" => self.pending_offset = Some(num(val, "GNU.sparse.offset")?),
+            b"numbytes" => {
+                let off = self.pending_offset.take().ok_or_else(|| {
+                    Error::BadEntry("GNU.sparse.numbytes without an offset".into())
+                })?;
+                self.map.push((off, num(val, "GNU.sparse.numbytes")?));
+            }
+            b"map" => {
+                let nums: Vec<u64> = val
+                    .split(|&b| b == b',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| num(p, "GNU.sparse.map"))
+                    .collect::<Result<_>>()?;
+                if nums.len() % 2 != 0 {
+                    return Err(Error::BadEntry("odd GNU.sparse.map".into()));
+                }
+                self.map = nums.chunks(2).map(|c| (c[0], c[1])).collect();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// Reads the 1.0 sparse map at the start of the data: decimal numbers, one
@@ -194,81 +298,12 @@ impl<'a> Applier<'a> {
             return Ok(());
         }
         let h = e.header();
-        let bad = |what: &str, err: std::io::Error| Error::BadEntry(format!("{what}: {err}"));
-        let mut attrs = Attrs {
-            perm: (h.mode().map_err(|x| bad("mode", x))? & 0o7777) as u16,
-            uid: h.uid().map_err(|x| bad("uid", x))? as u32,
-            gid: h.gid().map_err(|x| bad("gid", x))? as u32,
-            mtime: h.mtime().map_err(|x| bad("mtime", x))? as i64,
-            mtime_nsec: 0,
-        };
+        let mut attrs = header_attrs(h)?;
         let dev = (
             h.device_major().ok().flatten().unwrap_or(0),
             h.device_minor().ok().flatten().unwrap_or(0),
         );
-        let mut xattrs = Vec::new();
-        let mut sparse: Option<Sparse> = None;
-        if let Some(pax) = e.pax_extensions().map_err(|x| bad("pax header", x))? {
-            for ext in pax {
-                let ext = ext.map_err(|x| bad("pax record", x))?;
-                let key = ext.key_bytes();
-                let val = ext.value_bytes();
-                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    xattrs.push((name.to_vec(), val.to_vec()));
-                } else if key == b"mtime" {
-                    let s = String::from_utf8_lossy(val);
-                    let (sec, frac) = s.split_once('.').unwrap_or((&s, ""));
-                    if let Ok(sec) = sec.parse::<i64>() {
-                        attrs.mtime = sec;
-                        let mut digits: String = frac.chars().take(9).collect();
-                        while digits.len() < 9 {
-                            digits.push('0');
-                        }
-                        attrs.mtime_nsec = digits.parse().unwrap_or(0);
-                        if sec < 0 && attrs.mtime_nsec > 0 && s.starts_with('-') {
-                            // "-1.5" means -1.5 s: floor the seconds.
-                            attrs.mtime -= 1;
-                            attrs.mtime_nsec = 1_000_000_000 - attrs.mtime_nsec;
-                        }
-                    }
-                } else if let Some(k) = key.strip_prefix(b"GNU.sparse.") {
-                    let sp = sparse.get_or_insert_with(Sparse::default);
-                    match k {
-                        b"major" => sp.major = Some(num(val, "GNU.sparse.major")?),
-                        b"minor" => sp.minor = Some(num(val, "GNU.sparse.minor")?),
-                        b"name" => sp.name = Some(val.to_vec()),
-                        b"realsize" | b"size" => sp.real_size = Some(num(val, "GNU.sparse.size")?),
-                        b"offset" => sp.pending_offset = Some(num(val, "GNU.sparse.offset")?),
-                        b"numbytes" => {
-                            let off = sp.pending_offset.take().ok_or_else(|| {
-                                Error::BadEntry("GNU.sparse.numbytes without an offset".into())
-                            })?;
-                            sp.map.push((off, num(val, "GNU.sparse.numbytes")?));
-                        }
-                        b"map" => {
-                            let nums: Vec<u64> = val
-                                .split(|&b| b == b',')
-                                .filter(|p| !p.is_empty())
-                                .map(|p| num(p, "GNU.sparse.map"))
-                                .collect::<Result<_>>()?;
-                            if nums.len() % 2 != 0 {
-                                return Err(Error::BadEntry("odd GNU.sparse.map".into()));
-                            }
-                            sp.map = nums.chunks(2).map(|c| (c[0], c[1])).collect();
-                        }
-                        _ => {}
-                    }
-                } else if key == b"uid" {
-                    if let Ok(v) = String::from_utf8_lossy(val).parse() {
-                        attrs.uid = v;
-                    }
-                } else if key == b"gid" {
-                    if let Ok(v) = String::from_utf8_lossy(val).parse() {
-                        attrs.gid = v;
-                    }
-                }
-            }
-        }
+        let (mut xattrs, sparse) = read_pax(e, &mut attrs)?;
         // Deterministic xattr order whatever the tar writer did.
         xattrs.sort();
         let link = match kind {

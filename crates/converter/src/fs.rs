@@ -98,6 +98,71 @@ fn put_u32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_le_bytes());
 }
 
+fn get_u16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+fn get_u32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4"))
+}
+
+/// A directory entry being filed under a hash index: (hash, minor hash,
+/// name, inode, file type); sorted, entries are in hash order.
+type HashedEntry = (u32, u32, Vec<u8>, u32, u8);
+
+/// Bytes a directory entry with an `n`-byte name takes.
+fn dirent_rec_len(n: usize) -> usize {
+    (8 + n + 3) & !3
+}
+
+/// Where to split hash-sorted `entries` into two leaves: by size at the
+/// half (never inside a run of equal hashes unless it cannot be helped:
+/// then the index entry is marked as continued).
+fn leaf_split(entries: &[HashedEntry]) -> usize {
+    let total: usize = entries.iter().map(|e| dirent_rec_len(e.2.len())).sum();
+    let mut split = 0usize;
+    let mut acc = 0usize;
+    while split < entries.len() && acc + dirent_rec_len(entries[split].2.len()) <= total / 2 {
+        acc += dirent_rec_len(entries[split].2.len());
+        split += 1;
+    }
+    split.clamp(1, entries.len().saturating_sub(1).max(1))
+}
+
+/// One leaf block of indexed directory `dir` holding `leaf`, with a
+/// checksum tail when `csum`.
+fn leaf_block(dir: ext2_ino_t, leaf: &[HashedEntry], csum: bool) -> Result<Vec<u8>> {
+    let bs = BLOCK as usize;
+    let usable = bs - if csum { 12 } else { 0 };
+    let mut b = vec![0u8; bs];
+    let mut o = 0usize;
+    for (i, (_, _, name, ino, ft)) in leaf.iter().enumerate() {
+        let mut rl = dirent_rec_len(name.len());
+        if i + 1 == leaf.len() {
+            rl = usable - o;
+        }
+        if o + rl > usable {
+            return Err(Error::BadEntry(format!(
+                "directory {dir}: a leaf overflows"
+            )));
+        }
+        b[o..o + 4].copy_from_slice(&ino.to_le_bytes());
+        b[o + 4..o + 6].copy_from_slice(&(rl as u16).to_le_bytes());
+        b[o + 6] = name.len() as u8;
+        b[o + 7] = *ft;
+        b[o + 8..o + 8 + name.len()].copy_from_slice(name);
+        o += rl;
+    }
+    if leaf.is_empty() {
+        b[4..6].copy_from_slice(&(usable as u16).to_le_bytes());
+    }
+    if csum {
+        // struct ext2_dir_entry_tail; the checksum is set on write.
+        b[bs - 12 + 4..bs - 12 + 6].copy_from_slice(&12u16.to_le_bytes());
+        b[bs - 12 + 7] = 0xDE;
+    }
+    Ok(b)
+}
+
 /// Encodes a time as ext4 does: low 32 bits of the seconds, and an extra
 /// word of `nsec << 2 | epoch bits`.
 pub fn encode_time(sec: i64, nsec: u32) -> (u32, u32) {
@@ -108,6 +173,45 @@ pub fn encode_time(sec: i64, nsec: u32) -> (u32, u32) {
 
 fn cstr(s: &[u8], what: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::BadEntry(format!("{what} contains a NUL byte")))
+}
+
+/// The superblock parameters `ext2fs_initialize` gets for a fresh
+/// filesystem of `p.size` bytes: 4 KiB blocks, 256-byte inodes, one inode
+/// per 16 KiB, the features above, 64-byte group descriptors, flex_bg 1.
+fn mkfs_superblock(p: &MkfsParams) -> Vec<u8> {
+    let blocks = p.size / BLOCK as u64;
+    let mut param = vec![0u8; sb::SIZE];
+    put_u32(&mut param, sb::S_BLOCKS_COUNT, blocks as u32);
+    put_u32(&mut param, sb::S_BLOCKS_COUNT_HI, (blocks >> 32) as u32);
+    put_u32(&mut param, sb::S_LOG_BLOCK_SIZE, 2);
+    put_u32(&mut param, sb::S_REV_LEVEL, 1);
+    put_u16(&mut param, sb::S_INODE_SIZE, INODE_SIZE);
+    let inodes = (p.size / INODE_RATIO).min(u32::MAX as u64) as u32;
+    put_u32(&mut param, sb::S_INODES_COUNT, inodes);
+    put_u32(
+        &mut param,
+        sb::S_FEATURE_COMPAT,
+        COMPAT_EXT_ATTR | COMPAT_DIR_INDEX,
+    );
+    put_u32(
+        &mut param,
+        sb::S_FEATURE_INCOMPAT,
+        INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG,
+    );
+    put_u32(
+        &mut param,
+        sb::S_FEATURE_RO_COMPAT,
+        RO_COMPAT_SPARSE_SUPER
+            | RO_COMPAT_LARGE_FILE
+            | RO_COMPAT_HUGE_FILE
+            | RO_COMPAT_DIR_NLINK
+            | RO_COMPAT_EXTRA_ISIZE
+            | RO_COMPAT_METADATA_CSUM,
+    );
+    put_u16(&mut param, sb::S_DESC_SIZE, 64);
+    param[sb::S_LOG_GROUPS_PER_FLEX] = 0; // -G 1
+    put_u32(&mut param, sb::S_DEFAULT_MOUNT_OPTS, 0x0004 | 0x0008); // user_xattr,acl
+    param
 }
 
 /// One open filesystem.
@@ -159,39 +263,7 @@ impl Ext4 {
     /// off with the tables known to read as zeros), with a fixed UUID and
     /// hash seed, then creates `/`, `/lost+found` and the reserved inodes.
     pub fn mkfs(backend: Arc<Mutex<Backend>>, p: &MkfsParams) -> Result<Ext4> {
-        let blocks = p.size / BLOCK as u64;
-        let mut param = vec![0u8; sb::SIZE];
-        put_u32(&mut param, sb::S_BLOCKS_COUNT, blocks as u32);
-        put_u32(&mut param, sb::S_BLOCKS_COUNT_HI, (blocks >> 32) as u32);
-        put_u32(&mut param, sb::S_LOG_BLOCK_SIZE, 2);
-        put_u32(&mut param, sb::S_REV_LEVEL, 1);
-        put_u16(&mut param, sb::S_INODE_SIZE, INODE_SIZE);
-        let inodes = (p.size / INODE_RATIO).min(u32::MAX as u64) as u32;
-        put_u32(&mut param, sb::S_INODES_COUNT, inodes);
-        put_u32(
-            &mut param,
-            sb::S_FEATURE_COMPAT,
-            COMPAT_EXT_ATTR | COMPAT_DIR_INDEX,
-        );
-        put_u32(
-            &mut param,
-            sb::S_FEATURE_INCOMPAT,
-            INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG,
-        );
-        put_u32(
-            &mut param,
-            sb::S_FEATURE_RO_COMPAT,
-            RO_COMPAT_SPARSE_SUPER
-                | RO_COMPAT_LARGE_FILE
-                | RO_COMPAT_HUGE_FILE
-                | RO_COMPAT_DIR_NLINK
-                | RO_COMPAT_EXTRA_ISIZE
-                | RO_COMPAT_METADATA_CSUM,
-        );
-        put_u16(&mut param, sb::S_DESC_SIZE, 64);
-        param[sb::S_LOG_GROUPS_PER_FLEX] = 0; // -G 1
-        put_u32(&mut param, sb::S_DEFAULT_MOUNT_OPTS, 0x0004 | 0x0008); // user_xattr,acl
-
+        let mut param = mkfs_superblock(p);
         let name = io::register(backend.clone());
         let mut fs: ext2_filsys = std::ptr::null_mut();
         // SAFETY: `name` is NUL-terminated, `param` is a 1024-byte superblock
@@ -214,9 +286,20 @@ impl Ext4 {
             backend: Some(backend),
         };
         me.set_now();
+        me.stamp_superblock(p);
+        me.allocate_tables()?;
+        me.make_root_and_lost_found()?;
+        me.reserve_inodes()?;
+        Ok(me)
+    }
+
+    /// Sets what mke2fs sets in a fresh superblock beyond the geometry: the
+    /// UUID and hash seed of `p`, hash and checksum types, no periodic fsck,
+    /// fixed times; then the checksum seed.
+    fn stamp_superblock(&mut self, p: &MkfsParams) {
         // SAFETY: `super_` points to the handle's 1024-byte in-memory
         // superblock, owned by libext2fs for the handle's lifetime.
-        let sbuf = unsafe { std::slice::from_raw_parts_mut((*me.fs).super_, sb::SIZE) };
+        let sbuf = unsafe { std::slice::from_raw_parts_mut((*self.fs).super_, sb::SIZE) };
         sbuf[sb::S_UUID..sb::S_UUID + 16].copy_from_slice(&p.uuid);
         sbuf[sb::S_HASH_SEED..sb::S_HASH_SEED + 16].copy_from_slice(&p.hash_seed);
         sbuf[sb::S_DEF_HASH_VERSION] = 1; // half_md4, mke2fs's default
@@ -228,26 +311,35 @@ impl Ext4 {
         }
         put_u32(sbuf, sb::S_MTIME, 0);
         // SAFETY: live handle; the uuid was just set.
-        unsafe { ext2fs_init_csum_seed(me.fs) };
+        unsafe { ext2fs_init_csum_seed(self.fs) };
+    }
+
+    /// Allocates the group tables of a fresh filesystem, marking the inode
+    /// tables zeroed.
+    fn allocate_tables(&self) -> Result<()> {
         // SAFETY: live handle with bitmaps from ext2fs_initialize.
-        let rc = unsafe { ext2fs_allocate_tables(me.fs) };
-        me.check(|| "allocate_tables".into(), rc)?;
+        let rc = unsafe { ext2fs_allocate_tables(self.fs) };
+        self.check(|| "allocate_tables".into(), rc)?;
         // SAFETY: live handle.
-        let groups = unsafe { (*me.fs).group_desc_count };
+        let groups = unsafe { (*self.fs).group_desc_count };
         for g in 0..groups {
             // The inode tables read as zeros (the layer below is empty), so
             // they count as zeroed without writing a byte.
             // SAFETY: `g` is a valid group of the live handle.
             unsafe {
-                ext2fs_bg_flags_set(me.fs, g, EXT2_BG_INODE_ZEROED);
-                ext2fs_group_desc_csum_set(me.fs, g);
+                ext2fs_bg_flags_set(self.fs, g, EXT2_BG_INODE_ZEROED);
+                ext2fs_group_desc_csum_set(self.fs, g);
             }
         }
-        // Root directory.
+        Ok(())
+    }
+
+    /// Creates `/` and `/lost+found` in a fresh filesystem.
+    fn make_root_and_lost_found(&self) -> Result<()> {
         // SAFETY: live handle; NULL name makes the root itself.
-        let rc = unsafe { ext2fs_mkdir(me.fs, EXT2_ROOT_INO, EXT2_ROOT_INO, std::ptr::null()) };
-        me.check(|| "mkdir /".into(), rc)?;
-        me.set_attrs(
+        let rc = unsafe { ext2fs_mkdir(self.fs, EXT2_ROOT_INO, EXT2_ROOT_INO, std::ptr::null()) };
+        self.check(|| "mkdir /".into(), rc)?;
+        self.set_attrs(
             EXT2_ROOT_INO,
             &Attrs {
                 perm: 0o755,
@@ -256,7 +348,7 @@ impl Ext4 {
             },
         )?;
         // lost+found, grown to 16 KiB as mke2fs does (e2fsck wants it).
-        let lpf = me.mkdir(
+        let lpf = self.mkdir(
             EXT2_ROOT_INO,
             b"lost+found",
             &Attrs {
@@ -267,21 +359,25 @@ impl Ext4 {
         )?;
         for _ in 1..4 {
             // SAFETY: live handle, `lpf` is a directory.
-            let rc = unsafe { ext2fs_expand_dir(me.fs, lpf) };
-            me.check(|| "expand lost+found".into(), rc)?;
+            let rc = unsafe { ext2fs_expand_dir(self.fs, lpf) };
+            self.check(|| "expand lost+found".into(), rc)?;
         }
-        // Reserved inodes (1..first_ino), the bad-block inode included:
-        // upstream once forgot inode 1 (overlaybd #285).
+        Ok(())
+    }
+
+    /// Marks the reserved inodes (1..first_ino) used, the bad-block inode
+    /// included (upstream once forgot inode 1, overlaybd #285), and writes
+    /// an empty bad-block list.
+    fn reserve_inodes(&self) -> Result<()> {
         for ino in 1..EXT2_GOOD_OLD_FIRST_INO {
             if ino != EXT2_ROOT_INO {
                 // SAFETY: live handle; `ino` is within the inode count.
-                unsafe { ext2fs_inode_alloc_stats2(me.fs, ino, 1, 0) };
+                unsafe { ext2fs_inode_alloc_stats2(self.fs, ino, 1, 0) };
             }
         }
         // SAFETY: live handle; NULL = an empty bad-block list.
-        let rc = unsafe { ext2fs_update_bb_inode(me.fs, std::ptr::null_mut()) };
-        me.check(|| "bad-block inode".into(), rc)?;
-        Ok(me)
+        let rc = unsafe { ext2fs_update_bb_inode(self.fs, std::ptr::null_mut()) };
+        self.check(|| "bad-block inode".into(), rc)
     }
 
     /// Opens the filesystem the stack in `backend` already holds, read-write.
@@ -695,12 +791,43 @@ impl Ext4 {
             ext2fs_read_dir_block4(self.fs, pblk0, block.as_mut_ptr() as *mut c_void, 0, dir)
         };
         self.check(|| format!("read directory {dir}"), rc)?;
-        // Parse the linear block.
-        let rd16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        let rd32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
-        let mut parent = 0u32;
-        let mut entries: Vec<(u32, u32, Vec<u8>, u32, u8)> = Vec::new(); // hash, minor, name, ino, ft
-        let mut off = 0usize;
+        let (parent, mut entries) = self.hashed_entries(dir, &block)?;
+        entries.sort();
+        let split = leaf_split(&entries);
+        let leaves = [&entries[..split], &entries[split..]];
+        let mut leaf_blocks = leaves
+            .iter()
+            .map(|leaf| leaf_block(dir, leaf, csum))
+            .collect::<Result<Vec<_>>>()?;
+        let mut root = self.dx_root_block(dir, parent, leaves, csum);
+        // Grow the directory to three blocks, then write them.
+        for _ in 0..2 {
+            // SAFETY: live handle; `dir` is a directory.
+            let rc = unsafe { ext2fs_expand_dir(self.fs, dir) };
+            self.check(|| format!("expand directory {dir}"), rc)?;
+        }
+        for (i, b) in leaf_blocks.iter_mut().enumerate() {
+            let p = self.dir_block_pblk(dir, i as u64 + 1)?;
+            // SAFETY: live handle; `b` is one block; the checksum is set.
+            let rc = unsafe {
+                ext2fs_write_dir_block4(self.fs, p, b.as_mut_ptr() as *mut c_void, 0, dir)
+            };
+            self.check(|| format!("write directory {dir} leaf"), rc)?;
+        }
+        // SAFETY: as above, for the root block.
+        let rc = unsafe {
+            ext2fs_write_dir_block4(self.fs, pblk0, root.as_mut_ptr() as *mut c_void, 0, dir)
+        };
+        self.check(|| format!("write directory {dir} root"), rc)?;
+        let mut inode = self.read_inode(dir)?;
+        inode.i.i_flags |= EXT2_INDEX_FL;
+        self.write_inode(dir, &mut inode)
+    }
+
+    /// Parses the linear directory block `block` of `dir`: returns the
+    /// inode of `..` and the other entries (not `.`) with their name hashes.
+    fn hashed_entries(&self, dir: ext2_ino_t, block: &[u8]) -> Result<(u32, Vec<HashedEntry>)> {
+        let bs = block.len();
         let version = {
             let mut v = self.super_bytes()[sb::S_DEF_HASH_VERSION] as c_int;
             if v <= 2 && self.super_u32(sb::S_FLAGS) & EXT2_FLAGS_UNSIGNED_HASH != 0 {
@@ -712,13 +839,16 @@ impl Ext4 {
             let b = self.super_bytes();
             let mut s = [0u32; 4];
             for (i, w) in s.iter_mut().enumerate() {
-                *w = rd32(b, sb::S_HASH_SEED + 4 * i);
+                *w = get_u32(b, sb::S_HASH_SEED + 4 * i);
             }
             s
         };
+        let mut parent = 0u32;
+        let mut entries = Vec::new();
+        let mut off = 0usize;
         while off + 8 <= bs {
-            let ino = rd32(&block, off);
-            let rec = rd16(&block, off + 4) as usize;
+            let ino = get_u32(block, off);
+            let rec = get_u16(block, off + 4) as usize;
             let nlen = block[off + 6] as usize;
             let ft = block[off + 7];
             if rec < 8 || off + rec > bs || 8 + nlen > rec {
@@ -755,53 +885,19 @@ impl Ext4 {
         if parent == 0 {
             return Err(Error::BadEntry(format!("directory {dir} has no `..`")));
         }
-        entries.sort();
-        // Two leaves, split by size at the half (never inside a run of
-        // equal hashes unless it cannot be helped: then mark the index
-        // entry as continued).
-        let rec_len = |n: usize| (8 + n + 3) & !3;
-        let usable = bs - if csum { 12 } else { 0 };
-        let total: usize = entries.iter().map(|e| rec_len(e.2.len())).sum();
-        let mut split = 0usize;
-        let mut acc = 0usize;
-        while split < entries.len() && acc + rec_len(entries[split].2.len()) <= total / 2 {
-            acc += rec_len(entries[split].2.len());
-            split += 1;
-        }
-        let split = split.clamp(1, entries.len().saturating_sub(1).max(1));
-        let leaves = [&entries[..split], &entries[split..]];
-        let mut leaf_blocks = Vec::new();
-        for leaf in leaves {
-            let mut b = vec![0u8; bs];
-            let mut o = 0usize;
-            for (i, (_, _, name, ino, ft)) in leaf.iter().enumerate() {
-                let mut rl = rec_len(name.len());
-                if i + 1 == leaf.len() {
-                    rl = usable - o;
-                }
-                if o + rl > usable {
-                    return Err(Error::BadEntry(format!(
-                        "directory {dir}: a leaf overflows"
-                    )));
-                }
-                b[o..o + 4].copy_from_slice(&ino.to_le_bytes());
-                b[o + 4..o + 6].copy_from_slice(&(rl as u16).to_le_bytes());
-                b[o + 6] = name.len() as u8;
-                b[o + 7] = *ft;
-                b[o + 8..o + 8 + name.len()].copy_from_slice(name);
-                o += rl;
-            }
-            if leaf.is_empty() {
-                b[4..6].copy_from_slice(&(usable as u16).to_le_bytes());
-            }
-            if csum {
-                // struct ext2_dir_entry_tail; the checksum is set on write.
-                b[bs - 12 + 4..bs - 12 + 6].copy_from_slice(&12u16.to_le_bytes());
-                b[bs - 12 + 7] = 0xDE;
-            }
-            leaf_blocks.push(b);
-        }
-        // The root block.
+        Ok((parent, entries))
+    }
+
+    /// The root block of an indexed directory `dir` (parent `parent`):
+    /// `.`, `..` and a dx root over the two `leaves` (blocks 1 and 2).
+    fn dx_root_block(
+        &self,
+        dir: ext2_ino_t,
+        parent: u32,
+        leaves: [&[HashedEntry]; 2],
+        csum: bool,
+    ) -> Vec<u8> {
+        let bs = BLOCK as usize;
         let mut root = vec![0u8; bs];
         root[0..4].copy_from_slice(&dir.to_le_bytes());
         root[4..6].copy_from_slice(&12u16.to_le_bytes());
@@ -825,28 +921,7 @@ impl Ext4 {
         let continued = leaves[0].last().map(|e| e.0) == Some(first2);
         root[40..44].copy_from_slice(&(first2 | continued as u32).to_le_bytes());
         root[44..48].copy_from_slice(&2u32.to_le_bytes());
-        // Grow the directory to three blocks, then write them.
-        for _ in 0..2 {
-            // SAFETY: live handle; `dir` is a directory.
-            let rc = unsafe { ext2fs_expand_dir(self.fs, dir) };
-            self.check(|| format!("expand directory {dir}"), rc)?;
-        }
-        for (i, b) in leaf_blocks.iter_mut().enumerate() {
-            let p = self.dir_block_pblk(dir, i as u64 + 1)?;
-            // SAFETY: live handle; `b` is one block; the checksum is set.
-            let rc = unsafe {
-                ext2fs_write_dir_block4(self.fs, p, b.as_mut_ptr() as *mut c_void, 0, dir)
-            };
-            self.check(|| format!("write directory {dir} leaf"), rc)?;
-        }
-        // SAFETY: as above, for the root block.
-        let rc = unsafe {
-            ext2fs_write_dir_block4(self.fs, pblk0, root.as_mut_ptr() as *mut c_void, 0, dir)
-        };
-        self.check(|| format!("write directory {dir} root"), rc)?;
-        let mut inode = self.read_inode(dir)?;
-        inode.i.i_flags |= EXT2_INDEX_FL;
-        self.write_inode(dir, &mut inode)
+        root
     }
 
     fn link(&self, dir: ext2_ino_t, name: &[u8], ino: ext2_ino_t, ft: c_int) -> Result<()> {

@@ -116,10 +116,45 @@ pub fn run(size_mib: u64, zfile: bool, dir: Option<PathBuf>) -> Result<Value> {
         (64 * MIB).min(size + 4 * MIB) as usize + 4 * MIB as usize,
     );
     let t0 = Instant::now();
-    let layers: Vec<PathBuf> = (0..3)
-        .map(|k| build_layer(&dir, k, size, &pool, zfile))
-        .collect::<Result<_>>()?;
+    let (layers, cfg_path) = build_image(&dir, size, &pool, zfile)?;
     let build_s = t0.elapsed().as_secs_f64();
+    let layer_bytes: u64 = layers
+        .iter()
+        .map(|p| p.metadata().map_or(0, |m| m.len()))
+        .sum();
+
+    // Warm the page cache, and make the plain file the copy baseline reads.
+    for p in &layers {
+        read_all(p)?;
+    }
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let t = Timings::measure(&dir, &cfg_path, &layers, threads)?;
+    let mb = size as f64 / 1e6;
+    Ok(json!({
+        "bench": "read",
+        "what": "obd image flatten (no fsync) of a 3-layer image from local files vs copying a plain file of the same size with `dd bs=4M` (userspace loop) and `cp` (copy_file_range); page cache warm; each op its own process; best of 3 interleaved rounds",
+        "virtual_size": size,
+        "layers": 3,
+        "layer_format": if zfile { "zfile(lz4,4K)(lsmt)" } else { "lsmt" },
+        "layer_bytes": layer_bytes,
+        "build_seconds": build_s,
+        "threads": threads,
+        "flatten_mb_per_s": mb / t.flatten,
+        "flatten_1_thread_mb_per_s": mb / t.flatten1,
+        "dd_copy_mb_per_s": mb / t.dd,
+        "cp_copy_mb_per_s": mb / t.cp,
+        "flatten_vs_dd_ratio": t.dd / t.flatten,
+        "flatten_vs_cp_ratio": t.cp / t.flatten,
+        "goal_ratio": 0.8,
+    }))
+}
+
+/// Builds the 3 layers of the benchmark image in `dir` (from `pool`) and its
+/// config; returns the layer files and the config's path.
+fn build_image(dir: &Path, size: u64, pool: &[u8], zfile: bool) -> Result<(Vec<PathBuf>, PathBuf)> {
+    let layers: Vec<PathBuf> = (0..3)
+        .map(|k| build_layer(dir, k, size, pool, zfile))
+        .collect::<Result<_>>()?;
     let cfg = ImageConfig {
         lowers: layers
             .iter()
@@ -132,100 +167,95 @@ pub fn run(size_mib: u64, zfile: bool, dir: Option<PathBuf>) -> Result<Value> {
     };
     let cfg_path = dir.join("config.v1.json");
     cfg.save_atomic(&cfg_path)?;
-    let layer_bytes: u64 = layers
-        .iter()
-        .map(|p| p.metadata().map_or(0, |m| m.len()))
-        .sum();
+    Ok((layers, cfg_path))
+}
 
-    // Warm the page cache, and make the plain file the copy baseline reads.
-    for p in &layers {
-        read_all(p)?;
-    }
-    let flat = dir.join("flat.img");
-    let plain = dir.join("plain.img");
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // Each measured operation runs in its own process, as a user runs it: `obd
-    // image flatten` (without the final fsync, like the copies) against `cp`
-    // (copy_file_range) and `dd bs=4M` (a userspace read/write loop).
-    let exe = std::env::current_exe()?;
-    let cfg_s = cfg_path.display().to_string();
-    let flat_s = flat.display().to_string();
-    let plain_s = plain.display().to_string();
-    let run = |prog: &Path, args: &[&str]| -> Result<()> {
-        let st = std::process::Command::new(prog)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .with_context(|| format!("cannot run {}", prog.display()))?;
-        anyhow::ensure!(st.success(), "{} {args:?} failed", prog.display());
-        Ok(())
-    };
-    let flatten = |threads: usize| {
-        let t = threads.to_string();
-        run(
+/// Runs `prog args` to completion, its output discarded.
+fn run_quiet(prog: &Path, args: &[&str]) -> Result<()> {
+    let st = std::process::Command::new(prog)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run {}", prog.display()))?;
+    anyhow::ensure!(st.success(), "{} {args:?} failed", prog.display());
+    Ok(())
+}
+
+/// Best wall times, in seconds, of the measured operations.
+struct Timings {
+    dd: f64,
+    cp: f64,
+    flatten1: f64,
+    flatten: f64,
+}
+
+impl Timings {
+    /// Each measured operation runs in its own process, as a user runs it: `obd
+    /// image flatten` (without the final fsync, like the copies) against `cp`
+    /// (copy_file_range) and `dd bs=4M` (a userspace read/write loop), copying
+    /// a plain file made by flattening the image once; the flattened disk must
+    /// equal it byte for byte.
+    fn measure(dir: &Path, cfg_path: &Path, layers: &[PathBuf], threads: usize) -> Result<Timings> {
+        let flat = dir.join("flat.img");
+        let plain = dir.join("plain.img");
+        let exe = std::env::current_exe()?;
+        let cfg_s = cfg_path.display().to_string();
+        let flat_s = flat.display().to_string();
+        let plain_s = plain.display().to_string();
+        let flatten = |threads: usize| {
+            let t = threads.to_string();
+            run_quiet(
+                &exe,
+                &[
+                    "image",
+                    "flatten",
+                    "--no-sync",
+                    "--threads",
+                    &t,
+                    "--config",
+                    &cfg_s,
+                    "-o",
+                    &flat_s,
+                ],
+            )
+        };
+        run_quiet(
             &exe,
-            &[
-                "image",
-                "flatten",
-                "--no-sync",
-                "--threads",
-                &t,
-                "--config",
-                &cfg_s,
-                "-o",
-                &flat_s,
-            ],
-        )
-    };
-    run(
-        &exe,
-        &["image", "flatten", "--config", &cfg_s, "-o", &plain_s],
-    )?;
-    read_all(&plain)?;
-    // Nothing dirty left behind by the set-up: writeback must not run during timing.
-    for p in layers.iter().chain([&plain]) {
-        File::open(p)?.sync_all()?;
+            &["image", "flatten", "--config", &cfg_s, "-o", &plain_s],
+        )?;
+        read_all(&plain)?;
+        // Nothing dirty left behind by the set-up: writeback must not run during timing.
+        for p in layers.iter().chain([&plain]) {
+            File::open(p)?.sync_all()?;
+        }
+        // Interleaved rounds, best of each, so background noise hits all alike.
+        let dd_of = format!("of={flat_s}");
+        let dd_if = format!("if={plain_s}");
+        let mut t = Timings {
+            dd: f64::MAX,
+            cp: f64::MAX,
+            flatten1: f64::MAX,
+            flatten: f64::MAX,
+        };
+        for _ in 0..3 {
+            t.dd = t.dd.min(best_of(1, &flat, || {
+                run_quiet(Path::new("dd"), &[&dd_if, &dd_of, "bs=4M", "status=none"])
+            })?);
+            t.cp = t.cp.min(best_of(1, &flat, || {
+                run_quiet(Path::new("cp"), &[&plain_s, &flat_s])
+            })?);
+            t.flatten1 = t.flatten1.min(best_of(1, &flat, || flatten(1))?);
+            t.flatten = t.flatten.min(best_of(1, &flat, || flatten(threads))?);
+        }
+        // The flattened disk must equal the plain copy source byte for byte.
+        let same = crate::util::sha256_hex(File::open(&flat)?)?
+            == crate::util::sha256_hex(File::open(&plain)?)?;
+        let _ = std::fs::remove_file(&flat);
+        let _ = std::fs::remove_file(&plain);
+        anyhow::ensure!(same, "flatten output differs from the reference disk");
+        Ok(t)
     }
-    // Interleaved rounds, best of each, so background noise hits all alike.
-    let dd_of = format!("of={flat_s}");
-    let dd_if = format!("if={plain_s}");
-    let (mut dd_s, mut cp_s, mut flatten1_s, mut flatten_s) =
-        (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
-    for _ in 0..3 {
-        dd_s = dd_s.min(best_of(1, &flat, || {
-            run(Path::new("dd"), &[&dd_if, &dd_of, "bs=4M", "status=none"])
-        })?);
-        cp_s = cp_s.min(best_of(1, &flat, || {
-            run(Path::new("cp"), &[&plain_s, &flat_s])
-        })?);
-        flatten1_s = flatten1_s.min(best_of(1, &flat, || flatten(1))?);
-        flatten_s = flatten_s.min(best_of(1, &flat, || flatten(threads))?);
-    }
-    // The flattened disk must equal the plain copy source byte for byte.
-    let same = crate::util::sha256_hex(File::open(&flat)?)?
-        == crate::util::sha256_hex(File::open(&plain)?)?;
-    let _ = std::fs::remove_file(&flat);
-    let _ = std::fs::remove_file(&plain);
-    anyhow::ensure!(same, "flatten output differs from the reference disk");
-    let mb = size as f64 / 1e6;
-    Ok(json!({
-        "bench": "read",
-        "what": "obd image flatten (no fsync) of a 3-layer image from local files vs copying a plain file of the same size with `dd bs=4M` (userspace loop) and `cp` (copy_file_range); page cache warm; each op its own process; best of 3 interleaved rounds",
-        "virtual_size": size,
-        "layers": 3,
-        "layer_format": if zfile { "zfile(lz4,4K)(lsmt)" } else { "lsmt" },
-        "layer_bytes": layer_bytes,
-        "build_seconds": build_s,
-        "threads": threads,
-        "flatten_mb_per_s": mb / flatten_s,
-        "flatten_1_thread_mb_per_s": mb / flatten1_s,
-        "dd_copy_mb_per_s": mb / dd_s,
-        "cp_copy_mb_per_s": mb / cp_s,
-        "flatten_vs_dd_ratio": dd_s / flatten_s,
-        "flatten_vs_cp_ratio": cp_s / flatten_s,
-        "goal_ratio": 0.8,
-    }))
 }
 
 /// A temporary folder removed on drop.

@@ -98,20 +98,11 @@ pub fn run(size_mib: u64, threads: usize, dir: Option<PathBuf>) -> Result<Value>
 fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     let reg = Registry::start(base).map_err(|e| anyhow::anyhow!("obd bench remote: {e}"))?;
     let size = size_mib << 20;
-    let pool = fixtures::image_like(
-        5,
-        (64usize << 20).min(size as usize + (4 << 20)) + (4 << 20),
-    );
-    let mut lowers = Vec::new();
-    let mut blobs = Vec::new();
-    for k in 0..3 {
-        let file = crate::bench_read::build_layer(base, k, size, &pool, true)?;
-        let (digest, len) = push(&reg, "bench/img", &file)?;
-        std::fs::remove_file(&file)?;
-        lowers.push(json!({"digest": digest, "size": len}));
-        blobs.push((digest, len));
-    }
-    drop(pool);
+    let blobs = push_layers(base, &reg, size)?;
+    let lowers: Vec<Value> = blobs
+        .iter()
+        .map(|(digest, len)| json!({"digest": digest, "size": len}))
+        .collect();
     let repo_url = reg.repo_blob_url("bench/img");
     let cfg = base.join("config.v1.json");
     std::fs::write(
@@ -120,7 +111,74 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     )?;
     let blob_bytes: u64 = blobs.iter().map(|b| b.1).sum();
 
-    // Baseline: curl downloading the same blobs, all at once (best of 3).
+    let curl_s = best_curl(&repo_url, &blobs)?;
+    let exe = std::env::current_exe()?;
+    let local_s = local_flatten(base, &exe, threads, &repo_url, &blobs)?;
+
+    // obd: cold flatten (fresh cache each run, best of 3), as its own process.
+    let flatten_s = best_flatten(
+        &exe,
+        threads,
+        &cfg,
+        Some(&base.join("cache-flatten")),
+        &base.join("flat.img"),
+    )
+    .context("obd image flatten from the registry")?;
+
+    let mut lat = read_latencies(base, &repo_url, blobs[0].clone())?;
+
+    let (p50, p99) = (
+        percentile(&mut lat.alone, 0.5),
+        percentile(&mut lat.alone, 0.99),
+    );
+    let (bp50, bp99) = (
+        percentile(&mut lat.busy, 0.5),
+        percentile(&mut lat.busy, 0.99),
+    );
+    Ok(json!({
+        "bench": "remote",
+        "what": "lazy reads from docker-registry on 127.0.0.1 (loopback, plain HTTP)",
+        "virtual_size": size,
+        "blob_bytes": blob_bytes,
+        "layer_format": "zfile(lz4,4K)(lsmt)",
+        "curl_parallel_mb_per_s": blob_bytes as f64 / 1e6 / curl_s,
+        "cold_flatten_mb_per_s": blob_bytes as f64 / 1e6 / flatten_s,
+        "cold_flatten_vs_curl_ratio": curl_s / flatten_s,
+        "cold_flatten_seconds": flatten_s,
+        "local_flatten_seconds": local_s,
+        "local_flatten_vs_curl_ratio": curl_s / local_s,
+        "cold_flatten_vs_local_ratio": local_s / flatten_s,
+        "flatten_threads": threads,
+        "cold_random_4k_p50_us": p50,
+        "cold_random_4k_p99_us": p99,
+        "cold_random_4k_requests_per_read": lat.alone_requests as f64 / lat.reads as f64,
+        "with_background_download_p50_us": bp50,
+        "with_background_download_p99_us": bp99,
+        "background_bytes_during_measurement": lat.background_bytes,
+        "p50_ratio_with_vs_without_background": bp50 / p50,
+        "p99_ratio_with_vs_without_background": bp99 / p99,
+        "goals": {"cold_flatten_vs_curl_ratio": 0.7, "p50_ratio_with_vs_without_background": 1.5},
+    }))
+}
+
+/// Builds the 3 benchmark layers and pushes them to `bench/img`; returns
+/// each blob's digest and size.
+fn push_layers(base: &Path, reg: &Registry, size: u64) -> Result<Vec<(String, u64)>> {
+    let pool = fixtures::image_like(
+        5,
+        (64usize << 20).min(size as usize + (4 << 20)) + (4 << 20),
+    );
+    let mut blobs = Vec::new();
+    for k in 0..3 {
+        let file = crate::bench_read::build_layer(base, k, size, &pool, true)?;
+        blobs.push(push(reg, "bench/img", &file)?);
+        std::fs::remove_file(&file)?;
+    }
+    Ok(blobs)
+}
+
+/// Baseline: curl downloading the same blobs, all at once (best of 3), in seconds.
+fn best_curl(repo_url: &str, blobs: &[(String, u64)]) -> Result<f64> {
     let mut curl_s = f64::MAX;
     for _ in 0..3 {
         let t = Instant::now();
@@ -138,10 +196,19 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
         }
         curl_s = curl_s.min(t.elapsed().as_secs_f64());
     }
-    let exe = std::env::current_exe()?;
-    // Ceiling: the same flatten from local copies of the blobs (page cache
-    // warm, no network, no block cache). The remote flatten does all of this
-    // work and more, on the same cores.
+    Ok(curl_s)
+}
+
+/// Ceiling: the same flatten from local copies of the blobs (page cache
+/// warm, no network, no block cache), in seconds. The remote flatten does
+/// all of this work and more, on the same cores.
+fn local_flatten(
+    base: &Path,
+    exe: &Path,
+    threads: usize,
+    repo_url: &str,
+    blobs: &[(String, u64)],
+) -> Result<f64> {
     let mut local_lowers = Vec::new();
     for (k, (d, _)) in blobs.iter().enumerate() {
         let f = base.join(format!("local-blob-{k}"));
@@ -155,26 +222,31 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     }
     let local_cfg = base.join("local.json");
     std::fs::write(&local_cfg, json!({"lowers": local_lowers}).to_string())?;
-    let local_s = best_flatten(&exe, threads, &local_cfg, None, &base.join("flat.img"))
+    let local_s = best_flatten(exe, threads, &local_cfg, None, &base.join("flat.img"))
         .context("obd image flatten of the local copies")?;
     for l in &local_lowers {
         if let Some(f) = l["file"].as_str() {
             let _ = std::fs::remove_file(f);
         }
     }
+    Ok(local_s)
+}
 
-    // obd: cold flatten (fresh cache each run, best of 3), as its own process.
-    let flatten_s = best_flatten(
-        &exe,
-        threads,
-        &cfg,
-        Some(&base.join("cache-flatten")),
-        &base.join("flat.img"),
-    )
-    .context("obd image flatten from the registry")?;
+/// Cold random 4 KiB read latencies (µs), alone and during a background download.
+struct Latencies {
+    alone: Vec<f64>,
+    /// Requests the reads alone made.
+    alone_requests: u64,
+    /// Reads in each measurement.
+    reads: usize,
+    busy: Vec<f64>,
+    /// Bytes the background download fetched meanwhile.
+    background_bytes: u64,
+}
 
-    // Cold random 4 KiB reads of the base layer blob, and the same while a
-    // background download of that blob runs through the same scheduler.
+/// Cold random 4 KiB reads of the base layer blob, and the same while a
+/// background download of that blob runs through the same scheduler.
+fn read_latencies(base: &Path, repo_url: &str, (digest, len): (String, u64)) -> Result<Latencies> {
     let client = RegistryClient::new(RegistryOptions {
         use_docker_config: false,
         ..Default::default()
@@ -184,7 +256,6 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
         requests: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
     });
-    let (digest, len) = blobs[0].clone();
     let blob = BlobRef {
         url: format!("{repo_url}/{digest}"),
         digest,
@@ -193,7 +264,7 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     let mut rng = Rng::new(77);
     let offsets: Vec<u64> = (0..300).map(|_| rng.below(len / 4096) * 4096).collect();
     let sched = Arc::new(Scheduler::new(8));
-    let (mut alone, alone_req) = cold_reads(
+    let (alone, alone_requests) = cold_reads(
         &blob,
         fetcher.clone(),
         sched.clone(),
@@ -202,34 +273,13 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     )?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let bg = {
-        let (blob, fetcher, sched, stop) =
-            (blob.clone(), fetcher.clone(), sched.clone(), stop.clone());
-        let dir = base.join("c-bg");
-        std::thread::spawn(move || -> Result<u64> {
-            let cache = BlockCache::open(CacheOptions::new(&dir))?;
-            let rb = RemoteBlob::new(
-                blob.clone(),
-                fetcher,
-                cache.clone(),
-                sched,
-                RemoteOptions::default(),
-            )?;
-            let mut done = 0u64;
-            // Download the blob again and again until told to stop.
-            while !stop.load(Ordering::Relaxed) {
-                let mut at = 0;
-                while at < blob.size && !stop.load(Ordering::Relaxed) {
-                    let n = (4u64 << 20).min(blob.size - at);
-                    rb.fetch_into_cache(at, n, Priority::Background)?;
-                    done += n;
-                    at += n;
-                }
-                cache.evict_blob(&blob.digest)?;
-            }
-            Ok(done)
-        })
-    };
+    let bg = background_download(
+        blob.clone(),
+        fetcher.clone(),
+        sched.clone(),
+        stop.clone(),
+        base.join("c-bg"),
+    );
     let mut rng = Rng::new(78);
     let offsets2: Vec<u64> = (0..300).map(|_| rng.below(len / 4096) * 4096).collect();
     // Let the background download get going before measuring.
@@ -239,7 +289,7 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     {
         std::thread::yield_now();
     }
-    let (mut busy, _) = cold_reads(
+    let (busy, _) = cold_reads(
         &blob,
         fetcher.clone(),
         sched,
@@ -247,36 +297,50 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
         &offsets2,
     )?;
     stop.store(true, Ordering::Relaxed);
-    let bg_bytes = bg
+    let background_bytes = bg
         .join()
         .map_err(|_| anyhow::anyhow!("background thread panicked"))??;
+    Ok(Latencies {
+        alone,
+        alone_requests,
+        reads: offsets.len(),
+        busy,
+        background_bytes,
+    })
+}
 
-    let (p50, p99) = (percentile(&mut alone, 0.5), percentile(&mut alone, 0.99));
-    let (bp50, bp99) = (percentile(&mut busy, 0.5), percentile(&mut busy, 0.99));
-    Ok(json!({
-        "bench": "remote",
-        "what": "lazy reads from docker-registry on 127.0.0.1 (loopback, plain HTTP)",
-        "virtual_size": size,
-        "blob_bytes": blob_bytes,
-        "layer_format": "zfile(lz4,4K)(lsmt)",
-        "curl_parallel_mb_per_s": blob_bytes as f64 / 1e6 / curl_s,
-        "cold_flatten_mb_per_s": blob_bytes as f64 / 1e6 / flatten_s,
-        "cold_flatten_vs_curl_ratio": curl_s / flatten_s,
-        "cold_flatten_seconds": flatten_s,
-        "local_flatten_seconds": local_s,
-        "local_flatten_vs_curl_ratio": curl_s / local_s,
-        "cold_flatten_vs_local_ratio": local_s / flatten_s,
-        "flatten_threads": threads,
-        "cold_random_4k_p50_us": p50,
-        "cold_random_4k_p99_us": p99,
-        "cold_random_4k_requests_per_read": alone_req as f64 / offsets.len() as f64,
-        "with_background_download_p50_us": bp50,
-        "with_background_download_p99_us": bp99,
-        "background_bytes_during_measurement": bg_bytes,
-        "p50_ratio_with_vs_without_background": bp50 / p50,
-        "p99_ratio_with_vs_without_background": bp99 / p99,
-        "goals": {"cold_flatten_vs_curl_ratio": 0.7, "p50_ratio_with_vs_without_background": 1.5},
-    }))
+/// Downloads `blob` into a block cache in `dir` again and again, in the
+/// background, until `stop`; the thread returns the bytes fetched.
+fn background_download(
+    blob: BlobRef,
+    fetcher: Arc<Counting>,
+    sched: Arc<Scheduler>,
+    stop: Arc<AtomicBool>,
+    dir: PathBuf,
+) -> std::thread::JoinHandle<Result<u64>> {
+    std::thread::spawn(move || -> Result<u64> {
+        let cache = BlockCache::open(CacheOptions::new(&dir))?;
+        let rb = RemoteBlob::new(
+            blob.clone(),
+            fetcher,
+            cache.clone(),
+            sched,
+            RemoteOptions::default(),
+        )?;
+        let mut done = 0u64;
+        // Download the blob again and again until told to stop.
+        while !stop.load(Ordering::Relaxed) {
+            let mut at = 0;
+            while at < blob.size && !stop.load(Ordering::Relaxed) {
+                let n = (4u64 << 20).min(blob.size - at);
+                rb.fetch_into_cache(at, n, Priority::Background)?;
+                done += n;
+                at += n;
+            }
+            cache.evict_blob(&blob.digest)?;
+        }
+        Ok(done)
+    })
 }
 
 /// Best of 3 runs of `obd image flatten --config cfg -o out` as its own

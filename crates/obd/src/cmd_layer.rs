@@ -145,83 +145,20 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
             parent_uuid,
             data,
             index,
-        } => {
-            if vsize % 512 != 0 {
-                bail!("--vsize must be a multiple of 512");
-            }
-            let opts = CreateOptions {
-                virtual_size: vsize,
-                uuid: parse_uuid(&uuid, "uuid")?.unwrap_or(Uuid::NIL),
-                parent_uuid: parse_uuid(&parent_uuid, "parent-uuid")?.unwrap_or(Uuid::NIL),
-            };
-            let w = WritableLayer::create(&data, &index, opts)?;
-            w.fsync()?;
-            eprintln!(
-                "created writable layer {} + {} ({})",
-                data.display(),
-                index.display(),
-                human(vsize)
-            );
-            Ok(())
-        }
+        } => create(vsize, &uuid, &parent_uuid, &data, &index),
         LayerCmd::Write {
             offset,
             data,
             index,
             input,
-        } => {
-            let mut w = WritableLayer::open(&data, &index)?;
-            let mut f =
-                File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
-            let mut buf = vec![0u8; 4 << 20];
-            let mut at = offset;
-            loop {
-                let mut n = 0;
-                while n < buf.len() {
-                    let r = f.read(&mut buf[n..])?;
-                    if r == 0 {
-                        break;
-                    }
-                    n += r;
-                }
-                if n == 0 {
-                    break;
-                }
-                let padded = n.div_ceil(512) * 512;
-                buf[n..padded].fill(0);
-                w.write_at(&buf[..padded], at)?;
-                at += padded as u64;
-                if n < buf.len() {
-                    break;
-                }
-            }
-            w.fsync()?;
-            eprintln!("wrote {} at offset {}", human(at - offset), offset);
-            Ok(())
-        }
+        } => write(offset, &data, &index, &input),
         LayerCmd::Discard {
             offset,
             length,
             data,
             index,
-        } => {
-            let mut w = WritableLayer::open(&data, &index)?;
-            w.discard(offset, length)?;
-            w.fsync()?;
-            Ok(())
-        }
-        LayerCmd::Seal { data, index } => {
-            let w = WritableLayer::open(&data, &index)?;
-            let s = w.seal()?;
-            eprintln!(
-                "sealed {}: {} entries at offset {}, {} bytes",
-                data.display(),
-                s.index_size,
-                s.index_offset,
-                s.size
-            );
-            Ok(())
-        }
+        } => discard(offset, length, &data, &index),
+        LayerCmd::Seal { data, index } => seal(&data, &index),
         LayerCmd::Commit {
             zfile: compress,
             algorithm,
@@ -233,112 +170,207 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
             threads,
             paths,
         } => {
-            let out_path = paths.last().expect("clap enforces 2..=3 paths").clone();
             let opts = CommitOptions {
                 uuid: parse_uuid(&uuid, "uuid")?,
                 parent_uuid: parse_uuid(&parent_uuid, "parent-uuid")?,
                 user_tag: message.unwrap_or_default().into_bytes(),
                 ..Default::default()
             };
-            let mut out = File::create(&out_path)
-                .with_context(|| format!("cannot create {}", out_path.display()))?;
-            let tw = if tar {
-                Some(TarWriter::begin(&mut out)?)
-            } else {
-                None
-            };
-            let commit_into = |sink: &mut dyn Write| -> Result<lsmt::CommitInfo> {
-                if paths.len() == 3 {
-                    let w = WritableLayer::open(&paths[0], &paths[1])?;
-                    Ok(w.commit(&opts, sink)?)
-                } else {
-                    let dec = source::decode(open_blob(&paths[0])?)
-                        .with_context(|| format!("{}", paths[0].display()))?;
-                    let ro = RoLayer::open(dec.lsmt)
-                        .with_context(|| format!("{}", paths[0].display()))?;
-                    Ok(ro.commit(&opts, sink)?)
-                }
-            };
-            let (info, payload) = if compress {
-                let mut z = zfile::ZFileWriter::new(
-                    &mut out,
-                    zfile::Options {
-                        algorithm: algorithm.into(),
-                        block_size,
-                        threads,
-                        ..Default::default()
-                    },
-                )?;
-                let info = commit_into(&mut z)?;
-                let (_, zi) = z.finish()?;
-                (info, zi.zfile_size)
-            } else {
-                let mut bw = BufWriter::with_capacity(1 << 20, &mut out);
-                let info = commit_into(&mut bw)?;
-                bw.flush()?;
-                drop(bw);
-                (info, info.bytes)
-            };
-            if let Some(tw) = tw {
-                tw.finish(&mut out, payload)?;
-            }
-            out.sync_all()?;
-            eprintln!(
-                "committed {} entries (+{} padding), {} of data into {} ({})",
-                info.entries,
-                info.padding,
-                human(info.data_sectors * 512),
-                out_path.display(),
-                human(out.metadata()?.len())
-            );
-            Ok(())
+            let zopts = compress.then(|| zfile::Options {
+                algorithm: algorithm.into(),
+                block_size,
+                threads,
+                ..Default::default()
+            });
+            commit(&paths, &opts, zopts, tar)
         }
         LayerCmd::Info {
             file,
             json,
             entries,
-        } => {
-            let layer = Layer::open(file.display().to_string(), open_blob(&file)?)
-                .with_context(|| format!("{}", file.display()))?;
-            let ro = &layer.lsmt;
-            let (h, t) = (ro.header(), ro.trailer());
-            let segs = ro.segments();
-            let zeroed = segs.iter().filter(|s| s.zeroed).count();
-            let ht = |x: &lsmt::HeaderTrailer| {
-                json!({
-                    "flags": x.flags,
-                    "index_offset": x.index_offset,
-                    "index_size": x.index_size,
-                    "virtual_size": x.virtual_size,
-                    "uuid": x.uuid_str(),
-                    "parent_uuid": x.parent_uuid_str(),
-                    "version": [x.version, x.sub_version],
-                    "user_tag": String::from_utf8_lossy(x.user_tag_bytes()),
-                })
-            };
-            let mut v = json!({
-                "file": file.display().to_string(),
-                "nesting": layer.nesting.to_string(),
-                "blob_size": layer.blob_size,
-                "lsmt_size": ro.source().size(),
-                "kind": format!("{:?}", ro.kind()),
-                "header": ht(h),
-                "trailer": ht(t),
-                "valid_entries": segs.len(),
-                "zeroed_entries": zeroed,
-                "data_sectors": ro.data_sectors(),
-            });
-            if entries {
-                v["entries"] = segs
-                    .iter()
-                    .map(|s| json!([s.offset, s.length, s.moffset, s.zeroed as u8]))
-                    .collect();
-            }
-            crate::util::print_object(&v, json);
-            Ok(())
-        }
+        } => info(&file, json, entries),
         LayerCmd::Verify { file, strict } => verify(&file, strict),
     }
+}
+
+fn create(
+    vsize: u64,
+    uuid: &Option<String>,
+    parent_uuid: &Option<String>,
+    data: &Path,
+    index: &Path,
+) -> Result<()> {
+    if vsize % 512 != 0 {
+        bail!("--vsize must be a multiple of 512");
+    }
+    let opts = CreateOptions {
+        virtual_size: vsize,
+        uuid: parse_uuid(uuid, "uuid")?.unwrap_or(Uuid::NIL),
+        parent_uuid: parse_uuid(parent_uuid, "parent-uuid")?.unwrap_or(Uuid::NIL),
+    };
+    let w = WritableLayer::create(data, index, opts)?;
+    w.fsync()?;
+    eprintln!(
+        "created writable layer {} + {} ({})",
+        data.display(),
+        index.display(),
+        human(vsize)
+    );
+    Ok(())
+}
+
+fn write(offset: u64, data: &Path, index: &Path, input: &Path) -> Result<()> {
+    let mut w = WritableLayer::open(data, index)?;
+    let mut f = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = offset;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            let r = f.read(&mut buf[n..])?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        if n == 0 {
+            break;
+        }
+        let padded = n.div_ceil(512) * 512;
+        buf[n..padded].fill(0);
+        w.write_at(&buf[..padded], at)?;
+        at += padded as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    w.fsync()?;
+    eprintln!("wrote {} at offset {}", human(at - offset), offset);
+    Ok(())
+}
+
+fn discard(offset: u64, length: u64, data: &Path, index: &Path) -> Result<()> {
+    let mut w = WritableLayer::open(data, index)?;
+    w.discard(offset, length)?;
+    w.fsync()?;
+    Ok(())
+}
+
+fn seal(data: &Path, index: &Path) -> Result<()> {
+    let w = WritableLayer::open(data, index)?;
+    let s = w.seal()?;
+    eprintln!(
+        "sealed {}: {} entries at offset {}, {} bytes",
+        data.display(),
+        s.index_size,
+        s.index_offset,
+        s.size
+    );
+    Ok(())
+}
+
+/// Commits the source layer (`<data> <index>` or `<layer>`, the first paths)
+/// into `sink`.
+fn commit_source(
+    paths: &[PathBuf],
+    opts: &CommitOptions,
+    sink: &mut dyn Write,
+) -> Result<lsmt::CommitInfo> {
+    if paths.len() == 3 {
+        let w = WritableLayer::open(&paths[0], &paths[1])?;
+        Ok(w.commit(opts, sink)?)
+    } else {
+        let dec = source::decode(open_blob(&paths[0])?)
+            .with_context(|| format!("{}", paths[0].display()))?;
+        let ro = RoLayer::open(dec.lsmt).with_context(|| format!("{}", paths[0].display()))?;
+        Ok(ro.commit(opts, sink)?)
+    }
+}
+
+/// `obd layer commit`: the last of `paths` is the output; `zopts` compresses
+/// it as a ZFile, `tar` wraps it.
+fn commit(
+    paths: &[PathBuf],
+    opts: &CommitOptions,
+    zopts: Option<zfile::Options>,
+    tar: bool,
+) -> Result<()> {
+    let out_path = paths.last().expect("clap enforces 2..=3 paths");
+    let mut out =
+        File::create(out_path).with_context(|| format!("cannot create {}", out_path.display()))?;
+    let tw = if tar {
+        Some(TarWriter::begin(&mut out)?)
+    } else {
+        None
+    };
+    let (info, payload) = if let Some(zopts) = zopts {
+        let mut z = zfile::ZFileWriter::new(&mut out, zopts)?;
+        let info = commit_source(paths, opts, &mut z)?;
+        let (_, zi) = z.finish()?;
+        (info, zi.zfile_size)
+    } else {
+        let mut bw = BufWriter::with_capacity(1 << 20, &mut out);
+        let info = commit_source(paths, opts, &mut bw)?;
+        bw.flush()?;
+        drop(bw);
+        (info, info.bytes)
+    };
+    if let Some(tw) = tw {
+        tw.finish(&mut out, payload)?;
+    }
+    out.sync_all()?;
+    eprintln!(
+        "committed {} entries (+{} padding), {} of data into {} ({})",
+        info.entries,
+        info.padding,
+        human(info.data_sectors * 512),
+        out_path.display(),
+        human(out.metadata()?.len())
+    );
+    Ok(())
+}
+
+/// A header or trailer as JSON.
+fn header_json(x: &lsmt::HeaderTrailer) -> serde_json::Value {
+    json!({
+        "flags": x.flags,
+        "index_offset": x.index_offset,
+        "index_size": x.index_size,
+        "virtual_size": x.virtual_size,
+        "uuid": x.uuid_str(),
+        "parent_uuid": x.parent_uuid_str(),
+        "version": [x.version, x.sub_version],
+        "user_tag": String::from_utf8_lossy(x.user_tag_bytes()),
+    })
+}
+
+fn info(file: &Path, json: bool, entries: bool) -> Result<()> {
+    let layer = Layer::open(file.display().to_string(), open_blob(file)?)
+        .with_context(|| format!("{}", file.display()))?;
+    let ro = &layer.lsmt;
+    let (h, t) = (ro.header(), ro.trailer());
+    let segs = ro.segments();
+    let zeroed = segs.iter().filter(|s| s.zeroed).count();
+    let mut v = json!({
+        "file": file.display().to_string(),
+        "nesting": layer.nesting.to_string(),
+        "blob_size": layer.blob_size,
+        "lsmt_size": ro.source().size(),
+        "kind": format!("{:?}", ro.kind()),
+        "header": header_json(h),
+        "trailer": header_json(t),
+        "valid_entries": segs.len(),
+        "zeroed_entries": zeroed,
+        "data_sectors": ro.data_sectors(),
+    });
+    if entries {
+        v["entries"] = segs
+            .iter()
+            .map(|s| json!([s.offset, s.length, s.moffset, s.zeroed as u8]))
+            .collect();
+    }
+    crate::util::print_object(&v, json);
+    Ok(())
 }
 
 fn verify(file: &Path, strict: bool) -> Result<()> {

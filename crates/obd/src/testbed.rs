@@ -524,79 +524,93 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
 /// prints [`EXPECTED`] and [`WRITTEN`], plus `data` bytes it never reads).
 /// Returns the bytes of the layers.
 pub(crate) fn build_sample(dir: &Path, layers: usize, data: u64) -> Result<u64> {
-    use sha2::{Digest, Sha256};
     let blobs = dir.join("blobs").join("sha256");
     std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
-    let put = |bytes: &[u8]| -> Result<(String, u64)> {
-        let d = hex::encode(Sha256::digest(bytes));
-        let p = blobs.join(&d);
-        std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
-        Ok((format!("sha256:{d}"), bytes.len() as u64))
-    };
-    let header = |size: u64, mode: u32, kind: tar::EntryType| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(size);
-        h.set_mode(mode);
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_entry_type(kind);
-        h
-    };
-    let file = |b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, body: &[u8]| {
-        let mut h = header(body.len() as u64, mode, tar::EntryType::Regular);
-        b.append_data(&mut h, path, body)
-    };
-    let dirent = |b: &mut tar::Builder<Vec<u8>>, path: &str| {
-        let mut h = header(0, 0o755, tar::EntryType::Directory);
-        b.append_data(&mut h, path, std::io::empty())
-    };
-    let mut tars = Vec::new();
-    let mut history = Vec::new();
-    // Layer 1: busybox.
+    let mut tars = vec![busybox_layer()?];
+    let mut history = vec![json!({"created_by": "obd demo: busybox"})];
+    for i in 1..layers.max(2) - 1 {
+        tars.push(middle_layer(i)?);
+        history.push(json!({"created_by": format!("obd demo: layer {i}")}));
+    }
+    tars.push(app_layer(data)?);
+    history.push(json!({"created_by": "obd demo: app"}));
+    write_layout(dir, &blobs, &tars, history)
+}
+
+/// A tar header of the sample layers (root-owned, fixed time).
+fn sample_header(size: u64, mode: u32, kind: tar::EntryType) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_mtime(1_700_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(kind);
+    h
+}
+
+fn sample_file(
+    b: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    mode: u32,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut h = sample_header(body.len() as u64, mode, tar::EntryType::Regular);
+    b.append_data(&mut h, path, body)
+}
+
+fn sample_dir(b: &mut tar::Builder<Vec<u8>>, path: &str) -> std::io::Result<()> {
+    let mut h = sample_header(0, 0o755, tar::EntryType::Directory);
+    b.append_data(&mut h, path, std::io::empty())
+}
+
+/// Layer 1 of the sample: busybox, its applets and `/etc/passwd`.
+fn busybox_layer() -> Result<Vec<u8>> {
     let bb = std::fs::read("/bin/busybox")
         .context("reading /bin/busybox (apt install busybox-static)")?;
     let mut b = tar::Builder::new(Vec::new());
     for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root", "app"] {
-        dirent(&mut b, d)?;
+        sample_dir(&mut b, d)?;
     }
-    file(&mut b, "bin/busybox", 0o755, &bb)?;
+    sample_file(&mut b, "bin/busybox", 0o755, &bb)?;
     for a in ["sh", "cat", "echo", "ls", "head", "wc", "sleep", "true"] {
-        let mut h = header(0, 0o777, tar::EntryType::Symlink);
+        let mut h = sample_header(0, 0o777, tar::EntryType::Symlink);
         b.append_link(&mut h, format!("bin/{a}"), "busybox")?;
     }
-    file(
+    sample_file(
         &mut b,
         "etc/passwd",
         0o644,
         b"root:x:0:0:root:/root:/bin/sh\n",
     )?;
-    tars.push(b.into_inner()?);
-    history.push(json!({"created_by": "obd demo: busybox"}));
-    // Middle layers: one small file each.
-    for i in 1..layers.max(2) - 1 {
-        let mut b = tar::Builder::new(Vec::new());
-        dirent(&mut b, "app")?;
-        dirent(&mut b, "app/layers")?;
-        file(
-            &mut b,
-            &format!("app/layers/{i}"),
-            0o644,
-            format!("layer {i}\n").as_bytes(),
-        )?;
-        tars.push(b.into_inner()?);
-        history.push(json!({"created_by": format!("obd demo: layer {i}")}));
-    }
-    // Last layer: the app and data it leaves alone (incompressible, so
-    // lazy pull has something to skip).
+    Ok(b.into_inner()?)
+}
+
+/// Middle layer `i` of the sample: one small file.
+fn middle_layer(i: usize) -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
-    dirent(&mut b, "app")?;
-    dirent(&mut b, "app/data")?;
+    sample_dir(&mut b, "app")?;
+    sample_dir(&mut b, "app/layers")?;
+    sample_file(
+        &mut b,
+        &format!("app/layers/{i}"),
+        0o644,
+        format!("layer {i}\n").as_bytes(),
+    )?;
+    Ok(b.into_inner()?)
+}
+
+/// Last layer of the sample: the app and `data` bytes it leaves alone
+/// (incompressible, so lazy pull has something to skip).
+fn app_layer(data: u64) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    sample_dir(&mut b, "app")?;
+    sample_dir(&mut b, "app/data")?;
     let script = format!(
         "#!/bin/sh\ncat /app/message\necho '{WRITTEN}' > /root/written && cat /root/written\n"
     );
-    file(&mut b, "app/run.sh", 0o755, script.as_bytes())?;
-    file(
+    sample_file(&mut b, "app/run.sh", 0o755, script.as_bytes())?;
+    sample_file(
         &mut b,
         "app/message",
         0o644,
@@ -608,17 +622,34 @@ pub(crate) fn build_sample(dir: &Path, layers: usize, data: u64) -> Result<u64> 
     while left > 0 {
         let len = left.min(chunk) as usize;
         let body = fixtures::image_like(1000 + n, len);
-        file(&mut b, &format!("app/data/blob-{n}"), 0o644, &body)?;
+        sample_file(&mut b, &format!("app/data/blob-{n}"), 0o644, &body)?;
         left -= len as u64;
         n += 1;
     }
-    tars.push(b.into_inner()?);
-    history.push(json!({"created_by": "obd demo: app"}));
+    Ok(b.into_inner()?)
+}
 
+/// Writes `bytes` as a blob under `blobs`; returns its digest and size.
+fn put_blob(blobs: &Path, bytes: &[u8]) -> Result<(String, u64)> {
+    use sha2::{Digest, Sha256};
+    let d = hex::encode(Sha256::digest(bytes));
+    let p = blobs.join(&d);
+    std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
+    Ok((format!("sha256:{d}"), bytes.len() as u64))
+}
+
+/// Writes the layer blobs `tars`, the config, the manifest and the index of
+/// the sample layout in `dir`; returns the bytes of the layers.
+fn write_layout(
+    dir: &Path,
+    blobs: &Path,
+    tars: &[Vec<u8>],
+    history: Vec<serde_json::Value>,
+) -> Result<u64> {
     let lt = "application/vnd.oci.image.layer.v1.tar";
     let (mut diff_ids, mut descs, mut total) = (Vec::new(), Vec::new(), 0);
-    for t in &tars {
-        let (d, s) = put(t)?;
+    for t in tars {
+        let (d, s) = put_blob(blobs, t)?;
         descs.push(json!({"mediaType": lt, "digest": d, "size": s}));
         diff_ids.push(d);
         total += s;
@@ -630,14 +661,14 @@ pub(crate) fn build_sample(dir: &Path, layers: usize, data: u64) -> Result<u64> 
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": history
     });
-    let (dc, sc) = put(serde_json::to_vec(&config)?.as_slice())?;
+    let (dc, sc) = put_blob(blobs, serde_json::to_vec(&config)?.as_slice())?;
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": dc, "size": sc},
         "layers": descs
     });
-    let (dm, sm) = put(serde_json::to_vec(&manifest)?.as_slice())?;
+    let (dm, sm) = put_blob(blobs, serde_json::to_vec(&manifest)?.as_slice())?;
     let index = json!({
         "schemaVersion": 2,
         "manifests": [{

@@ -61,7 +61,15 @@ fn main() -> anyhow::Result<()> {
     if let Some(code) = obd::device_worker_main(&argv) {
         std::process::exit(code);
     }
-    let args = Args::parse();
+    let cfg = load_config(Args::parse())?;
+    init_logging(&cfg)?;
+    let sn = open_snapshotter(&cfg)?;
+    tracing::info!(root = %cfg.root.display(), rw_mode = ?cfg.rw_mode, lazy_pull = cfg.lazy_pull, "obd-snapshotter starting");
+    serve(cfg, sn)
+}
+
+/// The config file (or the defaults), overridden by the command line.
+fn load_config(args: Args) -> anyhow::Result<Config> {
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -81,8 +89,17 @@ fn main() -> anyhow::Result<()> {
     if let Some(m) = args.metrics_address {
         cfg.metrics_address = Some(m);
     }
-    snapshotter::logging::init(&cfg.log_level, cfg.log_format).map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
 
+fn init_logging(cfg: &Config) -> anyhow::Result<()> {
+    snapshotter::logging::init(&cfg.log_level, cfg.log_format).map_err(anyhow::Error::msg)
+}
+
+/// Prepares the root, reconciles the devices left from a previous run and
+/// opens the snapshotter over them (with its periodic sweeper when devices
+/// are attached at pull).
+fn open_snapshotter(cfg: &Config) -> anyhow::Result<Arc<Snapshotter>> {
     // obd layers always get devices (a fully downloaded one still works
     // through its tar wrapper); lazy_pull only decides the remote handshake.
     std::fs::create_dir_all(&cfg.root)
@@ -125,8 +142,12 @@ fn main() -> anyhow::Result<()> {
             })
             .context("starting the sweeper thread")?;
     }
-    tracing::info!(root = %cfg.root.display(), rw_mode = ?cfg.rw_mode, lazy_pull = cfg.lazy_pull, "obd-snapshotter starting");
+    Ok(sn)
+}
 
+/// Serves gRPC on the socket (and metrics, if configured) until SIGTERM or
+/// SIGINT.
+fn serve(cfg: Config, sn: Arc<Snapshotter>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -156,6 +156,194 @@ pub(crate) fn valid_read_block_size(bs: u32) -> bool {
     matches!(bs, 4096 | 8192 | 16384 | 32768 | 65536)
 }
 
+/// Reads the header block of a ZFile of `size` bytes: magic, header bit, digest.
+fn read_header<R: ReadAt + ?Sized>(src: &R, size: u64) -> Result<Header> {
+    need_size("header", HEADER_SIZE as u64, size)?;
+    let hblock = read_block512(src, 0, "header")?;
+    let header = Header::parse_at(&hblock, "header", 0)?;
+    if !header.is_header() {
+        return Err(bad_flags("header", &header, "header bit clear"));
+    }
+    check_block_digest(&hblock, &header, |stored, computed| Error::HeaderDigest {
+        stored,
+        computed,
+    })?;
+    Ok(header)
+}
+
+/// Reads the trailer (the index fields when the header was not overwritten):
+/// returns it and its offset.
+fn read_trailer<R: ReadAt + ?Sized>(src: &R, size: u64, header: &Header) -> Result<(Header, u64)> {
+    if header.flags & flags::TYPE == 0 {
+        return Err(bad_flags("header", header, "not a data file"));
+    }
+    need_size("trailer", 2 * HEADER_SIZE as u64, size)?;
+    let toff = size - HEADER_SIZE as u64;
+    let tblock = read_block512(src, toff, "trailer")?;
+    let t = Header::parse_at(&tblock, "trailer", toff)?;
+    let detail = if t.is_header() {
+        Some("trailer has the header bit set")
+    } else if t.flags & flags::TYPE == 0 {
+        Some("trailer is not a data file")
+    } else if t.flags & flags::SEALED == 0 {
+        Some("trailer is not sealed")
+    } else {
+        None
+    };
+    if let Some(detail) = detail {
+        return Err(bad_flags("trailer", &t, detail));
+    }
+    check_block_digest(&tblock, &t, |stored, computed| Error::TrailerDigest {
+        stored,
+        computed,
+    })?;
+    Ok((t, toff))
+}
+
+/// [`Error::Truncated`] unless the ZFile (`have` bytes) holds `need` bytes.
+fn need_size(what: &'static str, need: u64, have: u64) -> Result<()> {
+    if have < need {
+        return Err(Error::Truncated { what, need, have });
+    }
+    Ok(())
+}
+
+fn bad_flags(what: &'static str, h: &Header, detail: &'static str) -> Error {
+    Error::BadFlags {
+        what,
+        flags: h.flags,
+        detail,
+    }
+}
+
+/// Checks the stored digest of a header or trailer `block` (parsed as `h`),
+/// if it has one; `err(stored, computed)` is the error on a mismatch.
+fn check_block_digest(block: &[u8], h: &Header, err: fn(u32, u32) -> Error) -> Result<()> {
+    if h.has_digest() {
+        let computed = block_digest(block).unwrap_or(0);
+        if computed != h.digest {
+            return Err(err(h.digest, computed));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the index fields of `meta` (the block they came from) against each
+/// other and against `index_limit`, where the jump table must end; returns
+/// the codec.
+fn check_index_fields(meta: &Header, header: &Header, index_limit: u64) -> Result<Algorithm> {
+    if (meta.flags | header.flags) & flags::IDX_COMP != 0 {
+        return Err(Error::Unsupported("compressed jump table (IDX_COMP)"));
+    }
+    let algorithm = Algorithm::try_from(meta.algo)?;
+    if !valid_read_block_size(meta.block_size) {
+        return Err(Error::BadBlockSize(meta.block_size));
+    }
+    if meta.use_dict != 0 {
+        return Err(Error::Unsupported("dictionary (use_dict)"));
+    }
+    let bs = u64::from(meta.block_size);
+    let n = meta.index_size;
+    let index_err = |detail: String| Error::IndexSize {
+        index_offset: meta.index_offset,
+        index_size: n,
+        detail,
+    };
+    if n > MAX_INDEX_SIZE {
+        return Err(index_err(format!("more than {MAX_INDEX_SIZE} blocks")));
+    }
+    let index_bytes = n * 4;
+    // Upstream's check: 4 * index_size <= trailer_offset - index_offset.
+    if meta.index_offset > index_limit || index_bytes > index_limit - meta.index_offset {
+        return Err(index_err(format!(
+            "jump table of {index_bytes} bytes does not fit before offset {index_limit}"
+        )));
+    }
+    let expected = meta.original_size.div_ceil(bs);
+    if expected != n {
+        return Err(index_err(format!(
+            "original size {} needs {expected} blocks of {bs} bytes",
+            meta.original_size
+        )));
+    }
+    let data_start = HEADER_SIZE as u64 + u64::from(meta.dict_size);
+    if data_start > meta.index_offset {
+        return Err(index_err(format!(
+            "data would start at {data_start}, after the jump table"
+        )));
+    }
+    Ok(algorithm)
+}
+
+/// Reads the jump table (checked by [`check_index_fields`]) in chunks, checks
+/// every stored length and `index_crc`, and returns the block offsets.
+fn read_jump_table<R: ReadAt + ?Sized>(
+    src: &R,
+    meta: &Header,
+    algorithm: Algorithm,
+    data_start: u64,
+) -> Result<Vec<u64>> {
+    let n = meta.index_size;
+    let index_bytes = n * 4;
+    let crc_len: u32 = if meta.verify != 0 { 4 } else { 0 };
+    let max_stored = u32::try_from(max_compressed_len(algorithm, meta.block_size as usize))
+        .unwrap_or(u32::MAX)
+        + crc_len;
+    let min_stored = crc_len + 1;
+
+    // `n` is bounded by the source size here.
+    let mut offsets = Vec::with_capacity(n.min(1 << 20) as usize + 1);
+    offsets.push(data_start);
+    let mut cur = data_start;
+    let mut crc = 0u32;
+    let mut chunk = vec![0u8; INDEX_CHUNK.min(index_bytes as usize)];
+    let mut done = 0u64;
+    while done < index_bytes {
+        let len = (index_bytes - done).min(INDEX_CHUNK as u64) as usize;
+        let buf = &mut chunk[..len];
+        read_exact(src, buf, meta.index_offset + done, "jump table")?;
+        crc = crc32c_raw(crc, buf);
+        for (k, e) in buf.chunks_exact(4).enumerate() {
+            let block = done / 4 + k as u64;
+            let len = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            if len < min_stored {
+                return Err(Error::JumpTable {
+                    block,
+                    len,
+                    detail: format!("stored length must be at least {min_stored}"),
+                });
+            }
+            if len > max_stored {
+                return Err(Error::BlockTooLarge {
+                    block,
+                    len,
+                    max: max_stored,
+                });
+            }
+            cur += u64::from(len);
+            if cur > meta.index_offset {
+                return Err(Error::JumpTable {
+                    block,
+                    len,
+                    detail: format!(
+                        "block ends at {cur}, past the jump table at {}",
+                        meta.index_offset
+                    ),
+                });
+            }
+            offsets.push(cur);
+        }
+        done += len as u64;
+    }
+    if meta.has_digest() && crc != meta.index_crc {
+        return Err(Error::IndexCrc {
+            stored: meta.index_crc,
+            computed: crc,
+        });
+    }
+    Ok(offsets)
+}
+
 impl<R: ReadAt> ZFileReader<R> {
     /// Opens a ZFile, following formats.md 3.4: header magic and header bit, header
     /// digest, the overwritten-header fast path or the trailer, then the jump table
@@ -167,183 +355,23 @@ impl<R: ReadAt> ZFileReader<R> {
     /// [`ZFileReader::open`] with options.
     pub fn open_with(src: R, opts: OpenOptions) -> Result<Self> {
         let size = src.size();
-        if size < HEADER_SIZE as u64 {
-            return Err(Error::Truncated {
-                what: "header",
-                need: HEADER_SIZE as u64,
-                have: size,
-            });
-        }
-        let hblock = read_block512(&src, 0, "header")?;
-        let header = Header::parse_at(&hblock, "header", 0)?;
-        if !header.is_header() {
-            return Err(Error::BadFlags {
-                what: "header",
-                flags: header.flags,
-                detail: "header bit clear",
-            });
-        }
-        if header.has_digest() {
-            let computed = block_digest(&hblock).unwrap_or(0);
-            if computed != header.digest {
-                return Err(Error::HeaderDigest {
-                    stored: header.digest,
-                    computed,
-                });
-            }
-        }
-
+        let header = read_header(&src, size)?;
         let overwritten = header.flags & flags::HEADER_OVERWRITE != 0;
         let (meta, trailer, index_limit) = if overwritten {
             (header, None, size)
         } else {
-            if header.flags & flags::TYPE == 0 {
-                return Err(Error::BadFlags {
-                    what: "header",
-                    flags: header.flags,
-                    detail: "not a data file",
-                });
-            }
-            if size < 2 * HEADER_SIZE as u64 {
-                return Err(Error::Truncated {
-                    what: "trailer",
-                    need: 2 * HEADER_SIZE as u64,
-                    have: size,
-                });
-            }
-            let toff = size - HEADER_SIZE as u64;
-            let tblock = read_block512(&src, toff, "trailer")?;
-            let t = Header::parse_at(&tblock, "trailer", toff)?;
-            let detail = if t.is_header() {
-                Some("trailer has the header bit set")
-            } else if t.flags & flags::TYPE == 0 {
-                Some("trailer is not a data file")
-            } else if t.flags & flags::SEALED == 0 {
-                Some("trailer is not sealed")
-            } else {
-                None
-            };
-            if let Some(detail) = detail {
-                return Err(Error::BadFlags {
-                    what: "trailer",
-                    flags: t.flags,
-                    detail,
-                });
-            }
-            if t.has_digest() {
-                let computed = block_digest(&tblock).unwrap_or(0);
-                if computed != t.digest {
-                    return Err(Error::TrailerDigest {
-                        stored: t.digest,
-                        computed,
-                    });
-                }
-            }
+            let (t, toff) = read_trailer(&src, size, &header)?;
             (t, Some(t), toff)
         };
-
-        if (meta.flags | header.flags) & flags::IDX_COMP != 0 {
-            return Err(Error::Unsupported("compressed jump table (IDX_COMP)"));
-        }
-        let algorithm = Algorithm::try_from(meta.algo)?;
-        if !valid_read_block_size(meta.block_size) {
-            return Err(Error::BadBlockSize(meta.block_size));
-        }
-        if meta.use_dict != 0 {
-            return Err(Error::Unsupported("dictionary (use_dict)"));
-        }
-        let bs = u64::from(meta.block_size);
-        let n = meta.index_size;
-        let index_err = |detail: String| Error::IndexSize {
-            index_offset: meta.index_offset,
-            index_size: n,
-            detail,
-        };
-        if n > MAX_INDEX_SIZE {
-            return Err(index_err(format!("more than {MAX_INDEX_SIZE} blocks")));
-        }
-        let index_bytes = n * 4;
-        // Upstream's check: 4 * index_size <= trailer_offset - index_offset.
-        if meta.index_offset > index_limit || index_bytes > index_limit - meta.index_offset {
-            return Err(index_err(format!(
-                "jump table of {index_bytes} bytes does not fit before offset {index_limit}"
-            )));
-        }
-        let expected = meta.original_size.div_ceil(bs);
-        if expected != n {
-            return Err(index_err(format!(
-                "original size {} needs {expected} blocks of {bs} bytes",
-                meta.original_size
-            )));
-        }
+        let algorithm = check_index_fields(&meta, &header, index_limit)?;
         let data_start = HEADER_SIZE as u64 + u64::from(meta.dict_size);
-        if data_start > meta.index_offset {
-            return Err(index_err(format!(
-                "data would start at {data_start}, after the jump table"
-            )));
-        }
-
         let verify = meta.verify != 0;
-        let crc_len: u32 = if verify { 4 } else { 0 };
-        let max_stored =
-            u32::try_from(max_compressed_len(algorithm, bs as usize)).unwrap_or(u32::MAX) + crc_len;
-        let min_stored = crc_len + 1;
-
-        // Jump table, read in chunks; `n` is bounded by the source size here.
-        let mut offsets = Vec::with_capacity(n.min(1 << 20) as usize + 1);
-        offsets.push(data_start);
-        let mut cur = data_start;
-        let mut crc = 0u32;
-        let mut chunk = vec![0u8; INDEX_CHUNK.min(index_bytes as usize)];
-        let mut done = 0u64;
-        while done < index_bytes {
-            let len = (index_bytes - done).min(INDEX_CHUNK as u64) as usize;
-            let buf = &mut chunk[..len];
-            read_exact(&src, buf, meta.index_offset + done, "jump table")?;
-            crc = crc32c_raw(crc, buf);
-            for (k, e) in buf.chunks_exact(4).enumerate() {
-                let block = done / 4 + k as u64;
-                let len = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-                if len < min_stored {
-                    return Err(Error::JumpTable {
-                        block,
-                        len,
-                        detail: format!("stored length must be at least {min_stored}"),
-                    });
-                }
-                if len > max_stored {
-                    return Err(Error::BlockTooLarge {
-                        block,
-                        len,
-                        max: max_stored,
-                    });
-                }
-                cur += u64::from(len);
-                if cur > meta.index_offset {
-                    return Err(Error::JumpTable {
-                        block,
-                        len,
-                        detail: format!(
-                            "block ends at {cur}, past the jump table at {}",
-                            meta.index_offset
-                        ),
-                    });
-                }
-                offsets.push(cur);
-            }
-            done += len as u64;
-        }
-        if meta.has_digest() && crc != meta.index_crc {
-            return Err(Error::IndexCrc {
-                stored: meta.index_crc,
-                computed: crc,
-            });
-        }
+        let offsets = read_jump_table(&src, &meta, algorithm, data_start)?;
 
         let info = Info {
             algorithm,
             block_size: meta.block_size,
-            blocks: n,
+            blocks: meta.index_size,
             original_size: meta.original_size,
             header_flags: header.flags,
             header_digest: header.digest,

@@ -62,12 +62,22 @@ fn check_digest(p: &mut Vec<String>, what: &str, block: &[u8], h: &Header) {
 /// Returns every problem found.
 pub fn validate_strict<R: ReadAt>(r: &ZFileReader<R>) -> Result<(), Vec<String>> {
     let mut p = Vec::new();
-    let info = r.info();
-    let src = r.inner();
+    let trailer = check_trailer(&mut p, r);
+    check_header(&mut p, r.inner(), trailer.as_ref());
+    check_jump_table(&mut p, r);
+    check_blocks(&mut p, r);
+    if p.is_empty() {
+        Ok(())
+    } else {
+        Err(p)
+    }
+}
 
-    // Trailer: right after the jump table, at the very end.
+/// The trailer: right after the jump table, at the very end. Returns it if it
+/// could be read.
+fn check_trailer<R: ReadAt>(p: &mut Vec<String>, r: &ZFileReader<R>) -> Option<Header> {
+    let info = r.info();
     let toff = info.index_offset + info.blocks * 4;
-    let mut trailer = None;
     if toff.checked_add(HEADER_SIZE as u64) != Some(info.zfile_size) {
         p.push(format!(
             "trailer is not immediately after the jump table: jump table ends at {toff}, \
@@ -75,52 +85,61 @@ pub fn validate_strict<R: ReadAt>(r: &ZFileReader<R>) -> Result<(), Vec<String>>
             info.zfile_size
         ));
     }
-    match read_512(src, toff).and_then(|b| {
+    match read_512(r.inner(), toff).and_then(|b| {
         Header::parse_at(&b, "trailer", toff)
             .map(|h| (b, h))
             .map_err(|e| e.to_string())
     }) {
-        Err(e) => p.push(format!("trailer: {e}")),
+        Err(e) => {
+            p.push(format!("trailer: {e}"));
+            None
+        }
         Ok((b, t)) => {
             if t.flags != flags::TRAILER {
                 p.push(format!("trailer: flags {:#x} (must be 0x16)", t.flags));
             }
-            check_digest(&mut p, "trailer", &b, &t);
-            check_options(&mut p, "trailer", &t);
-            trailer = Some(t);
+            check_digest(p, "trailer", &b, &t);
+            check_options(p, "trailer", &t);
+            Some(t)
         }
     }
+}
 
-    // Header.
-    match read_512(src, 0)
+/// The header, and its agreement with the trailer.
+fn check_header<R: ReadAt>(p: &mut Vec<String>, src: &R, trailer: Option<&Header>) {
+    let (b, h) = match read_512(src, 0)
         .and_then(|b| Header::parse(&b).map(|h| (b, h)).map_err(|e| e.to_string()))
     {
-        Err(e) => p.push(format!("header: {e}")),
-        Ok((b, h)) => {
-            if h.flags != flags::HEADER_FINAL && h.flags != flags::HEADER_PLAIN {
-                p.push(format!(
-                    "header: flags {:#x} (must be 0x1b or 0x13)",
-                    h.flags
-                ));
-            }
-            check_digest(&mut p, "header", &b, &h);
-            check_options(&mut p, "header", &h);
-            if let Some(t) = trailer {
-                let same_opts =
-                    (h.block_size, h.algo, h.verify) == (t.block_size, t.algo, t.verify);
-                if !same_opts {
-                    p.push("header and trailer disagree on block size, algorithm or verify".into());
-                }
-                let same_index = (h.index_offset, h.index_size, h.original_size, h.index_crc)
-                    == (t.index_offset, t.index_size, t.original_size, t.index_crc);
-                if h.flags & flags::HEADER_OVERWRITE != 0 && !same_index {
-                    p.push("overwritten header and trailer disagree on the index fields".into());
-                }
-            }
+        Err(e) => {
+            p.push(format!("header: {e}"));
+            return;
+        }
+        Ok(bh) => bh,
+    };
+    if h.flags != flags::HEADER_FINAL && h.flags != flags::HEADER_PLAIN {
+        p.push(format!(
+            "header: flags {:#x} (must be 0x1b or 0x13)",
+            h.flags
+        ));
+    }
+    check_digest(p, "header", &b, &h);
+    check_options(p, "header", &h);
+    if let Some(t) = trailer {
+        let same_opts = (h.block_size, h.algo, h.verify) == (t.block_size, t.algo, t.verify);
+        if !same_opts {
+            p.push("header and trailer disagree on block size, algorithm or verify".into());
+        }
+        let same_index = (h.index_offset, h.index_size, h.original_size, h.index_crc)
+            == (t.index_offset, t.index_size, t.original_size, t.index_crc);
+        if h.flags & flags::HEADER_OVERWRITE != 0 && !same_index {
+            p.push("overwritten header and trailer disagree on the index fields".into());
         }
     }
+}
 
-    // Jump table.
+/// The jump table: its CRC, upstream's stored-length limit and u16 deltas.
+fn check_jump_table<R: ReadAt>(p: &mut Vec<String>, r: &ZFileReader<R>) {
+    let info = r.info();
     match r.jump_table_crc() {
         Err(e) => p.push(format!("jump table: {e}")),
         Ok(c) if c != info.index_crc => p.push(format!(
@@ -157,8 +176,10 @@ pub fn validate_strict<R: ReadAt>(r: &ZFileReader<R>) -> Result<(), Vec<String>>
             p.push(format!("... and {extra} more"));
         }
     }
+}
 
-    // Blocks.
+/// Every block: decodes and matches its CRC; blocks must carry CRCs.
+fn check_blocks<R: ReadAt>(p: &mut Vec<String>, r: &ZFileReader<R>) {
     let (mut bad, mut nbad) = (Vec::new(), 0usize);
     if let Err(e) = r.scan_blocks(|e| {
         nbad += 1;
@@ -173,13 +194,7 @@ pub fn validate_strict<R: ReadAt>(r: &ZFileReader<R>) -> Result<(), Vec<String>>
     if nbad > MAX_LISTED {
         p.push(format!("... and {} more bad blocks", nbad - MAX_LISTED));
     }
-    if !info.verify {
+    if !r.info().verify {
         p.push("blocks carry no CRC (verify = 0)".into());
-    }
-
-    if p.is_empty() {
-        Ok(())
-    } else {
-        Err(p)
     }
 }
