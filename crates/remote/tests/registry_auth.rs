@@ -294,15 +294,18 @@ fn distribution_bearer_scope_per_access() {
         })
     });
 
-    let mut o = opts();
-    o.hosts.insert(
-        gate.addr.clone(),
-        HostOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-    );
-    let d = Distribution::with_credentials(o, creds(&gate.addr, "bob", "hunter2")).unwrap();
+    let client = |pass: &str| {
+        let mut o = opts();
+        o.hosts.insert(
+            gate.addr.clone(),
+            HostOptions {
+                plain_http: true,
+                ..Default::default()
+            },
+        );
+        Distribution::with_credentials(o, creds(&gate.addr, "bob", pass)).unwrap()
+    };
+    let d = client("hunter2");
     let r = ImageRef::parse(&format!("{}/{REPO}:v1", gate.addr)).unwrap();
     let m = d.get_manifest(&r, "v1").unwrap();
     assert_eq!(m.bytes, MANIFEST.as_bytes());
@@ -330,15 +333,7 @@ fn distribution_bearer_scope_per_access() {
     assert_eq!(gate.requests().len(), 6);
 
     // Wrong credentials: the token server refuses -> Error::Auth.
-    let mut o = opts();
-    o.hosts.insert(
-        gate.addr.clone(),
-        HostOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-    );
-    let d = Distribution::with_credentials(o, creds(&gate.addr, "bob", "nope")).unwrap();
+    let d = client("nope");
     let e = d.get_manifest(&r, "v1").unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e}");
 }
