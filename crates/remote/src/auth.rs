@@ -1,9 +1,10 @@
 //! Registry authentication: `WWW-Authenticate` parsing, the per-repository
 //! scheme learnt from the probe, and the bearer-token cache.
 //!
-//! The HTTP requests themselves (probe, token fetch) are made by
-//! [`super::registry::RegistryClient`]; this module holds the state and the
-//! parsing so it can be tested without a network.
+//! The HTTP requests themselves (probe, token fetch) and the policy (when to
+//! probe, which scope to ask for, when to renew) are the transport's
+//! (`super::http`); this module holds the state and the parsing so it can be
+//! tested without a network.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -186,6 +186,26 @@ enum Unit {
     Parts(Vec<Arc<Flight>>),
 }
 
+/// One read being served ([`RemoteBlob::load`]): `[offset, end)` at `prio`,
+/// how each of its units is served (from the first unit on), and the
+/// requests it leads.
+struct Plan<'a> {
+    offset: u64,
+    end: u64,
+    prio: Priority,
+    /// Wait for exact requests covering part of a unit ([`Unit::Parts`]).
+    parts: bool,
+    units: Vec<Unit>,
+    leads: Vec<Lead<'a>>,
+}
+
+impl Plan<'_> {
+    /// The part of the unit `[us, ue)` this read covers.
+    fn part(&self, (us, ue): (u64, u64)) -> (u64, u64) {
+        (us.max(self.offset), ue.min(self.end))
+    }
+}
+
 /// A request this reader leads; publishes an error if dropped unfinished (a
 /// panicking fetcher), so waiters never hang.
 struct Lead<'a> {
@@ -200,7 +220,37 @@ struct Lead<'a> {
     result: OnceLock<FlightResult>,
 }
 
-impl Lead<'_> {
+impl<'a> Lead<'a> {
+    /// A request for unit `key.1` (units of `key.0` bytes) spanning
+    /// `[s, e)`, entered in the in-flight `map`.
+    fn start(
+        blob: &'a RemoteBlob,
+        map: &mut HashMap<(u64, u64), Arc<Flight>>,
+        key: (u64, u64),
+        (s, e): (u64, u64),
+        prio: Priority,
+    ) -> Self {
+        let flight = Flight::new(prio, &blob.sched, e - s);
+        map.insert(key, Arc::clone(&flight));
+        Lead {
+            blob,
+            unit: key.0,
+            offset: s,
+            len: e - s,
+            units: vec![key.1],
+            flight,
+            result: OnceLock::new(),
+        }
+    }
+
+    /// Adds the next unit `u`, ending at `e`, to the request.
+    fn extend(&mut self, map: &mut HashMap<(u64, u64), Arc<Flight>>, u: u64, e: u64) {
+        map.insert((self.unit, u), Arc::clone(&self.flight));
+        self.units.push(u);
+        self.len = e - self.offset;
+        self.flight.span.store(self.len, Ordering::Relaxed);
+    }
+
     /// Records the outcome, wakes the waiters and clears the in-flight entries.
     fn publish(&self, r: FlightResult) {
         if self.result.set(r.clone()).is_err() {
@@ -458,23 +508,9 @@ impl RemoteBlob {
                         continue;
                     }
                     if extend {
-                        let l = leads.last_mut().expect("checked");
-                        map.insert((bs, i), Arc::clone(&l.flight));
-                        l.units.push(i);
-                        l.len = e - l.offset;
-                        l.flight.span.store(l.len, Ordering::Relaxed);
+                        leads.last_mut().expect("checked").extend(&mut map, i, e);
                     } else {
-                        let flight = Flight::new(prio, &self.sched, e - s);
-                        map.insert((bs, i), Arc::clone(&flight));
-                        leads.push(Lead {
-                            blob: self,
-                            unit: bs,
-                            offset: s,
-                            len: e - s,
-                            units: vec![i],
-                            flight,
-                            result: OnceLock::new(),
-                        });
+                        leads.push(Lead::start(self, &mut map, (bs, i), (s, e), prio));
                     }
                 }
             }
@@ -532,111 +568,118 @@ impl RemoteBlob {
         }
 
         let end = offset + len;
-        let first = offset / self.unit;
-        let last = (end - 1) / self.unit;
-        let mut plan = Vec::with_capacity((last - first + 1) as usize);
-        let mut leads: Vec<Lead<'_>> = Vec::new();
+        let (first, last) = (offset / self.unit, (end - 1) / self.unit);
+        let mut plan = Plan {
+            offset,
+            end,
+            prio,
+            parts,
+            units: Vec::with_capacity((last - first + 1) as usize),
+            leads: Vec::new(),
+        };
         for u in first..=last {
-            let (us, ue) = self.unit_range(u);
-            let (lo, hi) = (us.max(offset), ue.min(end));
-            let mut tries = 0;
-            let unit = loop {
-                tries += 1;
-                let cached = match out.as_deref_mut() {
-                    Some(buf) => self
-                        .cache_read(&mut buf[(lo - offset) as usize..(hi - offset) as usize], lo),
-                    None => self.cache.contains(&self.cached, lo, hi - lo),
-                };
-                if cached {
-                    break Unit::Cached;
-                }
-                let mut map = self.lock_inflight();
-                if let Some(f) = map.get(&(self.unit, u)) {
-                    let f = Arc::clone(f);
-                    drop(map);
-                    // Don't wait behind a less urgent queued request: raise it.
-                    if f.prio.raise(prio) {
-                        f.sched.nudge();
-                    }
-                    bump(&self.counters.joined, 1);
-                    break Unit::Wait(f);
-                }
-                // A request may have finished since the cache check: leaders
-                // insert into the cache before leaving the map, so re-check
-                // under the lock (once; then fetch regardless).
-                if tries == 1 && self.cache.contains(&self.cached, lo, hi - lo) {
-                    continue;
-                }
-                if parts {
-                    let flights = self.exact_flights(&map, lo, hi, prio);
-                    if !flights.is_empty() {
-                        bump(&self.counters.joined, 1);
-                        break Unit::Parts(flights);
-                    }
-                }
-                // Lead it: extend our previous request if adjacent and not full.
-                let extend = match (plan.last(), leads.last()) {
-                    (Some(Unit::Lead(k)), Some(l)) => {
-                        *k == leads.len() - 1 && (l.units.len() as u64) < self.max_units
-                    }
-                    _ => false,
-                };
-                if extend {
-                    let l = leads.last_mut().expect("checked");
-                    map.insert((self.unit, u), Arc::clone(&l.flight));
-                    l.units.push(u);
-                    l.len = ue - l.offset;
-                    l.flight.span.store(l.len, Ordering::Relaxed);
-                } else {
-                    let flight = Flight::new(prio, &self.sched, ue - us);
-                    map.insert((self.unit, u), Arc::clone(&flight));
-                    leads.push(Lead {
-                        blob: self,
-                        unit: self.unit,
-                        offset: us,
-                        len: ue - us,
-                        units: vec![u],
-                        flight,
-                        result: OnceLock::new(),
-                    });
-                }
-                break Unit::Lead(leads.len() - 1);
-            };
-            plan.push(unit);
+            let (lo, hi) = plan.part(self.unit_range(u));
+            let sub = out
+                .as_deref_mut()
+                .map(|b| &mut b[(lo - offset) as usize..(hi - offset) as usize]);
+            let unit = self.plan_unit(&mut plan, sub, u);
+            plan.units.push(unit);
         }
 
         // Run our own requests first (never waiting on others while leading,
         // so readers cannot deadlock on each other), then collect. Several
         // requests (a read larger than `max_request`) run in parallel, up to
         // the scheduler's limit.
-        self.run_leads(&leads);
+        self.run_leads(&plan.leads);
+        self.collect(&plan, out)
+    }
+
+    /// How unit `u` of `plan`'s read is served: copied from the cache into
+    /// `out` (its part of the read) when it is there, else by joining a
+    /// request in flight, else by leading one (extending the read's previous
+    /// request when adjacent and not full).
+    fn plan_unit<'a>(&'a self, plan: &mut Plan<'a>, mut out: Option<&mut [u8]>, u: u64) -> Unit {
+        let (us, ue) = self.unit_range(u);
+        let (lo, hi) = plan.part((us, ue));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let cached = match out.as_deref_mut() {
+                Some(buf) => self.cache_read(buf, lo),
+                None => self.cache.contains(&self.cached, lo, hi - lo),
+            };
+            if cached {
+                return Unit::Cached;
+            }
+            let mut map = self.lock_inflight();
+            if let Some(f) = map.get(&(self.unit, u)) {
+                let f = Arc::clone(f);
+                drop(map);
+                // Don't wait behind a less urgent queued request: raise it.
+                if f.prio.raise(plan.prio) {
+                    f.sched.nudge();
+                }
+                bump(&self.counters.joined, 1);
+                return Unit::Wait(f);
+            }
+            // A request may have finished since the cache check: leaders
+            // insert into the cache before leaving the map, so re-check
+            // under the lock (once; then fetch regardless).
+            if tries == 1 && self.cache.contains(&self.cached, lo, hi - lo) {
+                continue;
+            }
+            if plan.parts {
+                let flights = self.exact_flights(&map, lo, hi, plan.prio);
+                if !flights.is_empty() {
+                    bump(&self.counters.joined, 1);
+                    return Unit::Parts(flights);
+                }
+            }
+            let leads = &mut plan.leads;
+            let extend = match (plan.units.last(), leads.last()) {
+                (Some(Unit::Lead(k)), Some(l)) => {
+                    *k == leads.len() - 1 && (l.units.len() as u64) < self.max_units
+                }
+                _ => false,
+            };
+            if extend {
+                leads.last_mut().expect("checked").extend(&mut map, u, ue);
+            } else {
+                let lead = Lead::start(self, &mut map, (self.unit, u), (us, ue), plan.prio);
+                leads.push(lead);
+            }
+            return Unit::Lead(leads.len() - 1);
+        }
+    }
+
+    /// Waits for the units of `plan` and copies them to `out`; the first
+    /// error is returned (naming the whole read).
+    fn collect(&self, plan: &Plan<'_>, mut out: Option<&mut [u8]>) -> Result<()> {
+        let (offset, len) = (plan.offset, plan.end - plan.offset);
+        let first = offset / self.unit;
         let mut first_err = None;
-        for (k, unit) in plan.iter().enumerate() {
+        for (k, unit) in plan.units.iter().enumerate() {
             let u = first + k as u64;
+            let (lo, hi) = plan.part(self.unit_range(u));
+            let sub = out
+                .as_deref_mut()
+                .map(|b| &mut b[(lo - offset) as usize..(hi - offset) as usize]);
             let r = match unit {
                 Unit::Cached => continue,
                 Unit::Parts(flights) => {
                     flights.iter().for_each(|f| drop(f.wait()));
-                    let (us, ue) = self.unit_range(u);
-                    let (lo, hi) = (us.max(offset), ue.min(end));
-                    let sub = out
-                        .as_deref_mut()
-                        .map(|b| &mut b[(lo - offset) as usize..(hi - offset) as usize]);
-                    if let Err(e) = self.load(sub, lo, hi - lo, prio, false) {
+                    if let Err(e) = self.load(sub, lo, hi - lo, plan.prio, false) {
                         first_err.get_or_insert(e);
                     }
                     continue;
                 }
-                Unit::Lead(i) => leads[*i].result.get().cloned().expect("fetched"),
+                Unit::Lead(i) => plan.leads[*i].result.get().cloned().expect("fetched"),
                 Unit::Wait(f) => f.wait(),
             };
             match r {
                 Ok((base, data)) => {
-                    if let Some(buf) = out.as_deref_mut() {
-                        let (us, ue) = self.unit_range(u);
-                        let (lo, hi) = (us.max(offset), ue.min(end));
-                        buf[(lo - offset) as usize..(hi - offset) as usize]
-                            .copy_from_slice(&data[(lo - base) as usize..(hi - base) as usize]);
+                    if let Some(buf) = sub {
+                        buf.copy_from_slice(&data[(lo - base) as usize..(hi - base) as usize]);
                     }
                 }
                 Err(e) => {

@@ -3,10 +3,9 @@
 //! existence check, monolithic or chunked upload, manifest `PUT`).
 //!
 //! [`super::registry::RegistryClient`] is the data path for block reads (range
-//! requests, mirrors, P2P, redirect caching); this client shares its options
-//! ([`RegistryOptions`]: per-host plain HTTP, TLS, timeouts, retries,
-//! credential files), the credential sources ([`super::creds`]) and the
-//! challenge parsing and token cache ([`super::auth`]).
+//! requests, mirrors, P2P, redirect caching); both run on the same transport
+//! ([`super::http`]: [`RegistryOptions`] with per-host plain HTTP, TLS,
+//! timeouts, retries, credential files; auth; failure classification).
 //!
 //! Authentication is learnt from the `401` of the request itself rather than
 //! a separate probe, so the bearer token's scope is the one the registry asks
@@ -19,22 +18,21 @@
 //! so a `401`, a `5xx`, a `429` or a dropped connection can be retried.
 //! Downloads resume with `Range` after a dropped connection.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::blocking::{Body, Client, Response};
-use reqwest::header::{self, HeaderValue};
+use reqwest::blocking::{Body, Response};
+use reqwest::header;
 use reqwest::{Method, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
-use super::auth::{self, AuthCache, Scheme};
-use super::creds::{self, CredentialSource, FileCredentials};
-use super::registry::{HostOptions, RegistryOptions};
+use super::creds::{self, CredentialSource};
+use super::http::{self, Access, AuthScope, Class, Fail, Request, Retry, Transport};
+use super::registry::RegistryOptions;
 use overlaybd_core::error::{Error, Result};
 
 /// OCI image manifest.
@@ -212,35 +210,9 @@ fn err(url: &str, detail: impl Into<String>) -> Error {
     }
 }
 
-/// Full error text including causes.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// Why one attempt failed.
-enum Fail {
-    /// Worth another try (5xx, 429, 408, network).
-    Retry(String),
-    /// Final.
-    Fatal(Error),
-}
-
-/// A request body that can be made again for a retry.
-type BodyFn<'a> = &'a dyn Fn() -> Result<Body>;
-
 /// The registry client for whole objects (see the module docs).
 pub struct Distribution {
-    opts: RegistryOptions,
-    creds: Arc<dyn CredentialSource>,
-    clients: Mutex<HashMap<String, Client>>,
-    auth: AuthCache,
+    http: Transport,
     /// Upload behaviour.
     pub push: PushOptions,
 }
@@ -248,7 +220,7 @@ pub struct Distribution {
 impl fmt::Debug for Distribution {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Distribution")
-            .field("opts", &self.opts)
+            .field("opts", self.options())
             .finish_non_exhaustive()
     }
 }
@@ -257,17 +229,7 @@ impl Distribution {
     /// A client reading credentials from the files named in `opts` (the
     /// docker config with its credential helpers, by default).
     pub fn new(opts: RegistryOptions) -> Result<Self> {
-        let creds = FileCredentials {
-            credential_file: opts.credential_file.clone(),
-            docker_config: if opts.use_docker_config {
-                opts.docker_config
-                    .clone()
-                    .or_else(creds::default_docker_config)
-            } else {
-                None
-            },
-        };
-        Self::with_credentials(opts, Arc::new(creds))
+        Ok(Self::with_transport(Transport::new(opts)?))
     }
 
     /// A client with an explicit credential source.
@@ -275,31 +237,21 @@ impl Distribution {
         opts: RegistryOptions,
         creds: Arc<dyn CredentialSource>,
     ) -> Result<Self> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        Ok(Self {
-            opts,
-            creds,
-            clients: Mutex::new(HashMap::new()),
-            auth: AuthCache::new(),
+        Ok(Self::with_transport(Transport::with_credentials(
+            opts, creds,
+        )?))
+    }
+
+    fn with_transport(http: Transport) -> Self {
+        Self {
+            http,
             push: PushOptions::default(),
-        })
+        }
     }
 
     /// The options in use.
     pub fn options(&self) -> &RegistryOptions {
-        &self.opts
-    }
-
-    /// Host options for `host[:port]`: the exact key, else the host alone.
-    fn host_opts(&self, authority: &str) -> HostOptions {
-        if let Some(o) = self.opts.hosts.get(authority) {
-            return o.clone();
-        }
-        let bare = authority
-            .rsplit_once(':')
-            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(authority, |(h, _)| h);
-        self.opts.hosts.get(bare).cloned().unwrap_or_default()
+        self.http.options()
     }
 
     /// `scheme://api-host` for a reference host.
@@ -309,7 +261,7 @@ impl Distribution {
         } else {
             host
         };
-        let scheme = if self.host_opts(host).plain_http {
+        let scheme = if self.http.host_opts(host).plain_http {
             "http"
         } else {
             "https"
@@ -322,248 +274,40 @@ impl Distribution {
         format!("{}/v2/{}/{kind}/{reference}", self.base(&r.host), r.repo)
     }
 
-    fn client(&self, host: &str) -> Result<Client> {
-        if let Some(c) = self.clients.lock().unwrap().get(host) {
-            return Ok(c.clone());
-        }
-        let ho = self.host_opts(host);
-        let mut b = Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(Duration::from_millis(self.opts.timeouts.connect_ms))
-            .timeout(None)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(self.opts.user_agent.clone());
-        if ho.insecure_skip_verify {
-            b = b.tls_danger_accept_invalid_certs(true);
-        }
-        if let Some(ca) = &ho.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| Error::Io(e).in_file(ca))?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::ServiceConfig {
-                    field: format!("hosts.{host}.ca_file"),
-                    detail: e.to_string(),
-                })?;
-            b = b.tls_certs_merge(certs);
-        }
-        let c = b
-            .build()
-            .map_err(|e| err(host, format!("cannot build HTTP client: {}", chain(&e))))?;
-        self.clients
-            .lock()
-            .unwrap()
-            .insert(host.to_string(), c.clone());
-        Ok(c)
-    }
-
-    fn auth_key(r: &ImageRef, push: bool) -> String {
-        format!(
-            "{}/{}#{}",
-            creds::canonical_host(&r.host),
-            r.repo,
-            if push { "push" } else { "pull" }
-        )
-    }
-
-    fn auth_error(r: &ImageRef, detail: String) -> Error {
-        Error::Auth {
-            registry: r.host.clone(),
-            detail,
-        }
-    }
-
-    /// The `Authorization` value for a known scheme (fetching a token if needed).
-    fn authorization(&self, r: &ImageRef, scheme: &Scheme) -> Result<Option<String>> {
-        match scheme {
-            Scheme::Anonymous => Ok(None),
-            Scheme::Basic => match self.creds.lookup(&r.host, &r.repo)? {
-                Some(c) => Ok(Some(auth::basic_header(&c))),
-                None => Err(Self::auth_error(
-                    r,
-                    format!(
-                        "the registry asks for Basic auth and no credentials match {}/{} \
-                         (docker config `auths`, `credHelpers` or `credsStore`)",
-                        r.host, r.repo
-                    ),
-                )),
-            },
-            Scheme::Bearer {
-                realm,
-                service,
-                scope,
-            } => {
-                if let Some(t) = self.auth.token(realm, service, scope) {
-                    return Ok(Some(format!("Bearer {t}")));
-                }
-                let mut tu = Url::parse(realm)
-                    .map_err(|e| Self::auth_error(r, format!("bad token realm {realm:?}: {e}")))?;
-                {
-                    let mut q = tu.query_pairs_mut();
-                    if let Some(s) = service {
-                        q.append_pair("service", s);
-                    }
-                    if let Some(s) = scope {
-                        q.append_pair("scope", s);
-                    }
-                }
-                let host = tu.host_str().unwrap_or("").to_string();
-                let mut rb = self
-                    .client(&host)?
-                    .get(tu.clone())
-                    .timeout(Duration::from_millis(self.opts.timeouts.request_ms));
-                if let Some(c) = self.creds.lookup(&r.host, &r.repo)? {
-                    rb = rb.header(header::AUTHORIZATION, auth::basic_header(&c));
-                }
-                let resp = rb.send().map_err(|e| {
-                    Self::auth_error(r, format!("token server {realm}: {}", chain(&e)))
-                })?;
-                let st = resp.status();
-                if st != StatusCode::OK {
-                    return Err(Self::auth_error(
-                        r,
-                        format!("token server {realm}: HTTP {st} (check the credentials)"),
-                    ));
-                }
-                let body = resp
-                    .bytes()
-                    .map_err(|e| Self::auth_error(r, format!("token body: {}", chain(&e))))?;
-                let (tok, ttl) = auth::parse_token_response(&r.host, &body)?;
-                self.auth.put_token(realm, service, scope, tok.clone(), ttl);
-                Ok(Some(format!("Bearer {tok}")))
+    /// Sends `req` to `r`'s repository with `access` (the auth scheme learnt
+    /// from the `401` of the request itself), retrying transient failures
+    /// with back-off. Redirects are returned, not followed.
+    fn send(&self, r: &ImageRef, access: Access, req: &Request<'_>) -> Result<Response> {
+        let who = AuthScope {
+            host: &r.host,
+            repo: &r.repo,
+            access,
+            probe: None,
+        };
+        let what = req.what();
+        let once = || {
+            let resp = self
+                .http
+                .send_authed(&who, &what, None, |authz| self.http.send(req, authz))?;
+            match http::classify(resp.status()) {
+                Class::Retryable => Err(Fail::Retry(format!("HTTP {}", resp.status()))),
+                _ => Ok(resp),
             }
-        }
-    }
-
-    /// Sends one request with auth, learning the scheme from a `401`, with
-    /// retries for transient failures. Redirects are returned, not followed.
-    #[allow(clippy::too_many_arguments)]
-    fn send(
-        &self,
-        r: &ImageRef,
-        push: bool,
-        method: Method,
-        url: &str,
-        headers: &[(header::HeaderName, String)],
-        body: Option<BodyFn<'_>>,
-        timeout: Duration,
-    ) -> Result<Response> {
-        let key = Self::auth_key(r, push);
-        let tries = self.opts.retry.tries.max(1);
-        let mut backoff = Duration::from_millis(self.opts.retry.backoff_ms);
-        let mut authed = false;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let res = (|| -> std::result::Result<Response, Fail> {
-                let scheme = self.auth.scheme(&key).unwrap_or(Scheme::Anonymous);
-                let authz = self.authorization(r, &scheme).map_err(Fail::Fatal)?;
-                let u =
-                    Url::parse(url).map_err(|e| Fail::Fatal(err(url, format!("bad URL: {e}"))))?;
-                let host = match u.port() {
-                    Some(p) => format!("{}:{p}", u.host_str().unwrap_or("")),
-                    None => u.host_str().unwrap_or("").to_string(),
-                };
-                let mut rb = self
-                    .client(&host)
-                    .map_err(Fail::Fatal)?
-                    .request(method.clone(), u)
-                    .timeout(timeout);
-                for (k, v) in headers {
-                    let hv = HeaderValue::from_str(v)
-                        .map_err(|_| Fail::Fatal(err(url, format!("bad header value for {k}"))))?;
-                    rb = rb.header(k, hv);
-                }
-                if let Some(a) = authz {
-                    rb = rb.header(header::AUTHORIZATION, a);
-                }
-                if let Some(b) = body {
-                    rb = rb.body(b().map_err(Fail::Fatal)?);
-                }
-                rb.send().map_err(|e| Fail::Retry(chain(&e.without_url())))
-            })();
-            let detail = match res {
-                Ok(resp) => {
-                    let st = resp.status();
-                    if st == StatusCode::UNAUTHORIZED && !authed {
-                        authed = true;
-                        let ch: Vec<_> = resp
-                            .headers()
-                            .get_all(header::WWW_AUTHENTICATE)
-                            .iter()
-                            .filter_map(|v| v.to_str().ok())
-                            .flat_map(auth::parse_www_authenticate)
-                            .collect();
-                        let scheme = match Scheme::from_challenges(&ch) {
-                            Some(Scheme::Bearer {
-                                realm,
-                                service,
-                                scope,
-                            }) => {
-                                let want = format!(
-                                    "repository:{}:{}",
-                                    r.repo,
-                                    if push { "pull,push" } else { "pull" }
-                                );
-                                // The challenge's scope names what this
-                                // request needs; make sure pushes ask for push.
-                                let scope = match scope {
-                                    Some(s) if !push || s.contains("push") => Some(s),
-                                    _ => Some(want),
-                                };
-                                Scheme::Bearer {
-                                    realm,
-                                    service,
-                                    scope,
-                                }
-                            }
-                            Some(s) => s,
-                            None => {
-                                return Err(Self::auth_error(
-                                    r,
-                                    format!("HTTP 401 for {url} without a usable challenge"),
-                                ))
-                            }
-                        };
-                        self.auth.invalidate(&key);
-                        self.auth.set_scheme(&key, scheme);
-                        attempt -= 1;
-                        continue;
-                    }
-                    if st == StatusCode::UNAUTHORIZED || st == StatusCode::FORBIDDEN {
-                        self.auth.invalidate(&key);
-                        return Err(Self::auth_error(
-                            r,
-                            format!(
-                                "HTTP {st} for {method} {url}{}",
-                                if push { " (push access denied?)" } else { "" }
-                            ),
-                        ));
-                    }
-                    if st.is_server_error()
-                        || st == StatusCode::TOO_MANY_REQUESTS
-                        || st == StatusCode::REQUEST_TIMEOUT
-                    {
-                        format!("HTTP {st}")
-                    } else {
-                        return Ok(resp);
-                    }
-                }
-                Err(Fail::Fatal(e)) => return Err(e),
-                Err(Fail::Retry(d)) => d,
-            };
-            if attempt >= tries {
-                return Err(err(
-                    url,
-                    format!("{method}: {detail} (after {attempt} tries)"),
-                ));
-            }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_millis(self.opts.retry.max_backoff_ms));
-        }
+        };
+        Retry::new(&self.options().retry, None)
+            .run(once, |_, _| true)
+            .map_err(|(n, f)| {
+                f.into_error(|d| {
+                    err(
+                        req.url(),
+                        format!("{}: {d} (after {n} tries)", req.method()),
+                    )
+                })
+            })
     }
 
     fn small_timeout(&self) -> Duration {
-        Duration::from_millis(self.opts.timeouts.request_ms)
+        Duration::from_millis(self.options().timeouts.request_ms)
     }
 
     /// A deadline for moving `size` bytes: the request timeout plus 1 s per MiB.
@@ -601,15 +345,9 @@ impl Distribution {
     /// [`Self::get_manifest`], with `None` for a `404`.
     pub fn get_manifest_opt(&self, r: &ImageRef, reference: &str) -> Result<Option<Manifest>> {
         let url = self.url(r, "manifests", reference);
-        let resp = self.send(
-            r,
-            false,
-            Method::GET,
-            &url,
-            &[(header::ACCEPT, MANIFEST_ACCEPT.into())],
-            None,
-            self.small_timeout(),
-        )?;
+        let req = Request::new(Method::GET, &url, self.small_timeout())
+            .header(header::ACCEPT, MANIFEST_ACCEPT);
+        let resp = self.send(r, Access::Pull, &req)?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -668,12 +406,15 @@ impl Distribution {
     /// (without credentials). Returns the response (200 or 206).
     fn get_blob(&self, r: &ImageRef, digest: &str, from: u64, size: u64) -> Result<Response> {
         let url = self.url(r, "blobs", digest);
-        let mut hdrs = Vec::new();
+        let mut req = Request::new(
+            Method::GET,
+            &url,
+            self.transfer_timeout(size.saturating_sub(from)),
+        );
         if from > 0 {
-            hdrs.push((header::RANGE, format!("bytes={from}-")));
+            req = req.header(header::RANGE, format!("bytes={from}-"));
         }
-        let timeout = self.transfer_timeout(size.saturating_sub(from));
-        let mut resp = self.send(r, false, Method::GET, &url, &hdrs, None, timeout)?;
+        let mut resp = self.send(r, Access::Pull, &req)?;
         let mut hops = 0;
         while resp.status().is_redirection() {
             hops += 1;
@@ -688,17 +429,11 @@ impl Distribution {
             if hops > 5 {
                 return Err(err(&url, "too many redirects"));
             }
-            let host = target.host_str().unwrap_or("").to_string();
-            let mut rb = self.client(&host)?.get(target).timeout(timeout);
-            for (k, v) in &hdrs {
-                rb = rb.header(k, v.as_str());
-            }
-            resp = rb.send().map_err(|e| {
-                err(
-                    &url,
-                    format!("redirect target: {}", chain(&e.without_url())),
-                )
-            })?;
+            let target = target.to_string();
+            resp = self
+                .http
+                .send(&req.to(&target), None)
+                .map_err(|f| f.into_error(|d| err(&url, format!("redirect target: {d}"))))?;
         }
         match resp.status() {
             StatusCode::OK if from == 0 => Ok(resp),
@@ -733,7 +468,8 @@ impl Distribution {
     /// `HEAD` of a blob: its size when the repository has it.
     pub fn blob_exists(&self, r: &ImageRef, digest: &str) -> Result<Option<u64>> {
         let url = self.url(r, "blobs", digest);
-        let resp = self.send(r, true, Method::HEAD, &url, &[], None, self.small_timeout())?;
+        let req = Request::new(Method::HEAD, &url, self.small_timeout());
+        let resp = self.send(r, Access::Push, &req)?;
         match resp.status() {
             StatusCode::OK => Ok(resp.content_length().or_else(|| {
                 resp.headers()
@@ -778,7 +514,7 @@ impl Distribution {
                 return Ok(false);
             }
         }
-        let tries = self.opts.retry.tries.max(1);
+        let tries = self.options().retry.tries.max(1);
         let mut last = None;
         for _ in 0..tries {
             match self.upload_once(r, digest, path, size) {
@@ -792,20 +528,14 @@ impl Distribution {
 
     fn upload_once(&self, r: &ImageRef, digest: &str, path: &Path, size: u64) -> Result<()> {
         let start = format!("{}/v2/{}/blobs/uploads/", self.base(&r.host), r.repo);
-        let resp = self.send(
-            r,
-            true,
-            Method::POST,
-            &start,
-            &[(header::CONTENT_LENGTH, "0".into())],
-            None,
-            self.small_timeout(),
-        )?;
+        let req = Request::new(Method::POST, &start, self.small_timeout())
+            .header(header::CONTENT_LENGTH, "0");
+        let resp = self.send(r, Access::Push, &req)?;
         if resp.status() != StatusCode::ACCEPTED {
             return Err(Self::status_error(&start, "starting the upload", resp));
         }
         let mut loc = Self::location(&start, &resp)?;
-        let octet = (header::CONTENT_TYPE, "application/octet-stream".to_string());
+        const OCTET: &str = "application/octet-stream";
         let section = |off: u64, len: u64| -> Result<Body> {
             let mut f = File::open(path).map_err(|e| Error::Io(e).in_file(path))?;
             f.seek(SeekFrom::Start(off))
@@ -816,15 +546,11 @@ impl Distribution {
         let resp = if size <= self.push.monolithic_max {
             final_url = Self::with_digest(loc, digest);
             let body = || section(0, size);
-            self.send(
-                r,
-                true,
-                Method::PUT,
-                &final_url,
-                &[octet.clone(), (header::CONTENT_LENGTH, size.to_string())],
-                Some(&body),
-                self.transfer_timeout(size),
-            )?
+            let req = Request::new(Method::PUT, &final_url, self.transfer_timeout(size))
+                .header(header::CONTENT_TYPE, OCTET)
+                .header(header::CONTENT_LENGTH, size.to_string())
+                .body(&body);
+            self.send(r, Access::Push, &req)?
         } else {
             let chunk = self.push.chunk_size.max(1 << 20);
             let mut off = 0;
@@ -832,19 +558,12 @@ impl Distribution {
                 let n = chunk.min(size - off);
                 let url = loc.to_string();
                 let body = || section(off, n);
-                let resp = self.send(
-                    r,
-                    true,
-                    Method::PATCH,
-                    &url,
-                    &[
-                        octet.clone(),
-                        (header::CONTENT_LENGTH, n.to_string()),
-                        (header::CONTENT_RANGE, format!("{}-{}", off, off + n - 1)),
-                    ],
-                    Some(&body),
-                    self.transfer_timeout(n),
-                )?;
+                let req = Request::new(Method::PATCH, &url, self.transfer_timeout(n))
+                    .header(header::CONTENT_TYPE, OCTET)
+                    .header(header::CONTENT_LENGTH, n.to_string())
+                    .header(header::CONTENT_RANGE, format!("{}-{}", off, off + n - 1))
+                    .body(&body);
+                let resp = self.send(r, Access::Push, &req)?;
                 if resp.status() != StatusCode::ACCEPTED {
                     return Err(Self::status_error(&url, "uploading a chunk", resp));
                 }
@@ -852,15 +571,10 @@ impl Distribution {
                 off += n;
             }
             final_url = Self::with_digest(loc, digest);
-            self.send(
-                r,
-                true,
-                Method::PUT,
-                &final_url,
-                &[octet, (header::CONTENT_LENGTH, "0".into())],
-                None,
-                self.small_timeout(),
-            )?
+            let req = Request::new(Method::PUT, &final_url, self.small_timeout())
+                .header(header::CONTENT_TYPE, OCTET)
+                .header(header::CONTENT_LENGTH, "0");
+            self.send(r, Access::Push, &req)?
         };
         if resp.status() != StatusCode::CREATED {
             return Err(Self::status_error(
@@ -869,19 +583,23 @@ impl Distribution {
                 resp,
             ));
         }
-        if let Some(d) = resp
+        Self::check_stored(&final_url, &resp, digest)
+    }
+
+    /// The digest the registry says it stored (`Docker-Content-Digest`, when
+    /// it sends one) must be `digest`.
+    fn check_stored(url: &str, resp: &Response, digest: &str) -> Result<()> {
+        match resp
             .headers()
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
         {
-            if d != digest {
-                return Err(err(
-                    &final_url,
-                    format!("the registry stored {d}, expected {digest}"),
-                ));
-            }
+            Some(d) if d != digest => Err(err(
+                url,
+                format!("the registry stored {d}, expected {digest}"),
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Uploads an in-memory blob (configs) by way of a temporary file.
@@ -911,30 +629,14 @@ impl Distribution {
         let digest = sha256(bytes);
         let data = bytes.to_vec();
         let body = move || Ok(Body::from(data.clone()));
-        let resp = self.send(
-            r,
-            true,
-            Method::PUT,
-            &url,
-            &[(header::CONTENT_TYPE, media_type.to_string())],
-            Some(&body),
-            self.small_timeout(),
-        )?;
+        let req = Request::new(Method::PUT, &url, self.small_timeout())
+            .header(header::CONTENT_TYPE, media_type)
+            .body(&body);
+        let resp = self.send(r, Access::Push, &req)?;
         if resp.status() != StatusCode::CREATED && resp.status() != StatusCode::OK {
             return Err(Self::status_error(&url, "PUT manifest", resp));
         }
-        if let Some(d) = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-        {
-            if d != digest {
-                return Err(err(
-                    &url,
-                    format!("the registry stored {d}, expected {digest}"),
-                ));
-            }
-        }
+        Self::check_stored(&url, &resp, &digest)?;
         Ok(PushedManifest {
             digest,
             subject_indexed: resp.headers().contains_key("oci-subject"),
@@ -978,14 +680,15 @@ impl Read for BlobReader {
             };
             self.resp = None;
             self.resumes += 1;
-            if self.resumes > self.client.opts.retry.tries.max(1) {
+            let retry = &self.client.options().retry;
+            if self.resumes > retry.tries.max(1) {
                 return Err(io::Error::other(format!(
                     "blob {}: {failure} (gave up after {} resumes)",
                     self.digest,
                     self.resumes - 1
                 )));
             }
-            std::thread::sleep(Duration::from_millis(self.client.opts.retry.backoff_ms));
+            std::thread::sleep(Duration::from_millis(retry.backoff_ms));
             match self
                 .client
                 .get_blob(&self.r, &self.digest, self.pos, self.size)
@@ -1043,6 +746,7 @@ mod tests {
 
     #[test]
     fn plain_http_by_host_or_authority() {
+        use crate::registry::HostOptions;
         let mut o = RegistryOptions::default();
         o.hosts.insert(
             "127.0.0.1:5000".into(),

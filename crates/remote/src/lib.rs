@@ -82,6 +82,8 @@ pub mod auth;
 pub mod creds;
 #[cfg(feature = "registry")]
 pub mod distribution;
+#[cfg(feature = "registry")]
+mod http;
 pub mod metrics;
 #[cfg(feature = "registry")]
 pub mod registry;

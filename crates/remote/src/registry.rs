@@ -1,5 +1,8 @@
 //! The registry client: range reads of OCI blobs over HTTP(S), with auth,
-//! redirect caching, mirrors, a P2P proxy, timeouts and bounded retries.
+//! redirect caching, mirrors, a P2P proxy, timeouts and bounded retries. The
+//! HTTP clients, TLS options, auth and retry policy are the shared transport's
+//! ([`super::http`]); this module is the range semantics and where a range is
+//! read from.
 //!
 //! Request flow for one [`RangeFetcher::fetch`]:
 //! 1. The endpoints are the configured mirrors of the blob's host, in order,
@@ -31,135 +34,20 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::blocking::{Client, Response};
-use reqwest::header::{self, HeaderValue};
+use reqwest::blocking::Response;
+use reqwest::header;
 use reqwest::{Method, StatusCode, Url};
-use serde::Deserialize;
 
-use super::auth::{self, AuthCache, Scheme};
-use super::creds::{self, CredentialSource, FileCredentials};
+use super::creds::{self, CredentialSource};
+use super::http::{self, Access, AuthScope, Class, Fail, Request, Retry, Transport};
 use super::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::error::{Error, Result};
 
-/// TLS and scheme settings for one registry host.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct HostOptions {
-    /// Talk plain HTTP to this host even when the URL says `https`.
-    pub plain_http: bool,
-    /// Accept any server certificate (testing only).
-    pub insecure_skip_verify: bool,
-    /// Extra PEM CA bundle trusted for this host.
-    pub ca_file: Option<PathBuf>,
-}
-
-/// The P2P proxy (upstream `p2pConfig`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct P2pOptions {
-    /// Send data requests through the proxy.
-    pub enable: bool,
-    /// Proxy prefix, e.g. `http://localhost:9731/accelerator`; requests go to
-    /// `<address>/<full blob URL>`.
-    pub address: String,
-}
-
-/// Deadlines, in milliseconds.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct Timeouts {
-    /// TCP + TLS connect. Default 5 000.
-    pub connect_ms: u64,
-    /// One request, from connecting until the body is read. Default 30 000.
-    pub request_ms: u64,
-    /// One read, including all retries and failover. Default 120 000.
-    pub total_ms: u64,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            connect_ms: 5_000,
-            request_ms: 30_000,
-            total_ms: 120_000,
-        }
-    }
-}
-
-/// Bounded retries with exponential back-off.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct RetryOptions {
-    /// Attempts per endpoint (at least 1). Default 3.
-    pub tries: u32,
-    /// First back-off, doubled after each failed attempt. Default 100.
-    pub backoff_ms: u64,
-    /// Back-off cap. Default 2 000.
-    pub max_backoff_ms: u64,
-}
-
-impl Default for RetryOptions {
-    fn default() -> Self {
-        Self {
-            tries: 3,
-            backoff_ms: 100,
-            max_backoff_ms: 2_000,
-        }
-    }
-}
-
-/// Registry client settings. Every field has a default; unknown keys are
-/// ignored so configs can grow.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct RegistryOptions {
-    /// Per-host settings, keyed by `host[:port]` as in the blob URL.
-    pub hosts: HashMap<String, HostOptions>,
-    /// Mirrors per registry host (`host[:port]`; docker.io aliases are one key),
-    /// tried in order before the origin. Each is a base URL
-    /// (`https://mirror.example` or `http://127.0.0.1:5001/prefix`); the blob
-    /// path `/v2/<repo>/blobs/<digest>` is appended.
-    pub mirrors: HashMap<String, Vec<String>>,
-    /// The P2P proxy.
-    pub p2p: P2pOptions,
-    /// Deadlines.
-    pub timeouts: Timeouts,
-    /// Retries.
-    pub retry: RetryOptions,
-    /// `User-Agent`. Default `obd/<version>`.
-    pub user_agent: String,
-    /// Upstream-style credential file (`{"auths": {...}}`), read first.
-    pub credential_file: Option<PathBuf>,
-    /// Read the docker `config.json` (helpers, store, `auths`). Default true.
-    pub use_docker_config: bool,
-    /// The docker config path; default `$DOCKER_CONFIG/config.json` or
-    /// `~/.docker/config.json`.
-    pub docker_config: Option<PathBuf>,
-    /// How long a redirect `Location` is reused, in seconds. Default 300.
-    pub redirect_ttl_secs: u64,
-}
-
-impl Default for RegistryOptions {
-    fn default() -> Self {
-        Self {
-            hosts: HashMap::new(),
-            mirrors: HashMap::new(),
-            p2p: P2pOptions::default(),
-            timeouts: Timeouts::default(),
-            retry: RetryOptions::default(),
-            user_agent: format!("obd/{}", env!("CARGO_PKG_VERSION")),
-            credential_file: None,
-            use_docker_config: true,
-            docker_config: None,
-            redirect_ttl_secs: 300,
-        }
-    }
-}
+pub use super::http::{HostOptions, P2pOptions, RegistryOptions, RetryOptions, Timeouts};
 
 /// Request and byte counts for one blob.
 #[derive(Debug, Default)]
@@ -187,17 +75,6 @@ pub struct BlobStats {
     pub http2: u64,
 }
 
-/// Why one attempt failed.
-#[derive(Debug)]
-enum Fail {
-    /// The endpoint cannot be reached: fail over at once.
-    Connect(String),
-    /// Transient: retry after back-off.
-    Retry(String),
-    /// Give up on this endpoint.
-    Fatal(Error),
-}
-
 /// One place a blob can be read from.
 #[derive(Debug, Clone)]
 struct Endpoint {
@@ -210,16 +87,35 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    fn key(&self) -> String {
-        format!("{}/{}", self.host, self.repo)
+    /// Reads authenticate per endpoint, learning the scheme from a probe of
+    /// the blob itself.
+    fn auth(&self) -> AuthScope<'_> {
+        AuthScope {
+            host: &self.host,
+            repo: &self.repo,
+            access: Access::Pull,
+            probe: Some(&self.url),
+        }
     }
 }
 
-fn authority(u: &Url) -> String {
-    let h = u.host_str().unwrap_or("");
-    match u.port() {
-        Some(p) => format!("{h}:{p}"),
-        None => h.to_string(),
+/// The range one read wants: `[offset, offset + len)`, `len > 0`, and the
+/// blob's size when known.
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    offset: u64,
+    len: u64,
+    total: Option<u64>,
+}
+
+impl Want {
+    fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+
+    /// The `Range` header value.
+    fn header(&self) -> String {
+        format!("bytes={}-{}", self.offset, self.end() - 1)
     }
 }
 
@@ -244,16 +140,8 @@ fn split_blob_url(url: &str) -> Result<(Url, String, String, String)> {
         Some(i) => rest[..i].to_string(),
         None => rest.rsplit_once('/').map(|x| x.0).unwrap_or("").to_string(),
     };
-    let host = authority(&u);
+    let host = http::authority(&u);
     Ok((u, host, repo, path[v2..].to_string()))
-}
-
-fn ensure_crypto_provider() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // Fails only when a provider is already installed, which is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
 }
 
 /// Parses `bytes a-b/total` (`total` may be `*`).
@@ -268,35 +156,42 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     Some((a.trim().parse().ok()?, b.trim().parse().ok()?, total))
 }
 
-fn classify(e: &reqwest::Error) -> Fail {
-    if e.is_connect() {
-        Fail::Connect(format!("cannot connect: {e}"))
-    } else if e.is_timeout() {
-        Fail::Retry(format!("timed out: {e}"))
-    } else {
-        Fail::Retry(format!("request failed: {e}"))
-    }
-}
+/// The failed attempts of one read, for its error: same failures in a row
+/// are one entry ("origin tries 1-3: ...").
+#[derive(Default)]
+struct Failures(Vec<(String, u32, u32, String)>);
 
-/// Full error text including causes (reqwest hides the interesting part there).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+impl Failures {
+    fn push(&mut self, who: &str, attempt: u32, detail: String) {
+        match self.0.last_mut() {
+            Some((w, _, last, d)) if w == who && *d == detail => *last = attempt,
+            _ => self.0.push((who.to_string(), attempt, attempt, detail)),
+        }
     }
-    s
+
+    /// A note without an endpoint (the deadline).
+    fn note(&mut self, detail: String) {
+        self.0.push((String::new(), 0, 0, detail));
+    }
+
+    fn text(&self) -> String {
+        let text: Vec<String> = self
+            .0
+            .iter()
+            .map(|(w, a, b, d)| match (w.is_empty(), a == b) {
+                (true, _) => d.clone(),
+                (false, true) => format!("{w} try {a}: {d}"),
+                (false, false) => format!("{w} tries {a}-{b}: {d}"),
+            })
+            .collect();
+        text.join("; ")
+    }
 }
 
 /// A synchronous registry client. Cheap to share (`Arc`); one pooled HTTP
 /// client per scheme + host.
 pub struct RegistryClient {
-    opts: RegistryOptions,
-    creds: Arc<dyn CredentialSource>,
-    clients: Mutex<HashMap<String, Client>>,
-    auth: AuthCache,
+    http: Transport,
     redirects: Mutex<HashMap<String, (String, Instant)>>,
     stats: Mutex<HashMap<String, Arc<BlobCounters>>>,
     /// P2P reachability: (reachable, checked at).
@@ -308,7 +203,7 @@ pub struct RegistryClient {
 impl std::fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryClient")
-            .field("opts", &self.opts)
+            .field("opts", self.options())
             .finish_non_exhaustive()
     }
 }
@@ -321,17 +216,8 @@ const MIRROR_RECHECK: Duration = Duration::from_secs(30);
 impl RegistryClient {
     /// A client reading credentials from the files named in `opts`.
     pub fn new(opts: RegistryOptions) -> Result<Self> {
-        let creds = FileCredentials {
-            credential_file: opts.credential_file.clone(),
-            docker_config: if opts.use_docker_config {
-                opts.docker_config
-                    .clone()
-                    .or_else(creds::default_docker_config)
-            } else {
-                None
-            },
-        };
-        Self::with_credentials(opts, Arc::new(creds))
+        Self::validate(&opts)?;
+        Ok(Self::with_transport(Transport::new(opts)?))
     }
 
     /// A client with an explicit credential source.
@@ -339,45 +225,37 @@ impl RegistryClient {
         opts: RegistryOptions,
         creds: Arc<dyn CredentialSource>,
     ) -> Result<Self> {
-        ensure_crypto_provider();
+        Self::validate(&opts)?;
+        Ok(Self::with_transport(Transport::with_credentials(
+            opts, creds,
+        )?))
+    }
+
+    /// The checks of the range fetcher's own options (the transport checks
+    /// the rest).
+    fn validate(opts: &RegistryOptions) -> Result<()> {
         if opts.p2p.enable {
             Url::parse(&opts.p2p.address).map_err(|e| Error::ServiceConfig {
                 field: "p2p.address".into(),
                 detail: format!("{:?}: {e}", opts.p2p.address),
             })?;
         }
-        for (host, o) in &opts.hosts {
-            if let Some(ca) = &o.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| Error::Io(e).in_file(ca))?;
-                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                    Error::ServiceConfig {
-                        field: format!("hosts.{host}.ca_file"),
-                        detail: format!("{}: {e}", ca.display()),
-                    }
-                })?;
-                if certs.is_empty() {
-                    return Err(Error::ServiceConfig {
-                        field: format!("hosts.{host}.ca_file"),
-                        detail: format!("{}: no PEM certificates", ca.display()),
-                    });
-                }
-            }
-        }
-        Ok(Self {
-            opts,
-            creds,
-            clients: Mutex::new(HashMap::new()),
-            auth: AuthCache::new(),
+        Ok(())
+    }
+
+    fn with_transport(http: Transport) -> Self {
+        Self {
+            http,
             redirects: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             p2p_state: Mutex::new(None),
             mirror_down: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// The options in use.
     pub fn options(&self) -> &RegistryOptions {
-        &self.opts
+        self.http.options()
     }
 
     /// Counters for `blob_url` (zero if never read).
@@ -416,48 +294,16 @@ impl RegistryClient {
         }
     }
 
+    fn cache_redirect(&self, blob_url: &str, location: &str) {
+        let ttl = Duration::from_secs(self.options().redirect_ttl_secs);
+        self.redirects.lock().unwrap().insert(
+            blob_url.to_string(),
+            (location.to_string(), Instant::now() + ttl),
+        );
+    }
+
     fn drop_redirect(&self, blob_url: &str) {
         self.redirects.lock().unwrap().remove(blob_url);
-    }
-
-    fn host_opts(&self, host: &str) -> HostOptions {
-        self.opts.hosts.get(host).cloned().unwrap_or_default()
-    }
-
-    fn client_for(&self, u: &Url) -> Result<Client> {
-        let host = authority(u);
-        let key = format!("{}://{host}", u.scheme());
-        if let Some(c) = self.clients.lock().unwrap().get(&key) {
-            return Ok(c.clone());
-        }
-        let ho = self.host_opts(&host);
-        let mut b = Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(Duration::from_millis(self.opts.timeouts.connect_ms))
-            .timeout(Duration::from_millis(self.opts.timeouts.request_ms))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(self.opts.user_agent.clone());
-        if ho.insecure_skip_verify {
-            b = b.tls_danger_accept_invalid_certs(true);
-        }
-        if let Some(ca) = &ho.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| Error::Io(e).in_file(ca))?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::ServiceConfig {
-                    field: format!("hosts.{host}.ca_file"),
-                    detail: e.to_string(),
-                })?;
-            b = b.tls_certs_merge(certs);
-        }
-        let c = b.build().map_err(|e| Error::Remote {
-            url: key.clone(),
-            offset: 0,
-            end: 0,
-            detail: format!("cannot build HTTP client: {}", chain(&e)),
-        })?;
-        self.clients.lock().unwrap().insert(key, c.clone());
-        Ok(c)
     }
 
     /// The endpoints for `url`: mirrors first, then the origin.
@@ -465,9 +311,9 @@ impl RegistryClient {
         let (u, host, repo, v2path) = split_blob_url(url)?;
         let mut out = Vec::new();
         let canon = creds::canonical_host(&host);
-        let mirrors = self.opts.mirrors.get(&host).or_else(|| {
-            self.opts
-                .mirrors
+        let mirrors = &self.options().mirrors;
+        let mirrors = mirrors.get(&host).or_else(|| {
+            mirrors
                 .iter()
                 .find(|(k, _)| creds::canonical_host(k) == canon)
                 .map(|(_, v)| v)
@@ -484,8 +330,8 @@ impl RegistryClient {
     }
 
     fn endpoint_from(&self, mut u: Url, repo: String) -> Endpoint {
-        let host = authority(&u);
-        if u.scheme() == "https" && self.host_opts(&host).plain_http {
+        let host = http::authority(&u);
+        if u.scheme() == "https" && self.http.host_opts(&host).plain_http {
             let _ = u.set_scheme("http");
         }
         Endpoint {
@@ -497,7 +343,7 @@ impl RegistryClient {
 
     /// Whether data requests should go through the P2P proxy now.
     fn p2p_active(&self) -> bool {
-        if !self.opts.p2p.enable {
+        if !self.options().p2p.enable {
             return false;
         }
         let mut st = self.p2p_state.lock().unwrap();
@@ -512,13 +358,13 @@ impl RegistryClient {
     }
 
     fn p2p_reachable(&self) -> bool {
-        let Ok(u) = Url::parse(&self.opts.p2p.address) else {
+        let Ok(u) = Url::parse(&self.options().p2p.address) else {
             return false;
         };
         let (Some(h), Some(p)) = (u.host_str(), u.port_or_known_default()) else {
             return false;
         };
-        let to = Duration::from_millis(self.opts.timeouts.connect_ms.min(1_000));
+        let to = Duration::from_millis(self.options().timeouts.connect_ms.min(1_000));
         let Ok(addrs) = (h, p).to_socket_addrs() else {
             return false;
         };
@@ -551,468 +397,198 @@ impl RegistryClient {
     }
 
     fn p2p_url(&self, target: &str) -> String {
-        format!("{}/{target}", self.opts.p2p.address.trim_end_matches('/'))
+        format!(
+            "{}/{target}",
+            self.options().p2p.address.trim_end_matches('/')
+        )
     }
 
-    fn send(
+    /// Sends the data request for `want` to `target`, through the P2P proxy
+    /// when it is up (direct when it cannot be reached), and counts it.
+    fn send_data(
         &self,
-        method: Method,
-        url: &str,
-        headers: &[(header::HeaderName, String)],
-        timeout: Duration,
+        target: &str,
+        authorization: Option<&str>,
+        want: Want,
+        counters: &BlobCounters,
+        deadline: Instant,
     ) -> std::result::Result<Response, Fail> {
-        let u = Url::parse(url).map_err(|e| {
-            Fail::Fatal(Error::Remote {
-                url: url.to_string(),
-                offset: 0,
-                end: 0,
-                detail: format!("bad URL: {e}"),
-            })
-        })?;
-        let c = self.client_for(&u).map_err(Fail::Fatal)?;
-        let mut rb = c.request(method, u).timeout(timeout);
-        for (k, v) in headers {
-            let hv = HeaderValue::from_str(v).map_err(|_| {
-                Fail::Fatal(Error::Remote {
-                    url: url.to_string(),
-                    offset: 0,
-                    end: 0,
-                    detail: format!("bad header value for {k}"),
-                })
-            })?;
-            rb = rb.header(k, hv);
-        }
-        rb.send()
-            .map_err(|e| e.without_url())
-            .map_err(|e| match classify(&e) {
-                Fail::Connect(_) => Fail::Connect(format!("cannot connect: {}", chain(&e))),
-                Fail::Retry(_) if e.is_timeout() => {
-                    Fail::Retry(format!("timed out: {}", chain(&e)))
+        loop {
+            let via_p2p = self.p2p_active();
+            let url = if via_p2p {
+                self.p2p_url(target)
+            } else {
+                target.to_string()
+            };
+            let req = Request::new(Method::GET, &url, self.http.timeout(Some(deadline))?)
+                .header(header::RANGE, want.header());
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            match self.http.send(&req, authorization) {
+                Ok(resp) => {
+                    if resp.version() == reqwest::Version::HTTP_2 {
+                        counters.http2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(resp);
                 }
-                _ => Fail::Retry(format!("request failed: {}", chain(&e))),
-            })
-    }
-
-    fn auth_err(host: &str, detail: String) -> Fail {
-        Fail::Fatal(Error::Auth {
-            registry: host.to_string(),
-            detail,
-        })
-    }
-
-    /// The probe: `GET` with `Range: bytes=0-0`, no credentials, no redirects.
-    fn probe(&self, ep: &Endpoint, timeout: Duration) -> std::result::Result<Scheme, Fail> {
-        let resp = self.send(
-            Method::GET,
-            &ep.url,
-            &[(header::RANGE, "bytes=0-0".into())],
-            timeout,
-        )?;
-        let st = resp.status();
-        if st == StatusCode::UNAUTHORIZED || st == StatusCode::FORBIDDEN {
-            let ch: Vec<_> = resp
-                .headers()
-                .get_all(header::WWW_AUTHENTICATE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(auth::parse_www_authenticate)
-                .collect();
-            return Scheme::from_challenges(&ch).ok_or_else(|| {
-                Self::auth_err(
-                    &ep.host,
-                    format!("HTTP {st} without a usable WWW-Authenticate challenge"),
-                )
-            });
+                // The proxy went away: go direct.
+                Err(Fail::Connect(_)) if via_p2p => self.mark_p2p_down(),
+                Err(e) => return Err(e),
+            }
         }
-        if st.is_server_error() {
-            return Err(Fail::Retry(format!("auth probe: HTTP {st}")));
-        }
-        Ok(Scheme::Anonymous)
     }
 
-    fn lookup_creds(&self, ep: &Endpoint) -> std::result::Result<Option<creds::Credential>, Fail> {
-        self.creds.lookup(&ep.host, &ep.repo).map_err(Fail::Fatal)
-    }
-
-    /// The `Authorization` value for `ep`, probing and fetching a token as needed.
-    fn auth_header(
+    /// The response with the data of `want` from `ep`: auth, P2P, and
+    /// redirects followed (and cached) without `Authorization`.
+    fn request_range(
         &self,
         ep: &Endpoint,
-        timeout: Duration,
-    ) -> std::result::Result<Option<String>, Fail> {
-        let key = ep.key();
-        let scheme = match self.auth.scheme(&key) {
-            Some(s) => s,
-            None => {
-                let s = self.probe(ep, timeout)?;
-                self.auth.set_scheme(&key, s.clone());
-                s
-            }
-        };
-        match scheme {
-            Scheme::Anonymous => Ok(None),
-            Scheme::Basic => match self.lookup_creds(ep)? {
-                Some(c) => Ok(Some(auth::basic_header(&c))),
-                None => Err(Self::auth_err(
-                    &ep.host,
-                    "registry asks for Basic auth and no credentials match".into(),
-                )),
-            },
-            Scheme::Bearer {
-                realm,
-                service,
-                scope,
-            } => {
-                if let Some(t) = self.auth.token(&realm, &service, &scope) {
-                    return Ok(Some(format!("Bearer {t}")));
+        counters: &BlobCounters,
+        want: Want,
+        deadline: Instant,
+    ) -> std::result::Result<Response, Fail> {
+        let mut redirected = self.cached_redirect(&ep.url);
+        let mut hops = 0;
+        loop {
+            let resp = match &redirected {
+                None => {
+                    let what = format!("GET {}", ep.url);
+                    self.http
+                        .send_authed(&ep.auth(), &what, Some(deadline), |authz| {
+                            self.send_data(&ep.url, authz, want, counters, deadline)
+                        })?
                 }
-                let mut tu = Url::parse(&realm).map_err(|e| {
-                    Self::auth_err(&ep.host, format!("bad token realm {realm:?}: {e}"))
-                })?;
-                {
-                    let mut q = tu.query_pairs_mut();
-                    if let Some(s) = &service {
-                        q.append_pair("service", s);
+                Some(target) => {
+                    let resp = self.send_data(target, None, want, counters, deadline)?;
+                    if http::classify(resp.status()) == Class::Auth {
+                        // An expired presigned URL: drop it and resolve again.
+                        self.drop_redirect(&ep.url);
+                        let st = resp.status();
+                        return Err(Fail::Retry(format!("HTTP {st} from redirect target")));
                     }
-                    if let Some(s) = &scope {
-                        q.append_pair("scope", s);
-                    }
+                    resp
                 }
-                let mut hdrs = Vec::new();
-                if let Some(c) = self.lookup_creds(ep)? {
-                    hdrs.push((header::AUTHORIZATION, auth::basic_header(&c)));
-                }
-                let resp = self.send(Method::GET, tu.as_str(), &hdrs, timeout)?;
-                let st = resp.status();
-                if st.is_server_error() {
-                    return Err(Fail::Retry(format!("token server {realm}: HTTP {st}")));
-                }
-                if st != StatusCode::OK {
-                    return Err(Self::auth_err(
-                        &ep.host,
-                        format!("token server {realm}: HTTP {st}"),
-                    ));
-                }
-                let body = resp
-                    .bytes()
-                    .map_err(|e| Fail::Retry(format!("token body: {}", chain(&e.without_url()))))?;
-                let (tok, ttl) =
-                    auth::parse_token_response(&ep.host, &body).map_err(Fail::Fatal)?;
-                self.auth
-                    .put_token(&realm, &service, &scope, tok.clone(), ttl);
-                Ok(Some(format!("Bearer {tok}")))
+            };
+            let st = resp.status();
+            if !st.is_redirection() {
+                return Ok(resp);
             }
+            let loc = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| Fail::Retry(format!("HTTP {st} without Location")))?;
+            let base = redirected.as_deref().unwrap_or(&ep.url);
+            let base = Url::parse(base).map_err(|e| Fail::Retry(e.to_string()))?;
+            let loc = base
+                .join(loc)
+                .map_err(|e| Fail::Retry(format!("bad Location {loc:?}: {e}")))?
+                .to_string();
+            hops += 1;
+            if hops > 3 {
+                return Err(Fail::Retry("too many redirects".into()));
+            }
+            self.cache_redirect(&ep.url, &loc);
+            redirected = Some(loc);
         }
     }
 
-    /// One attempt at `[offset, offset+len)` from `ep`. Returns the bytes and the
-    /// blob's total size.
+    /// One attempt at `want` from `ep`. Returns the bytes and the blob's total
+    /// size.
     fn try_once(
         &self,
         ep: &Endpoint,
         counters: &BlobCounters,
-        offset: u64,
-        len: u64,
-        expect_total: Option<u64>,
+        want: Want,
         deadline: Instant,
     ) -> std::result::Result<(Vec<u8>, u64), Fail> {
-        let timeout_left = || {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                Err(Fail::Retry("read deadline passed".into()))
-            } else {
-                Ok(left.min(Duration::from_millis(self.opts.timeouts.request_ms)))
-            }
-        };
-        let (mut target, mut with_auth) = match self.cached_redirect(&ep.url) {
-            Some(l) => (l, false),
-            None => (ep.url.clone(), true),
-        };
-        let mut auth_retried = false;
-        let mut hops = 0;
-        let range = format!("bytes={}-{}", offset, offset + len - 1);
-        loop {
-            let timeout = timeout_left()?;
-            let mut hdrs = vec![(header::RANGE, range.clone())];
-            if with_auth {
-                if let Some(a) = self.auth_header(ep, timeout)? {
-                    hdrs.push((header::AUTHORIZATION, a));
-                }
-            }
-            let via_p2p = self.p2p_active();
-            let req_url = if via_p2p {
-                self.p2p_url(&target)
-            } else {
-                target.clone()
-            };
-            let timeout = timeout_left()?;
-            counters.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = match self.send(Method::GET, &req_url, &hdrs, timeout) {
-                Ok(r) => r,
-                Err(Fail::Connect(_)) if via_p2p => {
-                    // The proxy went away: go direct.
-                    self.mark_p2p_down();
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if resp.version() == reqwest::Version::HTTP_2 {
-                counters.http2.fetch_add(1, Ordering::Relaxed);
-            }
-            let st = resp.status();
-            if st.is_redirection() {
-                let loc = resp
-                    .headers()
-                    .get(header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| Fail::Retry(format!("HTTP {st} without Location")))?;
-                let base = Url::parse(&target).map_err(|e| Fail::Retry(e.to_string()))?;
-                let loc = base
-                    .join(loc)
-                    .map_err(|e| Fail::Retry(format!("bad Location {loc:?}: {e}")))?
-                    .to_string();
-                hops += 1;
-                if hops > 3 {
-                    return Err(Fail::Retry("too many redirects".into()));
-                }
-                let ttl = Duration::from_secs(self.opts.redirect_ttl_secs);
-                self.redirects
-                    .lock()
-                    .unwrap()
-                    .insert(ep.url.clone(), (loc.clone(), Instant::now() + ttl));
-                target = loc;
-                with_auth = false;
-                continue;
-            }
-            if st == StatusCode::UNAUTHORIZED || st == StatusCode::FORBIDDEN {
-                if !with_auth {
-                    // An expired presigned URL: drop it and resolve again.
-                    self.drop_redirect(&ep.url);
-                    return Err(Fail::Retry(format!("HTTP {st} from redirect target")));
-                }
-                if auth_retried {
-                    return Err(Self::auth_err(
-                        &ep.host,
-                        format!("HTTP {st} for {} after re-authenticating", ep.url),
-                    ));
-                }
-                auth_retried = true;
-                // Drop the token, learn the (new) challenge, reload credentials.
-                self.auth.invalidate(&ep.key());
-                let ch: Vec<_> = resp
-                    .headers()
-                    .get_all(header::WWW_AUTHENTICATE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(auth::parse_www_authenticate)
-                    .collect();
-                if let Some(s) = Scheme::from_challenges(&ch) {
-                    self.auth.set_scheme(&ep.key(), s);
-                }
-                continue;
-            }
-            return match st {
-                StatusCode::PARTIAL_CONTENT => {
-                    let cr = resp
-                        .headers()
-                        .get(header::CONTENT_RANGE)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
-                        .unwrap_or_default();
-                    let Some((a, b, total)) = parse_content_range(&cr) else {
-                        return Err(Fail::Retry(format!("206 with bad Content-Range {cr:?}")));
-                    };
-                    if a != offset || b != offset + len - 1 {
-                        return Err(Fail::Retry(format!(
-                            "206 Content-Range {cr:?} does not match the requested {range}"
-                        )));
-                    }
-                    if let (Some(t), Some(e)) = (total, expect_total) {
-                        if t != e {
-                            return Err(Fail::Retry(format!(
-                                "Content-Range total {t} differs from the blob size {e}"
-                            )));
-                        }
-                    }
-                    // Read straight into a buffer of the expected size: one copy
-                    // out of the HTTP client's chunks, no intermediate buffer. One
-                    // byte more than asked for is read to detect a longer body.
-                    let mut body = Vec::with_capacity(len as usize);
-                    let mut resp = resp;
-                    (&mut resp)
-                        .take(len + 1)
-                        .read_to_end(&mut body)
-                        .map_err(|e| Fail::Retry(format!("reading body: {}", chain(&e))))?;
-                    if body.len() as u64 != len {
-                        return Err(Fail::Retry(format!(
-                            "body has {}{} bytes, expected {len}",
-                            if body.len() as u64 > len {
-                                "more than "
-                            } else {
-                                ""
-                            },
-                            body.len().min(len as usize)
-                        )));
-                    }
-                    Ok((body, total.or(expect_total).unwrap_or(0)))
-                }
-                StatusCode::OK => {
-                    // The server ignored the range and sends the whole blob: stream
-                    // past `offset`, keep only `len` bytes, and drop the rest with
-                    // the connection, so memory stays bounded by the request size.
-                    let total = resp.content_length().or(expect_total);
-                    if let (Some(t), Some(e)) = (resp.content_length(), expect_total) {
-                        if t != e {
-                            return Err(Fail::Retry(format!(
-                                "200 body has {t} bytes, the blob has {e}"
-                            )));
-                        }
-                    }
-                    if let Some(t) = total {
-                        if t < offset + len {
-                            return Err(Fail::Retry(format!(
-                                "200 body has {t} bytes, the range ends at {}",
-                                offset + len
-                            )));
-                        }
-                    }
-                    let mut body = resp;
-                    let skipped =
-                        std::io::copy(&mut (&mut body).take(offset), &mut std::io::sink())
-                            .map_err(|e| Fail::Retry(format!("reading 200 body: {e}")))?;
-                    if skipped != offset {
-                        return Err(Fail::Retry(format!(
-                            "200 body ended at {skipped} bytes, before the range start {offset}"
-                        )));
-                    }
-                    let mut out = vec![0u8; len as usize];
-                    body.read_exact(&mut out).map_err(|e| {
-                        Fail::Retry(format!(
-                            "200 body ended before the range end {}: {e}",
-                            offset + len
-                        ))
-                    })?;
-                    Ok((out, total.unwrap_or(0)))
-                }
-                s if s.is_server_error()
-                    || s == StatusCode::TOO_MANY_REQUESTS
-                    || s == StatusCode::REQUEST_TIMEOUT =>
-                {
-                    Err(Fail::Retry(format!("HTTP {s}")))
-                }
-                s => Err(Fail::Fatal(Error::Remote {
-                    url: target.clone(),
-                    offset,
-                    end: offset + len,
-                    detail: format!("HTTP {s}"),
-                })),
-            };
+        let resp = self.request_range(ep, counters, want, deadline)?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => read_206(resp, want),
+            StatusCode::OK => read_200(resp, want),
+            s if http::classify(s) == Class::Retryable => Err(Fail::Retry(format!("HTTP {s}"))),
+            s => Err(Fail::Fatal(Error::Remote {
+                url: ep.url.clone(),
+                offset: want.offset,
+                end: want.end(),
+                detail: format!("HTTP {s}"),
+            })),
         }
     }
 
-    /// Reads `[offset, offset+len)` of the blob at `url`, with retries and
-    /// failover. Returns the bytes and the blob's total size (0 if unknown).
-    fn fetch_range(
-        &self,
-        url: &str,
-        offset: u64,
-        len: u64,
-        expect_total: Option<u64>,
-    ) -> Result<(Vec<u8>, u64)> {
-        let remote = |u: &str, detail: String| Error::Remote {
-            url: u.to_string(),
-            offset,
-            end: offset + len,
-            detail,
-        };
+    /// Reads `want` of the blob at `url`, with retries and failover. Returns
+    /// the bytes and the blob's total size (0 if unknown).
+    fn fetch_range(&self, url: &str, want: Want) -> Result<(Vec<u8>, u64)> {
         let endpoints = self.endpoints(url)?;
         let counters = self.counters(url);
-        let deadline = Instant::now() + Duration::from_millis(self.opts.timeouts.total_ms);
-        let tries = self.opts.retry.tries.max(1);
-        // (endpoint, first try, last try, detail)
-        let mut failures: Vec<(String, u32, u32, String)> = Vec::new();
+        let total_ms = self.options().timeouts.total_ms;
+        let deadline = Instant::now() + Duration::from_millis(total_ms);
+        let retry = Retry::new(&self.options().retry, Some(deadline));
+        let mut failures = Failures::default();
         for (i, ep) in endpoints.iter().enumerate() {
             let is_last = i + 1 == endpoints.len();
             if !is_last && self.mirror_is_down(&ep.host) {
                 continue;
             }
-            let mut backoff = Duration::from_millis(self.opts.retry.backoff_ms);
+            let who = if ep.url == url {
+                "origin"
+            } else {
+                ep.url.as_str()
+            };
             // A mirror gets one try: on any failure the next endpoint is as good.
-            let tries = if is_last { tries } else { 1 };
-            for attempt in 1..=tries {
-                match self.try_once(ep, &counters, offset, len, expect_total, deadline) {
-                    Ok((data, total)) => {
-                        counters.bytes.fetch_add(len, Ordering::Relaxed);
-                        return Ok((data, total));
-                    }
-                    Err(f) => {
-                        self.drop_redirect(&ep.url);
-                        counters.retries.fetch_add(1, Ordering::Relaxed);
-                        let (detail, go_on) = match f {
-                            Fail::Fatal(Error::Remote { detail, .. }) => (detail, false),
-                            Fail::Fatal(e) if is_last => return Err(e),
-                            Fail::Fatal(e) => (e.to_string(), false),
-                            Fail::Connect(d) => {
-                                if !is_last {
-                                    self.mark_mirror_down(&ep.host);
-                                }
-                                (d, is_last)
+            let retry = if is_last {
+                retry.clone()
+            } else {
+                retry.clone().with_tries(1)
+            };
+            let res = retry.run(
+                || self.try_once(ep, &counters, want, deadline),
+                |attempt, f| {
+                    self.drop_redirect(&ep.url);
+                    counters.retries.fetch_add(1, Ordering::Relaxed);
+                    let (detail, go_on) = match f {
+                        Fail::Fatal(Error::Remote { detail, .. }) => (detail.clone(), false),
+                        Fail::Fatal(e) => (e.to_string(), false),
+                        Fail::Connect(d) => {
+                            if !is_last {
+                                self.mark_mirror_down(&ep.host);
                             }
-                            Fail::Retry(d) => (d, true),
-                        };
-                        let who = if ep.url == url {
-                            "origin"
-                        } else {
-                            ep.url.as_str()
-                        };
-                        match failures.last_mut() {
-                            // The same failure again: "tries 1-3: ...".
-                            Some((w, _, last, d)) if w == who && *d == detail => *last = attempt,
-                            _ => failures.push((who.to_string(), attempt, attempt, detail)),
+                            (d.clone(), is_last)
                         }
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        if !go_on || attempt == tries || left.is_zero() {
-                            break;
-                        }
-                        std::thread::sleep(backoff.min(left));
-                        backoff = (backoff * 2)
-                            .min(Duration::from_millis(self.opts.retry.max_backoff_ms));
-                    }
+                        Fail::Retry(d) => (d.clone(), true),
+                    };
+                    failures.push(who, attempt, detail);
+                    go_on
+                },
+            );
+            match res {
+                Ok(got) => {
+                    counters.bytes.fetch_add(want.len, Ordering::Relaxed);
+                    return Ok(got);
                 }
+                Err((_, Fail::Fatal(e))) if is_last && !matches!(e, Error::Remote { .. }) => {
+                    return Err(e)
+                }
+                Err(_) => {}
             }
             if Instant::now() >= deadline {
-                failures.push((
-                    String::new(),
-                    0,
-                    0,
-                    format!(
-                        "gave up after the {} ms read deadline",
-                        self.opts.timeouts.total_ms
-                    ),
-                ));
+                failures.note(format!("gave up after the {total_ms} ms read deadline"));
                 break;
             }
         }
-        let text: Vec<String> = failures
-            .iter()
-            .map(|(w, a, b, d)| match (w.is_empty(), a == b) {
-                (true, _) => d.clone(),
-                (false, true) => format!("{w} try {a}: {d}"),
-                (false, false) => format!("{w} tries {a}-{b}: {d}"),
-            })
-            .collect();
-        Err(remote(url, text.join("; ")))
+        Err(Error::Remote {
+            url: url.to_string(),
+            offset: want.offset,
+            end: want.end(),
+            detail: failures.text(),
+        })
     }
 
     /// `HEAD` on the origin: the `Content-Length` of a 200.
     fn head_size(&self, url: &str) -> Option<u64> {
         let ep = self.endpoints(url).ok()?.pop()?;
-        let timeout = Duration::from_millis(self.opts.timeouts.request_ms);
-        let mut hdrs = Vec::new();
-        if let Some(a) = self.auth_header(&ep, timeout).ok()? {
-            hdrs.push((header::AUTHORIZATION, a));
-        }
-        let resp = self.send(Method::HEAD, &ep.url, &hdrs, timeout).ok()?;
+        let authz = self.http.authorization(&ep.auth(), None).ok()?;
+        let req = Request::new(Method::HEAD, &ep.url, self.http.timeout(None).ok()?);
+        let resp = self.http.send(&req, authz.as_deref()).ok()?;
         if resp.status() != StatusCode::OK {
             return None;
         }
@@ -1023,6 +599,92 @@ impl RegistryClient {
             .parse()
             .ok()
     }
+}
+
+/// A 206 must carry exactly the range asked for (and the blob's size, when
+/// known) and exactly that many bytes.
+fn read_206(mut resp: Response, want: Want) -> std::result::Result<(Vec<u8>, u64), Fail> {
+    let Want { offset, len, total } = want;
+    let cr = resp
+        .headers()
+        .get(header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_default();
+    let Some((a, b, got_total)) = parse_content_range(&cr) else {
+        return Err(Fail::Retry(format!("206 with bad Content-Range {cr:?}")));
+    };
+    if a != offset || b != offset + len - 1 {
+        return Err(Fail::Retry(format!(
+            "206 Content-Range {cr:?} does not match the requested {}",
+            want.header()
+        )));
+    }
+    if let (Some(t), Some(e)) = (got_total, total) {
+        if t != e {
+            return Err(Fail::Retry(format!(
+                "Content-Range total {t} differs from the blob size {e}"
+            )));
+        }
+    }
+    // Read straight into a buffer of the expected size: one copy out of the
+    // HTTP client's chunks, no intermediate buffer. One byte more than asked
+    // for is read to detect a longer body.
+    let mut body = Vec::with_capacity(len as usize);
+    (&mut resp)
+        .take(len + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| Fail::Retry(format!("reading body: {}", http::chain(&e))))?;
+    if body.len() as u64 != len {
+        return Err(Fail::Retry(format!(
+            "body has {}{} bytes, expected {len}",
+            if body.len() as u64 > len {
+                "more than "
+            } else {
+                ""
+            },
+            body.len().min(len as usize)
+        )));
+    }
+    Ok((body, got_total.or(total).unwrap_or(0)))
+}
+
+/// A 200 is the whole blob (the server ignored the range): stream past
+/// `offset`, keep only `len` bytes, and drop the rest with the connection, so
+/// memory stays bounded by the request size.
+fn read_200(mut body: Response, want: Want) -> std::result::Result<(Vec<u8>, u64), Fail> {
+    let Want { offset, len, total } = want;
+    let got_total = body.content_length().or(total);
+    if let (Some(t), Some(e)) = (body.content_length(), total) {
+        if t != e {
+            return Err(Fail::Retry(format!(
+                "200 body has {t} bytes, the blob has {e}"
+            )));
+        }
+    }
+    if let Some(t) = got_total {
+        if t < offset + len {
+            return Err(Fail::Retry(format!(
+                "200 body has {t} bytes, the range ends at {}",
+                offset + len
+            )));
+        }
+    }
+    let skipped = std::io::copy(&mut (&mut body).take(offset), &mut std::io::sink())
+        .map_err(|e| Fail::Retry(format!("reading 200 body: {e}")))?;
+    if skipped != offset {
+        return Err(Fail::Retry(format!(
+            "200 body ended at {skipped} bytes, before the range start {offset}"
+        )));
+    }
+    let mut out = vec![0u8; len as usize];
+    body.read_exact(&mut out).map_err(|e| {
+        Fail::Retry(format!(
+            "200 body ended before the range end {}: {e}",
+            offset + len
+        ))
+    })?;
+    Ok((out, got_total.unwrap_or(0)))
 }
 
 impl RangeFetcher for RegistryClient {
@@ -1044,8 +706,8 @@ impl RangeFetcher for RegistryClient {
                 detail: format!("range past the blob end ({} bytes)", blob.size),
             });
         }
-        let expect = (blob.size > 0).then_some(blob.size);
-        self.fetch_range(&blob.url, offset, len, expect)
+        let total = (blob.size > 0).then_some(blob.size);
+        self.fetch_range(&blob.url, Want { offset, len, total })
             .map(|r| r.0)
     }
 
@@ -1053,7 +715,12 @@ impl RangeFetcher for RegistryClient {
         if let Some(n) = self.head_size(blob_url) {
             return Ok(n);
         }
-        let (_, total) = self.fetch_range(blob_url, 0, 1, None)?;
+        let want = Want {
+            offset: 0,
+            len: 1,
+            total: None,
+        };
+        let (_, total) = self.fetch_range(blob_url, want)?;
         if total == 0 {
             return Err(Error::Remote {
                 url: blob_url.to_string(),

@@ -221,3 +221,119 @@ fn redirects_cached_and_fetched_without_authorization() {
     assert_eq!(s.storage.count(|r| r.header("authorization").is_some()), 0);
     let _ = (&s.reg, Duration::ZERO);
 }
+
+/// The distribution client learns Bearer auth from the 401 of the request
+/// itself (no probe), asks for the scope the operation needs (`pull` for
+/// reads, `pull,push` for pushes even when the challenge names only `pull`)
+/// and sends the token up front afterwards.
+#[test]
+fn distribution_bearer_scope_per_access() {
+    use obd_remote::distribution::{Distribution, ImageRef};
+    use obd_remote::registry::HostOptions;
+
+    const REPO: &str = "test/dist";
+    const MANIFEST: &str = r#"{"schemaVersion":2}"#;
+    // Issued tokens and the scope each was asked for.
+    let issued: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let expect_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("bob:hunter2")
+    );
+    let iss = issued.clone();
+    let tokens = Server::start(move |r: &Req| {
+        if r.header("authorization") != Some(expect_basic.as_str()) {
+            return Action::Reply(Resp::new(401));
+        }
+        let scope = r
+            .target
+            .split(['?', '&'])
+            .find_map(|kv| kv.strip_prefix("scope="))
+            .unwrap_or("")
+            .replace("%3A", ":")
+            .replace("%2F", "/")
+            .replace("%2C", ",");
+        let mut iss = iss.lock().unwrap();
+        let t = format!("tok-{}", iss.len());
+        iss.push((t.clone(), scope));
+        Action::Reply(
+            Resp::new(200)
+                .with_header("Content-Type", "application/json")
+                .with_body(format!(r#"{{"token":"{t}"}}"#)),
+        )
+    });
+    let (iss, realm) = (issued.clone(), format!("{}/token", tokens.url()));
+    let gate = Server::start(move |r: &Req| {
+        let want = if r.method == "GET" {
+            format!("repository:{REPO}:pull")
+        } else {
+            format!("repository:{REPO}:pull,push")
+        };
+        let granted = r
+            .header("authorization")
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .and_then(|t| {
+                let iss = iss.lock().unwrap();
+                iss.iter().find(|(k, _)| k == t).map(|(_, s)| s.clone())
+            });
+        if granted.as_deref() != Some(want.as_str()) {
+            // Like some registries, the challenge names `pull` whatever the
+            // request is.
+            return Action::Reply(Resp::new(401).with_header(
+                "WWW-Authenticate",
+                &format!(
+                    r#"Bearer realm="{realm}",service="obd-test",scope="repository:{REPO}:pull""#
+                ),
+            ));
+        }
+        Action::Reply(match r.method.as_str() {
+            "GET" => Resp::new(200)
+                .with_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                .with_body(MANIFEST),
+            "PUT" => Resp::new(201),
+            _ => Resp::new(404),
+        })
+    });
+
+    let client = |pass: &str| {
+        let mut o = opts();
+        o.hosts.insert(
+            gate.addr.clone(),
+            HostOptions {
+                plain_http: true,
+                ..Default::default()
+            },
+        );
+        Distribution::with_credentials(o, creds(&gate.addr, "bob", pass)).unwrap()
+    };
+    let d = client("hunter2");
+    let r = ImageRef::parse(&format!("{}/{REPO}:v1", gate.addr)).unwrap();
+    let m = d.get_manifest(&r, "v1").unwrap();
+    assert_eq!(m.bytes, MANIFEST.as_bytes());
+    let blob = format!("sha256:{}", "0".repeat(64));
+    assert_eq!(d.blob_exists(&r, &blob).unwrap(), None);
+    d.put_manifest(
+        &r,
+        "v2",
+        "application/vnd.oci.image.manifest.v1+json",
+        MANIFEST.as_bytes(),
+    )
+    .unwrap();
+    assert!(d.get_manifest_opt(&r, "v1").unwrap().is_some());
+    let scopes: Vec<String> = issued.lock().unwrap().iter().map(|x| x.1.clone()).collect();
+    assert_eq!(
+        scopes,
+        [
+            format!("repository:{REPO}:pull"),
+            format!("repository:{REPO}:pull,push")
+        ]
+    );
+    // One anonymous request per access (no probe), then tokens up front.
+    let anon = gate.count(|r| r.header("authorization").is_none());
+    assert_eq!(anon, 2, "{:#?}", gate.requests());
+    assert_eq!(gate.requests().len(), 6);
+
+    // Wrong credentials: the token server refuses -> Error::Auth.
+    let d = client("nope");
+    let e = d.get_manifest(&r, "v1").unwrap_err();
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+}
