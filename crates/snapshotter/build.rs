@@ -1,5 +1,5 @@
 //! Generates containerd's gRPC services from containerd's own .proto files
-//! (copied into `proto/` from Debian's golang-github-containerd-containerd-dev)
+//! (copied into `vendor/proto/` from Debian's golang-github-containerd-containerd-dev)
 //! with protox, so no `protoc` is needed.
 //!
 //! - snapshots v1: server (the proxy snapshotter) and client.
@@ -10,12 +10,12 @@
 //! every type the first one does, plus more) runs last, so the file holds
 //! every type.
 
-const API: &str = "proto/github.com/containerd/containerd/api";
+const API: &str = "vendor/proto/github.com/containerd/containerd/api";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=vendor/proto");
     let snapshots = format!("{API}/services/snapshots/v1/snapshots.proto");
-    let fds = protox::compile([snapshots], ["proto"])?;
+    let fds = protox::compile([snapshots], ["vendor/proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
@@ -31,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "types/platform.proto",
     ]
     .map(|p| format!("{API}/{p}"));
-    let fds = protox::compile(clients, ["proto"])?;
+    let fds = protox::compile(clients, ["vendor/proto"])?;
     tonic_prost_build::configure()
         .build_server(false)
         .build_client(true)

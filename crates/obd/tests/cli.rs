@@ -3,34 +3,9 @@
 //! fails with a message naming the file.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args(args)
-        .output()
-        .expect("run obd")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "obd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(!out.status.success(), "obd {args:?} should fail");
-    String::from_utf8(out.stderr).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::{obd as ok, obd_fails as fails, s};
 
 #[test]
 fn zfile_compress_is_strict_valid_deterministic_and_round_trips() {
@@ -77,193 +52,133 @@ fn zfile_compress_is_strict_valid_deterministic_and_round_trips() {
             }
         }
     }
-    let err = String::from_utf8(
-        run(&[
-            "zfile",
-            "compress",
-            "--block-size",
-            "64K",
-            s(&input),
-            "/dev/null",
-        ])
-        .stderr,
-    )
-    .unwrap();
+    let err = fails(&[
+        "zfile",
+        "compress",
+        "--block-size",
+        "64K",
+        s(&input),
+        "/dev/null",
+    ]);
     assert!(err.contains("64K blocks are read-only"), "{err}");
+}
+
+/// `obd layer <verb> <flags…> <files…>` with the files under `dir`.
+fn layer(dir: &Path, verb: &str, flags: &[&str], files: &[&str]) -> String {
+    let files: Vec<String> = files
+        .iter()
+        .map(|f| dir.join(f).to_string_lossy().into_owned())
+        .collect();
+    let mut args = vec!["layer", verb];
+    args.extend(flags);
+    args.extend(files.iter().map(String::as_str));
+    ok(&args)
+}
+
+/// `obd image flatten --config <cfg> -o <dir>/<out>`; returns the disk.
+fn flatten(dir: &Path, cfg: &Path, out: &str) -> Vec<u8> {
+    let out = dir.join(out);
+    ok(&["image", "flatten", "--config", s(cfg), "-o", s(&out)]);
+    std::fs::read(out).unwrap()
 }
 
 #[test]
 fn layer_create_write_discard_commit_verify_and_stack() {
     let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
+    let d = dir.path();
     let vsize: u64 = 8 << 20;
     let mut model = vec![0u8; vsize as usize];
+    const BASE_UUID: &str = "c0379a64-cbe1-c277-d359-c6a9c388ecc2";
+    const DISCARD_3M_64K: [&str; 4] = ["--offset", "3M", "--length", "64K"];
 
     // Base layer: 5 MB of data at offset 0.
     let base = fixtures::image_like(10, 5 << 20);
-    std::fs::write(p("base.bin"), &base).unwrap();
-    ok(&[
-        "layer",
-        "create",
-        "--vsize",
-        "8M",
-        "--uuid",
-        "c0379a64-cbe1-c277-d359-c6a9c388ecc2",
-        s(&p("b.data")),
-        s(&p("b.index")),
-    ]);
-    ok(&[
-        "layer",
+    std::fs::write(d.join("base.bin"), &base).unwrap();
+    let b = ["b.data", "b.index"];
+    layer(d, "create", &["--vsize", "8M", "--uuid", BASE_UUID], &b);
+    layer(
+        d,
         "write",
-        "--offset",
-        "0",
-        s(&p("b.data")),
-        s(&p("b.index")),
-        s(&p("base.bin")),
-    ]);
+        &["--offset", "0"],
+        &["b.data", "b.index", "base.bin"],
+    );
     model[..base.len()].copy_from_slice(&base);
-    ok(&[
-        "layer",
+    layer(
+        d,
         "commit",
-        "--zfile",
-        "--tar",
-        s(&p("b.data")),
-        s(&p("b.index")),
-        s(&p("b.tar")),
-    ]);
+        &["--zfile", "--tar"],
+        &["b.data", "b.index", "b.tar"],
+    );
 
     // Upper layer: a write, an overwrite and a discard that masks the base.
     let up = fixtures::image_like(11, 300_000);
-    std::fs::write(p("up.bin"), &up).unwrap();
-    ok(&[
-        "layer",
-        "create",
-        "--parent-uuid",
-        "c0379a64-cbe1-c277-d359-c6a9c388ecc2",
-        s(&p("u.data")),
-        s(&p("u.index")),
-    ]);
-    ok(&[
-        "layer",
+    std::fs::write(d.join("up.bin"), &up).unwrap();
+    let u = ["u.data", "u.index"];
+    layer(d, "create", &["--parent-uuid", BASE_UUID], &u);
+    layer(
+        d,
         "write",
-        "--offset",
-        "1M",
-        s(&p("u.data")),
-        s(&p("u.index")),
-        s(&p("up.bin")),
-    ]);
+        &["--offset", "1M"],
+        &["u.data", "u.index", "up.bin"],
+    );
     let padded = up.len().div_ceil(512) * 512;
     model[1 << 20..(1 << 20) + up.len()].copy_from_slice(&up);
     model[(1 << 20) + up.len()..(1 << 20) + padded].fill(0);
-    ok(&[
-        "layer",
-        "discard",
-        "--offset",
-        "3M",
-        "--length",
-        "64K",
-        s(&p("u.data")),
-        s(&p("u.index")),
-    ]);
+    layer(d, "discard", &DISCARD_3M_64K, &u);
     model[3 << 20..(3 << 20) + (64 << 10)].fill(0);
-    ok(&[
-        "layer",
-        "commit",
-        "--zfile",
-        "--algorithm",
-        "zstd",
-        "--block-size",
-        "16K",
-        "-m",
-        "upper",
-        s(&p("u.data")),
-        s(&p("u.index")),
-        s(&p("u.zfile")),
-    ]);
+    let zstd_16k = ["--zfile", "--algorithm", "zstd", "--block-size", "16K"];
+    let mut flags = zstd_16k.to_vec();
+    flags.extend(["-m", "upper"]);
+    layer(d, "commit", &flags, &["u.data", "u.index", "u.zfile"]);
 
     for f in ["b.tar", "u.zfile"] {
-        let v = ok(&["layer", "verify", "--strict", s(&p(f))]);
+        let v = layer(d, "verify", &["--strict"], &[f]);
         assert!(
             v.contains("OK") && v.contains("strict LSMT rules ok"),
             "{v}"
         );
     }
     let info: serde_json::Value =
-        serde_json::from_str(&ok(&["layer", "info", "--json", s(&p("u.zfile"))])).unwrap();
+        serde_json::from_str(&layer(d, "info", &["--json"], &["u.zfile"])).unwrap();
     assert_eq!(info["header"]["flags"], 7);
     assert_eq!(info["trailer"]["flags"], 6);
     assert_eq!(
         info["header"]["parent_uuid"],
-        "C0379A64-CBE1-C277-D359-C6A9C388ECC2"
+        BASE_UUID.to_ascii_uppercase()
     );
     assert_eq!(info["header"]["user_tag"], "upper");
     assert_eq!(info["nesting"], "zfile(lsmt)");
     assert_eq!(info["trailer"]["index_size"].as_u64().unwrap() % 256, 0);
 
-    let cfg = p("config.v1.json");
+    let cfg = d.join("config.v1.json");
     std::fs::write(
         &cfg,
         r#"{"lowers":[{"file":"b.tar"},{"file":"u.zfile"}],"unknownKey":1}"#,
     )
     .unwrap();
-    ok(&[
-        "image",
-        "flatten",
-        "--config",
-        s(&cfg),
-        "-o",
-        s(&p("disk.img")),
-    ]);
-    assert!(std::fs::read(p("disk.img")).unwrap() == model);
+    assert!(flatten(d, &cfg, "disk.img") == model);
     let info: serde_json::Value =
         serde_json::from_str(&ok(&["image", "info", "--json", "--config", s(&cfg)])).unwrap();
     assert_eq!(info["virtual_size"], vsize);
     assert_eq!(info["layers"].as_array().unwrap().len(), 2);
 
     // Sealing, then committing the sealed file, gives the same disk.
-    ok(&["layer", "create", s(&p("x.data")), s(&p("x.index"))]);
-    ok(&[
-        "layer",
+    let x = ["x.data", "x.index"];
+    layer(d, "create", &[], &x);
+    layer(
+        d,
         "write",
-        "--offset",
-        "1M",
-        s(&p("x.data")),
-        s(&p("x.index")),
-        s(&p("up.bin")),
-    ]);
-    ok(&[
-        "layer",
-        "discard",
-        "--offset",
-        "3M",
-        "--length",
-        "64K",
-        s(&p("x.data")),
-        s(&p("x.index")),
-    ]);
-    ok(&["layer", "seal", s(&p("x.data")), s(&p("x.index"))]);
-    ok(&["layer", "commit", "--tar", s(&p("x.data")), s(&p("x.tar"))]);
-    ok(&["layer", "verify", "--strict", s(&p("x.tar"))]);
+        &["--offset", "1M"],
+        &["x.data", "x.index", "up.bin"],
+    );
+    layer(d, "discard", &DISCARD_3M_64K, &x);
+    layer(d, "seal", &[], &x);
+    layer(d, "commit", &["--tar"], &["x.data", "x.tar"]);
+    layer(d, "verify", &["--strict"], &["x.tar"]);
     std::fs::write(&cfg, r#"{"lowers":[{"file":"b.tar"},{"file":"x.data"}]}"#).unwrap();
-    ok(&[
-        "image",
-        "flatten",
-        "--config",
-        s(&cfg),
-        "-o",
-        s(&p("disk2.img")),
-    ]);
-    assert!(std::fs::read(p("disk2.img")).unwrap() == model);
+    assert!(flatten(d, &cfg, "disk2.img") == model);
     std::fs::write(&cfg, r#"{"lowers":[{"file":"b.tar"},{"file":"x.tar"}]}"#).unwrap();
-    ok(&[
-        "image",
-        "flatten",
-        "--config",
-        s(&cfg),
-        "-o",
-        s(&p("disk3.img")),
-    ]);
-    assert!(std::fs::read(p("disk3.img")).unwrap() == model);
+    assert!(flatten(d, &cfg, "disk3.img") == model);
 }
 
 #[test]

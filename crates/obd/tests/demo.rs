@@ -6,20 +6,10 @@
 //! containerd, runc, docker-registry, FUSE and the obd-snapshotter binary
 //! (built by `cargo test --workspace`); otherwise skipped loudly.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-fn skip(why: &str) {
-    eprintln!("\n*** SKIPPED obd demo test: {why} ***\n");
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+mod common;
+use common::testbed_ready;
 
 fn demo(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_obd"))
@@ -39,23 +29,11 @@ fn demo(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn demo_runs_lazily_in_every_rw_mode_and_plain_pull_falls_back() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (containerd, runc, mounts)");
-    }
-    for t in ["containerd", "ctr", "runc", "docker-registry"] {
-        if !have(t) {
-            return skip(&format!("{t} is not installed (scripts/setup.sh)"));
-        }
-    }
-    if !std::path::Path::new("/dev/fuse").exists() {
-        return skip("/dev/fuse is missing");
-    }
-    let sn = PathBuf::from(env!("CARGO_BIN_EXE_obd")).with_file_name("obd-snapshotter");
-    if !sn.exists() {
-        return skip(
-            "obd-snapshotter is not built (cargo build -p snapshotter, or cargo test --workspace)",
-        );
+    if !testbed_ready(
+        "obd demo test",
+        &["containerd", "ctr", "runc", "docker-registry"],
+    ) {
+        return;
     }
     let lazy = demo(&[]);
     let (fetched, obd) = (

@@ -13,157 +13,17 @@
 //! tcm_loop: `scripts/tcmu-guest-test.sh` runs them in a qemu guest).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-const OBD: &str = env!("CARGO_BIN_EXE_obd");
-
-fn frontend() -> String {
-    std::env::var("OBD_TEST_FRONTEND").unwrap_or_else(|_| "fuse".into())
-}
-
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
-    }
-    if frontend() == "tcmu" {
-        if !Path::new("/sys/kernel/config/target/core").exists() {
-            return Some("no configfs target (modprobe target_core_user tcm_loop)".into());
-        }
-        return None;
-    }
-    for p in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(p).exists() {
-            return Some(format!("{p} is missing"));
-        }
-    }
-    if Command::new("fusermount3").arg("-V").output().is_err() {
-        return Some("fusermount3 is missing (apt install fuse3)".into());
-    }
-    None
-}
-
-macro_rules! need_root {
-    () => {
-        if let Some(why) = skip_reason() {
-            eprintln!("SKIPPED {}: {why}", module_path!());
-            return;
-        }
-    };
-}
-
-/// A running `obd device serve`.
-struct Service {
-    child: Child,
-    root: PathBuf,
-}
-
-impl Service {
-    fn start(root: &Path) -> Service {
-        let mut child = Command::new(OBD)
-            .args(["device", "serve", "--root"])
-            .arg(root)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Ready when it says it listens (no polling, no sleeps).
-        let err = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(err).lines();
-        loop {
-            let l = lines
-                .next()
-                .expect("service exited before listening")
-                .unwrap();
-            eprintln!("[service] {l}");
-            if l.contains("listening on") {
-                break;
-            }
-        }
-        std::thread::spawn(move || {
-            for l in lines.map_while(Result::ok) {
-                eprintln!("[service] {l}");
-            }
-        });
-        Service {
-            child,
-            root: root.to_owned(),
-        }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        std::mem::forget(self);
-    }
-
-    fn obd(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(OBD)
-            .args(["device"])
-            .args(args)
-            .arg("--root")
-            .arg(&self.root)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8(out.stdout).unwrap())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    /// Attaches; returns (id, device).
-    fn attach(&self, config: &Path, mount: Option<&Path>) -> (String, String) {
-        let fe = frontend();
-        let mut args = vec![
-            "attach",
-            "--frontend",
-            &fe,
-            "--config",
-            config.to_str().unwrap(),
-        ];
-        if let Some(m) = mount {
-            args.extend(["--mount", m.to_str().unwrap()]);
-        }
-        let out = self
-            .obd(&args)
-            .unwrap_or_else(|e| panic!("attach {config:?}: {e}"));
-        let lines: Vec<&str> = out.lines().collect();
-        let id = lines[0].strip_prefix("id ").unwrap().to_string();
-        let dev = lines.last().unwrap().to_string();
-        let prefix = if fe == "tcmu" { "/dev/sd" } else { "/dev/loop" };
-        assert!(dev.starts_with(prefix), "{out}");
-        (id, dev)
-    }
-
-    fn detach(&self, which: &str) {
-        self.obd(&["detach", which])
-            .unwrap_or_else(|e| panic!("detach {which}: {e}"));
-    }
-
-    fn list(&self) -> Vec<Value> {
-        let out = self.obd(&["list", "--json"]).unwrap();
-        serde_json::from_str::<Vec<Value>>(&out).unwrap()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        // Detach whatever a failed test left, then stop.
-        for d in self.list() {
-            let _ = self.obd(&["detach", d["id"].as_str().unwrap()]);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::{devices_unavailable, frontend, interop_config, kill9, write_json, Service, OBD};
 
 /// Nothing of `root` is left in the kernel: no loop device backed by a file
 /// under it, no mount under it, no device directory.
@@ -307,104 +167,152 @@ fn assert_tree(dir: &Path, manifest: &str) {
     );
 }
 
-/// A reader that re-reads every file under `mnt`, dropping the page cache
-/// between passes so each pass goes to the device. It sends the pass count
-/// after each pass and stops after at least 3 passes once `stop` is set.
-#[allow(clippy::type_complexity)]
-fn spawn_reader(
-    mnt: &Path,
-) -> (
-    Arc<AtomicBool>,
-    std::sync::mpsc::Receiver<usize>,
-    std::thread::JoinHandle<Result<usize, String>>,
-) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel::<usize>();
-    let (stop2, mnt) = (stop.clone(), mnt.to_owned());
-    let reader = std::thread::spawn(move || -> Result<usize, String> {
-        let mut passes = 0;
-        while !stop2.load(Ordering::SeqCst) || passes < 3 {
-            let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-            let t =
-                std::panic::catch_unwind(|| tree(&mnt)).map_err(|_| "read failed".to_string())?;
-            if t.len() < 400 {
-                return Err(format!("pass {passes}: only {} entries", t.len()));
+/// A reader that re-reads every file under a mount point, dropping the page
+/// cache between passes so each pass goes to the device.
+struct Reader {
+    stop: Arc<AtomicBool>,
+    passes: std::sync::mpsc::Receiver<usize>,
+    thread: std::thread::JoinHandle<Result<usize, String>>,
+}
+
+impl Reader {
+    /// Starts reading `mnt`; waits for the first pass.
+    fn spawn(mnt: &Path) -> Reader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, passes) = std::sync::mpsc::channel::<usize>();
+        let (stop2, mnt) = (stop.clone(), mnt.to_owned());
+        let thread = std::thread::spawn(move || -> Result<usize, String> {
+            let mut passes = 0;
+            while !stop2.load(Ordering::SeqCst) || passes < 3 {
+                let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+                let t = std::panic::catch_unwind(|| tree(&mnt))
+                    .map_err(|_| "read failed".to_string())?;
+                if t.len() < 400 {
+                    return Err(format!("pass {passes}: only {} entries", t.len()));
+                }
+                passes += 1;
+                let _ = tx.send(passes);
             }
-            passes += 1;
-            let _ = tx.send(passes);
-        }
-        Ok(passes)
-    });
-    (stop, rx, reader)
+            Ok(passes)
+        });
+        let r = Reader {
+            stop,
+            passes,
+            thread,
+        };
+        assert_eq!(r.next_pass(), 1, "first pass");
+        r
+    }
+
+    /// Waits for the next completed pass; returns the passes so far.
+    fn next_pass(&self) -> usize {
+        self.passes.recv().unwrap()
+    }
+
+    /// Stops after at least 3 passes; panics if a pass saw an error.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let passes = self
+            .thread
+            .join()
+            .unwrap()
+            .expect("the reader saw an error");
+        assert!(passes >= 3);
+        passes
+    }
 }
 
 /// A config with the first `n` lowers of an interop stack, paths absolute.
 fn stack_config(dir: &Path, stack: &str, n: usize) -> PathBuf {
-    let src = fixtures::interop().join(stack);
-    let mut v: Value =
-        serde_json::from_slice(&std::fs::read(src.join("config.v1.json")).unwrap()).unwrap();
-    let lowers = v["lowers"].as_array_mut().unwrap();
-    lowers.truncate(n);
-    for l in lowers.iter_mut() {
-        let f = src.join(l["file"].as_str().unwrap());
-        l["file"] = f.to_string_lossy().into_owned().into();
+    write_json(dir, &format!("{stack}-{n}.json"), &interop_config(stack, n))
+}
+
+/// A test's service on `<tmp>/root` with the frontend under test (stopped
+/// before its directory is removed: fields drop in order).
+struct Env {
+    svc: Service,
+    root: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    /// The service, or `None` (after a loud `SKIPPED` line) when devices
+    /// cannot be tested here.
+    fn start() -> Option<Env> {
+        let fe = frontend();
+        if devices_unavailable(&fe) {
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let svc = Service::start(&root, &fe);
+        Some(Env { svc, root, tmp })
     }
-    let p = dir.join(format!("{stack}-{n}.json"));
-    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
-    p
+
+    /// Attaches the first `n` lowers of `stack` mounted at `<tmp>/<mount>`;
+    /// returns (id, device, mount point).
+    fn attach_stack(&self, stack: &str, n: usize, mount: &str) -> (String, String, PathBuf) {
+        let cfg = stack_config(self.tmp.path(), stack, n);
+        let mnt = self.tmp.path().join(mount);
+        let (id, dev) = self.svc.attach(&cfg, Some(&mnt));
+        (id, dev, mnt)
+    }
+
+    /// Checks `mnt` against `manifest`, detaches `id` and checks that
+    /// nothing is left.
+    fn check_and_detach(&self, mnt: &Path, manifest: &str, id: &str) {
+        assert_tree(mnt, manifest);
+        self.svc.detach(id);
+        assert_clean(&self.root);
+    }
+
+    /// The restarted service, after the current one was killed.
+    fn restart(&mut self) -> &Service {
+        self.svc = Service::start(&self.root, &frontend());
+        &self.svc
+    }
 }
 
 #[test]
 fn interop_stacks_mount_read_only_with_the_recorded_trees() {
-    need_root!();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let svc = Service::start(&root);
+    let Some(env) = Env::start() else { return };
     for stack in ["stack-lz4", "stack-zstd"] {
         for n in 1..=3 {
-            let cfg = stack_config(tmp.path(), stack, n);
-            let mnt = tmp.path().join(format!("m-{stack}-{n}"));
-            let (id, dev) = svc.attach(&cfg, Some(&mnt));
-            let l = svc.list();
+            let (id, dev, mnt) = env.attach_stack(stack, n, &format!("m-{stack}-{n}"));
+            let l = env.svc.list();
             assert_eq!(l.len(), 1);
             assert_eq!(l[0]["device"], dev.as_str());
             assert_eq!(l[0]["read_only"], true);
             assert_eq!(l[0]["alive"], true);
-            assert_tree(&mnt, &format!("after-{n}-layers.json"));
             // Read-only all the way down.
             assert!(std::fs::write(mnt.join("x"), b"x").is_err());
-            svc.detach(&id);
-            assert_clean(&root);
+            env.check_and_detach(&mnt, &format!("after-{n}-layers.json"), &id);
         }
     }
     // The sealed stack, detached by mount point this time.
     let sealed = fixtures::interop().join("sealed");
     let cfg = sealed.join("config.v1.json");
     if cfg.exists() {
-        let mnt = tmp.path().join("m-sealed");
-        svc.attach(&cfg, Some(&mnt));
-        assert_tree(&mnt, "sealed-stack.json");
-        svc.detach(mnt.to_str().unwrap());
-        assert_clean(&root);
+        let mnt = env.tmp.path().join("m-sealed");
+        env.svc.attach(&cfg, Some(&mnt));
+        env.check_and_detach(&mnt, "sealed-stack.json", mnt.to_str().unwrap());
     }
 }
 
 #[test]
 fn read_write_device_keeps_data_and_its_committed_upper_stacks() {
-    need_root!();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let svc = Service::start(&root);
-    let cfg = tmp.path().join("rw.json");
+    let Some(env) = Env::start() else { return };
+    let (tmp, svc) = (env.tmp.path(), &env.svc);
+    let cfg = tmp.join("rw.json");
     std::fs::write(
         &cfg,
         r#"{"lowers": [], "upper": {"index": "rw.index", "data": "rw.data"}, "resultFile": "rw.result"}"#,
     )
     .unwrap();
-    let mnt = tmp.path().join("m-rw");
+    let mnt = tmp.join("m-rw");
     let (id, _) = svc.attach(&cfg, Some(&mnt));
     assert_eq!(
-        std::fs::read_to_string(tmp.path().join("rw.result")).unwrap(),
+        std::fs::read_to_string(tmp.join("rw.result")).unwrap(),
         "success"
     );
     let mut want = BTreeMap::new();
@@ -420,7 +328,7 @@ fn read_write_device_keeps_data_and_its_committed_upper_stacks() {
     std::fs::create_dir(mnt.join("dir")).unwrap();
     std::os::unix::fs::symlink("f1", mnt.join("dir/link")).unwrap();
     svc.detach(&id);
-    assert_clean(&root);
+    assert_clean(&env.root);
 
     let check = |m: &Path| {
         for (f, sum) in &want {
@@ -440,103 +348,70 @@ fn read_write_device_keeps_data_and_its_committed_upper_stacks() {
     svc.detach(&id);
 
     // Commit the upper (ZFile + tar, as pushed to a registry) and stack it.
-    let layer = tmp.path().join("committed.tar");
-    let out = Command::new(OBD)
-        .args(["layer", "commit", "--zfile", "--tar"])
-        .arg(tmp.path().join("rw.data"))
-        .arg(tmp.path().join("rw.index"))
-        .arg(&layer)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let layer = tmp.join("committed.tar");
+    fixtures::procs::run(
+        Command::new(OBD)
+            .args(["layer", "commit", "--zfile", "--tar"])
+            .arg(tmp.join("rw.data"))
+            .arg(tmp.join("rw.index"))
+            .arg(&layer),
     );
-    let cfg2 = tmp.path().join("ro.json");
+    let cfg2 = tmp.join("ro.json");
     std::fs::write(
         &cfg2,
         format!(r#"{{"lowers": [{{"file": "{}"}}]}}"#, layer.display()),
     )
     .unwrap();
-    let mnt2 = tmp.path().join("m-ro");
+    let mnt2 = tmp.join("m-ro");
     let (id, _) = svc.attach(&cfg2, Some(&mnt2));
     check(&mnt2);
     svc.detach(&id);
-    assert_clean(&root);
+    assert_clean(&env.root);
 }
 
 #[test]
 fn kill_9_of_the_service_does_not_disturb_a_reader() {
-    need_root!();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let svc = Service::start(&root);
-    let cfg = stack_config(tmp.path(), "stack-lz4", 3);
-    let mnt = tmp.path().join("m");
-    let (id, dev) = svc.attach(&cfg, Some(&mnt));
-
-    let (stop, rx, reader) = spawn_reader(&mnt);
-    assert_eq!(rx.recv().unwrap(), 1, "first pass");
-    svc.kill9();
+    let Some(mut env) = Env::start() else { return };
+    let (id, dev, mnt) = env.attach_stack("stack-lz4", 3, "m");
+    let reader = Reader::spawn(&mnt);
+    env.svc.kill9();
     // Reads go on while no service runs.
-    let during = rx.recv().unwrap();
-    let svc = Service::start(&root);
-    let l = svc.list();
+    let during = reader.next_pass();
+    let l = env.restart().list();
     assert_eq!(
         l.len(),
         1,
         "the restarted service adopted the device: {l:?}"
     );
     assert_eq!(l[0]["device"], dev.as_str());
-    assert!(rx.recv().unwrap() > during);
-    stop.store(true, Ordering::SeqCst);
-    let passes = reader.join().unwrap().expect("the reader saw an error");
-    assert!(passes >= 3);
-    assert_tree(&mnt, "after-3-layers.json");
-    svc.detach(&id);
-    assert_clean(&root);
+    assert!(reader.next_pass() > during);
+    reader.finish();
+    env.check_and_detach(&mnt, "after-3-layers.json", &id);
 }
 
 #[test]
 fn a_dead_worker_is_cleaned_up_by_the_next_service() {
-    need_root!();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let svc = Service::start(&root);
-    let cfg = stack_config(tmp.path(), "stack-zstd", 2);
-    let mnt = tmp.path().join("m");
-    svc.attach(&cfg, Some(&mnt));
-    let pid = svc.list()[0]["pid"].as_u64().unwrap();
-    svc.kill9();
+    let Some(mut env) = Env::start() else { return };
+    let (_, _, mnt) = env.attach_stack("stack-zstd", 2, "m");
+    let pid = env.svc.list()[0]["pid"].as_u64().unwrap();
+    env.svc.kill9();
     // SIGKILL the worker: its FUSE connection dies, the loop device and the
     // mount stay behind until someone cleans up.
-    assert!(Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::time::Instant::now() < deadline
-        && Path::new(&format!("/proc/{pid}/stat")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z")
-    {
-        std::thread::yield_now();
-    }
-    let svc = Service::start(&root);
+    kill9(pid);
+    fixtures::procs::poll(std::time::Duration::from_secs(30), || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+        stat.is_err() || stat.is_ok_and(|s| s.contains(") Z"))
+    });
+    let svc = env.restart();
     if frontend() == "tcmu" {
         // TCMU devices survive their worker: the new service takes them over.
         let l = svc.list();
         assert_eq!(l.len(), 1, "{l:?}");
         assert_eq!(l[0]["alive"], true);
-        assert_tree(&mnt, "after-2-layers.json");
-        svc.detach(l[0]["id"].as_str().unwrap());
+        env.check_and_detach(&mnt, "after-2-layers.json", l[0]["id"].as_str().unwrap());
     }
-    assert!(svc.list().is_empty());
-    assert_clean(&root);
-    drop(svc);
+    assert!(env.svc.list().is_empty());
+    assert_clean(&env.root);
 }
 
 /// TCMU only: `kill -9` of a device's worker while a process reads the mounted
@@ -544,30 +419,19 @@ fn a_dead_worker_is_cleaned_up_by_the_next_service() {
 /// it over, and the reader sees no error.
 #[test]
 fn tcmu_worker_kill_is_taken_over_without_reader_errors() {
-    need_root!();
     if frontend() != "tcmu" {
         eprintln!("SKIPPED worker takeover: only TCMU keeps a device alive across its server's death (OBD_TEST_FRONTEND=tcmu)");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let svc = Service::start(&root);
-    let cfg = stack_config(tmp.path(), "stack-lz4", 3);
-    let mnt = tmp.path().join("m");
-    let (id, dev) = svc.attach(&cfg, Some(&mnt));
-    let pid = svc.list()[0]["pid"].as_u64().unwrap();
-
-    let (stop, rx, reader) = spawn_reader(&mnt);
-    assert_eq!(rx.recv().unwrap(), 1);
-    assert!(Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    let Some(env) = Env::start() else { return };
+    let (id, dev, mnt) = env.attach_stack("stack-lz4", 3, "m");
+    let pid = env.svc.list()[0]["pid"].as_u64().unwrap();
+    let reader = Reader::spawn(&mnt);
+    kill9(pid);
     // Passes complete after the kill only once a new worker serves the ring.
-    let after = rx.recv().unwrap();
-    assert!(rx.recv().unwrap() > after);
-    let l = svc.list();
+    let after = reader.next_pass();
+    assert!(reader.next_pass() > after);
+    let l = env.svc.list();
     assert_eq!(l.len(), 1);
     assert_eq!(l[0]["device"], dev.as_str());
     assert_ne!(
@@ -576,9 +440,6 @@ fn tcmu_worker_kill_is_taken_over_without_reader_errors() {
         "a new worker serves the device"
     );
     assert_eq!(l[0]["alive"], true);
-    stop.store(true, Ordering::SeqCst);
-    reader.join().unwrap().expect("the reader saw an error");
-    assert_tree(&mnt, "after-3-layers.json");
-    svc.detach(&id);
-    assert_clean(&root);
+    reader.finish();
+    env.check_and_detach(&mnt, "after-3-layers.json", &id);
 }

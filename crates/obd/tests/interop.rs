@@ -3,22 +3,11 @@
 //! recorded raw-disk digest (vectors copied into `fixtures/interop`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
-fn obd(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args(args)
-        .output()
-        .expect("run obd");
-    assert!(
-        out.status.success(),
-        "obd {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf8")
-}
+mod common;
+use common::{obd, s};
 
 fn manifest() -> Value {
     let p = fixtures::interop().join("manifest.json");
@@ -28,10 +17,6 @@ fn manifest() -> Value {
 fn sha256_file(p: &Path) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(std::fs::read(p).unwrap()))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

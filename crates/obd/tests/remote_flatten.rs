@@ -5,18 +5,8 @@
 use fixtures::registry::Registry;
 use std::process::Command;
 
-fn obd(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "obd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::{obd, s, OBD};
 
 #[test]
 fn remote_lowers_flatten_to_the_local_digest_through_the_cache() {
@@ -49,35 +39,18 @@ fn remote_lowers_flatten_to_the_local_digest_through_the_cache() {
     let want = stack["prefixes"][2]["disk_sha256"].as_str().unwrap();
     let cache = dir.path().join("cache");
     let out = dir.path().join("disk.img");
-    let c = cache.to_str().unwrap();
-    let sha = obd(&[
-        "image",
-        "flatten",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--cache-dir",
-        c,
-        "-o",
-        out.to_str().unwrap(),
-        "--sha256",
-    ]);
+    let c = s(&cache);
+    let flatten = ["image", "flatten", "--config", s(&cfg), "-o", s(&out)];
+    let sha = obd(&[&flatten[..], &["--cache-dir", c, "--sha256"]].concat());
     assert_eq!(sha.trim(), want);
     // A cold run with --metrics reports what it fetched, per layer.
     let cold = dir.path().join("cache2");
-    let out2 = Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args([
-            "image",
-            "flatten",
-            "--metrics",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--cache-dir",
-        ])
-        .arg(&cold)
-        .args(["-o", out.to_str().unwrap()])
+    let out2 = Command::new(OBD)
+        .args(flatten)
+        .args(["--metrics", "--cache-dir", s(&cold)])
         .output()
         .unwrap();
-    assert!(out2.status.success());
+    fixtures::procs::check("obd image flatten --metrics", &out2);
     let err = String::from_utf8_lossy(&out2.stderr);
     let first = stack["layers"][0]["digest"].as_str().unwrap();
     assert!(
@@ -94,24 +67,14 @@ fn remote_lowers_flatten_to_the_local_digest_through_the_cache() {
     assert!(cached > 0, "nothing landed in --cache-dir");
     // The registry gone, the cache alone serves the same disk.
     drop(reg);
-    let sha = obd(&[
-        "image",
-        "flatten",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--cache-dir",
-        c,
-        "-o",
-        out.to_str().unwrap(),
-        "--sha256",
-    ]);
+    let sha = obd(&[&flatten[..], &["--cache-dir", c, "--sha256"]].concat());
     assert_eq!(sha.trim(), want);
     let info = obd(&[
         "image",
         "info",
         "--json",
         "--config",
-        cfg.to_str().unwrap(),
+        s(&cfg),
         "--cache-dir",
         c,
     ]);

@@ -4,31 +4,13 @@
 //! Uses `obd demo --keep` for the registry, containerd and obd-snapshotter.
 //! Needs root and the demo's tools; otherwise skipped loudly.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-fn skip(why: &str) {
-    eprintln!("\n*** SKIPPED snapshotter commit test: {why} ***\n");
-}
+use fixtures::procs::run;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::testbed_ready;
 
 /// Stops what `obd demo --keep` left running under `dir` and removes it.
 struct Cleanup(PathBuf);
@@ -63,25 +45,16 @@ impl Drop for Cleanup {
 
 #[test]
 fn dir_mode_snapshot_commits_into_a_sealed_layer() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (containerd, runc, mounts)");
-    }
-    for t in [
+    let tools = [
         "containerd",
         "ctr",
         "runc",
         "docker-registry",
         "pkill",
         "pgrep",
-    ] {
-        if !have(t) {
-            return skip(&format!("{t} is not installed (scripts/setup.sh)"));
-        }
-    }
-    let sn = PathBuf::from(env!("CARGO_BIN_EXE_obd")).with_file_name("obd-snapshotter");
-    if !sn.exists() || !Path::new("/dev/fuse").exists() {
-        return skip("obd-snapshotter is not built or /dev/fuse is missing");
+    ];
+    if !testbed_ready("snapshotter commit test", &tools) {
+        return;
     }
     let tmp = tempfile::Builder::new()
         .prefix("obd-commit-")

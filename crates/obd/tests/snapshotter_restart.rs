@@ -17,11 +17,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tcmu_target::mountinfo::mount_points_below;
-use testbed::{build_sample, have, run_ok, wait_until, Options, Testbed};
+use testbed::{build_sample, run_ok, wait_until, Options, Testbed};
 
-fn skip(why: &str) {
-    eprintln!("\n*** SKIPPED snapshotter restart test: {why} ***\n");
-}
+mod common;
+use common::{snapshotter_bin, testbed_ready};
 
 /// Polls `cond` every millisecond (tight: the windows are short).
 fn poll(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -160,24 +159,11 @@ fn task_status(tb: &Testbed, id: &str) -> String {
 
 #[test]
 fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
-    if !rustix::process::geteuid().is_root() {
-        return skip("needs root (containerd, runc, mounts)");
+    let tools = ["containerd", "ctr", "runc", "docker-registry", "losetup"];
+    if !testbed_ready("snapshotter restart test", &tools) {
+        return;
     }
-    for t in ["containerd", "ctr", "runc", "docker-registry", "losetup"] {
-        if !have(t) {
-            return skip(&format!("{t} is not installed (scripts/setup.sh)"));
-        }
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return skip("/dev/fuse is missing");
-    }
-    let obd = PathBuf::from(env!("CARGO_BIN_EXE_obd"));
-    let sn = obd.with_file_name("obd-snapshotter");
-    if !sn.exists() {
-        return skip(
-            "obd-snapshotter is not built (cargo build -p snapshotter, or cargo test --workspace)",
-        );
-    }
+    let (obd, sn) = (PathBuf::from(common::OBD), snapshotter_bin());
     let mut opts = Options::new(obd, sn);
     opts.prefix = "obd-restart-".into();
     let mut tb = Testbed::new(opts).unwrap();

@@ -19,13 +19,12 @@ use std::sync::Arc;
 
 use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::registry::RegistryOptions;
-use testbed::{build_sample, have, run_ok, Options, Testbed};
+use testbed::{build_sample, run_ok, Options, Testbed};
+
+mod common;
+use common::{snapshotter_bin, testbed_ready};
 
 const ACCEL: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
-
-fn skip(why: &str) {
-    eprintln!("\n*** SKIPPED obd trace record test: {why} ***\n");
-}
 
 /// The `worker.log`s of the devices under the snapshotter root.
 fn worker_logs(root: &Path) -> String {
@@ -57,22 +56,11 @@ fn blob(d: &Arc<Distribution>, r: &ImageRef, digest: &str) -> Vec<u8> {
 
 #[test]
 fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
-    if !rustix::process::geteuid().is_root() {
-        return skip("needs root (containerd, runc, mounts)");
+    let tools = ["containerd", "ctr", "runc", "docker-registry", "mount"];
+    if !testbed_ready("obd trace record test", &tools) {
+        return;
     }
-    for t in ["containerd", "ctr", "runc", "docker-registry", "mount"] {
-        if !have(t) {
-            return skip(&format!("{t} is not installed (scripts/setup.sh)"));
-        }
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return skip("/dev/fuse is missing");
-    }
-    let obd = PathBuf::from(env!("CARGO_BIN_EXE_obd"));
-    let sn = obd.with_file_name("obd-snapshotter");
-    if !sn.exists() {
-        return skip("obd-snapshotter is not built (cargo build -p snapshotter)");
-    }
+    let (obd, sn) = (PathBuf::from(common::OBD), snapshotter_bin());
     let mut opts = Options::new(obd.clone(), sn);
     opts.prefix = "obd-trace-rec-".into();
     let mut tb = Testbed::new(opts).unwrap();

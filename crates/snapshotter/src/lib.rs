@@ -1,7 +1,7 @@
 //! snapshotter: the containerd proxy snapshotter of obd.
 //!
 //! - [`service`]: containerd's snapshots v1 gRPC service (generated at build
-//!   time from containerd's own protos in `proto/`) on a unix socket; the
+//!   time from containerd's own protos in `vendor/proto/`) on a unix socket; the
 //!   namespace comes from the `containerd-namespace` gRPC metadata.
 //! - [`snapshotter`]: plain OCI layers behave like containerd's overlayfs
 //!   snapshotter (`<root>/snapshots/<id>/{fs,work}`, overlay/bind mounts).

@@ -5,15 +5,13 @@
 //! tools; otherwise it is skipped with a loud message.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use fixtures::containerd::{self, ctr};
+use fixtures::procs::{run, Needs};
 
 mod common;
-use common::{busybox_layout, have, run, wait_until};
-
-fn skip(why: &str) {
-    eprintln!("\n*** SKIPPED containerd smoke test: {why} ***\n");
-}
+use common::busybox_layout;
 
 fn build_busybox_archive(dir: &Path) -> PathBuf {
     let img = busybox_layout(dir);
@@ -32,26 +30,14 @@ fn build_busybox_archive(dir: &Path) -> PathBuf {
 }
 
 struct Procs {
-    children: Vec<Child>,
+    procs: fixtures::procs::Procs,
     dir: PathBuf,
 }
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        // containerd first, then the snapshotter: SIGTERM, bounded wait, KILL.
-        for c in self.children.iter_mut().rev() {
-            // SAFETY: kill takes plain integers; the pid is our own child's.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            while c.try_wait().ok().flatten().is_none() {
-                if t0.elapsed() > Duration::from_secs(10) {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        // containerd first, then the snapshotter.
+        self.procs.stop_all();
         // Unmount whatever containerd left under our directory.
         obd_device::mount::unmount_below(&self.dir);
     }
@@ -59,70 +45,23 @@ impl Drop for Procs {
 
 #[test]
 fn ctr_run_with_obd_snapshotter() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (containerd, runc, mounts)");
+    if !Needs::root(&["containerd", "ctr", "runc", "umoci", "skopeo"])
+        .paths(&["/bin/busybox"])
+        .met("containerd smoke test")
+    {
+        return;
     }
-    for t in ["containerd", "ctr", "runc", "umoci", "skopeo"] {
-        if !have(t) {
-            return skip(&format!("{t} is not installed"));
-        }
-    }
-    if !Path::new("/bin/busybox").exists() {
-        return skip("busybox-static is not installed");
-    }
-    // Short path: unix sockets are limited to 107 bytes.
-    let tmp = tempfile::Builder::new()
-        .prefix("obd-ctd-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let tmp = fixtures::procs::short_tempdir("obd-ctd-");
     let dir = tmp.path().to_path_buf();
     let tar = build_busybox_archive(&dir);
     let mut procs = Procs {
-        children: Vec::new(),
+        procs: fixtures::procs::Procs::new(),
         dir: dir.clone(),
     };
-
-    let sn_sock = dir.join("obd.sock");
-    let sn_log = std::fs::File::create(dir.join("snapshotter.log")).unwrap();
-    procs.children.push(
-        Command::new(env!("CARGO_BIN_EXE_obd-snapshotter"))
-            .arg("--root")
-            .arg(dir.join("snroot"))
-            .arg("--address")
-            .arg(&sn_sock)
-            .stderr(sn_log)
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the snapshotter socket", Duration::from_secs(20), || {
-        std::os::unix::net::UnixStream::connect(&sn_sock).is_ok()
-    });
-
-    let sock = dir.join("containerd.sock");
-    let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, fixtures::containerd::config(&dir, &sn_sock)).unwrap();
-    let ctd_log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-    procs.children.push(
-        Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(ctd_log.try_clone().unwrap())
-            .stderr(ctd_log)
-            .spawn()
-            .unwrap(),
-    );
-    let ctr = || {
-        let mut c = Command::new("timeout");
-        c.args(["120", "ctr", "--address"]).arg(&sock);
-        c
-    };
-    wait_until("containerd", Duration::from_secs(30), || {
-        ctr()
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
+    let sn = Path::new(env!("CARGO_BIN_EXE_obd-snapshotter"));
+    let sn_sock = containerd::start_snapshotter(&mut procs.procs, sn, &dir);
+    let sock = containerd::start_with(&mut procs.procs, &dir, &sn_sock);
+    let ctr = || ctr(&sock);
     let plugins = run(ctr().args(["plugins", "ls"]));
     assert!(
         plugins
@@ -137,30 +76,20 @@ fn ctr_run_with_obd_snapshotter() {
         .arg(&tar));
     let snaps = run(ctr().args(["snapshots", "--snapshotter", "obd", "ls"]));
     assert!(snaps.contains("Committed"), "{snaps}");
-    let out = run(ctr().args([
-        "run",
-        "--snapshotter",
-        "obd",
-        "--rm",
-        "localhost/obd-test/busybox:latest",
-        "obd-smoke-1",
-        "/bin/echo",
-        "hi",
-    ]));
+    let ctr_run = |name: &str, cmd: &[&str]| {
+        let image = "localhost/obd-test/busybox:latest";
+        run(ctr()
+            .args(["run", "--snapshotter", "obd", "--rm", image, name])
+            .args(cmd))
+    };
+    let out = ctr_run("obd-smoke-1", &["/bin/echo", "hi"]);
     eprintln!("ctr run --snapshotter obd … /bin/echo hi printed: {out:?}");
     assert_eq!(out.trim(), "hi");
     // The rootfs is writable (overlay upper of the container's snapshot).
-    let out = run(ctr().args([
-        "run",
-        "--snapshotter",
-        "obd",
-        "--rm",
-        "localhost/obd-test/busybox:latest",
+    let out = ctr_run(
         "obd-smoke-2",
-        "/bin/sh",
-        "-c",
-        "echo written > /tmp/f && cat /tmp/f",
-    ]));
+        &["/bin/sh", "-c", "echo written > /tmp/f && cat /tmp/f"],
+    );
     assert_eq!(out.trim(), "written");
     drop(procs);
 }

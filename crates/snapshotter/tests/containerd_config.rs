@@ -6,13 +6,11 @@
 //! containerd; otherwise it is skipped with a loud message. There is no
 //! containerd 2.x binary here: its config is only checked statically.
 
+use fixtures::containerd::{self, ctr};
+use fixtures::procs::{run, Needs, Procs};
 use snapshotter::config::DEFAULT_ADDRESS;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
-
-mod common;
-use common::{have, run, wait_until};
+use std::process::Command;
 
 fn contrib(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -78,31 +76,6 @@ fn configs_carry_the_lazy_pull_keys() {
     }));
 }
 
-fn skip(why: &str) {
-    eprintln!("\n*** SKIPPED containerd 1.6 config check: {why} ***\n");
-}
-
-/// Child processes, stopped in reverse order (SIGTERM, bounded wait, KILL).
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().rev() {
-            // SAFETY: kill takes plain integers; the pid is our own child's.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            while c.try_wait().ok().flatten().is_none() {
-                if t0.elapsed() > Duration::from_secs(10) {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
 /// The shipped 1.6/1.7 config, pointed at private paths under `dir`.
 fn private_config(dir: &Path, sn_sock: &Path) -> String {
     let shipped = contrib("config-1.6-1.7.toml");
@@ -140,22 +113,12 @@ fn private_config(dir: &Path, sn_sock: &Path) -> String {
 
 #[test]
 fn containerd_1_6_loads_the_shipped_config() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (containerd)");
+    if !Needs::root(&["containerd", "ctr"]).met("containerd 1.6 config check") {
+        return;
     }
-    for t in ["containerd", "ctr"] {
-        if !have(t) {
-            return skip(&format!("{t} is not installed"));
-        }
-    }
-    // Short path: unix sockets are limited to 107 bytes.
-    let tmp = tempfile::Builder::new()
-        .prefix("obd-cfg-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let tmp = fixtures::procs::short_tempdir("obd-cfg-");
     let dir: PathBuf = tmp.path().into();
-    let sn_sock = dir.join("obd.sock");
+    let sn_sock = containerd::snapshotter_socket(&dir);
     let cfg = dir.join("config.toml");
     std::fs::write(&cfg, private_config(&dir, &sn_sock)).unwrap();
 
@@ -176,43 +139,11 @@ fn containerd_1_6_loads_the_shipped_config() {
         "{dump}"
     );
 
-    let mut procs = Procs(Vec::new());
-    let sn_log = std::fs::File::create(dir.join("snapshotter.log")).unwrap();
-    procs.0.push(
-        Command::new(env!("CARGO_BIN_EXE_obd-snapshotter"))
-            .arg("--root")
-            .arg(dir.join("snroot"))
-            .arg("--address")
-            .arg(&sn_sock)
-            .stderr(sn_log)
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the snapshotter socket", Duration::from_secs(20), || {
-        std::os::unix::net::UnixStream::connect(&sn_sock).is_ok()
-    });
-    let ctd_log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-    procs.0.push(
-        Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(ctd_log.try_clone().unwrap())
-            .stderr(ctd_log)
-            .spawn()
-            .unwrap(),
-    );
-    let sock = dir.join("containerd.sock");
-    let ctr = || {
-        let mut c = Command::new("timeout");
-        c.args(["60", "ctr", "--address"]).arg(&sock);
-        c
-    };
-    wait_until("containerd", Duration::from_secs(30), || {
-        ctr()
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
+    let mut procs = Procs::new();
+    let sn = Path::new(env!("CARGO_BIN_EXE_obd-snapshotter"));
+    containerd::start_snapshotter(&mut procs, sn, &dir);
+    let sock = containerd::start(&mut procs, &dir, &cfg);
+    let ctr = || ctr(&sock);
     let plugins = run(ctr().args(["plugins", "ls"]));
     let ok = |ty: &str, id: &str| {
         plugins.lines().any(|l| {

@@ -3,23 +3,15 @@
 //! socket (one of them failing with NotFound) show up on `GET /metrics`, and
 //! stderr is one JSON object per line. Needs no root.
 
+use fixtures::procs::{free_port, short_tempdir, terminate, wait_until};
 use hyper_util::rt::TokioIo;
 use snapshotter::proto::containerd::services::snapshots::v1 as api;
 use snapshotter::proto::containerd::services::snapshots::v1::snapshots_client::SnapshotsClient;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic::transport::{Channel, Endpoint, Uri};
-
-/// Polls `cond` until it holds or `timeout` passes.
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The snapshotter process; SIGTERMed (then killed) on drop.
 struct Snapshotter(Child);
@@ -27,19 +19,8 @@ struct Snapshotter(Child);
 impl Snapshotter {
     /// Sends SIGTERM and waits (bounded) for the exit status.
     fn stop(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill takes plain integers; the pid is our own child's.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return st;
-            }
-            if t0.elapsed() > Duration::from_secs(20) {
-                let _ = self.0.kill();
-                panic!("obd-snapshotter did not exit on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate(&mut self.0, Duration::from_secs(20))
+            .expect("obd-snapshotter did not exit on SIGTERM")
     }
 }
 
@@ -50,14 +31,6 @@ impl Drop for Snapshotter {
             let _ = self.0.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One HTTP/1.1 GET; returns (status line, body).
@@ -140,11 +113,7 @@ fn start(dir: &Path, sock: &Path, metrics: &str, log: &Path) -> Snapshotter {
 
 #[test]
 fn grpc_calls_show_up_in_metrics_and_json_logs() {
-    // Short path: unix sockets are limited to 107 bytes.
-    let tmp = tempfile::Builder::new()
-        .prefix("obd-metrics-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let tmp = short_tempdir("obd-metrics-");
     let dir: PathBuf = tmp.path().into();
     let sock = dir.join("obd.sock");
     let log = dir.join("stderr.log");
@@ -192,35 +161,24 @@ fn grpc_calls_show_up_in_metrics_and_json_logs() {
     let (status, body) = http_get(&metrics, "/metrics").unwrap();
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     let v = |p: &str| sample(&body, p).unwrap_or_else(|| panic!("no `{p}` in\n{body}"));
-    assert_eq!(
-        v(r#"obd_snapshotter_grpc_requests_total{method="Prepare",code="ok"}"#),
-        1.0
-    );
-    assert_eq!(
-        v(r#"obd_snapshotter_grpc_requests_total{method="Stat",code="ok"}"#),
-        1.0
-    );
-    assert_eq!(
-        v(r#"obd_snapshotter_grpc_requests_total{method="Stat",code="not_found"}"#),
-        1.0
-    );
-    assert_eq!(
-        v(r#"obd_snapshotter_grpc_requests_total{method="Remove",code="ok"}"#),
-        1.0
-    );
-    assert_eq!(
-        v(r#"obd_snapshotter_grpc_errors_total{method="Stat",code="not_found"}"#),
-        1.0
-    );
+    for (sample, want) in [
+        (r#"grpc_requests_total{method="Prepare",code="ok"}"#, 1.0),
+        (r#"grpc_requests_total{method="Stat",code="ok"}"#, 1.0),
+        (
+            r#"grpc_requests_total{method="Stat",code="not_found"}"#,
+            1.0,
+        ),
+        (r#"grpc_requests_total{method="Remove",code="ok"}"#, 1.0),
+        (r#"grpc_errors_total{method="Stat",code="not_found"}"#, 1.0),
+        (r#"grpc_request_duration_seconds_count{method="Stat"}"#, 2.0),
+        ("devices ", 0.0),
+    ] {
+        assert_eq!(v(&format!("obd_snapshotter_{sample}")), want, "{sample}");
+    }
     assert!(
         !body.contains(r#"grpc_errors_total{method="Prepare""#),
         "{body}"
     );
-    assert_eq!(
-        v(r#"obd_snapshotter_grpc_request_duration_seconds_count{method="Stat"}"#),
-        2.0
-    );
-    assert_eq!(v("obd_snapshotter_devices "), 0.0);
     let (status, _) = http_get(&metrics, "/other").unwrap();
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 
@@ -259,10 +217,7 @@ fn grpc_calls_show_up_in_metrics_and_json_logs() {
 
 #[test]
 fn unusable_metrics_address_fails_the_start() {
-    let tmp = tempfile::Builder::new()
-        .prefix("obd-metrics-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let tmp = short_tempdir("obd-metrics-");
     let dir = tmp.path();
     // A port that is taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

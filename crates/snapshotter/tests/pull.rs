@@ -15,22 +15,20 @@
 //! skopeo and busybox-static; otherwise skipped with a loud message.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
+use fixtures::containerd::{self, ctr};
+use fixtures::procs::{run, Needs};
+use fixtures::registry::Registry;
 use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::registry::RegistryOptions;
 use snapshotter::pull::{pull_blocking, LayerState, PullError, PullOptions, PullReport};
 
 mod common;
-use common::{busybox_layout, have, run, wait_until};
+use common::busybox_layout;
 
 const MARK: &str = "obd-pull-test-layer-2";
-
-fn skip(why: &str) {
-    eprintln!("\n*** SKIPPED obd pull test: {why} ***\n");
-}
 
 /// A two-layer busybox OCI layout (`<dir>/oci:busybox`): busybox, then a
 /// layer adding `/etc/obd-pull`.
@@ -50,91 +48,22 @@ fn build_busybox_layout(dir: &Path) -> PathBuf {
     oci
 }
 
-/// A `docker-registry` on a free loopback port with its access log in
-/// `<dir>/registry.log`; killed on drop.
-struct Registry {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let cfg = dir.join("registry.yml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.join("registry-data").display()
-            ),
-        )
-        .unwrap();
-        let log = dir.join("registry.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg)
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let reg = Registry { child, addr, log };
-        wait_until("docker-registry", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(&reg.addr).is_ok()
-        });
-        reg
-    }
-
-    /// The access log's request lines (`GET /v2/... HTTP/1.1`).
-    fn requests(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split('"').nth(1).map(str::to_string))
-            .collect()
-    }
-}
-
 struct Procs {
-    children: Vec<Child>,
+    procs: fixtures::procs::Procs,
     dir: PathBuf,
 }
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        // containerd first, then the snapshotter: SIGTERM, bounded wait, KILL.
-        for c in self.children.iter_mut().rev() {
-            // SAFETY: kill takes plain integers; the pid is our own child's.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            while c.try_wait().ok().flatten().is_none() {
-                if t0.elapsed() > Duration::from_secs(10) {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        // containerd first, then the snapshotter.
+        self.procs.stop_all();
         obd_device::mount::unmount_below(&self.dir);
     }
 }
 
 /// obd-snapshotter (lazy_pull = true) and a containerd using it as `obd`.
 fn start_containerd(dir: &Path, procs: &mut Procs) -> PathBuf {
-    let sn_sock = dir.join("obd.sock");
+    let sn_sock = containerd::snapshotter_socket(dir);
     let sn_cfg = dir.join("obd-snapshotter.toml");
     std::fs::write(
         &sn_cfg,
@@ -145,57 +74,12 @@ fn start_containerd(dir: &Path, procs: &mut Procs) -> PathBuf {
         ),
     )
     .unwrap();
-    let sn_log = std::fs::File::create(dir.join("snapshotter.log")).unwrap();
-    procs.children.push(
-        Command::new(env!("CARGO_BIN_EXE_obd-snapshotter"))
-            .arg("--config")
-            .arg(&sn_cfg)
-            .env("RUST_LOG", "info,snapshotter=debug")
-            .stderr(sn_log)
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the snapshotter socket", Duration::from_secs(20), || {
-        std::os::unix::net::UnixStream::connect(&sn_sock).is_ok()
-    });
-    let sock = dir.join("containerd.sock");
-    let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, fixtures::containerd::config(dir, &sn_sock)).unwrap();
-    let ctd_log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-    procs.children.push(
-        Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(ctd_log.try_clone().unwrap())
-            .stderr(ctd_log)
-            .spawn()
-            .unwrap(),
-    );
-    let s = sock.clone();
-    wait_until("containerd", Duration::from_secs(30), || {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&s)
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    sock
-}
-
-/// The last lines of the daemons' logs, for failure messages.
-fn logs(dir: &Path) -> String {
-    let mut s = String::new();
-    for f in ["snapshotter.log", "containerd.log"] {
-        let t = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-        let lines: Vec<&str> = t.lines().collect();
-        s.push_str(&format!("--- {f} (tail)\n"));
-        for l in &lines[lines.len().saturating_sub(40)..] {
-            s.push_str(l);
-            s.push('\n');
-        }
-    }
-    s
+    let mut sn = Command::new(env!("CARGO_BIN_EXE_obd-snapshotter"));
+    sn.arg("--config")
+        .arg(&sn_cfg)
+        .env("RUST_LOG", "info,snapshotter=debug");
+    containerd::spawn_snapshotter(&mut procs.procs, sn, dir, &sn_sock);
+    containerd::start_with(&mut procs.procs, dir, &sn_sock)
 }
 
 fn pull(sock: &Path, reference: &str) -> PullReport {
@@ -207,7 +91,7 @@ fn pull(sock: &Path, reference: &str) -> PullReport {
     let rep = pull_blocking(&o, |l| seen.push(l.index)).unwrap_or_else(|e| {
         panic!(
             "pull {reference}: {e}\n{}",
-            logs(sock.parent().unwrap_or(Path::new("/")))
+            containerd::logs(sock.parent().unwrap_or(Path::new("/")))
         )
     });
     assert_eq!(seen, (0..rep.layers.len()).collect::<Vec<_>>());
@@ -218,39 +102,44 @@ fn pull(sock: &Path, reference: &str) -> PullReport {
     rep
 }
 
+/// Every layer's chainID is a committed snapshot of `obd`.
+fn assert_committed(sock: &Path, r: &PullReport) {
+    let snaps = run(ctr(sock).args(["-n", "default", "snapshots", "--snapshotter", "obd", "ls"]));
+    for l in &r.layers {
+        assert!(
+            snaps
+                .lines()
+                .any(|s| s.starts_with(&l.chain_id) && s.contains("Committed")),
+            "chainID {} is not committed:\n{snaps}",
+            l.chain_id
+        );
+    }
+}
+
 fn states(r: &PullReport) -> Vec<LayerState> {
     r.layers.iter().map(|l| l.state).collect()
 }
 
 #[test]
 fn obd_pull_remote_and_plain() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (containerd, runc, mounts)");
-    }
-    for t in [
+    if !Needs::root(&[
         "containerd",
         "ctr",
         "runc",
         "docker-registry",
+        "curl",
         "umoci",
         "skopeo",
-    ] {
-        if !have(t) {
-            return skip(&format!("{t} is not installed (bash scripts/setup.sh)"));
-        }
+    ])
+    .paths(&["/bin/busybox"])
+    .met("obd pull test")
+    {
+        return;
     }
-    if !Path::new("/bin/busybox").exists() {
-        return skip("busybox-static is not installed");
-    }
-    // Short path: unix sockets are limited to 107 bytes.
-    let tmp = tempfile::Builder::new()
-        .prefix("obd-pull-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let tmp = fixtures::procs::short_tempdir("obd-pull-");
     let dir = tmp.path().to_path_buf();
     let oci = build_busybox_layout(&dir);
-    let reg = Registry::start(&dir);
+    let reg = Registry::start_logged(&dir).unwrap();
     let addr = reg.addr.clone();
 
     // The plain image, pushed as is.
@@ -295,34 +184,19 @@ fn obd_pull_remote_and_plain() {
     assert_eq!(conv.layers.len(), 2, "two obd layers");
 
     let mut procs = Procs {
-        children: Vec::new(),
+        procs: fixtures::procs::Procs::new(),
         dir: dir.clone(),
     };
     let sock = start_containerd(&dir, &mut procs);
-    let ctr = || {
-        let mut c = Command::new("timeout");
-        c.args(["120", "ctr", "--address"]).arg(&sock);
-        c
-    };
+    let ctr = |args: &[&str]| run(ctr(&sock).args(["-n", "default"]).args(args));
 
     // --- plain image: Prepare succeeds, diff Apply, Commit; it runs.
     let r3 = pull(&sock, &plain);
     assert_eq!(states(&r3), vec![LayerState::Downloaded; 2], "{r3:?}");
     assert_eq!(r3.downloaded_layers, 2);
     assert!(r3.layers.iter().all(|l| l.fetched_bytes == l.size));
-    let snaps = run(ctr().args(["-n", "default", "snapshots", "--snapshotter", "obd", "ls"]));
-    for l in &r3.layers {
-        assert!(
-            snaps
-                .lines()
-                .any(|s| s.starts_with(&l.chain_id) && s.contains("Committed")),
-            "chainID {} is not committed:\n{snaps}",
-            l.chain_id
-        );
-    }
-    let out = run(ctr().args([
-        "-n",
-        "default",
+    assert_committed(&sock, &r3);
+    let out = ctr(&[
         "run",
         "--snapshotter",
         "obd",
@@ -331,11 +205,11 @@ fn obd_pull_remote_and_plain() {
         "obd-pull-1",
         "/bin/cat",
         "/etc/obd-pull",
-    ]));
+    ]);
     assert_eq!(out.trim(), MARK);
     let r4 = pull(&sock, &plain);
     assert_eq!(states(&r4), vec![LayerState::Present; 2], "{r4:?}");
-    let leases = run(ctr().args(["-n", "default", "leases", "ls"]));
+    let leases = ctr(&["leases", "ls"]);
     assert_eq!(leases.lines().count(), 1, "a lease was left:\n{leases}");
 
     // --- an index over the plain manifest: the platform's manifest is
@@ -367,7 +241,7 @@ fn obd_pull_remote_and_plain() {
     assert_eq!(r5.media_type, "application/vnd.oci.image.index.v1+json");
     assert_eq!(r5.manifest, pm.digest);
     assert_eq!(states(&r5), vec![LayerState::Present; 2], "{r5:?}");
-    let content = run(ctr().args(["-n", "default", "content", "ls"]));
+    let content = ctr(&["content", "ls"]);
     let idx_line = content
         .lines()
         .find(|l| l.starts_with(&pushed.digest))
@@ -376,7 +250,7 @@ fn obd_pull_remote_and_plain() {
         idx_line.contains(&format!("containerd.io/gc.ref.content.m.0={}", pm.digest)),
         "{idx_line}"
     );
-    let imgs = run(ctr().args(["-n", "default", "images", "ls"]));
+    let imgs = ctr(&["images", "ls"]);
     assert!(
         imgs.lines()
             .any(|l| l.starts_with(&format!("{multi} ")) && l.contains(&pushed.digest)),
@@ -428,33 +302,22 @@ fn obd_pull_remote_and_plain() {
             "layer blob {d} was requested: {reqs:?}"
         );
     }
-    let imgs = run(ctr().args(["-n", "default", "images", "ls"]));
+    let imgs = ctr(&["images", "ls"]);
     assert!(
         imgs.lines().any(|l| l.starts_with(&format!("{obd} "))),
         "{imgs}"
     );
-    let snaps = run(ctr().args(["-n", "default", "snapshots", "--snapshotter", "obd", "ls"]));
-    for l in &r1.layers {
-        assert!(
-            snaps
-                .lines()
-                .any(|s| s.starts_with(&l.chain_id) && s.contains("Committed")),
-            "chainID {} is not committed:\n{snaps}",
-            l.chain_id
-        );
-    }
-    let info = run(ctr().args([
-        "-n",
-        "default",
+    assert_committed(&sock, &r1);
+    let info = ctr(&[
         "snapshots",
         "--snapshotter",
         "obd",
         "info",
         &r1.layers[1].chain_id,
-    ]));
+    ]);
     assert!(info.contains(&r1.layers[0].chain_id), "parent: {info}");
     assert!(info.contains("containerd.io/snapshot/image-ref"), "{info}");
-    let content = run(ctr().args(["-n", "default", "content", "ls"]));
+    let content = ctr(&["content", "ls"]);
     let cfg_line = content
         .lines()
         .find(|l| l.starts_with(&r1.config))
@@ -469,7 +332,7 @@ fn obd_pull_remote_and_plain() {
     for d in &layer_digests {
         assert!(!content.contains(d.as_str()), "layer blob {d} in the store");
     }
-    let leases = run(ctr().args(["-n", "default", "leases", "ls"]));
+    let leases = ctr(&["leases", "ls"]);
     assert_eq!(leases.lines().count(), 1, "a lease was left:\n{leases}");
 
     // A second pull changes nothing.
