@@ -550,154 +550,79 @@ int main(void) {
                 (k, v.parse().unwrap())
             })
             .collect();
-        let want: Vec<(&str, usize)> = vec![
+        // (C name, Rust value): sizes and renamed fields, then field offsets.
+        macro_rules! offsets {
+            ($($t:ident . $f:ident),* $(,)?) => {
+                [$((concat!("struct ", stringify!($t), ".", stringify!($f)), offset_of!($t, $f))),*]
+            };
+        }
+        macro_rules! sb_offsets {
+            ($($f:ident = $c:ident),* $(,)?) => {
+                [$((concat!("struct ext2_super_block.", stringify!($f)), sb::$c)),*]
+            };
+        }
+        let mut want: Vec<(&str, usize)> = vec![
             ("struct struct_io_channel", size_of::<struct_io_channel>()),
             ("struct struct_io_manager", size_of::<struct_io_manager>()),
             ("struct ext2_inode_large", size_of::<ext2_inode_large>()),
             ("struct ext2_super_block", sb::SIZE),
             ("struct struct_io_stats", size_of::<struct_io_stats>()),
             (
-                "struct struct_io_channel.block_size",
-                offset_of!(struct_io_channel, block_size),
-            ),
-            (
-                "struct struct_io_channel.refcount",
-                offset_of!(struct_io_channel, refcount),
-            ),
-            (
-                "struct struct_io_channel.private_data",
-                offset_of!(struct_io_channel, private_data),
-            ),
-            (
-                "struct struct_io_channel.align",
-                offset_of!(struct_io_channel, align),
-            ),
-            (
-                "struct struct_io_manager.read_blk64",
-                offset_of!(struct_io_manager, read_blk64),
-            ),
-            (
-                "struct struct_io_manager.zeroout",
-                offset_of!(struct_io_manager, zeroout),
-            ),
-            (
-                "struct struct_io_manager.write_byte",
-                offset_of!(struct_io_manager, write_byte),
-            ),
-            (
-                "struct struct_io_manager.get_stats",
-                offset_of!(struct_io_manager, get_stats),
-            ),
-            (
                 "struct struct_ext2_filsys.super",
                 offset_of!(struct_ext2_filsys, super_),
-            ),
-            (
-                "struct struct_ext2_filsys.blocksize",
-                offset_of!(struct_ext2_filsys, blocksize),
-            ),
-            (
-                "struct struct_ext2_filsys.group_desc_count",
-                offset_of!(struct_ext2_filsys, group_desc_count),
-            ),
-            (
-                "struct struct_ext2_filsys.now",
-                offset_of!(struct_ext2_filsys, now),
-            ),
-            (
-                "struct ext2_inode_large.i_block",
-                offset_of!(ext2_inode_large, i_block),
             ),
             (
                 "struct ext2_inode_large.osd2.linux2.l_i_uid_high",
                 offset_of!(ext2_inode_large, l_i_uid_high),
             ),
-            (
-                "struct ext2_inode_large.i_extra_isize",
-                offset_of!(ext2_inode_large, i_extra_isize),
-            ),
-            (
-                "struct ext2_inode_large.i_crtime",
-                offset_of!(ext2_inode_large, i_crtime),
-            ),
-            (
-                "struct ext2_inode_large.i_projid",
-                offset_of!(ext2_inode_large, i_projid),
-            ),
-            ("struct ext2_super_block.s_inodes_count", sb::S_INODES_COUNT),
-            ("struct ext2_super_block.s_blocks_count", sb::S_BLOCKS_COUNT),
-            (
-                "struct ext2_super_block.s_log_block_size",
-                sb::S_LOG_BLOCK_SIZE,
-            ),
-            ("struct ext2_super_block.s_mtime", sb::S_MTIME),
-            ("struct ext2_super_block.s_wtime", sb::S_WTIME),
-            (
-                "struct ext2_super_block.s_max_mnt_count",
-                sb::S_MAX_MNT_COUNT,
-            ),
-            ("struct ext2_super_block.s_lastcheck", sb::S_LASTCHECK),
-            (
-                "struct ext2_super_block.s_checkinterval",
-                sb::S_CHECKINTERVAL,
-            ),
-            ("struct ext2_super_block.s_rev_level", sb::S_REV_LEVEL),
-            ("struct ext2_super_block.s_inode_size", sb::S_INODE_SIZE),
-            (
-                "struct ext2_super_block.s_feature_compat",
-                sb::S_FEATURE_COMPAT,
-            ),
-            (
-                "struct ext2_super_block.s_feature_incompat",
-                sb::S_FEATURE_INCOMPAT,
-            ),
-            (
-                "struct ext2_super_block.s_feature_ro_compat",
-                sb::S_FEATURE_RO_COMPAT,
-            ),
-            ("struct ext2_super_block.s_uuid", sb::S_UUID),
-            ("struct ext2_super_block.s_hash_seed", sb::S_HASH_SEED),
-            (
-                "struct ext2_super_block.s_def_hash_version",
-                sb::S_DEF_HASH_VERSION,
-            ),
-            ("struct ext2_super_block.s_desc_size", sb::S_DESC_SIZE),
-            (
-                "struct ext2_super_block.s_default_mount_opts",
-                sb::S_DEFAULT_MOUNT_OPTS,
-            ),
-            ("struct ext2_super_block.s_mkfs_time", sb::S_MKFS_TIME),
-            (
-                "struct ext2_super_block.s_blocks_count_hi",
-                sb::S_BLOCKS_COUNT_HI,
-            ),
-            (
-                "struct ext2_super_block.s_log_groups_per_flex",
-                sb::S_LOG_GROUPS_PER_FLEX,
-            ),
-            (
-                "struct ext2_super_block.s_checksum_type",
-                sb::S_CHECKSUM_TYPE,
-            ),
-            (
-                "struct ext2_super_block.s_kbytes_written",
-                sb::S_KBYTES_WRITTEN,
-            ),
-            (
-                "struct ext2_super_block.s_inodes_per_group",
-                sb::S_INODES_PER_GROUP,
-            ),
-            ("struct ext2_super_block.s_first_ino", sb::S_FIRST_INO),
-            ("struct ext2_super_block.s_flags", sb::S_FLAGS),
-            (
-                "struct ext2_dir_entry.name_len",
-                offset_of!(ext2_dir_entry, name_len),
-            ),
-            (
-                "struct ext2_dir_entry.name",
-                offset_of!(ext2_dir_entry, name),
-            ),
         ];
+        want.extend(offsets!(
+            struct_io_channel.block_size,
+            struct_io_channel.refcount,
+            struct_io_channel.private_data,
+            struct_io_channel.align,
+            struct_io_manager.read_blk64,
+            struct_io_manager.zeroout,
+            struct_io_manager.write_byte,
+            struct_io_manager.get_stats,
+            struct_ext2_filsys.blocksize,
+            struct_ext2_filsys.group_desc_count,
+            struct_ext2_filsys.now,
+            ext2_inode_large.i_block,
+            ext2_inode_large.i_extra_isize,
+            ext2_inode_large.i_crtime,
+            ext2_inode_large.i_projid,
+            ext2_dir_entry.name_len,
+            ext2_dir_entry.name,
+        ));
+        want.extend(sb_offsets!(
+            s_inodes_count = S_INODES_COUNT,
+            s_blocks_count = S_BLOCKS_COUNT,
+            s_log_block_size = S_LOG_BLOCK_SIZE,
+            s_mtime = S_MTIME,
+            s_wtime = S_WTIME,
+            s_max_mnt_count = S_MAX_MNT_COUNT,
+            s_lastcheck = S_LASTCHECK,
+            s_checkinterval = S_CHECKINTERVAL,
+            s_rev_level = S_REV_LEVEL,
+            s_inode_size = S_INODE_SIZE,
+            s_feature_compat = S_FEATURE_COMPAT,
+            s_feature_incompat = S_FEATURE_INCOMPAT,
+            s_feature_ro_compat = S_FEATURE_RO_COMPAT,
+            s_uuid = S_UUID,
+            s_hash_seed = S_HASH_SEED,
+            s_def_hash_version = S_DEF_HASH_VERSION,
+            s_desc_size = S_DESC_SIZE,
+            s_default_mount_opts = S_DEFAULT_MOUNT_OPTS,
+            s_mkfs_time = S_MKFS_TIME,
+            s_blocks_count_hi = S_BLOCKS_COUNT_HI,
+            s_log_groups_per_flex = S_LOG_GROUPS_PER_FLEX,
+            s_checksum_type = S_CHECKSUM_TYPE,
+            s_kbytes_written = S_KBYTES_WRITTEN,
+            s_inodes_per_group = S_INODES_PER_GROUP,
+            s_first_ino = S_FIRST_INO,
+            s_flags = S_FLAGS,
+        ));
         for (k, v) in want {
             assert_eq!(got.get(k).copied(), Some(v), "{k}");
         }
