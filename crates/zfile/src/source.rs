@@ -144,29 +144,23 @@ fn read_slice(data: &[u8], buf: &mut [u8], offset: u64) -> usize {
     n
 }
 
-impl ReadAt for [u8] {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        Ok(read_slice(self, buf, offset))
-    }
-    fn size(&self) -> u64 {
-        self.len() as u64
-    }
-    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        sub_slice(self, offset, len)
-    }
+/// `ReadAt` for in-memory bytes (`[u8]`, `Vec<u8>`): reads and zero-copy slices.
+macro_rules! bytes_read_at {
+    ($($t:ty),*) => {$(
+        impl ReadAt for $t {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+                Ok(read_slice(self, buf, offset))
+            }
+            fn size(&self) -> u64 {
+                self.len() as u64
+            }
+            fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+                sub_slice(self, offset, len)
+            }
+        }
+    )*};
 }
-
-impl ReadAt for Vec<u8> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        Ok(read_slice(self, buf, offset))
-    }
-    fn size(&self) -> u64 {
-        self.len() as u64
-    }
-    fn slice_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        sub_slice(self, offset, len)
-    }
-}
+bytes_read_at!([u8], Vec<u8>);
 
 /// `ReadAt` for pointers to a source (`&T`, `Arc<T>`, `Box<T>`): every method
 /// forwards to the pointee, so overridden defaults keep working through them.
