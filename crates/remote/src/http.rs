@@ -6,17 +6,21 @@
 //!   host's [`HostOptions`] (plain HTTP, insecure, extra CA file; looked up by
 //!   `host:port`, then by the host alone). Clients never follow redirects:
 //!   the callers decide where a `Location` goes and with which credentials.
-//! - **auth**: the scheme per host, repository and [`Access`], learnt either
-//!   from a probe before the first request ([`AuthScope::probe`]: the range
-//!   fetcher) or from the `401` of the request itself (the distribution
-//!   client, so the registry names the scope of the operation). Basic uses the
-//!   credential source; Bearer tokens are fetched and cached per realm,
-//!   service and scope. A `401`/`403` drops the scheme and token, learns the
-//!   response's challenge and the request goes once more; a second one is
-//!   [`Error::Auth`].
-//! - **failures**: one classification of statuses ([`Class`]) and of attempts
-//!   ([`Fail`]), and bounded retries with exponential back-off within an
-//!   optional deadline ([`Retry`]).
+//! - **auth**: the scheme per host, repository and access (pull, or push:
+//!   the bearer scope asked for), learnt either from a probe before the first
+//!   request (the range fetcher) or from the `401` of the request itself (the
+//!   distribution client, so the registry names the scope of the operation).
+//!   Basic uses the credential source; Bearer tokens are fetched and cached
+//!   per realm, service and scope. A `401`/`403` drops the scheme and token,
+//!   learns the response's challenge and the request goes once more; a second
+//!   one is [`Error::Auth`].
+//! - **failures**: one classification of statuses (retryable, auth, not
+//!   found, fatal) and of attempts (connect, retry, fatal), and bounded
+//!   retries with exponential back-off within an optional deadline.
+//!
+//! The transport itself is crate-internal; its public part is the options,
+//! [`RegistryOptions`] and the types it holds (also re-exported from
+//! [`super::registry`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -83,7 +83,7 @@ pub mod creds;
 #[cfg(feature = "registry")]
 pub mod distribution;
 #[cfg(feature = "registry")]
-mod http;
+pub mod http;
 pub mod metrics;
 #[cfg(feature = "registry")]
 pub mod registry;
