@@ -4,8 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use overlaybd_core::config::{resolve, Download, ImageConfig};
-use overlaybd_core::image::{Image, ReadObserver};
-use overlaybd_core::lsmt::writable::{CreateOptions, WritableLayer};
+use overlaybd_core::image::{Image, OpenOptions, ReadObserver};
 use overlaybd_core::source::{LayerSource, LocalFiles};
 
 use crate::backend::ImageBackend;
@@ -86,13 +85,8 @@ pub fn trace_file(cfg: &ImageConfig, base: Option<&Path>) -> Option<(PathBuf, bo
     if !cfg.record_trace_path.is_empty() {
         return Some((resolve(base, &cfg.record_trace_path), false));
     }
-    if cfg.acceleration_layer {
-        let last = cfg.lowers.last()?;
-        if !last.dir.is_empty() {
-            return Some((resolve(base, &last.dir).join("trace"), true));
-        }
-    }
-    None
+    let last = cfg.trace_lower()?;
+    (!last.dir.is_empty()).then(|| (resolve(base, &last.dir).join("trace"), true))
 }
 
 fn warn_trace(path: &Path, what: &str) {
@@ -108,8 +102,7 @@ pub fn open_image(config_path: &Path, remote: Option<&dyn LayerSource>) -> Resul
     };
     let cfg = ImageConfig::load(config_path).map_err(err)?;
     let base = config_path.parent();
-    let mut lower_cfg = cfg.clone();
-    lower_cfg.upper = Default::default();
+    let mut open_cfg = cfg.clone();
     let trace = trace_file(&cfg, base);
     let mode = trace
         .as_ref()
@@ -123,37 +116,69 @@ pub fn open_image(config_path: &Path, remote: Option<&dyn LayerSource>) -> Resul
     if recording {
         // Upstream: no background download while recording, so the trace sees
         // the reads the container makes, not a local copy's.
-        lower_cfg.download = Some(Download {
+        open_cfg.download = Some(Download {
             enable: false,
             ..cfg.download.clone().unwrap_or_default()
         });
     }
     let mut sources: Vec<&dyn LayerSource> = vec![&LocalFiles];
     sources.extend(remote);
-    let mut image = Image::open(&lower_cfg, base, &sources).map_err(err)?;
-    let plan = match (&trace, mode) {
-        (Some((p, _)), trace_replay::Mode::Record) if recording => {
-            match trace_replay::Recorder::start(p) {
-                Ok(r) => {
-                    image.set_observer(Some(r.clone() as Arc<dyn ReadObserver>));
-                    TracePlan::Record(r)
-                }
-                Err(e) => {
-                    warn_trace(p, &format!("not recording: {e}"));
-                    TracePlan::None
-                }
+    let opts = OpenOptions {
+        create_upper: Some(DEFAULT_VSIZE),
+    };
+    let mut image = Image::open_with(&open_cfg, base, &sources, opts).map_err(err)?;
+    if image.virtual_size() == 0 {
+        return Err(Error::Request(format!(
+            "{}: the image has size 0 (no layer sets a virtual size)",
+            config_path.display()
+        )));
+    }
+    let plan = trace_plan(
+        &mut image,
+        trace.as_ref().map(|t| t.0.as_path()),
+        mode,
+        recording,
+    );
+    Ok(Opened {
+        fresh_upper: image.upper_entries() == Some(0),
+        backend: ImageBackend::new(Arc::new(image)),
+        config: cfg,
+        trace: plan,
+    })
+}
+
+/// What the trace file `trace` (in `mode`) asks for; when `recording`, the
+/// recorder is started and observes `image`'s layer reads.
+fn trace_plan(
+    image: &mut Image,
+    trace: Option<&Path>,
+    mode: trace_replay::Mode,
+    recording: bool,
+) -> TracePlan {
+    let Some(p) = trace else {
+        return TracePlan::None;
+    };
+    match mode {
+        trace_replay::Mode::Record if recording => match trace_replay::Recorder::start(p) {
+            Ok(r) => {
+                image.set_observer(Some(r.clone() as Arc<dyn ReadObserver>));
+                TracePlan::Record(r)
             }
-        }
-        (Some((p, _)), trace_replay::Mode::Record) => {
+            Err(e) => {
+                warn_trace(p, &format!("not recording: {e}"));
+                TracePlan::None
+            }
+        },
+        trace_replay::Mode::Record => {
             warn_trace(
                 p,
                 "the acceleration layer's trace is empty; nothing to replay",
             );
             TracePlan::None
         }
-        (Some((p, _)), trace_replay::Mode::Replay) => match trace_replay::Trace::read_file(p) {
+        trace_replay::Mode::Replay => match trace_replay::Trace::read_file(p) {
             Ok(trace) => TracePlan::Replay {
-                path: p.clone(),
+                path: p.to_owned(),
                 trace,
             },
             Err(e) => {
@@ -161,72 +186,16 @@ pub fn open_image(config_path: &Path, remote: Option<&dyn LayerSource>) -> Resul
                 TracePlan::None
             }
         },
-        (Some((p, _)), trace_replay::Mode::PriorityList) => {
-            match trace_replay::mode::read_priority_list(p) {
-                Ok(entries) => TracePlan::PriorityList {
-                    path: p.clone(),
-                    entries,
-                },
-                Err(e) => {
-                    warn_trace(p, &format!("ignored: {e}"));
-                    TracePlan::None
-                }
+        trace_replay::Mode::PriorityList => match trace_replay::mode::read_priority_list(p) {
+            Ok(entries) => TracePlan::PriorityList {
+                path: p.to_owned(),
+                entries,
+            },
+            Err(e) => {
+                warn_trace(p, &format!("ignored: {e}"));
+                TracePlan::None
             }
-        }
-        _ => TracePlan::None,
-    };
-    let lower = Arc::new(image);
-    // On failure the recorder is dropped unfinished, which releases its lock.
-    let (backend, fresh_upper) = finish_open(config_path, &cfg, base, lower)?;
-    Ok(Opened {
-        backend,
-        config: cfg,
-        fresh_upper,
-        trace: plan,
-    })
-}
-
-/// The upper (created if both its files are missing) over `lower`, as a
-/// backend; and whether the upper is fresh.
-fn finish_open(
-    config_path: &Path,
-    cfg: &ImageConfig,
-    base: Option<&Path>,
-    lower: Arc<Image>,
-) -> Result<(ImageBackend, bool)> {
-    let err = |source| Error::Image {
-        config: config_path.to_owned(),
-        source,
-    };
-    let mut fresh = false;
-    let upper = if cfg.upper.is_writable() {
-        let data = resolve(base, &cfg.upper.data);
-        let index = resolve(base, &cfg.upper.index);
-        let layer = if !data.exists() && !index.exists() {
-            fresh = true;
-            let vsize = match lower.virtual_size() {
-                0 => DEFAULT_VSIZE,
-                v => v,
-            };
-            let opts = CreateOptions {
-                virtual_size: vsize,
-                ..Default::default()
-            };
-            WritableLayer::create(&data, &index, opts).map_err(err)?
-        } else {
-            WritableLayer::open(&data, &index).map_err(err)?
-        };
-        fresh |= layer.segment_count() == 0;
-        Some(layer)
-    } else {
-        None
-    };
-    let backend = ImageBackend::new(lower, upper);
-    if tcmu_target::BlockBackend::size(&backend) == 0 {
-        return Err(Error::Request(format!(
-            "{}: the image has size 0 (no layer sets a virtual size)",
-            config_path.display()
-        )));
+        },
+        trace_replay::Mode::Disabled => TracePlan::None,
     }
-    Ok((backend, fresh))
 }

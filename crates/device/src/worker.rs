@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use overlaybd_core::source::{LayerRef, LayerSource, LocalFiles};
+use overlaybd_core::source::LayerSource;
 use overlaybd_core::ReadAt;
 
 use crate::open::{open_image, Opened, TracePlan};
@@ -57,22 +57,6 @@ fn write_result(cfg_dir: Option<&Path>, result_file: &str, text: &str) {
     if let Err(e) = std::fs::write(&p, text) {
         tracing::warn!("cannot write resultFile {}: {e}", p.display());
     }
-}
-
-/// Whether every lower of the config is a local file (no registry needed). An
-/// acceleration layer (the last lower) is a trace, not a blob, and not counted.
-fn all_local(cfg: &overlaybd_core::config::ImageConfig, base: Option<&Path>) -> bool {
-    let n = cfg.lowers.len() - usize::from(cfg.acceleration_layer && !cfg.lowers.is_empty());
-    cfg.lowers[..n].iter().enumerate().all(|(index, lower)| {
-        LocalFiles::locate(LayerRef {
-            index,
-            lower,
-            repo_blob_url: &cfg.repo_blob_url,
-            base_dir: base,
-            download: None,
-        })
-        .is_some()
-    })
 }
 
 #[cfg(feature = "registry")]
@@ -149,7 +133,7 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
             source,
         })?;
     let base = req.config.parent();
-    let remote = if all_local(&cfg, base) {
+    let remote = if cfg.all_local(base) {
         None
     } else {
         registry_source(root, id)?
@@ -167,7 +151,7 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
     let replay = replay_options(root, remote.is_some());
     let (trace, mut early) = match trace {
         TracePlan::Replay { path, trace } => {
-            let run = spawn_replay(id, path, backend.lower().clone(), replay, move |_| {
+            let run = spawn_replay(id, path, backend.image().clone(), replay, move |_| {
                 Ok(trace)
             });
             (TracePlan::None, EarlyReplay(Some(run)))
@@ -279,7 +263,7 @@ fn start_trace(
     backend: &Arc<crate::backend::ImageBackend>,
     device: &Path,
 ) -> TraceRun {
-    let image = backend.lower().clone();
+    let image = backend.image().clone();
     match plan {
         TracePlan::None => TraceRun::None,
         TracePlan::Record(rec) => {

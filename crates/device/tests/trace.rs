@@ -63,7 +63,7 @@ fn record_then_replay_through_open_image() {
     let o = open_image(&cfg, None).unwrap();
     let trace = replay_plan(&o.trace);
     assert_eq!(trace.records.len(), n);
-    let readers = o.backend.lower().layer_readers();
+    let readers = o.backend.image().layer_readers();
     let layers: Vec<&dyn ReadAt> = readers.iter().map(|b| &**b as &dyn ReadAt).collect();
     let report = trace_replay::replay(
         trace,
@@ -125,7 +125,7 @@ fn acceleration_layer_trace_is_replayed_and_unstacked() {
         });
     });
     let o = open_image(&cfg, None).unwrap();
-    assert_eq!(o.backend.lower().layers().len(), 3);
+    assert_eq!(o.backend.image().layers().len(), 3);
     assert_eq!(replay_plan(&o.trace), &t);
 
     // An empty acceleration trace is not a recording request.

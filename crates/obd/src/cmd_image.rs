@@ -1,6 +1,6 @@
 //! `obd image …`
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -93,20 +93,10 @@ fn open_image(
 ) -> Result<(Image, Option<Arc<obd_remote::service::RegistrySource>>)> {
     use obd_remote::service::{RegistrySource, ServiceConfig};
     use overlaybd_core::config::ImageConfig;
-    use overlaybd_core::source::{LayerRef, LocalFiles};
+    use overlaybd_core::source::LocalFiles;
     let cfg = ImageConfig::load(config)?;
     let base = config.parent();
-    let all_local = cfg.lowers.iter().enumerate().all(|(index, lower)| {
-        LocalFiles::locate(LayerRef {
-            index,
-            lower,
-            repo_blob_url: &cfg.repo_blob_url,
-            base_dir: base,
-            download: None,
-        })
-        .is_some()
-    });
-    if all_local {
+    if cfg.all_local(base) {
         return Ok((
             Image::open(&cfg, base, &[&LocalFiles]).map_err(|e| e.in_file(config))?,
             None,
@@ -137,118 +127,135 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             sha256,
             no_sync,
             remote,
-        } => {
-            let t0 = Instant::now();
-            let (img, registry) = open_image(&config, &remote, true)?;
-            // Replace a regular file rather than truncating it in place (a truncated
-            // ext4 file is flushed to disk on close); block devices are written over.
-            if std::fs::metadata(&output).is_ok_and(|m| m.is_file()) {
-                std::fs::remove_file(&output)
-                    .with_context(|| format!("cannot replace {}", output.display()))?;
-            }
-            let out = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&output)
-                .with_context(|| format!("cannot create {}", output.display()))?;
-            let threads = threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-            let stats = img.flatten_to(&out, threads, 4 << 20)?;
-            if !no_sync {
-                out.sync_all()
-                    .with_context(|| format!("fsync {}", output.display()))?;
-            }
-            let dt = t0.elapsed().as_secs_f64();
-            eprintln!(
-                "flattened {} layers into {}: {} virtual, {} data, {:.2}s",
-                img.layers().len(),
-                output.display(),
-                human(stats.virtual_size),
-                human(stats.data_bytes),
-                dt
-            );
-            if sha256 {
-                let f = std::fs::File::open(&output)?;
-                println!("{}", crate::util::sha256_hex(f)?);
-            }
-            print_metrics(&remote, registry.as_deref());
-            Ok(())
-        }
+        } => flatten(&config, &output, threads, sha256, no_sync, &remote),
         ImageCmd::Info {
             config,
             json,
             remote,
-        } => {
-            let (img, registry) = open_image(&config, &remote, false)?;
-            let segs = img.index().segments();
-            let mapped: u64 = segs
-                .iter()
-                .filter(|s| !s.zeroed)
-                .map(|s| s.length as u64 * SECTOR)
-                .sum();
-            let zeroed: u64 = segs
-                .iter()
-                .filter(|s| s.zeroed)
-                .map(|s| s.length as u64 * SECTOR)
-                .sum();
-            let layers: Vec<_> = img
-                .layers()
-                .iter()
-                .enumerate()
-                .map(|(i, l)| {
-                    let h = l.lsmt.header();
-                    json!({
-                        "index": i,
-                        "name": l.name,
-                        "nesting": l.nesting.to_string(),
-                        "blob_size": l.blob_size,
-                        "lsmt_size": l.lsmt.source().size(),
-                        "entries": l.lsmt.segments().len(),
-                        "virtual_size": l.lsmt.virtual_size(),
-                        "uuid": h.uuid_str(),
-                        "parent_uuid": h.parent_uuid_str(),
-                    })
-                })
-                .collect();
-            let v = json!({
-                "virtual_size": img.virtual_size(),
-                "layers": layers,
-                "writable_upper": img.upper().is_some(),
-                "merged_segments": segs.len(),
-                "mapped_bytes": mapped,
-                "zeroed_bytes": zeroed,
-            });
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!(
-                    "virtual size: {} ({} bytes)",
-                    human(img.virtual_size()),
-                    img.virtual_size()
-                );
-                for l in v["layers"].as_array().expect("array") {
-                    println!(
-                        "layer {}: {} [{}] blob {} B, LSMT {} B, {} entries, uuid {}",
-                        l["index"],
-                        l["name"].as_str().unwrap_or(""),
-                        l["nesting"].as_str().unwrap_or(""),
-                        l["blob_size"],
-                        l["lsmt_size"],
-                        l["entries"],
-                        l["uuid"].as_str().unwrap_or("")
-                    );
-                }
-                println!(
-                    "merged index: {} segments, {} mapped, {} zeroed",
-                    segs.len(),
-                    human(mapped),
-                    human(zeroed)
-                );
-            }
-            print_metrics(&remote, registry.as_deref());
-            Ok(())
-        }
+        } => info(&config, json, &remote),
     }
+}
+
+/// `obd image flatten`.
+fn flatten(
+    config: &Path,
+    output: &Path,
+    threads: Option<usize>,
+    sha256: bool,
+    no_sync: bool,
+    remote: &RemoteArgs,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let (img, registry) = open_image(config, remote, true)?;
+    // Replace a regular file rather than truncating it in place (a truncated
+    // ext4 file is flushed to disk on close); block devices are written over.
+    if std::fs::metadata(output).is_ok_and(|m| m.is_file()) {
+        std::fs::remove_file(output)
+            .with_context(|| format!("cannot replace {}", output.display()))?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(output)
+        .with_context(|| format!("cannot create {}", output.display()))?;
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let stats = img.flatten_to(&out, threads, 4 << 20)?;
+    if !no_sync {
+        out.sync_all()
+            .with_context(|| format!("fsync {}", output.display()))?;
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "flattened {} layers into {}: {} virtual, {} data, {:.2}s",
+        img.layers().len(),
+        output.display(),
+        human(stats.virtual_size),
+        human(stats.data_bytes),
+        dt
+    );
+    if sha256 {
+        let f = std::fs::File::open(output)?;
+        println!("{}", crate::util::sha256_hex(f)?);
+    }
+    print_metrics(remote, registry.as_deref());
+    Ok(())
+}
+
+/// `obd image info`.
+fn info(config: &Path, json: bool, remote: &RemoteArgs) -> Result<()> {
+    let (img, registry) = open_image(config, remote, false)?;
+    let v = info_json(&img);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_info(&v);
+    }
+    print_metrics(remote, registry.as_deref());
+    Ok(())
+}
+
+/// What `info` shows of `img`: its layers and its merged index.
+fn info_json(img: &Image) -> serde_json::Value {
+    let index = img.merged_index();
+    let segs = index.segments();
+    let bytes = |zeroed: bool| -> u64 {
+        segs.iter()
+            .filter(|s| s.zeroed == zeroed)
+            .map(|s| s.length as u64 * SECTOR)
+            .sum()
+    };
+    let layers: Vec<_> = img
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let h = l.lsmt.header();
+            json!({
+                "index": i,
+                "name": l.name,
+                "nesting": l.nesting.to_string(),
+                "blob_size": l.blob_size,
+                "lsmt_size": l.lsmt.source().size(),
+                "entries": l.lsmt.segments().len(),
+                "virtual_size": l.lsmt.virtual_size(),
+                "uuid": h.uuid_str(),
+                "parent_uuid": h.parent_uuid_str(),
+            })
+        })
+        .collect();
+    json!({
+        "virtual_size": img.virtual_size(),
+        "layers": layers,
+        "writable_upper": img.has_upper(),
+        "merged_segments": segs.len(),
+        "mapped_bytes": bytes(false),
+        "zeroed_bytes": bytes(true),
+    })
+}
+
+/// `info` as text, from [`info_json`]'s value.
+fn print_info(v: &serde_json::Value) {
+    let vsize = v["virtual_size"].as_u64().unwrap_or(0);
+    println!("virtual size: {} ({} bytes)", human(vsize), vsize);
+    for l in v["layers"].as_array().expect("array") {
+        println!(
+            "layer {}: {} [{}] blob {} B, LSMT {} B, {} entries, uuid {}",
+            l["index"],
+            l["name"].as_str().unwrap_or(""),
+            l["nesting"].as_str().unwrap_or(""),
+            l["blob_size"],
+            l["lsmt_size"],
+            l["entries"],
+            l["uuid"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "merged index: {} segments, {} mapped, {} zeroed",
+        v["merged_segments"],
+        human(v["mapped_bytes"].as_u64().unwrap_or(0)),
+        human(v["zeroed_bytes"].as_u64().unwrap_or(0))
+    );
 }

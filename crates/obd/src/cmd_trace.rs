@@ -8,7 +8,7 @@ use clap::Subcommand;
 use obd_device::open::trace_replay::{self, ReplayOptions, Trace};
 use overlaybd_core::config::ImageConfig;
 use overlaybd_core::image::Image;
-use overlaybd_core::source::{LayerRef, LayerSource, LocalFiles};
+use overlaybd_core::source::{LayerSource, LocalFiles};
 use overlaybd_core::ReadAt;
 use serde_json::json;
 
@@ -97,19 +97,7 @@ pub fn run(cmd: TraceCmd) -> Result<()> {
             let t = Trace::read_file(&trace)?;
             let cfg = ImageConfig::load(&config)?;
             let base = config.parent();
-            let n =
-                cfg.lowers.len() - usize::from(cfg.acceleration_layer && !cfg.lowers.is_empty());
-            let all_local = cfg.lowers[..n].iter().enumerate().all(|(index, lower)| {
-                LocalFiles::locate(LayerRef {
-                    index,
-                    lower,
-                    repo_blob_url: &cfg.repo_blob_url,
-                    base_dir: base,
-                    download: None,
-                })
-                .is_some()
-            });
-            let registry = if all_local {
+            let registry = if cfg.all_local(base) {
                 None
             } else {
                 use obd_remote::service::{RegistrySource, ServiceConfig};

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::source::{LayerRef, LocalFiles};
 
 /// Most read-only layers one image may stack (the 8-bit LSMT tag).
 pub const MAX_LAYERS: usize = 255;
@@ -187,6 +188,56 @@ impl ImageConfig {
         Ok(())
     }
 
+    /// The lowers stacked into the disk, bottom to top: all of them, except
+    /// that with `accelerationLayer` the last one is a trace, not a layer.
+    pub fn stacked_lowers(&self) -> &[Lower] {
+        match self.trace_lower() {
+            Some(_) => &self.lowers[..self.lowers.len() - 1],
+            None => &self.lowers,
+        }
+    }
+
+    /// The acceleration (trace) layer: the last lower when `accelerationLayer`
+    /// is set. It is replayed when the device opens, never stacked.
+    pub fn trace_lower(&self) -> Option<&Lower> {
+        self.lowers.last().filter(|_| self.acceleration_layer)
+    }
+
+    /// This config without its acceleration layer: the trace lower removed and
+    /// `accelerationLayer` cleared (for a stack the trace no longer describes).
+    pub fn without_trace(mut self) -> Self {
+        if self.trace_lower().is_some() {
+            self.lowers.pop();
+        }
+        self.acceleration_layer = false;
+        self
+    }
+
+    /// Where each stacked lower is looked up (relative paths against `base`,
+    /// the config file's folder), bottom to top.
+    pub fn layer_refs<'a>(
+        &'a self,
+        base: Option<&'a Path>,
+    ) -> impl Iterator<Item = LayerRef<'a>> + 'a {
+        self.stacked_lowers()
+            .iter()
+            .enumerate()
+            .map(move |(index, lower)| LayerRef {
+                index,
+                lower,
+                repo_blob_url: &self.repo_blob_url,
+                base_dir: base,
+                download: self.download.as_ref(),
+            })
+    }
+
+    /// Whether every stacked lower is a local file (relative paths against
+    /// `base`), so the image opens without a registry.
+    pub fn all_local(&self, base: Option<&Path>) -> bool {
+        self.layer_refs(base)
+            .all(|r| LocalFiles::locate(r).is_some())
+    }
+
     /// Serialises as pretty JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("config serialises")
@@ -300,6 +351,79 @@ mod tests {
         let err = ImageConfig::from_slice(br#"{"lowers": 7}"#).unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");
         assert!(ImageConfig::from_slice(b"").is_err());
+    }
+
+    fn lower_file(f: &str) -> Lower {
+        Lower {
+            file: f.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_acceleration_layer_is_the_last_lower_and_is_not_stacked() {
+        let plain = ImageConfig {
+            lowers: vec![lower_file("a"), lower_file("b")],
+            ..Default::default()
+        };
+        assert_eq!(plain.stacked_lowers(), &plain.lowers[..]);
+        assert_eq!(plain.trace_lower(), None);
+        assert_eq!(plain.clone().without_trace(), plain);
+
+        let accel = ImageConfig {
+            acceleration_layer: true,
+            lowers: vec![lower_file("a"), lower_file("b"), lower_file("trace")],
+            ..Default::default()
+        };
+        assert_eq!(accel.stacked_lowers(), &accel.lowers[..2]);
+        assert_eq!(accel.trace_lower(), Some(&lower_file("trace")));
+        let refs: Vec<_> = accel.layer_refs(None).map(|r| (r.index, r.lower)).collect();
+        assert_eq!(refs, vec![(0, &accel.lowers[0]), (1, &accel.lowers[1])]);
+        let stripped = accel.clone().without_trace();
+        assert!(!stripped.acceleration_layer);
+        assert_eq!(stripped.lowers, accel.lowers[..2]);
+
+        // The flag over no lowers: nothing to strip, nothing stacked.
+        let empty = ImageConfig {
+            acceleration_layer: true,
+            ..Default::default()
+        };
+        assert!(empty.stacked_lowers().is_empty());
+        assert_eq!(empty.trace_lower(), None);
+        assert_eq!(empty.without_trace(), ImageConfig::default());
+    }
+
+    #[test]
+    fn all_local_judges_the_stacked_lowers_against_the_config_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.tar"), b"x").unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/overlaybd.commit"), b"x").unwrap();
+        let remote = Lower {
+            digest: format!("sha256:{}", "a".repeat(64)),
+            ..Default::default()
+        };
+        let dir_lower = Lower {
+            dir: "d".into(),
+            ..remote.clone()
+        };
+        let mut cfg = ImageConfig {
+            lowers: vec![lower_file("a.tar"), dir_lower],
+            ..Default::default()
+        };
+        let base = Some(dir.path());
+        assert!(cfg.all_local(base));
+        assert!(
+            !cfg.all_local(None),
+            "relative paths need the config folder"
+        );
+        // A remote lower is not local, unless it is the (unstacked) trace.
+        cfg.lowers.push(remote);
+        assert!(!cfg.all_local(base));
+        cfg.acceleration_layer = true;
+        assert!(cfg.all_local(base));
+        cfg.lowers.insert(0, lower_file("missing.tar"));
+        assert!(!cfg.all_local(base));
     }
 
     #[test]

@@ -1,17 +1,19 @@
-//! An image: read-only LSMT layers stacked bottom to top (plus, optionally, a
-//! writable upper seen as the top layer), merged into one virtual disk.
+//! An image: read-only LSMT layers stacked bottom to top and merged into one
+//! virtual disk, under an optional live writable upper that takes the disk's
+//! writes and discards (the device's read-write mode).
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
-use crate::config::{resolve, ImageConfig, MAX_LAYERS};
+use crate::config::{resolve, ImageConfig, Upper, MAX_LAYERS};
 use crate::error::{Error, Result};
 use crate::index::MergedIndex;
-use crate::lsmt::{RoLayer, Segment, WritableLayer, SECTOR};
+use crate::lsmt::{CreateOptions, RoLayer, Segment, WritableLayer, SECTOR};
 use crate::source::{self, Blob, LayerRef, LayerSource, LocalFiles, Nesting};
 use zfile::sync::{recover, MutexExt};
 use zfile::ReadAt;
@@ -103,13 +105,26 @@ pub trait ReadObserver: Send + Sync {
     fn layer_read(&self, layer: usize, offset: u64, len: u64);
 }
 
-/// A stacked, merged, read-only view of an image.
+/// What [`Image::open_with`] does beyond opening what the config names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Create the config's writable upper when both its files are missing,
+    /// with the lowers' virtual size, or this one when they set none. Without
+    /// it, a missing upper is an error.
+    pub create_upper: Option<u64>,
+}
+
+/// A virtual disk: read-only layers stacked and merged, under an optional
+/// live writable upper that takes the disk's writes and discards.
 pub struct Image {
     layers: Vec<Layer>,
-    upper: Option<Arc<WritableLayer>>,
     /// Per merged-index tag: the file its entries' `moffset` points into.
     backing: Vec<Blob>,
+    /// The merged view of the read-only layers.
     index: MergedIndex,
+    /// The live writable upper: reads merge its index over `index` at each
+    /// request, so writes are seen at once.
+    upper: Option<RwLock<WritableLayer>>,
     vsize: u64,
     /// Told of every completed lower-layer read (trace recording).
     observer: Option<Arc<dyn ReadObserver>>,
@@ -124,60 +139,44 @@ impl Image {
         Self::open(&cfg, path.parent(), &[&LocalFiles]).map_err(|e| e.in_file(path))
     }
 
-    /// Opens the image `cfg` describes. Each lower is asked of `sources` in order;
-    /// the first that has it wins. Layers are opened in parallel.
+    /// Opens the image `cfg` describes: its stacked lowers, each asked of
+    /// `sources` in order (the first that has it wins; layers are opened in
+    /// parallel), and its writable upper if it names one.
     pub fn open(
         cfg: &ImageConfig,
         base_dir: Option<&Path>,
         sources: &[&dyn LayerSource],
     ) -> Result<Image> {
-        cfg.validate()?;
-        let mut lowers = &cfg.lowers[..];
-        if cfg.acceleration_layer && !lowers.is_empty() {
-            // The last lower is the trace layer: replayed, not stacked.
-            lowers = &lowers[..lowers.len() - 1];
-        }
-        let open_one = |index: usize| -> Result<Layer> {
-            let r = LayerRef {
-                index,
-                lower: &lowers[index],
-                repo_blob_url: &cfg.repo_blob_url,
-                base_dir,
-                download: cfg.download.as_ref(),
-            };
-            let name = describe(&lowers[index]);
-            let mut opened = None;
-            for s in sources {
-                if let Some(b) = s.open(r).map_err(|e| e.in_layer(index, &name))? {
-                    opened = Some(b);
-                    break;
-                }
-            }
-            let b = opened.ok_or_else(|| {
-                Error::Unsupported(format!(
-                    "no source can provide this layer (digest `{}`); is it local, or is a registry source configured?",
-                    lowers[index].digest
-                ))
-                .in_layer(index, &name)
-            })?;
-            let bname = b.name.clone();
-            Layer::open(b.name, b.blob).map_err(|e| e.in_layer(index, bname))
-        };
-        let layers = parallel_map(lowers.len(), open_one)?;
-        let upper = if cfg.upper.is_writable() {
-            let data = resolve(base_dir, &cfg.upper.data);
-            let idx = resolve(base_dir, &cfg.upper.index);
-            Some(Arc::new(WritableLayer::open(&data, &idx)?))
-        } else {
-            None
-        };
-        Self::from_parts(layers, upper)
+        Self::open_with(cfg, base_dir, sources, OpenOptions::default())
     }
 
-    /// Stacks already opened layers (bottom to top) under an optional upper.
-    pub fn from_parts(layers: Vec<Layer>, upper: Option<Arc<WritableLayer>>) -> Result<Image> {
-        let total = layers.len() + upper.is_some() as usize;
-        if total > MAX_LAYERS + upper.is_some() as usize {
+    /// [`Image::open`] with options.
+    pub fn open_with(
+        cfg: &ImageConfig,
+        base_dir: Option<&Path>,
+        sources: &[&dyn LayerSource],
+        opts: OpenOptions,
+    ) -> Result<Image> {
+        cfg.validate()?;
+        let refs: Vec<LayerRef<'_>> = cfg.layer_refs(base_dir).collect();
+        let layers = parallel_map(refs.len(), |i| open_layer(refs[i], sources))?;
+        let image = Self::from_parts(layers, None)?;
+        if !cfg.upper.is_writable() {
+            return Ok(image);
+        }
+        let create = opts.create_upper.map(|v| match image.vsize {
+            0 => v,
+            lowers => lowers,
+        });
+        let upper = open_upper(&cfg.upper, base_dir, create)?;
+        image.with_upper(upper)
+    }
+
+    /// Stacks already opened layers (bottom to top), optionally under
+    /// `frozen_top`: a writable layer no longer written (e.g. being committed),
+    /// read as the top read-only layer.
+    pub fn from_parts(layers: Vec<Layer>, frozen_top: Option<Arc<WritableLayer>>) -> Result<Image> {
+        if layers.len() > MAX_LAYERS {
             return Err(Error::Config {
                 field: "lowers".into(),
                 detail: format!(
@@ -195,7 +194,7 @@ impl Image {
             .map(|l| l.lsmt.virtual_size())
             .find(|&v| v != 0)
             .unwrap_or(0);
-        if let Some(u) = &upper {
+        if let Some(u) = &frozen_top {
             segs.push(u.segments());
             let data = zfile::FileSource::open(u.data_path())
                 .map_err(|e| Error::Io(e).in_file(u.data_path()))?;
@@ -207,12 +206,29 @@ impl Image {
         let index = MergedIndex::build(&segs);
         Ok(Image {
             layers,
-            upper,
             backing,
             index,
+            upper: None,
             vsize,
             observer: None,
         })
+    }
+
+    /// Serves `upper` as the image's live writable layer: writes and discards
+    /// go to it, reads see its data over the layers below, and its virtual
+    /// size (when set) becomes the disk's. An image with a frozen top layer
+    /// or an upper already cannot take one.
+    pub fn with_upper(mut self, upper: WritableLayer) -> Result<Image> {
+        if self.upper.is_some() || self.backing.len() != self.layers.len() {
+            return Err(Error::Unsupported(
+                "the image already has a writable top layer".into(),
+            ));
+        }
+        if upper.virtual_size() != 0 {
+            self.vsize = upper.virtual_size();
+        }
+        self.upper = Some(RwLock::new(upper));
+        Ok(self)
     }
 
     /// Sets (or clears) the observer told of every completed read of a lower
@@ -239,7 +255,8 @@ impl Image {
         Self::from_parts(layers, None)
     }
 
-    /// Device size in bytes: the virtual size of the top-most layer that sets one.
+    /// Device size in bytes: the virtual size of the top-most layer that sets
+    /// one (the writable upper first).
     pub fn virtual_size(&self) -> u64 {
         self.vsize
     }
@@ -249,14 +266,35 @@ impl Image {
         &self.layers
     }
 
-    /// The writable upper, if the image has one.
-    pub fn upper(&self) -> Option<&Arc<WritableLayer>> {
-        self.upper.as_ref()
+    /// Whether the image has a writable upper (else writes fail with
+    /// [`Error::ReadOnly`]).
+    pub fn has_upper(&self) -> bool {
+        self.upper.is_some()
     }
 
-    /// The merged index (tag = layer position, 0 = bottom; the upper is last).
+    /// Number of live entries in the writable upper (0: it holds no data yet);
+    /// `None` without one.
+    pub fn upper_entries(&self) -> Option<usize> {
+        self.upper.as_ref().map(|u| read_lock(u).segment_count())
+    }
+
+    /// The merged index of the read-only layers (tag = layer position, 0 =
+    /// bottom; a frozen top is last). The writable upper is not in it: see
+    /// [`Image::merged_index`].
     pub fn index(&self) -> &MergedIndex {
         &self.index
+    }
+
+    /// The merged index of the whole disk as it is now: [`Image::index`] with
+    /// the writable upper's current entries on top (tag = `layers().len()`).
+    pub fn merged_index(&self) -> Cow<'_, MergedIndex> {
+        let Some(upper) = &self.upper else {
+            return Cow::Borrowed(&self.index);
+        };
+        let top = read_lock(upper).segments();
+        let mut segs: Vec<&[Segment]> = self.layers.iter().map(|l| l.lsmt.segments()).collect();
+        segs.push(&top);
+        Cow::Owned(MergedIndex::build(&segs))
     }
 
     /// Reads up to `buf.len()` bytes at byte `offset` of the virtual disk, at any
@@ -268,7 +306,85 @@ impl Image {
         }
         let len = (buf.len() as u64).min(self.vsize - offset) as usize;
         let buf = &mut buf[..len];
-        let end = offset + len as u64;
+        match &self.upper {
+            None => self.read_stack(buf, offset)?,
+            Some(u) => self.read_under(&read_lock(u), buf, offset)?,
+        }
+        Ok(len)
+    }
+
+    /// Writes `buf` at byte `offset` of the disk (both 512-aligned) into the
+    /// writable upper; the layers below are never modified.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let upper = self.writable(offset, buf.len() as u64)?;
+        write_lock(upper).write_at(buf, offset)
+    }
+
+    /// Discards `len` bytes at byte `offset` of the disk (both 512-aligned):
+    /// they read as zeros from now on, whatever the layers below hold.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let upper = self.writable(offset, len)?;
+        write_lock(upper).discard(offset, len)
+    }
+
+    /// Flushes the writable upper to stable storage (nothing to do without one).
+    pub fn flush(&self) -> Result<()> {
+        match &self.upper {
+            Some(u) => read_lock(u).fsync(),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks that `len` bytes at `offset` lie within the disk.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.vsize) {
+            return Err(Error::BadRequest(format!(
+                "{len} bytes at {offset} run past the device end {}",
+                self.vsize
+            )));
+        }
+        Ok(())
+    }
+
+    /// The upper a write or discard of `len` bytes at `offset` goes to, once
+    /// the request is checked (in the disk, 512-aligned).
+    fn writable(&self, offset: u64, len: u64) -> Result<&RwLock<WritableLayer>> {
+        self.check_range(offset, len)?;
+        if offset % SECTOR != 0 || len % SECTOR != 0 {
+            return Err(Error::BadRequest(format!(
+                "{len} bytes at {offset}: not 512-byte aligned"
+            )));
+        }
+        self.upper.as_ref().ok_or(Error::ReadOnly)
+    }
+
+    /// Reads `buf` at `offset` (within the disk): the upper's extents from the
+    /// upper, the gaps between them from the layers below.
+    fn read_under(&self, upper: &WritableLayer, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        for s in upper.lookup(offset / SECTOR, end.div_ceil(SECTOR)) {
+            let a = (s.offset * SECTOR).max(offset);
+            let b = (s.end() * SECTOR).min(end);
+            self.read_stack(
+                &mut buf[(pos - offset) as usize..(a - offset) as usize],
+                pos,
+            )?;
+            let dst = &mut buf[(a - offset) as usize..(b - offset) as usize];
+            if s.zeroed {
+                dst.fill(0);
+            } else {
+                upper.read_at(dst, a)?;
+            }
+            pos = b;
+        }
+        self.read_stack(&mut buf[(pos - offset) as usize..], pos)
+    }
+
+    /// Reads all of `buf` at `offset` from the read-only layers; unmapped and
+    /// zeroed ranges read as zeros.
+    fn read_stack(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
         let first = offset / SECTOR;
         let last = end.div_ceil(SECTOR);
         let mut pos = offset;
@@ -286,7 +402,7 @@ impl Image {
             pos = e;
         }
         buf[(pos - offset) as usize..].fill(0);
-        Ok(len)
+        Ok(())
     }
 
     fn layer_name(&self, tag: usize) -> String {
@@ -343,103 +459,99 @@ impl Image {
     /// one): sized to the device, with holes where the disk reads as zeros. Work is spread over
     /// `threads` threads in chunks of `chunk` bytes.
     pub fn flatten_to(&self, out: &File, threads: usize, chunk: usize) -> Result<FlattenStats> {
-        // Truncate only when needed: on ext4 a truncate to zero makes close()
-        // start writeback of everything written afterwards (auto_da_alloc).
-        let meta = out.metadata()?;
-        if !meta.is_file() {
-            return Err(Error::Unsupported(
-                "flatten writes to a regular file (it leaves holes where the disk is zero)".into(),
-            ));
-        }
-        if meta.len() != 0 {
-            out.set_len(0)?;
-        }
-        out.set_len(self.vsize)?;
+        size_output(out, self.vsize)?;
         let chunk = chunk.max(SECTOR as usize) as u64 / SECTOR * SECTOR;
-        // Jobs: the data-bearing ranges of the merged index, cut into chunks.
-        let mut jobs: Vec<(u64, u64)> = Vec::new();
-        let mut run: Option<(u64, u64)> = None;
-        for s in self.index.segments().iter().filter(|s| !s.zeroed) {
-            let (a, b) = (s.offset * SECTOR, (s.end() * SECTOR).min(self.vsize));
-            if a >= b {
-                continue;
-            }
-            run = match run {
-                Some((ra, rb)) if rb == a && b - ra <= chunk => Some((ra, b)),
-                Some(r) => {
-                    jobs.push(r);
-                    Some((a, b))
-                }
-                None => Some((a, b)),
-            };
-        }
-        jobs.extend(run);
-        let jobs: Vec<(u64, u64)> = jobs
-            .into_iter()
-            .flat_map(|(a, b)| {
-                (a..b)
-                    .step_by(chunk as usize)
-                    .map(move |x| (x, (x + chunk).min(b)))
-            })
-            .collect();
+        let view = self.flatten_view()?;
+        let jobs = flatten_jobs(view.index.segments(), self.vsize, chunk);
         let next = AtomicUsize::new(0);
-        let written = std::sync::atomic::AtomicU64::new(0);
+        let written = AtomicU64::new(0);
         let worker = || -> Result<()> {
             let mut buf = vec![0u8; chunk as usize];
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(a, b)) = jobs.get(i) else {
-                    return Ok(());
-                };
-                // Segments backed by plain local files are copied inside the kernel;
-                // the rest (compressed, remote) go through the read path.
-                let mut pending: Option<(u64, u64)> = None; // a run for read_at
-                for seg in self.index.lookup(a / SECTOR, (b - a).div_ceil(SECTOR)) {
-                    let s = (seg.offset * SECTOR).max(a);
-                    let e = (seg.end() * SECTOR).min(b);
-                    if seg.zeroed || s >= e {
-                        continue;
-                    }
-                    let tag = seg.tag as usize;
-                    match self.backing[tag].local_file() {
-                        Some((file, base)) => {
-                            if let Some((ra, rb)) = pending.take() {
-                                written.fetch_add(
-                                    self.copy_through(&mut buf, out, ra, rb)?,
-                                    Ordering::Relaxed,
-                                );
-                            }
-                            let from = base + seg.moffset * SECTOR + (s - seg.offset * SECTOR);
-                            copy_file_range_all(file, from, out, s, e - s).map_err(|err| {
-                                Error::Io(err).in_layer(tag, self.layer_name(tag))
-                            })?;
-                            written.fetch_add(e - s, Ordering::Relaxed);
-                        }
-                        None => {
-                            pending = match pending {
-                                Some((ra, rb)) if rb == s => Some((ra, e)),
-                                Some((ra, rb)) => {
-                                    written.fetch_add(
-                                        self.copy_through(&mut buf, out, ra, rb)?,
-                                        Ordering::Relaxed,
-                                    );
-                                    Some((s, e))
-                                }
-                                None => Some((s, e)),
-                            };
-                        }
-                    }
-                }
-                if let Some((ra, rb)) = pending {
-                    written.fetch_add(self.copy_through(&mut buf, out, ra, rb)?, Ordering::Relaxed);
-                }
+            while let Some(&(a, b)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let n = self.flatten_range(&view, &mut buf, out, a, b)?;
+                written.fetch_add(n, Ordering::Relaxed);
             }
+            Ok(())
         };
         let threads = threads.max(1).min(jobs.len().max(1));
-        // Whole-disk reads are coming: advise every layer blob to stream ahead in
-        // large pieces (remote blobs fetch them at Prefetch priority; local files
-        // ignore it), two streams per layer, stopped when flatten ends.
-        let done = std::sync::atomic::AtomicBool::new(false);
+        self.run_reading_ahead(threads, &worker)?;
+        Ok(FlattenStats {
+            virtual_size: self.vsize,
+            data_bytes: written.into_inner(),
+        })
+    }
+
+    /// What flatten copies from: the disk's merged index as it is now, and the
+    /// upper's data file (whose entries are copied inside the kernel too).
+    fn flatten_view(&self) -> Result<FlattenView<'_>> {
+        let upper_data = match &self.upper {
+            Some(u) => {
+                let path = read_lock(u).data_path().to_owned();
+                Some(File::open(&path).map_err(|e| Error::Io(e).in_file(&path))?)
+            }
+            None => None,
+        };
+        Ok(FlattenView {
+            index: self.merged_index(),
+            upper_data,
+        })
+    }
+
+    /// Writes disk bytes `[a, b)` (one flatten job) to `out`; returns the bytes
+    /// written. Segments backed by plain local files are copied inside the
+    /// kernel; the rest (compressed, remote) go through the read path.
+    fn flatten_range(
+        &self,
+        view: &FlattenView<'_>,
+        buf: &mut [u8],
+        out: &File,
+        a: u64,
+        b: u64,
+    ) -> Result<u64> {
+        let mut written = 0;
+        let mut pending: Option<(u64, u64)> = None; // a run for read_at
+        for seg in view.index.lookup(a / SECTOR, (b - a).div_ceil(SECTOR)) {
+            let s = (seg.offset * SECTOR).max(a);
+            let e = (seg.end() * SECTOR).min(b);
+            if seg.zeroed || s >= e {
+                continue;
+            }
+            let tag = seg.tag as usize;
+            let Some((file, base)) = view.local_file(&self.backing, tag) else {
+                pending = match pending {
+                    Some((ra, rb)) if rb == s => Some((ra, e)),
+                    Some((ra, rb)) => {
+                        written += self.copy_through(buf, out, ra, rb)?;
+                        Some((s, e))
+                    }
+                    None => Some((s, e)),
+                };
+                continue;
+            };
+            if let Some((ra, rb)) = pending.take() {
+                written += self.copy_through(buf, out, ra, rb)?;
+            }
+            let from = base + seg.moffset * SECTOR + (s - seg.offset * SECTOR);
+            copy_file_range_all(file, from, out, s, e - s)
+                .map_err(|err| Error::Io(err).in_layer(tag, self.layer_name(tag)))?;
+            written += e - s;
+        }
+        if let Some((ra, rb)) = pending {
+            written += self.copy_through(buf, out, ra, rb)?;
+        }
+        Ok(written)
+    }
+
+    /// Runs `worker` on `threads` threads while every remote layer blob is
+    /// advised to stream ahead: whole-disk reads are coming, so each such blob
+    /// is advised in large pieces (fetched at Prefetch priority; local files
+    /// ignore it), two streams per layer, stopped when the workers end.
+    fn run_reading_ahead(
+        &self,
+        threads: usize,
+        worker: &(dyn Fn() -> Result<()> + Sync),
+    ) -> Result<()> {
+        let done = AtomicBool::new(false);
         let advise = |layer: &Layer, lane: u64| {
             const PIECE: u64 = 4 << 20;
             let size = layer.raw.size();
@@ -464,16 +576,121 @@ impl Image {
                     .map_err(|_| Error::Io(io::Error::other("flatten worker panicked")))??;
             }
             Ok(())
-        })?;
-        Ok(FlattenStats {
-            virtual_size: self.vsize,
-            data_bytes: written.into_inner(),
         })
     }
 }
 
+/// See [`Image::flatten_view`].
+struct FlattenView<'a> {
+    index: Cow<'a, MergedIndex>,
+    upper_data: Option<File>,
+}
+
+impl FlattenView<'_> {
+    /// The plain local file (and the LSMT file's offset in it) behind merged
+    /// index tag `tag`, if there is one; `backing` are the image's layers'.
+    fn local_file<'b>(&'b self, backing: &'b [Blob], tag: usize) -> Option<(&'b File, u64)> {
+        match backing.get(tag) {
+            Some(b) => b.local_file(),
+            None => self.upper_data.as_ref().map(|f| (f, 0)),
+        }
+    }
+}
+
+/// Makes `out` (which must be a regular file) `vsize` bytes of holes.
+fn size_output(out: &File, vsize: u64) -> Result<()> {
+    // Truncate only when needed: on ext4 a truncate to zero makes close()
+    // start writeback of everything written afterwards (auto_da_alloc).
+    let meta = out.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::Unsupported(
+            "flatten writes to a regular file (it leaves holes where the disk is zero)".into(),
+        ));
+    }
+    if meta.len() != 0 {
+        out.set_len(0)?;
+    }
+    out.set_len(vsize)?;
+    Ok(())
+}
+
+/// Flatten's jobs: the data-bearing ranges of `segs` (within `vsize`), runs
+/// of adjacent ones joined up to `chunk` bytes, then cut into `chunk` pieces.
+fn flatten_jobs(segs: &[Segment], vsize: u64, chunk: u64) -> Vec<(u64, u64)> {
+    let mut jobs: Vec<(u64, u64)> = Vec::new();
+    let mut run: Option<(u64, u64)> = None;
+    for s in segs.iter().filter(|s| !s.zeroed) {
+        let (a, b) = (s.offset * SECTOR, (s.end() * SECTOR).min(vsize));
+        if a >= b {
+            continue;
+        }
+        run = match run {
+            Some((ra, rb)) if rb == a && b - ra <= chunk => Some((ra, b)),
+            Some(r) => {
+                jobs.push(r);
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    jobs.extend(run);
+    jobs.into_iter()
+        .flat_map(|(a, b)| {
+            (a..b)
+                .step_by(chunk as usize)
+                .map(move |x| (x, (x + chunk).min(b)))
+        })
+        .collect()
+}
+
+fn read_lock(l: &RwLock<WritableLayer>) -> std::sync::RwLockReadGuard<'_, WritableLayer> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock(l: &RwLock<WritableLayer>) -> std::sync::RwLockWriteGuard<'_, WritableLayer> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Opens the config's writable upper; with `create` (a virtual size), creates
+/// it first when both its files are missing.
+fn open_upper(upper: &Upper, base: Option<&Path>, create: Option<u64>) -> Result<WritableLayer> {
+    let data = resolve(base, &upper.data);
+    let index = resolve(base, &upper.index);
+    match create {
+        Some(virtual_size) if !data.exists() && !index.exists() => {
+            let opts = CreateOptions {
+                virtual_size,
+                ..Default::default()
+            };
+            WritableLayer::create(&data, &index, opts)
+        }
+        _ => WritableLayer::open(&data, &index),
+    }
+}
+
+/// Opens stacked lower `r` from the first of `sources` that has it.
+fn open_layer(r: LayerRef<'_>, sources: &[&dyn LayerSource]) -> Result<Layer> {
+    let (index, name) = (r.index, describe(r.lower));
+    let mut opened = None;
+    for s in sources {
+        if let Some(b) = s.open(r).map_err(|e| e.in_layer(index, &name))? {
+            opened = Some(b);
+            break;
+        }
+    }
+    let b = opened.ok_or_else(|| {
+        Error::Unsupported(format!(
+            "no source can provide this layer (digest `{}`); is it local, or is a registry source configured?",
+            r.lower.digest
+        ))
+        .in_layer(index, &name)
+    })?;
+    let bname = b.name.clone();
+    Layer::open(b.name, b.blob).map_err(|e| e.in_layer(index, bname))
+}
+
 /// Sets the flag when dropped (also on early return or unwinding).
-struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+struct StopOnDrop<'a>(&'a AtomicBool);
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {

@@ -394,7 +394,8 @@ impl ObdInner {
     fn seal_writable(&self, dir: &Path) -> Result<()> {
         let block = dir.join("block");
         let (data, index) = (block.join("writable_data"), block.join("writable_index"));
-        let mut cfg = load(dir)?;
+        // The sealed layer goes on top: a trace no longer describes the stack.
+        let mut cfg = load(dir)?.without_trace();
         self.detach(dir);
         let w = overlaybd_core::lsmt::writable::WritableLayer::open(&data, &index)
             .map_err(|e| Error::Device(format!("{}: {e}", data.display())))?;
@@ -403,10 +404,6 @@ impl ObdInner {
         let sealed = dir.join("fs").join("overlaybd.sealed");
         std::fs::rename(&data, &sealed).map_err(|e| Error::io("rename", &data, e))?;
         let _ = std::fs::remove_file(&index);
-        if cfg.acceleration_layer {
-            cfg.lowers.pop();
-            cfg.acceleration_layer = false;
-        }
         cfg.upper = Upper::default();
         cfg.lowers.push(Lower {
             dir: s(&dir.join("fs")),
@@ -524,13 +521,9 @@ impl LayerHook for ObdLayers {
         } else {
             return Ok(());
         };
-        let mut cfg = parent_cfg.unwrap_or_default();
-        if cfg.acceleration_layer {
-            // A layer above an acceleration layer: the trace no longer
-            // describes this image; drop it from the stack.
-            cfg.lowers.pop();
-            cfg.acceleration_layer = false;
-        }
+        // A layer above an acceleration layer: the trace no longer describes
+        // this image; drop it from the stack.
+        let mut cfg = parent_cfg.unwrap_or_default().without_trace();
         if let Some(r) = l
             .get(LABEL_IMAGE_REF)
             .or_else(|| l.get(LABEL_CRI_IMAGE_REF))
@@ -606,11 +599,7 @@ impl LayerHook for ObdLayers {
             // snapshot is removed (the device goes).
             let p = config_path(&info.dir);
             if !p.is_file() {
-                let mut cfg = load(obd_dir)?;
-                if cfg.acceleration_layer {
-                    cfg.lowers.pop();
-                    cfg.acceleration_layer = false;
-                }
+                let mut cfg = load(obd_dir)?.without_trace();
                 cfg.record_trace_path = trace.clone();
                 cfg.result_file = s(&info.dir.join("block").join("init-debug.log"));
                 save(&p, &cfg)?;

@@ -100,14 +100,34 @@ fn check_block(v: &mut Vec<String>, name: &str, raw: &[u8], ht: &HeaderTrailer) 
 /// finds. Fails only on I/O errors.
 pub fn check_strict(layer: &RoLayer) -> Result<StrictReport> {
     let src = &**layer.source();
-    let size = src.size();
-    let (h, t) = (layer.header(), layer.trailer());
+    let kind = layer.kind();
     let mut v = Vec::new();
+    check_header_trailer(&mut v, layer)?;
+    // The raw index as stored (open() already bounded it by the file size).
+    let t = layer.trailer();
+    let raw = read_raw_entries(src, t.index_offset, t.index_size)?;
+    let counts = check_entries(&mut v, &raw, kind);
+    if kind == RoKind::Committed {
+        check_committed_layout(&mut v, t, src.size(), &counts);
+    }
+    Ok(StrictReport {
+        kind,
+        entries: counts.entries,
+        padding: counts.padding,
+        zeroed: counts.zeroed,
+        data_sectors: counts.data_sectors,
+        violations: v,
+    })
+}
 
+/// The header and trailer blocks: each on its own, then against each other.
+fn check_header_trailer(v: &mut Vec<String>, layer: &RoLayer) -> Result<()> {
+    let src = &**layer.source();
+    let (h, t) = (layer.header(), layer.trailer());
     let hraw = read_block(src, 0, "header")?;
-    let traw = read_block(src, size - BLOCK, "trailer")?;
-    check_block(&mut v, "header", &hraw, h);
-    check_block(&mut v, "trailer", &traw, t);
+    let traw = read_block(src, src.size() - BLOCK, "trailer")?;
+    check_block(v, "header", &hraw, h);
+    check_block(v, "trailer", &traw, t);
 
     let kind = layer.kind();
     if kind == RoKind::Committed {
@@ -133,17 +153,30 @@ pub fn check_strict(layer: &RoLayer) -> Result<StrictReport> {
     if t.index_size > MAX_RO_INDEX_SIZE {
         v.push(format!("index_size {} > {MAX_RO_INDEX_SIZE}", t.index_size));
     }
+    Ok(())
+}
 
-    // The raw index as stored (open() already bounded it by the file size).
-    let raw = read_raw_entries(src, t.index_offset, t.index_size)?;
+/// What the index entries add up to.
+struct EntryCounts {
+    entries: u64,
+    padding: u64,
+    zeroed: u64,
+    data_sectors: u64,
+}
+
+/// The index entries as stored: padding only at the end and canonical, each
+/// valid entry well formed and, in a committed layer, merged and contiguous.
+fn check_entries(v: &mut Vec<String>, raw: &[Segment], kind: RoKind) -> EntryCounts {
     let first_pad = raw
         .iter()
         .position(Segment::is_invalid)
         .unwrap_or(raw.len());
-    let padding = (raw.len() - first_pad) as u64;
-    let mut entries = 0u64;
-    let mut zeroed = 0u64;
-    let mut data_sectors = 0u64;
+    let mut c = EntryCounts {
+        entries: 0,
+        padding: (raw.len() - first_pad) as u64,
+        zeroed: 0,
+        data_sectors: 0,
+    };
     let mut cursor = DATA_START_SECTOR;
     let mut prev: Option<Segment> = None;
     let mut reported_contig = false;
@@ -161,7 +194,7 @@ pub fn check_strict(layer: &RoLayer) -> Result<StrictReport> {
                 "entry {i}: valid entry after padding started at {first_pad}"
             ));
         }
-        entries += 1;
+        c.entries += 1;
         if e.length == 0 {
             v.push(format!("entry {i}: zero length"));
         }
@@ -169,9 +202,9 @@ pub fn check_strict(layer: &RoLayer) -> Result<StrictReport> {
             v.push(format!("entry {i}: tag {} (must be 0)", e.tag));
         }
         if e.zeroed {
-            zeroed += 1;
+            c.zeroed += 1;
         } else {
-            data_sectors += e.length as u64;
+            c.data_sectors += e.length as u64;
         }
         if kind == RoKind::Committed {
             if let Some(p) = prev {
@@ -192,47 +225,41 @@ pub fn check_strict(layer: &RoLayer) -> Result<StrictReport> {
         }
         prev = Some(*e);
     }
+    c
+}
 
-    if kind == RoKind::Committed {
-        if t.index_offset % SECTOR != 0 {
-            v.push(format!(
-                "index_offset {} is not 512-aligned",
-                t.index_offset
-            ));
-        }
-        let data_end = BLOCK + data_sectors * SECTOR;
-        if t.index_offset != data_end {
-            v.push(format!(
-                "index_offset {} != 4096 + data bytes ({data_end})",
-                t.index_offset
-            ));
-        }
-        if t.index_size % INDEX_PAD_ENTRIES != 0 {
-            v.push(format!(
-                "index_size {} is not a multiple of 256",
-                t.index_size
-            ));
-        }
-        if padding >= INDEX_PAD_ENTRIES {
-            v.push(format!("{padding} padding entries (at most 255)"));
-        }
-        let index_end = t.index_offset + t.index_size * Segment::SIZE as u64;
-        if index_end != size - BLOCK {
-            v.push(format!(
-                "trailer at {} but the index ends at {index_end}",
-                size - BLOCK
-            ));
-        }
+/// A committed layer's layout: data from 4096, then the index (aligned,
+/// padded to 256 entries), then the trailer, in a file of `size` bytes.
+fn check_committed_layout(v: &mut Vec<String>, t: &HeaderTrailer, size: u64, c: &EntryCounts) {
+    if t.index_offset % SECTOR != 0 {
+        v.push(format!(
+            "index_offset {} is not 512-aligned",
+            t.index_offset
+        ));
     }
-
-    Ok(StrictReport {
-        kind,
-        entries,
-        padding,
-        zeroed,
-        data_sectors,
-        violations: v,
-    })
+    let data_end = BLOCK + c.data_sectors * SECTOR;
+    if t.index_offset != data_end {
+        v.push(format!(
+            "index_offset {} != 4096 + data bytes ({data_end})",
+            t.index_offset
+        ));
+    }
+    if t.index_size % INDEX_PAD_ENTRIES != 0 {
+        v.push(format!(
+            "index_size {} is not a multiple of 256",
+            t.index_size
+        ));
+    }
+    if c.padding >= INDEX_PAD_ENTRIES {
+        v.push(format!("{} padding entries (at most 255)", c.padding));
+    }
+    let index_end = t.index_offset + t.index_size * Segment::SIZE as u64;
+    if index_end != size - BLOCK {
+        v.push(format!(
+            "trailer at {} but the index ends at {index_end}",
+            size - BLOCK
+        ));
+    }
 }
 
 /// Like [`check_strict`], but any violation is an [`Error::Rule`] listing them
