@@ -9,11 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use obd_remote::oci::{
+    self, chain_ids, Config, Document, History, Index, Manifest, Platform, ANN_BLOB_DIGEST,
+    ANN_BLOB_SIZE, ANN_FS_TYPE, ANN_VERSION, ARTIFACT_NATIVE, MT_DOCKER_CONFIG,
+    MT_DOCKER_LAYER_TAR, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG, MT_OCI_INDEX,
+    MT_OCI_LAYER_TAR, MT_OCI_MANIFEST, VERSION_NATIVE,
+};
 use overlaybd_core::image::Image;
 use overlaybd_core::lsmt::{CommitInfo, CommitOptions, CreateOptions, Uuid, WritableLayer};
 use overlaybd_core::source::Blob;
 use overlaybd_core::tar::TarWriter;
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use zfile::sync::recover;
 
@@ -21,13 +26,7 @@ use crate::apply::{Applier, ApplyStats};
 use crate::error::{Error, Result};
 use crate::fs::{Ext4, MkfsParams};
 use crate::io::Backend;
-use crate::oci::*;
-
-/// Manifest annotation keys (formats.md §8.1).
-pub const ANN_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
-pub const ANN_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
-pub const ANN_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
-pub const ANN_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
+use crate::oci::{sha256_digest, Descriptor, ImageDest, ImageSource};
 
 /// A per-layer progress callback.
 pub type ProgressFn = dyn Fn(&LayerReport);
@@ -130,6 +129,36 @@ pub struct LayerReport {
     pub commit_seconds: f64,
 }
 
+impl LayerReport {
+    /// The report of an applied layer whose commit is still to come.
+    fn applied(
+        index: usize,
+        sources: Vec<String>,
+        (source_bytes, tar_bytes): (u64, u64),
+        apply: ApplyStats,
+        apply_seconds: f64,
+    ) -> LayerReport {
+        LayerReport {
+            index,
+            sources,
+            digest: String::new(),
+            size: 0,
+            source_bytes,
+            tar_bytes,
+            apply,
+            commit: CommitInfo {
+                bytes: 0,
+                entries: 0,
+                padding: 0,
+                data_sectors: 0,
+            },
+            seconds: 0.0,
+            apply_seconds,
+            commit_seconds: 0.0,
+        }
+    }
+}
+
 /// The result of a conversion.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -149,92 +178,35 @@ pub fn convert(src: &dyn ImageSource, dst: &dyn ImageDest, opts: &Options) -> Re
             opts.vsize
         )));
     }
+    let want = opts
+        .platforms
+        .iter()
+        .map(|p| Platform::parse(p).map_err(|e| Error::Unsupported(e.to_string())))
+        .collect::<Result<Vec<_>>>()?;
     let root = src.root()?;
     let bytes = src.read_small(&root)?;
-    let doc: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+    let doc = Document::parse(&root.media_type, &bytes).map_err(|e| Error::Json {
         what: root.digest.clone(),
         error: e,
     })?;
-    let media_type = doc
-        .get("mediaType")
-        .and_then(Value::as_str)
-        .unwrap_or(&root.media_type)
-        .to_string();
     let scratch = Scratch(dst.scratch_dir()?);
-    let mut report = Report {
-        root: root.clone(),
-        manifests: Vec::new(),
-        layers: Vec::new(),
+    let mut run = Run {
+        src,
+        dst,
+        opts,
+        scratch: &scratch.0,
+        report: Report {
+            root: root.clone(),
+            manifests: Vec::new(),
+            layers: Vec::new(),
+        },
     };
-    let new_root = if media_type == MT_OCI_INDEX
-        || media_type == MT_DOCKER_LIST
-        || doc.get("manifests").is_some()
-    {
-        let mut out = doc.clone();
-        let list = out
-            .get_mut("manifests")
-            .and_then(Value::as_array_mut)
-            .ok_or_else(|| Error::Image("index without `manifests`".into()))?;
-        let mut kept = Vec::new();
-        for m in list.iter() {
-            let plat = platform_of(m);
-            if plat
-                .as_deref()
-                .is_some_and(|p| p.starts_with("unknown/unknown"))
-            {
-                // BuildKit attestations and the like: not images.
-                continue;
-            }
-            if !opts.platforms.is_empty()
-                && !opts
-                    .platforms
-                    .iter()
-                    .any(|want| plat.as_deref().is_some_and(|p| platform_matches(want, p)))
-            {
-                continue;
-            }
-            let mut m = m.clone();
-            let d = Descriptor::from_json(&m, "index")?;
-            let nd =
-                convert_manifest(src, dst, opts, &d, plat.as_deref(), &scratch.0, &mut report)?;
-            m["mediaType"] = json!(nd.media_type);
-            m["digest"] = json!(nd.digest);
-            m["size"] = json!(nd.size);
-            kept.push(m);
-        }
-        if kept.is_empty() {
-            return Err(Error::Image(if opts.platforms.is_empty() {
-                "the index lists no image manifests".to_string()
-            } else {
-                format!(
-                    "no manifest in the index matches --platform {}",
-                    opts.platforms.join(",")
-                )
-            }));
-        }
-        *list = kept;
-        let index_mt = match effective(opts) {
-            MediaTypes::Source => media_type.clone(),
-            MediaTypes::Docker => MT_DOCKER_LIST.to_string(),
-            MediaTypes::Oci => MT_OCI_INDEX.to_string(),
-        };
-        out["mediaType"] = json!(index_mt);
-        if opts.referrer {
-            out["artifactType"] = json!(ARTIFACT_NATIVE);
-            out["subject"] = subject_json(&root, &media_type);
-        }
-        let b = serde_json::to_vec(&out).expect("json");
-        let d = Descriptor {
-            media_type: index_mt,
-            digest: sha256_digest(&b),
-            size: b.len() as u64,
-        };
-        dst.put_manifest(&d, &b)?;
-        d
-    } else {
-        convert_manifest(src, dst, opts, &root, None, &scratch.0, &mut report)?
+    let new_root = match doc {
+        Document::Index(idx) => run.index(&root, *idx, &want)?,
+        Document::Manifest(_) => run.manifest(&root, None)?,
     };
     dst.tag(&new_root)?;
+    let mut report = run.report;
     report.root = new_root;
     Ok(report)
 }
@@ -256,46 +228,6 @@ fn effective(opts: &Options) -> MediaTypes {
     }
 }
 
-/// `os/arch[/variant]` of an index entry.
-fn platform_of(m: &Value) -> Option<String> {
-    let p = m.get("platform")?;
-    let os = p.get("os")?.as_str()?;
-    let arch = p.get("architecture")?.as_str()?;
-    Some(match p.get("variant").and_then(Value::as_str) {
-        Some(v) if !v.is_empty() => format!("{os}/{arch}/{v}"),
-        _ => format!("{os}/{arch}"),
-    })
-}
-
-/// Whether `have` (`os/arch[/variant]`) is what `want` asks for; a `want`
-/// without a variant takes any variant.
-pub fn platform_matches(want: &str, have: &str) -> bool {
-    let w: Vec<&str> = want.split('/').collect();
-    let h: Vec<&str> = have.split('/').collect();
-    w.len() >= 2
-        && h.len() >= 2
-        && w[0] == h[0]
-        && w[1] == h[1]
-        && (w.len() < 3 || h.get(2) == w.get(2))
-}
-
-/// The source descriptor as a `subject`.
-fn subject_json(d: &Descriptor, media_type: &str) -> Value {
-    json!({"mediaType": media_type, "digest": d.digest, "size": d.size})
-}
-
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => sha256_digest(format!("{prev} {d}").as_bytes()),
-        };
-        out.push(next);
-    }
-    out
-}
-
 fn derive16(label: &str, input: &str) -> [u8; 16] {
     let h = Sha256::digest(format!("obd-convert/{label}\n{input}").as_bytes());
     let mut b = [0u8; 16];
@@ -303,314 +235,440 @@ fn derive16(label: &str, input: &str) -> [u8; 16] {
     b
 }
 
-fn convert_manifest(
-    src: &dyn ImageSource,
-    dst: &dyn ImageDest,
-    opts: &Options,
-    desc: &Descriptor,
-    platform: Option<&str>,
-    scratch: &Path,
-    report: &mut Report,
-) -> Result<Descriptor> {
-    let mindex = report.manifests.len();
-    let bytes = src.read_small(desc)?;
-    let mut manifest: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
-        what: format!("manifest {}", desc.digest),
-        error: e,
-    })?;
-    let mt = manifest
-        .get("mediaType")
-        .and_then(Value::as_str)
-        .unwrap_or(&desc.media_type)
-        .to_string();
-    let source_mt = mt.clone();
-    let docker = match effective(opts) {
-        MediaTypes::Source => mt == MT_DOCKER_MANIFEST,
-        MediaTypes::Docker => true,
-        MediaTypes::Oci => false,
-    };
-    let mt = if docker {
-        MT_DOCKER_MANIFEST.to_string()
-    } else if mt == MT_DOCKER_MANIFEST {
-        MT_OCI_MANIFEST.to_string()
-    } else {
-        mt
-    };
-    let cfg_desc = Descriptor::from_json(
-        manifest
-            .get("config")
-            .ok_or_else(|| Error::Image(format!("manifest {} has no config", desc.digest)))?,
-        "config",
-    )?;
-    let layers: Vec<Descriptor> = manifest
-        .get("layers")
-        .and_then(Value::as_array)
-        .ok_or_else(|| Error::Image(format!("manifest {} has no layers", desc.digest)))?
-        .iter()
-        .map(|l| Descriptor::from_json(l, "layer"))
-        .collect::<Result<_>>()?;
-    for (i, l) in manifest["layers"]
-        .as_array()
-        .expect("checked")
-        .iter()
-        .enumerate()
-    {
-        if l.pointer(&format!(
-            "/annotations/{}",
-            ANN_BLOB_DIGEST.replace('/', "~1")
-        ))
-        .is_some()
+/// One conversion: where from, where to, how, and what it did so far.
+struct Run<'a> {
+    src: &'a dyn ImageSource,
+    dst: &'a dyn ImageDest,
+    opts: &'a Options,
+    scratch: &'a Path,
+    report: Report,
+}
+
+/// A source manifest with its config, checked for conversion.
+struct Source {
+    manifest: Manifest,
+    /// The manifest's own media type (else its descriptor's).
+    media_type: String,
+    config: Config,
+}
+
+/// A converted layer blob: (digest, size).
+type OutLayer = (String, u64);
+
+impl Run<'_> {
+    /// Converts every wanted platform of an index (attestations and other
+    /// `unknown/unknown` entries left out) and writes the index.
+    fn index(
+        &mut self,
+        root: &Descriptor,
+        mut idx: Index,
+        want: &[Platform],
+    ) -> Result<Descriptor> {
+        let media_type = if idx.media_type.is_empty() {
+            root.media_type.clone()
+        } else {
+            idx.media_type.clone()
+        };
+        let mut kept = Vec::new();
+        for m in std::mem::take(&mut idx.manifests) {
+            let plat = m.platform.as_ref();
+            if plat.is_some_and(|p| p.os == "unknown" && p.architecture == "unknown") {
+                // BuildKit attestations and the like: not images.
+                continue;
+            }
+            if !want.is_empty() && !want.iter().any(|w| plat.is_some_and(|p| w.matches(p))) {
+                continue;
+            }
+            let name = plat.map(Platform::to_string);
+            let nd = self.manifest(&m, name.as_deref())?;
+            kept.push(Descriptor {
+                media_type: nd.media_type,
+                digest: nd.digest,
+                size: nd.size,
+                ..m
+            });
+        }
+        if kept.is_empty() {
+            return Err(Error::Image(if want.is_empty() {
+                "the index lists no image manifests".to_string()
+            } else {
+                format!(
+                    "no manifest in the index matches --platform {}",
+                    self.opts.platforms.join(",")
+                )
+            }));
+        }
+        idx.manifests = kept;
+        idx.media_type = match effective(self.opts) {
+            MediaTypes::Source => media_type.clone(),
+            MediaTypes::Docker => MT_DOCKER_LIST.to_string(),
+            MediaTypes::Oci => MT_OCI_INDEX.to_string(),
+        };
+        if self.opts.referrer {
+            idx.artifact_type = Some(ARTIFACT_NATIVE.into());
+            idx.subject = Some(Descriptor::new(media_type, &root.digest, root.size));
+        }
+        let b = oci::to_json(&idx);
+        let d = Descriptor::new(idx.media_type, sha256_digest(&b), b.len() as u64);
+        self.dst.put_manifest(&d, &b)?;
+        Ok(d)
+    }
+
+    /// Converts the image manifest `desc` (of `platform`, from an index):
+    /// its layers, then its config and the manifest.
+    fn manifest(&mut self, desc: &Descriptor, platform: Option<&str>) -> Result<Descriptor> {
+        let mindex = self.report.manifests.len();
+        let source = self.load(desc)?;
+        let layers = &source.manifest.layers;
+        if let Some(o) = &self.opts.observer {
+            o.manifest_start(mindex, platform, layers);
+        }
+        let out = self.layers(mindex, layers, &source.config.rootfs.diff_ids)?;
+        let (cfg_digest, cfg_size) = self.write_config(&source.config, &out, layers.len())?;
+        let (mt, mb) = self.manifest_bytes(desc, source, (cfg_digest, cfg_size), &out);
+        let md = Descriptor::new(mt, sha256_digest(&mb), mb.len() as u64);
+        self.dst.put_manifest(&md, &mb)?;
+        self.report.manifests.push(md.clone());
+        Ok(md)
+    }
+
+    /// Reads the manifest `desc` and its config, and checks that they can
+    /// be converted.
+    fn load(&self, desc: &Descriptor) -> Result<Source> {
+        let bytes = self.src.read_small(desc)?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+            what: format!("manifest {}", desc.digest),
+            error: e,
+        })?;
+        if let Some(i) = manifest
+            .layers
+            .iter()
+            .position(|l| l.annotation(ANN_BLOB_DIGEST).is_some())
         {
             return Err(Error::Image(format!(
                 "layer {i} is already an overlaybd layer"
             )));
         }
-    }
-    let cfg_bytes = src.read_small(&cfg_desc)?;
-    let mut config: Value = serde_json::from_slice(&cfg_bytes).map_err(|e| Error::Json {
-        what: format!("config {}", cfg_desc.digest),
-        error: e,
-    })?;
-    let diff_ids: Vec<String> = config
-        .pointer("/rootfs/diff_ids")
-        .and_then(Value::as_array)
-        .ok_or_else(|| Error::Image("config has no rootfs.diff_ids".into()))?
-        .iter()
-        .map(|v| {
-            v.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| Error::Image("non-string diff_id".into()))
-        })
-        .collect::<Result<_>>()?;
-    if diff_ids.len() != layers.len() {
-        return Err(Error::Image(format!(
-            "{} layers but {} diff_ids",
-            layers.len(),
-            diff_ids.len()
-        )));
-    }
-    if layers.is_empty() {
-        return Err(Error::Image("image without layers".into()));
-    }
-    if layers.len() > overlaybd_core::config::MAX_LAYERS {
-        return Err(Error::Unsupported(format!(
-            "{} layers; at most {} can be stacked (use --flatten)",
-            layers.len(),
-            overlaybd_core::config::MAX_LAYERS
-        )));
-    }
-    if let Some(o) = &opts.observer {
-        o.manifest_start(mindex, platform, &layers);
-    }
-    let chains = chain_ids(&diff_ids);
-    let mkfs = MkfsParams {
-        size: opts.vsize,
-        uuid: uuid_v4(derive16(
-            "ext4-uuid",
-            &format!("{} {}", diff_ids[0], opts.vsize),
-        )),
-        hash_seed: uuid_v4(derive16(
-            "ext4-hash-seed",
-            &format!("{} {}", diff_ids[0], opts.vsize),
-        )),
-    };
-
-    let mut out_layers: Vec<(String, u64)> = Vec::new();
-    // Committed layers, bottom to top (blobs already in the destination).
-    let mut lowers: Vec<(String, Blob)> = Vec::new();
-    // The layer whose commit runs on a background thread; its writable
-    // files are the top of the stack the next layer is applied on.
-    let mut pending: Option<Pending> = None;
-    let groups: Vec<Vec<usize>> = if opts.flatten {
-        vec![(0..layers.len()).collect()]
-    } else {
-        (0..layers.len()).map(|i| vec![i]).collect()
-    };
-    let params = CommitParams {
-        algorithm: opts.algorithm,
-        block_size: opts.block_size,
-        level: opts.level,
-        threads: opts.threads.max(1),
-        vsize: opts.vsize,
-    };
-    for (out_index, group) in groups.iter().enumerate() {
-        let start = Instant::now();
-        let last = *group.last().expect("non-empty");
-        let uuid = Uuid::from_chain_id(&chains[last])?;
-        let parent = if out_index == 0 {
-            Uuid::NIL
-        } else {
-            Uuid::from_chain_id(&chains[groups[out_index - 1].last().copied().expect("non-empty")])?
-        };
-        let work = scratch.join(format!("layer-{out_index}"));
-        let applied = (|| -> Result<(Arc<WritableLayer>, ApplyStats, u64, u64)> {
-            fs::create_dir_all(&work).map_err(|e| Error::file(&work, e))?;
-            let upper = WritableLayer::create(
-                work.join("data"),
-                work.join("index"),
-                CreateOptions {
-                    virtual_size: opts.vsize,
-                    uuid,
-                    parent_uuid: parent,
-                },
-            )?;
-            let lower = stack(&lowers, pending.as_ref().map(|p| p.upper.clone()))?;
-            let backend = Arc::new(Mutex::new(Backend::new(
-                lower,
-                upper,
-                opts.vsize,
-                opts.cache_bytes,
+        let cfg_bytes = self.src.read_small(&manifest.config)?;
+        let config: Config = serde_json::from_slice(&cfg_bytes).map_err(|e| Error::Json {
+            what: format!("config {}", manifest.config.digest),
+            error: e,
+        })?;
+        let (layers, diff_ids) = (manifest.layers.len(), config.rootfs.diff_ids.len());
+        if diff_ids != layers {
+            return Err(Error::Image(format!(
+                "{layers} layers but {diff_ids} diff_ids"
             )));
-            let mut apply = ApplyStats::default();
-            let (mut source_bytes, mut tar_bytes) = (0, 0);
-            {
-                let lr = &layers;
-                let layer_err = move |i: usize| move |e: Error| e.in_layer(i, &lr[i].digest);
-                let first = group[0];
-                let fs = if first == 0 {
-                    Ext4::mkfs(backend.clone(), &mkfs).map_err(layer_err(first))?
-                } else {
-                    Ext4::open(backend.clone()).map_err(layer_err(first))?
-                };
-                for &i in group {
-                    let obs = opts.observer.clone().map(|o| (o, mindex, i));
-                    let (st, sb, tb) = apply_layer(src, &fs, &layers[i], &diff_ids[i], obs)
-                        .map_err(layer_err(i))?;
-                    apply.entries += st.entries;
-                    apply.file_bytes += st.file_bytes;
-                    apply.whiteouts += st.whiteouts;
-                    source_bytes += sb;
-                    tar_bytes += tb;
-                }
-                fs.close().map_err(layer_err(last))?;
-            }
-            let backend = recover(
-                Arc::try_unwrap(backend)
-                    .map_err(|_| Error::Image("internal: filesystem backend still shared".into()))?
-                    .into_inner(),
-            );
-            let upper = backend
-                .into_upper()
-                .map_err(|e| Error::Image(e).in_layer(last, &layers[last].digest))?;
-            Ok((Arc::new(upper), apply, source_bytes, tar_bytes))
-        })();
-        let (upper, apply, source_bytes, tar_bytes) = match applied {
-            Ok(v) => v,
-            Err(e) => {
-                if let Some(p) = pending.take() {
-                    let _ = p.handle.join();
-                }
-                return Err(e);
-            }
-        };
-        let apply_seconds = start.elapsed().as_secs_f64();
-        if let Some(o) = &opts.observer {
-            o.layer_applied(mindex, last);
         }
-        // One commit at a time: finish the previous layer's first.
-        if let Some(p) = pending.take() {
-            finish(p, dst, opts, mindex, &mut lowers, &mut out_layers, report)?;
+        if layers == 0 {
+            return Err(Error::Image("image without layers".into()));
         }
-        let blob_path = work.join("blob");
-        let (u, pr, bp) = (upper.clone(), params.clone(), blob_path.clone());
-        let digest = layers[last].digest.clone();
-        let handle = std::thread::spawn(move || {
-            let t = Instant::now();
-            let info =
-                commit_layer(&u, &pr, uuid, parent, &bp).map_err(|e| e.in_layer(last, &digest))?;
-            let (d, size) = file_digest(&bp)?;
-            Ok((info, d, size, t.elapsed().as_secs_f64()))
-        });
-        pending = Some(Pending {
-            upper,
-            handle,
-            work,
-            blob_path,
-            start,
-            report: LayerReport {
-                index: out_index,
-                sources: group.iter().map(|&i| layers[i].digest.clone()).collect(),
-                digest: String::new(),
-                size: 0,
-                source_bytes,
-                tar_bytes,
-                apply,
-                commit: CommitInfo {
-                    bytes: 0,
-                    entries: 0,
-                    padding: 0,
-                    data_sectors: 0,
-                },
-                seconds: 0.0,
-                apply_seconds,
-                commit_seconds: 0.0,
-            },
-        });
-    }
-    if let Some(p) = pending.take() {
-        finish(p, dst, opts, mindex, &mut lowers, &mut out_layers, report)?;
-    }
-
-    // Config: diff_ids = the new (uncompressed tar) layer digests.
-    config["rootfs"]["diff_ids"] = json!(out_layers
-        .iter()
-        .map(|(d, _)| d.clone())
-        .collect::<Vec<_>>());
-    if opts.flatten {
-        let mut h =
-            json!({"created_by": format!("obd convert --flatten ({} layers)", layers.len())});
-        if let Some(c) = config.get("created") {
-            h["created"] = c.clone();
+        if layers > overlaybd_core::config::MAX_LAYERS {
+            return Err(Error::Unsupported(format!(
+                "{layers} layers; at most {} can be stacked (use --flatten)",
+                overlaybd_core::config::MAX_LAYERS
+            )));
         }
-        config["history"] = json!([h]);
-    }
-    let cfg_out = serde_json::to_vec(&config).expect("json");
-    let cfg_digest = sha256_digest(&cfg_out);
-    dst.put_blob(&cfg_digest, &cfg_out)?;
-
-    let layer_mt = if docker {
-        MT_DOCKER_LAYER_TAR
-    } else {
-        MT_OCI_LAYER_TAR
-    };
-    manifest["config"]["digest"] = json!(cfg_digest);
-    manifest["config"]["size"] = json!(cfg_out.len());
-    let cmt = manifest["config"]["mediaType"].as_str().unwrap_or("");
-    if cmt == MT_OCI_CONFIG || cmt == MT_DOCKER_CONFIG || cmt.is_empty() {
-        manifest["config"]["mediaType"] = json!(if docker {
-            MT_DOCKER_CONFIG
+        let media_type = if manifest.media_type.is_empty() {
+            desc.media_type.clone()
         } else {
-            MT_OCI_CONFIG
-        });
+            manifest.media_type.clone()
+        };
+        Ok(Source {
+            manifest,
+            media_type,
+            config,
+        })
     }
-    manifest["mediaType"] = json!(mt);
-    if opts.referrer {
-        manifest["artifactType"] = json!(ARTIFACT_NATIVE);
-        manifest["subject"] = subject_json(desc, &source_mt);
+
+    /// The output manifest media type for a source manifest of type `mt`,
+    /// and whether the output uses Docker types.
+    fn output_type(&self, mt: &str) -> (String, bool) {
+        let docker = match effective(self.opts) {
+            MediaTypes::Source => mt == MT_DOCKER_MANIFEST,
+            MediaTypes::Docker => true,
+            MediaTypes::Oci => false,
+        };
+        let out = if docker {
+            MT_DOCKER_MANIFEST
+        } else if mt == MT_DOCKER_MANIFEST {
+            MT_OCI_MANIFEST
+        } else {
+            mt
+        };
+        (out.to_string(), docker)
     }
-    manifest["layers"] = json!(out_layers
-        .iter()
-        .map(|(d, s)| json!({
-            "mediaType": layer_mt,
-            "digest": d,
-            "size": s,
-            "annotations": {
-                ANN_BLOB_DIGEST: d,
-                ANN_BLOB_SIZE: s.to_string(),
-                ANN_VERSION: "0.1.0",
-                ANN_FS_TYPE: "ext4",
+
+    /// Writes the config: the source's with `rootfs.diff_ids` replaced by
+    /// the output layers (the history too when flattening). Returns its
+    /// digest and size.
+    fn write_config(&self, config: &Config, out: &[OutLayer], sources: usize) -> Result<OutLayer> {
+        let mut config = config.clone();
+        config.rootfs.diff_ids = out.iter().map(|(d, _)| d.clone()).collect();
+        if self.opts.flatten {
+            config.history = vec![History {
+                created: config
+                    .other
+                    .get("created")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
+                created_by: Some(format!("obd convert --flatten ({sources} layers)")),
+                ..Default::default()
+            }];
+        }
+        let bytes = oci::to_json(&config);
+        let digest = sha256_digest(&bytes);
+        self.dst.put_blob(&digest, &bytes)?;
+        Ok((digest, bytes.len() as u64))
+    }
+
+    /// The output manifest: the source's with the new config, the overlaybd
+    /// layers and the output media types (and the referrer fields).
+    /// Returns (its media type, its bytes).
+    fn manifest_bytes(
+        &self,
+        desc: &Descriptor,
+        source: Source,
+        (cfg_digest, cfg_size): OutLayer,
+        out: &[OutLayer],
+    ) -> (String, Vec<u8>) {
+        let (mt, docker) = self.output_type(&source.media_type);
+        let mut m = source.manifest;
+        m.config.digest = cfg_digest;
+        m.config.size = cfg_size;
+        let cmt = m.config.media_type.as_str();
+        if cmt == MT_OCI_CONFIG || cmt == MT_DOCKER_CONFIG || cmt.is_empty() {
+            m.config.media_type = (if docker {
+                MT_DOCKER_CONFIG
+            } else {
+                MT_OCI_CONFIG
+            })
+            .into();
+        }
+        m.media_type = mt.clone();
+        if self.opts.referrer {
+            m.artifact_type = Some(ARTIFACT_NATIVE.into());
+            m.subject = Some(Descriptor::new(source.media_type, &desc.digest, desc.size));
+        }
+        let layer_mt = if docker {
+            MT_DOCKER_LAYER_TAR
+        } else {
+            MT_OCI_LAYER_TAR
+        };
+        m.layers = out
+            .iter()
+            .map(|(d, s)| {
+                let mut l = Descriptor::new(layer_mt, d, *s);
+                l.annotations = [
+                    (ANN_BLOB_DIGEST, d.clone()),
+                    (ANN_BLOB_SIZE, s.to_string()),
+                    (ANN_VERSION, VERSION_NATIVE.to_string()),
+                    (ANN_FS_TYPE, "ext4".to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                l
+            })
+            .collect();
+        (mt, oci::to_json(&m))
+    }
+
+    /// Converts the layers (one output layer each, or one in all when
+    /// flattening): layer N+1 is applied on top of layer N's writable files
+    /// while layer N is committed on another thread. Returns the output
+    /// blobs, bottom first.
+    fn layers(
+        &mut self,
+        mindex: usize,
+        layers: &[Descriptor],
+        diff_ids: &[String],
+    ) -> Result<Vec<OutLayer>> {
+        let opts = self.opts;
+        let chains = chain_ids(diff_ids);
+        let seed = format!("{} {}", diff_ids[0], opts.vsize);
+        let mkfs = MkfsParams {
+            size: opts.vsize,
+            uuid: uuid_v4(derive16("ext4-uuid", &seed)),
+            hash_seed: uuid_v4(derive16("ext4-hash-seed", &seed)),
+        };
+        let mut out: Vec<OutLayer> = Vec::new();
+        // Committed layers, bottom to top (blobs already in the destination).
+        let mut lowers: Vec<(String, Blob)> = Vec::new();
+        // The layer whose commit runs on a background thread; its writable
+        // files are the top of the stack the next layer is applied on.
+        let mut pending: Option<Pending> = None;
+        let groups: Vec<Vec<usize>> = if opts.flatten {
+            vec![(0..layers.len()).collect()]
+        } else {
+            (0..layers.len()).map(|i| vec![i]).collect()
+        };
+        let params = CommitParams {
+            algorithm: opts.algorithm,
+            block_size: opts.block_size,
+            level: opts.level,
+            threads: opts.threads.max(1),
+            vsize: opts.vsize,
+        };
+        for (out_index, group) in groups.iter().enumerate() {
+            let start = Instant::now();
+            let last = *group.last().expect("non-empty");
+            let uuid = Uuid::from_chain_id(&chains[last])?;
+            let parent = match out_index.checked_sub(1) {
+                None => Uuid::NIL,
+                Some(p) => Uuid::from_chain_id(&chains[*groups[p].last().expect("non-empty")])?,
+            };
+            let work = self.scratch.join(format!("layer-{out_index}"));
+            let group_job = Group {
+                mindex,
+                layers,
+                diff_ids,
+                members: group,
+                uuid,
+                parent,
+                mkfs: &mkfs,
+                work: &work,
+            };
+            let lower_top = pending.as_ref().map(|p| p.upper.clone());
+            let (upper, apply, source_bytes, tar_bytes) =
+                match self.apply_group(&group_job, &lowers, lower_top) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        if let Some(p) = pending.take() {
+                            let _ = p.handle.join();
+                        }
+                        return Err(e);
+                    }
+                };
+            let apply_seconds = start.elapsed().as_secs_f64();
+            if let Some(o) = &opts.observer {
+                o.layer_applied(mindex, last);
             }
-        }))
-        .collect::<Vec<_>>());
-    let mb = serde_json::to_vec(&manifest).expect("json");
-    let md = Descriptor {
-        media_type: mt,
-        digest: sha256_digest(&mb),
-        size: mb.len() as u64,
-    };
-    dst.put_manifest(&md, &mb)?;
-    report.manifests.push(md.clone());
-    Ok(md)
+            // One commit at a time: finish the previous layer's first.
+            if let Some(p) = pending.take() {
+                finish(
+                    p,
+                    self.dst,
+                    opts,
+                    mindex,
+                    &mut lowers,
+                    &mut out,
+                    &mut self.report,
+                )?;
+            }
+            let blob_path = work.join("blob");
+            let (u, pr, bp) = (upper.clone(), params.clone(), blob_path.clone());
+            let digest = layers[last].digest.clone();
+            let handle = std::thread::spawn(move || {
+                let t = Instant::now();
+                let info = commit_layer(&u, &pr, uuid, parent, &bp)
+                    .map_err(|e| e.in_layer(last, &digest))?;
+                let (d, size) = file_digest(&bp)?;
+                Ok((info, d, size, t.elapsed().as_secs_f64()))
+            });
+            pending = Some(Pending {
+                upper,
+                handle,
+                work,
+                blob_path,
+                start,
+                report: LayerReport::applied(
+                    out_index,
+                    group.iter().map(|&i| layers[i].digest.clone()).collect(),
+                    (source_bytes, tar_bytes),
+                    apply,
+                    apply_seconds,
+                ),
+            });
+        }
+        if let Some(p) = pending.take() {
+            finish(
+                p,
+                self.dst,
+                opts,
+                mindex,
+                &mut lowers,
+                &mut out,
+                &mut self.report,
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Applies the source layers of one output layer to a new writable
+    /// layer over `lowers` (and `top`, the previous layer still being
+    /// committed). Returns the writable layer, the apply stats, and the
+    /// compressed and tar bytes read.
+    fn apply_group(
+        &self,
+        g: &Group<'_>,
+        lowers: &[(String, Blob)],
+        top: Option<Arc<WritableLayer>>,
+    ) -> Result<(Arc<WritableLayer>, ApplyStats, u64, u64)> {
+        let opts = self.opts;
+        let last = *g.members.last().expect("non-empty");
+        fs::create_dir_all(g.work).map_err(|e| Error::file(g.work, e))?;
+        let upper = WritableLayer::create(
+            g.work.join("data"),
+            g.work.join("index"),
+            CreateOptions {
+                virtual_size: opts.vsize,
+                uuid: g.uuid,
+                parent_uuid: g.parent,
+            },
+        )?;
+        let lower = stack(lowers, top)?;
+        let backend = Arc::new(Mutex::new(Backend::new(
+            lower,
+            upper,
+            opts.vsize,
+            opts.cache_bytes,
+        )));
+        let mut apply = ApplyStats::default();
+        let (mut source_bytes, mut tar_bytes) = (0, 0);
+        {
+            let layer_err = |i: usize| move |e: Error| e.in_layer(i, &g.layers[i].digest);
+            let first = g.members[0];
+            let fs = if first == 0 {
+                Ext4::mkfs(backend.clone(), g.mkfs).map_err(layer_err(first))?
+            } else {
+                Ext4::open(backend.clone()).map_err(layer_err(first))?
+            };
+            for &i in g.members {
+                let obs = opts.observer.clone().map(|o| (o, g.mindex, i));
+                let (st, sb, tb) = apply_layer(self.src, &fs, &g.layers[i], &g.diff_ids[i], obs)
+                    .map_err(layer_err(i))?;
+                apply.entries += st.entries;
+                apply.file_bytes += st.file_bytes;
+                apply.whiteouts += st.whiteouts;
+                source_bytes += sb;
+                tar_bytes += tb;
+            }
+            fs.close().map_err(layer_err(last))?;
+        }
+        let backend = recover(
+            Arc::try_unwrap(backend)
+                .map_err(|_| Error::Image("internal: filesystem backend still shared".into()))?
+                .into_inner(),
+        );
+        let upper = backend
+            .into_upper()
+            .map_err(|e| Error::Image(e).in_layer(last, &g.layers[last].digest))?;
+        Ok((Arc::new(upper), apply, source_bytes, tar_bytes))
+    }
+}
+
+/// One output layer: the source layers it is made of and where it goes.
+struct Group<'a> {
+    mindex: usize,
+    layers: &'a [Descriptor],
+    diff_ids: &'a [String],
+    /// Positions in `layers`, bottom first.
+    members: &'a [usize],
+    uuid: Uuid,
+    parent: Uuid,
+    mkfs: &'a MkfsParams,
+    work: &'a Path,
 }
 
 /// What a background commit needs (the options minus the callback).
@@ -950,9 +1008,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chain_ids_follow_the_oci_rule() {
-        let c = chain_ids(&["sha256:a".into(), "sha256:b".into()]);
-        assert_eq!(c[0], "sha256:a");
-        assert_eq!(c[1], sha256_digest(b"sha256:a sha256:b"));
+    fn uuids_are_marked_version_4() {
+        let u = uuid_v4([0xff; 16]);
+        assert_eq!((u[6], u[8]), (0x4f, 0xbf));
+        assert_eq!(derive16("a", "b"), derive16("a", "b"));
+        assert_ne!(derive16("a", "b"), derive16("a", "c"));
     }
 }

@@ -6,49 +6,16 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use obd_remote::oci::{Index, ANN_REF_NAME};
+use serde_json::json;
 
 use crate::error::{Error, Result};
 
-pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const MT_OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-pub const MT_DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
-pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-/// `artifactType` of a native overlaybd image pushed as a referrer (formats.md §8.5).
-pub const ARTIFACT_NATIVE: &str = "application/vnd.containerd.overlaybd.native.v1+json";
-
-/// A content descriptor.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Descriptor {
-    pub media_type: String,
-    pub digest: String,
-    pub size: u64,
-}
-
-impl Descriptor {
-    /// Parses the `mediaType`/`digest`/`size` of a JSON descriptor.
-    pub fn from_json(v: &Value, what: &str) -> Result<Descriptor> {
-        let s = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .ok_or_else(|| Error::Image(format!("{what}: descriptor without `{k}`")))
-        };
-        Ok(Descriptor {
-            media_type: s("mediaType").unwrap_or_default(),
-            digest: s("digest")?,
-            size: v
-                .get("size")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| Error::Image(format!("{what}: descriptor without `size`")))?,
-        })
-    }
-}
+pub use obd_remote::oci::{
+    sha256_digest, Descriptor, ARTIFACT_NATIVE, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_TAR,
+    MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_LAYER_TAR,
+    MT_OCI_MANIFEST,
+};
 
 /// Where the source image comes from.
 pub trait ImageSource {
@@ -108,11 +75,6 @@ pub trait ImageDest {
     fn tag(&self, root: &Descriptor) -> Result<()>;
 }
 
-/// `sha256:<hex>` of `bytes`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
 fn digest_hex(digest: &str) -> Result<&str> {
     let hex = digest
         .strip_prefix("sha256:")
@@ -169,7 +131,7 @@ impl OciLayout {
             .join(digest_hex(digest)?))
     }
 
-    fn index(&self) -> Result<Value> {
+    fn index(&self) -> Result<Index> {
         let p = self.dir.join("index.json");
         let b = fs::read(&p).map_err(|e| Error::file(&p, e))?;
         serde_json::from_slice(&b).map_err(|e| Error::Json {
@@ -207,23 +169,16 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 impl ImageSource for OciLayout {
     fn root(&self) -> Result<Descriptor> {
         let idx = self.index()?;
-        let ms = idx
-            .get("manifests")
-            .and_then(Value::as_array)
-            .ok_or_else(|| Error::Image("index.json has no `manifests`".into()))?;
-        let pick: Vec<&Value> = match &self.tag {
-            Some(t) => ms
+        let pick: Vec<&Descriptor> = match &self.tag {
+            Some(t) => idx
+                .manifests
                 .iter()
-                .filter(|m| {
-                    m.pointer("/annotations/org.opencontainers.image.ref.name")
-                        .and_then(Value::as_str)
-                        == Some(t.as_str())
-                })
+                .filter(|m| m.annotation(ANN_REF_NAME) == Some(t.as_str()))
                 .collect(),
-            None => ms.iter().collect(),
+            None => idx.manifests.iter().collect(),
         };
         match pick.as_slice() {
-            [one] => Descriptor::from_json(one, "index.json"),
+            [one] => Ok(Descriptor::new(&one.media_type, &one.digest, one.size)),
             [] => Err(Error::Reference {
                 reference: format!(
                     "oci:{}:{}",
@@ -278,22 +233,13 @@ impl ImageDest for OciLayout {
         let p = self.dir.join("index.json");
         let mut idx = self.index()?;
         let tag = self.tag.clone().unwrap_or_else(|| "latest".into());
-        let ms = idx
-            .get_mut("manifests")
-            .and_then(Value::as_array_mut)
-            .ok_or_else(|| Error::Image("index.json has no `manifests`".into()))?;
-        ms.retain(|m| {
-            m.pointer("/annotations/org.opencontainers.image.ref.name")
-                .and_then(Value::as_str)
-                != Some(tag.as_str())
-        });
-        ms.push(json!({
-            "mediaType": root.media_type,
-            "digest": root.digest,
-            "size": root.size,
-            "annotations": {"org.opencontainers.image.ref.name": tag},
-        }));
-        write_atomic(&p, &serde_json::to_vec_pretty(&idx).expect("json"))
+        idx.manifests
+            .retain(|m| m.annotation(ANN_REF_NAME) != Some(tag.as_str()));
+        let mut d = Descriptor::new(&root.media_type, &root.digest, root.size);
+        d.annotations.insert(ANN_REF_NAME.into(), tag);
+        idx.manifests.push(d);
+        let v = serde_json::to_value(&idx).expect("json");
+        write_atomic(&p, &serde_json::to_vec_pretty(&v).expect("json"))
     }
 }
 

@@ -18,11 +18,13 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use obd_remote::distribution::{Distribution, ImageRef, Manifest};
-use serde_json::{json, Value};
-use zfile::sync::MutexExt;
+use obd_remote::oci::{self, Index};
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::oci::*;
+use zfile::sync::MutexExt;
 
 /// A log line sink (the CLI routes it around its progress bars).
 pub type LogFn = dyn Fn(&str) + Send + Sync;
@@ -78,11 +80,11 @@ impl RegistrySource {
 impl ImageSource for RegistrySource {
     fn root(&self) -> Result<Descriptor> {
         let m = self.manifest(self.r.reference())?;
-        Ok(Descriptor {
-            media_type: m.media_type.clone(),
-            digest: m.digest.clone(),
-            size: m.bytes.len() as u64,
-        })
+        Ok(Descriptor::new(
+            &m.media_type,
+            &m.digest,
+            m.bytes.len() as u64,
+        ))
     }
 
     fn open_blob(&self, digest: &str) -> Result<Box<dyn Read + Send>> {
@@ -129,7 +131,16 @@ impl ImageSource for RegistrySource {
 /// index itself: it goes into the `sha256-<hex>` referrers tag.
 struct Referrer {
     subject: String,
-    desc: Value,
+    desc: Descriptor,
+}
+
+/// What makes a pushed manifest or index a referrer.
+#[derive(Deserialize)]
+struct Referring {
+    subject: Option<Descriptor>,
+    #[serde(rename = "artifactType")]
+    artifact_type: Option<String>,
+    annotations: Option<Value>,
 }
 
 /// A registry destination (see the module docs).
@@ -257,7 +268,7 @@ impl RegistryDest {
 
     fn update_referrers(&self) -> Result<()> {
         let refs: Vec<Referrer> = std::mem::take(&mut *self.referrers.locked());
-        let mut by: Vec<(String, Vec<Value>)> = Vec::new();
+        let mut by: Vec<(String, Vec<Descriptor>)> = Vec::new();
         for r in refs {
             match by.iter_mut().find(|(s, _)| *s == r.subject) {
                 Some((_, v)) => v.push(r.desc),
@@ -267,22 +278,22 @@ impl RegistryDest {
         for (subject, descs) in by {
             let tag = subject.replace(':', "-");
             let mut index = match self.client.get_manifest_opt(&self.r, &tag)? {
-                Some(m) => serde_json::from_slice::<Value>(&m.bytes).map_err(|e| Error::Json {
+                Some(m) => serde_json::from_slice::<Index>(&m.bytes).map_err(|e| Error::Json {
                     what: format!("referrers index {tag}"),
                     error: e,
                 })?,
-                None => json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": []}),
+                None => Index {
+                    media_type: MT_OCI_INDEX.into(),
+                    other: Map::from_iter([("schemaVersion".to_string(), Value::from(2))]),
+                    ..Default::default()
+                },
             };
-            let list = index
-                .get_mut("manifests")
-                .and_then(Value::as_array_mut)
-                .ok_or_else(|| Error::Image(format!("referrers index {tag} without manifests")))?;
             for d in descs {
-                if !list.iter().any(|x| x["digest"] == d["digest"]) {
-                    list.push(d);
+                if !index.manifests.iter().any(|x| x.digest == d.digest) {
+                    index.manifests.push(d);
                 }
             }
-            let b = serde_json::to_vec(&index).expect("json");
+            let b = oci::to_json(&index);
             self.client.put_manifest(&self.r, &tag, MT_OCI_INDEX, &b)?;
             self.log(&format!(
                 "referrers of {subject}: updated the fallback tag {tag}"
@@ -340,19 +351,16 @@ impl ImageDest for RegistryDest {
                 ))
             })?;
         self.log(&format!("pushed manifest {}", d.digest));
-        let doc: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-        if let Some(subject) = doc.pointer("/subject/digest").and_then(Value::as_str) {
+        let doc = serde_json::from_slice::<Referring>(bytes).ok();
+        if let Some((subject, doc)) = doc.and_then(|r| Some((r.subject.clone()?, r))) {
             if !pushed.subject_indexed {
-                let mut desc =
-                    json!({"mediaType": d.media_type, "digest": d.digest, "size": d.size});
-                if let Some(a) = doc.get("artifactType") {
-                    desc["artifactType"] = a.clone();
-                }
-                if let Some(a) = doc.get("annotations") {
-                    desc["annotations"] = a.clone();
+                let mut desc = Descriptor::new(&d.media_type, &d.digest, d.size);
+                desc.artifact_type = doc.artifact_type;
+                if let Some(a) = doc.annotations {
+                    desc.annotations = serde_json::from_value(a).unwrap_or_default();
                 }
                 self.referrers.locked().push(Referrer {
-                    subject: subject.to_string(),
+                    subject: subject.digest,
                     desc,
                 });
             }

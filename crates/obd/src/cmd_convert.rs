@@ -13,10 +13,11 @@ use clap::Args;
 use converter::registry::{parse_docker_ref, LogFn, RegistryDest, RegistrySource};
 use converter::{
     convert, Descriptor, ImageDest, ImageSource, LayerReport, MediaTypes, Observer, OciLayout,
-    Options,
+    Options, Report,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use obd_remote::distribution::Distribution;
+use obd_remote::oci::Platform;
 use obd_remote::registry::{HostOptions, RegistryOptions};
 use serde_json::json;
 use zfile::sync::MutexExt;
@@ -230,6 +231,46 @@ fn registry_client(a: &ConvertArgs) -> Result<Arc<Distribution>> {
     Ok(Arc::new(Distribution::new(opts)?))
 }
 
+/// The destination `a` names, and how to name it in messages.
+fn open_dst(
+    a: &ConvertArgs,
+    client: Option<&Arc<Distribution>>,
+    progress: &Arc<Progress>,
+) -> Result<(Box<dyn ImageDest>, String)> {
+    Ok(match (&a.dst, &a.output) {
+        (_, Some(dir)) => {
+            let tag = match a.dst.as_deref() {
+                Some(d) if d.starts_with("docker://") => parse_docker_ref(d)?.tag,
+                Some(d) => OciLayout::parse(d)?.tag,
+                None => None,
+            };
+            let name = format!(
+                "oci:{}:{}",
+                dir.display(),
+                tag.as_deref().unwrap_or("latest")
+            );
+            let dir = dir.clone();
+            (Box::new(OciLayout { dir, tag }), name)
+        }
+        (Some(d), None) if d.starts_with("docker://") => {
+            let log: Arc<LogFn> = {
+                let p = progress.clone();
+                Arc::new(move |m: &str| p.println(m))
+            };
+            let tmp = a.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+            let dst = RegistryDest::new(
+                client.expect("client").clone(),
+                parse_docker_ref(d)?,
+                &tmp,
+                Some(log),
+            )?;
+            (Box::new(dst), d.clone())
+        }
+        (Some(d), None) => (Box::new(OciLayout::parse(d)?), d.clone()),
+        (None, None) => bail!("a destination is needed (or --no-push -o <dir>)"),
+    })
+}
+
 pub fn run(a: ConvertArgs) -> Result<()> {
     let progress = Arc::new(Progress::new(a.json, a.flatten));
     let client = if a.src.starts_with("docker://")
@@ -247,46 +288,9 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     } else {
         Box::new(OciLayout::parse(&a.src)?)
     };
-    let dst_name;
-    let dst: Box<dyn ImageDest> = match (&a.dst, &a.output) {
-        (_, Some(dir)) => {
-            let tag = match a.dst.as_deref() {
-                Some(d) if d.starts_with("docker://") => parse_docker_ref(d)?.tag,
-                Some(d) => OciLayout::parse(d)?.tag,
-                None => None,
-            };
-            dst_name = format!(
-                "oci:{}:{}",
-                dir.display(),
-                tag.as_deref().unwrap_or("latest")
-            );
-            Box::new(OciLayout {
-                dir: dir.clone(),
-                tag,
-            })
-        }
-        (Some(d), None) if d.starts_with("docker://") => {
-            dst_name = d.clone();
-            let log: Arc<LogFn> = {
-                let p = progress.clone();
-                Arc::new(move |m: &str| p.println(m))
-            };
-            let tmp = a.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
-            Box::new(RegistryDest::new(
-                client.clone().expect("client"),
-                parse_docker_ref(d)?,
-                &tmp,
-                Some(log),
-            )?)
-        }
-        (Some(d), None) => {
-            dst_name = d.clone();
-            Box::new(OciLayout::parse(d)?)
-        }
-        (None, None) => bail!("a destination is needed (or --no-push -o <dir>)"),
-    };
+    let (dst, dst_name) = open_dst(&a, client.as_ref(), &progress)?;
     for p in &a.platform {
-        if p.split('/').count() < 2 || p.split('/').count() > 3 {
+        if Platform::parse(p).is_err() {
             bail!("--platform {p}: expected os/arch[/variant]");
         }
     }
@@ -311,42 +315,14 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     let report = convert(&*src, &*dst, &opts)
         .with_context(|| format!("converting {} to {dst_name}", a.src))?;
     drop(dst);
-    let secs = start.elapsed().as_secs_f64();
+    print_report(&a, &report, start.elapsed().as_secs_f64(), &progress);
+    Ok(())
+}
+
+/// The result, as JSON on stdout (`--json`) or one line.
+fn print_report(a: &ConvertArgs, report: &Report, secs: f64, progress: &Progress) {
     let tar_bytes: u64 = report.layers.iter().map(|l| l.tar_bytes).sum();
-    if a.json {
-        let layers: Vec<_> = report
-            .layers
-            .iter()
-            .map(|l| {
-                json!({
-                    "index": l.index,
-                    "sources": l.sources,
-                    "digest": l.digest,
-                    "size": l.size,
-                    "source_bytes": l.source_bytes,
-                    "tar_bytes": l.tar_bytes,
-                    "entries": l.apply.entries,
-                    "file_bytes": l.apply.file_bytes,
-                    "index_entries": l.commit.entries,
-                    "seconds": l.seconds,
-                    "apply_seconds": l.apply_seconds,
-                    "commit_seconds": l.commit_seconds,
-                })
-            })
-            .collect();
-        println!(
-            "{}",
-            json!({
-                "digest": report.root.digest,
-                "media_type": report.root.media_type,
-                "size": report.root.size,
-                "manifests": report.manifests.iter().map(|m| &m.digest).collect::<Vec<_>>(),
-                "layers": layers,
-                "seconds": secs,
-                "tar_bytes": tar_bytes,
-            })
-        );
-    } else {
+    if !a.json {
         progress.println(&format!(
             "converted {} layer(s), {} of layer tar in {:.2}s ({}/s): {}",
             report.layers.len(),
@@ -355,6 +331,38 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             human((tar_bytes as f64 / secs.max(1e-9)) as u64),
             report.root.digest
         ));
+        return;
     }
-    Ok(())
+    let layers: Vec<_> = report
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "index": l.index,
+                "sources": l.sources,
+                "digest": l.digest,
+                "size": l.size,
+                "source_bytes": l.source_bytes,
+                "tar_bytes": l.tar_bytes,
+                "entries": l.apply.entries,
+                "file_bytes": l.apply.file_bytes,
+                "index_entries": l.commit.entries,
+                "seconds": l.seconds,
+                "apply_seconds": l.apply_seconds,
+                "commit_seconds": l.commit_seconds,
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        json!({
+            "digest": report.root.digest,
+            "media_type": report.root.media_type,
+            "size": report.root.size,
+            "manifests": report.manifests.iter().map(|m| &m.digest).collect::<Vec<_>>(),
+            "layers": layers,
+            "seconds": secs,
+            "tar_bytes": tar_bytes,
+        })
+    );
 }

@@ -16,8 +16,7 @@
 //!    annotations; the config gets its diffID (= digest, uncompressed), and
 //!    config and manifest are pushed under `<new-image>`.
 
-use std::collections::HashMap;
-use std::io::Read;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,26 +26,20 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use obd_device::open::trace_replay::Trace;
-use obd_remote::distribution::{Distribution, ImageRef, Manifest, MT_DOCKER_LIST, MT_OCI_INDEX};
+use obd_remote::distribution::{Distribution, ImageRef};
+use obd_remote::oci::{
+    self, Config, Descriptor, History, Manifest, Platform, Resolved, ANN_ACCEL, ANN_BLOB_DIGEST,
+    ANN_BLOB_SIZE, ANN_VERSION, MT_OCI_CONFIG, VERSION_NATIVE,
+};
 use obd_remote::registry::RegistryOptions;
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use snapshotter::proto::containerd::services::snapshots::v1 as snapshots;
 use snapshotter::proto::containerd::types::Mount;
-use snapshotter::pull::{chain_ids, pull_blocking, PullOptions, DEFAULT_ADDRESS, NAMESPACE_HEADER};
+use snapshotter::pull::{pull_blocking, PullOptions, DEFAULT_ADDRESS, NAMESPACE_HEADER};
 
-/// Layer annotation marking the acceleration (trace) layer.
-pub const ANN_ACCEL: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
-/// Layer annotation: the overlaybd version string.
-pub const ANN_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
-/// Layer annotation: the blob digest.
-pub const ANN_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
-/// Layer annotation: the blob size.
-pub const ANN_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
 /// History `created_by` of the acceleration layer.
 const CREATED_BY: &str = "obd trace record";
-/// Largest config blob read.
-const MAX_CONFIG: usize = 16 << 20;
 /// How long to wait for `<trace>.ok` after the snapshot is removed.
 const OK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopped container gets between SIGTERM and SIGKILL.
@@ -96,93 +89,36 @@ fn token() -> String {
     hex::encode(&h[..6])
 }
 
-fn sha256(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
-
 /// The source image as stored in the registry.
 struct Source {
-    /// The platform manifest, parsed.
-    manifest: Value,
+    /// The platform manifest.
+    manifest: Manifest,
     /// Its media type.
     media_type: String,
-    /// The config, parsed.
-    config: Value,
-    /// The config's media type.
-    config_media_type: String,
+    /// The config.
+    config: Config,
 }
 
-/// Reads a whole small blob and checks its digest.
-fn read_blob(d: &Arc<Distribution>, r: &ImageRef, digest: &str, size: u64) -> Result<Vec<u8>> {
-    if size as usize > MAX_CONFIG {
-        bail!("blob {digest} of {r}: {size} bytes is larger than {MAX_CONFIG}");
+impl Source {
+    fn new(r: Resolved) -> Self {
+        Source {
+            media_type: if r.manifest.media_type.is_empty() {
+                r.manifest_doc.media_type
+            } else {
+                r.manifest.media_type.clone()
+            },
+            manifest: r.manifest,
+            config: r.config,
+        }
     }
-    let mut buf = Vec::new();
-    d.open_blob(r, digest, size)
-        .with_context(|| format!("fetching blob {digest} of {r}"))?
-        .take(MAX_CONFIG as u64 + 1)
-        .read_to_end(&mut buf)
-        .with_context(|| format!("reading blob {digest} of {r}"))?;
-    if sha256(&buf) != digest {
-        bail!("blob {digest} of {r}: content does not match its digest");
-    }
-    Ok(buf)
-}
 
-fn is_index(m: &Manifest, v: &Value) -> bool {
-    m.media_type == MT_OCI_INDEX
-        || m.media_type == MT_DOCKER_LIST
-        || (m.media_type.is_empty() && v.get("manifests").is_some_and(Value::is_array))
-}
-
-/// Index (if any) → platform manifest → config.
-fn resolve(d: &Arc<Distribution>, r: &ImageRef, platform: &str) -> Result<Source> {
-    let (os, arch) = platform
-        .split_once('/')
-        .map(|(o, a)| (o, a.split('/').next().unwrap_or(a)))
-        .ok_or_else(|| anyhow!("platform `{platform}`: expected os/arch[/variant]"))?;
-    let mut m = d
-        .get_manifest(r, r.reference())
-        .with_context(|| format!("fetching the manifest of {r}"))?;
-    let mut v: Value = serde_json::from_slice(&m.bytes)
-        .with_context(|| format!("manifest {} of {r}: not JSON", m.digest))?;
-    if is_index(&m, &v) {
-        let pick = v["manifests"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["platform"]["os"] == os && e["platform"]["architecture"] == arch)
-            .and_then(|e| e["digest"].as_str())
-            .ok_or_else(|| anyhow!("index {} of {r} has no {platform} manifest", m.digest))?
-            .to_string();
-        m = d
-            .get_manifest(r, &pick)
-            .with_context(|| format!("fetching manifest {pick} of {r}"))?;
-        v = serde_json::from_slice(&m.bytes)
-            .with_context(|| format!("manifest {pick} of {r}: not JSON"))?;
+    /// The config's media type (OCI when the manifest does not say).
+    fn config_media_type(&self) -> &str {
+        match self.manifest.config.media_type.as_str() {
+            "" => MT_OCI_CONFIG,
+            mt => mt,
+        }
     }
-    let media_type = v["mediaType"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| m.media_type.clone());
-    let cdig = v["config"]["digest"]
-        .as_str()
-        .ok_or_else(|| anyhow!("manifest {} of {r}: no config.digest", m.digest))?
-        .to_string();
-    let csize = v["config"]["size"].as_u64().unwrap_or(0);
-    let config_media_type = v["config"]["mediaType"]
-        .as_str()
-        .unwrap_or("application/vnd.oci.image.config.v1+json")
-        .to_string();
-    let cbytes = read_blob(d, r, &cdig, csize)?;
-    let config: Value = serde_json::from_slice(&cbytes)
-        .with_context(|| format!("config {cdig} of {r}: not JSON"))?;
-    Ok(Source {
-        manifest: v,
-        media_type,
-        config,
-        config_media_type,
-    })
 }
 
 /// The acceleration layer: an uncompressed tar holding `trace` (mode 0444,
@@ -204,15 +140,10 @@ pub fn accel_layer_tar(trace: &[u8]) -> Result<Vec<u8>> {
 
 /// The manifest and config with the acceleration layer `(digest, size)` on
 /// top (replacing one the source had). Returns (manifest, config).
-fn with_accel_layer(src: &Source, digest: &str, size: u64) -> Result<(Value, Value)> {
+fn with_accel_layer(src: &Source, digest: &str, size: u64) -> Result<(Manifest, Config)> {
     let mut m = src.manifest.clone();
     let mut c = src.config.clone();
-    let layers = m["layers"]
-        .as_array_mut()
-        .ok_or_else(|| anyhow!("the manifest has no layers array"))?;
-    let diff_ids = c["rootfs"]["diff_ids"]
-        .as_array_mut()
-        .ok_or_else(|| anyhow!("the config has no rootfs.diff_ids array"))?;
+    let (layers, diff_ids) = (&mut m.layers, &mut c.rootfs.diff_ids);
     if layers.len() != diff_ids.len() {
         bail!(
             "the manifest has {} layers but the config {} diff_ids",
@@ -222,7 +153,7 @@ fn with_accel_layer(src: &Source, digest: &str, size: u64) -> Result<(Value, Val
     }
     let had_accel = layers
         .last()
-        .is_some_and(|l| l["annotations"][ANN_ACCEL] == "yes");
+        .is_some_and(|l| l.annotation(ANN_ACCEL) == Some("yes"));
     if had_accel {
         layers.pop();
         diff_ids.pop();
@@ -230,57 +161,47 @@ fn with_accel_layer(src: &Source, digest: &str, size: u64) -> Result<(Value, Val
     let media_type = layers
         .iter()
         .rev()
-        .find(|l| l["annotations"].get(ANN_BLOB_DIGEST).is_some())
-        .and_then(|l| l["mediaType"].as_str())
-        .ok_or_else(|| anyhow!("not an obd image: no layer has the {ANN_BLOB_DIGEST} annotation"))?
-        .to_string();
-    layers.push(json!({
-        "mediaType": media_type,
-        "digest": digest,
-        "size": size,
-        "annotations": {
-            ANN_ACCEL: "yes",
-            ANN_VERSION: "0.1.0",
-            ANN_BLOB_DIGEST: digest,
-            ANN_BLOB_SIZE: size.to_string(),
-        }
-    }));
-    diff_ids.push(json!(digest));
-    if let Some(h) = c.get_mut("history").and_then(Value::as_array_mut) {
-        if had_accel
-            && h.last()
-                .is_some_and(|e| e["created_by"].as_str() == Some(CREATED_BY))
-        {
+        .find(|l| l.annotation(ANN_BLOB_DIGEST).is_some())
+        .map(|l| l.media_type.clone())
+        .ok_or_else(|| {
+            anyhow!("not an obd image: no layer has the {ANN_BLOB_DIGEST} annotation")
+        })?;
+    let mut accel = Descriptor::new(media_type, digest, size);
+    accel.annotations = BTreeMap::from([
+        (ANN_ACCEL.to_string(), "yes".to_string()),
+        (ANN_VERSION.to_string(), VERSION_NATIVE.to_string()),
+        (ANN_BLOB_DIGEST.to_string(), digest.to_string()),
+        (ANN_BLOB_SIZE.to_string(), size.to_string()),
+    ]);
+    layers.push(accel);
+    diff_ids.push(digest.to_string());
+    let h = &mut c.history;
+    if !h.is_empty() {
+        if had_accel && h.last().and_then(|e| e.created_by.as_deref()) == Some(CREATED_BY) {
             h.pop();
         }
-        h.push(
-            json!({"created": "1970-01-01T00:00:00Z", "created_by": CREATED_BY,
-                      "comment": "overlaybd acceleration layer (trace)"}),
-        );
+        h.push(History {
+            created: Some("1970-01-01T00:00:00Z".into()),
+            created_by: Some(CREATED_BY.into()),
+            comment: Some("overlaybd acceleration layer (trace)".into()),
+            ..Default::default()
+        });
     }
     Ok((m, c))
 }
 
 /// The process of the image config: (args, env, cwd).
-fn process_of(config: &Value) -> Result<(Vec<String>, Vec<String>, Option<String>)> {
-    let strs = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str().map(str::to_string))
-            .collect()
-    };
-    let cc = &config["config"];
-    let mut args = strs(&cc["Entrypoint"]);
-    args.extend(strs(&cc["Cmd"]));
+fn process_of(config: &Config) -> Result<(Vec<String>, Vec<String>, Option<String>)> {
+    let p = config
+        .process()
+        .context("the image config's `config` is malformed")?;
+    let mut args = p.entrypoint;
+    args.extend(p.cmd);
     if args.is_empty() {
         bail!("the image config has neither Entrypoint nor Cmd: nothing to run");
     }
-    let cwd = cc["WorkingDir"]
-        .as_str()
-        .filter(|s| !s.is_empty())
-        .map(str::to_string);
-    Ok((args, strs(&cc["Env"]), cwd))
+    let cwd = Some(p.working_dir).filter(|s| !s.is_empty());
+    Ok((args, p.env, cwd))
 }
 
 /// containerd's snapshots service for one namespace.
@@ -532,24 +453,21 @@ fn copy_layers(
     d: &Arc<Distribution>,
     src: &ImageRef,
     dst: &ImageRef,
-    layers: &[Value],
+    layers: &[Descriptor],
     tmp: &Path,
 ) -> Result<()> {
     if src.host == dst.host && src.repo == dst.repo {
         return Ok(());
     }
     for l in layers {
-        let digest = l["digest"]
-            .as_str()
-            .ok_or_else(|| anyhow!("a manifest layer has no digest"))?;
-        let size = l["size"].as_u64().unwrap_or(0);
+        let digest = &l.digest;
         if d.blob_exists(dst, digest)?.is_some() {
             continue;
         }
         let p = tmp.join(digest.replace(':', "-"));
         let mut f =
             std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
-        std::io::copy(&mut d.open_blob(src, digest, size)?, &mut f)
+        std::io::copy(&mut d.open_blob(src, digest, l.size)?, &mut f)
             .with_context(|| format!("copying blob {digest} from {src}"))?;
         d.push_blob(dst, digest, &p)
             .with_context(|| format!("pushing blob {digest} to {dst}"))?;
@@ -558,63 +476,36 @@ fn copy_layers(
     Ok(())
 }
 
-/// Runs `obd trace record`.
-pub fn run(a: RecordArgs) -> Result<()> {
-    if !rustix::process::geteuid().is_root() {
-        bail!("obd trace record needs root (mounts, ctr run)");
-    }
-    let src_ref = ImageRef::parse(&a.image)?;
-    let dst_ref = ImageRef::parse(&a.new_image)?;
-    let mut ropts = RegistryOptions::default();
-    if a.plain_http {
-        for h in [&src_ref.host, &dst_ref.host] {
-            ropts.hosts.entry(h.clone()).or_default().plain_http = true;
-        }
-    }
-    let dist = Arc::new(Distribution::new(ropts)?);
-    let src = resolve(&dist, &src_ref, &a.platform)?;
-    let (args, env, cwd) = process_of(&src.config)?;
-    let diff_ids: Vec<String> = src.config["rootfs"]["diff_ids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
-    // Fails early (before running anything) on a non-obd image.
-    with_accel_layer(&src, "sha256:0", 0)?;
-    let parent = chain_ids(&diff_ids)
-        .pop()
-        .ok_or_else(|| anyhow!("{}: the config has no layers", a.image))?;
+/// What running the image left behind.
+struct Recorded {
+    /// The trace file's bytes.
+    bytes: Vec<u8>,
+    /// The trace, parsed.
+    trace: Trace,
+    /// Path of the trace file.
+    path: PathBuf,
+    /// The container's exit code (None: stopped).
+    status: Option<i32>,
+    /// How long it ran.
+    ran: Duration,
+}
 
-    // 1. Pull (remote snapshots; nothing moves if it is there already).
-    let mut popts = PullOptions::new(&a.image);
-    popts.address = a.address.clone();
-    popts.namespace = a.namespace.clone();
-    popts.snapshotter = a.snapshotter.clone();
-    popts.platform = a.platform.clone();
-    popts.plain_http = a.plain_http;
-    let pulled = pull_blocking(&popts, |_| {}).with_context(|| format!("pulling {}", a.image))?;
-    eprintln!(
-        "obd trace record: pulled {} ({} layers, {} remote)",
-        a.image,
-        pulled.layers.len(),
-        pulled.remote_layers
-    );
-
-    // 2. The recording rootfs.
-    let tmp = tempfile::Builder::new()
-        .prefix("obd-record-")
-        .tempdir_in("/tmp")
-        .context("creating a temporary directory")?;
-    let trace = match &a.trace_out {
-        Some(p) => {
-            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            }
-            std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?
-        }
-        None => tmp.path().join("trace"),
+/// Where the trace goes: `--trace-out` (its directory created), else `tmp`.
+fn trace_path(a: &RecordArgs, tmp: &Path) -> Result<PathBuf> {
+    let Some(p) = &a.trace_out else {
+        return Ok(tmp.join("trace"));
     };
+    if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+/// Prepares a recording rootfs on top of `parent` (the image's top chainID),
+/// runs the image's process in it, tears it down and waits for the trace.
+fn record(a: &RecordArgs, tmp: &Path, parent: &str, config: &Config) -> Result<Recorded> {
+    let (args, env, cwd) = process_of(config)?;
+    let trace = trace_path(a, tmp)?;
     let ok = with_suffix(&trace, ".ok");
     let lock = with_suffix(&trace, ".lock");
     let _ = std::fs::remove_file(&ok);
@@ -628,7 +519,7 @@ pub fn run(a: RecordArgs) -> Result<()> {
     let mut rec = Recording {
         snaps: Snapshots::connect(&a.address, &a.namespace, &a.snapshotter)?,
         key: format!("obd-record-{t}"),
-        rootfs: tmp.path().join("rootfs"),
+        rootfs: tmp.join("rootfs"),
         mounted: false,
         prepared: false,
         ctr,
@@ -650,11 +541,11 @@ pub fn run(a: RecordArgs) -> Result<()> {
         ),
     ]);
     let key = rec.key.clone();
-    let mounts = rec.snaps.prepare(&key, &parent, labels)?;
+    let mounts = rec.snaps.prepare(&key, parent, labels)?;
     rec.prepared = true;
     rec.mount(&mounts)?;
 
-    // 3. Run, stop, tear down: the device goes and finishes the trace.
+    // Run, stop, tear down: the device goes and finishes the trace.
     eprintln!(
         "obd trace record: running {:?} for up to {}s",
         args.join(" "),
@@ -677,73 +568,149 @@ pub fn run(a: RecordArgs) -> Result<()> {
             );
         }
     }
-    let trace_bytes =
-        std::fs::read(&trace).with_context(|| format!("reading {}", trace.display()))?;
+    let bytes = std::fs::read(&trace).with_context(|| format!("reading {}", trace.display()))?;
     let parsed =
         Trace::read_file(&trace).with_context(|| format!("parsing {}", trace.display()))?;
     if parsed.records.is_empty() {
         eprintln!("obd trace record: warning: the trace has no records (the container read nothing from the image?)");
     }
+    Ok(Recorded {
+        bytes,
+        trace: parsed,
+        path: trace,
+        status,
+        ran,
+    })
+}
 
-    // 4. The acceleration layer, config and manifest.
-    let layer = accel_layer_tar(&trace_bytes)?;
-    let ldigest = sha256(&layer);
-    let (manifest, config) = with_accel_layer(&src, &ldigest, layer.len() as u64)?;
-    let cbytes = serde_json::to_vec(&config)?;
-    let cdigest = sha256(&cbytes);
-    let mut manifest = manifest;
-    manifest["config"] =
-        json!({"mediaType": src.config_media_type, "digest": cdigest, "size": cbytes.len()});
-    let mbytes = serde_json::to_vec(&manifest)?;
-    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
-    copy_layers(
-        &dist,
-        &src_ref,
-        &dst_ref,
-        &layers[..layers.len() - 1],
-        tmp.path(),
-    )?;
-    dist.push_blob_bytes(&dst_ref, &ldigest, &layer, tmp.path())
+/// What was pushed.
+struct Pushed {
+    manifest: String,
+    config: String,
+    layer: String,
+    layer_size: usize,
+}
+
+/// Pushes the image with the trace as its acceleration layer to `dst`
+/// (copying the other layer blobs when `dst` is another repository).
+fn push_accelerated(
+    dist: &Arc<Distribution>,
+    src: &Source,
+    src_ref: &ImageRef,
+    (dst_ref, dst_name): (&ImageRef, &str),
+    trace: &[u8],
+    tmp: &Path,
+) -> Result<Pushed> {
+    let layer = accel_layer_tar(trace)?;
+    let ldigest = oci::sha256_digest(&layer);
+    let (mut manifest, config) = with_accel_layer(src, &ldigest, layer.len() as u64)?;
+    let cbytes = oci::to_json(&config);
+    let cdigest = oci::sha256_digest(&cbytes);
+    manifest.config = Descriptor::new(src.config_media_type(), &cdigest, cbytes.len() as u64);
+    let mbytes = oci::to_json(&manifest);
+    let below = &manifest.layers[..manifest.layers.len() - 1];
+    copy_layers(dist, src_ref, dst_ref, below, tmp)?;
+    dist.push_blob_bytes(dst_ref, &ldigest, &layer, tmp)
         .context("pushing the acceleration layer")?;
-    dist.push_blob_bytes(&dst_ref, &cdigest, &cbytes, tmp.path())
+    dist.push_blob_bytes(dst_ref, &cdigest, &cbytes, tmp)
         .context("pushing the config")?;
     let pushed = dist
-        .put_manifest(&dst_ref, dst_ref.reference(), &src.media_type, &mbytes)
-        .with_context(|| format!("pushing the manifest of {}", a.new_image))?;
+        .put_manifest(dst_ref, dst_ref.reference(), &src.media_type, &mbytes)
+        .with_context(|| format!("pushing the manifest of {dst_name}"))?;
+    Ok(Pushed {
+        manifest: pushed.digest,
+        config: cdigest,
+        layer: ldigest,
+        layer_size: layer.len(),
+    })
+}
 
-    let report = json!({
-        "image": a.image, "new_image": a.new_image, "manifest": pushed.digest,
-        "config": cdigest, "acceleration_layer": ldigest, "layer_size": layer.len(),
-        "trace": trace, "trace_records": parsed.records.len(),
-        "trace_bytes": parsed.total_bytes(), "ran_s": ran.as_secs_f64(),
-        "exit_code": status,
-    });
-    if a.json {
-        println!("{report}");
-    } else {
-        println!(
-            "recorded {} reads ({}) in {:.1} s ({}); pushed {} {} with acceleration layer {} ({} bytes)",
-            parsed.records.len(),
-            crate::util::human(parsed.total_bytes()),
-            ran.as_secs_f64(),
-            match status {
-                Some(c) => format!("exited {c}"),
-                None => "stopped".into(),
-            },
-            a.new_image,
-            pushed.digest,
-            ldigest,
-            layer.len()
-        );
+/// Runs `obd trace record`.
+pub fn run(a: RecordArgs) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("obd trace record needs root (mounts, ctr run)");
     }
+    let src_ref = ImageRef::parse(&a.image)?;
+    let dst_ref = ImageRef::parse(&a.new_image)?;
+    let mut ropts = RegistryOptions::default();
+    if a.plain_http {
+        for h in [&src_ref.host, &dst_ref.host] {
+            ropts.hosts.entry(h.clone()).or_default().plain_http = true;
+        }
+    }
+    let dist = Arc::new(Distribution::new(ropts)?);
+    let platform = Platform::parse(&a.platform)?;
+    let src = Source::new(oci::resolve(&dist, &src_ref, &platform)?);
+    // Fails early (before running anything) on a non-obd image.
+    process_of(&src.config)?;
+    with_accel_layer(&src, "sha256:0", 0)?;
+    let parent = oci::chain_ids(&src.config.rootfs.diff_ids)
+        .pop()
+        .ok_or_else(|| anyhow!("{}: the config has no layers", a.image))?;
+
+    // 1. Pull (remote snapshots; nothing moves if it is there already).
+    let mut popts = PullOptions::new(&a.image);
+    popts.address = a.address.clone();
+    popts.namespace = a.namespace.clone();
+    popts.snapshotter = a.snapshotter.clone();
+    popts.platform = a.platform.clone();
+    popts.plain_http = a.plain_http;
+    let pulled = pull_blocking(&popts, |_| {}).with_context(|| format!("pulling {}", a.image))?;
+    eprintln!(
+        "obd trace record: pulled {} ({} layers, {} remote)",
+        a.image,
+        pulled.layers.len(),
+        pulled.remote_layers
+    );
+
+    // 2. and 3. The recording rootfs, the run, the trace.
+    let tmp = tempfile::Builder::new()
+        .prefix("obd-record-")
+        .tempdir_in("/tmp")
+        .context("creating a temporary directory")?;
+    let rec = record(&a, tmp.path(), &parent, &src.config)?;
+
+    // 4. The acceleration layer, config and manifest.
+    let dst = (&dst_ref, a.new_image.as_str());
+    let pushed = push_accelerated(&dist, &src, &src_ref, dst, &rec.bytes, tmp.path())?;
+    print_report(&a, &rec, &pushed);
     // The trace is in `tmp` only without --trace-out; the rest is scratch.
     drop(tmp);
     Ok(())
 }
 
+fn print_report(a: &RecordArgs, rec: &Recorded, pushed: &Pushed) {
+    let (records, bytes) = (rec.trace.records.len(), rec.trace.total_bytes());
+    if a.json {
+        let report = json!({
+            "image": a.image, "new_image": a.new_image, "manifest": pushed.manifest,
+            "config": pushed.config, "acceleration_layer": pushed.layer,
+            "layer_size": pushed.layer_size, "trace": rec.path, "trace_records": records,
+            "trace_bytes": bytes, "ran_s": rec.ran.as_secs_f64(), "exit_code": rec.status,
+        });
+        println!("{report}");
+        return;
+    }
+    println!(
+        "recorded {records} reads ({}) in {:.1} s ({}); pushed {} {} with acceleration layer {} ({} bytes)",
+        crate::util::human(bytes),
+        rec.ran.as_secs_f64(),
+        match rec.status {
+            Some(c) => format!("exited {c}"),
+            None => "stopped".into(),
+        },
+        a.new_image,
+        pushed.manifest,
+        pushed.layer,
+        pushed.layer_size
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+    use std::io::Read;
 
     #[test]
     fn accel_tar_is_deterministic_and_holds_the_trace() {
@@ -763,14 +730,21 @@ mod tests {
         assert_eq!(n, 1);
     }
 
+    fn json_of<T: serde::Serialize>(v: &T) -> Value {
+        serde_json::from_slice(&oci::to_json(v)).unwrap()
+    }
+
     fn source(layers: Value, diff_ids: Value) -> Source {
         Source {
-            manifest: json!({"schemaVersion": 2, "layers": layers,
-                             "config": {"digest": "sha256:c", "size": 1}}),
+            manifest: serde_json::from_value(json!({"schemaVersion": 2, "layers": layers,
+                             "config": {"digest": "sha256:c", "size": 1}}))
+            .unwrap(),
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            config: json!({"rootfs": {"type": "layers", "diff_ids": diff_ids},
+            config: serde_json::from_value(
+                json!({"rootfs": {"type": "layers", "diff_ids": diff_ids},
                            "history": [{"created_by": "x"}]}),
-            config_media_type: "application/vnd.oci.image.config.v1+json".into(),
+            )
+            .unwrap(),
         }
     }
 
@@ -783,13 +757,15 @@ mod tests {
             json!(["sha256:a"]),
         );
         let (m, c) = with_accel_layer(&s, "sha256:t", 7).unwrap();
-        let l = &m["layers"][1];
+        let (mv, cv) = (json_of(&m), json_of(&c));
+        let l = &mv["layers"][1];
         assert_eq!(l["mediaType"], mt);
         assert_eq!(l["annotations"][ANN_ACCEL], "yes");
         assert_eq!(l["annotations"][ANN_VERSION], "0.1.0");
         assert_eq!(l["annotations"][ANN_BLOB_SIZE], "7");
-        assert_eq!(c["rootfs"]["diff_ids"], json!(["sha256:a", "sha256:t"]));
-        assert_eq!(c["history"].as_array().unwrap().len(), 2);
+        assert_eq!(cv["rootfs"]["diff_ids"], json!(["sha256:a", "sha256:t"]));
+        assert_eq!(cv["history"].as_array().unwrap().len(), 2);
+        assert_eq!(cv["history"][1]["created_by"], CREATED_BY);
         // Recording again replaces the layer instead of stacking a second.
         let s2 = Source {
             manifest: m,
@@ -797,9 +773,10 @@ mod tests {
             ..s
         };
         let (m2, c2) = with_accel_layer(&s2, "sha256:u", 8).unwrap();
-        assert_eq!(m2["layers"].as_array().unwrap().len(), 2);
-        assert_eq!(c2["rootfs"]["diff_ids"], json!(["sha256:a", "sha256:u"]));
-        assert_eq!(c2["history"].as_array().unwrap().len(), 2);
+        assert_eq!(m2.layers.len(), 2);
+        assert_eq!(m2.layers[1].digest, "sha256:u");
+        assert_eq!(c2.rootfs.diff_ids, ["sha256:a", "sha256:u"]);
+        assert_eq!(c2.history.len(), 2);
     }
 
     #[test]
@@ -816,12 +793,17 @@ mod tests {
 
     #[test]
     fn process_comes_from_entrypoint_and_cmd() {
-        let c = json!({"config": {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hi"],
-                                  "Env": ["PATH=/bin"], "WorkingDir": "/app"}});
+        let cfg = |v: Value| -> Config { serde_json::from_value(v).unwrap() };
+        let c = cfg(
+            json!({"rootfs": {}, "config": {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hi"],
+                                  "Env": ["PATH=/bin"], "WorkingDir": "/app"}}),
+        );
         let (args, env, cwd) = process_of(&c).unwrap();
         assert_eq!(args, ["/bin/sh", "-c", "echo hi"]);
         assert_eq!(env, ["PATH=/bin"]);
         assert_eq!(cwd.as_deref(), Some("/app"));
-        assert!(process_of(&json!({"config": {}})).is_err());
+        assert!(process_of(&cfg(json!({"rootfs": {}, "config": {}}))).is_err());
+        let c = cfg(json!({"rootfs": {}, "config": {"Entrypoint": null, "Cmd": ["sh"]}}));
+        assert_eq!(process_of(&c).unwrap().0, ["sh"]);
     }
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::creds::Credential;
 use overlaybd_core::error::{Error, Result};
+use zfile::sync::MutexExt;
 
 /// One challenge of a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,12 +211,12 @@ impl AuthCache {
 
     /// The scheme learnt for `repo_key` (`host/repo`), if probed.
     pub fn scheme(&self, repo_key: &str) -> Option<Scheme> {
-        self.schemes.lock().unwrap().get(repo_key).cloned()
+        self.schemes.locked().get(repo_key).cloned()
     }
 
     /// Records the scheme for `repo_key`.
     pub fn set_scheme(&self, repo_key: &str, s: Scheme) {
-        self.schemes.lock().unwrap().insert(repo_key.to_string(), s);
+        self.schemes.locked().insert(repo_key.to_string(), s);
     }
 
     /// A cached, unexpired token for the bearer parameters.
@@ -226,7 +227,7 @@ impl AuthCache {
         scope: &Option<String>,
     ) -> Option<String> {
         let key = (realm.to_string(), service.clone(), scope.clone());
-        let mut t = self.tokens.lock().unwrap();
+        let mut t = self.tokens.locked();
         match t.get(&key) {
             Some((tok, exp)) if Instant::now() < *exp => Some(tok.clone()),
             Some(_) => {
@@ -246,7 +247,7 @@ impl AuthCache {
         token: String,
         ttl: Duration,
     ) {
-        self.tokens.lock().unwrap().insert(
+        self.tokens.locked().insert(
             (realm.to_string(), service.clone(), scope.clone()),
             (token, Instant::now() + ttl),
         );
@@ -255,14 +256,14 @@ impl AuthCache {
     /// Forgets everything about `repo_key` (after a 401/403): its scheme and
     /// the token for its scope, so the next request re-probes and re-fetches.
     pub fn invalidate(&self, repo_key: &str) {
-        let old = self.schemes.lock().unwrap().remove(repo_key);
+        let old = self.schemes.locked().remove(repo_key);
         if let Some(Scheme::Bearer {
             realm,
             service,
             scope,
         }) = old
         {
-            self.tokens.lock().unwrap().remove(&(realm, service, scope));
+            self.tokens.locked().remove(&(realm, service, scope));
         }
     }
 }

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use zfile::ReadAt;
 
@@ -39,6 +39,7 @@ use super::cache::{BlockCache, CachedBlob};
 use super::sched::{PrioCell, Scheduler};
 use super::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::error::{Error, Result};
+use zfile::sync::{recover, MutexExt};
 
 /// Default minimum (and alignment of every) remote request: 256 KiB, upstream's
 /// `refillSize`.
@@ -163,12 +164,12 @@ impl Flight {
     }
 
     fn wait(&self) -> FlightResult {
-        let mut g = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut g = self.done.locked();
         loop {
             if let Some(r) = g.as_ref() {
                 return r.clone();
             }
-            g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+            g = recover(self.cv.wait(g));
         }
     }
 }
@@ -256,11 +257,7 @@ impl<'a> Lead<'a> {
         if self.result.set(r.clone()).is_err() {
             return;
         }
-        *self
-            .flight
-            .done
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(r);
+        *self.flight.done.locked() = Some(r);
         self.flight.cv.notify_all();
         let mut map = self.blob.lock_inflight();
         for &u in &self.units {
@@ -371,7 +368,7 @@ impl RemoteBlob {
     }
 
     fn lock_inflight(&self) -> MutexGuard<'_, HashMap<(u64, u64), Arc<Flight>>> {
-        self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inflight.locked()
     }
 
     fn remote_err(&self, offset: u64, len: u64, detail: String) -> Error {

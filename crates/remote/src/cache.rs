@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use overlaybd_core::error::{Error, Result};
+use zfile::sync::{MutexExt, RwLockExt};
 
 /// Default cache block (presence granularity): 64 KiB.
 pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
@@ -159,11 +160,11 @@ impl CachedBlob {
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, BlobState> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
+        self.state.read_locked()
     }
 
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, BlobState> {
-        self.state.write().unwrap_or_else(PoisonError::into_inner)
+        self.state.write_locked()
     }
 
     fn block_len(&self, i: u64) -> u64 {
@@ -421,7 +422,7 @@ pub struct BlockCache {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+    m.locked()
 }
 
 impl BlockCache {

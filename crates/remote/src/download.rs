@@ -32,7 +32,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,6 +44,7 @@ use super::sched::Scheduler;
 use super::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::config::Download;
 use overlaybd_core::error::{Context, Error, Result};
+use zfile::sync::{recover, MutexExt};
 
 /// Name of the in-progress download file inside the layer directory.
 pub const DOWNLOAD_FILE: &str = ".download";
@@ -353,7 +354,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Ctl> {
-        self.ctl.lock().unwrap_or_else(PoisonError::into_inner)
+        self.ctl.locked()
     }
 
     fn is_cancelled(&self) -> bool {
@@ -377,11 +378,7 @@ impl Shared {
             if now >= deadline {
                 return false;
             }
-            g = self
-                .cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            g = recover(self.cv.wait_timeout(g, deadline - now)).0;
         }
     }
 }

@@ -35,6 +35,7 @@ use serde::Deserialize;
 use super::auth::{self, AuthCache, Scheme};
 use super::creds::{self, CredentialSource, FileCredentials};
 use overlaybd_core::error::{Error, Result};
+use zfile::sync::MutexExt;
 
 /// TLS and scheme settings for one registry host.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -524,7 +525,7 @@ impl Transport {
     fn client(&self, u: &Url) -> Result<Client> {
         let host = authority(u);
         let key = format!("{}://{host}", u.scheme());
-        if let Some(c) = self.clients.lock().unwrap().get(&key) {
+        if let Some(c) = self.clients.locked().get(&key) {
             return Ok(c.clone());
         }
         let hkey = self.host_key(&host);
@@ -546,7 +547,7 @@ impl Transport {
             url: key.clone(),
             detail: format!("cannot build HTTP client: {}", chain(&e)),
         })?;
-        self.clients.lock().unwrap().insert(key, c.clone());
+        self.clients.locked().insert(key, c.clone());
         Ok(c)
     }
 

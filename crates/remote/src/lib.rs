@@ -1,7 +1,9 @@
 //! obd-remote: remote layer sources for the image stack of `overlaybd-core`:
 //! registry range reads (auth, mirrors, P2P), request shaping and scheduling,
 //! the persistent block cache, background download, the OCI distribution
-//! client (manifests, blobs, uploads) and the TOML service config.
+//! client (manifests, blobs, uploads), the OCI image model ([`oci`]: types,
+//! media types, overlaybd annotations, platform matching, resolution) and the
+//! TOML service config.
 //!
 //! The pieces meet at [`RangeFetcher`]: the registry client implements it; the
 //! cached, single-flight [`blob::RemoteBlob`] consumes it and is a `ReadAt`, so
@@ -12,6 +14,7 @@ use overlaybd_core::error::Result;
 pub mod blob;
 pub mod cache;
 pub mod download;
+pub mod oci;
 pub mod sched;
 pub mod timeline;
 

@@ -46,6 +46,7 @@ use super::creds::{self, CredentialSource};
 use super::http::{self, Access, AuthScope, Class, Fail, Request, Retry, Transport};
 use super::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::error::{Error, Result};
+use zfile::sync::MutexExt;
 
 pub use super::http::{HostOptions, P2pOptions, RegistryOptions, RetryOptions, Timeouts};
 
@@ -260,7 +261,7 @@ impl RegistryClient {
 
     /// Counters for `blob_url` (zero if never read).
     pub fn stats(&self, blob_url: &str) -> BlobStats {
-        match self.stats.lock().unwrap().get(blob_url) {
+        match self.stats.locked().get(blob_url) {
             Some(c) => BlobStats {
                 requests: c.requests.load(Ordering::Relaxed),
                 bytes: c.bytes.load(Ordering::Relaxed),
@@ -283,7 +284,7 @@ impl RegistryClient {
 
     /// The redirect `Location` cached for `blob_url` on its origin, if any.
     pub fn cached_redirect(&self, blob_url: &str) -> Option<String> {
-        let mut m = self.redirects.lock().unwrap();
+        let mut m = self.redirects.locked();
         match m.get(blob_url) {
             Some((loc, exp)) if Instant::now() < *exp => Some(loc.clone()),
             Some(_) => {
@@ -296,14 +297,14 @@ impl RegistryClient {
 
     fn cache_redirect(&self, blob_url: &str, location: &str) {
         let ttl = Duration::from_secs(self.options().redirect_ttl_secs);
-        self.redirects.lock().unwrap().insert(
+        self.redirects.locked().insert(
             blob_url.to_string(),
             (location.to_string(), Instant::now() + ttl),
         );
     }
 
     fn drop_redirect(&self, blob_url: &str) {
-        self.redirects.lock().unwrap().remove(blob_url);
+        self.redirects.locked().remove(blob_url);
     }
 
     /// The endpoints for `url`: mirrors first, then the origin.
@@ -346,7 +347,7 @@ impl RegistryClient {
         if !self.options().p2p.enable {
             return false;
         }
-        let mut st = self.p2p_state.lock().unwrap();
+        let mut st = self.p2p_state.locked();
         if let Some((up, at)) = *st {
             if up || at.elapsed() < P2P_RECHECK {
                 return up;
@@ -374,7 +375,7 @@ impl RegistryClient {
     }
 
     fn mirror_is_down(&self, host: &str) -> bool {
-        let mut m = self.mirror_down.lock().unwrap();
+        let mut m = self.mirror_down.locked();
         match m.get(host) {
             Some(until) if Instant::now() < *until => true,
             Some(_) => {
@@ -393,7 +394,7 @@ impl RegistryClient {
     }
 
     fn mark_p2p_down(&self) {
-        *self.p2p_state.lock().unwrap() = Some((false, Instant::now()));
+        *self.p2p_state.locked() = Some((false, Instant::now()));
     }
 
     fn p2p_url(&self, target: &str) -> String {

@@ -23,10 +23,11 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::Priority;
+use zfile::sync::{recover, MutexExt};
 
 /// Default number of fetches allowed in flight at once.
 pub const DEFAULT_CONCURRENCY: usize = 8;
@@ -142,7 +143,7 @@ impl Scheduler {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is a few counters updated atomically under the lock; a
         // panic elsewhere cannot leave it half-updated.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.locked()
     }
 
     /// The same scheduler with background fetches waiting `quiet` (instead of
@@ -211,17 +212,13 @@ impl Scheduler {
                 match quiet_left {
                     Some(d) if d.is_zero() => break,
                     Some(d) => {
-                        st = self
-                            .cv
-                            .wait_timeout(st, d)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
+                        st = recover(self.cv.wait_timeout(st, d)).0;
                         continue;
                     }
                     None => {}
                 }
             }
-            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st = recover(self.cv.wait(st));
         }
         st.queue.remove(&me);
         st.running += 1;
@@ -279,7 +276,7 @@ impl Scheduler {
     pub fn wait_queued(&self, n: usize) {
         let mut st = self.lock();
         while st.queue.len() < n {
-            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st = recover(self.cv.wait(st));
         }
     }
 
@@ -288,7 +285,7 @@ impl Scheduler {
     pub fn wait_queued_at(&self, prio: Priority, n: usize) {
         let mut st = self.lock();
         while st.queue.iter().filter(|q| q.0 == prio).count() < n {
-            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st = recover(self.cv.wait(st));
         }
     }
 }

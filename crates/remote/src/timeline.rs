@@ -9,7 +9,8 @@
 //! reads it. Off (one cached check) otherwise.
 
 use std::io::Write;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
+use zfile::sync::MutexExt;
 
 fn file() -> Option<&'static Mutex<std::fs::File>> {
     static LOG: OnceLock<Option<Mutex<std::fs::File>>> = OnceLock::new();
@@ -41,7 +42,7 @@ pub fn now_us() -> u128 {
 /// Appends `line` (and a newline) if the timeline is on.
 pub fn line(line: &str) {
     if let Some(f) = file() {
-        let mut f = f.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut f = f.locked();
         let _ = f.write_all(format!("{line}\n").as_bytes());
     }
 }

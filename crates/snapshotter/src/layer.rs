@@ -24,12 +24,14 @@ pub const REMOTE_VALUE: &str = "remote snapshot";
 pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/image-ref";
 /// Image reference set by CRI / the transfer service.
 pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-/// overlaybd blob digest (manifest annotation).
-pub const LABEL_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
-/// overlaybd blob size (manifest annotation).
-pub const LABEL_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
+// The overlaybd layer annotations arrive as snapshot labels of the same
+// name (formats.md §9.1).
 /// overlaybd acceleration (trace) layer.
-pub const LABEL_ACCEL_LAYER: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
+pub use obd_remote::oci::ANN_ACCEL as LABEL_ACCEL_LAYER;
+/// overlaybd blob digest (manifest annotation).
+pub use obd_remote::oci::ANN_BLOB_DIGEST as LABEL_BLOB_DIGEST;
+/// overlaybd blob size (manifest annotation).
+pub use obd_remote::oci::ANN_BLOB_SIZE as LABEL_BLOB_SIZE;
 
 /// A Prepare/View as the hook sees it.
 pub struct PrepareInfo<'a> {
