@@ -66,24 +66,17 @@ where
 
 /// A content descriptor.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Descriptor {
     /// `mediaType` ("" when absent).
-    #[serde(
-        rename = "mediaType",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub media_type: String,
     /// `sha256:<hex>` (any algorithm is parsed; [`is_sha256`] checks).
     pub digest: String,
     /// Size in bytes.
     pub size: u64,
     /// `artifactType`.
-    #[serde(
-        rename = "artifactType",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_type: Option<String>,
     /// `annotations`.
     #[serde(
@@ -197,20 +190,13 @@ impl fmt::Display for Platform {
 
 /// An image index or Docker manifest list.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Index {
     /// `mediaType` ("" when absent).
-    #[serde(
-        rename = "mediaType",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub media_type: String,
     /// `artifactType`.
-    #[serde(
-        rename = "artifactType",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_type: Option<String>,
     /// The entries.
     #[serde(default, deserialize_with = "null_default")]
@@ -253,20 +239,13 @@ impl Index {
 
 /// An image manifest (OCI or Docker schema 2).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Manifest {
     /// `mediaType` ("" when absent).
-    #[serde(
-        rename = "mediaType",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub media_type: String,
     /// `artifactType`.
-    #[serde(
-        rename = "artifactType",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_type: Option<String>,
     /// The config blob.
     pub config: Descriptor,
