@@ -546,15 +546,7 @@ impl Run<'_> {
             }
             // One commit at a time: finish the previous layer's first.
             if let Some(p) = pending.take() {
-                finish(
-                    p,
-                    self.dst,
-                    opts,
-                    mindex,
-                    &mut lowers,
-                    &mut out,
-                    &mut self.report,
-                )?;
+                self.finish(p, mindex, &mut lowers, &mut out)?;
             }
             let blob_path = work.join("blob");
             let (u, pr, bp) = (upper.clone(), params.clone(), blob_path.clone());
@@ -582,17 +574,46 @@ impl Run<'_> {
             });
         }
         if let Some(p) = pending.take() {
-            finish(
-                p,
-                self.dst,
-                opts,
-                mindex,
-                &mut lowers,
-                &mut out,
-                &mut self.report,
-            )?;
+            self.finish(p, mindex, &mut lowers, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// Waits for a background commit, stores its blob and reports the layer.
+    fn finish(
+        &mut self,
+        p: Pending,
+        mindex: usize,
+        lowers: &mut Vec<(String, Blob)>,
+        out: &mut Vec<OutLayer>,
+    ) -> Result<()> {
+        let (info, digest, size, commit_seconds) = p
+            .handle
+            .join()
+            .map_err(|_| Error::Image("the commit thread panicked".into()))??;
+        drop(p.upper);
+        self.dst.put_blob_file(&digest, &p.blob_path)?;
+        let _ = fs::remove_dir_all(&p.work);
+        let local = self.dst.blob_path(&digest).ok_or_else(|| {
+            Error::Unsupported("destination without local blobs for multi-layer conversion".into())
+        })?;
+        let fsrc = zfile::FileSource::open(&local).map_err(|e| Error::file(&local, e))?;
+        lowers.push((digest.clone(), Arc::new(fsrc)));
+        let mut lr = p.report;
+        lr.digest = digest.clone();
+        lr.size = size;
+        lr.commit = info;
+        lr.commit_seconds = commit_seconds;
+        lr.seconds = p.start.elapsed().as_secs_f64();
+        if let Some(cb) = &self.opts.progress {
+            cb(&lr);
+        }
+        if let Some(o) = &self.opts.observer {
+            o.layer_done(mindex, &lr);
+        }
+        self.report.layers.push(lr);
+        out.push((digest, size));
+        Ok(())
     }
 
     /// Applies the source layers of one output layer to a new writable
@@ -704,45 +725,6 @@ fn stack(lowers: &[(String, Blob)], top: Option<Arc<WritableLayer>>) -> Result<O
         .map(|(n, b)| overlaybd_core::image::Layer::open(n.clone(), b.clone()))
         .collect::<overlaybd_core::Result<Vec<_>>>()?;
     Ok(Some(Arc::new(Image::from_parts(layers, top)?)))
-}
-
-/// Waits for a background commit, stores its blob and reports the layer.
-fn finish(
-    p: Pending,
-    dst: &dyn ImageDest,
-    opts: &Options,
-    mindex: usize,
-    lowers: &mut Vec<(String, Blob)>,
-    out_layers: &mut Vec<(String, u64)>,
-    report: &mut Report,
-) -> Result<()> {
-    let (info, digest, size, commit_seconds) = p
-        .handle
-        .join()
-        .map_err(|_| Error::Image("the commit thread panicked".into()))??;
-    drop(p.upper);
-    dst.put_blob_file(&digest, &p.blob_path)?;
-    let _ = fs::remove_dir_all(&p.work);
-    let local = dst.blob_path(&digest).ok_or_else(|| {
-        Error::Unsupported("destination without local blobs for multi-layer conversion".into())
-    })?;
-    let fsrc = zfile::FileSource::open(&local).map_err(|e| Error::file(&local, e))?;
-    lowers.push((digest.clone(), Arc::new(fsrc)));
-    let mut lr = p.report;
-    lr.digest = digest.clone();
-    lr.size = size;
-    lr.commit = info;
-    lr.commit_seconds = commit_seconds;
-    lr.seconds = p.start.elapsed().as_secs_f64();
-    if let Some(cb) = &opts.progress {
-        cb(&lr);
-    }
-    if let Some(o) = &opts.observer {
-        o.layer_done(mindex, &lr);
-    }
-    report.layers.push(lr);
-    out_layers.push((digest, size));
-    Ok(())
 }
 
 /// Marks 16 random-looking bytes as a version-4 UUID.
