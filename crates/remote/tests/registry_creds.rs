@@ -10,13 +10,18 @@ mod support;
 use std::path::Path;
 
 use base64::Engine;
-use obd_remote::creds::{
-    run_helper, Anonymous, CredentialSource, DockerConfig, FileCredentials,
-};
+use obd_remote::creds::{run_helper, Anonymous, CredentialSource, DockerConfig, FileCredentials};
 use obd_remote::registry::{RegistryClient, RegistryOptions};
 use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::Error;
 use support::{digest_of, pattern, write_script, Registry};
+
+/// Writes a `cred.json` giving `user_pass` (`user:pass`) for `host`.
+fn write_auth(cred: &std::path::Path, host: &str, user_pass: &str) {
+    let auth = b64(user_pass);
+    let json = format!(r#"{{"auths": {{"{host}": {{"auth": "{auth}"}}}}}}"#);
+    std::fs::write(cred, json).unwrap();
+}
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -262,15 +267,7 @@ fi
         ..RegistryOptions::default()
     })
     .unwrap();
-    std::fs::write(
-        &cred,
-        format!(
-            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
-            reg.addr,
-            b64("alice:wrong")
-        ),
-    )
-    .unwrap();
+    write_auth(&cred, &reg.addr, "alice:wrong");
     let b = BlobRef {
         url: url.clone(),
         digest: digest_of(&url),
@@ -278,14 +275,6 @@ fi
     };
     let e = c.fetch(&b, 0, 10, Priority::Foreground).unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e}");
-    std::fs::write(
-        &cred,
-        format!(
-            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
-            reg.addr,
-            b64("alice:s3cret")
-        ),
-    )
-    .unwrap();
+    write_auth(&cred, &reg.addr, "alice:s3cret");
     fetch_ok(&c, &url, &data);
 }
