@@ -12,14 +12,14 @@
 #[path = "../src/testbed.rs"]
 mod testbed;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testbed::{build_sample, mounts_below, run_ok, wait_until, Options, Testbed};
 
 mod common;
-use common::{snapshotter_bin, testbed_ready};
+use common::testbed_bins;
 
 /// Polls `cond` every millisecond (tight: the windows are short).
 fn poll(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -159,10 +159,9 @@ fn task_status(tb: &Testbed, id: &str) -> String {
 #[test]
 fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     let tools = ["containerd", "ctr", "runc", "docker-registry", "losetup"];
-    if !testbed_ready("snapshotter restart test", &tools) {
+    let Some((obd, sn)) = testbed_bins("snapshotter restart test", &tools) else {
         return;
-    }
-    let (obd, sn) = (PathBuf::from(common::OBD), snapshotter_bin());
+    };
     let mut opts = Options::new(obd, sn);
     opts.prefix = "obd-restart-".into();
     let mut tb = Testbed::new(opts).unwrap();
