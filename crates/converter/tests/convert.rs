@@ -153,6 +153,14 @@ fn conversion_is_deterministic() {
     }
 }
 
+/// The error converting `oci:<src>:v1` into a sibling `out` layout.
+fn convert_error(src: &std::path::Path) -> String {
+    let out = src.with_file_name("out");
+    convert_layout(src, "v1", &out, "t")
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
 fn errors_name_the_layer_and_the_path() {
     let tmp = tempfile::tempdir().unwrap();
@@ -161,9 +169,7 @@ fn errors_name_the_layer_and_the_path() {
     l.file("ok", 0o644, b"fine");
     l.link(tar::EntryType::Link, "broken", "does/not/exist");
     make_layout(&src, "v1", &[(layer0(), "gzip"), (l.finish(), "")]);
-    let err = convert_layout(&src, "v1", &tmp.path().join("out"), "t")
-        .unwrap_err()
-        .to_string();
+    let err = convert_error(&src);
     assert!(err.contains("layer 1 (sha256:"), "{err}");
     assert!(err.contains("entry `broken`"), "{err}");
     assert!(err.contains("does/not/exist"), "{err}");
@@ -267,9 +273,7 @@ fn corrupt_blob_is_refused() {
     let mut b = fs::read(&p).unwrap();
     b[600] ^= 1; // inside the file data
     fs::write(&p, b).unwrap();
-    let err = convert_layout(&src, "v1", &tmp.path().join("out"), "t")
-        .unwrap_err()
-        .to_string();
+    let err = convert_error(&src);
     assert!(
         err.contains("layer 0 (sha256:") && err.contains("digest"),
         "{err}"
