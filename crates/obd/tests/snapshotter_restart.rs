@@ -239,17 +239,8 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
 
     // (b2) kill -9 while a container runs: its device is adopted.
     let b2 = tb.cid("b2");
-    run_ok(tb.ctr().args([
-        "run",
-        "-d",
-        "--snapshotter",
-        "obd",
-        &image,
-        &b2,
-        "sleep",
-        "100000",
-    ]))
-    .expect("ctr run -d b2");
+    let run_d = ["run", "-d", "--snapshotter", "obd"];
+    run_ok(tb.ctr().args(run_d).args([&image, &b2, "sleep", "100000"])).expect("ctr run -d b2");
     wait_until("b2 running", Duration::from_secs(30), || {
         task_status(&tb, "b2") == "RUNNING"
     })

@@ -31,6 +31,10 @@ fn user(c: &dyn CredentialSource, host: &str, repo: &str) -> Option<String> {
     c.lookup(host, repo).unwrap().map(|c| c.username)
 }
 
+fn docker_user(c: &DockerConfig, host: &str, repo: &str) -> Option<String> {
+    c.lookup(host, repo).unwrap().map(|c| c.username)
+}
+
 fn parsing_and_key_matching(dir: &Path) {
     let cfg = format!(
         r#"{{"auths": {{
@@ -177,45 +181,26 @@ fi
                       "elsewhere": {"username": "inline2", "password": "x"}}}"#,
     )
     .unwrap();
-    assert_eq!(
-        helpers
-            .lookup("reg.example", "a/b")
-            .unwrap()
-            .unwrap()
-            .username,
-        "alice"
-    );
-    // No helper for the host: `auths`.
-    assert_eq!(
-        helpers
-            .lookup("elsewhere", "a/b")
-            .unwrap()
-            .unwrap()
-            .username,
-        "inline2"
-    );
     let store = DockerConfig::parse(
         r#"{"credsStore": "test", "auths": {"elsewhere": {"username": "inline", "password": "x"}}}"#,
     )
     .unwrap();
-    assert_eq!(
-        store.lookup("reg.example", "a").unwrap().unwrap().username,
-        "alice"
-    );
-    // The store has nothing for it: fall back to `auths`.
-    assert_eq!(
-        store.lookup("elsewhere", "a").unwrap().unwrap().username,
-        "inline"
-    );
+    for (cfg, host, repo, want) in [
+        (&helpers, "reg.example", "a/b", "alice"),
+        // No helper for the host: `auths`.
+        (&helpers, "elsewhere", "a/b", "inline2"),
+        (&store, "reg.example", "a", "alice"),
+        // The store has nothing for it: fall back to `auths`.
+        (&store, "elsewhere", "a", "inline"),
+    ] {
+        let got = docker_user(cfg, host, repo);
+        assert_eq!(got.as_deref(), Some(want), "{host} {repo}");
+    }
     // docker.io is asked for under its classic server name.
     std::fs::write(dir.path().join("known"), "https://index.docker.io/v1/").unwrap();
     assert_eq!(
-        store
-            .lookup("registry-1.docker.io", "library/x")
-            .unwrap()
-            .unwrap()
-            .username,
-        "alice"
+        docker_user(&store, "registry-1.docker.io", "library/x").as_deref(),
+        Some("alice")
     );
 
     // End to end against an htpasswd registry.
