@@ -4,10 +4,8 @@
 //! what Debian's `umoci unpack` makes of the source image. The ext4 is read
 //! with libext2fs (no mount, no root needed for that part).
 use std::fs::{self, File};
-use std::process::Command;
 
 use converter::fs::Ext4;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
 mod common;
@@ -39,12 +37,7 @@ fn converts_every_entry_type_and_whiteout() {
             (layer2_plain(), ""),
         ],
     );
-    let report = convert(
-        &OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap(),
-        &OciLayout::parse(&format!("oci:{}:conv", out.display())).unwrap(),
-        &small_opts(),
-    )
-    .unwrap();
+    let report = convert_layout(&src, "v1", &out, "conv").unwrap();
     assert_eq!(report.layers.len(), 3);
     for l in &report.layers {
         eprintln!(
@@ -77,12 +70,19 @@ fn converts_every_entry_type_and_whiteout() {
     }
 }
 
-#[test]
-fn flatten_option_gives_the_same_tree() {
+/// A temporary directory with an OCI layout `src` of `layers` tagged `v1`,
+/// and its reference.
+fn source_layout(layers: &[(Vec<u8>, &str)]) -> (tempfile::TempDir, OciLayout) {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    make_layout(&src, "v1", &[(layer0(), "gzip"), (layer1(), "")]);
+    make_layout(&src, "v1", layers);
     let srcref = OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap();
+    (tmp, srcref)
+}
+
+#[test]
+fn flatten_option_gives_the_same_tree() {
+    let (tmp, srcref) = source_layout(&[(layer0(), "gzip"), (layer1(), "")]);
     let mut trees = Vec::new();
     for flat in [false, true] {
         let out = tmp.path().join(format!("out-{flat}"));
@@ -112,10 +112,7 @@ fn flatten_option_gives_the_same_tree() {
 
 #[test]
 fn conversion_is_deterministic() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    make_layout(&src, "v1", &[(layer0(), "gzip"), (layer1(), "zstd")]);
-    let srcref = OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap();
+    let (tmp, srcref) = source_layout(&[(layer0(), "gzip"), (layer1(), "zstd")]);
     let mut digests = Vec::new();
     for run in 0..2 {
         let out = tmp.path().join(format!("out{run}"));
@@ -156,6 +153,14 @@ fn conversion_is_deterministic() {
     }
 }
 
+/// The error converting `oci:<src>:v1` into a sibling `out` layout.
+fn convert_error(src: &std::path::Path) -> String {
+    let out = src.with_file_name("out");
+    convert_layout(src, "v1", &out, "t")
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
 fn errors_name_the_layer_and_the_path() {
     let tmp = tempfile::tempdir().unwrap();
@@ -164,13 +169,7 @@ fn errors_name_the_layer_and_the_path() {
     l.file("ok", 0o644, b"fine");
     l.link(tar::EntryType::Link, "broken", "does/not/exist");
     make_layout(&src, "v1", &[(layer0(), "gzip"), (l.finish(), "")]);
-    let err = convert(
-        &OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap(),
-        &OciLayout::parse(&format!("oci:{}:t", tmp.path().join("out").display())).unwrap(),
-        &small_opts(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = convert_error(&src);
     assert!(err.contains("layer 1 (sha256:"), "{err}");
     assert!(err.contains("entry `broken`"), "{err}");
     assert!(err.contains("does/not/exist"), "{err}");
@@ -200,33 +199,13 @@ fn pax_sparse_formats() {
     let _ = layer2(tmp.path());
     for version in ["0.0", "0.1", "1.0"] {
         let t = tmp.path().join(format!("s{version}.tar"));
-        let st = Command::new("tar")
-            .args([
-                "--format=posix",
-                "--sparse",
-                "--numeric-owner",
-                "--owner=0",
-                "--group=0",
-            ])
-            .arg(format!("--sparse-version={version}"))
-            .arg(format!("--mtime=@{MTIME}"))
-            .arg("-C")
-            .arg(tmp.path().join("sparse-src"))
-            .arg("-cf")
-            .arg(&t)
-            .arg("sparse.img")
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let sv = format!("--sparse-version={version}");
+        let src_dir = tmp.path().join("sparse-src");
+        sparse_tar(&src_dir, "sparse.img", &t, &["--format=posix", &sv]);
         let src = tmp.path().join(format!("src{version}"));
         let out = tmp.path().join(format!("out{version}"));
         make_layout(&src, "v1", &[(fs::read(&t).unwrap(), "gzip")]);
-        convert(
-            &OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap(),
-            &OciLayout::parse(&format!("oci:{}:t", out.display())).unwrap(),
-            &small_opts(),
-        )
-        .unwrap();
+        convert_layout(&src, "v1", &out, "t").unwrap();
         let raw = tmp.path().join(format!("raw{version}"));
         flatten(&output_blobs(&out, "t"), &raw);
         e2fsck_clean(&raw);
@@ -253,72 +232,14 @@ fn pax_sparse_formats() {
 fn index_and_docker_media_types() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    let blobs = src.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let put = |b: &[u8]| -> String {
-        let d = sha(b);
-        fs::write(blobs.join(&d[7..]), b).unwrap();
-        d
-    };
-    let mut entries = Vec::new();
-    for (arch, docker) in [("amd64", false), ("arm64", true)] {
+    let platforms = [("amd64", false), ("arm64", true)].map(|(arch, docker)| {
         let mut l = Layer::new();
         l.file(&format!("arch-{arch}"), 0o644, arch.as_bytes());
-        let tar = l.finish();
-        let gz = gzip(&tar);
-        let ld = put(&gz);
-        let cfg = serde_json::to_vec(&json!({
-            "architecture": arch, "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [sha(&tar)]},
-        }))
-        .unwrap();
-        let cd = put(&cfg);
-        let (mt, cmt, lmt) = if docker {
-            (
-                "application/vnd.docker.distribution.manifest.v2+json",
-                "application/vnd.docker.container.image.v1+json",
-                "application/vnd.docker.image.rootfs.diff.tar.gzip",
-            )
-        } else {
-            (
-                "application/vnd.oci.image.manifest.v1+json",
-                "application/vnd.oci.image.config.v1+json",
-                "application/vnd.oci.image.layer.v1.tar+gzip",
-            )
-        };
-        let m = serde_json::to_vec(&json!({
-            "schemaVersion": 2, "mediaType": mt,
-            "config": {"mediaType": cmt, "digest": cd, "size": cfg.len()},
-            "layers": [{"mediaType": lmt, "digest": ld, "size": gz.len()}],
-        }))
-        .unwrap();
-        let md = put(&m);
-        entries.push(json!({"mediaType": mt, "digest": md, "size": m.len(),
-            "platform": {"architecture": arch, "os": "linux"}}));
-    }
-    let idx = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": entries,
-    }))
-    .unwrap();
-    let id = put(&idx);
-    fs::write(src.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    fs::write(
-        src.join("index.json"),
-        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": id, "size": idx.len(),
-            "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
-        .unwrap(),
-    )
-    .unwrap();
+        (arch, docker, l.finish())
+    });
+    make_multi_platform(&src, "multi", &platforms);
     let out = tmp.path().join("out");
-    let r = convert(
-        &OciLayout::parse(&format!("oci:{}:multi", src.display())).unwrap(),
-        &OciLayout::parse(&format!("oci:{}:multi", out.display())).unwrap(),
-        &small_opts(),
-    )
-    .unwrap();
+    let r = convert_layout(&src, "multi", &out, "multi").unwrap();
     assert_eq!(r.manifests.len(), 2);
     assert_eq!(r.root.media_type, "application/vnd.oci.image.index.v1+json");
     let read = |d: &str| -> serde_json::Value {
@@ -352,13 +273,7 @@ fn corrupt_blob_is_refused() {
     let mut b = fs::read(&p).unwrap();
     b[600] ^= 1; // inside the file data
     fs::write(&p, b).unwrap();
-    let err = convert(
-        &OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap(),
-        &OciLayout::parse(&format!("oci:{}:t", tmp.path().join("out").display())).unwrap(),
-        &small_opts(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = convert_error(&src);
     assert!(
         err.contains("layer 0 (sha256:") && err.contains("digest"),
         "{err}"
@@ -380,32 +295,11 @@ fn huge_sparse_file() {
         .unwrap();
     drop(f);
     let t = tmp.path().join("huge.tar");
-    let st = Command::new("tar")
-        .args([
-            "--format=posix",
-            "--sparse",
-            "--numeric-owner",
-            "--owner=0",
-            "--group=0",
-        ])
-        .arg(format!("--mtime=@{MTIME}"))
-        .arg("-C")
-        .arg(&d)
-        .arg("-cf")
-        .arg(&t)
-        .arg("huge.img")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    sparse_tar(&d, "huge.img", &t, &["--format=posix"]);
     let src = tmp.path().join("src");
     make_layout(&src, "v1", &[(fs::read(&t).unwrap(), "gzip")]);
     let out = tmp.path().join("out");
-    convert(
-        &OciLayout::parse(&format!("oci:{}:v1", src.display())).unwrap(),
-        &OciLayout::parse(&format!("oci:{}:t", out.display())).unwrap(),
-        &small_opts(),
-    )
-    .unwrap();
+    convert_layout(&src, "v1", &out, "t").unwrap();
     let raw = tmp.path().join("raw");
     flatten(&output_blobs(&out, "t"), &raw);
     e2fsck_clean(&raw);

@@ -12,20 +12,7 @@ use obd_remote::service::{RegistrySource, ServiceConfig};
 use overlaybd_core::config::{Download, ImageConfig, Lower};
 use tcmu_target::BlockBackend;
 
-const STACK: [(&str, &str); 3] = [
-    (
-        "stack-lz4/layer0.overlaybd.tar",
-        "sha256:fc6d00471402b6130c16a99bea6fd6455e46bb2fc07b275d72205a8730a4af64",
-    ),
-    (
-        "stack-lz4/layer1.overlaybd.tar",
-        "sha256:f1f109e0a0774bee52a144cbc939e3de41bd9d6b0a4625b7c73dddd510f8d225",
-    ),
-    (
-        "stack-lz4/layer2.overlaybd.tar",
-        "sha256:199dc6797b707531ae9a887d4d3691e1e5f474271e09611ffb891013157da274",
-    ),
-];
+const STACK: [(&str, &str); 3] = fixtures::STACK_LZ4;
 
 fn source(dir: &Path) -> RegistrySource {
     let mut s = ServiceConfig::default();

@@ -30,19 +30,14 @@ fn python_image() -> Option<PathBuf> {
 }
 
 fn convert_json(src: &Path, dst: &Path) -> Value {
-    let out = Command::new(OBD)
-        .arg("convert")
-        .arg(format!("oci:{}:python", src.display()))
-        .arg(format!("oci:{}:obd", dst.display()))
-        .args(["--oci", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = fixtures::procs::run(
+        Command::new(OBD)
+            .arg("convert")
+            .arg(format!("oci:{}:python", src.display()))
+            .arg(format!("oci:{}:obd", dst.display()))
+            .args(["--oci", "--json"]),
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&out).unwrap()
 }
 
 #[test]
@@ -77,17 +72,12 @@ fn python_image_converts_exactly() {
         // same tree, and the app runs from it.
         let mnt = tmp.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        let lo = Command::new("losetup")
-            .args(["-f", "--show", "-r"])
-            .arg(&raw)
-            .output()
-            .unwrap();
-        assert!(
-            lo.status.success(),
-            "{}",
-            String::from_utf8_lossy(&lo.stderr)
+        let lo = fixtures::procs::run(
+            Command::new("losetup")
+                .args(["-f", "--show", "-r"])
+                .arg(&raw),
         );
-        let dev = String::from_utf8(lo.stdout).unwrap().trim().to_string();
+        let dev = lo.trim().to_string();
         let st = Command::new("mount")
             .args(["-t", "ext4", "-o", "ro", &dev])
             .arg(&mnt)

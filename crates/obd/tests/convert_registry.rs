@@ -13,10 +13,11 @@ use std::sync::Arc;
 
 use base64::Engine;
 use converter::registry::{RegistryDest, RegistrySource};
+use fixtures::procs::{check, run, Needs};
 use obd_remote::creds::{Credential, StaticCredentials};
 use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::registry::RegistryOptions;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[path = "../../converter/tests/common/mod.rs"]
 mod common;
@@ -25,15 +26,19 @@ use common::*;
 const OBD: &str = env!("CARGO_BIN_EXE_obd");
 
 fn tools() -> bool {
-    for t in ["docker-registry", "skopeo", "curl"] {
-        if !fixtures::registry::have(t) {
-            eprintln!(
-                "SKIPPED: `{t}` is not installed (apt-get install docker-registry skopeo curl)"
-            );
-            return false;
-        }
+    Needs::tools(&["docker-registry", "skopeo", "curl"]).met("obd convert with a registry")
+}
+
+/// A registry in a new temporary directory and its address, or `None`
+/// (after a loud `SKIPPED` line) without the tools.
+fn start_registry() -> Option<(tempfile::TempDir, fixtures::registry::Registry, String)> {
+    if !tools() {
+        return None;
     }
-    true
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = fixtures::registry::Registry::start(tmp.path()).unwrap();
+    let addr = reg.addr.clone();
+    Some((tmp, reg, addr))
 }
 
 fn skopeo_push(src: &str, dst: &str, creds: Option<&str>) {
@@ -42,12 +47,7 @@ fn skopeo_push(src: &str, dst: &str, creds: Option<&str>) {
     if let Some(cr) = creds {
         c.arg(format!("--dest-creds={cr}"));
     }
-    let out = c.arg(src).arg(dst).output().unwrap();
-    assert!(
-        out.status.success(),
-        "skopeo copy {src} {dst}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(c.arg(src).arg(dst));
 }
 
 fn obd_convert(args: &[&str], env: &[(&str, &Path)]) -> std::process::Output {
@@ -59,14 +59,23 @@ fn obd_convert(args: &[&str], env: &[(&str, &Path)]) -> std::process::Output {
     c.output().unwrap()
 }
 
+/// `obd convert <src> <dst> --plain-http <addr> --vsize 1G --json <extra…>`
+/// with the environment `env`.
+fn convert_via(
+    addr: &str,
+    src: &str,
+    dst: &str,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> std::process::Output {
+    let mut args = vec![src, dst, "--plain-http", addr, "--vsize", "1G", "--json"];
+    args.extend_from_slice(extra);
+    obd_convert(&args, env)
+}
+
 fn ok(out: &std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "obd convert failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    let stdout = check("obd convert", out);
+    serde_json::from_str(&stdout).unwrap_or(Value::Null)
 }
 
 fn client(addr: &str) -> Arc<Distribution> {
@@ -97,15 +106,7 @@ fn pull(c: &Distribution, r: &ImageRef, dir: &Path, tag: &str) -> Value {
         assert_eq!(n, d["size"].as_u64().unwrap());
         assert_eq!(sha_file(&blobs.join(&dg[7..])), dg, "blob digest");
     }
-    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": m.media_type, "digest": m.digest, "size": m.bytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
-        .unwrap(),
-    )
-    .unwrap();
+    write_index(dir, tag, &m.media_type, &m.digest, m.bytes.len());
     man
 }
 
@@ -160,12 +161,9 @@ fn source_image(tmp: &Path) -> PathBuf {
 
 #[test]
 fn registry_to_registry() {
-    if !tools() {
+    let Some((tmp, _reg, addr)) = start_registry() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let reg = fixtures::registry::Registry::start(tmp.path()).unwrap();
-    let addr = reg.addr.clone();
+    };
     let src = source_image(tmp.path());
     skopeo_push(
         &format!("oci:{}:v1", src.display()),
@@ -173,13 +171,7 @@ fn registry_to_registry() {
         None,
     );
     let s = format!("docker://{addr}/src/app:v1");
-    let common = ["--plain-http", &addr, "--vsize", "1G", "--json"];
-    let conv = |dst: &str, extra: &[&str]| {
-        let mut a = vec![s.as_str(), dst];
-        a.extend_from_slice(&common);
-        a.extend_from_slice(extra);
-        ok(&obd_convert(&a, &[]))
-    };
+    let conv = |dst: &str, extra: &[&str]| ok(&convert_via(&addr, &s, dst, extra, &[]));
     // Docker media types by default; twice, to another tag: same digests.
     let r1 = conv(&format!("docker://{addr}/obd/app:a"), &[]);
     let r2 = conv(&format!("docker://{addr}/obd/app:b"), &[]);
@@ -246,22 +238,11 @@ fn registry_to_registry() {
         "application/vnd.oci.image.manifest.v1+json"
     );
     let sk = tmp.path().join("skopeo");
-    let out = Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-        ])
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--preserve-digests"])
+        .arg("--src-tls-verify=false")
         .arg(format!("docker://{addr}/obd/app:oci"))
-        .arg(format!("oci:{}:oci", sk.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(format!("oci:{}:oci", sk.display())));
     let ob = output_blobs(&sk, "oci");
     let raw2 = tmp.path().join("raw2");
     flatten(&ob, &raw2);
@@ -277,21 +258,10 @@ fn registry_to_registry() {
 
     // --no-push -o writes a layout with the same manifest.
     let np = tmp.path().join("nopush");
-    let r5 = ok(&obd_convert(
-        &[
-            &s,
-            &format!("docker://{addr}/never/pushed:t"),
-            "--no-push",
-            "-o",
-            np.to_str().unwrap(),
-            "--plain-http",
-            &addr,
-            "--vsize",
-            "1G",
-            "--json",
-        ],
-        &[],
-    ));
+    let r5 = conv(
+        &format!("docker://{addr}/never/pushed:t"),
+        &["--no-push", "-o", np.to_str().unwrap()],
+    );
     assert_eq!(r5["digest"], r1["digest"]);
     assert!(np.join("index.json").exists());
     assert!(c
@@ -305,57 +275,18 @@ fn registry_to_registry() {
 
 #[test]
 fn referrer_platforms_and_chunked_uploads() {
-    if !tools() {
+    let Some((tmp, _reg, addr)) = start_registry() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let reg = fixtures::registry::Registry::start(tmp.path()).unwrap();
-    let addr = reg.addr.clone();
+    };
     // A two-platform index.
     let src = tmp.path().join("multi");
-    let blobs = src.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let put = |b: &[u8]| -> String {
-        let d = sha(b);
-        fs::write(blobs.join(&d[7..]), b).unwrap();
-        d
-    };
-    let mut entries = Vec::new();
-    for arch in ["amd64", "arm64"] {
+    let platforms = ["amd64", "arm64"].map(|arch| {
         let mut l = Layer::new();
         l.file(&format!("arch-{arch}"), 0o644, arch.as_bytes());
         l.file("big", 0o644, &noise(3 << 20, 7));
-        let t = l.finish();
-        let gz = gzip(&t);
-        let ld = put(&gz);
-        let cfg = serde_json::to_vec(&json!({"architecture": arch, "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [sha(&t)]}}))
-        .unwrap();
-        let cd = put(&cfg);
-        let m = serde_json::to_vec(&json!({"schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cfg.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": gz.len()}]}))
-        .unwrap();
-        let md = put(&m);
-        entries.push(
-            json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": md, "size": m.len(), "platform": {"architecture": arch, "os": "linux"}}),
-        );
-    }
-    let idx = serde_json::to_vec(&json!({"schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}))
-    .unwrap();
-    let id = put(&idx);
-    fs::write(src.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    fs::write(
-        src.join("index.json"),
-        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": id, "size": idx.len(),
-            "annotations": {"org.opencontainers.image.ref.name": "m"}}]}))
-        .unwrap(),
-    )
-    .unwrap();
+        (arch, false, l.finish())
+    });
+    make_multi_platform(&src, "m", &platforms);
     skopeo_push(
         &format!("oci:{}:m", src.display()),
         &format!("docker://{addr}/multi/app:m"),
@@ -369,18 +300,9 @@ fn referrer_platforms_and_chunked_uploads() {
     let idx = smf.bytes.clone();
 
     // All platforms, Docker types: a manifest list with two entries.
-    let all = ok(&obd_convert(
-        &[
-            &format!("docker://{addr}/multi/app:m"),
-            &format!("docker://{addr}/multi/app:obd"),
-            "--plain-http",
-            &addr,
-            "--vsize",
-            "1G",
-            "--json",
-        ],
-        &[],
-    ));
+    let m = format!("docker://{addr}/multi/app:m");
+    let conv = |dst: &str, extra: &[&str]| convert_via(&addr, &m, dst, extra, &[]);
+    let all = ok(&conv(&format!("docker://{addr}/multi/app:obd"), &[]));
     assert_eq!(
         all["media_type"],
         "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -388,19 +310,11 @@ fn referrer_platforms_and_chunked_uploads() {
     assert_eq!(all["manifests"].as_array().unwrap().len(), 2);
 
     // One platform, as a referrer of the source index (OCI forced).
-    let r = ok(&obd_convert(
-        &[
-            &format!("docker://{addr}/multi/app@{id}"),
-            &format!("docker://{addr}/multi/app:obd-arm64"),
-            "--plain-http",
-            &addr,
-            "--platform",
-            "linux/arm64",
-            "--referrer",
-            "--vsize",
-            "1G",
-            "--json",
-        ],
+    let r = ok(&convert_via(
+        &addr,
+        &format!("docker://{addr}/multi/app@{id}"),
+        &format!("docker://{addr}/multi/app:obd-arm64"),
+        &["--platform", "linux/arm64", "--referrer"],
         &[],
     ));
     assert_eq!(r["manifests"].as_array().unwrap().len(), 1);
@@ -422,16 +336,9 @@ fn referrer_platforms_and_chunked_uploads() {
         fbd["manifests"][0]["artifactType"],
         "application/vnd.containerd.overlaybd.native.v1+json"
     );
-    let bad = obd_convert(
-        &[
-            &format!("docker://{addr}/multi/app:m"),
-            &format!("docker://{addr}/multi/app:none"),
-            "--plain-http",
-            &addr,
-            "--platform",
-            "linux/s390x",
-        ],
-        &[],
+    let bad = conv(
+        &format!("docker://{addr}/multi/app:none"),
+        &["--platform", "linux/s390x"],
     );
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--platform"));
@@ -492,7 +399,8 @@ fn basic_auth_from_docker_config() {
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("alice:{pass}"));
         fs::write(
             dir.join("config.json"),
-            serde_json::to_vec(&json!({"auths": {addr.clone(): {"auth": auth}}})).unwrap(),
+            serde_json::to_vec(&serde_json::json!({"auths": {addr.clone(): {"auth": auth}}}))
+                .unwrap(),
         )
         .unwrap();
     };
@@ -500,32 +408,21 @@ fn basic_auth_from_docker_config() {
     let wrong = tmp.path().join("wrong");
     write_cfg(&good, "s3cret");
     write_cfg(&wrong, "nope");
-    let args = |tag: &str| {
-        vec![
-            format!("docker://{addr}/auth/app:v1"),
-            format!("docker://{addr}/auth/app:{tag}"),
-            "--plain-http".into(),
-            addr.clone(),
-            "--vsize".into(),
-            "1G".into(),
-            "--json".into(),
-        ]
+    let src = format!("docker://{addr}/auth/app:v1");
+    let conv = |tag: &str, docker_config: &Path| {
+        let dst = format!("docker://{addr}/auth/app:{tag}");
+        convert_via(&addr, &src, &dst, &[], &[("DOCKER_CONFIG", docker_config)])
     };
-    let a: Vec<String> = args("obd");
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let r = ok(&obd_convert(&a, &[("DOCKER_CONFIG", &good)]));
+    let r = ok(&conv("obd", &good));
     assert!(r["digest"].as_str().unwrap().starts_with("sha256:"));
 
     // Wrong password: a clear auth error, and nothing tagged.
-    let a: Vec<String> = args("bad");
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let out = obd_convert(&a, &[("DOCKER_CONFIG", &wrong)]);
+    let out = conv("bad", &wrong);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("authentication"), "{err}");
     // No credentials at all.
-    let out = obd_convert(&a, &[("DOCKER_CONFIG", tmp.path())]);
-    assert!(!out.status.success());
+    assert!(!conv("bad", tmp.path()).status.success());
     let c = Distribution::with_credentials(
         {
             let mut o = RegistryOptions::default();

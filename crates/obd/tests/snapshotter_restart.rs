@@ -12,7 +12,7 @@
 #[path = "../src/testbed.rs"]
 mod testbed;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use tcmu_target::mountinfo::mount_points_below;
 use testbed::{build_sample, run_ok, wait_until, Options, Testbed};
 
 mod common;
-use common::{snapshotter_bin, testbed_ready};
+use common::testbed_bins;
 
 /// Polls `cond` every millisecond (tight: the windows are short).
 fn poll(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -160,10 +160,9 @@ fn task_status(tb: &Testbed, id: &str) -> String {
 #[test]
 fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     let tools = ["containerd", "ctr", "runc", "docker-registry", "losetup"];
-    if !testbed_ready("snapshotter restart test", &tools) {
+    let Some((obd, sn)) = testbed_bins("snapshotter restart test", &tools) else {
         return;
-    }
-    let (obd, sn) = (PathBuf::from(common::OBD), snapshotter_bin());
+    };
     let mut opts = Options::new(obd, sn);
     opts.prefix = "obd-restart-".into();
     let mut tb = Testbed::new(opts).unwrap();
@@ -241,17 +240,8 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
 
     // (b2) kill -9 while a container runs: its device is adopted.
     let b2 = tb.cid("b2");
-    run_ok(tb.ctr().args([
-        "run",
-        "-d",
-        "--snapshotter",
-        "obd",
-        &image,
-        &b2,
-        "sleep",
-        "100000",
-    ]))
-    .expect("ctr run -d b2");
+    let run_d = ["run", "-d", "--snapshotter", "obd"];
+    run_ok(tb.ctr().args(run_d).args([&image, &b2, "sleep", "100000"])).expect("ctr run -d b2");
     wait_until("b2 running", Duration::from_secs(30), || {
         task_status(&tb, "b2") == "RUNNING"
     })

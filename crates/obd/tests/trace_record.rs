@@ -13,7 +13,7 @@
 mod testbed;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -22,7 +22,7 @@ use obd_remote::registry::RegistryOptions;
 use testbed::{build_sample, run_ok, Options, Testbed};
 
 mod common;
-use common::{snapshotter_bin, testbed_ready};
+use common::testbed_bins;
 
 const ACCEL: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
 
@@ -57,10 +57,9 @@ fn blob(d: &Arc<Distribution>, r: &ImageRef, digest: &str) -> Vec<u8> {
 #[test]
 fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
     let tools = ["containerd", "ctr", "runc", "docker-registry", "mount"];
-    if !testbed_ready("obd trace record test", &tools) {
+    let Some((obd, sn)) = testbed_bins("obd trace record test", &tools) else {
         return;
-    }
-    let (obd, sn) = (PathBuf::from(common::OBD), snapshotter_bin());
+    };
     let mut opts = Options::new(obd.clone(), sn);
     opts.prefix = "obd-trace-rec-".into();
     let mut tb = Testbed::new(opts).unwrap();

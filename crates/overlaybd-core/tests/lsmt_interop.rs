@@ -58,13 +58,19 @@ fn check_ht(ht: &HeaderTrailer, want: &Value) {
     assert_eq!(ht.uuid().unwrap().to_string(), ht.uuid_str());
 }
 
-#[test]
-fn sealed_header_trailer_and_index() {
-    let m = manifest();
-    let want = &m["sealed"]["sealed_file"];
-    let l = open("sealed/overlaybd.sealed");
+/// Opens the interop file `rel`; checks its header and trailer against the
+/// manifest's entry `key` (two levels); returns the layer and that entry.
+fn open_checked(rel: &str, [k1, k2]: [&str; 2]) -> (RoLayer, Value) {
+    let want = manifest()[k1][k2].clone();
+    let l = open(rel);
     check_ht(l.header(), &want["header"]);
     check_ht(l.trailer(), &want["trailer"]);
+    (l, want)
+}
+
+#[test]
+fn sealed_header_trailer_and_index() {
+    let (l, want) = open_checked("sealed/overlaybd.sealed", ["sealed", "sealed_file"]);
     assert_eq!(l.kind(), RoKind::Sealed);
     assert_eq!(
         l.segments().len() as u64,
@@ -87,11 +93,7 @@ fn sealed_header_trailer_and_index() {
 
 #[test]
 fn discard_header_trailer_and_index() {
-    let m = manifest();
-    let want = &m["discard"]["raw_lsmt"];
-    let l = open("discard/layer.raw.lsmt");
-    check_ht(l.header(), &want["header"]);
-    check_ht(l.trailer(), &want["trailer"]);
+    let (l, want) = open_checked("discard/layer.raw.lsmt", ["discard", "raw_lsmt"]);
     assert_eq!(l.kind(), RoKind::Committed);
     let got: Vec<Segment> = l.segments().to_vec();
     let expect: Vec<Segment> = want["entries"]

@@ -15,40 +15,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use obd_remote::creds::{Credential, StaticCredentials};
-use obd_remote::registry::{RegistryClient, RegistryOptions, RetryOptions, Timeouts};
+use obd_remote::registry::{RegistryClient, RegistryOptions};
 use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::Error;
 use support::http::{Action, Fault, Req, Resp, Server};
-use support::{digest_of, pattern, Registry};
+use support::{client_opts, creds, digest_of, pattern, Registry};
 
 const REPO: &str = "test/bearer";
 
 fn opts() -> RegistryOptions {
-    RegistryOptions {
-        use_docker_config: false,
-        timeouts: Timeouts {
-            connect_ms: 1_000,
-            request_ms: 2_000,
-            total_ms: 10_000,
-        },
-        retry: RetryOptions {
-            tries: 3,
-            backoff_ms: 10,
-            max_backoff_ms: 100,
-        },
-        ..RegistryOptions::default()
-    }
-}
-
-fn creds(host: &str, user: &str, pass: &str) -> Arc<StaticCredentials> {
-    Arc::new(StaticCredentials::new().with(
-        host,
-        Credential {
-            username: user.into(),
-            password: pass.into(),
-        },
-    ))
+    client_opts(2_000)
 }
 
 struct Setup {
@@ -152,16 +128,27 @@ fn blob(s: &Setup) -> BlobRef {
     }
 }
 
+/// A client of the gate with bob's credentials, password `pass`.
+fn client(s: &Setup, pass: &str) -> RegistryClient {
+    RegistryClient::with_credentials(opts(), creds(&s.gate.addr, "bob", pass)).unwrap()
+}
+
+/// Reads `len` bytes at each of `offsets` of the blob and checks them.
+fn read_back(c: &RegistryClient, s: &Setup, offsets: &[usize], len: usize) {
+    let b = blob(s);
+    for &off in offsets {
+        let got = c
+            .fetch(&b, off as u64, len as u64, Priority::Foreground)
+            .unwrap();
+        assert!(got == s.data[off..off + len], "{len} bytes at {off}");
+    }
+}
+
 #[test]
 fn bearer_token_fetched_cached_and_renewed() {
     let Some(s) = setup() else { return };
-    let c =
-        RegistryClient::with_credentials(opts(), creds(&s.gate.addr, "bob", "hunter2")).unwrap();
-    let b = blob(&s);
-    for off in [0usize, 1000, 400_000] {
-        let got = c.fetch(&b, off as u64, 4096, Priority::Foreground).unwrap();
-        assert!(got == s.data[off..off + 4096]);
-    }
+    let (c, b) = (client(&s, "hunter2"), blob(&s));
+    read_back(&c, &s, &[0, 1000, 400_000], 4096);
     assert_eq!(c.blob_size(&s.url).unwrap(), s.data.len() as u64);
     // One probe without credentials, one token for all reads.
     let treqs = s.tokens.requests();
@@ -183,7 +170,7 @@ fn bearer_token_fetched_cached_and_renewed() {
     assert_eq!(s.tokens.requests().len(), 2);
 
     // Wrong credentials: the token server refuses -> Error::Auth.
-    let c = RegistryClient::with_credentials(opts(), creds(&s.gate.addr, "bob", "nope")).unwrap();
+    let c = client(&s, "nope");
     let e = c.fetch(&b, 0, 10, Priority::Foreground).unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e}");
 }
@@ -192,13 +179,8 @@ fn bearer_token_fetched_cached_and_renewed() {
 fn redirects_cached_and_fetched_without_authorization() {
     let Some(s) = setup() else { return };
     s.redirect.store(true, Ordering::SeqCst);
-    let c =
-        RegistryClient::with_credentials(opts(), creds(&s.gate.addr, "bob", "hunter2")).unwrap();
-    let b = blob(&s);
-    for off in [0usize, 100_000, 200_000] {
-        let got = c.fetch(&b, off as u64, 8192, Priority::Foreground).unwrap();
-        assert!(got == s.data[off..off + 8192]);
-    }
+    let (c, b) = (client(&s, "hunter2"), blob(&s));
+    read_back(&c, &s, &[0, 100_000, 200_000], 8192);
     // Only the first data read went to the registry; the location was reused.
     assert_eq!(s.gate.count(Req::is_data_get), 1);
     assert_eq!(s.storage.count(Req::is_data_get), 3);

@@ -16,11 +16,22 @@ use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::Error;
 use support::{digest_of, pattern, write_script, Registry};
 
+/// Writes a `cred.json` giving `user_pass` (`user:pass`) for `host`.
+fn write_auth(cred: &std::path::Path, host: &str, user_pass: &str) {
+    let auth = b64(user_pass);
+    let json = format!(r#"{{"auths": {{"{host}": {{"auth": "{auth}"}}}}}}"#);
+    std::fs::write(cred, json).unwrap();
+}
+
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
 fn user(c: &dyn CredentialSource, host: &str, repo: &str) -> Option<String> {
+    c.lookup(host, repo).unwrap().map(|c| c.username)
+}
+
+fn docker_user(c: &DockerConfig, host: &str, repo: &str) -> Option<String> {
     c.lookup(host, repo).unwrap().map(|c| c.username)
 }
 
@@ -170,45 +181,26 @@ fi
                       "elsewhere": {"username": "inline2", "password": "x"}}}"#,
     )
     .unwrap();
-    assert_eq!(
-        helpers
-            .lookup("reg.example", "a/b")
-            .unwrap()
-            .unwrap()
-            .username,
-        "alice"
-    );
-    // No helper for the host: `auths`.
-    assert_eq!(
-        helpers
-            .lookup("elsewhere", "a/b")
-            .unwrap()
-            .unwrap()
-            .username,
-        "inline2"
-    );
     let store = DockerConfig::parse(
         r#"{"credsStore": "test", "auths": {"elsewhere": {"username": "inline", "password": "x"}}}"#,
     )
     .unwrap();
-    assert_eq!(
-        store.lookup("reg.example", "a").unwrap().unwrap().username,
-        "alice"
-    );
-    // The store has nothing for it: fall back to `auths`.
-    assert_eq!(
-        store.lookup("elsewhere", "a").unwrap().unwrap().username,
-        "inline"
-    );
+    for (cfg, host, repo, want) in [
+        (&helpers, "reg.example", "a/b", "alice"),
+        // No helper for the host: `auths`.
+        (&helpers, "elsewhere", "a/b", "inline2"),
+        (&store, "reg.example", "a", "alice"),
+        // The store has nothing for it: fall back to `auths`.
+        (&store, "elsewhere", "a", "inline"),
+    ] {
+        let got = docker_user(cfg, host, repo);
+        assert_eq!(got.as_deref(), Some(want), "{host} {repo}");
+    }
     // docker.io is asked for under its classic server name.
     std::fs::write(dir.path().join("known"), "https://index.docker.io/v1/").unwrap();
     assert_eq!(
-        store
-            .lookup("registry-1.docker.io", "library/x")
-            .unwrap()
-            .unwrap()
-            .username,
-        "alice"
+        docker_user(&store, "registry-1.docker.io", "library/x").as_deref(),
+        Some("alice")
     );
 
     // End to end against an htpasswd registry.
@@ -260,15 +252,7 @@ fi
         ..RegistryOptions::default()
     })
     .unwrap();
-    std::fs::write(
-        &cred,
-        format!(
-            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
-            reg.addr,
-            b64("alice:wrong")
-        ),
-    )
-    .unwrap();
+    write_auth(&cred, &reg.addr, "alice:wrong");
     let b = BlobRef {
         url: url.clone(),
         digest: digest_of(&url),
@@ -276,14 +260,6 @@ fi
     };
     let e = c.fetch(&b, 0, 10, Priority::Foreground).unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e}");
-    std::fs::write(
-        &cred,
-        format!(
-            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
-            reg.addr,
-            b64("alice:s3cret")
-        ),
-    )
-    .unwrap();
+    write_auth(&cred, &reg.addr, "alice:s3cret");
     fetch_ok(&c, &url, &data);
 }

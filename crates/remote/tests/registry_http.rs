@@ -8,30 +8,17 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use obd_remote::creds::{Credential, StaticCredentials};
-use obd_remote::registry::{RegistryClient, RegistryOptions, RetryOptions, Timeouts};
+use obd_remote::creds::StaticCredentials;
+use obd_remote::registry::{RegistryClient, RegistryOptions};
 use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::Error;
 use support::http::{closed_port, Action, Fault, Req, Resp, Server};
-use support::{digest_of, pattern, Registry};
+use support::{client_opts, creds, digest_of, pattern, Registry};
 
 const MIB: usize = 1 << 20;
 
 fn opts() -> RegistryOptions {
-    RegistryOptions {
-        use_docker_config: false,
-        timeouts: Timeouts {
-            connect_ms: 1_000,
-            request_ms: 700,
-            total_ms: 10_000,
-        },
-        retry: RetryOptions {
-            tries: 3,
-            backoff_ms: 10,
-            max_backoff_ms: 100,
-        },
-        ..RegistryOptions::default()
-    }
+    client_opts(700)
 }
 
 fn anon(o: RegistryOptions) -> RegistryClient {
@@ -111,13 +98,7 @@ fn plain_reads_sizes_and_concurrency() {
 
     // `plain_http` turns an https URL into http for that host.
     let mut o = opts();
-    o.hosts.insert(
-        reg.addr.clone(),
-        obd_remote::registry::HostOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-    );
+    o.hosts.entry(reg.addr.clone()).or_default().plain_http = true;
     let https = url.replace("http://", "https://");
     let got = anon(o).fetch(&blob(&https, data.len()), 9, 9, Priority::Foreground);
     assert_eq!(got.unwrap(), &data[9..18]);
@@ -151,28 +132,16 @@ fn basic_auth_htpasswd() {
     let data = pattern(200_000, 2);
     let url = reg.push_blob("test/basic", &data);
     let b = blob(&url, data.len());
-    let good = StaticCredentials::new().with(
-        &format!("http://{}/", reg.addr),
-        Credential {
-            username: "alice".into(),
-            password: "s3cret".into(),
-        },
-    );
-    let c = RegistryClient::with_credentials(opts(), Arc::new(good)).unwrap();
+    let good = creds(&format!("http://{}/", reg.addr), "alice", "s3cret");
+    let c = RegistryClient::with_credentials(opts(), good).unwrap();
     assert_eq!(
         c.fetch(&b, 100, 1000, Priority::Foreground).unwrap(),
         &data[100..1100]
     );
     assert_eq!(c.blob_size(&url).unwrap(), data.len() as u64);
 
-    let bad = StaticCredentials::new().with(
-        &reg.addr,
-        Credential {
-            username: "alice".into(),
-            password: "wrong".into(),
-        },
-    );
-    let c = RegistryClient::with_credentials(opts(), Arc::new(bad)).unwrap();
+    let bad = creds(&reg.addr, "alice", "wrong");
+    let c = RegistryClient::with_credentials(opts(), bad).unwrap();
     let e = c.fetch(&b, 0, 10, Priority::Foreground).unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e}");
 
@@ -427,13 +396,7 @@ fn tls_with_ca_file_insecure_and_untrusted() {
 
     // Trusting the test CA for this host.
     let mut o = opts();
-    o.hosts.insert(
-        reg.addr.clone(),
-        obd_remote::registry::HostOptions {
-            ca_file: Some(certs.ca.clone()),
-            ..Default::default()
-        },
-    );
+    o.hosts.entry(reg.addr.clone()).or_default().ca_file = Some(certs.ca.clone());
     let c = anon(o);
     assert!(c.fetch(&b, 3, 5000, Priority::Foreground).unwrap() == data[3..5003]);
     // distribution serves HTTP/2 over TLS; the client negotiates it (ALPN).
@@ -444,13 +407,10 @@ fn tls_with_ca_file_insecure_and_untrusted() {
 
     // Skipping verification.
     let mut o = opts();
-    o.hosts.insert(
-        reg.addr.clone(),
-        obd_remote::registry::HostOptions {
-            insecure_skip_verify: true,
-            ..Default::default()
-        },
-    );
+    o.hosts
+        .entry(reg.addr.clone())
+        .or_default()
+        .insecure_skip_verify = true;
     assert!(anon(o).fetch(&b, 0, 10, Priority::Foreground).unwrap() == data[..10]);
 
     // Untrusted: a clear error, quickly, no hang.
@@ -466,13 +426,7 @@ fn tls_with_ca_file_insecure_and_untrusted() {
     let mut o = opts();
     let bad = dir.path().join("bad.pem");
     std::fs::write(&bad, "not a cert").unwrap();
-    o.hosts.insert(
-        reg.addr.clone(),
-        obd_remote::registry::HostOptions {
-            ca_file: Some(bad),
-            ..Default::default()
-        },
-    );
+    o.hosts.entry(reg.addr.clone()).or_default().ca_file = Some(bad);
     let e = RegistryClient::with_credentials(o, Arc::new(StaticCredentials::new())).unwrap_err();
     assert!(matches!(e, Error::ServiceConfig { .. }), "{e}");
 }

@@ -3,18 +3,21 @@
 //! cache data and metadata, LRU budget, error surfacing, end to end through
 //! ZFile and LSMT.
 
+mod support;
+
 use std::collections::HashSet;
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
-use fixtures::Rng;
+use fixtures::{random_bytes, Rng};
 use obd_remote::blob::{RemoteBlob, RemoteOptions};
 use obd_remote::cache::{BlockCache, CacheOptions};
 use obd_remote::sched::Scheduler;
 use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::{Error, ReadAt, Result};
+use support::calls::Calls;
 use zfile::{ZFileReader, ZFileWriter};
 
 const KIB: u64 = 1024;
@@ -25,7 +28,7 @@ const DIGEST: &str = "sha256:0123456789abcdef";
 #[derive(Default)]
 struct Fake {
     data: Vec<u8>,
-    calls: Mutex<Vec<(u64, u64, Priority)>>,
+    calls: Calls,
     /// `(start, end, remaining)`: the next `remaining` responses overlapping
     /// `[start, end)` have that overlap bit-flipped.
     corrupt: Mutex<Vec<(u64, u64, u32)>>,
@@ -45,15 +48,6 @@ impl Fake {
             ..Self::default()
         })
     }
-    fn calls(&self) -> Vec<(u64, u64, Priority)> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn count(&self) -> usize {
-        self.calls.lock().unwrap().len()
-    }
-    fn reset(&self) {
-        self.calls.lock().unwrap().clear();
-    }
     fn corrupt_next(&self, start: u64, end: u64, times: u32) {
         self.corrupt.lock().unwrap().push((start, end, times));
     }
@@ -61,7 +55,7 @@ impl Fake {
 
 impl RangeFetcher for Fake {
     fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, prio: Priority) -> Result<Vec<u8>> {
-        self.calls.lock().unwrap().push((offset, len, prio));
+        self.calls.record(offset, len, prio);
         if self.pair_up.load(std::sync::atomic::Ordering::SeqCst) {
             let mut g = self.inflight.lock().unwrap();
             g.0 += 1;
@@ -112,6 +106,43 @@ fn cache_opts(dir: &Path) -> CacheOptions {
     CacheOptions::new(dir)
 }
 
+/// `fake`'s blob over `cache` with the default remote options.
+fn default_blob(fake: &Arc<Fake>, cache: &Arc<BlockCache>) -> RemoteBlob {
+    open_blob(fake, cache, RemoteOptions::default())
+}
+
+/// The block cache in `dir` with the default options.
+fn open_cache(dir: &Path) -> Arc<BlockCache> {
+    BlockCache::open(cache_opts(dir)).unwrap()
+}
+
+/// A fake of `len` random bytes (seed `seed`) and a new, empty cache in a
+/// directory kept while the cache is used.
+fn cached_fake(seed: u64, len: usize) -> (Arc<Fake>, tempfile::TempDir, Arc<BlockCache>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open_cache(dir.path());
+    (Fake::new(random_bytes(seed, len)), dir, cache)
+}
+
+/// A fake of `len` random bytes (seed `seed`) and a cache directory holding
+/// all of its blob, read through a cache that is closed again.
+fn cache_dir_with(seed: u64, len: usize) -> (Arc<Fake>, tempfile::TempDir) {
+    let fake = Fake::new(random_bytes(seed, len));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open_cache(dir.path());
+    read_exact(&default_blob(&fake, &cache), 0, len);
+    (fake, dir)
+}
+
+/// `fake`'s blob over a new, empty cache with the default options; keep the
+/// directory while the blob is used.
+fn fresh_blob(fake: &Arc<Fake>) -> (tempfile::TempDir, Arc<BlockCache>, RemoteBlob) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open_cache(dir.path());
+    let blob = open_blob(fake, &cache, RemoteOptions::default());
+    (dir, cache, blob)
+}
+
 fn open_blob(fake: &Arc<Fake>, cache: &Arc<BlockCache>, opts: RemoteOptions) -> RemoteBlob {
     RemoteBlob::new(
         blob_ref(fake.data.len() as u64),
@@ -123,12 +154,6 @@ fn open_blob(fake: &Arc<Fake>, cache: &Arc<BlockCache>, opts: RemoteOptions) -> 
     .unwrap()
 }
 
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Rng::new(seed).fill(&mut v);
-    v
-}
-
 fn read_exact(b: &impl ReadAt, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     b.read_exact_at(&mut buf, offset).unwrap();
@@ -138,9 +163,7 @@ fn read_exact(b: &impl ReadAt, offset: u64, len: usize) -> Vec<u8> {
 #[test]
 fn random_reads_match_and_requests_are_aligned_and_capped() {
     let size = (5 << 20) + 12_345;
-    let fake = Fake::new(random_bytes(1, size));
-    let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let (fake, _dir, cache) = cached_fake(1, size);
     let opts = RemoteOptions {
         min_fetch: 256 * KIB,
         max_request: 1 << 20,
@@ -151,15 +174,15 @@ fn random_reads_match_and_requests_are_aligned_and_capped() {
     // A small read fetches exactly one aligned unit.
     assert_eq!(read_exact(&blob, 300_000, 10), fake.data[300_000..300_010]);
     assert_eq!(
-        fake.calls(),
+        fake.calls.all(),
         vec![(256 * KIB, 256 * KIB, Priority::Foreground)]
     );
 
     // One large read over missing data: adjacent units merged, capped at 1 MiB.
-    fake.reset();
+    fake.calls.clear();
     let got = read_exact(&blob, 600_000, 3_000_000);
     assert!(got == fake.data[600_000..3_600_000]);
-    let calls = fake.calls();
+    let calls = fake.calls.all();
     assert!(
         calls.iter().any(|c| c.1 == 1 << 20),
         "no merged request: {calls:?}"
@@ -176,7 +199,7 @@ fn random_reads_match_and_requests_are_aligned_and_capped() {
         assert_eq!(n, want);
         assert!(buf[..n] == fake.data[off as usize..off as usize + n]);
     }
-    let calls = fake.calls();
+    let calls = fake.calls.all();
     assert!(!calls.is_empty());
     for &(off, len, prio) in &calls {
         assert_eq!(prio, Priority::Foreground);
@@ -195,10 +218,10 @@ fn random_reads_match_and_requests_are_aligned_and_capped() {
         }
     }
     // Everything read so far is cached now: a full read fetches only the rest.
-    fake.reset();
+    fake.calls.clear();
     let all = read_exact(&blob, 0, size);
     assert!(all == fake.data);
-    for &(off, len, _) in &fake.calls() {
+    for &(off, len, _) in &fake.calls.all() {
         for u in off / (256 * KIB)..(off + len).div_ceil(256 * KIB) {
             assert!(seen.insert(u), "unit {u} fetched again");
         }
@@ -212,7 +235,7 @@ fn a_read_larger_than_max_request_runs_its_requests_in_parallel() {
     fake.pair_up
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let cache = open_cache(dir.path());
     let opts = RemoteOptions {
         min_fetch: 256 * KIB,
         max_request: 1 << 20,
@@ -220,7 +243,7 @@ fn a_read_larger_than_max_request_runs_its_requests_in_parallel() {
     let blob = open_blob(&fake, &cache, opts);
     let t0 = std::time::Instant::now();
     assert!(read_exact(&blob, 100, size - 200)[..] == fake.data[100..size - 100]);
-    assert_eq!(fake.count(), 6);
+    assert_eq!(fake.calls.count(), 6);
     assert!(
         fake.inflight.lock().unwrap().1 >= 2,
         "requests ran one by one"
@@ -231,10 +254,8 @@ fn a_read_larger_than_max_request_runs_its_requests_in_parallel() {
 #[test]
 fn concurrent_readers_fetch_each_block_once() {
     let size = 4 << 20;
-    let fake = Fake::new(random_bytes(2, size));
-    let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let blob = Arc::new(open_blob(&fake, &cache, RemoteOptions::default()));
+    let (fake, _dir, cache) = cached_fake(2, size);
+    let blob = Arc::new(default_blob(&fake, &cache));
     let barrier = Arc::new(Barrier::new(8));
     let handles: Vec<_> = (0..8u64)
         .map(|t| {
@@ -256,7 +277,7 @@ fn concurrent_readers_fetch_each_block_once() {
     for h in handles {
         h.join().unwrap();
     }
-    let calls = fake.calls();
+    let calls = fake.calls.all();
     let mut fetched = vec![0u32; size / (256 << 10)];
     for (off, len, _) in calls {
         for u in off / (256 * KIB)..(off + len) / (256 * KIB) {
@@ -272,13 +293,11 @@ fn concurrent_readers_fetch_each_block_once() {
 #[test]
 fn two_remote_blobs_of_one_digest_share_requests() {
     let size = 2 << 20;
-    let fake = Fake::new(random_bytes(22, size));
-    let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let (fake, _dir, cache) = cached_fake(22, size);
     // Two devices using the same layer, each with its own scheduler.
     let blobs = [
-        Arc::new(open_blob(&fake, &cache, RemoteOptions::default())),
-        Arc::new(open_blob(&fake, &cache, RemoteOptions::default())),
+        Arc::new(default_blob(&fake, &cache)),
+        Arc::new(default_blob(&fake, &cache)),
     ];
     let barrier = Arc::new(Barrier::new(8));
     let handles: Vec<_> = (0..8u64)
@@ -299,17 +318,15 @@ fn two_remote_blobs_of_one_digest_share_requests() {
     for h in handles {
         h.join().unwrap();
     }
-    let mut units: Vec<u64> = fake.calls().iter().map(|c| c.0 / (256 * KIB)).collect();
+    let mut units: Vec<u64> = fake.calls.all().iter().map(|c| c.0 / (256 * KIB)).collect();
     units.sort_unstable();
-    assert_eq!(units, (0..8).collect::<Vec<_>>(), "{:?}", fake.calls());
+    assert_eq!(units, (0..8).collect::<Vec<_>>(), "{:?}", fake.calls.all());
 }
 
 #[test]
 fn concurrent_identical_reads_share_one_request() {
-    let fake = Fake::new(random_bytes(3, 1 << 20));
-    let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let blob = Arc::new(open_blob(&fake, &cache, RemoteOptions::default()));
+    let (fake, _dir, cache) = cached_fake(3, 1 << 20);
+    let blob = Arc::new(default_blob(&fake, &cache));
     let barrier = Arc::new(Barrier::new(8));
     let handles: Vec<_> = (0..8)
         .map(|_| {
@@ -323,7 +340,7 @@ fn concurrent_identical_reads_share_one_request() {
     for h in handles {
         assert!(h.join().unwrap()[..] == fake.data[1000..201_000]);
     }
-    assert_eq!(fake.calls(), vec![(0, 256 * KIB, Priority::Foreground)]);
+    assert_eq!(fake.calls.all(), vec![(0, 256 * KIB, Priority::Foreground)]);
     let st = blob.stats();
     assert_eq!((st.loads, st.requests, st.errors), (8, 1, 0));
     assert_eq!(st.fetched_bytes, 256 * KIB);
@@ -339,22 +356,27 @@ fn restart_reuses_cached_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let ranges = [(0u64, 100usize), (700_000, 300_000), (2_900_000, 245_728)];
     {
-        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-        let blob = open_blob(&fake, &cache, RemoteOptions::default());
+        let cache = open_cache(dir.path());
+        let blob = default_blob(&fake, &cache);
         for &(o, l) in &ranges {
             assert!(read_exact(&blob, o, l)[..] == fake.data[o as usize..o as usize + l]);
         }
-        assert!(fake.count() > 0);
+        assert!(fake.calls.count() > 0);
     }
-    fake.reset();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    fake.calls.clear();
+    let cache = open_cache(dir.path());
     assert_eq!(cache.resets(), 0);
     assert!(cache.usage() > 0);
-    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    let blob = default_blob(&fake, &cache);
     for &(o, l) in &ranges {
         assert!(read_exact(&blob, o, l)[..] == fake.data[o as usize..o as usize + l]);
     }
-    assert_eq!(fake.count(), 0, "restart refetched: {:?}", fake.calls());
+    assert_eq!(
+        fake.calls.count(),
+        0,
+        "restart refetched: {:?}",
+        fake.calls.all()
+    );
 }
 
 /// A ZFile of `len` compressible pseudo-random bytes (4 KiB blocks, CRCs on).
@@ -369,6 +391,16 @@ fn data_file(dir: &Path) -> std::path::PathBuf {
     dir.join(format!("{}.data", DIGEST.replace(':', "_")))
 }
 
+/// The cached blob's sparse data file, open for reading and writing.
+fn open_data_file(dir: &Path) -> std::fs::File {
+    let p = data_file(dir);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
 fn meta_file(dir: &Path) -> std::path::PathBuf {
     dir.join(format!("{}.meta", DIGEST.replace(':', "_")))
 }
@@ -381,8 +413,8 @@ fn corrupt_cache_data_is_detected_by_zfile_crc_evicted_and_refetched() {
     let bad_block = 300u64;
     let bad_off;
     {
-        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-        let r = ZFileReader::open(open_blob(&fake, &cache, RemoteOptions::default())).unwrap();
+        let cache = open_cache(dir.path());
+        let r = ZFileReader::open(default_blob(&fake, &cache)).unwrap();
         bad_off = r.block_extent(bad_block).0;
         let mut all = vec![0u8; plain.len()];
         r.read_at(&mut all, 0).unwrap();
@@ -391,11 +423,7 @@ fn corrupt_cache_data_is_detected_by_zfile_crc_evicted_and_refetched() {
     // Flip bytes of one ZFile block inside the cached sparse file.
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .read(true)
-            .open(data_file(dir.path()))
-            .unwrap();
+        let f = open_data_file(dir.path());
         let mut b = [0u8; 8];
         f.read_exact_at(&mut b, bad_off + 3).unwrap();
         for x in &mut b {
@@ -403,10 +431,10 @@ fn corrupt_cache_data_is_detected_by_zfile_crc_evicted_and_refetched() {
         }
         f.write_all_at(&b, bad_off + 3).unwrap();
     }
-    fake.reset();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let r = ZFileReader::open(open_blob(&fake, &cache, RemoteOptions::default())).unwrap();
-    assert_eq!(fake.count(), 0, "open must be served from the cache");
+    fake.calls.clear();
+    let cache = open_cache(dir.path());
+    let r = ZFileReader::open(default_blob(&fake, &cache)).unwrap();
+    assert_eq!(fake.calls.count(), 0, "open must be served from the cache");
     let at = bad_block * 4096;
     let mut buf = vec![0u8; 3 * 4096];
     r.read_at(&mut buf, at - 4096).unwrap();
@@ -414,13 +442,16 @@ fn corrupt_cache_data_is_detected_by_zfile_crc_evicted_and_refetched() {
     // Exactly the unit holding the bad block was fetched again, once.
     let unit = bad_off / (256 * KIB) * (256 * KIB);
     let unit_len = (256 * KIB).min(fake.data.len() as u64 - unit);
-    assert_eq!(fake.calls(), vec![(unit, unit_len, Priority::Foreground)]);
+    assert_eq!(
+        fake.calls.all(),
+        vec![(unit, unit_len, Priority::Foreground)]
+    );
     // And the cache now holds good bytes: a fresh reader needs no fetch.
-    fake.reset();
+    fake.calls.clear();
     let mut all = vec![0u8; plain.len()];
     r.read_at(&mut all, 0).unwrap();
     assert!(all == plain);
-    assert_eq!(fake.count(), 0);
+    assert_eq!(fake.calls.count(), 0);
 }
 
 #[test]
@@ -428,8 +459,8 @@ fn corrupt_remote_response_is_refetched_up_to_three_tries() {
     let (plain, z) = zfile_of(6, 1 << 20);
     let fake = Fake::new(z);
     let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let r = ZFileReader::open(open_blob(&fake, &cache, RemoteOptions::default())).unwrap();
+    let cache = open_cache(dir.path());
+    let r = ZFileReader::open(default_blob(&fake, &cache)).unwrap();
     let (off, len) = r.block_extent(100);
     let (off2, len2) = r.block_extent(200);
     // Block 100: the first two responses are corrupt, the third is good.
@@ -438,21 +469,21 @@ fn corrupt_remote_response_is_refetched_up_to_three_tries() {
     fake.corrupt_next(off2, off2 + u64::from(len2), u32::MAX);
     // Start from an empty cache (open cached the header region).
     cache.evict(DIGEST, 0, u64::MAX).unwrap();
-    fake.reset();
+    fake.calls.clear();
     let mut buf = vec![0u8; 4096];
     r.read_at(&mut buf, 100 * 4096).unwrap();
     assert!(buf[..] == plain[100 * 4096..101 * 4096]);
-    assert_eq!(fake.count(), 3, "{:?}", fake.calls());
+    assert_eq!(fake.calls.count(), 3, "{:?}", fake.calls.all());
     assert_eq!(r.inner().stats().invalidations, 2);
 
     cache.evict(DIGEST, 0, u64::MAX).unwrap();
-    fake.reset();
+    fake.calls.clear();
     let e = r.read_at(&mut buf, 200 * 4096).unwrap_err();
     assert!(
         matches!(e, zfile::Error::BlockCrc { block: 200, offset, .. } if offset == off2),
         "{e}"
     );
-    assert_eq!(fake.count(), zfile::BLOCK_TRIES as usize);
+    assert_eq!(fake.calls.count(), zfile::BLOCK_TRIES as usize);
 }
 
 #[test]
@@ -463,22 +494,19 @@ fn corrupt_cached_jump_table_is_refetched_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let index_offset;
     {
-        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-        let r = ZFileReader::open(open_blob(&fake, &cache, RemoteOptions::default())).unwrap();
+        let cache = open_cache(dir.path());
+        let r = ZFileReader::open(default_blob(&fake, &cache)).unwrap();
         index_offset = r.info().index_offset;
     }
     // Corrupt the cached jump table (the blob's metadata, no block CRC).
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(data_file(dir.path()))
-            .unwrap();
+        let f = open_data_file(dir.path());
         f.write_all_at(&[0xEE; 8], index_offset + 4).unwrap();
     }
-    fake.reset();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let blob = Arc::new(open_blob(&fake, &cache, RemoteOptions::default()));
+    fake.calls.clear();
+    let cache = open_cache(dir.path());
+    let blob = Arc::new(default_blob(&fake, &cache));
     assert!(
         ZFileReader::open(Arc::clone(&blob)).is_err(),
         "corruption not seen"
@@ -489,14 +517,14 @@ fn corrupt_cached_jump_table_is_refetched_on_open() {
     let mut all = vec![0u8; plain.len()];
     r.read_at(&mut all, 0).unwrap();
     assert!(all == plain);
-    assert!(fake.count() >= 1);
-    assert!(fake.calls().iter().all(|c| c.0 + c.1 <= zlen as u64));
+    assert!(fake.calls.count() >= 1);
+    assert!(fake.calls.all().iter().all(|c| c.0 + c.1 <= zlen as u64));
 
     // A header that is corrupt at the registry fails after OPEN_TRIES tries,
     // naming the blob.
     fake.corrupt_next(40, 41, u32::MAX);
     cache.evict_blob(DIGEST).unwrap();
-    fake.reset();
+    fake.calls.clear();
     let e = blob
         .retry_open(|| Ok(ZFileReader::open(Arc::clone(&blob))?))
         .unwrap_err();
@@ -504,17 +532,17 @@ fn corrupt_cached_jump_table_is_refetched_on_open() {
         matches!(&e, Error::Integrity { tries: 3, what, .. } if what.contains("registry.test")),
         "{e}"
     );
-    assert_eq!(fake.count(), 3);
+    assert_eq!(fake.calls.count(), 3);
 
     // Remote failures are not retried.
     *fake.fail.lock().unwrap() = Some("connection reset".into());
     cache.evict_blob(DIGEST).unwrap();
-    fake.reset();
+    fake.calls.clear();
     let e = blob
         .retry_open(|| Ok(ZFileReader::open(Arc::clone(&blob))?))
         .unwrap_err();
     assert!(e.to_string().contains("connection reset"), "{e}");
-    assert_eq!(fake.count(), 1);
+    assert_eq!(fake.calls.count(), 1);
 }
 
 /// Copies the cache files as they are on disk now (what a crash would leave).
@@ -539,19 +567,19 @@ fn the_files_on_disk_are_a_valid_cache_at_any_moment() {
             ..cache_opts(dir.path())
         };
         let cache = BlockCache::open(opts).unwrap();
-        let blob = open_blob(&fake, &cache, RemoteOptions::default());
+        let blob = default_blob(&fake, &cache);
         read_exact(&blob, 0, 700_000);
         // "Crash" while the cache is live.
         snapshot_dir(dir.path(), crash.path());
-        fake.reset();
-        let cache2 = BlockCache::open(cache_opts(crash.path())).unwrap();
+        fake.calls.clear();
+        let cache2 = open_cache(crash.path());
         let blob2 = open_blob(&fake, &cache2, RemoteOptions::default());
         assert!(read_exact(&blob2, 0, 700_000)[..] == fake.data[..700_000]);
         if flush_every == 1 {
-            assert_eq!(fake.count(), 0, "persisted blocks were not reused");
+            assert_eq!(fake.calls.count(), 0, "persisted blocks were not reused");
         } else {
             // Nothing was persisted yet: nothing is trusted, all refetched.
-            assert_eq!(fake.count(), 1);
+            assert_eq!(fake.calls.count(), 1);
         }
         drop((blob, cache));
     }
@@ -566,38 +594,29 @@ fn self_heal_works_through_a_window_as_in_a_tar_wrapper() {
     wrapped.resize(wrapped.len().next_multiple_of(512) + 1024, 0);
     let fake = Fake::new(wrapped);
     let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let blob = Arc::new(open_blob(&fake, &cache, RemoteOptions::default()));
+    let cache = open_cache(dir.path());
+    let blob = Arc::new(default_blob(&fake, &cache));
     let r = ZFileReader::open(zfile::Window::new(Arc::clone(&blob), 512, z.len() as u64)).unwrap();
     let (off, len) = r.block_extent(150);
     // The blob offset of block 150 is 512 past its ZFile offset.
     fake.corrupt_next(512 + off, 512 + off + u64::from(len), 1);
     cache.evict_blob(DIGEST).unwrap();
-    fake.reset();
+    fake.calls.clear();
     let mut buf = vec![0u8; 4096];
     r.read_at(&mut buf, 150 * 4096).unwrap();
     assert!(buf[..] == plain[150 * 4096..151 * 4096]);
     assert_eq!(blob.stats().invalidations, 1);
-    assert_eq!(fake.count(), 2);
+    assert_eq!(fake.calls.count(), 2);
 }
 
 #[test]
 fn corrupt_bitmap_resets_the_blob_cache() {
     let size = 2 << 20;
-    let fake = Fake::new(random_bytes(8, size));
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-        let blob = open_blob(&fake, &cache, RemoteOptions::default());
-        read_exact(&blob, 0, size);
-    }
+    let (fake, dir) = cache_dir_with(8, size);
     // Corrupt the cached data too: a trusted (bad) bitmap would serve it.
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(data_file(dir.path()))
-            .unwrap();
+        let f = open_data_file(dir.path());
         f.write_all_at(&[0xAA; 4096], 8192).unwrap();
     }
     let mut meta = std::fs::read(meta_file(dir.path())).unwrap();
@@ -605,62 +624,51 @@ fn corrupt_bitmap_resets_the_blob_cache() {
     meta[k] ^= 0x01;
     std::fs::write(meta_file(dir.path()), &meta).unwrap();
 
-    fake.reset();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    fake.calls.clear();
+    let cache = open_cache(dir.path());
     assert_eq!(cache.resets(), 1);
     assert_eq!(cache.usage(), 0);
-    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    let blob = default_blob(&fake, &cache);
     assert!(read_exact(&blob, 0, size) == fake.data);
-    assert_eq!(fake.calls(), vec![(0, size as u64, Priority::Foreground)]);
+    assert_eq!(
+        fake.calls.all(),
+        vec![(0, size as u64, Priority::Foreground)]
+    );
 }
 
 #[test]
 fn stale_bitmap_for_another_size_is_not_trusted() {
-    let fake = Fake::new(random_bytes(9, 1 << 20));
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-        let blob = open_blob(&fake, &cache, RemoteOptions::default());
-        read_exact(&blob, 0, 1 << 20);
-    }
+    let (_fake, dir) = cache_dir_with(9, 1 << 20);
     // Same digest, different size (a stale entry): reset, not trusted.
     let fake2 = Fake::new(random_bytes(10, (1 << 20) + 5));
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let blob = open_blob(&fake2, &cache, RemoteOptions::default());
+    let cache = open_cache(dir.path());
+    let blob = default_blob(&fake2, &cache);
     assert_eq!(cache.resets(), 1);
     assert!(read_exact(&blob, 0, (1 << 20) + 5) == fake2.data);
-    assert!(fake2.count() > 0);
+    assert!(fake2.calls.count() > 0);
     // A missing data file also resets the blob.
     drop(blob);
     drop(cache);
     std::fs::remove_file(data_file(dir.path())).unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let cache = open_cache(dir.path());
     assert_eq!((cache.resets(), cache.usage()), (1, 0));
 }
 
 #[test]
 fn hole_where_the_bitmap_claims_data_resets_the_blob_cache() {
     let size = 1 << 20;
-    let fake = Fake::new(random_bytes(17, size));
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-        read_exact(&open_blob(&fake, &cache, RemoteOptions::default()), 0, size);
-    }
+    let (fake, dir) = cache_dir_with(17, size);
     // Valid bitmap, but the data file was emptied behind our back (same length).
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(data_file(dir.path()))
-        .unwrap();
+    let f = open_data_file(dir.path());
     f.set_len(0).unwrap();
     f.set_len(size as u64).unwrap();
     drop(f);
-    fake.reset();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    fake.calls.clear();
+    let cache = open_cache(dir.path());
     assert_eq!((cache.resets(), cache.usage()), (1, 0));
-    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    let blob = default_blob(&fake, &cache);
     assert!(read_exact(&blob, 0, size) == fake.data);
-    assert_eq!(fake.count(), 1);
+    assert_eq!(fake.calls.count(), 1);
 }
 
 #[test]
@@ -674,7 +682,7 @@ fn lru_keeps_usage_within_budget_and_evicts_least_recent() {
         ..cache_opts(dir.path())
     };
     let cache = BlockCache::open(opts).unwrap();
-    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    let blob = default_blob(&fake, &cache);
     let cb = |u: u64| cache.contains_range(DIGEST, u * unit, unit);
     // Units 0..4 fill the budget exactly.
     for u in 0..4 {
@@ -682,9 +690,9 @@ fn lru_keeps_usage_within_budget_and_evicts_least_recent() {
     }
     assert_eq!(cache.usage(), 4 * unit);
     // Use unit 0 again (a cache hit), so unit 1 is now the least recent.
-    fake.reset();
+    fake.calls.clear();
     read_exact(&blob, 0, unit as usize);
-    assert_eq!(fake.count(), 0);
+    assert_eq!(fake.calls.count(), 0);
     read_exact(&blob, 4 * unit, unit as usize);
     assert!(cache.usage() <= 4 * unit);
     assert!(cb(0) && !cb(1) && cb(2) && cb(3) && cb(4));
@@ -714,9 +722,7 @@ fn lru_keeps_usage_within_budget_and_evicts_least_recent() {
 fn fetch_errors_surface_as_remote_errors() {
     let fake = Fake::new(random_bytes(13, 1 << 20));
     *fake.fail.lock().unwrap() = Some("503 Service Unavailable".into());
-    let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    let (_dir, _cache, blob) = fresh_blob(&fake);
     let mut buf = vec![7u8; 1000];
     let e = blob.read_at(&mut buf, 5000).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
@@ -745,7 +751,7 @@ fn fetch_errors_surface_as_remote_errors() {
         }
     }
     let dir2 = tempfile::tempdir().unwrap();
-    let cache2 = BlockCache::open(cache_opts(dir2.path())).unwrap();
+    let cache2 = open_cache(dir2.path());
     let blob2 = RemoteBlob::new(
         blob_ref(1 << 20),
         Arc::new(Short),
@@ -761,25 +767,25 @@ fn fetch_errors_surface_as_remote_errors() {
 #[test]
 fn prefetch_uses_prefetch_priority_and_fills_the_cache() {
     let fake = Fake::new(random_bytes(14, 3 << 20));
-    let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let blob = open_blob(&fake, &cache, RemoteOptions::default());
+    let (_dir, _cache, blob) = fresh_blob(&fake);
     blob.prefetch(100_000, 2 << 20).unwrap();
-    let calls = fake.calls();
+    let calls = fake.calls.all();
     assert!(!calls.is_empty() && calls.iter().all(|c| c.2 == Priority::Prefetch));
     blob.prefetch(100_000, 2 << 20).unwrap();
-    assert_eq!(fake.count(), calls.len(), "second prefetch fetched again");
-    fake.reset();
+    assert_eq!(
+        fake.calls.count(),
+        calls.len(),
+        "second prefetch fetched again"
+    );
+    fake.calls.clear();
     assert!(read_exact(&blob, 0, 2 << 20) == fake.data[..2 << 20]);
-    assert_eq!(fake.count(), 0);
+    assert_eq!(fake.calls.count(), 0);
 }
 
 #[test]
 fn foreground_reader_raises_the_queued_background_fetch_it_waits_for() {
     let unit = 256 * KIB;
-    let fake = Fake::new(random_bytes(16, 8 * unit as usize));
-    let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
+    let (fake, _dir, cache) = cached_fake(16, 8 * unit as usize);
     let sched = Arc::new(Scheduler::new(1));
     let blob = Arc::new(
         RemoteBlob::new(
@@ -819,7 +825,7 @@ fn foreground_reader_raises_the_queued_background_fetch_it_waits_for() {
     bg.join().unwrap().unwrap();
     pf.join().unwrap().unwrap();
     assert_eq!(
-        fake.calls(),
+        fake.calls.all(),
         vec![
             (0, unit, Priority::Foreground),
             (5 * unit, unit, Priority::Prefetch)
@@ -861,8 +867,8 @@ fn end_to_end_zfile_of_lsmt_through_remote_blob() {
 
     let fake = Fake::new(z);
     let dir = tempfile::tempdir().unwrap();
-    let cache = BlockCache::open(cache_opts(dir.path())).unwrap();
-    let remote = open_blob(&fake, &cache, RemoteOptions::default());
+    let cache = open_cache(dir.path());
+    let remote = default_blob(&fake, &cache);
     let zr = ZFileReader::open(remote).unwrap();
     let layer = RoLayer::open(Arc::new(zr)).unwrap();
     assert_eq!(layer.virtual_size(), vsize);
@@ -876,7 +882,7 @@ fn end_to_end_zfile_of_lsmt_through_remote_blob() {
         off += n as u64;
     }
     assert!(got == model, "LSMT over ZFile over RemoteBlob differs");
-    for &(o, _, p) in &fake.calls() {
+    for &(o, _, p) in &fake.calls.all() {
         assert_eq!(o % (256 * KIB), 0);
         assert_eq!(p, Priority::Foreground);
     }

@@ -2,6 +2,8 @@
 //! commit and switch, sha256 verification, per-chunk retries, rate limit,
 //! cancellation, background priority and scheduler gating.
 
+mod support;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,28 +14,17 @@ use std::time::{Duration, Instant};
 use obd_remote::blob::{RemoteBlob, RemoteOptions};
 use obd_remote::cache::{BlockCache, CacheOptions};
 use obd_remote::download::{
-    is_cancelled, CachedFetcher, DownloadOptions, DownloadPhase, Downloader, SwitchBlob,
-    COMMIT_FILE, DOWNLOAD_FILE,
+    is_cancelled, CachedFetcher, DownloadHandle, DownloadOptions, DownloadPhase, Downloader,
+    SwitchBlob, COMMIT_FILE, DOWNLOAD_FILE,
 };
 use obd_remote::sched::Scheduler;
 use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::config::Download;
 use overlaybd_core::{Error, ReadAt, Result};
 use sha2::{Digest, Sha256};
+use support::calls::Calls;
 
 const KIB: u64 = 1024;
-
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn digest_of(d: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(d)))
@@ -51,7 +42,7 @@ struct Gate {
 #[derive(Default)]
 struct Fake {
     data: Vec<u8>,
-    calls: Mutex<Vec<(u64, u64, Priority)>>,
+    calls: Calls,
     /// Chunk offset → failures left (u32::MAX: fail forever).
     fail: Mutex<HashMap<u64, u32>>,
     /// Flip a byte of every response.
@@ -65,12 +56,6 @@ impl Fake {
             data,
             ..Self::default()
         })
-    }
-    fn calls(&self) -> Vec<(u64, u64, Priority)> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn count(&self) -> usize {
-        self.calls.lock().unwrap().len()
     }
     fn fail_first(&self, offset: u64, n: u32) {
         self.fail.lock().unwrap().insert(offset, n);
@@ -86,7 +71,7 @@ impl Fake {
 
 impl RangeFetcher for Fake {
     fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, prio: Priority) -> Result<Vec<u8>> {
-        self.calls.lock().unwrap().push((offset, len, prio));
+        self.calls.record(offset, len, prio);
         let gate = self.gate.lock().unwrap().take();
         if let Some(g) = gate {
             if g.offset == offset {
@@ -155,13 +140,32 @@ fn opts(block: u64) -> DownloadOptions {
 }
 
 fn setup(len: usize) -> (Arc<Fake>, Arc<SwitchBlob>, tempfile::TempDir) {
-    let fake = Fake::new(data(len, len as u64));
+    let fake = Fake::new(fixtures::random_bytes(len as u64, len));
     let sw = Arc::new(SwitchBlob::new(Arc::new(Remote(Arc::clone(&fake)))));
     (fake, sw, tempfile::tempdir().unwrap())
 }
 
 fn start(fake: &Arc<Fake>, sw: &Arc<SwitchBlob>, dir: &Path, o: DownloadOptions) -> Result<()> {
     start_blob(fake, fake.blob(), sw, dir, o)
+}
+
+/// Starts downloading `fake`'s blob into `dir` for `sw`; does not wait.
+fn spawn(fake: &Arc<Fake>, sw: &Arc<SwitchBlob>, dir: &Path, o: DownloadOptions) -> DownloadHandle {
+    let f: Arc<dyn RangeFetcher> = Arc::clone(fake) as _;
+    Downloader::start(fake.blob(), f, dir.to_path_buf(), o, Arc::clone(sw))
+}
+
+/// Makes `fake` stop inside its request at `offset`: returns the receiver
+/// that hears when it got there and the sender that lets it go on.
+fn gate(fake: &Fake, offset: u64) -> (Receiver<()>, Sender<()>) {
+    let (reached_tx, reached_rx) = channel();
+    let (resume_tx, resume_rx) = channel();
+    *fake.gate.lock().unwrap() = Some(Gate {
+        offset,
+        reached: reached_tx,
+        resume: Mutex::new(resume_rx),
+    });
+    (reached_rx, resume_tx)
 }
 
 fn start_blob(
@@ -175,6 +179,11 @@ fn start_blob(
     Downloader::start(blob, f, dir.to_path_buf(), o, Arc::clone(sw))
         .wait()
         .map(|_| ())
+}
+
+/// `dir` holds the blob's bytes as the commit file.
+fn assert_committed(dir: &Path, fake: &Fake) {
+    assert!(std::fs::read(dir.join(COMMIT_FILE)).unwrap() == fake.data);
 }
 
 fn files(dir: &Path) -> Vec<String> {
@@ -197,17 +206,10 @@ fn download_commits_verifies_and_switches() {
     let (fake, sw, dir) = setup(1_000_000 + 123);
     assert!(!sw.is_local());
     assert_eq!(read_all(&*sw), fake.data, "remote reads before the switch");
-    let before = fake.count();
+    let before = fake.calls.count();
     assert!(before > 0);
 
-    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
-    let h = Downloader::start(
-        fake.blob(),
-        f,
-        dir.path().to_path_buf(),
-        opts(64 * KIB),
-        Arc::clone(&sw),
-    );
+    let h = spawn(&fake, &sw, dir.path(), opts(64 * KIB));
     let report = h.wait().unwrap();
     let chunks = fake.data.len().div_ceil(64 * 1024);
     assert_eq!(report.bytes, fake.data.len() as u64);
@@ -216,7 +218,7 @@ fn download_commits_verifies_and_switches() {
     assert_eq!(report.path, dir.path().join(COMMIT_FILE));
 
     // Downloaded in block_size chunks, all at Background.
-    let calls = &fake.calls()[before..];
+    let calls = &fake.calls.all()[before..];
     assert_eq!(calls.len(), chunks);
     for (i, (off, len, prio)) in calls.iter().enumerate() {
         assert_eq!(*off, i as u64 * 64 * KIB);
@@ -225,19 +227,16 @@ fn download_commits_verifies_and_switches() {
     }
 
     assert_eq!(files(dir.path()), vec![COMMIT_FILE.to_string()]);
-    assert_eq!(
-        std::fs::read(dir.path().join(COMMIT_FILE)).unwrap(),
-        fake.data
-    );
+    assert_committed(dir.path(), &fake);
     assert!(sw.is_local());
     assert!(sw.local_file().is_some());
 
-    let n = fake.count();
+    let n = fake.calls.count();
     assert_eq!(read_all(&*sw), fake.data);
     let mut buf = [0u8; 10];
     assert_eq!(sw.read_at(&mut buf, 999_999).unwrap(), 10);
     assert_eq!(&buf[..], &fake.data[999_999..1_000_009]);
-    assert_eq!(fake.count(), n, "no remote requests after the switch");
+    assert_eq!(fake.calls.count(), n, "no remote requests after the switch");
     assert!(!sw.invalidate(0, 10), "a local file holds no cache");
 }
 
@@ -251,9 +250,9 @@ fn wrong_digest_is_an_integrity_error_and_keeps_remote() {
     assert!(e.to_string().contains("sha256:"), "{e}");
     assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
     assert!(!sw.is_local());
-    let n = fake.count();
+    let n = fake.calls.count();
     assert_eq!(read_all(&*sw), fake.data);
-    assert!(fake.count() > n, "still served remotely");
+    assert!(fake.calls.count() > n, "still served remotely");
 }
 
 #[test]
@@ -271,25 +270,15 @@ fn transient_chunk_failures_are_retried() {
     let (fake, sw, dir) = setup(300_000);
     fake.fail_first(64 * KIB, 2);
     fake.fail_first(256 * KIB, 1);
-    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
-    let h = Downloader::start(
-        fake.blob(),
-        f,
-        dir.path().to_path_buf(),
-        opts(64 * KIB),
-        Arc::clone(&sw),
-    );
+    let h = spawn(&fake, &sw, dir.path(), opts(64 * KIB));
     let r = h.wait().unwrap();
     assert_eq!(r.attempts, 5 + 3);
-    let at = |o: u64| fake.calls().iter().filter(|c| c.0 == o).count();
+    let at = |o: u64| fake.calls.all().iter().filter(|c| c.0 == o).count();
     assert_eq!(at(64 * KIB), 3);
     assert_eq!(at(256 * KIB), 2);
     assert_eq!(at(0), 1);
     assert!(sw.is_local());
-    assert_eq!(
-        std::fs::read(dir.path().join(COMMIT_FILE)).unwrap(),
-        fake.data
-    );
+    assert_committed(dir.path(), &fake);
 }
 
 #[test]
@@ -314,9 +303,12 @@ fn persistent_chunk_failure_gives_up_after_try_cnt() {
         }
         other => panic!("not a remote error: {other}"),
     }
-    assert_eq!(fake.calls().iter().filter(|c| c.0 == 128 * KIB).count(), 4);
+    assert_eq!(
+        fake.calls.all().iter().filter(|c| c.0 == 128 * KIB).count(),
+        4
+    );
     assert!(
-        !fake.calls().iter().any(|c| c.0 > 128 * KIB),
+        !fake.calls.all().iter().any(|c| c.0 > 128 * KIB),
         "stops at the failed chunk"
     );
     assert!(files(dir.path()).is_empty(), "partial .download removed");
@@ -330,10 +322,7 @@ fn rate_limit_bounds_the_duration() {
     let mut o = opts(32 * KIB);
     o.max_mbps = 1;
     let t = Instant::now();
-    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
-    let r = Downloader::start(fake.blob(), f, dir.path().to_path_buf(), o, Arc::clone(&sw))
-        .wait()
-        .unwrap();
+    let r = spawn(&fake, &sw, dir.path(), o).wait().unwrap();
     let elapsed = t.elapsed();
     assert!(r.duration >= Duration::from_millis(375), "{:?}", r.duration);
     assert!(elapsed >= Duration::from_millis(375), "{elapsed:?}");
@@ -347,15 +336,14 @@ fn cancel_during_delay_returns_promptly() {
     let mut o = opts(64 * KIB);
     o.delay = Duration::from_secs(60);
     o.delay_extra = Duration::from_secs(30);
-    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
-    let h = Downloader::start(fake.blob(), f, dir.path().to_path_buf(), o, Arc::clone(&sw));
+    let h = spawn(&fake, &sw, dir.path(), o);
     assert_eq!(h.progress().phase, DownloadPhase::Waiting);
     let t = Instant::now();
     h.cancel();
     let e = h.wait().unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     assert!(is_cancelled(&e), "{e}");
-    assert_eq!(fake.count(), 0);
+    assert_eq!(fake.calls.count(), 0);
     assert!(files(dir.path()).is_empty());
     assert!(!sw.is_local());
 }
@@ -363,21 +351,8 @@ fn cancel_during_delay_returns_promptly() {
 #[test]
 fn cancel_mid_download_leaves_no_commit() {
     let (fake, sw, dir) = setup(400_000);
-    let (reached_tx, reached_rx) = channel();
-    let (resume_tx, resume_rx) = channel();
-    *fake.gate.lock().unwrap() = Some(Gate {
-        offset: 128 * KIB,
-        reached: reached_tx,
-        resume: Mutex::new(resume_rx),
-    });
-    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
-    let h = Downloader::start(
-        fake.blob(),
-        f,
-        dir.path().to_path_buf(),
-        opts(64 * KIB),
-        Arc::clone(&sw),
-    );
+    let (reached_rx, resume_tx) = gate(&fake, 128 * KIB);
+    let h = spawn(&fake, &sw, dir.path(), opts(64 * KIB));
     reached_rx.recv().unwrap();
     let p = h.progress();
     assert_eq!(p.phase, DownloadPhase::Downloading);
@@ -387,7 +362,7 @@ fn cancel_mid_download_leaves_no_commit() {
     resume_tx.send(()).unwrap();
     let e = h.wait().unwrap_err();
     assert!(is_cancelled(&e), "{e}");
-    assert_eq!(fake.count(), 3, "no request after the cancel");
+    assert_eq!(fake.calls.count(), 3, "no request after the cancel");
     assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
     assert!(!sw.is_local());
 }
@@ -397,22 +372,20 @@ fn scheduler_keeps_download_behind_foreground() {
     let (fake, sw, dir) = setup(200_000);
     let sched = Arc::new(Scheduler::new(1));
     let permit = sched.acquire(Priority::Foreground);
-    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
-    let h = Downloader::start(
-        fake.blob(),
-        f,
-        dir.path().to_path_buf(),
+    let h = spawn(
+        &fake,
+        &sw,
+        dir.path(),
         opts(64 * KIB).with_scheduler(Arc::clone(&sched)),
-        Arc::clone(&sw),
     );
     // The download is queued for a slot at Background and has fetched nothing.
     sched.wait_queued_at(Priority::Background, 1);
-    assert_eq!(fake.count(), 0);
+    assert_eq!(fake.calls.count(), 0);
     assert_eq!(h.progress().bytes, 0);
     drop(permit);
     h.wait().unwrap();
-    assert_eq!(fake.count(), 4);
-    assert!(fake.calls().iter().all(|c| c.2 == Priority::Background));
+    assert_eq!(fake.calls.count(), 4);
+    assert!(fake.calls.all().iter().all(|c| c.2 == Priority::Background));
     assert_eq!(sched.granted(Priority::Background), 4);
     assert!(sw.is_local());
 }
@@ -421,28 +394,18 @@ fn scheduler_keeps_download_behind_foreground() {
 fn existing_verified_commit_is_reused() {
     let (fake, sw, dir) = setup(100_000);
     std::fs::write(dir.path().join(COMMIT_FILE), &fake.data).unwrap();
-    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
-    let r = Downloader::start(
-        fake.blob(),
-        f,
-        dir.path().to_path_buf(),
-        opts(64 * KIB),
-        Arc::clone(&sw),
-    )
-    .wait()
-    .unwrap();
+    let r = spawn(&fake, &sw, dir.path(), opts(64 * KIB))
+        .wait()
+        .unwrap();
     assert!(r.reused);
-    assert_eq!(fake.count(), 0);
+    assert_eq!(fake.calls.count(), 0);
     assert!(sw.is_local());
 
     // A stale one (wrong bytes) is replaced by a fresh download.
     let (fake, sw, dir) = setup(100_000);
     std::fs::write(dir.path().join(COMMIT_FILE), b"stale").unwrap();
     start(&fake, &sw, dir.path(), opts(64 * KIB)).unwrap();
-    assert_eq!(
-        std::fs::read(dir.path().join(COMMIT_FILE)).unwrap(),
-        fake.data
-    );
+    assert_committed(dir.path(), &fake);
     assert!(!dir.path().join(DOWNLOAD_FILE).exists());
 }
 
@@ -452,10 +415,7 @@ fn unknown_size_is_probed() {
     let mut blob = fake.blob();
     blob.size = 0;
     start_blob(&fake, blob, &sw, dir.path(), opts(64 * KIB)).unwrap();
-    assert_eq!(
-        std::fs::read(dir.path().join(COMMIT_FILE)).unwrap(),
-        fake.data
-    );
+    assert_committed(dir.path(), &fake);
 }
 
 #[test]
@@ -465,7 +425,7 @@ fn non_sha256_digest_is_rejected() {
     blob.digest = "sha512:abcd".into();
     let e = start_blob(&fake, blob, &sw, dir.path(), opts(64 * KIB)).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
-    assert_eq!(fake.count(), 0);
+    assert_eq!(fake.calls.count(), 0);
 }
 
 /// Blocks inside `read_at` until told to go.
@@ -547,7 +507,7 @@ fn options_from_config() {
 #[test]
 fn download_through_the_block_cache_skips_cached_ranges() {
     // 1 MiB + a bit: five 256 KiB fetch units.
-    let fake = Fake::new(data((1 << 20) + 5000, 7));
+    let fake = Fake::new(fixtures::random_bytes(7, (1 << 20) + 5000));
     let cache_dir = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cache = BlockCache::open(CacheOptions::new(cache_dir.path())).unwrap();
@@ -561,7 +521,7 @@ fn download_through_the_block_cache_skips_cached_ranges() {
     let mut b = vec![0u8; 1000];
     sw.read_exact_at(&mut b, 300 * KIB).unwrap();
     assert_eq!(b, fake.data[300 * 1024..300 * 1024 + 1000]);
-    let before = fake.count();
+    let before = fake.calls.count();
 
     let cf: Arc<dyn RangeFetcher> = Arc::new(CachedFetcher::new(Arc::clone(&remote)));
     let r = Downloader::start(
@@ -574,7 +534,7 @@ fn download_through_the_block_cache_skips_cached_ranges() {
     .wait()
     .unwrap();
     assert_eq!(r.bytes, fake.data.len() as u64);
-    let calls = &fake.calls()[before..];
+    let calls = &fake.calls.all()[before..];
     let mut offs: Vec<u64> = calls.iter().map(|c| c.0).collect();
     offs.sort();
     assert_eq!(
@@ -585,25 +545,18 @@ fn download_through_the_block_cache_skips_cached_ranges() {
     assert!(calls.iter().all(|c| c.2 == Priority::Background));
     assert!(sw.is_local());
     assert_eq!(read_all(&*sw), fake.data);
-    assert_eq!(fake.count(), before + 4);
+    assert_eq!(fake.calls.count(), before + 4);
 }
 
 #[test]
 fn cancel_during_retry_backoff_returns_promptly() {
     let (fake, sw, dir) = setup(100_000);
     fake.fail_first(0, u32::MAX);
-    let (reached_tx, reached_rx) = channel();
-    let (resume_tx, resume_rx) = channel();
-    *fake.gate.lock().unwrap() = Some(Gate {
-        offset: 0,
-        reached: reached_tx,
-        resume: Mutex::new(resume_rx),
-    });
+    let (reached_rx, resume_tx) = gate(&fake, 0);
     let mut o = opts(64 * KIB);
     o.try_cnt = 5;
     o.retry_backoff = Duration::from_secs(60);
-    let f: Arc<dyn RangeFetcher> = Arc::clone(&fake) as _;
-    let h = Downloader::start(fake.blob(), f, dir.path().to_path_buf(), o, Arc::clone(&sw));
+    let h = spawn(&fake, &sw, dir.path(), o);
     reached_rx.recv().unwrap();
     resume_tx.send(()).unwrap();
     let t = Instant::now();
@@ -611,6 +564,6 @@ fn cancel_during_retry_backoff_returns_promptly() {
     let e = h.wait().unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     assert!(is_cancelled(&e), "{e}");
-    assert_eq!(fake.count(), 1, "no retry after the cancel");
+    assert_eq!(fake.calls.count(), 1, "no retry after the cancel");
     assert!(files(dir.path()).is_empty());
 }

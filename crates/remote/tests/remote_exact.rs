@@ -153,19 +153,37 @@ fn exact_fetch_skips_cached_blocks_and_is_cut_at_max_request() {
     assert_eq!(fake.calls().len(), n);
 }
 
-#[test]
-fn a_reader_waits_for_an_exact_request_instead_of_fetching_the_unit() {
+/// Makes `fake` hold its next request and starts an exact prefetch of
+/// `[offset, offset + size)` of `blob` on a thread of `s`; returns once that
+/// request is held, with the sender that releases it.
+fn held_prefetch<'scope>(
+    s: &'scope thread::Scope<'scope, '_>,
+    fake: &Arc<Fake>,
+    blob: &Arc<RemoteBlob>,
+    (offset, size): (u64, u64),
+) -> (
+    thread::ScopedJoinHandle<'scope, Result<()>>,
+    mpsc::Sender<()>,
+) {
+    let (started_rx, release_tx) = hold_first_request(fake);
+    let b = Arc::clone(blob);
+    let pre = s.spawn(move || b.fetch_exact(offset, size, Priority::Prefetch));
+    started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    (pre, release_tx)
+}
+
+/// Holds an exact prefetch of 300 KiB .. 320 KiB in flight while a reader
+/// of `len` bytes at `offset` starts; once the reader joined the prefetch
+/// (counted as joined), releases it. Checks the bytes read; returns the
+/// fetcher's requests.
+fn read_during_exact_prefetch(offset: u64, len: u64) -> Vec<(u64, u64)> {
     let fake = Fake::new(2 << 20);
-    let (started_rx, release_tx) = hold_first_request(&fake);
     let (_d, _c, blob) = setup(&fake, 4 * KIB, RemoteOptions::default());
     let blob = Arc::new(blob);
     thread::scope(|s| {
+        let (pre, release) = held_prefetch(s, &fake, &blob, (300 * KIB, 20 * KIB));
         let b = Arc::clone(&blob);
-        let pre = s.spawn(move || b.fetch_exact(300 * KIB, 20 * KIB, Priority::Prefetch));
-        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        let b = Arc::clone(&blob);
-        let reader = s.spawn(move || read(&b, 304 * KIB, 8 * KIB as usize));
-        // The reader joins the exact request (counted as joined) ...
+        let reader = s.spawn(move || read(&b, offset, len as usize));
         let t0 = Instant::now();
         while blob.stats().joined == 0 {
             assert!(
@@ -174,64 +192,36 @@ fn a_reader_waits_for_an_exact_request_instead_of_fetching_the_unit() {
             );
             thread::yield_now();
         }
-        release_tx.send(()).unwrap();
+        release.send(()).unwrap();
         pre.join().unwrap().unwrap();
         let got = reader.join().unwrap();
-        assert_eq!(
-            got[..],
-            fake.data[(304 * KIB) as usize..(312 * KIB) as usize]
-        );
+        assert_eq!(got[..], fake.data[offset as usize..(offset + len) as usize]);
     });
-    // ... and makes no request of its own.
-    assert_eq!(fake.calls(), vec![(300 * KIB, 20 * KIB)]);
+    fake.calls()
+}
+
+#[test]
+fn a_reader_waits_for_an_exact_request_instead_of_fetching_the_unit() {
+    let calls = read_during_exact_prefetch(304 * KIB, 8 * KIB);
+    // The reader joined the exact request and made no request of its own.
+    assert_eq!(calls, vec![(300 * KIB, 20 * KIB)]);
 }
 
 #[test]
 fn a_reader_needing_more_than_the_exact_request_fetches_the_rest_after_it() {
-    let fake = Fake::new(2 << 20);
-    let (started_rx, release_tx) = hold_first_request(&fake);
-    let (_d, _c, blob) = setup(&fake, 4 * KIB, RemoteOptions::default());
-    let blob = Arc::new(blob);
-    thread::scope(|s| {
-        let b = Arc::clone(&blob);
-        let pre = s.spawn(move || b.fetch_exact(300 * KIB, 20 * KIB, Priority::Prefetch));
-        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        let b = Arc::clone(&blob);
-        let reader = s.spawn(move || read(&b, 310 * KIB, 40 * KIB as usize));
-        let t0 = Instant::now();
-        while blob.stats().joined == 0 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "reader never joined"
-            );
-            thread::yield_now();
-        }
-        release_tx.send(()).unwrap();
-        pre.join().unwrap().unwrap();
-        let got = reader.join().unwrap();
-        assert_eq!(
-            got[..],
-            fake.data[(310 * KIB) as usize..(350 * KIB) as usize]
-        );
-    });
+    let calls = read_during_exact_prefetch(310 * KIB, 40 * KIB);
     // The reader's unit (256 KiB .. 512 KiB) once, after the exact request.
-    assert_eq!(
-        fake.calls(),
-        vec![(300 * KIB, 20 * KIB), (256 * KIB, 256 * KIB)]
-    );
+    assert_eq!(calls, vec![(300 * KIB, 20 * KIB), (256 * KIB, 256 * KIB)]);
 }
 
 #[test]
 fn a_reader_does_not_wait_for_a_long_exact_prefetch() {
     let fake = Fake::new(4 << 20);
-    let (started_rx, release_tx) = hold_first_request(&fake);
     let (_d, _c, blob) = setup(&fake, 4 * KIB, RemoteOptions::default());
     let blob = Arc::new(blob);
     thread::scope(|s| {
         // A trace prefetch of 1 MiB (more than two 256 KiB units), held.
-        let b = Arc::clone(&blob);
-        let pre = s.spawn(move || b.fetch_exact(100 * KIB, 1 << 20, Priority::Prefetch));
-        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let (pre, release) = held_prefetch(s, &fake, &blob, (100 * KIB, 1 << 20));
         // The container's read inside it fetches its own unit and returns
         // while the prefetch is still held.
         let got = read(&blob, 600 * KIB, 8 * KIB as usize);
@@ -240,7 +230,7 @@ fn a_reader_does_not_wait_for_a_long_exact_prefetch() {
             fake.data[(600 * KIB) as usize..(608 * KIB) as usize]
         );
         assert_eq!(blob.stats().joined, 0);
-        release_tx.send(()).unwrap();
+        release.send(()).unwrap();
         pre.join().unwrap().unwrap();
     });
     assert_eq!(

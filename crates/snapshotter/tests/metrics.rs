@@ -126,36 +126,27 @@ fn grpc_calls_show_up_in_metrics_and_json_logs() {
         .unwrap();
     rt.block_on(async {
         let mut c = client(&sock).await;
-        let p = c
-            .prepare(with_ns(api::PrepareSnapshotRequest {
-                key: "k1".into(),
-                ..Default::default()
-            }))
-            .await
-            .expect("prepare");
-        assert_eq!(p.into_inner().mounts.len(), 1);
-        let st = c
-            .stat(with_ns(api::StatSnapshotRequest {
-                key: "k1".into(),
-                ..Default::default()
-            }))
-            .await
-            .expect("stat");
-        assert_eq!(st.into_inner().info.unwrap().name, "k1");
-        let err = c
-            .stat(with_ns(api::StatSnapshotRequest {
-                key: "missing".into(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::NotFound);
-        c.remove(with_ns(api::RemoveSnapshotRequest {
+        let prepare = api::PrepareSnapshotRequest {
             key: "k1".into(),
             ..Default::default()
-        }))
-        .await
-        .expect("remove");
+        };
+        let p = c.prepare(with_ns(prepare)).await.expect("prepare");
+        assert_eq!(p.into_inner().mounts.len(), 1);
+        let stat = |key: &str| {
+            with_ns(api::StatSnapshotRequest {
+                key: key.into(),
+                ..Default::default()
+            })
+        };
+        let st = c.stat(stat("k1")).await.expect("stat");
+        assert_eq!(st.into_inner().info.unwrap().name, "k1");
+        let err = c.stat(stat("missing")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        let remove = api::RemoveSnapshotRequest {
+            key: "k1".into(),
+            ..Default::default()
+        };
+        c.remove(with_ns(remove)).await.expect("remove");
     });
 
     let (status, body) = http_get(&metrics, "/metrics").unwrap();

@@ -116,6 +116,15 @@ fn assert_committed(sock: &Path, r: &PullReport) {
     }
 }
 
+/// The `ctr content ls` line of `digest` holds `label`.
+fn assert_content_labelled(content: &str, digest: &str, label: &str) {
+    let line = content
+        .lines()
+        .find(|l| l.starts_with(digest))
+        .unwrap_or_else(|| panic!("no {digest} in the content store:\n{content}"));
+    assert!(line.contains(label), "{line}");
+}
+
 fn states(r: &PullReport) -> Vec<LayerState> {
     r.layers.iter().map(|l| l.state).collect()
 }
@@ -189,6 +198,8 @@ fn obd_pull_remote_and_plain() {
     };
     let sock = start_containerd(&dir, &mut procs);
     let ctr = |args: &[&str]| run(ctr(&sock).args(["-n", "default"]).args(args));
+    // `ctr <sub> --snapshotter obd <args…>`
+    let with_obd = |sub: &str, args: &[&str]| ctr(&[&[sub, "--snapshotter", "obd"], args].concat());
 
     // --- plain image: Prepare succeeds, diff Apply, Commit; it runs.
     let r3 = pull(&sock, &plain);
@@ -196,16 +207,10 @@ fn obd_pull_remote_and_plain() {
     assert_eq!(r3.downloaded_layers, 2);
     assert!(r3.layers.iter().all(|l| l.fetched_bytes == l.size));
     assert_committed(&sock, &r3);
-    let out = ctr(&[
+    let out = with_obd(
         "run",
-        "--snapshotter",
-        "obd",
-        "--rm",
-        &plain,
-        "obd-pull-1",
-        "/bin/cat",
-        "/etc/obd-pull",
-    ]);
+        &["--rm", &plain, "obd-pull-1", "/bin/cat", "/etc/obd-pull"],
+    );
     assert_eq!(out.trim(), MARK);
     let r4 = pull(&sock, &plain);
     assert_eq!(states(&r4), vec![LayerState::Present; 2], "{r4:?}");
@@ -241,15 +246,8 @@ fn obd_pull_remote_and_plain() {
     assert_eq!(r5.media_type, "application/vnd.oci.image.index.v1+json");
     assert_eq!(r5.manifest, pm.digest);
     assert_eq!(states(&r5), vec![LayerState::Present; 2], "{r5:?}");
-    let content = ctr(&["content", "ls"]);
-    let idx_line = content
-        .lines()
-        .find(|l| l.starts_with(&pushed.digest))
-        .unwrap_or_else(|| panic!("no index in the content store:\n{content}"));
-    assert!(
-        idx_line.contains(&format!("containerd.io/gc.ref.content.m.0={}", pm.digest)),
-        "{idx_line}"
-    );
+    let gc_ref = format!("containerd.io/gc.ref.content.m.0={}", pm.digest);
+    assert_content_labelled(&ctr(&["content", "ls"]), &pushed.digest, &gc_ref);
     let imgs = ctr(&["images", "ls"]);
     assert!(
         imgs.lines()
@@ -308,27 +306,15 @@ fn obd_pull_remote_and_plain() {
         "{imgs}"
     );
     assert_committed(&sock, &r1);
-    let info = ctr(&[
-        "snapshots",
-        "--snapshotter",
-        "obd",
-        "info",
-        &r1.layers[1].chain_id,
-    ]);
+    let info = with_obd("snapshots", &["info", &r1.layers[1].chain_id]);
     assert!(info.contains(&r1.layers[0].chain_id), "parent: {info}");
     assert!(info.contains("containerd.io/snapshot/image-ref"), "{info}");
     let content = ctr(&["content", "ls"]);
-    let cfg_line = content
-        .lines()
-        .find(|l| l.starts_with(&r1.config))
-        .unwrap_or_else(|| panic!("no config in the content store:\n{content}"));
-    assert!(
-        cfg_line.contains(&format!(
-            "containerd.io/gc.ref.snapshot.obd={}",
-            r1.layers[1].chain_id
-        )),
-        "{cfg_line}"
+    let gc_ref = format!(
+        "containerd.io/gc.ref.snapshot.obd={}",
+        r1.layers[1].chain_id
     );
+    assert_content_labelled(&content, &r1.config, &gc_ref);
     for d in &layer_digests {
         assert!(!content.contains(d.as_str()), "layer blob {d} in the store");
     }

@@ -8,37 +8,22 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use fixtures::procs::{poll, run, Needs};
+use fixtures::random_bytes;
 
 use tcmu_target::fuse::FuseFrontend;
 use tcmu_target::loopdev::{LoopDevice, LoopOptions};
-use tcmu_target::{Frontend, MemBackend};
+use tcmu_target::{Attachment, Frontend, MemBackend};
 
 const CHILD_ENV: &str = "OBD_FUSE_LOOP_CHILD_WORK";
 const CHILD_IMG_ENV: &str = "OBD_FUSE_LOOP_CHILD_IMG";
 
 fn missing_requirement() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
-    }
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            return Some(format!("{dev} is missing"));
-        }
-    }
-    for tool in ["fusermount3", "mkfs.ext4", "mount", "umount", "blkdiscard"] {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
+    Needs::root(&["fusermount3", "mkfs.ext4", "mount", "umount", "blkdiscard"])
+        .paths(&["/dev/fuse", "/dev/loop-control"])
+        .unmet()
 }
 
 macro_rules! require {
@@ -48,32 +33,6 @@ macro_rules! require {
             return;
         }
     };
-}
-
-/// Polls `cond` until it holds or `timeout` passes.
-fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -89,18 +48,6 @@ fn loop_backing(dev: &Path) -> Option<Vec<u8>> {
     std::fs::read(format!("/sys/block/{name}/loop/backing_file")).ok()
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Test files: (relative path, contents).
 fn sample_files() -> Vec<(&'static str, Vec<u8>)> {
     vec![
@@ -109,8 +56,8 @@ fn sample_files() -> Vec<(&'static str, Vec<u8>)> {
             b"hello from a FUSE-backed loop device\n".to_vec(),
         ),
         ("empty", Vec::new()),
-        ("big.bin", pseudo_random(3 << 20, 1)),
-        ("dir/sub/odd.bin", pseudo_random(123_457, 2)),
+        ("big.bin", random_bytes(1, 3 << 20)),
+        ("dir/sub/odd.bin", random_bytes(2, 123_457)),
     ]
 }
 
@@ -147,6 +94,76 @@ fn ext4_image(tmp: &Path, files: &[(&str, Vec<u8>)]) -> PathBuf {
     img
 }
 
+/// A read-only in-memory backend holding [`ext4_image`] of `files`.
+fn ext4_backend(tmp: &Path, files: &[(&str, Vec<u8>)]) -> Arc<MemBackend> {
+    let img = ext4_image(tmp, files);
+    Arc::new(MemBackend::new(std::fs::read(img).unwrap(), true))
+}
+
+/// A temporary directory, [`sample_files`], a backend holding them in an
+/// ext4 and an empty work directory in it.
+#[allow(clippy::type_complexity)]
+fn ext4_setup() -> (
+    tempfile::TempDir,
+    Vec<(&'static str, Vec<u8>)>,
+    Arc<MemBackend>,
+    PathBuf,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = sample_files();
+    let backend = ext4_backend(tmp.path(), &files);
+    let work = work_dir(tmp.path(), "work");
+    (tmp, files, backend, work)
+}
+
+/// A new, empty work directory `<tmp>/<name>`.
+fn work_dir(tmp: &Path, name: &str) -> PathBuf {
+    let work = tmp.join(name);
+    std::fs::create_dir(&work).unwrap();
+    work
+}
+
+/// A FUSE + loop attachment under test.
+struct Fused {
+    att: Box<dyn Attachment>,
+    dev: PathBuf,
+    /// The loop device's backing file as the kernel shows it.
+    backing: Vec<u8>,
+    work: PathBuf,
+}
+
+impl Fused {
+    /// Attaches `backend` as `id` with the work directory `work`.
+    fn attach(fe: &FuseFrontend, backend: Arc<MemBackend>, id: &str, work: &Path) -> Fused {
+        let att = fe.attach(backend, id, work).unwrap();
+        let dev = att.device_path().to_path_buf();
+        let backing = loop_backing(&dev).unwrap();
+        Fused {
+            att,
+            dev,
+            backing,
+            work: work.to_owned(),
+        }
+    }
+
+    /// The one file of the FUSE mount that backs the loop device.
+    fn disk(&self) -> PathBuf {
+        self.work.canonicalize().unwrap().join("fuse/disk")
+    }
+
+    /// The permission bits of [`Fused::disk`].
+    fn disk_mode(&self) -> u32 {
+        let meta = std::fs::metadata(self.disk()).unwrap();
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777
+    }
+
+    /// Detaches and checks that nothing is left.
+    fn detach(self) {
+        self.att.detach().unwrap();
+        assert_gone(&self.work, &self.dev, &self.backing);
+    }
+}
+
 fn mount_ext4(dev: &Path, at: &Path, ro: bool) {
     std::fs::create_dir_all(at).unwrap();
     run(Command::new("mount")
@@ -177,7 +194,7 @@ fn loop_over_plain_file() {
     require!();
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("plain.img");
-    let data = pseudo_random(4 << 20, 3);
+    let data = random_bytes(3, 4 << 20);
     std::fs::write(&path, &data).unwrap();
     for direct_io in [false, true] {
         let lo = LoopDevice::attach(
@@ -267,19 +284,15 @@ fn loop_attach_races() {
 fn fuse_reads_match_backend() {
     require!();
     let tmp = tempfile::tempdir().unwrap();
-    let data = Arc::new(pseudo_random(16 << 20, 4));
+    let data = Arc::new(random_bytes(4, 16 << 20));
     let backend = Arc::new(MemBackend::new(data.to_vec(), true));
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    let att = FuseFrontend::new()
-        .attach(backend, "read-test", &work)
-        .unwrap();
-    let dev = att.device_path().to_path_buf();
-    let backing = loop_backing(&dev).unwrap();
+    let work = work_dir(tmp.path(), "work");
+    let f = Fused::attach(&FuseFrontend::new(), backend, "read-test", &work);
+    let dev = &f.dev;
     // O_DIRECT preads from several threads at scattered offsets and sizes.
     std::thread::scope(|s| {
         for t in 0..4u64 {
-            let (dev, data) = (&dev, &data);
+            let data = &data;
             s.spawn(move || {
                 use std::os::unix::fs::{FileExt, OpenOptionsExt};
                 let f = std::fs::OpenOptions::new()
@@ -307,48 +320,35 @@ fn fuse_reads_match_backend() {
             });
         }
     });
-    att.detach().unwrap();
-    assert_gone(&work, &dev, &backing);
+    f.detach();
 }
 
 #[test]
 fn fuse_read_only_ext4() {
     require!();
-    let tmp = tempfile::tempdir().unwrap();
-    let files = sample_files();
-    let img = ext4_image(tmp.path(), &files);
-    let backend = Arc::new(MemBackend::new(std::fs::read(&img).unwrap(), true));
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
+    let (tmp, files, backend, work) = ext4_setup();
     let fe = FuseFrontend::new();
     assert_eq!(fe.name(), "fuse");
 
-    let att = fe.attach(backend, "ro-test", &work).unwrap();
-    let dev = att.device_path().to_path_buf();
-    let disk = work.canonicalize().unwrap().join("fuse/disk");
-    let meta = std::fs::metadata(&disk).unwrap();
-    assert_eq!(meta.len(), 64 << 20);
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
-        0o444
-    );
-    assert_eq!(LoopDevice::find_by_backing(&disk), vec![dev.clone()]);
-    let backing = loop_backing(&dev).unwrap();
+    let f = Fused::attach(&fe, backend, "ro-test", &work);
+    let disk = f.disk();
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 64 << 20);
+    assert_eq!(f.disk_mode(), 0o444);
+    assert_eq!(LoopDevice::find_by_backing(&disk), vec![f.dev.clone()]);
 
     // Reads beyond the end of the file are short.
-    let mut f = std::fs::File::open(&disk).unwrap();
+    let mut file = std::fs::File::open(&disk).unwrap();
     let mut tail = Vec::new();
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start((64 << 20) - 100)).unwrap();
-    f.read_to_end(&mut tail).unwrap();
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start((64 << 20) - 100)).unwrap();
+    file.read_to_end(&mut tail).unwrap();
     assert_eq!(tail.len(), 100);
-    drop(f);
+    drop(file);
 
     let m = tmp.path().join("m");
-    mount_ext4(&dev, &m, true);
+    mount_ext4(&f.dev, &m, true);
     check_files(&m, &files);
     umount(&m);
-    att.detach().unwrap();
-    assert_gone(&work, &dev, &backing);
+    f.detach();
 }
 
 #[test]
@@ -358,30 +358,22 @@ fn fuse_writable_ext4_survives_reattach() {
     let mut data = vec![0; 64 << 20];
     data[..2 << 20].fill(0x5a);
     let backend = Arc::new(MemBackend::new(data, false));
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
+    let work = work_dir(tmp.path(), "work");
     let fe = FuseFrontend::new();
     let files = sample_files();
     let m = tmp.path().join("m");
 
-    let att = fe.attach(backend.clone(), "rw-test", &work).unwrap();
-    let dev = att.device_path().to_path_buf();
-    let disk = work.canonicalize().unwrap().join("fuse/disk");
-    let meta = std::fs::metadata(&disk).unwrap();
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
-        0o644
-    );
-    let backing = loop_backing(&dev).unwrap();
+    let f = Fused::attach(&fe, backend.clone(), "rw-test", &work);
+    assert_eq!(f.disk_mode(), 0o644);
     // A discard reaches the backend as FALLOCATE(PUNCH_HOLE).
     run(Command::new("blkdiscard")
         .args(["-o", "0", "-l", "1048576"])
-        .arg(&dev));
+        .arg(&f.dev));
     let snap = backend.snapshot();
     assert!(snap[..1 << 20].iter().all(|&b| b == 0));
     assert!(snap[1 << 20..2 << 20].iter().all(|&b| b == 0x5a));
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
-    mount_ext4(&dev, &m, false);
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&f.dev));
+    mount_ext4(&f.dev, &m, false);
     write_files(&m, &files);
     for (rel, _) in &files {
         std::fs::File::open(m.join(rel))
@@ -391,46 +383,33 @@ fn fuse_writable_ext4_survives_reattach() {
     }
     run(Command::new("sync").arg("-f").arg(&m));
     umount(&m);
-    att.detach().unwrap();
-    assert_gone(&work, &dev, &backing);
+    f.detach();
     // The superblock magic 0xEF53 at 1024 + 56 landed in the backend.
     assert_eq!(&backend.snapshot()[1080..1082], &[0x53, 0xEF]);
 
-    let att = fe.attach(backend.clone(), "rw-test", &work).unwrap();
-    let dev = att.device_path().to_path_buf();
-    let backing = loop_backing(&dev).unwrap();
-    mount_ext4(&dev, &m, false);
+    let f = Fused::attach(&fe, backend.clone(), "rw-test", &work);
+    mount_ext4(&f.dev, &m, false);
     check_files(&m, &files);
     std::fs::remove_file(m.join("big.bin")).unwrap();
     umount(&m);
-    att.detach().unwrap();
-    assert_gone(&work, &dev, &backing);
+    f.detach();
 }
 
 #[test]
 fn detach_while_still_mounted_stops_serving() {
     require!();
-    let tmp = tempfile::tempdir().unwrap();
-    let files = sample_files();
-    let img = ext4_image(tmp.path(), &files);
-    let backend = Arc::new(MemBackend::new(std::fs::read(&img).unwrap(), true));
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    let att = FuseFrontend::new()
-        .attach(backend, "busy-test", &work)
-        .unwrap();
-    let dev = att.device_path().to_path_buf();
-    let backing = loop_backing(&dev).unwrap();
+    let (tmp, files, backend, work) = ext4_setup();
+    let f = Fused::attach(&FuseFrontend::new(), backend, "busy-test", &work);
     let m = tmp.path().join("m");
-    mount_ext4(&dev, &m, true);
+    mount_ext4(&f.dev, &m, true);
     check_files(&m, &files[..1]);
     // The caller forgot to unmount: detach reports it but stops serving anyway.
-    let err = att.detach().unwrap_err();
+    let err = f.att.detach().unwrap_err();
     assert!(err.to_string().contains("still open"), "{err}");
     assert!(!is_mounted(&work.canonicalize().unwrap().join("fuse")));
     assert!(std::fs::read(m.join("big.bin")).is_err());
     umount(&m);
-    assert_gone(&work, &dev, &backing);
+    assert_gone(&work, &f.dev, &f.backing);
 }
 
 /// The child half of `cleanup_after_crash`: attaches and waits to be killed.
@@ -452,36 +431,63 @@ fn crash_child() {
     att.detach().unwrap();
 }
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `crash_child` running in a process of its own, attached.
+struct Crashing {
+    child: std::process::Child,
+    work: PathBuf,
+    /// The FUSE mount point under `work`.
+    mnt: PathBuf,
+    dev: PathBuf,
+    /// The loop device's backing file as the kernel shows it.
+    backing: Vec<u8>,
 }
 
-/// Starts `crash_child` in a new process; returns it and its device.
-fn spawn_child(work: &Path, img: &Path) -> (Child, PathBuf) {
-    let mut child = Child(
-        Command::new(std::env::current_exe().unwrap())
+impl Crashing {
+    /// Starts `crash_child` serving `img` with the work directory
+    /// `<tmp>/<name>`; returns once it has attached.
+    fn spawn(tmp: &Path, name: &str, img: &Path) -> Crashing {
+        let work = work_dir(tmp, name);
+        let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, work)
+            .env(CHILD_ENV, &work)
             .env(CHILD_IMG_ENV, img)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .unwrap(),
-    );
-    let stdout = BufReader::new(child.0.stdout.take().unwrap());
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        // libtest may have printed "test crash_child ... " on the same line.
-        if let Some((_, dev)) = line.split_once("READY ") {
-            return (child, PathBuf::from(dev.trim()));
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        // libtest may have printed "test crash_child ... " on the READY line.
+        let dev = stdout
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.split_once("READY ").map(|(_, d)| PathBuf::from(d.trim())));
+        let Some(dev) = dev else {
+            let _ = child.kill();
+            panic!("the child exited before attaching: {:?}", child.wait());
+        };
+        let backing = loop_backing(&dev).unwrap();
+        let mnt = work.canonicalize().unwrap().join("fuse");
+        Crashing {
+            child,
+            work,
+            mnt,
+            dev,
+            backing,
         }
     }
-    panic!("the child exited before attaching: {:?}", child.0.wait());
+
+    /// SIGKILLs the child and reaps it.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Crashing {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
@@ -494,48 +500,38 @@ fn cleanup_after_crash() {
 
     // 1. Killed while nothing else used the device: autoclear drops the loop device,
     //    a dead FUSE mount stays behind until cleanup.
-    let work = tmp.path().join("work1");
-    std::fs::create_dir(&work).unwrap();
-    let mnt = work.canonicalize().unwrap().join("fuse");
-    let (mut child, dev) = spawn_child(&work, &img);
-    let backing = loop_backing(&dev).unwrap();
-    assert!(is_mounted(&mnt));
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    let mut c = Crashing::spawn(tmp.path(), "work1", &img);
+    assert!(is_mounted(&c.mnt));
+    c.kill();
     assert!(
-        is_mounted(&mnt),
+        is_mounted(&c.mnt),
         "the dead FUSE mount should remain until cleanup"
     );
-    fe.cleanup("crash-test", &work).unwrap();
-    assert_gone(&work, &dev, &backing);
-    fe.cleanup("crash-test", &work).unwrap(); // idempotent
+    fe.cleanup("crash-test", &c.work).unwrap();
+    assert_gone(&c.work, &c.dev, &c.backing);
+    fe.cleanup("crash-test", &c.work).unwrap(); // idempotent
 
     // 2. Killed while a filesystem on the device was mounted: the loop device
     //    outlives the process; cleanup aborts the connection, marks the device for
     //    removal and unmounts FUSE; the device goes when its filesystem is unmounted.
-    let work = tmp.path().join("work2");
-    std::fs::create_dir(&work).unwrap();
-    let mnt = work.canonicalize().unwrap().join("fuse");
-    let (mut child, dev) = spawn_child(&work, &img);
-    let backing = loop_backing(&dev).unwrap();
+    let mut c = Crashing::spawn(tmp.path(), "work2", &img);
     let m = tmp.path().join("m");
-    mount_ext4(&dev, &m, true);
+    mount_ext4(&c.dev, &m, true);
     check_files(&m, &files[..1]);
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
-    fe.cleanup("crash-test", &work).unwrap();
-    assert!(!is_mounted(&mnt));
+    c.kill();
+    fe.cleanup("crash-test", &c.work).unwrap();
+    assert!(!is_mounted(&c.mnt));
     // Reading data not read before fails now instead of hanging.
     assert!(std::fs::read(m.join("big.bin")).is_err());
     umount(&m);
     assert!(
-        poll(Duration::from_secs(10), || loop_backing(&dev)
-            .is_none_or(|b| b != backing)),
+        poll(Duration::from_secs(10), || loop_backing(&c.dev)
+            .is_none_or(|b| b != c.backing)),
         "{} is still bound",
-        dev.display()
+        c.dev.display()
     );
-    fe.cleanup("crash-test", &work).unwrap();
-    assert_gone(&work, &dev, &backing);
+    fe.cleanup("crash-test", &c.work).unwrap();
+    assert_gone(&c.work, &c.dev, &c.backing);
 
     // 3. Nothing to clean up: fine too.
     fe.cleanup("never-attached", &tmp.path().join("none"))

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fixtures::procs::run;
+use fixtures::random_bytes;
 use tcmu_target::tcmu::configfs::{self, DevicePaths};
 use tcmu_target::tcmu::{TcmuFrontend, TcmuOptions};
 use tcmu_target::{Attachment, BlockBackend, Frontend, MemBackend};
@@ -45,9 +47,7 @@ fn skip_reason() -> Option<String> {
 }
 
 fn tool_exists(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
+    fixtures::procs::have(tool)
 }
 
 macro_rules! require_kernel {
@@ -59,28 +59,16 @@ macro_rules! require_kernel {
     };
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Deterministic file contents.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+/// A temporary directory with `len` random bytes (seed `seed`) in the file
+/// `image` and an empty `state` directory: (dir, bytes, image, state).
+fn image_and_state(seed: u64, len: usize) -> (tempfile::TempDir, Arc<Vec<u8>>, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = Arc::new(random_bytes(seed, len));
+    let img = tmp.path().join("image");
+    fs::write(&img, &*image).unwrap();
+    let state = tmp.path().join("state");
+    fs::create_dir_all(&state).unwrap();
+    (tmp, image, img, state)
 }
 
 /// A tree of files: (relative path, contents).
@@ -88,10 +76,10 @@ fn sample_tree() -> Vec<(String, Vec<u8>)> {
     let sizes = [0, 1, 511, 4095, 4096, 65537, MIB + 3, 5 * MIB];
     let mut out = Vec::new();
     for (i, n) in sizes.iter().enumerate() {
-        out.push((format!("f{i}"), pattern(i as u64, *n)));
+        out.push((format!("f{i}"), random_bytes(i as u64, *n)));
         out.push((
             format!("d{}/sub/g{i}", i % 3),
-            pattern(100 + i as u64, *n / 3),
+            random_bytes(100 + i as u64, *n / 3),
         ));
     }
     out
@@ -294,7 +282,7 @@ fn tcmu_guest_e2e_read_write() {
     let t = Instant::now();
     write_tree(&mnt, &tree);
     let mut big = File::create(mnt.join("big")).unwrap();
-    let big_data = pattern(7, 16 * MIB);
+    let big_data = random_bytes(7, 16 * MIB);
     big.write_all(&big_data).unwrap();
     big.sync_all().unwrap();
     drop(big);
@@ -332,29 +320,19 @@ fn tcmu_guest_two_devices() {
     require_kernel!("tcmu_guest_two_devices");
     let tmp = tempfile::tempdir().unwrap();
     let fe = frontend();
-    let a = fe
-        .attach(
-            Arc::new(MemBackend::new(pattern(1, 4 * MIB), true)),
-            "two-a",
-            tmp.path(),
-        )
-        .unwrap();
-    let b = fe
-        .attach(
-            Arc::new(MemBackend::new(pattern(2, 8 * MIB), false)),
-            "two-b",
-            tmp.path(),
-        )
-        .unwrap();
+    let [a, b] = [("two-a", 1, 4 * MIB, true), ("two-b", 2, 8 * MIB, false)].map(
+        |(id, seed, size, read_only)| {
+            let backend = MemBackend::new(random_bytes(seed, size), read_only);
+            fe.attach(Arc::new(backend), id, tmp.path()).unwrap()
+        },
+    );
     assert_ne!(a.device_path(), b.device_path());
-    assert_eq!(
-        read_direct(a.device_path(), 4 * MIB, 256 * 1024).unwrap(),
-        pattern(1, 4 * MIB)
-    );
-    assert_eq!(
-        read_direct(b.device_path(), 8 * MIB, 256 * 1024).unwrap(),
-        pattern(2, 8 * MIB)
-    );
+    for (att, seed, size) in [(&a, 1, 4 * MIB), (&b, 2, 8 * MIB)] {
+        assert_eq!(
+            read_direct(att.device_path(), size, 256 * 1024).unwrap(),
+            random_bytes(seed, size)
+        );
+    }
     a.detach().unwrap();
     assert_no_leftovers("two-a");
     // The shared HBA directory stays while b lives.
@@ -525,12 +503,7 @@ fn wait_progress(progress: &AtomicU64, at_least: u64) {
 #[ignore = "needs root and the TCMU/tcm_loop kernel modules: scripts/tcmu-guest-test.sh"]
 fn tcmu_guest_recovery() {
     require_kernel!("tcmu_guest_recovery");
-    let tmp = tempfile::tempdir().unwrap();
-    let image = Arc::new(pattern(42, 16 * MIB));
-    let img = tmp.path().join("image");
-    fs::write(&img, &*image).unwrap();
-    let state = tmp.path().join("state");
-    fs::create_dir_all(&state).unwrap();
+    let (_tmp, image, img, state) = image_and_state(42, 16 * MIB);
     let id = "recovery";
     frontend().cleanup(id, &state).unwrap();
 
@@ -612,7 +585,7 @@ impl BlockBackend for SlowMem {
 fn tcmu_guest_reattach_in_process() {
     require_kernel!("tcmu_guest_reattach_in_process");
     let tmp = tempfile::tempdir().unwrap();
-    let image = Arc::new(pattern(5, 8 * MIB));
+    let image = Arc::new(random_bytes(5, 8 * MIB));
     let backend = Arc::new(SlowMem(
         MemBackend::new((*image).clone(), true),
         Duration::from_millis(3),
@@ -647,12 +620,7 @@ fn tcmu_guest_reattach_in_process() {
 #[ignore = "needs root and the TCMU/tcm_loop kernel modules: scripts/tcmu-guest-test.sh"]
 fn tcmu_guest_cleanup_after_kill() {
     require_kernel!("tcmu_guest_cleanup_after_kill");
-    let tmp = tempfile::tempdir().unwrap();
-    let image = Arc::new(pattern(9, 8 * MIB));
-    let img = tmp.path().join("image");
-    fs::write(&img, &*image).unwrap();
-    let state = tmp.path().join("state");
-    fs::create_dir_all(&state).unwrap();
+    let (_tmp, image, img, state) = image_and_state(9, 8 * MIB);
     let id = "cleanup";
     let fe = frontend();
     fe.cleanup(id, &state).unwrap();

@@ -101,13 +101,20 @@ fn scattered_data_blocks_become_several_iovecs() {
     assert_eq!(ring.gather(&c.iovs).unwrap(), data);
 }
 
+/// A ring of `size` bytes (16 data blocks) whose head and tail start at
+/// `position`, and our side of it.
+fn ring_at(size: u32, position: u32) -> (KernelSim, Ring) {
+    let mut sim = KernelSim::new(size, 16);
+    sim.set_position(position);
+    let ring = Ring::open(sim.region()).unwrap();
+    (sim, ring)
+}
+
 #[test]
 fn pad_at_the_end_of_the_ring_and_wrap_around() {
     let size = 1024;
-    let mut sim = KernelSim::new(size, 16);
     // 112 + 16 bytes per command: start 64 bytes before the end.
-    sim.set_position(size - 64);
-    let mut ring = Ring::open(sim.region()).unwrap();
+    let (mut sim, mut ring) = ring_at(size, size - 64);
     assert_eq!(ring.tail(), size - 64);
     let id = sim.submit(&read10(0, 1), DataDir::FromDevice(512)).unwrap();
     assert_eq!(sim.head(), 128, "PAD of 64 bytes, then the entry at 0");
@@ -124,9 +131,7 @@ fn pad_at_the_end_of_the_ring_and_wrap_around() {
 #[test]
 fn pad_and_tmr_at_the_tail_are_released_without_a_command() {
     let size = 1024;
-    let mut sim = KernelSim::new(size, 16);
-    sim.set_position(size - 16);
-    let mut ring = Ring::open(sim.region()).unwrap();
+    let (mut sim, mut ring) = ring_at(size, size - 16);
     sim.submit_tmr(uapi::tmr::LUN_RESET, &[3, 4]).unwrap();
     let reqs = ring.poll().unwrap();
     assert_eq!(reqs.len(), 1);
@@ -216,29 +221,23 @@ fn completion_without_an_outstanding_command_is_an_error() {
 
 #[test]
 fn corrupt_entry_header_is_a_protocol_error() {
-    let mut sim = KernelSim::new(4096, 4);
-    let mut ring = Ring::open(sim.region()).unwrap();
-    // Length 0: the walk cannot continue.
-    let mut e = vec![0u8; 16];
-    e[0..4].copy_from_slice(&uapi::make_len_op(0, uapi::TCMU_OP_CMD).to_ne_bytes());
-    sim.push_raw(&e).unwrap();
-    assert!(matches!(ring.poll(), Err(Error::Protocol(_))));
-
-    // An entry longer than what was queued.
-    let mut sim = KernelSim::new(4096, 4);
-    let mut ring = Ring::open(sim.region()).unwrap();
-    let mut e = vec![0u8; 16];
-    e[0..4].copy_from_slice(&uapi::make_len_op(512, uapi::TCMU_OP_CMD).to_ne_bytes());
-    sim.push_raw(&e).unwrap();
-    assert!(matches!(ring.poll(), Err(Error::Protocol(_))));
-
-    // An unknown opcode.
-    let mut sim = KernelSim::new(4096, 4);
-    let mut ring = Ring::open(sim.region()).unwrap();
-    let mut e = vec![0u8; 16];
-    e[0..4].copy_from_slice(&uapi::make_len_op(16, 5).to_ne_bytes());
-    sim.push_raw(&e).unwrap();
-    assert!(matches!(ring.poll(), Err(Error::Protocol(_))));
+    // Length 0: the walk cannot continue; an entry longer than what was
+    // queued; an unknown opcode.
+    for len_op in [
+        uapi::make_len_op(0, uapi::TCMU_OP_CMD),
+        uapi::make_len_op(512, uapi::TCMU_OP_CMD),
+        uapi::make_len_op(16, 5),
+    ] {
+        let mut sim = KernelSim::new(4096, 4);
+        let mut ring = Ring::open(sim.region()).unwrap();
+        let mut e = vec![0u8; 16];
+        e[0..4].copy_from_slice(&len_op.to_ne_bytes());
+        sim.push_raw(&e).unwrap();
+        assert!(
+            matches!(ring.poll(), Err(Error::Protocol(_))),
+            "len_op {len_op:#x}"
+        );
+    }
 }
 
 fn raw_cmd(cmd_id: u16, cdb_off: u64, iov: Option<(u64, u64)>) -> Vec<u8> {

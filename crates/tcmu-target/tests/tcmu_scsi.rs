@@ -48,6 +48,16 @@ fn cdb12(op: u8, lba: u32, n: u32) -> Vec<u8> {
     c
 }
 
+/// How many bytes `cdb` (no data out) returns.
+fn data_in_len(lun: &LunInfo, b: &dyn BlockBackend, cdb: &[u8]) -> usize {
+    run(lun, b, cdb, &[]).data_in.len()
+}
+
+/// `cdb` (no data out) fails with ILLEGAL REQUEST and `code`.
+fn assert_illegal(lun: &LunInfo, b: &dyn BlockBackend, cdb: &[u8], code: (u8, u8)) {
+    assert_sense(&run(lun, b, cdb, &[]), key::ILLEGAL_REQUEST, code);
+}
+
 fn assert_sense(r: &ScsiResponse, k: u8, code: (u8, u8)) {
     assert_eq!(r.status, status::CHECK_CONDITION, "{r:?}");
     assert_eq!(r.sense[0], 0x70, "fixed format, current");
@@ -102,33 +112,18 @@ fn out_of_range_and_bad_fields() {
     // RDPROTECT set.
     let mut c = cdb10(0x28, 0, 1);
     c[1] = 0x20;
-    assert_sense(
-        &run(&lun, &b, &c, &[]),
-        key::ILLEGAL_REQUEST,
-        asc::INVALID_FIELD_IN_CDB,
-    );
+    assert_illegal(&lun, &b, &c, asc::INVALID_FIELD_IN_CDB);
     // Unknown opcode; REPORT SUPPORTED OPERATION CODES.
-    assert_sense(
-        &run(&lun, &b, &[0xc5, 0, 0, 0, 0, 0], &[]),
-        key::ILLEGAL_REQUEST,
-        asc::INVALID_OPCODE,
-    );
-    assert_sense(
-        &run(&lun, &b, &[0xa3, 0x0c, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0], &[]),
-        key::ILLEGAL_REQUEST,
+    assert_illegal(&lun, &b, &[0xc5, 0, 0, 0, 0, 0], asc::INVALID_OPCODE);
+    assert_illegal(
+        &lun,
+        &b,
+        &[0xa3, 0x0c, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0],
         asc::INVALID_OPCODE,
     );
     // A truncated CDB.
-    assert_sense(
-        &run(&lun, &b, &[0x28, 0, 0], &[]),
-        key::ILLEGAL_REQUEST,
-        asc::INVALID_FIELD_IN_CDB,
-    );
-    assert_sense(
-        &run(&lun, &b, &[], &[]),
-        key::ILLEGAL_REQUEST,
-        asc::INVALID_OPCODE,
-    );
+    assert_illegal(&lun, &b, &[0x28, 0, 0], asc::INVALID_FIELD_IN_CDB);
+    assert_illegal(&lun, &b, &[], asc::INVALID_OPCODE);
 }
 
 #[test]
@@ -346,14 +341,10 @@ fn capacity() {
     assert_eq!(&r.data_in[8..12], &512u32.to_be_bytes());
     assert_eq!(r.data_in[14] & 0xc0, 0xc0, "LBPME and LBPRZ");
     // Allocation length truncates; other service actions are refused.
-    assert_eq!(run(&lun, &b, &rc16(12), &[]).data_in.len(), 12);
+    assert_eq!(data_in_len(&lun, &b, &rc16(12)), 12);
     let mut c = rc16(32);
     c[1] = 0x12;
-    assert_sense(
-        &run(&lun, &b, &c, &[]),
-        key::ILLEGAL_REQUEST,
-        asc::INVALID_FIELD_IN_CDB,
-    );
+    assert_illegal(&lun, &b, &c, asc::INVALID_FIELD_IN_CDB);
 }
 
 fn vpd(lun: &LunInfo, b: &dyn BlockBackend, page: u8) -> Vec<u8> {
@@ -368,6 +359,7 @@ fn vpd(lun: &LunInfo, b: &dyn BlockBackend, page: u8) -> Vec<u8> {
 #[test]
 fn inquiry_standard_and_vpd() {
     let (b, lun) = dev(true);
+    let illegal = |cdb: &[u8], code| assert_illegal(&lun, &b, cdb, code);
     let r = run(&lun, &b, &[0x12, 0, 0, 0, 96, 0], &[]);
     let d = &r.data_in;
     assert_eq!(d[0], 0, "direct-access block device");
@@ -376,21 +368,10 @@ fn inquiry_standard_and_vpd() {
     assert_eq!(usize::from(d[4]) + 5, d.len());
     assert_eq!(&d[8..16], b"OBD     ");
     assert_eq!(&d[16..32], b"overlaybd       ");
-    assert_eq!(
-        run(&lun, &b, &[0x12, 0, 0, 0, 36, 0], &[]).data_in.len(),
-        36
-    );
+    assert_eq!(data_in_len(&lun, &b, &[0x12, 0, 0, 0, 36, 0]), 36);
     // Page code without EVPD; CMDDT.
-    assert_sense(
-        &run(&lun, &b, &[0x12, 0, 0x80, 0, 96, 0], &[]),
-        key::ILLEGAL_REQUEST,
-        asc::INVALID_FIELD_IN_CDB,
-    );
-    assert_sense(
-        &run(&lun, &b, &[0x12, 2, 0, 0, 96, 0], &[]),
-        key::ILLEGAL_REQUEST,
-        asc::INVALID_FIELD_IN_CDB,
-    );
+    illegal(&[0x12, 0, 0x80, 0, 96, 0], asc::INVALID_FIELD_IN_CDB);
+    illegal(&[0x12, 2, 0, 0, 96, 0], asc::INVALID_FIELD_IN_CDB);
 
     assert_eq!(
         &vpd(&lun, &b, 0x00)[4..],
@@ -421,16 +402,13 @@ fn inquiry_standard_and_vpd() {
     let b2 = vpd(&lun, &b, 0xb2);
     assert_eq!(b2[5] & 0xe0, 0xe0, "LBPU, LBPWS, LBPWS10");
     assert_eq!(b2[6] & 0x07, 2, "thin provisioned");
-    assert_sense(
-        &run(&lun, &b, &[0x12, 1, 0x89, 0, 96, 0], &[]),
-        key::ILLEGAL_REQUEST,
-        asc::INVALID_FIELD_IN_CDB,
-    );
+    illegal(&[0x12, 1, 0x89, 0, 96, 0], asc::INVALID_FIELD_IN_CDB);
 }
 
 #[test]
 fn mode_sense_pages() {
     let (b, lun) = dev(true);
+    let illegal = |cdb: &[u8], code| assert_illegal(&lun, &b, cdb, code);
     // MODE SENSE(6), all pages, with a block descriptor.
     let r = run(&lun, &b, &[0x1a, 0, 0x3f, 0, 255, 0], &[]);
     let d = &r.data_in;
@@ -456,21 +434,13 @@ fn mode_sense_pages() {
     assert_eq!(&d[8..16], &2048u64.to_be_bytes());
     assert_eq!(d[24], 0x0a);
     // Allocation length truncates.
-    assert_eq!(
-        run(&lun, &b, &[0x1a, 0, 0x3f, 0, 4, 0], &[]).data_in.len(),
-        4
-    );
+    assert_eq!(data_in_len(&lun, &b, &[0x1a, 0, 0x3f, 0, 4, 0]), 4);
     // Saved values; unknown page.
-    assert_sense(
-        &run(&lun, &b, &[0x1a, 0, 0xc8, 0, 255, 0], &[]),
-        key::ILLEGAL_REQUEST,
+    illegal(
+        &[0x1a, 0, 0xc8, 0, 255, 0],
         asc::SAVING_PARAMETERS_NOT_SUPPORTED,
     );
-    assert_sense(
-        &run(&lun, &b, &[0x1a, 0, 0x1c, 0, 255, 0], &[]),
-        key::ILLEGAL_REQUEST,
-        asc::INVALID_FIELD_IN_CDB,
-    );
+    illegal(&[0x1a, 0, 0x1c, 0, 255, 0], asc::INVALID_FIELD_IN_CDB);
     // MODE SELECT is accepted (nothing is changeable).
     assert_eq!(run(&lun, &b, &[0x15, 0x10, 0, 0, 0, 0], &[]).status, 0);
 }
@@ -488,11 +458,7 @@ fn housekeeping_commands() {
     ] {
         assert_eq!(run(&lun, &b, &cdb, &[]).status, status::GOOD, "{cdb:x?}");
     }
-    assert_sense(
-        &run(&lun, &b, &cdb16(0x91, 4000, 1), &[]),
-        key::ILLEGAL_REQUEST,
-        asc::LBA_OUT_OF_RANGE,
-    );
+    assert_illegal(&lun, &b, &cdb16(0x91, 4000, 1), asc::LBA_OUT_OF_RANGE);
     let r = run(&lun, &b, &[0x03, 0, 0, 0, 18, 0], &[]);
     assert_eq!((r.data_in[0], r.data_in[2]), (0x70, key::NO_SENSE));
     let r = run(&lun, &b, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0], &[]);

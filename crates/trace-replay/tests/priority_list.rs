@@ -3,12 +3,13 @@
 //! listed files' blocks are found, mapped to layer-file ranges, and those
 //! ranges hold exactly the files' bytes.
 
-use std::sync::atomic::AtomicBool;
+mod common;
+use common::replay_all;
 
 use overlaybd_core::image::Image;
 use sha2::{Digest, Sha256};
+use trace_replay::parse_priority_list;
 use trace_replay::priority::{device_ranges_to_trace, ext4_block_size, ext4_ranges};
-use trace_replay::{parse_priority_list, replay, ReplayOptions};
 use zfile::ReadAt;
 
 fn have_debugfs() -> bool {
@@ -80,12 +81,7 @@ fn listed_files_map_to_their_bytes_in_the_layers() {
     let ranges = ext4_ranges(&raw_path, bs, &entries).unwrap();
     let trace = device_ranges_to_trace(img.index(), img.layers().len(), &ranges);
     let layers: Vec<&dyn ReadAt> = readers.iter().map(|b| &**b as &dyn ReadAt).collect();
-    let report = replay(
-        &trace,
-        &layers,
-        &ReplayOptions::default(),
-        &AtomicBool::new(false),
-    );
+    let report = replay_all(&trace, &layers);
     assert_eq!(report.errors, 0, "{report}");
     assert_eq!(report.skipped, 0);
     assert!(report.bytes > size, "{report}");

@@ -3,6 +3,9 @@
 //! replay it: every recorded range is read again, in no more requests than
 //! records, and the prefetch advice reaches the stored blobs.
 
+mod common;
+use common::replay_all;
+
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -131,12 +134,7 @@ fn record_protocol_then_replay_covers_every_record() {
         })
         .collect();
     let layers: Vec<&dyn ReadAt> = spies.iter().map(|s| s as &dyn ReadAt).collect();
-    let report = replay(
-        &trace,
-        &layers,
-        &ReplayOptions::default(),
-        &AtomicBool::new(false),
-    );
+    let report = replay_all(&trace, &layers);
     assert_eq!(report.records, recorded);
     assert_eq!(report.skipped, 0);
     assert_eq!(report.errors, 0, "{report}");

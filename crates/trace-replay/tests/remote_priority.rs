@@ -2,7 +2,9 @@
 //! `Priority::Prefetch` (the advice goes first and fills the cache; the read
 //! that follows hits it), so a container's own reads always go first.
 
-use std::sync::atomic::AtomicBool;
+mod common;
+use common::replay_all;
+
 use std::sync::{Arc, Mutex};
 
 use obd_remote::blob::{RemoteBlob, RemoteOptions};
@@ -12,7 +14,7 @@ use obd_remote::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::image::Image;
 use overlaybd_core::source::Blob;
 use overlaybd_core::Result;
-use trace_replay::{replay, ReplayOptions, Trace};
+use trace_replay::Trace;
 use zfile::ReadAt;
 
 /// Serves a blob from memory and logs each fetch's priority.
@@ -77,12 +79,7 @@ fn replay_fetches_at_prefetch_priority_only() {
     }
     let readers = img.layer_readers();
     let layers: Vec<&dyn ReadAt> = readers.iter().map(|b| &**b as &dyn ReadAt).collect();
-    let report = replay(
-        &t,
-        &layers,
-        &ReplayOptions::default(),
-        &AtomicBool::new(false),
-    );
+    let report = replay_all(&t, &layers);
     assert_eq!(report.errors, 0, "{report}");
     assert_eq!(report.done, report.requests);
     let calls: Vec<_> = fakes

@@ -238,24 +238,25 @@ pub fn layer2(tmp: &Path) -> Vec<u8> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(d.join("sparse.img"), fs::Permissions::from_mode(0o644)).unwrap();
     let out = tmp.join("l2.tar");
+    sparse_tar(&d, "sparse.img", &out, &["--format=gnu"]);
+    fs::read(out).unwrap()
+}
+
+/// GNU tar of `dir/file` into `out` keeping holes, owner 0 and [`MTIME`],
+/// with `format` (`--format=…`, `--sparse-version=…`).
+pub fn sparse_tar(dir: &Path, file: &str, out: &Path, format: &[&str]) {
     let st = Command::new("tar")
-        .args([
-            "--format=gnu",
-            "--sparse",
-            "--numeric-owner",
-            "--owner=0",
-            "--group=0",
-        ])
+        .args(format)
+        .args(["--sparse", "--numeric-owner", "--owner=0", "--group=0"])
         .arg(format!("--mtime=@{MTIME}"))
         .arg("-C")
-        .arg(&d)
+        .arg(dir)
         .arg("-cf")
-        .arg(&out)
-        .arg("sparse.img")
+        .arg(out)
+        .arg(file)
         .status()
         .unwrap();
-    assert!(st.success());
-    fs::read(out).unwrap()
+    assert!(st.success(), "tar of {}", dir.join(file).display());
 }
 
 /// The same tree as `layer2`, without GNU sparse entries (umoci cannot
@@ -278,13 +279,8 @@ pub fn gzip(b: &[u8]) -> Vec<u8> {
 /// Writes an OCI layout with one tagged image made of `layers`
 /// (tar bytes, compression `"gzip" | "zstd" | ""`).
 pub fn make_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, &str)]) {
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let put = |b: &[u8]| -> String {
-        let d = sha(b);
-        fs::write(blobs.join(&d[7..]), b).unwrap();
-        d
-    };
+    let blobs = Blobs::new(dir);
+    let put = |b: &[u8]| blobs.put(b);
     let mut diff_ids = Vec::new();
     let mut descs = Vec::new();
     for (tar, comp) in layers {
@@ -318,16 +314,110 @@ pub fn make_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, &str)]) {
     });
     let mb = serde_json::to_vec(&manifest).unwrap();
     let md = put(&mb);
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    write_index(dir, tag, mt, &md, mb.len());
+}
+
+/// The blob store of an OCI layout (`<dir>/blobs/sha256`).
+pub struct Blobs(PathBuf);
+
+impl Blobs {
+    /// Creates the store under `dir`.
+    pub fn new(dir: &Path) -> Blobs {
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).unwrap();
+        Blobs(blobs)
+    }
+
+    /// Stores `b`; returns its digest.
+    pub fn put(&self, b: &[u8]) -> String {
+        let d = sha(b);
+        fs::write(self.0.join(&d[7..]), b).unwrap();
+        d
+    }
+}
+
+/// Writes `oci-layout` and an `index.json` holding one entry (media type
+/// `mt`, `digest`, `size`) tagged `tag` into the layout `dir`.
+pub fn write_index(dir: &Path, tag: &str, mt: &str, digest: &str, size: usize) {
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let index = json!({
         "schemaVersion": 2,
         "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": md, "size": mb.len(),
+            "mediaType": mt, "digest": digest, "size": size,
             "annotations": {"org.opencontainers.image.ref.name": tag},
         }],
     });
     fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+/// Writes an OCI layout whose index (tagged `tag`) lists one single-layer
+/// image per `(architecture, Docker media types, layer tar)`, the layer
+/// gzipped; returns the index's digest and bytes.
+pub fn make_multi_platform(
+    dir: &Path,
+    tag: &str,
+    platforms: &[(&str, bool, Vec<u8>)],
+) -> (String, Vec<u8>) {
+    let blobs = Blobs::new(dir);
+    let mut entries = Vec::new();
+    for (arch, docker, tar) in platforms {
+        let gz = gzip(tar);
+        let ld = blobs.put(&gz);
+        let cfg = serde_json::to_vec(&json!({
+            "architecture": arch, "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha(tar)]},
+        }))
+        .unwrap();
+        let cd = blobs.put(&cfg);
+        let (mt, cmt, lmt) = if *docker {
+            (
+                "application/vnd.docker.distribution.manifest.v2+json",
+                "application/vnd.docker.container.image.v1+json",
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            )
+        } else {
+            (
+                "application/vnd.oci.image.manifest.v1+json",
+                "application/vnd.oci.image.config.v1+json",
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
+        };
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": mt,
+            "config": {"mediaType": cmt, "digest": cd, "size": cfg.len()},
+            "layers": [{"mediaType": lmt, "digest": ld, "size": gz.len()}],
+        }))
+        .unwrap();
+        let md = blobs.put(&m);
+        entries.push(json!({"mediaType": mt, "digest": md, "size": m.len(),
+            "platform": {"architecture": arch, "os": "linux"}}));
+    }
+    let idx = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    }))
+    .unwrap();
+    let id = blobs.put(&idx);
+    let mt = "application/vnd.oci.image.index.v1+json";
+    write_index(dir, tag, mt, &id, idx.len());
+    (id, idx)
+}
+
+/// Converts `oci:<src>:<src_tag>` into `oci:<out>:<out_tag>` with
+/// [`small_opts`].
+pub fn convert_layout(
+    src: &Path,
+    src_tag: &str,
+    out: &Path,
+    out_tag: &str,
+) -> converter::Result<converter::Report> {
+    convert(
+        &OciLayout::parse(&format!("oci:{}:{src_tag}", src.display())).unwrap(),
+        &OciLayout::parse(&format!("oci:{}:{out_tag}", out.display())).unwrap(),
+        &small_opts(),
+    )
 }
 
 pub fn small_opts() -> Options {

@@ -63,6 +63,12 @@ pub fn snapshotter_bin() -> PathBuf {
     PathBuf::from(OBD).with_file_name("obd-snapshotter")
 }
 
+/// The obd and obd-snapshotter binaries when a containerd test bed can run
+/// here ([`testbed_ready`]); otherwise `None` after a loud `SKIPPED` line.
+pub fn testbed_bins(test: &str, tools: &[&str]) -> Option<(PathBuf, PathBuf)> {
+    testbed_ready(test, tools).then(|| (PathBuf::from(OBD), snapshotter_bin()))
+}
+
 /// True when a containerd test bed can run here: root, `tools`, /dev/fuse
 /// and the obd-snapshotter binary; otherwise prints a loud `SKIPPED <test>`
 /// line and returns false.

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod calls;
 pub mod http;
 
 use std::io::{BufRead, BufReader};
@@ -11,7 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use obd_remote::creds::{Credential, StaticCredentials};
+use obd_remote::registry::{RegistryOptions, RetryOptions, Timeouts};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 /// `true` if `prog` is on PATH.
 pub fn have(prog: &str) -> bool {
@@ -308,6 +312,36 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Client options for the tests: no docker config, short timeouts
+/// (`request_ms` per request), three quick tries.
+pub fn client_opts(request_ms: u64) -> RegistryOptions {
+    RegistryOptions {
+        use_docker_config: false,
+        timeouts: Timeouts {
+            connect_ms: 1_000,
+            request_ms,
+            total_ms: 10_000,
+        },
+        retry: RetryOptions {
+            tries: 3,
+            backoff_ms: 10,
+            max_backoff_ms: 100,
+        },
+        ..RegistryOptions::default()
+    }
+}
+
+/// Credentials `user`/`pass` for `host`.
+pub fn creds(host: &str, user: &str, pass: &str) -> Arc<StaticCredentials> {
+    Arc::new(StaticCredentials::new().with(
+        host,
+        Credential {
+            username: user.into(),
+            password: pass.into(),
+        },
+    ))
 }
 
 /// Deterministic test data.
