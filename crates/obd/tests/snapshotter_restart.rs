@@ -12,7 +12,7 @@
 #[path = "../src/testbed.rs"]
 mod testbed;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
