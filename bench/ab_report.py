@@ -11,8 +11,12 @@ for line in open(sys.argv[1]) if len(sys.argv) > 1 else sys.stdin:
     if not line:
         continue
     r = json.loads(line)
-    for k, v in r["figures"].items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+    todo = list(r["figures"].items())
+    while todo:
+        k, v = todo.pop()
+        if isinstance(v, dict) and k != "goals":
+            todo.extend((f"{k}.{k2}", v2) for k2, v2 in v.items())
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
             vals[(r["bench"], k, r["build"])].append(float(v))
 
 print("| bench | figure | old (median) | new (median) | new/old |")
