@@ -163,6 +163,7 @@ impl Unavailable {
 pub(super) struct Containerd {
     ns: MetadataValue<tonic::metadata::Ascii>,
     lease: Option<MetadataValue<tonic::metadata::Ascii>>,
+    lease_id: Option<String>,
     content: ContentClient<Channel>,
     pub(super) images: ImagesClient<Channel>,
     leases: LeasesClient<Channel>,
@@ -195,6 +196,7 @@ impl Containerd {
         Ok(Containerd {
             ns,
             lease: None,
+            lease_id: None,
             content: ContentClient::new(ch.clone()),
             images: ImagesClient::new(ch.clone()),
             leases: LeasesClient::new(ch.clone()),
@@ -235,11 +237,13 @@ impl Containerd {
             id.parse()
                 .map_err(|_| PullError::BadOption(format!("lease id {id}")))?,
         );
+        self.lease_id = Some(id.clone());
         Ok(id)
     }
 
     pub(super) async fn delete_lease(&mut self, id: &str) -> Result<(), PullError> {
         self.lease = None;
+        self.lease_id = None;
         let r = self.req(leases::DeleteRequest {
             id: id.to_string(),
             sync: false,
@@ -251,8 +255,31 @@ impl Containerd {
         Ok(())
     }
 
-    /// Whether the content store has `digest`.
+    /// Adds content `digest` to this pull's lease (if one is open).
+    async fn lease_content(&mut self, digest: &str) -> Result<(), PullError> {
+        let Some(id) = self.lease_id.clone() else {
+            return Ok(());
+        };
+        let r = self.req(leases::AddResourceRequest {
+            id: id.clone(),
+            resource: Some(leases::Resource {
+                id: digest.to_string(),
+                r#type: "content".to_string(),
+            }),
+        });
+        self.leases
+            .add_resource(r)
+            .await
+            .map_err(ctd(format!("leases.AddResource {id} {digest}")))?;
+        Ok(())
+    }
+
+    /// Whether the content store has `digest`. The digest is first taken into
+    /// this pull's lease: content an earlier, failed pull left (held by no
+    /// lease or image any more) must not be collected between this check and
+    /// the image record that will reference it.
     pub(super) async fn has_content(&mut self, digest: &str) -> Result<bool, PullError> {
+        self.lease_content(digest).await?;
         let r = self.req(content::InfoRequest {
             digest: digest.to_string(),
         });
