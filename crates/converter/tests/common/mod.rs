@@ -509,14 +509,7 @@ pub fn flatten(blobs: &[PathBuf], raw: &Path) {
 }
 
 pub fn e2fsck_clean(raw: &Path) {
-    let out = Command::new("e2fsck").arg("-fn").arg(raw).output().unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fixtures::procs::run(Command::new("e2fsck").arg("-fn").arg(raw));
 }
 
 pub fn host_xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -662,8 +655,7 @@ pub fn compare(ext: &BTreeMap<Vec<u8>, Node>, host: &BTreeMap<Vec<u8>, Node>) {
 }
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    fixtures::procs::is_root()
 }
 
 pub fn ext4_tree(raw: &Path) -> BTreeMap<Vec<u8>, Node> {
@@ -683,17 +675,12 @@ pub fn umoci_tree(src: &Path, tag: &str, tmp: &Path) -> Option<BTreeMap<Vec<u8>,
         return None;
     }
     let bundle = tmp.join("bundle");
-    let out = Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!("{}:{tag}", src.display()))
-        .arg(&bundle)
-        .output()
-        .expect("umoci is installed");
-    assert!(
-        out.status.success(),
-        "umoci unpack: {}",
-        String::from_utf8_lossy(&out.stderr)
+    fixtures::procs::run(
+        Command::new("umoci")
+            .arg("unpack")
+            .arg("--image")
+            .arg(format!("{}:{tag}", src.display()))
+            .arg(&bundle),
     );
     Some(host_tree(&bundle.join("rootfs")))
 }
