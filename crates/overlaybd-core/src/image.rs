@@ -8,14 +8,14 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
 use crate::config::{resolve, ImageConfig, Upper, MAX_LAYERS};
 use crate::error::{Error, Result};
 use crate::index::MergedIndex;
 use crate::lsmt::{CreateOptions, RoLayer, Segment, WritableLayer, SECTOR};
 use crate::source::{self, Blob, LayerRef, LayerSource, LocalFiles, Nesting};
-use zfile::sync::{recover, MutexExt};
+use zfile::sync::{recover, MutexExt, RwLockExt};
 use zfile::ReadAt;
 
 /// One read-only layer of an image.
@@ -275,7 +275,7 @@ impl Image {
     /// Number of live entries in the writable upper (0: it holds no data yet);
     /// `None` without one.
     pub fn upper_entries(&self) -> Option<usize> {
-        self.upper.as_ref().map(|u| read_lock(u).segment_count())
+        self.upper.as_ref().map(|u| u.read_locked().segment_count())
     }
 
     /// The merged index of the read-only layers (tag = layer position, 0 =
@@ -291,7 +291,7 @@ impl Image {
         let Some(upper) = &self.upper else {
             return Cow::Borrowed(&self.index);
         };
-        let top = read_lock(upper).segments();
+        let top = upper.read_locked().segments();
         let mut segs: Vec<&[Segment]> = self.layers.iter().map(|l| l.lsmt.segments()).collect();
         segs.push(&top);
         Cow::Owned(MergedIndex::build(&segs))
@@ -308,7 +308,7 @@ impl Image {
         let buf = &mut buf[..len];
         match &self.upper {
             None => self.read_stack(buf, offset)?,
-            Some(u) => self.read_under(&read_lock(u), buf, offset)?,
+            Some(u) => self.read_under(&u.read_locked(), buf, offset)?,
         }
         Ok(len)
     }
@@ -317,20 +317,20 @@ impl Image {
     /// writable upper; the layers below are never modified.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let upper = self.writable(offset, buf.len() as u64)?;
-        write_lock(upper).write_at(buf, offset)
+        upper.write_locked().write_at(buf, offset)
     }
 
     /// Discards `len` bytes at byte `offset` of the disk (both 512-aligned):
     /// they read as zeros from now on, whatever the layers below hold.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let upper = self.writable(offset, len)?;
-        write_lock(upper).discard(offset, len)
+        upper.write_locked().discard(offset, len)
     }
 
     /// Flushes the writable upper to stable storage (nothing to do without one).
     pub fn flush(&self) -> Result<()> {
         match &self.upper {
-            Some(u) => read_lock(u).fsync(),
+            Some(u) => u.read_locked().fsync(),
             None => Ok(()),
         }
     }
@@ -486,7 +486,7 @@ impl Image {
     fn flatten_view(&self) -> Result<FlattenView<'_>> {
         let upper_data = match &self.upper {
             Some(u) => {
-                let path = read_lock(u).data_path().to_owned();
+                let path = u.read_locked().data_path().to_owned();
                 Some(File::open(&path).map_err(|e| Error::Io(e).in_file(&path))?)
             }
             None => None,
@@ -641,14 +641,6 @@ fn flatten_jobs(segs: &[Segment], vsize: u64, chunk: u64) -> Vec<(u64, u64)> {
                 .map(move |x| (x, (x + chunk).min(b)))
         })
         .collect()
-}
-
-fn read_lock(l: &RwLock<WritableLayer>) -> std::sync::RwLockReadGuard<'_, WritableLayer> {
-    l.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn write_lock(l: &RwLock<WritableLayer>) -> std::sync::RwLockWriteGuard<'_, WritableLayer> {
-    l.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Opens the config's writable upper; with `create` (a virtual size), creates
