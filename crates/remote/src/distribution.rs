@@ -28,10 +28,10 @@ use std::time::Duration;
 use reqwest::blocking::{Body, Response};
 use reqwest::header;
 use reqwest::{Method, StatusCode, Url};
-use sha2::{Digest, Sha256};
 
 use super::creds::{self, CredentialSource};
 use super::http::{self, Access, AuthScope, Class, Fail, Request, Retry, Transport};
+use super::oci::sha256_digest;
 use super::registry::RegistryOptions;
 use overlaybd_core::error::{Error, Result};
 
@@ -189,11 +189,6 @@ pub struct PushedManifest {
     pub digest: String,
     /// The registry answered with `OCI-Subject` (it indexes referrers itself).
     pub subject_indexed: bool,
-}
-
-/// `sha256:<hex>` of `b`.
-fn sha256(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
 
 fn err(url: &str, detail: impl Into<String>) -> Error {
@@ -365,7 +360,7 @@ impl Distribution {
         if bytes.len() as u64 > MAX_MANIFEST {
             return Err(err(&url, "manifest larger than 4 MiB"));
         }
-        let digest = sha256(&bytes);
+        let digest = sha256_digest(&bytes);
         if reference.starts_with("sha256:") && digest != reference {
             return Err(err(
                 &url,
@@ -619,7 +614,7 @@ impl Distribution {
         bytes: &[u8],
     ) -> Result<PushedManifest> {
         let url = self.url(r, "manifests", reference);
-        let digest = sha256(bytes);
+        let digest = sha256_digest(bytes);
         let data = bytes.to_vec();
         let body = move || Ok(Body::from(data.clone()));
         let req = Request::new(Method::PUT, &url, self.small_timeout())
