@@ -60,7 +60,7 @@ fn write_result(cfg_dir: Option<&Path>, result_file: &str, text: &str) {
 }
 
 #[cfg(feature = "registry")]
-fn registry_source(root: &Root, id: &str) -> Result<Option<Box<dyn LayerSource>>> {
+fn registry_source(root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
     use obd_remote::service::{RegistrySource, ServiceConfig};
     let p = root.service_config();
     let mut cfg = if p.exists() {
@@ -70,13 +70,12 @@ fn registry_source(root: &Root, id: &str) -> Result<Option<Box<dyn LayerSource>>
         })?
     } else {
         let mut c = ServiceConfig::default();
-        c.cache.dir = root.dir().join("cache");
         c.download.dir = root.dir().join("download");
         c
     };
-    // The block cache is locked by one process; each device worker has its own
-    // part of it.
-    cfg.cache.dir = cfg.cache.dir.join(id);
+    // One block cache per host, shared by every device worker: under the
+    // root unless the config moves it.
+    cfg.cache.dir = cfg.cache.dir_or(&root.dir().join("cache"));
     let src = RegistrySource::new(&cfg).map_err(|source| Error::Image { config: p, source })?;
     Ok(Some(Box::new(src)))
 }
@@ -113,7 +112,7 @@ fn replay_options(_root: &Root, _remote: bool) -> trace_replay::ReplayOptions {
 }
 
 #[cfg(not(feature = "registry"))]
-fn registry_source(_root: &Root, _id: &str) -> Result<Option<Box<dyn LayerSource>>> {
+fn registry_source(_root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
     Ok(None)
 }
 
@@ -136,7 +135,7 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
     let remote = if cfg.all_local(base) {
         None
     } else {
-        registry_source(root, id)?
+        registry_source(root)?
     };
     let Opened {
         backend,

@@ -327,7 +327,7 @@ impl RemoteBlob {
                 ),
             });
         }
-        let cached = cache.blob(&blob.digest, blob.size)?;
+        let cached = cache.blob_scoped(&blob.digest, blob.size, blob.cache_scope().as_deref())?;
         let inflight = cached.shared::<FlightMap>();
         Ok(Self {
             unit: opts.min_fetch,
@@ -428,7 +428,7 @@ impl RemoteBlob {
                 });
             }
             bump(&self.counters.invalidations, 1);
-            self.cache.evict_blob(&self.blob.digest)?;
+            self.cache.evict_in(&self.cached, 0, u64::MAX)?;
         }
     }
 
@@ -736,9 +736,7 @@ impl RemoteBlob {
         match self.cache.read(&self.cached, buf, offset) {
             Ok(hit) => hit,
             Err(_) => {
-                let _ = self
-                    .cache
-                    .evict(&self.blob.digest, offset, buf.len() as u64);
+                let _ = self.cache.evict_in(&self.cached, offset, buf.len() as u64);
                 false
             }
         }
@@ -831,7 +829,7 @@ impl ReadAt for RemoteBlob {
             return false;
         }
         bump(&self.counters.invalidations, 1);
-        let _ = self.cache.evict(&self.blob.digest, offset, len);
+        let _ = self.cache.evict_in(&self.cached, offset, len);
         true
     }
 

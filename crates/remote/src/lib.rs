@@ -68,6 +68,22 @@ pub struct BlobRef {
     pub size: u64,
 }
 
+impl BlobRef {
+    /// The block-cache scope of this blob's bytes: the origin that serves
+    /// them (`host/repository` of [`BlobRef::url`]), so bytes one registry
+    /// or repository served are never handed to a reader of another. `None`
+    /// (shared by every origin) only for bytes verified against a digest
+    /// table the manifest covers.
+    pub fn cache_scope(&self) -> Option<String> {
+        let rest = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, r)| r);
+        let origin = rest.rsplit_once("/blobs/").map_or(rest, |(o, _)| o);
+        Some(origin.replacen("/v2/", "/", 1))
+    }
+}
+
 /// Fetches byte ranges of blobs. The registry client implements it; tests use
 /// in-memory fakes.
 pub trait RangeFetcher: Send + Sync {

@@ -4,9 +4,12 @@
 //! ```toml
 //! # Every key is optional; the values shown are the defaults.
 //! [cache]
-//! dir = "/var/lib/obd/cache"     # persistent block cache (one sparse file per blob)
-//! budget = 4294967296            # bytes of cached data across all blobs (LRU beyond)
+//! dir = "<root>/cache"           # the host-wide block cache: under the snapshotter's
+//!                                # root for device workers, else /var/lib/obd/cache
+//! budget = 0                     # bytes cached across all blobs of the host (LRU
+//!                                # beyond); 0 = 10 % of the file system (1-64 GiB)
 //! block_size = 65536             # presence/eviction granularity
+//! gc_grace = 3600                # seconds before a blob nothing uses is collected
 //!
 //! [fetch]
 //! min_fetch = 262144             # every remote request covers whole multiples of this
@@ -40,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use crate::blob::{RemoteBlob, RemoteOptions, DEFAULT_MAX_REQUEST, DEFAULT_MIN_FETCH};
-use crate::cache::{BlockCache, CacheOptions, DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET};
+use crate::cache::{BlockCache, CacheOptions, DEFAULT_BLOCK_SIZE, DEFAULT_GC_GRACE};
 use crate::download::{
     CachedFetcher, DownloadHandle, DownloadOptions, DownloadProgress, DownloadReport, Downloader,
     SwitchBlob,
@@ -53,7 +56,7 @@ use overlaybd_core::config::{resolve, Download};
 use overlaybd_core::error::{Error, Result};
 use overlaybd_core::source::{LayerRef, LayerSource, OpenedBlob};
 
-/// Default cache directory.
+/// Default cache directory outside a snapshotter root.
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/obd/cache";
 
 /// The whole service configuration.
@@ -173,20 +176,38 @@ impl DownloadSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct CacheSection {
-    /// Cache directory. Default `/var/lib/obd/cache`.
+    /// Cache directory; empty (the default) means the snapshotter root's
+    /// `cache/` for device workers and [`DEFAULT_CACHE_DIR`] elsewhere (see
+    /// [`CacheSection::dir_or`]).
     pub dir: PathBuf,
-    /// Byte budget across all blobs. Default 4 GiB.
+    /// Byte budget across all blobs of the host; 0 (the default) is
+    /// [`crate::cache::default_budget`] of the cache's file system.
     pub budget: u64,
     /// Presence/eviction granularity (power of two ≥ 4096). Default 64 KiB.
     pub block_size: u64,
+    /// Seconds before a blob that no process uses (and no snapshot keeps) is
+    /// collected. Default 3600.
+    pub gc_grace: u64,
+}
+
+impl CacheSection {
+    /// The cache directory, `default` when the config names none.
+    pub fn dir_or(&self, default: &Path) -> PathBuf {
+        if self.dir.as_os_str().is_empty() {
+            default.to_path_buf()
+        } else {
+            self.dir.clone()
+        }
+    }
 }
 
 impl Default for CacheSection {
     fn default() -> Self {
         CacheSection {
-            dir: PathBuf::from(DEFAULT_CACHE_DIR),
-            budget: DEFAULT_BUDGET,
+            dir: PathBuf::new(),
+            budget: 0,
             block_size: DEFAULT_BLOCK_SIZE,
+            gc_grace: DEFAULT_GC_GRACE.as_secs(),
         }
     }
 }
@@ -255,7 +276,7 @@ impl RegistrySource {
         let metrics = Metrics::new();
         let fetcher: Arc<dyn RangeFetcher> =
             Arc::new(MeteredFetcher::new(fetcher, metrics.clone()));
-        let mut copts = CacheOptions::new(&cfg.cache.dir);
+        let mut copts = CacheOptions::new(cfg.cache.dir_or(Path::new(DEFAULT_CACHE_DIR)));
         copts.budget = cfg.cache.budget;
         copts.block_size = cfg.cache.block_size;
         Ok(RegistrySource {
@@ -375,8 +396,11 @@ mod tests {
     #[test]
     fn empty_toml_gives_documented_defaults() {
         let c = ServiceConfig::from_toml("").unwrap();
-        assert_eq!(c.cache.dir, PathBuf::from(DEFAULT_CACHE_DIR));
-        assert_eq!(c.cache.budget, 4 << 30);
+        let dflt = Path::new(DEFAULT_CACHE_DIR);
+        assert_eq!(c.cache.dir_or(dflt), dflt);
+        assert_eq!(c.cache.dir_or(Path::new("/r/cache")), Path::new("/r/cache"));
+        assert_eq!(c.cache.budget, 0);
+        assert_eq!(c.cache.gc_grace, 3600);
         assert_eq!(c.fetch.min_fetch, 256 << 10);
         assert_eq!(c.fetch.max_request, 4 << 20);
         assert_eq!(c.fetch.concurrency, 8);

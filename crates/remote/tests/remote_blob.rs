@@ -387,8 +387,38 @@ fn zfile_of(seed: u64, len: usize) -> (Vec<u8>, Vec<u8>) {
     (plain, w.finish().unwrap().0.into_inner())
 }
 
+/// The one cached blob's file with extension `ext` in `dir`.
+fn blob_file(dir: &Path, ext: &str) -> std::path::PathBuf {
+    let stem = DIGEST.replace(':', "_");
+    let found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(&stem) && n.ends_with(&format!(".{ext}"))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{ext} files in {}: {found:?}",
+        dir.display()
+    );
+    found[0].clone()
+}
+
 fn data_file(dir: &Path) -> std::path::PathBuf {
-    dir.join(format!("{}.data", DIGEST.replace(':', "_")))
+    blob_file(dir, "data")
+}
+
+/// The cache in `dir` as a process sees it after a reboot: only what was
+/// checkpointed is trusted.
+fn open_cache_after_reboot(dir: &Path) -> Arc<BlockCache> {
+    BlockCache::open(CacheOptions {
+        boot_id: Some([b'r'; 40]),
+        ..cache_opts(dir)
+    })
+    .unwrap()
 }
 
 /// The cached blob's sparse data file, open for reading and writing.
@@ -402,7 +432,7 @@ fn open_data_file(dir: &Path) -> std::fs::File {
 }
 
 fn meta_file(dir: &Path) -> std::path::PathBuf {
-    dir.join(format!("{}.meta", DIGEST.replace(':', "_")))
+    blob_file(dir, "meta")
 }
 
 #[test]
@@ -572,7 +602,8 @@ fn the_files_on_disk_are_a_valid_cache_at_any_moment() {
         // "Crash" while the cache is live.
         snapshot_dir(dir.path(), crash.path());
         fake.calls.clear();
-        let cache2 = open_cache(crash.path());
+        // A power loss: the live bits belong to the boot that ended.
+        let cache2 = open_cache_after_reboot(crash.path());
         let blob2 = open_blob(&fake, &cache2, RemoteOptions::default());
         assert!(read_exact(&blob2, 0, 700_000)[..] == fake.data[..700_000]);
         if flush_every == 1 {
@@ -625,7 +656,8 @@ fn corrupt_bitmap_resets_the_blob_cache() {
     std::fs::write(meta_file(dir.path()), &meta).unwrap();
 
     fake.calls.clear();
-    let cache = open_cache(dir.path());
+    // The checkpoint is what a reboot falls back to.
+    let cache = open_cache_after_reboot(dir.path());
     assert_eq!(cache.resets(), 1);
     assert_eq!(cache.usage(), 0);
     let blob = default_blob(&fake, &cache);
