@@ -6,6 +6,7 @@ mod bench_read;
 mod bench_remote;
 mod bench_snapshotter;
 mod bench_zfile;
+mod cmd_cache;
 mod cmd_convert;
 mod cmd_demo;
 mod cmd_device;
@@ -54,6 +55,9 @@ enum Cmd {
     /// Dump trace files and replay them against an image (prefetch).
     #[command(subcommand)]
     Trace(cmd_trace::TraceCmd),
+    /// The host-wide block cache: list, usage, collection.
+    #[command(subcommand)]
+    Cache(cmd_cache::CacheCmd),
     /// Measure the hot paths; `--json` prints one JSON object of figures.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -72,6 +76,7 @@ fn main() {
         Cmd::Layer(c) => cmd_layer::run(c),
         Cmd::Image(c) => cmd_image::run(c),
         Cmd::Bench(c) => bench::run(c),
+        Cmd::Cache(c) => cmd_cache::run(c),
         Cmd::Device(c) => cmd_device::run(c),
         Cmd::Trace(c) => cmd_trace::run(c),
         Cmd::Convert(c) => cmd_convert::run(c),

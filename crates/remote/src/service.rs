@@ -191,6 +191,20 @@ pub struct CacheSection {
 }
 
 impl CacheSection {
+    /// The block cache options these settings give, with `default_dir` when
+    /// the config names no directory.
+    pub fn options(&self, default_dir: &Path) -> CacheOptions {
+        let mut o = CacheOptions::new(self.dir_or(default_dir));
+        o.budget = self.budget;
+        o.block_size = self.block_size;
+        o
+    }
+
+    /// The grace period of [`BlockCache::gc`].
+    pub fn grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.gc_grace)
+    }
+
     /// The cache directory, `default` when the config names none.
     pub fn dir_or(&self, default: &Path) -> PathBuf {
         if self.dir.as_os_str().is_empty() {
@@ -276,9 +290,7 @@ impl RegistrySource {
         let metrics = Metrics::new();
         let fetcher: Arc<dyn RangeFetcher> =
             Arc::new(MeteredFetcher::new(fetcher, metrics.clone()));
-        let mut copts = CacheOptions::new(cfg.cache.dir_or(Path::new(DEFAULT_CACHE_DIR)));
-        copts.budget = cfg.cache.budget;
-        copts.block_size = cfg.cache.block_size;
+        let copts = cfg.cache.options(Path::new(DEFAULT_CACHE_DIR));
         Ok(RegistrySource {
             download: cfg.download.clone(),
             downloads: Mutex::new(Vec::new()),

@@ -128,9 +128,10 @@ fn open_snapshotter(cfg: &Config) -> anyhow::Result<Arc<Snapshotter>> {
     if let Err(e) = sn.sweep() {
         tracing::warn!(error = %e, "releasing devices no snapshot uses");
     }
-    if cfg.prefetch_at_pull {
+    {
         // Devices attached at pull whose container never came are released
-        // once their hold is over, even if nothing else triggers a sweep.
+        // once their hold is over, and cached blobs no snapshot names are
+        // collected, even if nothing else triggers a sweep.
         let sn = Arc::clone(&sn);
         std::thread::Builder::new()
             .name("sweeper".into())

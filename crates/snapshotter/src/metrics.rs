@@ -10,11 +10,19 @@
 //! | `obd_snapshotter_device_attach_duration_seconds` | histogram | |
 //! | `obd_snapshotter_device_attach_failures_total` | counter | |
 //! | `obd_snapshotter_fallbacks_total` | counter | `reason` |
+//! | `obd_snapshotter_cache_bytes`, `…_cache_budget_bytes` | gauge | |
+//! | `obd_snapshotter_cache_{hits,misses,fetched_bytes,evicted_bytes}` | gauge | |
+//! | `obd_snapshotter_cache_blob_{cached_bytes,hits,misses,fetched_bytes,evicted_bytes}` | gauge | `digest`, `scope` |
 //!
+//! The cache figures are host-wide (every device worker shares the cache) and
+//! cumulative over the cache's life; they are read from the cache files at
+//! each scrape.
 //! `code` is `ok` or the snake_case gRPC code (`not_found`, …).
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+
+use obd_remote::cache::BlockCache;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -45,6 +53,136 @@ struct ReasonLabels {
     reason: String,
 }
 
+/// Labels of per-blob cache series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BlobLabels {
+    digest: String,
+    scope: String,
+}
+
+/// The block-cache series.
+#[derive(Default)]
+struct CacheSeries {
+    bytes: Gauge,
+    budget: Gauge,
+    hits: Gauge,
+    misses: Gauge,
+    fetched: Gauge,
+    evicted: Gauge,
+    blob_cached: Family<BlobLabels, Gauge>,
+    blob_hits: Family<BlobLabels, Gauge>,
+    blob_misses: Family<BlobLabels, Gauge>,
+    blob_fetched: Family<BlobLabels, Gauge>,
+    blob_evicted: Family<BlobLabels, Gauge>,
+}
+
+impl CacheSeries {
+    fn register(&self, r: &mut Registry) {
+        let g = |r: &mut Registry, n: &str, h: &str, m: &Gauge| r.register(n, h, m.clone());
+        g(
+            r,
+            "cache_bytes",
+            "Bytes in the host-wide block cache",
+            &self.bytes,
+        );
+        g(
+            r,
+            "cache_budget_bytes",
+            "Byte budget of the block cache",
+            &self.budget,
+        );
+        g(
+            r,
+            "cache_hits",
+            "Reads served from the block cache",
+            &self.hits,
+        );
+        g(
+            r,
+            "cache_misses",
+            "Reads the block cache missed",
+            &self.misses,
+        );
+        g(
+            r,
+            "cache_fetched_bytes",
+            "Bytes fetched into the block cache",
+            &self.fetched,
+        );
+        g(
+            r,
+            "cache_evicted_bytes",
+            "Bytes evicted from the block cache",
+            &self.evicted,
+        );
+        let f = |r: &mut Registry, n: &str, h: &str, m: &Family<BlobLabels, Gauge>| {
+            r.register(n, h, m.clone())
+        };
+        f(
+            r,
+            "cache_blob_cached_bytes",
+            "Bytes cached per blob",
+            &self.blob_cached,
+        );
+        f(r, "cache_blob_hits", "Cache hits per blob", &self.blob_hits);
+        f(
+            r,
+            "cache_blob_misses",
+            "Cache misses per blob",
+            &self.blob_misses,
+        );
+        f(
+            r,
+            "cache_blob_fetched_bytes",
+            "Bytes fetched per blob",
+            &self.blob_fetched,
+        );
+        f(
+            r,
+            "cache_blob_evicted_bytes",
+            "Bytes evicted per blob",
+            &self.blob_evicted,
+        );
+    }
+
+    /// Reads the figures from `cache`'s files.
+    fn refresh(&self, cache: &BlockCache) {
+        let Ok(blobs) = cache.list() else {
+            return;
+        };
+        let fams = [
+            &self.blob_cached,
+            &self.blob_hits,
+            &self.blob_misses,
+            &self.blob_fetched,
+            &self.blob_evicted,
+        ];
+        fams.iter().for_each(|f| f.clear());
+        let mut tot = [0u64; 4];
+        for b in &blobs {
+            let l = BlobLabels {
+                digest: b.digest.clone(),
+                scope: b.scope.clone().unwrap_or_default(),
+            };
+            let vals = [b.cached, b.hits, b.misses, b.fetched, b.evicted];
+            for (f, v) in fams.iter().zip(vals) {
+                f.get_or_create(&l).set(v as i64);
+            }
+            for (t, v) in tot.iter_mut().zip(&vals[1..]) {
+                *t += v;
+            }
+        }
+        self.bytes.set(cache.usage() as i64);
+        self.budget.set(cache.budget() as i64);
+        for (g, v) in [&self.hits, &self.misses, &self.fetched, &self.evicted]
+            .into_iter()
+            .zip(tot)
+        {
+            g.set(v as i64);
+        }
+    }
+}
+
 /// The snapshotter's metric set (see the module docs for the names).
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +193,8 @@ pub struct Metrics {
     attach_latency: Histogram,
     attach_failures: Counter,
     fallbacks: Family<ReasonLabels, Counter>,
+    cache_series: CacheSeries,
+    cache: OnceLock<Arc<BlockCache>>,
 }
 
 /// The process-wide metric set, created on first use.
@@ -116,7 +256,11 @@ impl Metrics {
             "Layers that fell back from lazy pull to a full download, per reason",
             fallbacks.clone(),
         );
+        let cache_series = CacheSeries::default();
+        cache_series.register(&mut registry);
         Metrics {
+            cache_series,
+            cache: OnceLock::new(),
             registry,
             grpc_latency,
             grpc_requests,
@@ -168,8 +312,16 @@ impl Metrics {
         }
     }
 
+    /// Reports the figures of `cache` (read at each [`Metrics::encode`]).
+    pub fn watch_cache(&self, cache: Arc<BlockCache>) {
+        let _ = self.cache.set(cache);
+    }
+
     /// The OpenMetrics text exposition (ends with `# EOF`).
     pub fn encode(&self) -> String {
+        if let Some(c) = self.cache.get() {
+            self.cache_series.refresh(c);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail; on a (theoretical) error the
         // partial text is still returned rather than panicking.

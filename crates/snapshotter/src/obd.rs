@@ -15,9 +15,12 @@
 //!   device (`block/writable_{data,index}`) is mounted and bound; in `dev`
 //!   mode that device is returned unmounted.
 //! - Devices are one worker process each (crate `obd-device`), with state
-//!   under the snapshotter root (`devices/<id>/`, `cache/<id>/`, registry
-//!   settings in `service.toml`), so they survive a snapshotter restart; the
-//!   next start adopts them and detaches those no snapshot uses.
+//!   under the snapshotter root (`devices/<id>/`, registry settings in
+//!   `service.toml`), so they survive a snapshotter restart; the next start
+//!   adopts them and detaches those no snapshot uses.
+//! - All workers share one block cache (`cache/` under the root unless the
+//!   service config moves it); each sweep collects the cached blobs no
+//!   snapshot names (`[cache] gc_grace` after their last use).
 
 use crate::config::RwMode;
 use crate::error::{Error, Result};
@@ -29,6 +32,7 @@ use crate::meta::Kind;
 use crate::proto::containerd::types::Mount;
 use obd_device::service::{Op, Service};
 use obd_device::state::{worker_alive, Root};
+use obd_remote::cache::BlockCache;
 use overlaybd_core::config::{ImageConfig, Lower, Upper};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -103,6 +107,9 @@ pub struct ObdInner {
     /// no attach at pull.
     prefetch_hold: Option<Duration>,
     attach_lock: Mutex<()>,
+    /// The host-wide block cache the device workers share (opened on the
+    /// first sweep; `None` if it cannot be opened), and its grace period.
+    host_cache: std::sync::OnceLock<Option<(Arc<BlockCache>, Duration)>>,
 }
 
 impl std::ops::Deref for ObdLayers {
@@ -134,6 +141,7 @@ impl ObdLayers {
                 lazy_pull,
                 prefetch_hold: None,
                 attach_lock: Mutex::new(()),
+                host_cache: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -680,8 +688,77 @@ impl LayerHook for ObdLayers {
                 self.detach_locked(&dir);
             }
         }
+        self.collect_cache();
         Ok(())
     }
+}
+
+impl ObdInner {
+    /// The host-wide block cache, opened once.
+    fn host_cache(&self) -> Option<&(Arc<BlockCache>, Duration)> {
+        self.host_cache
+            .get_or_init(|| {
+                let open = || -> std::result::Result<_, String> {
+                    let cfg = obd_device::worker::service_config(&self.dev_root)
+                        .map_err(|e| e.to_string())?;
+                    let dir = self.root.join("cache");
+                    let cache = BlockCache::open(cfg.cache.options(&dir))
+                        .map_err(|e| e.to_string())?;
+                    Ok((cache, cfg.cache.grace()))
+                };
+                match open() {
+                    Ok(c) => {
+                        crate::metrics::global().watch_cache(Arc::clone(&c.0));
+                        Some(c)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot open the block cache; it is not collected");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// Removes cached blobs that no snapshot's config names and no process
+    /// uses: after the grace period, at once when the cache is over budget.
+    fn collect_cache(&self) {
+        let Some((cache, grace)) = self.host_cache() else {
+            return;
+        };
+        let keep = referenced_blobs(&self.root);
+        let grace = if cache.usage() > cache.budget() {
+            Duration::ZERO
+        } else {
+            *grace
+        };
+        match cache.gc(&|d| keep.contains(d), grace) {
+            Ok(r) if !r.removed.is_empty() => {
+                tracing::info!(
+                    blobs = r.removed.len(),
+                    bytes = r.bytes,
+                    "block cache: collected unused blobs"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "block cache collection"),
+        }
+    }
+}
+
+/// Digests of every remote lower named by the config of a snapshot under
+/// the snapshotter root `root` (what the block cache must keep).
+pub fn referenced_blobs(root: &Path) -> HashSet<String> {
+    let mut out = HashSet::new();
+    let Ok(rd) = std::fs::read_dir(root.join("snapshots")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        if let Ok(cfg) = ImageConfig::load(config_path(&e.path())) {
+            out.extend(cfg.lowers.into_iter().map(|l| l.digest));
+        }
+    }
+    out
 }
 
 /// The hidden `device-worker --root R --id I` mode of `obd-snapshotter`: the
