@@ -77,6 +77,23 @@ impl Root {
     pub fn service_config(&self) -> PathBuf {
         self.dir.join("service.toml")
     }
+
+    /// The service config this root's device workers use: the file
+    /// [`Root::service_config`] if it exists, else the defaults with the
+    /// cache and download directories under the root. The one place that
+    /// decides it (workers, `obd doctor` and `obd pull`'s check read it).
+    #[cfg(feature = "registry")]
+    pub fn load_service_config(&self) -> Result<obd_remote::service::ServiceConfig> {
+        use obd_remote::service::ServiceConfig;
+        let p = self.service_config();
+        if p.exists() {
+            return ServiceConfig::load(&p).map_err(|source| Error::Image { config: p, source });
+        }
+        let mut c = ServiceConfig::default();
+        c.cache.dir = self.dir.join("cache");
+        c.download.dir = self.dir.join("download");
+        Ok(c)
+    }
     /// All device directories.
     pub fn devices_dir(&self) -> PathBuf {
         self.dir.join("devices")

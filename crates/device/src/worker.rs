@@ -61,19 +61,9 @@ fn write_result(cfg_dir: Option<&Path>, result_file: &str, text: &str) {
 
 #[cfg(feature = "registry")]
 fn registry_source(root: &Root, id: &str) -> Result<Option<Box<dyn LayerSource>>> {
-    use obd_remote::service::{RegistrySource, ServiceConfig};
+    use obd_remote::service::RegistrySource;
     let p = root.service_config();
-    let mut cfg = if p.exists() {
-        ServiceConfig::load(&p).map_err(|source| Error::Image {
-            config: p.clone(),
-            source,
-        })?
-    } else {
-        let mut c = ServiceConfig::default();
-        c.cache.dir = root.dir().join("cache");
-        c.download.dir = root.dir().join("download");
-        c
-    };
+    let mut cfg = root.load_service_config()?;
     // The block cache is locked by one process; each device worker has its own
     // part of it.
     cfg.cache.dir = cfg.cache.dir.join(id);

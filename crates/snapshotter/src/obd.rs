@@ -506,7 +506,7 @@ impl LayerHook for ObdLayers {
             tracing::warn!(
                 dir = %c.dir.display(),
                 digest = l.get(LABEL_BLOB_DIGEST).map(String::as_str).unwrap_or(""),
-                "obd layer was downloaded in full (no image-ref label: plain pull?); serving it from the local tar-wrapped copy"
+                "obd layer was downloaded in full (no image-ref label: plain pull?); serving it from the local tar-wrapped copy. For lazy pulls use `obd pull`, and with CRI set disable_snapshot_annotations = false (docs/TROUBLESHOOTING.md)"
             );
             crate::metrics::global().fallback("downloaded");
             Lower {
