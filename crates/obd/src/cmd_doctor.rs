@@ -261,22 +261,25 @@ fn snapshotter(r: &mut Report, n: &Node) {
         None => "none found: the defaults (/etc/obd/snapshotter.toml is absent)".into(),
     };
     r.add("snapshotter", "config", Status::Ok, cfg);
-    let sock = &n.config.address;
+    socket(
+        r,
+        "snapshotter",
+        &n.config.address,
+        "start obd-snapshotter (systemctl enable --now obd-snapshotter, or \
+         obd-snapshotter --config /etc/obd/snapshotter.toml)",
+    );
+}
+
+/// Whether something listens on the unix socket `sock`.
+fn socket(r: &mut Report, area: &'static str, sock: &Path, fix: &str) {
     match std::os::unix::net::UnixStream::connect(sock) {
-        Ok(_) => r.add(
-            "snapshotter",
-            "socket",
-            Status::Ok,
-            sock.display().to_string(),
-        ),
+        Ok(_) => r.add(area, "socket", Status::Ok, sock.display().to_string()),
         Err(e) => r.fix(
-            "snapshotter",
+            area,
             "socket",
             Status::Fail,
             format!("{}: {e}", sock.display()),
-            "start obd-snapshotter (systemctl enable --now obd-snapshotter, or \
-             obd-snapshotter --config /etc/obd/snapshotter.toml)"
-                .into(),
+            fix.into(),
         ),
     }
 }
@@ -338,21 +341,12 @@ fn containerd(r: &mut Report, a: &DoctorArgs, sn_sock: Option<&Path>) {
                 .map(PathBuf::from)
         })
         .unwrap_or_else(|| snapshotter::pull::DEFAULT_ADDRESS.into());
-    match std::os::unix::net::UnixStream::connect(&sock) {
-        Ok(_) => r.add(
-            "containerd",
-            "socket",
-            Status::Ok,
-            sock.display().to_string(),
-        ),
-        Err(e) => r.fix(
-            "containerd",
-            "socket",
-            Status::Fail,
-            format!("{}: {e}", sock.display()),
-            "start containerd (systemctl start containerd), after obd-snapshotter".into(),
-        ),
-    }
+    socket(
+        r,
+        "containerd",
+        &sock,
+        "start containerd (systemctl start containerd), after obd-snapshotter",
+    );
 }
 
 fn proxy_plugin(r: &mut Report, v: &toml::Value, name: &str, sn_sock: Option<&Path>) {

@@ -266,6 +266,17 @@ impl Distribution {
     /// from the `401` of the request itself), retrying transient failures
     /// with back-off. Redirects are returned, not followed.
     fn send(&self, r: &ImageRef, access: Access, req: &Request<'_>) -> Result<Response> {
+        self.send_with(r, access, req, Retry::new(&self.options().retry, None))
+    }
+
+    /// [`Self::send`] with the tries of `retry`.
+    fn send_with(
+        &self,
+        r: &ImageRef,
+        access: Access,
+        req: &Request<'_>,
+        retry: Retry,
+    ) -> Result<Response> {
         let who = AuthScope {
             host: &r.host,
             repo: &r.repo,
@@ -282,16 +293,14 @@ impl Distribution {
                 _ => Ok(resp),
             }
         };
-        Retry::new(&self.options().retry, None)
-            .run(once, |_, _| true)
-            .map_err(|(n, f)| {
-                f.into_error(|d| {
-                    err(
-                        req.url(),
-                        format!("{}: {d} (after {n} tries)", req.method()),
-                    )
-                })
+        retry.run(once, |_, _| true).map_err(|(n, f)| {
+            f.into_error(|d| {
+                err(
+                    req.url(),
+                    format!("{}: {d} (after {n} tries)", req.method()),
+                )
             })
+        })
     }
 
     fn small_timeout(&self) -> Duration {
@@ -330,23 +339,9 @@ impl Distribution {
     /// the fix.
     pub fn check_access(&self, r: &ImageRef, push: bool) -> Result<()> {
         let base = self.base(&r.host);
-        let once = Retry::new(&self.options().retry, None).with_tries(1);
-        let send = |req: &Request<'_>, access: Access| -> Result<Response> {
-            let who = AuthScope {
-                host: &r.host,
-                repo: &r.repo,
-                access,
-                probe: None,
-            };
-            let what = req.what();
-            once.run(
-                || {
-                    self.http
-                        .send_authed(&who, &what, None, |authz| self.http.send(req, authz))
-                },
-                |_, _| false,
-            )
-            .map_err(|(_, f)| f.into_error(|d| err(req.url(), format!("{}: {d}", req.method()))))
+        let send = |req: &Request<'_>, access: Access| {
+            let once = Retry::new(&self.options().retry, None).with_tries(1);
+            self.send_with(r, access, req, once)
         };
         let v2 = format!("{base}/v2/");
         let req = Request::new(Method::GET, &v2, self.small_timeout());
