@@ -344,7 +344,7 @@ def prepare(imgs, variants, stargz):
                    f"docker://{r['obd']}")
             if traced:
                 info["record"] = json.loads(sh(
-                    OBD, "trace", "record", "--plain-http", "--json", "--address", node.sock,
+                    OBD, "trace", "record", "--plain-http", REG, "--json", "--address", node.sock,
                     "--time", str(RECORD_TIME), r["obd"], r["obd-trace"]).strip().splitlines()[-1])
             if stargz:
                 sh(*node.ctr("images", "pull", "--plain-http", r["oci"]))
@@ -404,7 +404,7 @@ def measure(variant, ref, reg, tag):
                "--snapshotter", "stargz", ref, quiet=True)
             run = node.ctr("run", "--rm", "--snapshotter", "stargz", ref, f"{tag}-c1")
         else:
-            sh(OBD, "pull", "--plain-http", "--address", node.sock, ref, quiet=True)
+            sh(OBD, "pull", "--plain-http", REG, "--address", node.sock, ref, quiet=True)
             run = node.ctr("run", "--rm", "--snapshotter", "obd", ref, f"{tag}-c1")
         pull = time.time() - t0
         ready = run_until_ready(run)

@@ -77,6 +77,27 @@ impl Root {
     pub fn service_config(&self) -> PathBuf {
         self.dir.join("service.toml")
     }
+
+    /// The service config this root's device workers use: the file
+    /// [`Root::service_config`] if it exists, else the defaults (with the
+    /// download directory under the root). The host-wide block cache is the
+    /// root's `cache/` unless the config names a `[cache] dir`. The one place
+    /// that decides it (workers, the snapshotter's cache collection, `obd
+    /// cache`, `obd doctor` and `obd pull`'s check read it).
+    #[cfg(feature = "registry")]
+    pub fn load_service_config(&self) -> Result<obd_remote::service::ServiceConfig> {
+        use obd_remote::service::ServiceConfig;
+        let p = self.service_config();
+        let mut c = if p.exists() {
+            ServiceConfig::load(&p).map_err(|source| Error::Image { config: p, source })?
+        } else {
+            let mut c = ServiceConfig::default();
+            c.download.dir = self.dir.join("download");
+            c
+        };
+        c.cache.dir = c.cache.dir_or(&self.dir.join("cache"));
+        Ok(c)
+    }
     /// All device directories.
     pub fn devices_dir(&self) -> PathBuf {
         self.dir.join("devices")

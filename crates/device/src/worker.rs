@@ -59,32 +59,9 @@ fn write_result(cfg_dir: Option<&Path>, result_file: &str, text: &str) {
     }
 }
 
-/// The service config of the devices under `root` (`service.toml`, or the
-/// defaults), with the host-wide block cache under the root unless the
-/// config moves it.
-#[cfg(feature = "registry")]
-pub fn service_config(root: &Root) -> Result<obd_remote::service::ServiceConfig> {
-    use obd_remote::service::ServiceConfig;
-    let p = root.service_config();
-    let mut cfg = if p.exists() {
-        ServiceConfig::load(&p).map_err(|source| Error::Image {
-            config: p.clone(),
-            source,
-        })?
-    } else {
-        let mut c = ServiceConfig::default();
-        c.download.dir = root.dir().join("download");
-        c
-    };
-    // One block cache per host, shared by every device worker: under the
-    // root unless the config moves it.
-    cfg.cache.dir = cfg.cache.dir_or(&root.dir().join("cache"));
-    Ok(cfg)
-}
-
 #[cfg(feature = "registry")]
 fn registry_source(root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
-    let cfg = service_config(root)?;
+    let cfg = root.load_service_config()?;
     let src = obd_remote::service::RegistrySource::new(&cfg).map_err(|source| Error::Image {
         config: root.service_config(),
         source,

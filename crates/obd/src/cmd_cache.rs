@@ -44,7 +44,8 @@ pub enum CacheCmd {
 
 fn open(w: &Where) -> Result<(std::sync::Arc<BlockCache>, Duration)> {
     let root = obd_device::state::Root::new(&w.root);
-    let cfg = obd_device::worker::service_config(&root)
+    let cfg = root
+        .load_service_config()
         .with_context(|| format!("reading the service config under {}", w.root.display()))?;
     let mut opts = cfg.cache.options(&w.root.join("cache"));
     if let Some(d) = &w.dir {
@@ -80,8 +81,8 @@ pub fn run(c: CacheCmd) -> Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<20} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10}  {}",
-                "DIGEST", "SIZE", "CACHED", "HITS", "MISSES", "FETCHED", "EVICTED", "SCOPE"
+                "{:<20} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10}  SCOPE",
+                "DIGEST", "SIZE", "CACHED", "HITS", "MISSES", "FETCHED", "EVICTED"
             );
             for b in blobs {
                 println!(

@@ -17,11 +17,10 @@ use converter::{
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use obd_remote::distribution::Distribution;
-use obd_remote::oci::Platform;
-use obd_remote::registry::{HostOptions, RegistryOptions};
 use serde_json::json;
 use zfile::sync::MutexExt;
 
+use crate::args::{PlatformArgs, RegistryArgs};
 use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg};
 use crate::util::{human, parse_size};
 
@@ -54,10 +53,9 @@ pub struct ConvertArgs {
     /// Produce a single layer holding the whole image.
     #[arg(long)]
     pub flatten: bool,
-    /// Convert only these platforms of an index (`os/arch[/variant]`;
-    /// repeatable or comma-separated). Default: every platform.
-    #[arg(long, value_delimiter = ',')]
-    pub platform: Vec<String>,
+    /// Which platforms of an index to convert (default: every platform).
+    #[command(flatten)]
+    pub platform: PlatformArgs,
     /// OCI media types for the output (default: Docker schema 2, as
     /// upstream's userspace converter).
     #[arg(long)]
@@ -75,19 +73,16 @@ pub struct ConvertArgs {
     /// else `latest`).
     #[arg(short = 'o', long, requires = "no_push")]
     pub output: Option<PathBuf>,
-    /// Talk plain HTTP to this registry (`host` or `host:port`; repeatable).
-    #[arg(long = "plain-http", value_name = "HOST")]
-    pub plain_http: Vec<String>,
-    /// Skip TLS certificate verification for this registry (repeatable).
-    #[arg(long, value_name = "HOST")]
-    pub insecure: Vec<String>,
+    /// Registry access.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Where registry destinations stage blobs (default: the temp dir).
     #[arg(long)]
     pub tmp_dir: Option<PathBuf>,
     /// Compression threads.
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
-    /// Print a JSON report on stdout.
+    /// Print a JSON report on stdout (and no progress).
     #[arg(long)]
     pub json: bool,
 }
@@ -96,8 +91,9 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
-/// Progress: per-layer bars (bytes of the source blob and throughput) on a
-/// terminal; one line per finished layer otherwise.
+/// Progress: per-layer bars (bytes of the source blob and throughput) and a
+/// line per finished layer on a terminal; nothing otherwise (the result
+/// line, or the `--json` report, is all).
 struct Progress {
     mp: Option<MultiProgress>,
     bars: Mutex<HashMap<(usize, usize), ProgressBar>>,
@@ -118,15 +114,11 @@ impl Progress {
         }
     }
 
+    /// A progress line: on a terminal only (quiet otherwise, and with
+    /// `--json`).
     fn println(&self, msg: &str) {
-        if self.quiet {
-            return;
-        }
-        match &self.mp {
-            Some(mp) => {
-                let _ = mp.println(msg);
-            }
-            None => eprintln!("{msg}"),
+        if let (Some(mp), false) = (&self.mp, self.quiet) {
+            let _ = mp.println(msg);
         }
     }
 
@@ -217,18 +209,37 @@ impl Observer for Progress {
     }
 }
 
+/// The registry hosts `src` and `dst` name.
+fn named_hosts(a: &ConvertArgs) -> Vec<String> {
+    [Some(a.src.as_str()), a.dst.as_deref()]
+        .into_iter()
+        .flatten()
+        .filter(|r| r.starts_with("docker://"))
+        .filter_map(|r| parse_docker_ref(r).ok())
+        .map(|r| r.host)
+        .collect()
+}
+
 fn registry_client(a: &ConvertArgs) -> Result<Arc<Distribution>> {
-    let mut opts = RegistryOptions::default();
-    for h in &a.plain_http {
-        opts.hosts.entry(h.clone()).or_default().plain_http = true;
+    let hosts = named_hosts(a);
+    let named: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    Ok(Arc::new(Distribution::new(a.registry.options(&named))?))
+}
+
+/// Fails fast, before any layer is converted: the destination registry must
+/// answer on the scheme in use and grant push access (the source is read
+/// first anyway).
+fn preflight(a: &ConvertArgs, client: Option<&Arc<Distribution>>) -> Result<()> {
+    let (Some(d), None, Some(client)) = (a.dst.as_deref(), &a.output, client) else {
+        return Ok(());
+    };
+    if !d.starts_with("docker://") {
+        return Ok(());
     }
-    for h in &a.insecure {
-        opts.hosts
-            .entry(h.clone())
-            .or_insert_with(HostOptions::default)
-            .insecure_skip_verify = true;
-    }
-    Ok(Arc::new(Distribution::new(opts)?))
+    let r = parse_docker_ref(d)?;
+    client
+        .check_access(&r, true)
+        .with_context(|| format!("checking the destination {d} before converting"))
 }
 
 /// The destination `a` names, and how to name it in messages.
@@ -288,12 +299,9 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     } else {
         Box::new(OciLayout::parse(&a.src)?)
     };
+    let platforms = a.platform.all()?;
+    preflight(&a, client.as_ref())?;
     let (dst, dst_name) = open_dst(&a, client.as_ref(), &progress)?;
-    for p in &a.platform {
-        if Platform::parse(p).is_err() {
-            bail!("--platform {p}: expected os/arch[/variant]");
-        }
-    }
     let opts = Options {
         algorithm: a.algorithm.into(),
         block_size: a.block_size,
@@ -307,7 +315,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         } else {
             MediaTypes::Docker
         },
-        platforms: a.platform.clone(),
+        platforms,
         referrer: a.referrer,
         ..Default::default()
     };
@@ -323,14 +331,21 @@ pub fn run(a: ConvertArgs) -> Result<()> {
 fn print_report(a: &ConvertArgs, report: &Report, secs: f64, progress: &Progress) {
     let tar_bytes: u64 = report.layers.iter().map(|l| l.tar_bytes).sum();
     if !a.json {
-        progress.println(&format!(
+        let line = format!(
             "converted {} layer(s), {} of layer tar in {:.2}s ({}/s): {}",
             report.layers.len(),
             human(tar_bytes),
             secs,
             human((tar_bytes as f64 / secs.max(1e-9)) as u64),
             report.root.digest
-        ));
+        );
+        // The result, on a terminal or not.
+        match &progress.mp {
+            Some(mp) => {
+                let _ = mp.println(&line);
+            }
+            None => eprintln!("{line}"),
+        }
         return;
     }
     let layers: Vec<_> = report

@@ -6,7 +6,7 @@
 //! Everything lives in one temporary directory and is cleaned up afterwards.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -81,8 +81,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
             bail!("{t} is not installed (run scripts/setup.sh, or apt install containerd runc docker-registry)");
         }
     }
-    if !Path::new("/dev/fuse").exists() {
-        bail!("/dev/fuse is missing (modprobe fuse)");
+    let fuse = crate::node::fuse_dev();
+    if !fuse.exists() {
+        bail!(
+            "{} is missing: the kernel has no FUSE; run `modprobe fuse` (`obd doctor` checks the whole node)",
+            fuse.display()
+        );
     }
     let snapshotter = find_snapshotter(a.snapshotter)?;
     let obd = std::env::current_exe().context("locating obd")?;
@@ -117,10 +121,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let before = std::fs::read_to_string(&access).unwrap_or_default().len();
     ph.done("convert + push to registry");
 
-    // 4. Snapshotter and containerd.
+    // 4. Snapshotter and containerd, and the node checked as a user would.
     tb.start_runtime()?;
     let ctr = || tb.ctr();
     ph.done("start containerd + obd-snapshotter");
+    let doctor = run_ok(&mut tb.doctor(Some(&image)))?;
+    print!("{}", indent(&doctor));
+    ph.done("obd doctor --image");
 
     // 5. Lazy pull.
     if a.plain_pull {

@@ -10,6 +10,7 @@ use overlaybd_core::image::Image;
 use overlaybd_core::lsmt::SECTOR;
 use serde_json::json;
 
+use crate::args::RegistryArgs;
 use crate::util::human;
 
 #[derive(Subcommand, Debug)]
@@ -36,6 +37,9 @@ pub enum ImageCmd {
         /// Skip the final fsync (the data may still be in the page cache on return).
         #[arg(long)]
         no_sync: bool,
+        /// Print the result as one JSON object on stdout (and no progress).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -65,6 +69,9 @@ pub struct RemoteArgs {
     /// Print the remote-fetch metrics (OpenMetrics text) to stderr at the end.
     #[arg(long)]
     metrics: bool,
+    /// Registry access (added to the service config's `[registry]`).
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 fn print_metrics(remote: &RemoteArgs, registry: Option<&obd_remote::service::RegistrySource>) {
@@ -109,6 +116,7 @@ fn open_image(
     if let Some(d) = &remote.cache_dir {
         svc.cache.dir = d.clone();
     }
+    remote.registry.apply(&mut svc.registry, &[]);
     if bulk {
         svc.fetch.min_fetch = svc.fetch.min_fetch.max(BULK_MIN_FETCH);
         svc.fetch.max_request = svc.fetch.max_request.max(svc.fetch.min_fetch);
@@ -126,8 +134,19 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             threads,
             sha256,
             no_sync,
+            json,
             remote,
-        } => flatten(&config, &output, threads, sha256, no_sync, &remote),
+        } => flatten(
+            &config,
+            &output,
+            FlattenOpts {
+                threads,
+                sha256,
+                no_sync,
+                json,
+            },
+            &remote,
+        ),
         ImageCmd::Info {
             config,
             json,
@@ -136,15 +155,39 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
     }
 }
 
-/// `obd image flatten`.
-fn flatten(
-    config: &Path,
-    output: &Path,
+/// The switches of `obd image flatten`.
+struct FlattenOpts {
     threads: Option<usize>,
     sha256: bool,
     no_sync: bool,
-    remote: &RemoteArgs,
-) -> Result<()> {
+    json: bool,
+}
+
+/// A bar of the bytes copied, on a terminal only (and not with `--json`).
+fn flatten_bar(json: bool) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "flatten [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {eta}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    Some(pb)
+}
+
+/// `obd image flatten`.
+fn flatten(config: &Path, output: &Path, o: FlattenOpts, remote: &RemoteArgs) -> Result<()> {
+    let FlattenOpts {
+        threads,
+        sha256,
+        no_sync,
+        json,
+    } = o;
     let t0 = Instant::now();
     let (img, registry) = open_image(config, remote, true)?;
     // Replace a regular file rather than truncating it in place (a truncated
@@ -162,23 +205,50 @@ fn flatten(
         .with_context(|| format!("cannot create {}", output.display()))?;
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let stats = img.flatten_to(&out, threads, 4 << 20)?;
+    let bar = flatten_bar(json);
+    let progress = |done: u64, total: u64| {
+        if let Some(pb) = &bar {
+            pb.set_length(total);
+            pb.set_position(done);
+        }
+    };
+    let stats = img.flatten_to_with(&out, threads, 4 << 20, &progress)?;
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
     if !no_sync {
         out.sync_all()
             .with_context(|| format!("fsync {}", output.display()))?;
     }
     let dt = t0.elapsed().as_secs_f64();
-    eprintln!(
-        "flattened {} layers into {}: {} virtual, {} data, {:.2}s",
-        img.layers().len(),
-        output.display(),
-        human(stats.virtual_size),
-        human(stats.data_bytes),
-        dt
-    );
-    if sha256 {
-        let f = std::fs::File::open(output)?;
-        println!("{}", crate::util::sha256_hex(f)?);
+    let digest = match sha256 {
+        true => Some(crate::util::sha256_hex(std::fs::File::open(output)?)?),
+        false => None,
+    };
+    if json {
+        println!(
+            "{}",
+            json!({
+                "layers": img.layers().len(),
+                "output": output,
+                "virtual_size": stats.virtual_size,
+                "data_bytes": stats.data_bytes,
+                "seconds": dt,
+                "sha256": digest,
+            })
+        );
+    } else {
+        eprintln!(
+            "flattened {} layers into {}: {} virtual, {} data, {:.2}s",
+            img.layers().len(),
+            output.display(),
+            human(stats.virtual_size),
+            human(stats.data_bytes),
+            dt
+        );
+        if let Some(d) = digest {
+            println!("{d}");
+        }
     }
     print_metrics(remote, registry.as_deref());
     Ok(())

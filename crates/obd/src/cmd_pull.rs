@@ -7,8 +7,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use snapshotter::pull::{pull_blocking, LayerReport, LayerState, PullOptions, DEFAULT_ADDRESS};
+use obd_remote::distribution::ImageRef;
+use snapshotter::pull::{
+    pull_blocking, LayerReport, LayerState, PullError, PullOptions, PullReport, DEFAULT_ADDRESS,
+};
 
+use crate::args::{PlatformArgs, RegistryArgs};
+use crate::node::{read_blob_as_worker, Node};
 use crate::util::human;
 
 /// Pull an image into containerd; obd layers become remote snapshots.
@@ -26,15 +31,18 @@ pub struct PullArgs {
     /// containerd's gRPC socket.
     #[arg(short, long, default_value = DEFAULT_ADDRESS)]
     pub address: PathBuf,
-    /// Talk plain HTTP to the registry.
-    #[arg(long)]
-    pub plain_http: bool,
-    /// Skip TLS certificate verification of the registry.
-    #[arg(long)]
-    pub insecure: bool,
-    /// Platform to pick from a multi-platform image, `os/arch[/variant]`.
-    #[arg(long, default_value = "linux/amd64")]
-    pub platform: String,
+    /// Registry access (of this pull; the snapshotter's devices read blobs
+    /// with its own service config, checked after the pull).
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Platform to pick from a multi-platform image (default: this machine's).
+    #[command(flatten)]
+    pub platform: PlatformArgs,
+    /// The snapshotter's config, to check that its devices can read the
+    /// image's blobs (default: /etc/obd/snapshotter.toml if it exists,
+    /// else the snapshotter's defaults).
+    #[arg(long, value_name = "FILE")]
+    pub snapshotter_config: Option<PathBuf>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -54,12 +62,12 @@ fn short(d: &str) -> &str {
 
 pub fn run(a: PullArgs) -> Result<()> {
     let mut opts = PullOptions::new(&a.reference);
+    let host = ImageRef::parse(&a.reference)?.host;
+    opts.registry = a.registry.options(&[&host]);
     opts.address = a.address;
     opts.namespace = a.namespace;
     opts.snapshotter = a.snapshotter;
-    opts.platform = a.platform;
-    opts.plain_http = a.plain_http;
-    opts.insecure = a.insecure;
+    opts.platform = a.platform.one()?;
     let json = a.json;
     let report = pull_blocking(&opts, |l: &LayerReport| {
         if !json {
@@ -73,12 +81,19 @@ pub fn run(a: PullArgs) -> Result<()> {
             );
         }
     })
+    .map_err(|e| explain_pull_error(e, &opts))
     .with_context(|| format!("pulling {}", a.reference))?;
+    let attach = check_snapshotter_access(&report, &a.reference, a.snapshotter_config.as_deref());
+    if let Err(w) = &attach {
+        eprintln!("obd: warning: {w}");
+    }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("serialising the report")?
-        );
+        let mut v = serde_json::to_value(&report).context("serialising the report")?;
+        v["snapshotter_can_read_blobs"] = serde_json::json!(attach.is_ok());
+        if let Err(w) = &attach {
+            v["warning"] = serde_json::json!(w);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
             "{} {}: {} layers ({} remote, {} downloaded, {} present), {} from the registry, {} ms",
@@ -99,4 +114,54 @@ pub fn run(a: PullArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Says what to do about the pull errors a new set-up runs into: containerd
+/// without the obd snapshotter, or not answering at all.
+fn explain_pull_error(e: PullError, opts: &PullOptions) -> anyhow::Error {
+    let hint = match &e {
+        PullError::Containerd { status, .. }
+            if status.message().contains("snapshotter not loaded") =>
+        {
+            Some(format!(
+                "containerd has no snapshotter `{sn}`: add the proxy plugin to its config \
+                 (`[proxy_plugins.{sn}] type = \"snapshot\" address = \"<obd-snapshotter socket>\"`, \
+                 see docs/CONTAINERD.md), restart containerd, and check with `obd doctor`",
+                sn = opts.snapshotter
+            ))
+        }
+        PullError::Connect { address, .. } => Some(format!(
+            "is containerd running with its socket at {}? (`-a SOCKET` names another; `obd doctor` checks it)",
+            address.display()
+        )),
+        _ => None,
+    };
+    match hint {
+        Some(h) => anyhow::Error::new(e).context(h),
+        None => e.into(),
+    }
+}
+
+/// After a pull: can obd-snapshotter's devices read the image's lazily
+/// pulled blobs with the snapshotter's own settings (they do not get this
+/// command's `--plain-http` and the like)? `Err` is the warning to print.
+fn check_snapshotter_access(
+    report: &PullReport,
+    reference: &str,
+    config: Option<&std::path::Path>,
+) -> std::result::Result<(), String> {
+    let Some(l) = report.layers.iter().find(|l| l.state == LayerState::Remote) else {
+        return Ok(());
+    };
+    let node =
+        Node::load(config).map_err(|e| format!("cannot read the snapshotter's settings: {e:#}"))?;
+    read_blob_as_worker(&node.service.registry, reference, &l.digest, l.size).map_err(|e| {
+        format!(
+            "the pull succeeded, but obd-snapshotter cannot read this image's blobs with its settings \
+             ({}): {e:#}. Containers of this image will fail to attach until the snapshotter's \
+             service config reaches the registry the way this pull did (then restart obd-snapshotter; \
+             `obd doctor --image {reference}` checks it)",
+            node.settings_name()
+        )
+    })
 }

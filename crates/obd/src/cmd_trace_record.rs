@@ -31,12 +31,13 @@ use obd_remote::oci::{
     self, Config, Descriptor, History, Manifest, Platform, Resolved, ANN_ACCEL, ANN_BLOB_DIGEST,
     ANN_BLOB_SIZE, ANN_VERSION, MT_OCI_CONFIG, VERSION_NATIVE,
 };
-use obd_remote::registry::RegistryOptions;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use snapshotter::proto::containerd::services::snapshots::v1 as snapshots;
 use snapshotter::proto::containerd::types::Mount;
 use snapshotter::pull::{pull_blocking, PullOptions, DEFAULT_ADDRESS, NAMESPACE_HEADER};
+
+use crate::args::{PlatformArgs, RegistryArgs};
 
 /// History `created_by` of the acceleration layer.
 const CREATED_BY: &str = "obd trace record";
@@ -57,9 +58,9 @@ pub struct RecordArgs {
     /// sooner): SIGTERM to all its processes, SIGKILL 10 s later.
     #[arg(long, default_value_t = 60)]
     pub time: u64,
-    /// Talk plain HTTP to the registries of both images.
-    #[arg(long)]
-    pub plain_http: bool,
+    /// Registry access (both images).
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// containerd's gRPC socket.
     #[arg(short, long, default_value = DEFAULT_ADDRESS)]
     pub address: PathBuf,
@@ -69,9 +70,9 @@ pub struct RecordArgs {
     /// containerd snapshotter (the obd proxy plugin's name).
     #[arg(long, default_value = "obd")]
     pub snapshotter: String,
-    /// Platform to pick from a multi-platform image, `os/arch[/variant]`.
-    #[arg(long, default_value = "linux/amd64")]
-    pub platform: String,
+    /// Platform to pick from a multi-platform image (default: this machine's).
+    #[command(flatten)]
+    pub platform: PlatformArgs,
     /// Keep the trace here (default: a temporary directory, removed).
     #[arg(long)]
     pub trace_out: Option<PathBuf>,
@@ -632,14 +633,10 @@ pub fn run(a: RecordArgs) -> Result<()> {
     }
     let src_ref = ImageRef::parse(&a.image)?;
     let dst_ref = ImageRef::parse(&a.new_image)?;
-    let mut ropts = RegistryOptions::default();
-    if a.plain_http {
-        for h in [&src_ref.host, &dst_ref.host] {
-            ropts.hosts.entry(h.clone()).or_default().plain_http = true;
-        }
-    }
-    let dist = Arc::new(Distribution::new(ropts)?);
-    let platform = Platform::parse(&a.platform)?;
+    let ropts = a.registry.options(&[&src_ref.host, &dst_ref.host]);
+    let dist = Arc::new(Distribution::new(ropts.clone())?);
+    let platform_name = a.platform.one()?;
+    let platform = Platform::parse(&platform_name)?;
     let src = Source::new(oci::resolve(&dist, &src_ref, &platform)?);
     // Fails early (before running anything) on a non-obd image.
     process_of(&src.config)?;
@@ -653,8 +650,8 @@ pub fn run(a: RecordArgs) -> Result<()> {
     popts.address = a.address.clone();
     popts.namespace = a.namespace.clone();
     popts.snapshotter = a.snapshotter.clone();
-    popts.platform = a.platform.clone();
-    popts.plain_http = a.plain_http;
+    popts.platform = platform_name;
+    popts.registry = ropts;
     let pulled = pull_blocking(&popts, |_| {}).with_context(|| format!("pulling {}", a.image))?;
     eprintln!(
         "obd trace record: pulled {} ({} layers, {} remote)",

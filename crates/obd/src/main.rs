@@ -1,6 +1,7 @@
 //! `obd`: the command-line front of obd (block-level lazy container images,
 //! byte-compatible with overlaybd).
 
+mod args;
 mod bench;
 mod bench_read;
 mod bench_remote;
@@ -10,11 +11,13 @@ mod cmd_cache;
 mod cmd_convert;
 mod cmd_demo;
 mod cmd_device;
+mod cmd_doctor;
 mod cmd_image;
 mod cmd_layer;
 mod cmd_pull;
 mod cmd_trace;
 mod cmd_zfile;
+mod node;
 mod testbed;
 mod util;
 
@@ -49,6 +52,10 @@ enum Cmd {
     /// Run the whole path end to end: registry, sample image, convert,
     /// containerd + obd-snapshotter, lazy pull, run; prints timings.
     Demo(cmd_demo::DemoArgs),
+    /// Check whether this node can run obd images (kernel, containerd,
+    /// obd-snapshotter, cache, an image's registry); prints the fix for
+    /// each problem and exits non-zero if obd images cannot run.
+    Doctor(cmd_doctor::DoctorArgs),
     /// Serve images as block devices: a service, one worker per device.
     #[command(subcommand)]
     Device(cmd_device::DeviceCmd),
@@ -64,7 +71,7 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(args::compat(std::env::args_os()));
     // Diagnostics (of `obd device serve` and its workers above all) go to stderr
     // at INFO and above unless RUST_LOG says otherwise; results and progress are
     // printed by the commands themselves.
@@ -82,9 +89,13 @@ fn main() {
         Cmd::Convert(c) => cmd_convert::run(c),
         Cmd::Pull(c) => cmd_pull::run(c),
         Cmd::Demo(c) => cmd_demo::run(c),
+        Cmd::Doctor(c) => cmd_doctor::run(c),
     };
     if let Err(e) = res {
         eprintln!("obd: error: {e:#}");
+        if let Some(h) = util::hint(&e) {
+            eprintln!("obd: {h}");
+        }
         std::process::exit(1);
     }
 }

@@ -124,6 +124,7 @@ impl Testbed {
             Command::new("docker-registry")
                 .arg("serve")
                 .arg(&yml)
+                .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
@@ -167,7 +168,7 @@ impl Testbed {
             )
             .with_context(|| format!("writing {}", service.display()))?;
         }
-        let toml = self.dir.join("snapshotter.toml");
+        let toml = self.snapshotter_config();
         std::fs::write(
             &toml,
             format!(
@@ -184,10 +185,14 @@ impl Testbed {
             .create(true)
             .append(true)
             .open(self.dir.join("snapshotter.log"))?;
+        // No inherited stdio: the snapshotter and its device workers outlive
+        // `obd demo --keep`, and must not hold its stdout (`| tee log`).
         self.snapshotter = Some(
             Command::new(&self.opts.snapshotter)
                 .arg("--config")
                 .arg(&toml)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
                 .with_context(|| format!("starting {}", self.opts.snapshotter.display()))?,
@@ -264,7 +269,7 @@ impl Testbed {
 
     /// Starts containerd (no CRI) with the snapshotter as proxy plugin `obd`.
     pub fn start_containerd(&mut self) -> Result<()> {
-        let conf = self.dir.join("containerd.toml");
+        let conf = self.containerd_config();
         std::fs::write(
             &conf,
             fixtures::containerd::config(&self.dir, &self.sn_sock),
@@ -275,6 +280,7 @@ impl Testbed {
             Command::new("containerd")
                 .arg("--config")
                 .arg(&conf)
+                .stdin(Stdio::null())
                 .stdout(clog.try_clone()?)
                 .stderr(clog)
                 .spawn()
@@ -319,12 +325,42 @@ impl Testbed {
         Command::new(&self.opts.obd)
     }
 
-    /// `obd pull --plain-http --address <containerd.sock> -n <ns> <image>`.
+    /// The snapshotter's config file (written when it starts).
+    pub fn snapshotter_config(&self) -> PathBuf {
+        self.dir.join("snapshotter.toml")
+    }
+
+    /// containerd's config file (written when it starts).
+    pub fn containerd_config(&self) -> PathBuf {
+        self.dir.join("containerd.toml")
+    }
+
+    /// `obd pull --plain-http <registry> --address <containerd.sock>
+    /// --snapshotter-config <its config> -n <ns> <image>`.
     pub fn obd_pull(&self, ns: &str, image: &str) -> Command {
         let mut c = self.obd();
-        c.args(["pull", "--plain-http", "-n", ns, "--address"])
+        c.args(["pull", "--plain-http", &self.reg, "-n", ns, "--address"])
             .arg(&self.sock)
+            .arg("--snapshotter-config")
+            .arg(self.snapshotter_config())
             .arg(image);
+        c
+    }
+
+    /// `obd doctor` of this test bed (its snapshotter and containerd
+    /// configs and socket), with `--image image` if given.
+    pub fn doctor(&self, image: Option<&str>) -> Command {
+        let mut c = self.obd();
+        c.arg("doctor")
+            .arg("--snapshotter-config")
+            .arg(self.snapshotter_config())
+            .arg("--containerd-config")
+            .arg(self.containerd_config())
+            .arg("--address")
+            .arg(&self.sock);
+        if let Some(i) = image {
+            c.args(["--image", i]);
+        }
         c
     }
 

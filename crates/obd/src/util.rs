@@ -22,6 +22,28 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .with_context(|| format!("`{s}` is too large"))
 }
 
+/// What to do about an error whose cause is the machine rather than the
+/// command: a full disk (ENOSPC anywhere in the chain, or its text from a
+/// library that flattened it).
+pub fn hint(e: &anyhow::Error) -> Option<String> {
+    let enospc = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc_enospc()))
+            || c.to_string().contains("No space left on device")
+    });
+    enospc.then(|| {
+        "the disk is full: free space on the file system named above, or write \
+         elsewhere (`--tmp-dir`, `-o`, the service config's `[cache] dir`); \
+         `obd doctor` shows the free space where obd writes"
+            .to_string()
+    })
+}
+
+/// `ENOSPC`.
+fn libc_enospc() -> i32 {
+    rustix::io::Errno::NOSPC.raw_os_error()
+}
+
 /// Human-readable byte count.
 pub fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -459,17 +459,32 @@ impl Image {
     /// one): sized to the device, with holes where the disk reads as zeros. Work is spread over
     /// `threads` threads in chunks of `chunk` bytes.
     pub fn flatten_to(&self, out: &File, threads: usize, chunk: usize) -> Result<FlattenStats> {
+        self.flatten_to_with(out, threads, chunk, &|_, _| {})
+    }
+
+    /// [`Image::flatten_to`], calling `progress(done, total)` after each
+    /// chunk: bytes of the mapped ranges copied so far, of all of them.
+    pub fn flatten_to_with(
+        &self,
+        out: &File,
+        threads: usize,
+        chunk: usize,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<FlattenStats> {
         size_output(out, self.vsize)?;
         let chunk = chunk.max(SECTOR as usize) as u64 / SECTOR * SECTOR;
         let view = self.flatten_view()?;
         let jobs = flatten_jobs(view.index.segments(), self.vsize, chunk);
+        let total: u64 = jobs.iter().map(|&(a, b)| b - a).sum();
         let next = AtomicUsize::new(0);
         let written = AtomicU64::new(0);
+        let done = AtomicU64::new(0);
         let worker = || -> Result<()> {
             let mut buf = vec![0u8; chunk as usize];
             while let Some(&(a, b)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
                 let n = self.flatten_range(&view, &mut buf, out, a, b)?;
                 written.fetch_add(n, Ordering::Relaxed);
+                progress(done.fetch_add(b - a, Ordering::Relaxed) + (b - a), total);
             }
             Ok(())
         };

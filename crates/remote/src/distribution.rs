@@ -266,6 +266,17 @@ impl Distribution {
     /// from the `401` of the request itself), retrying transient failures
     /// with back-off. Redirects are returned, not followed.
     fn send(&self, r: &ImageRef, access: Access, req: &Request<'_>) -> Result<Response> {
+        self.send_with(r, access, req, Retry::new(&self.options().retry, None))
+    }
+
+    /// [`Self::send`] with the tries of `retry`.
+    fn send_with(
+        &self,
+        r: &ImageRef,
+        access: Access,
+        req: &Request<'_>,
+        retry: Retry,
+    ) -> Result<Response> {
         let who = AuthScope {
             host: &r.host,
             repo: &r.repo,
@@ -282,16 +293,14 @@ impl Distribution {
                 _ => Ok(resp),
             }
         };
-        Retry::new(&self.options().retry, None)
-            .run(once, |_, _| true)
-            .map_err(|(n, f)| {
-                f.into_error(|d| {
-                    err(
-                        req.url(),
-                        format!("{}: {d} (after {n} tries)", req.method()),
-                    )
-                })
+        retry.run(once, |_, _| true).map_err(|(n, f)| {
+            f.into_error(|d| {
+                err(
+                    req.url(),
+                    format!("{}: {d} (after {n} tries)", req.method()),
+                )
             })
+        })
     }
 
     fn small_timeout(&self) -> Duration {
@@ -308,6 +317,9 @@ impl Distribution {
         let mut body = String::new();
         let _ = resp.take(4096).read_to_string(&mut body);
         let body = body.trim();
+        if let Some(d) = http::diagnose_status(url, st, body) {
+            return err(url, format!("{what}: HTTP {st}: {d}"));
+        }
         err(
             url,
             if body.is_empty() {
@@ -316,6 +328,51 @@ impl Distribution {
                 format!("{what}: HTTP {st}: {body}")
             },
         )
+    }
+
+    /// Checks, before any work, that `r`'s registry answers on the scheme
+    /// this client uses and grants `push` (or only `pull`) access to the
+    /// repository: `GET /v2/` (reachability, scheme), then for `push` the
+    /// start of an upload (`POST …/blobs/uploads/`, which needs push
+    /// rights), cancelled at once (`DELETE` of the session, best effort).
+    /// No retries: a set-up error says so at once, naming host, scheme and
+    /// the fix.
+    pub fn check_access(&self, r: &ImageRef, push: bool) -> Result<()> {
+        let base = self.base(&r.host);
+        let send = |req: &Request<'_>, access: Access| {
+            let once = Retry::new(&self.options().retry, None).with_tries(1);
+            self.send_with(r, access, req, once)
+        };
+        let v2 = format!("{base}/v2/");
+        let req = Request::new(Method::GET, &v2, self.small_timeout());
+        let resp = send(&req, Access::Pull)?;
+        match resp.status() {
+            StatusCode::OK => {}
+            // `/v2/` may need credentials of its own; the repository
+            // request below is what counts.
+            s if http::classify(s) == Class::Auth => {}
+            _ => return Err(Self::status_error(&v2, "GET /v2/", resp)),
+        }
+        if !push {
+            return Ok(());
+        }
+        let start = format!("{base}/v2/{}/blobs/uploads/", r.repo);
+        let req = Request::new(Method::POST, &start, self.small_timeout())
+            .header(header::CONTENT_LENGTH, "0");
+        let resp = send(&req, Access::Push)?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(Self::status_error(
+                &start,
+                &format!("checking push access to {}/{}", r.host, r.repo),
+                resp,
+            ));
+        }
+        if let Ok(loc) = Self::location(&start, &resp) {
+            let loc = loc.to_string();
+            let req = Request::new(Method::DELETE, &loc, self.small_timeout());
+            let _ = send(&req, Access::Push);
+        }
+        Ok(())
     }
 
     /// Fetches the manifest or index `reference` (a tag or digest), checks

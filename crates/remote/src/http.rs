@@ -191,20 +191,31 @@ pub(crate) enum Fail {
     /// Transient (a retryable status, a timeout, a reset, bad framing): retry
     /// after back-off.
     Retry(String),
+    /// The endpoint is set up differently from what the client was told
+    /// (scheme, TLS trust): no retry of it helps, another endpoint may. The
+    /// text names host, scheme and the fix ([`diagnose`]).
+    Setup(String),
     /// Final.
     Fatal(Error),
 }
 
 impl Fail {
-    /// Classifies a failed `send`.
-    fn from_reqwest(e: reqwest::Error) -> Fail {
+    /// Classifies a failed `send` to `u`.
+    fn from_reqwest(e: reqwest::Error, u: &Url) -> Fail {
         let e = e.without_url();
+        let text = chain(&e);
+        if let Some(d) = diagnose(u, &text) {
+            return match d.kind {
+                Diagnosis::Setup => Fail::Setup(d.text),
+                Diagnosis::Unreachable => Fail::Connect(d.text),
+            };
+        }
         if e.is_connect() {
-            Fail::Connect(format!("cannot connect: {}", chain(&e)))
+            Fail::Connect(format!("cannot connect to {}: {text}", origin(u)))
         } else if e.is_timeout() {
-            Fail::Retry(format!("timed out: {}", chain(&e)))
+            Fail::Retry(format!("timed out: {text}"))
         } else {
-            Fail::Retry(format!("request failed: {}", chain(&e)))
+            Fail::Retry(format!("request failed: {text}"))
         }
     }
 
@@ -212,9 +223,123 @@ impl Fail {
     pub(crate) fn into_error(self, wrap: impl FnOnce(String) -> Error) -> Error {
         match self {
             Fail::Fatal(e) => e,
-            Fail::Connect(d) | Fail::Retry(d) => wrap(d),
+            Fail::Connect(d) | Fail::Retry(d) | Fail::Setup(d) => wrap(d),
         }
     }
+}
+
+/// How a failed connection reads, once [`diagnose`]d.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Diagnosis {
+    /// The client's settings for the host are wrong ([`Fail::Setup`]).
+    Setup,
+    /// Nothing answers there ([`Fail::Connect`]).
+    Unreachable,
+}
+
+/// A failed connection explained: the text names host and scheme and says
+/// what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Diagnosed {
+    pub kind: Diagnosis,
+    pub text: String,
+}
+
+/// Where credentials for `host` come from, said as the fix for a refusal.
+pub fn creds_fix(host: &str) -> String {
+    format!(
+        "give credentials for {host} with push/pull rights: `docker login {host}` (the docker \
+         config and its helpers), or `--credential-file FILE` (service config: `credential_file`)"
+    )
+}
+
+/// `scheme://host[:port]` of a URL.
+pub(crate) fn origin(u: &Url) -> String {
+    format!("{}://{}", u.scheme(), authority(u))
+}
+
+/// How to turn on plain HTTP for `host`, on the command line and in the
+/// service config (what the snapshotter's devices read).
+pub fn plain_http_fix(host: &str) -> String {
+    format!(
+        "add `--plain-http {host}` (service config: `[registry.hosts.\"{host}\"] plain_http = true`)"
+    )
+}
+
+/// Explains the failure `text` (the error chain) of a connection to `u`
+/// when it has a known cause: a TLS handshake answered in plain HTTP, an
+/// untrusted certificate, a refused connection, a name that does not
+/// resolve. The one place these are recognised.
+pub(crate) fn diagnose(u: &Url, text: &str) -> Option<Diagnosed> {
+    let host = authority(u);
+    let https = u.scheme() == "https";
+    let has = |pats: &[&str]| pats.iter().any(|p| text.contains(p));
+    let (kind, text) = if https && has(&["InvalidContentType", "corrupt message"]) {
+        // rustls reads the first bytes of an HTTP response as a TLS record.
+        (
+            Diagnosis::Setup,
+            format!(
+                "{host} answered plain HTTP to a TLS handshake (https://{host}); {}",
+                plain_http_fix(&host)
+            ),
+        )
+    } else if https
+        && has(&[
+            "invalid peer certificate",
+            "UnknownIssuer",
+            "NotValidForName",
+        ])
+    {
+        (
+            Diagnosis::Setup,
+            format!(
+                "https://{host}: the registry's TLS certificate is not trusted ({}); trust its CA \
+                 (service config: `[registry.hosts.\"{host}\"] ca_file = \"/path/ca.pem\"`) or, \
+                 for testing only, add `--insecure {host}`",
+                text.rsplit(": ").next().unwrap_or(text)
+            ),
+        )
+    } else if has(&["Connection refused", "connection refused"]) {
+        (
+            Diagnosis::Unreachable,
+            format!(
+                "{}://{host}: connection refused: no registry listens there; check the host and port",
+                u.scheme()
+            ),
+        )
+    } else if has(&["dns error", "failed to lookup address"]) {
+        (
+            Diagnosis::Unreachable,
+            format!(
+                "{}://{host}: the name {} does not resolve; check the host name",
+                u.scheme(),
+                u.host_str().unwrap_or("")
+            ),
+        )
+    } else {
+        return None;
+    };
+    Some(Diagnosed { kind, text })
+}
+
+/// Explains a final response `status` with `body` from `url` when it
+/// says the request went to the wrong scheme: an HTTPS server answering
+/// plain HTTP with `400` (Go: "Client sent an HTTP request to an HTTPS
+/// server", nginx: "The plain HTTP request was sent to HTTPS port").
+pub(crate) fn diagnose_status(url: &str, status: StatusCode, body: &str) -> Option<String> {
+    let u = Url::parse(url).ok()?;
+    let b = body.to_ascii_lowercase();
+    if u.scheme() == "http"
+        && status == StatusCode::BAD_REQUEST
+        && (b.contains("http request to an https server") || b.contains("sent to https port"))
+    {
+        let host = authority(&u);
+        return Some(format!(
+            "{host} speaks HTTPS, not plain HTTP (http://{host}); drop `--plain-http {host}` \
+             (service config: `plain_http = false` for it)"
+        ));
+    }
+    None
 }
 
 /// Full error text including causes (reqwest hides the interesting part there).
@@ -282,7 +407,7 @@ impl Retry {
                 Ok(v) => return Ok(v),
                 Err(f) => f,
             };
-            let go_on = failed(n, &f) && !matches!(f, Fail::Fatal(_));
+            let go_on = failed(n, &f) && !matches!(f, Fail::Fatal(_) | Fail::Setup(_));
             let left = self
                 .deadline
                 .map(|d| d.saturating_duration_since(Instant::now()));
@@ -435,6 +560,21 @@ fn load_ca(host: &str, ca: &std::path::Path) -> Result<Vec<Certificate>> {
     Ok(certs)
 }
 
+/// Where clients over `opts` look credentials up: `credential_file`, then
+/// the docker config (with its helpers) unless `use_docker_config` is off.
+pub fn credential_source(opts: &RegistryOptions) -> FileCredentials {
+    FileCredentials {
+        credential_file: opts.credential_file.clone(),
+        docker_config: if opts.use_docker_config {
+            opts.docker_config
+                .clone()
+                .or_else(creds::default_docker_config)
+        } else {
+            None
+        },
+    }
+}
+
 /// Clients, auth state and credentials shared by every request of one
 /// registry client (see the module docs).
 pub(crate) struct Transport {
@@ -451,16 +591,7 @@ impl Transport {
     /// A transport reading credentials from the files named in `opts` (the
     /// docker config with its credential helpers, by default).
     pub(crate) fn new(opts: RegistryOptions) -> Result<Self> {
-        let creds = FileCredentials {
-            credential_file: opts.credential_file.clone(),
-            docker_config: if opts.use_docker_config {
-                opts.docker_config
-                    .clone()
-                    .or_else(creds::default_docker_config)
-            } else {
-                None
-            },
-        };
+        let creds = credential_source(&opts);
         Self::with_credentials(opts, Arc::new(creds))
     }
 
@@ -566,7 +697,9 @@ impl Transport {
         };
         let u = Url::parse(req.url).map_err(|e| bad(format!("bad URL: {e}")))?;
         let c = self.client(&u).map_err(Fail::Fatal)?;
-        let mut rb = c.request(req.method.clone(), u).timeout(req.timeout);
+        let mut rb = c
+            .request(req.method.clone(), u.clone())
+            .timeout(req.timeout);
         let value = |k: &HeaderName, v: &str| {
             HeaderValue::from_str(v).map_err(|_| bad(format!("bad header value for {k}")))
         };
@@ -579,7 +712,7 @@ impl Transport {
         if let Some(b) = req.body {
             rb = rb.body(b().map_err(Fail::Fatal)?);
         }
-        rb.send().map_err(Fail::from_reqwest)
+        rb.send().map_err(|e| Fail::from_reqwest(e, &u))
     }
 
     /// Sends a request as `who` through `send(authorization)`: the
@@ -613,7 +746,10 @@ impl Transport {
                     Access::Push => " (push access denied?)",
                     Access::Pull => "",
                 };
-                return Err(who.fail(format!("HTTP {st} for {what} {how}{hint}")));
+                return Err(who.fail(format!(
+                    "HTTP {st} for {what} {how}{hint}; {}",
+                    creds_fix(who.host)
+                )));
             }
             let key = who.key();
             self.auth.invalidate(&key);
@@ -703,8 +839,10 @@ impl Transport {
                 Some(c) => Ok(Some(auth::basic_header(&c))),
                 None => Err(who.fail(format!(
                     "the registry asks for Basic auth and no credentials match {}/{} \
-                     (docker config `auths`, `credHelpers` or `credsStore`)",
-                    who.host, who.repo
+                     (docker config `auths`, `credHelpers` or `credsStore`); {}",
+                    who.host,
+                    who.repo,
+                    creds_fix(who.host)
                 ))),
             },
             Scheme::Bearer {
@@ -758,7 +896,7 @@ impl Transport {
             let detail = format!("token server {realm}: HTTP {st}");
             return Err(match classify(st) {
                 Class::Retryable => Fail::Retry(detail),
-                Class::Auth => who.fail(format!("{detail} (check the credentials)")),
+                Class::Auth => who.fail(format!("{detail}; {}", creds_fix(who.host))),
                 _ => who.fail(detail),
             });
         }
@@ -859,6 +997,56 @@ mod tests {
         assert!(t.host_opts("b:1").insecure_skip_verify);
         assert!(t.host_opts("b").insecure_skip_verify);
         assert!(!t.host_opts("c").insecure_skip_verify);
+    }
+
+    #[test]
+    fn connection_failures_name_host_scheme_and_fix() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let d = diagnose(
+            &u("https://127.0.0.1:5000/v2/"),
+            "error sending request: client error (Connect): received corrupt message of type InvalidContentType",
+        )
+        .unwrap();
+        assert_eq!(d.kind, Diagnosis::Setup);
+        assert_eq!(
+            d.text,
+            "127.0.0.1:5000 answered plain HTTP to a TLS handshake (https://127.0.0.1:5000); add \
+             `--plain-http 127.0.0.1:5000` (service config: `[registry.hosts.\"127.0.0.1:5000\"] \
+             plain_http = true`)"
+        );
+        let d = diagnose(
+            &u("https://r.example/v2/"),
+            "client error (Connect): invalid peer certificate: UnknownIssuer",
+        )
+        .unwrap();
+        assert_eq!(d.kind, Diagnosis::Setup);
+        assert!(d.text.starts_with(
+            "https://r.example: the registry's TLS certificate is not trusted (UnknownIssuer)"
+        ));
+        assert!(d.text.contains("`--insecure r.example`"), "{}", d.text);
+        let d = diagnose(
+            &u("http://127.0.0.1:9/v2/"),
+            "tcp connect error: Connection refused (os error 111)",
+        )
+        .unwrap();
+        assert_eq!(d.kind, Diagnosis::Unreachable);
+        assert!(d.text.starts_with("http://127.0.0.1:9: connection refused"));
+        let d = diagnose(
+            &u("https://nohost.invalid/v2/"),
+            "dns error: failed to lookup address information",
+        )
+        .unwrap();
+        assert!(d.text.contains("the name nohost.invalid does not resolve"));
+        assert!(diagnose(&u("https://a/v2/"), "connection reset by peer").is_none());
+        // The plain-HTTP side: a TLS port answering 400.
+        let s = diagnose_status(
+            "http://r:443/v2/",
+            StatusCode::BAD_REQUEST,
+            "Client sent an HTTP request to an HTTPS server.",
+        )
+        .unwrap();
+        assert!(s.starts_with("r:443 speaks HTTPS, not plain HTTP"), "{s}");
+        assert!(diagnose_status("https://r/v2/", StatusCode::BAD_REQUEST, "x").is_none());
     }
 
     #[test]

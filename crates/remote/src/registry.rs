@@ -555,6 +555,12 @@ impl RegistryClient {
                             }
                             (d.clone(), is_last)
                         }
+                        Fail::Setup(d) => {
+                            if !is_last {
+                                self.mark_mirror_down(&ep.host);
+                            }
+                            (d.clone(), false)
+                        }
                         Fail::Retry(d) => (d.clone(), true),
                     };
                     failures.push(who, attempt, detail);

@@ -421,6 +421,32 @@ fn tls_with_ca_file_insecure_and_untrusted() {
     assert!(t.elapsed() < Duration::from_secs(3));
     assert!(matches!(e, Error::Remote { .. }), "{e}");
     eprintln!("untrusted TLS error: {e}");
+    // It names host, scheme and the fix (docs/TROUBLESHOOTING.md).
+    let text = e.to_string();
+    let host = &reg.addr;
+    assert!(
+        text.contains(&format!(
+            "https://{host}: the registry's TLS certificate is not trusted"
+        )) && text.contains(&format!("`--insecure {host}`")),
+        "{text}"
+    );
+
+    // Plain HTTP to this TLS registry: the 400 it answers is explained.
+    let mut o = opts();
+    o.hosts.entry(host.clone()).or_default().plain_http = true;
+    let d = obd_remote::distribution::Distribution::with_credentials(
+        o,
+        Arc::new(StaticCredentials::new()),
+    )
+    .unwrap();
+    let r = obd_remote::distribution::ImageRef::parse(&format!("{host}/test/tls:x")).unwrap();
+    let e = d.check_access(&r, true).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "{host} speaks HTTPS, not plain HTTP (http://{host}); drop `--plain-http {host}`"
+        )),
+        "{e}"
+    );
 
     // A bad CA file is a config error at construction.
     let mut o = opts();

@@ -514,7 +514,7 @@ impl LayerHook for ObdLayers {
             tracing::warn!(
                 dir = %c.dir.display(),
                 digest = l.get(LABEL_BLOB_DIGEST).map(String::as_str).unwrap_or(""),
-                "obd layer was downloaded in full (no image-ref label: plain pull?); serving it from the local tar-wrapped copy"
+                "obd layer was downloaded in full (no image-ref label: plain pull?); serving it from the local tar-wrapped copy. For lazy pulls use `obd pull`, and with CRI set disable_snapshot_annotations = false (docs/TROUBLESHOOTING.md)"
             );
             crate::metrics::global().fallback("downloaded");
             Lower {
@@ -699,7 +699,7 @@ impl ObdInner {
         self.host_cache
             .get_or_init(|| {
                 let open = || -> std::result::Result<_, String> {
-                    let cfg = obd_device::worker::service_config(&self.dev_root)
+                    let cfg = self.dev_root.load_service_config()
                         .map_err(|e| e.to_string())?;
                     let dir = self.root.join("cache");
                     let cache = BlockCache::open(cfg.cache.options(&dir))
