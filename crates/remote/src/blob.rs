@@ -744,6 +744,15 @@ impl RemoteBlob {
 
     /// One remote request, then the cache insert (best effort).
     fn fetch_request(&self, offset: u64, len: u64, prio: &PrioCell) -> FlightResult {
+        // Host-wide single flight: while another process fetches these
+        // blocks, wait for it, then take them from the cache.
+        let _claim = self.cache.claim(&self.cached, offset, len);
+        if self.cache.contains(&self.cached, offset, len) {
+            let mut have = vec![0u8; len as usize];
+            if let Ok(true) = self.cache.read(&self.cached, &mut have, offset) {
+                return Ok((offset, Arc::new(have)));
+            }
+        }
         bump(&self.counters.requests, 1);
         let log = super::timeline::enabled();
         let t_ask = log.then(super::timeline::now_us);

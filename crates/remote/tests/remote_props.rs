@@ -79,7 +79,7 @@ proptest! {
     #[test]
     fn remote_blob_model(
         size in 1u64..400_000,
-        budget_blocks in 0u64..40,
+        budget_blocks in 1u64..40,
         seed in any::<u64>(),
         ops in proptest::collection::vec(op(400_000), 1..40),
     ) {

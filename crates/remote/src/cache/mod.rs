@@ -833,6 +833,28 @@ impl BlockCache {
         Ok(())
     }
 
+    /// Claims the cache blocks of `b` covering `[offset, offset + len)` for
+    /// one fetch, waiting while another process holds any of them (it is
+    /// fetching them: check the cache again once the claim is yours). The
+    /// claim ends when dropped, or with its process. Without a live cache
+    /// it claims nothing.
+    pub fn claim<'a>(&self, b: &'a CachedBlob, offset: u64, len: u64) -> Claim<'a> {
+        let Some((first, last)) = b.block_range(offset, len) else {
+            return Claim(None);
+        };
+        let Some((_, m)) = &b.live else {
+            return Claim(None);
+        };
+        let range = (CLAIM_BASE + first, last - first + 1);
+        match shm::range_lock(&m.file, range.0, range.1, false) {
+            Ok(()) => Claim(Some((&m.file, range))),
+            Err(e) => {
+                tracing::debug!("block cache: no claim on {}: {e}", b.digest);
+                Claim(None)
+            }
+        }
+    }
+
     /// Checkpoints every blob this process changed.
     pub fn flush(&self) -> Result<()> {
         let blobs: Vec<Arc<CachedBlob>> = self.blobs.locked().values().cloned().collect();
@@ -859,6 +881,22 @@ impl BlockCache {
 impl Drop for BlockCache {
     fn drop(&mut self) {
         let _ = self.flush();
+    }
+}
+
+/// Claims are range locks on the map file from this byte on (one byte per
+/// cache block), far past its end; byte 0 is the in-use lock.
+const CLAIM_BASE: u64 = 1 << 40;
+
+/// The blocks one fetch claims host-wide ([`BlockCache::claim`]).
+#[derive(Debug)]
+pub struct Claim<'a>(Option<(&'a File, (u64, u64))>);
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some((f, (start, len))) = self.0 {
+            let _ = shm::range_lock(f, start, len, true);
+        }
     }
 }
 

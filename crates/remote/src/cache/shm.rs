@@ -159,13 +159,42 @@ pub(super) fn in_use(file: &File) -> io::Result<bool> {
     ofd_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK as libc::c_short)
 }
 
+/// Takes (waiting, `F_OFD_SETLKW`) or releases (`unlock`) an
+/// open-file-description write lock on bytes `[start, start + len)` of
+/// `file`. The kernel releases it when the process dies.
+pub(super) fn range_lock(file: &File, start: u64, len: u64, unlock: bool) -> io::Result<()> {
+    let kind = if unlock { libc::F_UNLCK } else { libc::F_WRLCK };
+    let cmd = if unlock {
+        libc::F_OFD_SETLK
+    } else {
+        libc::F_OFD_SETLKW
+    };
+    loop {
+        match ofd_lock_at(file, cmd, kind as libc::c_short, start, len) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r.map(|_| ()),
+        }
+    }
+}
+
 fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_short) -> io::Result<bool> {
+    ofd_lock_at(file, cmd, kind, 0, 1)
+}
+
+fn ofd_lock_at(
+    file: &File,
+    cmd: libc::c_int,
+    kind: libc::c_short,
+    start: u64,
+    len: u64,
+) -> io::Result<bool> {
+    let bad = |_| io::Error::from(io::ErrorKind::InvalidInput);
     // SAFETY: an all-zero flock is a valid value of this plain C struct.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 1;
+    fl.l_start = libc::off_t::try_from(start).map_err(bad)?;
+    fl.l_len = libc::off_t::try_from(len).map_err(bad)?;
     // SAFETY: fcntl receives a descriptor `file` keeps open for the call and
     // a pointer to `fl`, a live, initialised flock it may read and write.
     let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
