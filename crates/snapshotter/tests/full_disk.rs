@@ -8,26 +8,15 @@
 //! process, and what was committed before is all there. Needs root, loop
 //! devices, containerd and ctr; otherwise skipped with a loud message.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use fixtures::containerd::{self, ctr};
 use fixtures::procs::{run, Needs};
 use fixtures::smallfs::SmallFs;
 
-/// containerd and the snapshotter, stopped on drop (before the file system
-/// under the snapshotter goes).
-struct Procs {
-    procs: fixtures::procs::Procs,
-    dir: PathBuf,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        self.procs.stop_all();
-        obd_device::mount::unmount_below(&self.dir);
-    }
-}
+mod common;
+use common::Procs;
 
 /// `ctr snapshots --snapshotter obd <args>`.
 fn snaps(sock: &Path, args: &[&str]) -> Command {
@@ -83,10 +72,7 @@ fn full_root_fails_one_operation_and_recovers_without_restart() {
     let Some(fs) = SmallFs::at(TEST, 48, &root) else {
         return;
     };
-    let mut procs = Procs {
-        procs: fixtures::procs::Procs::new(),
-        dir: dir.clone(),
-    };
+    let mut procs = Procs::new(&dir);
     let bin = Path::new(env!("CARGO_BIN_EXE_obd-snapshotter"));
     let sn_sock = containerd::start_snapshotter(&mut procs.procs, bin, &dir);
     let sock = containerd::start_with(&mut procs.procs, &dir, &sn_sock);

@@ -27,7 +27,7 @@ use obd_remote::registry::RegistryOptions;
 use snapshotter::pull::{pull_blocking, LayerState, PullError, PullOptions, PullReport};
 
 mod common;
-use common::busybox_layout;
+use common::{busybox_layout, Procs};
 
 const MARK: &str = "obd-pull-test-layer-2";
 
@@ -47,19 +47,6 @@ fn build_busybox_layout(dir: &Path) -> PathBuf {
         .arg(&bundle));
     run(Command::new("umoci").args(["config", "--image", &img, "--config.cmd", "/bin/sh"]));
     oci
-}
-
-struct Procs {
-    procs: fixtures::procs::Procs,
-    dir: PathBuf,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        // containerd first, then the snapshotter.
-        self.procs.stop_all();
-        obd_device::mount::unmount_below(&self.dir);
-    }
 }
 
 /// obd-snapshotter (lazy_pull = true) and a containerd using it as `obd`;
@@ -203,10 +190,7 @@ fn obd_pull_remote_and_plain() {
     // The obd image, converted from the same layout.
     let (obd, client) = push_obd(&dir, &oci, &addr);
 
-    let mut procs = Procs {
-        procs: fixtures::procs::Procs::new(),
-        dir: dir.clone(),
-    };
+    let mut procs = Procs::new(&dir);
     let sock = start_containerd(&dir, &mut procs);
     let ctr = |args: &[&str]| run(ctr(&sock).args(["-n", "default"]).args(args));
     // `ctr <sub> --snapshotter obd <args…>`
@@ -390,10 +374,7 @@ fn obd_layers_on_a_full_root() {
         ),
     )
     .unwrap();
-    let mut procs = Procs {
-        procs: fixtures::procs::Procs::new(),
-        dir: dir.clone(),
-    };
+    let mut procs = Procs::new(&dir);
     let sock = start_containerd(&dir, &mut procs);
     let r = pull(&sock, &obd);
     assert_eq!(states(&r), vec![LayerState::Remote; 2], "{r:?}");
