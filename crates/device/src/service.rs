@@ -260,6 +260,11 @@ impl Service {
             .stderr(log)
             .spawn()
             .map_err(|e| Error::io(format!("starting worker {prog}"), e))?;
+        // Our unreaped child: its pid cannot name another process yet.
+        let pidfd = rustix::process::Pid::from_raw(child.id() as i32).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
+        let pid = child.id();
         let mut line = String::new();
         let stdout = child.stdout.take().expect("piped");
         let _ = BufReader::new(stdout).read_line(&mut line);
@@ -268,6 +273,9 @@ impl Service {
         let (root, cmd, id2) = (self.root.clone(), self.worker_cmd.clone(), id.to_string());
         std::thread::spawn(move || {
             let Ok(st) = child.wait() else { return };
+            if !st.success() {
+                tracing::warn!("obd device service: worker of {id2} exited: {st}");
+            }
             let crashed = std::os::unix::process::ExitStatusExt::signal(&st).is_some()
                 || st.code() == Some(101);
             let rec = root.record(&id2).ok().flatten();
@@ -281,19 +289,37 @@ impl Service {
         });
         let line = line.trim();
         if let Some(dev) = line.strip_prefix("ok ") {
-            return match self.root.record(id)? {
-                Some(rec) => Ok(rec),
-                None => Err(Error::AttachFailed(format!(
-                    "worker reported {dev} but wrote no state"
-                ))),
+            let state = self.root.device_dir(id).join("state.json");
+            let why = match self.root.record(id) {
+                Ok(Some(rec)) => return Ok(rec),
+                Ok(None) => "missing".to_string(),
+                Err(e) => e.to_string(),
             };
+            // E.g. a full disk: the worker serves a device no record names,
+            // which nothing would ever detach. Stop it now.
+            let stopped = match &pidfd {
+                Some(fd) => {
+                    stop_pidfd(id, pid, fd).map_or_else(|e| e.to_string(), |()| "stopped it".into())
+                }
+                None => "it is gone".into(),
+            };
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(Error::AttachFailed(format!(
+                "worker reported {dev} but its state {} is {why} ({stopped}); its log: {}",
+                state.display(),
+                log.trim()
+            )));
         }
         let reason = line
             .strip_prefix("failed:")
             .map(str::to_string)
             .unwrap_or_else(|| {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                format!("worker exited without a result; its log: {}", log.trim())
+                format!(
+                    "worker exited without a result; its log {}: {}",
+                    log_path.display(),
+                    log.trim()
+                )
             });
         Err(Error::AttachFailed(reason))
     }
@@ -360,31 +386,30 @@ fn stop_worker(rec: &DeviceRecord) -> Result<()> {
     if !worker_alive(rec) {
         return Ok(());
     }
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
-        .map_err(|e| Error::io(format!("signalling worker {}", rec.pid), e.into()))?;
-    let mut fds = [rustix::event::PollFd::new(
-        &fd,
-        rustix::event::PollFlags::IN,
-    )];
+    stop_pidfd(&rec.id, rec.pid, &fd)
+}
+
+/// Sends SIGTERM to the process of `fd` (worker `pid` of device `id`) and
+/// waits (bounded) for it to exit.
+fn stop_pidfd(id: &str, pid: u32, fd: &rustix::fd::OwnedFd) -> Result<()> {
+    rustix::process::pidfd_send_signal(fd, rustix::process::Signal::TERM)
+        .map_err(|e| Error::io(format!("signalling worker {pid}"), e.into()))?;
+    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
     let ts = rustix::event::Timespec {
         tv_sec: DETACH_TIMEOUT.as_secs() as i64,
         tv_nsec: 0,
     };
     let n = rustix::event::poll(&mut fds, Some(&ts))
-        .map_err(|e| Error::io(format!("waiting for worker {}", rec.pid), e.into()))?;
+        .map_err(|e| Error::io(format!("waiting for worker {pid}"), e.into()))?;
     if n == 0 {
         return Err(Error::Request(format!(
-            "device {}: worker {} did not stop within {}s",
-            rec.id,
-            rec.pid,
+            "device {id}: worker {pid} did not stop within {}s",
             DETACH_TIMEOUT.as_secs()
         )));
     }
     Ok(())
 }
 
-/// Removes what a dead (or never started) worker of `id` left: mounts of its
-/// device and mount point, the frontend's kernel objects, the directory.
 pub fn cleanup_device(root: &Root, id: &str) -> Result<()> {
     let rec = root.record(id).ok().flatten();
     let req = rec

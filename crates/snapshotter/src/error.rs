@@ -32,6 +32,17 @@ pub enum Error {
     /// The metadata store failed.
     #[error("metadata store: {0}")]
     Db(String),
+    /// The metadata store's file could not be read or written (its file
+    /// system is full, or failing). The operation was not applied; the
+    /// store is reopened by the next one.
+    #[error("metadata store {}: {source}", path.display())]
+    DbIo {
+        /// The store's file (empty until [`crate::meta::Store`] fills it in).
+        path: PathBuf,
+        /// The OS error (ENOSPC: "No space left on device").
+        #[source]
+        source: std::io::Error,
+    },
     /// A block device of an obd layer could not be attached or configured.
     #[error("obd device: {0}")]
     Device(String),
@@ -57,26 +68,58 @@ impl Error {
             source,
         }
     }
+
+    /// Whether the file system said it is full (ENOSPC), anywhere.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Error::Io { source, .. } | Error::DbIo { source, .. } => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl From<redb::Error> for Error {
+    /// I/O failures (and redb's latch after one) become [`Error::DbIo`],
+    /// which makes the store reopen; the rest [`Error::Db`].
+    fn from(e: redb::Error) -> Self {
+        let source = match e {
+            redb::Error::Io(source) => source,
+            redb::Error::PreviousIo | redb::Error::DatabaseClosed => std::io::Error::other(
+                "closed after an earlier I/O error; reopened by the next operation",
+            ),
+            e => return Error::Db(e.to_string()),
+        };
+        Error::DbIo {
+            path: PathBuf::new(),
+            source,
+        }
+    }
 }
 
 macro_rules! db_err {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
             fn from(e: $t) -> Self {
-                Error::Db(e.to_string())
+                redb::Error::from(e).into()
             }
         }
     )*};
 }
 db_err!(
-    redb::Error,
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError,
-    serde_json::Error
+    redb::CommitError
 );
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Db(e.to_string())
+    }
+}
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
@@ -86,9 +129,13 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
-            Error::Io { .. } | Error::Db(_) | Error::Config { .. } | Error::Device(_) => {
-                tonic::Status::internal(msg)
-            }
+            // containerd's errdefs: ErrResourceExhausted.
+            _ if e.is_no_space() => tonic::Status::resource_exhausted(msg),
+            Error::Io { .. }
+            | Error::Db(_)
+            | Error::DbIo { .. }
+            | Error::Config { .. }
+            | Error::Device(_) => tonic::Status::internal(msg),
         }
     }
 }

@@ -11,7 +11,7 @@ use fixtures::containerd::{self, ctr};
 use fixtures::procs::{run, Needs};
 
 mod common;
-use common::busybox_layout;
+use common::{busybox_layout, Procs};
 
 fn build_busybox_archive(dir: &Path) -> PathBuf {
     let img = busybox_layout(dir);
@@ -29,20 +29,6 @@ fn build_busybox_archive(dir: &Path) -> PathBuf {
     tar
 }
 
-struct Procs {
-    procs: fixtures::procs::Procs,
-    dir: PathBuf,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        // containerd first, then the snapshotter.
-        self.procs.stop_all();
-        // Unmount whatever containerd left under our directory.
-        obd_device::mount::unmount_below(&self.dir);
-    }
-}
-
 #[test]
 fn ctr_run_with_obd_snapshotter() {
     if !Needs::root(&["containerd", "ctr", "runc", "umoci", "skopeo"])
@@ -54,10 +40,7 @@ fn ctr_run_with_obd_snapshotter() {
     let tmp = fixtures::procs::short_tempdir("obd-ctd-");
     let dir = tmp.path().to_path_buf();
     let tar = build_busybox_archive(&dir);
-    let mut procs = Procs {
-        procs: fixtures::procs::Procs::new(),
-        dir: dir.clone(),
-    };
+    let mut procs = Procs::new(&dir);
     let sn = Path::new(env!("CARGO_BIN_EXE_obd-snapshotter"));
     let sn_sock = containerd::start_snapshotter(&mut procs.procs, sn, &dir);
     let sock = containerd::start_with(&mut procs.procs, &dir, &sn_sock);

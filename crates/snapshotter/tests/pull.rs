@@ -17,6 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fixtures::containerd::{self, ctr};
 use fixtures::procs::{run, Needs};
@@ -26,7 +27,7 @@ use obd_remote::registry::RegistryOptions;
 use snapshotter::pull::{pull_blocking, LayerState, PullError, PullOptions, PullReport};
 
 mod common;
-use common::busybox_layout;
+use common::{busybox_layout, Procs};
 
 const MARK: &str = "obd-pull-test-layer-2";
 
@@ -48,32 +49,21 @@ fn build_busybox_layout(dir: &Path) -> PathBuf {
     oci
 }
 
-struct Procs {
-    procs: fixtures::procs::Procs,
-    dir: PathBuf,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        // containerd first, then the snapshotter.
-        self.procs.stop_all();
-        obd_device::mount::unmount_below(&self.dir);
-    }
-}
-
-/// obd-snapshotter (lazy_pull = true) and a containerd using it as `obd`.
+/// obd-snapshotter (lazy_pull = true) and a containerd using it as `obd`;
+/// the snapshotter's `service_config` is `<dir>/service.toml` if there is one.
 fn start_containerd(dir: &Path, procs: &mut Procs) -> PathBuf {
     let sn_sock = containerd::snapshotter_socket(dir);
     let sn_cfg = dir.join("obd-snapshotter.toml");
-    std::fs::write(
-        &sn_cfg,
-        format!(
-            "root = \"{}\"\naddress = \"{}\"\nlazy_pull = true\n",
-            dir.join("snroot").display(),
-            sn_sock.display()
-        ),
-    )
-    .unwrap();
+    let mut cfg = format!(
+        "root = \"{}\"\naddress = \"{}\"\nlazy_pull = true\n",
+        dir.join("snroot").display(),
+        sn_sock.display()
+    );
+    let service = dir.join("service.toml");
+    if service.is_file() {
+        cfg.push_str(&format!("service_config = \"{}\"\n", service.display()));
+    }
+    std::fs::write(&sn_cfg, cfg).unwrap();
     let mut sn = Command::new(env!("CARGO_BIN_EXE_obd-snapshotter"));
     sn.arg("--config")
         .arg(&sn_cfg)
@@ -129,6 +119,43 @@ fn states(r: &PullReport) -> Vec<LayerState> {
     r.layers.iter().map(|l| l.state).collect()
 }
 
+/// Converts the layout `oci` (tag `busybox`) into an obd image pushed to
+/// the registry at `addr` as `obd/busybox:v1`; returns its reference and a
+/// client of that registry.
+fn push_obd(dir: &Path, oci: &Path, addr: &str) -> (String, Arc<Distribution>) {
+    let obd = format!("{addr}/obd/busybox:v1");
+    let mut ro = RegistryOptions {
+        use_docker_config: false,
+        ..Default::default()
+    };
+    ro.hosts.entry(addr.to_string()).or_default().plain_http = true;
+    let client = Arc::new(Distribution::new(ro).unwrap());
+    let dst = converter::registry::RegistryDest::new(
+        client.clone(),
+        ImageRef::parse(&obd).unwrap(),
+        dir,
+        None,
+    )
+    .unwrap();
+    let src = converter::OciLayout {
+        dir: oci.to_path_buf(),
+        tag: Some("busybox".into()),
+    };
+    let conv = converter::convert(
+        &src,
+        &dst,
+        &converter::Options {
+            vsize: 1 << 30,
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    drop(dst);
+    assert_eq!(conv.layers.len(), 2, "two obd layers");
+    (obd, client)
+}
+
 #[test]
 fn obd_pull_remote_and_plain() {
     if !Needs::root(&[
@@ -161,41 +188,9 @@ fn obd_pull_remote_and_plain() {
         format!("docker://{plain}"),
     ]));
     // The obd image, converted from the same layout.
-    let obd = format!("{addr}/obd/busybox:v1");
-    let mut ro = RegistryOptions {
-        use_docker_config: false,
-        ..Default::default()
-    };
-    ro.hosts.entry(addr.clone()).or_default().plain_http = true;
-    let client = Arc::new(Distribution::new(ro).unwrap());
-    let dst = converter::registry::RegistryDest::new(
-        client.clone(),
-        ImageRef::parse(&obd).unwrap(),
-        &dir,
-        None,
-    )
-    .unwrap();
-    let src = converter::OciLayout {
-        dir: oci.clone(),
-        tag: Some("busybox".into()),
-    };
-    let conv = converter::convert(
-        &src,
-        &dst,
-        &converter::Options {
-            vsize: 1 << 30,
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    drop(dst);
-    assert_eq!(conv.layers.len(), 2, "two obd layers");
+    let (obd, client) = push_obd(&dir, &oci, &addr);
 
-    let mut procs = Procs {
-        procs: fixtures::procs::Procs::new(),
-        dir: dir.clone(),
-    };
+    let mut procs = Procs::new(&dir);
     let sock = start_containerd(&dir, &mut procs);
     let ctr = |args: &[&str]| run(ctr(&sock).args(["-n", "default"]).args(args));
     // `ctr <sub> --snapshotter obd <args…>`
@@ -331,4 +326,115 @@ fn obd_pull_remote_and_plain() {
     }
 
     drop(procs);
+}
+
+/// obd layers with the snapshotter root on a small file system that fills
+/// up (issue 14, point 5): after a lazy pull, containers of the obd image
+/// are run with the disk filled to within 0 bytes … 4 MiB of full (in
+/// steps of 1 KiB, the block size, at first), so the
+/// space runs out at different writes (snapshot directories, metadata,
+/// device state, the device's worker and cache files). Each run either
+/// fits or fails with "no space left on device" naming a path under the
+/// root; once the space is freed the next container runs, on the same
+/// snapshotter process.
+/// What the device worker (`crates/device/src/worker.rs`, being rewritten
+/// with the host-wide cache of issue 14) makes of a full disk, as the device
+/// service reports it: an exit 101 with nothing in its (full) log, or an
+/// `ok` without its state file (its save error only goes to that log; the
+/// service stops it). Accepted here until that rewrite (a loud line says
+/// when it happens); the recovery after the space is freed is checked all
+/// the same.
+const WORKER_ISSUES: [&str; 2] = ["worker exited without a result", "but its state"];
+
+#[test]
+fn obd_layers_on_a_full_root() {
+    const TEST: &str = "obd layers on a full root";
+    if !Needs::root(&["containerd", "ctr", "runc", "docker-registry", "umoci"])
+        .paths(&["/bin/busybox", "/dev/fuse"])
+        .met(TEST)
+    {
+        return;
+    }
+    let tmp = fixtures::procs::short_tempdir("obd-pfull-");
+    let dir = tmp.path().to_path_buf();
+    let root = dir.join("snroot");
+    let Some(fs) = fixtures::smallfs::SmallFs::at(TEST, 64, &root) else {
+        return;
+    };
+    let oci = build_busybox_layout(&dir);
+    let reg = Registry::start_logged(&dir).unwrap();
+    let (obd, _) = push_obd(&dir, &oci, &reg.addr);
+    // Blocks over plain HTTP; the cache under the root, on the small disk.
+    std::fs::write(
+        dir.join("service.toml"),
+        format!(
+            "[cache]\ndir = \"{}\"\n\n[registry.hosts.\"{}\"]\nplain_http = true\n",
+            root.join("cache").display(),
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let mut procs = Procs::new(&dir);
+    let sock = start_containerd(&dir, &mut procs);
+    let r = pull(&sock, &obd);
+    assert_eq!(states(&r), vec![LayerState::Remote; 2], "{r:?}");
+    let run_ctr = |name: &str| {
+        ctr(&sock)
+            .args(["-n", "default", "run", "--snapshotter", "obd", "--rm"])
+            .args([obd.as_str(), name, "/bin/cat", "/etc/obd-pull"])
+            .output()
+            .unwrap()
+    };
+    let runs_ok = |name: &str| {
+        let out = run_ctr(name);
+        assert!(
+            out.status.success(),
+            "{name}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            containerd::logs(&dir)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), MARK);
+    };
+    runs_ok("full-before");
+    let mut failed = 0;
+    for kib in [
+        0u64, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64, 256, 1024, 4096,
+    ] {
+        let leave = kib << 10;
+        fs.fill_leaving(leave);
+        let out = run_ctr(&format!("full-{leave}"));
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            eprintln!("{leave} bytes free: the container ran");
+        } else if WORKER_ISSUES.iter().any(|w| err.contains(w)) {
+            eprintln!(
+                "{leave} bytes free: KNOWN ISSUE (device worker): {}",
+                err.trim()
+            );
+        } else {
+            failed += 1;
+            eprintln!("{leave} bytes free: {}", err.trim());
+            // Under the root, or runc's mkdir in the rootfs (whose upper
+            // is under the root): both in the test's directory.
+            assert!(
+                err.to_lowercase().contains("no space left on device")
+                    && err.contains(&dir.display().to_string()),
+                "{leave} bytes free: not a clear ENOSPC error naming a path: {err}\n{}",
+                containerd::logs(&dir)
+            );
+        }
+        fs.free();
+        runs_ok(&format!("freed-{leave}"));
+    }
+    assert!(failed > 0, "no run failed on a full disk");
+    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
+    assert!(!log.contains("Previous I/O error"), "{log}");
+    // The image's device goes with its last container, in a sweep after
+    // Remove answered: wait for it, so no worker outlives the test.
+    let devices = obd_device::state::Root::new(&root);
+    fixtures::procs::wait_until("the device to detach", Duration::from_secs(30), || {
+        devices.ids().is_ok_and(|ids| ids.is_empty())
+    });
+    drop(procs);
+    drop(fs);
 }

@@ -1,6 +1,11 @@
-//! The busybox image the snapshotter's containerd tests build offline (with
-//! umoci and busybox-static); the rest of their harness is in `fixtures`.
+//! What the snapshotter's containerd tests share: the busybox image they
+//! build offline (with umoci and busybox-static) and their processes; the
+//! rest of their harness is in `fixtures`.
 
+// Each test file uses a part.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
 use std::process::Command;
 
 use fixtures::procs::run;
@@ -33,4 +38,30 @@ pub fn busybox_layout(dir: &std::path::Path) -> String {
         .args(["repack", "--image", &img])
         .arg(&bundle));
     img
+}
+
+/// containerd and the snapshotter (started into `procs`), stopped on drop,
+/// last started first; then whatever they left mounted under `dir` is
+/// unmounted.
+pub struct Procs {
+    pub procs: fixtures::procs::Procs,
+    pub dir: PathBuf,
+}
+
+impl Procs {
+    /// No processes yet; mounts under `dir` go on drop.
+    pub fn new(dir: &std::path::Path) -> Procs {
+        Procs {
+            procs: fixtures::procs::Procs::new(),
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        // containerd first, then the snapshotter.
+        self.procs.stop_all();
+        obd_device::mount::unmount_below(&self.dir);
+    }
 }
