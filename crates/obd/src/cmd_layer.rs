@@ -132,7 +132,8 @@ fn parse_uuid(s: &Option<String>, what: &str) -> Result<Option<Uuid>> {
 }
 
 fn open_blob(path: &Path) -> Result<Blob> {
-    Ok(Arc::new(FileSource::open(path).with_context(|| {
+    let file = overlaybd_core::regular::open(path)?;
+    Ok(Arc::new(FileSource::new(file).with_context(|| {
         format!("cannot open {}", path.display())
     })?))
 }

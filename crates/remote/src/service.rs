@@ -224,9 +224,11 @@ impl ServiceConfig {
         })
     }
 
-    /// Reads a TOML file.
+    /// Reads a TOML file (a regular file of at most
+    /// [`overlaybd_core::regular::MAX_CONFIG_SIZE`] bytes).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io(e).in_file(path))?;
+        use overlaybd_core::regular;
+        let text = regular::read_to_string(path, regular::MAX_CONFIG_SIZE, "service config")?;
         Self::from_toml(&text).map_err(|e| e.in_file(path))
     }
 }
@@ -371,6 +373,25 @@ impl LayerSource for RegistrySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_config_that_is_not_a_file_is_refused() {
+        match ServiceConfig::load(Path::new("/dev/zero")).unwrap_err() {
+            Error::InFile { path, inner } => {
+                assert_eq!(path, Path::new("/dev/zero"));
+                assert!(
+                    matches!(
+                        *inner,
+                        Error::NotRegularFile {
+                            kind: "character device"
+                        }
+                    ),
+                    "{inner:?}"
+                );
+            }
+            e => panic!("{e:?}"),
+        }
+    }
 
     #[test]
     fn empty_toml_gives_documented_defaults() {
