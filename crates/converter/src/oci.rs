@@ -259,18 +259,11 @@ mod tests {
     #[test]
     fn an_index_or_blob_that_is_not_a_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let fifo = |p: &std::path::Path| {
-            let st = std::process::Command::new("mkfifo")
-                .arg(p)
-                .status()
-                .unwrap();
-            assert!(st.success());
-        };
         let l = OciLayout {
             dir: dir.path().to_owned(),
             tag: None,
         };
-        fifo(&dir.path().join("index.json"));
+        fixtures::procs::mkfifo(&dir.path().join("index.json"));
         let e = l.root().unwrap_err().to_string();
         assert_eq!(
             e,
@@ -281,7 +274,7 @@ mod tests {
         );
         let hex = "0".repeat(64);
         std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
-        fifo(&dir.path().join("blobs/sha256").join(&hex));
+        fixtures::procs::mkfifo(&dir.path().join("blobs/sha256").join(&hex));
         let e = l
             .open_blob(&format!("sha256:{hex}"))
             .err()

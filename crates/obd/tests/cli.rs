@@ -272,11 +272,7 @@ fn layer_verify_says_what_the_format_cannot_check() {
 fn configs_and_layers_that_are_not_files_fail_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("fifo");
-    assert!(std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    fixtures::procs::mkfifo(&fifo);
     let cfg = dir.path().join("config.v1.json");
     std::fs::write(&cfg, format!(r#"{{"lowers":[{{"file":"{}"}}]}}"#, s(&fifo))).unwrap();
     for (args, want) in [

@@ -112,19 +112,11 @@ mod tests {
         }
     }
 
-    fn mkfifo(p: &Path) {
-        let st = std::process::Command::new("mkfifo")
-            .arg(p)
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-
     #[test]
     fn a_fifo_is_refused_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("config.v1.json");
-        mkfifo(&p);
+        fixtures::procs::mkfifo(&p);
         for r in [
             open(&p).map(drop),
             open_rw(&p).map(drop),

@@ -237,14 +237,6 @@ fn innermost(e: overlaybd_core::Error) -> (Vec<std::path::PathBuf>, overlaybd_co
     }
 }
 
-fn mkfifo(p: &std::path::Path) {
-    let st = std::process::Command::new("mkfifo")
-        .arg(p)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 #[test]
 fn configs_lowers_and_uppers_that_are_not_regular_files_are_refused() {
     use overlaybd_core::Error;
@@ -264,7 +256,7 @@ fn configs_lowers_and_uppers_that_are_not_regular_files_are_refused() {
     // A FIFO as the config: refused, not waited on.
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("fifo");
-    mkfifo(&fifo);
+    fixtures::procs::mkfifo(&fifo);
     let (files, e) = innermost(Image::open_config_file(&fifo).err().unwrap());
     assert_eq!(files, [fifo.as_path()]);
     assert!(matches!(e, Error::NotRegularFile { kind: "FIFO" }), "{e:?}");

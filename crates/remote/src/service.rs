@@ -375,21 +375,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_service_config_that_is_not_a_file_is_refused() {
-        match ServiceConfig::load(Path::new("/dev/zero")).unwrap_err() {
-            Error::InFile { path, inner } => {
-                assert_eq!(path, Path::new("/dev/zero"));
-                assert!(
-                    matches!(
-                        *inner,
-                        Error::NotRegularFile {
-                            kind: "character device"
-                        }
-                    ),
-                    "{inner:?}"
-                );
+    fn service_and_credential_configs_that_are_not_files_are_refused() {
+        let zero = Path::new("/dev/zero");
+        let errs = [
+            ServiceConfig::load(zero).map(drop),
+            crate::creds::DockerConfig::load(zero).map(drop),
+        ];
+        for e in errs {
+            match e.unwrap_err() {
+                Error::InFile { path, inner } => {
+                    assert_eq!(path, zero);
+                    assert!(
+                        matches!(
+                            *inner,
+                            Error::NotRegularFile {
+                                kind: "character device"
+                            }
+                        ),
+                        "{inner:?}"
+                    );
+                }
+                e => panic!("{e:?}"),
             }
-            e => panic!("{e:?}"),
         }
     }
 

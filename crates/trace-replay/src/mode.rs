@@ -128,11 +128,7 @@ mod tests {
     fn a_fifo_or_device_is_refused_not_waited_on() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("trace");
-        let st = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        fixtures::procs::mkfifo(&fifo);
         let not_regular = |e: Error, want: &Path, kind: &str| match e {
             Error::File(overlaybd_core::Error::InFile { path, inner }) => {
                 assert_eq!(path, want);
