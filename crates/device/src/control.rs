@@ -404,14 +404,17 @@ fn start<'s, 'e>(
         );
         return;
     }
-    s.spawn(move || {
-        struct Done<'a>(&'a AtomicUsize);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
-            }
+    struct Done<'a>(&'a AtomicUsize);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
         }
-        let _done = Done(active);
+    }
+    // Counted from here: also when the thread cannot start (the closure,
+    // and the guard in it, are dropped then).
+    let done = Done(active);
+    let serve = move || {
+        let _done = done;
         let reply = handle(p.req.line());
         let conn = p.conn;
         if conn.set_nonblocking(false).is_ok()
@@ -419,7 +422,14 @@ fn start<'s, 'e>(
         {
             let _ = writeln!(&conn, "{reply}");
         }
-    });
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("obd-control".into())
+        .spawn_scoped(s, serve)
+    {
+        // The connection is closed with the closure: no reply.
+        tracing::error!("obd device service: cannot start a thread for a request: {e}");
+    }
 }
 
 /// Answers `conn` with an error, without blocking, and closes it.
