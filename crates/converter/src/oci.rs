@@ -133,7 +133,7 @@ impl OciLayout {
 
     fn index(&self) -> Result<Index> {
         let p = self.dir.join("index.json");
-        let b = fs::read(&p).map_err(|e| Error::file(&p, e))?;
+        let b = overlaybd_core::regular::read_config(&p)?;
         serde_json::from_slice(&b).map_err(|e| Error::Json {
             what: p.display().to_string(),
             error: e,
@@ -196,8 +196,7 @@ impl ImageSource for OciLayout {
 
     fn open_blob(&self, digest: &str) -> Result<Box<dyn Read + Send>> {
         let p = self.blob(digest)?;
-        let f = File::open(&p).map_err(|e| Error::file(&p, e))?;
-        Ok(Box::new(f))
+        Ok(Box::new(overlaybd_core::regular::open(&p)?))
     }
 }
 
@@ -255,5 +254,38 @@ mod tests {
         let l = OciLayout::parse("oci:rel/dir").unwrap();
         assert_eq!(l.tag, None);
         assert!(OciLayout::parse("docker://x/y").is_err());
+    }
+
+    #[test]
+    fn an_index_or_blob_that_is_not_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = OciLayout {
+            dir: dir.path().to_owned(),
+            tag: None,
+        };
+        fixtures::procs::mkfifo(&dir.path().join("index.json"));
+        let e = l.root().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}/index.json: not a regular file but a FIFO",
+                dir.path().display()
+            )
+        );
+        let hex = "0".repeat(64);
+        std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
+        fixtures::procs::mkfifo(&dir.path().join("blobs/sha256").join(&hex));
+        let e = l
+            .open_blob(&format!("sha256:{hex}"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}/blobs/sha256/{hex}: not a regular file but a FIFO",
+                dir.path().display()
+            )
+        );
     }
 }

@@ -7,9 +7,12 @@
 //! - [`state`]: the per-device records under `<root>/devices/<id>/`.
 //! - [`mount`]: mkfs, mount and unmount of a device's filesystem.
 //! - [`worker`]: the process that serves one device.
-//! - [`service`]: the control socket, attach/detach/list, and reconciliation.
+//! - [`service`]: attach/detach/list over the control socket, and reconciliation.
+//! - [`control`]: the control socket's transport: permissions, request size
+//!   and time limits, bounded concurrency.
 
 pub mod backend;
+pub mod control;
 pub mod mount;
 pub mod open;
 pub mod service;

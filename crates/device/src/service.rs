@@ -1,5 +1,7 @@
 //! The device service: a control socket (`<root>/obd.sock`, one JSON request
-//! and one JSON reply per connection), worker processes, and reconciliation.
+//! line and one JSON reply line per connection; who may connect and the
+//! bounds on clients are [`crate::control`]'s), worker processes, and
+//! reconciliation.
 //!
 //! Requests: `{"op":"attach","config":…,"frontend":…,"mountpoint":…,"id":…}`,
 //! `{"op":"detach","device":<id, /dev path or mount point>}`, `{"op":"list"}`,
@@ -11,7 +13,7 @@
 //! whose workers are alive and cleans up the rest.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use zfile::sync::MutexExt;
 
+use crate::control::{self, Limits};
 use crate::state::{check_id, worker_alive, DeviceRecord, Request, Root};
 use crate::{mount, Error, Result};
 
@@ -28,7 +31,7 @@ use crate::{mount, Error, Result};
 const DETACH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A control request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Op {
     /// Attach an image.
@@ -70,6 +73,7 @@ pub struct Service {
     root: Root,
     worker_cmd: Vec<String>,
     lock: Mutex<()>,
+    limits: Limits,
 }
 
 impl Service {
@@ -80,7 +84,13 @@ impl Service {
             root,
             worker_cmd,
             lock: Mutex::new(()),
+            limits: Limits::default(),
         }
+    }
+
+    /// The same service with other bounds on control-socket clients.
+    pub fn with_limits(self, limits: Limits) -> Self {
+        Service { limits, ..self }
     }
 
     /// Adopts devices whose workers are alive; cleans up and removes the rest.
@@ -130,36 +140,20 @@ impl Service {
             "obd device service: root {}, adopted {adopted:?}, cleaned up {cleaned:?}",
             dir.display()
         );
-        let listener = UnixListener::bind(&sock)
-            .map_err(|e| Error::io(format!("binding {}", sock.display()), e))?;
+        let listener = control::bind(&sock)?;
+        let owner = control::socket_owner(&sock)?;
         tracing::info!("obd device service: listening on {}", sock.display());
-        std::thread::scope(|s| {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(c) => {
-                        s.spawn(move || self.handle(c));
-                    }
-                    Err(e) => tracing::warn!("obd device service: accept: {e}"),
-                }
-            }
-        });
-        Ok(())
+        control::serve(&listener, owner, self.limits, &|line| self.answer(line))
     }
 
-    fn handle(&self, conn: UnixStream) {
-        let mut line = String::new();
-        let mut r = BufReader::new(&conn);
-        let reply = match r.read_line(&mut line) {
-            Ok(_) => match serde_json::from_str::<Op>(&line) {
-                Ok(op) => self
-                    .dispatch(op)
-                    .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()})),
-                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
-            },
-            Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
-        };
-        let mut w = &conn;
-        let _ = writeln!(w, "{reply}");
+    /// The reply to one request line.
+    pub fn answer(&self, line: &[u8]) -> Value {
+        match control::parse_request(line) {
+            Ok(op) => self
+                .dispatch(op)
+                .unwrap_or_else(|e| control::error_reply(&e.to_string())),
+            Err(e) => control::error_reply(&e),
+        }
     }
 
     /// Runs one request.
@@ -471,12 +465,17 @@ pub fn call(root: &Root, op: &Op) -> Result<Value> {
         ))
     })?;
     let mut w = &conn;
-    writeln!(w, "{}", serde_json::to_string(op).expect("serializable"))
-        .map_err(|e| svc(format!("sending: {e}")))?;
+    let sent = writeln!(w, "{}", serde_json::to_string(op).expect("serializable"));
+    // A service that refuses the connection (permissions, busy) replies and
+    // closes without reading: its reply says more than the failed send.
     let mut line = String::new();
-    BufReader::new(&conn)
-        .read_line(&mut line)
-        .map_err(|e| svc(format!("reading the reply: {e}")))?;
+    let read = BufReader::new(&conn).read_line(&mut line);
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) => return Err(svc(format!("sending: {e}"))),
+        (Ok(()), Err(e)) => return Err(svc(format!("reading the reply: {e}"))),
+        (Ok(()), Ok(_)) => return Err(svc("closed without a reply".into())),
+    }
     let v: Value =
         serde_json::from_str(&line).map_err(|e| svc(format!("bad reply {line:?}: {e}")))?;
     if v["ok"] == json!(true) {

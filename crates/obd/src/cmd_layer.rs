@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use overlaybd_core::image::Layer;
 use overlaybd_core::lsmt::{self, CommitOptions, CreateOptions, RoLayer, Uuid, WritableLayer};
-use overlaybd_core::source::{self, Blob};
+use overlaybd_core::source::{self, Blob, Nesting};
 use overlaybd_core::tar::TarWriter;
 use serde_json::json;
 use zfile::{FileSource, ReadAt};
@@ -112,12 +112,17 @@ pub enum LayerCmd {
         entries: bool,
     },
     /// Check a layer file: every reader rule, every ZFile CRC, every data read.
+    /// Says what was checked and what was not: a raw (uncompressed) LSMT file
+    /// has no checksums, so its changed data bytes cannot be detected.
     Verify {
         /// Layer file (any nesting).
         file: PathBuf,
         /// Also apply every rule upstream's writers follow, for a shippable layer.
         #[arg(long)]
         strict: bool,
+        /// Print JSON (with `checked` and `not_checked` lists) instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -132,7 +137,8 @@ fn parse_uuid(s: &Option<String>, what: &str) -> Result<Option<Uuid>> {
 }
 
 fn open_blob(path: &Path) -> Result<Blob> {
-    Ok(Arc::new(FileSource::open(path).with_context(|| {
+    let file = overlaybd_core::regular::open(path)?;
+    Ok(Arc::new(FileSource::new(file).with_context(|| {
         format!("cannot open {}", path.display())
     })?))
 }
@@ -189,7 +195,7 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
             json,
             entries,
         } => info(&file, json, entries),
-        LayerCmd::Verify { file, strict } => verify(&file, strict),
+        LayerCmd::Verify { file, strict, json } => verify(&file, strict, json),
     }
 }
 
@@ -373,20 +379,65 @@ fn info(file: &Path, json: bool, entries: bool) -> Result<()> {
     Ok(())
 }
 
-fn verify(file: &Path, strict: bool) -> Result<()> {
+/// `obd layer verify`: checks everything the layer's format lets be checked
+/// and reports, item by item, what was checked and what the format gives no
+/// way to check (a raw LSMT file has no checksums: changed data bytes read
+/// back as valid data).
+fn verify(file: &Path, strict: bool, json: bool) -> Result<()> {
     let name = file.display().to_string();
     let dec = source::decode(open_blob(file)?).with_context(|| name.clone())?;
-    let mut notes = vec![format!("nesting {}", dec.nesting)];
+    let (mut checked, mut not_checked) = (Vec::<String>::new(), Vec::<String>::new());
+    let mut note = |ok: bool, what: String| {
+        if ok {
+            checked.push(what)
+        } else {
+            not_checked.push(what)
+        }
+    };
+    if matches!(dec.nesting, Nesting::Tar | Nesting::TarZFile) {
+        note(true, "tar wrapper header checksum".into());
+    }
+    let mut data_checksummed = false;
     if let Some(z) = &dec.zfile {
         let r = z.verify().with_context(|| format!("{name}: ZFile"))?;
-        notes.push(format!("{} ZFile blocks CRC-checked", r.blocks));
+        let present = |ok: bool| if ok { "" } else { ": absent from the file" };
+        note(
+            r.header_digest_checked,
+            format!("ZFile header digest{}", present(r.header_digest_checked)),
+        );
+        note(
+            r.trailer_digest_checked,
+            format!("ZFile trailer digest{}", present(r.trailer_digest_checked)),
+        );
+        note(
+            r.index_crc_checked,
+            format!("ZFile jump table CRC{}", present(r.index_crc_checked)),
+        );
+        data_checksummed = r.block_crcs_checked;
+        note(
+            r.block_crcs_checked,
+            if r.block_crcs_checked {
+                format!(
+                    "ZFile block CRC-32C of all {} blocks ({} stored), covering the LSMT file: header, index and data",
+                    r.blocks,
+                    human(r.compressed_bytes)
+                )
+            } else {
+                "ZFile block data: the file stores no block CRCs (verify = 0)".into()
+            },
+        );
         if strict {
             if let Err(v) = zfile::validate_strict(z) {
                 bail!("{name}: ZFile breaks upstream rules:\n  {}", v.join("\n  "));
             }
+            note(true, "strict ZFile rules ok".into());
         }
     }
     let ro = RoLayer::open(dec.lsmt.clone()).with_context(|| name.clone())?;
+    note(
+        true,
+        "LSMT header, trailer and index against the reader's rules (magic, flags, sizes, entry order and ranges)".into(),
+    );
     // Read every mapped byte once: catches data that cannot be decoded.
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
@@ -401,16 +452,57 @@ fn verify(file: &Path, strict: bool) -> Result<()> {
             bytes += n as u64;
         }
     }
-    notes.push(format!(
-        "{} entries, {} of data read",
-        ro.segments().len(),
-        human(bytes)
-    ));
+    note(
+        true,
+        format!(
+            "every mapped data byte read ({} entries, {})",
+            ro.segments().len(),
+            human(bytes)
+        ),
+    );
+    if !data_checksummed {
+        note(
+            false,
+            "LSMT data and index contents: not checksummed by the format (raw LSMT), so changed bytes cannot be detected".into(),
+        );
+    }
     if strict {
         let rep = lsmt::validate_strict(&ro)
             .with_context(|| format!("{name}: LSMT breaks upstream rules"))?;
-        notes.push(format!("strict LSMT rules ok ({rep:?})"));
+        note(true, format!("strict LSMT rules ok ({rep:?})"));
+    } else {
+        note(false, "upstream writer rules (use --strict)".into());
     }
-    println!("{name}: OK ({})", notes.join("; "));
+    if json {
+        let v = json!({
+            "file": name,
+            "ok": true,
+            "nesting": dec.nesting.to_string(),
+            "entries": ro.segments().len(),
+            "data_bytes_read": bytes,
+            "data_checksummed": data_checksummed,
+            "checked": checked,
+            "not_checked": not_checked,
+        });
+        crate::util::print_object(&v, true);
+        return Ok(());
+    }
+    let caveat = if data_checksummed {
+        ""
+    } else {
+        "; data not checksummed by the format"
+    };
+    println!(
+        "{name}: OK (nesting {}; {} entries, {} of data read{caveat})",
+        dec.nesting,
+        ro.segments().len(),
+        human(bytes)
+    );
+    for c in &checked {
+        println!("  checked: {c}");
+    }
+    for c in &not_checked {
+        println!("  not checked: {c}");
+    }
     Ok(())
 }

@@ -97,9 +97,9 @@ pub fn default_threads() -> usize {
 
 /// Opens a ZFile, peeling a tar wrapper if there is one.
 pub fn open_zfile(path: &Path) -> Result<(ZFileReader<Blob>, Option<u64>)> {
-    let src: Arc<dyn ReadAt> = Arc::new(
-        FileSource::open(path).with_context(|| format!("cannot open {}", path.display()))?,
-    );
+    let file = overlaybd_core::regular::open(path)?;
+    let src: Arc<dyn ReadAt> =
+        Arc::new(FileSource::new(file).with_context(|| format!("cannot open {}", path.display()))?);
     let payload = tar::detect(&*src).with_context(|| format!("{}", path.display()))?;
     let (inner, tar_off): (Arc<dyn ReadAt>, Option<u64>) = match payload {
         Some(p) => (Arc::new(Window::new(src, p.offset, p.size)), Some(p.offset)),

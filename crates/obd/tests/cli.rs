@@ -181,6 +181,127 @@ fn layer_create_write_discard_commit_verify_and_stack() {
     assert!(flatten(d, &cfg, "disk3.img") == model);
 }
 
+/// Flips one byte of `file` at `at`.
+fn flip(file: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+}
+
+#[test]
+fn layer_verify_says_what_the_format_cannot_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("in.bin"), fixtures::image_like(4, 1 << 20)).unwrap();
+    layer(d, "create", &["--vsize", "4M"], &["l.data", "l.index"]);
+    layer(
+        d,
+        "write",
+        &["--offset", "0"],
+        &["l.data", "l.index", "in.bin"],
+    );
+    layer(d, "commit", &[], &["l.data", "l.index", "raw.lsmt"]);
+    layer(d, "commit", &["--zfile"], &["l.data", "l.index", "z.zfile"]);
+    const RAW_GAP: &str = "LSMT data and index contents: not checksummed by the format (raw LSMT), so changed bytes cannot be detected";
+
+    // Raw LSMT: a changed data byte (the data area starts at 4 KiB) still
+    // verifies, and verify says that it could not have noticed.
+    flip(&d.join("raw.lsmt"), 4096 + 100);
+    let text = layer(d, "verify", &[], &["raw.lsmt"]);
+    let first = text.lines().next().unwrap();
+    assert!(
+        first.ends_with("raw.lsmt: OK (nesting lsmt; 1 entries, 1.00 MiB of data read; data not checksummed by the format)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\n  not checked: {RAW_GAP}\n")),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&layer(d, "verify", &["--json"], &["raw.lsmt"])).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["nesting"], "lsmt");
+    assert_eq!(v["data_checksummed"], false);
+    assert_eq!(v["data_bytes_read"], 1 << 20);
+    assert_eq!(
+        v["not_checked"],
+        serde_json::json!([RAW_GAP, "upstream writer rules (use --strict)"])
+    );
+    assert_eq!(
+        v["checked"],
+        serde_json::json!([
+            "LSMT header, trailer and index against the reader's rules (magic, flags, sizes, entry order and ranges)",
+            "every mapped data byte read (1 entries, 1.00 MiB)"
+        ])
+    );
+
+    // ZFile: block CRCs cover the LSMT file, so nothing of it goes unchecked,
+    // and the same change is caught.
+    let v: serde_json::Value =
+        serde_json::from_str(&layer(d, "verify", &["--json", "--strict"], &["z.zfile"])).unwrap();
+    assert_eq!(v["data_checksummed"], true);
+    let not_checked = v["not_checked"].as_array().unwrap();
+    assert!(
+        !not_checked
+            .iter()
+            .any(|c| c.as_str().unwrap().starts_with("LSMT")),
+        "{v}"
+    );
+    assert!(
+        v["checked"].as_array().unwrap().iter().any(|c| c
+            .as_str()
+            .unwrap()
+            .starts_with("ZFile block CRC-32C of all 259 blocks")),
+        "{v}"
+    );
+    flip(&d.join("z.zfile"), 4096 + 100);
+    let err = fails(&["layer", "verify", s(&d.join("z.zfile"))]);
+    assert!(
+        err.contains("z.zfile: ZFile: block ") && err.contains(": CRC mismatch (stored 0x"),
+        "{err}"
+    );
+}
+
+#[test]
+fn configs_and_layers_that_are_not_files_fail_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    fixtures::procs::mkfifo(&fifo);
+    let cfg = dir.path().join("config.v1.json");
+    std::fs::write(&cfg, format!(r#"{{"lowers":[{{"file":"{}"}}]}}"#, s(&fifo))).unwrap();
+    for (args, want) in [
+        (
+            vec!["image", "info", "--config", "/dev/zero"],
+            "obd: error: /dev/zero: not a regular file but a character device".to_string(),
+        ),
+        (
+            vec!["image", "info", "--config", s(&fifo)],
+            format!("obd: error: {}: not a regular file but a FIFO", s(&fifo)),
+        ),
+        (
+            vec!["image", "info", "--config", s(&cfg)],
+            format!(
+                "obd: error: {}: layer 0 ({f}): {f}: not a regular file but a FIFO",
+                s(&cfg),
+                f = s(&fifo)
+            ),
+        ),
+        (
+            vec!["layer", "verify", s(&fifo)],
+            format!("obd: error: {}: not a regular file but a FIFO", s(&fifo)),
+        ),
+    ] {
+        let err = fails(&args);
+        assert_eq!(err.trim_end(), want, "{args:?}");
+    }
+}
+
 #[test]
 fn bad_input_fails_cleanly_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -147,10 +147,11 @@ impl ImageConfig {
         Ok(cfg)
     }
 
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file: a regular file of at most
+    /// [`crate::regular::MAX_CONFIG_SIZE`] bytes.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::Io(e).in_file(path))?;
+        let bytes = crate::regular::read_config(path)?;
         Self::from_slice(&bytes).map_err(|e| e.in_file(path))
     }
 

@@ -208,6 +208,24 @@ pub enum Error {
         detail: String,
     },
 
+    /// A path that must name a regular file names something else.
+    #[error("not a regular file but a {kind}")]
+    NotRegularFile {
+        /// "FIFO", "character device", "directory", ...
+        kind: &'static str,
+    },
+
+    /// A file read whole is larger than files of its kind may be.
+    #[error("{size} bytes; a {what} may hold at most {max}")]
+    FileTooLarge {
+        /// The kind of file, e.g. "configuration file".
+        what: &'static str,
+        /// Its size (or the bytes read before giving up).
+        size: u64,
+        /// The cap.
+        max: u64,
+    },
+
     /// A feature the format defines but this build does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -242,6 +260,16 @@ impl Error {
             index,
             name: name.into(),
             inner: Box::new(self),
+        }
+    }
+
+    /// The kind of the I/O error under the file and layer wrappers, if the
+    /// error is one (e.g. to treat a missing optional file as absent).
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            Error::Io(e) => Some(e.kind()),
+            Error::InFile { inner, .. } | Error::InLayer { inner, .. } => inner.io_kind(),
+            _ => None,
         }
     }
 

@@ -196,7 +196,7 @@ impl Image {
             .unwrap_or(0);
         if let Some(u) = &frozen_top {
             segs.push(u.segments());
-            let data = zfile::FileSource::open(u.data_path())
+            let data = zfile::FileSource::new(crate::regular::open(u.data_path())?)
                 .map_err(|e| Error::Io(e).in_file(u.data_path()))?;
             backing.push(Arc::new(data));
             if u.virtual_size() != 0 {
@@ -502,7 +502,7 @@ impl Image {
         let upper_data = match &self.upper {
             Some(u) => {
                 let path = u.read_locked().data_path().to_owned();
-                Some(File::open(&path).map_err(|e| Error::Io(e).in_file(&path))?)
+                Some(crate::regular::open(&path)?)
             }
             None => None,
         };

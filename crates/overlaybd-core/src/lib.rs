@@ -13,5 +13,6 @@ pub use zfile::{FileSource, ReadAt, Window};
 pub mod config;
 pub mod image;
 pub mod index;
+pub mod regular;
 pub mod source;
 pub mod tar;

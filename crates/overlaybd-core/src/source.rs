@@ -92,7 +92,8 @@ impl LayerSource for LocalFiles {
             }
             return Ok(None);
         };
-        let src = FileSource::open(&path).map_err(|e| Error::Io(e).in_file(&path))?;
+        let file = crate::regular::open(&path)?;
+        let src = FileSource::new(file).map_err(|e| Error::Io(e).in_file(&path))?;
         Ok(Some(OpenedBlob {
             name: path.display().to_string(),
             blob: Arc::new(src),

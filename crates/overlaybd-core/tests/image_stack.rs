@@ -218,3 +218,95 @@ fn garbage_blob_is_a_typed_error() {
         .to_string();
     assert!(err.contains("layer 0 (junk)"), "{err}");
 }
+
+/// The innermost error of a chain of `InFile`/`InLayer` wrappers, with the
+/// files the wrappers named, outermost first.
+fn innermost(e: overlaybd_core::Error) -> (Vec<std::path::PathBuf>, overlaybd_core::Error) {
+    use overlaybd_core::Error;
+    let mut files = Vec::new();
+    let mut e = e;
+    loop {
+        e = match e {
+            Error::InFile { path, inner } => {
+                files.push(path);
+                *inner
+            }
+            Error::InLayer { inner, .. } => *inner,
+            other => return (files, other),
+        }
+    }
+}
+
+#[test]
+fn configs_lowers_and_uppers_that_are_not_regular_files_are_refused() {
+    use overlaybd_core::Error;
+    // /dev/zero as the config: refused before a byte is read.
+    let (files, e) = innermost(Image::open_config_file("/dev/zero").err().unwrap());
+    assert_eq!(files, [std::path::PathBuf::from("/dev/zero")]);
+    assert!(
+        matches!(
+            e,
+            Error::NotRegularFile {
+                kind: "character device"
+            }
+        ),
+        "{e:?}"
+    );
+
+    // A FIFO as the config: refused, not waited on.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    fixtures::procs::mkfifo(&fifo);
+    let (files, e) = innermost(Image::open_config_file(&fifo).err().unwrap());
+    assert_eq!(files, [fifo.as_path()]);
+    assert!(matches!(e, Error::NotRegularFile { kind: "FIFO" }), "{e:?}");
+
+    // A FIFO or a device as a lower: the error names the config and the lower.
+    let cfg = dir.path().join("config.v1.json");
+    for (lower, kind) in [
+        (fifo.to_str().unwrap(), "FIFO"),
+        ("/dev/zero", "character device"),
+    ] {
+        std::fs::write(&cfg, format!(r#"{{"lowers":[{{"file":"{lower}"}}]}}"#)).unwrap();
+        let err = Image::open_config_file(&cfg).err().unwrap();
+        let msg = err.to_string();
+        let (files, e) = innermost(err);
+        assert_eq!(
+            files,
+            [cfg.clone(), std::path::PathBuf::from(lower)],
+            "{msg}"
+        );
+        assert!(
+            matches!(e, Error::NotRegularFile { kind: k } if k == kind),
+            "{e:?}"
+        );
+        assert!(msg.contains("layer 0"), "{msg}");
+    }
+
+    // A FIFO as the writable upper's index.
+    let data = dir.path().join("upper.data");
+    WritableLayer::create(
+        &data,
+        dir.path().join("upper.index0"),
+        CreateOptions::default(),
+    )
+    .unwrap();
+    let err = WritableLayer::open(&data, &fifo).err().unwrap();
+    let (files, e) = innermost(err);
+    assert_eq!(files, [fifo.as_path()]);
+    assert!(matches!(e, Error::NotRegularFile { kind: "FIFO" }), "{e:?}");
+
+    // A config over the cap is refused by size.
+    let big = dir.path().join("big.json");
+    File::create(&big)
+        .unwrap()
+        .set_len(overlaybd_core::regular::MAX_CONFIG_SIZE + 1)
+        .unwrap();
+    let (files, e) = innermost(Image::open_config_file(&big).err().unwrap());
+    assert_eq!(files, [big.as_path()]);
+    assert!(
+        matches!(e, Error::FileTooLarge { size, max, .. }
+            if size == max + 1 && max == 16 << 20),
+        "{e:?}"
+    );
+}

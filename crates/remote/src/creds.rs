@@ -242,12 +242,15 @@ impl DockerConfig {
         serde_json::from_str(text).map_err(|e| cred_err(format!("bad credential JSON: {e}")))
     }
 
-    /// Reads a config file; a missing file is an empty config.
+    /// Reads a config file (a regular file of at most
+    /// [`overlaybd_core::regular::MAX_CONFIG_SIZE`] bytes); a missing file is
+    /// an empty config.
     pub fn load(path: &Path) -> Result<Self> {
-        match std::fs::read_to_string(path) {
+        use overlaybd_core::regular;
+        match regular::read_to_string(path, regular::MAX_CONFIG_SIZE, "credentials file") {
             Ok(t) => Self::parse(&t).map_err(|e| e.in_file(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(Error::Io(e).in_file(path)),
+            Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => Ok(Self::default()),
+            Err(e) => Err(e),
         }
     }
 
@@ -399,6 +402,12 @@ impl CredentialSource for FileCredentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_file_is_empty() {
+        let c = DockerConfig::load(Path::new("/nonexistent/obd/config.json")).unwrap();
+        assert!(c.auths.0.is_empty());
+    }
 
     #[test]
     fn key_normalisation() {

@@ -547,7 +547,7 @@ fn ensure_crypto_provider() {
 
 /// The certificates of a host's `ca_file`; a config error names the host.
 fn load_ca(host: &str, ca: &std::path::Path) -> Result<Vec<Certificate>> {
-    let pem = std::fs::read(ca).map_err(|e| Error::Io(e).in_file(ca))?;
+    let pem = overlaybd_core::regular::read_config(ca)?;
     let bad = |detail: String| Error::ServiceConfig {
         field: format!("hosts.{host}.ca_file"),
         detail,

@@ -259,9 +259,11 @@ impl ServiceConfig {
         })
     }
 
-    /// Reads a TOML file.
+    /// Reads a TOML file (a regular file of at most
+    /// [`overlaybd_core::regular::MAX_CONFIG_SIZE`] bytes).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io(e).in_file(path))?;
+        use overlaybd_core::regular;
+        let text = regular::read_to_string(path, regular::MAX_CONFIG_SIZE, "service config")?;
         Self::from_toml(&text).map_err(|e| e.in_file(path))
     }
 }
@@ -404,6 +406,32 @@ impl LayerSource for RegistrySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_and_credential_configs_that_are_not_files_are_refused() {
+        let zero = Path::new("/dev/zero");
+        let errs = [
+            ServiceConfig::load(zero).map(drop),
+            crate::creds::DockerConfig::load(zero).map(drop),
+        ];
+        for e in errs {
+            match e.unwrap_err() {
+                Error::InFile { path, inner } => {
+                    assert_eq!(path, zero);
+                    assert!(
+                        matches!(
+                            *inner,
+                            Error::NotRegularFile {
+                                kind: "character device"
+                            }
+                        ),
+                        "{inner:?}"
+                    );
+                }
+                e => panic!("{e:?}"),
+            }
+        }
+    }
 
     #[test]
     fn empty_toml_gives_documented_defaults() {

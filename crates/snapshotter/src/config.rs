@@ -111,12 +111,19 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads a TOML file.
+    /// Reads a TOML file (a regular file of at most
+    /// [`overlaybd_core::regular::MAX_CONFIG_SIZE`] bytes).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            path: path.into(),
-            msg: e.to_string(),
-        })?;
+        use overlaybd_core::regular;
+        let text = regular::read_to_string(path, regular::MAX_CONFIG_SIZE, "snapshotter config")
+            .map_err(|e| Error::Config {
+                path: path.into(),
+                // The message names the path already.
+                msg: match e {
+                    overlaybd_core::Error::InFile { inner, .. } => inner.to_string(),
+                    e => e.to_string(),
+                },
+            })?;
         Self::parse(&text).map_err(|msg| Error::Config {
             path: path.into(),
             msg,

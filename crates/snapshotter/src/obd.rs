@@ -76,7 +76,7 @@ pub fn repo_blob_url(image_ref: &str) -> Result<String> {
 fn looks_like_layer(f: &Path) -> bool {
     use std::io::Read;
     let mut b = [0u8; 24];
-    let Ok(mut file) = std::fs::File::open(f) else {
+    let Ok(mut file) = overlaybd_core::regular::open(f) else {
         return false;
     };
     if file.read_exact(&mut b).is_err() {

@@ -22,6 +22,10 @@ pub const RECORD_SIZE: usize = 24;
 /// Largest `count` a writer may store: upstream replays each record into a
 /// 1 MiB buffer without checking.
 pub const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+/// Largest trace file read: 256 MiB, about 11 million records (a container
+/// start makes thousands of reads).
+pub const MAX_TRACE_SIZE: u64 = 256 << 20;
 /// The read op (`'R'`); the only one recorded.
 pub const OP_READ: u8 = b'R';
 /// The write op (`'W'`): defined upstream, never recorded.
@@ -136,10 +140,12 @@ impl Trace {
         Ok(Trace { records })
     }
 
-    /// Reads and parses the trace file at `path`; errors name it.
+    /// Reads and parses the trace file at `path` (a regular file of at most
+    /// [`MAX_TRACE_SIZE`] bytes); errors name it.
     pub fn read_file(path: impl AsRef<Path>) -> Result<Trace> {
         let path = path.as_ref();
-        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let data = overlaybd_core::regular::read(path, MAX_TRACE_SIZE, "trace file")
+            .map_err(Error::File)?;
         Trace::parse(&data).map_err(|e| e.in_file(path))
     }
 

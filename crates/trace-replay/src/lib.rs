@@ -21,7 +21,9 @@ pub mod priority;
 pub mod recorder;
 pub mod replay;
 
-pub use format::{Record, Trace, HEADER_SIZE, MAGIC, MAX_RECORD_BYTES, RECORD_SIZE};
+pub use format::{
+    Record, Trace, HEADER_SIZE, MAGIC, MAX_RECORD_BYTES, MAX_TRACE_SIZE, RECORD_SIZE,
+};
 pub use mode::{detect_mode, parse_priority_list, Mode, PriorityEntry, MAX_PRIORITY_LIST};
 pub use recorder::{Recorder, RecorderWatch};
 pub use replay::{plan, plan_by_offset, replay, Order, ReplayOptions, ReplayReport, Request};
@@ -79,6 +81,10 @@ pub enum Error {
         /// The cause.
         cause: std::io::Error,
     },
+    /// The file cannot be read as a trace or list: not a regular file, or
+    /// larger than the cap. The error names the file.
+    #[error("{0}")]
+    File(overlaybd_core::Error),
     /// A trace file error, with the file it came from.
     #[error("{path}: {cause}")]
     InFile {
@@ -99,7 +105,7 @@ impl Error {
 
     pub(crate) fn in_file(self, path: impl Into<PathBuf>) -> Self {
         match self {
-            e @ (Error::Io { .. } | Error::InFile { .. }) => e,
+            e @ (Error::Io { .. } | Error::InFile { .. } | Error::File(_)) => e,
             e => Error::InFile {
                 path: path.into(),
                 cause: Box::new(e),

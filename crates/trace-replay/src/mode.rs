@@ -24,13 +24,14 @@ pub enum Mode {
 
 /// Looks at the file at `path`: missing → [`Mode::Disabled`], empty →
 /// [`Mode::Record`], ≥ 24 bytes starting with the magic → [`Mode::Replay`],
-/// anything else → [`Mode::PriorityList`]. Reads at most 24 bytes.
+/// anything else → [`Mode::PriorityList`]. Reads at most 24 bytes; a path
+/// that is not a regular file is an error ([`Error::File`]).
 pub fn detect_mode(path: impl AsRef<Path>) -> Result<Mode> {
     let path = path.as_ref();
-    let mut f = match std::fs::File::open(path) {
+    let mut f = match overlaybd_core::regular::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Mode::Disabled),
-        Err(e) => return Err(Error::io(path, e)),
+        Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => return Ok(Mode::Disabled),
+        Err(e) => return Err(Error::File(e)),
     };
     let mut head = Vec::with_capacity(HEADER_SIZE);
     (&mut f)
@@ -110,7 +111,7 @@ pub fn parse_priority_list(data: &[u8]) -> Result<Vec<PriorityEntry>> {
 /// Reads and parses the priority list at `path` (at most 64 KiB are read).
 pub fn read_priority_list(path: impl AsRef<Path>) -> Result<Vec<PriorityEntry>> {
     let path = path.as_ref();
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = overlaybd_core::regular::open(path).map_err(Error::File)?;
     let mut data = Vec::new();
     f.take(MAX_PRIORITY_LIST + 1)
         .read_to_end(&mut data)
@@ -122,6 +123,32 @@ pub fn read_priority_list(path: impl AsRef<Path>) -> Result<Vec<PriorityEntry>> 
 mod tests {
     use super::*;
     use crate::format::Trace;
+
+    #[test]
+    fn a_fifo_or_device_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("trace");
+        fixtures::procs::mkfifo(&fifo);
+        let not_regular = |e: Error, want: &Path, kind: &str| match e {
+            Error::File(overlaybd_core::Error::InFile { path, inner }) => {
+                assert_eq!(path, want);
+                assert!(
+                    matches!(*inner, overlaybd_core::Error::NotRegularFile { kind: k } if k == kind),
+                    "{inner:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        };
+        not_regular(detect_mode(&fifo).unwrap_err(), &fifo, "FIFO");
+        not_regular(read_priority_list(&fifo).unwrap_err(), &fifo, "FIFO");
+        not_regular(Trace::read_file(&fifo).unwrap_err(), &fifo, "FIFO");
+        let zero = Path::new("/dev/zero");
+        not_regular(
+            Trace::read_file(zero).unwrap_err(),
+            zero,
+            "character device",
+        );
+    }
 
     #[test]
     fn modes_follow_the_file() {

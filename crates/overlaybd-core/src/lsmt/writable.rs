@@ -127,13 +127,14 @@ impl WritableLayer {
     ) -> Result<WritableLayer> {
         let (data_path, index_path) = (data_path.as_ref(), index_path.as_ref());
         let open = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(p)
-                .in_file(p)
+            crate::regular::open_with(
+                p,
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true),
+            )
         };
         let data = open(data_path)?;
         let index = open(index_path)?;
@@ -165,9 +166,8 @@ impl WritableLayer {
         index_path: impl AsRef<Path>,
     ) -> Result<WritableLayer> {
         let (data_path, index_path) = (data_path.as_ref(), index_path.as_ref());
-        let open = |p: &Path| OpenOptions::new().read(true).write(true).open(p).in_file(p);
-        let data = open(data_path)?;
-        let index = open(index_path)?;
+        let data = crate::regular::open_rw(data_path)?;
+        let index = crate::regular::open_rw(index_path)?;
 
         let header = read_header_block(&data, "header").in_file(data_path)?;
         let flag_err = |what: &'static str, detail: String| Error::BadField {
