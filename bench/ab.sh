@@ -2,7 +2,8 @@
 # A/B of two obd builds on the `obd bench` figures, interleaved in one run so
 # both see the same machine: bench/ab.sh OLD_OBD NEW_OBD [REPS] > results.jsonl
 # Each line: {"build": "old"|"new", "rep": N, "bench": NAME, "figures": {...}}.
-# Used for refactors that must not move the figures (issue 13).
+# Used for refactors that must not move the figures (issue 13). BENCHES="remote"
+# limits the run to some of index, zfile, read, remote.
 set -euo pipefail
 old=$1 new=$2 reps=${3:-3}
 run() { # build-name binary rep bench args...
@@ -12,11 +13,18 @@ run() { # build-name binary rep bench args...
   printf '{"build":"%s","rep":%d,"bench":"%s","figures":%s}\n' "$name" "$rep" "$bench" "$out"
 }
 for rep in $(seq 1 "$reps"); do
-  for pair in "old $old" "new $new"; do
+  # Alternate which build goes first, so neither always runs after the
+  # other's page-cache and writeback debris.
+  if (( rep % 2 )); then order=("old $old" "new $new"); else order=("new $new" "old $old"); fi
+  for pair in "${order[@]}"; do
     set -- $pair
-    run "$1" "$2" "$rep" index --seconds 1
-    run "$1" "$2" "$rep" zfile --size-mib 32 --seconds 1
-    run "$1" "$2" "$rep" read --size-mib 512 --zfile
-    run "$1" "$2" "$rep" remote --size-mib 256
+    for b in ${BENCHES:-index zfile read remote}; do
+      case $b in
+        index) run "$1" "$2" "$rep" index --seconds 1 ;;
+        zfile) run "$1" "$2" "$rep" zfile --size-mib 32 --seconds 1 ;;
+        read) run "$1" "$2" "$rep" read --size-mib 512 --zfile ;;
+        remote) run "$1" "$2" "$rep" remote --size-mib 256 ;;
+      esac
+    done
   done
 done

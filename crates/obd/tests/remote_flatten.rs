@@ -80,3 +80,66 @@ fn remote_lowers_flatten_to_the_local_digest_through_the_cache() {
     ]);
     assert!(info.contains("\"merged_segments\": 19"), "{info}");
 }
+
+/// Two images that share a base layer, flattened one after the other by two
+/// processes through one host-wide cache: the second fetches nothing of the
+/// base.
+#[test]
+fn a_second_image_fetches_nothing_of_a_shared_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = match Registry::start_logged(dir.path()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("SKIPPED: shared base test: {e}");
+            return;
+        }
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures::interop().join("manifest.json")).unwrap())
+            .unwrap();
+    let layers = manifest["stacks"][0]["layers"].as_array().unwrap();
+    let lower = |l: &serde_json::Value| {
+        let file = fixtures::interop().join(l["file"].as_str().unwrap());
+        let digest = l["digest"].as_str().unwrap();
+        reg.push("obd/shared", &file, digest).unwrap();
+        serde_json::json!({"digest": digest, "size": l["size"]})
+    };
+    // Image a is the base alone (its flatten reads all of it); image b
+    // stacks a layer on it.
+    let base = lower(&layers[0]);
+    let (a, b) = (vec![base.clone()], vec![base.clone(), lower(&layers[1])]);
+    let cache = dir.path().join("cache");
+    let blob_gets = |digest: &str| {
+        reg.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET ") && r.contains(digest))
+            .count()
+    };
+    let base_digest = base["digest"].as_str().unwrap().to_string();
+    for (name, lowers) in [("a", a), ("b", b)] {
+        let cfg = dir.path().join(format!("{name}.json"));
+        let doc = serde_json::json!({
+            "repoBlobUrl": reg.repo_blob_url("obd/shared"),
+            "lowers": lowers,
+        });
+        std::fs::write(&cfg, doc.to_string()).unwrap();
+        let before = blob_gets(&base_digest);
+        let out = dir.path().join(format!("{name}.img"));
+        obd(&[
+            "image",
+            "flatten",
+            "--config",
+            s(&cfg),
+            "-o",
+            s(&out),
+            "--cache-dir",
+            s(&cache),
+        ]);
+        let got = blob_gets(&base_digest) - before;
+        if name == "a" {
+            assert!(got > 0, "the first image read nothing of its base");
+        } else {
+            assert_eq!(got, 0, "the second image fetched its shared base again");
+        }
+    }
+}
