@@ -260,6 +260,7 @@ fn read_latencies(base: &Path, repo_url: &str, (digest, len): (String, u64)) -> 
         url: format!("{repo_url}/{digest}"),
         digest,
         size: len,
+        verity: None,
     };
     let mut rng = Rng::new(77);
     let offsets: Vec<u64> = (0..300).map(|_| rng.below(len / 4096) * 4096).collect();

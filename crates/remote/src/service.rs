@@ -7,6 +7,9 @@
 //! dir = "/var/lib/obd/cache"     # persistent block cache (one sparse file per blob)
 //! budget = 4294967296            # bytes of cached data across all blobs (LRU beyond)
 //! block_size = 65536             # presence/eviction granularity
+//! verify = "if-present"          # check fetched bytes against the layer's piece
+//!                                # table: "required" (no table: the layer does not
+//!                                # open), "if-present", or "off"
 //!
 //! [fetch]
 //! min_fetch = 262144             # every remote request covers whole multiples of this
@@ -48,8 +51,9 @@ use crate::download::{
 use crate::metrics::{MeteredFetcher, Metrics};
 use crate::registry::{RegistryClient, RegistryOptions};
 use crate::sched::Scheduler;
-use crate::{BlobRef, RangeFetcher};
-use overlaybd_core::config::{resolve, Download};
+use crate::verity::{self, PieceTable};
+use crate::{BlobRef, Priority, RangeFetcher};
+use overlaybd_core::config::{resolve, Download, Lower};
 use overlaybd_core::error::{Error, Result};
 use overlaybd_core::source::{LayerRef, LayerSource, OpenedBlob};
 
@@ -179,6 +183,9 @@ pub struct CacheSection {
     pub budget: u64,
     /// Presence/eviction granularity (power of two ≥ 4096). Default 64 KiB.
     pub block_size: u64,
+    /// Whether fetched bytes are checked against the layers' piece tables.
+    /// Default `if-present`.
+    pub verify: VerifyPolicy,
 }
 
 impl Default for CacheSection {
@@ -187,8 +194,23 @@ impl Default for CacheSection {
             dir: PathBuf::from(DEFAULT_CACHE_DIR),
             budget: DEFAULT_BUDGET,
             block_size: DEFAULT_BLOCK_SIZE,
+            verify: VerifyPolicy::default(),
         }
     }
+}
+
+/// `[cache] verify`: what a remote layer's piece table (`lowers[].verity`
+/// in `config.v1.json`) is used for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyPolicy {
+    /// A remote layer without a piece table does not open.
+    Required,
+    /// Layers with a table are checked; the others are read unchecked.
+    #[default]
+    IfPresent,
+    /// Nothing is checked; tables are not fetched.
+    Off,
 }
 
 /// `[fetch]`.
@@ -234,6 +256,7 @@ impl ServiceConfig {
 /// Remote lowers (`digest` + `repoBlobUrl`) read lazily from a registry through
 /// the persistent block cache.
 pub struct RegistrySource {
+    verify: VerifyPolicy,
     download: DownloadSection,
     downloads: Mutex<Vec<(String, DownloadHandle)>>,
     metrics: Metrics,
@@ -246,19 +269,28 @@ pub struct RegistrySource {
 impl RegistrySource {
     /// Builds the registry client, opens the cache and the scheduler.
     pub fn new(cfg: &ServiceConfig) -> Result<Self> {
-        let fetcher: Arc<dyn RangeFetcher> = Arc::new(RegistryClient::new(cfg.registry.clone())?);
-        Self::with_fetcher(cfg, fetcher)
+        let metrics = Metrics::new();
+        let client = RegistryClient::new(cfg.registry.clone())?.with_metrics(metrics.clone());
+        Self::with_parts(cfg, Arc::new(client), metrics)
     }
 
     /// Like [`RegistrySource::new`] with any fetcher (tests, custom transports).
     pub fn with_fetcher(cfg: &ServiceConfig, fetcher: Arc<dyn RangeFetcher>) -> Result<Self> {
-        let metrics = Metrics::new();
+        Self::with_parts(cfg, fetcher, Metrics::new())
+    }
+
+    fn with_parts(
+        cfg: &ServiceConfig,
+        fetcher: Arc<dyn RangeFetcher>,
+        metrics: Metrics,
+    ) -> Result<Self> {
         let fetcher: Arc<dyn RangeFetcher> =
             Arc::new(MeteredFetcher::new(fetcher, metrics.clone()));
         let mut copts = CacheOptions::new(&cfg.cache.dir);
         copts.budget = cfg.cache.budget;
         copts.block_size = cfg.cache.block_size;
         Ok(RegistrySource {
+            verify: cfg.cache.verify,
             download: cfg.download.clone(),
             downloads: Mutex::new(Vec::new()),
             metrics,
@@ -300,6 +332,69 @@ impl RegistrySource {
         self.metrics.cache_bytes.set(self.cache.usage() as i64);
         &self.metrics
     }
+
+    /// The piece table of remote lower `l` (`size` bytes) under the
+    /// `[cache] verify` policy: fetched from the image's repository, checked
+    /// whole against the config's digest, bounded by what a table of a blob
+    /// this size can be, and checked to describe this blob. A table the
+    /// config names but that cannot be had fails the open (never a silent
+    /// fall back to unchecked reads).
+    fn piece_table(
+        &self,
+        repo_blob_url: &str,
+        l: &Lower,
+        size: u64,
+    ) -> Result<Option<Arc<PieceTable>>> {
+        let bad = |detail: String| Error::Verify {
+            blob: l.digest.clone(),
+            detail,
+        };
+        let v = match (self.verify, &l.verity) {
+            (VerifyPolicy::Off, _) | (VerifyPolicy::IfPresent, None) => return Ok(None),
+            (VerifyPolicy::Required, None) => {
+                return Err(bad(
+                    "the layer has no piece table and the service config requires one ([cache] verify = \"required\")".into(),
+                ))
+            }
+            (_, Some(v)) => v,
+        };
+        let bound =
+            verity::encoded_len(size, 1 << verity::MIN_PIECE_SHIFT).min(verity::MAX_TABLE_SIZE);
+        if v.size > bound {
+            return Err(bad(format!(
+                "piece table {} is said to be {} bytes; a table of a {size}-byte blob has at most {bound}",
+                v.digest, v.size
+            )));
+        }
+        let url = format!("{repo_blob_url}/{}", v.digest);
+        let bytes = self
+            .fetcher
+            .fetch(
+                &BlobRef::new(url, v.digest.clone(), v.size),
+                0,
+                v.size,
+                Priority::Foreground,
+            )
+            .map_err(|e| bad(format!("fetching its piece table: {e}")))?;
+        let got = crate::oci::sha256_digest(&bytes);
+        if got != v.digest {
+            return Err(bad(format!(
+                "piece table blob {} has digest {got}",
+                v.digest
+            )));
+        }
+        let t = PieceTable::decode(&bytes)
+            .map_err(|e| bad(format!("piece table {}: {e}", v.digest)))?;
+        if t.blob_digest() != l.digest || t.blob_size() != size {
+            return Err(bad(format!(
+                "piece table {} describes blob {} ({} bytes), not this one ({size} bytes)",
+                v.digest,
+                t.blob_digest(),
+                t.blob_size()
+            )));
+        }
+        Ok(Some(Arc::new(t)))
+    }
 }
 
 impl LayerSource for RegistrySource {
@@ -314,17 +409,20 @@ impl LayerSource for RegistrySource {
                 detail: format!("needed to fetch remote layer {}", l.digest),
             });
         }
-        let url = format!("{}/{}", layer.repo_blob_url.trim_end_matches('/'), l.digest);
+        let repo = layer.repo_blob_url.trim_end_matches('/');
+        let url = format!("{repo}/{}", l.digest);
         let size = if l.size > 0 {
             l.size
         } else {
             self.fetcher.blob_size(&url)?
         };
+        let verity = self.piece_table(repo, l, size)?;
         let blob = Arc::new(RemoteBlob::new(
             BlobRef {
                 url,
                 digest: l.digest.clone(),
                 size,
+                verity,
             },
             self.fetcher.clone(),
             self.cache.clone(),
@@ -380,6 +478,16 @@ mod tests {
         assert_eq!(c.fetch.min_fetch, 256 << 10);
         assert_eq!(c.fetch.max_request, 4 << 20);
         assert_eq!(c.fetch.concurrency, 8);
+        assert_eq!(c.cache.verify, VerifyPolicy::IfPresent);
+        for (text, want) in [
+            ("required", VerifyPolicy::Required),
+            ("if-present", VerifyPolicy::IfPresent),
+            ("off", VerifyPolicy::Off),
+        ] {
+            let c = ServiceConfig::from_toml(&format!("[cache]\nverify = \"{text}\"")).unwrap();
+            assert_eq!(c.cache.verify, want);
+        }
+        assert!(ServiceConfig::from_toml("[cache]\nverify = \"sometimes\"").is_err());
     }
 
     #[test]
