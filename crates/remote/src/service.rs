@@ -53,7 +53,7 @@ use crate::registry::{RegistryClient, RegistryOptions};
 use crate::sched::Scheduler;
 use crate::verity::{self, PieceTable};
 use crate::{BlobRef, Priority, RangeFetcher};
-use overlaybd_core::config::{resolve, Download, Lower};
+use overlaybd_core::config::{resolve, Download, Lower, Verity};
 use overlaybd_core::error::{Error, Result};
 use overlaybd_core::source::{LayerRef, LayerSource, OpenedBlob};
 
@@ -334,67 +334,80 @@ impl RegistrySource {
     }
 
     /// The piece table of remote lower `l` (`size` bytes) under the
-    /// `[cache] verify` policy: fetched from the image's repository, checked
-    /// whole against the config's digest, bounded by what a table of a blob
-    /// this size can be, and checked to describe this blob. A table the
-    /// config names but that cannot be had fails the open (never a silent
-    /// fall back to unchecked reads).
+    /// `[cache] verify` policy ([`fetch_piece_table`]). A table the config
+    /// names but that cannot be had fails the open (never a silent fall back
+    /// to unchecked reads).
     fn piece_table(
         &self,
         repo_blob_url: &str,
         l: &Lower,
         size: u64,
     ) -> Result<Option<Arc<PieceTable>>> {
-        let bad = |detail: String| Error::Verify {
-            blob: l.digest.clone(),
-            detail,
-        };
         let v = match (self.verify, &l.verity) {
             (VerifyPolicy::Off, _) | (VerifyPolicy::IfPresent, None) => return Ok(None),
             (VerifyPolicy::Required, None) => {
-                return Err(bad(
-                    "the layer has no piece table and the service config requires one ([cache] verify = \"required\")".into(),
-                ))
+                return Err(Error::Verify {
+                    blob: l.digest.clone(),
+                    detail: "the layer has no piece table and the service config requires one ([cache] verify = \"required\")".into(),
+                })
             }
             (_, Some(v)) => v,
         };
-        let bound =
-            verity::encoded_len(size, 1 << verity::MIN_PIECE_SHIFT).min(verity::MAX_TABLE_SIZE);
-        if v.size > bound {
-            return Err(bad(format!(
-                "piece table {} is said to be {} bytes; a table of a {size}-byte blob has at most {bound}",
-                v.digest, v.size
-            )));
-        }
-        let url = format!("{repo_blob_url}/{}", v.digest);
-        let bytes = self
-            .fetcher
-            .fetch(
-                &BlobRef::new(url, v.digest.clone(), v.size),
-                0,
-                v.size,
-                Priority::Foreground,
-            )
-            .map_err(|e| bad(format!("fetching its piece table: {e}")))?;
-        let got = crate::oci::sha256_digest(&bytes);
-        if got != v.digest {
-            return Err(bad(format!(
-                "piece table blob {} has digest {got}",
-                v.digest
-            )));
-        }
-        let t = PieceTable::decode(&bytes)
-            .map_err(|e| bad(format!("piece table {}: {e}", v.digest)))?;
-        if t.blob_digest() != l.digest || t.blob_size() != size {
-            return Err(bad(format!(
-                "piece table {} describes blob {} ({} bytes), not this one ({size} bytes)",
-                v.digest,
-                t.blob_digest(),
-                t.blob_size()
-            )));
-        }
-        Ok(Some(Arc::new(t)))
+        let blob = BlobRef::new(String::new(), l.digest.clone(), size);
+        fetch_piece_table(&*self.fetcher, repo_blob_url, &blob, v).map(Some)
     }
+}
+
+/// Fetches the piece table `v` of `blob` (its digest and size) from the
+/// repository at `repo_blob_url` through `fetcher`, and checks it: its size
+/// bounded by what a table of a blob this size can be (before fetching), its
+/// sha256 whole, its encoding, and that it describes this blob. Errors are
+/// [`Error::Verify`] naming the blob.
+pub fn fetch_piece_table(
+    fetcher: &dyn RangeFetcher,
+    repo_blob_url: &str,
+    blob: &BlobRef,
+    v: &Verity,
+) -> Result<Arc<PieceTable>> {
+    let bad = |detail: String| Error::Verify {
+        blob: blob.digest.clone(),
+        detail,
+    };
+    let size = blob.size;
+    let bound = verity::encoded_len(size, 1 << verity::MIN_PIECE_SHIFT).min(verity::MAX_TABLE_SIZE);
+    if v.size > bound {
+        return Err(bad(format!(
+            "piece table {} is said to be {} bytes; a table of a {size}-byte blob has at most {bound}",
+            v.digest, v.size
+        )));
+    }
+    let url = format!("{}/{}", repo_blob_url.trim_end_matches('/'), v.digest);
+    let bytes = fetcher
+        .fetch(
+            &BlobRef::new(url, v.digest.clone(), v.size),
+            0,
+            v.size,
+            Priority::Foreground,
+        )
+        .map_err(|e| bad(format!("fetching its piece table: {e}")))?;
+    let got = crate::oci::sha256_digest(&bytes);
+    if got != v.digest {
+        return Err(bad(format!(
+            "piece table blob {} has digest {got}",
+            v.digest
+        )));
+    }
+    let t =
+        PieceTable::decode(&bytes).map_err(|e| bad(format!("piece table {}: {e}", v.digest)))?;
+    if t.blob_digest() != blob.digest || t.blob_size() != size {
+        return Err(bad(format!(
+            "piece table {} describes blob {} ({} bytes), not this one ({size} bytes)",
+            v.digest,
+            t.blob_digest(),
+            t.blob_size()
+        )));
+    }
+    Ok(Arc::new(t))
 }
 
 impl LayerSource for RegistrySource {
