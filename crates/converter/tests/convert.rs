@@ -328,22 +328,6 @@ fn huge_sparse_file() {
     fs.close().unwrap();
 }
 
-/// The manifest tagged `tag` in the OCI layout `out`.
-fn tagged_manifest(out: &std::path::Path, tag: &str) -> serde_json::Value {
-    let idx: serde_json::Value =
-        serde_json::from_slice(&fs::read(out.join("index.json")).unwrap()).unwrap();
-    let m = idx["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    serde_json::from_slice(&fs::read(out.join("blobs/sha256").join(&m[7..])).unwrap()).unwrap()
-}
-
 #[test]
 fn piece_tables_are_blobs_named_by_annotations_and_change_nothing_else() {
     use obd_remote::oci::{ANN_VERITY_DIGEST, ANN_VERITY_SIZE};

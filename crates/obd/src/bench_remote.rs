@@ -124,18 +124,8 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     let reg = Registry::start(base).map_err(|e| anyhow::anyhow!("obd bench remote: {e}"))?;
     let size = size_mib << 20;
     let blobs = push_layers(base, &reg, size)?;
-    let lowers: Vec<Value> = blobs
-        .iter()
-        .map(|(digest, len, _)| json!({"digest": digest, "size": len}))
-        .collect();
+    let (cfg, repo_url, blob_bytes) = image_config(base, &reg, &blobs, false)?;
     let blobs: Vec<(String, u64)> = blobs.into_iter().map(|(d, l, _)| (d, l)).collect();
-    let repo_url = reg.repo_blob_url("bench/img");
-    let cfg = base.join("config.v1.json");
-    std::fs::write(
-        &cfg,
-        json!({"repoBlobUrl": repo_url, "lowers": lowers}).to_string(),
-    )?;
-    let blob_bytes: u64 = blobs.iter().map(|b| b.1).sum();
 
     let curl_s = best_curl(&repo_url, &blobs)?;
     let exe = std::env::current_exe()?;
@@ -185,6 +175,31 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
         "p99_ratio_with_vs_without_background": bp99 / p99,
         "goals": {"cold_flatten_vs_curl_ratio": 0.7, "p50_ratio_with_vs_without_background": 1.5},
     }))
+}
+
+/// Writes `<base>/config.v1.json` over the pushed `blobs` (with their piece
+/// tables when `verity`); returns its path, the repository's blob URL and
+/// the blobs' total size.
+fn image_config(
+    base: &Path,
+    reg: &Registry,
+    blobs: &[Pushed],
+    verity: bool,
+) -> Result<(PathBuf, String, u64)> {
+    let repo_url = reg.repo_blob_url("bench/img");
+    let lowers: Vec<Value> = blobs
+        .iter()
+        .map(|(d, len, v)| match verity {
+            true => json!({"digest": d, "size": len, "verity": v}),
+            false => json!({"digest": d, "size": len}),
+        })
+        .collect();
+    let cfg = base.join("config.v1.json");
+    std::fs::write(
+        &cfg,
+        json!({"repoBlobUrl": repo_url, "lowers": lowers}).to_string(),
+    )?;
+    Ok((cfg, repo_url, blobs.iter().map(|b| b.1).sum()))
 }
 
 /// Builds the 3 benchmark layers and pushes them (and their piece tables)
@@ -424,17 +439,7 @@ fn best_flatten_with(
 fn verify_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     let reg = Registry::start(base).map_err(|e| anyhow::anyhow!("obd bench remote: {e}"))?;
     let blobs = push_layers(base, &reg, size_mib << 20)?;
-    let repo_url = reg.repo_blob_url("bench/img");
-    let lowers: Vec<Value> = blobs
-        .iter()
-        .map(|(d, len, v)| json!({"digest": d, "size": len, "verity": v}))
-        .collect();
-    let cfg = base.join("config.v1.json");
-    std::fs::write(
-        &cfg,
-        json!({"repoBlobUrl": repo_url, "lowers": lowers}).to_string(),
-    )?;
-    let blob_bytes: u64 = blobs.iter().map(|b| b.1).sum();
+    let (cfg, repo_url, blob_bytes) = image_config(base, &reg, &blobs, true)?;
 
     // Cold random reads of the base layer, through one client.
     let (digest, len, v) = blobs[0].clone();
