@@ -53,7 +53,7 @@ use reqwest::{Method, StatusCode, Url};
 use super::creds::{self, CredentialSource};
 use super::http::{self, Access, AuthScope, Class, Fail, Request, Retry, Transport};
 use super::metrics::Metrics;
-use super::verity::PieceTable;
+use super::verity::{PieceTable, VerityError};
 use super::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::error::{Error, Result};
 use zfile::sync::MutexExt;
@@ -561,9 +561,12 @@ impl RegistryClient {
         let mut p2p_lied = None;
         loop {
             let resp = self.request_range(ep, (counters, &route), want, deadline)?;
-            let got = match resp.status() {
-                StatusCode::PARTIAL_CONTENT => read_206(resp, want)?,
-                StatusCode::OK => read_200(resp, want)?,
+            let (data, total, verdict) = match resp.status() {
+                StatusCode::PARTIAL_CONTENT => read_206(resp, want, check.map(|c| c.table))?,
+                StatusCode::OK => {
+                    let (d, t) = read_200(resp, want)?;
+                    (d, t, None)
+                }
                 s if http::classify(s) == Class::Retryable => {
                     return Err(Fail::Retry(format!("HTTP {s}")))
                 }
@@ -577,10 +580,11 @@ impl RegistryClient {
                 }
             };
             let Some(c) = check else {
-                return Ok(got);
+                return Ok((data, total));
             };
-            let Err(e) = c.table.verify(want.offset, &got.0) else {
-                return Ok(got);
+            let verdict = verdict.unwrap_or_else(|| c.table.verify(want.offset, &data));
+            let Err(e) = verdict else {
+                return Ok((data, total));
             };
             let via_p2p = route.via_p2p.get();
             let source = if via_p2p { "p2p" } else { ep.kind };
@@ -701,9 +705,19 @@ impl RegistryClient {
     }
 }
 
+/// A body read: its bytes, the blob's total size (0 if unknown), and the
+/// piece-table verdict when the bytes were checked while being read.
+type Body = (Vec<u8>, u64, Option<std::result::Result<(), VerityError>>);
+
 /// A 206 must carry exactly the range asked for (and the blob's size, when
-/// known) and exactly that many bytes.
-fn read_206(mut resp: Response, want: Want) -> std::result::Result<(Vec<u8>, u64), Fail> {
+/// known) and exactly that many bytes. With `table` (`want` is then whole
+/// pieces) each piece is checked as soon as it has arrived, while the next
+/// ones are still coming; the first mismatch ends the read.
+fn read_206(
+    mut resp: Response,
+    want: Want,
+    table: Option<&PieceTable>,
+) -> std::result::Result<Body, Fail> {
     let Want { offset, len, total } = want;
     let cr = resp
         .headers()
@@ -730,23 +744,81 @@ fn read_206(mut resp: Response, want: Want) -> std::result::Result<(Vec<u8>, u64
     // Read straight into a buffer of the expected size: one copy out of the
     // HTTP client's chunks, no intermediate buffer. One byte more than asked
     // for is read to detect a longer body.
+    let read_err = |e: std::io::Error| Fail::Retry(format!("reading body: {}", http::chain(&e)));
+    let mut rest = (&mut resp).take(len + 1);
+    let total = got_total.or(total).unwrap_or(0);
+    if let Some(t) = table {
+        return read_checked(&mut rest, want, t).map(|(b, v)| (b, total, Some(v)));
+    }
     let mut body = Vec::with_capacity(len as usize);
-    (&mut resp)
-        .take(len + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| Fail::Retry(format!("reading body: {}", http::chain(&e))))?;
-    if body.len() as u64 != len {
+    rest.read_to_end(&mut body).map_err(read_err)?;
+    check_len(body.len() as u64, len)?;
+    Ok((body, total, None))
+}
+
+/// A body of `got` bytes (at most `len + 1` read) must be `len` bytes.
+fn check_len(got: u64, len: u64) -> std::result::Result<(), Fail> {
+    if got != len {
         return Err(Fail::Retry(format!(
             "body has {}{} bytes, expected {len}",
-            if body.len() as u64 > len {
+            if got > len {
                 "more than "
             } else {
                 ""
             },
-            body.len().min(len as usize)
+            got.min(len)
         )));
     }
-    Ok((body, got_total.or(total).unwrap_or(0)))
+    Ok(())
+}
+
+/// Reads the `want.len` bytes of a checked range (whole pieces of `table`
+/// from `want.offset`) in large reads, checking each piece as soon as it has
+/// arrived, while the next ones are still coming. The first mismatch ends
+/// the read with that verdict.
+fn read_checked(
+    r: &mut impl Read,
+    want: Want,
+    table: &PieceTable,
+) -> std::result::Result<(Vec<u8>, std::result::Result<(), VerityError>), Fail> {
+    let len = want.len as usize;
+    let piece = table.piece_size() as usize;
+    // Zeroed pages straight from the allocator: no extra pass for large
+    // buffers.
+    let mut body = vec![0u8; len];
+    let (mut filled, mut checked) = (0, 0);
+    loop {
+        let n = if filled < len {
+            match r.read(&mut body[filled..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fail::Retry(format!("reading body: {}", http::chain(&e)))),
+            }
+        } else {
+            0
+        };
+        filled += n;
+        while checked < filled && (filled - checked >= piece || filled == len) {
+            let end = (checked + piece).min(len);
+            if let Err(e) = table.verify(want.offset + checked as u64, &body[checked..end]) {
+                return Ok((body, Err(e)));
+            }
+            checked = end;
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    // One byte more than asked for tells a longer body.
+    let mut extra = [0u8; 1];
+    let more = loop {
+        match r.read(&mut extra) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other.unwrap_or(0),
+        }
+    };
+    check_len((filled + more) as u64, want.len)?;
+    Ok((body, Ok(())))
 }
 
 /// A 200 is the whole blob (the server ignored the range): stream past
