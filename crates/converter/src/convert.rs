@@ -1,7 +1,9 @@
 //! The conversion pipeline: per source layer, apply its tar to the ext4 on
 //! top of the layers converted so far, commit the block delta as a
-//! tar(ZFile(LSMT)) blob, then write the config (diff_ids replaced) and the
-//! manifest with the overlaybd annotations, and tag it last.
+//! tar(ZFile(LSMT)) blob (and, unless turned off, its piece table: a blob
+//! whose digest the layer's annotations name, for verified lazy reads), then
+//! write the config (diff_ids replaced) and the manifest with the overlaybd
+//! annotations, and tag it last.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
@@ -10,11 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use obd_remote::oci::{
-    self, chain_ids, Config, Document, History, Index, Manifest, Platform, ANN_BLOB_DIGEST,
-    ANN_BLOB_SIZE, ANN_FS_TYPE, ANN_VERSION, ARTIFACT_NATIVE, MT_DOCKER_CONFIG,
-    MT_DOCKER_LAYER_TAR, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG, MT_OCI_INDEX,
-    MT_OCI_LAYER_TAR, MT_OCI_MANIFEST, VERSION_NATIVE,
+    self, chain_ids, set_verity_annotations, Config, Document, History, Index, Manifest, Platform,
+    Verity, ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_FS_TYPE, ANN_VERSION, ARTIFACT_NATIVE,
+    MT_DOCKER_CONFIG, MT_DOCKER_LAYER_TAR, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG,
+    MT_OCI_INDEX, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST, VERSION_NATIVE,
 };
+use obd_remote::verity::{piece_size_for, PieceHasher};
 use overlaybd_core::image::Image;
 use overlaybd_core::lsmt::{CommitInfo, CommitOptions, CreateOptions, Uuid, WritableLayer};
 use overlaybd_core::source::Blob;
@@ -85,6 +88,9 @@ pub struct Options {
     /// Make the output a referrer of the source (`subject` +
     /// `artifactType`, formats.md §8.5); forces OCI media types.
     pub referrer: bool,
+    /// Store a piece table beside each layer blob and name it in the layer's
+    /// annotations (verified lazy reads). Off: upstream's output exactly.
+    pub verity: bool,
 }
 
 impl Default for Options {
@@ -102,6 +108,7 @@ impl Default for Options {
             media_types: MediaTypes::Source,
             platforms: Vec::new(),
             referrer: false,
+            verity: true,
         }
     }
 }
@@ -116,6 +123,8 @@ pub struct LayerReport {
     /// Output blob digest and size.
     pub digest: String,
     pub size: u64,
+    /// The blob's piece table (a blob of its own), unless turned off.
+    pub verity: Option<Verity>,
     /// Source bytes: compressed and uncompressed.
     pub source_bytes: u64,
     pub tar_bytes: u64,
@@ -143,6 +152,7 @@ impl LayerReport {
             sources,
             digest: String::new(),
             size: 0,
+            verity: None,
             source_bytes,
             tar_bytes,
             apply,
@@ -254,6 +264,9 @@ struct Source {
 
 /// A converted layer blob: (digest, size).
 type OutLayer = (String, u64);
+
+/// A converted layer: its blob and its piece table.
+type OutBlob = (OutLayer, Option<Verity>);
 
 impl Run<'_> {
     /// Converts every wanted platform of an index (attestations and other
@@ -402,9 +415,9 @@ impl Run<'_> {
     /// Writes the config: the source's with `rootfs.diff_ids` replaced by
     /// the output layers (the history too when flattening). Returns its
     /// digest and size.
-    fn write_config(&self, config: &Config, out: &[OutLayer], sources: usize) -> Result<OutLayer> {
+    fn write_config(&self, config: &Config, out: &[OutBlob], sources: usize) -> Result<OutLayer> {
         let mut config = config.clone();
-        config.rootfs.diff_ids = out.iter().map(|(d, _)| d.clone()).collect();
+        config.rootfs.diff_ids = out.iter().map(|((d, _), _)| d.clone()).collect();
         if self.opts.flatten {
             config.history = vec![History {
                 created: config
@@ -430,7 +443,7 @@ impl Run<'_> {
         desc: &Descriptor,
         source: Source,
         (cfg_digest, cfg_size): OutLayer,
-        out: &[OutLayer],
+        out: &[OutBlob],
     ) -> (String, Vec<u8>) {
         let (mt, docker) = self.output_type(&source.media_type);
         let mut m = source.manifest;
@@ -457,7 +470,7 @@ impl Run<'_> {
         };
         m.layers = out
             .iter()
-            .map(|(d, s)| {
+            .map(|((d, s), verity)| {
                 let mut l = Descriptor::new(layer_mt, d, *s);
                 l.annotations = [
                     (ANN_BLOB_DIGEST, d.clone()),
@@ -468,6 +481,9 @@ impl Run<'_> {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
+                if let Some(v) = verity {
+                    set_verity_annotations(&mut l.annotations, v);
+                }
                 l
             })
             .collect();
@@ -483,7 +499,7 @@ impl Run<'_> {
         mindex: usize,
         layers: &[Descriptor],
         diff_ids: &[String],
-    ) -> Result<Vec<OutLayer>> {
+    ) -> Result<Vec<OutBlob>> {
         let opts = self.opts;
         let chains = chain_ids(diff_ids);
         let seed = format!("{} {}", diff_ids[0], opts.vsize);
@@ -492,7 +508,7 @@ impl Run<'_> {
             uuid: uuid_v4(derive16("ext4-uuid", &seed)),
             hash_seed: uuid_v4(derive16("ext4-hash-seed", &seed)),
         };
-        let mut out: Vec<OutLayer> = Vec::new();
+        let mut out: Vec<OutBlob> = Vec::new();
         // Committed layers, bottom to top (blobs already in the destination).
         let mut lowers: Vec<(String, Blob)> = Vec::new();
         // The layer whose commit runs on a background thread; its writable
@@ -551,12 +567,13 @@ impl Run<'_> {
             let blob_path = work.join("blob");
             let (u, pr, bp) = (upper.clone(), params.clone(), blob_path.clone());
             let digest = layers[last].digest.clone();
+            let verity = opts.verity;
             let handle = std::thread::spawn(move || {
                 let t = Instant::now();
                 let info = commit_layer(&u, &pr, uuid, parent, &bp)
                     .map_err(|e| e.in_layer(last, &digest))?;
-                let (d, size) = file_digest(&bp)?;
-                Ok((info, d, size, t.elapsed().as_secs_f64()))
+                let (d, size, table) = file_digest(&bp, verity)?;
+                Ok((info, d, size, table, t.elapsed().as_secs_f64()))
             });
             pending = Some(Pending {
                 upper,
@@ -585,13 +602,24 @@ impl Run<'_> {
         p: Pending,
         mindex: usize,
         lowers: &mut Vec<(String, Blob)>,
-        out: &mut Vec<OutLayer>,
+        out: &mut Vec<OutBlob>,
     ) -> Result<()> {
-        let (info, digest, size, commit_seconds) = p
+        let (info, digest, size, table, commit_seconds) = p
             .handle
             .join()
             .map_err(|_| Error::Image("the commit thread panicked".into()))??;
         drop(p.upper);
+        let verity = match table {
+            Some(t) => {
+                let v = Verity {
+                    digest: sha256_digest(&t),
+                    size: t.len() as u64,
+                };
+                self.dst.put_blob(&v.digest, &t)?;
+                Some(v)
+            }
+            None => None,
+        };
         self.dst.put_blob_file(&digest, &p.blob_path)?;
         let _ = fs::remove_dir_all(&p.work);
         let local = self.dst.blob_path(&digest).ok_or_else(|| {
@@ -602,6 +630,7 @@ impl Run<'_> {
         let mut lr = p.report;
         lr.digest = digest.clone();
         lr.size = size;
+        lr.verity = verity.clone();
         lr.commit = info;
         lr.commit_seconds = commit_seconds;
         lr.seconds = p.start.elapsed().as_secs_f64();
@@ -612,7 +641,7 @@ impl Run<'_> {
             o.layer_done(mindex, &lr);
         }
         self.report.layers.push(lr);
-        out.push((digest, size));
+        out.push(((digest, size), verity));
         Ok(())
     }
 
@@ -702,7 +731,9 @@ struct CommitParams {
     vsize: u64,
 }
 
-type CommitResult = Result<(CommitInfo, String, u64, f64)>;
+/// A commit's outcome: what it wrote, the blob's digest and size, its
+/// encoded piece table (when asked for) and the seconds it took.
+type CommitResult = Result<(CommitInfo, String, u64, Option<Vec<u8>>, f64)>;
 
 /// A layer being committed in the background.
 struct Pending {
@@ -978,11 +1009,20 @@ fn commit_layer(
     Ok(info)
 }
 
-fn file_digest(path: &Path) -> Result<(String, u64)> {
+/// The digest and size of the file at `path` and, with `verity`, its
+/// encoded piece table, in one pass over it.
+fn file_digest(path: &Path, verity: bool) -> Result<(String, u64, Option<Vec<u8>>)> {
     let mut f = File::open(path).map_err(|e| Error::file(path, e))?;
-    let mut h = Hashing::new(&mut f);
-    io::copy(&mut h, &mut io::sink()).map_err(|e| Error::file(path, e))?;
-    Ok((h.digest(), h.bytes))
+    if !verity {
+        let mut h = Hashing::new(&mut f);
+        io::copy(&mut h, &mut io::sink()).map_err(|e| Error::file(path, e))?;
+        return Ok((h.digest(), h.bytes, None));
+    }
+    let size = f.metadata().map_err(|e| Error::file(path, e))?.len();
+    let mut h = PieceHasher::new(piece_size_for(size)).map_err(|e| Error::file(path, e))?;
+    io::copy(&mut f, &mut h).map_err(|e| Error::file(path, e))?;
+    let t = h.finish().map_err(|e| Error::file(path, e))?;
+    Ok((t.blob_digest(), t.blob_size(), Some(t.encode())))
 }
 
 #[cfg(test)]

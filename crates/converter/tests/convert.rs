@@ -327,3 +327,49 @@ fn huge_sparse_file() {
     assert!(inode.blocks() < 1000, "i_blocks {}", inode.blocks());
     fs.close().unwrap();
 }
+
+#[test]
+fn piece_tables_are_blobs_named_by_annotations_and_change_nothing_else() {
+    use obd_remote::oci::{ANN_VERITY_DIGEST, ANN_VERITY_SIZE};
+    use obd_remote::verity::PieceTable;
+    let (tmp, srcref) = source_layout(&[(layer0(), "gzip"), (layer1(), "")]);
+    let mut manifests = Vec::new();
+    for verity in [true, false] {
+        let out = tmp.path().join(format!("out-{verity}"));
+        let opts = Options {
+            verity,
+            ..small_opts()
+        };
+        let dst = OciLayout::parse(&format!("oci:{}:t", out.display())).unwrap();
+        let r = convert(&srcref, &dst, &opts).unwrap();
+        assert_eq!(r.layers.iter().all(|l| l.verity.is_some()), verity);
+        let m = tagged_manifest(&out, "t");
+        for (l, rep) in m["layers"].as_array().unwrap().iter().zip(&r.layers) {
+            let ann = &l["annotations"];
+            if !verity {
+                assert!(ann.get(ANN_VERITY_DIGEST).is_none(), "{ann}");
+                continue;
+            }
+            // The table is a blob of the image, its digest and size in the
+            // annotations, and it describes the layer blob.
+            let td = ann[ANN_VERITY_DIGEST].as_str().unwrap();
+            let t = fs::read(out.join("blobs/sha256").join(&td[7..])).unwrap();
+            assert_eq!(sha(&t), td);
+            assert_eq!(ann[ANN_VERITY_SIZE], t.len().to_string());
+            let table = PieceTable::decode(&t).unwrap();
+            assert_eq!(table.blob_digest(), rep.digest);
+            let blob = fs::read(out.join("blobs/sha256").join(&rep.digest[7..])).unwrap();
+            table.verify(0, &blob).unwrap();
+        }
+        manifests.push(m);
+    }
+    // Layer blobs and config are the same bytes; the manifests differ only
+    // by the two annotations.
+    let [mut with, without] = <[serde_json::Value; 2]>::try_from(manifests).unwrap();
+    for l in with["layers"].as_array_mut().unwrap() {
+        let a = l["annotations"].as_object_mut().unwrap();
+        a.remove(ANN_VERITY_DIGEST).unwrap();
+        a.remove(ANN_VERITY_SIZE).unwrap();
+    }
+    assert_eq!(with, without);
+}

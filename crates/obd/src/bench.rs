@@ -55,6 +55,11 @@ pub enum BenchCmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Measure instead what checking fetched bytes against the layers'
+        /// piece tables costs: cold random 4 KiB reads and cold flatten, with
+        /// and without, as ratios.
+        #[arg(long)]
+        verify: bool,
     },
     /// Flatten of a 3-layer image from local files against copying a plain file.
     Read {
@@ -102,7 +107,11 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             threads,
             dir,
             json,
-        } => (crate::bench_remote::run(size_mib, threads, dir)?, json),
+            verify,
+        } => (
+            crate::bench_remote::run(size_mib, threads, dir, verify)?,
+            json,
+        ),
         BenchCmd::Snapshotter(a) => {
             let json = a.json;
             (crate::bench_snapshotter::run(a)?, json)

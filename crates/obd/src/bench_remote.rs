@@ -1,7 +1,10 @@
 //! `obd bench remote`: lazy reads from a real `docker-registry` on 127.0.0.1,
 //! against baselines in the same run: `curl` downloading the same blobs, the
 //! same flatten from local copies of them (the ceiling for a remote flatten),
-//! and foreground reads with no background download running.
+//! and foreground reads with no background download running. With
+//! `--verify`: the cost of checking fetched bytes against the layers' piece
+//! tables, as ratios of the same measurements with and without it, taken in
+//! turns in one run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,19 +17,37 @@ use fixtures::registry::Registry;
 use fixtures::Rng;
 use obd_remote::blob::{RemoteBlob, RemoteOptions};
 use obd_remote::cache::{BlockCache, CacheOptions};
+use obd_remote::oci::Verity;
 use obd_remote::registry::{RegistryClient, RegistryOptions};
 use obd_remote::sched::Scheduler;
+use obd_remote::verity::{piece_size_for, PieceTable};
 use obd_remote::{BlobRef, Priority, RangeFetcher};
 use serde_json::{json, Value};
 use zfile::ReadAt;
 
-fn push(reg: &Registry, repo: &str, file: &Path) -> Result<(String, u64)> {
-    let digest = format!(
-        "sha256:{}",
-        crate::util::sha256_hex(std::fs::File::open(file)?)?
-    );
+/// A pushed layer blob: its digest, size and piece table.
+type Pushed = (String, u64, Verity);
+
+/// Pushes `file` and its piece table (as a blob of its own) to `repo`.
+fn push(reg: &Registry, repo: &str, file: &Path) -> Result<Pushed> {
+    let len = file.metadata()?.len();
+    let t = PieceTable::build(
+        std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?),
+        piece_size_for(len),
+    )?;
+    let digest = t.blob_digest();
     reg.push(repo, file, &digest).map_err(anyhow::Error::msg)?;
-    Ok((digest, file.metadata()?.len()))
+    let table = t.encode();
+    let tfile = file.with_extension("verity");
+    std::fs::write(&tfile, &table)?;
+    let v = Verity {
+        digest: obd_remote::oci::sha256_digest(&table),
+        size: table.len() as u64,
+    };
+    reg.push(repo, &tfile, &v.digest)
+        .map_err(anyhow::Error::msg)?;
+    std::fs::remove_file(&tfile)?;
+    Ok((digest, len, v))
 }
 
 /// A fetcher that counts requests and bytes.
@@ -84,13 +105,17 @@ fn cold_reads(
     Ok((lat, rb.stats().requests))
 }
 
-pub fn run(size_mib: u64, threads: usize, dir: Option<PathBuf>) -> Result<Value> {
+pub fn run(size_mib: u64, threads: usize, dir: Option<PathBuf>, verify: bool) -> Result<Value> {
     let base = dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("obd-bench-remote-{}", std::process::id()))
     });
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base)?;
-    let res = run_in(&base, size_mib, threads);
+    let res = if verify {
+        verify_in(&base, size_mib, threads)
+    } else {
+        run_in(&base, size_mib, threads)
+    };
     let _ = std::fs::remove_dir_all(&base);
     res
 }
@@ -99,17 +124,8 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     let reg = Registry::start(base).map_err(|e| anyhow::anyhow!("obd bench remote: {e}"))?;
     let size = size_mib << 20;
     let blobs = push_layers(base, &reg, size)?;
-    let lowers: Vec<Value> = blobs
-        .iter()
-        .map(|(digest, len)| json!({"digest": digest, "size": len}))
-        .collect();
-    let repo_url = reg.repo_blob_url("bench/img");
-    let cfg = base.join("config.v1.json");
-    std::fs::write(
-        &cfg,
-        json!({"repoBlobUrl": repo_url, "lowers": lowers}).to_string(),
-    )?;
-    let blob_bytes: u64 = blobs.iter().map(|b| b.1).sum();
+    let (cfg, repo_url, blob_bytes) = image_config(base, &reg, &blobs, false)?;
+    let blobs: Vec<(String, u64)> = blobs.into_iter().map(|(d, l, _)| (d, l)).collect();
 
     let curl_s = best_curl(&repo_url, &blobs)?;
     let exe = std::env::current_exe()?;
@@ -161,9 +177,34 @@ fn run_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     }))
 }
 
-/// Builds the 3 benchmark layers and pushes them to `bench/img`; returns
-/// each blob's digest and size.
-fn push_layers(base: &Path, reg: &Registry, size: u64) -> Result<Vec<(String, u64)>> {
+/// Writes `<base>/config.v1.json` over the pushed `blobs` (with their piece
+/// tables when `verity`); returns its path, the repository's blob URL and
+/// the blobs' total size.
+fn image_config(
+    base: &Path,
+    reg: &Registry,
+    blobs: &[Pushed],
+    verity: bool,
+) -> Result<(PathBuf, String, u64)> {
+    let repo_url = reg.repo_blob_url("bench/img");
+    let lowers: Vec<Value> = blobs
+        .iter()
+        .map(|(d, len, v)| match verity {
+            true => json!({"digest": d, "size": len, "verity": v}),
+            false => json!({"digest": d, "size": len}),
+        })
+        .collect();
+    let cfg = base.join("config.v1.json");
+    std::fs::write(
+        &cfg,
+        json!({"repoBlobUrl": repo_url, "lowers": lowers}).to_string(),
+    )?;
+    Ok((cfg, repo_url, blobs.iter().map(|b| b.1).sum()))
+}
+
+/// Builds the 3 benchmark layers and pushes them (and their piece tables)
+/// to `bench/img`; returns each blob's digest, size and table.
+fn push_layers(base: &Path, reg: &Registry, size: u64) -> Result<Vec<Pushed>> {
     let pool = fixtures::image_like(
         5,
         (64usize << 20).min(size as usize + (4 << 20)) + (4 << 20),
@@ -256,11 +297,7 @@ fn read_latencies(base: &Path, repo_url: &str, (digest, len): (String, u64)) -> 
         requests: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
     });
-    let blob = BlobRef {
-        url: format!("{repo_url}/{digest}"),
-        digest,
-        size: len,
-    };
+    let blob = BlobRef::new(format!("{repo_url}/{digest}"), digest, len);
     let mut rng = Rng::new(77);
     let offsets: Vec<u64> = (0..300).map(|_| rng.below(len / 4096) * 4096).collect();
     let sched = Arc::new(Scheduler::new(8));
@@ -353,8 +390,20 @@ fn best_flatten(
     cache: Option<&Path>,
     out: &Path,
 ) -> Result<f64> {
+    best_flatten_with(exe, (threads, None), cfg, cache, out, 3)
+}
+
+/// [`best_flatten`] with a service config, best of `runs`.
+fn best_flatten_with(
+    exe: &Path,
+    (threads, service): (usize, Option<&Path>),
+    cfg: &Path,
+    cache: Option<&Path>,
+    out: &Path,
+    runs: usize,
+) -> Result<f64> {
     let mut best = f64::MAX;
-    for i in 0..3 {
+    for i in 0..runs {
         let _ = std::fs::remove_file(out);
         let cache = cache.map(|c| PathBuf::from(format!("{}-{i}", c.display())));
         let mut cmd = Command::new(exe);
@@ -369,6 +418,9 @@ fn best_flatten(
         if let Some(c) = &cache {
             cmd.arg("--cache-dir").arg(c);
         }
+        if let Some(s) = service {
+            cmd.arg("--service-config").arg(s);
+        }
         let t = Instant::now();
         let st = cmd.status()?;
         ensure!(st.success(), "exit status {st}");
@@ -379,4 +431,80 @@ fn best_flatten(
         let _ = std::fs::remove_file(out);
     }
     Ok(best)
+}
+
+/// `--verify`: cold random 4 KiB reads (p50, p99) and cold flatten with the
+/// blobs' piece tables checked and without, in turns (off, on, off, on, …)
+/// against one registry, so drift hits both alike.
+fn verify_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
+    let reg = Registry::start(base).map_err(|e| anyhow::anyhow!("obd bench remote: {e}"))?;
+    let blobs = push_layers(base, &reg, size_mib << 20)?;
+    let (cfg, repo_url, blob_bytes) = image_config(base, &reg, &blobs, true)?;
+
+    // Cold random reads of the base layer, through one client.
+    let (digest, len, v) = blobs[0].clone();
+    let client: Arc<dyn RangeFetcher> = Arc::new(RegistryClient::new(RegistryOptions {
+        use_docker_config: false,
+        ..Default::default()
+    })?);
+    let plain = BlobRef::new(format!("{repo_url}/{digest}"), digest, len);
+    let table = obd_remote::service::fetch_piece_table(&*client, &repo_url, &plain, &v)?;
+    let checked = BlobRef {
+        verity: Some(table),
+        ..plain.clone()
+    };
+    let sched = Arc::new(Scheduler::new(8));
+    const ROUNDS: usize = 4;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let mut rng = Rng::new(100 + round as u64);
+        let offsets: Vec<u64> = (0..300).map(|_| rng.below(len / 4096) * 4096).collect();
+        for (verify, out) in [(false, &mut off), (true, &mut on)] {
+            let blob = if verify { &checked } else { &plain };
+            let dir = base.join(format!("c-verify-{round}-{verify}"));
+            let (lat, _) = cold_reads(blob, client.clone(), sched.clone(), &dir, &offsets)?;
+            out.extend(lat);
+            std::fs::remove_dir_all(&dir)?;
+        }
+    }
+    let (p50_off, p99_off) = (percentile(&mut off, 0.5), percentile(&mut off, 0.99));
+    let (p50_on, p99_on) = (percentile(&mut on, 0.5), percentile(&mut on, 0.99));
+
+    // Cold flatten as its own process, the policy set by the service config.
+    let exe = std::env::current_exe()?;
+    let (mut fl_off, mut fl_on) = (f64::MAX, f64::MAX);
+    for round in 0..3 {
+        for (verify, best) in [("off", &mut fl_off), ("if-present", &mut fl_on)] {
+            let svc = base.join(format!("service-{verify}.toml"));
+            std::fs::write(&svc, format!("[cache]\nverify = \"{verify}\"\n"))?;
+            let t = best_flatten_with(
+                &exe,
+                (threads, Some(&svc)),
+                &cfg,
+                Some(&base.join(format!("cache-flatten-{verify}-{round}"))),
+                &base.join("flat.img"),
+                1,
+            )
+            .with_context(|| format!("obd image flatten, verify = {verify}"))?;
+            *best = best.min(t);
+        }
+    }
+    Ok(json!({
+        "bench": "remote --verify",
+        "what": "piece-table checks of lazily fetched bytes: the same cold reads with and without, in turns, from docker-registry on 127.0.0.1",
+        "virtual_size": size_mib << 20,
+        "blob_bytes": blob_bytes,
+        "piece_size": piece_size_for(len),
+        "cold_random_4k_reads_per_side": off.len(),
+        "cold_random_4k_p50_us_verify_off": p50_off,
+        "cold_random_4k_p50_us_verify_on": p50_on,
+        "cold_random_4k_p50_ratio_on_vs_off": p50_on / p50_off,
+        "cold_random_4k_p99_us_verify_off": p99_off,
+        "cold_random_4k_p99_us_verify_on": p99_on,
+        "cold_flatten_seconds_verify_off": fl_off,
+        "cold_flatten_seconds_verify_on": fl_on,
+        "cold_flatten_ratio_on_vs_off": fl_on / fl_off,
+        "flatten_threads": threads,
+        "goals": {"cold_random_4k_p50_ratio_on_vs_off": 1.05, "cold_flatten_ratio_on_vs_off": 1.05},
+    }))
 }

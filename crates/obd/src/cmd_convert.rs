@@ -66,6 +66,12 @@ pub struct ConvertArgs {
     /// `sha256-<hex>` fallback tag.
     #[arg(long)]
     pub referrer: bool,
+    /// Do not store a piece table beside each layer blob (the annotations
+    /// `…/overlaybd/verity.digest` and `verity.size` that let readers check
+    /// lazily fetched bytes): the output is then exactly what upstream's
+    /// converter makes.
+    #[arg(long)]
+    pub no_verity: bool,
     /// Do not push: write the result as an OCI layout into `-o` instead.
     #[arg(long, requires = "output")]
     pub no_push: bool,
@@ -317,6 +323,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         },
         platforms,
         referrer: a.referrer,
+        verity: !a.no_verity,
         ..Default::default()
     };
     let start = Instant::now();
@@ -357,6 +364,7 @@ fn print_report(a: &ConvertArgs, report: &Report, secs: f64, progress: &Progress
                 "sources": l.sources,
                 "digest": l.digest,
                 "size": l.size,
+                "verity": l.verity.as_ref().map(|v| json!({"digest": v.digest, "size": v.size})),
                 "source_bytes": l.source_bytes,
                 "tar_bytes": l.tar_bytes,
                 "entries": l.apply.entries,

@@ -84,6 +84,11 @@ pub enum LayerCmd {
         /// Wrap the output in the overlaybd tar disguise (what registries carry).
         #[arg(long)]
         tar: bool,
+        /// With `--zfile` or `--tar` a piece table of the output (for
+        /// verified lazy reads) is written to `<out>.verity` and its digest
+        /// printed; this turns that off.
+        #[arg(long)]
+        no_verity: bool,
         /// UUID of the committed layer (default: unset, as upstream).
         #[arg(long)]
         uuid: Option<String>,
@@ -170,6 +175,7 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
             algorithm,
             block_size,
             tar,
+            no_verity,
             uuid,
             parent_uuid,
             message,
@@ -188,7 +194,12 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
                 threads,
                 ..Default::default()
             });
-            commit(&paths, &opts, zopts, tar)
+            let verity = (compress || tar) && !no_verity;
+            commit(&paths, &opts, zopts, tar)?;
+            if verity {
+                write_piece_table(paths.last().expect("clap enforces 2..=3 paths"))?;
+            }
+            Ok(())
         }
         LayerCmd::Info {
             file,
@@ -332,6 +343,35 @@ fn commit(
         human(info.data_sectors * 512),
         out_path.display(),
         human(out.metadata()?.len())
+    );
+    Ok(())
+}
+
+/// Writes the piece table of the layer blob `out` to `<out>.verity` and
+/// prints its digest and size (what the layer's `verity.digest` and
+/// `verity.size` annotations carry when the blob is pushed).
+fn write_piece_table(out: &Path) -> Result<()> {
+    use obd_remote::verity::{piece_size_for, PieceTable};
+    let f = File::open(out).with_context(|| format!("cannot open {}", out.display()))?;
+    let size = f.metadata()?.len();
+    let t = PieceTable::build(
+        std::io::BufReader::with_capacity(1 << 20, f),
+        piece_size_for(size),
+    )
+    .with_context(|| format!("hashing {}", out.display()))?;
+    let bytes = t.encode();
+    let mut p = out.as_os_str().to_owned();
+    p.push(".verity");
+    let p = PathBuf::from(p);
+    std::fs::write(&p, &bytes).with_context(|| format!("cannot write {}", p.display()))?;
+    eprintln!(
+        "piece table of {} ({} pieces of {}) in {}: {} ({} bytes)",
+        t.blob_digest(),
+        t.pieces(),
+        human(t.piece_size()),
+        p.display(),
+        obd_remote::oci::sha256_digest(&bytes),
+        bytes.len()
     );
     Ok(())
 }

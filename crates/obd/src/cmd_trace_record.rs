@@ -13,8 +13,11 @@
 //!    the trace is finished (`<trace>.ok`).
 //! 4. The trace is wrapped in a one-file tar (`trace`, mode 0444, fixed
 //!    headers) and pushed as a new top layer with the acceleration-layer
-//!    annotations; the config gets its diffID (= digest, uncompressed), and
-//!    config and manifest are pushed under `<new-image>`.
+//!    annotations (and, unless `--no-verity`, its piece table as a blob
+//!    named by the `verity.*` annotations); the config gets its diffID
+//!    (= digest, uncompressed), and config and manifest are pushed under
+//!    `<new-image>`. Pushed to another repository, the layers below are
+//!    copied there with their piece tables.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
@@ -28,8 +31,9 @@ use clap::Args;
 use obd_device::open::trace_replay::Trace;
 use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::oci::{
-    self, Config, Descriptor, History, Manifest, Platform, Resolved, ANN_ACCEL, ANN_BLOB_DIGEST,
-    ANN_BLOB_SIZE, ANN_VERSION, MT_OCI_CONFIG, VERSION_NATIVE,
+    self, set_verity_annotations, verity_annotations, Config, Descriptor, History, Manifest,
+    Platform, Resolved, Verity, ANN_ACCEL, ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_VERSION,
+    MT_OCI_CONFIG, VERSION_NATIVE,
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -79,6 +83,10 @@ pub struct RecordArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Do not push a piece table for the acceleration layer (the layer
+    /// annotations `…/overlaybd/verity.*`): upstream's output exactly.
+    #[arg(long)]
+    pub no_verity: bool,
 }
 
 /// A short random-enough token for snapshot keys and container ids.
@@ -140,8 +148,13 @@ pub fn accel_layer_tar(trace: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// The manifest and config with the acceleration layer `(digest, size)` on
-/// top (replacing one the source had). Returns (manifest, config).
-fn with_accel_layer(src: &Source, digest: &str, size: u64) -> Result<(Manifest, Config)> {
+/// top (replacing one the source had), its piece table `verity` named in its
+/// annotations. Returns (manifest, config).
+fn with_accel_layer(
+    src: &Source,
+    (digest, size): (&str, u64),
+    verity: Option<&Verity>,
+) -> Result<(Manifest, Config)> {
     let mut m = src.manifest.clone();
     let mut c = src.config.clone();
     let (layers, diff_ids) = (&mut m.layers, &mut c.rootfs.diff_ids);
@@ -174,6 +187,9 @@ fn with_accel_layer(src: &Source, digest: &str, size: u64) -> Result<(Manifest, 
         (ANN_BLOB_DIGEST.to_string(), digest.to_string()),
         (ANN_BLOB_SIZE.to_string(), size.to_string()),
     ]);
+    if let Some(v) = verity {
+        set_verity_annotations(&mut accel.annotations, v);
+    }
     layers.push(accel);
     diff_ids.push(digest.to_string());
     let h = &mut c.history;
@@ -448,8 +464,9 @@ fn with_suffix(p: &Path, s: &str) -> PathBuf {
     PathBuf::from(o)
 }
 
-/// Makes sure every layer blob of `layers` is in `dst`'s repository,
-/// copying it from `src` through `tmp` when it is not.
+/// Makes sure every layer blob of `layers`, and every piece table their
+/// annotations name, is in `dst`'s repository, copying it from `src`
+/// through `tmp` when it is not.
 fn copy_layers(
     d: &Arc<Distribution>,
     src: &ImageRef,
@@ -460,15 +477,23 @@ fn copy_layers(
     if src.host == dst.host && src.repo == dst.repo {
         return Ok(());
     }
+    let mut blobs = Vec::new();
     for l in layers {
-        let digest = &l.digest;
+        blobs.push((l.digest.clone(), l.size));
+        if let Some(v) =
+            verity_annotations(&l.annotations).map_err(|e| anyhow!("layer {}: {e}", l.digest))?
+        {
+            blobs.push((v.digest, v.size));
+        }
+    }
+    for (digest, size) in &blobs {
         if d.blob_exists(dst, digest)?.is_some() {
             continue;
         }
         let p = tmp.join(digest.replace(':', "-"));
         let mut f =
             std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
-        std::io::copy(&mut d.open_blob(src, digest, l.size)?, &mut f)
+        std::io::copy(&mut d.open_blob(src, digest, *size)?, &mut f)
             .with_context(|| format!("copying blob {digest} from {src}"))?;
         d.push_blob(dst, digest, &p)
             .with_context(|| format!("pushing blob {digest} to {dst}"))?;
@@ -600,11 +625,22 @@ fn push_accelerated(
     src_ref: &ImageRef,
     (dst_ref, dst_name): (&ImageRef, &str),
     trace: &[u8],
-    tmp: &Path,
+    (tmp, verity): (&Path, bool),
 ) -> Result<Pushed> {
     let layer = accel_layer_tar(trace)?;
     let ldigest = oci::sha256_digest(&layer);
-    let (mut manifest, config) = with_accel_layer(src, &ldigest, layer.len() as u64)?;
+    let table = verity
+        .then(|| {
+            let piece = obd_remote::verity::piece_size_for(layer.len() as u64);
+            obd_remote::verity::PieceTable::build(&layer[..], piece).map(|t| t.encode())
+        })
+        .transpose()?;
+    let tref = table.as_ref().map(|t| Verity {
+        digest: oci::sha256_digest(t),
+        size: t.len() as u64,
+    });
+    let (mut manifest, config) =
+        with_accel_layer(src, (&ldigest, layer.len() as u64), tref.as_ref())?;
     let cbytes = oci::to_json(&config);
     let cdigest = oci::sha256_digest(&cbytes);
     manifest.config = Descriptor::new(src.config_media_type(), &cdigest, cbytes.len() as u64);
@@ -613,6 +649,10 @@ fn push_accelerated(
     copy_layers(dist, src_ref, dst_ref, below, tmp)?;
     dist.push_blob_bytes(dst_ref, &ldigest, &layer, tmp)
         .context("pushing the acceleration layer")?;
+    if let (Some(t), Some(v)) = (&table, &tref) {
+        dist.push_blob_bytes(dst_ref, &v.digest, t, tmp)
+            .context("pushing the acceleration layer's piece table")?;
+    }
     dist.push_blob_bytes(dst_ref, &cdigest, &cbytes, tmp)
         .context("pushing the config")?;
     let pushed = dist
@@ -640,7 +680,7 @@ pub fn run(a: RecordArgs) -> Result<()> {
     let src = Source::new(oci::resolve(&dist, &src_ref, &platform)?);
     // Fails early (before running anything) on a non-obd image.
     process_of(&src.config)?;
-    with_accel_layer(&src, "sha256:0", 0)?;
+    with_accel_layer(&src, ("sha256:0", 0), None)?;
     let parent = oci::chain_ids(&src.config.rootfs.diff_ids)
         .pop()
         .ok_or_else(|| anyhow!("{}: the config has no layers", a.image))?;
@@ -669,7 +709,14 @@ pub fn run(a: RecordArgs) -> Result<()> {
 
     // 4. The acceleration layer, config and manifest.
     let dst = (&dst_ref, a.new_image.as_str());
-    let pushed = push_accelerated(&dist, &src, &src_ref, dst, &rec.bytes, tmp.path())?;
+    let pushed = push_accelerated(
+        &dist,
+        &src,
+        &src_ref,
+        dst,
+        &rec.bytes,
+        (tmp.path(), !a.no_verity),
+    )?;
     print_report(&a, &rec, &pushed);
     // The trace is in `tmp` only without --trace-out; the rest is scratch.
     drop(tmp);
@@ -753,8 +800,13 @@ mod tests {
                     "annotations": {ANN_BLOB_DIGEST: "sha256:a"}}]),
             json!(["sha256:a"]),
         );
-        let (m, c) = with_accel_layer(&s, "sha256:t", 7).unwrap();
+        let v = Verity {
+            digest: format!("sha256:{}", "7".repeat(64)),
+            size: 96,
+        };
+        let (m, c) = with_accel_layer(&s, ("sha256:t", 7), Some(&v)).unwrap();
         let (mv, cv) = (json_of(&m), json_of(&c));
+        assert_eq!(verity_annotations(&m.layers[1].annotations), Ok(Some(v)));
         let l = &mv["layers"][1];
         assert_eq!(l["mediaType"], mt);
         assert_eq!(l["annotations"][ANN_ACCEL], "yes");
@@ -769,7 +821,7 @@ mod tests {
             config: c,
             ..s
         };
-        let (m2, c2) = with_accel_layer(&s2, "sha256:u", 8).unwrap();
+        let (m2, c2) = with_accel_layer(&s2, ("sha256:u", 8), None).unwrap();
         assert_eq!(m2.layers.len(), 2);
         assert_eq!(m2.layers[1].digest, "sha256:u");
         assert_eq!(c2.rootfs.diff_ids, ["sha256:a", "sha256:u"]);
@@ -782,10 +834,12 @@ mod tests {
             json!([{"mediaType": "x", "digest": "sha256:a", "size": 5}]),
             json!(["sha256:a"]),
         );
-        let e = with_accel_layer(&s, "sha256:t", 1).unwrap_err().to_string();
+        let e = with_accel_layer(&s, ("sha256:t", 1), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not an obd image"), "{e}");
         let s = source(json!([]), json!(["sha256:a"]));
-        assert!(with_accel_layer(&s, "sha256:t", 1).is_err());
+        assert!(with_accel_layer(&s, ("sha256:t", 1), None).is_err());
     }
 
     #[test]

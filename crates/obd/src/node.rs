@@ -93,11 +93,7 @@ pub fn read_blob_as_worker(
     // A check, not a read a container waits on: one try is enough to tell.
     opts.retry.tries = 1;
     let client = RegistryClient::new(opts)?;
-    let blob = BlobRef {
-        url: format!("{base}/{digest}"),
-        digest: digest.to_string(),
-        size,
-    };
+    let blob = BlobRef::new(format!("{base}/{digest}"), digest, size);
     client.fetch(&blob, 0, size.clamp(1, 512), Priority::Foreground)?;
     Ok(())
 }

@@ -132,6 +132,12 @@ fn layer_create_write_discard_commit_verify_and_stack() {
     layer(d, "commit", &flags, &["u.data", "u.index", "u.zfile"]);
 
     for f in ["b.tar", "u.zfile"] {
+        // The piece table beside the committed blob describes it.
+        let t = std::fs::read(d.join(format!("{f}.verity"))).unwrap();
+        let t = obd_remote::verity::PieceTable::decode(&t).unwrap();
+        let blob = std::fs::read(d.join(f)).unwrap();
+        assert_eq!(t.blob_digest(), obd_remote::oci::sha256_digest(&blob));
+        t.verify(0, &blob).unwrap();
         let v = layer(d, "verify", &["--strict"], &[f]);
         assert!(
             v.contains("OK") && v.contains("strict LSMT rules ok"),
@@ -173,7 +179,8 @@ fn layer_create_write_discard_commit_verify_and_stack() {
     );
     layer(d, "discard", &DISCARD_3M_64K, &x);
     layer(d, "seal", &[], &x);
-    layer(d, "commit", &["--tar"], &["x.data", "x.tar"]);
+    layer(d, "commit", &["--tar", "--no-verity"], &["x.data", "x.tar"]);
+    assert!(!d.join("x.tar.verity").exists());
     layer(d, "verify", &["--strict"], &["x.tar"]);
     std::fs::write(&cfg, r#"{"lowers":[{"file":"b.tar"},{"file":"x.data"}]}"#).unwrap();
     assert!(flatten(d, &cfg, "disk2.img") == model);

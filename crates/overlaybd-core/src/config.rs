@@ -63,6 +63,22 @@ pub struct Lower {
     /// TurboOCI over gzip: `gzip.meta`.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub gzip_index: String,
+    /// obd: the blob's piece table (a blob in the same repository), against
+    /// which every lazily fetched byte is checked. Absent when the image has
+    /// none, so configs are otherwise upstream's, byte for byte.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verity: Option<Verity>,
+}
+
+/// Where a remote lower's piece table is: a blob of the image's repository
+/// (`docs/formats.md`, "Piece tables").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Verity {
+    /// The table blob's digest, `sha256:<hex>`.
+    pub digest: String,
+    /// The table blob's size in bytes.
+    pub size: u64,
 }
 
 /// The writable layer.
@@ -178,6 +194,24 @@ impl ImageConfig {
                     field: format!("lowers[{i}].digest"),
                     detail,
                 })?;
+            }
+            if let Some(v) = &l.verity {
+                if !v.digest.starts_with("sha256:") {
+                    return Err(Error::Config {
+                        field: format!("lowers[{i}].verity.digest"),
+                        detail: format!("`{}` is not a sha256 digest", v.digest),
+                    });
+                }
+                validate_digest(&v.digest).map_err(|detail| Error::Config {
+                    field: format!("lowers[{i}].verity.digest"),
+                    detail,
+                })?;
+                if l.digest.is_empty() {
+                    return Err(Error::Config {
+                        field: format!("lowers[{i}].verity"),
+                        detail: "a piece table needs the layer's `digest`".into(),
+                    });
+                }
             }
         }
         if self.acceleration_layer && !self.record_trace_path.is_empty() {
@@ -328,6 +362,50 @@ mod tests {
         assert_eq!(again, c);
         assert!(c.to_json().contains("\"repoBlobUrl\""));
         assert!(!c.to_json().contains("\"upper\""));
+    }
+
+    #[test]
+    fn verity_is_optional_and_checked() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        // Absent: the entry serialises exactly as before.
+        let plain = ImageConfig {
+            lowers: vec![Lower {
+                digest: a.clone(),
+                size: 7,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let keys: serde_json::Value = serde_json::from_str(&plain.to_json()).unwrap();
+        assert_eq!(
+            keys,
+            serde_json::json!({"lowers":[{"digest": a, "size": 7}]})
+        );
+        let json = format!(
+            r#"{{"lowers":[{{"digest":"{a}","size":7,"verity":{{"digest":"{b}","size":96}}}}]}}"#
+        );
+        let c = ImageConfig::from_slice(json.as_bytes()).unwrap();
+        let v = c.lowers[0].verity.as_ref().unwrap();
+        assert_eq!((v.digest.as_str(), v.size), (b.as_str(), 96));
+        assert_eq!(ImageConfig::from_slice(c.to_json().as_bytes()).unwrap(), c);
+        for (bad, field) in [
+            (
+                r#"{"lowers":[{"digest":"A","size":1,"verity":{"digest":"md5:1","size":1}}]}"#
+                    .replace('A', &a),
+                "lowers[0].verity.digest",
+            ),
+            (
+                r#"{"lowers":[{"file":"x","verity":{"digest":"B","size":1}}]}"#.replace('B', &b),
+                "lowers[0].verity",
+            ),
+        ] {
+            let e = ImageConfig::from_slice(bad.as_bytes()).unwrap_err();
+            assert!(
+                matches!(&e, Error::Config { field: f, .. } if f == field),
+                "{e}"
+            );
+        }
     }
 
     #[test]

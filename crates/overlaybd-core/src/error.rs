@@ -199,6 +199,17 @@ pub enum Error {
         detail: String,
     },
 
+    /// A blob cannot be read verified: its piece table is missing where the
+    /// policy requires one, or is unusable (bad digest, bad encoding, not
+    /// the blob's).
+    #[error("verification of blob {blob}: {detail}")]
+    Verify {
+        /// The layer blob's digest.
+        blob: String,
+        /// What is wrong.
+        detail: String,
+    },
+
     /// A service configuration file is malformed.
     #[error("service config {field}: {detail}")]
     ServiceConfig {

@@ -17,6 +17,7 @@ pub mod download;
 pub mod oci;
 pub mod sched;
 pub mod timeline;
+pub mod verity;
 
 /// How urgent a fetch is: a container waiting on a read goes before prefetch and
 /// background download, always.
@@ -66,15 +67,39 @@ pub struct BlobRef {
     pub digest: String,
     /// Blob size in bytes (from the config or a probe).
     pub size: u64,
+    /// The blob's piece table, when its image carries one and the service's
+    /// `[cache] verify` policy is not `off`: every range fetched is checked
+    /// against it before anyone sees it ([`verity`]).
+    pub verity: Option<std::sync::Arc<verity::PieceTable>>,
 }
 
 impl BlobRef {
+    /// A blob without a piece table.
+    pub fn new(url: impl Into<String>, digest: impl Into<String>, size: u64) -> Self {
+        BlobRef {
+            url: url.into(),
+            digest: digest.into(),
+            size,
+            verity: None,
+        }
+    }
+
+    /// True when every byte fetched for this blob is checked against its
+    /// piece table, so its cached bytes are the blob's whatever registry
+    /// served them; false when they are only as good as their source.
+    pub fn verified(&self) -> bool {
+        self.verity.is_some()
+    }
+
     /// The block-cache scope of this blob's bytes: the origin that serves
     /// them (`host/repository` of [`BlobRef::url`]), so bytes one registry
     /// or repository served are never handed to a reader of another. `None`
     /// (shared by every origin) only for bytes verified against a digest
     /// table the manifest covers.
     pub fn cache_scope(&self) -> Option<String> {
+        if self.verified() {
+            return None;
+        }
         let rest = self
             .url
             .split_once("://")

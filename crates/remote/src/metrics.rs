@@ -1,6 +1,7 @@
 //! Prometheus metrics of remote layers (OpenMetrics text via prometheus-client):
 //! bytes and requests per layer and priority, fetch latency histograms,
-//! failures, and the block cache's usage and resets.
+//! failures, piece-table mismatches per layer and source, and the block
+//! cache's usage and resets.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +23,15 @@ pub struct LayerLabels {
     pub layer: String,
     /// `foreground`, `prefetch` or `background`.
     pub priority: String,
+}
+
+/// Labels of piece-table mismatch series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// Blob digest.
+    pub layer: String,
+    /// Who served the bytes: `mirror`, `origin` or `p2p`.
+    pub source: String,
 }
 
 /// Labels of latency series.
@@ -49,6 +59,9 @@ pub struct Metrics {
     pub cache_hits: Counter,
     /// Cache reads that needed a fetch.
     pub cache_misses: Counter,
+    /// Responses whose bytes did not match the blob's piece table, per layer
+    /// and source (each then failed over, retried or reported).
+    pub verify_failures: Family<SourceLabels, Counter>,
 }
 
 fn prio_name(p: Priority) -> &'static str {
@@ -79,6 +92,7 @@ impl Metrics {
         let cache_bytes = Gauge::default();
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
+        let verify_failures = Family::<SourceLabels, Counter>::default();
         registry.register("requests", "Remote range requests", requests.clone());
         registry.register("bytes", "Bytes fetched from remote blobs", bytes.clone());
         registry.register(
@@ -106,6 +120,11 @@ impl Metrics {
             "Reads that needed a remote fetch",
             cache_misses.clone(),
         );
+        registry.register(
+            "verify_failures",
+            "Fetched ranges that did not match the blob's piece table",
+            verify_failures.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -115,7 +134,18 @@ impl Metrics {
             cache_bytes,
             cache_hits,
             cache_misses,
+            verify_failures,
         }
+    }
+
+    /// Counts one piece-table mismatch of `layer`'s bytes from `source`.
+    pub fn verify_failure(&self, layer: &str, source: &str) {
+        self.verify_failures
+            .get_or_create(&SourceLabels {
+                layer: layer.to_string(),
+                source: source.to_string(),
+            })
+            .inc();
     }
 
     /// The OpenMetrics text exposition.
@@ -200,11 +230,7 @@ mod tests {
     fn fetches_show_up_in_the_exposition() {
         let m = Metrics::new();
         let f = MeteredFetcher::new(Arc::new(Mem(vec![1; 1000])), m.clone());
-        let b = BlobRef {
-            url: "http://r/v2/x/blobs/sha256:ab".into(),
-            digest: "sha256:ab".into(),
-            size: 1000,
-        };
+        let b = BlobRef::new("http://r/v2/x/blobs/sha256:ab", "sha256:ab", 1000);
         f.fetch(&b, 0, 100, Priority::Foreground).unwrap();
         f.fetch(&b, 100, 200, Priority::Background).unwrap();
         assert!(f.fetch(&b, 900, 200, Priority::Foreground).is_err());
@@ -231,6 +257,14 @@ mod tests {
         );
         assert!(
             text.contains("obd_remote_fetch_latency_seconds_bucket"),
+            "{text}"
+        );
+        m.verify_failure("sha256:ab", "mirror");
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"obd_remote_verify_failures_total{layer="sha256:ab",source="mirror"} 1"#
+            ),
             "{text}"
         );
     }

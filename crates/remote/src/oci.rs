@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+pub use overlaybd_core::config::Verity;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
@@ -45,6 +46,11 @@ pub const ANN_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
 pub const ANN_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
 /// Layer annotation marking the acceleration (trace) layer (formats.md §8.3).
 pub const ANN_ACCEL: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
+/// Layer annotation (obd): the digest of the layer blob's piece table, a
+/// blob of the same repository ([`crate::verity`]). Upstream tools ignore it.
+pub const ANN_VERITY_DIGEST: &str = "containerd.io/snapshot/overlaybd/verity.digest";
+/// Layer annotation (obd): the size of the piece table blob, in decimal.
+pub const ANN_VERITY_SIZE: &str = "containerd.io/snapshot/overlaybd/verity.size";
 /// [`ANN_VERSION`] of a native overlaybd layer.
 pub const VERSION_NATIVE: &str = "0.1.0";
 /// Descriptor annotation naming a tag in an OCI image layout's `index.json`.
@@ -367,6 +373,38 @@ impl Document {
             Document::Manifest(Box::new(serde_json::from_slice(bytes)?))
         })
     }
+}
+
+/// The piece table a layer's annotations name (a snapshot's labels carry
+/// the same keys): `None` when neither key is there; an error naming the key
+/// when one is missing or malformed.
+pub fn verity_annotations(map: &BTreeMap<String, String>) -> Result<Option<Verity>, String> {
+    let (d, s) = (map.get(ANN_VERITY_DIGEST), map.get(ANN_VERITY_SIZE));
+    if d.is_none() && s.is_none() {
+        return Ok(None);
+    }
+    let digest = d.ok_or_else(|| format!("{ANN_VERITY_SIZE} without {ANN_VERITY_DIGEST}"))?;
+    let size = s.ok_or_else(|| format!("{ANN_VERITY_DIGEST} without {ANN_VERITY_SIZE}"))?;
+    if !is_sha256(digest) {
+        return Err(format!(
+            "{ANN_VERITY_DIGEST} {digest:?} is not a sha256 digest"
+        ));
+    }
+    let size = size
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{ANN_VERITY_SIZE} {size:?} is not a positive number"))?;
+    Ok(Some(Verity {
+        digest: digest.clone(),
+        size,
+    }))
+}
+
+/// Adds the annotations that name the piece table `v` to `map`.
+pub fn set_verity_annotations(map: &mut BTreeMap<String, String>, v: &Verity) {
+    map.insert(ANN_VERITY_DIGEST.into(), v.digest.clone());
+    map.insert(ANN_VERITY_SIZE.into(), v.size.to_string());
 }
 
 /// `bytes` of a document written with its keys in sorted order: the form
@@ -784,6 +822,32 @@ mod tests {
             "no config"
         );
         assert!(Document::parse("", b"not json").is_err());
+    }
+
+    #[test]
+    fn verity_annotations_round_trip_and_are_checked() {
+        let v = Verity {
+            digest: format!("sha256:{}", "c".repeat(64)),
+            size: 96,
+        };
+        let mut m = BTreeMap::new();
+        assert_eq!(verity_annotations(&m), Ok(None));
+        set_verity_annotations(&mut m, &v);
+        assert_eq!(verity_annotations(&m), Ok(Some(v.clone())));
+        // Short enough for a containerd label (4 KiB per label).
+        assert!(m.iter().all(|(k, val)| k.len() + val.len() < 200));
+        let mut bad = m.clone();
+        bad.insert(ANN_VERITY_SIZE.into(), "x".into());
+        assert!(verity_annotations(&bad)
+            .unwrap_err()
+            .contains(ANN_VERITY_SIZE));
+        let mut bad = m.clone();
+        bad.insert(ANN_VERITY_DIGEST.into(), "sha256:AB".into());
+        assert!(verity_annotations(&bad)
+            .unwrap_err()
+            .contains(ANN_VERITY_DIGEST));
+        m.remove(ANN_VERITY_DIGEST);
+        assert!(verity_annotations(&m).is_err());
     }
 
     #[test]

@@ -28,6 +28,14 @@
 //!    unless the URL is a redirect target); if the proxy cannot be reached the
 //!    request goes direct.
 //!
+//! 6. When the blob has a piece table ([`BlobRef::verity`]), the range asked
+//!    for is widened to whole pieces and every attempt's bytes are checked
+//!    against the table before they are returned ([`crate::verity`]). A
+//!    mismatch fails that attempt like a bad response: a mirror's moves to
+//!    the next endpoint, a P2P proxy's is fetched again direct, the origin's
+//!    is retried; each is counted (`verify_failures`), and when every source
+//!    lied the read fails naming the blob, the range and each source.
+//!
 //! Every request has a deadline: `timeouts.request_ms` per request, and
 //! `timeouts.total_ms` for a whole read including retries and failover.
 
@@ -44,6 +52,8 @@ use reqwest::{Method, StatusCode, Url};
 
 use super::creds::{self, CredentialSource};
 use super::http::{self, Access, AuthScope, Class, Fail, Request, Retry, Transport};
+use super::metrics::Metrics;
+use super::verity::{PieceTable, VerityError};
 use super::{BlobRef, Priority, RangeFetcher};
 use overlaybd_core::error::{Error, Result};
 use zfile::sync::MutexExt;
@@ -61,6 +71,8 @@ pub struct BlobCounters {
     pub retries: AtomicU64,
     /// Data responses that came over HTTP/2.
     pub http2: AtomicU64,
+    /// Responses whose bytes did not match the blob's piece table.
+    pub verify_failures: AtomicU64,
 }
 
 /// A snapshot of [`BlobCounters`].
@@ -74,6 +86,8 @@ pub struct BlobStats {
     pub retries: u64,
     /// Data responses over HTTP/2.
     pub http2: u64,
+    /// Responses that failed the piece-table check.
+    pub verify_failures: u64,
 }
 
 /// One place a blob can be read from.
@@ -85,6 +99,8 @@ struct Endpoint {
     host: String,
     /// `ns/repo`.
     repo: String,
+    /// `mirror` or `origin` (metrics and logs).
+    kind: &'static str,
 }
 
 impl Endpoint {
@@ -118,6 +134,30 @@ impl Want {
     fn header(&self) -> String {
         format!("bytes={}-{}", self.offset, self.end() - 1)
     }
+}
+
+/// How one attempt's data request may travel, and how it did.
+struct Route {
+    /// The P2P proxy may be used (when enabled and up).
+    p2p: bool,
+    /// The last request went through the P2P proxy.
+    via_p2p: std::cell::Cell<bool>,
+}
+
+impl Default for Route {
+    fn default() -> Self {
+        Route {
+            p2p: true,
+            via_p2p: std::cell::Cell::new(false),
+        }
+    }
+}
+
+/// What fetched bytes are checked against: the blob's piece table.
+struct Check<'a> {
+    table: &'a PieceTable,
+    /// The blob's digest (metrics and logs).
+    digest: &'a str,
 }
 
 /// Splits a blob URL into (parsed URL, `host[:port]`, repo, path from `/v2/`).
@@ -199,6 +239,8 @@ pub struct RegistryClient {
     p2p_state: Mutex<Option<(bool, Instant)>>,
     /// Mirrors that refused a connection, skipped until the instant.
     mirror_down: Mutex<HashMap<String, Instant>>,
+    /// Where piece-table mismatches are counted, if anywhere.
+    metrics: Option<Metrics>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -251,7 +293,14 @@ impl RegistryClient {
             stats: Mutex::new(HashMap::new()),
             p2p_state: Mutex::new(None),
             mirror_down: Mutex::new(HashMap::new()),
+            metrics: None,
         }
+    }
+
+    /// Counts piece-table mismatches in `metrics` too.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The options in use.
@@ -267,6 +316,7 @@ impl RegistryClient {
                 bytes: c.bytes.load(Ordering::Relaxed),
                 retries: c.retries.load(Ordering::Relaxed),
                 http2: c.http2.load(Ordering::Relaxed),
+                verify_failures: c.verify_failures.load(Ordering::Relaxed),
             },
             None => BlobStats::default(),
         }
@@ -322,15 +372,15 @@ impl RegistryClient {
         for m in mirrors.into_iter().flatten() {
             let murl = format!("{}{v2path}", m.trim_end_matches('/'));
             match Url::parse(&murl) {
-                Ok(mu) => out.push(self.endpoint_from(mu, repo.clone())),
+                Ok(mu) => out.push(self.endpoint_from(mu, repo.clone(), "mirror")),
                 Err(_) => continue,
             }
         }
-        out.push(self.endpoint_from(u, repo));
+        out.push(self.endpoint_from(u, repo, "origin"));
         Ok(out)
     }
 
-    fn endpoint_from(&self, mut u: Url, repo: String) -> Endpoint {
+    fn endpoint_from(&self, mut u: Url, repo: String, kind: &'static str) -> Endpoint {
         let host = http::authority(&u);
         if u.scheme() == "https" && self.http.host_opts(&host).plain_http {
             let _ = u.set_scheme("http");
@@ -339,6 +389,7 @@ impl RegistryClient {
             url: u.to_string(),
             host,
             repo,
+            kind,
         }
     }
 
@@ -405,17 +456,19 @@ impl RegistryClient {
     }
 
     /// Sends the data request for `want` to `target`, through the P2P proxy
-    /// when it is up (direct when it cannot be reached), and counts it.
+    /// when `route.p2p` allows it and the proxy is up (direct when it cannot
+    /// be reached), and counts it; `route.via_p2p` tells which it was.
     fn send_data(
         &self,
         target: &str,
         authorization: Option<&str>,
         want: Want,
-        counters: &BlobCounters,
+        (counters, route): (&BlobCounters, &Route),
         deadline: Instant,
     ) -> std::result::Result<Response, Fail> {
         loop {
-            let via_p2p = self.p2p_active();
+            let via_p2p = route.p2p && self.p2p_active();
+            route.via_p2p.set(via_p2p);
             let url = if via_p2p {
                 self.p2p_url(target)
             } else {
@@ -443,7 +496,7 @@ impl RegistryClient {
     fn request_range(
         &self,
         ep: &Endpoint,
-        counters: &BlobCounters,
+        (counters, route): (&BlobCounters, &Route),
         want: Want,
         deadline: Instant,
     ) -> std::result::Result<Response, Fail> {
@@ -455,11 +508,11 @@ impl RegistryClient {
                     let what = format!("GET {}", ep.url);
                     self.http
                         .send_authed(&ep.auth(), &what, Some(deadline), |authz| {
-                            self.send_data(&ep.url, authz, want, counters, deadline)
+                            self.send_data(&ep.url, authz, want, (counters, route), deadline)
                         })?
                 }
                 Some(target) => {
-                    let resp = self.send_data(target, None, want, counters, deadline)?;
+                    let resp = self.send_data(target, None, want, (counters, route), deadline)?;
                     if http::classify(resp.status()) == Class::Auth {
                         // An expired presigned URL: drop it and resolve again.
                         self.drop_redirect(&ep.url);
@@ -494,31 +547,81 @@ impl RegistryClient {
     }
 
     /// One attempt at `want` from `ep`. Returns the bytes and the blob's total
-    /// size.
+    /// size. With a piece table (`want` is then whole pieces), the bytes are
+    /// checked against it; bytes a P2P proxy served that fail the check are
+    /// fetched once more direct, in the same attempt.
     fn try_once(
         &self,
         ep: &Endpoint,
-        counters: &BlobCounters,
+        (counters, check): (&BlobCounters, Option<&Check<'_>>),
         want: Want,
         deadline: Instant,
     ) -> std::result::Result<(Vec<u8>, u64), Fail> {
-        let resp = self.request_range(ep, counters, want, deadline)?;
-        match resp.status() {
-            StatusCode::PARTIAL_CONTENT => read_206(resp, want),
-            StatusCode::OK => read_200(resp, want),
-            s if http::classify(s) == Class::Retryable => Err(Fail::Retry(format!("HTTP {s}"))),
-            s => Err(Fail::Fatal(Error::Remote {
-                url: ep.url.clone(),
-                offset: want.offset,
-                end: want.end(),
-                detail: format!("HTTP {s}"),
-            })),
+        let mut route = Route::default();
+        let mut p2p_lied = None;
+        loop {
+            let resp = self.request_range(ep, (counters, &route), want, deadline)?;
+            let (data, total, verdict) = match resp.status() {
+                StatusCode::PARTIAL_CONTENT => read_206(resp, want, check.map(|c| c.table))?,
+                StatusCode::OK => {
+                    let (d, t) = read_200(resp, want)?;
+                    (d, t, None)
+                }
+                s if http::classify(s) == Class::Retryable => {
+                    return Err(Fail::Retry(format!("HTTP {s}")))
+                }
+                s => {
+                    return Err(Fail::Fatal(Error::Remote {
+                        url: ep.url.clone(),
+                        offset: want.offset,
+                        end: want.end(),
+                        detail: format!("HTTP {s}"),
+                    }))
+                }
+            };
+            let Some(c) = check else {
+                return Ok((data, total));
+            };
+            let verdict = verdict.unwrap_or_else(|| c.table.verify(want.offset, &data));
+            let Err(e) = verdict else {
+                return Ok((data, total));
+            };
+            let via_p2p = route.via_p2p.get();
+            let source = if via_p2p { "p2p" } else { ep.kind };
+            counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &self.metrics {
+                m.verify_failure(c.digest, source);
+            }
+            tracing::warn!(blob = c.digest, offset = want.offset, end = want.end(), source, url = %ep.url, "{e}");
+            if via_p2p {
+                // The proxy served wrong bytes: this endpoint once more, direct.
+                p2p_lied = Some(e);
+                route = Route {
+                    p2p: false,
+                    ..Route::default()
+                };
+                continue;
+            }
+            let mut detail = format!("bytes failed verification: {e}");
+            if let Some(p) = p2p_lied {
+                detail = format!(
+                    "P2P proxy {}: {p}; direct: {detail}",
+                    self.options().p2p.address
+                );
+            }
+            return Err(Fail::Retry(detail));
         }
     }
 
-    /// Reads `want` of the blob at `url`, with retries and failover. Returns
-    /// the bytes and the blob's total size (0 if unknown).
-    fn fetch_range(&self, url: &str, want: Want) -> Result<(Vec<u8>, u64)> {
+    /// Reads `want` of the blob at `url`, with retries and failover, checking
+    /// every attempt's bytes against `check` when given. Returns the bytes
+    /// and the blob's total size (0 if unknown).
+    fn fetch_range(
+        &self,
+        url: &str,
+        want: Want,
+        check: Option<&Check<'_>>,
+    ) -> Result<(Vec<u8>, u64)> {
         let endpoints = self.endpoints(url)?;
         let counters = self.counters(url);
         let total_ms = self.options().timeouts.total_ms;
@@ -542,7 +645,7 @@ impl RegistryClient {
                 retry.clone().with_tries(1)
             };
             let res = retry.run(
-                || self.try_once(ep, &counters, want, deadline),
+                || self.try_once(ep, (&counters, check), want, deadline),
                 |attempt, f| {
                     self.drop_redirect(&ep.url);
                     counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -608,9 +711,19 @@ impl RegistryClient {
     }
 }
 
+/// A body read: its bytes, the blob's total size (0 if unknown), and the
+/// piece-table verdict when the bytes were checked while being read.
+type Body = (Vec<u8>, u64, Option<std::result::Result<(), VerityError>>);
+
 /// A 206 must carry exactly the range asked for (and the blob's size, when
-/// known) and exactly that many bytes.
-fn read_206(mut resp: Response, want: Want) -> std::result::Result<(Vec<u8>, u64), Fail> {
+/// known) and exactly that many bytes. With `table` (`want` is then whole
+/// pieces) each piece is checked as soon as it has arrived, while the next
+/// ones are still coming; the first mismatch ends the read.
+fn read_206(
+    mut resp: Response,
+    want: Want,
+    table: Option<&PieceTable>,
+) -> std::result::Result<Body, Fail> {
     let Want { offset, len, total } = want;
     let cr = resp
         .headers()
@@ -637,23 +750,77 @@ fn read_206(mut resp: Response, want: Want) -> std::result::Result<(Vec<u8>, u64
     // Read straight into a buffer of the expected size: one copy out of the
     // HTTP client's chunks, no intermediate buffer. One byte more than asked
     // for is read to detect a longer body.
+    let read_err = |e: std::io::Error| Fail::Retry(format!("reading body: {}", http::chain(&e)));
+    let mut rest = (&mut resp).take(len + 1);
+    let total = got_total.or(total).unwrap_or(0);
+    if let Some(t) = table {
+        return read_checked(&mut rest, want, t).map(|(b, v)| (b, total, Some(v)));
+    }
     let mut body = Vec::with_capacity(len as usize);
-    (&mut resp)
-        .take(len + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| Fail::Retry(format!("reading body: {}", http::chain(&e))))?;
-    if body.len() as u64 != len {
+    rest.read_to_end(&mut body).map_err(read_err)?;
+    check_len(body.len() as u64, len)?;
+    Ok((body, total, None))
+}
+
+/// A body of `got` bytes (at most `len + 1` read) must be `len` bytes.
+fn check_len(got: u64, len: u64) -> std::result::Result<(), Fail> {
+    if got != len {
         return Err(Fail::Retry(format!(
             "body has {}{} bytes, expected {len}",
-            if body.len() as u64 > len {
-                "more than "
-            } else {
-                ""
-            },
-            body.len().min(len as usize)
+            if got > len { "more than " } else { "" },
+            got.min(len)
         )));
     }
-    Ok((body, got_total.or(total).unwrap_or(0)))
+    Ok(())
+}
+
+/// Reads the `want.len` bytes of a checked range (whole pieces of `table`
+/// from `want.offset`) in large reads, checking each piece as soon as it has
+/// arrived, while the next ones are still coming. The first mismatch ends
+/// the read with that verdict.
+fn read_checked(
+    r: &mut impl Read,
+    want: Want,
+    table: &PieceTable,
+) -> std::result::Result<(Vec<u8>, std::result::Result<(), VerityError>), Fail> {
+    let len = want.len as usize;
+    let piece = table.piece_size() as usize;
+    // Zeroed pages straight from the allocator: no extra pass for large
+    // buffers.
+    let mut body = vec![0u8; len];
+    let (mut filled, mut checked) = (0, 0);
+    loop {
+        let n = if filled < len {
+            match r.read(&mut body[filled..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fail::Retry(format!("reading body: {}", http::chain(&e)))),
+            }
+        } else {
+            0
+        };
+        filled += n;
+        while checked < filled && (filled - checked >= piece || filled == len) {
+            let end = (checked + piece).min(len);
+            if let Err(e) = table.verify(want.offset + checked as u64, &body[checked..end]) {
+                return Ok((body, Err(e)));
+            }
+            checked = end;
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    // One byte more than asked for tells a longer body.
+    let mut extra = [0u8; 1];
+    let more = loop {
+        match r.read(&mut extra) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other.unwrap_or(0),
+        }
+    };
+    check_len((filled + more) as u64, want.len)?;
+    Ok((body, Ok(())))
 }
 
 /// A 200 is the whole blob (the server ignored the range): stream past
@@ -714,8 +881,39 @@ impl RangeFetcher for RegistryClient {
             });
         }
         let total = (blob.size > 0).then_some(blob.size);
-        self.fetch_range(&blob.url, Want { offset, len, total })
-            .map(|r| r.0)
+        let Some(table) = blob.verity.as_deref() else {
+            return self
+                .fetch_range(&blob.url, Want { offset, len, total }, None)
+                .map(|r| r.0);
+        };
+        if table.blob_size() != blob.size {
+            return Err(Error::Verify {
+                blob: blob.digest.clone(),
+                detail: format!(
+                    "the piece table describes {} bytes, the blob has {}",
+                    table.blob_size(),
+                    blob.size
+                ),
+            });
+        }
+        // Only whole pieces can be checked: fetch them, hand back the range.
+        let (wo, wl) = table.widen(offset, len);
+        let check = Check {
+            table,
+            digest: &blob.digest,
+        };
+        let want = Want {
+            offset: wo,
+            len: wl,
+            total,
+        };
+        let (mut data, _) = self.fetch_range(&blob.url, want, Some(&check))?;
+        if (wo, wl) != (offset, len) {
+            let skip = (offset - wo) as usize;
+            data.drain(..skip);
+            data.truncate(len as usize);
+        }
+        Ok(data)
     }
 
     fn blob_size(&self, blob_url: &str) -> Result<u64> {
@@ -727,7 +925,7 @@ impl RangeFetcher for RegistryClient {
             len: 1,
             total: None,
         };
-        let (_, total) = self.fetch_range(blob_url, want)?;
+        let (_, total) = self.fetch_range(blob_url, want, None)?;
         if total == 0 {
             return Err(Error::Remote {
                 url: blob_url.to_string(),

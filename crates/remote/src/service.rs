@@ -10,6 +10,9 @@
 //!                                # beyond); 0 = 10 % of the file system (1-64 GiB)
 //! block_size = 65536             # presence/eviction granularity
 //! gc_grace = 3600                # seconds before a blob nothing uses is collected
+//! verify = "if-present"          # check fetched bytes against the layer's piece
+//!                                # table: "required" (no table: the layer does not
+//!                                # open), "if-present", or "off"
 //!
 //! [fetch]
 //! min_fetch = 262144             # every remote request covers whole multiples of this
@@ -51,8 +54,9 @@ use crate::download::{
 use crate::metrics::{MeteredFetcher, Metrics};
 use crate::registry::{RegistryClient, RegistryOptions};
 use crate::sched::Scheduler;
-use crate::{BlobRef, RangeFetcher};
-use overlaybd_core::config::{resolve, Download};
+use crate::verity::{self, PieceTable};
+use crate::{BlobRef, Priority, RangeFetcher};
+use overlaybd_core::config::{resolve, Download, Lower, Verity};
 use overlaybd_core::error::{Error, Result};
 use overlaybd_core::source::{LayerRef, LayerSource, OpenedBlob};
 
@@ -185,6 +189,9 @@ pub struct CacheSection {
     pub budget: u64,
     /// Presence/eviction granularity (power of two ≥ 4096). Default 64 KiB.
     pub block_size: u64,
+    /// Whether fetched bytes are checked against the layers' piece tables.
+    /// Default `if-present`.
+    pub verify: VerifyPolicy,
     /// Seconds before a blob that no process uses (and no snapshot keeps) is
     /// collected. Default 3600.
     pub gc_grace: u64,
@@ -222,8 +229,23 @@ impl Default for CacheSection {
             budget: 0,
             block_size: DEFAULT_BLOCK_SIZE,
             gc_grace: DEFAULT_GC_GRACE.as_secs(),
+            verify: VerifyPolicy::default(),
         }
     }
+}
+
+/// `[cache] verify`: what a remote layer's piece table (`lowers[].verity`
+/// in `config.v1.json`) is used for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyPolicy {
+    /// A remote layer without a piece table does not open.
+    Required,
+    /// Layers with a table are checked; the others are read unchecked.
+    #[default]
+    IfPresent,
+    /// Nothing is checked; tables are not fetched.
+    Off,
 }
 
 /// `[fetch]`.
@@ -271,6 +293,7 @@ impl ServiceConfig {
 /// Remote lowers (`digest` + `repoBlobUrl`) read lazily from a registry through
 /// the persistent block cache.
 pub struct RegistrySource {
+    verify: VerifyPolicy,
     download: DownloadSection,
     downloads: Mutex<Vec<(String, DownloadHandle)>>,
     metrics: Metrics,
@@ -283,17 +306,26 @@ pub struct RegistrySource {
 impl RegistrySource {
     /// Builds the registry client, opens the cache and the scheduler.
     pub fn new(cfg: &ServiceConfig) -> Result<Self> {
-        let fetcher: Arc<dyn RangeFetcher> = Arc::new(RegistryClient::new(cfg.registry.clone())?);
-        Self::with_fetcher(cfg, fetcher)
+        let metrics = Metrics::new();
+        let client = RegistryClient::new(cfg.registry.clone())?.with_metrics(metrics.clone());
+        Self::with_parts(cfg, Arc::new(client), metrics)
     }
 
     /// Like [`RegistrySource::new`] with any fetcher (tests, custom transports).
     pub fn with_fetcher(cfg: &ServiceConfig, fetcher: Arc<dyn RangeFetcher>) -> Result<Self> {
-        let metrics = Metrics::new();
+        Self::with_parts(cfg, fetcher, Metrics::new())
+    }
+
+    fn with_parts(
+        cfg: &ServiceConfig,
+        fetcher: Arc<dyn RangeFetcher>,
+        metrics: Metrics,
+    ) -> Result<Self> {
         let fetcher: Arc<dyn RangeFetcher> =
             Arc::new(MeteredFetcher::new(fetcher, metrics.clone()));
         let copts = cfg.cache.options(Path::new(DEFAULT_CACHE_DIR));
         Ok(RegistrySource {
+            verify: cfg.cache.verify,
             download: cfg.download.clone(),
             downloads: Mutex::new(Vec::new()),
             metrics,
@@ -335,6 +367,82 @@ impl RegistrySource {
         self.metrics.cache_bytes.set(self.cache.usage() as i64);
         &self.metrics
     }
+
+    /// The piece table of remote lower `l` (`size` bytes) under the
+    /// `[cache] verify` policy ([`fetch_piece_table`]). A table the config
+    /// names but that cannot be had fails the open (never a silent fall back
+    /// to unchecked reads).
+    fn piece_table(
+        &self,
+        repo_blob_url: &str,
+        l: &Lower,
+        size: u64,
+    ) -> Result<Option<Arc<PieceTable>>> {
+        let v = match (self.verify, &l.verity) {
+            (VerifyPolicy::Off, _) | (VerifyPolicy::IfPresent, None) => return Ok(None),
+            (VerifyPolicy::Required, None) => {
+                return Err(Error::Verify {
+                    blob: l.digest.clone(),
+                    detail: "the layer has no piece table and the service config requires one ([cache] verify = \"required\")".into(),
+                })
+            }
+            (_, Some(v)) => v,
+        };
+        let blob = BlobRef::new(String::new(), l.digest.clone(), size);
+        fetch_piece_table(&*self.fetcher, repo_blob_url, &blob, v).map(Some)
+    }
+}
+
+/// Fetches the piece table `v` of `blob` (its digest and size) from the
+/// repository at `repo_blob_url` through `fetcher`, and checks it: its size
+/// bounded by what a table of a blob this size can be (before fetching), its
+/// sha256 whole, its encoding, and that it describes this blob. Errors are
+/// [`Error::Verify`] naming the blob.
+pub fn fetch_piece_table(
+    fetcher: &dyn RangeFetcher,
+    repo_blob_url: &str,
+    blob: &BlobRef,
+    v: &Verity,
+) -> Result<Arc<PieceTable>> {
+    let bad = |detail: String| Error::Verify {
+        blob: blob.digest.clone(),
+        detail,
+    };
+    let size = blob.size;
+    let bound = verity::encoded_len(size, 1 << verity::MIN_PIECE_SHIFT).min(verity::MAX_TABLE_SIZE);
+    if v.size > bound {
+        return Err(bad(format!(
+            "piece table {} is said to be {} bytes; a table of a {size}-byte blob has at most {bound}",
+            v.digest, v.size
+        )));
+    }
+    let url = format!("{}/{}", repo_blob_url.trim_end_matches('/'), v.digest);
+    let bytes = fetcher
+        .fetch(
+            &BlobRef::new(url, v.digest.clone(), v.size),
+            0,
+            v.size,
+            Priority::Foreground,
+        )
+        .map_err(|e| bad(format!("fetching its piece table: {e}")))?;
+    let got = crate::oci::sha256_digest(&bytes);
+    if got != v.digest {
+        return Err(bad(format!(
+            "piece table blob {} has digest {got}",
+            v.digest
+        )));
+    }
+    let t =
+        PieceTable::decode(&bytes).map_err(|e| bad(format!("piece table {}: {e}", v.digest)))?;
+    if t.blob_digest() != blob.digest || t.blob_size() != size {
+        return Err(bad(format!(
+            "piece table {} describes blob {} ({} bytes), not this one ({size} bytes)",
+            v.digest,
+            t.blob_digest(),
+            t.blob_size()
+        )));
+    }
+    Ok(Arc::new(t))
 }
 
 impl LayerSource for RegistrySource {
@@ -349,17 +457,20 @@ impl LayerSource for RegistrySource {
                 detail: format!("needed to fetch remote layer {}", l.digest),
             });
         }
-        let url = format!("{}/{}", layer.repo_blob_url.trim_end_matches('/'), l.digest);
+        let repo = layer.repo_blob_url.trim_end_matches('/');
+        let url = format!("{repo}/{}", l.digest);
         let size = if l.size > 0 {
             l.size
         } else {
             self.fetcher.blob_size(&url)?
         };
+        let verity = self.piece_table(repo, l, size)?;
         let blob = Arc::new(RemoteBlob::new(
             BlobRef {
                 url,
                 digest: l.digest.clone(),
                 size,
+                verity,
             },
             self.fetcher.clone(),
             self.cache.clone(),
@@ -444,6 +555,16 @@ mod tests {
         assert_eq!(c.fetch.min_fetch, 256 << 10);
         assert_eq!(c.fetch.max_request, 4 << 20);
         assert_eq!(c.fetch.concurrency, 8);
+        assert_eq!(c.cache.verify, VerifyPolicy::IfPresent);
+        for (text, want) in [
+            ("required", VerifyPolicy::Required),
+            ("if-present", VerifyPolicy::IfPresent),
+            ("off", VerifyPolicy::Off),
+        ] {
+            let c = ServiceConfig::from_toml(&format!("[cache]\nverify = \"{text}\"")).unwrap();
+            assert_eq!(c.cache.verify, want);
+        }
+        assert!(ServiceConfig::from_toml("[cache]\nverify = \"sometimes\"").is_err());
     }
 
     #[test]

@@ -44,14 +44,14 @@ impl RangeFetcher for Src {
 
 fn blob(host_repo: &str, src: &Arc<Src>, cache: &Arc<BlockCache>) -> RemoteBlob {
     RemoteBlob::new(
-        BlobRef {
-            url: {
+        BlobRef::new(
+            {
                 let (host, repo) = host_repo.split_once('/').unwrap();
                 format!("https://{host}/v2/{repo}/blobs/{DIGEST}")
             },
-            digest: DIGEST.into(),
-            size: src.data.len() as u64,
-        },
+            DIGEST.into(),
+            src.data.len() as u64,
+        ),
         Arc::clone(src) as Arc<dyn RangeFetcher>,
         Arc::clone(cache),
         Arc::new(Scheduler::new(4)),

@@ -49,11 +49,11 @@ fn child_main(src: &Path, cache_dir: &Path, seed: u64, budget: u64) {
         file: std::fs::File::open(src).unwrap(),
     });
     let blob = RemoteBlob::new(
-        BlobRef {
-            url: format!("https://registry.test/v2/mp/blobs/{DIGEST}"),
-            digest: DIGEST.into(),
-            size: SIZE as u64,
-        },
+        BlobRef::new(
+            format!("https://registry.test/v2/mp/blobs/{DIGEST}"),
+            DIGEST.into(),
+            SIZE as u64,
+        ),
         fetcher,
         cache,
         Arc::new(Scheduler::new(4)),

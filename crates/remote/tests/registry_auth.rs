@@ -125,6 +125,7 @@ fn blob(s: &Setup) -> BlobRef {
         url: s.url.clone(),
         digest: digest_of(&s.url),
         size: s.data.len() as u64,
+        verity: None,
     }
 }
 

@@ -128,6 +128,7 @@ fn fetch_ok(c: &RegistryClient, url: &str, data: &[u8]) {
         url: url.to_string(),
         digest: digest_of(url),
         size: data.len() as u64,
+        verity: None,
     };
     let got = c.fetch(&b, 10, 1000, Priority::Foreground).unwrap();
     assert!(got == data[10..1010]);
@@ -257,6 +258,7 @@ fi
         url: url.clone(),
         digest: digest_of(&url),
         size: data.len() as u64,
+        verity: None,
     };
     let e = c.fetch(&b, 0, 10, Priority::Foreground).unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e}");

@@ -30,6 +30,7 @@ fn blob(url: &str, size: usize) -> BlobRef {
         url: url.to_string(),
         digest: digest_of(url),
         size: size as u64,
+        verity: None,
     }
 }
 

@@ -99,6 +99,7 @@ fn blob_ref(size: u64) -> BlobRef {
         url: format!("https://registry.test/v2/ns/repo/blobs/{DIGEST}"),
         digest: DIGEST.into(),
         size,
+        verity: None,
     }
 }
 

@@ -65,6 +65,7 @@ impl Fake {
             url: "https://registry.test/v2/ns/repo/blobs/x".into(),
             digest: digest_of(&self.data),
             size: self.data.len() as u64,
+            verity: None,
         }
     }
 }

@@ -68,6 +68,7 @@ fn setup(
             url: "https://registry.test/v2/ns/repo/blobs/sha256:00".into(),
             digest: "sha256:00aa".into(),
             size: fake.data.len() as u64,
+            verity: None,
         },
         Arc::clone(fake) as Arc<dyn RangeFetcher>,
         Arc::clone(&cache),

@@ -500,10 +500,15 @@ impl LayerHook for ObdLayers {
                 .ok_or_else(|| {
                     Error::InvalidArgument(format!("label {LABEL_BLOB_SIZE} is not a number"))
                 })?;
+            // The piece table the layer's annotations name: the device's
+            // reads of this layer are checked against it.
+            let verity = obd_remote::oci::verity_annotations(l)
+                .map_err(|e| Error::InvalidArgument(format!("layer {digest}: {e}")))?;
             Lower {
                 digest,
                 size,
                 dir: s(&fs),
+                verity,
                 ..Default::default()
             }
         } else if local.is_file() && looks_like_layer(&local) {

@@ -301,6 +301,36 @@ fn obd_pull_remote_and_plain() {
         "{imgs}"
     );
     assert_committed(&sock, &r1);
+    // The layers' piece-table annotations came through containerd as
+    // snapshot labels into the top layer's config.v1.json.
+    let want: Vec<_> = man["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let a: std::collections::BTreeMap<String, String> =
+                serde_json::from_value(l["annotations"].clone()).unwrap();
+            obd_remote::oci::verity_annotations(&a)
+                .unwrap()
+                .expect("a piece table")
+        })
+        .collect();
+    let top = std::fs::read_dir(dir.join("snroot/snapshots"))
+        .unwrap()
+        .filter_map(|e| {
+            overlaybd_core::config::ImageConfig::load(
+                e.unwrap().path().join("block/config.v1.json"),
+            )
+            .ok()
+        })
+        .find(|c| c.lowers.len() == 2)
+        .expect("the top obd layer's config.v1.json");
+    let got: Vec<_> = top
+        .lowers
+        .iter()
+        .map(|l| l.verity.clone().unwrap())
+        .collect();
+    assert_eq!(got, want);
     let info = with_obd("snapshots", &["info", &r1.layers[1].chain_id]);
     assert!(info.contains(&r1.layers[0].chain_id), "parent: {info}");
     assert!(info.contains("containerd.io/snapshot/image-ref"), "{info}");

@@ -52,6 +52,7 @@ fn replay_fetches_at_prefetch_priority_only() {
                 url: format!("https://registry.test/v2/r/blobs/{digest}"),
                 digest,
                 size: fake.data.len() as u64,
+                verity: None,
             },
             fake.clone() as Arc<dyn RangeFetcher>,
             cache.clone(),

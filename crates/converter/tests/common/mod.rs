@@ -428,8 +428,8 @@ pub fn small_opts() -> Options {
     }
 }
 
-/// The converted image's blobs, bottom to top.
-pub fn output_blobs(out: &Path, tag: &str) -> Vec<PathBuf> {
+/// The manifest tagged `tag` in the OCI layout `out`.
+pub fn tagged_manifest(out: &Path, tag: &str) -> serde_json::Value {
     let idx: serde_json::Value =
         serde_json::from_slice(&fs::read(out.join("index.json")).unwrap()).unwrap();
     let m = idx["manifests"]
@@ -439,9 +439,12 @@ pub fn output_blobs(out: &Path, tag: &str) -> Vec<PathBuf> {
         .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
         .unwrap();
     let md = m["digest"].as_str().unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(out.join("blobs/sha256").join(&md[7..])).unwrap())
-            .unwrap();
+    serde_json::from_slice(&fs::read(out.join("blobs/sha256").join(&md[7..])).unwrap()).unwrap()
+}
+
+/// The converted image's blobs, bottom to top.
+pub fn output_blobs(out: &Path, tag: &str) -> Vec<PathBuf> {
+    let manifest = tagged_manifest(out, tag);
     let cfg = manifest["config"]["digest"].as_str().unwrap();
     let config: serde_json::Value =
         serde_json::from_slice(&fs::read(out.join("blobs/sha256").join(&cfg[7..])).unwrap())
