@@ -49,7 +49,7 @@ fn blob(host_repo: &str, src: &Arc<Src>, cache: &Arc<BlockCache>) -> RemoteBlob 
                 let (host, repo) = host_repo.split_once('/').unwrap();
                 format!("https://{host}/v2/{repo}/blobs/{DIGEST}")
             },
-            DIGEST.into(),
+            DIGEST,
             src.data.len() as u64,
         ),
         Arc::clone(src) as Arc<dyn RangeFetcher>,
@@ -89,8 +89,29 @@ fn bytes_one_registry_served_never_reach_a_reader_of_another() {
     );
     assert_eq!(read_all(&blob("evil.example/lib/base", &bad, &cache)), evil);
     assert_eq!((good.served(), bad.served()), (1 << 20, 1 << 20));
+    // A reader whose bytes are checked against a piece table uses the one
+    // shared entry, never an origin's unchecked bytes.
+    let mut verified = blob("good.example/lib/base", &good, &cache).blob().clone();
+    verified.verity = Some(Arc::new(
+        obd_remote::verity::PieceTable::build(&honest[..], 64 << 10).unwrap(),
+    ));
+    let checked = RemoteBlob::new(
+        verified,
+        Arc::clone(&good) as Arc<dyn RangeFetcher>,
+        Arc::clone(&cache),
+        Arc::new(Scheduler::new(4)),
+        RemoteOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(read_all(&checked), honest);
+    assert_eq!(good.served(), 2 << 20, "the shared entry starts empty");
     let scopes: Vec<_> = cache.list().unwrap().into_iter().map(|b| b.scope).collect();
-    assert_eq!(scopes.len(), 2, "one entry per origin: {scopes:?}");
+    assert!(scopes.contains(&None), "{scopes:?}");
+    assert_eq!(
+        scopes.len(),
+        3,
+        "one entry per origin, one shared: {scopes:?}"
+    );
 }
 
 #[test]

@@ -51,7 +51,7 @@ fn child_main(src: &Path, cache_dir: &Path, seed: u64, budget: u64) {
     let blob = RemoteBlob::new(
         BlobRef::new(
             format!("https://registry.test/v2/mp/blobs/{DIGEST}"),
-            DIGEST.into(),
+            DIGEST,
             SIZE as u64,
         ),
         fetcher,
