@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use obd_remote::oci::{
-    self, chain_ids, Config, Document, History, Index, Manifest, Platform, ANN_BLOB_DIGEST,
-    ANN_BLOB_SIZE, ANN_FS_TYPE, ANN_VERSION, ARTIFACT_NATIVE, MT_DOCKER_CONFIG,
-    MT_DOCKER_LAYER_TAR, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG, MT_OCI_INDEX,
-    MT_OCI_LAYER_TAR, MT_OCI_MANIFEST, VERSION_NATIVE,
+    self, chain_ids, layer_compression, Config, Document, History, Index, LayerCompression,
+    Manifest, Platform, ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_FS_TYPE, ANN_VERSION, ARTIFACT_NATIVE,
+    MT_DOCKER_CONFIG, MT_DOCKER_LAYER_TAR, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG,
+    MT_OCI_INDEX, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST, VERSION_NATIVE,
 };
 use overlaybd_core::image::Image;
 use overlaybd_core::lsmt::{CommitInfo, CommitOptions, CreateOptions, Uuid, WritableLayer};
@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use zfile::sync::recover;
 
 use crate::apply::{Applier, ApplyStats};
-use crate::error::{Error, Result};
+use crate::error::{escape, Error, Result};
 use crate::fs::{Ext4, MkfsParams};
 use crate::io::Backend;
 use crate::oci::{sha256_digest, Descriptor, ImageDest, ImageSource};
@@ -369,11 +369,7 @@ impl Run<'_> {
                 overlaybd_core::config::MAX_LAYERS
             )));
         }
-        let media_type = if manifest.media_type.is_empty() {
-            desc.media_type.clone()
-        } else {
-            manifest.media_type.clone()
-        };
+        let media_type = check_media_types(desc, &manifest)?;
         Ok(Source {
             manifest,
             media_type,
@@ -727,6 +723,57 @@ fn stack(lowers: &[(String, Blob)], top: Option<Arc<WritableLayer>>) -> Result<O
     Ok(Some(Arc::new(Image::from_parts(layers, top)?)))
 }
 
+/// The media type of the image manifest `desc` names (the document's own,
+/// else its descriptor's), after checking that the manifest, its config
+/// and every layer have media types the converter knows and that the
+/// document and its descriptor agree.
+fn check_media_types(desc: &Descriptor, manifest: &Manifest) -> Result<String> {
+    let bad = |what: &str, d: &Descriptor, mt: &str, detail: &str| Error::MediaType {
+        what: what.to_string(),
+        digest: escape(d.digest.as_bytes()),
+        media_type: escape(mt.as_bytes()),
+        detail: detail.to_string(),
+    };
+    let (own, described) = (manifest.media_type.as_str(), desc.media_type.as_str());
+    if !own.is_empty() && !described.is_empty() && own != described {
+        return Err(bad(
+            "manifest",
+            desc,
+            own,
+            &format!("its descriptor says `{}`", escape(described.as_bytes())),
+        ));
+    }
+    let mt = if own.is_empty() { described } else { own };
+    if mt != MT_OCI_MANIFEST && mt != MT_DOCKER_MANIFEST {
+        return Err(bad(
+            "manifest",
+            desc,
+            mt,
+            "not an image manifest (OCI or Docker schema 2)",
+        ));
+    }
+    let cmt = manifest.config.media_type.as_str();
+    if cmt != MT_OCI_CONFIG && cmt != MT_DOCKER_CONFIG {
+        return Err(bad(
+            "config",
+            &manifest.config,
+            cmt,
+            "not an image config (OCI or Docker)",
+        ));
+    }
+    for (i, l) in manifest.layers.iter().enumerate() {
+        if layer_compression(&l.media_type).is_none() {
+            return Err(bad(
+                &format!("layer {i}"),
+                l,
+                &l.media_type,
+                "not a known image layer type",
+            ));
+        }
+    }
+    Ok(mt.to_string())
+}
+
 /// Marks 16 random-looking bytes as a version-4 UUID.
 fn uuid_v4(mut b: [u8; 16]) -> [u8; 16] {
     b[6] = (b[6] & 0x0f) | 0x40;
@@ -787,7 +834,8 @@ fn apply_layer(
     // the (single-threaded) filesystem through a small bounded channel.
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
     let (recycle_tx, recycle_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
-    let reader = std::thread::spawn(move || decompress(raw, tx, recycle_rx));
+    let desc = layer.clone();
+    let reader = std::thread::spawn(move || decompress(raw, &desc, tx, recycle_rx));
     let mut chunks = ChannelReader {
         rx,
         recycle: recycle_tx,
@@ -803,8 +851,15 @@ fn apply_layer(
     let read = reader
         .join()
         .map_err(|_| Error::Image("the layer reader thread panicked".into()))?;
-    let stats = applied?;
+    // The source's fault (a lying size or media type, a corrupt stream)
+    // comes first: what the applier saw of it is only a consequence.
     let r = read?;
+    let stats = applied?;
+    let Some(r) = r else {
+        return Err(Error::Image(
+            "internal: the layer reader stopped before the applier".into(),
+        ));
+    };
     if r.tar_digest != diff_id {
         return Err(Error::Image(format!(
             "uncompressed layer has digest {}, but the config's diff_id is {diff_id}",
@@ -849,33 +904,60 @@ struct ReadSummary {
     tar_bytes: u64,
 }
 
-/// Reads a layer blob (gzip, zstd or plain, by magic), hashing both the
-/// blob and the tar, and sends the tar in 1 MiB chunks.
+/// Reads the layer blob `desc` describes, hashing both the blob and the
+/// tar, and sends the tar in 1 MiB chunks. The blob must be compressed as
+/// its media type says (gzip, zstd or none, told by magic) and be exactly
+/// `desc.size` bytes long (no more than one byte past that is read).
+/// `Ok(None)`: the applier stopped first (it reports its own error).
 fn decompress(
     raw: Box<dyn Read + Send>,
+    desc: &Descriptor,
     tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
     recycle: std::sync::mpsc::Receiver<Vec<u8>>,
-) -> Result<ReadSummary> {
-    let mut hashed = Hashing::new(raw);
+) -> Result<Option<ReadSummary>> {
+    let mut hashed = Hashing::new(raw.take(desc.size.saturating_add(1)));
+    let size_error = |actual: u64| Error::BlobSize {
+        digest: escape(desc.digest.as_bytes()),
+        expected: desc.size,
+        actual,
+    };
     let (tar_digest, tar_bytes);
+    // A decompression error, reported once the blob's size is known.
+    let mut failed = None;
     {
         let mut buffered = BufReader::with_capacity(1 << 20, &mut hashed);
         let head = buffered
             .fill_buf()
             .map_err(|e| Error::io("reading the layer", e))?
             .to_vec();
-        let decoder: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
-            Box::new(flate2::read::MultiGzDecoder::new(buffered))
+        let found = if head.starts_with(&[0x1f, 0x8b]) {
+            LayerCompression::Gzip
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            Box::new(
+            LayerCompression::Zstd
+        } else {
+            LayerCompression::None
+        };
+        if layer_compression(&desc.media_type) != Some(found) {
+            return Err(Error::MediaType {
+                what: "layer".into(),
+                digest: escape(desc.digest.as_bytes()),
+                media_type: escape(desc.media_type.as_bytes()),
+                detail: match found {
+                    LayerCompression::None => "the blob is not compressed that way".into(),
+                    c => format!("the blob is {c:?}-compressed").to_lowercase(),
+                },
+            });
+        }
+        let decoder: Box<dyn Read + '_> = match found {
+            LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buffered)),
+            LayerCompression::Zstd => Box::new(
                 zstd::stream::read::Decoder::with_buffer(buffered)
                     .map_err(|e| Error::io("starting the zstd decoder", e))?,
-            )
-        } else {
-            Box::new(buffered)
+            ),
+            LayerCompression::None => Box::new(buffered),
         };
         let mut tar = Hashing::new(decoder);
-        loop {
+        'chunks: loop {
             let mut chunk = recycle.try_recv().unwrap_or_default();
             chunk.resize(1 << 20, 0);
             let mut n = 0;
@@ -885,9 +967,9 @@ fn decompress(
                     Ok(k) => n += k,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        let msg = e.to_string();
+                        failed = Some(e.to_string());
                         let _ = tx.send(Err(e));
-                        return Err(Error::Image(format!("decompressing the layer: {msg}")));
+                        break 'chunks;
                     }
                 }
             }
@@ -897,20 +979,33 @@ fn decompress(
             chunk.truncate(n);
             if tx.send(Ok(chunk)).is_err() {
                 // The applier stopped (it reports its own error).
-                return Err(Error::Image("layer application stopped".into()));
+                return Ok(None);
             }
         }
         tar_digest = tar.digest();
         tar_bytes = tar.bytes;
     }
     drop(tx);
+    if let Some(msg) = failed {
+        // A blob cut short or running on is a size lie, not corruption.
+        let more = hashed
+            .read(&mut [0u8; 1])
+            .map_err(|e| Error::io("reading the layer", e))?;
+        if more == 0 && hashed.bytes != desc.size || hashed.bytes > desc.size {
+            return Err(size_error(hashed.bytes));
+        }
+        return Err(Error::Image(format!("decompressing the layer: {msg}")));
+    }
     io::copy(&mut hashed, &mut io::sink()).map_err(|e| Error::io("reading the layer tail", e))?;
-    Ok(ReadSummary {
+    if hashed.bytes != desc.size {
+        return Err(size_error(hashed.bytes));
+    }
+    Ok(Some(ReadSummary {
         blob_digest: hashed.digest(),
         blob_bytes: hashed.bytes,
         tar_digest,
         tar_bytes,
-    })
+    }))
 }
 
 /// `Read` over the chunks the reader thread sends.
