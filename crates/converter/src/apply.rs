@@ -289,6 +289,7 @@ impl<'a> Applier<'a> {
             self.stats.entries += 1;
         }
         for dir in std::mem::take(&mut self.touched) {
+            self.fs.settle_dir_nlink(dir)?;
             self.fs.scrub_dir(dir)?;
         }
         Ok(self.stats)

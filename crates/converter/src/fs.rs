@@ -733,6 +733,27 @@ impl Ext4 {
         Ok(pblk)
     }
 
+    /// Gives directory `dir` its true link count back if it is 1 ("many
+    /// subdirectories", see [`Self::mkdir`]) but no longer needs to be:
+    /// e2fsck wants the real count whenever it fits.
+    pub fn settle_dir_nlink(&self, dir: ext2_ino_t) -> Result<()> {
+        let mut inode = self.read_inode(dir)?;
+        if inode.i.i_mode & mode::S_IFMT != mode::S_IFDIR || inode.i.i_links_count != 1 {
+            return Ok(());
+        }
+        let mut count = 2u32;
+        for (_, ino) in self.list_dir(dir)? {
+            if self.read_inode(ino)?.i.i_mode & mode::S_IFMT == mode::S_IFDIR {
+                count += 1;
+            }
+        }
+        if count <= u32::from(EXT2_LINK_MAX) {
+            inode.i.i_links_count = count as u16;
+            self.write_inode(dir, &mut inode)?;
+        }
+        Ok(())
+    }
+
     /// Zeroes the unused bytes of every block of directory `dir` (entry
     /// slack, unused index slots) and rewrites the blocks that change.
     /// libext2fs fills new directory blocks from uninitialised buffers when
@@ -923,16 +944,27 @@ impl Ext4 {
     }
 
     /// Creates a directory.
+    /// The parent's link count follows ext4's `dir_nlink` rule: past
+    /// [`EXT2_LINK_MAX`] it is 1 ("many"), and stays 1.
     pub fn mkdir(&self, parent: ext2_ino_t, name: &[u8], a: &Attrs) -> Result<ext2_ino_t> {
-        let cname = entry_name(name)?;
+        entry_name(name)?;
+        let before = self.read_inode(parent)?.i.i_links_count;
         let ino = self.new_inode(parent, mode::S_IFDIR)?;
-        self.with_dir_space(
-            parent,
-            || format!("mkdir {}", escape(name)),
-            // SAFETY: live handle; `ino` is free (ext2fs_mkdir marks it used
-            // only once the name is linked, so a retry is safe).
-            || unsafe { ext2fs_mkdir(self.fs, parent, ino, cname.as_ptr()) },
-        )?;
+        // Made without a name, then linked here: with a name, libext2fs
+        // first looks it up with a scan of the whole parent, which made
+        // big directories quadratic to fill.
+        // SAFETY: live handle; `ino` is free; a NULL name makes the
+        // directory (its block, `.`, `..`, the parent's count) unlinked.
+        let rc = unsafe { ext2fs_mkdir(self.fs, parent, ino, std::ptr::null()) };
+        self.check(|| format!("mkdir {}", escape(name)), rc)?;
+        self.link(parent, name, ino, EXT2_FT_DIR)?;
+        let mut p = self.read_inode(parent)?;
+        p.i.i_links_count = if before == 1 || before >= EXT2_LINK_MAX {
+            1
+        } else {
+            before + 1
+        };
+        self.write_inode(parent, &mut p)?;
         self.set_attrs(ino, a)?;
         Ok(ino)
     }
@@ -945,16 +977,23 @@ impl Ext4 {
         target: &[u8],
         a: &Attrs,
     ) -> Result<ext2_ino_t> {
-        let cname = entry_name(name)?;
+        entry_name(name)?;
+        if target.len() >= BLOCK as usize {
+            return Err(Error::BadEntry(format!(
+                "symlink target is {} bytes; ext4 allows at most {}",
+                target.len(),
+                BLOCK - 1
+            )));
+        }
         let ctarget = cstr(target, "symlink target")?;
         let ino = self.new_inode(parent, mode::S_IFLNK)?;
-        self.with_dir_space(
-            parent,
-            || format!("symlink {}", escape(name)),
-            // SAFETY: live handle; both strings NUL-terminated; `ino` free
-            // until linked (allocation stats are updated after the link).
-            || unsafe { ext2fs_symlink(self.fs, parent, ino, cname.as_ptr(), ctarget.as_ptr()) },
-        )?;
+        // Made without a name, then linked here (as for `mkdir`).
+        // SAFETY: live handle; the target is NUL-terminated; `ino` is free;
+        // a NULL name makes the symlink's inode unlinked.
+        let rc =
+            unsafe { ext2fs_symlink(self.fs, parent, ino, std::ptr::null(), ctarget.as_ptr()) };
+        self.check(|| format!("symlink {}", escape(name)), rc)?;
+        self.link(parent, name, ino, EXT2_FT_SYMLINK)?;
         let mut a = a.clone();
         a.perm = 0o777;
         self.set_attrs(ino, &a)?;
