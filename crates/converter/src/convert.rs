@@ -527,15 +527,7 @@ impl Run<'_> {
             };
             let lower_top = pending.as_ref().map(|p| p.upper.clone());
             let (upper, apply, source_bytes, tar_bytes) =
-                match self.apply_group(&group_job, &lowers, lower_top) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        if let Some(p) = pending.take() {
-                            let _ = p.handle.join();
-                        }
-                        return Err(e);
-                    }
-                };
+                self.apply_group(&group_job, &lowers, lower_top)?;
             let apply_seconds = start.elapsed().as_secs_f64();
             if let Some(o) = &opts.observer {
                 o.layer_applied(mindex, last);
@@ -556,7 +548,7 @@ impl Run<'_> {
             });
             pending = Some(Pending {
                 upper,
-                handle,
+                handle: Commit(Some(handle)),
                 work,
                 blob_path,
                 start,
@@ -583,10 +575,7 @@ impl Run<'_> {
         lowers: &mut Vec<(String, Blob)>,
         out: &mut Vec<OutLayer>,
     ) -> Result<()> {
-        let (info, digest, size, commit_seconds) = p
-            .handle
-            .join()
-            .map_err(|_| Error::Image("the commit thread panicked".into()))??;
+        let (info, digest, size, commit_seconds) = p.handle.join()?;
         drop(p.upper);
         self.dst.put_blob_file(&digest, &p.blob_path)?;
         let _ = fs::remove_dir_all(&p.work);
@@ -703,11 +692,35 @@ type CommitResult = Result<(CommitInfo, String, u64, f64)>;
 /// A layer being committed in the background.
 struct Pending {
     upper: Arc<WritableLayer>,
-    handle: std::thread::JoinHandle<CommitResult>,
+    handle: Commit,
     work: PathBuf,
     blob_path: PathBuf,
     start: Instant,
     report: LayerReport,
+}
+
+/// The thread committing a layer. Dropping it (an error path) waits for
+/// the commit, so that nothing writes into the scratch directory while it
+/// is being removed.
+struct Commit(Option<std::thread::JoinHandle<CommitResult>>);
+
+impl Commit {
+    /// Waits for the commit's result.
+    fn join(mut self) -> CommitResult {
+        self.0
+            .take()
+            .expect("joined once")
+            .join()
+            .map_err(|_| Error::Image("the commit thread panicked".into()))?
+    }
+}
+
+impl Drop for Commit {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// The read-only view a layer is applied on: the committed layers plus,
@@ -938,6 +951,10 @@ fn decompress(
             LayerCompression::None
         };
         if layer_compression(&desc.media_type) != Some(found) {
+            if buffered.get_ref().bytes > desc.size {
+                // Too few bytes to tell: the size is the lie.
+                return Err(size_error(buffered.get_ref().bytes));
+            }
             return Err(Error::MediaType {
                 what: "layer".into(),
                 digest: escape(desc.digest.as_bytes()),

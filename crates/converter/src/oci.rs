@@ -201,12 +201,40 @@ impl ImageSource for OciLayout {
     }
 }
 
+/// Prefix of the scratch directories conversions make in a layout; the
+/// converting process's pid follows.
+const SCRATCH_PREFIX: &str = ".obd-convert-";
+
+/// Removes the scratch directories in layout `dir` left by conversions
+/// whose process is gone (killed, or crashed past every cleanup path).
+/// Best effort: a directory that cannot be removed stays.
+fn sweep_stale_scratch(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl ImageDest for OciLayout {
+    /// `<dir>/.obd-convert-<pid>`, after removing those of dead processes.
     fn scratch_dir(&self) -> Result<PathBuf> {
         self.init()?;
+        sweep_stale_scratch(&self.dir);
         let d = self
             .dir
-            .join(format!(".obd-convert-{}", std::process::id()));
+            .join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
         fs::create_dir_all(&d).map_err(|e| Error::file(&d, e))?;
         Ok(d)
     }
