@@ -3,8 +3,10 @@
 //! fifos, xattrs (PAX `SCHILY.xattr.*`), owner, mode, times, long names, and
 //! the OCI whiteouts (`.wh.<name>`, `.wh..wh..opq`).
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
+use std::io::{self, Read};
+use std::rc::Rc;
 
 use crate::error::{escape, Error, Result};
 use crate::ffi::{ext2_ino_t, EXT2_ROOT_INO};
@@ -16,6 +18,34 @@ const OPAQUE: &str = ".wh..wh..opq";
 const MAX_SYMLINKS: u32 = 40;
 /// Resolved directory paths kept in the cache before it starts over.
 const DIR_CACHE: usize = 1 << 16;
+/// Most bytes of tar headers (header blocks, PAX records, GNU long names
+/// and link names) read for one entry: they are held in memory whole. Go's
+/// archive/tar, which containerd unpacks layers with, refuses PAX records
+/// and long names over 1 MiB each.
+pub const MAX_ENTRY_HEADERS: u64 = 4 << 20;
+
+/// The layer tar as the tar reader sees it: while `left` is `Some`, reads
+/// stop with an error once it reaches 0 (the tar reader is between two
+/// entries, reading headers); `None` while an entry's data is read.
+struct Budgeted<R> {
+    inner: R,
+    left: Rc<Cell<Option<u64>>>,
+}
+
+impl<R: Read> Read for Budgeted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.left.get() {
+            None => self.inner.read(buf),
+            Some(0) => Err(io::Error::other("too many header bytes")),
+            Some(left) => {
+                let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let got = self.inner.read(&mut buf[..n])?;
+                self.left.set(Some(left - got as u64));
+                Ok(got)
+            }
+        }
+    }
+}
 
 /// What one layer application did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -275,17 +305,40 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// Applies every entry of the (decompressed) tar stream `r`.
+    /// Applies every entry of the (decompressed) tar stream `r`. The
+    /// headers of one entry may take [`MAX_ENTRY_HEADERS`] bytes.
     pub fn apply(mut self, r: impl Read) -> Result<ApplyStats> {
-        let mut ar = tar::Archive::new(r);
-        let entries = ar
+        let budget = Rc::new(Cell::new(None));
+        let mut ar = tar::Archive::new(Budgeted {
+            inner: r,
+            left: budget.clone(),
+        });
+        let mut entries = ar
             .entries()
             .map_err(|e| Error::io("reading the layer tar", e))?;
-        for e in entries {
-            let mut e = e.map_err(|e| Error::io("reading the layer tar", e))?;
+        loop {
+            budget.set(Some(MAX_ENTRY_HEADERS));
+            let Some(e) = entries.next() else {
+                break;
+            };
+            let mut e = e.map_err(|e| {
+                if budget.get() == Some(0) {
+                    Error::HeadersTooLarge {
+                        entry: self.stats.entries,
+                        limit: MAX_ENTRY_HEADERS,
+                    }
+                } else {
+                    Error::io("reading the layer tar", e)
+                }
+            })?;
+            budget.set(None);
             let raw_path = e.path_bytes().into_owned();
             self.entry(&mut e, &raw_path)
                 .map_err(|err| err.in_entry(&raw_path))?;
+            // Data the entry did not use (a whiteout's, say) is skipped
+            // here, outside the header budget.
+            io::copy(&mut e, &mut io::sink())
+                .map_err(|x| Error::io("reading the layer tar", x).in_entry(&raw_path))?;
             self.stats.entries += 1;
         }
         for dir in std::mem::take(&mut self.touched) {

@@ -62,6 +62,15 @@ pub enum Error {
     /// A tar entry that cannot be applied (bad path, missing link target...).
     #[error("bad tar entry: {0}")]
     BadEntry(String),
+    /// More tar header bytes (PAX records, GNU long names) for one entry
+    /// than [`crate::apply::MAX_ENTRY_HEADERS`].
+    #[error("the tar headers of entry {entry} (from 0) are over {limit} bytes")]
+    HeadersTooLarge {
+        /// Position of the entry in the layer tar, from 0.
+        entry: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A path component longer than ext4's 255-byte name limit (never
     /// truncated: a cut name would alias another one).
     #[error("name `{name}` is {len} bytes; ext4 names are at most 255")]

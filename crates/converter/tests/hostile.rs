@@ -601,3 +601,34 @@ fn directories_past_the_link_limit() {
         assert_eq!((links, subdirs), want[upto - 1], "{upto} layer(s)");
     }
 }
+
+/// The tar reader holds an entry's headers (PAX records, GNU long names) in
+/// memory whole: more than 4 MiB of them for one entry is refused before
+/// they are read, less is read and then judged as usual.
+#[test]
+fn tar_headers_of_one_entry_are_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut l = Layer::new();
+    l.file("ok", 0o644, b"x");
+    l.pax(&[("path", &vec![b'p'; 5 << 20])]);
+    l.file("named-by-pax", 0o644, b"y");
+    match convert_tars(tmp.path(), vec![l.finish()]).unwrap_err() {
+        Error::Layer {
+            index: 0, cause, ..
+        } => match *cause {
+            Error::HeadersTooLarge { entry, limit } => {
+                assert_eq!((entry, limit), (1, converter::apply::MAX_ENTRY_HEADERS))
+            }
+            other => panic!("{other}"),
+        },
+        other => panic!("{other}"),
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut l = Layer::new();
+    l.pax(&[("path", &vec![b'p'; 3 << 20])]);
+    l.file("named-by-pax", 0o644, b"y");
+    let (_, entry, cause) = entry_error(convert_tars(tmp.path(), vec![l.finish()]).unwrap_err());
+    assert_eq!(entry.len(), 3 << 20);
+    assert!(matches!(cause, Error::NameTooLong { len, .. } if len == 3 << 20));
+}
