@@ -197,27 +197,45 @@ fn entries(layer: &[Entry]) -> Vec<TarEntry> {
         .collect()
 }
 
+/// Appends a GNU long-name (`L`) or long-link (`K`) entry holding `name`.
+fn long(b: &mut tar::Builder<Vec<u8>>, kind: u8, name: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(name.len() as u64 + 1);
+    h.set_cksum();
+    let mut body = name.to_vec();
+    body.push(0);
+    b.append(&h, &body[..]).unwrap();
+}
+
+/// The layer tar: every path and link target as a GNU long name (taken
+/// byte for byte, whatever it holds), the header's own name a placeholder.
 fn tar_of(entries: &[TarEntry]) -> Vec<u8> {
-    use std::os::unix::ffi::OsStrExt;
-    let p = |b: &[u8]| Path::new(std::ffi::OsStr::from_bytes(b)).to_path_buf();
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
+        long(&mut b, b'L', &e.path);
         let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..1].copy_from_slice(b"x");
         h.set_mode(0o644);
         h.set_uid(0);
         h.set_gid(0);
         h.set_mtime(1_600_000_000);
-        match &e.kind {
+        h.set_size(0);
+        let data: &[u8] = match &e.kind {
             Kind::File(data) => {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(data.len() as u64);
-                b.append_data(&mut h, p(&e.path), &data[..]).unwrap();
+                data
             }
             Kind::Dir => {
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_mode(0o755);
-                h.set_size(0);
-                b.append_data(&mut h, p(&e.path), &[][..]).unwrap();
+                &[]
             }
             Kind::Symlink(t) | Kind::Hardlink(t) => {
                 h.set_entry_type(if matches!(e.kind, Kind::Symlink(_)) {
@@ -225,10 +243,13 @@ fn tar_of(entries: &[TarEntry]) -> Vec<u8> {
                 } else {
                     tar::EntryType::Link
                 });
-                h.set_size(0);
-                b.append_link(&mut h, p(&e.path), p(t)).unwrap();
+                long(&mut b, b'K', t);
+                h.as_gnu_mut().unwrap().linkname[..1].copy_from_slice(b"x");
+                &[]
             }
-        }
+        };
+        h.set_cksum();
+        b.append(&h, data).unwrap();
     }
     b.into_inner().unwrap()
 }
