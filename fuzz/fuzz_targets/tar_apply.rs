@@ -256,9 +256,10 @@ fn tar_of(entries: &[TarEntry]) -> Vec<u8> {
 
 // ---------------------------------------------------------------- the model
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Node {
-    Dir(BTreeMap<Vec<u8>, Node>),
+    /// A directory: an index into `Model::dirs`.
+    Dir(usize),
     /// A non-directory: an index into `Model::leaves` (shared by hard links).
     Leaf(usize),
 }
@@ -269,20 +270,15 @@ enum Leaf {
     Symlink(Vec<u8>),
 }
 
-/// What a name is, without borrowing the tree.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Found {
-    Nothing,
-    Dir,
-    Leaf(usize),
-}
-
 /// Why the model refuses an entry.
 #[derive(Debug)]
 struct Refused(&'static str);
 
+/// The expected tree: directories as tables (so that a lookup costs the
+/// same at any depth), `/` first; a removed directory's table is simply
+/// no longer reachable.
 struct Model {
-    root: BTreeMap<Vec<u8>, Node>,
+    dirs: Vec<BTreeMap<Vec<u8>, Node>>,
     leaves: Vec<Leaf>,
     /// Literal paths created in the current layer.
     created: HashSet<Vec<u8>>,
@@ -293,39 +289,17 @@ type R<T> = Result<T, Refused>;
 impl Model {
     fn new() -> Model {
         let mut root = BTreeMap::new();
-        root.insert(b"lost+found".to_vec(), Node::Dir(BTreeMap::new()));
+        root.insert(b"lost+found".to_vec(), Node::Dir(1));
         Model {
-            root,
+            dirs: vec![root, BTreeMap::new()],
             leaves: Vec::new(),
             created: HashSet::new(),
         }
     }
 
-    /// What `name` in directory `phys` is.
-    fn probe(&self, phys: &[Vec<u8>], name: &[u8]) -> Found {
-        let mut d = &self.root;
-        for c in phys {
-            d = match d.get(c) {
-                Some(Node::Dir(m)) => m,
-                _ => unreachable!("a resolved path holds directories"),
-            };
-        }
-        match d.get(name) {
-            None => Found::Nothing,
-            Some(Node::Dir(_)) => Found::Dir,
-            Some(Node::Leaf(id)) => Found::Leaf(*id),
-        }
-    }
-
-    fn dir(&mut self, phys: &[Vec<u8>]) -> &mut BTreeMap<Vec<u8>, Node> {
-        let mut d = &mut self.root;
-        for c in phys {
-            d = match d.get_mut(c) {
-                Some(Node::Dir(m)) => m,
-                _ => unreachable!("a resolved path holds directories"),
-            };
-        }
-        d
+    fn new_dir(&mut self) -> Node {
+        self.dirs.push(BTreeMap::new());
+        Node::Dir(self.dirs.len() - 1)
     }
 
     fn check_name(n: &[u8]) -> R<()> {
@@ -336,85 +310,89 @@ impl Model {
         }
     }
 
-    /// Physical path of directory `parts` (symlinks followed, at most 40,
-    /// `..` stops at `/`); with `create`, missing directories on the path
-    /// itself are made and non-directories there replaced.
-    fn resolve(&mut self, parts: &[Vec<u8>], create: bool) -> R<Option<Vec<Vec<u8>>>> {
+    /// The directory `parts` names (symlinks followed, at most 40, `..`
+    /// stops at `/`); with `create`, missing directories on the path itself
+    /// are made and non-directories there replaced.
+    fn resolve(&mut self, parts: &[Vec<u8>], create: bool) -> R<Option<usize>> {
         let mut todo: Vec<(Vec<u8>, bool)> =
             parts.iter().rev().map(|c| (c.clone(), create)).collect();
-        let mut chain: Vec<Vec<u8>> = Vec::new();
+        let mut chain: Vec<usize> = vec![0];
         let mut links = 0;
         while let Some((n, may)) = todo.pop() {
             match n.as_slice() {
                 b"" | b"." => continue,
                 b".." => {
-                    chain.pop();
+                    if chain.len() > 1 {
+                        chain.pop();
+                    }
                     continue;
                 }
                 _ => {}
             }
-            match self.probe(&chain, &n) {
-                Found::Dir => {}
-                Found::Leaf(id) => match &self.leaves[id] {
+            let cur = *chain.last().unwrap();
+            let next = match self.dirs[cur].get(&n).copied() {
+                Some(Node::Dir(d)) => d,
+                Some(Node::Leaf(id)) => match &self.leaves[id] {
                     Leaf::Symlink(t) => {
                         links += 1;
                         if links > 40 {
                             return Err(Refused("symlink loop"));
                         }
                         if t.first() == Some(&b'/') {
-                            chain.clear();
+                            chain.truncate(1);
                         }
                         todo.extend(t.split(|&b| b == b'/').rev().map(|c| (c.to_vec(), false)));
                         continue;
                     }
                     Leaf::File(_) if may => {
-                        self.dir(&chain)
-                            .insert(n.clone(), Node::Dir(BTreeMap::new()));
+                        let d = self.new_dir();
+                        self.dirs[cur].insert(n, d);
+                        self.dirs.len() - 1
                     }
                     Leaf::File(_) => return Ok(None),
                 },
-                Found::Nothing if may => {
+                None if may => {
                     Self::check_name(&n)?;
-                    self.dir(&chain)
-                        .insert(n.clone(), Node::Dir(BTreeMap::new()));
+                    let d = self.new_dir();
+                    self.dirs[cur].insert(n, d);
+                    self.dirs.len() - 1
                 }
-                Found::Nothing => return Ok(None),
-            }
-            chain.push(n);
+                None => return Ok(None),
+            };
+            chain.push(next);
         }
-        Ok(Some(chain))
+        Ok(Some(*chain.last().unwrap()))
     }
 
-    fn ensure_dir(&mut self, parts: &[Vec<u8>]) -> R<Vec<Vec<u8>>> {
+    fn ensure_dir(&mut self, parts: &[Vec<u8>]) -> R<usize> {
         self.resolve(parts, true)?
             .ok_or(Refused("parent is a symlink to a missing directory"))
     }
 
-    /// What a hard link names (its last component not followed), and
-    /// where: (directory, name, what).
-    fn link_target(&mut self, raw: &[u8]) -> R<(Vec<Vec<u8>>, Vec<u8>, Found)> {
+    /// What a hard link names (its last component not followed).
+    fn link_target(&mut self, raw: &[u8]) -> R<Node> {
         let parts: Vec<Vec<u8>> = raw
             .split(|&b| b == b'/')
             .filter(|c| !c.is_empty() && *c != b".")
             .map(<[u8]>::to_vec)
             .collect();
         let (last, dir) = parts.split_last().ok_or(Refused("hard link to the root"))?;
-        let phys = self.resolve(dir, false)?.ok_or(Refused("missing target"))?;
-        match self.probe(&phys, last) {
-            Found::Nothing => Err(Refused("missing target")),
-            f => Ok((phys, last.clone(), f)),
-        }
+        let d = self.resolve(dir, false)?.ok_or(Refused("missing target"))?;
+        self.dirs[d]
+            .get(last)
+            .copied()
+            .ok_or(Refused("missing target"))
     }
 
     fn apply(&mut self, e: &TarEntry) -> R<()> {
         let parts: Vec<Vec<u8>> = e.path.split(|&b| b == b'/').map(<[u8]>::to_vec).collect();
         let (last, dir) = parts.split_last().expect("never empty");
         if last.as_slice() == OPAQUE {
-            let phys = self.ensure_dir(dir)?;
+            let d = self.ensure_dir(dir)?;
             let prefix = join(dir);
             let at_root = dir.is_empty();
-            let created = self.created.clone();
-            self.dir(&phys).retain(|n, _| {
+            let created = &self.created;
+            self.dirs[d].retain(|n, _| {
                 let mut p = prefix.clone();
                 if !p.is_empty() {
                     p.push(b'/');
@@ -430,41 +408,34 @@ impl Model {
             if self.created.contains(&join(&target)) {
                 return Ok(());
             }
-            if let Some(phys) = self.resolve(dir, false)? {
-                self.dir(&phys).remove(n);
+            if let Some(d) = self.resolve(dir, false)? {
+                self.dirs[d].remove(n);
             }
             return Ok(());
         }
-        let phys = self.ensure_dir(dir)?;
+        let d = self.ensure_dir(dir)?;
         let path = join(&parts);
-        let old = self.probe(&phys, last);
-        if old != Found::Nothing {
+        if let Some(old) = self.dirs[d].get(last).copied() {
             match (&e.kind, old) {
-                (Kind::Dir, Found::Dir) => {
+                (Kind::Dir, Node::Dir(_)) => {
                     self.created.insert(path);
                     return Ok(());
                 }
                 (Kind::Hardlink(t), old) => {
                     // The same inode already: nothing to do.
-                    let (tdir, tname, target) = self.link_target(t)?;
-                    let same = match (target, old) {
-                        (Found::Leaf(a), Found::Leaf(b)) => a == b,
-                        (Found::Dir, Found::Dir) => tdir == phys && tname == *last,
-                        _ => false,
-                    };
-                    if same {
+                    if self.link_target(t)? == old {
                         self.created.insert(path);
                         return Ok(());
                     }
                 }
                 _ => {}
             }
-            self.dir(&phys).remove(last);
+            self.dirs[d].remove(last);
         }
         let node = match &e.kind {
             Kind::Dir => {
                 Self::check_name(last)?;
-                Node::Dir(BTreeMap::new())
+                self.new_dir()
             }
             Kind::File(data) => {
                 Self::check_name(last)?;
@@ -476,15 +447,15 @@ impl Model {
                 self.leaves.push(Leaf::Symlink(t.clone()));
                 Node::Leaf(self.leaves.len() - 1)
             }
-            Kind::Hardlink(t) => match self.link_target(t)?.2 {
-                Found::Leaf(id) => {
+            Kind::Hardlink(t) => match self.link_target(t)? {
+                Node::Leaf(id) => {
                     Self::check_name(last)?;
                     Node::Leaf(id)
                 }
-                _ => return Err(Refused("hard link to a directory")),
+                Node::Dir(_) => return Err(Refused("hard link to a directory")),
             },
         };
-        self.dir(&phys).insert(last.clone(), node);
+        self.dirs[d].insert(last.clone(), node);
         self.created.insert(path);
         Ok(())
     }
@@ -493,23 +464,23 @@ impl Model {
     fn flat(&self) -> BTreeMap<Vec<u8>, (u16, Option<Vec<u8>>, Option<usize>)> {
         let mut out = BTreeMap::new();
         out.insert(Vec::new(), (mode::S_IFDIR, None, None));
-        let mut todo: Vec<(Vec<u8>, &BTreeMap<Vec<u8>, Node>)> = vec![(Vec::new(), &self.root)];
+        let mut todo: Vec<(Vec<u8>, usize)> = vec![(Vec::new(), 0)];
         while let Some((path, d)) = todo.pop() {
-            for (n, node) in d {
+            for (n, node) in &self.dirs[d] {
                 let mut p = path.clone();
                 if !p.is_empty() {
                     p.push(b'/');
                 }
                 p.extend_from_slice(n);
-                match node {
-                    Node::Dir(m) => {
+                match *node {
+                    Node::Dir(sub) => {
                         out.insert(p.clone(), (mode::S_IFDIR, None, None));
-                        todo.push((p, m));
+                        todo.push((p, sub));
                     }
                     Node::Leaf(id) => {
-                        let v = match &self.leaves[*id] {
-                            Leaf::File(c) => (mode::S_IFREG, Some(c.clone()), Some(*id)),
-                            Leaf::Symlink(t) => (mode::S_IFLNK, Some(t.clone()), Some(*id)),
+                        let v = match &self.leaves[id] {
+                            Leaf::File(c) => (mode::S_IFREG, Some(c.clone()), Some(id)),
+                            Leaf::Symlink(t) => (mode::S_IFLNK, Some(t.clone()), Some(id)),
                         };
                         out.insert(p, v);
                     }
