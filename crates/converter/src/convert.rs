@@ -186,7 +186,7 @@ pub fn convert(src: &dyn ImageSource, dst: &dyn ImageDest, opts: &Options) -> Re
     let root = src.root()?;
     let bytes = src.read_small(&root)?;
     let doc = Document::parse(&root.media_type, &bytes).map_err(|e| Error::Json {
-        what: root.digest.clone(),
+        what: escape(root.digest.as_bytes()),
         error: e,
     })?;
     let scratch = Scratch(dst.scratch_dir()?);
@@ -337,7 +337,7 @@ impl Run<'_> {
     fn load(&self, desc: &Descriptor) -> Result<Source> {
         let bytes = self.src.read_small(desc)?;
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
-            what: format!("manifest {}", desc.digest),
+            what: format!("manifest {}", escape(desc.digest.as_bytes())),
             error: e,
         })?;
         if let Some(i) = manifest
@@ -351,7 +351,7 @@ impl Run<'_> {
         }
         let cfg_bytes = self.src.read_small(&manifest.config)?;
         let config: Config = serde_json::from_slice(&cfg_bytes).map_err(|e| Error::Json {
-            what: format!("config {}", manifest.config.digest),
+            what: format!("config {}", escape(manifest.config.digest.as_bytes())),
             error: e,
         })?;
         let (layers, diff_ids) = (manifest.layers.len(), config.rootfs.diff_ids.len());
@@ -875,14 +875,16 @@ fn apply_layer(
     };
     if r.tar_digest != diff_id {
         return Err(Error::Image(format!(
-            "uncompressed layer has digest {}, but the config's diff_id is {diff_id}",
-            r.tar_digest
+            "uncompressed layer has digest {}, but the config's diff_id is {}",
+            r.tar_digest,
+            escape(diff_id.as_bytes())
         )));
     }
     if r.blob_digest != layer.digest {
         return Err(Error::Image(format!(
             "blob has digest {}, expected {}",
-            r.blob_digest, layer.digest
+            r.blob_digest,
+            escape(layer.digest.as_bytes())
         )));
     }
     Ok((stats, r.blob_bytes, r.tar_bytes))

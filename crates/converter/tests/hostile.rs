@@ -287,6 +287,19 @@ fn control_characters_in_names_are_escaped_in_errors() {
     );
     assert!(!msg.chars().any(|c| c.is_control()), "{msg:?}");
 
+    // A digest from the manifest, printed where it names the layer.
+    let mut l = Layer::new();
+    l.file("f", 0o644, b"x");
+    let (_t, e) = lie(&[(l.finish(), "")], |m| {
+        m["layers"][0]["digest"] = "sha256:\u{1b}]0;pwned\u{7}".into()
+    });
+    let msg = e.to_string();
+    assert_eq!(
+        msg,
+        "layer 0 (sha256:\\u{1b}]0;pwned\\u{7}): invalid image: malformed digest \
+         `sha256:\\u{1b}]0;pwned\\u{7}`"
+    );
+
     // Bytes that are not UTF-8, and a name too long, escaped the same way.
     let tmp = tempfile::tempdir().unwrap();
     let mut l = Layer::new();
