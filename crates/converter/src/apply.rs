@@ -3,15 +3,49 @@
 //! fifos, xattrs (PAX `SCHILY.xattr.*`), owner, mode, times, long names, and
 //! the OCI whiteouts (`.wh.<name>`, `.wh..wh..opq`).
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
+use std::io::{self, Read};
+use std::rc::Rc;
 
-use crate::error::{Error, Result};
+use crate::error::{escape, Error, Result};
 use crate::ffi::{ext2_ino_t, EXT2_ROOT_INO};
 use crate::fs::{mode, Attrs, Ext4};
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
+/// Symbolic links followed while resolving one path (Linux's `MAXSYMLINKS`).
+const MAX_SYMLINKS: u32 = 40;
+/// Resolved directory paths kept in the cache before it starts over.
+const DIR_CACHE: usize = 1 << 16;
+/// Most bytes of tar headers (header blocks, PAX records, GNU long names
+/// and link names) read for one entry: they are held in memory whole. Go's
+/// archive/tar, which containerd unpacks layers with, refuses PAX records
+/// and long names over 1 MiB each.
+pub const MAX_ENTRY_HEADERS: u64 = 4 << 20;
+
+/// The layer tar as the tar reader sees it: while `left` is `Some`, reads
+/// stop with an error once it reaches 0 (the tar reader is between two
+/// entries, reading headers); `None` while an entry's data is read.
+struct Budgeted<R> {
+    inner: R,
+    left: Rc<Cell<Option<u64>>>,
+}
+
+impl<R: Read> Read for Budgeted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.left.get() {
+            None => self.inner.read(buf),
+            Some(0) => Err(io::Error::other("too many header bytes")),
+            Some(left) => {
+                let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let got = self.inner.read(&mut buf[..n])?;
+                self.left.set(Some(left - got as u64));
+                Ok(got)
+            }
+        }
+    }
+}
 
 /// What one layer application did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,7 +67,7 @@ pub fn normalize(raw: &[u8]) -> Result<Vec<Vec<u8>>> {
             b".." => {
                 return Err(Error::BadEntry(format!(
                     "path `{}` leaves the root (`..`)",
-                    String::from_utf8_lossy(raw)
+                    escape(raw)
                 )))
             }
             c => out.push(c.to_vec()),
@@ -46,12 +80,16 @@ fn join(parts: &[Vec<u8>]) -> Vec<u8> {
     parts.join(&b'/')
 }
 
+/// A path kept as a 128-bit SHA-256 prefix: the caches cost the same per
+/// entry however long or deep its path is.
+type PathKey = [u8; 16];
+
 /// A set of paths kept as SHA-256 prefixes.
 #[derive(Default)]
-struct Created(HashSet<[u8; 16]>);
+struct Created(HashSet<PathKey>);
 
 impl Created {
-    fn key(path: &[u8]) -> [u8; 16] {
+    fn key(path: &[u8]) -> PathKey {
         use sha2::Digest;
         let d = sha2::Sha256::digest(path);
         let mut k = [0u8; 16];
@@ -69,8 +107,9 @@ impl Created {
 /// Layer application state over one filesystem.
 pub struct Applier<'a> {
     fs: &'a Ext4,
-    /// Directory path → inode, for the parents of recent entries.
-    dirs: HashMap<Vec<u8>, ext2_ino_t>,
+    /// Directory path → inode, for the parents of recent entries (at most
+    /// [`DIR_CACHE`] of them; emptied whenever a directory or symlink goes).
+    dirs: HashMap<PathKey, ext2_ino_t>,
     /// Paths this layer created (whiteouts only hide lower layers), as
     /// 128-bit digests: a million-entry layer costs ~30 MB, not ~150 MB.
     created: Created,
@@ -112,7 +151,7 @@ fn num<T: std::str::FromStr>(v: &[u8], what: &str) -> Result<T> {
     std::str::from_utf8(v)
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| Error::BadEntry(format!("bad {what} `{}`", String::from_utf8_lossy(v))))
+        .ok_or_else(|| Error::BadEntry(format!("bad {what} `{}`", escape(v))))
 }
 
 fn bad_field(what: &str, err: std::io::Error) -> Error {
@@ -266,21 +305,44 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// Applies every entry of the (decompressed) tar stream `r`.
+    /// Applies every entry of the (decompressed) tar stream `r`. The
+    /// headers of one entry may take [`MAX_ENTRY_HEADERS`] bytes.
     pub fn apply(mut self, r: impl Read) -> Result<ApplyStats> {
-        let mut ar = tar::Archive::new(r);
-        let entries = ar
+        let budget = Rc::new(Cell::new(None));
+        let mut ar = tar::Archive::new(Budgeted {
+            inner: r,
+            left: budget.clone(),
+        });
+        let mut entries = ar
             .entries()
             .map_err(|e| Error::io("reading the layer tar", e))?;
-        for e in entries {
-            let mut e = e.map_err(|e| Error::io("reading the layer tar", e))?;
+        loop {
+            budget.set(Some(MAX_ENTRY_HEADERS));
+            let Some(e) = entries.next() else {
+                break;
+            };
+            let mut e = e.map_err(|e| {
+                if budget.get() == Some(0) {
+                    Error::HeadersTooLarge {
+                        entry: self.stats.entries,
+                        limit: MAX_ENTRY_HEADERS,
+                    }
+                } else {
+                    Error::io("reading the layer tar", e)
+                }
+            })?;
+            budget.set(None);
             let raw_path = e.path_bytes().into_owned();
-            let shown = String::from_utf8_lossy(&raw_path).into_owned();
             self.entry(&mut e, &raw_path)
-                .map_err(|err| err.in_entry(&shown))?;
+                .map_err(|err| err.in_entry(&raw_path))?;
+            // Data the entry did not use (a whiteout's, say) is skipped
+            // here, outside the header budget.
+            io::copy(&mut e, &mut io::sink())
+                .map_err(|x| Error::io("reading the layer tar", x).in_entry(&raw_path))?;
             self.stats.entries += 1;
         }
         for dir in std::mem::take(&mut self.touched) {
+            self.fs.settle_dir_nlink(dir)?;
             self.fs.scrub_dir(dir)?;
         }
         Ok(self.stats)
@@ -372,7 +434,7 @@ impl<'a> Applier<'a> {
                 fs.set_attrs(old, &ent.attrs)?;
                 fs.set_xattrs(old, &ent.xattrs, true)?;
                 self.created.insert(&path);
-                self.dirs.insert(path, old);
+                self.cache_dir(&path, old);
                 return Ok(());
             }
             if ent.kind == tar::EntryType::Link {
@@ -387,7 +449,7 @@ impl<'a> Applier<'a> {
         let ino = match ent.kind {
             tar::EntryType::Directory => {
                 let ino = self.mkdir(parent, name, &ent.attrs)?;
-                self.dirs.insert(path.clone(), ino);
+                self.cache_dir(&path, ino);
                 ino
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
@@ -411,8 +473,16 @@ impl<'a> Applier<'a> {
                 &ent.attrs,
             )?,
             tar::EntryType::Link => {
-                let target = self.resolve_link_target(ent.link.as_deref().unwrap_or_default())?;
-                fs.hardlink(parent, name, target)?;
+                let raw = ent.link.as_deref().unwrap_or_default();
+                let target = self.resolve_link_target(raw)?;
+                fs.hardlink(parent, name, target).map_err(|e| match e {
+                    Error::TooManyLinks { links, max, .. } => Error::TooManyLinks {
+                        target: escape(raw),
+                        links,
+                        max,
+                    },
+                    e => e,
+                })?;
                 self.note(parent, name, target);
                 self.created.insert(path);
                 // A hard link shares the target's inode, xattrs included.
@@ -464,21 +534,41 @@ impl<'a> Applier<'a> {
 
     /// Removes an entry (recursively) and keeps the caches right: a removed
     /// directory or symlink may have been part of cached paths, and freed
-    /// inode numbers may come back as new directories.
+    /// directory inode numbers may come back as new directories, so their
+    /// listings go. Only what was removed leaves the caches: a whiteout
+    /// costs the same however many came before it.
     fn remove(&mut self, dir: ext2_ino_t, name: &[u8], ino: ext2_ino_t) -> Result<()> {
         let kind = self.fs.read_inode(ino)?.i.i_mode & mode::S_IFMT;
-        self.fs.remove(dir, name, ino)?;
+        let names = &mut self.names;
+        self.fs.remove(dir, name, ino, &mut |gone| {
+            names.remove(&gone);
+        })?;
         self.touched.insert(dir);
         if let Some(m) = self.names.get_mut(&dir) {
             m.remove(name);
         }
-        if kind == mode::S_IFDIR {
-            self.names.clear();
-            self.dirs.clear();
-        } else if kind == mode::S_IFLNK {
-            self.dirs.clear();
+        if kind == mode::S_IFDIR || kind == mode::S_IFLNK {
+            self.clear_dirs();
         }
         Ok(())
+    }
+
+    /// Remembers that directory `path` is inode `ino`.
+    fn cache_dir(&mut self, path: &[u8], ino: ext2_ino_t) {
+        if self.dirs.len() >= DIR_CACHE {
+            self.clear_dirs();
+        }
+        self.dirs.insert(Created::key(path), ino);
+    }
+
+    /// Forgets every cached directory path (a fresh map when the old one
+    /// grew big, so that clearing stays cheap).
+    fn clear_dirs(&mut self) {
+        if self.dirs.capacity() > 1024 {
+            self.dirs = HashMap::new();
+        } else {
+            self.dirs.clear();
+        }
     }
 
     fn mkdir(&mut self, parent: ext2_ino_t, name: &[u8], a: &Attrs) -> Result<ext2_ino_t> {
@@ -494,108 +584,105 @@ impl<'a> Applier<'a> {
             return Err(Error::BadEntry("hard link to the root".into()));
         }
         let (dir, name) = parts.split_at(parts.len() - 1);
-        let missing = || {
-            Error::BadEntry(format!(
-                "hard link target `{}` does not exist",
-                String::from_utf8_lossy(raw)
-            ))
-        };
+        let missing =
+            || Error::BadEntry(format!("hard link target `{}` does not exist", escape(raw)));
         let parent = self.find_dir(dir)?.ok_or_else(missing)?;
         self.lookup(parent, &name[0])?.ok_or_else(missing)
     }
 
     /// The directory at `parts`, following symlinks in it, if it exists.
     fn find_dir(&mut self, parts: &[Vec<u8>]) -> Result<Option<ext2_ino_t>> {
-        self.walk(parts, false)
+        self.resolve(parts, false)
     }
 
-    /// The directory at `parts`, creating missing ones (mode 0755, root-owned).
+    /// The directory at `parts`, creating missing ones (mode 0755,
+    /// root-owned). A symlink on the way is followed; its target must
+    /// exist.
     fn ensure_dir(&mut self, parts: &[Vec<u8>]) -> Result<ext2_ino_t> {
-        Ok(self.walk(parts, true)?.expect("created on demand"))
+        self.resolve(parts, true)?.ok_or_else(|| {
+            Error::BadEntry(format!(
+                "parent `{}` is a symlink to a missing directory or to a non-directory",
+                escape(&join(parts))
+            ))
+        })
     }
 
-    fn walk(&mut self, parts: &[Vec<u8>], create: bool) -> Result<Option<ext2_ino_t>> {
+    /// Resolves the directory `parts` one component at a time, without
+    /// recursion (paths may be tens of thousands of levels deep), following
+    /// symlinks inside the image root as the kernel would (`..` is the
+    /// parent of the directory reached, never above `/`), at most
+    /// [`MAX_SYMLINKS`] of them. With `create`, missing directories on the
+    /// path itself are made and a non-directory there is replaced by one;
+    /// components that come from a symlink's target are never created.
+    fn resolve(&mut self, parts: &[Vec<u8>], create: bool) -> Result<Option<ext2_ino_t>> {
         if parts.is_empty() {
             return Ok(Some(EXT2_ROOT_INO));
         }
-        let key = join(parts);
-        if let Some(&ino) = self.dirs.get(&key) {
+        let path = join(parts);
+        if let Some(&ino) = self.dirs.get(&Created::key(&path)) {
             return Ok(Some(ino));
         }
-        let Some(parent) = self.walk(&parts[..parts.len() - 1], create)? else {
-            return Ok(None);
-        };
-        let name = &parts[parts.len() - 1];
-        let ino = match self.lookup(parent, name)? {
-            Some(ino) => {
-                let inode = self.fs.read_inode(ino)?;
-                match inode.i.i_mode & mode::S_IFMT {
-                    mode::S_IFDIR => ino,
-                    mode::S_IFLNK => match self.follow(parts, 0)? {
-                        Some(ino) => ino,
-                        None if create => {
-                            return Err(Error::BadEntry(format!(
-                                "parent `{}` is a symlink to a missing directory",
-                                String::from_utf8_lossy(&key)
-                            )))
-                        }
-                        None => return Ok(None),
-                    },
-                    _ if create => {
-                        // A non-directory where a parent directory is needed:
-                        // the layer replaces it.
-                        self.remove(parent, name, ino)?;
-                        self.mkdir(parent, name, &default_dir_attrs())?
+        // Components still to resolve, the next one last, each with whether
+        // it may be created.
+        let mut todo: Vec<(Vec<u8>, bool)> =
+            parts.iter().rev().map(|c| (c.clone(), create)).collect();
+        // The directories resolved so far, `/` first.
+        let mut chain: Vec<ext2_ino_t> = vec![EXT2_ROOT_INO];
+        let mut links = 0u32;
+        while let Some((name, may_create)) = todo.pop() {
+            let cur = *chain.last().expect("never empty");
+            match name.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    if chain.len() > 1 {
+                        chain.pop();
                     }
-                    _ => return Ok(None),
+                    continue;
                 }
+                _ => {}
             }
-            None if create => self.mkdir(parent, name, &default_dir_attrs())?,
-            None => return Ok(None),
-        };
-        self.dirs.insert(key, ino);
+            let ino = match self.lookup(cur, &name)? {
+                Some(ino) => {
+                    let inode = self.fs.read_inode(ino)?;
+                    match inode.i.i_mode & mode::S_IFMT {
+                        mode::S_IFDIR => ino,
+                        mode::S_IFLNK => {
+                            links += 1;
+                            if links > MAX_SYMLINKS {
+                                return Err(Error::BadEntry(format!(
+                                    "too many levels of symbolic links in `{}`",
+                                    escape(&path)
+                                )));
+                            }
+                            let target = self.fs.readlink(ino, &inode)?;
+                            if target.first() == Some(&b'/') {
+                                chain.truncate(1);
+                            }
+                            todo.extend(
+                                target
+                                    .split(|&b| b == b'/')
+                                    .rev()
+                                    .map(|c| (c.to_vec(), false)),
+                            );
+                            continue;
+                        }
+                        _ if may_create => {
+                            // A non-directory where a parent directory is
+                            // needed: the layer replaces it.
+                            self.remove(cur, &name, ino)?;
+                            self.mkdir(cur, &name, &default_dir_attrs())?
+                        }
+                        _ => return Ok(None),
+                    }
+                }
+                None if may_create => self.mkdir(cur, &name, &default_dir_attrs())?,
+                None => return Ok(None),
+            };
+            chain.push(ino);
+        }
+        let ino = *chain.last().expect("never empty");
+        self.cache_dir(&path, ino);
         Ok(Some(ino))
-    }
-
-    /// Resolves a path whose last component is a symlink to the directory it
-    /// points to (inside the image root), following up to 40 links.
-    fn follow(&mut self, parts: &[Vec<u8>], depth: u32) -> Result<Option<ext2_ino_t>> {
-        if depth > 40 {
-            return Err(Error::BadEntry("too many levels of symbolic links".into()));
-        }
-        let parent = match self.walk(&parts[..parts.len() - 1], false)? {
-            Some(p) => p,
-            None => return Ok(None),
-        };
-        let Some(ino) = self.lookup(parent, &parts[parts.len() - 1])? else {
-            return Ok(None);
-        };
-        let inode = self.fs.read_inode(ino)?;
-        match inode.i.i_mode & mode::S_IFMT {
-            mode::S_IFDIR => Ok(Some(ino)),
-            mode::S_IFLNK => {
-                let target = self.fs.readlink(ino, &inode)?;
-                let mut base: Vec<Vec<u8>> = if target.first() == Some(&b'/') {
-                    Vec::new()
-                } else {
-                    parts[..parts.len() - 1].to_vec()
-                };
-                for c in target.split(|&b| b == b'/') {
-                    match c {
-                        b"" | b"." => {}
-                        b".." => {
-                            base.pop();
-                        }
-                        c => base.push(c.to_vec()),
-                    }
-                }
-                if base.is_empty() {
-                    return Ok(Some(EXT2_ROOT_INO));
-                }
-                self.follow(&base, depth + 1)
-            }
-            _ => Ok(None),
-        }
     }
 
     fn whiteout(&mut self, parts: &[Vec<u8>]) -> Result<()> {

@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use obd_remote::oci::{
-    self, chain_ids, set_verity_annotations, Config, Document, History, Index, Manifest, Platform,
-    Verity, ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_FS_TYPE, ANN_VERSION, ARTIFACT_NATIVE,
-    MT_DOCKER_CONFIG, MT_DOCKER_LAYER_TAR, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG,
-    MT_OCI_INDEX, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST, VERSION_NATIVE,
+    self, chain_ids, layer_compression, set_verity_annotations, Config, Document, History, Index,
+    LayerCompression, Manifest, Platform, Verity, ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_FS_TYPE,
+    ANN_VERSION, ARTIFACT_NATIVE, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_TAR, MT_DOCKER_LIST,
+    MT_DOCKER_MANIFEST, MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST,
+    VERSION_NATIVE,
 };
 use obd_remote::verity::{piece_size_for, PieceHasher};
 use overlaybd_core::image::Image;
@@ -26,7 +27,7 @@ use sha2::{Digest, Sha256};
 use zfile::sync::recover;
 
 use crate::apply::{Applier, ApplyStats};
-use crate::error::{Error, Result};
+use crate::error::{escape, Error, Result};
 use crate::fs::{Ext4, MkfsParams};
 use crate::io::Backend;
 use crate::oci::{sha256_digest, Descriptor, ImageDest, ImageSource};
@@ -196,7 +197,7 @@ pub fn convert(src: &dyn ImageSource, dst: &dyn ImageDest, opts: &Options) -> Re
     let root = src.root()?;
     let bytes = src.read_small(&root)?;
     let doc = Document::parse(&root.media_type, &bytes).map_err(|e| Error::Json {
-        what: root.digest.clone(),
+        what: escape(root.digest.as_bytes()),
         error: e,
     })?;
     let scratch = Scratch(dst.scratch_dir()?);
@@ -350,7 +351,7 @@ impl Run<'_> {
     fn load(&self, desc: &Descriptor) -> Result<Source> {
         let bytes = self.src.read_small(desc)?;
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
-            what: format!("manifest {}", desc.digest),
+            what: format!("manifest {}", escape(desc.digest.as_bytes())),
             error: e,
         })?;
         if let Some(i) = manifest
@@ -364,7 +365,7 @@ impl Run<'_> {
         }
         let cfg_bytes = self.src.read_small(&manifest.config)?;
         let config: Config = serde_json::from_slice(&cfg_bytes).map_err(|e| Error::Json {
-            what: format!("config {}", manifest.config.digest),
+            what: format!("config {}", escape(manifest.config.digest.as_bytes())),
             error: e,
         })?;
         let (layers, diff_ids) = (manifest.layers.len(), config.rootfs.diff_ids.len());
@@ -382,11 +383,7 @@ impl Run<'_> {
                 overlaybd_core::config::MAX_LAYERS
             )));
         }
-        let media_type = if manifest.media_type.is_empty() {
-            desc.media_type.clone()
-        } else {
-            manifest.media_type.clone()
-        };
+        let media_type = check_media_types(desc, &manifest)?;
         Ok(Source {
             manifest,
             media_type,
@@ -547,15 +544,7 @@ impl Run<'_> {
             };
             let lower_top = pending.as_ref().map(|p| p.upper.clone());
             let (upper, apply, source_bytes, tar_bytes) =
-                match self.apply_group(&group_job, &lowers, lower_top) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        if let Some(p) = pending.take() {
-                            let _ = p.handle.join();
-                        }
-                        return Err(e);
-                    }
-                };
+                self.apply_group(&group_job, &lowers, lower_top)?;
             let apply_seconds = start.elapsed().as_secs_f64();
             if let Some(o) = &opts.observer {
                 o.layer_applied(mindex, last);
@@ -577,7 +566,7 @@ impl Run<'_> {
             });
             pending = Some(Pending {
                 upper,
-                handle,
+                handle: Commit(Some(handle)),
                 work,
                 blob_path,
                 start,
@@ -604,10 +593,7 @@ impl Run<'_> {
         lowers: &mut Vec<(String, Blob)>,
         out: &mut Vec<OutBlob>,
     ) -> Result<()> {
-        let (info, digest, size, table, commit_seconds) = p
-            .handle
-            .join()
-            .map_err(|_| Error::Image("the commit thread panicked".into()))??;
+        let (info, digest, size, table, commit_seconds) = p.handle.join()?;
         drop(p.upper);
         let verity = match table {
             Some(t) => {
@@ -738,11 +724,35 @@ type CommitResult = Result<(CommitInfo, String, u64, Option<Vec<u8>>, f64)>;
 /// A layer being committed in the background.
 struct Pending {
     upper: Arc<WritableLayer>,
-    handle: std::thread::JoinHandle<CommitResult>,
+    handle: Commit,
     work: PathBuf,
     blob_path: PathBuf,
     start: Instant,
     report: LayerReport,
+}
+
+/// The thread committing a layer. Dropping it (an error path) waits for
+/// the commit, so that nothing writes into the scratch directory while it
+/// is being removed.
+struct Commit(Option<std::thread::JoinHandle<CommitResult>>);
+
+impl Commit {
+    /// Waits for the commit's result.
+    fn join(mut self) -> CommitResult {
+        self.0
+            .take()
+            .expect("joined once")
+            .join()
+            .map_err(|_| Error::Image("the commit thread panicked".into()))?
+    }
+}
+
+impl Drop for Commit {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// The read-only view a layer is applied on: the committed layers plus,
@@ -756,6 +766,57 @@ fn stack(lowers: &[(String, Blob)], top: Option<Arc<WritableLayer>>) -> Result<O
         .map(|(n, b)| overlaybd_core::image::Layer::open(n.clone(), b.clone()))
         .collect::<overlaybd_core::Result<Vec<_>>>()?;
     Ok(Some(Arc::new(Image::from_parts(layers, top)?)))
+}
+
+/// The media type of the image manifest `desc` names (the document's own,
+/// else its descriptor's), after checking that the manifest, its config
+/// and every layer have media types the converter knows and that the
+/// document and its descriptor agree.
+fn check_media_types(desc: &Descriptor, manifest: &Manifest) -> Result<String> {
+    let bad = |what: &str, d: &Descriptor, mt: &str, detail: &str| Error::MediaType {
+        what: what.to_string(),
+        digest: escape(d.digest.as_bytes()),
+        media_type: escape(mt.as_bytes()),
+        detail: detail.to_string(),
+    };
+    let (own, described) = (manifest.media_type.as_str(), desc.media_type.as_str());
+    if !own.is_empty() && !described.is_empty() && own != described {
+        return Err(bad(
+            "manifest",
+            desc,
+            own,
+            &format!("its descriptor says `{}`", escape(described.as_bytes())),
+        ));
+    }
+    let mt = if own.is_empty() { described } else { own };
+    if mt != MT_OCI_MANIFEST && mt != MT_DOCKER_MANIFEST {
+        return Err(bad(
+            "manifest",
+            desc,
+            mt,
+            "not an image manifest (OCI or Docker schema 2)",
+        ));
+    }
+    let cmt = manifest.config.media_type.as_str();
+    if cmt != MT_OCI_CONFIG && cmt != MT_DOCKER_CONFIG {
+        return Err(bad(
+            "config",
+            &manifest.config,
+            cmt,
+            "not an image config (OCI or Docker)",
+        ));
+    }
+    for (i, l) in manifest.layers.iter().enumerate() {
+        if layer_compression(&l.media_type).is_none() {
+            return Err(bad(
+                &format!("layer {i}"),
+                l,
+                &l.media_type,
+                "not a known image layer type",
+            ));
+        }
+    }
+    Ok(mt.to_string())
 }
 
 /// Marks 16 random-looking bytes as a version-4 UUID.
@@ -818,7 +879,8 @@ fn apply_layer(
     // the (single-threaded) filesystem through a small bounded channel.
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
     let (recycle_tx, recycle_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
-    let reader = std::thread::spawn(move || decompress(raw, tx, recycle_rx));
+    let desc = layer.clone();
+    let reader = std::thread::spawn(move || decompress(raw, &desc, tx, recycle_rx));
     let mut chunks = ChannelReader {
         rx,
         recycle: recycle_tx,
@@ -834,18 +896,27 @@ fn apply_layer(
     let read = reader
         .join()
         .map_err(|_| Error::Image("the layer reader thread panicked".into()))?;
-    let stats = applied?;
+    // The source's fault (a lying size or media type, a corrupt stream)
+    // comes first: what the applier saw of it is only a consequence.
     let r = read?;
+    let stats = applied?;
+    let Some(r) = r else {
+        return Err(Error::Image(
+            "internal: the layer reader stopped before the applier".into(),
+        ));
+    };
     if r.tar_digest != diff_id {
         return Err(Error::Image(format!(
-            "uncompressed layer has digest {}, but the config's diff_id is {diff_id}",
-            r.tar_digest
+            "uncompressed layer has digest {}, but the config's diff_id is {}",
+            r.tar_digest,
+            escape(diff_id.as_bytes())
         )));
     }
     if r.blob_digest != layer.digest {
         return Err(Error::Image(format!(
             "blob has digest {}, expected {}",
-            r.blob_digest, layer.digest
+            r.blob_digest,
+            escape(layer.digest.as_bytes())
         )));
     }
     Ok((stats, r.blob_bytes, r.tar_bytes))
@@ -880,33 +951,64 @@ struct ReadSummary {
     tar_bytes: u64,
 }
 
-/// Reads a layer blob (gzip, zstd or plain, by magic), hashing both the
-/// blob and the tar, and sends the tar in 1 MiB chunks.
+/// Reads the layer blob `desc` describes, hashing both the blob and the
+/// tar, and sends the tar in 1 MiB chunks. The blob must be compressed as
+/// its media type says (gzip, zstd or none, told by magic) and be exactly
+/// `desc.size` bytes long (no more than one byte past that is read).
+/// `Ok(None)`: the applier stopped first (it reports its own error).
 fn decompress(
     raw: Box<dyn Read + Send>,
+    desc: &Descriptor,
     tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
     recycle: std::sync::mpsc::Receiver<Vec<u8>>,
-) -> Result<ReadSummary> {
-    let mut hashed = Hashing::new(raw);
+) -> Result<Option<ReadSummary>> {
+    let mut hashed = Hashing::new(raw.take(desc.size.saturating_add(1)));
+    let size_error = |actual: u64| Error::BlobSize {
+        digest: escape(desc.digest.as_bytes()),
+        expected: desc.size,
+        actual,
+    };
     let (tar_digest, tar_bytes);
+    // A decompression error, reported once the blob's size is known.
+    let mut failed = None;
     {
         let mut buffered = BufReader::with_capacity(1 << 20, &mut hashed);
         let head = buffered
             .fill_buf()
             .map_err(|e| Error::io("reading the layer", e))?
             .to_vec();
-        let decoder: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
-            Box::new(flate2::read::MultiGzDecoder::new(buffered))
+        let found = if head.starts_with(&[0x1f, 0x8b]) {
+            LayerCompression::Gzip
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            Box::new(
+            LayerCompression::Zstd
+        } else {
+            LayerCompression::None
+        };
+        if layer_compression(&desc.media_type) != Some(found) {
+            if buffered.get_ref().bytes > desc.size {
+                // Too few bytes to tell: the size is the lie.
+                return Err(size_error(buffered.get_ref().bytes));
+            }
+            return Err(Error::MediaType {
+                what: "layer".into(),
+                digest: escape(desc.digest.as_bytes()),
+                media_type: escape(desc.media_type.as_bytes()),
+                detail: match found {
+                    LayerCompression::None => "the blob is not compressed that way".into(),
+                    c => format!("the blob is {c:?}-compressed").to_lowercase(),
+                },
+            });
+        }
+        let decoder: Box<dyn Read + '_> = match found {
+            LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buffered)),
+            LayerCompression::Zstd => Box::new(
                 zstd::stream::read::Decoder::with_buffer(buffered)
                     .map_err(|e| Error::io("starting the zstd decoder", e))?,
-            )
-        } else {
-            Box::new(buffered)
+            ),
+            LayerCompression::None => Box::new(buffered),
         };
         let mut tar = Hashing::new(decoder);
-        loop {
+        'chunks: loop {
             let mut chunk = recycle.try_recv().unwrap_or_default();
             chunk.resize(1 << 20, 0);
             let mut n = 0;
@@ -916,9 +1018,9 @@ fn decompress(
                     Ok(k) => n += k,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        let msg = e.to_string();
+                        failed = Some(e.to_string());
                         let _ = tx.send(Err(e));
-                        return Err(Error::Image(format!("decompressing the layer: {msg}")));
+                        break 'chunks;
                     }
                 }
             }
@@ -928,20 +1030,33 @@ fn decompress(
             chunk.truncate(n);
             if tx.send(Ok(chunk)).is_err() {
                 // The applier stopped (it reports its own error).
-                return Err(Error::Image("layer application stopped".into()));
+                return Ok(None);
             }
         }
         tar_digest = tar.digest();
         tar_bytes = tar.bytes;
     }
     drop(tx);
+    if let Some(msg) = failed {
+        // A blob cut short or running on is a size lie, not corruption.
+        let more = hashed
+            .read(&mut [0u8; 1])
+            .map_err(|e| Error::io("reading the layer", e))?;
+        if more == 0 && hashed.bytes != desc.size || hashed.bytes > desc.size {
+            return Err(size_error(hashed.bytes));
+        }
+        return Err(Error::Image(format!("decompressing the layer: {msg}")));
+    }
     io::copy(&mut hashed, &mut io::sink()).map_err(|e| Error::io("reading the layer tail", e))?;
-    Ok(ReadSummary {
+    if hashed.bytes != desc.size {
+        return Err(size_error(hashed.bytes));
+    }
+    Ok(Some(ReadSummary {
         blob_digest: hashed.digest(),
         blob_bytes: hashed.bytes,
         tar_digest,
         tar_bytes,
-    })
+    }))
 }
 
 /// `Read` over the chunks the reader thread sends.

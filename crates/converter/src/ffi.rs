@@ -46,6 +46,10 @@ pub const EXT2_GOOD_OLD_FIRST_INO: ext2_ino_t = 11;
 pub const EXT2_BG_INODE_ZEROED: u16 = 0x0004;
 pub const EXT4_EXTENTS_FL: u32 = 0x0008_0000;
 pub const EXT2_INDEX_FL: u32 = 0x0000_1000;
+/// Most links an inode may have (`EXT2_LINK_MAX`, ext2_fs.h).
+pub const EXT2_LINK_MAX: u16 = 65000;
+/// Longest name in a directory entry (`EXT2_NAME_LEN`, ext2_fs.h).
+pub const EXT2_NAME_LEN: usize = 255;
 pub const EXT2_FLAGS_UNSIGNED_HASH: u32 = 0x0002;
 pub const EXT2_FT_REG_FILE: c_int = 1;
 pub const EXT2_FT_DIR: c_int = 2;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use zfile::sync::MutexExt;
 
-use crate::error::{Error, Result};
+use crate::error::{escape, Error, Result};
 use crate::ffi::*;
 use crate::io::{self, Backend, MANAGER};
 
@@ -173,6 +173,22 @@ pub fn encode_time(sec: i64, nsec: u32) -> (u32, u32) {
 
 fn cstr(s: &[u8], what: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::BadEntry(format!("{what} contains a NUL byte")))
+}
+
+/// A name for a new directory entry: 1 to 255 bytes without `/` or NUL.
+/// Never truncated (libext2fs would keep the length modulo 256, making a
+/// different name).
+fn entry_name(name: &[u8]) -> Result<CString> {
+    if name.len() > EXT2_NAME_LEN {
+        return Err(Error::NameTooLong {
+            name: escape(name),
+            len: name.len(),
+        });
+    }
+    if name.is_empty() || name.contains(&b'/') {
+        return Err(Error::BadEntry(format!("bad name `{}`", escape(name))));
+    }
+    cstr(name, "name")
 }
 
 /// The superblock parameters `ext2fs_initialize` gets for a fresh
@@ -562,7 +578,7 @@ impl Ext4 {
         match rc {
             0 => Ok(Some(ino)),
             EXT2_ET_FILE_NOT_FOUND => Ok(None),
-            rc => Err(self.err(format!("lookup {}", String::from_utf8_lossy(name)), rc)),
+            rc => Err(self.err(format!("lookup {}", escape(name)), rc)),
         }
     }
 
@@ -717,6 +733,27 @@ impl Ext4 {
         Ok(pblk)
     }
 
+    /// Gives directory `dir` its true link count back if it is 1 ("many
+    /// subdirectories", see [`Self::mkdir`]) but no longer needs to be:
+    /// e2fsck wants the real count whenever it fits.
+    pub fn settle_dir_nlink(&self, dir: ext2_ino_t) -> Result<()> {
+        let mut inode = self.read_inode(dir)?;
+        if inode.i.i_mode & mode::S_IFMT != mode::S_IFDIR || inode.i.i_links_count != 1 {
+            return Ok(());
+        }
+        let mut count = 2u32;
+        for (_, ino) in self.list_dir(dir)? {
+            if self.read_inode(ino)?.i.i_mode & mode::S_IFMT == mode::S_IFDIR {
+                count += 1;
+            }
+        }
+        if count <= u32::from(EXT2_LINK_MAX) {
+            inode.i.i_links_count = count as u16;
+            self.write_inode(dir, &mut inode)?;
+        }
+        Ok(())
+    }
+
     /// Zeroes the unused bytes of every block of directory `dir` (entry
     /// slack, unused index slots) and rewrites the blocks that change.
     /// libext2fs fills new directory blocks from uninitialised buffers when
@@ -828,21 +865,7 @@ impl Ext4 {
     /// inode of `..` and the other entries (not `.`) with their name hashes.
     fn hashed_entries(&self, dir: ext2_ino_t, block: &[u8]) -> Result<(u32, Vec<HashedEntry>)> {
         let bs = block.len();
-        let version = {
-            let mut v = self.super_bytes()[sb::S_DEF_HASH_VERSION] as c_int;
-            if v <= 2 && self.super_u32(sb::S_FLAGS) & EXT2_FLAGS_UNSIGNED_HASH != 0 {
-                v += 3;
-            }
-            v
-        };
-        let seed = {
-            let b = self.super_bytes();
-            let mut s = [0u32; 4];
-            for (i, w) in s.iter_mut().enumerate() {
-                *w = get_u32(b, sb::S_HASH_SEED + 4 * i);
-            }
-            s
-        };
+        let version = self.super_bytes()[sb::S_DEF_HASH_VERSION];
         let mut parent = 0u32;
         let mut entries = Vec::new();
         let mut off = 0usize;
@@ -862,21 +885,7 @@ impl Ext4 {
                 } else if name == b".." {
                     parent = ino;
                 } else {
-                    let (mut h, mut m) = (0u32, 0u32);
-                    // SAFETY: `name` is valid for `nlen` bytes; `seed` is 4 words.
-                    let rc = unsafe {
-                        ext2fs_dirhash2(
-                            version,
-                            name.as_ptr() as *const c_char,
-                            nlen as c_int,
-                            std::ptr::null(),
-                            0,
-                            seed.as_ptr(),
-                            &mut h,
-                            &mut m,
-                        )
-                    };
-                    self.check(|| "hash a name".into(), rc)?;
+                    let (h, m) = self.dirhash(version, name)?;
                     entries.push((h, m, name.to_vec(), ino, ft));
                 }
             }
@@ -925,26 +934,37 @@ impl Ext4 {
     }
 
     fn link(&self, dir: ext2_ino_t, name: &[u8], ino: ext2_ino_t, ft: c_int) -> Result<()> {
-        let cname = cstr(name, "name")?;
+        let cname = entry_name(name)?;
         self.with_dir_space(
             dir,
-            || format!("link {}", String::from_utf8_lossy(name)),
+            || format!("link {}", escape(name)),
             // SAFETY: live handle, NUL-terminated name, allocated inode.
             || unsafe { ext2fs_link(self.fs, dir, cname.as_ptr(), ino, ft) },
         )
     }
 
     /// Creates a directory.
+    /// The parent's link count follows ext4's `dir_nlink` rule: past
+    /// [`EXT2_LINK_MAX`] it is 1 ("many"), and stays 1.
     pub fn mkdir(&self, parent: ext2_ino_t, name: &[u8], a: &Attrs) -> Result<ext2_ino_t> {
-        let cname = cstr(name, "name")?;
+        entry_name(name)?;
+        let before = self.read_inode(parent)?.i.i_links_count;
         let ino = self.new_inode(parent, mode::S_IFDIR)?;
-        self.with_dir_space(
-            parent,
-            || format!("mkdir {}", String::from_utf8_lossy(name)),
-            // SAFETY: live handle; `ino` is free (ext2fs_mkdir marks it used
-            // only once the name is linked, so a retry is safe).
-            || unsafe { ext2fs_mkdir(self.fs, parent, ino, cname.as_ptr()) },
-        )?;
+        // Made without a name, then linked here: with a name, libext2fs
+        // first looks it up with a scan of the whole parent, which made
+        // big directories quadratic to fill.
+        // SAFETY: live handle; `ino` is free; a NULL name makes the
+        // directory (its block, `.`, `..`, the parent's count) unlinked.
+        let rc = unsafe { ext2fs_mkdir(self.fs, parent, ino, std::ptr::null()) };
+        self.check(|| format!("mkdir {}", escape(name)), rc)?;
+        self.link(parent, name, ino, EXT2_FT_DIR)?;
+        let mut p = self.read_inode(parent)?;
+        p.i.i_links_count = if before == 1 || before >= EXT2_LINK_MAX {
+            1
+        } else {
+            before + 1
+        };
+        self.write_inode(parent, &mut p)?;
         self.set_attrs(ino, a)?;
         Ok(ino)
     }
@@ -957,16 +977,23 @@ impl Ext4 {
         target: &[u8],
         a: &Attrs,
     ) -> Result<ext2_ino_t> {
-        let cname = cstr(name, "name")?;
+        entry_name(name)?;
+        if target.len() >= BLOCK as usize {
+            return Err(Error::BadEntry(format!(
+                "symlink target is {} bytes; ext4 allows at most {}",
+                target.len(),
+                BLOCK - 1
+            )));
+        }
         let ctarget = cstr(target, "symlink target")?;
         let ino = self.new_inode(parent, mode::S_IFLNK)?;
-        self.with_dir_space(
-            parent,
-            || format!("symlink {}", String::from_utf8_lossy(name)),
-            // SAFETY: live handle; both strings NUL-terminated; `ino` free
-            // until linked (allocation stats are updated after the link).
-            || unsafe { ext2fs_symlink(self.fs, parent, ino, cname.as_ptr(), ctarget.as_ptr()) },
-        )?;
+        // Made without a name, then linked here (as for `mkdir`).
+        // SAFETY: live handle; the target is NUL-terminated; `ino` is free;
+        // a NULL name makes the symlink's inode unlinked.
+        let rc =
+            unsafe { ext2fs_symlink(self.fs, parent, ino, std::ptr::null(), ctarget.as_ptr()) };
+        self.check(|| format!("symlink {}", escape(name)), rc)?;
+        self.link(parent, name, ino, EXT2_FT_SYMLINK)?;
         let mut a = a.clone();
         a.perm = 0o777;
         self.set_attrs(ino, &a)?;
@@ -1155,8 +1182,15 @@ impl Ext4 {
             mode::S_IFSOCK => EXT2_FT_SOCK,
             _ => return Err(Error::BadEntry("hard link to a directory".into())),
         };
+        if inode.i.i_links_count >= EXT2_LINK_MAX {
+            return Err(Error::TooManyLinks {
+                target: format!("inode {ino}"),
+                links: inode.i.i_links_count.into(),
+                max: EXT2_LINK_MAX.into(),
+            });
+        }
         self.link(parent, name, ino, ft)?;
-        inode.i.i_links_count = inode.i.i_links_count.saturating_add(1);
+        inode.i.i_links_count += 1;
         self.write_inode(ino, &mut inode)
     }
 
@@ -1200,19 +1234,64 @@ impl Ext4 {
     }
 
     /// Removes `name` (inode `ino`) from `parent`, recursively for
-    /// directories, freeing inodes whose last link goes.
-    pub fn remove(&self, parent: ext2_ino_t, name: &[u8], ino: ext2_ino_t) -> Result<()> {
-        let inode = self.read_inode(ino)?;
-        let is_dir = inode.i.i_mode & mode::S_IFMT == mode::S_IFDIR;
-        if is_dir {
-            for (child, cino) in self.list_dir(ino)? {
-                self.remove(ino, &child, cino)?;
+    /// directories (depth first, without recursion: trees may be tens of
+    /// thousands of levels deep), freeing inodes whose last link goes.
+    /// `gone_dir` hears of every directory inode freed.
+    pub fn remove(
+        &self,
+        parent: ext2_ino_t,
+        name: &[u8],
+        ino: ext2_ino_t,
+        gone_dir: &mut dyn FnMut(ext2_ino_t),
+    ) -> Result<()> {
+        /// An entry to remove once its own entries (if a directory) are.
+        struct Pending {
+            parent: ext2_ino_t,
+            name: Vec<u8>,
+            ino: ext2_ino_t,
+            /// The directory's entries not yet removed (None: not listed).
+            left: Option<Vec<(Vec<u8>, ext2_ino_t)>>,
+        }
+        let mut stack = vec![Pending {
+            parent,
+            name: name.to_vec(),
+            ino,
+            left: None,
+        }];
+        while let Some(top) = stack.last_mut() {
+            if top.left.is_none() {
+                let is_dir = self.read_inode(top.ino)?.i.i_mode & mode::S_IFMT == mode::S_IFDIR;
+                top.left = Some(if is_dir {
+                    self.list_dir(top.ino)?
+                } else {
+                    Vec::new()
+                });
+            }
+            let dir = top.ino;
+            if let Some((child, cino)) = top.left.as_mut().and_then(Vec::pop) {
+                stack.push(Pending {
+                    parent: dir,
+                    name: child,
+                    ino: cino,
+                    left: None,
+                });
+                continue;
+            }
+            let done = stack.pop().expect("the top");
+            if self.remove_entry(done.parent, &done.name, done.ino)? {
+                gone_dir(done.ino);
             }
         }
-        let cname = cstr(name, "name")?;
-        // SAFETY: live handle; NUL-terminated name.
-        let rc = unsafe { ext2fs_unlink(self.fs, parent, cname.as_ptr(), ino, 0) };
-        self.check(|| format!("unlink {}", String::from_utf8_lossy(name)), rc)?;
+        Ok(())
+    }
+
+    /// Removes one entry (an empty directory, or a non-directory) and frees
+    /// its inode if that was its last link. Returns whether a directory was
+    /// freed.
+    fn remove_entry(&self, parent: ext2_ino_t, name: &[u8], ino: ext2_ino_t) -> Result<bool> {
+        let inode = self.read_inode(ino)?;
+        let is_dir = inode.i.i_mode & mode::S_IFMT == mode::S_IFDIR;
+        self.unlink(parent, name, ino)?;
         let mut inode = self.read_inode(ino)?;
         if is_dir {
             let mut p = self.read_inode(parent)?;
@@ -1225,7 +1304,8 @@ impl Ext4 {
             inode.i.i_links_count = inode.i.i_links_count.saturating_sub(1);
         }
         if inode.i.i_links_count > 0 {
-            return self.write_inode(ino, &mut inode);
+            self.write_inode(ino, &mut inode)?;
+            return Ok(false);
         }
         self.write_inode(ino, &mut inode)?;
         // SAFETY: live handle; 256-byte inode buffer; frees the EA block
@@ -1258,7 +1338,137 @@ impl Ext4 {
         self.write_inode(ino, &mut inode)?;
         // SAFETY: live handle; the inode is no longer referenced.
         unsafe { ext2fs_inode_alloc_stats2(self.fs, ino, -1, is_dir as c_int) };
-        Ok(())
+        Ok(is_dir)
+    }
+
+    /// Removes the entry `name` → `ino` from directory `dir`. In a
+    /// hash-indexed directory only the leaf its hash leads to is read and
+    /// rewritten (libext2fs's `ext2fs_unlink` scans every block, which made
+    /// whiteouts quadratic); anything unexpected falls back to that scan.
+    fn unlink(&self, dir: ext2_ino_t, name: &[u8], ino: ext2_ino_t) -> Result<()> {
+        if self.dx_unlink(dir, name, ino)? {
+            return Ok(());
+        }
+        let cname = cstr(name, "name")?;
+        // SAFETY: live handle; NUL-terminated name.
+        let rc = unsafe { ext2fs_unlink(self.fs, dir, cname.as_ptr(), ino, 0) };
+        self.check(|| format!("unlink {}", escape(name)), rc)
+    }
+
+    /// Reads logical block `lblk` of directory `dir` into `buf` (checksums
+    /// verified); returns its physical block.
+    fn read_dir_block(&self, dir: ext2_ino_t, lblk: u64, buf: &mut [u8]) -> Result<u64> {
+        let pblk = self.dir_block_pblk(dir, lblk)?;
+        // SAFETY: live handle; `buf` is one block.
+        let rc = unsafe {
+            ext2fs_read_dir_block4(self.fs, pblk, buf.as_mut_ptr() as *mut c_void, 0, dir)
+        };
+        self.check(|| format!("read directory {dir} block {lblk}"), rc)?;
+        Ok(pblk)
+    }
+
+    /// [`Self::unlink`] through the hash index: walks the dx root (and
+    /// nodes) to the leaf that holds `name`'s hash and removes the entry
+    /// there. Returns `false`, having changed nothing, when `dir` is not
+    /// indexed or the entry is not in that leaf (a hash collision run over
+    /// several leaves).
+    fn dx_unlink(&self, dir: ext2_ino_t, name: &[u8], ino: ext2_ino_t) -> Result<bool> {
+        let inode = self.read_inode(dir)?;
+        if inode.i.i_flags & EXT2_INDEX_FL == 0 {
+            return Ok(false);
+        }
+        let bs = BLOCK as usize;
+        let mut buf = vec![0u8; bs];
+        self.read_dir_block(dir, 0, &mut buf)?;
+        // dx_root_info after `.` and `..`: hash version, info length, levels.
+        let (version, info_len, levels) = (buf[28], buf[29] as usize, buf[30]);
+        if info_len != 8 || levels > 2 {
+            return Ok(false);
+        }
+        let (hash, _) = self.dirhash(version, name)?;
+        // The count/limit header of the index entries in `buf`.
+        let mut at = 24 + info_len;
+        let mut level = 0;
+        let leaf = loop {
+            let count = get_u16(&buf, at + 2) as usize;
+            if count == 0 || at + count * 8 > bs {
+                return Ok(false);
+            }
+            // The last entry whose hash is <= ours (entry 0 covers from 0).
+            let mut pick = 0;
+            for i in 1..count {
+                if get_u32(&buf, at + 8 * i) & !1 > hash {
+                    break;
+                }
+                pick = i;
+            }
+            let block = u64::from(get_u32(&buf, at + 8 * pick + 4) & 0x0fff_ffff);
+            if level == levels {
+                break block;
+            }
+            self.read_dir_block(dir, block, &mut buf)?;
+            // A dx node: one empty entry spanning the block, then the header.
+            at = 8;
+            level += 1;
+        };
+        let pblk = self.read_dir_block(dir, leaf, &mut buf)?;
+        let (mut off, mut prev) = (0usize, None);
+        while off + 8 <= bs {
+            let rec = get_u16(&buf, off + 4) as usize;
+            let nlen = buf[off + 6] as usize;
+            if rec < 8 || off + rec > bs || 8 + nlen > rec {
+                return Ok(false);
+            }
+            if get_u32(&buf, off) == ino && &buf[off + 8..off + 8 + nlen] == name {
+                match prev {
+                    // Merge into the entry before, as ext2fs_unlink does.
+                    Some(p) => {
+                        let merged = get_u16(&buf, p + 4) as usize + rec;
+                        put_u16(&mut buf, p + 4, merged as u16);
+                    }
+                    None => put_u32(&mut buf, off, 0),
+                }
+                // SAFETY: live handle; one block; the checksum is recomputed.
+                let rc = unsafe {
+                    ext2fs_write_dir_block4(self.fs, pblk, buf.as_mut_ptr() as *mut c_void, 0, dir)
+                };
+                self.check(|| format!("unlink {}", escape(name)), rc)?;
+                return Ok(true);
+            }
+            prev = Some(off);
+            off += rec;
+        }
+        Ok(false)
+    }
+
+    /// The (major, minor) directory hash of `name` for hash version
+    /// `version` (the superblock's signedness applied) and the
+    /// filesystem's seed.
+    fn dirhash(&self, version: u8, name: &[u8]) -> Result<(u32, u32)> {
+        let mut version = c_int::from(version);
+        if version <= 2 && self.super_u32(sb::S_FLAGS) & EXT2_FLAGS_UNSIGNED_HASH != 0 {
+            version += 3;
+        }
+        let mut seed = [0u32; 4];
+        for (i, w) in seed.iter_mut().enumerate() {
+            *w = get_u32(self.super_bytes(), sb::S_HASH_SEED + 4 * i);
+        }
+        let (mut h, mut m) = (0u32, 0u32);
+        // SAFETY: `name` is valid for its length; `seed` is 4 words.
+        let rc = unsafe {
+            ext2fs_dirhash2(
+                version,
+                name.as_ptr() as *const c_char,
+                name.len() as c_int,
+                std::ptr::null(),
+                0,
+                seed.as_ptr(),
+                &mut h,
+                &mut m,
+            )
+        };
+        self.check(|| "hash a name".into(), rc)?;
+        Ok((h, m))
     }
 
     /// Replaces all extended attributes of `ino` with `xattrs`.
@@ -1302,7 +1512,7 @@ impl Ext4 {
                 for n in names {
                     // SAFETY: `h` is open; `n` is NUL-terminated.
                     let rc = unsafe { ext2fs_xattr_remove(h, n.as_ptr()) };
-                    self.check(|| format!("remove xattr {}", n.to_string_lossy()), rc)?;
+                    self.check(|| format!("remove xattr {}", escape(n.as_bytes())), rc)?;
                 }
             }
             for (k, v) in xattrs {
@@ -1311,7 +1521,7 @@ impl Ext4 {
                 let rc = unsafe {
                     ext2fs_xattr_set(h, key.as_ptr(), v.as_ptr() as *const c_void, v.len())
                 };
-                self.check(|| format!("set xattr {}", String::from_utf8_lossy(k)), rc)?;
+                self.check(|| format!("set xattr {}", escape(k)), rc)?;
             }
             Ok(())
         })();

@@ -27,6 +27,15 @@
 //!   pushed by digest once their blobs are in, and the tag last.
 //! - [`tree`]: reads an ext4 tree back, for verification.
 //!
+//! Hostile input fails with a typed [`Error`] naming the layer and entry
+//! (names escaped), never a panic or a corrupt file system: names over 255
+//! bytes ([`Error::NameTooLong`]), a hard link past ext4's 65,000
+//! ([`Error::TooManyLinks`]), a blob whose size or compression contradicts
+//! its descriptor ([`Error::BlobSize`], [`Error::MediaType`]) and unknown
+//! media types. Paths have no depth limit: resolution and removal are
+//! iterative and the caches cost the same per entry at any depth; whiteouts
+//! and big directories take linear time.
+//!
 //! No root, mount or kernel is involved, and nothing depends on the clock or
 //! on memory contents: the filesystem UUID and hash seed derive from the
 //! first diff_id, inode times from the tar mtime, superblock times from a

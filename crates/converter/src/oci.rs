@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use obd_remote::oci::{Index, ANN_REF_NAME};
 use serde_json::json;
 
-use crate::error::{Error, Result};
+use crate::error::{escape, Error, Result};
 
 pub use obd_remote::oci::{
     sha256_digest, Descriptor, ARTIFACT_NATIVE, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_TAR,
@@ -33,19 +33,20 @@ pub trait ImageSource {
         if d.size > 64 << 20 {
             return Err(Error::Image(format!(
                 "{} is {} bytes; too large for metadata",
-                d.digest, d.size
+                escape(d.digest.as_bytes()),
+                d.size
             )));
         }
         let mut buf = Vec::with_capacity(d.size as usize);
         self.open_blob(&d.digest)?
             .take(d.size + 1)
             .read_to_end(&mut buf)
-            .map_err(|e| Error::io(format!("reading {}", d.digest), e))?;
+            .map_err(|e| Error::io(format!("reading {}", escape(d.digest.as_bytes())), e))?;
         let got = sha256_digest(&buf);
         if got != d.digest || buf.len() as u64 != d.size {
             return Err(Error::Image(format!(
                 "blob {} has digest {got} and {} bytes (descriptor says {})",
-                d.digest,
+                escape(d.digest.as_bytes()),
                 buf.len(),
                 d.size
             )));
@@ -76,15 +77,21 @@ pub trait ImageDest {
 }
 
 fn digest_hex(digest: &str) -> Result<&str> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| Error::Image(format!("unsupported digest `{digest}` (sha256 only)")))?;
+    let hex = digest.strip_prefix("sha256:").ok_or_else(|| {
+        Error::Image(format!(
+            "unsupported digest `{}` (sha256 only)",
+            escape(digest.as_bytes())
+        ))
+    })?;
     if hex.len() != 64
         || !hex
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
     {
-        return Err(Error::Image(format!("malformed digest `{digest}`")));
+        return Err(Error::Image(format!(
+            "malformed digest `{}`",
+            escape(digest.as_bytes())
+        )));
     }
     Ok(hex)
 }
@@ -200,12 +207,40 @@ impl ImageSource for OciLayout {
     }
 }
 
+/// Prefix of the scratch directories conversions make in a layout; the
+/// converting process's pid follows.
+const SCRATCH_PREFIX: &str = ".obd-convert-";
+
+/// Removes the scratch directories in layout `dir` left by conversions
+/// whose process is gone (killed, or crashed past every cleanup path).
+/// Best effort: a directory that cannot be removed stays.
+fn sweep_stale_scratch(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl ImageDest for OciLayout {
+    /// `<dir>/.obd-convert-<pid>`, after removing those of dead processes.
     fn scratch_dir(&self) -> Result<PathBuf> {
         self.init()?;
+        sweep_stale_scratch(&self.dir);
         let d = self
             .dir
-            .join(format!(".obd-convert-{}", std::process::id()));
+            .join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
         fs::create_dir_all(&d).map_err(|e| Error::file(&d, e))?;
         Ok(d)
     }

@@ -22,7 +22,7 @@ use obd_remote::oci::{self, Index};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::{escape, Error, Result};
 use crate::oci::*;
 use zfile::sync::MutexExt;
 
@@ -104,21 +104,22 @@ impl ImageSource for RegistrySource {
             if d.size > 64 << 20 {
                 return Err(Error::Image(format!(
                     "{} is {} bytes; too large for metadata",
-                    d.digest, d.size
+                    escape(d.digest.as_bytes()),
+                    d.size
                 )));
             }
             let mut buf = Vec::with_capacity(d.size as usize);
             self.open(d)?
                 .take(d.size + 1)
                 .read_to_end(&mut buf)
-                .map_err(|e| Error::io(format!("reading {}", d.digest), e))?;
+                .map_err(|e| Error::io(format!("reading {}", escape(d.digest.as_bytes())), e))?;
             buf
         };
         let got = sha256_digest(&bytes);
         if got != d.digest || bytes.len() as u64 != d.size {
             return Err(Error::Image(format!(
                 "{} has digest {got} and {} bytes (descriptor says {})",
-                d.digest,
+                escape(d.digest.as_bytes()),
                 bytes.len(),
                 d.size
             )));
@@ -196,7 +197,9 @@ impl RegistryDest {
         let hex = digest
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| Error::Image(format!("malformed digest `{digest}`")))?;
+            .ok_or_else(|| {
+                Error::Image(format!("malformed digest `{}`", escape(digest.as_bytes())))
+            })?;
         Ok(self.work.join("blobs").join(hex))
     }
 

@@ -32,19 +32,30 @@ pub struct Node {
     pub mtime: i64,
 }
 
-/// Walks the filesystem from `/`. Paths are relative, `""` is the root.
+/// Walks the filesystem from `/` (without recursion: trees may be tens of
+/// thousands of levels deep). Paths are relative, `""` is the root.
 pub fn read_tree(fs: &Ext4) -> Result<BTreeMap<Vec<u8>, Node>> {
     let mut out = BTreeMap::new();
-    walk(fs, EXT2_ROOT_INO, Vec::new(), &mut out)?;
+    let mut todo = vec![(EXT2_ROOT_INO, Vec::new())];
+    while let Some((ino, path)) = todo.pop() {
+        let node = read_node(fs, ino)?;
+        if node.mode as u16 & mode::S_IFMT == mode::S_IFDIR {
+            for (name, cino) in fs.list_dir(ino)? {
+                let mut p = path.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(&name);
+                todo.push((cino, p));
+            }
+        }
+        out.insert(path, node);
+    }
     Ok(out)
 }
 
-fn walk(
-    fs: &Ext4,
-    ino: ext2_ino_t,
-    path: Vec<u8>,
-    out: &mut BTreeMap<Vec<u8>, Node>,
-) -> Result<()> {
+/// One inode as a [`Node`].
+fn read_node(fs: &Ext4, ino: ext2_ino_t) -> Result<Node> {
     let inode = fs.read_inode(ino)?;
     let i = &inode.i;
     let kind = i.i_mode & mode::S_IFMT;
@@ -64,11 +75,7 @@ fn walk(
         mode::S_IFREG => {
             node.size = inode.size();
             let mut h = Sha256::new();
-            let mut n = 0u64;
-            fs.read_file(ino, &mut |d| {
-                h.update(d);
-                n += d.len() as u64;
-            })?;
+            fs.read_file(ino, &mut |d| h.update(d))?;
             node.content = Some(hex::encode(h.finalize()));
         }
         mode::S_IFLNK => node.link = Some(fs.readlink(ino, &inode)?),
@@ -82,18 +89,5 @@ fn walk(
         }
         _ => {}
     }
-    out.insert(path.clone(), node);
-    if kind == mode::S_IFDIR {
-        let mut children = fs.list_dir(ino)?;
-        children.sort();
-        for (name, cino) in children {
-            let mut p = path.clone();
-            if !p.is_empty() {
-                p.push(b'/');
-            }
-            p.extend_from_slice(&name);
-            walk(fs, cino, p, out)?;
-        }
-    }
-    Ok(())
+    Ok(node)
 }

@@ -293,6 +293,29 @@ impl Error {
     }
 }
 
+/// `bytes` (a file name, path or other untrusted text) made safe to print in
+/// a message: valid UTF-8 is kept except control characters (C0, DEL, C1),
+/// Unicode bidirectional controls and `\`, which are escaped as Rust
+/// escapes (`\n`, `\u{1b}`, `\\`); bytes that are not UTF-8 become `\xNN`.
+/// The result is unambiguous: two different inputs never print the same.
+pub fn escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi || c == '\\' {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
 /// Adds file context to results.
 pub trait Context<T> {
     /// Names the file a failure came from.
@@ -302,5 +325,21 @@ pub trait Context<T> {
 impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
     fn in_file(self, path: impl Into<PathBuf>) -> Result<T> {
         self.map_err(|e| e.into().in_file(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn escape_controls_bidi_backslash_and_bad_utf8() {
+        assert_eq!(escape(b"usr/bin/ls"), "usr/bin/ls");
+        assert_eq!(escape("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_eq!(escape(b"a\x1b[2Jb\n\t\r\0"), "a\\u{1b}[2Jb\\n\\t\\r\\u{0}");
+        assert_eq!(escape(b"a\\x41"), "a\\\\x41");
+        assert_eq!(escape(b"\xff\xfe/x"), "\\xff\\xfe/x");
+        assert_eq!(escape("\u{202e}gnp.exe".as_bytes()), "\\u{202e}gnp.exe");
+        assert_eq!(escape("\u{85}\u{7f}".as_bytes()), "\\u{85}\\u{7f}");
     }
 }

@@ -420,6 +420,43 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// How an image layer blob is compressed, as its media type declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerCompression {
+    /// A plain tar.
+    None,
+    /// gzip (RFC 1952), possibly several members.
+    Gzip,
+    /// A zstd frame.
+    Zstd,
+}
+
+/// The compression of an image layer of media type `mt` (OCI, OCI
+/// non-distributable and Docker schema 2 layer types), or `None` when `mt`
+/// is not a layer type obd knows.
+pub fn layer_compression(mt: &str) -> Option<LayerCompression> {
+    const OCI: &str = "application/vnd.oci.image.layer.v1.tar";
+    const OCI_ND: &str = "application/vnd.oci.image.layer.nondistributable.v1.tar";
+    for base in [OCI, OCI_ND] {
+        if let Some(rest) = mt.strip_prefix(base) {
+            return match rest {
+                "" => Some(LayerCompression::None),
+                "+gzip" => Some(LayerCompression::Gzip),
+                "+zstd" => Some(LayerCompression::Zstd),
+                _ => None,
+            };
+        }
+    }
+    match mt {
+        MT_DOCKER_LAYER_TAR => Some(LayerCompression::None),
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+            Some(LayerCompression::Gzip)
+        }
+        _ => None,
+    }
+}
+
 /// Whether `d` is `sha256:` and 64 lower-case hex digits (safe in URLs,
 /// paths, ingest refs and labels).
 pub fn is_sha256(d: &str) -> bool {
@@ -681,6 +718,37 @@ mod tests {
 
     fn plat(s: &str) -> Platform {
         Platform::parse(s).unwrap()
+    }
+
+    #[test]
+    fn layer_compression_by_media_type() {
+        use LayerCompression::*;
+        for (mt, want) in [
+            (MT_OCI_LAYER_TAR, Some(None)),
+            ("application/vnd.oci.image.layer.v1.tar+gzip", Some(Gzip)),
+            ("application/vnd.oci.image.layer.v1.tar+zstd", Some(Zstd)),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                Some(Gzip),
+            ),
+            (MT_DOCKER_LAYER_TAR, Some(None)),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                Some(Gzip),
+            ),
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                Some(Gzip),
+            ),
+            ("application/vnd.oci.image.layer.v1.tar+bzip2", Option::None),
+            (
+                "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
+                Option::None,
+            ),
+            ("", Option::None),
+        ] {
+            assert_eq!(layer_compression(mt), want, "{mt}");
+        }
     }
 
     #[test]
