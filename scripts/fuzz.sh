@@ -10,7 +10,7 @@ cargo build --release -q -p obd
 obd=$PWD/target/release/obd
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 c=fuzz/corpus
-mkdir -p $c/{zfile_header,zfile_file,lsmt_file,tar_wrapper,config,www_authenticate,service_config,lz4_block,trace,tar_apply}
+mkdir -p $c/{zfile_header,zfile_file,lsmt_file,tar_wrapper,config,www_authenticate,service_config,lz4_block,trace,tar_apply,control_request,verity_table}
 head -c 20000 fixtures/interop/zfile/source.bin > "$tmp/small.bin"
 $obd zfile compress "$tmp/small.bin" $c/zfile_file/seed-lz4 2>/dev/null
 $obd zfile compress --algorithm zstd --block-size 8K "$tmp/small.bin" $c/zfile_file/seed-zstd 2>/dev/null
@@ -31,7 +31,7 @@ printf '\x20\x18\xef\xc2\0\0\0\0\x30\0\0\0\0\0\0\0\xf1\xae\x06\x68\0\0\0\0R\0\0\
 printf '/usr/bin/\n/etc/hosts\n/opt/app*\n' > $c/trace/seed-list
 chmod -R u+w $c
 cd fuzz
-for t in zfile_header zfile_file lsmt_file tar_wrapper config www_authenticate service_config lz4_block trace tar_apply; do
+for t in zfile_header zfile_file lsmt_file tar_wrapper config www_authenticate service_config lz4_block trace tar_apply control_request verity_table; do
   echo "=== $t ($secs s)"
   cargo fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -max_len=65536 -print_final_stats=1 2>&1 |
     grep -E "stat::number_of_executed_units|Done|ERROR|panicked|SUMMARY|crash-" || true
