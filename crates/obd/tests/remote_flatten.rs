@@ -8,19 +8,39 @@ use std::process::Command;
 mod common;
 use common::{obd, s, OBD};
 
+/// A registry storing under `dir` (its access log kept when `logged`) and
+/// the interop vectors' manifest; `None` (the test `what` skipped, said
+/// loudly) without docker-registry.
+fn registry_and_stacks(
+    dir: &std::path::Path,
+    logged: bool,
+    what: &str,
+) -> Option<(Registry, serde_json::Value)> {
+    let reg = if logged {
+        Registry::start_logged(dir)
+    } else {
+        Registry::start(dir)
+    };
+    let reg = match reg {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("SKIPPED: {what}: {e}");
+            return None;
+        }
+    };
+    let manifest =
+        serde_json::from_slice(&std::fs::read(fixtures::interop().join("manifest.json")).unwrap())
+            .unwrap();
+    Some((reg, manifest))
+}
+
 #[test]
 fn remote_lowers_flatten_to_the_local_digest_through_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = match Registry::start(dir.path()) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("SKIPPED: remote flatten test: {e}");
-            return;
-        }
+    let Some((reg, manifest)) = registry_and_stacks(dir.path(), false, "remote flatten test")
+    else {
+        return;
     };
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures::interop().join("manifest.json")).unwrap())
-            .unwrap();
     let stack = &manifest["stacks"][0];
     let mut lowers = Vec::new();
     for l in stack["layers"].as_array().unwrap() {
@@ -88,16 +108,11 @@ fn remote_lowers_flatten_to_the_local_digest_through_the_cache() {
 fn verified_remote_flatten_gives_the_same_disk_and_required_needs_tables() {
     use obd_remote::verity::{PieceTable, DEFAULT_PIECE_SIZE};
     let dir = tempfile::tempdir().unwrap();
-    let reg = match Registry::start(dir.path()) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("SKIPPED: verified remote flatten test: {e}");
-            return;
-        }
+    let Some((reg, manifest)) =
+        registry_and_stacks(dir.path(), false, "verified remote flatten test")
+    else {
+        return;
     };
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures::interop().join("manifest.json")).unwrap())
-            .unwrap();
     let stack = &manifest["stacks"][0];
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for l in stack["layers"].as_array().unwrap() {
@@ -161,16 +176,9 @@ fn verified_remote_flatten_gives_the_same_disk_and_required_needs_tables() {
 #[test]
 fn a_second_image_fetches_nothing_of_a_shared_base() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = match Registry::start_logged(dir.path()) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("SKIPPED: shared base test: {e}");
-            return;
-        }
+    let Some((reg, manifest)) = registry_and_stacks(dir.path(), true, "shared base test") else {
+        return;
     };
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures::interop().join("manifest.json")).unwrap())
-            .unwrap();
     let layers = manifest["stacks"][0]["layers"].as_array().unwrap();
     let lower = |l: &serde_json::Value| {
         let file = fixtures::interop().join(l["file"].as_str().unwrap());
