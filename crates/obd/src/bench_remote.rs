@@ -434,8 +434,9 @@ fn best_flatten_with(
 }
 
 /// `--verify`: cold random 4 KiB reads (p50, p99) and cold flatten with the
-/// blobs' piece tables checked and without, in turns (off, on, off, on, …)
-/// against one registry, so drift hits both alike.
+/// blobs' piece tables checked and without, in turns (off, on, on, off, …:
+/// each side goes first every other round) against one registry, so drift
+/// and page-cache warmth hit both alike.
 fn verify_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     let reg = Registry::start(base).map_err(|e| anyhow::anyhow!("obd bench remote: {e}"))?;
     let blobs = push_layers(base, &reg, size_mib << 20)?;
@@ -459,7 +460,15 @@ fn verify_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     for round in 0..ROUNDS {
         let mut rng = Rng::new(100 + round as u64);
         let offsets: Vec<u64> = (0..300).map(|_| rng.below(len / 4096) * 4096).collect();
-        for (verify, out) in [(false, &mut off), (true, &mut on)] {
+        // Alternate which side goes first, so neither always runs on the
+        // other's warm page cache and writeback.
+        let sides = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for verify in sides {
+            let out = if verify { &mut on } else { &mut off };
             let blob = if verify { &checked } else { &plain };
             let dir = base.join(format!("c-verify-{round}-{verify}"));
             let (lat, _) = cold_reads(blob, client.clone(), sched.clone(), &dir, &offsets)?;
@@ -473,8 +482,18 @@ fn verify_in(base: &Path, size_mib: u64, threads: usize) -> Result<Value> {
     // Cold flatten as its own process, the policy set by the service config.
     let exe = std::env::current_exe()?;
     let (mut fl_off, mut fl_on) = (f64::MAX, f64::MAX);
-    for round in 0..3 {
-        for (verify, best) in [("off", &mut fl_off), ("if-present", &mut fl_on)] {
+    for round in 0..4 {
+        let sides = if round % 2 == 0 {
+            ["off", "if-present"]
+        } else {
+            ["if-present", "off"]
+        };
+        for verify in sides {
+            let best = if verify == "off" {
+                &mut fl_off
+            } else {
+                &mut fl_on
+            };
             let svc = base.join(format!("service-{verify}.toml"));
             std::fs::write(&svc, format!("[cache]\nverify = \"{verify}\"\n"))?;
             let t = best_flatten_with(
