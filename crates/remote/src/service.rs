@@ -389,8 +389,51 @@ impl RegistrySource {
             (_, Some(v)) => v,
         };
         let blob = BlobRef::new(String::new(), l.digest.clone(), size);
-        fetch_piece_table(&*self.fetcher, repo_blob_url, &blob, v).map(Some)
+        check_table_size(&blob, v)?;
+        // Tables are kept beside the block cache (content-addressed and
+        // checked again on every load), so a second open fetches nothing.
+        let hex = v.digest.strip_prefix("sha256:").unwrap_or(&v.digest);
+        let kept = self.cache.options().dir.join("tables").join(hex);
+        if let Ok(bytes) = overlaybd_core::regular::read(&kept, v.size, "piece table") {
+            if let Ok(t) = piece_table_from(&bytes, &blob, v) {
+                return Ok(Some(t));
+            }
+        }
+        let t = fetch_piece_table(&*self.fetcher, repo_blob_url, &blob, v)?;
+        keep_table(&kept, &t.encode());
+        Ok(Some(t))
     }
+}
+
+/// Stores a checked table at `path` (best effort: a table not kept is
+/// fetched again next time).
+fn keep_table(path: &Path, bytes: &[u8]) {
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    let ok = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if ok.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Refuses a table size no table of `blob` can have (before any read).
+fn check_table_size(blob: &BlobRef, v: &Verity) -> Result<()> {
+    let size = blob.size;
+    let bound = verity::encoded_len(size, 1 << verity::MIN_PIECE_SHIFT).min(verity::MAX_TABLE_SIZE);
+    if v.size > bound {
+        return Err(Error::Verify {
+            blob: blob.digest.clone(),
+            detail: format!(
+                "piece table {} is said to be {} bytes; a table of a {size}-byte blob has at most {bound}",
+                v.digest, v.size
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Fetches the piece table `v` of `blob` (its digest and size) from the
@@ -408,14 +451,7 @@ pub fn fetch_piece_table(
         blob: blob.digest.clone(),
         detail,
     };
-    let size = blob.size;
-    let bound = verity::encoded_len(size, 1 << verity::MIN_PIECE_SHIFT).min(verity::MAX_TABLE_SIZE);
-    if v.size > bound {
-        return Err(bad(format!(
-            "piece table {} is said to be {} bytes; a table of a {size}-byte blob has at most {bound}",
-            v.digest, v.size
-        )));
-    }
+    check_table_size(blob, v)?;
     let url = format!("{}/{}", repo_blob_url.trim_end_matches('/'), v.digest);
     let bytes = fetcher
         .fetch(
@@ -425,15 +461,25 @@ pub fn fetch_piece_table(
             Priority::Foreground,
         )
         .map_err(|e| bad(format!("fetching its piece table: {e}")))?;
-    let got = crate::oci::sha256_digest(&bytes);
+    piece_table_from(&bytes, blob, v)
+}
+
+/// Checks the bytes of `blob`'s piece table `v`: their sha256 is the
+/// annotation's digest, they decode, and they describe this blob.
+fn piece_table_from(bytes: &[u8], blob: &BlobRef, v: &Verity) -> Result<Arc<PieceTable>> {
+    let bad = |detail: String| Error::Verify {
+        blob: blob.digest.clone(),
+        detail,
+    };
+    let size = blob.size;
+    let got = crate::oci::sha256_digest(bytes);
     if got != v.digest {
         return Err(bad(format!(
             "piece table blob {} has digest {got}",
             v.digest
         )));
     }
-    let t =
-        PieceTable::decode(&bytes).map_err(|e| bad(format!("piece table {}: {e}", v.digest)))?;
+    let t = PieceTable::decode(bytes).map_err(|e| bad(format!("piece table {}: {e}", v.digest)))?;
     if t.blob_digest() != blob.digest || t.blob_size() != size {
         return Err(bad(format!(
             "piece table {} describes blob {} ({} bytes), not this one ({size} bytes)",
