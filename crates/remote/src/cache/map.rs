@@ -68,6 +68,11 @@ impl MapHeader {
     fn blocks(&self) -> u64 {
         self.size.div_ceil(self.bs)
     }
+
+    /// Bytes of block `i` (the blob's last block may be short).
+    pub(super) fn block_len(&self, i: u64) -> u64 {
+        (self.size - i * self.bs).min(self.bs)
+    }
 }
 
 /// Which per-blob counter.
@@ -271,6 +276,24 @@ impl BlobMap {
     /// Whether blocks `first..=last` are all present.
     pub(super) fn all(&self, first: u64, last: u64) -> bool {
         (first..=last).all(|i| self.get(i))
+    }
+
+    /// Bytes of the blocks present in `present` (a bitmap as
+    /// [`BlobMap::snapshot`] gives it; missing words count as absent).
+    pub(super) fn bytes_in(&self, present: &[u64]) -> u64 {
+        (0..self.blocks)
+            .filter(|&i| {
+                present
+                    .get((i / 64) as usize)
+                    .is_some_and(|w| w & (1 << (i % 64)) != 0)
+            })
+            .map(|i| self.header.block_len(i))
+            .sum()
+    }
+
+    /// Bytes of the blocks present now.
+    pub(super) fn cached_bytes(&self) -> u64 {
+        self.bytes_in(&self.snapshot())
     }
 
     /// The bitmap words, copied.

@@ -184,6 +184,27 @@ impl CachedBlob {
         t
     }
 
+    /// A blob of the cache at `paths` (`[map, data, meta]`), with its files
+    /// (`None`: uncached in this process).
+    fn new(h: MapHeader, paths: [PathBuf; 3], live: Option<(File, BlobMap)>) -> Self {
+        let [map_path, data_path, meta_path] = paths;
+        CachedBlob {
+            scope: (!h.scope.is_empty()).then(|| h.scope.clone()),
+            blocks: h.size.div_ceil(h.bs),
+            digest: h.digest,
+            size: h.size,
+            bs: h.bs,
+            data_path,
+            meta_path,
+            map_path,
+            live,
+            unflushed: AtomicU32::new(0),
+            persist_lock: Mutex::new(()),
+            detached: AtomicBool::new(false),
+            shared: Mutex::new(None),
+        }
+    }
+
     fn block_len(&self, i: u64) -> u64 {
         (self.size - i * self.bs).min(self.bs)
     }
@@ -440,7 +461,6 @@ impl BlockCache {
     /// Opens or creates a blob's files, as a user (holding it in use); on
     /// failure the blob is left uncached in this process.
     fn open_blob(&self, stem: &str, digest: &str, size: u64, scope: Option<&str>) -> CachedBlob {
-        let [map_path, data_path, meta_path] = self.paths(stem);
         let mut live = None;
         for _ in 0..4 {
             match self.try_open(stem, digest, size, scope) {
@@ -458,20 +478,17 @@ impl BlockCache {
                 }
             }
         }
-        CachedBlob {
-            digest: digest.to_owned(),
-            scope: scope.map(str::to_owned),
-            size,
+        let h = self.header_for(digest, size, scope);
+        CachedBlob::new(h, self.paths(stem), live)
+    }
+
+    /// The map header of blob `digest` of `size` bytes in `scope`.
+    fn header_for(&self, digest: &str, size: u64, scope: Option<&str>) -> MapHeader {
+        MapHeader {
             bs: self.opts.block_size,
-            blocks: size.div_ceil(self.opts.block_size),
-            data_path,
-            meta_path,
-            map_path,
-            live,
-            unflushed: AtomicU32::new(0),
-            persist_lock: Mutex::new(()),
-            detached: AtomicBool::new(false),
-            shared: Mutex::new(None),
+            size,
+            digest: digest.to_owned(),
+            scope: scope.unwrap_or_default().to_owned(),
         }
     }
 
@@ -485,12 +502,7 @@ impl BlockCache {
         scope: Option<&str>,
     ) -> io::Result<Option<(File, BlobMap)>> {
         let [map_path, data_path, meta_path] = self.paths(stem);
-        let want = MapHeader {
-            bs: self.opts.block_size,
-            size,
-            digest: digest.to_owned(),
-            scope: scope.unwrap_or_default().to_owned(),
-        };
+        let want = self.header_for(digest, size, scope);
         let m = match BlobMap::open(&map_path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -557,16 +569,7 @@ impl BlockCache {
             self.resets.fetch_add(1, Ordering::Relaxed);
         }
         let present = present.unwrap_or_default();
-        let count = |p: &[u64]| -> u64 {
-            (0..m.blocks())
-                .filter(|&i| {
-                    p.get((i / 64) as usize)
-                        .is_some_and(|w| w & (1 << (i % 64)) != 0)
-                })
-                .map(|i| (h.size - i * h.bs).min(h.bs))
-                .sum()
-        };
-        let (old, new) = (count(&m.snapshot()), count(&present));
+        let (old, new) = (m.cached_bytes(), m.bytes_in(&present));
         m.restore(&present);
         m.set_boot(&self.boot);
         let used = self.state.used();
@@ -902,12 +905,11 @@ impl Drop for Claim<'_> {
 
 /// Clears every bit of `m`; returns the bytes they held. Call with its lock.
 fn release_bits(m: &BlobMap) -> u64 {
-    let h = &m.header;
     m.gen().fetch_add(1, Ordering::AcqRel);
     let mut freed = 0;
     for i in 0..m.blocks() {
         if m.clear(i) {
-            freed += (h.size - i * h.bs).min(h.bs);
+            freed += m.header.block_len(i);
         }
     }
     m.gen().fetch_add(1, Ordering::AcqRel);

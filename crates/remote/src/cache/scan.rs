@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use overlaybd_core::error::{Error, Result};
@@ -63,14 +63,6 @@ fn stems(cache: &BlockCache) -> Result<Vec<String>> {
             n.strip_suffix(".map").map(str::to_owned)
         })
         .collect())
-}
-
-fn cached_bytes(m: &BlobMap) -> u64 {
-    let h = &m.header;
-    (0..m.blocks())
-        .filter(|&i| m.get(i))
-        .map(|i| (h.size - i * h.bs).min(h.bs))
-        .sum()
 }
 
 /// First open of the directory (no other process has it): removes the
@@ -150,7 +142,7 @@ pub(super) fn recover(cache: &BlockCache) -> Result<()> {
             cache.reset_files(stem);
             continue;
         }
-        total += cached_bytes(&m);
+        total += m.cached_bytes();
     }
     cache.state.used().store(total, Ordering::Release);
     Ok(())
@@ -162,32 +154,21 @@ fn open_for_pass(cache: &BlockCache, stem: &str) -> Option<Arc<CachedBlob>> {
     if let Some(b) = cache.blobs.locked().get(stem) {
         return Some(Arc::clone(b));
     }
-    let [map_path, data_path, meta_path] = cache.paths(stem);
-    let m = BlobMap::open(&map_path).ok()?;
+    let paths = cache.paths(stem);
+    let m = BlobMap::open(&paths[0]).ok()?;
     let data = OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&data_path)
+        .open(&paths[1])
         .ok()?;
-    let h = m.header.clone();
-    if h.bs != cache.opts.block_size {
+    if m.header.bs != cache.opts.block_size {
         return None;
     }
-    Some(Arc::new(CachedBlob {
-        digest: h.digest,
-        scope: (!h.scope.is_empty()).then_some(h.scope),
-        size: h.size,
-        bs: h.bs,
-        blocks: h.size.div_ceil(h.bs),
-        data_path,
-        meta_path,
-        map_path,
-        live: Some((data, m)),
-        unflushed: AtomicU32::new(0),
-        persist_lock: Mutex::new(()),
-        detached: AtomicBool::new(false),
-        shared: Mutex::new(None),
-    }))
+    Some(Arc::new(CachedBlob::new(
+        m.header.clone(),
+        paths,
+        Some((data, m)),
+    )))
 }
 
 /// Evicts the least recently used blocks of the whole directory down to the
@@ -291,7 +272,7 @@ pub(super) fn list(cache: &BlockCache) -> Result<Vec<BlobInfo>> {
             digest: m.header.digest.clone(),
             scope: (!m.header.scope.is_empty()).then(|| m.header.scope.clone()),
             size: m.header.size,
-            cached: cached_bytes(&m),
+            cached: m.cached_bytes(),
             hits: c(Counter::Hits),
             misses: c(Counter::Misses),
             fetched: c(Counter::Fetched),
