@@ -160,11 +160,8 @@ impl Testbed {
         if !service.exists() {
             std::fs::write(
                 &service,
-                format!(
-                    "[cache]\ndir = \"{}\"\n\n[registry.hosts.\"{}\"]\nplain_http = true\n",
-                    self.dir.join("cache").display(),
-                    self.reg
-                ),
+                // The cache stays where a user's would: the root's `cache/`.
+                format!("[registry.hosts.\"{}\"]\nplain_http = true\n", self.reg),
             )
             .with_context(|| format!("writing {}", service.display()))?;
         }
