@@ -1,45 +1,57 @@
 #!/usr/bin/env python3
-"""Cold-start benchmark: OCI vs eStargz vs obd lazy vs obd + trace prefetch.
+"""Cold-start benchmark: OCI vs eStargz (plain and optimized, zstd:chunked)
+vs obd lazy vs obd + trace prefetch.
 
 Run through bench/coldstart.sh (which builds the release binaries). Needs
 root, containerd, ctr, runc, docker-registry, skopeo, iproute2 (netns, veth,
-tc tbf). eStargz needs `containerd-stargz-grpc` on PATH (Debian's
-stargz-snapshotter ships only ctr-remote); without it that variant is
-skipped and said so in the results.
+tc tbf). The eStargz variants need `ctr-remote` (Debian's stargz-snapshotter)
+and `containerd-stargz-grpc` (coldstart.sh builds it from Debian's Go
+library); without them they are skipped and said so in the results.
 
 The registry runs in a network namespace behind a veth pair; the namespace
 side's egress (registry -> node) is shaped with tc tbf to each link rate.
 Every measured run starts a fresh node (new containerd root and state, new
 snapshotter root) with the page cache dropped; it times pull and `ctr run`
 up to the app's `ready` line (cold), then a second `ctr run` on the same
-node (warm), and counts the bytes the node received on the veth.
+node (warm), then a third after dropping the page cache (warm, caches
+dropped), and counts the bytes the node received on the veth.
+
+obd runs with its defaults: `obd convert SRC DST` and a service config that
+names only the registry (plain HTTP). No bench-only tuning.
+
+Variants (BENCH_VARIANTS, all interleaved within each repetition):
+  oci           `ctr images pull` (gzip layers, overlayfs)
+  estargz       `ctr-remote image convert --estargz --oci`
+  estargz-opt   `ctr-remote image optimize --oci --period RECORD_TIME`: the
+                workload's files first and prefetched (the image's own
+                command, as obd's trace records it)
+  zstdchunked   the same optimize with `--zstdchunked`
+  obd           `obd convert` (defaults), lazy
+  obd-trace     + `obd trace record --time RECORD_TIME` (acceleration layer)
+  obd-noverify  obd lazy with `[cache] verify = "off"` (piece tables unused)
+  also: obd-trace-late (prefetch_at_pull off, the device attached when the
+  container starts); obd-alt / obd-trace-alt (obd lazy / + trace with the
+  service TOML BENCH_OBD_ALT added, e.g. '[fetch]\nmin_fetch = 65536').
 
 Environment (defaults):
   BENCH_DIR=/tmp/obd-coldstart  BENCH_REPS=3  BENCH_LINKS="100mbit 1gbit"
     (a link is RATE or RATE@DELAY, e.g. 100mbit@20ms adds 20 ms per round trip)
-  BENCH_IMAGES="large small"    BENCH_PAD_MB=448  BENCH_RECORD_TIME=30
-  BENCH_VARIANTS="oci estargz obd obd-trace"
-    (also obd-trace-late: obd + trace with the snapshotter's
-    prefetch_at_pull off, the device attached when the container starts;
-    obd-trace-alt: obd + trace with the service's [prefetch] section set to
-    BENCH_OBD_PREFETCH_ALT, by default `order = "recorded"`)
+  BENCH_IMAGES="large java"     (large: the Python image + BENCH_PAD_MB of
+                                unused data; java: fixtures/scripts/
+                                make-java-image.sh; small: busybox)
+  BENCH_PAD_MB=448  BENCH_RECORD_TIME=30
+  BENCH_VARIANTS="oci estargz estargz-opt zstdchunked obd obd-trace obd-noverify"
   BENCH_OUT=bench/results       OBD_BIN / OBD_SNAPSHOTTER (release builds)
-  obd settings (recorded in the JSON as "obd"); the defaults are the
-  slow-link tuning of docs/BENCHMARKS.md, not the service's own defaults:
-  BENCH_OBD_ALGO=zstd           `obd convert --algorithm` (lz4 or zstd)
-  BENCH_OBD_BLOCK=16K           `obd convert --block-size` (4K, 8K, 16K, 32K)
-  BENCH_OBD_LEVEL=19            `obd convert --level` (zstd level, 1-22; 19
-                                makes ~10% fewer bytes than upstream's 3)
+  BENCH_OBD_CONVERT_ARGS=""     extra `obd convert` flags (experiments only;
+                                recorded in the JSON as "obd")
+  BENCH_OBD_ALT=""              service TOML of the obd-alt variants
+  BENCH_REUSE_STARGZ=1          keep the eStargz forms an earlier run pushed
+                                to BENCH_DIR's registry (same source image)
   BENCH_TIMELINE=<dir>          keep a timeline of each obd cold run there:
                                 one line per registry request from every
                                 obd process (OBD_FETCH_LOG, fetch-<pid>.log),
                                 the snapshotter log, and each cold run's
                                 start, pull end and ready times (<tag>.json)
-  BENCH_OBD_MIN_FETCH=65536     service `[fetch] min_fetch` (bytes; empty =
-                                the service default, 256 KiB)
-  BENCH_OBD_CACHE_BLOCK=4096    service `[cache] block_size` (bytes; empty =
-                                the default, 64 KiB): the granularity of
-                                trace prefetch's exact ranges
 """
 import json
 import os
@@ -55,23 +67,23 @@ REPO = os.path.dirname(HERE)
 DIR = os.environ.get("BENCH_DIR", "/tmp/obd-coldstart")
 REPS = int(os.environ.get("BENCH_REPS", "3"))
 LINKS = os.environ.get("BENCH_LINKS", "100mbit 1gbit").split()
-IMAGES = os.environ.get("BENCH_IMAGES", "large small").split()
-VARIANTS = os.environ.get("BENCH_VARIANTS", "oci estargz obd obd-trace").split()
+IMAGES = os.environ.get("BENCH_IMAGES", "large java").split()
+VARIANTS = os.environ.get(
+    "BENCH_VARIANTS", "oci estargz estargz-opt zstdchunked obd obd-trace obd-noverify").split()
 PAD_MB = int(os.environ.get("BENCH_PAD_MB", "448"))
 RECORD_TIME = int(os.environ.get("BENCH_RECORD_TIME", "30"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(HERE, "results"))
 # Results file name (several passes can be merged by report.py).
 NAME = os.environ.get("BENCH_NAME", "coldstart")
-OBD_ALGO = os.environ.get("BENCH_OBD_ALGO", "zstd")
-OBD_BLOCK = os.environ.get("BENCH_OBD_BLOCK", "16K")
-OBD_LEVEL = os.environ.get("BENCH_OBD_LEVEL", "19")
-PREFETCH_ALT = os.environ.get("BENCH_OBD_PREFETCH_ALT", 'order = "recorded"')
+OBD_CONVERT_ARGS = os.environ.get("BENCH_OBD_CONVERT_ARGS", "").split()
+# Keep the eStargz forms an earlier run left in BENCH_DIR's registry (their
+# conversion does not depend on obd and takes minutes).
+REUSE = os.environ.get("BENCH_REUSE_STARGZ") == "1"
+OBD_ALT = os.environ.get("BENCH_OBD_ALT", "").replace("\\n", "\n")
 TIMELINE = os.environ.get("BENCH_TIMELINE")
 if TIMELINE:
     os.makedirs(TIMELINE, exist_ok=True)
     os.environ["OBD_FETCH_LOG"] = os.path.abspath(TIMELINE)
-OBD_MIN_FETCH = os.environ.get("BENCH_OBD_MIN_FETCH", "65536")
-OBD_CACHE_BLOCK = os.environ.get("BENCH_OBD_CACHE_BLOCK", "4096")
 OBD = os.environ.get("OBD_BIN", os.path.join(REPO, "target/release/obd"))
 SNAP = os.environ.get("OBD_SNAPSHOTTER", os.path.join(REPO, "target/release/obd-snapshotter"))
 # bench/stargz-grpc (built by coldstart.sh from Debian's Go packages).
@@ -81,6 +93,13 @@ HOST_IF, NS_IF = "obdb-h", "obdb-n"
 HOST_IP, NS_IP = "10.231.77.1", "10.231.77.2"
 REG = f"{NS_IP}:5000"
 RUN_TIMEOUT = 600
+STARGZ_VARIANTS = ("estargz", "estargz-opt", "zstdchunked")
+# The service TOML each obd variant adds to the registry's section.
+OBD_SERVICE = {"obd-noverify": '[cache]\nverify = "off"\n', "obd-alt": OBD_ALT,
+               "obd-trace-alt": OBD_ALT}
+# The image each variant pulls (its tag in the registry).
+REF_TAG = {"obd-noverify": "obd", "obd-alt": "obd", "obd-trace-late": "obd-trace",
+           "obd-trace-alt": "obd-trace"}
 
 
 def log(*a):
@@ -180,7 +199,7 @@ def stop_proc(p, timeout=15):
 # --- a node: containerd + snapshotters -----------------------------------
 
 class Node:
-    def __init__(self, name, obd=True, stargz=False, at_pull=True, prefetch=""):
+    def __init__(self, name, obd=True, stargz=False, at_pull=True, service=""):
         self.dir = os.path.join(DIR, "nodes", name)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -190,13 +209,11 @@ class Node:
         if obd:
             sn = os.path.join(self.dir, "obd")
             os.makedirs(sn)
+            # The service's defaults (the block cache under the root), the
+            # registry over plain HTTP, and what the variant adds.
             with open(os.path.join(sn, "service.toml"), "w") as f:
-                f.write(f'[cache]\ndir = "{self.dir}/obd-cache"\n'
-                        + (f'block_size = {int(OBD_CACHE_BLOCK)}\n' if OBD_CACHE_BLOCK else "")
-                        + (f'\n[fetch]\nmin_fetch = {int(OBD_MIN_FETCH)}\n'
-                           if OBD_MIN_FETCH else "")
-                        + (f'\n[prefetch]\n{prefetch}\n' if prefetch else "")
-                        + f'\n[registry.hosts."{REG}"]\nplain_http = true\n')
+                f.write((service.rstrip("\n") + "\n\n" if service else "")
+                        + f'[registry.hosts."{REG}"]\nplain_http = true\n')
             toml = os.path.join(self.dir, "obd.toml")
             with open(toml, "w") as f:
                 f.write(f'root = "{sn}"\naddress = "{self.dir}/obd.sock"\n'
@@ -308,11 +325,28 @@ def build_images():
             sh("python3", os.path.join(HERE, "mkimage.py"), "large", src, "python", out, str(PAD_MB))
             open(stamp, "w").write(f"{PAD_MB}")
         imgs["large"] = out
+    if "java" in IMAGES:
+        imgs["java"] = java_layout(idir)
     if "small" in IMAGES:
         out = os.path.join(idir, "small")
         sh("python3", os.path.join(HERE, "mkimage.py"), "small", out)
         imgs["small"] = out
     return imgs
+
+
+def java_layout(idir):
+    """fixtures/scripts/make-java-image.sh's image, retagged `bench`."""
+    src = sh(os.path.join(REPO, "fixtures/scripts/make-java-image.sh")).strip().splitlines()[-1]
+    out = os.path.join(idir, "java")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    with open(os.path.join(out, "index.json")) as f:
+        idx = json.load(f)
+    for m in idx["manifests"]:
+        m.setdefault("annotations", {})["org.opencontainers.image.ref.name"] = "bench"
+    with open(os.path.join(out, "index.json"), "w") as f:
+        json.dump(idx, f)
+    return out
 
 
 def layout_bytes(layout):
@@ -324,33 +358,78 @@ def layout_bytes(layout):
     return sum(l["size"] for l in m["layers"])
 
 
+def manifest_layer_bytes(ref):
+    """The summed layer sizes of the manifest `ref` (REG/repo:tag) names."""
+    import urllib.request
+    repo, tag = ref[len(REG) + 1:].rsplit(":", 1)
+    accept = ("application/vnd.oci.image.manifest.v1+json, "
+              "application/vnd.docker.distribution.manifest.v2+json, "
+              "application/vnd.oci.image.index.v1+json, "
+              "application/vnd.docker.distribution.manifest.list.v2+json")
+    while True:
+        req = urllib.request.Request(f"http://{REG}/v2/{repo}/manifests/{tag}",
+                                     headers={"Accept": accept})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            m = json.load(r)
+        if "layers" in m:
+            return sum(l["size"] for l in m["layers"])
+        tag = m["manifests"][0]["digest"]  # an index: its first manifest
+
+
+def have_manifest(ref):
+    try:
+        manifest_layer_bytes(ref)
+        return True
+    except OSError:
+        return False
+
+
 def prepare(imgs, variants, stargz):
     """Pushes each image in the forms `variants` need (OCI always; obd and
-    obd + trace; eStargz); returns {image: {"refs", "record", ...}}."""
+    obd + trace; the eStargz forms); returns {image: {"refs", "record",
+    per-form layer bytes, conversion seconds}}."""
     refs = {}
     node = Node("prep", obd=True, stargz=stargz)
     try:
         for name, layout in imgs.items():
-            r = {k: f"{REG}/bench/{name}:{k}" for k in ("oci", "obd", "obd-trace", "estargz")}
-            r["obd-trace-late"] = r["obd-trace-alt"] = r["obd-trace"]
+            tags = ("oci", "obd", "obd-trace") + STARGZ_VARIANTS
+            r = {k: f"{REG}/bench/{name}:{k}" for k in tags}
+            for v, t in REF_TAG.items():
+                r[v] = r[t]
             traced = any(v.startswith("obd-trace") for v in variants)
-            info = {"refs": r, "oci_layer_bytes": layout_bytes(layout)}
+            info = {"refs": r, "oci_layer_bytes": layout_bytes(layout), "layer_bytes": {},
+                    "prep_s": {}}
             sh("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
                f"oci:{layout}:bench", f"docker://{r['oci']}")
-            if "obd" in variants or traced:
-                sh(OBD, "convert", "--plain-http", REG, "--algorithm", OBD_ALGO,
-                   "--block-size", OBD_BLOCK, "--level", OBD_LEVEL,
-                   f"oci:{layout}:bench",
-                   f"docker://{r['obd']}")
+            if any(v.startswith("obd") for v in variants):
+                t0 = time.time()
+                sh(OBD, "convert", "--plain-http", REG, *OBD_CONVERT_ARGS,
+                   f"oci:{layout}:bench", f"docker://{r['obd']}")
+                info["prep_s"]["obd convert"] = time.time() - t0
+                info["layer_bytes"]["obd"] = manifest_layer_bytes(r["obd"])
             if traced:
                 info["record"] = json.loads(sh(
                     OBD, "trace", "record", "--plain-http", REG, "--json", "--address", node.sock,
                     "--time", str(RECORD_TIME), r["obd"], r["obd-trace"]).strip().splitlines()[-1])
             if stargz:
                 sh(*node.ctr("images", "pull", "--plain-http", r["oci"]))
-                sh("ctr-remote", "--address", node.sock, "image", "convert", "--estargz",
-                   "--oci", r["oci"], r["estargz"])
-                sh(*node.ctr("images", "push", "--plain-http", r["estargz"]))
+                for v in STARGZ_VARIANTS:
+                    if v not in variants:
+                        continue
+                    if REUSE and have_manifest(r[v]):
+                        info["layer_bytes"][v] = manifest_layer_bytes(r[v])
+                        continue
+                    t0 = time.time()
+                    if v == "estargz":
+                        sh("ctr-remote", "--address", node.sock, "image", "convert",
+                           "--estargz", "--oci", r["oci"], r[v])
+                    else:
+                        sh("ctr-remote", "--address", node.sock, "image", "optimize", "--oci",
+                           "--period", str(RECORD_TIME),
+                           *(["--zstdchunked"] if v == "zstdchunked" else []), r["oci"], r[v])
+                    info["prep_s"][v] = time.time() - t0
+                    sh(*node.ctr("images", "push", "--plain-http", r[v]))
+                    info["layer_bytes"][v] = manifest_layer_bytes(r[v])
             refs[name] = info
     finally:
         node.stop()
@@ -389,9 +468,8 @@ def access_bytes(log_path, offset):
 
 
 def measure(variant, ref, reg, tag):
-    node = Node(tag, obd=variant.startswith("obd"), stargz=variant == "estargz",
-                at_pull=variant != "obd-trace-late",
-                prefetch=PREFETCH_ALT if variant == "obd-trace-alt" else "")
+    node = Node(tag, obd=variant.startswith("obd"), stargz=variant in STARGZ_VARIANTS,
+                at_pull=variant != "obd-trace-late", service=OBD_SERVICE.get(variant, ""))
     try:
         drop_caches()
         rx0, off = rx_bytes(), os.path.getsize(reg.log)
@@ -399,7 +477,7 @@ def measure(variant, ref, reg, tag):
         if variant == "oci":
             sh(*node.ctr("images", "pull", "--plain-http", ref), quiet=True)
             run = node.ctr("run", "--rm", ref, f"{tag}-c1")
-        elif variant == "estargz":
+        elif variant in STARGZ_VARIANTS:
             sh("ctr-remote", "--address", node.sock, "image", "rpull", "--plain-http",
                "--snapshotter", "stargz", ref, quiet=True)
             run = node.ctr("run", "--rm", "--snapshotter", "stargz", ref, f"{tag}-c1")
@@ -444,12 +522,13 @@ def main():
     for t in ["containerd", "ctr", "runc", "docker-registry", "skopeo", "ip", "tc"]:
         if not have(t):
             sys.exit(f"bench/coldstart: {t} is not installed")
-    stargz = "estargz" in VARIANTS and os.access(STARGZ, os.X_OK) and have("ctr-remote")
-    variants = [v for v in VARIANTS if v != "estargz" or stargz]
-    skipped = [] if stargz or "estargz" not in VARIANTS else [
-        {"variant": "estargz", "why": f"no containerd-stargz-grpc at {STARGZ} (Debian's "
+    want = [v for v in VARIANTS if v in STARGZ_VARIANTS]
+    stargz = bool(want) and os.access(STARGZ, os.X_OK) and have("ctr-remote")
+    variants = [v for v in VARIANTS if v not in STARGZ_VARIANTS or stargz]
+    skipped = [] if stargz else [
+        {"variant": v, "why": f"no containerd-stargz-grpc at {STARGZ} (Debian's "
          "stargz-snapshotter package ships only ctr-remote; coldstart.sh builds it from "
-         "golang-github-containerd-stargz-snapshotter-dev) or no ctr-remote"}]
+         "golang-github-containerd-stargz-snapshotter-dev) or no ctr-remote"} for v in want]
     for s in skipped:
         log("SKIPPED", s["variant"] + ":", s["why"])
     os.makedirs(DIR, exist_ok=True)
@@ -463,8 +542,8 @@ def main():
                "load_at_start": load_start, "reps": REPS, "links": LINKS,
                "cpus": os.cpu_count(), "kernel": os.uname().release,
                "skipped": skipped, "images": {}, "runs": [],
-               "obd": {"algorithm": OBD_ALGO, "block_size": OBD_BLOCK, "level": OBD_LEVEL, "prefetch_alt": PREFETCH_ALT, "min_fetch": OBD_MIN_FETCH or "default",
-                       "cache_block_size": OBD_CACHE_BLOCK or "default"}}
+               "obd": {"convert_args": OBD_CONVERT_ARGS, "service_alt": OBD_ALT,
+                       "version": sh(OBD, "--version", quiet=True).strip()}}
     try:
         shape(None)
         prep = prepare(imgs, variants, stargz)
@@ -478,7 +557,7 @@ def main():
                     for variant in variants:
                         ref = prep[name]["refs"][variant]
                         log(f"{link} {name} {variant} rep {rep + 1}/{REPS}")
-                        m = measure(variant, ref, reg, f"obdbench-{link}-{variant}-{rep}")
+                        m = measure(variant, ref, reg, f"obdbench-{link}-{name}-{variant}-{rep}")
                         m.update(link=link, image=name, variant=variant, rep=rep)
                         log(json.dumps(m))
                         results["runs"].append(m)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Cold-start benchmark: OCI vs eStargz vs obd lazy vs obd + trace prefetch.
-# Builds the release binaries, the test images, a shaped link to a registry
-# in a network namespace, and measures; then writes bench/results/
-# (coldstart.json, coldstart.md, coldstart.png). See docs/BENCHMARKS.md
-# ("Issue 7: cold start") and the settings at the top of bench/coldstart.py.
+# Cold-start benchmark: OCI vs eStargz (plain, optimized, zstd:chunked) vs
+# obd lazy vs obd + trace prefetch, obd with its defaults. Builds the release
+# binaries, the test images, a shaped link to a registry in a network
+# namespace, and measures; then writes bench/results/ (coldstart.json,
+# coldstart.md, coldstart.png). See docs/BENCHMARKS.md ("Issue 7: cold
+# start", "Issue 18") and the settings at the top of bench/coldstart.py.
 # Needs root. A reduced run, for example:
-#   BENCH_REPS=1 BENCH_LINKS=100mbit BENCH_IMAGES=small bench/coldstart.sh
+#   BENCH_REPS=1 BENCH_LINKS=100mbit BENCH_IMAGES=java bench/coldstart.sh
 # BENCH_NO_BUILD=1 skips `cargo build --release`; BENCH_NO_APT=1 skips
-# installing the missing Debian packages (the eStargz variant and the plot
+# installing the missing Debian packages (the eStargz variants and the plot
 # are then skipped if their tools are missing).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

@@ -5,31 +5,66 @@ and a PNG plot (matplotlib, if installed), next to the JSON.
 usage: report.py RESULTS.json [--doc docs/BENCHMARKS.md]
 With --doc, the text between `<!-- coldstart:begin -->` and
 `<!-- coldstart:end -->` in that file is replaced by the table.
+
+The bound of a variant is max(its warm start, its pull time + the working
+set's bytes / the link rate), the working set's bytes being the fewest any
+lazy variant fetched for that image on that link (veth, all traffic): no
+format can start sooner than its own warm start, nor before the bytes the
+start needs have crossed the link after the pull.
 """
 import json
 import os
+import re
 import sys
 
-ORDER = ["oci", "estargz", "obd", "obd-trace", "obd-trace-late", "obd-trace-alt"]
-NAMES = {"oci": "OCI (overlayfs, full pull)", "estargz": "eStargz (stargz snapshotter)",
-         "obd": "obd lazy", "obd-trace": "obd + trace prefetch",
-         "obd-trace-late": "obd + trace, device attached at run (prefetch_at_pull off)",
-         "obd-trace-alt": "obd + trace, [prefetch] as in the JSON's obd.prefetch_alt"}
+ORDER = ["oci", "estargz", "estargz-opt", "zstdchunked", "obd", "obd-noverify", "obd-alt",
+         "obd-trace", "obd-trace-late", "obd-trace-alt"]
+NAMES = {"oci": "OCI (overlayfs, full pull)", "estargz": "eStargz",
+         "estargz-opt": "eStargz optimized", "zstdchunked": "zstd:chunked optimized",
+         "obd": "obd lazy", "obd-noverify": "obd lazy, verify off",
+         "obd-alt": "obd lazy, service alt", "obd-trace": "obd + trace prefetch",
+         "obd-trace-late": "obd + trace, device attached at run",
+         "obd-trace-alt": "obd + trace, service alt"}
+LAZY = [v for v in ORDER if v != "oci"]
 
 
 def mib(b):
     return f"{b / (1 << 20):.1f}"
 
 
+def rate_bps(link):
+    """Bits per second of `100mbit`, `1gbit`, `100mbit@20ms`, …"""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", link.split("@")[0].lower())
+    if not m:
+        return None
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
+
+
+def med(s, link, img, v, f="cold_s"):
+    x = s.get(f"{link}/{img}/{v}", {}).get(f)
+    return x["median"] if x else None
+
+
+def working_set(s, link, img):
+    xs = [med(s, link, img, v, "rx_bytes") for v in LAZY]
+    xs = [x for x in xs if x]
+    return min(xs) if xs else None
+
+
+def bound(s, link, img, v):
+    ws, rate = working_set(s, link, img), rate_bps(link)
+    warm, pull = med(s, link, img, v, "warm_s"), med(s, link, img, v, "pull_s")
+    if None in (ws, rate, warm, pull):
+        return None
+    return max(warm, pull + ws * 8 / rate)
+
+
 def table(r):
     s = r["summary"]
-    dropped = all("warm_dropped_s" in x for x in s.values())
     rows = ["| link | image | variant | cold median (s) | cold p90 (s) | pull (s) | "
-            "run→ready (s) | warm median (s) | "
-            + ("warm, caches dropped (s) | " if dropped else "")
-            + "fetched MiB (veth) | fetched MiB (blobs) |",
-            "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if dropped else "")
-            + "---:|---:|"]
+            "run→ready (s) | warm (s) | warm, caches dropped (s) | bound (s) | cold ÷ bound | "
+            "fetched MiB (veth) | fetched MiB (blobs) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for link in r["links"]:
         for image in r["images"]:
             for v in ORDER:
@@ -37,74 +72,76 @@ def table(r):
                 if k not in s:
                     continue
                 x = s[k]
+                b = bound(s, link, image, v)
+                wd = x.get("warm_dropped_s", {}).get("median")
                 rows.append(
                     f"| {link} | {image} | {NAMES[v]} | {x['cold_s']['median']:.2f} | "
                     f"{x['cold_s']['p90']:.2f} | {x['pull_s']['median']:.2f} | "
                     f"{x['run_to_ready_s']['median']:.2f} | {x['warm_s']['median']:.2f} | "
-                    + (f"{x['warm_dropped_s']['median']:.2f} | " if dropped else "")
+                    + (f"{wd:.2f} | " if wd is not None else "— | ")
+                    + (f"{b:.2f} | {x['cold_s']['median'] / b:.2f} | " if b else "— | — | ")
                     + f"{mib(x['rx_bytes']['median'])} | {mib(x['blob_bytes']['median'])} |")
     return "\n".join(rows)
 
 
-def obd_settings(r):
-    """The obd conversion and fetch settings of the run (older runs: none)."""
-    o = r.get("obd")
-    if not o:
-        return []
-    block = f" --block-size {o['block_size']}" if "block_size" in o else ""
-    level = f" --level {o['level']}" if "level" in o else ""
-    alt = ""
-    if any(x.get("variant") == "obd-trace-alt" for x in r.get("runs", [])):
-        alt = f"; obd-trace-alt: `[prefetch]` {o.get('prefetch_alt', '')!r}"
-    return [f"- obd: `obd convert --algorithm {o['algorithm']}{block}{level}`, service `min_fetch` "
-            f"{o['min_fetch']}, cache `block_size` {o['cache_block_size']}{alt}"]
+def settings(r):
+    o = r.get("obd") or {}
+    out = []
+    if o.get("version"):
+        out.append(f"- obd: {o['version']}, `obd convert` "
+                   + (f"with `{' '.join(o['convert_args'])}`" if o.get("convert_args")
+                      else "with its defaults")
+                   + ", the service's defaults"
+                   + (f"; obd-alt variants add `{o['service_alt']!r}`"
+                      if o.get("service_alt") and any(
+                          x.get("variant", "").endswith("alt") for x in r.get("runs", []))
+                      else ""))
+    elif o:  # older runs: bench-tuned settings
+        out.append(f"- obd (bench-tuned): {json.dumps(o)}")
+    return out
 
 
 def goals(r):
     s, out = r["summary"], []
-    link = "100mbit" if "100mbit" in r["links"] else r["links"][0]
-    img = "large" if "large" in r["images"] else next(iter(r["images"]))
 
-    def med(v, f="cold_s"):
-        k = f"{link}/{img}/{v}"
-        return s[k][f]["median"] if k in s else None
-
-    def line(goal, ok, detail):
+    def line(goal, where, ok, detail):
         mark = "n/a" if ok is None else ("met" if ok else "NOT met")
-        out.append(f"| {goal} | {detail} | **{mark}** |")
+        out.append(f"| {goal} | {where} | {detail} | **{mark}** |")
 
-    oci, est, lazy, tr = med("oci"), med("estargz"), med("obd"), med("obd-trace")
-    out.append(f"Goals ({img} image, {link}):\n")
-    out.append("| goal | measured | |\n|---|---|---|")
-    if oci and tr:
-        line("obd + prefetch ≤ 1/5 of OCI", tr <= oci / 5,
-             f"{tr:.2f} s vs {oci:.2f} s = {tr / oci:.2f}×")
-    if est and tr:
-        line("obd + prefetch ≤ 0.7× eStargz", tr <= 0.7 * est,
-             f"{tr:.2f} s vs {est:.2f} s = {tr / est:.2f}×")
-    else:
-        line("obd + prefetch ≤ 0.7× eStargz", None,
-             "; ".join(x["why"] for x in r.get("skipped", [])) or "no eStargz runs")
-    warm = med("obd", "warm_s")
-    if lazy and tr and warm is not None and lazy > warm:
-        closed = (lazy - tr) / (lazy - warm)
-        line("prefetch closes ≥ 90% of the cold→warm gap", closed >= 0.9,
-             f"lazy cold {lazy:.2f} s, prefetch cold {tr:.2f} s, warm {warm:.2f} s: "
-             f"{100 * closed:.0f}% closed")
-    dropped = med("obd", "warm_dropped_s") if "warm_dropped_s" in s.get(
-        f"{link}/{img}/obd", {}) else None
-    if lazy and tr and dropped is not None and lazy > dropped:
-        closed = (lazy - tr) / (lazy - dropped)
-        line("(the same, against a warm start with the page cache dropped)", closed >= 0.9,
-             f"lazy cold {lazy:.2f} s, prefetch cold {tr:.2f} s, warm with caches dropped "
-             f"{dropped:.2f} s: {100 * closed:.0f}% closed")
-    rec = r["images"].get(img, {}).get("record", {})
-    fetched = med("obd-trace", "rx_bytes")
-    if rec.get("trace_bytes") and fetched:
-        ws = rec["trace_bytes"]
-        line("bytes fetched ≤ 1.2× recorded working set", fetched <= 1.2 * ws,
-             f"{mib(fetched)} MiB fetched (veth, all traffic) vs {mib(ws)} MiB recorded "
-             f"(uncompressed layer bytes) = {fetched / ws:.2f}×")
+    out.append("| goal | image, link | measured | |\n|---|---|---|---|")
+    for img in r["images"]:
+        lb = r["images"][img].get("layer_bytes", {}).get("obd")
+        gz = r["images"][img].get("oci_layer_bytes")
+        if lb and gz:
+            line("default conversion ≤ 1.15× the gzip layers", img, lb <= 1.15 * gz,
+                 f"{mib(lb)} vs {mib(gz)} MiB = {lb / gz:.3f}×")
+    for link in r["links"]:
+        for img in r["images"]:
+            w = f"{img}, {link}"
+            g = lambda v, f="cold_s": med(s, link, img, v, f)
+            tr, opt, est, lazy = g("obd-trace"), g("estargz-opt"), g("estargz"), g("obd")
+            if tr and opt:
+                line("obd + trace ≤ 0.6× eStargz optimized", w, tr <= 0.6 * opt,
+                     f"{tr:.2f} vs {opt:.2f} s = {tr / opt:.2f}×")
+            b = bound(s, link, img, "obd-trace")
+            if tr and b:
+                line("obd + trace ≤ 1.2× the bound", w, tr <= 1.2 * b,
+                     f"{tr:.2f} vs {b:.2f} s = {tr / b:.2f}×")
+            bt, bo = g("obd-trace", "rx_bytes"), g("estargz-opt", "rx_bytes")
+            if bt and bo:
+                line("obd + trace fetches ≤ eStargz optimized", w, bt <= bo,
+                     f"{mib(bt)} vs {mib(bo)} MiB = {bt / bo:.2f}×")
+            if lazy and est:
+                line("obd lazy ≤ 0.8× eStargz", w, lazy <= 0.8 * est,
+                     f"{lazy:.2f} vs {est:.2f} s = {lazy / est:.2f}×")
+            nv = g("obd-noverify")
+            if lazy and nv:
+                line("verification on ÷ off ≤ 1.03× (cold, obd lazy)", w, lazy <= 1.03 * nv,
+                     f"{lazy:.2f} vs {nv:.2f} s = {lazy / nv:.2f}×")
+            od, oo = g("obd", "warm_dropped_s"), g("oci", "warm_dropped_s")
+            if od and oo:
+                line("another container, page cache dropped, ≤ 1.05× overlayfs", w,
+                     od <= 1.05 * oo, f"{od:.2f} vs {oo:.2f} s = {od / oo:.2f}×")
     return "\n".join(out)
 
 
@@ -118,23 +155,26 @@ def plot(r, path):
         return False
     s = r["summary"]
     groups = [(l, i) for l in r["links"] for i in r["images"]]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.4), squeeze=False)
     for ax, (link, img) in zip(axes[0], groups):
-        vs = [v for v in ORDER if f"{link}/{img}/{v}" in s]
-        cold = [s[f"{link}/{img}/{v}"]["cold_s"]["median"] for v in vs]
+        vs = [v for v in ORDER if f"{link}/{img}/{v}" in s and v != "oci"]
+        cold = [med(s, link, img, v) for v in vs]
         p90 = [s[f"{link}/{img}/{v}"]["cold_s"]["p90"] for v in vs]
-        warm = [s[f"{link}/{img}/{v}"]["warm_s"]["median"] for v in vs]
+        warm = [med(s, link, img, v, "warm_s") for v in vs]
+        bounds = [bound(s, link, img, v) for v in vs]
         x = range(len(vs))
         ax.bar([i - 0.2 for i in x], cold, 0.4, label="cold (median)",
                yerr=[[0] * len(vs), [max(0, a - b) for a, b in zip(p90, cold)]], capsize=3)
         ax.bar([i + 0.2 for i in x], warm, 0.4, label="warm (median)")
+        ax.plot(list(x), [b or 0 for b in bounds], "k_", markersize=14, label="bound")
         ax.set_xticks(list(x))
-        ax.set_xticklabels(vs, rotation=20)
-        ax.set_title(f"{img} image, {link}")
+        ax.set_xticklabels(vs, rotation=30, ha="right", fontsize=8)
+        oci = med(s, link, img, "oci")
+        ax.set_title(f"{img}, {link}" + (f" (OCI {oci:.1f} s)" if oci else ""), fontsize=9)
         ax.set_ylabel("seconds to `ready`")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     return True
 
 
@@ -153,14 +193,17 @@ def main():
     imgs = []
     for name, i in r["images"].items():
         rec = i.get("record", {})
-        imgs.append(f"- `{name}`: {mib(i['oci_layer_bytes'])} MiB of gzip layers; recorded "
-                    f"working set {mib(rec.get('trace_bytes', 0))} MiB in "
+        sizes = ", ".join(f"{k} {mib(v)} MiB" for k, v in i.get("layer_bytes", {}).items())
+        imgs.append(f"- `{name}`: {mib(i['oci_layer_bytes'])} MiB of gzip layers"
+                    + (f" ({sizes})" if sizes else "")
+                    + f"; recorded working set {mib(rec.get('trace_bytes', 0))} MiB in "
                     f"{rec.get('trace_records', 0)} trace records")
+    skipped = [f"- skipped {x['variant']}: {x['why']}" for x in r.get("skipped", [])]
     md = "\n".join([
         f"Run {r['started']} → {r.get('finished', '(unfinished)')}, {r['reps']} repetitions, "
         f"{r['cpus']} CPUs, kernel {r['kernel']}, load average at start "
         f"{' '.join(r['load_at_start'])}, at end {' '.join(r.get('load_at_end', ['?']))}.",
-        "", *imgs, *obd_settings(r), "", table(r), "", goals(r), ""])
+        "", *imgs, *settings(r), *skipped, "", table(r), "", goals(r), ""])
     with open(os.path.join(base, stem + ".md"), "w") as f:
         f.write(md)
     plot(r, os.path.join(base, stem + ".png"))

@@ -53,6 +53,9 @@ pub mod oci;
 pub mod registry;
 pub mod tree;
 
-pub use convert::{convert, LayerReport, MediaTypes, Observer, Options, Report};
+pub use convert::{
+    convert, LayerReport, MediaTypes, Observer, Options, Report, DEFAULT_ALGORITHM,
+    DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL,
+};
 pub use error::{Error, Result};
 pub use oci::{Descriptor, ImageDest, ImageSource, OciLayout};

@@ -21,7 +21,7 @@ use serde_json::json;
 use zfile::sync::MutexExt;
 
 use crate::args::{PlatformArgs, RegistryArgs};
-use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg};
+use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg, DEFAULT_ALGORITHM};
 use crate::util::{human, parse_size};
 
 /// Convert an OCI image into an obd (overlaybd) image: one tar(ZFile(LSMT))
@@ -36,16 +36,17 @@ pub struct ConvertArgs {
     /// `docker://<host>[:<port>]/<repo>[:<tag>]`. The tag is written last,
     /// after every blob and manifest. May be omitted with `--no-push -o`.
     pub dst: Option<String>,
-    /// ZFile codec of the output layers.
-    #[arg(long, value_enum, default_value = "lz4")]
+    /// ZFile codec of the output layers (`--algorithm lz4 --block-size 4K`:
+    /// upstream's default output).
+    #[arg(long, value_enum, default_value_t = DEFAULT_ALGORITHM)]
     pub algorithm: AlgoArg,
     /// ZFile block size: 4K, 8K, 16K or 32K.
-    #[arg(long, default_value = "4K", value_parser = parse_block_size)]
+    #[arg(long, default_value_t = converter::DEFAULT_BLOCK_SIZE, value_parser = parse_block_size)]
     pub block_size: u32,
-    /// zstd compression level, 1–22 (default 3, as upstream). Higher levels
+    /// zstd compression level, 1–22 (upstream writes 3). Higher levels
     /// convert slower and make smaller layers that decode as fast, so lazy
     /// pulls move fewer bytes. Ignored for LZ4.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
+    #[arg(long, default_value_t = converter::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
     pub level: i32,
     /// Virtual disk (and ext4) size.
     #[arg(long, default_value = "64G", value_parser = parse_size_arg)]

@@ -14,7 +14,7 @@ use overlaybd_core::tar::TarWriter;
 use serde_json::json;
 use zfile::{FileSource, ReadAt};
 
-use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg};
+use crate::cmd_zfile::{default_threads, parse_block_size, AlgoArg, DEFAULT_ALGORITHM};
 use crate::util::{human, parse_size};
 
 #[derive(Subcommand, Debug)]
@@ -75,12 +75,16 @@ pub enum LayerCmd {
         /// Compress the output as a ZFile.
         #[arg(long)]
         zfile: bool,
-        /// ZFile codec.
-        #[arg(long, value_enum, default_value = "lz4", requires = "zfile")]
+        /// ZFile codec (`--algorithm lz4 --block-size 4K`: upstream's default).
+        #[arg(long, value_enum, default_value_t = DEFAULT_ALGORITHM, requires = "zfile")]
         algorithm: AlgoArg,
         /// ZFile block size: 4K, 8K, 16K or 32K.
-        #[arg(long, default_value = "4K", value_parser = parse_block_size, requires = "zfile")]
+        #[arg(long, default_value_t = converter::DEFAULT_BLOCK_SIZE, value_parser = parse_block_size, requires = "zfile")]
         block_size: u32,
+        /// zstd compression level, 1–22 (upstream writes 3). Ignored for LZ4.
+        #[arg(long, default_value_t = converter::DEFAULT_LEVEL, requires = "zfile",
+              value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: i32,
         /// Wrap the output in the overlaybd tar disguise (what registries carry).
         #[arg(long)]
         tar: bool,
@@ -174,6 +178,7 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
             zfile: compress,
             algorithm,
             block_size,
+            level,
             tar,
             no_verity,
             uuid,
@@ -191,8 +196,8 @@ pub fn run(cmd: LayerCmd) -> Result<()> {
             let zopts = compress.then(|| zfile::Options {
                 algorithm: algorithm.into(),
                 block_size,
+                level,
                 threads,
-                ..Default::default()
             });
             let verity = (compress || tar) && !no_verity;
             commit(&paths, &opts, zopts, tar)?;

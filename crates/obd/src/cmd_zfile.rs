@@ -15,12 +15,18 @@ use zfile::{Algorithm, FileSource, ReadAt, Window, ZFileReader};
 
 use crate::util::{human, parse_size};
 
+/// The codec `obd convert` and `obd layer commit --zfile` write by default,
+/// [`converter::DEFAULT_ALGORITHM`]; with [`converter::DEFAULT_BLOCK_SIZE`]
+/// and [`converter::DEFAULT_LEVEL`]. `--algorithm lz4 --block-size 4K` gives
+/// upstream's default output.
+pub const DEFAULT_ALGORITHM: AlgoArg = AlgoArg::Zstd;
+
 /// Block codec.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AlgoArg {
     /// LZ4 raw blocks (fast decode; upstream default).
     Lz4,
-    /// One zstd frame per block, level 3 (smaller).
+    /// One zstd frame per block (smaller).
     Zstd,
 }
 
@@ -227,5 +233,20 @@ pub fn run(cmd: ZfileCmd) -> Result<()> {
             crate::util::print_object(&v, json);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_defaults_are_the_converters() {
+        assert_eq!(
+            Algorithm::from(DEFAULT_ALGORITHM),
+            converter::DEFAULT_ALGORITHM
+        );
+        let b = converter::DEFAULT_BLOCK_SIZE;
+        assert_eq!(parse_block_size(&b.to_string()), Ok(b));
     }
 }
