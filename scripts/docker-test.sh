@@ -19,11 +19,8 @@ skip() { printf '\n*** SKIPPED docker test: %s ***\n\n' "$*" >&2; exit 0; }
 
 bash scripts/debian-pkgs.sh "$suite" "$prefix" docker.io docker-cli docker-buildx >/dev/null ||
   skip "Docker Engine could not be fetched from Debian $suite (scripts/debian-pkgs.sh failed)"
-if [ "$ver" != 1.6 ]; then
-  [ -f scripts/containerd-matrix.sh ] || skip "scripts/containerd-matrix.sh is missing (containerd $ver)"
-  env=$(bash scripts/containerd-matrix.sh env "$ver") || skip "containerd $ver could not be fetched"
-  eval "$env"
-fi
+env=$(bash scripts/containerd-matrix.sh env "$ver") || skip "containerd $ver could not be fetched"
+eval "$env"
 export OBD_DOCKER_PREFIX=$prefix
 echo "docker-test: $("$prefix/usr/sbin/dockerd" --version) on containerd $ver" >&2
 # shellcheck disable=SC2086 # CARGO_PROFILE_FLAGS is a list of flags

@@ -40,6 +40,9 @@ use common::testbed_bins;
 /// removed, its mounts undone) on drop.
 struct Dockerd {
     child: Child,
+    /// Whether `/run/docker` (where dockerd makes `plugins/` whatever its
+    /// exec root) was made by this dockerd, to be removed if left empty.
+    made_run_docker: bool,
     /// `<testbed>/docker`: data root, exec root, socket, CLI config.
     dir: PathBuf,
     prefix: PathBuf,
@@ -84,6 +87,7 @@ impl Dockerd {
             prefix.join("usr/bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
+        let made_run_docker = !Path::new(RUN_DOCKER).exists();
         let child =
             fixtures::procs::logged(prefix.join("usr/sbin/dockerd"), &d.join("dockerd.log"))
                 .arg("--config-file")
@@ -94,6 +98,7 @@ impl Dockerd {
                 .expect("start dockerd");
         let mut dockerd = Dockerd {
             child,
+            made_run_docker,
             dir: d,
             prefix: prefix.to_path_buf(),
         };
@@ -156,8 +161,15 @@ impl Drop for Dockerd {
         // dockerd leaves its default network namespace mounted in its exec
         // root.
         obd_device::mount::unmount_below(&self.dir);
+        if self.made_run_docker {
+            let _ = std::fs::remove_dir(Path::new(RUN_DOCKER).join("plugins"));
+            let _ = std::fs::remove_dir(RUN_DOCKER);
+        }
     }
 }
+
+/// The one directory outside its roots that dockerd creates.
+const RUN_DOCKER: &str = "/run/docker";
 
 /// Where Debian's docker.io, docker-cli and docker-buildx are unpacked.
 fn docker_prefix(test: &str) -> Option<PathBuf> {
