@@ -612,7 +612,7 @@ impl Run<'_> {
 
     /// Keeps the overlaybd layers at the bottom of `layers` as they are: an
     /// image built FROM an obd image carries them, with their annotations or
-    /// without (BuildKit drops them). Each is copied to the destination
+    /// without (BuildKit 0.13 drops them). Each is copied to the destination
     /// (with a piece table, unless turned off) and becomes a lower of the
     /// layers converted on top. Returns how many there are.
     fn keep_obd_base(
@@ -627,15 +627,8 @@ impl Run<'_> {
         for (i, l) in layers.iter().enumerate() {
             let at = |e: Error| e.in_layer(i, &l.digest);
             if l.annotation(ANN_BLOB_DIGEST).is_none() && !self.looks_obd(l).map_err(at)? {
-                // Above an OCI layer an overlaybd layer (annotated ones are
-                // refused by `load`) would be unpacked as a file.
-                for (j, u) in layers.iter().enumerate().skip(i + 1) {
-                    if self.looks_obd(u).map_err(|e| e.in_layer(j, &u.digest))? {
-                        return Err(Error::Image(format!(
-                            "layer {j} is an overlaybd layer above an OCI layer"
-                        )));
-                    }
-                }
+                // Overlaybd layers above (annotated ones are refused by
+                // `load`, the others by the applier) are not unpacked.
                 return Ok(i);
             }
             if l.annotation(ANN_ACCEL) == Some("yes") {

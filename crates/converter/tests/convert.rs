@@ -410,12 +410,19 @@ fn obd_base_layers_are_kept() {
             .contains("every layer already is an overlaybd layer"),
         "{again}"
     );
-    // An obd layer above an OCI layer.
-    let upside = tmp.path().join("upside");
-    make_layout(&upside, "v1", &[(layer1(), ""), (base_blob, "")]);
-    let e = convert_error(&upside);
-    assert!(
-        e.contains("layer 1 is an overlaybd layer above an OCI layer"),
-        "{e}"
-    );
+    // An obd layer above an OCI layer, or compressed (BuildKit's
+    // force-compression), is refused rather than unpacked as a file.
+    for (name, layers) in [
+        ("upside", [(layer0(), "gzip"), (base_blob.clone(), "")]),
+        ("gzipped", [(base_blob.clone(), "gzip"), (layer1(), "")]),
+    ] {
+        let src = tmp.path().join(name);
+        make_layout(&src, "v1", &layers);
+        let e = convert_error(&src);
+        let at = if name == "upside" { 1 } else { 0 };
+        assert!(
+            e.contains(&format!("layer {at} (")) && e.contains("the layer is an overlaybd blob"),
+            "{name}: {e}"
+        );
+    }
 }

@@ -9,14 +9,21 @@
 //!   layer is committed remotely; the registry serves range reads and never
 //!   a whole layer, and no fallback is counted;
 //! - `docker build` (BuildKit inside dockerd) of a Dockerfile `FROM` that
-//!   image, with `RUN` steps that read, write, change and delete files:
-//!   BuildKit fetches the base layers whole (it passes no image labels to
-//!   the snapshotter), the snapshotter counts that fallback once per layer
-//!   and serves them from the downloaded copies; the result is correct;
-//! - the result, pushed to the registry, converts with `obd convert` (the
-//!   base obd layers are kept, the `RUN` layers converted on top) and runs
-//!   lazily: the new layers are read by ranges only.
+//!   image, with `RUN` steps that read, write, change and delete files, is
+//!   correct. BuildKit fetches the base's blobs whole and passes no image
+//!   labels to the snapshotter: when docker has not pulled the base, each
+//!   base layer is unpacked and is a counted fallback; when it has (lazily),
+//!   the lazy snapshots are used and nothing falls back;
+//! - the result, pushed, runs with `ctr` on containerd with obd alone (its
+//!   base layers committed remotely or counted fallbacks, depending on
+//!   whether BuildKit kept their annotations and the pull passes the image
+//!   reference);
+//! - it converts with `obd convert` (the base obd layers are kept, the `RUN`
+//!   layers converted on top) and runs lazily: the new layers are committed
+//!   remotely and read by ranges only.
 //!
+//! Run by `scripts/docker-test.sh [1.6|1.7|2.1]` (Docker 26.1 from Debian
+//! trixie, or 28.5 from sid with `OBD_DOCKER_SUITE=sid`).
 //! Needs root, FUSE, containerd, runc, docker-registry, curl, the
 //! obd-snapshotter binary and `$OBD_DOCKER_PREFIX`; otherwise skipped
 //! loudly.
@@ -194,21 +201,39 @@ fn docker_prefix(test: &str) -> Option<PathBuf> {
     None
 }
 
-/// The layer digests of `image`'s manifest (`<host>/<repo>:<tag>`), read
-/// from the registry.
-fn layer_digests(image: &str) -> BTreeSet<String> {
+/// The image manifest of `image` (`<host>/<repo>:<tag>`) for linux/amd64,
+/// read from the registry (through its index, if any).
+fn manifest(image: &str) -> serde_json::Value {
     let (host, rest) = image.split_once('/').unwrap();
     let (repo, tag) = rest.rsplit_once(':').unwrap();
-    let body = run(Command::new("curl").args([
-        "-sf",
-        "-H",
-        "Accept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json",
-        &format!("http://{host}/v2/{repo}/manifests/{tag}"),
-    ]));
-    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let get = |r: &str| -> serde_json::Value {
+        let body = run(Command::new("curl").args([
+            "-sf",
+            "-H",
+            "Accept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json",
+            &format!("http://{host}/v2/{repo}/manifests/{r}"),
+        ]));
+        serde_json::from_str(&body).unwrap()
+    };
+    let m = get(tag);
+    match m["manifests"].as_array() {
+        None => m,
+        Some(list) => {
+            let d = list
+                .iter()
+                .find(|d| d["platform"]["architecture"] == "amd64")
+                .unwrap_or_else(|| panic!("{image}: no amd64 manifest in {m}"));
+            get(d["digest"].as_str().unwrap())
+        }
+    }
+}
+
+/// The layer digests of `image`'s manifest.
+fn layer_digests(image: &str) -> BTreeSet<String> {
+    let m = manifest(image);
     m["layers"]
         .as_array()
-        .unwrap_or_else(|| panic!("{image}: no layers in {body}"))
+        .unwrap_or_else(|| panic!("{image}: no layers in {m}"))
         .iter()
         .map(|l| l["digest"].as_str().unwrap().to_string())
         .collect()
@@ -386,8 +411,48 @@ fn docker_runs_obd_images_and_buildkit_builds_on_them() {
     let out = docker.docker(&["run", "--rm", "--network", "host", &built]);
     assert_eq!(out, built_output());
 
-    // --- push, convert with obd convert, run the result lazily.
+    // --- push. As pushed, the image runs on containerd with obd alone
+    // (another namespace, no snapshots yet). BuildKit 0.13 drops the base
+    // layers' overlaybd annotations: they are unpacked and served from the
+    // copies, each a counted fallback. BuildKit 0.29 keeps them: where the
+    // pull passes the image reference (containerd 2.x's transfer service)
+    // they are committed remotely, elsewhere they fall back.
     docker.docker(&["push", "-q", &built]);
+    let pushed = manifest(&built);
+    let annotated = pushed["layers"][0]["annotations"]
+        .get("containerd.io/snapshot/overlaybd/blob-digest")
+        .is_some();
+    eprintln!("pushed {built} (base annotated: {annotated}): {pushed}");
+    let (fb, sn_at) = (fallbacks(&metrics), len(&snlog));
+    let ns = ["-n", "obd-docker-ctr"];
+    run_ok(tb.ctr().args(ns).args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "obd",
+        &built,
+    ]))
+    .unwrap();
+    let out = run_ok(tb.ctr().args(ns).args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "obd",
+        &built,
+        &tb.cid("built"),
+    ]))
+    .unwrap();
+    assert_eq!(out, built_output());
+    let (remote, counted) = (log_count(&dir, sn_at, REMOTE), fallbacks(&metrics) - fb);
+    eprintln!("ctr pull + run {built}: {remote} base layers committed remotely, {counted} fallbacks counted");
+    assert_eq!(remote + counted as usize, base_layers.len());
+    if !annotated {
+        assert_eq!(remote, 0);
+    }
+    let _ = std::fs::remove_dir("/run/containerd/runc/obd-docker-ctr");
+
+    // --- convert with obd convert, run the result lazily.
     let converted = format!("{reg}/obd-docker/built:obd");
     run_ok(
         tb.obd()
