@@ -20,6 +20,9 @@ shift 2
 
 p=/var/cache/obd-setup/apt-$suite
 mkdir -p "$p/lists/partial" "$p/archives/partial" "$p/sources.list.d" "$prefix"
+# Several scripts (and CI jobs) may fetch into the same lists or prefix at once: one at a time per suite.
+exec 9>"$p/.lock"
+flock 9
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
 {
   if [ -n "${OBD_DEBIAN_URI:-}" ]; then
@@ -47,7 +50,9 @@ fi
 touch "$prefix/.pkgs"
 cd "$p/archives"
 for pkg in "$@"; do
-  ver=$(apt-cache "${apt[@]}" show --no-all-versions "$pkg" 2>/dev/null | awk '/^Version:/ { print $2; exit }')
+  # awk reads to the end: an early exit would make apt-cache die of SIGPIPE, and pipefail + set -e end the script
+  # silently.
+  ver=$(apt-cache "${apt[@]}" show --no-all-versions "$pkg" 2>/dev/null | awk '/^Version:/ && v == "" { v = $2 } END { print v }')
   [ -n "$ver" ] || { echo "debian-pkgs: no package '$pkg' in $suite" >&2; exit 1; }
   if grep -qxF "$pkg $ver" "$prefix/.pkgs"; then continue; fi
   echo "debian-pkgs: $pkg $ver ($suite) -> $prefix" >&2

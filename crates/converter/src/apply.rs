@@ -333,6 +333,14 @@ impl<'a> Applier<'a> {
             })?;
             budget.set(None);
             let raw_path = e.path_bytes().into_owned();
+            if self.stats.entries == 0 && raw_path == b"overlaybd.commit" {
+                // A tar-wrapped overlaybd blob: unpacked, it would become a
+                // file. Only uncompressed ones at the image's bottom are
+                // recognised and kept.
+                return Err(Error::Unsupported(
+                    "the layer is an overlaybd blob (a one-file tar `overlaybd.commit`): overlaybd layers are kept only when uncompressed and at the bottom of the image".into(),
+                ));
+            }
             self.entry(&mut e, &raw_path)
                 .map_err(|err| err.in_entry(&raw_path))?;
             // Data the entry did not use (a whiteout's, say) is skipped

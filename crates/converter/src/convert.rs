@@ -13,10 +13,10 @@ use std::time::Instant;
 
 use obd_remote::oci::{
     self, chain_ids, layer_compression, set_verity_annotations, Config, Document, History, Index,
-    LayerCompression, Manifest, Platform, Verity, ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_FS_TYPE,
-    ANN_VERSION, ARTIFACT_NATIVE, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_TAR, MT_DOCKER_LIST,
-    MT_DOCKER_MANIFEST, MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST,
-    VERSION_NATIVE,
+    LayerCompression, Manifest, Platform, Verity, ANN_ACCEL, ANN_BLOB_DIGEST, ANN_BLOB_SIZE,
+    ANN_FS_TYPE, ANN_VERSION, ARTIFACT_NATIVE, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_TAR,
+    MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_LAYER_TAR,
+    MT_OCI_MANIFEST, VERSION_NATIVE,
 };
 use obd_remote::verity::{piece_size_for, PieceHasher};
 use overlaybd_core::image::Image;
@@ -364,13 +364,23 @@ impl Run<'_> {
             what: format!("manifest {}", escape(desc.digest.as_bytes())),
             error: e,
         })?;
-        if let Some(i) = manifest
+        // overlaybd layers may form the bottom of the image (one built FROM
+        // an obd image): they are kept. Above an OCI layer they make no
+        // sense, and an image of nothing else has nothing to convert.
+        let obd: Vec<bool> = manifest
             .layers
             .iter()
-            .position(|l| l.annotation(ANN_BLOB_DIGEST).is_some())
-        {
+            .map(|l| l.annotation(ANN_BLOB_DIGEST).is_some())
+            .collect();
+        if !obd.is_empty() && obd.iter().all(|&o| o) {
+            return Err(Error::Image(
+                "every layer already is an overlaybd layer: nothing to convert".into(),
+            ));
+        }
+        if let Some(i) = obd.iter().skip_while(|&&o| o).position(|&o| o) {
+            let i = i + obd.iter().take_while(|&&o| o).count();
             return Err(Error::Image(format!(
-                "layer {i} is already an overlaybd layer"
+                "layer {i} is an overlaybd layer above an OCI layer"
             )));
         }
         let cfg_bytes = self.src.read_small(&manifest.config)?;
@@ -509,38 +519,52 @@ impl Run<'_> {
     ) -> Result<Vec<OutBlob>> {
         let opts = self.opts;
         let chains = chain_ids(diff_ids);
-        let seed = format!("{} {}", diff_ids[0], opts.vsize);
-        let mkfs = MkfsParams {
-            size: opts.vsize,
-            uuid: uuid_v4(derive16("ext4-uuid", &seed)),
-            hash_seed: uuid_v4(derive16("ext4-hash-seed", &seed)),
-        };
         let mut out: Vec<OutBlob> = Vec::new();
         // Committed layers, bottom to top (blobs already in the destination).
         let mut lowers: Vec<(String, Blob)> = Vec::new();
+        // overlaybd layers at the bottom are kept as they are; the layers
+        // above are converted on top of them, with their disk size.
+        let base = self.keep_obd_base(mindex, layers, diff_ids, &mut lowers, &mut out)?;
+        if base > 0 && opts.flatten {
+            return Err(Error::Unsupported(format!(
+                "--flatten of an image whose {base} bottom layer(s) already are overlaybd layers"
+            )));
+        }
+        let (vsize, mut parent) = match lowers.last() {
+            Some((name, blob)) => {
+                let top = overlaybd_core::image::Layer::open(name.clone(), blob.clone())?;
+                let h = top.lsmt.header();
+                (top.lsmt.virtual_size(), h.uuid()?)
+            }
+            None => (opts.vsize, Uuid::NIL),
+        };
+        let seed = format!("{} {}", diff_ids[0], vsize);
+        let mkfs = MkfsParams {
+            size: vsize,
+            uuid: uuid_v4(derive16("ext4-uuid", &seed)),
+            hash_seed: uuid_v4(derive16("ext4-hash-seed", &seed)),
+        };
         // The layer whose commit runs on a background thread; its writable
         // files are the top of the stack the next layer is applied on.
         let mut pending: Option<Pending> = None;
         let groups: Vec<Vec<usize>> = if opts.flatten {
             vec![(0..layers.len()).collect()]
         } else {
-            (0..layers.len()).map(|i| vec![i]).collect()
+            (base..layers.len()).map(|i| vec![i]).collect()
         };
         let params = CommitParams {
             algorithm: opts.algorithm,
             block_size: opts.block_size,
             level: opts.level,
             threads: opts.threads.max(1),
-            vsize: opts.vsize,
+            vsize,
         };
-        for (out_index, group) in groups.iter().enumerate() {
+        for (group_index, group) in groups.iter().enumerate() {
+            let out_index = base + group_index;
             let start = Instant::now();
             let last = *group.last().expect("non-empty");
             let uuid = Uuid::from_chain_id(&chains[last])?;
-            let parent = match out_index.checked_sub(1) {
-                None => Uuid::NIL,
-                Some(p) => Uuid::from_chain_id(&chains[*groups[p].last().expect("non-empty")])?,
-            };
+            let parent = std::mem::replace(&mut parent, uuid);
             let work = self.scratch.join(format!("layer-{out_index}"));
             let group_job = Group {
                 mindex,
@@ -550,6 +574,7 @@ impl Run<'_> {
                 uuid,
                 parent,
                 mkfs: &mkfs,
+                vsize,
                 work: &work,
             };
             let lower_top = pending.as_ref().map(|p| p.upper.clone());
@@ -595,6 +620,116 @@ impl Run<'_> {
         Ok(out)
     }
 
+    /// Keeps the overlaybd layers at the bottom of `layers` as they are: an
+    /// image built FROM an obd image carries them, with their annotations or
+    /// without (BuildKit 0.13 drops them). Each is copied to the destination
+    /// (with a piece table, unless turned off) and becomes a lower of the
+    /// layers converted on top. Returns how many there are.
+    fn keep_obd_base(
+        &mut self,
+        mindex: usize,
+        layers: &[Descriptor],
+        diff_ids: &[String],
+        lowers: &mut Vec<(String, Blob)>,
+        out: &mut Vec<OutBlob>,
+    ) -> Result<usize> {
+        let mut vsize = None;
+        for (i, l) in layers.iter().enumerate() {
+            let at = |e: Error| e.in_layer(i, &l.digest);
+            if l.annotation(ANN_BLOB_DIGEST).is_none() && !self.looks_obd(l).map_err(at)? {
+                // Overlaybd layers above (annotated ones are refused by
+                // `load`, the others by the applier) are not unpacked.
+                return Ok(i);
+            }
+            if l.annotation(ANN_ACCEL) == Some("yes") {
+                return Err(at(Error::Unsupported(
+                    "an acceleration (trace) layer cannot be kept: convert the image without it"
+                        .into(),
+                )));
+            }
+            let size = self
+                .keep_layer(mindex, i, l, &diff_ids[i], lowers, out)
+                .map_err(at)?;
+            if *vsize.get_or_insert(size) != size {
+                return Err(at(Error::Image(format!(
+                    "its disk is {size} bytes, the layers below it {} bytes",
+                    vsize.unwrap_or_default()
+                ))));
+            }
+        }
+        Ok(layers.len())
+    }
+
+    /// Whether the uncompressed layer `l` is a tar-wrapped overlaybd blob (a
+    /// one-file tar `overlaybd.commit` holding a ZFile or LSMT file); reads
+    /// its first 2 KiB.
+    fn looks_obd(&self, l: &Descriptor) -> Result<bool> {
+        if layer_compression(&l.media_type) != Some(LayerCompression::None) {
+            return Ok(false);
+        }
+        let mut head = Vec::with_capacity(2048);
+        self.src
+            .open(l)?
+            .take(2048)
+            .read_to_end(&mut head)
+            .map_err(|e| Error::io(format!("reading {}", escape(l.digest.as_bytes())), e))?;
+        Ok(is_wrapped_obd(&head, l.size))
+    }
+
+    /// Copies the overlaybd layer `l` (source position `index`) to the
+    /// destination, checked against its descriptor, and pushes it onto
+    /// `lowers` and `out`. Returns its disk size.
+    fn keep_layer(
+        &mut self,
+        mindex: usize,
+        index: usize,
+        l: &Descriptor,
+        diff_id: &str,
+        lowers: &mut Vec<(String, Blob)>,
+        out: &mut Vec<OutBlob>,
+    ) -> Result<u64> {
+        let start = Instant::now();
+        if diff_id != l.digest {
+            return Err(Error::Image(format!(
+                "an overlaybd layer is stored uncompressed, but its diff_id {} is not its digest",
+                escape(diff_id.as_bytes())
+            )));
+        }
+        if let Some(o) = &self.opts.observer {
+            o.layer_start(mindex, index, l.size);
+        }
+        let work = self.scratch.join(format!("base-{index}"));
+        fs::create_dir_all(&work).map_err(|e| Error::file(&work, e))?;
+        let path = work.join("blob");
+        {
+            let mut f = File::create(&path).map_err(|e| Error::file(&path, e))?;
+            io::copy(&mut self.src.open(l)?.take(l.size + 1), &mut f)
+                .map_err(|e| Error::io(format!("copying {}", escape(l.digest.as_bytes())), e))?;
+        }
+        let (digest, size, table) = file_digest(&path, self.opts.verity)?;
+        if digest != l.digest || size != l.size {
+            return Err(Error::Image(format!(
+                "the blob has digest {digest} and {size} bytes (its descriptor says {} bytes)",
+                l.size
+            )));
+        }
+        let fsrc = zfile::FileSource::open(&path).map_err(|e| Error::file(&path, e))?;
+        let vsize = overlaybd_core::image::Layer::open(digest.clone(), Arc::new(fsrc))?
+            .lsmt
+            .virtual_size();
+        let mut lr = LayerReport::applied(
+            index,
+            vec![digest.clone()],
+            (size, 0),
+            ApplyStats::default(),
+            0.0,
+        );
+        lr.seconds = start.elapsed().as_secs_f64();
+        self.store(mindex, &path, (digest, size, table), lr, lowers, out)?;
+        let _ = fs::remove_dir_all(&work);
+        Ok(vsize)
+    }
+
     /// Waits for a background commit, stores its blob and reports the layer.
     fn finish(
         &mut self,
@@ -605,6 +740,27 @@ impl Run<'_> {
     ) -> Result<()> {
         let (info, digest, size, table, commit_seconds) = p.handle.join()?;
         drop(p.upper);
+        let mut lr = p.report;
+        lr.commit = info;
+        lr.commit_seconds = commit_seconds;
+        lr.seconds = p.start.elapsed().as_secs_f64();
+        self.store(mindex, &p.blob_path, (digest, size, table), lr, lowers, out)?;
+        let _ = fs::remove_dir_all(&p.work);
+        Ok(())
+    }
+
+    /// Stores an output layer's blob (at `blob`) and its encoded piece table
+    /// `table` in the destination, makes it the top lower of the next layers
+    /// and reports it with `lr` (its digest, size and piece table set here).
+    fn store(
+        &mut self,
+        mindex: usize,
+        blob: &Path,
+        (digest, size, table): (String, u64, Option<Vec<u8>>),
+        mut lr: LayerReport,
+        lowers: &mut Vec<(String, Blob)>,
+        out: &mut Vec<OutBlob>,
+    ) -> Result<()> {
         let verity = match table {
             Some(t) => {
                 let v = Verity {
@@ -616,20 +772,15 @@ impl Run<'_> {
             }
             None => None,
         };
-        self.dst.put_blob_file(&digest, &p.blob_path)?;
-        let _ = fs::remove_dir_all(&p.work);
+        self.dst.put_blob_file(&digest, blob)?;
         let local = self.dst.blob_path(&digest).ok_or_else(|| {
             Error::Unsupported("destination without local blobs for multi-layer conversion".into())
         })?;
         let fsrc = zfile::FileSource::open(&local).map_err(|e| Error::file(&local, e))?;
         lowers.push((digest.clone(), Arc::new(fsrc)));
-        let mut lr = p.report;
         lr.digest = digest.clone();
         lr.size = size;
         lr.verity = verity.clone();
-        lr.commit = info;
-        lr.commit_seconds = commit_seconds;
-        lr.seconds = p.start.elapsed().as_secs_f64();
         if let Some(cb) = &self.opts.progress {
             cb(&lr);
         }
@@ -658,7 +809,7 @@ impl Run<'_> {
             g.work.join("data"),
             g.work.join("index"),
             CreateOptions {
-                virtual_size: opts.vsize,
+                virtual_size: g.vsize,
                 uuid: g.uuid,
                 parent_uuid: g.parent,
             },
@@ -667,7 +818,7 @@ impl Run<'_> {
         let backend = Arc::new(Mutex::new(Backend::new(
             lower,
             upper,
-            opts.vsize,
+            g.vsize,
             opts.cache_bytes,
         )));
         let mut apply = ApplyStats::default();
@@ -714,6 +865,8 @@ struct Group<'a> {
     uuid: Uuid,
     parent: Uuid,
     mkfs: &'a MkfsParams,
+    /// The disk size (the kept overlaybd base layers', else the option's).
+    vsize: u64,
     work: &'a Path,
 }
 
@@ -827,6 +980,45 @@ fn check_media_types(desc: &Descriptor, manifest: &Manifest) -> Result<String> {
         }
     }
     Ok(mt.to_string())
+}
+
+/// Whether `head`, the first bytes of a blob of `size` bytes, is the start
+/// of a tar-wrapped overlaybd blob: a ustar header (after a PAX header, if
+/// any) naming `overlaybd.commit`, then the ZFile or LSMT magic.
+fn is_wrapped_obd(head: &[u8], size: u64) -> bool {
+    let Ok(Some(p)) = overlaybd_core::tar::detect(&Head { head, size }) else {
+        return false;
+    };
+    let Some(off) = usize::try_from(p.offset).ok().filter(|&o| o >= 512) else {
+        return false;
+    };
+    let (Some(name), Some(inner)) = (head.get(off - 512..off - 512 + 17), head.get(off..)) else {
+        return false;
+    };
+    name == b"overlaybd.commit\0"
+        && (zfile::is_zfile(inner) || inner.starts_with(&overlaybd_core::lsmt::header::MAGIC0))
+}
+
+/// The first bytes of a blob, as a source of the blob's size whose reads
+/// past them fail (for [`overlaybd_core::tar::detect`]).
+struct Head<'a> {
+    head: &'a [u8],
+    size: u64,
+}
+
+impl zfile::ReadAt for Head<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let rest = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.head.get(o..))
+            .filter(|r| r.len() >= buf.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "past the blob's head"))?;
+        buf.copy_from_slice(&rest[..buf.len()]);
+        Ok(buf.len())
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
 }
 
 /// Marks 16 random-looking bytes as a version-4 UUID.

@@ -98,14 +98,7 @@ fn flatten_option_gives_the_same_tree() {
         .unwrap();
         let blobs = output_blobs(&out, "x");
         assert_eq!(blobs.len(), if flat { 1 } else { 2 });
-        let raw = tmp.path().join(format!("raw-{flat}"));
-        flatten(&blobs, &raw);
-        e2fsck_clean(&raw);
-        let mut t = ext4_tree(&raw);
-        for n in t.values_mut() {
-            n.ino = 0;
-        }
-        trees.push(t);
+        trees.push(flat_tree(&blobs, &tmp.path().join(format!("raw-{flat}"))));
     }
     assert_eq!(trees[0], trees[1]);
 }
@@ -372,4 +365,64 @@ fn piece_tables_are_blobs_named_by_annotations_and_change_nothing_else() {
         a.remove(ANN_VERITY_SIZE).unwrap();
     }
     assert_eq!(with, without);
+}
+
+/// An image built FROM an obd image, as BuildKit pushes it: the base's
+/// tar-wrapped obd blob as a plain `tar` layer without annotations, then an
+/// ordinary layer. It converts with the base kept (the same blob, its
+/// annotations restored) and gives the tree of converting the OCI image
+/// whole; an obd layer above an OCI layer is refused.
+#[test]
+fn obd_base_layers_are_kept() {
+    let (tmp, srcref) = source_layout(&[(layer0(), "gzip"), (layer1(), "")]);
+    let full = tmp.path().join("full");
+    convert(
+        &srcref,
+        &OciLayout::parse(&format!("oci:{}:x", full.display())).unwrap(),
+        &small_opts(),
+    )
+    .unwrap();
+    let base_src = tmp.path().join("base-src");
+    make_layout(&base_src, "v1", &[(layer0(), "gzip")]);
+    let base = tmp.path().join("base");
+    convert_layout(&base_src, "v1", &base, "x").unwrap();
+    let base_blob = fs::read(&output_blobs(&base, "x")[0]).unwrap();
+
+    let built = tmp.path().join("built");
+    make_layout(&built, "v1", &[(base_blob.clone(), ""), (layer1(), "")]);
+    let out = tmp.path().join("out");
+    let r = convert_layout(&built, "v1", &out, "x").unwrap();
+    assert_eq!(r.layers.len(), 2);
+    assert_eq!(r.layers[0].digest, sha(&base_blob), "the base blob is kept");
+    assert!(r.layers[0].verity.is_some(), "with a piece table");
+    let blobs = output_blobs(&out, "x");
+    assert_eq!(fs::read(&blobs[0]).unwrap(), base_blob);
+    assert_eq!(
+        flat_tree(&output_blobs(&full, "x"), &full.with_extension("raw")),
+        flat_tree(&blobs, &out.with_extension("raw"))
+    );
+
+    // Converting the result again: nothing left to convert.
+    let again = convert_layout(&out, "x", &tmp.path().join("again"), "x").unwrap_err();
+    assert!(
+        again
+            .to_string()
+            .contains("every layer already is an overlaybd layer"),
+        "{again}"
+    );
+    // An obd layer above an OCI layer, or compressed (BuildKit's
+    // force-compression), is refused rather than unpacked as a file.
+    for (name, layers) in [
+        ("upside", [(layer0(), "gzip"), (base_blob.clone(), "")]),
+        ("gzipped", [(base_blob.clone(), "gzip"), (layer1(), "")]),
+    ] {
+        let src = tmp.path().join(name);
+        make_layout(&src, "v1", &layers);
+        let e = convert_error(&src);
+        let at = if name == "upside" { 1 } else { 0 };
+        assert!(
+            e.contains(&format!("layer {at} (")) && e.contains("the layer is an overlaybd blob"),
+            "{name}: {e}"
+        );
+    }
 }

@@ -48,7 +48,8 @@ pub struct ConvertArgs {
     /// pulls move fewer bytes. Ignored for LZ4.
     #[arg(long, default_value_t = converter::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
     pub level: i32,
-    /// Virtual disk (and ext4) size.
+    /// Virtual disk (and ext4) size. An image built FROM an obd image keeps
+    /// its base layers and their size.
     #[arg(long, default_value = "64G", value_parser = parse_size_arg)]
     pub vsize: u64,
     /// Produce a single layer holding the whole image.

@@ -267,14 +267,13 @@ impl Testbed {
     /// Starts containerd (no CRI) with the snapshotter as proxy plugin `obd`.
     pub fn start_containerd(&mut self) -> Result<()> {
         let conf = self.containerd_config();
-        std::fs::write(
-            &conf,
-            fixtures::containerd::config(&self.dir, &self.sn_sock),
-        )
-        .with_context(|| format!("writing {}", conf.display()))?;
+        let install = fixtures::containerd::installed().map_err(anyhow::Error::msg)?;
+        std::fs::write(&conf, install.config(&self.dir, &self.sn_sock))
+            .with_context(|| format!("writing {}", conf.display()))?;
         let clog = std::fs::File::create(self.dir.join("containerd.log"))?;
         self.containerd = Some(
-            Command::new("containerd")
+            install
+                .command()
                 .arg("--config")
                 .arg(&conf)
                 .stdin(Stdio::null())
@@ -310,11 +309,17 @@ impl Testbed {
         format!("{name}-{tag}")
     }
 
-    /// `ctr --address <containerd.sock>`.
+    /// `ctr --address <containerd.sock>`, the ctr of the containerd that
+    /// runs (see `fixtures::containerd::Install::from_env`).
     pub fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("--address").arg(&self.sock);
-        c
+        match fixtures::containerd::installed() {
+            Ok(i) => i.ctr(&self.sock),
+            Err(_) => {
+                let mut c = Command::new("ctr");
+                c.arg("--address").arg(&self.sock);
+                c
+            }
+        }
     }
 
     /// The `obd` binary.
@@ -506,11 +511,23 @@ pub(crate) fn find_snapshotter(explicit: Option<PathBuf>) -> Result<PathBuf> {
     )
 }
 
-/// Bytes and requests of blob GETs in a registry access log (combined format).
-pub(crate) fn blob_traffic(log: &Path) -> (u64, u64) {
+/// One successful blob GET of a registry access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BlobGet {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// HTTP status: 200 for a whole blob, 206 for a range.
+    pub status: u16,
+    /// Bytes sent.
+    pub bytes: u64,
+}
+
+/// The successful (2xx) blob GETs of a registry access log (combined
+/// format) from byte `from` on, oldest first.
+pub(crate) fn blob_gets(log: &Path, from: usize) -> Vec<BlobGet> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let (mut bytes, mut reqs) = (0u64, 0u64);
-    for l in text.lines() {
+    let mut v = Vec::new();
+    for l in text.get(from..).unwrap_or_default().lines() {
         // … "GET /v2/<repo>/blobs/sha256:… HTTP/1.1" 206 262144 "…" "…"
         let Some((_, rest)) = l.split_once("\"GET ") else {
             continue;
@@ -518,18 +535,31 @@ pub(crate) fn blob_traffic(log: &Path) -> (u64, u64) {
         let Some((req, tail)) = rest.split_once('"') else {
             continue;
         };
-        if !req.contains("/blobs/sha256:") {
+        let Some((_, blob)) = req.split_once("/blobs/") else {
+            continue;
+        };
+        let digest = blob.split_whitespace().next().unwrap_or("");
+        if !digest.starts_with("sha256:") {
             continue;
         }
         let mut f = tail.split_whitespace();
-        let status = f.next().unwrap_or("");
-        let n: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-        if status.starts_with('2') {
-            bytes += n;
-            reqs += 1;
+        let status: u16 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let bytes: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if (200..300).contains(&status) {
+            v.push(BlobGet {
+                digest: digest.to_string(),
+                status,
+                bytes,
+            });
         }
     }
-    (bytes, reqs)
+    v
+}
+
+/// Bytes and requests of blob GETs in a registry access log (combined format).
+pub(crate) fn blob_traffic(log: &Path) -> (u64, u64) {
+    let gets = blob_gets(log, 0);
+    (gets.iter().map(|g| g.bytes).sum(), gets.len() as u64)
 }
 
 /// Bytes of the regular files under `dir`.

@@ -511,6 +511,19 @@ pub fn flatten(blobs: &[PathBuf], raw: &Path) {
     img.flatten_to(&f, 2, 4 << 20).unwrap();
 }
 
+/// The tree of the image whose blobs are `blobs`, flattened into the raw
+/// disk `raw` and checked with e2fsck; inode numbers zeroed, so that trees
+/// made by different layerings compare equal.
+pub fn flat_tree(blobs: &[PathBuf], raw: &Path) -> BTreeMap<Vec<u8>, Node> {
+    flatten(blobs, raw);
+    e2fsck_clean(raw);
+    let mut t = ext4_tree(raw);
+    for n in t.values_mut() {
+        n.ino = 0;
+    }
+    t
+}
+
 pub fn e2fsck_clean(raw: &Path) {
     fixtures::procs::run(Command::new("e2fsck").arg("-fn").arg(raw));
 }
