@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Unpack packages of another Debian release into a private prefix, without installing them.
 #
-#   scripts/debian-pkgs.sh SUITE PREFIX PKG...     e.g.  scripts/debian-pkgs.sh trixie /opt/obd/trixie containerd
+#   scripts/debian-pkgs.sh [--deps REGEX] SUITE PREFIX PKG...   e.g.  scripts/debian-pkgs.sh trixie /opt/obd/trixie containerd
 #
-# SUITE is a Debian suite (trixie, sid, ...). Each PKG (no dependencies are followed: name them all) is downloaded
+# SUITE is a Debian suite (trixie, sid, ...). Each PKG (no dependencies are followed unless --deps: name them all; with
+# --deps, the packages of the PKGs' dependency closure whose names match REGEX come too, e.g. '^golang-.*-dev$' for a Go
+# source package's Go dependencies) is downloaded
 # through a PRIVATE apt list and unpacked with `dpkg-deb -x` into PREFIX, so PREFIX/usr/bin/containerd etc. run from
 # there. The system's apt sources, package lists and installed packages are never changed. The private list copies the
 # system's Debian mirrors (OBD_DEBIAN_URI replaces them) with SUITE as the suite; the lists live in
@@ -14,7 +16,9 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 . "$(dirname "$0")/lib/apt.sh"
 
-[ $# -ge 3 ] || { echo "usage: $0 SUITE PREFIX PKG..." >&2; exit 2; }
+deps=
+if [ "${1:-}" = --deps ]; then deps=$2; shift 2; fi
+[ $# -ge 3 ] || { echo "usage: $0 [--deps REGEX] SUITE PREFIX PKG..." >&2; exit 2; }
 suite=$1 prefix=$2
 shift 2
 
@@ -47,6 +51,12 @@ if [ -z "$(find "$p/lists" -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -q
   timeout 900 apt-get "${apt[@]}" update -qq >&2
 fi
 
+if [ -n "$deps" ]; then
+  mapfile -t closure < <(apt-cache "${apt[@]}" depends --recurse --no-recommends --no-suggests --no-conflicts \
+    --no-breaks --no-replaces --no-enhances "$@" 2>/dev/null | awk '/^[^ <]/ { print $1 }' | grep -E -- "$deps" | sort -u)
+  set -- "$@" "${closure[@]}"
+  set -- $(printf '%s\n' "$@" | awk '!seen[$0]++')
+fi
 touch "$prefix/.pkgs"
 cd "$p/archives"
 for pkg in "$@"; do
