@@ -10,6 +10,12 @@
 #                                                  (fixtures::containerd), the testbed and `obd demo` then run that
 #                                                  version; after `src`, also OBD_CONTAINERD_GOCODE and OBD_GO for the
 #                                                  conformance suite (crates/snapshotter/tests/conformance.rs)
+#   scripts/containerd-matrix.sh test VERSION [--conformance]
+#                                                  run the tests that start containerd against VERSION (.ci/run calls
+#                                                  this for 1.7 and 2.1; 1.6 runs in the workspace tests): the
+#                                                  snapshotter's containerd tests, the demo, image rm and pull paths;
+#                                                  with --conformance also containerd's conformance suite built from
+#                                                  VERSION's source (fetches it, ~200 Go packages, the first time)
 #   scripts/containerd-matrix.sh versions          print the versions of the matrix
 #
 # VERSION is 1.6 (the system's: Debian 12 package, prefix /), 1.7 (Debian 13 "trixie") or 2.1 (Debian unstable "sid").
@@ -20,11 +26,11 @@ shopt -s inherit_errexit
 here=$(cd "$(dirname "$0")" && pwd)
 root=${OBD_PKGS:-/opt/obd-pkgs}
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 cmd=$1
 [ "$cmd" = versions ] && { echo "1.6 1.7 2.1"; exit 0; }
-[ $# -eq 2 ] || usage
+[ $# -eq 2 ] || { [ "$cmd" = test ] && [ $# -eq 3 ] && [ "$3" = --conformance ]; } || usage
 ver=$2
 
 case $ver in
@@ -89,5 +95,17 @@ case $cmd in
         { echo "containerd-matrix: fetching Go 1.24 into $go_prefix failed" >&2; exit 1; }
       echo "$prefix/usr/share/gocode"
     fi ;;
+  test)
+    conformance=${3:-}
+    [ -z "$conformance" ] || "$0" src "$ver" >/dev/null
+    eval "$("$0" env "$ver")"
+    cd "$here/.."
+    locked=(--locked)
+    [ -f Cargo.lock ] || locked=()
+    tests=(--test containerd --test containerd_config --test full_disk --test pull)
+    [ -z "$conformance" ] || tests+=(--test conformance)
+    echo "containerd-matrix: containerd $ver (${OBD_CONTAINERD_PREFIX:-system})" >&2
+    cargo test "${locked[@]}" -p snapshotter "${tests[@]}"
+    cargo test "${locked[@]}" -p obd --test demo --test image_rm --test pull_paths ;;
   *) usage ;;
 esac

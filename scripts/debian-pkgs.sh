@@ -59,20 +59,28 @@ if [ -n "$deps" ]; then
 fi
 touch "$prefix/.pkgs"
 cd "$p/archives"
+# The packages whose candidate version is not unpacked yet, as "name version"; fetched in one apt-get call (a Go
+# source package's closure is ~200 packages).
+todo=()
 for pkg in "$@"; do
   # awk reads to the end: an early exit would make apt-cache die of SIGPIPE, and pipefail + set -e end the script
   # silently.
   ver=$(apt-cache "${apt[@]}" show --no-all-versions "$pkg" 2>/dev/null | awk '/^Version:/ && v == "" { v = $2 } END { print v }')
   [ -n "$ver" ] || { echo "debian-pkgs: no package '$pkg' in $suite" >&2; exit 1; }
-  if grep -qxF "$pkg $ver" "$prefix/.pkgs"; then continue; fi
-  echo "debian-pkgs: $pkg $ver ($suite) -> $prefix" >&2
-  rm -f "$p/archives/${pkg}_"*.deb
-  timeout 900 apt-get "${apt[@]}" download -qq "$pkg=$ver" >&2
-  deb=$(ls "$p/archives/${pkg}_"*.deb | head -1)
-  dpkg-deb -x "$deb" "$prefix"
-  rm -f "$deb"
-  grep -v "^$pkg " "$prefix/.pkgs" > "$prefix/.pkgs.new" || true
-  echo "$pkg $ver" >> "$prefix/.pkgs.new"
-  mv "$prefix/.pkgs.new" "$prefix/.pkgs"
+  grep -qxF "$pkg $ver" "$prefix/.pkgs" || todo+=("$pkg $ver")
 done
+if [ ${#todo[@]} -gt 0 ]; then
+  echo "debian-pkgs: ${#todo[@]} package(s) from $suite -> $prefix: $(printf '%s, ' "${todo[@]}" | sed 's/, $//')" >&2
+  for t in "${todo[@]}"; do rm -f "$p/archives/${t%% *}_"*.deb; done
+  timeout 1800 apt-get "${apt[@]}" download -qq $(printf '%s\n' "${todo[@]}" | sed 's/ /=/') >&2
+  for t in "${todo[@]}"; do
+    pkg=${t%% *}
+    deb=$(ls "$p/archives/${pkg}_"*.deb | head -1)
+    dpkg-deb -x "$deb" "$prefix"
+    rm -f "$deb"
+    grep -v "^$pkg " "$prefix/.pkgs" > "$prefix/.pkgs.new" || true
+    echo "$t" >> "$prefix/.pkgs.new"
+    mv "$prefix/.pkgs.new" "$prefix/.pkgs"
+  done
+fi
 echo "$prefix"

@@ -200,6 +200,9 @@ impl Snapshotter {
             return Err(Error::InvalidArgument("snapshot key is empty".into()));
         }
         validate_labels(&labels)?;
+        // What the pull path passed (containerd 2.x's transfer service, its
+        // client pull and CRI each pass different labels): docs/KUBERNETES.md.
+        tracing::debug!(ns, key, parent, labels = ?labels.keys().collect::<Vec<_>>(), "prepare labels");
         let action = self.hook.classify(&PrepareInfo {
             namespace: ns,
             key,
