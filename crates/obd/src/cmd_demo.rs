@@ -38,8 +38,9 @@ pub struct DemoArgs {
     #[arg(long, default_value = "overlayfs", value_parser = ["overlayfs", "dir", "dev"])]
     pub rw_mode: String,
     /// Pull with plain `ctr image pull` instead of `obd pull`: containerd
-    /// downloads the obd layers in full and the snapshotter serves them
-    /// from the tar-wrapped copies (the fallback path).
+    /// 1.x downloads the obd layers in full and the snapshotter serves them
+    /// from the tar-wrapped copies (the fallback path); 2.x pulls through
+    /// its transfer service, lazily (docs/KUBERNETES.md).
     #[arg(long)]
     pub plain_pull: bool,
     /// Print the figures as one JSON object at the end.

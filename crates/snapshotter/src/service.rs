@@ -184,8 +184,17 @@ impl Service {
         let r = req.into_inner();
         let key = key(&r);
         let sn = self.sn.clone();
-        let n = ns.clone();
-        rpc(method, &ns, &key, blocking(method, move || f(&sn, &n, r))).await
+        let (n, k) = (ns.clone(), key.clone());
+        rpc(
+            method,
+            &ns,
+            &key,
+            blocking(method, move || {
+                let n = sn.namespace_of(&n, &k)?;
+                f(&sn, &n, r)
+            }),
+        )
+        .await
     }
 
     /// Prepare and View: a new active snapshot or view.

@@ -250,3 +250,39 @@ impl Drop for Service {
 pub fn kill9(pid: u64) {
     run(Command::new("kill").args(["-9", &pid.to_string()]));
 }
+
+/// Device ids under `<root>/devices/` (directories).
+pub fn device_dirs(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root.join("devices"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Pids of device workers serving devices under `root`.
+pub fn workers(root: &Path) -> Vec<u32> {
+    let root = root.to_string_lossy().into_owned();
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "device-worker") && args.contains(&root) {
+            v.push(pid);
+        }
+    }
+    v
+}
