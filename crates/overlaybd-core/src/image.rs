@@ -559,8 +559,9 @@ impl Image {
 
     /// Runs `worker` on `threads` threads while every remote layer blob is
     /// advised to stream ahead: whole-disk reads are coming, so each such blob
-    /// is advised in large pieces (fetched at Prefetch priority; local files
-    /// ignore it), two streams per layer, stopped when the workers end.
+    /// is advised in large pieces (32 MiB, each one streamed request at
+    /// Prefetch priority; local files ignore it), two streams per layer,
+    /// stopped when the workers end.
     fn run_reading_ahead(
         &self,
         threads: usize,
@@ -568,7 +569,7 @@ impl Image {
     ) -> Result<()> {
         let done = AtomicBool::new(false);
         let advise = |layer: &Layer, lane: u64| {
-            const PIECE: u64 = 4 << 20;
+            const PIECE: u64 = 32 << 20;
             let size = layer.raw.size();
             let mut at = lane * PIECE;
             while at < size && !done.load(Ordering::Relaxed) {

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::{BlobRef, Priority, RangeFetcher};
+use crate::{BlobRef, Priority, RangeFetcher, UnitSink};
 use overlaybd_core::error::Result;
 
 /// Labels of per-layer series.
@@ -201,6 +201,51 @@ impl RangeFetcher for MeteredFetcher {
 
     fn blob_size(&self, blob_url: &str) -> Result<u64> {
         self.inner.blob_size(blob_url)
+    }
+
+    /// One request; its bytes counted as they are delivered.
+    fn fetch_stream(
+        &self,
+        blob: &BlobRef,
+        range: (u64, u64, u64),
+        prio: Priority,
+        sink: &mut dyn UnitSink,
+    ) -> Result<()> {
+        struct Counted<'a> {
+            sink: &'a mut dyn UnitSink,
+            bytes: u64,
+        }
+        impl UnitSink for Counted<'_> {
+            fn buffer(&mut self) -> Vec<u8> {
+                self.sink.buffer()
+            }
+            fn unit(&mut self, offset: u64, bytes: Vec<u8>) -> bool {
+                self.bytes += bytes.len() as u64;
+                self.sink.unit(offset, bytes)
+            }
+        }
+        let labels = LayerLabels {
+            layer: blob.digest.clone(),
+            priority: prio_name(prio).into(),
+        };
+        let t = Instant::now();
+        let mut counted = Counted { sink, bytes: 0 };
+        let res = self.inner.fetch_stream(blob, range, prio, &mut counted);
+        self.metrics
+            .latency
+            .get_or_create(&PrioLabels {
+                priority: labels.priority.clone(),
+            })
+            .observe(t.elapsed().as_secs_f64());
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .bytes
+            .get_or_create(&labels)
+            .inc_by(counted.bytes);
+        if res.is_err() {
+            self.metrics.failures.get_or_create(&labels).inc();
+        }
+        res
     }
 }
 
