@@ -1020,8 +1020,9 @@ impl ReadAt for RemoteBlob {
     }
 
     /// Fetches the range into the cache at [`Priority::Prefetch`]. A range of
-    /// whole `min_fetch` units (e.g. flatten's streaming advice) goes through
-    /// the unit path; any other range (e.g. the compressed blocks behind a
+    /// whole `min_fetch` units goes through the unit path, streamed
+    /// ([`RemoteBlob::stream_into_cache`]) when longer than `max_request`
+    /// (flatten's read-ahead); any other range (e.g. the compressed blocks behind a
     /// trace record) is fetched exactly ([`RemoteBlob::fetch_exact`]), so
     /// prefetch does not pull in the rest of each unit.
     fn will_need(&self, offset: u64, len: u64) {
@@ -1030,7 +1031,7 @@ impl ReadAt for RemoteBlob {
         }
         let end = offset.saturating_add(len).min(self.blob.size);
         let aligned = offset % self.unit == 0 && (end % self.unit == 0 || end == self.blob.size);
-        let _ = if aligned && end - offset > self.unit {
+        let _ = if aligned && end - offset > self.max_units * self.unit {
             self.stream_into_cache(offset, len, Priority::Prefetch)
         } else if aligned {
             self.fetch_into_cache(offset, len, Priority::Prefetch)
