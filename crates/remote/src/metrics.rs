@@ -170,14 +170,14 @@ impl MeteredFetcher {
     }
 }
 
-impl RangeFetcher for MeteredFetcher {
-    fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, prio: Priority) -> Result<Vec<u8>> {
+impl MeteredFetcher {
+    /// Records one request of `blob` at `prio`, started at `t`: its
+    /// latency, `bytes` delivered, and a failure unless `ok`.
+    fn record(&self, (blob, prio): (&BlobRef, Priority), t: Instant, bytes: u64, ok: bool) {
         let labels = LayerLabels {
             layer: blob.digest.clone(),
             priority: prio_name(prio).into(),
         };
-        let t = Instant::now();
-        let res = self.inner.fetch(blob, offset, len, prio);
         self.metrics
             .latency
             .get_or_create(&PrioLabels {
@@ -185,17 +185,22 @@ impl RangeFetcher for MeteredFetcher {
             })
             .observe(t.elapsed().as_secs_f64());
         self.metrics.requests.get_or_create(&labels).inc();
-        match &res {
-            Ok(data) => {
-                self.metrics
-                    .bytes
-                    .get_or_create(&labels)
-                    .inc_by(data.len() as u64);
-            }
-            Err(_) => {
-                self.metrics.failures.get_or_create(&labels).inc();
-            }
+        if !ok {
+            self.metrics.failures.get_or_create(&labels).inc();
         }
+        // A failed stream may have delivered some units.
+        if ok || bytes > 0 {
+            self.metrics.bytes.get_or_create(&labels).inc_by(bytes);
+        }
+    }
+}
+
+impl RangeFetcher for MeteredFetcher {
+    fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, prio: Priority) -> Result<Vec<u8>> {
+        let t = Instant::now();
+        let res = self.inner.fetch(blob, offset, len, prio);
+        let bytes = res.as_ref().map_or(0, |d| d.len() as u64);
+        self.record((blob, prio), t, bytes, res.is_ok());
         res
     }
 
@@ -224,27 +229,10 @@ impl RangeFetcher for MeteredFetcher {
                 self.sink.unit(offset, bytes)
             }
         }
-        let labels = LayerLabels {
-            layer: blob.digest.clone(),
-            priority: prio_name(prio).into(),
-        };
         let t = Instant::now();
         let mut counted = Counted { sink, bytes: 0 };
         let res = self.inner.fetch_stream(blob, range, prio, &mut counted);
-        self.metrics
-            .latency
-            .get_or_create(&PrioLabels {
-                priority: labels.priority.clone(),
-            })
-            .observe(t.elapsed().as_secs_f64());
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .bytes
-            .get_or_create(&labels)
-            .inc_by(counted.bytes);
-        if res.is_err() {
-            self.metrics.failures.get_or_create(&labels).inc();
-        }
+        self.record((blob, prio), t, counted.bytes, res.is_ok());
         res
     }
 }
