@@ -559,28 +559,34 @@ impl Image {
 
     /// Runs `worker` on `threads` threads while every remote layer blob is
     /// advised to stream ahead: whole-disk reads are coming, so each such blob
-    /// is advised in large pieces (fetched at Prefetch priority; local files
-    /// ignore it), two streams per layer, stopped when the workers end.
+    /// is advised in large pieces (32 MiB, each one streamed request at
+    /// Prefetch priority; local files ignore it), two streams per layer,
+    /// stopped when the workers end.
     fn run_reading_ahead(
         &self,
         threads: usize,
         worker: &(dyn Fn() -> Result<()> + Sync),
     ) -> Result<()> {
         let done = AtomicBool::new(false);
-        let advise = |layer: &Layer, lane: u64| {
-            const PIECE: u64 = 4 << 20;
+        // Each stream takes the layer's next piece, so both stay busy to
+        // the end of the blob.
+        let advise = |layer: &Layer, next: &AtomicU64| {
+            const PIECE: u64 = 32 << 20;
             let size = layer.raw.size();
-            let mut at = lane * PIECE;
-            while at < size && !done.load(Ordering::Relaxed) {
+            while !done.load(Ordering::Relaxed) {
+                let at = next.fetch_add(PIECE, Ordering::Relaxed);
+                if at >= size {
+                    break;
+                }
                 layer.raw.will_need(at, PIECE.min(size - at));
-                at += 2 * PIECE;
             }
         };
+        let cursors: Vec<AtomicU64> = self.layers.iter().map(|_| AtomicU64::new(0)).collect();
         std::thread::scope(|sc| -> Result<()> {
-            for layer in &self.layers {
+            for (layer, next) in self.layers.iter().zip(&cursors) {
                 if layer.raw.local_file().is_none() {
-                    for lane in 0..2 {
-                        sc.spawn(move || advise(layer, lane));
+                    for _ in 0..2 {
+                        sc.spawn(move || advise(layer, next));
                     }
                 }
             }

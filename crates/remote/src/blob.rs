@@ -37,7 +37,7 @@ use zfile::ReadAt;
 
 use super::cache::{BlockCache, CachedBlob};
 use super::sched::{PrioCell, Scheduler};
-use super::{BlobRef, Priority, RangeFetcher};
+use super::{BlobRef, Priority, RangeFetcher, UnitSink};
 use overlaybd_core::error::{Error, Result};
 use zfile::sync::{recover, MutexExt};
 
@@ -295,6 +295,58 @@ pub struct RemoteBlob {
     /// RemoteBlob of this digest (through [`CachedBlob::shared`]).
     inflight: Arc<FlightMap>,
     counters: Counters,
+    /// Unit buffers of streamed fetches, reused once no reader holds them.
+    pool: Mutex<Vec<Arc<Vec<u8>>>>,
+}
+
+/// Unit buffers a [`RemoteBlob`] keeps for reuse by streamed fetches.
+const POOL_BUFFERS: usize = 4;
+
+/// The [`UnitSink`] of one streamed run of units: each unit that arrives is
+/// inserted into the cache and handed to the readers waiting for it.
+struct Deliver<'r, 'a> {
+    blob: &'a RemoteBlob,
+    /// The run's requests, one per unit; `None` once published.
+    run: &'r mut [Option<Lead<'a>>],
+}
+
+impl UnitSink for Deliver<'_, '_> {
+    fn buffer(&mut self) -> Vec<u8> {
+        let mut pool = self.blob.pool.locked();
+        let free = pool.iter().position(|b| Arc::strong_count(b) == 1);
+        free.and_then(|i| Arc::try_unwrap(pool.swap_remove(i)).ok())
+            .unwrap_or_default()
+    }
+
+    fn unit(&mut self, offset: u64, bytes: Vec<u8>) -> bool {
+        let b = self.blob;
+        let slot = self
+            .run
+            .iter_mut()
+            .find(|l| l.as_ref().is_some_and(|l| l.offset == offset));
+        // Not ours (another process had it cached): skip it.
+        let Some(slot) = slot else {
+            return true;
+        };
+        let lead = slot.take().expect("found above");
+        if bytes.len() as u64 != lead.len {
+            *slot = Some(lead);
+            return false;
+        }
+        bump(&b.counters.fetched_bytes, lead.len);
+        // A full or failing cache must not fail the read: the bytes are here.
+        let _ = b.cache.insert(&b.cached, offset, &bytes);
+        let bytes = Arc::new(bytes);
+        {
+            let mut pool = b.pool.locked();
+            if pool.len() >= POOL_BUFFERS {
+                pool.remove(0);
+            }
+            pool.push(Arc::clone(&bytes));
+        }
+        lead.publish(Ok((offset, bytes)));
+        true
+    }
 }
 
 impl std::fmt::Debug for RemoteBlob {
@@ -339,6 +391,7 @@ impl RemoteBlob {
             sched,
             inflight,
             counters: Counters::default(),
+            pool: Mutex::new(Vec::new()),
         })
     }
 
@@ -464,6 +517,135 @@ impl RemoteBlob {
         }
         let len = len.min(self.blob.size - offset);
         self.load(None, offset, len, prio, true)
+    }
+
+    /// [`RemoteBlob::fetch_into_cache`] for a reader that will read all of
+    /// `[offset, offset + len)` in order (a whole-image flatten): each run of
+    /// units neither cached nor being fetched comes in one streamed request
+    /// ([`RangeFetcher::fetch_stream`]), and each unit, checked, goes into
+    /// the cache and straight to the readers waiting for it, who need not
+    /// read it back. Units a failed stream did not deliver are fetched by
+    /// ranged requests, with their retries: readers see only checked bytes,
+    /// and an error only when those requests fail too.
+    pub fn stream_into_cache(&self, offset: u64, len: u64, prio: Priority) -> Result<()> {
+        if offset >= self.blob.size || len == 0 {
+            return Ok(());
+        }
+        let end = offset.saturating_add(len).min(self.blob.size);
+        bump(&self.counters.loads, 1);
+        let bs = self.cache.block_size();
+        let mut leads: Vec<Option<Lead<'_>>> = Vec::new();
+        {
+            let mut map = self.lock_inflight();
+            for u in offset / self.unit..=(end - 1) / self.unit {
+                let (s, e) = self.unit_range(u);
+                let busy = map.contains_key(&(self.unit, u))
+                    || (bs != self.unit
+                        && (s / bs..=(e - 1) / bs).any(|i| map.contains_key(&(bs, i))))
+                    || self.cache.contains(&self.cached, s, e - s);
+                if !busy {
+                    leads.push(Some(Lead::start(
+                        self,
+                        &mut map,
+                        (self.unit, u),
+                        (s, e),
+                        prio,
+                    )));
+                }
+            }
+        }
+        if leads.is_empty() {
+            bump(&self.counters.cache_hits, 1);
+            return Ok(());
+        }
+        // One stream per run of adjacent units.
+        let mut i = 0;
+        while i < leads.len() {
+            let mut j = i + 1;
+            let adjacent = |a: &Option<Lead<'_>>, b: &Option<Lead<'_>>| match (a, b) {
+                (Some(a), Some(b)) => a.offset + a.len == b.offset,
+                _ => false,
+            };
+            while j < leads.len() && adjacent(&leads[j - 1], &leads[j]) {
+                j += 1;
+            }
+            self.stream_run(&mut leads[i..j]);
+            i = j;
+        }
+        // What the streams did not deliver: ranged requests.
+        let rest: Vec<Lead<'_>> = leads.into_iter().flatten().collect();
+        self.run_leads(&rest);
+        for l in &rest {
+            if let Some(Err(e)) = l.result.get() {
+                return Err(self.share_err(e, offset, end - offset));
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams one run of adjacent units (`run`, all unpublished) and
+    /// publishes each as it arrives; what it cannot deliver stays in `run`.
+    fn stream_run<'a>(&'a self, run: &mut [Option<Lead<'a>>]) {
+        let span = |run: &[Option<Lead<'_>>]| {
+            let mut it = run.iter().flatten();
+            let first = it.next().map(|l| l.offset)?;
+            let last = run.iter().flatten().last().map(|l| l.offset + l.len)?;
+            Some((first, last))
+        };
+        let Some((s, e)) = span(run) else {
+            return;
+        };
+        // Host-wide single flight: what another process fetched meanwhile
+        // comes from the cache.
+        let _claim = self.cache.claim(&self.cached, s, e - s);
+        for slot in run.iter_mut() {
+            let Some(l) = slot.as_ref() else { continue };
+            if !self.cache.contains(&self.cached, l.offset, l.len) {
+                continue;
+            }
+            let mut have = vec![0u8; l.len as usize];
+            if let Ok(true) = self.cache.read(&self.cached, &mut have, l.offset) {
+                let l = slot.take().expect("checked");
+                l.publish(Ok((l.offset, Arc::new(have))));
+            }
+        }
+        let Some((s, e)) = span(run) else {
+            return;
+        };
+        let first = run.iter().flatten().next().expect("span");
+        let prio = Arc::clone(&first.flight);
+        bump(&self.counters.requests, 1);
+        let log = super::timeline::enabled();
+        let t_ask = log.then(super::timeline::now_us);
+        let permit = self.sched.acquire_dyn(&prio.prio);
+        let t_go = log.then(super::timeline::now_us);
+        let p = permit.priority();
+        let mut sink = Deliver { blob: self, run };
+        let r = self
+            .fetcher
+            .fetch_stream(&self.blob, (s, e - s, self.unit), p, &mut sink);
+        drop(permit);
+        if let (Some(a), Some(g)) = (t_ask, t_go) {
+            self.log_fetch((s, e - s, p), (a, g), r.is_ok());
+        }
+        if let Err(e) = r {
+            bump(&self.counters.errors, 1);
+            tracing::debug!(blob = %self.blob.url, "streamed read failed, ranged reads take over: {e}");
+        }
+    }
+
+    /// One line of the fetch timeline ([`super::timeline`]).
+    fn log_fetch(
+        &self,
+        (offset, len, p): (u64, u64, Priority),
+        (asked, granted): (u128, u128),
+        ok: bool,
+    ) {
+        super::timeline::line(&format!(
+            "{} {offset} {len} {p:?} {asked} {granted} {} {ok}",
+            self.blob.digest,
+            super::timeline::now_us(),
+        ));
     }
 
     /// Fetches into the cache exactly the cache blocks covering
@@ -762,12 +944,7 @@ impl RemoteBlob {
             let p = permit.priority();
             let d = self.fetcher.fetch(&self.blob, offset, len, p);
             if let (Some(a), Some(g)) = (t_ask, t_go) {
-                super::timeline::line(&format!(
-                    "{} {offset} {len} {p:?} {a} {g} {} {}",
-                    self.blob.digest,
-                    super::timeline::now_us(),
-                    d.is_ok()
-                ));
+                self.log_fetch((offset, len, p), (a, g), d.is_ok());
             }
             d
         };
@@ -843,8 +1020,9 @@ impl ReadAt for RemoteBlob {
     }
 
     /// Fetches the range into the cache at [`Priority::Prefetch`]. A range of
-    /// whole `min_fetch` units (e.g. flatten's streaming advice) goes through
-    /// the unit path; any other range (e.g. the compressed blocks behind a
+    /// whole `min_fetch` units goes through the unit path, streamed
+    /// ([`RemoteBlob::stream_into_cache`]) when longer than `max_request`
+    /// (flatten's read-ahead); any other range (e.g. the compressed blocks behind a
     /// trace record) is fetched exactly ([`RemoteBlob::fetch_exact`]), so
     /// prefetch does not pull in the rest of each unit.
     fn will_need(&self, offset: u64, len: u64) {
@@ -853,7 +1031,9 @@ impl ReadAt for RemoteBlob {
         }
         let end = offset.saturating_add(len).min(self.blob.size);
         let aligned = offset % self.unit == 0 && (end % self.unit == 0 || end == self.blob.size);
-        let _ = if aligned {
+        let _ = if aligned && end - offset > self.max_units * self.unit {
+            self.stream_into_cache(offset, len, Priority::Prefetch)
+        } else if aligned {
             self.fetch_into_cache(offset, len, Priority::Prefetch)
         } else {
             self.fetch_exact(offset, len, Priority::Prefetch)

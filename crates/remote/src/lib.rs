@@ -118,6 +118,65 @@ pub trait RangeFetcher: Send + Sync {
 
     /// The blob's size, when the config does not give it.
     fn blob_size(&self, blob_url: &str) -> Result<u64>;
+
+    /// Streams bytes `[offset, offset + len)` of `blob` to `sink` in
+    /// consecutive `unit`-byte pieces (the last one may be shorter), each
+    /// checked as [`RangeFetcher::fetch`] checks its bytes before `sink` sees
+    /// it; stops early when `sink` says so. For bulk readers (a whole-image
+    /// flatten): one long request instead of one per piece. An error may come
+    /// after some pieces were delivered; those stay good, the caller fetches
+    /// the rest another way. The default fetches piece by piece.
+    fn fetch_stream(
+        &self,
+        blob: &BlobRef,
+        (offset, len, unit): (u64, u64, u64),
+        prio: Priority,
+        sink: &mut dyn UnitSink,
+    ) -> Result<()> {
+        stream_by_pieces(self, blob, (offset, len, unit), prio, sink)
+    }
+}
+
+/// [`RangeFetcher::fetch_stream`] as one [`RangeFetcher::fetch`] per piece
+/// (the trait's default).
+pub fn stream_by_pieces<F: RangeFetcher + ?Sized>(
+    fetcher: &F,
+    blob: &BlobRef,
+    (offset, len, unit): (u64, u64, u64),
+    prio: Priority,
+    sink: &mut dyn UnitSink,
+) -> Result<()> {
+    let end = offset.saturating_add(len);
+    let mut at = offset;
+    while at < end {
+        let n = unit.max(1).min(end - at);
+        let data = fetcher.fetch(blob, at, n, prio)?;
+        if data.len() as u64 != n {
+            return Err(overlaybd_core::Error::Remote {
+                url: blob.url.clone(),
+                offset: at,
+                end: at + n,
+                detail: format!("fetcher returned {} bytes, expected {n}", data.len()),
+            });
+        }
+        if !sink.unit(at, data) {
+            break;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// Where [`RangeFetcher::fetch_stream`] delivers a stream's pieces.
+pub trait UnitSink {
+    /// An empty buffer to read the next piece into (a recycled one saves
+    /// faulting in fresh pages for every piece).
+    fn buffer(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// The checked bytes of the piece at `offset`; false stops the stream.
+    fn unit(&mut self, offset: u64, bytes: Vec<u8>) -> bool;
 }
 
 #[cfg(feature = "registry")]

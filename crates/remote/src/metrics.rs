@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::{BlobRef, Priority, RangeFetcher};
+use crate::{BlobRef, Priority, RangeFetcher, UnitSink};
 use overlaybd_core::error::Result;
 
 /// Labels of per-layer series.
@@ -170,14 +170,14 @@ impl MeteredFetcher {
     }
 }
 
-impl RangeFetcher for MeteredFetcher {
-    fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, prio: Priority) -> Result<Vec<u8>> {
+impl MeteredFetcher {
+    /// Records one request of `blob` at `prio`, started at `t`: its
+    /// latency, `bytes` delivered, and a failure unless `ok`.
+    fn record(&self, (blob, prio): (&BlobRef, Priority), t: Instant, bytes: u64, ok: bool) {
         let labels = LayerLabels {
             layer: blob.digest.clone(),
             priority: prio_name(prio).into(),
         };
-        let t = Instant::now();
-        let res = self.inner.fetch(blob, offset, len, prio);
         self.metrics
             .latency
             .get_or_create(&PrioLabels {
@@ -185,22 +185,55 @@ impl RangeFetcher for MeteredFetcher {
             })
             .observe(t.elapsed().as_secs_f64());
         self.metrics.requests.get_or_create(&labels).inc();
-        match &res {
-            Ok(data) => {
-                self.metrics
-                    .bytes
-                    .get_or_create(&labels)
-                    .inc_by(data.len() as u64);
-            }
-            Err(_) => {
-                self.metrics.failures.get_or_create(&labels).inc();
-            }
+        if !ok {
+            self.metrics.failures.get_or_create(&labels).inc();
         }
+        // A failed stream may have delivered some units.
+        if ok || bytes > 0 {
+            self.metrics.bytes.get_or_create(&labels).inc_by(bytes);
+        }
+    }
+}
+
+impl RangeFetcher for MeteredFetcher {
+    fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, prio: Priority) -> Result<Vec<u8>> {
+        let t = Instant::now();
+        let res = self.inner.fetch(blob, offset, len, prio);
+        let bytes = res.as_ref().map_or(0, |d| d.len() as u64);
+        self.record((blob, prio), t, bytes, res.is_ok());
         res
     }
 
     fn blob_size(&self, blob_url: &str) -> Result<u64> {
         self.inner.blob_size(blob_url)
+    }
+
+    /// One request; its bytes counted as they are delivered.
+    fn fetch_stream(
+        &self,
+        blob: &BlobRef,
+        range: (u64, u64, u64),
+        prio: Priority,
+        sink: &mut dyn UnitSink,
+    ) -> Result<()> {
+        struct Counted<'a> {
+            sink: &'a mut dyn UnitSink,
+            bytes: u64,
+        }
+        impl UnitSink for Counted<'_> {
+            fn buffer(&mut self) -> Vec<u8> {
+                self.sink.buffer()
+            }
+            fn unit(&mut self, offset: u64, bytes: Vec<u8>) -> bool {
+                self.bytes += bytes.len() as u64;
+                self.sink.unit(offset, bytes)
+            }
+        }
+        let t = Instant::now();
+        let mut counted = Counted { sink, bytes: 0 };
+        let res = self.inner.fetch_stream(blob, range, prio, &mut counted);
+        self.record((blob, prio), t, counted.bytes, res.is_ok());
+        res
     }
 }
 

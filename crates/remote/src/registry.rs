@@ -54,7 +54,7 @@ use super::creds::{self, CredentialSource};
 use super::http::{self, Access, AuthScope, Class, Fail, Request, Retry, Transport};
 use super::metrics::Metrics;
 use super::verity::{PieceTable, VerityError};
-use super::{BlobRef, Priority, RangeFetcher};
+use super::{BlobRef, Priority, RangeFetcher, UnitSink};
 use overlaybd_core::error::{Error, Result};
 use zfile::sync::MutexExt;
 
@@ -588,11 +588,7 @@ impl RegistryClient {
             };
             let via_p2p = route.via_p2p.get();
             let source = if via_p2p { "p2p" } else { ep.kind };
-            counters.verify_failures.fetch_add(1, Ordering::Relaxed);
-            if let Some(m) = &self.metrics {
-                m.verify_failure(c.digest, source);
-            }
-            tracing::warn!(blob = c.digest, offset = want.offset, end = want.end(), source, url = %ep.url, "{e}");
+            self.verify_failed((counters, c), want, (source, &ep.url), &e);
             if via_p2p {
                 // The proxy served wrong bytes: this endpoint once more, direct.
                 p2p_lied = Some(e);
@@ -611,6 +607,108 @@ impl RegistryClient {
             }
             return Err(Fail::Retry(detail));
         }
+    }
+
+    /// Counts and logs bytes of `want` from `source` (`url`) that failed the
+    /// piece-table check.
+    fn verify_failed(
+        &self,
+        (counters, c): (&BlobCounters, &Check<'_>),
+        want: Want,
+        (source, url): (&str, &str),
+        e: &VerityError,
+    ) {
+        counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.verify_failure(c.digest, source);
+        }
+        tracing::warn!(blob = c.digest, offset = want.offset, end = want.end(), source, url = %url, "{e}");
+    }
+
+    /// [`RangeFetcher::fetch_stream`] over one request to the first endpoint
+    /// that is not known to be down (a mirror, else the origin), without
+    /// retries: a failed stream is taken over by ranged reads, which retry
+    /// and fail over. Each piece is checked against the piece table, when
+    /// there is one, before the sink sees it.
+    fn stream(
+        &self,
+        blob: &BlobRef,
+        want: Want,
+        unit: u64,
+        sink: &mut dyn UnitSink,
+    ) -> std::result::Result<(), String> {
+        let endpoints = self.endpoints(&blob.url).map_err(|e| e.to_string())?;
+        let ep = endpoints
+            .iter()
+            .find(|ep| !self.mirror_is_down(&ep.host))
+            .or(endpoints.last())
+            .ok_or("no endpoint")?;
+        let counters = self.counters(&blob.url);
+        let deadline = Instant::now() + Duration::from_millis(self.options().timeouts.total_ms);
+        let route = Route::default();
+        let resp = self
+            .request_range(ep, (&counters, &route), want, deadline)
+            .map_err(|f| match f {
+                Fail::Connect(d) | Fail::Retry(d) | Fail::Setup(d) => d,
+                Fail::Fatal(e) => e.to_string(),
+            })?;
+        let mut body = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                check_206(&resp, want)?;
+                resp
+            }
+            // The whole blob: fine when the range starts at 0.
+            StatusCode::OK if want.offset == 0 => resp,
+            s => return Err(format!("HTTP {s}")),
+        };
+        let check = blob.verity.as_deref().map(|table| Check {
+            table,
+            digest: &blob.digest,
+        });
+        let source = if route.via_p2p.get() { "p2p" } else { ep.kind };
+        let mut at = want.offset;
+        while at < want.end() {
+            let n = unit.min(want.end() - at);
+            let mut buf = sink.buffer();
+            buf.clear();
+            buf.reserve_exact(n as usize);
+            let got = (&mut body)
+                .take(n)
+                .read_to_end(&mut buf)
+                .map_err(|e| format!("reading body: {}", http::chain(&e)))?;
+            if got as u64 != n {
+                return Err(format!(
+                    "body ended at {} of {}",
+                    at + got as u64,
+                    want.end()
+                ));
+            }
+            if let Some(c) = &check {
+                if let Err(e) = c.table.verify(at, &buf) {
+                    let piece = Want {
+                        offset: at,
+                        len: n,
+                        total: want.total,
+                    };
+                    self.verify_failed((&counters, c), piece, (source, &ep.url), &e);
+                    return Err(format!("bytes failed verification: {e}"));
+                }
+            }
+            // A 206 longer than its range is broken: its last piece is not
+            // handed out. (A 200's rest is dropped with the connection.)
+            if at + n == want.end() && body.status() == StatusCode::PARTIAL_CONTENT {
+                let mut extra = [0u8; 1];
+                if body.read(&mut extra).map_err(|e| e.to_string())? > 0 {
+                    return Err(format!("body longer than the {} bytes asked for", want.len));
+                }
+            }
+            counters.bytes.fetch_add(n, Ordering::Relaxed);
+            if !sink.unit(at, buf) {
+                break;
+            }
+            at += n;
+        }
+        Ok(())
     }
 
     /// Reads `want` of the blob at `url`, with retries and failover, checking
@@ -711,6 +809,39 @@ impl RegistryClient {
     }
 }
 
+/// The checks of a request for `[offset, offset + len)` of `blob`: inside
+/// the blob, and a piece table, if any, of the blob's size. Returns the blob
+/// size when known.
+fn check_request(blob: &BlobRef, offset: u64, len: u64) -> Result<Option<u64>> {
+    let end = offset.checked_add(len).ok_or_else(|| Error::Remote {
+        url: blob.url.clone(),
+        offset,
+        end: u64::MAX,
+        detail: "range overflows".into(),
+    })?;
+    if blob.size > 0 && end > blob.size {
+        return Err(Error::Remote {
+            url: blob.url.clone(),
+            offset,
+            end,
+            detail: format!("range past the blob end ({} bytes)", blob.size),
+        });
+    }
+    if let Some(table) = blob.verity.as_deref() {
+        if table.blob_size() != blob.size {
+            return Err(Error::Verify {
+                blob: blob.digest.clone(),
+                detail: format!(
+                    "the piece table describes {} bytes, the blob has {}",
+                    table.blob_size(),
+                    blob.size
+                ),
+            });
+        }
+    }
+    Ok((blob.size > 0).then_some(blob.size))
+}
+
 /// A body read: its bytes, the blob's total size (0 if unknown), and the
 /// piece-table verdict when the bytes were checked while being read.
 type Body = (Vec<u8>, u64, Option<std::result::Result<(), VerityError>>);
@@ -724,29 +855,8 @@ fn read_206(
     want: Want,
     table: Option<&PieceTable>,
 ) -> std::result::Result<Body, Fail> {
-    let Want { offset, len, total } = want;
-    let cr = resp
-        .headers()
-        .get(header::CONTENT_RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .unwrap_or_default();
-    let Some((a, b, got_total)) = parse_content_range(&cr) else {
-        return Err(Fail::Retry(format!("206 with bad Content-Range {cr:?}")));
-    };
-    if a != offset || b != offset + len - 1 {
-        return Err(Fail::Retry(format!(
-            "206 Content-Range {cr:?} does not match the requested {}",
-            want.header()
-        )));
-    }
-    if let (Some(t), Some(e)) = (got_total, total) {
-        if t != e {
-            return Err(Fail::Retry(format!(
-                "Content-Range total {t} differs from the blob size {e}"
-            )));
-        }
-    }
+    let Want { len, total, .. } = want;
+    let got_total = check_206(&resp, want).map_err(Fail::Retry)?;
     // Read straight into a buffer of the expected size: one copy out of the
     // HTTP client's chunks, no intermediate buffer. One byte more than asked
     // for is read to detect a longer body.
@@ -760,6 +870,34 @@ fn read_206(
     rest.read_to_end(&mut body).map_err(read_err)?;
     check_len(body.len() as u64, len)?;
     Ok((body, total, None))
+}
+
+/// A 206 must carry exactly the range asked for (and the blob's size, when
+/// known); returns the total size it names.
+fn check_206(resp: &Response, want: Want) -> std::result::Result<Option<u64>, String> {
+    let cr = resp
+        .headers()
+        .get(header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_default();
+    let Some((a, b, got_total)) = parse_content_range(&cr) else {
+        return Err(format!("206 with bad Content-Range {cr:?}"));
+    };
+    if a != want.offset || b != want.end() - 1 {
+        return Err(format!(
+            "206 Content-Range {cr:?} does not match the requested {}",
+            want.header()
+        ));
+    }
+    if let (Some(t), Some(e)) = (got_total, want.total) {
+        if t != e {
+            return Err(format!(
+                "Content-Range total {t} differs from the blob size {e}"
+            ));
+        }
+    }
+    Ok(got_total)
 }
 
 /// A body of `got` bytes (at most `len + 1` read) must be `len` bytes.
@@ -866,36 +1004,12 @@ impl RangeFetcher for RegistryClient {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let end = offset.checked_add(len).ok_or_else(|| Error::Remote {
-            url: blob.url.clone(),
-            offset,
-            end: u64::MAX,
-            detail: "range overflows".into(),
-        })?;
-        if blob.size > 0 && end > blob.size {
-            return Err(Error::Remote {
-                url: blob.url.clone(),
-                offset,
-                end,
-                detail: format!("range past the blob end ({} bytes)", blob.size),
-            });
-        }
-        let total = (blob.size > 0).then_some(blob.size);
+        let total = check_request(blob, offset, len)?;
         let Some(table) = blob.verity.as_deref() else {
             return self
                 .fetch_range(&blob.url, Want { offset, len, total }, None)
                 .map(|r| r.0);
         };
-        if table.blob_size() != blob.size {
-            return Err(Error::Verify {
-                blob: blob.digest.clone(),
-                detail: format!(
-                    "the piece table describes {} bytes, the blob has {}",
-                    table.blob_size(),
-                    blob.size
-                ),
-            });
-        }
         // Only whole pieces can be checked: fetch them, hand back the range.
         let (wo, wl) = table.widen(offset, len);
         let check = Check {
@@ -914,6 +1028,37 @@ impl RangeFetcher for RegistryClient {
             data.truncate(len as usize);
         }
         Ok(data)
+    }
+
+    /// One request for the whole range (see [`RegistryClient::stream`]);
+    /// with a piece table, the pieces must be whole table pieces, else the
+    /// range is fetched piece by piece.
+    fn fetch_stream(
+        &self,
+        blob: &BlobRef,
+        (offset, len, unit): (u64, u64, u64),
+        prio: Priority,
+        sink: &mut dyn UnitSink,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let total = check_request(blob, offset, len)?;
+        if let Some(t) = blob.verity.as_deref() {
+            let p = t.piece_size();
+            let end = offset + len;
+            if offset % p != 0 || unit % p != 0 || (end % p != 0 && end != blob.size) {
+                return super::stream_by_pieces(self, blob, (offset, len, unit), prio, sink);
+            }
+        }
+        let want = Want { offset, len, total };
+        self.stream(blob, want, unit.max(1), sink)
+            .map_err(|detail| Error::Remote {
+                url: blob.url.clone(),
+                offset,
+                end: offset + len,
+                detail: format!("streamed read: {detail}"),
+            })
     }
 
     fn blob_size(&self, blob_url: &str) -> Result<u64> {
