@@ -93,11 +93,14 @@ struct Supervised {
     restarting: bool,
 }
 
+/// A receiver of supervision [`Event`]s.
+type EventFn = Box<dyn Fn(&Event) + Send + Sync>;
+
 /// The supervision state shared by a service and its watcher threads.
 #[derive(Default)]
 struct Supervision {
     devices: Mutex<HashMap<String, Supervised>>,
-    events: OnceLock<Box<dyn Fn(&Event) + Send + Sync>>,
+    events: OnceLock<EventFn>,
 }
 
 /// A control request.

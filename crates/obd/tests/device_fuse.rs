@@ -435,8 +435,11 @@ impl Checker {
 struct Writer {
     stop: Arc<AtomicBool>,
     done: std::sync::mpsc::Receiver<usize>,
-    thread: std::thread::JoinHandle<Result<(BTreeMap<String, String>, Duration), String>>,
+    thread: std::thread::JoinHandle<Result<Written, String>>,
 }
+
+/// The acknowledged files (name → sha256) and the longest write + fsync.
+type Written = (BTreeMap<String, String>, Duration);
 
 impl Writer {
     fn spawn(mnt: &Path, seed: u64) -> Writer {
@@ -476,7 +479,7 @@ impl Writer {
     }
 
     /// Stops; returns the acknowledged files and the longest write + fsync.
-    fn finish(self) -> (BTreeMap<String, String>, Duration) {
+    fn finish(self) -> Written {
         self.stop.store(true, Ordering::SeqCst);
         self.thread
             .join()
