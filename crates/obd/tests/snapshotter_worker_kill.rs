@@ -27,20 +27,6 @@ const KILLS: usize = 20;
 /// Bytes of `/app/data` (8 MiB blobs).
 const DATA: u64 = 24 << 20;
 
-fn task_status(tb: &Testbed, id: &str) -> String {
-    let out = tb
-        .ctr()
-        .args(["tasks", "ls"])
-        .output()
-        .expect("ctr tasks ls");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("")
-        .to_string()
-}
-
 fn kills_under_a_running_container(rw_mode: &str) {
     let tools = ["containerd", "ctr", "runc", "docker-registry"];
     let test = format!("worker kills under a container ({rw_mode})");
@@ -89,7 +75,7 @@ fn kills_under_a_running_container(rw_mode: &str) {
     ]))
     .expect("ctr run -d");
     wait_until("the container running", Duration::from_secs(60), || {
-        task_status(&tb, &c) == "RUNNING"
+        tb.task_status(&c) == "RUNNING"
     })
     .unwrap();
     let mut n_exec = 0;
@@ -140,7 +126,7 @@ fn kills_under_a_running_container(rw_mode: &str) {
     }
     let took = t0.elapsed();
     assert_eq!(
-        task_status(&tb, &c),
+        tb.task_status(&c),
         "RUNNING",
         "the container's read loop survived"
     );
@@ -160,7 +146,7 @@ fn kills_under_a_running_container(rw_mode: &str) {
     );
     let _ = tb.ctr().args(["tasks", "kill", "-s", "KILL", &c]).status();
     wait_until("the container stopped", Duration::from_secs(30), || {
-        task_status(&tb, &c) != "RUNNING"
+        tb.task_status(&c) != "RUNNING"
     })
     .unwrap();
     for args in [vec!["tasks", "rm", &c], vec!["containers", "rm", &c]] {
