@@ -591,12 +591,19 @@ fn worker_kills_lose_no_read_and_no_acknowledged_write() {
     env.check_and_detach(&mnt, "after-3-layers.json", &ro);
 }
 
-/// `obd device upgrade` under load: every device moves to a new worker, one
-/// at a time, three times over, while a program reads (checksums checked) and
-/// another writes and fsyncs; none sees an error.
+/// `obd device upgrade` under load, after the service's binary was replaced on
+/// disk: every device moves to a worker running the new file, one at a time,
+/// three times over, while a program reads (checksums checked) and another
+/// writes and fsyncs; none sees an error.
 #[test]
 fn upgrade_moves_every_device_to_a_new_worker_under_load() {
-    let Some(env) = Env::start() else { return };
+    let Some(mut env) = Env::start() else { return };
+    // The service runs a copy of obd that the test replaces, as a package
+    // upgrade does (a new file renamed over the old one).
+    let bin = env.tmp.path().join("obd-installed");
+    std::fs::copy(OBD, &bin).unwrap();
+    env.svc.kill9();
+    env.svc = Service::start_program(&bin, &env.root, &frontend());
     let svc = &env.svc;
     let (ro, _, mnt) = env.attach_stack("stack-zstd", 3, "m");
     let cfg = rw_config(env.tmp.path(), "rw");
@@ -604,6 +611,12 @@ fn upgrade_moves_every_device_to_a_new_worker_under_load() {
     let (rw, _) = svc.attach(&cfg, Some(&mnt_rw));
     let reader = Checker::spawn(&mnt, "after-3-layers.json");
     let writer = Writer::spawn(&mnt_rw, 2);
+    let exe = |pid: u64| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let new_bin = env.tmp.path().join("obd-new");
+    std::fs::copy(OBD, &new_bin).unwrap();
+    std::fs::rename(&new_bin, &bin).unwrap();
+    let old = exe(worker_pid(svc, &ro));
+    assert!(old.to_string_lossy().ends_with(" (deleted)"), "{old:?}");
     let mut slowest = Duration::ZERO;
     for _ in 0..3 {
         let before = [worker_pid(svc, &ro), worker_pid(svc, &rw)];
@@ -615,6 +628,10 @@ fn upgrade_moves_every_device_to_a_new_worker_under_load() {
         assert_eq!(out.lines().count(), 2, "{out}");
         let after = [worker_pid(svc, &ro), worker_pid(svc, &rw)];
         assert!(before[0] != after[0] && before[1] != after[1], "{out}");
+        // The new workers run the binary now installed.
+        for pid in after {
+            assert_eq!(exe(pid), bin, "worker {pid}");
+        }
         reader.next_pass();
         writer.next_file();
     }
