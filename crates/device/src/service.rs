@@ -7,17 +7,32 @@
 //! `{"op":"detach","device":<id, /dev path or mount point>}`, `{"op":"list"}`,
 //! `{"op":"ping"}`. Replies: `{"ok":true,…}` or `{"ok":false,"error":…}`.
 //!
-//! The service holds no device state in memory: everything is in the device
-//! directories (see [`crate::state`]), written by the workers. So when the
-//! service stops or dies, devices keep working; at start it adopts the devices
-//! whose workers are alive and cleans up the rest.
+//! The service holds no device state in memory but one thing: everything is
+//! in the device directories (see [`crate::state`]), written by the workers.
+//! So when the service stops or dies, devices keep working; at start it adopts
+//! the devices whose workers are alive and cleans up the rest.
+//!
+//! The one thing is supervision. For every worker it started or adopted, the
+//! service keeps a copy of the descriptor that holds the device's kernel side
+//! ([`tcmu_target::Attachment::kept_fd`], taken with `pidfd_getfd`) and waits
+//! for the worker's exit. A worker that dies without detaching (a crash,
+//! `kill -9`, or a handover for an upgrade, see [`upgrade`]) is replaced by a
+//! new one for the same device, started with that descriptor
+//! ([`crate::worker::KEPT_FD_ENV`]): same block device, same mount, same
+//! upper; the requests the dead worker had taken are served again. When no
+//! worker comes back ([`RESTART_ATTEMPTS`], with backoff), the copy is closed,
+//! which ends the connection: the device's I/O fails with EIO instead of
+//! waiting, and [`Event::Failed`] says why.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -25,10 +40,68 @@ use zfile::sync::MutexExt;
 
 use crate::control::{self, Limits};
 use crate::state::{check_id, worker_alive, DeviceRecord, Request, Root};
+use crate::worker::KEPT_FD_ENV;
 use crate::{mount, Error, Result};
 
 /// How long detach waits for a worker to finish.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How many workers are started, one after the other, for a device whose
+/// worker died, before its I/O is failed.
+pub const RESTART_ATTEMPTS: u32 = 5;
+
+/// The pause before restart attempt `n` (the first is at once): 100 ms,
+/// doubling, so all attempts end within about 2 s plus their bring-ups.
+fn restart_backoff(n: u32) -> Duration {
+    match n {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(100 << (n - 1).min(4)),
+    }
+}
+
+/// How long [`Service::settle`] waits for a restart to finish.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What supervision did, for the owner's logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A device's worker died (or handed over) and a new one serves it.
+    Restarted {
+        /// The device.
+        id: String,
+        /// From the death seen to the new worker serving.
+        took: Duration,
+    },
+    /// A device's worker died and none could be started: its I/O fails.
+    Failed {
+        /// The device.
+        id: String,
+        /// Why (the last worker's failure).
+        reason: String,
+    },
+}
+
+/// One supervised device.
+struct Supervised {
+    /// The worker watched.
+    pid: u32,
+    /// The copy of its kept descriptor, if its frontend has one.
+    fd: Option<Arc<OwnedFd>>,
+    /// A detach is under way: the worker's exit is not a death.
+    stopping: bool,
+    /// A new worker is being started.
+    restarting: bool,
+}
+
+/// A receiver of supervision [`Event`]s.
+type EventFn = Box<dyn Fn(&Event) + Send + Sync>;
+
+/// The supervision state shared by a service and its watcher threads.
+#[derive(Default)]
+struct Supervision {
+    devices: Mutex<HashMap<String, Supervised>>,
+    events: OnceLock<EventFn>,
+}
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,29 +141,210 @@ pub struct Listed {
     pub alive: bool,
 }
 
-/// The running service.
+/// The running service (clones share everything).
+#[derive(Clone)]
 pub struct Service {
     root: Root,
     worker_cmd: Vec<String>,
-    lock: Mutex<()>,
+    lock: Arc<Mutex<()>>,
     limits: Limits,
+    sup: Arc<Supervision>,
 }
 
 impl Service {
     /// A service over `root`. `worker_cmd` is the program and leading arguments
-    /// that run a worker; `--root <root> --id <id>` is appended.
+    /// that run a worker; `--root <root> --id <id>` is appended. The program is
+    /// started by path each time, so a binary replaced on disk runs from the
+    /// next worker on (see [`upgrade`]).
     pub fn new(root: Root, worker_cmd: Vec<String>) -> Self {
         Service {
             root,
             worker_cmd,
-            lock: Mutex::new(()),
+            lock: Arc::new(Mutex::new(())),
             limits: Limits::default(),
+            sup: Arc::new(Supervision::default()),
         }
     }
 
     /// The same service with other bounds on control-socket clients.
     pub fn with_limits(self, limits: Limits) -> Self {
         Service { limits, ..self }
+    }
+
+    /// Calls `f` with every supervision [`Event`] (from watcher threads).
+    /// Only the first call takes effect.
+    pub fn on_event(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
+        let _ = self.sup.events.set(Box::new(f));
+    }
+
+    fn emit(&self, e: Event) {
+        if let Some(f) = self.sup.events.get() {
+            f(&e);
+        }
+    }
+
+    /// Waits (bounded) while a new worker is being started for `id`, so a
+    /// caller does not take a device between two workers for a dead one.
+    pub fn settle(&self, id: &str) {
+        let restarting = || {
+            self.sup
+                .devices
+                .locked()
+                .get(id)
+                .is_some_and(|d| d.restarting)
+        };
+        tcmu_target::wait_until(SETTLE_TIMEOUT, || !restarting());
+    }
+
+    /// Supervises the live worker of `rec` (started by another service, e.g.
+    /// before a restart): keeps a copy of its descriptor and replaces it when
+    /// it dies. False if the worker is gone.
+    pub fn adopt(&self, rec: &DeviceRecord) -> bool {
+        let pidfd = rustix::process::Pid::from_raw(rec.pid as i32).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
+        match pidfd {
+            // Checked after the pidfd is open: it names this very worker.
+            Some(fd) if worker_alive(rec) => {
+                self.watch(rec, fd, None);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Starts supervising the worker of `rec`: copies its kept descriptor and
+    /// waits for its exit on a thread (reaping `child` if it is ours).
+    fn watch(&self, rec: &DeviceRecord, pidfd: OwnedFd, child: Option<Child>) {
+        let id = rec.id.clone();
+        let fd = rec.kept_fd.and_then(|n| {
+            rustix::process::pidfd_getfd(&pidfd, n, rustix::process::PidfdGetfdFlags::empty())
+                .map_err(|e| {
+                    tracing::warn!(
+                        "obd device service: cannot keep descriptor {n} of worker {} of {id}: {e}; \
+                         the device dies with its worker",
+                        rec.pid
+                    )
+                })
+                .ok()
+        });
+        if let Err(e) = self.root.save_supervisor(&id) {
+            tracing::warn!("obd device service: {e}");
+        }
+        self.sup.devices.locked().insert(
+            id.clone(),
+            Supervised {
+                pid: rec.pid,
+                fd: fd.map(Arc::new),
+                stopping: false,
+                restarting: false,
+            },
+        );
+        let (me, pid) = (self.clone(), rec.pid);
+        let spawned = std::thread::Builder::new()
+            .name(format!("watch-{id}"))
+            .spawn(move || {
+                let how = match child {
+                    Some(mut c) => c.wait().map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    None => {
+                        wait_exit(&pidfd);
+                        "exited".into()
+                    }
+                };
+                me.worker_exited(&id, pid, &how);
+            });
+        if let Err(e) = spawned {
+            tracing::error!("obd device service: cannot watch worker {pid}: {e}");
+        }
+    }
+
+    /// Worker `pid` of `id` is gone (`how`): unless it detached (its record
+    /// is gone) or is being detached, start another with backoff, or fail the
+    /// device's I/O.
+    fn worker_exited(&self, id: &str, pid: u32, how: &str) {
+        let fd = {
+            let mut devs = self.sup.devices.locked();
+            match devs.get_mut(id) {
+                Some(d) if d.pid == pid && !d.stopping => {
+                    d.restarting = true;
+                    d.fd.clone()
+                }
+                Some(d) if d.pid == pid => {
+                    devs.remove(id);
+                    return;
+                }
+                _ => return,
+            }
+        };
+        let done = |svc: &Service| {
+            let mut devs = svc.sup.devices.locked();
+            if devs.get(id).is_some_and(|d| d.pid == pid) {
+                devs.remove(id);
+            }
+        };
+        let rec = match self.root.record(id) {
+            Ok(Some(r)) if r.pid == pid => r,
+            // Detached cleanly: the worker removed its directory.
+            _ => return done(self),
+        };
+        if fd.is_none() && rec.request.frontend != "tcmu" {
+            let reason = format!(
+                "worker {pid} {how}, and nothing kept the device's {} connection",
+                rec.request.frontend
+            );
+            tracing::error!("obd device service: device {id}: {reason}; its I/O fails");
+            done(self);
+            return self.emit(Event::Failed {
+                id: id.to_string(),
+                reason,
+            });
+        }
+        tracing::warn!("obd device service: worker {pid} of {id} {how}; starting another");
+        let t0 = Instant::now();
+        let mut last = String::new();
+        for n in 0..RESTART_ATTEMPTS {
+            std::thread::sleep(restart_backoff(n));
+            let stopping = self.sup.devices.locked().get(id).is_none_or(|d| d.stopping);
+            if stopping {
+                return done(self);
+            }
+            match self.spawn_worker(id, &rec.request, fd.as_deref()) {
+                Ok(new) => {
+                    tracing::info!(
+                        "obd device service: device {id} served by worker {} after {} ms",
+                        new.pid,
+                        t0.elapsed().as_millis()
+                    );
+                    return self.emit(Event::Restarted {
+                        id: id.to_string(),
+                        took: t0.elapsed(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "obd device service: device {id}: worker {} of {RESTART_ATTEMPTS} failed: {e}",
+                        n + 1
+                    );
+                    last = e.to_string();
+                }
+            }
+        }
+        // Closing the last copy of the descriptor ends the connection: what
+        // waits on the device fails with EIO instead of waiting forever.
+        done(self);
+        let reason = format!("no worker came back after {RESTART_ATTEMPTS} attempts: {last}");
+        tracing::error!("obd device service: device {id}: {reason}; its I/O fails");
+        self.emit(Event::Failed {
+            id: id.to_string(),
+            reason,
+        });
+    }
+
+    /// Marks `id` as being detached (its worker's exit is expected).
+    fn stopping(&self, id: &str) {
+        if let Some(d) = self.sup.devices.locked().get_mut(id) {
+            d.stopping = true;
+        }
     }
 
     /// Adopts devices whose workers are alive; cleans up and removes the rest.
@@ -100,11 +354,11 @@ impl Service {
         let (mut adopted, mut cleaned) = (Vec::new(), Vec::new());
         for id in self.root.ids()? {
             match self.root.record(&id) {
-                Ok(Some(rec)) if worker_alive(&rec) => adopted.push(id),
+                Ok(Some(rec)) if self.adopt(&rec) => adopted.push(id),
                 // A TCMU device outlives its worker (the kernel keeps the ring):
                 // a new worker takes it over and readers never notice.
                 Ok(Some(rec)) if rec.request.frontend == "tcmu" => {
-                    match self.spawn_worker(&id, &rec.request) {
+                    match self.spawn_worker(&id, &rec.request, None) {
                         Ok(_) => adopted.push(format!("{id} (taken over)")),
                         Err(e) => {
                             tracing::error!("obd device service: takeover of {id} failed: {e}");
@@ -224,14 +478,21 @@ impl Service {
             frontend,
             mountpoint,
         };
-        let r = self.spawn_worker(&id, &req);
+        let r = self.spawn_worker(&id, &req, None);
         if r.is_err() {
             let _ = cleanup_device(&self.root, &id);
         }
         r
     }
 
-    fn spawn_worker(&self, id: &str, req: &Request) -> Result<DeviceRecord> {
+    /// Starts a worker for `id` and waits for its report. `kept`: the
+    /// descriptor of a dead worker to resume from.
+    fn spawn_worker(
+        &self,
+        id: &str,
+        req: &Request,
+        kept: Option<&OwnedFd>,
+    ) -> Result<DeviceRecord> {
         self.root.save_request(id, req)?;
         let log_path = self.root.device_dir(id).join("worker.log");
         let log = std::fs::OpenOptions::new()
@@ -243,15 +504,32 @@ impl Service {
             .worker_cmd
             .split_first()
             .ok_or_else(|| Error::Request("no worker command".into()))?;
-        let mut child = Command::new(prog)
-            .args(args)
+        let mut cmd = Command::new(prog);
+        cmd.args(args)
             .arg("--root")
             .arg(self.root.dir())
             .arg("--id")
             .arg(id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log)
+            .stderr(log);
+        if let Some(fd) = kept {
+            let raw = fd.as_raw_fd();
+            cmd.env(KEPT_FD_ENV, raw.to_string());
+            // SAFETY: runs in the forked child before exec; fcntl is
+            // async-signal-safe and `raw` is open there (the parent keeps it
+            // open until spawn returns). Only this child's copy loses
+            // close-on-exec, so no other worker inherits it.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .spawn()
             .map_err(|e| Error::io(format!("starting worker {prog}"), e))?;
         // Our unreaped child: its pid cannot name another process yet.
@@ -262,30 +540,32 @@ impl Service {
         let mut line = String::new();
         let stdout = child.stdout.take().expect("piped");
         let _ = BufReader::new(stdout).read_line(&mut line);
-        // Reap the worker whenever it exits (it may outlive this call by days);
-        // a TCMU worker that crashed is replaced, which takes its ring over.
-        let (root, cmd, id2) = (self.root.clone(), self.worker_cmd.clone(), id.to_string());
-        std::thread::spawn(move || {
-            let Ok(st) = child.wait() else { return };
-            if !st.success() {
-                tracing::warn!("obd device service: worker of {id2} exited: {st}");
+        let rec = match (line.trim().strip_prefix("ok "), &pidfd) {
+            (Some(_), Some(_)) => self.root.record(id).ok().flatten().filter(|r| r.pid == pid),
+            _ => None,
+        };
+        match (&rec, pidfd.as_ref().and_then(|f| f.try_clone().ok())) {
+            // Supervised from now on; the watcher reaps it.
+            (Some(rec), Some(fd)) => self.watch(rec, fd, Some(child)),
+            // Reap it whenever it exits (a failed bring-up exits at once).
+            _ => {
+                std::thread::spawn(move || {
+                    if let Ok(st) = child.wait() {
+                        if !st.success() {
+                            tracing::warn!("obd device service: worker {pid} exited: {st}");
+                        }
+                    }
+                });
             }
-            let crashed = std::os::unix::process::ExitStatusExt::signal(&st).is_some()
-                || st.code() == Some(101);
-            let rec = root.record(&id2).ok().flatten();
-            if let Some(rec) = rec.filter(|r| crashed && r.request.frontend == "tcmu") {
-                tracing::warn!("obd device service: worker of {id2} died ({st}); taking over");
-                let svc = Service::new(root, cmd);
-                if let Err(e) = svc.spawn_worker(&id2, &rec.request) {
-                    tracing::error!("obd device service: takeover of {id2} failed: {e}");
-                }
-            }
-        });
+        }
+        if let Some(rec) = rec {
+            return Ok(rec);
+        }
         let line = line.trim();
         if let Some(dev) = line.strip_prefix("ok ") {
             let state = self.root.device_dir(id).join("state.json");
             let why = match self.root.record(id) {
-                Ok(Some(rec)) => return Ok(rec),
+                Ok(Some(rec)) => format!("of another worker ({})", rec.pid),
                 Ok(None) => "missing".to_string(),
                 Err(e) => e.to_string(),
             };
@@ -321,6 +601,8 @@ impl Service {
     fn detach(&self, which: &str) -> Result<String> {
         let _g = self.lock.locked();
         let id = find(&self.root, which)?;
+        self.settle(&id);
+        self.stopping(&id);
         match self.root.record(&id)? {
             Some(rec) if worker_alive(&rec) => {
                 stop_worker(&rec)?;
@@ -337,8 +619,95 @@ impl Service {
             }
             _ => cleanup_device(&self.root, &id)?,
         }
+        self.sup.devices.locked().remove(&id);
         Ok(id)
     }
+}
+
+/// Waits until the process of `pidfd` has exited.
+fn wait_exit(pidfd: &OwnedFd) {
+    loop {
+        let mut fds = [rustix::event::PollFd::new(
+            pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(n) if n > 0 => return,
+            Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::warn!("obd device service: waiting on a worker: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// How long [`upgrade`] waits for one device's new worker by default.
+pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Moves devices of `root` to new workers one at a time, while their users
+/// go on reading and writing: each worker is asked to hand over (SIGUSR1: it
+/// makes its writes durable and exits, the device staying up) and the
+/// supervisor that keeps it (`obd device serve` or obd-snapshotter) starts
+/// the worker binary found on disk now. `ids` empty: every device. Returns each
+/// device with the time from the request to its new worker serving. Fails at
+/// the first device that has no live worker or supervisor, or whose new
+/// worker does not come up within `timeout`.
+pub fn upgrade(root: &Root, ids: &[String], timeout: Duration) -> Result<Vec<(String, Duration)>> {
+    let ids = if ids.is_empty() {
+        root.ids()?
+    } else {
+        ids.to_vec()
+    };
+    let mut done = Vec::new();
+    for id in ids {
+        let rec = root
+            .record(&id)?
+            .ok_or_else(|| Error::Request(format!("device {id} is not up")))?;
+        if !worker_alive(&rec) {
+            return Err(Error::Request(format!(
+                "device {id} has no live worker to hand over"
+            )));
+        }
+        if rec.request.frontend != "tcmu" && rec.kept_fd.is_none() {
+            return Err(Error::Request(format!(
+                "device {id}: its worker keeps no descriptor for a successor (started by an older obd); detach and attach it again"
+            )));
+        }
+        if !root.supervisor_alive(&id) {
+            return Err(Error::Request(format!(
+                "device {id}: no supervisor keeps it (start `obd device serve --root {}` or obd-snapshotter first)",
+                root.dir().display()
+            )));
+        }
+        let t0 = Instant::now();
+        let pid = rustix::process::Pid::from_raw(rec.pid as i32)
+            .ok_or_else(|| Error::Request("pid 0".into()))?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            .map_err(|e| Error::io(format!("worker {} of {id}", rec.pid), e.into()))?;
+        if !worker_alive(&rec) {
+            return Err(Error::Request(format!(
+                "device {id}: its worker just exited"
+            )));
+        }
+        rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::USR1)
+            .map_err(|e| Error::io(format!("signalling worker {} of {id}", rec.pid), e.into()))?;
+        let served = tcmu_target::wait_until(
+            timeout,
+            || matches!(root.record(&id), Ok(Some(r)) if r.pid != rec.pid && worker_alive(&r)),
+        );
+        if !served {
+            let log = std::fs::read_to_string(root.device_dir(&id).join("worker.log"))
+                .unwrap_or_default();
+            let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+            return Err(Error::Request(format!(
+                "device {id}: no new worker served it within {}s; last log lines: {tail}",
+                timeout.as_secs()
+            )));
+        }
+        done.push((id, t0.elapsed()));
+    }
+    Ok(done)
 }
 
 /// Finds a device by id, device node or mount point.

@@ -5,6 +5,7 @@
 //! | `request.json` | service | what to attach ([`Request`]) |
 //! | `state.json` | worker, once the device is up | [`DeviceRecord`] |
 //! | `worker.log` | worker | its stderr |
+//! | `supervisor.json` | service | `[pid, start time]` of the process that keeps the device's descriptor |
 //! | `work/` | frontend | FUSE mount point and other private files |
 //!
 //! A directory without `state.json`, or whose worker is gone, is a leftover:
@@ -52,6 +53,10 @@ pub struct DeviceRecord {
     pub pid_start: u64,
     /// Whether the worker mounted the filesystem at `request.mountpoint`.
     pub mounted: bool,
+    /// The worker's descriptor that keeps the device's kernel side alive
+    /// ([`tcmu_target::Attachment::kept_fd`]); its supervisor keeps a copy.
+    #[serde(default)]
+    pub kept_fd: Option<i32>,
 }
 
 /// The paths of one service root.
@@ -141,6 +146,22 @@ impl Root {
     /// Writes a device's record atomically.
     pub fn save_record(&self, rec: &DeviceRecord) -> Result<()> {
         write_json(&self.device_dir(&rec.id).join("state.json"), rec)
+    }
+    /// Records this process as the supervisor of device `id` (pid and start
+    /// time in `supervisor`), for [`crate::service::upgrade`].
+    pub fn save_supervisor(&self, id: &str) -> Result<()> {
+        let me = std::process::id();
+        write_json(
+            &self.device_dir(id).join("supervisor.json"),
+            &[u64::from(me), pid_start(me).unwrap_or(0)],
+        )
+    }
+    /// Whether the process recorded by [`Root::save_supervisor`] for `id` runs.
+    pub fn supervisor_alive(&self, id: &str) -> bool {
+        match read_json::<[u64; 2]>(&self.device_dir(id).join("supervisor.json")) {
+            Ok([pid, start]) => u32::try_from(pid).is_ok_and(|p| pid_start(p) == Some(start)),
+            Err(_) => false,
+        }
     }
     /// Writes a device's request atomically.
     pub fn save_request(&self, id: &str, req: &Request) -> Result<()> {

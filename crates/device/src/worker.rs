@@ -2,10 +2,15 @@
 //! its frontend, mounts it if asked, reports `ok <device>` or `failed:<reason>`
 //! on stdout (and in the config's `resultFile`), then serves the device until
 //! SIGTERM, SIGINT or SIGHUP, when it unmounts, detaches, flushes and removes
-//! its state.
+//! its state. SIGUSR1 asks it to hand the device over instead: it makes every
+//! completed write durable and exits with [`HANDOVER_EXIT`], leaving the device
+//! up for the successor its supervisor starts (an upgrade).
 //!
 //! Workers run in their own session, so the service can die and restart
-//! (`kill -9` included) while containers keep reading their devices.
+//! (`kill -9` included) while containers keep reading their devices. A worker
+//! started with [`KEPT_FD_ENV`] resumes a device whose previous worker died:
+//! the descriptor the supervisor kept ([`tcmu_target::Attachment::kept_fd`]) is
+//! handed to [`tcmu_target::Frontend::resume`].
 
 use std::io::Write;
 use std::path::Path;
@@ -19,34 +24,63 @@ use crate::open::{open_image, Opened, TracePlan};
 use crate::state::{pid_start, DeviceRecord, Root};
 use crate::{mount, Error, Result};
 
-/// Blocks the stop signals in the calling thread (and so in every thread it
-/// starts afterwards), so only [`wait_for_stop`] sees them. Call first thing.
+/// The exit code of a worker that handed its device over (SIGUSR1): its
+/// supervisor starts the successor at once.
+pub const HANDOVER_EXIT: i32 = 75;
+
+/// The environment variable naming the descriptor a resumed worker inherits:
+/// the supervisor's copy of the dead worker's [`tcmu_target::Attachment::kept_fd`].
+pub const KEPT_FD_ENV: &str = "OBD_DEVICE_KEPT_FD";
+
+/// The signals [`wait_for_stop`] waits for: the stop signals and SIGUSR1
+/// (hand over).
+const WAITED: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
+
+/// Blocks the stop signals (and SIGUSR1) in the calling thread (and so in
+/// every thread it starts afterwards), so only [`wait_for_stop`] sees them.
+/// Call first thing.
 pub fn block_stop_signals() {
     // SAFETY: the sigset is initialised by sigemptyset before use, and
     // pthread_sigmask only reads it; no Rust state depends on the mask.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for s in WAITED {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
-/// Waits for SIGTERM, SIGINT or SIGHUP (blocked by [`block_stop_signals`]).
+/// Waits for SIGTERM, SIGINT, SIGHUP or SIGUSR1 (blocked by
+/// [`block_stop_signals`]).
 pub fn wait_for_stop() -> i32 {
     // SAFETY: as above; sigwait writes the received signal into `sig`.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for s in WAITED {
             libc::sigaddset(&mut set, s);
         }
         let mut sig = 0;
         libc::sigwait(&set, &mut sig);
         sig
     }
+}
+
+/// The descriptor named by [`KEPT_FD_ENV`], taken over once.
+fn inherited_kept_fd() -> Option<std::os::fd::OwnedFd> {
+    let n: i32 = std::env::var(KEPT_FD_ENV).ok()?.parse().ok()?;
+    std::env::remove_var(KEPT_FD_ENV);
+    // The number must name an open descriptor (F_GETFD succeeds).
+    // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
+    if n < 3 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        tracing::warn!("{KEPT_FD_ENV}={n} names no open descriptor; attaching anew");
+        return None;
+    }
+    // SAFETY: the supervisor opened `n` for this process and nothing else in
+    // it owns the descriptor; the variable is removed so it is taken once.
+    Some(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n) })
 }
 
 fn write_result(cfg_dir: Option<&Path>, result_file: &str, text: &str) {
@@ -113,7 +147,7 @@ struct Up {
     _remote: Option<Box<dyn LayerSource>>,
 }
 
-fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
+fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result<(Up, Opened2)> {
     let req = root.request(id)?;
     let cfg =
         overlaybd_core::config::ImageConfig::load(&req.config).map_err(|source| Error::Image {
@@ -151,12 +185,14 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
     std::fs::create_dir_all(&work)
         .map_err(|e| Error::io(format!("creating {}", work.display()), e))?;
     let read_only = tcmu_target::BlockBackend::read_only(&*backend);
-    let attachment = fe
-        .attach(backend.clone(), id, &work)
-        .map_err(|source| Error::Frontend {
-            frontend: req.frontend.clone(),
-            source,
-        })?;
+    let attachment = match kept {
+        Some(fd) => fe.resume(backend.clone(), id, &work, fd),
+        None => fe.attach(backend.clone(), id, &work),
+    }
+    .map_err(|source| Error::Frontend {
+        frontend: req.frontend.clone(),
+        source,
+    })?;
     let device = attachment.device_path().to_owned();
     // A record left by a predecessor that died means this is a takeover (the
     // frontend kept the device alive): its filesystem is made and maybe mounted.
@@ -189,6 +225,7 @@ fn bring_up(root: &Root, id: &str) -> Result<(Up, Opened2)> {
         pid: me,
         pid_start: pid_start(me).unwrap_or(0),
         mounted,
+        kept_fd: attachment.kept_fd(),
     };
     Ok((
         Up {
@@ -343,7 +380,7 @@ pub fn run(root: &Root, id: &str) -> i32 {
     // Own session: the service's death (or its terminal's) does not stop us.
     let _ = rustix::process::setsid();
     let req_cfg = root.request(id).ok().map(|r| r.config);
-    let (up, opened) = match bring_up(root, id) {
+    let (up, opened) = match bring_up(root, id, inherited_kept_fd()) {
         Ok(v) => v,
         Err(e) => {
             let reason = e.to_string().replace('\n', " ");
@@ -376,6 +413,9 @@ pub fn run(root: &Root, id: &str) -> i32 {
         ),
     };
     let sig = wait_for_stop();
+    if sig == libc::SIGUSR1 {
+        hand_over(id, &up);
+    }
     tracing::info!(
         "obd device worker {id}: signal {sig}, detaching {}",
         up.record.device.display()
@@ -409,6 +449,27 @@ pub fn run(root: &Root, id: &str) -> i32 {
         }
     }
     code
+}
+
+/// Leaves the device to a successor: makes every completed write durable,
+/// then exits with [`HANDOVER_EXIT`] without tearing anything down. Requests
+/// read but not answered by then are re-sent to the successor by the kernel.
+fn hand_over(id: &str, up: &Up) -> ! {
+    match tcmu_target::BlockBackend::flush(&*up.backend) {
+        Ok(()) => {
+            tracing::info!(
+                "obd device worker {id}: handing {} over to a successor",
+                up.record.device.display()
+            );
+            std::process::exit(HANDOVER_EXIT)
+        }
+        Err(e) => {
+            // The successor would not see the writes the flush lost: crash
+            // loudly instead (the supervisor restarts us the same way).
+            tracing::error!("obd device worker {id}: flush before the handover failed: {e}");
+            std::process::abort()
+        }
+    }
 }
 
 /// Points stdout at /dev/null, so the service's end of the pipe sees EOF and a

@@ -54,6 +54,22 @@ pub enum DeviceCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move devices to new workers one at a time while containers keep using
+    /// them: run after replacing the obd (or obd-snapshotter) binary, so the
+    /// devices run the new one. Each worker makes its writes durable and hands
+    /// its device over; the supervisor (`obd device serve`, or obd-snapshotter
+    /// on its root) starts the new worker. Prints each device and how long it
+    /// took.
+    Upgrade {
+        /// State directory (the snapshotter's root for its devices).
+        #[arg(long, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Device ids (default: all).
+        devices: Vec<String>,
+        /// Longest wait for one device's new worker, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Serve one device (started by the service; not for direct use).
     #[command(hide = true)]
     Worker {
@@ -130,6 +146,21 @@ pub fn run(cmd: DeviceCmd) -> Result<()> {
                     r.request.config.display(),
                     if d.alive { "" } else { "  (worker gone)" }
                 );
+            }
+            Ok(())
+        }
+        DeviceCmd::Upgrade {
+            root,
+            devices,
+            timeout,
+        } => {
+            let done = obd_device::service::upgrade(
+                &Root::new(root),
+                &devices,
+                std::time::Duration::from_secs(timeout),
+            )?;
+            for (id, took) in done {
+                println!("upgraded {id} in {} ms", took.as_millis());
             }
             Ok(())
         }

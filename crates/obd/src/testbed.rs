@@ -309,6 +309,20 @@ impl Testbed {
         format!("{name}-{tag}")
     }
 
+    /// The status column of `ctr tasks ls` for container `cid` (`RUNNING`,
+    /// `STOPPED`, …; empty if it has no task).
+    #[allow(dead_code)] // used by tests/snapshotter_restart.rs, snapshotter_worker_kill.rs
+    pub fn task_status(&self, cid: &str) -> String {
+        let out = self.ctr().args(["tasks", "ls"]).output();
+        let out = out.map(|o| o.stdout).unwrap_or_default();
+        String::from_utf8_lossy(&out)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(cid))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_string()
+    }
+
     /// `ctr --address <containerd.sock>`, the ctr of the containerd that
     /// runs (see `fixtures::containerd::Install::from_env`).
     pub fn ctr(&self) -> Command {

@@ -106,21 +106,6 @@ fn forget(tb: &Testbed, id: &str) {
     }
 }
 
-fn task_status(tb: &Testbed, id: &str) -> String {
-    let id = &tb.cid(id);
-    let out = tb
-        .ctr()
-        .args(["tasks", "ls"])
-        .output()
-        .expect("ctr tasks ls");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("")
-        .to_string()
-}
-
 #[test]
 fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     let tools = ["containerd", "ctr", "runc", "docker-registry", "losetup"];
@@ -207,7 +192,7 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     let run_d = ["run", "-d", "--snapshotter", "obd"];
     run_ok(tb.ctr().args(run_d).args([&image, &b2, "sleep", "100000"])).expect("ctr run -d b2");
     wait_until("b2 running", Duration::from_secs(30), || {
-        task_status(&tb, "b2") == "RUNNING"
+        tb.task_status(&tb.cid("b2")) == "RUNNING"
     })
     .unwrap();
     let devs = device_dirs(&root);
@@ -219,7 +204,7 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     assert_eq!(workers(&root), before, "the same worker serves it");
     let last = last_reconcile(&dir);
     assert!(last.contains(&devs[0]), "adopted: {last}");
-    assert_eq!(task_status(&tb, "b2"), "RUNNING");
+    assert_eq!(tb.task_status(&tb.cid("b2")), "RUNNING");
     // Known bug (crates/device/src/worker.rs): a worker whose service died
     // during its attach (b1)
     // panics printing its "ok" line (EPIPE) and lingers half alive; it is
@@ -248,7 +233,7 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     assert_eq!(msg, format!("{}\nlayer 7\n", testbed::EXPECTED));
     run_ok(tb.ctr().args(["tasks", "kill", "-s", "KILL", &b2])).unwrap();
     wait_until("b2 stopped", Duration::from_secs(30), || {
-        task_status(&tb, "b2") == "STOPPED"
+        tb.task_status(&tb.cid("b2")) == "STOPPED"
     })
     .unwrap();
     run_ok(tb.ctr().args(["tasks", "rm", &b2])).unwrap();

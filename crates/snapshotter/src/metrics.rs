@@ -9,6 +9,9 @@
 //! | `obd_snapshotter_devices` | gauge | |
 //! | `obd_snapshotter_device_attach_duration_seconds` | histogram | |
 //! | `obd_snapshotter_device_attach_failures_total` | counter | |
+//! | `obd_snapshotter_device_restarts_total` | counter | |
+//! | `obd_snapshotter_device_restart_duration_seconds` | histogram | |
+//! | `obd_snapshotter_device_failures_total` | counter | |
 //! | `obd_snapshotter_fallbacks_total` | counter | `reason` |
 //! | `obd_snapshotter_cache_bytes`, `…_cache_budget_bytes` | gauge | |
 //! | `obd_snapshotter_cache_{hits,misses,fetched_bytes,evicted_bytes}` | gauge | |
@@ -192,6 +195,9 @@ pub struct Metrics {
     devices: Gauge,
     attach_latency: Histogram,
     attach_failures: Counter,
+    restarts: Counter,
+    restart_latency: Histogram,
+    device_failures: Counter,
     fallbacks: Family<ReasonLabels, Counter>,
     cache_series: CacheSeries,
     cache: OnceLock<Arc<BlockCache>>,
@@ -224,6 +230,9 @@ impl Metrics {
         // open, which may fetch the layers' headers from a registry.
         let attach_latency = Histogram::new(exponential_buckets(0.001, 2.0, 18));
         let attach_failures = Counter::default();
+        let restarts = Counter::default();
+        let restart_latency = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        let device_failures = Counter::default();
         let fallbacks = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "grpc_request_duration_seconds",
@@ -252,6 +261,21 @@ impl Metrics {
             attach_failures.clone(),
         );
         registry.register(
+            "device_restarts",
+            "Device workers replaced after a crash or a handover (the device stayed up)",
+            restarts.clone(),
+        );
+        registry.register(
+            "device_restart_duration_seconds",
+            "From a worker's death to its successor serving the device",
+            restart_latency.clone(),
+        );
+        registry.register(
+            "device_failures",
+            "Devices whose worker died and could not be replaced (their I/O fails)",
+            device_failures.clone(),
+        );
+        registry.register(
             "fallbacks",
             "Layers that fell back from lazy pull to a full download, per reason",
             fallbacks.clone(),
@@ -268,6 +292,9 @@ impl Metrics {
             devices,
             attach_latency,
             attach_failures,
+            restarts,
+            restart_latency,
+            device_failures,
             fallbacks,
         }
     }
@@ -309,6 +336,20 @@ impl Metrics {
         self.attach_latency.observe(seconds);
         if !ok {
             self.attach_failures.inc();
+        }
+    }
+
+    /// Records what device supervision did.
+    pub fn device_event(&self, e: &obd_device::service::Event) {
+        use obd_device::service::Event;
+        match e {
+            Event::Restarted { took, .. } => {
+                self.restarts.inc();
+                self.restart_latency.observe(took.as_secs_f64());
+            }
+            Event::Failed { .. } => {
+                self.device_failures.inc();
+            }
         }
     }
 
@@ -440,6 +481,14 @@ mod tests {
         m.set_devices(3);
         m.device_attach(0.5, true);
         m.device_attach(1.5, false);
+        m.device_event(&obd_device::service::Event::Restarted {
+            id: "s1".into(),
+            took: Duration::from_millis(40),
+        });
+        m.device_event(&obd_device::service::Event::Failed {
+            id: "s2".into(),
+            reason: "blobs gone".into(),
+        });
         let t = m.encode();
         let v = |p: &str| sample(&t, p).unwrap_or_else(|| panic!("no `{p}` in\n{t}"));
         assert_eq!(
@@ -484,6 +533,12 @@ mod tests {
             2.0
         );
         assert_eq!(v("obd_snapshotter_device_attach_failures_total "), 1.0);
+        assert_eq!(v("obd_snapshotter_device_restarts_total "), 1.0);
+        assert_eq!(v("obd_snapshotter_device_failures_total "), 1.0);
+        assert_eq!(
+            v("obd_snapshotter_device_restart_duration_seconds_count "),
+            1.0
+        );
         assert_eq!(
             v(r#"obd_snapshotter_fallbacks_total{reason="no_image_ref"}"#),
             2.0

@@ -131,10 +131,12 @@ impl ObdLayers {
         lazy_pull: bool,
     ) -> Self {
         let dev_root = Root::new(root);
+        let devices = Service::new(dev_root.clone(), worker_cmd);
+        devices.on_event(|e| crate::metrics::global().device_event(e));
         ObdLayers {
             inner: Arc::new(ObdInner {
                 root: root.to_path_buf(),
-                devices: Service::new(dev_root.clone(), worker_cmd),
+                devices,
                 dev_root,
                 frontend: frontend.to_string(),
                 rw_mode,
@@ -232,7 +234,7 @@ impl ObdInner {
         let (mut adopted, mut cleaned) = (Vec::new(), Vec::new());
         for id in self.dev_root.ids().unwrap_or_default() {
             match self.dev_root.record(&id) {
-                Ok(Some(rec)) if worker_alive(&rec) => adopted.push(id),
+                Ok(Some(rec)) if self.devices.adopt(&rec) => adopted.push(id),
                 // A TCMU device outlives its worker: left to ensure_device.
                 Ok(Some(rec)) if rec.request.frontend == "tcmu" => {
                     tracing::warn!(device = %id, "TCMU device without a worker; left as is");
@@ -270,6 +272,8 @@ impl ObdInner {
     fn ensure_device_locked(&self, dir: &Path, config: &Path, mount: bool) -> Result<PathBuf> {
         let id = Self::device_id(dir);
         let mp = dir.join("block").join("mountpoint");
+        // A device between a dead worker and its successor is up, not stale.
+        self.devices.settle(&id);
         if let Ok(Some(rec)) = self.dev_root.record(&id) {
             let mounted_ok = !mount || obd_device::mount::is_mounted(&mp);
             if worker_alive(&rec) && mounted_ok && rec.request.config == config {

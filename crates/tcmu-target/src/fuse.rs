@@ -10,7 +10,14 @@
 //!
 //! The mount is made by hand (`mount(2)` with an open `/dev/fuse` fd) so that the
 //! options, the unmount and the connection id stay under this module's control;
-//! fuser then runs the session over that fd ([`fuser::Session::from_fd`]).
+//! fuser then runs the session over that fd ([`fuser::Session::from_fd`]), every
+//! thread reading the one open file (no `FUSE_DEV_IOC_CLONE`): the kernel keeps
+//! the requests a server has read but not answered on that file, so while a
+//! copy of it lives elsewhere ([`Attachment::kept_fd`], kept by the device
+//! supervisor) the connection, the mount and the loop device survive the
+//! server's death. [`Frontend::resume`] serves them again from that copy and
+//! has the kernel re-send the unanswered requests (`FUSE_NOTIFY_RESEND`, Linux
+//! 6.9 and later; older kernels refuse it and the device cannot be resumed).
 //!
 //! Writable devices work but the OverlayBD advice stands: writable FUSE + loop can
 //! deadlock under memory pressure (page reclaim writing back through the FUSE
@@ -20,12 +27,12 @@ use std::cell::RefCell;
 use std::ffi::{CString, OsStr};
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -37,7 +44,7 @@ use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::loopdev::{LoopDevice, LoopOptions};
 use crate::mountinfo::{mounts, MountInfo};
-use crate::{Attachment, BlockBackend, Error, Frontend, Result};
+use crate::{wait_until, Attachment, BlockBackend, Error, Frontend, Result};
 
 /// Name of the one file in the mount.
 pub const DISK_NAME: &str = "disk";
@@ -124,6 +131,16 @@ impl Frontend for FuseFrontend {
     fn cleanup(&self, id: &str, work_dir: &Path) -> Result<()> {
         cleanup(id, work_dir)
     }
+
+    fn resume(
+        &self,
+        backend: Arc<dyn BlockBackend>,
+        id: &str,
+        work_dir: &Path,
+        kept: OwnedFd,
+    ) -> Result<Box<dyn Attachment>> {
+        resume(&self.opts, backend, id, work_dir, kept).map(|a| Box::new(a) as Box<dyn Attachment>)
+    }
 }
 
 /// A live FUSE + loop device.
@@ -133,6 +150,8 @@ pub struct FuseAttachment {
     mountpoint: PathBuf,
     conn: Option<u64>,
     session: Option<BackgroundSession>,
+    /// The session's `/dev/fuse` descriptor (owned by the session).
+    fuse_fd: RawFd,
 }
 
 impl std::fmt::Debug for FuseAttachment {
@@ -210,6 +229,10 @@ impl Attachment for FuseAttachment {
     fn detach(mut self: Box<Self>) -> Result<()> {
         self.teardown()
     }
+
+    fn kept_fd(&self) -> Option<RawFd> {
+        Some(self.fuse_fd)
+    }
 }
 
 impl Drop for FuseAttachment {
@@ -286,10 +309,8 @@ fn attach(
     .map_err(|e| Error::io(format!("mount FUSE at {}", mnt.display()), e.into()))?;
 
     let conn = conn_id(&mnt);
-    let mut config = Config::default();
-    config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
-    let session = fuser::Session::from_fd(fs, OwnedFd::from(dev), SessionACL::All, config)
+    let fuse_fd = dev.as_raw_fd();
+    let session = fuser::Session::from_fd(fs, OwnedFd::from(dev), SessionACL::All, config(opts))
         .and_then(|s| s.spawn());
     let session = match session {
         Ok(s) => s,
@@ -305,6 +326,7 @@ fn attach(
         mountpoint: mnt,
         conn,
         session: Some(session),
+        fuse_fd,
     };
     let disk = att.disk_path();
     let file = OpenOptions::new()
@@ -338,6 +360,149 @@ fn attach(
     att.device = lo.path().to_path_buf();
     att.loopdev = Some(lo);
     Ok(att)
+}
+
+/// The session's settings: every thread reads the one `/dev/fuse` file, whose
+/// copy a supervisor keeps (a cloned descriptor would take the requests its
+/// thread had read down with the process).
+fn config(opts: &FuseOptions) -> Config {
+    let mut config = Config::default();
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = false;
+    config
+}
+
+/// `FUSE_INIT` (opcode 26), the first request of a connection.
+const FUSE_INIT: u32 = 26;
+/// `FUSE_NOTIFY_RESEND` (`enum fuse_notify_code`, Linux 6.9, protocol 7.40):
+/// the kernel queues again every request a server read and did not answer.
+const FUSE_NOTIFY_RESEND: i32 = 7;
+/// `FUSE_ASYNC_DIO` init flag, as [`DiskFs::init`] asks for it.
+const FUSE_ASYNC_DIO: u32 = 1 << 15;
+
+/// Serves the FUSE device of `id` again, over `kept`, a copy of the open
+/// `/dev/fuse` file of its dead server: the mount, the file and the loop
+/// device are the ones it left.
+fn resume(
+    opts: &FuseOptions,
+    backend: Arc<dyn BlockBackend>,
+    id: &str,
+    work_dir: &Path,
+    kept: OwnedFd,
+) -> Result<FuseAttachment> {
+    let work = work_dir
+        .canonicalize()
+        .map_err(|e| Error::io(format!("work dir {}", work_dir.display()), e))?;
+    let mnt = work.join(MOUNT_DIR);
+    let conn = mounts()
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == mnt && m.fs_type.starts_with("fuse"))
+        .map(|m| m.dev())
+        .ok_or_else(|| {
+            Error::Protocol(format!(
+                "resuming {id}: nothing is mounted at {} any more",
+                mnt.display()
+            ))
+        })?;
+    let disk = mnt.join(DISK_NAME);
+    // A handle detaches its device when dropped: opened once nothing can fail.
+    let lo_path = match LoopDevice::find_by_backing(&disk).into_iter().next() {
+        Some(p) => p,
+        None => {
+            return Err(Error::Protocol(format!(
+                "resuming {id}: no loop device reads {} any more",
+                disk.display()
+            )))
+        }
+    };
+    // fuser serves only after the INIT handshake, which the kernel sent to the
+    // first server: hand it one over a socket, then put the real file under
+    // the descriptor number fuser reads.
+    let (ours, theirs) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::io("socketpair for the FUSE handshake", e.into()))?;
+    rustix::io::write(&ours, &init_request(opts.max_io))
+        .map_err(|e| Error::io("FUSE handshake", e.into()))?;
+    let fuse_fd = theirs.as_raw_fd();
+    let session = fuser::Session::from_fd(
+        DiskFs::new(backend, opts),
+        theirs,
+        SessionACL::All,
+        config(opts),
+    )
+    .map_err(|e| Error::io(format!("FUSE session of {id}"), e))?;
+    drop(ours);
+    // SAFETY: `kept` and `fuse_fd` are open descriptors of this process (the
+    // session owns `fuse_fd` and is not running yet); dup3 atomically makes
+    // `fuse_fd` refer to `kept`'s open file, so the session's reads and
+    // replies go to the FUSE connection from now on.
+    if unsafe { libc::dup3(kept.as_raw_fd(), fuse_fd, libc::O_CLOEXEC) } < 0 {
+        return Err(Error::io(
+            "dup3 of the kept /dev/fuse descriptor",
+            io::Error::last_os_error(),
+        ));
+    }
+    drop(kept);
+    resend(fuse_fd)?;
+    let lo = LoopDevice::open_bound(&lo_path)?;
+    let session = session
+        .spawn()
+        .map_err(|e| Error::io(format!("FUSE session of {id}"), e))?;
+    tracing::info!(
+        "FUSE device {id}: resumed {} over {} (connection {conn})",
+        lo.path().display(),
+        disk.display()
+    );
+    Ok(FuseAttachment {
+        device: lo.path().to_path_buf(),
+        loopdev: Some(lo),
+        mountpoint: mnt,
+        conn: Some(conn),
+        session: Some(session),
+        fuse_fd,
+    })
+}
+
+/// A `FUSE_INIT` request as the kernel sends it (protocol 7.31), for the
+/// handshake of a resumed session.
+fn init_request(max_readahead: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(104);
+    m.extend_from_slice(&104u32.to_ne_bytes()); // fuse_in_header.len
+    m.extend_from_slice(&FUSE_INIT.to_ne_bytes()); // opcode
+    m.extend_from_slice(&1u64.to_ne_bytes()); // unique
+    m.extend_from_slice(&0u64.to_ne_bytes()); // nodeid
+    m.extend_from_slice(&[0; 16]); // uid, gid, pid, total_extlen + padding
+    m.extend_from_slice(&7u32.to_ne_bytes()); // fuse_init_in.major
+    m.extend_from_slice(&31u32.to_ne_bytes()); // minor
+    m.extend_from_slice(&max_readahead.to_ne_bytes());
+    m.extend_from_slice(&FUSE_ASYNC_DIO.to_ne_bytes()); // flags
+    m.extend_from_slice(&[0; 48]); // flags2, unused[11]
+    m
+}
+
+/// Asks the kernel to queue again the requests of the connection at `fd` that
+/// a server read and did not answer.
+fn resend(fd: RawFd) -> Result<()> {
+    let mut m = Vec::with_capacity(16);
+    m.extend_from_slice(&16u32.to_ne_bytes()); // fuse_out_header.len
+    m.extend_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes()); // error = notify code
+    m.extend_from_slice(&0u64.to_ne_bytes()); // unique 0: a notification
+                                              // SAFETY: `fd` is open for the duration of the call (the caller owns it).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    match rustix::io::write(fd, &m) {
+        Ok(_) => Ok(()),
+        Err(rustix::io::Errno::INVAL) => Err(Error::Unsupported(
+            "the kernel cannot re-send the requests a dead FUSE server had read \
+             (FUSE_NOTIFY_RESEND needs Linux 6.9 or later)"
+                .into(),
+        )),
+        Err(e) => Err(Error::io("FUSE_NOTIFY_RESEND", e.into())),
+    }
 }
 
 /// Unmounts the FUSE mount and waits for the session threads; aborts the connection
@@ -480,23 +645,6 @@ fn conn_id(mnt: &Path) -> Option<u64> {
         .rev()
         .find(|m| m.mount_point == mnt)
         .map(|m| m.dev())
-}
-
-/// Polls `cond` with a growing pause (1 ms up to 50 ms) until it holds or `timeout`
-/// passes; returns whether it held.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
 }
 
 /// The one-file filesystem.

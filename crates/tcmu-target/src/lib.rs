@@ -12,6 +12,7 @@
 //! registries, so data flows frontend → image → layer files → sources.
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use zfile::sync::RwLockExt;
 
@@ -65,6 +66,26 @@ pub trait Frontend: Send + Sync {
     /// (its process died): loop devices, mounts, FUSE connections, configfs
     /// directories. Idempotent; succeeds when there is nothing to remove.
     fn cleanup(&self, id: &str, work_dir: &std::path::Path) -> Result<()>;
+
+    /// Serves again a device whose previous server died while `kept` (a copy of
+    /// the dead attachment's [`Attachment::kept_fd`]) kept its kernel side
+    /// alive: same device node, same mounts. Requests the dead server had taken
+    /// but not answered are served again. Frontends whose kernel side needs no
+    /// descriptor to survive (TCMU takes its ring over in `attach`) answer
+    /// [`Error::Unsupported`].
+    fn resume(
+        &self,
+        backend: std::sync::Arc<dyn BlockBackend>,
+        id: &str,
+        work_dir: &std::path::Path,
+        kept: std::os::fd::OwnedFd,
+    ) -> Result<Box<dyn Attachment>> {
+        let _ = (backend, id, work_dir, kept);
+        Err(Error::Unsupported(format!(
+            "the {} frontend resumes devices in attach",
+            self.name()
+        )))
+    }
 }
 
 /// A live device made by [`Frontend::attach`].
@@ -74,6 +95,31 @@ pub trait Attachment: Send {
 
     /// Tears the device down (the caller has unmounted it) and stops serving it.
     fn detach(self: Box<Self>) -> Result<()>;
+
+    /// A descriptor of this process whose open file keeps the kernel side of
+    /// the device (connection, pending requests) alive while any process holds
+    /// it. A supervisor keeps a copy (`pidfd_getfd`), so the device survives
+    /// this process's death and [`Frontend::resume`] can serve it again.
+    fn kept_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+/// Polls `cond` with a growing pause (1 ms up to 50 ms) until it holds or `timeout`
+/// passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
 }
 
 /// An in-memory backend, for tests and examples.

@@ -317,6 +317,28 @@ impl LoopDevice {
         }
     }
 
+    /// A handle on the bound loop device at `path` (`/dev/loopN`), e.g. one a
+    /// dead process attached; [`LoopDevice::detach`] unbinds it.
+    pub fn open_bound(path: &Path) -> Result<LoopDevice> {
+        let number = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("loop"))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                Error::io(
+                    format!("{} is not a loop device node", path.display()),
+                    io::Error::from_raw_os_error(libc::EINVAL),
+                )
+            })?;
+        let file = open_loop(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        Ok(LoopDevice {
+            number,
+            path: path.to_path_buf(),
+            file: Some(file),
+        })
+    }
+
     /// Unbinds the loop device at `path` (an idle device is not an error).
     pub fn detach_path(path: &Path) -> Result<()> {
         let f = match open_loop(path) {

@@ -131,7 +131,13 @@ impl Service {
     /// Starts the service on `root`; returns once it says it listens (no
     /// polling, no sleeps). Its log goes to stderr, prefixed.
     pub fn start(root: &Path, frontend: &str) -> Service {
-        let mut child = Command::new(OBD)
+        Service::start_program(Path::new(OBD), root, frontend)
+    }
+
+    /// [`Service::start`] with another copy of the obd binary (its workers
+    /// run the file at that path when they start).
+    pub fn start_program(program: &Path, root: &Path, frontend: &str) -> Service {
+        let mut child = Command::new(program)
             .args(["device", "serve", "--root"])
             .arg(root)
             .stderr(Stdio::piped())
