@@ -401,13 +401,9 @@ impl api::snapshots_server::Snapshots for Service {
     }
 }
 
-/// Serves `svc` on a unix socket until `shutdown` resolves. A stale socket
-/// file is replaced; the socket is removed on return.
-pub async fn serve_unix(
-    svc: Service,
-    path: &std::path::Path,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), Error> {
+/// Binds the unix socket `path` (its directory created, a stale socket
+/// file replaced). Needs a tokio runtime.
+pub fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("mkdir", dir, e))?;
     }
@@ -416,7 +412,17 @@ pub async fn serve_unix(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("remove stale socket", path, e)),
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| Error::io("bind", path, e))?;
+    tokio::net::UnixListener::bind(path).map_err(|e| Error::io("bind", path, e))
+}
+
+/// Serves `svc` on a unix socket until `shutdown` resolves (see
+/// [`bind_unix`]); the socket is removed on return.
+pub async fn serve_unix(
+    svc: Service,
+    path: &std::path::Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let listener = bind_unix(path)?;
     tracing::info!(address = %path.display(), "serving containerd snapshots v1");
     let res = tonic::transport::Server::builder()
         .add_service(svc.into_server())
