@@ -20,6 +20,9 @@ shift 2
 
 p=/var/cache/obd-setup/apt-$suite
 mkdir -p "$p/lists/partial" "$p/archives/partial" "$p/sources.list.d" "$prefix"
+# Several scripts (and CI jobs) may fetch into the same lists or prefix at once: one at a time per suite.
+exec 9>"$p/.lock"
+flock 9
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
 {
   if [ -n "${OBD_DEBIAN_URI:-}" ]; then

@@ -270,14 +270,13 @@ impl Testbed {
     /// Starts containerd (no CRI) with the snapshotter as proxy plugin `obd`.
     pub fn start_containerd(&mut self) -> Result<()> {
         let conf = self.containerd_config();
-        std::fs::write(
-            &conf,
-            fixtures::containerd::config(&self.dir, &self.sn_sock),
-        )
-        .with_context(|| format!("writing {}", conf.display()))?;
+        let install = fixtures::containerd::installed().map_err(anyhow::Error::msg)?;
+        std::fs::write(&conf, install.config(&self.dir, &self.sn_sock))
+            .with_context(|| format!("writing {}", conf.display()))?;
         let clog = std::fs::File::create(self.dir.join("containerd.log"))?;
         self.containerd = Some(
-            Command::new("containerd")
+            install
+                .command()
                 .arg("--config")
                 .arg(&conf)
                 .stdin(Stdio::null())
@@ -313,11 +312,17 @@ impl Testbed {
         format!("{name}-{tag}")
     }
 
-    /// `ctr --address <containerd.sock>`.
+    /// `ctr --address <containerd.sock>`, the ctr of the containerd that
+    /// runs (see `fixtures::containerd::Install::from_env`).
     pub fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("--address").arg(&self.sock);
-        c
+        match fixtures::containerd::installed() {
+            Ok(i) => i.ctr(&self.sock),
+            Err(_) => {
+                let mut c = Command::new("ctr");
+                c.arg("--address").arg(&self.sock);
+                c
+            }
+        }
     }
 
     /// The `obd` binary.
