@@ -1,8 +1,8 @@
 //! snapshotter: the containerd proxy snapshotter of obd.
 //!
 //! - [`service`]: containerd's snapshots v1 gRPC service (generated at build
-//!   time from containerd's own protos in `vendor/proto/`) on a unix socket; the
-//!   namespace comes from the `containerd-namespace` gRPC metadata.
+//!   time from containerd's own protos in `vendor/proto/`) on a unix socket;
+//!   one key space (containerd's keys carry their namespace).
 //! - [`snapshotter`]: plain OCI layers behave like containerd's overlayfs
 //!   snapshotter (`<root>/snapshots/<id>/{fs,work}`, overlay/bind mounts).
 //! - [`meta`]: crash-safe metadata in redb, one write transaction per change.

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 /// gRPC metadata key carrying the containerd namespace.
 pub const NAMESPACE_HEADER: &str = "containerd-namespace";
 
-/// Namespace of requests without `containerd-namespace` metadata.
+/// The key space of every request (see [`namespace`]).
 pub const NO_NAMESPACE: &str = "";
 
 /// Infos per `ListSnapshotsResponse` message.
@@ -38,10 +38,14 @@ impl Service {
     }
 }
 
-/// The namespace of a request: the `containerd-namespace` gRPC metadata.
-/// containerd 1.6's proxy plugin does not send it (its keys are already
-/// namespaced, e.g. `default/12/extract-…`), so requests without it share
-/// the namespace [`NO_NAMESPACE`].
+/// The namespace of a request, for logs only: the `containerd-namespace`
+/// gRPC metadata. containerd sends it when the calling context set it:
+/// never on 1.6; on 1.7 for CRI's calls but not for an unpack that `ctr
+/// image import` started, so one snapshot may be committed without it and
+/// used as a parent with it. The keys are namespaced already (containerd's
+/// metadata store names them `<namespace>/<id>/<name>`), so every request
+/// uses the one key space [`NO_NAMESPACE`], as containerd's own snapshotters
+/// do.
 fn namespace<T>(req: &Request<T>) -> Result<String, Status> {
     Ok(req
         .metadata()
@@ -184,8 +188,13 @@ impl Service {
         let r = req.into_inner();
         let key = key(&r);
         let sn = self.sn.clone();
-        let n = ns.clone();
-        rpc(method, &ns, &key, blocking(method, move || f(&sn, &n, r))).await
+        rpc(
+            method,
+            &ns,
+            &key,
+            blocking(method, move || f(&sn, NO_NAMESPACE, r)),
+        )
+        .await
     }
 
     /// Prepare and View: a new active snapshot or view.
