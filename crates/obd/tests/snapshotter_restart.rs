@@ -20,7 +20,7 @@ use tcmu_target::mountinfo::mount_points_below;
 use testbed::{build_sample, run_ok, wait_until, Options, Testbed};
 
 mod common;
-use common::testbed_bins;
+use common::{device_dirs, testbed_bins, workers};
 
 /// Polls `cond` every millisecond (tight: the windows are short).
 fn poll(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -40,25 +40,6 @@ fn obd_snapshots(root: &Path) -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-/// Device ids under `<root>/devices/` (directories).
-fn device_dirs(root: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(root.join("devices"))
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Pids of device workers serving devices under `root`.
-fn workers(root: &Path) -> Vec<u32> {
-    fixtures::procs::device_workers(root)
 }
 
 /// `losetup -a` lines whose backing file is under `dir`.

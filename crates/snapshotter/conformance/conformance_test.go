@@ -1,7 +1,9 @@
 // Package conformance runs containerd's snapshotter conformance suite
-// (github.com/containerd/containerd/snapshots/testsuite) against obd-snapshotter
-// through containerd's own proxy snapshotter client, exactly as containerd
-// talks to a proxy plugin.
+// (github.com/containerd/containerd/snapshots/testsuite; in 2.x
+// github.com/containerd/containerd/v2/core/snapshots/testsuite) against
+// obd-snapshotter through containerd's own proxy snapshotter client, exactly as
+// containerd talks to a proxy plugin. The imports of the version's packages
+// live in containerd1.go and containerd2.go (build tag containerd2).
 //
 // Every test of the suite gets a fresh snapshotter root, so the harness starts
 // one obd-snapshotter process per test (binary from $OBD_SNAPSHOTTER_BIN) with
@@ -10,6 +12,8 @@
 // Build (GOPATH mode, offline, Debian's containerd sources):
 //
 //	GO111MODULE=off GOPATH=<private>:/usr/share/gocode GOPROXY=off go test -c -o conformance.test .
+//
+// and for containerd 2.x sources add -tags containerd2.
 //
 // Run as root: OBD_SNAPSHOTTER_BIN=.../obd-snapshotter ./conformance.test -test.v
 package conformance
@@ -26,14 +30,11 @@ import (
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
-	"github.com/containerd/containerd/snapshots"
-	"github.com/containerd/containerd/snapshots/proxy"
-	"github.com/containerd/containerd/snapshots/testsuite"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 )
 
-func startSnapshotter(ctx context.Context, bin, root string) (snapshots.Snapshotter, func() error, error) {
+func startSnapshotter(ctx context.Context, bin, root string) (snapshotter, func() error, error) {
 	sock := filepath.Join(root, "obd.sock")
 	logPath := filepath.Join(filepath.Dir(root), "obd-snapshotter.log")
 	logFile, err := os.Create(logPath)
@@ -99,7 +100,7 @@ func startSnapshotter(ctx context.Context, bin, root string) (snapshots.Snapshot
 		return nil, nil, fmt.Errorf("obd-snapshotter exited early (%v): %s", err, log)
 	}
 
-	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "obd")
+	sn := newProxy(snapshotsapi.NewSnapshotsClient(conn), "obd")
 	cleanup := func() error {
 		conn.Close()
 		return stop()
@@ -115,7 +116,7 @@ func TestObdSnapshotter(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("the snapshotter conformance suite needs root (mounts)")
 	}
-	testsuite.SnapshotterSuite(t, "obd", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+	snapshotterSuite(t, "obd", func(ctx context.Context, root string) (snapshotter, func() error, error) {
 		return startSnapshotter(ctx, bin, root)
 	})
 }

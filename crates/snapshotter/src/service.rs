@@ -42,7 +42,8 @@ impl Service {
 /// gRPC metadata. containerd sends it when the calling context set it:
 /// never on 1.6; on 1.7 for CRI's calls but not for an unpack that `ctr
 /// image import` started, so one snapshot may be committed without it and
-/// used as a parent with it. The keys are namespaced already (containerd's
+/// used as a parent with it; on 2.x for client calls but not for the
+/// garbage collector's. The keys are namespaced already (containerd's
 /// metadata store names them `<namespace>/<id>/<name>`), so every request
 /// uses the one key space [`NO_NAMESPACE`], as containerd's own snapshotters
 /// do.
@@ -188,11 +189,17 @@ impl Service {
         let r = req.into_inner();
         let key = key(&r);
         let sn = self.sn.clone();
+        let k = key.clone();
         rpc(
             method,
             &ns,
             &key,
-            blocking(method, move || f(&sn, NO_NAMESPACE, r)),
+            blocking(method, move || {
+                // One key space; a key that an earlier version kept under a
+                // named namespace is still found.
+                let n = sn.namespace_of(NO_NAMESPACE, &k)?;
+                f(&sn, &n, r)
+            }),
         )
         .await
     }

@@ -200,6 +200,9 @@ impl Snapshotter {
             return Err(Error::InvalidArgument("snapshot key is empty".into()));
         }
         validate_labels(&labels)?;
+        // What the pull path passed (containerd 2.x's transfer service, its
+        // client pull and CRI each pass different labels): docs/KUBERNETES.md.
+        tracing::debug!(ns, key, parent, labels = ?labels.keys().collect::<Vec<_>>(), "prepare labels");
         let action = self.hook.classify(&PrepareInfo {
             namespace: ns,
             key,
@@ -546,11 +549,44 @@ impl Snapshotter {
         }
     }
 
-    /// The snapshots of a namespace that match `filters`.
+    /// The namespace that a request without namespace metadata (`ns` empty)
+    /// addresses when it names `key`: the empty namespace if `key` is there,
+    /// else the one namespace holding `key`. containerd 2.x sends the
+    /// namespace with every call made for a client, but not with its garbage
+    /// collector's (no namespace in its context), whose keys are backend
+    /// names (`<ns>/<id>/<key>`, unique across namespaces): without this its
+    /// Remove of a snapshot made under `default` found nothing, and the
+    /// image's device, mounts and worker stayed. A non-empty `ns` is kept.
+    pub fn namespace_of(&self, ns: &str, key: &str) -> Result<String> {
+        if !ns.is_empty() || key.is_empty() {
+            return Ok(ns.to_string());
+        }
+        self.store.read(|r| {
+            if r.get(ns, key)?.is_some() {
+                return Ok(String::new());
+            }
+            let mut holders = r.all()?.into_iter().filter(|(_, k, _)| k == key);
+            match (holders.next(), holders.next()) {
+                (Some((n, _, _)), None) => Ok(n),
+                // In none (NotFound follows) or, ambiguous, in several.
+                _ => Ok(String::new()),
+            }
+        })
+    }
+
+    /// The snapshots of a namespace that match `filters`; without a
+    /// namespace (`ns` empty), those of every namespace: containerd 2.x's
+    /// garbage collector walks the snapshotter without one and removes what
+    /// its metadata no longer names (see [`Snapshotter::namespace_of`]).
     pub fn list(&self, ns: &str, filters: &[String]) -> Result<Vec<Info>> {
         let filter = Filter::parse_all(filters)?;
         self.store.read(|r| {
-            Ok(r.list(ns)?
+            let snaps = if ns.is_empty() {
+                r.all()?.into_iter().map(|(_, k, rec)| (k, rec)).collect()
+            } else {
+                r.list(ns)?
+            };
+            Ok(snaps
                 .into_iter()
                 .filter(|(k, rec)| {
                     filter.matches(&Fields {
@@ -620,6 +656,45 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// containerd 2.x's garbage collector calls without a namespace; it
+    /// must see and remove snapshots made under one (the 2.1 leak: devices,
+    /// mounts and workers stayed after `ctr image rm`).
+    #[test]
+    fn calls_without_namespace_reach_every_namespace() {
+        let d = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(d.path(), Box::new(PlainLayers)).unwrap();
+        sn.prepare("default", "default/1/a", "", l(&[])).unwrap();
+        sn.commit("default", "default/2/c", "default/1/a", l(&[]))
+            .unwrap();
+        sn.prepare("default", "default/3/b", "default/2/c", l(&[]))
+            .unwrap();
+        sn.prepare("k8s.io", "k8s.io/4/x", "", l(&[])).unwrap();
+        sn.prepare("", "plain", "", l(&[])).unwrap();
+        let mut names: Vec<_> = sn
+            .list("", &[])
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["default/2/c", "default/3/b", "k8s.io/4/x", "plain"]);
+        assert_eq!(sn.list("default", &[]).unwrap().len(), 2);
+        assert_eq!(sn.namespace_of("", "default/3/b").unwrap(), "default");
+        assert_eq!(sn.namespace_of("", "plain").unwrap(), "");
+        assert_eq!(sn.namespace_of("", "missing").unwrap(), "");
+        assert_eq!(sn.namespace_of("k8s.io", "default/3/b").unwrap(), "k8s.io");
+        // The same key in two namespaces: ambiguous, nothing is picked.
+        sn.prepare("other", "default/3/b", "", l(&[])).unwrap();
+        assert_eq!(sn.namespace_of("", "default/3/b").unwrap(), "");
+        sn.remove("other", "default/3/b").unwrap();
+        // GC order: children first, each found without a namespace.
+        for key in ["default/3/b", "default/2/c", "k8s.io/4/x", "plain"] {
+            let ns = sn.namespace_of("", key).unwrap();
+            sn.remove(&ns, key).unwrap();
+        }
+        assert!(sn.list("", &[]).unwrap().is_empty());
     }
 
     #[test]

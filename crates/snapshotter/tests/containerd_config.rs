@@ -1,16 +1,15 @@
 //! The shipped containerd configs (`contrib/containerd/`): both parse and
-//! carry the keys lazy pull depends on; the 1.6/1.7 one is loaded for real by
-//! Debian's containerd 1.6 (private root, state and sockets; the CRI plugin
-//! enabled) next to `obd-snapshotter`, and `ctr plugins ls` must show the obd
-//! proxy snapshotter and CRI as ok. The containerd part needs root and
-//! containerd; otherwise it is skipped with a loud message. There is no
-//! containerd 2.x binary here: its config is only checked statically.
+//! carry the keys lazy pull depends on; the one for the running containerd's
+//! version (1.6 by default, 1.7 or 2.1 with `scripts/containerd-matrix.sh
+//! env`) is loaded for real (private root, state and sockets; CRI enabled)
+//! next to `obd-snapshotter`, and `ctr plugins ls` must show the obd proxy
+//! snapshotter and CRI as ok. The containerd part needs root and containerd;
+//! otherwise it is skipped with a loud message.
 
 use fixtures::containerd::{self, ctr};
 use fixtures::procs::{run, Needs, Procs};
 use snapshotter::config::DEFAULT_ADDRESS;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn contrib(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -76,10 +75,19 @@ fn configs_carry_the_lazy_pull_keys() {
     }));
 }
 
-/// The shipped 1.6/1.7 config, pointed at private paths under `dir`.
-fn private_config(dir: &Path, sn_sock: &Path) -> String {
-    let shipped = contrib("config-1.6-1.7.toml");
+/// The shipped config for containerd `major` (1: `config-1.6-1.7.toml`,
+/// 2: `config-2.x.toml`), pointed at private paths under `dir`.
+fn private_config(dir: &Path, sn_sock: &Path, major: u32) -> String {
+    let shipped = contrib(if major >= 2 {
+        "config-2.x.toml"
+    } else {
+        "config-1.6-1.7.toml"
+    });
     assert!(shipped.contains(DEFAULT_ADDRESS));
+    let shipped = shipped.replace(
+        snapshotter::config::DEFAULT_ROOT,
+        &dir.join("snroot").to_string_lossy(),
+    );
     let mut out = String::new();
     for line in shipped
         .replace(DEFAULT_ADDRESS, &sn_sock.to_string_lossy())
@@ -88,7 +96,7 @@ fn private_config(dir: &Path, sn_sock: &Path) -> String {
         out.push_str(line);
         out.push('\n');
         // Top-level keys must precede the first table.
-        if line.trim() == "version = 2" {
+        if line.trim() == "version = 2" || line.trim() == "version = 3" {
             out.push_str(&format!(
                 "root = \"{d}/root\"\nstate = \"{d}/state\"\n",
                 d = dir.display()
@@ -111,27 +119,39 @@ fn private_config(dir: &Path, sn_sock: &Path) -> String {
     out
 }
 
+/// The shipped config of the running containerd's major version, loaded for
+/// real (1.6 by default; 1.7 or 2.1 through `scripts/containerd-matrix.sh
+/// env`): CRI reads snapshotter obd with snapshot annotations, and obd and
+/// CRI load as ok plugins.
 #[test]
-fn containerd_1_6_loads_the_shipped_config() {
-    if !Needs::root(&["containerd", "ctr"]).met("containerd 1.6 config check") {
+fn containerd_loads_the_shipped_config() {
+    if !Needs::root(&["containerd", "ctr"]).met("containerd config check") {
         return;
     }
+    let install = containerd::installed().expect("containerd");
+    let major = install.version.major;
+    eprintln!("containerd {}", install.version);
     let tmp = fixtures::procs::short_tempdir("obd-cfg-");
     let dir: PathBuf = tmp.path().into();
     let sn_sock = containerd::snapshotter_socket(&dir);
     let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, private_config(&dir, &sn_sock)).unwrap();
+    std::fs::write(&cfg, private_config(&dir, &sn_sock, major)).unwrap();
 
     // containerd reads the CRI section as the shipped file says.
-    let dump = run(Command::new("containerd")
+    let dump = run(install
+        .command()
         .arg("--config")
         .arg(&cfg)
         .args(["config", "dump"]));
     let dumped: toml::Value = toml::from_str(&dump).unwrap();
-    let cri = get(
-        &dumped,
-        &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
-    );
+    let cri = if major >= 2 {
+        get(&dumped, &["plugins", "io.containerd.cri.v1.images"])
+    } else {
+        get(
+            &dumped,
+            &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
+        )
+    };
     assert_eq!(get(cri, &["snapshotter"]).as_str(), Some("obd"), "{dump}");
     assert_eq!(
         get(cri, &["disable_snapshot_annotations"]).as_bool(),
@@ -162,6 +182,20 @@ fn containerd_1_6_loads_the_shipped_config() {
         "the CRI plugin did not load:\n{plugins}\n{}",
         log()
     );
+    if major >= 2 {
+        for id in ["images", "runtime"] {
+            assert!(
+                ok("io.containerd.cri.v1", id),
+                "io.containerd.cri.v1.{id} did not load:\n{plugins}\n{}",
+                log()
+            );
+        }
+        assert!(
+            ok("io.containerd.transfer.v1", "local"),
+            "the transfer service did not load (unpack_config):\n{plugins}\n{}",
+            log()
+        );
+    }
     // containerd reaches the snapshotter through the proxy.
     let snaps = run(ctr().args(["snapshots", "--snapshotter", "obd", "ls"]));
     assert!(snaps.starts_with("KEY"), "{snaps}");

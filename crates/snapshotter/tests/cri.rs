@@ -34,6 +34,7 @@ use fixtures::containerd::{self, Cri};
 use fixtures::procs::{run, Needs};
 use fixtures::registry::Registry;
 use snapshotter::proto::runtime::v1 as cri_api;
+use tcmu_target::mountinfo::mount_points_below;
 
 mod common;
 use common::cri::{container_config, log_file, pod_config, read_log, Kubelet};
@@ -375,14 +376,14 @@ fn cri_pull_run_lazy_with_pod_credentials() {
     let released = fixtures::procs::poll(Duration::from_secs(60), || {
         devices.ids().is_ok_and(|v| v.is_empty())
             && fixtures::procs::device_workers(&snroot).is_empty()
-            && fixtures::procs::mounts_below(&snroot).is_empty()
+            && mount_points_below(&snroot).is_empty()
     });
     assert!(
         released,
         "devices left after RemoveImage: ids {:?}, workers {:?}, mounts {:?}\n{}",
         devices.ids(),
         fixtures::procs::device_workers(&snroot),
-        fixtures::procs::mounts_below(&snroot),
+        mount_points_below(&snroot),
         containerd::logs(&dir)
     );
 

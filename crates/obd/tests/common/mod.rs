@@ -250,3 +250,22 @@ impl Drop for Service {
 pub fn kill9(pid: u64) {
     run(Command::new("kill").args(["-9", &pid.to_string()]));
 }
+
+/// Device ids under `<root>/devices/` (directories).
+pub fn device_dirs(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root.join("devices"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Pids of device workers serving devices under `root`.
+pub fn workers(root: &Path) -> Vec<u32> {
+    fixtures::procs::device_workers(root)
+}
