@@ -154,26 +154,10 @@ impl Keychain {
             .map(|(k, a)| format!("    {}: {{\"auth\": {}}}", q(k), q(a)))
             .collect();
         let text = format!("{{\"auths\": {{\n{}\n}}}}\n", body.join(",\n"));
-        write_private(&self.path, text.as_bytes()).map_err(|e| ferr(e.to_string()))?;
+        overlaybd_core::regular::write_atomic_private(&self.path, text.as_bytes())
+            .map_err(|e| ferr(e.to_string()))?;
         Ok(key)
     }
-}
-
-/// Writes `data` to `path` through a temporary file of mode 0600 and a
-/// rename, so readers see the old or the new file, never a part.
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// CRI `ImageService` forwarding to containerd, recording pull credentials.
