@@ -102,7 +102,7 @@ case $cmd in
     cd "$here/.."
     locked=(--locked)
     [ -f Cargo.lock ] || locked=()
-    tests=(--test containerd --test containerd_config --test full_disk --test pull)
+    tests=(--test containerd --test containerd_config --test full_disk --test pull --test cri)
     [ -z "$conformance" ] || tests+=(--test conformance)
     echo "containerd-matrix: containerd $ver (${OBD_CONTAINERD_PREFIX:-system})" >&2
     cargo test "${locked[@]}" -p snapshotter "${tests[@]}"

@@ -4,6 +4,10 @@
 //!
 //! - snapshots v1: server (the proxy snapshotter) and client.
 //! - content, images, leases, diff v1: clients (`obd pull`).
+//! - CRI runtime v1 (`vendor/proto/k8s.io/cri-api`, from Debian's
+//!   golang-k8s-cri-api-dev 0.36.4): server and client, for the CRI
+//!   image-service proxy that hands pull credentials to lazy reads, and
+//!   the CRI test client.
 //!
 //! Two passes, because tonic-build's server/client switches are per pass.
 //! Both write `containerd.types.rs`; the second pass (whose protos import
@@ -34,6 +38,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(clients, ["vendor/proto"])?;
     tonic_prost_build::configure()
         .build_server(false)
+        .build_client(true)
+        .compile_fds(fds)?;
+
+    let cri = "vendor/proto/k8s.io/cri-api/pkg/apis/runtime/v1/api.proto";
+    let fds = protox::compile([cri], ["vendor/proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
     Ok(())

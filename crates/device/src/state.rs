@@ -83,10 +83,18 @@ impl Root {
         self.dir.join("service.toml")
     }
 
+    /// The credentials CRI pulls carried, as obd-snapshotter's CRI image
+    /// proxy records them (`auths` keyed `host/repo`, mode 0600).
+    pub fn cri_credentials(&self) -> PathBuf {
+        self.dir.join("cri-credentials.json")
+    }
+
     /// The service config this root's device workers use: the file
     /// [`Root::service_config`] if it exists, else the defaults (with the
     /// download directory under the root). The host-wide block cache is the
-    /// root's `cache/` unless the config names a `[cache] dir`. The one place
+    /// root's `cache/` unless the config names a `[cache] dir`; credentials
+    /// are looked up in [`Root::cri_credentials`] first unless the config
+    /// names a `cri_credential_file`. The one place
     /// that decides it (workers, the snapshotter's cache collection, `obd
     /// cache`, `obd doctor` and `obd pull`'s check read it).
     #[cfg(feature = "registry")]
@@ -101,6 +109,9 @@ impl Root {
             c
         };
         c.cache.dir = c.cache.dir_or(&self.dir.join("cache"));
+        c.registry
+            .cri_credential_file
+            .get_or_insert_with(|| self.cri_credentials());
         Ok(c)
     }
     /// All device directories.

@@ -280,25 +280,9 @@ impl ImageConfig {
 
     /// Writes the config atomically (temp file + rename), mode 0600.
     pub fn save_atomic(&self, path: impl AsRef<Path>) -> Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = path.as_ref();
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let res = (|| -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(self.to_json().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        res.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::Io(e).in_file(path)
-        })
+        crate::regular::write_atomic_private(path, self.to_json().as_bytes())
+            .map_err(|e| Error::Io(e).in_file(path))
     }
 }
 

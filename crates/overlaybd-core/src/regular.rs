@@ -101,6 +101,29 @@ fn check(ft: FileType) -> Result<()> {
     Err(Error::NotRegularFile { kind })
 }
 
+/// Replaces `path` with `data` atomically (a temporary file of mode 0600
+/// beside it, synced, then renamed over it): readers see the old or the new
+/// file, never a part. The temporary file is removed on failure.
+pub fn write_atomic_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -375,10 +375,14 @@ pub fn default_docker_config() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
 }
 
-/// File-backed credentials: the explicit credential file (`auths` only) first,
-/// then the docker config (helpers, store, `auths`). Re-read at every lookup.
+/// File-backed credentials: the pull credentials recorded from CRI, then the
+/// explicit credential file (both `auths` only), then the docker config
+/// (helpers, store, `auths`). Re-read at every lookup.
 #[derive(Debug, Clone, Default)]
 pub struct FileCredentials {
+    /// Credentials that CRI pulls carried (`auths` keyed `host/repo`, as
+    /// obd-snapshotter's CRI image proxy records them).
+    pub cri_credential_file: Option<PathBuf>,
     /// Upstream-style `cred.json` (`auths` only, no helpers).
     pub credential_file: Option<PathBuf>,
     /// A docker `config.json`.
@@ -387,6 +391,11 @@ pub struct FileCredentials {
 
 impl CredentialSource for FileCredentials {
     fn lookup(&self, host: &str, repo: &str) -> Result<Option<Credential>> {
+        if let Some(p) = &self.cri_credential_file {
+            if let Some(c) = DockerConfig::load(p)?.auths_lookup(host, repo)? {
+                return Ok(Some(c));
+            }
+        }
         if let Some(p) = &self.credential_file {
             if let Some(c) = DockerConfig::load(p)?.auths_lookup(host, repo)? {
                 return Ok(Some(c));

@@ -125,7 +125,11 @@ pub struct RegistryOptions {
     pub retry: RetryOptions,
     /// `User-Agent`. Default `obd/<version>`.
     pub user_agent: String,
-    /// Upstream-style credential file (`{"auths": {...}}`), read first.
+    /// Credentials recorded from CRI pulls (`{"auths": {"host/repo": ...}}`,
+    /// written by obd-snapshotter's CRI image proxy), read first. A device
+    /// root sets it to `<root>/cri-credentials.json`.
+    pub cri_credential_file: Option<PathBuf>,
+    /// Upstream-style credential file (`{"auths": {...}}`), read next.
     pub credential_file: Option<PathBuf>,
     /// Read the docker `config.json` (helpers, store, `auths`). Default true.
     pub use_docker_config: bool,
@@ -145,6 +149,7 @@ impl Default for RegistryOptions {
             timeouts: Timeouts::default(),
             retry: RetryOptions::default(),
             user_agent: format!("obd/{}", env!("CARGO_PKG_VERSION")),
+            cri_credential_file: None,
             credential_file: None,
             use_docker_config: true,
             docker_config: None,
@@ -560,10 +565,12 @@ fn load_ca(host: &str, ca: &std::path::Path) -> Result<Vec<Certificate>> {
     Ok(certs)
 }
 
-/// Where clients over `opts` look credentials up: `credential_file`, then
-/// the docker config (with its helpers) unless `use_docker_config` is off.
+/// Where clients over `opts` look credentials up: `cri_credential_file`,
+/// `credential_file`, then the docker config (with its helpers) unless
+/// `use_docker_config` is off.
 pub fn credential_source(opts: &RegistryOptions) -> FileCredentials {
     FileCredentials {
+        cri_credential_file: opts.cri_credential_file.clone(),
         credential_file: opts.credential_file.clone(),
         docker_config: if opts.use_docker_config {
             opts.docker_config

@@ -105,6 +105,7 @@ fn parsing_and_key_matching(dir: &Path) {
     )
     .unwrap();
     let fc = FileCredentials {
+        cri_credential_file: None,
         credential_file: Some(cred),
         docker_config: Some(docker),
     };
@@ -116,6 +117,7 @@ fn parsing_and_key_matching(dir: &Path) {
     assert_eq!(user(&fc, "nowhere", "a").as_deref(), None);
     // Missing files are empty.
     let none = FileCredentials {
+        cri_credential_file: Some(dir.join("missing0.json")),
         credential_file: Some(dir.join("missing.json")),
         docker_config: Some(dir.join("missing2.json")),
     };

@@ -21,6 +21,11 @@
 //! # metrics_address = "127.0.0.1:9863"
 //! # text | json (one JSON object per line).
 //! log_format = "text"
+//! # Serve CRI's ImageService here (kubelet --image-service-endpoint), so
+//! # pull secrets reach lazy reads; unset: no proxy.
+//! # cri_image_address = "/run/obd-snapshotter/cri-image.sock"
+//! # containerd's CRI socket, where the proxy forwards.
+//! cri_runtime_address = "/run/containerd/containerd.sock"
 //! ```
 //! Every key is optional; the values above are the defaults. The
 //! upstream spellings `rwMode` and `verbose` are accepted too.
@@ -79,7 +84,14 @@ pub struct Config {
     /// Seconds a device attached at pull waits for its first container
     /// before a sweep may release it.
     pub prefetch_hold_secs: u64,
+    /// Socket of the CRI image-service proxy ([`crate::cri`]); none if unset.
+    pub cri_image_address: Option<PathBuf>,
+    /// containerd's CRI socket, where the proxy forwards.
+    pub cri_runtime_address: PathBuf,
 }
+
+/// Default `cri_runtime_address`.
+pub const DEFAULT_CRI_RUNTIME_ADDRESS: &str = "/run/containerd/containerd.sock";
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -106,6 +118,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             prefetch_at_pull: true,
             prefetch_hold_secs: 600,
+            cri_image_address: None,
+            cri_runtime_address: DEFAULT_CRI_RUNTIME_ADDRESS.into(),
         }
     }
 }
@@ -166,6 +180,10 @@ mod tests {
         assert_eq!(
             (c.prefetch_at_pull, c.prefetch_hold_secs),
             (d.prefetch_at_pull, d.prefetch_hold_secs)
+        );
+        assert_eq!(
+            (c.cri_image_address, c.cri_runtime_address),
+            (d.cri_image_address, d.cri_runtime_address)
         );
         assert_eq!(
             (

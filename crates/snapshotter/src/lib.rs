@@ -1,8 +1,8 @@
 //! snapshotter: the containerd proxy snapshotter of obd.
 //!
 //! - [`service`]: containerd's snapshots v1 gRPC service (generated at build
-//!   time from containerd's own protos in `vendor/proto/`) on a unix socket; the
-//!   namespace comes from the `containerd-namespace` gRPC metadata.
+//!   time from containerd's own protos in `vendor/proto/`) on a unix socket;
+//!   one key space (containerd's keys carry their namespace).
 //! - [`snapshotter`]: plain OCI layers behave like containerd's overlayfs
 //!   snapshotter (`<root>/snapshots/<id>/{fs,work}`, overlay/bind mounts).
 //! - [`meta`]: crash-safe metadata in redb, one write transaction per change.
@@ -10,8 +10,11 @@
 //!   remote-snapshot (lazy pull) path.
 //! - [`config`]: the TOML configuration of `obd-snapshotter`.
 //! - [`logging`]: the tracing subscriber of obd's binaries.
+//! - [`cri`]: the CRI image-service proxy that hands pull secrets to lazy
+//!   reads.
 
 pub mod config;
+pub mod cri;
 pub mod error;
 pub mod filter;
 pub mod layer;
@@ -30,6 +33,13 @@ pub use snapshotter::Snapshotter;
 /// packages, as the generated code requires).
 #[allow(missing_docs, clippy::all)]
 pub mod proto {
+    /// `runtime.v1`: Kubernetes' CRI (server and client).
+    pub mod runtime {
+        /// `runtime.v1`
+        pub mod v1 {
+            tonic::include_proto!("runtime.v1");
+        }
+    }
     /// `containerd.*`
     pub mod containerd {
         /// `containerd.types`

@@ -180,7 +180,22 @@ fn serve(cfg: Config, sn: Arc<Snapshotter>) -> anyhow::Result<()> {
                 res
             })
         });
+        let cri_task = cfg.cri_image_address.clone().map(|addr| {
+            let proxy = snapshotter::cri::ImageProxy::new(
+                &cfg.cri_runtime_address,
+                snapshotter::cri::Keychain::new(
+                    obd_device::state::Root::new(&cfg.root).cri_credentials(),
+                ),
+            );
+            let rx = stop_rx.clone();
+            tokio::spawn(
+                async move { snapshotter::cri::serve_unix(proxy, &addr, stopped(rx)).await },
+            )
+        });
         serve_unix(Service::new(sn), &cfg.address, stopped(stop_rx)).await?;
+        if let Some(task) = cri_task {
+            task.await.context("CRI image proxy task")??;
+        }
         if let Some(task) = metrics_task {
             task.await.context("metrics endpoint task")??;
         }

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 /// gRPC metadata key carrying the containerd namespace.
 pub const NAMESPACE_HEADER: &str = "containerd-namespace";
 
-/// Namespace of requests without `containerd-namespace` metadata.
+/// The key space of every request (see [`namespace`]).
 pub const NO_NAMESPACE: &str = "";
 
 /// Infos per `ListSnapshotsResponse` message.
@@ -38,10 +38,15 @@ impl Service {
     }
 }
 
-/// The namespace of a request: the `containerd-namespace` gRPC metadata.
-/// containerd 1.6's proxy plugin does not send it (its keys are already
-/// namespaced, e.g. `default/12/extract-…`), so requests without it share
-/// the namespace [`NO_NAMESPACE`].
+/// The namespace of a request, for logs only: the `containerd-namespace`
+/// gRPC metadata. containerd sends it when the calling context set it:
+/// never on 1.6; on 1.7 for CRI's calls but not for an unpack that `ctr
+/// image import` started, so one snapshot may be committed without it and
+/// used as a parent with it; on 2.x for client calls but not for the
+/// garbage collector's. The keys are namespaced already (containerd's
+/// metadata store names them `<namespace>/<id>/<name>`), so every request
+/// uses the one key space [`NO_NAMESPACE`], as containerd's own snapshotters
+/// do.
 fn namespace<T>(req: &Request<T>) -> Result<String, Status> {
     Ok(req
         .metadata()
@@ -184,13 +189,15 @@ impl Service {
         let r = req.into_inner();
         let key = key(&r);
         let sn = self.sn.clone();
-        let (n, k) = (ns.clone(), key.clone());
+        let k = key.clone();
         rpc(
             method,
             &ns,
             &key,
             blocking(method, move || {
-                let n = sn.namespace_of(&n, &k)?;
+                // One key space; a key that an earlier version kept under a
+                // named namespace is still found.
+                let n = sn.namespace_of(NO_NAMESPACE, &k)?;
                 f(&sn, &n, r)
             }),
         )
@@ -410,13 +417,9 @@ impl api::snapshots_server::Snapshots for Service {
     }
 }
 
-/// Serves `svc` on a unix socket until `shutdown` resolves. A stale socket
-/// file is replaced; the socket is removed on return.
-pub async fn serve_unix(
-    svc: Service,
-    path: &std::path::Path,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), Error> {
+/// Binds the unix socket `path` (its directory created, a stale socket
+/// file replaced). Needs a tokio runtime.
+pub fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("mkdir", dir, e))?;
     }
@@ -425,7 +428,17 @@ pub async fn serve_unix(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("remove stale socket", path, e)),
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| Error::io("bind", path, e))?;
+    tokio::net::UnixListener::bind(path).map_err(|e| Error::io("bind", path, e))
+}
+
+/// Serves `svc` on a unix socket until `shutdown` resolves (see
+/// [`bind_unix`]); the socket is removed on return.
+pub async fn serve_unix(
+    svc: Service,
+    path: &std::path::Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let listener = bind_unix(path)?;
     tracing::info!(address = %path.display(), "serving containerd snapshots v1");
     let res = tonic::transport::Server::builder()
         .add_service(svc.into_server())

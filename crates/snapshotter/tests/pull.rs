@@ -16,18 +16,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use fixtures::containerd::{self, ctr};
 use fixtures::procs::{run, Needs};
 use fixtures::registry::Registry;
-use obd_remote::distribution::{Distribution, ImageRef};
-use obd_remote::registry::RegistryOptions;
+use obd_remote::distribution::ImageRef;
 use snapshotter::pull::{pull_blocking, LayerState, PullError, PullOptions, PullReport};
 
 mod common;
-use common::{busybox_layout, Procs};
+use common::{busybox_layout, push_obd, Procs};
 
 const MARK: &str = "obd-pull-test-layer-2";
 
@@ -119,43 +117,6 @@ fn states(r: &PullReport) -> Vec<LayerState> {
     r.layers.iter().map(|l| l.state).collect()
 }
 
-/// Converts the layout `oci` (tag `busybox`) into an obd image pushed to
-/// the registry at `addr` as `obd/busybox:v1`; returns its reference and a
-/// client of that registry.
-fn push_obd(dir: &Path, oci: &Path, addr: &str) -> (String, Arc<Distribution>) {
-    let obd = format!("{addr}/obd/busybox:v1");
-    let mut ro = RegistryOptions {
-        use_docker_config: false,
-        ..Default::default()
-    };
-    ro.hosts.entry(addr.to_string()).or_default().plain_http = true;
-    let client = Arc::new(Distribution::new(ro).unwrap());
-    let dst = converter::registry::RegistryDest::new(
-        client.clone(),
-        ImageRef::parse(&obd).unwrap(),
-        dir,
-        None,
-    )
-    .unwrap();
-    let src = converter::OciLayout {
-        dir: oci.to_path_buf(),
-        tag: Some("busybox".into()),
-    };
-    let conv = converter::convert(
-        &src,
-        &dst,
-        &converter::Options {
-            vsize: 1 << 30,
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    drop(dst);
-    assert_eq!(conv.layers.len(), 2, "two obd layers");
-    (obd, client)
-}
-
 #[test]
 fn obd_pull_remote_and_plain() {
     if !Needs::root(&[
@@ -188,7 +149,8 @@ fn obd_pull_remote_and_plain() {
         format!("docker://{plain}"),
     ]));
     // The obd image, converted from the same layout.
-    let (obd, client) = push_obd(&dir, &oci, &addr);
+    let obd = format!("{addr}/obd/busybox:v1");
+    let client = push_obd(&dir, &oci, &obd, None, 2);
 
     let mut procs = Procs::new(&dir);
     let sock = start_containerd(&dir, &mut procs);
@@ -393,7 +355,8 @@ fn obd_layers_on_a_full_root() {
     };
     let oci = build_busybox_layout(&dir);
     let reg = Registry::start_logged(&dir).unwrap();
-    let (obd, _) = push_obd(&dir, &oci, &reg.addr);
+    let obd = format!("{}/obd/busybox:v1", reg.addr);
+    push_obd(&dir, &oci, &obd, None, 2);
     // Blocks over plain HTTP; the cache under the root, on the small disk.
     std::fs::write(
         dir.join("service.toml"),

@@ -273,22 +273,5 @@ pub fn device_dirs(root: &Path) -> Vec<String> {
 
 /// Pids of device workers serving devices under `root`.
 pub fn workers(root: &Path) -> Vec<u32> {
-    let root = root.to_string_lossy().into_owned();
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.iter().any(|a| a == "device-worker") && args.contains(&root) {
-            v.push(pid);
-        }
-    }
-    v
+    fixtures::procs::device_workers(root)
 }

@@ -5,10 +5,15 @@
 // Each test file uses a part.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+pub mod cri;
+
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 use fixtures::procs::run;
+use obd_remote::distribution::{Distribution, ImageRef};
+use obd_remote::registry::RegistryOptions;
 
 /// A busybox OCI image in `<dir>/oci` (tag `busybox`, one layer), made with
 /// umoci from busybox-static; the unpacked bundle stays in `<dir>/bundle`.
@@ -38,6 +43,44 @@ pub fn busybox_layout(dir: &std::path::Path) -> String {
         .args(["repack", "--image", &img])
         .arg(&bundle));
     img
+}
+
+/// Converts the layout `oci` (tag `busybox`) into an obd image of `layers`
+/// layers pushed as `reference` (to a plain-HTTP registry; with the
+/// `auths` of `credentials`, if given); returns a client of that registry.
+pub fn push_obd(
+    dir: &Path,
+    oci: &Path,
+    reference: &str,
+    credentials: Option<&Path>,
+    layers: usize,
+) -> Arc<Distribution> {
+    let r = ImageRef::parse(reference).unwrap();
+    let mut ro = RegistryOptions {
+        use_docker_config: false,
+        credential_file: credentials.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    ro.hosts.entry(r.host.clone()).or_default().plain_http = true;
+    let client = Arc::new(Distribution::new(ro).unwrap());
+    let dst = converter::registry::RegistryDest::new(client.clone(), r, dir, None).unwrap();
+    let src = converter::OciLayout {
+        dir: oci.to_path_buf(),
+        tag: Some("busybox".into()),
+    };
+    let conv = converter::convert(
+        &src,
+        &dst,
+        &converter::Options {
+            vsize: 1 << 30,
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    drop(dst);
+    assert_eq!(conv.layers.len(), layers, "obd layers");
+    client
 }
 
 /// containerd and the snapshotter (started into `procs`), stopped on drop,
