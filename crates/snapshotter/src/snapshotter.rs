@@ -71,6 +71,10 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// Free bytes an active snapshot's file system needs so that overlayfs can
+/// create its work directories when it mounts (a few directory blocks).
+const MIN_FREE_FOR_MOUNT: u64 = 32 << 10;
+
 fn mkdir_mode(p: &Path, mode: u32) -> Result<()> {
     std::fs::create_dir(p).map_err(|e| Error::io("mkdir", p, e))?;
     // Explicit chmod: the process umask must not change the modes.
@@ -175,7 +179,20 @@ impl Snapshotter {
         let fs = dir.join("fs");
         mkdir_mode(&fs, 0o755)?;
         if kind == Kind::Active {
-            mkdir_mode(&dir.join("work"), 0o711)?;
+            let work = dir.join("work");
+            mkdir_mode(&work, 0o711)?;
+            // overlayfs creates `work/work` at mount time and, when that
+            // fails for want of space, mounts read-only instead of failing:
+            // the container would then see EROFS. Say ENOSPC here instead.
+            if obd_remote::cache::fs_space(&work).is_some_and(|(_, free)| free < MIN_FREE_FOR_MOUNT)
+            {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(Error::io(
+                    "mkdir (overlayfs needs room for its work directory)",
+                    &work,
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                ));
+            }
         }
         if let Some(pid) = parent {
             let pfs = self.snapshot_dir(pid).join("fs");
