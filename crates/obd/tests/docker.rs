@@ -390,12 +390,21 @@ fn docker_runs_obd_images_and_buildkit_builds_on_them() {
     assert_eq!(out, built_output());
 
     // --- docker build FROM an obd image docker has not pulled (the same
-    // layout converted with zstd: other blobs): BuildKit downloads and
-    // unpacks the base layers itself; each is a counted fallback.
-    let base = format!("{reg}/obd-docker/app:zstd");
+    // layout converted with lz4, not the default zstd: other blobs):
+    // BuildKit downloads and unpacks the base layers itself; each is a
+    // counted fallback.
+    let base = format!("{reg}/obd-docker/app:lz4");
     run_ok(
         tb.obd()
-            .args(["convert", "--algorithm", "zstd", "--plain-http", &reg])
+            .args([
+                "convert",
+                "--algorithm",
+                "lz4",
+                "--block-size",
+                "4K",
+                "--plain-http",
+                &reg,
+            ])
             .arg(format!("oci:{}:demo", layout.display()))
             .arg(format!("docker://{base}")),
     )
