@@ -323,6 +323,23 @@ impl Testbed {
             .to_string()
     }
 
+    /// `ctr run --rm` of the sample image ([`build_sample`]) as container
+    /// `id`; panics unless it printed [`EXPECTED`] and [`WRITTEN`].
+    #[allow(dead_code)] // used by tests/snapshotter_restart.rs, cache_lifecycle.rs
+    pub fn run_sample(&self, image: &str, id: &str) {
+        let id = &self.cid(id);
+        let out = run_ok(
+            self.ctr()
+                .args(["run", "--rm", "--snapshotter", "obd", image, id]),
+        )
+        .unwrap_or_else(|e| panic!("ctr run {id}: {e:#}"));
+        assert_eq!(
+            out.trim(),
+            format!("{EXPECTED}\n{WRITTEN}"),
+            "container {id}"
+        );
+    }
+
     /// `ctr --address <containerd.sock>`, the ctr of the containerd that
     /// runs (see `fixtures::containerd::Install::from_env`).
     pub fn ctr(&self) -> Command {

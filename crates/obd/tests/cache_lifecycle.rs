@@ -21,7 +21,7 @@ use std::time::Duration;
 use testbed::{blob_traffic, build_sample, run_ok, wait_until, Options, Testbed};
 
 mod common;
-use common::testbed_bins;
+use common::{subdirs, testbed_bins};
 
 /// Bytes the files under `dir` occupy on disk (sparse files count what
 /// they hold, as `du` does).
@@ -53,33 +53,6 @@ fn fetched_since(tb: &Testbed, from: usize) -> (u64, u64, usize) {
     (bytes, reqs, text.len())
 }
 
-fn run_container(tb: &Testbed, image: &str, id: &str) {
-    let id = &tb.cid(id);
-    let out = run_ok(
-        tb.ctr()
-            .args(["run", "--rm", "--snapshotter", "obd", image, id]),
-    )
-    .unwrap_or_else(|e| panic!("ctr run {id}: {e:#}"));
-    assert_eq!(
-        out.trim(),
-        format!("{}\n{}", testbed::EXPECTED, testbed::WRITTEN),
-        "container {id}"
-    );
-}
-
-fn subdirs(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 #[test]
 fn second_container_fetches_nothing_and_removal_leaves_a_small_root() {
     let tools = ["containerd", "ctr", "runc", "docker-registry"];
@@ -102,7 +75,7 @@ fn second_container_fetches_nothing_and_removal_leaves_a_small_root() {
 
     // (a) Two containers in turn, each with a device worker of its own.
     run_ok(&mut tb.obd_pull("default", &image)).expect("obd pull");
-    run_container(&tb, &image, "c1");
+    tb.run_sample(&image, "c1");
     let (b1, r1, mark) = fetched_since(&tb, mark);
     eprintln!("(a) pull + first container: {b1} blob bytes in {r1} requests");
     assert!(b1 > 0, "the first container fetched nothing?");
@@ -110,7 +83,7 @@ fn second_container_fetches_nothing_and_removal_leaves_a_small_root() {
         b1 < 12 << 20,
         "the first container fetched {b1} bytes of a 24 MiB image: not lazy"
     );
-    run_container(&tb, &image, "c2");
+    tb.run_sample(&image, "c2");
     let (b2, r2, _) = fetched_since(&tb, mark);
     eprintln!("(a) second container: {b2} blob bytes in {r2} requests");
     assert_eq!(

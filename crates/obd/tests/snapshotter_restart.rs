@@ -75,20 +75,6 @@ fn last_reconcile(dir: &Path) -> String {
         .to_string()
 }
 
-fn expected() -> String {
-    format!("{}\n{}", testbed::EXPECTED, testbed::WRITTEN)
-}
-
-fn run_container(tb: &Testbed, image: &str, id: &str) {
-    let id = &tb.cid(id);
-    let out = run_ok(
-        tb.ctr()
-            .args(["run", "--rm", "--snapshotter", "obd", image, id]),
-    )
-    .unwrap_or_else(|e| panic!("ctr run {id}: {e:#}"));
-    assert_eq!(out.trim(), expected(), "container {id}");
-}
-
 /// Best effort: removes task, container and snapshot `id`.
 fn forget(tb: &Testbed, id: &str) {
     let id = &tb.cid(id);
@@ -151,7 +137,7 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
         "(a) pull right after the restart ({:.2} s):\n{again}",
         t.elapsed().as_secs_f64()
     );
-    run_container(&tb, &image, "a1");
+    tb.run_sample(&image, "a1");
 
     // (b1) kill -9 while a container's device is being attached (the
     // image's device was released when a1 went): as soon as its worker
@@ -253,6 +239,6 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     );
 
     // And a fresh container works.
-    run_container(&tb, &image, "c1");
+    tb.run_sample(&image, "c1");
     no_devices(&root);
 }

@@ -259,7 +259,12 @@ pub fn kill9(pid: u64) {
 
 /// Device ids under `<root>/devices/` (directories).
 pub fn device_dirs(root: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(root.join("devices"))
+    subdirs(&root.join("devices"))
+}
+
+/// Names of the directories in `dir`, sorted (none if it cannot be read).
+pub fn subdirs(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
