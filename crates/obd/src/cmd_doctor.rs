@@ -497,8 +497,8 @@ fn cri(r: &mut Report, v: &toml::Value, name: &str) {
 /// ancestor).
 fn free_bytes(p: &Path) -> Option<(PathBuf, u64)> {
     let at = p.ancestors().find(|a| a.exists())?.to_path_buf();
-    let st = rustix::fs::statvfs(&at).ok()?;
-    Some((at, st.f_bavail.saturating_mul(st.f_frsize)))
+    let (_, free) = obd_remote::cache::fs_space(&at)?;
+    Some((at, free))
 }
 
 /// Below this much free space the cache (and writable layers) fail.

@@ -965,14 +965,11 @@ fn fs_size(dir: &Path) -> Option<u64> {
 /// Total bytes of the file system holding `dir`, and the bytes an
 /// unprivileged writer may still use (statvfs `f_bavail`).
 pub fn fs_space(dir: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs reads the NUL-terminated path `c` and writes into `st`,
-    // both live for the call.
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    (r == 0).then_some((st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some((
+        st.f_blocks.saturating_mul(st.f_frsize),
+        st.f_bavail.saturating_mul(st.f_frsize),
+    ))
 }
 
 /// File-name stem for a digest in a scope (`sha256:ab…` → `sha256_ab…`, plus
