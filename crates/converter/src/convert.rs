@@ -487,22 +487,7 @@ impl Run<'_> {
         };
         m.layers = out
             .iter()
-            .map(|((d, s), verity)| {
-                let mut l = Descriptor::new(layer_mt, d, *s);
-                l.annotations = [
-                    (ANN_BLOB_DIGEST, d.clone()),
-                    (ANN_BLOB_SIZE, s.to_string()),
-                    (ANN_VERSION, VERSION_NATIVE.to_string()),
-                    (ANN_FS_TYPE, "ext4".to_string()),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
-                if let Some(v) = verity {
-                    set_verity_annotations(&mut l.annotations, v);
-                }
-                l
-            })
+            .map(|((d, s), verity)| layer_descriptor(layer_mt, (d, *s), verity.as_ref()))
             .collect();
         (mt, oci::to_json(&m))
     }
@@ -871,13 +856,32 @@ struct Group<'a> {
 }
 
 /// What a background commit needs (the options minus the callback).
-#[derive(Clone)]
-struct CommitParams {
-    algorithm: zfile::Algorithm,
-    block_size: u32,
-    level: i32,
-    threads: usize,
-    vsize: u64,
+/// How a layer blob is committed: its ZFile codec and the disk's size.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitParams {
+    /// ZFile codec.
+    pub algorithm: zfile::Algorithm,
+    /// ZFile block size in bytes.
+    pub block_size: u32,
+    /// Codec level.
+    pub level: i32,
+    /// Compression threads.
+    pub threads: usize,
+    /// The disk's virtual size in bytes.
+    pub vsize: u64,
+}
+
+impl CommitParams {
+    /// The defaults of `obd convert` for a disk of `vsize` bytes.
+    pub fn defaults(vsize: u64) -> Self {
+        CommitParams {
+            algorithm: DEFAULT_ALGORITHM,
+            block_size: DEFAULT_BLOCK_SIZE,
+            level: DEFAULT_LEVEL,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            vsize,
+        }
+    }
 }
 
 /// A commit's outcome: what it wrote, the blob's digest and size, its
@@ -1293,8 +1297,32 @@ impl Read for ChannelReader {
     }
 }
 
+/// The descriptor of an overlaybd layer blob `(digest, size)` (an ext4
+/// disk layer) with media type `media_type`: the native annotations and,
+/// when it has one, its piece table's.
+pub fn layer_descriptor(
+    media_type: &str,
+    (digest, size): (&str, u64),
+    verity: Option<&Verity>,
+) -> Descriptor {
+    let mut l = Descriptor::new(media_type, digest, size);
+    l.annotations = [
+        (ANN_BLOB_DIGEST, digest.to_string()),
+        (ANN_BLOB_SIZE, size.to_string()),
+        (ANN_VERSION, VERSION_NATIVE.to_string()),
+        (ANN_FS_TYPE, "ext4".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if let Some(v) = verity {
+        set_verity_annotations(&mut l.annotations, v);
+    }
+    l
+}
+
 /// Commits `upper` as tar(ZFile(LSMT)) into `path`.
-fn commit_layer(
+pub fn commit_layer(
     upper: &WritableLayer,
     opts: &CommitParams,
     uuid: Uuid,
@@ -1328,7 +1356,7 @@ fn commit_layer(
 
 /// The digest and size of the file at `path` and, with `verity`, its
 /// encoded piece table, in one pass over it.
-fn file_digest(path: &Path, verity: bool) -> Result<(String, u64, Option<Vec<u8>>)> {
+pub fn file_digest(path: &Path, verity: bool) -> Result<(String, u64, Option<Vec<u8>>)> {
     let mut f = File::open(path).map_err(|e| Error::file(path, e))?;
     if !verity {
         let mut h = Hashing::new(&mut f);

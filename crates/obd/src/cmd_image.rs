@@ -71,7 +71,34 @@ pub struct RemoteArgs {
     metrics: bool,
     /// Registry access (added to the service config's `[registry]`).
     #[command(flatten)]
-    registry: RegistryArgs,
+    pub registry: RegistryArgs,
+}
+
+impl RemoteArgs {
+    /// The registry source these options give: the service config (or the
+    /// defaults), the cache folder and registry access on top. `bulk`
+    /// (whole-image reads) fetches in units of at least [`BULK_MIN_FETCH`];
+    /// `named` are the hosts a bare `--plain-http`/`--insecure` applies to.
+    pub fn registry_source(
+        &self,
+        bulk: bool,
+        named: &[&str],
+    ) -> Result<Arc<obd_remote::service::RegistrySource>> {
+        use obd_remote::service::{RegistrySource, ServiceConfig};
+        let mut svc = match &self.service_config {
+            Some(p) => ServiceConfig::load(p)?,
+            None => ServiceConfig::default(),
+        };
+        if let Some(d) = &self.cache_dir {
+            svc.cache.dir = d.clone();
+        }
+        self.registry.apply(&mut svc.registry, named);
+        if bulk {
+            svc.fetch.min_fetch = svc.fetch.min_fetch.max(BULK_MIN_FETCH);
+            svc.fetch.max_request = svc.fetch.max_request.max(svc.fetch.min_fetch);
+        }
+        Ok(Arc::new(RegistrySource::new(&svc)?))
+    }
 }
 
 fn print_metrics(remote: &RemoteArgs, registry: Option<&obd_remote::service::RegistrySource>) {
@@ -98,7 +125,6 @@ fn open_image(
     remote: &RemoteArgs,
     bulk: bool,
 ) -> Result<(Image, Option<Arc<obd_remote::service::RegistrySource>>)> {
-    use obd_remote::service::{RegistrySource, ServiceConfig};
     use overlaybd_core::config::ImageConfig;
     use overlaybd_core::source::LocalFiles;
     let cfg = ImageConfig::load(config)?;
@@ -109,19 +135,7 @@ fn open_image(
             None,
         ));
     }
-    let mut svc = match &remote.service_config {
-        Some(p) => ServiceConfig::load(p)?,
-        None => ServiceConfig::default(),
-    };
-    if let Some(d) = &remote.cache_dir {
-        svc.cache.dir = d.clone();
-    }
-    remote.registry.apply(&mut svc.registry, &[]);
-    if bulk {
-        svc.fetch.min_fetch = svc.fetch.min_fetch.max(BULK_MIN_FETCH);
-        svc.fetch.max_request = svc.fetch.max_request.max(svc.fetch.min_fetch);
-    }
-    let registry = Arc::new(RegistrySource::new(&svc)?);
+    let registry = remote.registry_source(bulk, &[])?;
     let img = Image::open(&cfg, base, &[&LocalFiles, &*registry]).map_err(|e| e.in_file(config))?;
     Ok((img, Some(registry)))
 }

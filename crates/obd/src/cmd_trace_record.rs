@@ -11,7 +11,15 @@
 //!    `ctr run --rootfs` for `--time` seconds (or until it exits), then it
 //!    is stopped, unmounted and the snapshot removed: the device goes and
 //!    the trace is finished (`<trace>.ok`).
-//! 4. The trace is wrapped in a one-file tar (`trace`, mode 0444, fixed
+//! 4. Unless `--no-pack`, the disk ranges the trace read are copied out of
+//!    the image into one new layer, the **working set** (an ordinary obd
+//!    layer whose bytes equal those below it, in disk order, compressed with
+//!    `obd convert`'s defaults; `trace_replay::pack`), and the trace is
+//!    rewritten to replay that layer front to back: its compressed blocks
+//!    hold nothing the start did not read, so the prefetch fetches no
+//!    neighbours and comes in a few large sequential requests. A working set
+//!    from an earlier recording is replaced.
+//! 5. The trace is wrapped in a one-file tar (`trace`, mode 0444, fixed
 //!    headers) and pushed as a new top layer with the acceleration-layer
 //!    annotations (and, unless `--no-verity`, its piece table as a blob
 //!    named by the `verity.*` annotations); the config gets its diffID
@@ -33,7 +41,7 @@ use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::oci::{
     self, set_verity_annotations, verity_annotations, Config, Descriptor, History, Manifest,
     Platform, Resolved, Verity, ANN_ACCEL, ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_VERSION,
-    MT_OCI_CONFIG, VERSION_NATIVE,
+    ANN_WORKING_SET, MT_OCI_CONFIG, VERSION_NATIVE,
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -41,10 +49,13 @@ use snapshotter::proto::containerd::services::snapshots::v1 as snapshots;
 use snapshotter::proto::containerd::types::Mount;
 use snapshotter::pull::{pull_blocking, PullOptions, DEFAULT_ADDRESS, NAMESPACE_HEADER};
 
-use crate::args::{PlatformArgs, RegistryArgs};
+use crate::args::PlatformArgs;
+use crate::cmd_image::RemoteArgs;
 
 /// History `created_by` of the acceleration layer.
 const CREATED_BY: &str = "obd trace record";
+/// History `created_by` of the working-set layer.
+const CREATED_BY_PACK: &str = "obd trace record (working set)";
 /// How long to wait for `<trace>.ok` after the snapshot is removed.
 const OK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopped container gets between SIGTERM and SIGKILL.
@@ -62,9 +73,15 @@ pub struct RecordArgs {
     /// sooner): SIGTERM to all its processes, SIGKILL 10 s later.
     #[arg(long, default_value_t = 60)]
     pub time: u64,
-    /// Registry access (both images).
+    /// Registry access (both images), and the block cache and service
+    /// config the working set is read through (the host's cache by default:
+    /// the recording run has just fetched it).
     #[command(flatten)]
-    pub registry: RegistryArgs,
+    pub remote: RemoteArgs,
+    /// Push the trace alone over the image's layers, as upstream's `ctr
+    /// record-trace` does, without packing the working set into a layer.
+    #[arg(long)]
+    pub no_pack: bool,
     /// containerd's gRPC socket.
     #[arg(short, long, default_value = DEFAULT_ADDRESS)]
     pub address: PathBuf,
@@ -147,32 +164,59 @@ pub fn accel_layer_tar(trace: &[u8]) -> Result<Vec<u8>> {
     Ok(b.into_inner()?)
 }
 
-/// The manifest and config with the acceleration layer `(digest, size)` on
-/// top (replacing one the source had), its piece table `verity` named in its
-/// annotations. Returns (manifest, config).
+/// Whether `l` is a working-set layer of an earlier `obd trace record`.
+fn is_working_set(l: &Descriptor) -> bool {
+    l.annotation(ANN_WORKING_SET) == Some("yes")
+}
+
+/// The source's data layers, the stack the trace was recorded on: all but
+/// an acceleration layer on top.
+fn data_layers(src: &Source) -> &[Descriptor] {
+    let l = &src.manifest.layers;
+    match l.last() {
+        Some(top) if top.annotation(ANN_ACCEL) == Some("yes") => &l[..l.len() - 1],
+        _ => l,
+    }
+}
+
+/// The manifest and config with, on top, the working-set layer `packed`
+/// (replacing one the source had) and the acceleration layer `(digest,
+/// size)` (replacing one the source had), its piece table `verity` named in
+/// its annotations. Returns (manifest, config).
 fn with_accel_layer(
     src: &Source,
+    packed: Option<&Descriptor>,
     (digest, size): (&str, u64),
     verity: Option<&Verity>,
 ) -> Result<(Manifest, Config)> {
     let mut m = src.manifest.clone();
     let mut c = src.config.clone();
-    let (layers, diff_ids) = (&mut m.layers, &mut c.rootfs.diff_ids);
-    if layers.len() != diff_ids.len() {
+    if m.layers.len() != c.rootfs.diff_ids.len() {
         bail!(
             "the manifest has {} layers but the config {} diff_ids",
-            layers.len(),
-            diff_ids.len()
+            m.layers.len(),
+            c.rootfs.diff_ids.len()
         );
     }
-    let had_accel = layers
-        .last()
-        .is_some_and(|l| l.annotation(ANN_ACCEL) == Some("yes"));
+    let had_accel = m.layers.len() > data_layers(src).len();
     if had_accel {
-        layers.pop();
-        diff_ids.pop();
+        m.layers.pop();
+        c.rootfs.diff_ids.pop();
     }
-    let media_type = layers
+    let h = &mut c.history;
+    if had_accel && h.last().and_then(|e| e.created_by.as_deref()) == Some(CREATED_BY) {
+        h.pop();
+    }
+    let had_packed = m.layers.last().is_some_and(is_working_set);
+    if had_packed && packed.is_some() {
+        m.layers.pop();
+        c.rootfs.diff_ids.pop();
+        if h.last().and_then(|e| e.created_by.as_deref()) == Some(CREATED_BY_PACK) {
+            h.pop();
+        }
+    }
+    let media_type = m
+        .layers
         .iter()
         .rev()
         .find(|l| l.annotation(ANN_BLOB_DIGEST).is_some())
@@ -180,6 +224,23 @@ fn with_accel_layer(
         .ok_or_else(|| {
             anyhow!("not an obd image: no layer has the {ANN_BLOB_DIGEST} annotation")
         })?;
+    let history = |created_by: &str, comment: &str| History {
+        created: Some("1970-01-01T00:00:00Z".into()),
+        created_by: Some(created_by.into()),
+        comment: Some(comment.into()),
+        ..Default::default()
+    };
+    let keep_history = !c.history.is_empty();
+    if let Some(p) = packed {
+        m.layers.push(p.clone());
+        c.rootfs.diff_ids.push(p.digest.clone());
+        if keep_history {
+            c.history.push(history(
+                CREATED_BY_PACK,
+                "overlaybd layer: the blocks the trace reads, packed",
+            ));
+        }
+    }
     let mut accel = Descriptor::new(media_type, digest, size);
     accel.annotations = BTreeMap::from([
         (ANN_ACCEL.to_string(), "yes".to_string()),
@@ -190,19 +251,11 @@ fn with_accel_layer(
     if let Some(v) = verity {
         set_verity_annotations(&mut accel.annotations, v);
     }
-    layers.push(accel);
-    diff_ids.push(digest.to_string());
-    let h = &mut c.history;
-    if !h.is_empty() {
-        if had_accel && h.last().and_then(|e| e.created_by.as_deref()) == Some(CREATED_BY) {
-            h.pop();
-        }
-        h.push(History {
-            created: Some("1970-01-01T00:00:00Z".into()),
-            created_by: Some(CREATED_BY.into()),
-            comment: Some("overlaybd acceleration layer (trace)".into()),
-            ..Default::default()
-        });
+    m.layers.push(accel);
+    c.rootfs.diff_ids.push(digest.to_string());
+    if keep_history {
+        c.history
+            .push(history(CREATED_BY, "overlaybd acceleration layer (trace)"));
     }
     Ok((m, c))
 }
@@ -609,6 +662,121 @@ fn record(a: &RecordArgs, tmp: &Path, parent: &str, config: &Config) -> Result<R
     })
 }
 
+/// The working-set layer, written in the scratch directory.
+struct Packed {
+    /// Its descriptor (the native annotations and [`ANN_WORKING_SET`]).
+    desc: Descriptor,
+    /// The blob file.
+    path: PathBuf,
+    /// Its encoded piece table (unless `--no-verity`).
+    table: Option<Vec<u8>>,
+    /// The trace that replays it.
+    trace: Vec<u8>,
+    /// Disk bytes it holds.
+    bytes: u64,
+    /// Trace bytes that named no disk range (headers, indexes).
+    unmapped: u64,
+}
+
+/// Packs the disk ranges `rec` read into a working-set layer over the
+/// source's data layers (read lazily through the block cache), written in
+/// `tmp`. `None` when the trace read nothing of the disk.
+fn pack(
+    a: &RecordArgs,
+    src: &Source,
+    src_ref: &ImageRef,
+    rec: &Recorded,
+    (tmp, verity): (&Path, bool),
+) -> Result<Option<Packed>> {
+    use obd_device::open::trace_replay::pack;
+    use overlaybd_core::config::{ImageConfig, Lower};
+    use overlaybd_core::image::{Image, Layer};
+    use overlaybd_core::lsmt::{CreateOptions, Uuid, WritableLayer};
+
+    let layers = data_layers(src);
+    let mut cfg = ImageConfig {
+        repo_blob_url: snapshotter::obd::repo_blob_url(&a.image)?,
+        ..Default::default()
+    };
+    for l in layers {
+        if l.annotation(ANN_BLOB_DIGEST).is_none() {
+            bail!(
+                "layer {} is not an obd layer (no {ANN_BLOB_DIGEST} annotation): the working set cannot be packed (use --no-pack)",
+                l.digest
+            );
+        }
+        cfg.lowers.push(Lower {
+            digest: l.digest.clone(),
+            size: l.size,
+            verity: verity_annotations(&l.annotations)
+                .map_err(|e| anyhow!("layer {}: {e}", l.digest))?,
+            ..Default::default()
+        });
+    }
+    let registry = a.remote.registry_source(false, &[&src_ref.host])?;
+    let img = Image::open(&cfg, None, &[&*registry]).context("opening the image's layers")?;
+    let ws = pack::working_set(&img, &rec.trace)?;
+    if ws.extents.is_empty() {
+        return Ok(None);
+    }
+    let vsize = img.virtual_size();
+    let (data, index) = (tmp.join("working-set.data"), tmp.join("working-set.index"));
+    let mut upper = WritableLayer::create(
+        &data,
+        &index,
+        CreateOptions {
+            virtual_size: vsize,
+            ..Default::default()
+        },
+    )?;
+    let bytes = pack::copy_working_set(&img, &ws, &mut upper)?;
+    // The layer's uuid names this trace; its parent is the top data layer.
+    let uuid = Uuid::from_chain_id(&oci::sha256_digest(&rec.bytes))?;
+    let parent = img
+        .layers()
+        .last()
+        .map_or(Ok(Uuid::NIL), |l| l.lsmt.header().uuid())?;
+    let path = tmp.join("working-set.blob");
+    converter::commit_layer(
+        &upper,
+        &converter::CommitParams::defaults(vsize),
+        uuid,
+        parent,
+        &path,
+    )?;
+    drop(upper);
+    let _ = std::fs::remove_file(&data);
+    let _ = std::fs::remove_file(&index);
+    let (digest, size, table) = converter::file_digest(&path, verity)?;
+    let blob =
+        zfile::FileSource::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let layer = Layer::open("working set", Arc::new(blob))?;
+    // Its position in the new stack: over the data layers, an earlier
+    // working set replaced.
+    let position = layers.len() - usize::from(layers.last().is_some_and(is_working_set));
+    let position = u32::try_from(position).context("too many layers")?;
+    let trace = pack::layer_trace(&layer.lsmt, position).to_bytes();
+    let tref = table.as_ref().map(|t| Verity {
+        digest: oci::sha256_digest(t),
+        size: t.len() as u64,
+    });
+    let media_type = layers
+        .last()
+        .map(|l| l.media_type.clone())
+        .unwrap_or_default();
+    let mut desc = converter::layer_descriptor(&media_type, (&digest, size), tref.as_ref());
+    desc.annotations
+        .insert(ANN_WORKING_SET.to_string(), "yes".to_string());
+    Ok(Some(Packed {
+        desc,
+        path,
+        table,
+        trace,
+        bytes,
+        unmapped: ws.unmapped,
+    }))
+}
+
 /// What was pushed.
 struct Pushed {
     manifest: String,
@@ -624,9 +792,10 @@ fn push_accelerated(
     src: &Source,
     src_ref: &ImageRef,
     (dst_ref, dst_name): (&ImageRef, &str),
-    trace: &[u8],
+    (trace, packed): (&[u8], Option<&Packed>),
     (tmp, verity): (&Path, bool),
 ) -> Result<Pushed> {
+    let trace = packed.map_or(trace, |p| &p.trace[..]);
     let layer = accel_layer_tar(trace)?;
     let ldigest = oci::sha256_digest(&layer);
     let table = verity
@@ -639,12 +808,24 @@ fn push_accelerated(
         digest: oci::sha256_digest(t),
         size: t.len() as u64,
     });
-    let (mut manifest, config) =
-        with_accel_layer(src, (&ldigest, layer.len() as u64), tref.as_ref())?;
+    let (mut manifest, config) = with_accel_layer(
+        src,
+        packed.map(|p| &p.desc),
+        (&ldigest, layer.len() as u64),
+        tref.as_ref(),
+    )?;
     let cbytes = oci::to_json(&config);
     let cdigest = oci::sha256_digest(&cbytes);
     manifest.config = Descriptor::new(src.config_media_type(), &cdigest, cbytes.len() as u64);
     let mbytes = oci::to_json(&manifest);
+    if let Some(p) = packed {
+        dist.push_blob(dst_ref, &p.desc.digest, &p.path)
+            .context("pushing the working-set layer")?;
+        if let (Some(t), Ok(Some(v))) = (&p.table, verity_annotations(&p.desc.annotations)) {
+            dist.push_blob_bytes(dst_ref, &v.digest, t, tmp)
+                .context("pushing the working-set layer's piece table")?;
+        }
+    }
     let below = &manifest.layers[..manifest.layers.len() - 1];
     copy_layers(dist, src_ref, dst_ref, below, tmp)?;
     dist.push_blob_bytes(dst_ref, &ldigest, &layer, tmp)
@@ -673,14 +854,14 @@ pub fn run(a: RecordArgs) -> Result<()> {
     }
     let src_ref = ImageRef::parse(&a.image)?;
     let dst_ref = ImageRef::parse(&a.new_image)?;
-    let ropts = a.registry.options(&[&src_ref.host, &dst_ref.host]);
+    let ropts = a.remote.registry.options(&[&src_ref.host, &dst_ref.host]);
     let dist = Arc::new(Distribution::new(ropts.clone())?);
     let platform_name = a.platform.one()?;
     let platform = Platform::parse(&platform_name)?;
     let src = Source::new(oci::resolve(&dist, &src_ref, &platform)?);
     // Fails early (before running anything) on a non-obd image.
     process_of(&src.config)?;
-    with_accel_layer(&src, ("sha256:0", 0), None)?;
+    with_accel_layer(&src, None, ("sha256:0", 0), None)?;
     let parent = oci::chain_ids(&src.config.rootfs.diff_ids)
         .pop()
         .ok_or_else(|| anyhow!("{}: the config has no layers", a.image))?;
@@ -707,23 +888,31 @@ pub fn run(a: RecordArgs) -> Result<()> {
         .context("creating a temporary directory")?;
     let rec = record(&a, tmp.path(), &parent, &src.config)?;
 
-    // 4. The acceleration layer, config and manifest.
+    // 4. The working set.
+    let packed = if a.no_pack || rec.trace.records.is_empty() {
+        None
+    } else {
+        pack(&a, &src, &src_ref, &rec, (tmp.path(), !a.no_verity))
+            .context("packing the working set (--no-pack pushes the trace alone)")?
+    };
+
+    // 5. The acceleration layer, config and manifest.
     let dst = (&dst_ref, a.new_image.as_str());
     let pushed = push_accelerated(
         &dist,
         &src,
         &src_ref,
         dst,
-        &rec.bytes,
+        (&rec.bytes, packed.as_ref()),
         (tmp.path(), !a.no_verity),
     )?;
-    print_report(&a, &rec, &pushed);
+    print_report(&a, &rec, packed.as_ref(), &pushed);
     // The trace is in `tmp` only without --trace-out; the rest is scratch.
     drop(tmp);
     Ok(())
 }
 
-fn print_report(a: &RecordArgs, rec: &Recorded, pushed: &Pushed) {
+fn print_report(a: &RecordArgs, rec: &Recorded, packed: Option<&Packed>, pushed: &Pushed) {
     let (records, bytes) = (rec.trace.records.len(), rec.trace.total_bytes());
     if a.json {
         let report = json!({
@@ -731,9 +920,21 @@ fn print_report(a: &RecordArgs, rec: &Recorded, pushed: &Pushed) {
             "config": pushed.config, "acceleration_layer": pushed.layer,
             "layer_size": pushed.layer_size, "trace": rec.path, "trace_records": records,
             "trace_bytes": bytes, "ran_s": rec.ran.as_secs_f64(), "exit_code": rec.status,
+            "working_set_layer": packed.map(|p| &p.desc.digest),
+            "working_set_layer_size": packed.map(|p| p.desc.size),
+            "working_set_bytes": packed.map(|p| p.bytes),
+            "trace_unmapped_bytes": packed.map(|p| p.unmapped),
         });
         println!("{report}");
         return;
+    }
+    if let Some(p) = packed {
+        println!(
+            "packed the working set ({} of the disk) into layer {} ({})",
+            crate::util::human(p.bytes),
+            p.desc.digest,
+            crate::util::human(p.desc.size)
+        );
     }
     println!(
         "recorded {records} reads ({}) in {:.1} s ({}); pushed {} {} with acceleration layer {} ({} bytes)",
@@ -804,7 +1005,7 @@ mod tests {
             digest: format!("sha256:{}", "7".repeat(64)),
             size: 96,
         };
-        let (m, c) = with_accel_layer(&s, ("sha256:t", 7), Some(&v)).unwrap();
+        let (m, c) = with_accel_layer(&s, None, ("sha256:t", 7), Some(&v)).unwrap();
         let (mv, cv) = (json_of(&m), json_of(&c));
         assert_eq!(verity_annotations(&m.layers[1].annotations), Ok(Some(v)));
         let l = &mv["layers"][1];
@@ -821,11 +1022,53 @@ mod tests {
             config: c,
             ..s
         };
-        let (m2, c2) = with_accel_layer(&s2, ("sha256:u", 8), None).unwrap();
+        let (m2, c2) = with_accel_layer(&s2, None, ("sha256:u", 8), None).unwrap();
         assert_eq!(m2.layers.len(), 2);
         assert_eq!(m2.layers[1].digest, "sha256:u");
         assert_eq!(c2.rootfs.diff_ids, ["sha256:a", "sha256:u"]);
         assert_eq!(c2.history.len(), 2);
+    }
+
+    #[test]
+    fn a_working_set_goes_under_the_accel_layer_and_replaces_an_earlier_one() {
+        let mt = "application/vnd.oci.image.layer.v1.tar";
+        let s = source(
+            json!([{"mediaType": mt, "digest": "sha256:a", "size": 5,
+                    "annotations": {ANN_BLOB_DIGEST: "sha256:a"}}]),
+            json!(["sha256:a"]),
+        );
+        let ws = |d: &str| {
+            let mut w = converter::layer_descriptor(mt, (d, 9), None);
+            w.annotations
+                .insert(ANN_WORKING_SET.to_string(), "yes".to_string());
+            w
+        };
+        let (m, c) = with_accel_layer(&s, Some(&ws("sha256:w")), ("sha256:t", 7), None).unwrap();
+        let digests = |m: &Manifest| {
+            m.layers
+                .iter()
+                .map(|l| l.digest.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(digests(&m), ["sha256:a", "sha256:w", "sha256:t"]);
+        assert_eq!(c.rootfs.diff_ids, ["sha256:a", "sha256:w", "sha256:t"]);
+        assert_eq!(c.history.len(), 3);
+        assert!(is_working_set(&m.layers[1]) && !is_working_set(&m.layers[0]));
+        let s2 = Source {
+            manifest: m,
+            config: c,
+            ..s
+        };
+        assert_eq!(data_layers(&s2).len(), 2);
+        // Recording again: both top layers are replaced...
+        let (m2, c2) = with_accel_layer(&s2, Some(&ws("sha256:x")), ("sha256:u", 8), None).unwrap();
+        assert_eq!(digests(&m2), ["sha256:a", "sha256:x", "sha256:u"]);
+        assert_eq!(c2.rootfs.diff_ids, ["sha256:a", "sha256:x", "sha256:u"]);
+        assert_eq!(c2.history.len(), 3);
+        // ... and with --no-pack the earlier working set stays (its bytes
+        // are still the disk's; the new trace may name it).
+        let (m3, _) = with_accel_layer(&s2, None, ("sha256:v", 8), None).unwrap();
+        assert_eq!(digests(&m3), ["sha256:a", "sha256:w", "sha256:v"]);
     }
 
     #[test]
@@ -834,12 +1077,12 @@ mod tests {
             json!([{"mediaType": "x", "digest": "sha256:a", "size": 5}]),
             json!(["sha256:a"]),
         );
-        let e = with_accel_layer(&s, ("sha256:t", 1), None)
+        let e = with_accel_layer(&s, None, ("sha256:t", 1), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not an obd image"), "{e}");
         let s = source(json!([]), json!(["sha256:a"]));
-        assert!(with_accel_layer(&s, ("sha256:t", 1), None).is_err());
+        assert!(with_accel_layer(&s, None, ("sha256:t", 1), None).is_err());
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! obd-snapshotter (the testbed of `obd demo`): the demo image is recorded
 //! into a new image whose top layer is the acceleration layer (annotated,
 //! its diffID in the config, a one-file tar holding a valid trace of the
-//! container's reads); `obd pull` + `ctr run` of the new image prints what
-//! the app prints, and the image's device replays the trace at attach (its
-//! worker log says so, without errors). Needs root, containerd, runc,
+//! container's reads). With `--no-pack` that is all, as upstream's; by
+//! default the working set is packed into a layer under it, and the trace
+//! replays exactly that layer. `obd pull` + `ctr run` of the new image
+//! prints what the app prints, and the image's device replays the trace at
+//! attach (its worker log says so, without errors). Needs root, containerd, runc,
 //! docker-registry, FUSE and the obd-snapshotter binary next to obd;
 //! otherwise skipped loudly.
 
@@ -17,6 +19,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
+use obd_device::open::trace_replay::Trace;
 use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::registry::RegistryOptions;
 use testbed::{build_sample, run_ok, Options, Testbed};
@@ -25,6 +28,7 @@ mod common;
 use common::testbed_bins;
 
 const ACCEL: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
+const WORKING_SET: &str = "containerd.io/snapshot/overlaybd/working-set";
 
 /// The `worker.log`s of the devices under the snapshotter root.
 fn worker_logs(root: &Path) -> String {
@@ -71,77 +75,131 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
     tb.convert_push(&layout, "demo", &image).unwrap();
     tb.start_runtime().unwrap();
 
-    // Record (the app exits by itself, well before --time).
-    let trace = tb.dir.join("kept-trace");
-    let out = run_ok(
-        Command::new(&obd)
-            .args(["trace", "record", "--plain-http", "--json", "--time", "60"])
-            .arg("--address")
-            .arg(&tb.sock)
-            .arg("--trace-out")
-            .arg(&trace)
-            .args([&image, &accel]),
-    )
-    .unwrap_or_else(|e| panic!("obd trace record: {e:#}"));
-    eprintln!("obd trace record: {out}");
-    let rep: serde_json::Value =
-        serde_json::from_str(out.lines().last().expect("a report")).expect("JSON report");
-    assert!(rep["trace_records"].as_u64().unwrap() > 0, "{rep}");
-    assert_eq!(rep["exit_code"], 0, "the app ran to its end: {rep}");
-    assert!(Path::new(&format!("{}.ok", trace.display())).exists());
+    // Record (the app exits by itself, well before --time), once as
+    // upstream does and once packing the working set. The working set is
+    // read through the snapshotter's cache, where the recording put it.
+    let record = |new: &str, trace: &Path, extra: &[&str]| -> serde_json::Value {
+        let out = run_ok(
+            Command::new(&obd)
+                .args(["trace", "record", "--plain-http", "--json", "--time", "60"])
+                .arg("--address")
+                .arg(&tb.sock)
+                .arg("--cache-dir")
+                .arg(tb.snroot.join("cache"))
+                .arg("--trace-out")
+                .arg(trace)
+                .args(extra)
+                .args([&image, new]),
+        )
+        .unwrap_or_else(|e| panic!("obd trace record: {e:#}"));
+        eprintln!("obd trace record: {out}");
+        let rep: serde_json::Value =
+            serde_json::from_str(out.lines().last().expect("a report")).expect("JSON report");
+        assert!(rep["trace_records"].as_u64().unwrap() > 0, "{rep}");
+        assert_eq!(rep["exit_code"], 0, "the app ran to its end: {rep}");
+        assert!(Path::new(&format!("{}.ok", trace.display())).exists());
+        rep
+    };
+    let plain = format!("{}/rec/app:obd-trace-plain", tb.reg);
+    let plain_trace = tb.dir.join("kept-trace-plain");
+    let rep = record(&plain, &plain_trace, &["--no-pack"]);
+    assert!(rep["working_set_layer"].is_null(), "{rep}");
 
     // The new image: the old layers plus the acceleration layer on top.
     let d = registry(&tb.reg);
-    let (r0, r1) = (
-        ImageRef::parse(&image).unwrap(),
-        ImageRef::parse(&accel).unwrap(),
+    let r0 = ImageRef::parse(&image).unwrap();
+    let manifest = |r: &ImageRef| -> serde_json::Value {
+        serde_json::from_slice(&d.get_manifest(r, r.reference()).unwrap().bytes).unwrap()
+    };
+    let m0 = manifest(&r0);
+    let l0 = m0["layers"].as_array().unwrap();
+    // Checks the acceleration layer on top of `r` and returns its trace.
+    let accel_trace = |r: &ImageRef, rep: &serde_json::Value| -> Vec<u8> {
+        let m1 = manifest(r);
+        let l1 = m1["layers"].as_array().unwrap();
+        let top = l1.last().unwrap();
+        let digest = top["digest"].as_str().unwrap();
+        assert_eq!(top["annotations"][ACCEL], "yes");
+        assert_eq!(
+            top["annotations"]["containerd.io/snapshot/overlaybd/version"],
+            "0.1.0"
+        );
+        assert_eq!(
+            top["annotations"]["containerd.io/snapshot/overlaybd/blob-digest"],
+            digest
+        );
+        assert_eq!(
+            top["annotations"]["containerd.io/snapshot/overlaybd/blob-size"],
+            top["size"].to_string()
+        );
+        assert_eq!(top["digest"], rep["acceleration_layer"]);
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&blob(&d, r, m1["config"]["digest"].as_str().unwrap())).unwrap();
+        let ids = cfg["rootfs"]["diff_ids"].as_array().unwrap();
+        assert_eq!(ids.len(), l1.len());
+        for (id, l) in ids.iter().zip(l1) {
+            assert_eq!(id, &l["digest"], "obd layers are uncompressed tars");
+        }
+        // The layer is a tar of one file, `trace`, 0444.
+        let tar = blob(&d, r, digest);
+        let mut ar = tar::Archive::new(&tar[..]);
+        let mut files = Vec::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let mut body = Vec::new();
+            e.read_to_end(&mut body).unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            files.push((path, e.header().mode().unwrap(), body));
+        }
+        assert_eq!(files.len(), 1);
+        let (path, mode, body) = files.pop().unwrap();
+        assert_eq!((path.as_str(), mode), ("trace", 0o444));
+        body
+    };
+    let rp = ImageRef::parse(&plain).unwrap();
+    let lp = manifest(&rp)["layers"].as_array().unwrap().clone();
+    assert_eq!(lp.len(), l0.len() + 1);
+    assert_eq!(&lp[..l0.len()], &l0[..]);
+    assert_eq!(
+        accel_trace(&rp, &rep),
+        std::fs::read(&plain_trace).unwrap(),
+        "--no-pack pushes the recorded trace as it is"
     );
-    let m0: serde_json::Value =
-        serde_json::from_slice(&d.get_manifest(&r0, "obd").unwrap().bytes).unwrap();
-    let m1: serde_json::Value =
-        serde_json::from_slice(&d.get_manifest(&r1, "obd-trace").unwrap().bytes).unwrap();
-    let (l0, l1) = (
-        m0["layers"].as_array().unwrap(),
-        m1["layers"].as_array().unwrap(),
-    );
-    assert_eq!(l1.len(), l0.len() + 1);
+
+    // Packed: the working set sits between the layers and the trace, and
+    // the trace reads all of it and nothing else.
+    let trace = tb.dir.join("kept-trace");
+    let rep = record(&accel, &trace, &[]);
+    let r1 = ImageRef::parse(&accel).unwrap();
+    let l1 = manifest(&r1)["layers"].as_array().unwrap().clone();
+    assert_eq!(l1.len(), l0.len() + 2);
     assert_eq!(&l1[..l0.len()], &l0[..]);
-    let top = l1.last().unwrap();
-    let digest = top["digest"].as_str().unwrap();
-    assert_eq!(top["annotations"][ACCEL], "yes");
+    let ws = &l1[l0.len()];
+    assert_eq!(ws["digest"], rep["working_set_layer"]);
+    assert_eq!(ws["annotations"][WORKING_SET], "yes");
     assert_eq!(
-        top["annotations"]["containerd.io/snapshot/overlaybd/version"],
-        "0.1.0"
+        ws["annotations"]["containerd.io/snapshot/overlaybd/blob-digest"],
+        ws["digest"]
     );
-    assert_eq!(
-        top["annotations"]["containerd.io/snapshot/overlaybd/blob-digest"],
-        digest
+    assert!(
+        ws["annotations"]["containerd.io/snapshot/overlaybd/verity.digest"].is_string(),
+        "the working set has a piece table: {ws}"
     );
-    assert_eq!(
-        top["annotations"]["containerd.io/snapshot/overlaybd/blob-size"],
-        top["size"].to_string()
+    let packed = Trace::parse(&accel_trace(&r1, &rep)).unwrap();
+    let recorded = Trace::read_file(&trace).unwrap();
+    let ws_bytes = rep["working_set_bytes"].as_u64().unwrap();
+    assert!(packed.records.iter().all(|r| r.layer as usize == l0.len()));
+    assert!(packed.records.iter().all(|r| r.count <= 1 << 20));
+    assert_eq!(packed.total_bytes(), ws_bytes);
+    assert!(ws_bytes > 0 && ws_bytes <= recorded.total_bytes(), "{rep}");
+    eprintln!(
+        "recorded {} reads, {} bytes; packed {} bytes into a {}-byte layer, replayed in {} records",
+        recorded.records.len(),
+        recorded.total_bytes(),
+        ws_bytes,
+        ws["size"],
+        packed.records.len()
     );
-    assert_eq!(top["digest"], rep["acceleration_layer"]);
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&blob(&d, &r1, m1["config"]["digest"].as_str().unwrap())).unwrap();
-    let ids = cfg["rootfs"]["diff_ids"].as_array().unwrap();
-    assert_eq!(ids.len(), l1.len());
-    assert_eq!(ids.last().unwrap(), digest);
-    // The layer is a tar of one file, `trace`, 0444, holding the kept trace.
-    let tar = blob(&d, &r1, digest);
-    let mut ar = tar::Archive::new(&tar[..]);
-    let mut files = Vec::new();
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let mut body = Vec::new();
-        e.read_to_end(&mut body).unwrap();
-        let path = e.path().unwrap().to_string_lossy().into_owned();
-        files.push((path, e.header().mode().unwrap(), body));
-    }
-    assert_eq!(files.len(), 1);
-    let (path, mode, body) = files.pop().unwrap();
-    assert_eq!((path.as_str(), mode), ("trace", 0o444));
-    assert_eq!(body, std::fs::read(&trace).unwrap());
 
     // Pull and run the new image: same output, and the device replays.
     run_ok(&mut tb.obd_pull("default", &accel)).unwrap();

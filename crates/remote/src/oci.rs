@@ -46,6 +46,10 @@ pub const ANN_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
 pub const ANN_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
 /// Layer annotation marking the acceleration (trace) layer (formats.md §8.3).
 pub const ANN_ACCEL: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
+/// Layer annotation (obd), `yes`: the layer is the working set `obd trace
+/// record` packed (its bytes equal those below it; the trace replays it).
+/// Upstream tools ignore it and read it as an ordinary layer.
+pub const ANN_WORKING_SET: &str = "containerd.io/snapshot/overlaybd/working-set";
 /// Layer annotation (obd): the digest of the layer blob's piece table, a
 /// blob of the same repository ([`crate::verity`]). Upstream tools ignore it.
 pub const ANN_VERITY_DIGEST: &str = "containerd.io/snapshot/overlaybd/verity.digest";

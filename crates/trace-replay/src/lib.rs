@@ -9,6 +9,8 @@
 //!   with upstream's lock-file handshake.
 //! - [`priority`]: priority lists on ext4 (`debugfs` finds the files' blocks,
 //!   the merged index maps them to layer-file ranges).
+//! - [`pack`]: the disk ranges a trace read, copied into one packed top
+//!   layer, and the trace that replays it front to back.
 //! - [`replay`]: merges the records into large requests and reads them with
 //!   bounded concurrency at prefetch priority.
 //!
@@ -17,6 +19,7 @@
 
 pub mod format;
 pub mod mode;
+pub mod pack;
 pub mod priority;
 pub mod recorder;
 pub mod replay;
@@ -85,6 +88,19 @@ pub enum Error {
     /// larger than the cap. The error names the file.
     #[error("{0}")]
     File(overlaybd_core::Error),
+    /// A trace record names a layer the image does not have.
+    #[error("trace record {record}: layer {layer}, but the image has {layers} layer(s)")]
+    NoSuchLayer {
+        /// 0-based record number.
+        record: usize,
+        /// The layer it names.
+        layer: u32,
+        /// Layers of the image.
+        layers: usize,
+    },
+    /// Reading the image or writing the packed layer failed.
+    #[error("packing the working set: {0}")]
+    Pack(overlaybd_core::Error),
     /// A trace file error, with the file it came from.
     #[error("{path}: {cause}")]
     InFile {

@@ -1,0 +1,322 @@
+//! Working-set packing: the disk ranges a trace read, copied out of the
+//! merged image into one new top layer, and a trace that replays that layer
+//! front to back.
+//!
+//! A recorded trace names ranges of each layer's file. Those ranges sit
+//! among blocks the start never reads (other files, in the same compressed
+//! blocks), so replaying them fetches neighbours too. The packed layer holds
+//! only the blocks that were read, contiguous in disk order: its compressed
+//! blocks carry nothing else, and replaying it is a few large sequential
+//! requests. Its data equals what the layers below already give at those
+//! ranges, so the merged disk is unchanged and readers that do not know the
+//! layer's purpose (upstream overlaybd) see an ordinary layer.
+
+use overlaybd_core::image::Image;
+use overlaybd_core::lsmt::{RoLayer, WritableLayer, SECTOR};
+
+use crate::format::{Record, Trace};
+use crate::{Error, Result};
+
+/// Largest record the packed trace holds (upstream's replay reads each
+/// record into a 1 MiB buffer).
+pub const MAX_RECORD: u64 = 1 << 20;
+
+/// The disk ranges a trace read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkingSet {
+    /// Byte ranges `(offset, len)` of the disk: sector-aligned, sorted,
+    /// disjoint and not adjacent.
+    pub extents: Vec<(u64, u64)>,
+    /// Bytes of records that fell on no data of their layer (its header,
+    /// index or padding): not part of the disk.
+    pub unmapped: u64,
+}
+
+impl WorkingSet {
+    /// Total bytes of the extents.
+    pub fn bytes(&self) -> u64 {
+        self.extents.iter().map(|e| e.1).sum()
+    }
+}
+
+/// One layer's data entries ordered by where their bytes sit in the file:
+/// `(moffset, offset, length)` in sectors.
+fn by_file_offset(layer: &RoLayer) -> Vec<(u64, u64, u64)> {
+    let mut v: Vec<(u64, u64, u64)> = layer
+        .segments()
+        .iter()
+        .filter(|s| !s.zeroed && !s.is_invalid() && s.length > 0)
+        .map(|s| (s.moffset, s.offset, s.length as u64))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// The disk ranges that the records of `trace` read from the lower layers
+/// of `image` (record layer 0 = the bottom lower): each record's range of
+/// its layer's file is mapped back through that layer's index.
+pub fn working_set(image: &Image, trace: &Trace) -> Result<WorkingSet> {
+    let layers = image.layers();
+    let maps: Vec<Vec<(u64, u64, u64)>> = layers.iter().map(|l| by_file_offset(&l.lsmt)).collect();
+    let mut sectors: Vec<(u64, u64)> = Vec::new();
+    let mut unmapped = 0u64;
+    for (i, r) in trace.records.iter().enumerate() {
+        let map = maps.get(r.layer as usize).ok_or(Error::NoSuchLayer {
+            record: i,
+            layer: r.layer,
+            layers: layers.len(),
+        })?;
+        if r.offset < 0 || r.count == 0 {
+            unmapped += r.count;
+            continue;
+        }
+        let (start, end) = (
+            r.offset as u64 / SECTOR,
+            (r.offset as u64).saturating_add(r.count).div_ceil(SECTOR),
+        );
+        let mut mapped = 0u64;
+        // The first entry whose bytes end after `start`.
+        let first = map.partition_point(|&(m, _, len)| m + len <= start);
+        for &(m, lba, len) in &map[first..] {
+            if m >= end {
+                break;
+            }
+            let (a, b) = (start.max(m), end.min(m + len));
+            sectors.push((lba + (a - m), lba + (b - m)));
+            mapped += b - a;
+        }
+        unmapped += r.count.saturating_sub(mapped * SECTOR);
+    }
+    sectors.sort_unstable();
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in sectors {
+        match extents.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => extents.push((a, b)),
+        }
+    }
+    Ok(WorkingSet {
+        extents: extents
+            .into_iter()
+            .map(|(a, b)| (a * SECTOR, (b - a) * SECTOR))
+            .collect(),
+        unmapped,
+    })
+}
+
+/// Copies the disk's bytes at `set` from `image` into `upper` (in disk order,
+/// through a 1 MiB buffer). Returns the bytes written.
+pub fn copy_working_set(image: &Image, set: &WorkingSet, upper: &mut WritableLayer) -> Result<u64> {
+    let mut buf = vec![0u8; MAX_RECORD as usize];
+    let mut total = 0u64;
+    for &(offset, len) in &set.extents {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(MAX_RECORD) as usize;
+            let at = offset + done;
+            let got = image.read_at(&mut buf[..n], at).map_err(Error::Pack)?;
+            if got != n {
+                return Err(Error::Pack(overlaybd_core::Error::Truncated {
+                    what: "image",
+                    need: at + n as u64,
+                    have: image.virtual_size(),
+                }));
+            }
+            upper.write_at(&buf[..n], at).map_err(Error::Pack)?;
+            done += n as u64;
+        }
+        total += len;
+    }
+    Ok(total)
+}
+
+/// The trace that replays all of `layer` (lower `index` of its image) front
+/// to back: one record per run of contiguous data in its file, split at
+/// [`MAX_RECORD`].
+pub fn layer_trace(layer: &RoLayer, index: u32) -> Trace {
+    let map = by_file_offset(layer);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (m, _, len) in map {
+        let (a, b) = (m * SECTOR, (m + len) * SECTOR);
+        match runs.last_mut() {
+            Some(last) if a == last.1 => last.1 = b,
+            _ => runs.push((a, b)),
+        }
+    }
+    let mut t = Trace::default();
+    for (a, b) in runs {
+        let mut at = a;
+        while at < b {
+            let n = (b - at).min(MAX_RECORD);
+            t.records.push(Record::read(index, at as i64, n));
+            at += n;
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use overlaybd_core::lsmt::CreateOptions;
+    use std::sync::Arc;
+    use zfile::ReadAt;
+
+    /// A committed layer of `vsize` bytes with `writes` (disk offset, byte).
+    fn layer(dir: &std::path::Path, name: &str, vsize: u64, writes: &[(u64, u64, u8)]) -> Vec<u8> {
+        let (d, i) = (
+            dir.join(format!("{name}.data")),
+            dir.join(format!("{name}.index")),
+        );
+        let mut w = WritableLayer::create(
+            &d,
+            &i,
+            CreateOptions {
+                virtual_size: vsize,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for &(off, len, b) in writes {
+            w.write_at(&vec![b; len as usize], off).unwrap();
+        }
+        let mut out = Vec::new();
+        w.commit(&Default::default(), &mut out).unwrap();
+        out
+    }
+
+    fn image(blobs: Vec<Vec<u8>>) -> Image {
+        let blobs = blobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| (format!("l{i}"), Arc::new(b) as Arc<dyn ReadAt>))
+            .collect();
+        Image::from_blobs(blobs).unwrap()
+    }
+
+    #[test]
+    fn records_map_back_to_disk_ranges_and_pack_into_one_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsize = 1 << 20;
+        let l0 = layer(
+            dir.path(),
+            "l0",
+            vsize,
+            &[(0, 65536, 1), (131072, 65536, 2)],
+        );
+        let l1 = layer(
+            dir.path(),
+            "l1",
+            vsize,
+            &[(8192, 4096, 3), (200704, 8192, 4)],
+        );
+        let img = image(vec![l0, l1]);
+        // Which file offsets hold which disk ranges.
+        let file_of = |layer: usize, disk: u64| -> i64 {
+            img.layers()[layer]
+                .lsmt
+                .segments()
+                .iter()
+                .find(|s| s.offset * SECTOR <= disk && disk < s.end() * SECTOR)
+                .map(|s| (s.moffset * SECTOR + disk - s.offset * SECTOR) as i64)
+                .unwrap()
+        };
+        let mut t = Trace::default();
+        t.push_read(0, file_of(0, 0), 4096); // disk 0..4K
+        t.push_read(1, file_of(1, 8192), 4096); // disk 8K..12K, from the top
+        t.push_read(0, file_of(0, 4096), 4096); // disk 4K..8K: adjacent to the first
+        t.push_read(0, file_of(0, 131072 + 4096), 8192); // disk 132K..140K
+        t.push_read(1, file_of(1, 200704), 4096);
+        t.push_read(0, 0, 512); // the header: no disk range
+        let ws = working_set(&img, &t).unwrap();
+        assert_eq!(ws.extents, vec![(0, 12288), (135168, 8192), (200704, 4096)]);
+        assert_eq!((ws.bytes(), ws.unmapped), (24576, 512));
+
+        // Packed into a third layer: the disk reads the same everywhere,
+        // and the layer's trace covers exactly its data.
+        let (d, i) = (dir.path().join("p.data"), dir.path().join("p.index"));
+        let mut p = WritableLayer::create(
+            &d,
+            &i,
+            CreateOptions {
+                virtual_size: vsize,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(copy_working_set(&img, &ws, &mut p).unwrap(), 24576);
+        let mut packed = Vec::new();
+        p.commit(&Default::default(), &mut packed).unwrap();
+        let ro = RoLayer::from_bytes(packed.clone()).unwrap();
+        let pt = layer_trace(&ro, 2);
+        assert_eq!(pt.records.len(), 1, "{:?}", pt.records);
+        assert_eq!(
+            (
+                pt.records[0].layer,
+                pt.records[0].offset,
+                pt.records[0].count
+            ),
+            (2, 4096, 24576)
+        );
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let l0 = layer(
+            dir2.path(),
+            "l0",
+            vsize,
+            &[(0, 65536, 1), (131072, 65536, 2)],
+        );
+        let l1 = layer(
+            dir2.path(),
+            "l1",
+            vsize,
+            &[(8192, 4096, 3), (200704, 8192, 4)],
+        );
+        let before = image(vec![l0.clone(), l1.clone()]);
+        let after = image(vec![l0, l1, packed]);
+        let (mut a, mut b) = (vec![0u8; vsize as usize], vec![0u8; vsize as usize]);
+        before.read_at(&mut a, 0).unwrap();
+        after.read_at(&mut b, 0).unwrap();
+        assert!(a == b, "packing changed the disk");
+        // And the packed trace's ranges map back to the same working set.
+        assert_eq!(working_set(&after, &pt).unwrap().extents, ws.extents);
+    }
+
+    #[test]
+    fn a_record_of_a_missing_layer_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(vec![layer(dir.path(), "l0", 1 << 20, &[(0, 4096, 1)])]);
+        let mut t = Trace::default();
+        t.push_read(0, 4096, 4096);
+        t.push_read(3, 4096, 4096);
+        let e = working_set(&img, &t).unwrap_err().to_string();
+        assert!(
+            e.contains("record 1") && e.contains("layer 3") && e.contains("1 layer"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn long_runs_split_at_one_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = layer(
+            dir.path(),
+            "l0",
+            8 << 20,
+            &[(0, 2 << 20, 7), (4 << 20, 4096, 8)],
+        );
+        let ro = RoLayer::from_bytes(l).unwrap();
+        let t = layer_trace(&ro, 0);
+        let got: Vec<(i64, u64)> = t.records.iter().map(|r| (r.offset, r.count)).collect();
+        let total = (2 << 20) + 4096;
+        assert_eq!(
+            got,
+            vec![
+                (4096, 1 << 20),
+                (4096 + (1 << 20), 1 << 20),
+                (4096 + (2 << 20), 4096)
+            ]
+        );
+        assert_eq!(t.total_bytes(), total);
+    }
+}
