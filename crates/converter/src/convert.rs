@@ -574,7 +574,7 @@ impl Run<'_> {
                 self.finish(p, mindex, &mut lowers, &mut out)?;
             }
             let blob_path = work.join("blob");
-            let (u, pr, bp) = (upper.clone(), params.clone(), blob_path.clone());
+            let (u, pr, bp) = (upper.clone(), params, blob_path.clone());
             let digest = layers[last].digest.clone();
             let verity = opts.verity;
             let handle = std::thread::spawn(move || {
