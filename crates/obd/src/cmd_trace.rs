@@ -19,7 +19,7 @@ pub mod record;
 pub enum TraceCmd {
     /// Record an image's start into a trace and push the image again with
     /// it as an acceleration layer (like upstream `ctr record-trace`).
-    Record(record::RecordArgs),
+    Record(Box<record::RecordArgs>),
     /// Print the records of a trace file (upstream's binary format).
     Dump {
         /// The trace file.
@@ -54,7 +54,7 @@ pub enum TraceCmd {
 
 pub fn run(cmd: TraceCmd) -> Result<()> {
     match cmd {
-        TraceCmd::Record(a) => record::run(a),
+        TraceCmd::Record(a) => record::run(*a),
         TraceCmd::Dump { file, json } => {
             let t = Trace::read_file(&file)?;
             if json {
