@@ -410,6 +410,7 @@ def prepare(imgs, variants, stargz):
             if traced:
                 info["record"] = json.loads(sh(
                     OBD, "trace", "record", "--plain-http", REG, "--json", "--address", node.sock,
+                    "--cache-dir", os.path.join(node.snroot, "cache"),
                     "--time", str(RECORD_TIME), r["obd"], r["obd-trace"]).strip().splitlines()[-1])
             if stargz:
                 sh(*node.ctr("images", "pull", "--plain-http", r["oci"]))

@@ -197,7 +197,9 @@ def main():
         imgs.append(f"- `{name}`: {mib(i['oci_layer_bytes'])} MiB of gzip layers"
                     + (f" ({sizes})" if sizes else "")
                     + f"; recorded working set {mib(rec.get('trace_bytes', 0))} MiB in "
-                    f"{rec.get('trace_records', 0)} trace records")
+                    f"{rec.get('trace_records', 0)} trace records"
+                    + (f", packed into a {mib(rec['working_set_layer_size'])} MiB layer"
+                       if rec.get("working_set_layer_size") else ""))
     skipped = [f"- skipped {x['variant']}: {x['why']}" for x in r.get("skipped", [])]
     md = "\n".join([
         f"Run {r['started']} → {r.get('finished', '(unfinished)')}, {r['reps']} repetitions, "
