@@ -1329,6 +1329,23 @@ pub fn commit_layer(
     parent: Uuid,
     path: &Path,
 ) -> Result<CommitInfo> {
+    let copts = CommitOptions {
+        uuid: Some(uuid),
+        parent_uuid: Some(parent),
+        virtual_size: Some(opts.vsize),
+        ..Default::default()
+    };
+    write_layer_blob(path, opts, |z| Ok(upper.commit(&copts, z)?))
+}
+
+/// Writes a layer blob, tar(ZFile(LSMT)), into `path`: `lsmt` streams the
+/// committed LSMT file into the ZFile writer it is given, compressed with
+/// `opts`' codec.
+pub fn write_layer_blob(
+    path: &Path,
+    opts: &CommitParams,
+    lsmt: impl FnOnce(&mut dyn io::Write) -> Result<CommitInfo>,
+) -> Result<CommitInfo> {
     let mut out = File::create(path).map_err(|e| Error::file(path, e))?;
     let tw = TarWriter::begin(&mut out)?;
     let mut z = zfile::ZFileWriter::new(
@@ -1340,15 +1357,7 @@ pub fn commit_layer(
             level: opts.level,
         },
     )?;
-    let info = upper.commit(
-        &CommitOptions {
-            uuid: Some(uuid),
-            parent_uuid: Some(parent),
-            virtual_size: Some(opts.vsize),
-            ..Default::default()
-        },
-        &mut z,
-    )?;
+    let info = lsmt(&mut z)?;
     let (_, zi) = z.finish()?;
     tw.finish(&mut out, zi.zfile_size)?;
     Ok(info)

@@ -54,8 +54,9 @@ pub mod registry;
 pub mod tree;
 
 pub use convert::{
-    commit_layer, convert, file_digest, layer_descriptor, CommitParams, LayerReport, MediaTypes,
-    Observer, Options, Report, DEFAULT_ALGORITHM, DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL,
+    commit_layer, convert, file_digest, layer_descriptor, write_layer_blob, CommitParams,
+    LayerReport, MediaTypes, Observer, Options, Report, DEFAULT_ALGORITHM, DEFAULT_BLOCK_SIZE,
+    DEFAULT_LEVEL,
 };
 pub use error::{Error, Result};
 pub use oci::{Descriptor, ImageDest, ImageSource, OciLayout};

@@ -3,7 +3,8 @@
 //! A read is served from the [`BlockCache`] when every byte of it is cached.
 //! Otherwise the read is split into *fetch units* (`min_fetch`-aligned ranges,
 //! 256 KiB by default, upstream's `refillSize`); units already cached are read
-//! from the cache, the missing ones are fetched through the [`RangeFetcher`]:
+//! from the cache, the missing ones are fetched through the [`RangeFetcher`]
+//! (less the cache blocks at a request's ends that are cached already):
 //! - consecutive missing units of one read are merged into one request of at
 //!   most `max_request` bytes (4 MiB by default); the requests of a larger
 //!   read run in parallel, up to the scheduler's limit;
@@ -50,9 +51,11 @@ pub const DEFAULT_MAX_REQUEST: u64 = 4 << 20;
 /// Request shaping of a [`RemoteBlob`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteOptions {
-    /// Every request starts on a multiple of this and covers whole multiples
-    /// of it (except at the end of the blob). Must be a multiple of the cache
-    /// block size. Default [`DEFAULT_MIN_FETCH`] (256 KiB).
+    /// A read's request covers whole multiples of this, aligned (except at
+    /// the end of the blob), less the whole cache blocks at either end that
+    /// are cached already (exact fetches, [`RemoteBlob::fetch_exact`], leave
+    /// such blocks). Must be a multiple of the cache block size. Default
+    /// [`DEFAULT_MIN_FETCH`] (256 KiB).
     pub min_fetch: u64,
     /// Upper bound of one request; rounded down to a multiple of `min_fetch`
     /// (at least one unit). Default [`DEFAULT_MAX_REQUEST`] (4 MiB).
@@ -935,6 +938,21 @@ impl RemoteBlob {
                 return Ok((offset, Arc::new(have)));
             }
         }
+        // Whole cache blocks at either end that are cached already (an exact
+        // fetch got them: a layer's two ends at open) are not fetched again.
+        let (lo, hi) = self.uncached_core(offset, offset + len);
+        if (lo, hi) != (offset, offset + len) {
+            let mut have = vec![0u8; len as usize];
+            let (head, rest) = have.split_at_mut((lo - offset) as usize);
+            let (mid, tail) = rest.split_at_mut((hi - lo) as usize);
+            let ends = matches!(self.cache.read(&self.cached, head, offset), Ok(true))
+                && matches!(self.cache.read(&self.cached, tail, hi), Ok(true));
+            if ends {
+                let (_, core) = self.fetch_request(lo, hi - lo, prio)?;
+                mid.copy_from_slice(&core);
+                return Ok((offset, Arc::new(have)));
+            }
+        }
         bump(&self.counters.requests, 1);
         let log = super::timeline::enabled();
         let t_ask = log.then(super::timeline::now_us);
@@ -969,6 +987,40 @@ impl RemoteBlob {
         // A full or failing cache must not fail the read: the bytes are here.
         let _ = self.cache.insert(&self.cached, offset, &data);
         Ok((offset, Arc::new(data)))
+    }
+}
+
+impl RemoteBlob {
+    /// `[offset, end)` without the whole cache blocks at either end that are
+    /// cached (all of it when every block is).
+    fn uncached_core(&self, offset: u64, end: u64) -> (u64, u64) {
+        let bs = self.cache.block_size();
+        let (mut lo, mut hi) = (offset, end);
+        while lo < hi && lo % bs == 0 {
+            let e = (lo + bs).min(hi);
+            if e - lo < bs && e != self.blob.size {
+                break;
+            }
+            if !self.cache.contains(&self.cached, lo, e - lo) {
+                break;
+            }
+            lo = e;
+        }
+        while lo < hi {
+            let s = ((hi - 1) / bs) * bs;
+            if s < lo || !(hi % bs == 0 || hi == self.blob.size) {
+                break;
+            }
+            if !self.cache.contains(&self.cached, s, hi - s) {
+                break;
+            }
+            hi = s;
+        }
+        if lo >= hi {
+            // All cached after all (raced with an insert): fetch as asked.
+            return (offset, end);
+        }
+        (lo, hi)
     }
 }
 

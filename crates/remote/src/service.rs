@@ -15,7 +15,7 @@
 //!                                # open), "if-present", or "off"
 //!
 //! [fetch]
-//! min_fetch = 262144             # every remote request covers whole multiples of this
+//! min_fetch = 262144             # a read's request covers whole multiples of this
 //! max_request = 4194304          # largest single request
 //! concurrency = 8                # outstanding requests; foreground reads go first
 //!
@@ -523,6 +523,13 @@ impl LayerSource for RegistrySource {
             self.sched.clone(),
             self.opts,
         )?);
+        // Opening the layer reads its two ends: the tar and ZFile headers,
+        // and the ZFile trailer, jump table and LSMT index. Fetch exactly the
+        // cache block at each end instead of a whole fetch unit: a start that
+        // its trace prefetch serves from another layer reads nothing else here.
+        let bs = self.cache.block_size();
+        blob.fetch_exact(0, bs, Priority::Foreground)?;
+        blob.fetch_exact(size.saturating_sub(bs), bs, Priority::Foreground)?;
         let service = self.download.as_download();
         let dl = layer.download.unwrap_or(&service);
         if !dl.enable {

@@ -115,10 +115,14 @@ proptest! {
             }
             prop_assert!(cache.usage() <= budget, "usage {} > budget {}", cache.usage(), budget);
         }
+        // Whole units, less the whole cache blocks at either end that were
+        // cached already: cache-block aligned, within a unit-aligned span.
         for &(o, l) in src.calls.lock().unwrap().iter() {
-            prop_assert_eq!(o % UNIT, 0);
+            prop_assert_eq!(o % BS, 0);
             prop_assert!(l <= MAX_REQ && l > 0);
-            prop_assert!(l % UNIT == 0 || o + l == size);
+            prop_assert!(l % BS == 0 || o + l == size);
+            let span = (o + l).next_multiple_of(UNIT).min(size) - o / UNIT * UNIT;
+            prop_assert!(span <= MAX_REQ);
         }
     }
 }

@@ -98,9 +98,6 @@ pub enum Error {
         /// Layers of the image.
         layers: usize,
     },
-    /// Reading the image or writing the packed layer failed.
-    #[error("packing the working set: {0}")]
-    Pack(overlaybd_core::Error),
     /// A trace file error, with the file it came from.
     #[error("{path}: {cause}")]
     InFile {

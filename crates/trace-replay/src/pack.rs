@@ -5,14 +5,17 @@
 //! A recorded trace names ranges of each layer's file. Those ranges sit
 //! among blocks the start never reads (other files, in the same compressed
 //! blocks), so replaying them fetches neighbours too. The packed layer holds
-//! only the blocks that were read, contiguous in disk order: its compressed
-//! blocks carry nothing else, and replaying it is a few large sequential
-//! requests. Its data equals what the layers below already give at those
+//! only the blocks that were read, in the order they were first read: its
+//! compressed blocks carry nothing else, replaying it is a few large
+//! sequential requests, and what the start needs first arrives first. Its data equals what the layers below already give at those
 //! ranges, so the merged disk is unchanged and readers that do not know the
 //! layer's purpose (upstream overlaybd) see an ordinary layer.
 
+use std::collections::BTreeMap;
+use std::io::Write;
+
 use overlaybd_core::image::Image;
-use overlaybd_core::lsmt::{RoLayer, WritableLayer, SECTOR};
+use overlaybd_core::lsmt::{commit_extents, CommitInfo, CommitOptions, RoLayer, Uuid, SECTOR};
 
 use crate::format::{Record, Trace};
 use crate::{Error, Result};
@@ -24,8 +27,9 @@ pub const MAX_RECORD: u64 = 1 << 20;
 /// The disk ranges a trace read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkingSet {
-    /// Byte ranges `(offset, len)` of the disk: sector-aligned, sorted,
-    /// disjoint and not adjacent.
+    /// Byte ranges `(offset, len)` of the disk, sector-aligned and disjoint,
+    /// **in the order the trace first read them** (a range read again later
+    /// keeps its first place).
     pub extents: Vec<(u64, u64)>,
     /// Bytes of records that fell on no data of their layer (its header,
     /// index or padding): not part of the disk.
@@ -52,13 +56,45 @@ fn by_file_offset(layer: &RoLayer) -> Vec<(u64, u64, u64)> {
     v
 }
 
+/// Sector ranges seen so far (disjoint, keyed by start).
+#[derive(Default)]
+struct Seen(BTreeMap<u64, u64>);
+
+impl Seen {
+    /// The parts of `[a, b)` not seen before, in order; marks them seen.
+    fn add(&mut self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let mut fresh = Vec::new();
+        let mut at = a;
+        // The range that starts before `a` may cover its beginning.
+        if let Some((_, &end)) = self.0.range(..=a).next_back() {
+            at = at.max(end);
+        }
+        let inside: Vec<(u64, u64)> = self.0.range(a..b).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in inside {
+            if s > at {
+                fresh.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if at < b {
+            fresh.push((at, b));
+        }
+        for &(s, e) in &fresh {
+            self.0.insert(s, e);
+        }
+        fresh
+    }
+}
+
 /// The disk ranges that the records of `trace` read from the lower layers
-/// of `image` (record layer 0 = the bottom lower): each record's range of
-/// its layer's file is mapped back through that layer's index.
+/// of `image` (record layer 0 = the bottom lower), in first-read order:
+/// each record's range of its layer's file is mapped back through that
+/// layer's index.
 pub fn working_set(image: &Image, trace: &Trace) -> Result<WorkingSet> {
     let layers = image.layers();
     let maps: Vec<Vec<(u64, u64, u64)>> = layers.iter().map(|l| by_file_offset(&l.lsmt)).collect();
-    let mut sectors: Vec<(u64, u64)> = Vec::new();
+    let mut seen = Seen::default();
+    let mut extents: Vec<(u64, u64)> = Vec::new();
     let mut unmapped = 0u64;
     for (i, r) in trace.records.iter().enumerate() {
         let map = maps.get(r.layer as usize).ok_or(Error::NoSuchLayer {
@@ -70,10 +106,8 @@ pub fn working_set(image: &Image, trace: &Trace) -> Result<WorkingSet> {
             unmapped += r.count;
             continue;
         }
-        let (start, end) = (
-            r.offset as u64 / SECTOR,
-            (r.offset as u64).saturating_add(r.count).div_ceil(SECTOR),
-        );
+        let start = r.offset as u64 / SECTOR;
+        let end = (r.offset as u64).saturating_add(r.count).div_ceil(SECTOR);
         let mut mapped = 0u64;
         // The first entry whose bytes end after `start`.
         let first = map.partition_point(|&(m, _, len)| m + len <= start);
@@ -82,18 +116,15 @@ pub fn working_set(image: &Image, trace: &Trace) -> Result<WorkingSet> {
                 break;
             }
             let (a, b) = (start.max(m), end.min(m + len));
-            sectors.push((lba + (a - m), lba + (b - m)));
             mapped += b - a;
+            for (s, e) in seen.add(lba + (a - m), lba + (b - m)) {
+                match extents.last_mut() {
+                    Some(last) if last.1 == s => last.1 = e,
+                    _ => extents.push((s, e)),
+                }
+            }
         }
         unmapped += r.count.saturating_sub(mapped * SECTOR);
-    }
-    sectors.sort_unstable();
-    let mut extents: Vec<(u64, u64)> = Vec::new();
-    for (a, b) in sectors {
-        match extents.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => extents.push((a, b)),
-        }
     }
     Ok(WorkingSet {
         extents: extents
@@ -104,30 +135,25 @@ pub fn working_set(image: &Image, trace: &Trace) -> Result<WorkingSet> {
     })
 }
 
-/// Copies the disk's bytes at `set` from `image` into `upper` (in disk order,
-/// through a 1 MiB buffer). Returns the bytes written.
-pub fn copy_working_set(image: &Image, set: &WorkingSet, upper: &mut WritableLayer) -> Result<u64> {
-    let mut buf = vec![0u8; MAX_RECORD as usize];
-    let mut total = 0u64;
-    for &(offset, len) in &set.extents {
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(MAX_RECORD) as usize;
-            let at = offset + done;
-            let got = image.read_at(&mut buf[..n], at).map_err(Error::Pack)?;
-            if got != n {
-                return Err(Error::Pack(overlaybd_core::Error::Truncated {
-                    what: "image",
-                    need: at + n as u64,
-                    have: image.virtual_size(),
-                }));
-            }
-            upper.write_at(&buf[..n], at).map_err(Error::Pack)?;
-            done += n as u64;
-        }
-        total += len;
-    }
-    Ok(total)
+/// Streams into `out` a committed LSMT layer holding `image`'s bytes at
+/// `set`, its data in the set's (first-read) order
+/// ([`overlaybd_core::lsmt::commit_extents`]); `opts` names the layer.
+pub fn commit_working_set(
+    image: &Image,
+    set: &WorkingSet,
+    opts: &CommitOptions,
+    out: &mut dyn Write,
+) -> overlaybd_core::Result<CommitInfo> {
+    let sectors: Vec<(u64, u64)> = set
+        .extents
+        .iter()
+        .map(|&(o, l)| (o / SECTOR, l / SECTOR))
+        .collect();
+    let parent = match image.layers().last() {
+        Some(l) => l.lsmt.header().uuid()?,
+        None => Uuid::NIL,
+    };
+    commit_extents(&sectors, image, (image.virtual_size(), parent), opts, out)
 }
 
 /// The trace that replays all of `layer` (lower `index` of its image) front
@@ -158,7 +184,7 @@ pub fn layer_trace(layer: &RoLayer, index: u32) -> Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use overlaybd_core::lsmt::CreateOptions;
+    use overlaybd_core::lsmt::{CreateOptions, WritableLayer};
     use std::sync::Arc;
     use zfile::ReadAt;
 
@@ -228,26 +254,39 @@ mod tests {
         t.push_read(0, file_of(0, 131072 + 4096), 8192); // disk 132K..140K
         t.push_read(1, file_of(1, 200704), 4096);
         t.push_read(0, 0, 512); // the header: no disk range
+        t.push_read(0, file_of(0, 0), 12288); // read again: nothing new
         let ws = working_set(&img, &t).unwrap();
-        assert_eq!(ws.extents, vec![(0, 12288), (135168, 8192), (200704, 4096)]);
+        assert_eq!(
+            ws.extents,
+            vec![
+                (0, 4096),
+                (8192, 4096),
+                (4096, 4096),
+                (135168, 8192),
+                (200704, 4096)
+            ],
+            "first-read order"
+        );
         assert_eq!((ws.bytes(), ws.unmapped), (24576, 512));
 
-        // Packed into a third layer: the disk reads the same everywhere,
-        // and the layer's trace covers exactly its data.
-        let (d, i) = (dir.path().join("p.data"), dir.path().join("p.index"));
-        let mut p = WritableLayer::create(
-            &d,
-            &i,
-            CreateOptions {
-                virtual_size: vsize,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(copy_working_set(&img, &ws, &mut p).unwrap(), 24576);
+        // Packed into a third layer: the data in first-read order, the disk
+        // reads the same everywhere, and the layer's trace covers exactly
+        // its data.
         let mut packed = Vec::new();
-        p.commit(&Default::default(), &mut packed).unwrap();
+        let info = commit_working_set(&img, &ws, &CommitOptions::default(), &mut packed).unwrap();
+        assert_eq!(info.data_sectors * SECTOR, 24576);
+        let data = &packed[4096..4096 + 24576];
+        assert!(data[..4096].iter().all(|&b| b == 1));
+        assert!(
+            data[4096..8192].iter().all(|&b| b == 3),
+            "the top layer's bytes"
+        );
+        assert!(data[12288..20480].iter().all(|&b| b == 2));
         let ro = RoLayer::from_bytes(packed.clone()).unwrap();
+        assert_eq!(
+            ro.header().parent_uuid().unwrap(),
+            img.layers()[1].lsmt.header().uuid().unwrap()
+        );
         let pt = layer_trace(&ro, 2);
         assert_eq!(pt.records.len(), 1, "{:?}", pt.records);
         assert_eq!(
@@ -280,6 +319,7 @@ mod tests {
         assert!(a == b, "packing changed the disk");
         // And the packed trace's ranges map back to the same working set.
         assert_eq!(working_set(&after, &pt).unwrap().extents, ws.extents);
+        let _ = dir;
     }
 
     #[test]

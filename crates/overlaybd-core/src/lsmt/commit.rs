@@ -145,12 +145,12 @@ pub fn compacted_index(segments: &[Segment], max_entries: u64) -> Result<(Vec<Se
     Ok((out, cursor - DATA_START_SECTOR))
 }
 
-/// Streams a committed LSMT file for `input` into `out` (sequential writes only).
-pub fn commit(
-    input: &CommitInput<'_>,
+/// Writes the header of a committed file; returns it for the trailer.
+fn begin(
     opts: &CommitOptions,
+    (virtual_size, parent_uuid): (u64, Uuid),
     out: &mut dyn Write,
-) -> Result<CommitInfo> {
+) -> Result<HeaderTrailer> {
     if opts.user_tag.len() > USER_TAG_MAX {
         return Err(Error::BadField {
             what: "header",
@@ -158,68 +158,155 @@ pub fn commit(
             detail: format!("{} bytes; at most {USER_TAG_MAX}", opts.user_tag.len()),
         });
     }
-    let (index, data_sectors) = compacted_index(input.segments, opts.max_entries)?;
-
     let mut ht = HeaderTrailer::new(flags::COMMITTED_HEADER);
-    ht.virtual_size = opts.virtual_size.unwrap_or(input.virtual_size);
+    ht.virtual_size = opts.virtual_size.unwrap_or(virtual_size);
     ht.set_uuid(&opts.uuid.unwrap_or(Uuid::NIL));
-    ht.set_parent_uuid(&opts.parent_uuid.unwrap_or(input.parent_uuid));
+    ht.set_parent_uuid(&opts.parent_uuid.unwrap_or(parent_uuid));
     ht.set_user_tag(&opts.user_tag)?;
     out.write_all(&ht.encode())?;
-    let mut bytes = BLOCK;
+    Ok(ht)
+}
 
-    // Data, in LBA order, through a bounded buffer.
-    const BUF: u64 = 1 << 20;
-    let mut buf = vec![0u8; BUF as usize];
-    for s in input.segments {
-        if s.zeroed || s.length == 0 || s.is_invalid() {
-            continue;
-        }
-        let mut pos = s.moffset * SECTOR;
-        let mut left = s.length as u64 * SECTOR;
-        while left > 0 {
-            let n = left.min(BUF) as usize;
-            input.data.read_exact_at(&mut buf[..n], pos).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    Error::Truncated {
-                        what: "layer data",
-                        need: pos + n as u64,
-                        have: input.data.size(),
-                    }
-                } else {
-                    Error::Io(e)
-                }
-            })?;
-            out.write_all(&buf[..n])?;
-            pos += n as u64;
-            left -= n as u64;
-        }
-    }
-    bytes += data_sectors * SECTOR;
-
+/// Writes the padded `index` and the trailer after `data_sectors` of data.
+fn finish(
+    mut ht: HeaderTrailer,
+    index: &[Segment],
+    data_sectors: u64,
+    out: &mut dyn Write,
+) -> Result<CommitInfo> {
     let entries = index.len() as u64;
     let padded = entries.next_multiple_of(INDEX_PAD_ENTRIES);
     let mut raw = Vec::with_capacity(padded as usize * Segment::SIZE);
-    for e in &index {
+    for e in index {
         raw.extend_from_slice(&e.encode());
     }
     for _ in entries..padded {
         raw.extend_from_slice(&Segment::INVALID.encode());
     }
     out.write_all(&raw)?;
-    bytes += raw.len() as u64;
-
     ht.flags = flags::TRAILER;
     ht.index_offset = BLOCK + data_sectors * SECTOR;
     ht.index_size = padded;
     out.write_all(&ht.encode())?;
-    bytes += BLOCK;
     Ok(CommitInfo {
-        bytes,
+        bytes: BLOCK + data_sectors * SECTOR + raw.len() as u64 + BLOCK,
         entries,
         padding: padded - entries,
         data_sectors,
     })
+}
+
+/// Copies `len` bytes at `pos` of `data` to `out` through `buf`.
+fn copy_range(
+    data: &dyn ReadAt,
+    (pos, len): (u64, u64),
+    buf: &mut [u8],
+    what: &'static str,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let (mut pos, mut left) = (pos, len);
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        data.read_exact_at(&mut buf[..n], pos).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Truncated {
+                    what,
+                    need: pos + n as u64,
+                    have: data.size(),
+                }
+            } else {
+                Error::Io(e)
+            }
+        })?;
+        out.write_all(&buf[..n])?;
+        pos += n as u64;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Streams a committed LSMT file for `input` into `out` (sequential writes only).
+pub fn commit(
+    input: &CommitInput<'_>,
+    opts: &CommitOptions,
+    out: &mut dyn Write,
+) -> Result<CommitInfo> {
+    let ht = begin(opts, (input.virtual_size, input.parent_uuid), out)?;
+    let (index, data_sectors) = compacted_index(input.segments, opts.max_entries)?;
+    // Data, in LBA order, through a bounded buffer.
+    let mut buf = vec![0u8; 1 << 20];
+    for s in input.segments {
+        if s.zeroed || s.length == 0 || s.is_invalid() {
+            continue;
+        }
+        let range = (s.moffset * SECTOR, s.length as u64 * SECTOR);
+        copy_range(input.data, range, &mut buf, "layer data", out)?;
+    }
+    finish(ht, &index, data_sectors, out)
+}
+
+/// Streams into `out` a committed LSMT file holding `disk`'s bytes at
+/// `extents` (sector ranges `(offset, length)`, disjoint), its data **in
+/// the order of `extents`** rather than in LBA order: the index stays sorted
+/// by offset, cut in 32 KiB pieces and merged as [`commit`] does. Readers
+/// (upstream's too) follow each entry's `moffset`, so any data order reads
+/// the same; the order decides what a front-to-back read fetches first.
+pub fn commit_extents(
+    extents: &[(u64, u64)],
+    disk: &dyn ReadAt,
+    (virtual_size, parent_uuid): (u64, Uuid),
+    opts: &CommitOptions,
+    out: &mut dyn Write,
+) -> Result<CommitInfo> {
+    let mut pieces = Vec::new();
+    let mut cursor = DATA_START_SECTOR;
+    for &(offset, length) in extents {
+        let mut done = 0u64;
+        while done < length {
+            let n = (length - done).min(COPY_PIECE_SECTORS as u64);
+            pieces.push(Segment::data(offset + done, n as u32, cursor));
+            cursor += n;
+            done += n;
+        }
+    }
+    pieces.sort_unstable_by_key(|s| s.offset);
+    let mut index: Vec<Segment> = Vec::new();
+    for (i, p) in pieces.into_iter().enumerate() {
+        if let Some(last) = index.last_mut() {
+            if p.offset < last.end() {
+                return Err(Error::IndexOrder {
+                    index: i,
+                    prev_end: last.end(),
+                    offset: p.offset,
+                });
+            }
+            if mergeable(last, &p) {
+                last.length += p.length;
+                continue;
+            }
+        }
+        index.push(p);
+    }
+    let padded = (index.len() as u64).next_multiple_of(INDEX_PAD_ENTRIES);
+    if padded > opts.max_entries {
+        return Err(Error::TooManyEntries {
+            what: "committed LSMT index (after padding)",
+            count: padded,
+            max: opts.max_entries,
+        });
+    }
+    let ht = begin(opts, (virtual_size, parent_uuid), out)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for &(offset, length) in extents {
+        copy_range(
+            disk,
+            (offset * SECTOR, length * SECTOR),
+            &mut buf,
+            "disk",
+            out,
+        )?;
+    }
+    finish(ht, &index, cursor - DATA_START_SECTOR, out)
 }
 
 impl RoLayer {
@@ -285,5 +372,67 @@ mod tests {
             compacted_index(&segs, 300),
             Err(Error::TooManyEntries { .. })
         ));
+    }
+
+    /// A disk of `sectors` whose every byte names its sector.
+    fn disk(sectors: u64) -> Vec<u8> {
+        (0..sectors * SECTOR)
+            .map(|i| (i / SECTOR) as u8 ^ (i as u8))
+            .collect()
+    }
+
+    #[test]
+    fn extents_in_lba_order_commit_like_a_writable_layer() {
+        use crate::lsmt::{CreateOptions, WritableLayer};
+        let d = disk(4096);
+        let extents = [(8u64, 100u64), (300, 1), (301, 200), (2000, 64)];
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CreateOptions {
+            virtual_size: 4096 * SECTOR,
+            ..Default::default()
+        };
+        let (df, xf) = (dir.path().join("d"), dir.path().join("i"));
+        let mut w = WritableLayer::create(&df, &xf, opts).unwrap();
+        for &(o, l) in &extents {
+            let r = (o * SECTOR) as usize..((o + l) * SECTOR) as usize;
+            w.write_at(&d[r], o * SECTOR).unwrap();
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let co = CommitOptions::default();
+        let ia = w.commit(&co, &mut a).unwrap();
+        let ib = commit_extents(&extents, &d, (4096 * SECTOR, Uuid::NIL), &co, &mut b).unwrap();
+        assert_eq!(ia, ib);
+        assert!(a == b, "byte-identical to the writable layer's commit");
+    }
+
+    #[test]
+    fn extents_out_of_order_read_back_the_disk() {
+        let d = disk(4096);
+        let extents = [(2000u64, 300u64), (8, 100), (1000, 1), (120, 700)];
+        let mut out = Vec::new();
+        let co = CommitOptions::default();
+        let info = commit_extents(&extents, &d, (4096 * SECTOR, Uuid::NIL), &co, &mut out).unwrap();
+        assert_eq!(info.data_sectors, 1101);
+        // The data is in the given order, from byte 4096.
+        assert_eq!(&out[4096..4096 + 512], &d[2000 * 512..2001 * 512]);
+        let ro = RoLayer::from_bytes(out).unwrap();
+        let mut got = vec![0u8; d.len()];
+        ro.read_at(&mut got, 0).unwrap();
+        let mut want = vec![0u8; d.len()];
+        for &(o, l) in &extents {
+            let r = (o * SECTOR) as usize..((o + l) * SECTOR) as usize;
+            want[r.clone()].copy_from_slice(&d[r]);
+        }
+        assert!(got == want, "reads back the extents, zero elsewhere");
+        assert!(ro.segments().windows(2).all(|w| w[0].end() <= w[1].offset));
+        // Overlapping extents are refused.
+        let e = commit_extents(
+            &[(0, 10), (5, 10)],
+            &d,
+            (4096 * SECTOR, Uuid::NIL),
+            &co,
+            &mut Vec::new(),
+        );
+        assert!(matches!(e, Err(Error::IndexOrder { .. })), "{e:?}");
     }
 }

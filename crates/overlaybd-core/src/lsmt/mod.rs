@@ -8,7 +8,7 @@ pub mod segment;
 pub mod validate;
 pub mod writable;
 
-pub use commit::{commit, CommitInfo, CommitInput, CommitOptions};
+pub use commit::{commit, commit_extents, CommitInfo, CommitInput, CommitOptions};
 pub use header::{HeaderTrailer, Uuid};
 pub use ro::{RoKind, RoLayer, RoOptions, MAX_RO_INDEX_SIZE};
 pub use segment::{Segment, SECTOR};
