@@ -527,9 +527,20 @@ impl LayerSource for RegistrySource {
         // and the ZFile trailer, jump table and LSMT index. Fetch exactly the
         // cache block at each end instead of a whole fetch unit: a start that
         // its trace prefetch serves from another layer reads nothing else here.
+        // Both at once: one round trip.
         let bs = self.cache.block_size();
-        blob.fetch_exact(0, bs, Priority::Foreground)?;
-        blob.fetch_exact(size.saturating_sub(bs), bs, Priority::Foreground)?;
+        let (head, tail) = std::thread::scope(|s| {
+            let tail =
+                s.spawn(|| blob.fetch_exact(size.saturating_sub(bs), bs, Priority::Foreground));
+            let head = blob.fetch_exact(0, bs, Priority::Foreground);
+            (head, tail.join())
+        });
+        head?;
+        tail.map_err(|_| {
+            Error::Io(std::io::Error::other(
+                "fetching a layer's tail: thread panicked",
+            ))
+        })??;
         let service = self.download.as_download();
         let dl = layer.download.unwrap_or(&service);
         if !dl.enable {
