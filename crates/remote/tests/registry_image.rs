@@ -125,7 +125,7 @@ fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() 
     let ranges: Vec<String> = proxy.requests()[..]
         .iter()
         .filter(|r| r.method == "GET")
-        .filter_map(|r| r.header("range").map(str::to_string))
+        .filter_map(|r| r.header("range").map(|h| format!("{} {h}", r.target)))
         .skip(before)
         .collect();
     let mut unique = ranges.clone();
