@@ -80,7 +80,8 @@ pub struct FuseOptions {
     /// Most FUSE requests in flight for asynchronous direct I/O and readahead.
     pub max_background: u16,
     /// Page-cache readahead of the loop device in KiB (`queue/read_ahead_kb`),
-    /// set on every attach; `None` keeps what the kernel chose.
+    /// set on every attach unless the backend asks for its own
+    /// ([`BlockBackend::read_ahead_kb`]); `None` keeps what the kernel chose.
     pub read_ahead_kb: Option<u32>,
 }
 
@@ -285,6 +286,7 @@ fn attach(
     }
     let read_only = backend.read_only();
     let block_size = backend.block_size();
+    let read_ahead = backend.read_ahead_kb();
     let fs = DiskFs::new(backend, opts);
 
     let dev = OpenOptions::new()
@@ -360,7 +362,7 @@ fn attach(
         },
     )?;
     drop(file);
-    if let Some(kb) = opts.read_ahead_kb {
+    if let Some(kb) = read_ahead.or(opts.read_ahead_kb) {
         // Only a tuning: the device works with the kernel's value.
         if let Err(e) = lo.set_read_ahead_kb(kb) {
             tracing::warn!("FUSE device {id}: {e}; readahead left to the kernel");

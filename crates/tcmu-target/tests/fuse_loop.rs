@@ -346,12 +346,49 @@ fn fuse_read_ahead_set_on_every_attach() {
     // instead of inheriting the last user's.
     let f = Fused::attach(
         &FuseFrontend::new(),
-        backend,
+        backend.clone(),
         "ra-def",
         &work_dir(tmp.path(), "w2"),
     );
     assert_eq!(read_ahead_kb(&f.dev), DEFAULT_READ_AHEAD_KB);
     f.detach();
+    // A backend's own value wins over the frontend's.
+    let att = FuseFrontend::new()
+        .attach(
+            Arc::new(ReadAhead(backend)),
+            "ra-own",
+            &work_dir(tmp.path(), "w3"),
+        )
+        .unwrap();
+    assert_eq!(read_ahead_kb(att.device_path()), 3072);
+    att.detach().unwrap();
+}
+
+/// A backend asking for 3 MiB of readahead.
+struct ReadAhead(Arc<MemBackend>);
+
+impl tcmu_target::BlockBackend for ReadAhead {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+    fn read_ahead_kb(&self) -> Option<u32> {
+        Some(3072)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 #[test]
