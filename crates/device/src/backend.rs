@@ -13,12 +13,23 @@ use tcmu_target::BlockBackend;
 /// and discards into it. Without an upper the device is read-only.
 pub struct ImageBackend {
     image: Arc<Image>,
+    read_ahead_kb: Option<u32>,
 }
 
 impl ImageBackend {
     /// Serves `image`; read-write when it has a writable upper.
     pub fn new(image: Arc<Image>) -> Self {
-        ImageBackend { image }
+        ImageBackend {
+            image,
+            read_ahead_kb: None,
+        }
+    }
+
+    /// Asks the frontend for this readahead ([`BlockBackend::read_ahead_kb`]);
+    /// `None` takes the frontend's default.
+    pub fn with_read_ahead_kb(mut self, kb: Option<u32>) -> Self {
+        self.read_ahead_kb = kb;
+        self
     }
 
     /// The image served.
@@ -55,6 +66,10 @@ impl BlockBackend for ImageBackend {
 
     fn read_only(&self) -> bool {
         !self.image.has_upper()
+    }
+
+    fn read_ahead_kb(&self) -> Option<u32> {
+        self.read_ahead_kb
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -139,6 +139,33 @@ fn registry_source(_root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
     Ok(None)
 }
 
+/// Readahead of a device whose image keeps `local` (cached, total) bytes of
+/// its remote layers (`None`: all layers are local files).
+///
+/// Until the image has started on this host, readahead that the start does
+/// not use is fetched over the network: [`LAZY_READ_AHEAD_KB`] (the kernel's
+/// own choice for the FUSE loop device) keeps that down. Once at least
+/// [`LOCAL_SHARE_PERCENT`] of the layers' bytes are cached (a second
+/// container), the frontend's default applies, as large as a local disk's,
+/// so that the same start blocks on as few page faults as it does on
+/// overlayfs (docs/BENCHMARKS.md, issue 18, "device read path").
+pub fn read_ahead_kb(local: Option<(u64, u64)>) -> Option<u32> {
+    match local {
+        Some((cached, total))
+            if cached.saturating_mul(100) < total.saturating_mul(LOCAL_SHARE_PERCENT) =>
+        {
+            Some(LAZY_READ_AHEAD_KB)
+        }
+        _ => None,
+    }
+}
+
+/// Readahead in KiB of a device whose image is mostly not on this host.
+pub const LAZY_READ_AHEAD_KB: u32 = 2560;
+/// Cached share (percent of the remote layers' bytes) from which a device
+/// reads ahead as over a local disk.
+pub const LOCAL_SHARE_PERCENT: u64 = 25;
+
 /// What a worker brought up.
 struct Up {
     attachment: Box<dyn tcmu_target::Attachment>,
@@ -166,7 +193,8 @@ fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result
         fresh_upper,
         trace,
     } = open_image(&req.config, remote.as_deref())?;
-    let backend = Arc::new(backend);
+    let read_ahead = read_ahead_kb(remote.as_deref().and_then(|r| r.local_bytes()));
+    let backend = Arc::new(backend.with_read_ahead_kb(read_ahead));
     // A recorded trace needs only the image: replay it now, so the prefetch
     // overlaps the attach and the mount (whose reads go first anyway). Stopped
     // if the bring-up fails. A priority list needs the device; it waits.
@@ -514,4 +542,19 @@ fn report(line: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+}
+
+#[cfg(test)]
+mod read_ahead_tests {
+    use super::*;
+
+    #[test]
+    fn lazy_until_a_quarter_is_cached() {
+        assert_eq!(read_ahead_kb(None), None);
+        assert_eq!(read_ahead_kb(Some((0, 0))), None);
+        assert_eq!(read_ahead_kb(Some((0, 100))), Some(LAZY_READ_AHEAD_KB));
+        assert_eq!(read_ahead_kb(Some((24, 100))), Some(LAZY_READ_AHEAD_KB));
+        assert_eq!(read_ahead_kb(Some((25, 100))), None);
+        assert_eq!(read_ahead_kb(Some((u64::MAX, u64::MAX))), None);
+    }
 }

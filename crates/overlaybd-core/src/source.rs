@@ -44,6 +44,13 @@ pub trait LayerSource: Send + Sync {
     /// Opens the blob of `layer`, or returns `Ok(None)` when this source does not
     /// have it (the next source is then asked).
     fn open(&self, layer: LayerRef<'_>) -> Result<Option<OpenedBlob>>;
+
+    /// Of the blobs this source opened, the bytes held on this host (e.g. in
+    /// a block cache) and their total size; `None` (the default) when the
+    /// source does not keep such a count.
+    fn local_bytes(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// Local files: `file`, else `dir/overlaybd.commit`, `dir/.commit`,

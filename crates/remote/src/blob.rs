@@ -488,6 +488,11 @@ impl RemoteBlob {
         }
     }
 
+    /// Bytes of this blob in the host's block cache now.
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.cached_bytes(&self.cached)
+    }
+
     /// Reads `buf.len()` bytes at `offset` (clamped to the blob); returns the
     /// count. Admitted at this thread's [`super::read_priority`]
     /// (foreground unless under [`super::with_read_priority`]).

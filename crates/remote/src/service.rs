@@ -296,6 +296,8 @@ pub struct RegistrySource {
     verify: VerifyPolicy,
     download: DownloadSection,
     downloads: Mutex<Vec<(String, DownloadHandle)>>,
+    /// Every blob opened, for [`LayerSource::local_bytes`].
+    opened: Mutex<Vec<Arc<RemoteBlob>>>,
     metrics: Metrics,
     fetcher: Arc<dyn RangeFetcher>,
     cache: Arc<BlockCache>,
@@ -328,6 +330,7 @@ impl RegistrySource {
             verify: cfg.cache.verify,
             download: cfg.download.clone(),
             downloads: Mutex::new(Vec::new()),
+            opened: Mutex::new(Vec::new()),
             metrics,
             fetcher,
             cache: BlockCache::open(copts)?,
@@ -541,6 +544,10 @@ impl LayerSource for RegistrySource {
                 "fetching a layer's tail: thread panicked",
             ))
         })??;
+        self.opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(blob.clone());
         let service = self.download.as_download();
         let dl = layer.download.unwrap_or(&service);
         if !dl.enable {
@@ -574,6 +581,15 @@ impl LayerSource for RegistrySource {
         Ok(Some(OpenedBlob {
             name: l.digest.clone(),
             blob: switch,
+        }))
+    }
+
+    /// Cached bytes of the blobs opened so far and their sizes (a blob being
+    /// downloaded counts what its reads have cached).
+    fn local_bytes(&self) -> Option<(u64, u64)> {
+        let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        Some(opened.iter().fold((0, 0), |(c, t), b| {
+            (c + b.cached_bytes(), t + b.blob().size)
         }))
     }
 }

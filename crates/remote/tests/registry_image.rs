@@ -10,7 +10,7 @@ use std::sync::Arc;
 use obd_remote::service::{RegistrySource, ServiceConfig};
 use overlaybd_core::config::{ImageConfig, Lower};
 use overlaybd_core::image::Image;
-use overlaybd_core::source::LocalFiles;
+use overlaybd_core::source::{LayerSource, LocalFiles};
 use sha2::{Digest, Sha256};
 use support::http::{Action, Req, Server};
 use support::Registry;
@@ -68,9 +68,15 @@ fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() 
     };
 
     let src = RegistrySource::new(&service(cache.path())).unwrap();
+    assert_eq!(src.local_bytes(), Some((0, 0)));
     let img = Image::open(&cfg, None, &[&LocalFiles, &src]).unwrap();
+    let (opened, size) = src.local_bytes().unwrap();
+    assert_eq!(size, total);
+    assert!(opened < total, "{opened} of {total} cached after the open");
     assert_eq!(img.virtual_size(), 1 << 30);
     assert_eq!(disk_sha256(&img), DISK_SHA256);
+    let (read, _) = src.local_bytes().unwrap();
+    assert!(read > opened, "{read} cached after reading everything");
     let first = data_gets(&proxy);
     assert!(first > 0);
     let fetched: u64 = proxy
@@ -96,6 +102,7 @@ fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() 
     // Restart: a new source over the same cache dir serves everything locally.
     let src = RegistrySource::new(&service(cache.path())).unwrap();
     let img = Image::open(&cfg, None, &[&LocalFiles, &src]).unwrap();
+    assert_eq!(src.local_bytes(), Some((read, total)));
     assert_eq!(disk_sha256(&img), DISK_SHA256);
     assert_eq!(
         data_gets(&proxy),

@@ -34,6 +34,12 @@ pub trait BlockBackend: Send + Sync + 'static {
     }
     /// True if writes, discards and flushes must be refused.
     fn read_only(&self) -> bool;
+    /// Page-cache readahead in KiB this backend wants for filesystems on the
+    /// device, over the frontend's default; `None` (the default) takes the
+    /// frontend's. Read once, at attach.
+    fn read_ahead_kb(&self) -> Option<u32> {
+        None
+    }
     /// Fills `buf` from byte `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes `buf` at byte `offset`.

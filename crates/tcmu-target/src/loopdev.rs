@@ -306,6 +306,35 @@ impl LoopDevice {
         Ok(())
     }
 
+    /// `/sys/block/loopN/queue/<attr>`.
+    fn queue_attr(&self, attr: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/block/loop{}/queue/{attr}", self.number))
+    }
+
+    /// The page-cache readahead of filesystems on the device, in KiB
+    /// (`queue/read_ahead_kb`).
+    pub fn read_ahead_kb(&self) -> Result<u32> {
+        let p = self.queue_attr("read_ahead_kb");
+        let s = std::fs::read_to_string(&p)
+            .map_err(|e| Error::io(format!("read {}", p.display()), e))?;
+        s.trim().parse().map_err(|_| {
+            Error::io(
+                format!("{}: not a number: {:?}", p.display(), s.trim()),
+                io::Error::from(io::ErrorKind::InvalidData),
+            )
+        })
+    }
+
+    /// Sets [`LoopDevice::read_ahead_kb`]. The kernel derives it from the backing
+    /// file when the device is configured, and a reused device may keep what its
+    /// last user set, so a frontend that cares sets it on every attach. Applies to
+    /// files opened on the device afterwards.
+    pub fn set_read_ahead_kb(&self, kb: u32) -> Result<()> {
+        let p = self.queue_attr("read_ahead_kb");
+        std::fs::write(&p, kb.to_string())
+            .map_err(|e| Error::io(format!("write {kb} to {}", p.display()), e))
+    }
+
     /// Unbinds the device (`LOOP_CLR_FD`) and closes it.
     ///
     /// While someone else still holds the device open (a mount), the kernel defers

@@ -13,7 +13,7 @@ use std::time::Duration;
 use fixtures::procs::{poll, run, Needs};
 use fixtures::random_bytes;
 
-use tcmu_target::fuse::FuseFrontend;
+use tcmu_target::fuse::{FuseFrontend, FuseOptions, DEFAULT_READ_AHEAD_KB};
 use tcmu_target::loopdev::{LoopDevice, LoopOptions};
 use tcmu_target::{Attachment, Frontend, MemBackend};
 
@@ -321,6 +321,74 @@ fn fuse_reads_match_backend() {
         }
     });
     f.detach();
+}
+
+/// The loop device's `queue/read_ahead_kb`.
+fn read_ahead_kb(dev: &Path) -> u32 {
+    let name = dev.file_name().unwrap().to_str().unwrap();
+    let s = std::fs::read_to_string(format!("/sys/block/{name}/queue/read_ahead_kb")).unwrap();
+    s.trim().parse().unwrap()
+}
+
+#[test]
+fn fuse_read_ahead_set_on_every_attach() {
+    require!();
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Arc::new(MemBackend::new(vec![0u8; 4 << 20], true));
+    let odd = FuseFrontend::with_options(FuseOptions {
+        read_ahead_kb: Some(1536),
+        ..FuseOptions::default()
+    });
+    let f = Fused::attach(&odd, backend.clone(), "ra-odd", &work_dir(tmp.path(), "w1"));
+    assert_eq!(read_ahead_kb(&f.dev), 1536);
+    f.detach();
+    // The next attach (maybe on the same loop device) sets its own value
+    // instead of inheriting the last user's.
+    let f = Fused::attach(
+        &FuseFrontend::new(),
+        backend.clone(),
+        "ra-def",
+        &work_dir(tmp.path(), "w2"),
+    );
+    assert_eq!(read_ahead_kb(&f.dev), DEFAULT_READ_AHEAD_KB);
+    f.detach();
+    // A backend's own value wins over the frontend's.
+    let att = FuseFrontend::new()
+        .attach(
+            Arc::new(ReadAhead(backend)),
+            "ra-own",
+            &work_dir(tmp.path(), "w3"),
+        )
+        .unwrap();
+    assert_eq!(read_ahead_kb(att.device_path()), 3072);
+    att.detach().unwrap();
+}
+
+/// A backend asking for 3 MiB of readahead.
+struct ReadAhead(Arc<MemBackend>);
+
+impl tcmu_target::BlockBackend for ReadAhead {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+    fn read_ahead_kb(&self) -> Option<u32> {
+        Some(3072)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 #[test]

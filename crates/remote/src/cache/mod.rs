@@ -593,6 +593,11 @@ impl BlockCache {
         self.unlink(stem);
     }
 
+    /// Bytes of `b` cached now (0 when it cannot be cached).
+    pub fn cached_bytes(&self, b: &CachedBlob) -> u64 {
+        b.live.as_ref().map_or(0, |(_, m)| m.cached_bytes())
+    }
+
     /// True when every byte of `[offset, offset + len)` (clamped to the blob)
     /// is cached.
     pub fn contains(&self, b: &CachedBlob, offset: u64, len: u64) -> bool {
