@@ -317,11 +317,11 @@ pub struct PassThrough {
     /// hold units. Default 32 MiB.
     pub ahead: u64,
     /// How far behind that unit held units are kept for slower readers.
-    /// Default 16 MiB.
+    /// Default 32 MiB.
     pub behind: u64,
     /// How long a stream waits for room while its readers read nothing of
     /// the blob; then it stops waiting and caches the rest of its run (the
-    /// readers are done, or stuck elsewhere). Default 20 ms.
+    /// readers are done, or stuck elsewhere). Default 50 ms.
     pub idle: Duration,
 }
 
@@ -329,8 +329,8 @@ impl Default for PassThrough {
     fn default() -> Self {
         PassThrough {
             ahead: 32 << 20,
-            behind: 16 << 20,
-            idle: Duration::from_millis(20),
+            behind: 32 << 20,
+            idle: Duration::from_millis(50),
         }
     }
 }
