@@ -18,7 +18,10 @@
 //!   [`Priority::Prefetch`], [`RemoteBlob::fetch_into_cache`] at any;
 //! - fetched bytes are written to the cache, then copied to the caller
 //!   straight from the fetch buffer (so a read succeeds even when the cache
-//!   cannot keep the data).
+//!   cannot keep the data);
+//! - pass-through ([`RemoteBlob::with_pass_through`], a flatten's
+//!   read-ahead): streamed units are held in memory until the readers have
+//!   taken them, instead of being written to the cache and read back.
 //!
 //! Self-healing: [`ReadAt::invalidate`] evicts the covering cache blocks, so a
 //! ZFile reader that finds a corrupt block (bad CRC, undecodable) re-reads it

@@ -171,6 +171,12 @@ fn read_all(rb: &RemoteBlob) -> Vec<u8> {
     out
 }
 
+/// A front that forwards every request to the blob's registry.
+fn forwarding(b: &Blob) -> Server {
+    let up = b.reg.addr.clone();
+    Server::start(move |_: &Req| Action::Forward(up.clone()))
+}
+
 fn data_gets(s: &Server, digest: &str) -> usize {
     s.count(|r| r.is_data_get() && r.target.ends_with(digest))
 }
@@ -178,8 +184,7 @@ fn data_gets(s: &Server, digest: &str) -> usize {
 #[test]
 fn a_run_is_one_request_whose_units_reach_waiting_readers_and_the_cache() {
     let Some(b) = push() else { return };
-    let up = b.reg.addr.clone();
-    let front = Server::start(move |_: &Req| Action::Forward(up.clone()));
+    let front = forwarding(&b);
     let dir = tempfile::tempdir().unwrap();
     let rb = remote(&b, &front.url(), client(), dir.path(), false);
     std::thread::scope(|s| {
@@ -279,8 +284,7 @@ fn a_source_that_always_lies_gives_an_error_and_caches_only_checked_bytes() {
 #[test]
 fn unverified_streamed_bytes_stay_in_their_origin_scope() {
     let Some(b) = push() else { return };
-    let up = b.reg.addr.clone();
-    let front = Server::start(move |_: &Req| Action::Forward(up.clone()));
+    let front = forwarding(&b);
     let dir = tempfile::tempdir().unwrap();
     let rb = remote(&b, &front.url(), client(), dir.path(), false);
     rb.stream_into_cache(0, LEN as u64, Priority::Prefetch)
@@ -332,8 +336,7 @@ fn window(idle: Duration) -> Option<PassThrough> {
 #[test]
 fn pass_through_hands_streamed_units_to_readers_and_caches_none_of_them() {
     let Some(b) = push() else { return };
-    let up = b.reg.addr.clone();
-    let front = Server::start(move |_: &Req| Action::Forward(up.clone()));
+    let front = forwarding(&b);
     for verified in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let rb = remote(&b, &front.url(), client(), dir.path(), verified)
@@ -360,8 +363,7 @@ fn pass_through_hands_streamed_units_to_readers_and_caches_none_of_them() {
 #[test]
 fn a_pass_through_stream_nobody_reads_caches_what_it_cannot_hold() {
     let Some(b) = push() else { return };
-    let up = b.reg.addr.clone();
-    let front = Server::start(move |_: &Req| Action::Forward(up.clone()));
+    let front = forwarding(&b);
     let dir = tempfile::tempdir().unwrap();
     let rb = remote(&b, &front.url(), client(), dir.path(), false)
         .with_pass_through(window(Duration::from_millis(50)));
