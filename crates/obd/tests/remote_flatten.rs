@@ -230,3 +230,106 @@ fn a_second_image_fetches_nothing_of_a_shared_base() {
         }
     }
 }
+
+/// A layer larger than one 4 MiB flatten request is streamed by flatten's
+/// read-ahead: without `--cache` its bytes pass through memory, so the
+/// cache keeps only what the layer's open read (its first and last units)
+/// and a second flatten fetches the rest again; with `--cache` all of it is
+/// kept and a later flatten fetches nothing. Every flatten gives the disk
+/// the local blob gives.
+#[test]
+fn a_flatten_streams_through_memory_unless_told_to_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((reg, _)) = registry_and_stacks(dir.path(), true, "pass-through flatten test") else {
+        return;
+    };
+    let d = dir.path();
+    // 24 MiB of incompressible data: a blob of 6 to 7 units.
+    std::fs::write(d.join("in.bin"), fixtures::random_bytes(18, 24 << 20)).unwrap();
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    obd(&[
+        "layer",
+        "create",
+        "--vsize",
+        "32M",
+        &p("l.data"),
+        &p("l.index"),
+    ]);
+    obd(&[
+        "layer",
+        "write",
+        "--offset",
+        "0",
+        &p("l.data"),
+        &p("l.index"),
+        &p("in.bin"),
+    ]);
+    obd(&[
+        "layer",
+        "commit",
+        "--zfile",
+        &p("l.data"),
+        &p("l.index"),
+        &p("l.zfile"),
+    ]);
+    let blob = std::fs::read(d.join("l.zfile")).unwrap();
+    let digest = obd_remote::oci::sha256_digest(&blob);
+    reg.push("obd/big", &d.join("l.zfile"), &digest).unwrap();
+    let local = d.join("local.json");
+    std::fs::write(&local, r#"{"lowers":[{"file":"l.zfile"}]}"#).unwrap();
+    obd(&[
+        "image",
+        "flatten",
+        "--config",
+        s(&local),
+        "-o",
+        &p("local.img"),
+    ]);
+    let want = std::fs::read(d.join("local.img")).unwrap();
+
+    let cfg = d.join("remote.json");
+    let doc = serde_json::json!({
+        "repoBlobUrl": reg.repo_blob_url("obd/big"),
+        "lowers": [{"digest": digest, "size": blob.len()}],
+    });
+    std::fs::write(&cfg, doc.to_string()).unwrap();
+    // Bytes of the blob sent (not counting the client's 1-byte scheme probe).
+    let fetched = || -> u64 {
+        let r = reg.responses();
+        r.iter()
+            .filter(|(req, _, n)| req.starts_with("GET ") && req.contains(&digest) && *n > 1)
+            .map(|(_, _, n)| n)
+            .sum()
+    };
+    let cached = |cache: &std::path::Path| -> u64 {
+        let ls = obd(&["cache", "ls", "--json", "--dir", s(cache)]);
+        let ls: serde_json::Value = serde_json::from_str(&ls).unwrap();
+        let blobs = ls.as_array().unwrap();
+        blobs.iter().map(|b| b["cached"].as_u64().unwrap()).sum()
+    };
+    let flatten = |cache: &std::path::Path, extra: &[&str]| -> u64 {
+        let before = fetched();
+        let out = d.join("remote.img");
+        let mut args = vec!["image", "flatten", "--config", s(&cfg), "-o", s(&out)];
+        args.extend(["--cache-dir", s(cache)]);
+        args.extend(extra);
+        obd(&args);
+        assert!(std::fs::read(&out).unwrap() == want, "{extra:?}");
+        fetched() - before
+    };
+    let len = blob.len() as u64;
+    let unit = 4u64 << 20;
+    let streamed = (len - 1) / unit - 1; // all but the first and last unit
+
+    // Pass-through: the streamed units are not cached.
+    let c = d.join("cache-a");
+    assert_eq!(flatten(&c, &[]), len);
+    assert_eq!(cached(&c), len - streamed * unit);
+    assert_eq!(flatten(&c, &[]), streamed * unit);
+
+    // --cache: everything is cached, the next flatten fetches nothing.
+    let c = d.join("cache-b");
+    assert_eq!(flatten(&c, &["--cache"]), len);
+    assert_eq!(cached(&c), len);
+    assert_eq!(flatten(&c, &[]), 0);
+}
