@@ -370,6 +370,36 @@ struct HeldUnit {
     left: u64,
 }
 
+/// Bytes the pass-through blobs of this process hold at most together
+/// (their windows bound each blob; this bounds an image of many layers). A
+/// stream holds no unit past it: the unit goes to the cache.
+pub const HELD_MAX: u64 = 256 << 20;
+
+/// Bytes held now by every pass-through blob of the process.
+static HELD_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+impl HeldUnit {
+    /// `data`, counted in [`HELD_TOTAL`]; `None` when that would pass
+    /// [`HELD_MAX`].
+    fn new(data: &Arc<Vec<u8>>) -> Option<Self> {
+        let n = data.len() as u64;
+        if HELD_TOTAL.fetch_add(n, Ordering::AcqRel) + n > HELD_MAX {
+            HELD_TOTAL.fetch_sub(n, Ordering::AcqRel);
+            return None;
+        }
+        Some(HeldUnit {
+            data: Arc::clone(data),
+            left: n,
+        })
+    }
+}
+
+impl Drop for HeldUnit {
+    fn drop(&mut self) {
+        HELD_TOTAL.fetch_sub(self.data.len() as u64, Ordering::AcqRel);
+    }
+}
+
 impl Held {
     fn new(p: PassThrough, unit: u64) -> Self {
         Held {
@@ -390,7 +420,7 @@ impl Held {
     /// Holds unit `u` once it is less than `ahead` units past the front,
     /// waiting while readers make progress, unless `no_wait`; false (not
     /// held) when readers read nothing for `idle`, which also sets
-    /// `no_wait`.
+    /// `no_wait`, or when the process holds [`HELD_MAX`] already.
     fn put(&self, u: u64, data: &Arc<Vec<u8>>, no_wait: &mut bool) -> bool {
         let mut g = self.state.locked();
         let mut seen = g.reads;
@@ -414,9 +444,10 @@ impl Held {
         if u + self.behind < g.front {
             return false;
         }
-        let left = data.len() as u64;
-        let data = Arc::clone(data);
-        g.units.insert(u, HeldUnit { data, left });
+        let Some(unit) = HeldUnit::new(data) else {
+            return false;
+        };
+        g.units.insert(u, unit);
         true
     }
 
@@ -840,6 +871,10 @@ impl RemoteBlob {
             .fetcher
             .fetch_stream(&self.blob, (s, e - s, self.unit), p, &mut sink);
         drop(permit);
+        if e == self.blob.size {
+            // The blob's last run: buffers no reader holds are not needed.
+            self.pool.locked().retain(|b| Arc::strong_count(b) > 1);
+        }
         if let (Some(a), Some(g)) = (t_ask, t_go) {
             self.log_fetch((s, e - s, p), (a, g), r.is_ok());
         }
