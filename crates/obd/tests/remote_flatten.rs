@@ -233,10 +233,9 @@ fn a_second_image_fetches_nothing_of_a_shared_base() {
 
 /// A layer larger than one 4 MiB flatten request is streamed by flatten's
 /// read-ahead: without `--cache` its bytes pass through memory, so the
-/// cache keeps only what the layer's open read (its first and last units)
-/// and a second flatten fetches the rest again; with `--cache` all of it is
-/// kept and a later flatten fetches nothing. Every flatten gives the disk
-/// the local blob gives.
+/// cache keeps what the layer's open read and a second flatten fetches the
+/// rest again; with `--cache` all of it is kept and a later flatten fetches
+/// nothing. Every flatten gives the disk the local blob gives.
 #[test]
 fn a_flatten_streams_through_memory_unless_told_to_cache() {
     let dir = tempfile::tempdir().unwrap();
@@ -310,7 +309,10 @@ fn a_flatten_streams_through_memory_unless_told_to_cache() {
     let flatten = |cache: &std::path::Path, extra: &[&str]| -> u64 {
         let before = fetched();
         let out = d.join("remote.img");
-        let mut args = vec!["image", "flatten", "--config", s(&cfg), "-o", s(&out)];
+        // One worker, reading in order: it rarely gets ahead of the
+        // read-ahead.
+        let mut args = vec!["image", "flatten", "--threads", "1"];
+        args.extend(["--config", s(&cfg), "-o", s(&out)]);
         args.extend(["--cache-dir", s(cache)]);
         args.extend(extra);
         obd(&args);
@@ -319,13 +321,26 @@ fn a_flatten_streams_through_memory_unless_told_to_cache() {
     };
     let len = blob.len() as u64;
     let unit = 4u64 << 20;
-    let streamed = (len - 1) / unit - 1; // all but the first and last unit
 
-    // Pass-through: the streamed units are not cached.
+    // Pass-through: the streamed units are not cached. The open reads the
+    // first and the last unit (cached); a worker that asks for a unit before
+    // the read-ahead has claimed it fetches and caches it itself, so how
+    // many of the other units pass through varies, but never all of them
+    // are cached, each byte is fetched once, and the next flatten fetches
+    // exactly what is not cached.
     let c = d.join("cache-a");
     assert_eq!(flatten(&c, &[]), len);
-    assert_eq!(cached(&c), len - streamed * unit);
-    assert_eq!(flatten(&c, &[]), streamed * unit);
+    let kept = cached(&c);
+    assert!(
+        kept >= len % unit + unit && kept < len,
+        "{kept} of {len} cached"
+    );
+    assert_eq!(
+        (kept - len % unit) % unit,
+        0,
+        "{kept} cached: not whole units"
+    );
+    assert_eq!(flatten(&c, &[]), len - kept);
 
     // --cache: everything is cached, the next flatten fetches nothing.
     let c = d.join("cache-b");
