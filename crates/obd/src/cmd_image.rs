@@ -20,7 +20,9 @@ pub enum ImageCmd {
     /// Lowers may be any blob nesting: tar(ZFile(LSMT)), ZFile(LSMT), tar(LSMT) or
     /// LSMT. Relative paths in the config are taken from the config's folder.
     /// Remote lowers are read ahead and fetched in requests of at least 4 MiB
-    /// (a larger `[fetch] min_fetch` in the service config is kept).
+    /// (a larger `[fetch] min_fetch` in the service config is kept); what the
+    /// read-ahead streams passes through memory, not the host cache (see
+    /// `--cache`).
     Flatten {
         /// The image's config.v1.json.
         #[arg(long)]
@@ -40,6 +42,13 @@ pub enum ImageCmd {
         /// Print the result as one JSON object on stdout (and no progress).
         #[arg(long)]
         json: bool,
+        /// Keep every byte fetched from the registry in the host cache, so
+        /// images flattened or run later that share layers fetch none of
+        /// them again. Without it the read-ahead streams the blobs through
+        /// memory and caches only what the flatten did not read in time
+        /// (what was cached before is still used).
+        #[arg(long)]
+        cache: bool,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -76,12 +85,12 @@ pub struct RemoteArgs {
 
 impl RemoteArgs {
     /// The registry source these options give: the service config (or the
-    /// defaults), the cache folder and registry access on top. `bulk`
-    /// (whole-image reads) fetches in units of at least [`BULK_MIN_FETCH`];
-    /// `named` are the hosts a bare `--plain-http`/`--insecure` applies to.
+    /// defaults), the cache folder and registry access on top, reading as
+    /// `access` says; `named` are the hosts a bare `--plain-http`/`--insecure`
+    /// applies to.
     pub fn registry_source(
         &self,
-        bulk: bool,
+        access: Access,
         named: &[&str],
     ) -> Result<Arc<obd_remote::service::RegistrySource>> {
         use obd_remote::service::{RegistrySource, ServiceConfig};
@@ -93,11 +102,14 @@ impl RemoteArgs {
             svc.cache.dir = d.clone();
         }
         self.registry.apply(&mut svc.registry, named);
-        if bulk {
+        if access != Access::Lazy {
             svc.fetch.min_fetch = svc.fetch.min_fetch.max(BULK_MIN_FETCH);
             svc.fetch.max_request = svc.fetch.max_request.max(svc.fetch.min_fetch);
         }
-        Ok(Arc::new(RegistrySource::new(&svc)?))
+        let pass_through = access == Access::Bulk { cache: false };
+        Ok(Arc::new(
+            RegistrySource::new(&svc)?.with_pass_through(pass_through),
+        ))
     }
 }
 
@@ -117,13 +129,23 @@ fn print_metrics(remote: &RemoteArgs, registry: Option<&obd_remote::service::Reg
 /// read-ahead joins its request instead of fetching the bytes again.
 const BULK_MIN_FETCH: u64 = 4 << 20;
 
+/// How [`open_image`] reads remote blobs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Lazily, as a device does.
+    Lazy,
+    /// A one-pass read of the whole image (flatten): units of at least
+    /// [`BULK_MIN_FETCH`]; with `cache: false` the read-ahead passes
+    /// through memory instead of the cache.
+    Bulk { cache: bool },
+}
+
 /// Opens the image of `config`: local lowers from files, the rest lazily from
-/// the registry through the block cache. `bulk` (flatten) fetches remote blobs
-/// in units of at least [`BULK_MIN_FETCH`].
+/// the registry through the block cache, as `access` says.
 fn open_image(
     config: &std::path::Path,
     remote: &RemoteArgs,
-    bulk: bool,
+    access: Access,
 ) -> Result<(Image, Option<Arc<obd_remote::service::RegistrySource>>)> {
     use overlaybd_core::config::ImageConfig;
     use overlaybd_core::source::LocalFiles;
@@ -135,7 +157,7 @@ fn open_image(
             None,
         ));
     }
-    let registry = remote.registry_source(bulk, &[])?;
+    let registry = remote.registry_source(access, &[])?;
     let img = Image::open(&cfg, base, &[&LocalFiles, &*registry]).map_err(|e| e.in_file(config))?;
     Ok((img, Some(registry)))
 }
@@ -149,6 +171,7 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             sha256,
             no_sync,
             json,
+            cache,
             remote,
         } => flatten(
             &config,
@@ -158,6 +181,7 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
                 sha256,
                 no_sync,
                 json,
+                cache,
             },
             &remote,
         ),
@@ -175,6 +199,7 @@ struct FlattenOpts {
     sha256: bool,
     no_sync: bool,
     json: bool,
+    cache: bool,
 }
 
 /// A bar of the bytes copied, on a terminal only (and not with `--json`).
@@ -201,9 +226,10 @@ fn flatten(config: &Path, output: &Path, o: FlattenOpts, remote: &RemoteArgs) ->
         sha256,
         no_sync,
         json,
+        cache,
     } = o;
     let t0 = Instant::now();
-    let (img, registry) = open_image(config, remote, true)?;
+    let (img, registry) = open_image(config, remote, Access::Bulk { cache })?;
     // Replace a regular file rather than truncating it in place (a truncated
     // ext4 file is flushed to disk on close); block devices are written over.
     if std::fs::metadata(output).is_ok_and(|m| m.is_file()) {
@@ -270,7 +296,7 @@ fn flatten(config: &Path, output: &Path, o: FlattenOpts, remote: &RemoteArgs) ->
 
 /// `obd image info`.
 fn info(config: &Path, json: bool, remote: &RemoteArgs) -> Result<()> {
-    let (img, registry) = open_image(config, remote, false)?;
+    let (img, registry) = open_image(config, remote, Access::Lazy)?;
     let v = info_json(&img);
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);

@@ -719,7 +719,9 @@ fn pack(
             ..Default::default()
         });
     }
-    let registry = a.remote.registry_source(false, &[&src_ref.host])?;
+    let registry = a
+        .remote
+        .registry_source(crate::cmd_image::Access::Lazy, &[&src_ref.host])?;
     let img = Image::open(&cfg, None, &[&*registry]).context("opening the image's layers")?;
     let ws = pack::working_set(&img, &rec.trace)?;
     if ws.extents.is_empty() {

@@ -19,7 +19,10 @@
 //!   [`Priority::Prefetch`], [`RemoteBlob::fetch_into_cache`] at any;
 //! - fetched bytes are written to the cache, then copied to the caller
 //!   straight from the fetch buffer (so a read succeeds even when the cache
-//!   cannot keep the data).
+//!   cannot keep the data);
+//! - pass-through ([`RemoteBlob::with_pass_through`], a flatten's
+//!   read-ahead): streamed units are held in memory until the readers have
+//!   taken them, instead of being written to the cache and read back.
 //!
 //! Self-healing: [`ReadAt::invalidate`] evicts the covering cache blocks, so a
 //! ZFile reader that finds a corrupt block (bad CRC, undecodable) re-reads it
@@ -28,11 +31,12 @@
 //! LSMT index). Errors from the fetcher reach `read_at` callers as an
 //! `io::Error` carrying [`Error::Remote`] (URL and range).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::AtomicUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use zfile::ReadAt;
 
@@ -141,6 +145,8 @@ struct Flight {
     origin: Priority,
     /// Bytes the request covers (grows while its leader plans it).
     span: AtomicU64,
+    /// A streamed request ([`RemoteBlob::stream_into_cache`]).
+    streamed: AtomicBool,
 }
 
 /// The in-flight table of one blob.
@@ -155,6 +161,7 @@ impl Flight {
             sched: Arc::clone(sched),
             origin: prio,
             span: AtomicU64::new(span),
+            streamed: AtomicBool::new(false),
         })
     }
 
@@ -179,7 +186,7 @@ impl Flight {
 
 /// What one read does for each of its units.
 enum Unit {
-    /// Copied from the cache already.
+    /// Copied from the cache (or the held units) already.
     Cached,
     /// Fetched by this reader, in its request number `usize`.
     Lead(usize),
@@ -300,17 +307,199 @@ pub struct RemoteBlob {
     counters: Counters,
     /// Unit buffers of streamed fetches, reused once no reader holds them.
     pool: Mutex<Vec<Arc<Vec<u8>>>>,
+    /// Pass-through: streamed units are held here for the readers instead
+    /// of being written to the cache ([`RemoteBlob::with_pass_through`]).
+    held: Option<Held>,
 }
 
 /// Unit buffers a [`RemoteBlob`] keeps for reuse by streamed fetches.
 const POOL_BUFFERS: usize = 4;
 
+/// The window of a pass-through [`RemoteBlob`]
+/// ([`RemoteBlob::with_pass_through`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassThrough {
+    /// How far ahead of the furthest unit its readers want a stream may
+    /// hold units. Default 32 MiB.
+    pub ahead: u64,
+    /// How far behind that unit held units are kept for slower readers.
+    /// Default 32 MiB.
+    pub behind: u64,
+    /// How long a stream waits for room while its readers read nothing of
+    /// the blob; then it stops waiting and caches the rest of its run (the
+    /// readers are done, or stuck elsewhere). Default 50 ms.
+    pub idle: Duration,
+}
+
+impl Default for PassThrough {
+    fn default() -> Self {
+        PassThrough {
+            ahead: 32 << 20,
+            behind: 32 << 20,
+            idle: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The streamed units a pass-through [`RemoteBlob`] holds in memory for its
+/// readers, from [`PassThrough::behind`] behind the furthest streamed unit
+/// readers have asked for (the *front*) to [`PassThrough::ahead`] ahead of
+/// it: a stream waits before holding a unit further ahead. A unit leaves
+/// once readers have copied as many bytes out of it as it has, or when the
+/// front has moved `behind` past it (a one-pass reader has moved on; what
+/// it skipped is data later layers replace, or a late reader fetches it
+/// again).
+struct Held {
+    state: Mutex<HeldState>,
+    /// Signalled when the front moves.
+    moved: Condvar,
+    /// The window in units (at least 1 each way).
+    ahead: u64,
+    behind: u64,
+    idle: Duration,
+}
+
+#[derive(Default)]
+struct HeldState {
+    units: BTreeMap<u64, HeldUnit>,
+    front: u64,
+    /// Reads of streamed units so far (progress, for a waiting stream).
+    reads: u64,
+}
+
+struct HeldUnit {
+    data: Arc<Vec<u8>>,
+    /// Bytes not read yet.
+    left: u64,
+}
+
+/// Bytes the pass-through blobs of this process hold at most together
+/// (their windows bound each blob; this bounds an image of many layers). A
+/// stream holds no unit past it: the unit goes to the cache.
+pub const HELD_MAX: u64 = 256 << 20;
+
+/// Bytes held now by every pass-through blob of the process.
+static HELD_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+impl HeldUnit {
+    /// `data`, counted in [`HELD_TOTAL`]; `None` when that would pass
+    /// [`HELD_MAX`].
+    fn new(data: &Arc<Vec<u8>>) -> Option<Self> {
+        let n = data.len() as u64;
+        if HELD_TOTAL.fetch_add(n, Ordering::AcqRel) + n > HELD_MAX {
+            HELD_TOTAL.fetch_sub(n, Ordering::AcqRel);
+            return None;
+        }
+        Some(HeldUnit {
+            data: Arc::clone(data),
+            left: n,
+        })
+    }
+}
+
+impl Drop for HeldUnit {
+    fn drop(&mut self) {
+        HELD_TOTAL.fetch_sub(self.data.len() as u64, Ordering::AcqRel);
+    }
+}
+
+impl Held {
+    fn new(p: PassThrough, unit: u64) -> Self {
+        Held {
+            state: Mutex::new(HeldState::default()),
+            moved: Condvar::new(),
+            ahead: (p.ahead / unit).max(1),
+            behind: (p.behind / unit).max(1),
+            idle: p.idle,
+        }
+    }
+
+    /// The held unit `u`, if any.
+    fn get(&self, u: u64) -> Option<Arc<Vec<u8>>> {
+        let g = self.state.locked();
+        g.units.get(&u).map(|x| Arc::clone(&x.data))
+    }
+
+    /// Holds unit `u` once it is less than `ahead` units past the front,
+    /// waiting while readers make progress, unless `no_wait`; false (not
+    /// held) when readers read nothing for `idle`, which also sets
+    /// `no_wait`, or when the process holds [`HELD_MAX`] already.
+    fn put(&self, u: u64, data: &Arc<Vec<u8>>, no_wait: &mut bool) -> bool {
+        let mut g = self.state.locked();
+        let mut seen = g.reads;
+        let mut deadline = Instant::now() + self.idle;
+        while u >= g.front + self.ahead {
+            if *no_wait {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if g.reads == seen {
+                    *no_wait = true;
+                    return false;
+                }
+                seen = g.reads;
+                deadline = now + self.idle;
+            }
+            g = recover(self.moved.wait_timeout(g, deadline - now)).0;
+        }
+        // Readers moved past it already: not held (it goes to the cache).
+        if u + self.behind < g.front {
+            return false;
+        }
+        let Some(unit) = HeldUnit::new(data) else {
+            return false;
+        };
+        g.units.insert(u, unit);
+        true
+    }
+
+    /// A reader wants streamed unit `u` (held or being streamed): the front
+    /// moves up to it, releasing what falls too far behind.
+    fn want(&self, u: u64) {
+        let mut g = self.state.locked();
+        g.reads += 1;
+        if u > g.front {
+            g.front = u;
+            let keep = u.saturating_sub(self.behind);
+            g.units.retain(|&k, _| k >= keep);
+            self.moved.notify_all();
+        }
+    }
+
+    /// Drops the held units `first..=last` (their bytes were found corrupt:
+    /// the next read fetches them again).
+    fn forget(&self, first: u64, last: u64) {
+        self.state
+            .locked()
+            .units
+            .retain(|&k, _| k < first || k > last);
+    }
+
+    /// Counts `n` bytes read out of unit `u` (when `data` is the held one):
+    /// a unit read whole leaves.
+    fn read(&self, u: u64, data: &Arc<Vec<u8>>, n: u64) {
+        let mut g = self.state.locked();
+        let Some(x) = g.units.get_mut(&u).filter(|x| Arc::ptr_eq(&x.data, data)) else {
+            return;
+        };
+        x.left = x.left.saturating_sub(n);
+        if x.left == 0 {
+            g.units.remove(&u);
+        }
+    }
+}
+
 /// The [`UnitSink`] of one streamed run of units: each unit that arrives is
-/// inserted into the cache and handed to the readers waiting for it.
+/// inserted into the cache (or held, pass-through) and handed to the readers
+/// waiting for it.
 struct Deliver<'r, 'a> {
     blob: &'a RemoteBlob,
     /// The run's requests, one per unit; `None` once published.
     run: &'r mut [Option<Lead<'a>>],
+    /// Pass-through: a wait for room timed out, so the rest of the run
+    /// does not wait (readers are slow or done).
+    no_wait: bool,
 }
 
 impl UnitSink for Deliver<'_, '_> {
@@ -337,12 +526,20 @@ impl UnitSink for Deliver<'_, '_> {
             return false;
         }
         bump(&b.counters.fetched_bytes, lead.len);
-        // A full or failing cache must not fail the read: the bytes are here.
-        let _ = b.cache.insert(&b.cached, offset, &bytes);
         let bytes = Arc::new(bytes);
+        // Held (or cached) before the flight is published: a reader that
+        // finds neither the flight nor the cache finds the unit here.
+        let held = b.held.as_ref();
+        let held = held.is_some_and(|h| h.put(offset / b.unit, &bytes, &mut self.no_wait));
+        if !held {
+            // A full or failing cache must not fail the read: the bytes are here.
+            let _ = b.cache.insert(&b.cached, offset, &bytes);
+        }
         {
             let mut pool = b.pool.locked();
-            if pool.len() >= POOL_BUFFERS {
+            // Held units keep their buffers out of use: keep enough.
+            let keep = POOL_BUFFERS + b.held.as_ref().map_or(0, |h| (h.ahead + h.behind) as usize);
+            if pool.len() >= keep {
                 pool.remove(0);
             }
             pool.push(Arc::clone(&bytes));
@@ -395,7 +592,52 @@ impl RemoteBlob {
             inflight,
             counters: Counters::default(),
             pool: Mutex::new(Vec::new()),
+            held: None,
         })
+    }
+
+    /// With a `window`, streamed units ([`RemoteBlob::stream_into_cache`])
+    /// pass through memory instead of the cache: each is held for the
+    /// readers until they have read it or moved past it, and a stream waits
+    /// while it is [`PassThrough::ahead`] of them; a stream whose readers
+    /// stop reading the blob caches the rest of its run instead. For a
+    /// reader that reads the blob once, mostly in order (a flatten): it
+    /// saves writing every byte to the cache and reading it back, and leaves
+    /// the cache to what devices use. Bytes fetched any other way are cached
+    /// as usual.
+    pub fn with_pass_through(mut self, window: Option<PassThrough>) -> Self {
+        self.held = window.map(|p| Held::new(p, self.unit));
+        self
+    }
+
+    /// The held unit `u`, if any.
+    fn held_unit(&self, u: u64) -> Option<Arc<Vec<u8>>> {
+        self.held.as_ref()?.get(u)
+    }
+
+    /// Counts `n` bytes read out of unit `u` ([`Held::read`]).
+    fn held_read(&self, u: u64, data: &Arc<Vec<u8>>, n: u64) {
+        if let Some(h) = &self.held {
+            h.read(u, data, n);
+        }
+    }
+
+    /// Serves `[lo, hi)` of unit `u` from the held units: copies it to `out`
+    /// (if given) and counts it read. False when `u` is not held.
+    fn read_held(&self, u: u64, out: Option<&mut [u8]>, (lo, hi): (u64, u64)) -> bool {
+        let Some(h) = &self.held else {
+            return false;
+        };
+        let Some(data) = h.get(u) else {
+            return false;
+        };
+        if let Some(buf) = out {
+            h.want(u);
+            let base = u * self.unit;
+            buf.copy_from_slice(&data[(lo - base) as usize..(hi - base) as usize]);
+            h.read(u, &data, hi - lo);
+        }
+        true
     }
 
     /// The blob.
@@ -484,6 +726,9 @@ impl RemoteBlob {
                 });
             }
             bump(&self.counters.invalidations, 1);
+            if let Some(h) = &self.held {
+                h.forget(0, u64::MAX);
+            }
             self.cache.evict_in(&self.cached, 0, u64::MAX)?;
         }
     }
@@ -550,15 +795,12 @@ impl RemoteBlob {
                 let busy = map.contains_key(&(self.unit, u))
                     || (bs != self.unit
                         && (s / bs..=(e - 1) / bs).any(|i| map.contains_key(&(bs, i))))
+                    || self.held_unit(u).is_some()
                     || self.cache.contains(&self.cached, s, e - s);
                 if !busy {
-                    leads.push(Some(Lead::start(
-                        self,
-                        &mut map,
-                        (self.unit, u),
-                        (s, e),
-                        prio,
-                    )));
+                    let lead = Lead::start(self, &mut map, (self.unit, u), (s, e), prio);
+                    lead.flight.streamed.store(true, Ordering::Relaxed);
+                    leads.push(Some(lead));
                 }
             }
         }
@@ -628,11 +870,19 @@ impl RemoteBlob {
         let permit = self.sched.acquire_dyn(&prio.prio);
         let t_go = log.then(super::timeline::now_us);
         let p = permit.priority();
-        let mut sink = Deliver { blob: self, run };
+        let mut sink = Deliver {
+            blob: self,
+            run,
+            no_wait: false,
+        };
         let r = self
             .fetcher
             .fetch_stream(&self.blob, (s, e - s, self.unit), p, &mut sink);
         drop(permit);
+        if e == self.blob.size {
+            // The blob's last run: buffers no reader holds are not needed.
+            self.pool.locked().retain(|b| Arc::strong_count(b) > 1);
+        }
         if let (Some(a), Some(g)) = (t_ask, t_go) {
             self.log_fetch((s, e - s, p), (a, g), r.is_ok());
         }
@@ -791,6 +1041,9 @@ impl RemoteBlob {
         let mut tries = 0;
         loop {
             tries += 1;
+            if self.read_held(u, out.as_deref_mut(), (lo, hi)) {
+                return Unit::Cached;
+            }
             let cached = match out.as_deref_mut() {
                 Some(buf) => self.cache_read(buf, lo),
                 None => self.cache.contains(&self.cached, lo, hi - lo),
@@ -806,13 +1059,21 @@ impl RemoteBlob {
                 if f.prio.raise(plan.prio) {
                     f.sched.nudge();
                 }
+                // A reader waiting for a stream moves a pass-through front.
+                if let Some(h) = self.held.as_ref().filter(|_| out.is_some()) {
+                    if f.streamed.load(Ordering::Relaxed) {
+                        h.want(u);
+                    }
+                }
                 bump(&self.counters.joined, 1);
                 return Unit::Wait(f);
             }
             // A request may have finished since the cache check: leaders
-            // insert into the cache before leaving the map, so re-check
-            // under the lock (once; then fetch regardless).
-            if tries == 1 && self.cache.contains(&self.cached, lo, hi - lo) {
+            // insert into the cache (or hold the unit) before leaving the
+            // map, so re-check under the lock (once; then fetch regardless).
+            if tries == 1
+                && (self.held_unit(u).is_some() || self.cache.contains(&self.cached, lo, hi - lo))
+            {
                 continue;
             }
             if plan.parts {
@@ -867,6 +1128,7 @@ impl RemoteBlob {
                 Ok((base, data)) => {
                     if let Some(buf) = sub {
                         buf.copy_from_slice(&data[(lo - base) as usize..(hi - base) as usize]);
+                        self.held_read(u, &data, hi - lo);
                     }
                 }
                 Err(e) => {
@@ -1064,14 +1326,18 @@ impl ReadAt for RemoteBlob {
         self.blob.size
     }
 
-    /// Evicts the cache blocks covering the range; the next read re-fetches
-    /// them. True for any range inside the blob (a re-read always goes back to
+    /// Evicts the cache blocks (and held units) covering the range; the next
+    /// read re-fetches them. True for any range inside the blob (a re-read always goes back to
     /// the registry, even when the bytes were served without being cached).
     fn invalidate(&self, offset: u64, len: u64) -> bool {
         if offset >= self.blob.size || len == 0 {
             return false;
         }
         bump(&self.counters.invalidations, 1);
+        if let Some(h) = &self.held {
+            let end = offset.saturating_add(len).min(self.blob.size);
+            h.forget(offset / self.unit, (end - 1) / self.unit);
+        }
         let _ = self.cache.evict_in(&self.cached, offset, len);
         true
     }

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use crate::blob::{RemoteBlob, RemoteOptions, DEFAULT_MAX_REQUEST, DEFAULT_MIN_FETCH};
+use crate::blob::{PassThrough, RemoteBlob, RemoteOptions, DEFAULT_MAX_REQUEST, DEFAULT_MIN_FETCH};
 use crate::cache::{BlockCache, CacheOptions, DEFAULT_BLOCK_SIZE, DEFAULT_GC_GRACE};
 use crate::download::{
     CachedFetcher, DownloadHandle, DownloadOptions, DownloadProgress, DownloadReport, Downloader,
@@ -303,6 +303,7 @@ pub struct RegistrySource {
     cache: Arc<BlockCache>,
     sched: Arc<Scheduler>,
     opts: RemoteOptions,
+    pass_through: bool,
 }
 
 impl RegistrySource {
@@ -339,7 +340,17 @@ impl RegistrySource {
                 min_fetch: cfg.fetch.min_fetch,
                 max_request: cfg.fetch.max_request,
             },
+            pass_through: false,
         })
+    }
+
+    /// With `on`, the blobs opened from now on stream their read-ahead
+    /// through memory instead of the cache
+    /// ([`RemoteBlob::with_pass_through`]): for a one-pass reader of the
+    /// whole image (`obd image flatten`).
+    pub fn with_pass_through(mut self, on: bool) -> Self {
+        self.pass_through = on;
+        self
     }
 
     /// The background downloads started so far: digest and progress.
@@ -514,18 +525,21 @@ impl LayerSource for RegistrySource {
             self.fetcher.blob_size(&url)?
         };
         let verity = self.piece_table(repo, l, size)?;
-        let blob = Arc::new(RemoteBlob::new(
-            BlobRef {
-                url,
-                digest: l.digest.clone(),
-                size,
-                verity,
-            },
-            self.fetcher.clone(),
-            self.cache.clone(),
-            self.sched.clone(),
-            self.opts,
-        )?);
+        let blob = Arc::new(
+            RemoteBlob::new(
+                BlobRef {
+                    url,
+                    digest: l.digest.clone(),
+                    size,
+                    verity,
+                },
+                self.fetcher.clone(),
+                self.cache.clone(),
+                self.sched.clone(),
+                self.opts,
+            )?
+            .with_pass_through(self.pass_through.then(PassThrough::default)),
+        );
         // Opening the layer reads its two ends: the tar and ZFile headers,
         // and the ZFile trailer, jump table and LSMT index. Fetch exactly the
         // cache block at each end instead of a whole fetch unit: a start that

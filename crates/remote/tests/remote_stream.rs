@@ -4,7 +4,9 @@
 //! to the cache and to waiting readers as they arrive; a stream that breaks
 //! off or carries wrong bytes is taken over by ranged reads, so readers get
 //! the blob's exact bytes and the cache holds nothing else; unverified bytes
-//! stay in their origin's cache scope.
+//! stay in their origin's cache scope. In pass-through mode the units go to
+//! the readers through memory instead, and only what no reader takes in
+//! time goes to the cache.
 
 mod support;
 
@@ -12,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use obd_remote::blob::{RemoteBlob, RemoteOptions};
+use obd_remote::blob::{PassThrough, RemoteBlob, RemoteOptions};
 use obd_remote::cache::{BlockCache, CacheOptions};
 use obd_remote::registry::RegistryClient;
 use obd_remote::sched::Scheduler;
@@ -169,6 +171,12 @@ fn read_all(rb: &RemoteBlob) -> Vec<u8> {
     out
 }
 
+/// A front that forwards every request to the blob's registry.
+fn forwarding(b: &Blob) -> Server {
+    let up = b.reg.addr.clone();
+    Server::start(move |_: &Req| Action::Forward(up.clone()))
+}
+
 fn data_gets(s: &Server, digest: &str) -> usize {
     s.count(|r| r.is_data_get() && r.target.ends_with(digest))
 }
@@ -176,8 +184,7 @@ fn data_gets(s: &Server, digest: &str) -> usize {
 #[test]
 fn a_run_is_one_request_whose_units_reach_waiting_readers_and_the_cache() {
     let Some(b) = push() else { return };
-    let up = b.reg.addr.clone();
-    let front = Server::start(move |_: &Req| Action::Forward(up.clone()));
+    let front = forwarding(&b);
     let dir = tempfile::tempdir().unwrap();
     let rb = remote(&b, &front.url(), client(), dir.path(), false);
     std::thread::scope(|s| {
@@ -277,8 +284,7 @@ fn a_source_that_always_lies_gives_an_error_and_caches_only_checked_bytes() {
 #[test]
 fn unverified_streamed_bytes_stay_in_their_origin_scope() {
     let Some(b) = push() else { return };
-    let up = b.reg.addr.clone();
-    let front = Server::start(move |_: &Req| Action::Forward(up.clone()));
+    let front = forwarding(&b);
     let dir = tempfile::tempdir().unwrap();
     let rb = remote(&b, &front.url(), client(), dir.path(), false);
     rb.stream_into_cache(0, LEN as u64, Priority::Prefetch)
@@ -287,4 +293,100 @@ fn unverified_streamed_bytes_stay_in_their_origin_scope() {
     assert_eq!(cached_units(&b, &front.url(), dir.path(), false), 13);
     // Another registry serving the same digest sees none of them.
     assert_eq!(cached_units(&b, &b.reg.url(), dir.path(), false), 0);
+}
+
+/// Reads the blob as a flatten does: `n` readers at once, each reading its
+/// own 64 KiB chunks (chunk k by reader k % n) in order.
+fn read_split(rb: &RemoteBlob, n: usize) -> Vec<u8> {
+    const CHUNK: usize = 64 << 10;
+    let parts: Vec<Vec<(usize, Vec<u8>)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                s.spawn(move || {
+                    (0..LEN.div_ceil(CHUNK))
+                        .filter(|k| k % n == i)
+                        .map(|k| {
+                            let at = k * CHUNK;
+                            let mut buf = vec![0u8; CHUNK.min(LEN - at)];
+                            rb.read_exact_at(&mut buf, at as u64).unwrap();
+                            (at, buf)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut out = vec![0u8; LEN];
+    for (at, buf) in parts.into_iter().flatten() {
+        out[at..at + buf.len()].copy_from_slice(&buf);
+    }
+    out
+}
+
+/// A window of two units ahead, which the 13-unit blob overruns.
+fn window(idle: Duration) -> Option<PassThrough> {
+    Some(PassThrough {
+        ahead: 2 * UNIT,
+        behind: LEN as u64,
+        idle,
+    })
+}
+
+#[test]
+fn pass_through_hands_streamed_units_to_readers_and_caches_none_of_them() {
+    let Some(b) = push() else { return };
+    let front = forwarding(&b);
+    for verified in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let rb = remote(&b, &front.url(), client(), dir.path(), verified)
+            .with_pass_through(window(Duration::from_secs(60)));
+        let before = data_gets(&front, &b.digest);
+        std::thread::scope(|s| {
+            let stream = s.spawn(|| rb.stream_into_cache(0, LEN as u64, Priority::Prefetch));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while front.count(|r| is_stream(r, &b.digest)) == before && !stream.is_finished() {
+                assert!(Instant::now() < deadline, "no streamed request");
+                std::thread::yield_now();
+            }
+            // The stream waits for the readers two units ahead of them,
+            // the whole way.
+            assert!(read_split(&rb, 2) == b.data, "verified: {verified}");
+            stream.join().unwrap().unwrap();
+        });
+        assert_eq!(data_gets(&front, &b.digest) - before, 1);
+        assert_eq!(rb.stats().fetched_bytes, LEN as u64);
+        assert_eq!(cached_units(&b, &front.url(), dir.path(), verified), 0);
+    }
+}
+
+#[test]
+fn a_pass_through_stream_nobody_reads_caches_what_it_cannot_hold() {
+    let Some(b) = push() else { return };
+    let front = forwarding(&b);
+    let dir = tempfile::tempdir().unwrap();
+    let rb = remote(&b, &front.url(), client(), dir.path(), false)
+        .with_pass_through(window(Duration::from_millis(50)));
+    // Units 0 and 1 are held; the stream waits for readers before unit 2,
+    // none read, so it caches units 2 to 12 and ends.
+    rb.stream_into_cache(0, LEN as u64, Priority::Prefetch)
+        .unwrap();
+    assert_eq!(cached_units(&b, &front.url(), dir.path(), false), 11);
+    // A reader then gets all of it without another request.
+    assert!(read_all(&rb) == b.data);
+    assert_eq!(data_gets(&front, &b.digest), 1);
+    assert_eq!(rb.stats().fetched_bytes, LEN as u64);
+    // A held unit found corrupt is dropped: the next read fetches it.
+    let dir2 = tempfile::tempdir().unwrap();
+    let rb2 = remote(&b, &front.url(), client(), dir2.path(), false)
+        .with_pass_through(window(Duration::from_millis(50)));
+    rb2.stream_into_cache(0, 2 * UNIT, Priority::Prefetch)
+        .unwrap();
+    assert_eq!(data_gets(&front, &b.digest), 2);
+    assert!(rb2.invalidate(0, 1));
+    let mut buf = vec![0u8; UNIT as usize];
+    rb2.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf == b.data[..UNIT as usize]);
+    assert_eq!(data_gets(&front, &b.digest), 3);
+    assert_eq!(rb2.stats().fetched_bytes, 3 * UNIT);
 }
