@@ -108,7 +108,9 @@ impl RemoteArgs {
         }
         let pass_through = access == Access::Bulk { cache: false };
         Ok(Arc::new(
-            RegistrySource::new(&svc)?.with_pass_through(pass_through),
+            RegistrySource::new(&svc)?
+                .with_pass_through(pass_through)
+                .with_one_pass(access != Access::Lazy),
         ))
     }
 }

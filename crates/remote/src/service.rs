@@ -304,6 +304,7 @@ pub struct RegistrySource {
     sched: Arc<Scheduler>,
     opts: RemoteOptions,
     pass_through: bool,
+    one_pass: bool,
 }
 
 impl RegistrySource {
@@ -341,6 +342,7 @@ impl RegistrySource {
                 max_request: cfg.fetch.max_request,
             },
             pass_through: false,
+            one_pass: false,
         })
     }
 
@@ -350,6 +352,14 @@ impl RegistrySource {
     /// whole image (`obd image flatten`).
     pub fn with_pass_through(mut self, on: bool) -> Self {
         self.pass_through = on;
+        self
+    }
+
+    /// With `on`, the blobs are read whole, in order (`obd image flatten`,
+    /// with or without pass-through): opening a layer does not fetch its two
+    /// ends apart, since the read-ahead streams them with the rest.
+    pub fn with_one_pass(mut self, on: bool) -> Self {
+        self.one_pass = on;
         self
     }
 
@@ -542,22 +552,25 @@ impl LayerSource for RegistrySource {
         );
         // Opening the layer reads its two ends: the tar and ZFile headers,
         // and the ZFile trailer, jump table and LSMT index. Fetch exactly the
-        // cache block at each end instead of a whole fetch unit: a start that
-        // its trace prefetch serves from another layer reads nothing else here.
-        // Both at once: one round trip.
-        let bs = self.cache.block_size();
-        let (head, tail) = std::thread::scope(|s| {
-            let tail =
-                s.spawn(|| blob.fetch_exact(size.saturating_sub(bs), bs, Priority::Foreground));
-            let head = blob.fetch_exact(0, bs, Priority::Foreground);
-            (head, tail.join())
-        });
-        head?;
-        tail.map_err(|_| {
-            Error::Io(std::io::Error::other(
-                "fetching a layer's tail: thread panicked",
-            ))
-        })??;
+        // cache block at each end (both at once: one round trip) instead of a
+        // whole fetch unit each: a start that its trace prefetch serves from
+        // another layer reads nothing else here. Not for a one-pass reader
+        // (flatten) that streams the whole blob anyway.
+        if !self.one_pass {
+            let bs = self.cache.block_size();
+            let (head, tail) = std::thread::scope(|s| {
+                let tail =
+                    s.spawn(|| blob.fetch_exact(size.saturating_sub(bs), bs, Priority::Foreground));
+                let head = blob.fetch_exact(0, bs, Priority::Foreground);
+                (head, tail.join())
+            });
+            head?;
+            tail.map_err(|_| {
+                Error::Io(std::io::Error::other(
+                    "fetching a layer's tail: thread panicked",
+                ))
+            })??;
+        }
         self.opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
