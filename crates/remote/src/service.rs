@@ -515,6 +515,11 @@ fn piece_table_from(bytes: &[u8], blob: &BlobRef, v: &Verity) -> Result<Arc<Piec
     Ok(Arc::new(t))
 }
 
+/// Bytes at the end of a blob fetched when a layer opens: the ZFile trailer
+/// and the tar end, in one cache block unless the blob ends just past a
+/// block boundary.
+const TAIL: u64 = 16 << 10;
+
 impl LayerSource for RegistrySource {
     fn open(&self, layer: LayerRef<'_>) -> Result<Option<OpenedBlob>> {
         let l = layer.lower;
@@ -551,16 +556,18 @@ impl LayerSource for RegistrySource {
             .with_pass_through(self.pass_through.then(PassThrough::default)),
         );
         // Opening the layer reads its two ends: the tar and ZFile headers,
-        // and the ZFile trailer, jump table and LSMT index. Fetch exactly the
-        // cache block at each end (both at once: one round trip) instead of a
-        // whole fetch unit each: a start that its trace prefetch serves from
-        // another layer reads nothing else here. Not for a one-pass reader
-        // (flatten) that streams the whole blob anyway.
+        // and the ZFile trailer, jump table and LSMT index (the ZFile reader
+        // asks for the jump table's exact range: `ReadAt::will_need`).
+        // Fetch exactly the cache blocks at each end (both at once: one
+        // round trip) instead of a whole fetch unit each: a start that its
+        // trace prefetch serves from another layer reads nothing else here.
+        // Not for a one-pass reader (flatten) that streams the whole blob.
         if !self.one_pass {
             let bs = self.cache.block_size();
             let (head, tail) = std::thread::scope(|s| {
-                let tail =
-                    s.spawn(|| blob.fetch_exact(size.saturating_sub(bs), bs, Priority::Foreground));
+                let tail = s.spawn(|| {
+                    blob.fetch_exact(size.saturating_sub(TAIL), TAIL, Priority::Foreground)
+                });
                 let head = blob.fetch_exact(0, bs, Priority::Foreground);
                 (head, tail.join())
             });

@@ -366,6 +366,9 @@ impl<R: ReadAt> ZFileReader<R> {
         let algorithm = check_index_fields(&meta, &header, index_limit)?;
         let data_start = HEADER_SIZE as u64 + u64::from(meta.dict_size);
         let verify = meta.verify != 0;
+        // A remote source fetches exactly the jump table's bytes, in one
+        // request, rather than the fetch units around them.
+        src.will_need(meta.index_offset, meta.index_size.saturating_mul(4));
         let offsets = read_jump_table(&src, &meta, algorithm, data_start)?;
 
         let info = Info {
@@ -886,6 +889,12 @@ mod advice_tests {
         );
         assert_eq!(r.stored_extent(40_000, 10), (0, 0));
         assert_eq!(r.stored_extent(0, 0), (0, 0));
+        // The open asked for exactly the jump table.
+        let jt = std::mem::take(&mut *r.inner().got.lock().unwrap());
+        let n = r.info().blocks;
+        assert_eq!(jt.len(), 1);
+        assert_eq!(jt[0].1, n * 4);
+        assert!(jt[0].0 >= bl + u64::from(nl) && jt[0].0 + n * 4 <= r.inner().size());
         r.will_need(4096 + 5, 3 * 4096 - 10);
         r.will_need_stored(7, 9);
         r.will_need(40_000, 10);
