@@ -206,6 +206,9 @@ fn prefetch_advice_maps_through_zfile_and_tar_to_the_stored_blob() {
     let reader = &img.layer_readers()[0];
     assert_eq!(reader.size(), img.layers()[0].lsmt.source().size());
     let size = reader.size();
+    // Opening asked for the ZFile's jump table (one range, past the data).
+    let open = std::mem::take(&mut *spy.advised.lock().unwrap());
+    assert_eq!(open.len(), 1, "{open:?}");
     reader.will_need(0, 1);
     reader.will_need(size - 1, 100);
     reader.will_need(0, size);
