@@ -916,44 +916,63 @@ impl RemoteBlob {
     /// requests instead of fetching the unit again. Returns when the requests
     /// this call made are done (not those of others it skipped).
     pub fn fetch_exact(&self, offset: u64, len: u64, prio: Priority) -> Result<()> {
-        if offset >= self.blob.size || len == 0 {
+        self.fetch_exact_ranges(&[(offset, len)], prio)
+    }
+
+    /// [`RemoteBlob::fetch_exact`] of several ranges `(offset, len)` at once:
+    /// their requests run in parallel (up to the scheduler's limit), so
+    /// ranges far apart (a layer's two ends) cost one round trip.
+    pub fn fetch_exact_ranges(&self, ranges: &[(u64, u64)], prio: Priority) -> Result<()> {
+        let ranges: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter(|&&(o, l)| o < self.blob.size && l > 0)
+            .map(|&(o, l)| (o, l.min(self.blob.size - o)))
+            .collect();
+        if ranges.is_empty() {
             return Ok(());
         }
-        let len = len.min(self.blob.size - offset);
         bump(&self.counters.loads, 1);
-        if self.cache.contains(&self.cached, offset, len) {
+        if ranges
+            .iter()
+            .all(|&(o, l)| self.cache.contains(&self.cached, o, l))
+        {
             bump(&self.counters.cache_hits, 1);
             return Ok(());
         }
         let bs = self.cache.block_size();
-        let runs = exact_runs(offset, len, self.blob.size, bs, self.max_units * self.unit);
+        // Each lead, and the range it was asked for (errors name that range).
         let mut leads: Vec<Lead<'_>> = Vec::new();
+        let mut asked: Vec<(u64, u64)> = Vec::new();
         {
             let mut map = self.lock_inflight();
-            for (first, last) in runs {
-                for i in first..=last {
-                    let (s, e) = (i * bs, ((i + 1) * bs).min(self.blob.size));
-                    let busy = map.contains_key(&(bs, i))
-                        || map.contains_key(&(self.unit, s / self.unit))
-                        || self.cache.contains(&self.cached, s, e - s);
-                    let extend = !busy
-                        && i != first
-                        && leads.last().is_some_and(|l| {
-                            l.offset + l.len == s && l.units.last() == Some(&(i - 1))
-                        });
-                    if busy {
-                        continue;
-                    }
-                    if extend {
-                        leads.last_mut().expect("checked").extend(&mut map, i, e);
-                    } else {
-                        leads.push(Lead::start(self, &mut map, (bs, i), (s, e), prio));
+            for &(offset, len) in &ranges {
+                let runs = exact_runs(offset, len, self.blob.size, bs, self.max_units * self.unit);
+                for (first, last) in runs {
+                    for i in first..=last {
+                        let (s, e) = (i * bs, ((i + 1) * bs).min(self.blob.size));
+                        let busy = map.contains_key(&(bs, i))
+                            || map.contains_key(&(self.unit, s / self.unit))
+                            || self.cache.contains(&self.cached, s, e - s);
+                        let extend = !busy
+                            && i != first
+                            && leads.last().is_some_and(|l| {
+                                l.offset + l.len == s && l.units.last() == Some(&(i - 1))
+                            });
+                        if busy {
+                            continue;
+                        }
+                        if extend {
+                            leads.last_mut().expect("checked").extend(&mut map, i, e);
+                        } else {
+                            leads.push(Lead::start(self, &mut map, (bs, i), (s, e), prio));
+                            asked.push((offset, len));
+                        }
                     }
                 }
             }
         }
         self.run_leads(&leads);
-        for l in &leads {
+        for (l, &(offset, len)) in leads.iter().zip(&asked) {
             if let Some(Err(e)) = l.result.get() {
                 return Err(self.share_err(e, offset, len));
             }
@@ -1206,20 +1225,23 @@ impl RemoteBlob {
             }
         }
         // Whole cache blocks at either end that are cached already (an exact
-        // fetch got them: a layer's two ends at open) are not fetched again.
-        let (lo, hi) = self.uncached_core(offset, offset + len);
-        if (lo, hi) != (offset, offset + len) {
-            let mut have = vec![0u8; len as usize];
-            let (head, rest) = have.split_at_mut((lo - offset) as usize);
-            let (mid, tail) = rest.split_at_mut((hi - lo) as usize);
+        // fetch got them: a layer's two ends at open) are not fetched again:
+        // they are read from the cache now and `[lo, hi)` is fetched.
+        let (asked, end) = (offset, offset + len);
+        let (mut lo, mut hi) = self.uncached_core(offset, end);
+        let mut whole = Vec::new();
+        if (lo, hi) != (offset, end) {
+            whole = vec![0u8; len as usize];
+            let (head, rest) = whole.split_at_mut((lo - offset) as usize);
+            let tail = &mut rest[(hi - lo) as usize..];
             let ends = matches!(self.cache.read(&self.cached, head, offset), Ok(true))
                 && matches!(self.cache.read(&self.cached, tail, hi), Ok(true));
-            if ends {
-                let (_, core) = self.fetch_request(lo, hi - lo, prio)?;
-                mid.copy_from_slice(&core);
-                return Ok((offset, Arc::new(have)));
+            if !ends {
+                (lo, hi, whole) = (offset, end, Vec::new());
             }
         }
+        // The request: `[lo, hi)` (all that was asked, when no end is cached).
+        let (offset, len) = (lo, hi - lo);
         bump(&self.counters.requests, 1);
         let log = super::timeline::enabled();
         let t_ask = log.then(super::timeline::now_us);
@@ -1253,7 +1275,12 @@ impl RemoteBlob {
         };
         // A full or failing cache must not fail the read: the bytes are here.
         let _ = self.cache.insert(&self.cached, offset, &data);
-        Ok((offset, Arc::new(data)))
+        if whole.is_empty() {
+            return Ok((offset, Arc::new(data)));
+        }
+        let at = (offset - asked) as usize;
+        whole[at..at + data.len()].copy_from_slice(&data);
+        Ok((asked, Arc::new(whole)))
     }
 }
 

@@ -559,24 +559,13 @@ impl LayerSource for RegistrySource {
         // and the ZFile trailer, jump table and LSMT index (the ZFile reader
         // asks for the jump table's exact range: `ReadAt::will_need`).
         // Fetch exactly the cache blocks at each end (both at once: one
-        // round trip) instead of a whole fetch unit each: a start that its
+        // round trip, `fetch_exact_ranges`) instead of a whole fetch unit each: a start that its
         // trace prefetch serves from another layer reads nothing else here.
         // Not for a one-pass reader (flatten) that streams the whole blob.
         if !self.one_pass {
-            let bs = self.cache.block_size();
-            let (head, tail) = std::thread::scope(|s| {
-                let tail = s.spawn(|| {
-                    blob.fetch_exact(size.saturating_sub(TAIL), TAIL, Priority::Foreground)
-                });
-                let head = blob.fetch_exact(0, bs, Priority::Foreground);
-                (head, tail.join())
-            });
-            head?;
-            tail.map_err(|_| {
-                Error::Io(std::io::Error::other(
-                    "fetching a layer's tail: thread panicked",
-                ))
-            })??;
+            let head = self.cache.block_size();
+            let tail = size.saturating_sub(TAIL);
+            blob.fetch_exact_ranges(&[(0, head), (tail, TAIL)], Priority::Foreground)?;
         }
         self.opened
             .lock()
