@@ -874,11 +874,12 @@ pub struct CommitParams {
 impl CommitParams {
     /// The defaults of `obd convert` for a disk of `vsize` bytes.
     pub fn defaults(vsize: u64) -> Self {
+        let o = Options::default();
         CommitParams {
-            algorithm: DEFAULT_ALGORITHM,
-            block_size: DEFAULT_BLOCK_SIZE,
-            level: DEFAULT_LEVEL,
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            algorithm: o.algorithm,
+            block_size: o.block_size,
+            level: o.level,
+            threads: o.threads,
             vsize,
         }
     }

@@ -674,8 +674,9 @@ struct Packed {
     desc: Descriptor,
     /// The blob file.
     path: PathBuf,
-    /// Its encoded piece table (unless `--no-verity`).
-    table: Option<Vec<u8>>,
+    /// Its piece table (unless `--no-verity`): where the annotations say,
+    /// and the encoded table.
+    table: Option<(Verity, Vec<u8>)>,
     /// The trace that replays it.
     trace: Vec<u8>,
     /// Disk bytes it holds.
@@ -750,15 +751,19 @@ fn pack(
     let position = layers.len() - usize::from(layers.last().is_some_and(is_working_set));
     let position = u32::try_from(position).context("too many layers")?;
     let trace = pack::layer_trace(&layer.lsmt, position).to_bytes();
-    let tref = table.as_ref().map(|t| Verity {
-        digest: oci::sha256_digest(t),
-        size: t.len() as u64,
+    let table = table.map(|t| {
+        let v = Verity {
+            digest: oci::sha256_digest(&t),
+            size: t.len() as u64,
+        };
+        (v, t)
     });
     let media_type = layers
         .last()
         .map(|l| l.media_type.clone())
         .unwrap_or_default();
-    let mut desc = converter::layer_descriptor(&media_type, (&digest, size), tref.as_ref());
+    let mut desc =
+        converter::layer_descriptor(&media_type, (&digest, size), table.as_ref().map(|t| &t.0));
     desc.annotations
         .insert(ANN_WORKING_SET.to_string(), "yes".to_string());
     Ok(Some(Packed {
@@ -815,7 +820,7 @@ fn push_accelerated(
     if let Some(p) = packed {
         dist.push_blob(dst_ref, &p.desc.digest, &p.path)
             .context("pushing the working-set layer")?;
-        if let (Some(t), Ok(Some(v))) = (&p.table, verity_annotations(&p.desc.annotations)) {
+        if let Some((v, t)) = &p.table {
             dist.push_blob_bytes(dst_ref, &v.digest, t, tmp)
                 .context("pushing the working-set layer's piece table")?;
         }
