@@ -29,7 +29,8 @@ Variants (BENCH_VARIANTS, all interleaved within each repetition):
   obd           `obd convert` (defaults), lazy
   obd-trace     + `obd trace record --time RECORD_TIME` (acceleration layer)
   obd-noverify  obd lazy with `[cache] verify = "off"` (piece tables unused)
-  also: obd-trace-late (prefetch_at_pull off, the device attached when the
+  also: obd-trace-nowarm (recorded with --no-warm: the working set without
+  the page-cache warm list); obd-trace-late (prefetch_at_pull off, the device attached when the
   container starts); obd-alt / obd-trace-alt (obd lazy / + trace with the
   service TOML BENCH_OBD_ALT added, e.g. '[fetch]\nmin_fetch = 65536').
 
@@ -392,7 +393,7 @@ def prepare(imgs, variants, stargz):
     node = Node("prep", obd=True, stargz=stargz)
     try:
         for name, layout in imgs.items():
-            tags = ("oci", "obd", "obd-trace") + STARGZ_VARIANTS
+            tags = ("oci", "obd", "obd-trace", "obd-trace-nowarm") + STARGZ_VARIANTS
             r = {k: f"{REG}/bench/{name}:{k}" for k in tags}
             for v, t in REF_TAG.items():
                 r[v] = r[t]
@@ -412,6 +413,12 @@ def prepare(imgs, variants, stargz):
                     OBD, "trace", "record", "--plain-http", REG, "--json", "--address", node.sock,
                     "--cache-dir", os.path.join(node.snroot, "cache"),
                     "--time", str(RECORD_TIME), r["obd"], r["obd-trace"]).strip().splitlines()[-1])
+            if "obd-trace-nowarm" in variants:
+                info["record_nowarm"] = json.loads(sh(
+                    OBD, "trace", "record", "--plain-http", REG, "--json", "--address", node.sock,
+                    "--cache-dir", os.path.join(node.snroot, "cache"), "--no-warm",
+                    "--time", str(RECORD_TIME), r["obd"],
+                    r["obd-trace-nowarm"]).strip().splitlines()[-1])
             if stargz:
                 sh(*node.ctr("images", "pull", "--plain-http", r["oci"]))
                 for v in STARGZ_VARIANTS:

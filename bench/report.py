@@ -18,11 +18,12 @@ import re
 import sys
 
 ORDER = ["oci", "estargz", "estargz-opt", "zstdchunked", "obd", "obd-noverify", "obd-alt",
-         "obd-trace", "obd-trace-late", "obd-trace-alt"]
+         "obd-trace", "obd-trace-nowarm", "obd-trace-late", "obd-trace-alt"]
 NAMES = {"oci": "OCI (overlayfs, full pull)", "estargz": "eStargz",
          "estargz-opt": "eStargz optimized", "zstdchunked": "zstd:chunked optimized",
          "obd": "obd lazy", "obd-noverify": "obd lazy, verify off",
          "obd-alt": "obd lazy, service alt", "obd-trace": "obd + trace prefetch",
+         "obd-trace-nowarm": "obd + trace, no page-cache warm list",
          "obd-trace-late": "obd + trace, device attached at run",
          "obd-trace-alt": "obd + trace, service alt"}
 LAZY = [v for v in ORDER if v != "oci"]
@@ -199,7 +200,9 @@ def main():
                     + f"; recorded working set {mib(rec.get('trace_bytes', 0))} MiB in "
                     f"{rec.get('trace_records', 0)} trace records"
                     + (f", packed into a {mib(rec['working_set_layer_size'])} MiB layer"
-                       if rec.get("working_set_layer_size") else ""))
+                       if rec.get("working_set_layer_size") else "")
+                    + (f"; page-cache warm list {rec['warm_files']} files, "
+                       f"{mib(rec['warm_bytes'])} MiB" if rec.get("warm_files") else ""))
     skipped = [f"- skipped {x['variant']}: {x['why']}" for x in r.get("skipped", [])]
     md = "\n".join([
         f"Run {r['started']} → {r.get('finished', '(unfinished)')}, {r['reps']} repetitions, "

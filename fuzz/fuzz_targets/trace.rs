@@ -1,7 +1,9 @@
 #![no_main]
-//! Trace files and priority lists: arbitrary bytes must give a value or a typed
-//! error; a parsed trace must serialise back to the same bytes when its record
-//! padding was zero, and always re-parse to the same records.
+//! Trace files, priority lists and page-cache warm lists: arbitrary bytes must
+//! give a value or a typed error; a parsed trace must serialise back to the same
+//! bytes when its record padding was zero, and always re-parse to the same
+//! records; a parsed warm list re-parses from its own bytes to itself.
+use trace_replay::warm::WarmList;
 use trace_replay::{parse_priority_list, Trace, HEADER_SIZE, RECORD_SIZE};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -19,6 +21,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let sizes = [1u64 << 20, 1 << 30, u64::MAX];
         let (reqs, _) = trace_replay::plan(&t.records, &sizes, 4 << 20);
         assert!(reqs.iter().all(|r| r.len > 0 && r.len <= 4 << 20));
+    }
+    if let Ok(w) = WarmList::parse(data) {
+        assert_eq!(WarmList::parse(&w.to_bytes()).expect("own bytes parse"), w);
+        assert!(w
+            .files
+            .iter()
+            .all(|f| !f.path.starts_with('/') && f.path.split('/').all(|c| c != "..")));
     }
     if let Ok(entries) = parse_priority_list(data) {
         assert!(entries.iter().all(|e| e.path.starts_with('/')));

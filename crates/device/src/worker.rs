@@ -193,7 +193,13 @@ fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result
         fresh_upper,
         trace,
     } = open_image(&req.config, remote.as_deref())?;
-    let read_ahead = read_ahead_kb(remote.as_deref().and_then(|r| r.local_bytes()));
+    // A recording sees the readahead of a first start whatever this host has
+    // cached, so the trace (and the working set packed from it) does not grow
+    // with the cache.
+    let read_ahead = match trace {
+        crate::open::TracePlan::Record(_) => Some(LAZY_READ_AHEAD_KB),
+        _ => read_ahead_kb(remote.as_deref().and_then(|r| r.local_bytes())),
+    };
     let backend = Arc::new(backend.with_read_ahead_kb(read_ahead));
     // A recorded trace needs only the image: replay it now, so the prefetch
     // overlaps the attach and the mount (whose reads go first anyway). Stopped

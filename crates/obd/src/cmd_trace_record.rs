@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use obd_device::open::trace_replay::warm::{self, OpenWatch, Opened, WarmList, WARM_FILE};
 use obd_device::open::trace_replay::Trace;
 use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::oci::{
@@ -88,6 +89,12 @@ pub struct RecordArgs {
     /// record-trace` does, without packing the working set into a layer.
     #[arg(long)]
     pub no_pack: bool,
+    /// Leave the page-cache warm list (`obd-warm.json`: the file ranges the
+    /// run had in the page cache) out of the acceleration layer. Without
+    /// `--no-pack` it is recorded and pushed beside the trace, and the
+    /// snapshotter reads it through the image's mount at attach.
+    #[arg(long)]
+    pub no_warm: bool,
     /// containerd's gRPC socket.
     #[arg(short, long, default_value = DEFAULT_ADDRESS)]
     pub address: PathBuf,
@@ -153,20 +160,24 @@ impl Source {
     }
 }
 
-/// The acceleration layer: an uncompressed tar holding `trace` (mode 0444,
-/// uid/gid 0, mtime 0), byte-identical for the same trace.
-pub fn accel_layer_tar(trace: &[u8]) -> Result<Vec<u8>> {
-    let mut h = tar::Header::new_ustar();
-    h.set_path("trace")?;
-    h.set_size(trace.len() as u64);
-    h.set_mode(0o444);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_cksum();
+/// The acceleration layer: an uncompressed tar holding `trace` and, if
+/// given, the warm list ([`WARM_FILE`]), each mode 0444, uid/gid 0, mtime 0:
+/// byte-identical for the same inputs.
+pub fn accel_layer_tar(trace: &[u8], warm: Option<&[u8]>) -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
-    b.append(&h, trace)?;
+    for (name, body) in [("trace", Some(trace)), (WARM_FILE, warm)] {
+        let Some(body) = body else { continue };
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name)?;
+        h.set_size(body.len() as u64);
+        h.set_mode(0o444);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append(&h, body)?;
+    }
     Ok(b.into_inner()?)
 }
 
@@ -561,6 +572,18 @@ fn copy_layers(
     Ok(())
 }
 
+/// The image's own filesystem under the recording rootfs: the last
+/// `lowerdir` of an overlay mount, else the rootfs itself.
+fn image_dir(mounts: &[Mount], rootfs: &Path) -> PathBuf {
+    mounts
+        .iter()
+        .flat_map(|m| m.options.iter())
+        .filter_map(|o| o.strip_prefix("lowerdir="))
+        .filter_map(|l| l.rsplit(':').next())
+        .next()
+        .map_or_else(|| rootfs.to_path_buf(), PathBuf::from)
+}
+
 /// What running the image left behind.
 struct Recorded {
     /// The trace file's bytes.
@@ -573,6 +596,9 @@ struct Recorded {
     status: Option<i32>,
     /// How long it ran.
     ran: Duration,
+    /// The files the run opened, for the page-cache warm list (None: not
+    /// asked for, or not recordable).
+    warm: Option<Vec<Opened>>,
 }
 
 /// Where the trace goes: `--trace-out` (its directory created), else `tmp`.
@@ -629,6 +655,13 @@ fn record(a: &RecordArgs, tmp: &Path, parent: &str, config: &Config) -> Result<R
     let mounts = rec.snaps.prepare(&key, parent, labels)?;
     rec.prepared = true;
     rec.mount(&mounts)?;
+    let watch = if a.no_pack || a.no_warm {
+        None
+    } else {
+        OpenWatch::start(&rec.rootfs)
+            .map_err(|e| eprintln!("obd trace record: warning: no page-cache warm list: {e}"))
+            .ok()
+    };
 
     // Run, stop, tear down: the device goes and finishes the trace.
     eprintln!(
@@ -639,6 +672,10 @@ fn record(a: &RecordArgs, tmp: &Path, parent: &str, config: &Config) -> Result<R
     let t0 = Instant::now();
     let status = rec.run(&args, &env, cwd.as_deref(), Duration::from_secs(a.time))?;
     let ran = t0.elapsed();
+    // The opened files' resident pages, read before the rootfs goes.
+    let warm = watch
+        .map(|w| w.finish(&image_dir(&mounts, &rec.rootfs)))
+        .transpose()?;
     rec.finish()?;
     drop(rec);
     if !wait_for(&ok, OK_TIMEOUT) {
@@ -665,6 +702,7 @@ fn record(a: &RecordArgs, tmp: &Path, parent: &str, config: &Config) -> Result<R
         path: trace,
         status,
         ran,
+        warm,
     })
 }
 
@@ -683,6 +721,8 @@ struct Packed {
     bytes: u64,
     /// Trace bytes that named no disk range (headers, indexes).
     unmapped: u64,
+    /// The page-cache warm list, in the working set's order.
+    warm: Option<WarmList>,
 }
 
 /// Packs the disk ranges `rec` read into a working-set layer over the
@@ -773,6 +813,10 @@ fn pack(
         trace,
         bytes,
         unmapped: ws.unmapped,
+        warm: rec
+            .warm
+            .as_ref()
+            .map(|o| warm::order_by_first_read(o, &ws.extents)),
     }))
 }
 
@@ -795,7 +839,10 @@ fn push_accelerated(
     (tmp, verity): (&Path, bool),
 ) -> Result<Pushed> {
     let trace = packed.map_or(trace, |p| &p.trace[..]);
-    let layer = accel_layer_tar(trace)?;
+    // The warm list goes with a packed working set only: `--no-pack` is
+    // upstream's output exactly.
+    let warm = packed.and_then(|p| p.warm.as_ref()).map(WarmList::to_bytes);
+    let layer = accel_layer_tar(trace, warm.as_deref())?;
     let ldigest = oci::sha256_digest(&layer);
     let table = verity
         .then(|| {
@@ -923,9 +970,18 @@ fn print_report(a: &RecordArgs, rec: &Recorded, packed: Option<&Packed>, pushed:
             "working_set_layer_size": packed.map(|p| p.desc.size),
             "working_set_bytes": packed.map(|p| p.bytes),
             "trace_unmapped_bytes": packed.map(|p| p.unmapped),
+            "warm_files": packed.and_then(|p| p.warm.as_ref()).map(WarmList::distinct_files),
+            "warm_bytes": packed.and_then(|p| p.warm.as_ref()).map(WarmList::bytes),
         });
         println!("{report}");
         return;
+    }
+    if let Some(w) = packed.and_then(|p| p.warm.as_ref()) {
+        println!(
+            "page-cache warm list: {} files, {}",
+            w.distinct_files(),
+            crate::util::human(w.bytes())
+        );
     }
     if let Some(p) = packed {
         println!(
@@ -958,8 +1014,8 @@ mod tests {
 
     #[test]
     fn accel_tar_is_deterministic_and_holds_the_trace() {
-        let a = accel_layer_tar(b"abc").unwrap();
-        assert_eq!(a, accel_layer_tar(b"abc").unwrap());
+        let a = accel_layer_tar(b"abc", None).unwrap();
+        assert_eq!(a, accel_layer_tar(b"abc", None).unwrap());
         let mut ar = tar::Archive::new(&a[..]);
         let mut n = 0;
         for e in ar.entries().unwrap() {
@@ -972,6 +1028,26 @@ mod tests {
             assert_eq!(body, "abc");
         }
         assert_eq!(n, 1);
+        // With a warm list: `trace` first, then the list, same header rules.
+        let w = accel_layer_tar(b"abc", Some(b"{}")).unwrap();
+        let names: Vec<(String, u32, String)> = tar::Archive::new(&w[..])
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let mut body = String::new();
+                e.read_to_string(&mut body).unwrap();
+                let p = e.path().unwrap().to_string_lossy().into_owned();
+                (p, e.header().mode().unwrap(), body)
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("trace".to_string(), 0o444, "abc".to_string()),
+                (WARM_FILE.to_string(), 0o444, "{}".to_string())
+            ]
+        );
     }
 
     fn json_of<T: serde::Serialize>(v: &T) -> Value {

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
+use obd_device::open::trace_replay::warm::{WarmList, WARM_FILE};
 use obd_device::open::trace_replay::Trace;
 use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::registry::RegistryOptions;
@@ -113,8 +114,9 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
     };
     let m0 = manifest(&r0);
     let l0 = m0["layers"].as_array().unwrap();
-    // Checks the acceleration layer on top of `r` and returns its trace.
-    let accel_trace = |r: &ImageRef, rep: &serde_json::Value| -> Vec<u8> {
+    // Checks the acceleration layer on top of `r` and returns its trace and
+    // warm list, if it has one.
+    let accel_files = |r: &ImageRef, rep: &serde_json::Value| -> (Vec<u8>, Option<Vec<u8>>) {
         let m1 = manifest(r);
         let l1 = m1["layers"].as_array().unwrap();
         let top = l1.last().unwrap();
@@ -140,7 +142,7 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
         for (id, l) in ids.iter().zip(l1) {
             assert_eq!(id, &l["digest"], "obd layers are uncompressed tars");
         }
-        // The layer is a tar of one file, `trace`, 0444.
+        // The layer is a tar of `trace` and, packed, the warm list, 0444.
         let tar = blob(&d, r, digest);
         let mut ar = tar::Archive::new(&tar[..]);
         let mut files = Vec::new();
@@ -151,10 +153,20 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
             let path = e.path().unwrap().to_string_lossy().into_owned();
             files.push((path, e.header().mode().unwrap(), body));
         }
-        assert_eq!(files.len(), 1);
+        assert!(matches!(files.len(), 1 | 2), "{:?}", files.len());
+        let warm = (files.len() == 2).then(|| files.pop().unwrap());
         let (path, mode, body) = files.pop().unwrap();
         assert_eq!((path.as_str(), mode), ("trace", 0o444));
-        body
+        let warm = warm.map(|(path, mode, body)| {
+            assert_eq!((path.as_str(), mode), (WARM_FILE, 0o444));
+            body
+        });
+        (body, warm)
+    };
+    let accel_trace = |r: &ImageRef, rep: &serde_json::Value| -> Vec<u8> {
+        let (trace, warm) = accel_files(r, rep);
+        assert!(warm.is_none(), "--no-pack is upstream's one-file tar");
+        trace
     };
     let rp = ImageRef::parse(&plain).unwrap();
     let lp = manifest(&rp)["layers"].as_array().unwrap().clone();
@@ -185,7 +197,13 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
         ws["annotations"]["containerd.io/snapshot/overlaybd/verity.digest"].is_string(),
         "the working set has a piece table: {ws}"
     );
-    let packed = Trace::parse(&accel_trace(&r1, &rep)).unwrap();
+    let (packed, warm) = accel_files(&r1, &rep);
+    let packed = Trace::parse(&packed).unwrap();
+    // The warm list names the files the app read, by range.
+    let warm = WarmList::parse(&warm.expect("a packed image has a warm list")).unwrap();
+    assert!(!warm.files.is_empty() && warm.bytes() > 0, "{warm:?}");
+    assert_eq!(rep["warm_files"], warm.distinct_files());
+    assert_eq!(rep["warm_bytes"], warm.bytes());
     let recorded = Trace::read_file(&trace).unwrap();
     let ws_bytes = rep["working_set_bytes"].as_u64().unwrap();
     assert!(packed.records.iter().all(|r| r.layer as usize == l0.len()));
@@ -212,6 +230,23 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
         || sn_log().contains("device attached at pull"),
     )
     .unwrap_or_else(|e| panic!("{e:#}; snapshotter log:\n{}", sn_log()));
+    // ... and its mount's page cache is warmed from the list, every file found.
+    testbed::wait_until(
+        "the page-cache warm",
+        std::time::Duration::from_secs(30),
+        || sn_log().contains("page cache warmed"),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}; snapshotter log:\n{}", sn_log()));
+    let log = sn_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("page cache warmed"))
+        .unwrap();
+    eprintln!("{line}");
+    assert!(
+        line.contains("skipped=0") && line.contains(&format!("files={}", warm.distinct_files())),
+        "{line}"
+    );
     let attaches = || sn_log().matches("device attached").count();
     let before = attaches();
     // runc's state (/run/containerd/runc/<ns>/<id>) is shared by every

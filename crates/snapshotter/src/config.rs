@@ -84,6 +84,9 @@ pub struct Config {
     /// Seconds a device attached at pull waits for its first container
     /// before a sweep may release it.
     pub prefetch_hold_secs: u64,
+    /// Read an acceleration layer's page-cache warm list through the
+    /// image's mount when its device is mounted.
+    pub warm_page_cache: bool,
     /// Socket of the CRI image-service proxy ([`crate::cri`]); none if unset.
     pub cri_image_address: Option<PathBuf>,
     /// containerd's CRI socket, where the proxy forwards.
@@ -118,6 +121,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             prefetch_at_pull: true,
             prefetch_hold_secs: 600,
+            warm_page_cache: true,
             cri_image_address: None,
             cri_runtime_address: DEFAULT_CRI_RUNTIME_ADDRESS.into(),
         }
@@ -178,8 +182,8 @@ mod tests {
         );
         assert_eq!((c.rw_mode, c.lazy_pull), (d.rw_mode, d.lazy_pull));
         assert_eq!(
-            (c.prefetch_at_pull, c.prefetch_hold_secs),
-            (d.prefetch_at_pull, d.prefetch_hold_secs)
+            (c.prefetch_at_pull, c.prefetch_hold_secs, c.warm_page_cache),
+            (d.prefetch_at_pull, d.prefetch_hold_secs, d.warm_page_cache)
         );
         assert_eq!(
             (c.cri_image_address, c.cri_runtime_address),

@@ -116,6 +116,7 @@ fn open_snapshotter(cfg: &Config) -> anyhow::Result<Arc<Snapshotter>> {
         cfg.rw_mode,
         cfg.lazy_pull,
     );
+    let layers = layers.with_warm_page_cache(cfg.warm_page_cache);
     let layers = if cfg.prefetch_at_pull {
         layers.with_prefetch_at_pull(std::time::Duration::from_secs(cfg.prefetch_hold_secs))
     } else {

@@ -30,12 +30,14 @@ use crate::layer::{
 };
 use crate::meta::Kind;
 use crate::proto::containerd::types::Mount;
+use obd_device::open::trace_replay::warm::{self, WarmList, WARM_FILE};
 use obd_device::service::{Op, Service};
 use obd_device::state::{worker_alive, Root};
 use obd_remote::cache::BlockCache;
 use overlaybd_core::config::{ImageConfig, Lower, Upper};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use zfile::sync::MutexExt;
@@ -110,6 +112,17 @@ pub struct ObdInner {
     /// The host-wide block cache the device workers share (opened on the
     /// first sweep; `None` if it cannot be opened), and its grace period.
     host_cache: std::sync::OnceLock<Option<(Arc<BlockCache>, Duration)>>,
+    /// Page-cache warms running over mounted devices, by device id: their
+    /// stop flag and thread.
+    warmers: Mutex<HashMap<String, Warmer>>,
+    /// Whether [`ObdInner::start_warm`] runs (`warm_page_cache`).
+    warm_page_cache: bool,
+}
+
+/// A page-cache warm in progress ([`ObdInner::start_warm`]).
+struct Warmer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl std::ops::Deref for ObdLayers {
@@ -144,8 +157,19 @@ impl ObdLayers {
                 prefetch_hold: None,
                 attach_lock: Mutex::new(()),
                 host_cache: std::sync::OnceLock::new(),
+                warmers: Mutex::new(HashMap::new()),
+                warm_page_cache: true,
             }),
         }
+    }
+
+    /// Whether a mounted device's page cache is warmed from its image's
+    /// warm list (on by default).
+    pub fn with_warm_page_cache(mut self, on: bool) -> Self {
+        if let Some(i) = Arc::get_mut(&mut self.inner) {
+            i.warm_page_cache = on;
+        }
+        self
     }
 
     /// Attach an image's device as soon as a pull commits its acceleration
@@ -280,6 +304,7 @@ impl ObdInner {
                 return Ok(rec.device);
             }
             tracing::warn!(device = %id, "device is gone or stale; attaching it again");
+            self.stop_warm(&id);
             let _ = self.devices.dispatch(Op::Detach { device: id.clone() });
         } else if self.dev_root.device_dir(&id).exists() {
             let _ = obd_device::service::cleanup_device(&self.dev_root, &id);
@@ -308,7 +333,69 @@ impl ObdInner {
             dir.join("block").join("backstore_mark"),
             dev.to_string_lossy().as_bytes(),
         );
+        if mount {
+            self.start_warm(&id, config, &mp);
+        }
         Ok(dev)
+    }
+
+    /// If the image of `config` has an acceleration layer with a warm list
+    /// ([`WARM_FILE`]), reads the list's file ranges through the mount `mp`
+    /// on a thread, so that the container's first reads of them find the
+    /// page cache filled (the device's trace replay fetches the same bytes).
+    fn start_warm(&self, id: &str, config: &Path, mp: &Path) {
+        if !self.warm_page_cache {
+            return;
+        }
+        let Ok(cfg) = ImageConfig::load(config) else {
+            return;
+        };
+        let Some(accel) = cfg.acceleration_layer.then(|| cfg.lowers.last()).flatten() else {
+            return;
+        };
+        let path = Path::new(&accel.dir).join(WARM_FILE);
+        if !path.exists() {
+            return;
+        }
+        let list = match WarmList::read_file(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(device = %id, error = %e, "warm list ignored");
+                return;
+            }
+        };
+        self.stop_warm(id);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, dev, mp) = (Arc::clone(&stop), id.to_string(), mp.to_path_buf());
+        let spawned = std::thread::Builder::new()
+            .name("page-cache-warm".into())
+            .spawn(move || match warm::warm(&mp, &list, &flag) {
+                Ok(r) => tracing::info!(
+                    device = %dev, files = r.files, bytes = r.bytes, skipped = r.skipped,
+                    stopped = r.stopped, ms = r.elapsed.as_millis() as u64,
+                    "page cache warmed from the warm list"
+                ),
+                Err(e) => tracing::warn!(device = %dev, error = %e, "page-cache warm failed"),
+            });
+        match spawned {
+            Ok(thread) => {
+                self.warmers
+                    .locked()
+                    .insert(id.to_string(), Warmer { stop, thread });
+            }
+            Err(e) => tracing::warn!(device = %id, error = %e, "cannot start the page-cache warm"),
+        }
+    }
+
+    /// Stops the page-cache warm over device `id`, if one runs, and waits
+    /// for it (at most the read in progress), so that it holds no file of
+    /// the mount when the device goes.
+    fn stop_warm(&self, id: &str) {
+        let w = self.warmers.locked().remove(id);
+        if let Some(w) = w {
+            w.stop.store(true, Ordering::Relaxed);
+            let _ = w.thread.join();
+        }
     }
 
     fn detach(&self, dir: &Path) {
@@ -319,6 +406,7 @@ impl ObdInner {
     /// [`ObdLayers::detach`] with `attach_lock` held by the caller.
     fn detach_locked(&self, dir: &Path) {
         let id = Self::device_id(dir);
+        self.stop_warm(&id);
         if !self.dev_root.device_dir(&id).exists() {
             return;
         }

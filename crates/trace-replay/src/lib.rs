@@ -13,6 +13,8 @@
 //!   layer, and the trace that replays it front to back.
 //! - [`replay`]: merges the records into large requests and reads them with
 //!   bounded concurrency at prefetch priority.
+//! - [`warm`]: page-cache warm lists (the files a start read, by range),
+//!   recorded with fanotify and `mincore`, read through the mount at attach.
 //!
 //! Offsets are always inside a layer's uncompressed LSMT file (after the tar
 //! wrapper and ZFile decoding), and layer 0 is the bottom of `lowers`.
@@ -23,6 +25,7 @@ pub mod pack;
 pub mod priority;
 pub mod recorder;
 pub mod replay;
+pub mod warm;
 
 pub use format::{
     Record, Trace, HEADER_SIZE, MAGIC, MAX_RECORD_BYTES, MAX_TRACE_SIZE, RECORD_SIZE,
@@ -75,6 +78,9 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// A page-cache warm list is malformed.
+    #[error("warm list: {0}")]
+    WarmList(String),
     /// A file operation failed. (The cause is part of the message, not a
     /// separate `source()`, so error chains do not print it twice.)
     #[error("{path}: {cause}")]
