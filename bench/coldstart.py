@@ -29,8 +29,9 @@ Variants (BENCH_VARIANTS, all interleaved within each repetition):
   obd           `obd convert` (defaults), lazy
   obd-trace     + `obd trace record --time RECORD_TIME` (acceleration layer)
   obd-noverify  obd lazy with `[cache] verify = "off"` (piece tables unused)
-  also: obd-trace-nowarm (recorded with --no-warm: the working set without
-  the page-cache warm list); obd-trace-late (prefetch_at_pull off, the device attached when the
+  also: obd-trace-warm (the same image with the snapshotter's
+  warm_page_cache = true: its page-cache warm list read at attach);
+  obd-trace-nowarm (recorded with --no-warm); obd-trace-late (prefetch_at_pull off, the device attached when the
   container starts); obd-alt / obd-trace-alt (obd lazy / + trace with the
   service TOML BENCH_OBD_ALT added, e.g. '[fetch]\nmin_fetch = 65536').
 
@@ -100,6 +101,7 @@ OBD_SERVICE = {"obd-noverify": '[cache]\nverify = "off"\n', "obd-alt": OBD_ALT,
                "obd-trace-alt": OBD_ALT}
 # The image each variant pulls (its tag in the registry).
 REF_TAG = {"obd-noverify": "obd", "obd-alt": "obd", "obd-trace-late": "obd-trace",
+           "obd-trace-warm": "obd-trace",
            "obd-trace-alt": "obd-trace"}
 
 
@@ -200,7 +202,7 @@ def stop_proc(p, timeout=15):
 # --- a node: containerd + snapshotters -----------------------------------
 
 class Node:
-    def __init__(self, name, obd=True, stargz=False, at_pull=True, service=""):
+    def __init__(self, name, obd=True, stargz=False, at_pull=True, service="", warm=False):
         self.dir = os.path.join(DIR, "nodes", name)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -219,7 +221,8 @@ class Node:
             with open(toml, "w") as f:
                 f.write(f'root = "{sn}"\naddress = "{self.dir}/obd.sock"\n'
                         f'lazy_pull = true\nrw_mode = "overlayfs"\n'
-                        f'prefetch_at_pull = {"true" if at_pull else "false"}\n')
+                        f'prefetch_at_pull = {"true" if at_pull else "false"}\n'
+                        + ("warm_page_cache = true\n" if warm else ""))
             self.snroot = sn
             self.procs.append(subprocess.Popen(
                 [SNAP, "--config", toml], stderr=open(os.path.join(self.dir, "obd.log"), "a")))
@@ -477,7 +480,8 @@ def access_bytes(log_path, offset):
 
 def measure(variant, ref, reg, tag):
     node = Node(tag, obd=variant.startswith("obd"), stargz=variant in STARGZ_VARIANTS,
-                at_pull=variant != "obd-trace-late", service=OBD_SERVICE.get(variant, ""))
+                at_pull=variant != "obd-trace-late", service=OBD_SERVICE.get(variant, ""),
+                warm=variant == "obd-trace-warm")
     try:
         drop_caches()
         rx0, off = rx_bytes(), os.path.getsize(reg.log)

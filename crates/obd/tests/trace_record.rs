@@ -67,6 +67,8 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
     };
     let mut opts = Options::new(obd.clone(), sn);
     opts.prefix = "obd-trace-rec-".into();
+    // The page-cache warm is off by default; this test checks it.
+    opts.extra_toml = "warm_page_cache = true\n".into();
     let mut tb = Testbed::new(opts).unwrap();
     tb.start_registry().unwrap();
     let layout = tb.dir.join("oci");

@@ -158,13 +158,14 @@ impl ObdLayers {
                 attach_lock: Mutex::new(()),
                 host_cache: std::sync::OnceLock::new(),
                 warmers: Mutex::new(HashMap::new()),
-                warm_page_cache: true,
+                warm_page_cache: false,
             }),
         }
     }
 
     /// Whether a mounted device's page cache is warmed from its image's
-    /// warm list (on by default).
+    /// warm list (off by default: docs/BENCHMARKS.md, issue 18, "The
+    /// page-cache warm list").
     pub fn with_warm_page_cache(mut self, on: bool) -> Self {
         if let Some(i) = Arc::get_mut(&mut self.inner) {
             i.warm_page_cache = on;
