@@ -122,6 +122,12 @@ impl Root {
     pub fn device_dir(&self, id: &str) -> PathBuf {
         self.devices_dir().join(id)
     }
+    /// The file a device's worker writes when its trace replay has ended
+    /// (done, stopped or failed), removed when a worker brings the device
+    /// up; the snapshotter's page-cache warm waits for it.
+    pub fn replayed_mark(&self, id: &str) -> PathBuf {
+        self.device_dir(id).join("replayed")
+    }
     /// One device's private frontend directory.
     pub fn work_dir(&self, id: &str) -> PathBuf {
         self.device_dir(id).join("work")

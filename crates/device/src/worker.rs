@@ -205,9 +205,11 @@ fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result
     // overlaps the attach and the mount (whose reads go first anyway). Stopped
     // if the bring-up fails. A priority list needs the device; it waits.
     let replay = replay_options(root, remote.is_some());
+    let done = root.replayed_mark(id);
+    let _ = std::fs::remove_file(&done);
     let (trace, mut early) = match trace {
         TracePlan::Replay { path, trace } => {
-            let run = spawn_replay(id, path, backend.image().clone(), replay, move |_| {
+            let run = spawn_replay(id, path, backend.image().clone(), replay, done, move |_| {
                 Ok(trace)
             });
             (TracePlan::None, EarlyReplay(Some(run)))
@@ -317,7 +319,7 @@ enum TraceRun {
 /// Starts what `plan` asks for, once `device` (serving `backend`) is up.
 fn start_trace(
     id: &str,
-    opts: trace_replay::ReplayOptions,
+    (opts, done): (trace_replay::ReplayOptions, std::path::PathBuf),
     plan: TracePlan,
     backend: &Arc<crate::backend::ImageBackend>,
     device: &Path,
@@ -335,11 +337,11 @@ fn start_trace(
             TraceRun::Record { rec, watch }
         }
         TracePlan::Replay { path, trace } => {
-            spawn_replay(id, path, image, opts, move |_| Ok(trace))
+            spawn_replay(id, path, image, opts, done, move |_| Ok(trace))
         }
         TracePlan::PriorityList { path, entries } => {
             let device = device.to_owned();
-            spawn_replay(id, path, image, opts, move |image| {
+            spawn_replay(id, path, image, opts, done, move |image| {
                 priority_trace(image, &device, &entries)
             })
         }
@@ -365,12 +367,14 @@ fn priority_trace(
 }
 
 /// Replays, in a background thread, the trace `make` builds for `image`;
-/// `path` names the trace (or list) file in the log.
+/// `path` names the trace (or list) file in the log. Writes `done`
+/// ([`Root::replayed_mark`]) when the replay has ended, however it ended.
 fn spawn_replay(
     id: &str,
     path: std::path::PathBuf,
     image: Arc<overlaybd_core::image::Image>,
     opts: trace_replay::ReplayOptions,
+    done: std::path::PathBuf,
     make: impl FnOnce(&overlaybd_core::image::Image) -> std::result::Result<trace_replay::Trace, String>
         + Send
         + 'static,
@@ -380,23 +384,29 @@ fn spawn_replay(
     let spawned = std::thread::Builder::new()
         .name("trace-replay".into())
         .spawn(move || {
-            let trace = match make(&image) {
-                Ok(t) => t,
+            let outcome = match make(&image) {
+                Ok(trace) => {
+                    let readers = image.layer_readers();
+                    let layers: Vec<&dyn ReadAt> =
+                        readers.iter().map(|b| &**b as &dyn ReadAt).collect();
+                    let report = trace_replay::replay(&trace, &layers, &opts, &stop2);
+                    tracing::info!(
+                        "obd device worker {id2}: replayed {}: {report}",
+                        path.display()
+                    );
+                    format!("{report}")
+                }
                 Err(e) => {
                     tracing::warn!(
                         "obd device worker {id2}: {}: not replayed: {e}",
                         path.display()
                     );
-                    return;
+                    format!("not replayed: {e}")
                 }
             };
-            let readers = image.layer_readers();
-            let layers: Vec<&dyn ReadAt> = readers.iter().map(|b| &**b as &dyn ReadAt).collect();
-            let report = trace_replay::replay(&trace, &layers, &opts, &stop2);
-            tracing::info!(
-                "obd device worker {id2}: replayed {}: {report}",
-                path.display()
-            );
+            if let Err(e) = std::fs::write(&done, outcome) {
+                tracing::warn!("obd device worker {id2}: {}: {e}", done.display());
+            }
         });
     match spawned {
         Ok(handle) => TraceRun::Replay { stop, handle },
@@ -440,7 +450,7 @@ pub fn run(root: &Root, id: &str) -> i32 {
         Some(run) => run,
         None => start_trace(
             id,
-            opened.replay,
+            (opened.replay, root.replayed_mark(id)),
             opened.trace,
             &up.backend,
             &up.record.device,

@@ -119,6 +119,9 @@ pub struct ObdInner {
     warm_page_cache: bool,
 }
 
+/// Longest a page-cache warm waits for its device's trace replay to end.
+const WARM_AFTER_REPLAY_MAX: Duration = Duration::from_secs(120);
+
 /// A page-cache warm in progress ([`ObdInner::start_warm`]).
 struct Warmer {
     stop: Arc<AtomicBool>,
@@ -368,15 +371,32 @@ impl ObdInner {
         self.stop_warm(id);
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, dev, mp) = (Arc::clone(&stop), id.to_string(), mp.to_path_buf());
+        let mark = self.dev_root.replayed_mark(id);
         let spawned = std::thread::Builder::new()
             .name("page-cache-warm".into())
-            .spawn(move || match warm::warm(&mp, &list, &flag) {
-                Ok(r) => tracing::info!(
-                    device = %dev, files = r.files, bytes = r.bytes, skipped = r.skipped,
-                    stopped = r.stopped, ms = r.elapsed.as_millis() as u64,
-                    "page cache warmed from the warm list"
-                ),
-                Err(e) => tracing::warn!(device = %dev, error = %e, "page-cache warm failed"),
+            .spawn(move || {
+                // After the trace replay: a warm running ahead of it reads
+                // blocks the replay has not asked for yet, which the device
+                // then fetches in the foreground, out of the working set's
+                // order (docs/BENCHMARKS.md, issue 18). A worker that never
+                // writes the mark (an older one) is waited for at most
+                // WARM_AFTER_REPLAY_MAX.
+                let t = Instant::now();
+                while !mark.exists() && t.elapsed() < WARM_AFTER_REPLAY_MAX {
+                    if flag.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                match warm::warm(&mp, &list, &flag) {
+                    Ok(r) => tracing::info!(
+                        device = %dev, files = r.files, bytes = r.bytes, skipped = r.skipped,
+                        stopped = r.stopped, ms = r.elapsed.as_millis() as u64,
+                        waited_ms = (t.elapsed() - r.elapsed).as_millis() as u64,
+                        "page cache warmed from the warm list"
+                    ),
+                    Err(e) => tracing::warn!(device = %dev, error = %e, "page-cache warm failed"),
+                }
             });
         match spawned {
             Ok(thread) => {
