@@ -29,8 +29,9 @@ Variants (BENCH_VARIANTS, all interleaved within each repetition):
   obd           `obd convert` (defaults), lazy
   obd-trace     + `obd trace record --time RECORD_TIME` (acceleration layer)
   obd-noverify  obd lazy with `[cache] verify = "off"` (piece tables unused)
-  also: obd-trace-warm (the same image with the snapshotter's
-  warm_page_cache = true: its page-cache warm list read at attach);
+  also: obd-trace-warm / obd-trace-nowarmcfg (the same image with the
+  snapshotter's warm_page_cache = true / false: its page-cache warm list
+  read at attach or not);
   obd-trace-nowarm (recorded with --no-warm); obd-trace-late (prefetch_at_pull off, the device attached when the
   container starts); obd-alt / obd-trace-alt (obd lazy / + trace with the
   service TOML BENCH_OBD_ALT added, e.g. '[fetch]\nmin_fetch = 65536').
@@ -101,7 +102,7 @@ OBD_SERVICE = {"obd-noverify": '[cache]\nverify = "off"\n', "obd-alt": OBD_ALT,
                "obd-trace-alt": OBD_ALT}
 # The image each variant pulls (its tag in the registry).
 REF_TAG = {"obd-noverify": "obd", "obd-alt": "obd", "obd-trace-late": "obd-trace",
-           "obd-trace-warm": "obd-trace",
+           "obd-trace-warm": "obd-trace", "obd-trace-nowarmcfg": "obd-trace",
            "obd-trace-alt": "obd-trace"}
 
 
@@ -202,7 +203,7 @@ def stop_proc(p, timeout=15):
 # --- a node: containerd + snapshotters -----------------------------------
 
 class Node:
-    def __init__(self, name, obd=True, stargz=False, at_pull=True, service="", warm=False):
+    def __init__(self, name, obd=True, stargz=False, at_pull=True, service="", warm=None):
         self.dir = os.path.join(DIR, "nodes", name)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -222,7 +223,8 @@ class Node:
                 f.write(f'root = "{sn}"\naddress = "{self.dir}/obd.sock"\n'
                         f'lazy_pull = true\nrw_mode = "overlayfs"\n'
                         f'prefetch_at_pull = {"true" if at_pull else "false"}\n'
-                        + ("warm_page_cache = true\n" if warm else ""))
+                        + ("" if warm is None else
+                           f'warm_page_cache = {"true" if warm else "false"}\n'))
             self.snroot = sn
             self.procs.append(subprocess.Popen(
                 [SNAP, "--config", toml], stderr=open(os.path.join(self.dir, "obd.log"), "a")))
@@ -481,7 +483,7 @@ def access_bytes(log_path, offset):
 def measure(variant, ref, reg, tag):
     node = Node(tag, obd=variant.startswith("obd"), stargz=variant in STARGZ_VARIANTS,
                 at_pull=variant != "obd-trace-late", service=OBD_SERVICE.get(variant, ""),
-                warm=variant == "obd-trace-warm")
+                warm={"obd-trace-warm": True, "obd-trace-nowarmcfg": False}.get(variant))
     try:
         drop_caches()
         rx0, off = rx_bytes(), os.path.getsize(reg.log)

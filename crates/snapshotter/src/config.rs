@@ -121,7 +121,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             prefetch_at_pull: true,
             prefetch_hold_secs: 600,
-            warm_page_cache: false,
+            warm_page_cache: true,
             cri_image_address: None,
             cri_runtime_address: DEFAULT_CRI_RUNTIME_ADDRESS.into(),
         }

@@ -119,6 +119,9 @@ pub struct ObdInner {
     warm_page_cache: bool,
 }
 
+/// Readahead (KiB) of a device whose page cache is warmed from a list.
+const WARM_READ_AHEAD_KB: u32 = 128;
+
 /// Longest a page-cache warm waits for its device's trace replay to end.
 const WARM_AFTER_REPLAY_MAX: Duration = Duration::from_secs(120);
 
@@ -161,13 +164,13 @@ impl ObdLayers {
                 attach_lock: Mutex::new(()),
                 host_cache: std::sync::OnceLock::new(),
                 warmers: Mutex::new(HashMap::new()),
-                warm_page_cache: false,
+                warm_page_cache: true,
             }),
         }
     }
 
     /// Whether a mounted device's page cache is warmed from its image's
-    /// warm list (off by default: docs/BENCHMARKS.md, issue 18, "The
+    /// warm list (on by default: docs/BENCHMARKS.md, issue 18, "The
     /// page-cache warm list").
     pub fn with_warm_page_cache(mut self, on: bool) -> Self {
         if let Some(i) = Arc::get_mut(&mut self.inner) {
@@ -338,7 +341,7 @@ impl ObdInner {
             dev.to_string_lossy().as_bytes(),
         );
         if mount {
-            self.start_warm(&id, config, &mp);
+            self.start_warm(&id, config, (&mp, &dev));
         }
         Ok(dev)
     }
@@ -347,7 +350,7 @@ impl ObdInner {
     /// ([`WARM_FILE`]), reads the list's file ranges through the mount `mp`
     /// on a thread, so that the container's first reads of them find the
     /// page cache filled (the device's trace replay fetches the same bytes).
-    fn start_warm(&self, id: &str, config: &Path, mp: &Path) {
+    fn start_warm(&self, id: &str, config: &Path, (mp, dev): (&Path, &Path)) {
         if !self.warm_page_cache {
             return;
         }
@@ -368,6 +371,21 @@ impl ObdInner {
                 return;
             }
         };
+        // The list holds what the start needs; readahead beyond it would
+        // fetch blocks outside the working set. With the page cache mostly
+        // hit, the kernel keeps mmap read-around on (it turns it off after
+        // 100 misses, as in the recorded cold start), and each remaining
+        // miss read a whole window: 9.5 MiB outside the working set on a
+        // Java start (docs/BENCHMARKS.md, issue 18). Set before the
+        // container opens its files (a file takes the value at open).
+        if let Some(name) = dev.file_name() {
+            let p = Path::new("/sys/class/block")
+                .join(name)
+                .join("queue/read_ahead_kb");
+            if let Err(e) = std::fs::write(&p, WARM_READ_AHEAD_KB.to_string()) {
+                tracing::warn!(device = %id, error = %e, path = %p.display(), "cannot lower the readahead for the page-cache warm");
+            }
+        }
         self.stop_warm(id);
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, dev, mp) = (Arc::clone(&stop), id.to_string(), mp.to_path_buf());
