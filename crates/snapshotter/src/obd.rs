@@ -377,15 +377,24 @@ impl ObdInner {
         // 100 misses, as in the recorded cold start), and each remaining
         // miss read a whole window: 9.5 MiB outside the working set on a
         // Java start (docs/BENCHMARKS.md, issue 18). Set before the
-        // container opens its files (a file takes the value at open).
-        if let Some(name) = dev.file_name() {
-            let p = Path::new("/sys/class/block")
+        // container opens its files (a file takes the value at open), and
+        // given back once the warm is done, so that files opened later (a
+        // second container's) read ahead as the device's worker chose.
+        let ra = dev.file_name().map(|name| {
+            Path::new("/sys/class/block")
                 .join(name)
-                .join("queue/read_ahead_kb");
-            if let Err(e) = std::fs::write(&p, WARM_READ_AHEAD_KB.to_string()) {
-                tracing::warn!(device = %id, error = %e, path = %p.display(), "cannot lower the readahead for the page-cache warm");
+                .join("queue/read_ahead_kb")
+        });
+        let ra = ra.and_then(|p| {
+            let before = std::fs::read_to_string(&p).ok()?.trim().to_string();
+            match std::fs::write(&p, WARM_READ_AHEAD_KB.to_string()) {
+                Ok(()) => Some((p, before)),
+                Err(e) => {
+                    tracing::warn!(device = %id, error = %e, path = %p.display(), "cannot lower the readahead for the page-cache warm");
+                    None
+                }
             }
-        }
+        });
         self.stop_warm(id);
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, dev, mp) = (Arc::clone(&stop), id.to_string(), mp.to_path_buf());
@@ -399,14 +408,22 @@ impl ObdInner {
                 // order (docs/BENCHMARKS.md, issue 18). A worker that never
                 // writes the mark (an older one) is waited for at most
                 // WARM_AFTER_REPLAY_MAX.
+                let restore = || {
+                    if let Some((p, before)) = &ra {
+                        let _ = std::fs::write(p, before);
+                    }
+                };
                 let t = Instant::now();
                 while !mark.exists() && t.elapsed() < WARM_AFTER_REPLAY_MAX {
                     if flag.load(Ordering::Relaxed) {
+                        restore();
                         return;
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                match warm::warm(&mp, &list, &flag) {
+                let r = warm::warm(&mp, &list, &flag);
+                restore();
+                match r {
                     Ok(r) => tracing::info!(
                         device = %dev, files = r.files, bytes = r.bytes, skipped = r.skipped,
                         stopped = r.stopped, ms = r.elapsed.as_millis() as u64,
