@@ -218,8 +218,15 @@ fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result
     };
     let fe = crate::frontend(&req.frontend)?;
     let work = root.work_dir(id);
-    std::fs::create_dir_all(&work)
-        .map_err(|e| Error::io(format!("creating {}", work.display()), e))?;
+    // Not create_dir_all: if a reconcile removed the device's directory
+    // while this worker started (its snapshotter was killed mid-attach),
+    // the worker must fail here, not recreate a directory no one will
+    // clean up.
+    match std::fs::create_dir(&work) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(format!("creating {}", work.display()), e)),
+    }
     let read_only = tcmu_target::BlockBackend::read_only(&*backend);
     let attachment = match kept {
         Some(fd) => fe.resume(backend.clone(), id, &work, fd),
