@@ -29,7 +29,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -100,11 +99,8 @@ impl WarmList {
     /// Reads and parses the list at `path`.
     pub fn read_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let f = overlaybd_core::regular::open(path).map_err(Error::File)?;
-        let mut data = Vec::new();
-        f.take(MAX_WARM_LIST + 1)
-            .read_to_end(&mut data)
-            .map_err(|e| Error::io(path, e))?;
+        let data =
+            overlaybd_core::regular::read(path, MAX_WARM_LIST, "warm list").map_err(Error::File)?;
         Self::parse(&data).map_err(|e| e.in_file(path))
     }
 
