@@ -31,7 +31,9 @@ Variants (BENCH_VARIANTS, all interleaved within each repetition):
   obd-noverify  obd lazy with `[cache] verify = "off"` (piece tables unused)
   also: obd-trace-warm / obd-trace-nowarmcfg (the same image with the
   snapshotter's warm_page_cache = true / false: its page-cache warm list
-  read at attach or not);
+  read at attach or not); obd-noahead / obd-trace-noahead (the same
+  images with the snapshotter's open_layers_at_commit = false: the layers
+  opened by the device's worker at attach, not as the pull commits them);
   obd-trace-nowarm (recorded with --no-warm); obd-trace-late (prefetch_at_pull off, the device attached when the
   container starts); obd-alt / obd-trace-alt (obd lazy / + trace with the
   service TOML BENCH_OBD_ALT added, e.g. '[fetch]\nmin_fetch = 65536').
@@ -56,6 +58,7 @@ Environment (defaults):
                                 the snapshotter log, and each cold run's
                                 start, pull end and ready times (<tag>.json)
 """
+import glob
 import json
 import os
 import shutil
@@ -103,7 +106,13 @@ OBD_SERVICE = {"obd-noverify": '[cache]\nverify = "off"\n', "obd-alt": OBD_ALT,
 # The image each variant pulls (its tag in the registry).
 REF_TAG = {"obd-noverify": "obd", "obd-alt": "obd", "obd-trace-late": "obd-trace",
            "obd-trace-warm": "obd-trace", "obd-trace-nowarmcfg": "obd-trace",
-           "obd-trace-alt": "obd-trace"}
+           "obd-trace-alt": "obd-trace", "obd-noahead": "obd", "obd-trace-noahead": "obd-trace"}
+# The snapshotter TOML each obd variant adds (the same image as another
+# variant, one snapshotter setting changed).
+SNAP_EXTRA = {"obd-trace-warm": "warm_page_cache = true\n",
+              "obd-trace-nowarmcfg": "warm_page_cache = false\n",
+              "obd-noahead": "open_layers_at_commit = false\n",
+              "obd-trace-noahead": "open_layers_at_commit = false\n"}
 
 
 def log(*a):
@@ -203,7 +212,7 @@ def stop_proc(p, timeout=15):
 # --- a node: containerd + snapshotters -----------------------------------
 
 class Node:
-    def __init__(self, name, obd=True, stargz=False, at_pull=True, service="", warm=None):
+    def __init__(self, name, obd=True, stargz=False, at_pull=True, service="", snap_extra=""):
         self.dir = os.path.join(DIR, "nodes", name)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -223,8 +232,7 @@ class Node:
                 f.write(f'root = "{sn}"\naddress = "{self.dir}/obd.sock"\n'
                         f'lazy_pull = true\nrw_mode = "overlayfs"\n'
                         f'prefetch_at_pull = {"true" if at_pull else "false"}\n'
-                        + ("" if warm is None else
-                           f'warm_page_cache = {"true" if warm else "false"}\n'))
+                        + snap_extra)
             self.snroot = sn
             self.procs.append(subprocess.Popen(
                 [SNAP, "--config", toml], stderr=open(os.path.join(self.dir, "obd.log"), "a")))
@@ -483,7 +491,7 @@ def access_bytes(log_path, offset):
 def measure(variant, ref, reg, tag):
     node = Node(tag, obd=variant.startswith("obd"), stargz=variant in STARGZ_VARIANTS,
                 at_pull=variant != "obd-trace-late", service=OBD_SERVICE.get(variant, ""),
-                warm={"obd-trace-warm": True, "obd-trace-nowarmcfg": False}.get(variant))
+                snap_extra=SNAP_EXTRA.get(variant, ""))
     try:
         drop_caches()
         rx0, off = rx_bytes(), os.path.getsize(reg.log)
@@ -519,6 +527,15 @@ def measure(variant, ref, reg, tag):
 
 def keep_timeline(node, tag, t0, pull, cold):
     shutil.copy(os.path.join(node.dir, "obd.log"), os.path.join(TIMELINE, f"{tag}-obd.log"))
+    # The device workers' logs (bring-up phases) of devices still attached.
+    # Not a recursive walk: that would read the mounted images' trees.
+    with open(os.path.join(TIMELINE, f"{tag}-workers.log"), "w") as out:
+        for log in sorted(glob.glob(os.path.join(node.snroot, "devices", "*", "worker.log"))):
+            try:
+                with open(log, errors="replace") as f:
+                    out.write(f.read())
+            except FileNotFoundError:
+                pass  # its device was detached meanwhile
     with open(os.path.join(TIMELINE, f"{tag}.json"), "w") as f:
         json.dump({"t0_us": int(t0 * 1e6), "pull_end_us": int((t0 + pull) * 1e6),
                    "ready_us": int((t0 + cold) * 1e6)}, f)

@@ -17,8 +17,8 @@ import os
 import re
 import sys
 
-ORDER = ["oci", "estargz", "estargz-opt", "zstdchunked", "obd", "obd-noverify", "obd-alt",
-         "obd-trace", "obd-trace-warm", "obd-trace-nowarmcfg", "obd-trace-nowarm", "obd-trace-late", "obd-trace-alt"]
+ORDER = ["oci", "estargz", "estargz-opt", "zstdchunked", "obd", "obd-noverify", "obd-noahead",
+         "obd-alt", "obd-trace", "obd-trace-warm", "obd-trace-nowarmcfg", "obd-trace-noahead", "obd-trace-nowarm", "obd-trace-late", "obd-trace-alt"]
 NAMES = {"oci": "OCI (overlayfs, full pull)", "estargz": "eStargz",
          "estargz-opt": "eStargz optimized", "zstdchunked": "zstd:chunked optimized",
          "obd": "obd lazy", "obd-noverify": "obd lazy, verify off",
@@ -26,6 +26,8 @@ NAMES = {"oci": "OCI (overlayfs, full pull)", "estargz": "eStargz",
          "obd-trace-nowarm": "obd + trace, no page-cache warm list",
          "obd-trace-warm": "obd + trace, page-cache warm on",
          "obd-trace-nowarmcfg": "obd + trace, page-cache warm off",
+         "obd-noahead": "obd lazy, layers opened at attach",
+         "obd-trace-noahead": "obd + trace, layers opened at attach",
          "obd-trace-late": "obd + trace, device attached at run",
          "obd-trace-alt": "obd + trace, service alt"}
 LAZY = [v for v in ORDER if v != "oci"]

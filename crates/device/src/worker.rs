@@ -166,6 +166,40 @@ pub const LAZY_READ_AHEAD_KB: u32 = 2560;
 /// reads ahead as over a local disk.
 pub const LOCAL_SHARE_PERCENT: u64 = 25;
 
+/// Milliseconds each step of a bring-up took, for its log line (where the
+/// time between an image's pull and its container's mount goes).
+struct Phases {
+    last: std::time::Instant,
+    done: Vec<(&'static str, u128)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Phases {
+            last: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends step `name` now.
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done
+            .push((name, now.duration_since(self.last).as_millis()));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, ms)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{name}={ms}ms")?;
+        }
+        Ok(())
+    }
+}
+
 /// What a worker brought up.
 struct Up {
     attachment: Box<dyn tcmu_target::Attachment>,
@@ -175,6 +209,7 @@ struct Up {
 }
 
 fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result<(Up, Opened2)> {
+    let mut phases = Phases::start();
     let req = root.request(id)?;
     let cfg =
         overlaybd_core::config::ImageConfig::load(&req.config).map_err(|source| Error::Image {
@@ -187,12 +222,14 @@ fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result
     } else {
         registry_source(root)?
     };
+    phases.mark("source");
     let Opened {
         backend,
         config,
         fresh_upper,
         trace,
     } = open_image(&req.config, remote.as_deref())?;
+    phases.mark("open");
     // A recording sees the readahead of a first start whatever this host has
     // cached, so the trace (and the working set packed from it) does not grow
     // with the cache.
@@ -236,6 +273,7 @@ fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result
         frontend: req.frontend.clone(),
         source,
     })?;
+    phases.mark("attach");
     let device = attachment.device_path().to_owned();
     // A record left by a predecessor that died means this is a takeover (the
     // frontend kept the device alive): its filesystem is made and maybe mounted.
@@ -258,6 +296,8 @@ fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result
         let _ = attachment.detach();
         return Err(e);
     }
+    phases.mark("mount");
+    tracing::info!(device = %id, phases = %phases, "obd device worker: brought up");
     let me = std::process::id();
     let record = DeviceRecord {
         id: id.to_string(),

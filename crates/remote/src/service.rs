@@ -520,8 +520,25 @@ fn piece_table_from(bytes: &[u8], blob: &BlobRef, v: &Verity) -> Result<Arc<Piec
 /// block boundary.
 const TAIL: u64 = 16 << 10;
 
-impl LayerSource for RegistrySource {
-    fn open(&self, layer: LayerRef<'_>) -> Result<Option<OpenedBlob>> {
+impl RegistrySource {
+    /// Fetches into the block cache (and the kept piece tables) what opening
+    /// `layer` reads: its piece table, both ends, jump table and index. A
+    /// later open of the layer, in any process sharing the cache, then
+    /// fetches nothing; so a snapshotter can open each layer as a pull
+    /// commits it, ahead of the device's worker. Keeps nothing open and
+    /// starts no download. False if `layer` is not a remote layer.
+    pub fn open_ahead(&self, layer: LayerRef<'_>) -> Result<bool> {
+        let Some(blob) = self.remote_blob(layer)? else {
+            return Ok(false);
+        };
+        let name = blob.blob().digest.clone();
+        overlaybd_core::image::Layer::open(name, blob)?;
+        Ok(true)
+    }
+
+    /// The lazily read blob of remote lower `layer` (`None`: not remote),
+    /// with its two ends fetched unless the source reads blobs in one pass.
+    fn remote_blob(&self, layer: LayerRef<'_>) -> Result<Option<Arc<RemoteBlob>>> {
         let l = layer.lower;
         if l.digest.is_empty() {
             return Ok(None);
@@ -567,6 +584,16 @@ impl LayerSource for RegistrySource {
             let tail = size.saturating_sub(TAIL);
             blob.fetch_exact_ranges(&[(0, head), (tail, TAIL)], Priority::Foreground)?;
         }
+        Ok(Some(blob))
+    }
+}
+
+impl LayerSource for RegistrySource {
+    fn open(&self, layer: LayerRef<'_>) -> Result<Option<OpenedBlob>> {
+        let Some(blob) = self.remote_blob(layer)? else {
+            return Ok(None);
+        };
+        let l = layer.lower;
         self.opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -1,7 +1,9 @@
 //! An upstream-made image served by a real `docker-registry`: flattening it
 //! lazily through the registry source and the block cache gives the same disk
 //! sha256 as from local files; a second open over the same cache fetches
-//! nothing; 8 concurrent readers of the same blocks cause one fetch per block.
+//! nothing; 8 concurrent readers of the same blocks cause one fetch per block;
+//! layers opened ahead (a snapshotter, at each layer's commit) open again in
+//! another source over the same cache with no request.
 
 mod support;
 
@@ -147,6 +149,61 @@ fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() 
         ranges.len(),
         "a range was fetched twice: {ranges:?}"
     );
+}
+
+#[test]
+fn layers_opened_ahead_open_again_from_the_cache_alone() {
+    let Some(reg) = Registry::start() else { return };
+    support::init_tls();
+    let mut lowers = Vec::new();
+    for (file, digest) in STACK {
+        let data = std::fs::read(fixtures::interop().join(file)).unwrap();
+        reg.push_blob("obd/ahead", &data);
+        lowers.push(Lower {
+            digest: digest.into(),
+            size: data.len() as u64,
+            ..Default::default()
+        });
+    }
+    let upstream = reg.url().trim_start_matches("http://").to_string();
+    let proxy = Server::start(move |_r: &Req| Action::Forward(upstream.clone()));
+    let cfg = ImageConfig {
+        repo_blob_url: format!("{}/v2/obd/ahead/blobs", proxy.url()),
+        lowers,
+        ..Default::default()
+    };
+    let cache = tempfile::tempdir().unwrap();
+
+    // The snapshotter's source: each layer opened ahead, nothing kept open.
+    let ahead = RegistrySource::new(&service(cache.path())).unwrap();
+    for r in cfg.layer_refs(None) {
+        assert!(ahead.open_ahead(r).unwrap(), "{}", r.lower.digest);
+    }
+    assert_eq!(ahead.local_bytes(), Some((0, 0)), "open_ahead kept a blob");
+    let fetched = proxy.requests().len();
+    assert!(fetched >= STACK.len(), "{fetched} requests for the opens");
+    // A lower with no digest is not a remote layer.
+    let local = ImageConfig {
+        lowers: vec![Lower {
+            file: "/nonexistent/layer".into(),
+            ..Default::default()
+        }],
+        ..cfg.clone()
+    };
+    let r = local.layer_refs(None).next().unwrap();
+    assert!(!ahead.open_ahead(r).unwrap());
+
+    // The device worker's source, another process over the same cache: its
+    // open asks the registry for nothing; its reads are right.
+    let worker = RegistrySource::new(&service(cache.path())).unwrap();
+    let img = Image::open(&cfg, None, &[&LocalFiles, &worker]).unwrap();
+    assert_eq!(
+        proxy.requests().len(),
+        fetched,
+        "the open after open_ahead fetched: {:?}",
+        &proxy.requests()[fetched..]
+    );
+    assert_eq!(disk_sha256(&img), DISK_SHA256);
 }
 
 #[test]

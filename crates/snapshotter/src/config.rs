@@ -87,6 +87,10 @@ pub struct Config {
     /// Read an acceleration layer's page-cache warm list through the
     /// image's mount when its device is mounted.
     pub warm_page_cache: bool,
+    /// Open each lazily pulled layer (fetch its ends, index and piece table
+    /// into the block cache) when the pull commits it, not when the image's
+    /// device is attached.
+    pub open_layers_at_commit: bool,
     /// Socket of the CRI image-service proxy ([`crate::cri`]); none if unset.
     pub cri_image_address: Option<PathBuf>,
     /// containerd's CRI socket, where the proxy forwards.
@@ -122,6 +126,7 @@ impl Default for Config {
             prefetch_at_pull: true,
             prefetch_hold_secs: 600,
             warm_page_cache: true,
+            open_layers_at_commit: true,
             cri_image_address: None,
             cri_runtime_address: DEFAULT_CRI_RUNTIME_ADDRESS.into(),
         }
@@ -182,8 +187,18 @@ mod tests {
         );
         assert_eq!((c.rw_mode, c.lazy_pull), (d.rw_mode, d.lazy_pull));
         assert_eq!(
-            (c.prefetch_at_pull, c.prefetch_hold_secs, c.warm_page_cache),
-            (d.prefetch_at_pull, d.prefetch_hold_secs, d.warm_page_cache)
+            (
+                c.prefetch_at_pull,
+                c.prefetch_hold_secs,
+                c.warm_page_cache,
+                c.open_layers_at_commit
+            ),
+            (
+                d.prefetch_at_pull,
+                d.prefetch_hold_secs,
+                d.warm_page_cache,
+                d.open_layers_at_commit
+            )
         );
         assert_eq!(
             (c.cri_image_address, c.cri_runtime_address),

@@ -13,6 +13,7 @@
 //! - [`cri`]: the CRI image-service proxy that hands pull secrets to lazy
 //!   reads.
 
+pub mod ahead;
 pub mod config;
 pub mod cri;
 pub mod error;

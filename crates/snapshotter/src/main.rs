@@ -116,7 +116,9 @@ fn open_snapshotter(cfg: &Config) -> anyhow::Result<Arc<Snapshotter>> {
         cfg.rw_mode,
         cfg.lazy_pull,
     );
-    let layers = layers.with_warm_page_cache(cfg.warm_page_cache);
+    let layers = layers
+        .with_warm_page_cache(cfg.warm_page_cache)
+        .with_open_layers_at_commit(cfg.open_layers_at_commit);
     let layers = if cfg.prefetch_at_pull {
         layers.with_prefetch_at_pull(std::time::Duration::from_secs(cfg.prefetch_hold_secs))
     } else {

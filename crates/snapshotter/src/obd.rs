@@ -117,7 +117,13 @@ pub struct ObdInner {
     warmers: Mutex<HashMap<String, Warmer>>,
     /// Whether [`ObdInner::start_warm`] runs (`warm_page_cache`).
     warm_page_cache: bool,
+    /// Opens remote layers as their commits name them (`None`: off).
+    open_ahead: Option<crate::ahead::OpenAhead>,
 }
+
+/// Longest an attach waits for its layers' opens ahead ([`crate::ahead`]);
+/// the worker then opens what is left itself.
+const OPEN_AHEAD_WAIT: Duration = Duration::from_secs(60);
 
 /// Readahead (KiB) of a device whose page cache is warmed from a list.
 const WARM_READ_AHEAD_KB: u32 = 128;
@@ -165,6 +171,7 @@ impl ObdLayers {
                 host_cache: std::sync::OnceLock::new(),
                 warmers: Mutex::new(HashMap::new()),
                 warm_page_cache: true,
+                open_ahead: lazy_pull.then(|| crate::ahead::OpenAhead::new(Root::new(root))),
             }),
         }
     }
@@ -175,6 +182,19 @@ impl ObdLayers {
     pub fn with_warm_page_cache(mut self, on: bool) -> Self {
         if let Some(i) = Arc::get_mut(&mut self.inner) {
             i.warm_page_cache = on;
+        }
+        self
+    }
+
+    /// Whether a lazily pulled layer is opened (its ends, index and piece
+    /// table fetched into the block cache) as soon as the pull commits it,
+    /// instead of by the device's worker when the image is attached (on by
+    /// default: docs/BENCHMARKS.md, issue 18, "Layers opened at commit").
+    pub fn with_open_layers_at_commit(mut self, on: bool) -> Self {
+        if let Some(i) = Arc::get_mut(&mut self.inner) {
+            if !on {
+                i.open_ahead = None;
+            }
         }
         self
     }
@@ -320,6 +340,7 @@ impl ObdInner {
             std::fs::create_dir_all(&mp).map_err(|e| Error::io("mkdir", &mp, e))?;
         }
         let t = Instant::now();
+        self.wait_open_ahead(config);
         let r = self.devices.dispatch(Op::Attach {
             config: config.to_path_buf(),
             frontend: self.frontend.clone(),
@@ -344,6 +365,21 @@ impl ObdInner {
             self.start_warm(&id, config, (&mp, &dev));
         }
         Ok(dev)
+    }
+
+    /// Waits for the opens ahead of the layers of `config`, so that its
+    /// worker finds them in the cache instead of fetching them again.
+    fn wait_open_ahead(&self, config: &Path) {
+        let Some(ahead) = &self.open_ahead else {
+            return;
+        };
+        let Ok(cfg) = ImageConfig::load(config) else {
+            return;
+        };
+        let digests: Vec<String> = cfg.lowers.iter().map(|l| l.digest.clone()).collect();
+        if !ahead.wait(&digests, OPEN_AHEAD_WAIT) {
+            tracing::warn!(config = %config.display(), "layers opened ahead still not open; attaching anyway");
+        }
     }
 
     /// If the image of `config` has an acceleration layer with a warm list
@@ -702,6 +738,14 @@ impl LayerHook for ObdLayers {
         cfg.result_file = s(&c.dir.join("block").join("init-debug.log"));
         save(&config_path(c.dir), &cfg)?;
         let _ = std::fs::create_dir_all(c.dir.join("block").join("mountpoint"));
+        if let (Some(ahead), true) = (&self.open_ahead, l.contains_key(LABEL_REMOTE)) {
+            let digest = cfg
+                .lowers
+                .last()
+                .map(|l| l.digest.clone())
+                .unwrap_or_default();
+            ahead.open(config_path(c.dir), digest);
+        }
         Ok(())
     }
 

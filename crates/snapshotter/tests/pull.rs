@@ -5,8 +5,10 @@
 //! - an obd image (a two-layer busybox image built offline with umoci,
 //!   converted by the converter library, pushed to the registry) is pulled
 //!   with every layer committed remotely: the image record exists, every
-//!   chainID is a committed snapshot, the registry served the manifest and
-//!   config but no layer blob, no lease is left; a second pull is a no-op;
+//!   chainID is a committed snapshot, the pull fetched the manifest and
+//!   config but no layer blob, no lease is left; the snapshotter then opens
+//!   each layer ahead of its device (`open_layers_at_commit`) with ranged
+//!   reads only; a second pull is a no-op;
 //! - the plain OCI image is pulled with every layer downloaded and applied
 //!   by containerd's diff service, and `ctr run --snapshotter obd` of it
 //!   prints the file of its top layer.
@@ -152,6 +154,12 @@ fn obd_pull_remote_and_plain() {
     let obd = format!("{addr}/obd/busybox:v1");
     let client = push_obd(&dir, &oci, &obd, None, 2);
 
+    // The snapshotter's registry access (its layer opens ahead).
+    std::fs::write(
+        dir.join("service.toml"),
+        format!("[registry.hosts.\"{addr}\"]\nplain_http = true\n"),
+    )
+    .unwrap();
     let mut procs = Procs::new(&dir);
     let sock = start_containerd(&dir, &mut procs);
     let ctr = |args: &[&str]| run(ctr(&sock).args(["-n", "default"]).args(args));
@@ -245,17 +253,35 @@ fn obd_pull_remote_and_plain() {
         m.bytes.len() as u64 + cfg_size,
         "only the manifest and config come from the registry"
     );
-    let reqs: Vec<String> = reg.requests()[before..].to_vec();
+    // The snapshotter opens each layer as its commit names it: ranged
+    // reads of its ends, index and piece table (all of a layer smaller than
+    // those), never a plain GET of the blob.
+    let log = dir.join("snapshotter.log");
+    fixtures::procs::wait_until("the layers opened ahead", Duration::from_secs(60), || {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        t.matches("layer opened ahead of its device").count() >= layer_digests.len()
+    });
+    let settled = reg.requests().len();
+    let resps = reg.responses()[before..].to_vec();
     assert!(
-        reqs.iter()
-            .any(|l| l.starts_with("GET /v2/obd/busybox/manifests/v1 ")),
-        "the access log works: {reqs:?}"
+        resps
+            .iter()
+            .any(|(l, _, _)| l.starts_with("GET /v2/obd/busybox/manifests/v1 ")),
+        "the access log works: {resps:?}"
     );
-    for d in &layer_digests {
-        assert!(
-            !reqs.iter().any(|l| l.contains(d.as_str())),
-            "layer blob {d} was requested: {reqs:?}"
-        );
+    for (d, l) in layer_digests.iter().zip(man["layers"].as_array().unwrap()) {
+        let size = l["size"].as_u64().unwrap();
+        let got: Vec<_> = resps
+            .iter()
+            .filter(|(r, _, _)| r.contains(d.as_str()))
+            .collect();
+        assert!(!got.is_empty(), "layer {d} was not opened ahead: {resps:?}");
+        for (r, status, bytes) in got {
+            assert!(
+                *status == 206 && *bytes <= size,
+                "layer {d} ({size} bytes) was not read by range: {r} {status} {bytes}"
+            );
+        }
     }
     let imgs = ctr(&["images", "ls"]);
     assert!(
@@ -312,7 +338,7 @@ fn obd_pull_remote_and_plain() {
     let r2 = pull(&sock, &obd);
     assert!(!r2.created);
     assert_eq!(states(&r2), vec![LayerState::Present; 2], "{r2:?}");
-    let reqs: Vec<String> = reg.requests()[before..].to_vec();
+    let reqs: Vec<String> = reg.requests()[settled..].to_vec();
     for d in &layer_digests {
         assert!(!reqs.iter().any(|l| l.contains(d.as_str())), "{reqs:?}");
     }
