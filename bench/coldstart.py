@@ -518,6 +518,10 @@ def measure(variant, ref, reg, tag):
         # the cold run: what is left of the cold start without the network.
         drop_caches()
         warm_dropped = run_until_ready([*run[:-1], f"{tag}-c3"])
+        if TIMELINE and variant.startswith("obd"):
+            # The snapshotter's log through the warm starts too.
+            shutil.copy(os.path.join(node.dir, "obd.log"),
+                        os.path.join(TIMELINE, f"{tag}-obd-all.log"))
         return {"pull_s": pull, "run_to_ready_s": ready, "cold_s": cold, "warm_s": warm,
                 "warm_dropped_s": warm_dropped,
                 "rx_bytes": fetched_rx, "blob_bytes": fetched_log}

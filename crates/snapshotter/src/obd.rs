@@ -328,6 +328,9 @@ impl ObdInner {
         if let Ok(Some(rec)) = self.dev_root.record(&id) {
             let mounted_ok = !mount || obd_device::mount::is_mounted(&mp);
             if worker_alive(&rec) && mounted_ok && rec.request.config == config {
+                if mount {
+                    self.rewarm(&id, config, &mp);
+                }
                 return Ok(rec.device);
             }
             tracing::warn!(device = %id, "device is gone or stale; attaching it again");
@@ -382,30 +385,37 @@ impl ObdInner {
         }
     }
 
-    /// If the image of `config` has an acceleration layer with a warm list
-    /// ([`WARM_FILE`]), reads the list's file ranges through the mount `mp`
-    /// on a thread, so that the container's first reads of them find the
-    /// page cache filled (the device's trace replay fetches the same bytes).
-    fn start_warm(&self, id: &str, config: &Path, (mp, dev): (&Path, &Path)) {
+    /// The warm list ([`WARM_FILE`]) of the acceleration layer of the image
+    /// of `config`, if it has one and warms are on.
+    fn warm_list(&self, id: &str, config: &Path) -> Option<WarmList> {
         if !self.warm_page_cache {
-            return;
+            return None;
         }
-        let Ok(cfg) = ImageConfig::load(config) else {
-            return;
-        };
-        let Some(accel) = cfg.acceleration_layer.then(|| cfg.lowers.last()).flatten() else {
-            return;
-        };
+        let cfg = ImageConfig::load(config).ok()?;
+        let accel = cfg
+            .acceleration_layer
+            .then(|| cfg.lowers.last())
+            .flatten()?;
         let path = Path::new(&accel.dir).join(WARM_FILE);
         if !path.exists() {
-            return;
+            return None;
         }
-        let list = match WarmList::read_file(&path) {
-            Ok(l) => l,
+        match WarmList::read_file(&path) {
+            Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!(device = %id, error = %e, "warm list ignored");
-                return;
+                None
             }
+        }
+    }
+
+    /// If the image of `config` has a warm list ([`ObdInner::warm_list`]),
+    /// reads the list's file ranges through the mount `mp` on a thread, so
+    /// that the container's first reads of them find the page cache filled
+    /// (the device's trace replay fetches the same bytes).
+    fn start_warm(&self, id: &str, config: &Path, (mp, dev): (&Path, &Path)) {
+        let Some(list) = self.warm_list(id, config) else {
+            return;
         };
         // The list holds what the start needs; readahead beyond it would
         // fetch blocks outside the working set. With the page cache mostly
@@ -431,6 +441,32 @@ impl ObdInner {
                 }
             }
         });
+        self.spawn_warm(id, mp, list, ra);
+    }
+
+    /// A new container over the mounted device `id` of `config`: warms its
+    /// page cache again from the list (what a warm start finds cached is
+    /// not read again, so this matters after the host dropped those pages),
+    /// unless the device's warm still runs. The readahead is left as the
+    /// worker set it: the image's data is on the host by now.
+    fn rewarm(&self, id: &str, config: &Path, mp: &Path) {
+        let running = self
+            .warmers
+            .locked()
+            .get(id)
+            .is_some_and(|w| !w.thread.is_finished());
+        if running {
+            return;
+        }
+        if let Some(list) = self.warm_list(id, config) {
+            self.spawn_warm(id, mp, list, None);
+        }
+    }
+
+    /// Starts the warm of `list` over the mount `mp` of device `id`, after
+    /// its trace replay; `ra` (a `read_ahead_kb` file and the value to put
+    /// back) is restored when it ends.
+    fn spawn_warm(&self, id: &str, mp: &Path, list: WarmList, ra: Option<(PathBuf, String)>) {
         self.stop_warm(id);
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, dev, mp) = (Arc::clone(&stop), id.to_string(), mp.to_path_buf());
@@ -461,7 +497,8 @@ impl ObdInner {
                 restore();
                 match r {
                     Ok(r) => tracing::info!(
-                        device = %dev, files = r.files, bytes = r.bytes, skipped = r.skipped,
+                        device = %dev, files = r.files, bytes = r.bytes,
+                        resident = r.resident, skipped = r.skipped,
                         stopped = r.stopped, ms = r.elapsed.as_millis() as u64,
                         waited_ms = (t.elapsed() - r.elapsed).as_millis() as u64,
                         "page cache warmed from the warm list"
