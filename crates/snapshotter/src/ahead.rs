@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use obd_device::state::Root;
@@ -37,8 +37,12 @@ pub struct OpenAhead {
 struct Shared {
     /// Where the service config (registry, cache) is.
     dev_root: Root,
-    /// Built on the first job from the service config; `None` if it cannot be.
-    source: OnceLock<Option<Arc<RegistrySource>>>,
+    /// Built from the service config for a burst of jobs (a pull's layers)
+    /// and dropped when the last thread ends: a source holds every blob it
+    /// opened in use in the block cache, which would keep a collection
+    /// from ever freeing them; and it reads the service config and
+    /// credentials afresh for each pull.
+    source: Mutex<Option<Arc<RegistrySource>>>,
     state: Mutex<State>,
     /// Signalled whenever a job ends.
     ended: Condvar,
@@ -65,7 +69,7 @@ impl OpenAhead {
         OpenAhead {
             shared: Arc::new(Shared {
                 dev_root,
-                source: OnceLock::new(),
+                source: Mutex::new(None),
                 state: Mutex::new(State::default()),
                 ended: Condvar::new(),
             }),
@@ -131,6 +135,10 @@ impl Shared {
                     Some(j) => j,
                     None => {
                         st.threads -= 1;
+                        if st.threads == 0 {
+                            // The burst is over: let the blobs go.
+                            self.source.locked().take();
+                        }
                         return;
                     }
                 }
@@ -156,23 +164,23 @@ impl Shared {
         }
     }
 
-    fn source(&self) -> Option<&Arc<RegistrySource>> {
-        self.source
-            .get_or_init(|| {
-                let built = self
-                    .dev_root
-                    .load_service_config()
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| RegistrySource::new(&c).map_err(|e| e.to_string()));
-                match built {
-                    Ok(s) => Some(Arc::new(s)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "no registry source for opening layers ahead of their device");
-                        None
-                    }
+    /// The source of the current burst, built if there is none.
+    fn source(&self) -> Option<Arc<RegistrySource>> {
+        let mut slot = self.source.locked();
+        if slot.is_none() {
+            let built = self
+                .dev_root
+                .load_service_config()
+                .map_err(|e| e.to_string())
+                .and_then(|c| RegistrySource::new(&c).map_err(|e| e.to_string()));
+            match built {
+                Ok(s) => *slot = Some(Arc::new(s)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no registry source for opening layers ahead of their device");
                 }
-            })
-            .as_ref()
+            }
+        }
+        slot.clone()
     }
 
     fn open_one(&self, job: &Job) -> Result<bool, String> {

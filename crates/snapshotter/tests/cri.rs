@@ -347,7 +347,12 @@ fn cri_pull_run_lazy_with_pod_credentials() {
     assert!(range_reads > 0, "no range read of a layer: {gets:?}");
     for (r, s) in &gets {
         if layers.iter().any(|l| r.contains(l.as_str())) {
-            assert_eq!(*s, 206, "a whole layer was fetched: {r} ({s})");
+            // 206: a range; 401: an auth probe or challenge (`Range:
+            // bytes=0-0` without credentials), which carries no layer byte.
+            assert!(
+                *s == 206 || *s == 401,
+                "a whole layer was fetched: {r} ({s}); all: {gets:#?}"
+            );
         }
     }
     // Only the pod's pull secret could have authorised those reads, and it
