@@ -27,6 +27,9 @@ fn image_rm_releases_devices_mounts_and_workers() {
     };
     let mut opts = Options::new(obd, sn);
     opts.prefix = "obd-imgrm-".into();
+    // The default linger, stated: removing the image must release the
+    // device all the same.
+    opts.extra_toml = "device_idle_secs = 600\n".into();
     let mut tb = Testbed::new(opts).unwrap();
     let root = tb.snroot.clone();
     tb.start_registry().unwrap();
@@ -41,6 +44,7 @@ fn image_rm_releases_devices_mounts_and_workers() {
     );
     run_ok(&mut tb.obd_pull("default", &image)).unwrap();
     let expected = format!("{}\n{}", testbed::EXPECTED, testbed::WRITTEN);
+    let mut served_by = Vec::new();
     for n in ["imgrm-1", "imgrm-2"] {
         let id = tb.cid(n);
         let out = run_ok(
@@ -49,11 +53,17 @@ fn image_rm_releases_devices_mounts_and_workers() {
         )
         .unwrap();
         assert_eq!(out.trim(), expected, "container {id}");
+        served_by.push(workers(&root));
     }
+    // The image's device outlives its containers (`device_idle_secs`, 600 s
+    // by default): the second container ran on the device of the first,
+    // its worker the same process.
     assert!(
         !device_dirs(&root).is_empty(),
         "the image's device is attached"
     );
+    assert_eq!(served_by[0].len(), 1, "{served_by:?}");
+    assert_eq!(served_by[0], served_by[1], "the device was attached again");
 
     run_ok(tb.ctr().args(["image", "rm", "--sync", &image])).unwrap();
     // containerd's garbage collection removes the snapshots after answering

@@ -100,6 +100,9 @@ fn snapshotter_survives_kill_9_during_pull_attach_and_run() {
     };
     let mut opts = Options::new(obd, sn);
     opts.prefix = "obd-restart-".into();
+    // The image's device goes with its last container (no linger): each
+    // step below starts from no device.
+    opts.extra_toml = "device_idle_secs = 0\n".into();
     let mut tb = Testbed::new(opts).unwrap();
     let dir = tb.dir.clone();
     let root = tb.snroot.clone();

@@ -87,6 +87,9 @@ pub struct Config {
     /// Read an acceleration layer's page-cache warm list through the
     /// image's mount when its device is mounted.
     pub warm_page_cache: bool,
+    /// Seconds an image's device stays attached (with its page cache) after
+    /// its last container is gone; 0: released with the last container.
+    pub device_idle_secs: u64,
     /// Open each lazily pulled layer (fetch its ends, index and piece table
     /// into the block cache) when the pull commits it, not when the image's
     /// device is attached.
@@ -127,6 +130,7 @@ impl Default for Config {
             prefetch_hold_secs: 600,
             warm_page_cache: true,
             open_layers_at_commit: true,
+            device_idle_secs: 600,
             cri_image_address: None,
             cri_runtime_address: DEFAULT_CRI_RUNTIME_ADDRESS.into(),
         }
@@ -191,13 +195,15 @@ mod tests {
                 c.prefetch_at_pull,
                 c.prefetch_hold_secs,
                 c.warm_page_cache,
-                c.open_layers_at_commit
+                c.open_layers_at_commit,
+                c.device_idle_secs
             ),
             (
                 d.prefetch_at_pull,
                 d.prefetch_hold_secs,
                 d.warm_page_cache,
-                d.open_layers_at_commit
+                d.open_layers_at_commit,
+                d.device_idle_secs
             )
         );
         assert_eq!(

@@ -118,7 +118,8 @@ fn open_snapshotter(cfg: &Config) -> anyhow::Result<Arc<Snapshotter>> {
     );
     let layers = layers
         .with_warm_page_cache(cfg.warm_page_cache)
-        .with_open_layers_at_commit(cfg.open_layers_at_commit);
+        .with_open_layers_at_commit(cfg.open_layers_at_commit)
+        .with_device_idle(std::time::Duration::from_secs(cfg.device_idle_secs));
     let layers = if cfg.prefetch_at_pull {
         layers.with_prefetch_at_pull(std::time::Duration::from_secs(cfg.prefetch_hold_secs))
     } else {

@@ -30,7 +30,7 @@ use crate::layer::{
 };
 use crate::meta::Kind;
 use crate::proto::containerd::types::Mount;
-use obd_device::open::trace_replay::warm::{self, WarmList, WARM_FILE};
+use obd_device::open::trace_replay::warm::{self, OpenWatch, WarmList, WARM_FILE};
 use obd_device::service::{Op, Service};
 use obd_device::state::{worker_alive, Root};
 use obd_remote::cache::BlockCache;
@@ -91,6 +91,9 @@ fn looks_like_layer(f: &Path) -> bool {
 /// Marks (in `block/`) a device attached when a pull committed the image's
 /// acceleration layer, that no container has used yet.
 const PREFETCH_MARK: &str = "prefetch-attached";
+/// `block/` file whose mtime says since when no container has used the
+/// image's device ([`ObdInner::idle_held`]).
+const IDLE_MARK: &str = "idle-since";
 
 /// The overlaybd layer hook with devices.
 pub struct ObdLayers {
@@ -115,11 +118,26 @@ pub struct ObdInner {
     /// Page-cache warms running over mounted devices, by device id: their
     /// stop flag and thread.
     warmers: Mutex<HashMap<String, Warmer>>,
+    /// Warm lists learned on this host for mounted devices whose image has
+    /// none of its own ([`warm::opened_list`]), by device id.
+    learned: Arc<Mutex<HashMap<String, Arc<WarmList>>>>,
+    /// The files the first container of such a device opens, by device id
+    /// (until its second container learns the list from them).
+    watches: Mutex<HashMap<String, OpenWatch>>,
+    /// The first container (snapshot directory) of each mounted device.
+    first_users: Mutex<HashMap<String, PathBuf>>,
     /// Whether [`ObdInner::start_warm`] runs (`warm_page_cache`).
     warm_page_cache: bool,
     /// Opens remote layers as their commits name them (`None`: off).
     open_ahead: Option<crate::ahead::OpenAhead>,
+    /// How long an image's device stays attached once no container uses
+    /// it (`device_idle_secs`).
+    device_idle: Duration,
 }
+
+/// Default `device_idle_secs`: as long as a device attached at pull waits
+/// for its first container.
+pub const DEFAULT_DEVICE_IDLE: Duration = Duration::from_secs(600);
 
 /// Longest an attach waits for its layers' opens ahead ([`crate::ahead`]);
 /// the worker then opens what is left itself.
@@ -128,8 +146,23 @@ const OPEN_AHEAD_WAIT: Duration = Duration::from_secs(60);
 /// Readahead (KiB) of a device whose page cache is warmed from a list.
 const WARM_READ_AHEAD_KB: u32 = 128;
 
+/// Most files the watch of a device's first container keeps open
+/// ([`ObdInner::start_watch`]), one descriptor each.
+const LEARN_MAX_FILES: usize = 4096;
+
 /// Longest a page-cache warm waits for its device's trace replay to end.
 const WARM_AFTER_REPLAY_MAX: Duration = Duration::from_secs(120);
+
+/// What a page-cache warm thread does ([`ObdInner::spawn_warm`]).
+enum WarmJob {
+    /// Warm from the image's own list, once the trace replay has ended.
+    List(WarmList),
+    /// Warm from a list learned on this host.
+    Learned(Arc<WarmList>),
+    /// Learn a list from the files the first container opened, with what
+    /// the page cache holds of them now.
+    Learn(OpenWatch),
+}
 
 /// A page-cache warm in progress ([`ObdInner::start_warm`]).
 struct Warmer {
@@ -170,8 +203,12 @@ impl ObdLayers {
                 attach_lock: Mutex::new(()),
                 host_cache: std::sync::OnceLock::new(),
                 warmers: Mutex::new(HashMap::new()),
+                learned: Arc::new(Mutex::new(HashMap::new())),
+                watches: Mutex::new(HashMap::new()),
+                first_users: Mutex::new(HashMap::new()),
                 warm_page_cache: true,
                 open_ahead: lazy_pull.then(|| crate::ahead::OpenAhead::new(Root::new(root))),
+                device_idle: DEFAULT_DEVICE_IDLE,
             }),
         }
     }
@@ -195,6 +232,17 @@ impl ObdLayers {
             if !on {
                 i.open_ahead = None;
             }
+        }
+        self
+    }
+
+    /// How long an image's device stays attached, with its page cache, once
+    /// its last container is gone (a sweep releases it after that; zero:
+    /// with the last container). The image's next container then starts
+    /// on a warm device instead of attaching it again.
+    pub fn with_device_idle(mut self, idle: Duration) -> Self {
+        if let Some(i) = Arc::get_mut(&mut self.inner) {
+            i.device_idle = idle;
         }
         self
     }
@@ -328,13 +376,10 @@ impl ObdInner {
         if let Ok(Some(rec)) = self.dev_root.record(&id) {
             let mounted_ok = !mount || obd_device::mount::is_mounted(&mp);
             if worker_alive(&rec) && mounted_ok && rec.request.config == config {
-                if mount {
-                    self.rewarm(&id, config, &mp);
-                }
                 return Ok(rec.device);
             }
             tracing::warn!(device = %id, "device is gone or stale; attaching it again");
-            self.stop_warm(&id);
+            self.forget_warm(&id);
             let _ = self.devices.dispatch(Op::Detach { device: id.clone() });
         } else if self.dev_root.device_dir(&id).exists() {
             let _ = obd_device::service::cleanup_device(&self.dev_root, &id);
@@ -415,6 +460,7 @@ impl ObdInner {
     /// (the device's trace replay fetches the same bytes).
     fn start_warm(&self, id: &str, config: &Path, (mp, dev): (&Path, &Path)) {
         let Some(list) = self.warm_list(id, config) else {
+            self.start_watch(id, mp);
             return;
         };
         // The list holds what the start needs; readahead beyond it would
@@ -441,36 +487,95 @@ impl ObdInner {
                 }
             }
         });
-        self.spawn_warm(id, mp, list, ra);
+        self.spawn_warm(id, mp, WarmJob::List(list), ra);
     }
 
-    /// A new container over the mounted device `id` of `config`: warms its
-    /// page cache again from the list (what a warm start finds cached is
-    /// not read again, so this matters after the host dropped those pages),
-    /// unless the device's warm still runs. The readahead is left as the
-    /// worker set it: the image's data is on the host by now.
-    fn rewarm(&self, id: &str, config: &Path, mp: &Path) {
+    /// An image without a warm list of its own: watches which files its
+    /// device's first container opens (fanotify on the device's
+    /// filesystem, which sees the opens through the container's overlay),
+    /// so that its second container can learn a list from them.
+    fn start_watch(&self, id: &str, mp: &Path) {
+        if !self.warm_page_cache {
+            return;
+        }
+        match OpenWatch::start_capped(mp, LEARN_MAX_FILES) {
+            Ok(w) => {
+                self.watches.locked().insert(id.to_string(), w);
+            }
+            Err(e) => {
+                tracing::debug!(device = %id, error = %e, "not watching the first container's opens (no warm list will be learned)")
+            }
+        }
+    }
+
+    /// Container (or view) snapshot `user` mounts the image device of
+    /// `obd_dir`. Its first container needs nothing (the attach started
+    /// what applies). A later one warms the device's page cache again from
+    /// the image's list (what a warm start finds cached is not read again,
+    /// so this matters after the host dropped those pages), unless the
+    /// device's warm still runs; an image without a list has one learned
+    /// here, at its second container, from the files the first opened and
+    /// what the page cache holds of them ([`warm::opened_list`]), and its
+    /// later containers warm from that. The readahead is left as the worker
+    /// set it: the image's data is on the host by now.
+    fn container_mounts(&self, obd_dir: &Path, user: &Path) {
+        if !self.warm_page_cache {
+            return;
+        }
+        let id = Self::device_id(obd_dir);
+        {
+            let mut first = self.first_users.locked();
+            match first.get(&id) {
+                None => {
+                    first.insert(id.clone(), user.to_path_buf());
+                    return;
+                }
+                Some(u) if u == user => return,
+                Some(_) => {}
+            }
+        }
+        let _g = self.attach_lock.locked();
         let running = self
             .warmers
             .locked()
-            .get(id)
+            .get(&id)
             .is_some_and(|w| !w.thread.is_finished());
         if running {
             return;
         }
-        if let Some(list) = self.warm_list(id, config) {
-            self.spawn_warm(id, mp, list, None);
-        }
+        let config = config_path(obd_dir);
+        let job = match self.warm_list(&id, &config) {
+            Some(list) => WarmJob::List(list),
+            None => match self.learned.locked().get(&id) {
+                Some(l) => WarmJob::Learned(Arc::clone(l)),
+                None => match self.watches.locked().remove(&id) {
+                    Some(w) => WarmJob::Learn(w),
+                    None => return,
+                },
+            },
+        };
+        let mp = obd_dir.join("block").join("mountpoint");
+        self.spawn_warm(&id, &mp, job, None);
+    }
+
+    /// Stops what warms or watches device `id` and forgets what was learned
+    /// of it: before it is detached (a watch holds files of its mount open).
+    fn forget_warm(&self, id: &str) {
+        self.stop_warm(id);
+        self.watches.locked().remove(id);
+        self.learned.locked().remove(id);
+        self.first_users.locked().remove(id);
     }
 
     /// Starts the warm of `list` over the mount `mp` of device `id`, after
     /// its trace replay; `ra` (a `read_ahead_kb` file and the value to put
     /// back) is restored when it ends.
-    fn spawn_warm(&self, id: &str, mp: &Path, list: WarmList, ra: Option<(PathBuf, String)>) {
+    fn spawn_warm(&self, id: &str, mp: &Path, job: WarmJob, ra: Option<(PathBuf, String)>) {
         self.stop_warm(id);
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, dev, mp) = (Arc::clone(&stop), id.to_string(), mp.to_path_buf());
         let mark = self.dev_root.replayed_mark(id);
+        let learned = Arc::clone(&self.learned);
         let spawned = std::thread::Builder::new()
             .name("page-cache-warm".into())
             .spawn(move || {
@@ -486,13 +591,36 @@ impl ObdInner {
                     }
                 };
                 let t = Instant::now();
-                while !mark.exists() && t.elapsed() < WARM_AFTER_REPLAY_MAX {
-                    if flag.load(Ordering::Relaxed) {
-                        restore();
+                let list = match job {
+                    WarmJob::List(list) => {
+                        while !mark.exists() && t.elapsed() < WARM_AFTER_REPLAY_MAX {
+                            if flag.load(Ordering::Relaxed) {
+                                restore();
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Arc::new(list)
+                    }
+                    WarmJob::Learned(list) => list,
+                    WarmJob::Learn(watch) => {
+                        match watch.finish(&mp) {
+                            Ok(opened) => {
+                                let l = warm::opened_list(opened);
+                                tracing::info!(
+                                    device = %dev, files = l.files.len(), bytes = l.bytes(),
+                                    ms = t.elapsed().as_millis() as u64,
+                                    "page-cache warm list learned from the image's first container"
+                                );
+                                if !l.files.is_empty() && !flag.load(Ordering::Relaxed) {
+                                    learned.locked().insert(dev, Arc::new(l));
+                                }
+                            }
+                            Err(e) => tracing::warn!(device = %dev, error = %e, "learning a warm list failed"),
+                        }
                         return;
                     }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                };
                 let r = warm::warm(&mp, &list, &flag);
                 restore();
                 match r {
@@ -535,7 +663,7 @@ impl ObdInner {
     /// [`ObdLayers::detach`] with `attach_lock` held by the caller.
     fn detach_locked(&self, dir: &Path) {
         let id = Self::device_id(dir);
-        self.stop_warm(&id);
+        self.forget_warm(&id);
         if !self.dev_root.device_dir(&id).exists() {
             return;
         }
@@ -588,11 +716,28 @@ impl ObdInner {
     }
 
     /// A container or view uses the device of `obd_dir`: it is no longer
-    /// held for one.
+    /// held for one, nor idle.
     fn claimed(&self, obd_dir: &Path) {
-        let mark = obd_dir.join("block").join(PREFETCH_MARK);
-        if mark.exists() {
-            let _ = std::fs::remove_file(mark);
+        for m in [PREFETCH_MARK, IDLE_MARK] {
+            let mark = obd_dir.join("block").join(m);
+            if mark.exists() {
+                let _ = std::fs::remove_file(mark);
+            }
+        }
+    }
+
+    /// Whether the device of `dir`, which no container uses, is kept for
+    /// now: for `device_idle` from the first sweep that found it unused
+    /// (which marks it). False when the mark cannot be written (a full
+    /// disk): the device is then released at once.
+    fn idle_held(&self, dir: &Path) -> bool {
+        if self.device_idle.is_zero() {
+            return false;
+        }
+        let mark = dir.join("block").join(IDLE_MARK);
+        match std::fs::metadata(&mark).and_then(|m| m.modified()) {
+            Ok(t) => SystemTime::now().duration_since(t).unwrap_or_default() < self.device_idle,
+            Err(_) => dir.join("block").is_dir() && std::fs::write(&mark, b"").is_ok(),
         }
     }
 
@@ -867,6 +1012,7 @@ impl LayerHook for ObdLayers {
         }
         self.ensure_device(obd_dir, &config_path(obd_dir), true)?;
         self.claimed(obd_dir);
+        self.container_mounts(obd_dir, &info.dir);
         let mp = obd_dir.join("block").join("mountpoint");
         let mut lowers: Vec<String> = info.parents[..k]
             .iter()
@@ -917,7 +1063,7 @@ impl LayerHook for ObdLayers {
                 continue;
             };
             let dir = self.root.join("snapshots").join(n);
-            if !in_use.contains(&dir) && !self.held_for_a_container(&dir) {
+            if !in_use.contains(&dir) && !self.held_for_a_container(&dir) && !self.idle_held(&dir) {
                 tracing::info!(device = %id, "no snapshot uses this device any more");
                 self.detach_locked(&dir);
             }

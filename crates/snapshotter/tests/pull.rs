@@ -55,7 +55,9 @@ fn start_containerd(dir: &Path, procs: &mut Procs) -> PathBuf {
     let sn_sock = containerd::snapshotter_socket(dir);
     let sn_cfg = dir.join("obd-snapshotter.toml");
     let mut cfg = format!(
-        "root = \"{}\"\naddress = \"{}\"\nlazy_pull = true\n",
+        // device_idle_secs = 0: the image's device goes with its last
+        // container, which the full-disk test waits for.
+        "root = \"{}\"\naddress = \"{}\"\nlazy_pull = true\ndevice_idle_secs = 0\n",
         dir.join("snroot").display(),
         sn_sock.display()
     );

@@ -359,6 +359,40 @@ pub fn warm(root: &Path, list: &WarmList, stop: &AtomicBool) -> Result<WarmRepor
     })
 }
 
+/// The warm list of the files a container opened (`opened`, from
+/// [`OpenWatch::finish`], first open first), each with the ranges it had
+/// in the page cache when the watch ended: what a later container of the
+/// same image is likely to read. Cut at the list's bounds
+/// ([`MAX_WARM_RANGES`], [`MAX_WARM_BYTES`]; the watch keeps at most
+/// [`MAX_WARM_FILES`] files).
+pub fn opened_list(opened: Vec<Opened>) -> WarmList {
+    let (mut files, mut ranges, mut bytes) = (Vec::new(), 0usize, 0u64);
+    'files: for o in opened.into_iter().take(MAX_WARM_FILES) {
+        let mut keep = Vec::new();
+        for r in o.file.ranges {
+            if ranges == MAX_WARM_RANGES || bytes.saturating_add(r.1) > MAX_WARM_BYTES {
+                if !keep.is_empty() {
+                    files.push(WarmFile {
+                        path: o.file.path,
+                        ranges: keep,
+                    });
+                }
+                break 'files;
+            }
+            ranges += 1;
+            bytes += r.1;
+            keep.push(r);
+        }
+        if !keep.is_empty() {
+            files.push(WarmFile {
+                path: o.file.path,
+                ranges: keep,
+            });
+        }
+    }
+    WarmList::new(files)
+}
+
 /// Whether every page of `len` bytes at `off` (a multiple of the page size)
 /// of the open regular file `f` is in the page cache. False when it cannot
 /// tell (the piece is then read).
@@ -633,8 +667,15 @@ fn errno_result(rc: libc::c_int, what: &str, path: &Path) -> Result<libc::c_int>
 
 impl OpenWatch {
     /// Starts watching the filesystem mounted at `root` (needs
-    /// `CAP_SYS_ADMIN`).
+    /// `CAP_SYS_ADMIN`), keeping up to [`MAX_WARM_FILES`] files open.
     pub fn start(root: &Path) -> Result<Self> {
+        Self::start_capped(root, MAX_WARM_FILES)
+    }
+
+    /// [`OpenWatch::start`] keeping at most `max_files` files open (one
+    /// descriptor each): the first ones opened.
+    pub fn start_capped(root: &Path, max_files: usize) -> Result<Self> {
+        let max_files = max_files.min(MAX_WARM_FILES);
         let root = root.canonicalize().map_err(|e| Error::io(root, e))?;
         // SAFETY: plain syscall; the returned fd is owned below.
         let fan = unsafe {
@@ -667,7 +708,7 @@ impl OpenWatch {
         let stop_fd = stop.as_raw_fd();
         let thread = std::thread::Builder::new()
             .name("warm-watch".into())
-            .spawn(move || watch_loop(fan, stop_fd))
+            .spawn(move || watch_loop(fan, stop_fd, max_files))
             .map_err(|e| Error::io(&root, e))?;
         Ok(OpenWatch {
             root,
@@ -734,7 +775,7 @@ impl Drop for OpenWatch {
 
 /// Reads fanotify events until `stop` is signalled (then drains what is
 /// queued); keeps one fd per regular file, in first-open order.
-fn watch_loop(fan: OwnedFd, stop: RawFd) -> Vec<File> {
+fn watch_loop(fan: OwnedFd, stop: RawFd, max_files: usize) -> Vec<File> {
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut files = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -793,7 +834,7 @@ fn watch_loop(fan: OwnedFd, stop: RawFd) -> Vec<File> {
             }
             // SAFETY: fanotify opened `m.fd` for us; we own it from here.
             let f = unsafe { File::from_raw_fd(m.fd) };
-            let keep = files.len() < MAX_WARM_FILES
+            let keep = files.len() < max_files
                 && f.metadata()
                     .is_ok_and(|md| md.is_file() && seen.insert((md.dev(), md.ino())));
             if keep {
@@ -846,6 +887,37 @@ mod tests {
         assert!(WarmList::parse(b"{").is_err());
         let e = WarmList::parse(&vec![b' '; MAX_WARM_LIST as usize + 1]).unwrap_err();
         assert!(e.to_string().contains("cap"), "{e}");
+    }
+
+    #[test]
+    fn opened_list_keeps_open_order_and_the_bounds() {
+        let o = |p: &str, r: Vec<(u64, u64)>| opened(p, r, Vec::new());
+        let l = opened_list(vec![
+            o("usr/bin/python3", vec![(0, 8192), (65536, 4096)]),
+            o("usr/lib/a.py", vec![(0, 4096)]),
+        ]);
+        assert_eq!(
+            l.files
+                .iter()
+                .map(|f| (f.path.as_str(), f.ranges.clone()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("usr/bin/python3", vec![(0, 8192), (65536, 4096)]),
+                ("usr/lib/a.py", vec![(0, 4096)]),
+            ]
+        );
+        assert!(WarmList::parse(&l.to_bytes()).is_ok());
+        // The byte bound cuts the list where it is reached.
+        let big = MAX_WARM_BYTES / 2 + 1;
+        let l = opened_list(vec![
+            o("a", vec![(0, big)]),
+            o("b", vec![(0, 4096), (big, big)]),
+            o("c", vec![(0, 4096)]),
+        ]);
+        assert_eq!(l.files.len(), 2);
+        assert_eq!(l.files[1].ranges, vec![(0, 4096)]);
+        assert!(l.bytes() <= MAX_WARM_BYTES);
+        assert!(WarmList::parse(&l.to_bytes()).is_ok());
     }
 
     #[test]
