@@ -34,6 +34,8 @@ Variants (BENCH_VARIANTS, all interleaved within each repetition):
   read at attach or not); obd-noahead / obd-trace-noahead (the same
   images with the snapshotter's open_layers_at_commit = false: the layers
   opened by the device's worker at attach, not as the pull commits them);
+  obd-noidle (obd lazy with device_idle_secs = 0: the device released with
+  each container, so the next attaches it again and learns no warm list);
   obd-trace-nowarm (recorded with --no-warm); obd-trace-late (prefetch_at_pull off, the device attached when the
   container starts); obd-alt / obd-trace-alt (obd lazy / + trace with the
   service TOML BENCH_OBD_ALT added, e.g. '[fetch]\nmin_fetch = 65536').
@@ -106,13 +108,15 @@ OBD_SERVICE = {"obd-noverify": '[cache]\nverify = "off"\n', "obd-alt": OBD_ALT,
 # The image each variant pulls (its tag in the registry).
 REF_TAG = {"obd-noverify": "obd", "obd-alt": "obd", "obd-trace-late": "obd-trace",
            "obd-trace-warm": "obd-trace", "obd-trace-nowarmcfg": "obd-trace",
-           "obd-trace-alt": "obd-trace", "obd-noahead": "obd", "obd-trace-noahead": "obd-trace"}
+           "obd-trace-alt": "obd-trace", "obd-noahead": "obd", "obd-trace-noahead": "obd-trace",
+           "obd-noidle": "obd"}
 # The snapshotter TOML each obd variant adds (the same image as another
 # variant, one snapshotter setting changed).
 SNAP_EXTRA = {"obd-trace-warm": "warm_page_cache = true\n",
               "obd-trace-nowarmcfg": "warm_page_cache = false\n",
               "obd-noahead": "open_layers_at_commit = false\n",
-              "obd-trace-noahead": "open_layers_at_commit = false\n"}
+              "obd-trace-noahead": "open_layers_at_commit = false\n",
+              "obd-noidle": "device_idle_secs = 0\n"}
 
 
 def log(*a):

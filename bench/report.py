@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-ORDER = ["oci", "estargz", "estargz-opt", "zstdchunked", "obd", "obd-noverify", "obd-noahead",
+ORDER = ["oci", "estargz", "estargz-opt", "zstdchunked", "obd", "obd-noverify", "obd-noahead", "obd-noidle",
          "obd-alt", "obd-trace", "obd-trace-warm", "obd-trace-nowarmcfg", "obd-trace-noahead", "obd-trace-nowarm", "obd-trace-late", "obd-trace-alt"]
 NAMES = {"oci": "OCI (overlayfs, full pull)", "estargz": "eStargz",
          "estargz-opt": "eStargz optimized", "zstdchunked": "zstd:chunked optimized",
@@ -27,6 +27,7 @@ NAMES = {"oci": "OCI (overlayfs, full pull)", "estargz": "eStargz",
          "obd-trace-warm": "obd + trace, page-cache warm on",
          "obd-trace-nowarmcfg": "obd + trace, page-cache warm off",
          "obd-noahead": "obd lazy, layers opened at attach",
+         "obd-noidle": "obd lazy, device released with each container",
          "obd-trace-noahead": "obd + trace, layers opened at attach",
          "obd-trace-late": "obd + trace, device attached at run",
          "obd-trace-alt": "obd + trace, service alt"}
