@@ -460,7 +460,14 @@ impl ObdInner {
     /// (the device's trace replay fetches the same bytes).
     fn start_warm(&self, id: &str, config: &Path, (mp, dev): (&Path, &Path)) {
         let Some(list) = self.warm_list(id, config) else {
-            self.start_watch(id, mp);
+            // Only an image's shared read-only device has later containers
+            // to learn for; a container's private writable or recording
+            // device has none (and a watch holds files of its mounts open).
+            let shared = ImageConfig::load(config)
+                .is_ok_and(|c| !c.upper.is_writable() && c.record_trace_path.is_empty());
+            if shared {
+                self.start_watch(id, mp);
+            }
             return;
         };
         // The list holds what the start needs; readahead beyond it would

@@ -32,7 +32,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -649,9 +649,8 @@ fn relative_path(fd: RawFd, root: &Path) -> Option<String> {
 /// its whole filesystem, so the container's own bind of it counts too) and,
 /// at [`OpenWatch::finish`], the page ranges each has in the page cache.
 pub struct OpenWatch {
-    root: PathBuf,
     stop: OwnedFd,
-    thread: Option<std::thread::JoinHandle<Vec<File>>>,
+    thread: Option<std::thread::JoinHandle<Vec<Seen>>>,
 }
 
 fn errno_result(rc: libc::c_int, what: &str, path: &Path) -> Result<libc::c_int> {
@@ -708,10 +707,12 @@ impl OpenWatch {
         let stop_fd = stop.as_raw_fd();
         let thread = std::thread::Builder::new()
             .name("warm-watch".into())
-            .spawn(move || watch_loop(fan, stop_fd, max_files))
+            .spawn({
+                let root = root.clone();
+                move || watch_loop(fan, stop_fd, max_files, &root)
+            })
             .map_err(|e| Error::io(&root, e))?;
         Ok(OpenWatch {
-            root,
             stop,
             thread: Some(thread),
         })
@@ -725,19 +726,20 @@ impl OpenWatch {
     /// directory) are left out. Call it after the workload ends and before
     /// the rootfs is unmounted.
     pub fn finish(mut self, image: &Path) -> Result<Vec<Opened>> {
-        let files = self.join();
+        let seen = self.join();
+        let dir = File::open(image).map_err(|e| Error::io(image, e))?;
         let mut out = Vec::new();
-        for f in files {
-            let Ok(meta) = f.metadata() else { continue };
-            let Some(path) = relative_path(f.as_raw_fd(), &self.root) else {
+        for s in seen {
+            // The path must lead to this very file in the image.
+            let Ok(f) = open_in_root(&dir, &s.path) else {
                 continue;
             };
-            // The path must lead to this very file in the image.
-            match std::fs::symlink_metadata(image.join(&path)) {
-                Ok(m) if m.is_file() && m.ino() == meta.ino() && m.len() == meta.len() => {}
+            match f.metadata() {
+                Ok(m) if m.is_file() && m.ino() == s.ino && m.len() == s.len => {}
                 _ => continue,
             }
-            let ranges = resident_ranges(&f, meta.len()).unwrap_or_default();
+            let (path, len) = (s.path, s.len);
+            let ranges = resident_ranges(&f, len).unwrap_or_default();
             if !ranges.is_empty() {
                 out.push(Opened {
                     file: WarmFile { path, ranges },
@@ -748,7 +750,7 @@ impl OpenWatch {
         Ok(out)
     }
 
-    fn join(&mut self) -> Vec<File> {
+    fn join(&mut self) -> Vec<Seen> {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to the eventfd this watch owns.
         unsafe {
@@ -773,9 +775,19 @@ impl Drop for OpenWatch {
     }
 }
 
+/// A regular file an [`OpenWatch`] saw opened: its path under the watched
+/// root, inode number and size then.
+struct Seen {
+    path: String,
+    ino: u64,
+    len: u64,
+}
+
 /// Reads fanotify events until `stop` is signalled (then drains what is
-/// queued); keeps one fd per regular file, in first-open order.
-fn watch_loop(fan: OwnedFd, stop: RawFd, max_files: usize) -> Vec<File> {
+/// queued); notes each regular file once, in first-open order, up to
+/// `max_files`. Each event's descriptor is closed at once: a watch holds no
+/// file open, so it keeps no mount of the filesystem busy.
+fn watch_loop(fan: OwnedFd, stop: RawFd, max_files: usize, root: &Path) -> Vec<Seen> {
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut files = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -832,13 +844,22 @@ fn watch_loop(fan: OwnedFd, stop: RawFd, max_files: usize) -> Vec<File> {
             if m.fd < 0 {
                 continue;
             }
-            // SAFETY: fanotify opened `m.fd` for us; we own it from here.
+            // SAFETY: fanotify opened `m.fd` for us; we own it from here
+            // (closed at the end of this iteration).
             let f = unsafe { File::from_raw_fd(m.fd) };
-            let keep = files.len() < max_files
-                && f.metadata()
-                    .is_ok_and(|md| md.is_file() && seen.insert((md.dev(), md.ino())));
-            if keep {
-                files.push(f);
+            if files.len() >= max_files {
+                continue;
+            }
+            let Ok(md) = f.metadata() else { continue };
+            if !md.is_file() || !seen.insert((md.dev(), md.ino())) {
+                continue;
+            }
+            if let Some(path) = relative_path(f.as_raw_fd(), root) {
+                files.push(Seen {
+                    path,
+                    ino: md.ino(),
+                    len: md.len(),
+                });
             }
         }
     }
@@ -981,7 +1002,7 @@ mod tests {
             .status()
             .unwrap();
         assert!(st.success());
-        struct Unmount(PathBuf);
+        struct Unmount(std::path::PathBuf);
         impl Drop for Unmount {
             fn drop(&mut self) {
                 let _ = std::process::Command::new("umount").arg(&self.0).status();
