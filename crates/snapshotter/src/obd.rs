@@ -522,8 +522,9 @@ impl ObdInner {
     /// so this matters after the host dropped those pages), unless the
     /// device's warm still runs; an image without a list has one learned
     /// here, at its second container, from the files the first opened and
-    /// what the page cache holds of them ([`warm::opened_list`]), and its
-    /// later containers warm from that. The readahead is left as the worker
+    /// what the page cache holds of them ([`warm::opened_list`]; what the
+    /// first had read by then, if it still runs), and its later containers
+    /// warm from that. The readahead is left as the worker
     /// set it: the image's data is on the host by now.
     fn container_mounts(&self, obd_dir: &Path, user: &Path) {
         if !self.warm_page_cache {
@@ -566,7 +567,7 @@ impl ObdInner {
     }
 
     /// Stops what warms or watches device `id` and forgets what was learned
-    /// of it: before it is detached (a watch holds files of its mount open).
+    /// of it: before it is detached (a warm reads through its mount).
     fn forget_warm(&self, id: &str) {
         self.stop_warm(id);
         self.watches.locked().remove(id);
