@@ -1,6 +1,8 @@
 //! `ctr image rm` releases what an obd image held, on whichever containerd
 //! runs (`scripts/containerd-matrix.sh env 1.7|2.1`; the system's 1.6
-//! otherwise): an obd image pulled lazily (`obd pull`), run twice, then
+//! otherwise): an obd image pulled lazily (`obd pull`), run twice (the
+//! second container on the first one's device, kept by `device_idle_secs`,
+//! whose mount learns the image's page-cache warm list), then
 //! removed; afterwards no device, device worker, mount or snapshot directory
 //! of the snapshotter is left. containerd 2.1.9 kept them all until the
 //! snapshotter answered its garbage collector, which calls without a
@@ -64,6 +66,22 @@ fn image_rm_releases_devices_mounts_and_workers() {
     );
     assert_eq!(served_by[0].len(), 1, "{served_by:?}");
     assert_eq!(served_by[0], served_by[1], "the device was attached again");
+    // The second container's mount learned the image's warm list from the
+    // files the first opened (a plain obd image has none of its own).
+    let learned = wait_until("a learned warm list", Duration::from_secs(30), || {
+        std::fs::read_to_string(tb.dir.join("snapshotter.log"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                l.contains("page-cache warm list learned from the image's first container")
+                    && !l.contains(" files=0 ")
+            })
+    });
+    assert!(
+        learned.is_ok(),
+        "{}",
+        std::fs::read_to_string(tb.dir.join("snapshotter.log")).unwrap_or_default()
+    );
 
     run_ok(tb.ctr().args(["image", "rm", "--sync", &image])).unwrap();
     // containerd's garbage collection removes the snapshots after answering
