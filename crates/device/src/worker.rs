@@ -145,10 +145,13 @@ fn registry_source(_root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
 /// Until the image has started on this host, readahead that the start does
 /// not use is fetched over the network: [`LAZY_READ_AHEAD_KB`] (the kernel's
 /// own choice for the FUSE loop device) keeps that down. Once at least
-/// [`LOCAL_SHARE_PERCENT`] of the layers' bytes are cached (a second
-/// container), the frontend's default applies, as large as a local disk's,
-/// so that the same start blocks on as few page faults as it does on
-/// overlayfs (docs/BENCHMARKS.md, issue 18, "device read path").
+/// [`LOCAL_SHARE_PERCENT`] of the layers' bytes are cached (a device
+/// attached again for an image that started here before), the frontend's
+/// default applies, as large as a local disk's, so that the same start
+/// blocks on as few page faults as it does on overlayfs (docs/BENCHMARKS.md,
+/// issue 18, "device read path"). The value is chosen at attach: a device
+/// kept for the image's next container (the snapshotter's
+/// `device_idle_secs`) keeps it.
 pub fn read_ahead_kb(local: Option<(u64, u64)>) -> Option<u32> {
     match local {
         Some((cached, total))
