@@ -7,7 +7,7 @@
 //! tested without a network.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -200,6 +200,8 @@ type TokenKey = (String, Option<String>, Option<String>);
 #[derive(Debug, Default)]
 pub struct AuthCache {
     schemes: Mutex<HashMap<String, Scheme>>,
+    /// One lock per scheme or token being learnt ([`AuthCache::single_flight`]).
+    flights: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     tokens: Mutex<HashMap<TokenKey, (String, Instant)>>,
 }
 
@@ -217,6 +219,27 @@ impl AuthCache {
     /// Records the scheme for `repo_key`.
     pub fn set_scheme(&self, repo_key: &str, s: Scheme) {
         self.schemes.locked().insert(repo_key.to_string(), s);
+    }
+
+    /// What `cached` finds, else what `make` learns (and caches itself),
+    /// with one `make` per `key` at a time: requests that start together (a
+    /// layer's two ends, the opens of an image's layers) wait for one probe
+    /// or one token fetch instead of each making their own.
+    pub fn single_flight<T, E>(
+        &self,
+        key: &str,
+        cached: impl Fn() -> Option<T>,
+        make: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        if let Some(v) = cached() {
+            return Ok(v);
+        }
+        let lock = Arc::clone(self.flights.locked().entry(key.to_string()).or_default());
+        let _held = lock.locked();
+        match cached() {
+            Some(v) => Ok(v),
+            None => make(),
+        }
     }
 
     /// A cached, unexpired token for the bearer parameters.

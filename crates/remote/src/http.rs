@@ -11,7 +11,8 @@
 //!   request (the range fetcher) or from the `401` of the request itself (the
 //!   distribution client, so the registry names the scope of the operation).
 //!   Basic uses the credential source; Bearer tokens are fetched and cached
-//!   per realm, service and scope. A `401`/`403` drops the scheme and token,
+//!   per realm, service and scope. Requests that start together wait for
+//!   one probe and one token fetch (`AuthCache::single_flight`). A `401`/`403` drops the scheme and token,
 //!   learns the response's challenge and the request goes once more; a second
 //!   one is [`Error::Auth`].
 //! - **failures**: one classification of statuses (retryable, auth, not
@@ -833,11 +834,15 @@ impl Transport {
         let key = who.key();
         let scheme = match (self.auth.scheme(&key), who.probe) {
             (Some(s), _) => s,
-            (None, Some(url)) => {
-                let s = self.probe(who, url, deadline)?;
-                self.auth.set_scheme(&key, s.clone());
-                s
-            }
+            (None, Some(url)) => self.auth.single_flight(
+                &format!("scheme {key}"),
+                || self.auth.scheme(&key),
+                || {
+                    let s = self.probe(who, url, deadline)?;
+                    self.auth.set_scheme(&key, s.clone());
+                    Ok(s)
+                },
+            )?,
             (None, None) => Scheme::Anonymous,
         };
         match scheme {
@@ -881,9 +886,22 @@ impl Transport {
         scope: &Option<String>,
         deadline: Option<Instant>,
     ) -> std::result::Result<String, Fail> {
-        if let Some(t) = self.auth.token(realm, service, scope) {
-            return Ok(t);
-        }
+        self.auth.single_flight(
+            &format!("token {realm} {service:?} {scope:?}"),
+            || self.auth.token(realm, service, scope),
+            || self.fetch_token(who, realm, service, scope, deadline),
+        )
+    }
+
+    /// Fetches a bearer token from the token server and caches it.
+    fn fetch_token(
+        &self,
+        who: &AuthScope<'_>,
+        realm: &str,
+        service: &Option<String>,
+        scope: &Option<String>,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<String, Fail> {
         let mut tu =
             Url::parse(realm).map_err(|e| who.fail(format!("bad token realm {realm:?}: {e}")))?;
         {

@@ -177,6 +177,30 @@ fn bearer_token_fetched_cached_and_renewed() {
 }
 
 #[test]
+fn concurrent_first_requests_share_one_probe_and_one_token() {
+    let Some(s) = setup() else { return };
+    let c = std::sync::Arc::new(client(&s, "hunter2"));
+    let b = blob(&s);
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    std::thread::scope(|sc| {
+        for i in 0..4u64 {
+            let (c, b, start, data) = (c.clone(), b.clone(), start.clone(), &s.data);
+            sc.spawn(move || {
+                start.wait();
+                let off = i * 100_000;
+                let got = c.fetch(&b, off, 4096, Priority::Foreground).unwrap();
+                assert!(got == data[off as usize..off as usize + 4096]);
+            });
+        }
+    });
+    let probes = s
+        .gate
+        .count(|r| r.header("range") == Some("bytes=0-0") && r.header("authorization").is_none());
+    assert_eq!(probes, 1, "requests that start together wait for one probe");
+    assert_eq!(s.tokens.requests().len(), 1);
+}
+
+#[test]
 fn redirects_cached_and_fetched_without_authorization() {
     let Some(s) = setup() else { return };
     s.redirect.store(true, Ordering::SeqCst);
