@@ -149,9 +149,9 @@ fn registry_source(_root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
 /// attached again for an image that started here before), the frontend's
 /// default applies, as large as a local disk's, so that the same start
 /// blocks on as few page faults as it does on overlayfs (docs/BENCHMARKS.md,
-/// issue 18, "device read path"). The value is chosen at attach: a device
-/// kept for the image's next container (the snapshotter's
-/// `device_idle_secs`) keeps it.
+/// issue 18, "device read path"). The value is chosen at attach; for a
+/// device kept for the image's later containers (the snapshotter's
+/// `device_idle_secs`) the snapshotter applies the same rule at their mount.
 pub fn read_ahead_kb(local: Option<(u64, u64)>) -> Option<u32> {
     match local {
         Some((cached, total))
@@ -165,6 +165,9 @@ pub fn read_ahead_kb(local: Option<(u64, u64)>) -> Option<u32> {
 
 /// Readahead in KiB of a device whose image is mostly not on this host.
 pub const LAZY_READ_AHEAD_KB: u32 = 2560;
+/// Readahead in KiB of a device whose image is mostly on this host (the
+/// FUSE frontend's default, as large as a local disk's).
+pub const LOCAL_READ_AHEAD_KB: u32 = tcmu_target::fuse::DEFAULT_READ_AHEAD_KB;
 /// Cached share (percent of the remote layers' bytes) from which a device
 /// reads ahead as over a local disk.
 pub const LOCAL_SHARE_PERCENT: u64 = 25;

@@ -146,7 +146,16 @@ const OPEN_AHEAD_WAIT: Duration = Duration::from_secs(60);
 /// Readahead (KiB) of a device whose page cache is warmed from a list.
 const WARM_READ_AHEAD_KB: u32 = 128;
 
-/// Most files the watch of a device's first container keeps open
+/// The `read_ahead_kb` file of block device `dev` in sysfs.
+fn read_ahead_file(dev: &Path) -> Option<PathBuf> {
+    dev.file_name().map(|name| {
+        Path::new("/sys/class/block")
+            .join(name)
+            .join("queue/read_ahead_kb")
+    })
+}
+
+/// Most files the watch of a device's first container notes
 /// ([`ObdInner::start_watch`]), one descriptor each.
 const LEARN_MAX_FILES: usize = 4096;
 
@@ -479,12 +488,7 @@ impl ObdInner {
         // container opens its files (a file takes the value at open), and
         // given back once the warm is done, so that files opened later (a
         // second container's) read ahead as the device's worker chose.
-        let ra = dev.file_name().map(|name| {
-            Path::new("/sys/class/block")
-                .join(name)
-                .join("queue/read_ahead_kb")
-        });
-        let ra = ra.and_then(|p| {
+        let ra = read_ahead_file(dev).and_then(|p| {
             let before = std::fs::read_to_string(&p).ok()?.trim().to_string();
             match std::fs::write(&p, WARM_READ_AHEAD_KB.to_string()) {
                 Ok(()) => Some((p, before)),
@@ -552,6 +556,7 @@ impl ObdInner {
             return;
         }
         let config = config_path(obd_dir);
+        self.local_read_ahead(&id, &config);
         let job = match self.warm_list(&id, &config) {
             Some(list) => WarmJob::List(list),
             None => match self.learned.locked().get(&id) {
@@ -564,6 +569,56 @@ impl ObdInner {
         };
         let mp = obd_dir.join("block").join("mountpoint");
         self.spawn_warm(&id, &mp, job, None);
+    }
+
+    /// Gives device `id` (the image of `config`) the readahead the worker
+    /// gives a device attached for an image mostly on this host
+    /// ([`obd_device::worker::read_ahead_kb`]) once the host's block cache
+    /// holds that much of its remote layers: a device kept for later
+    /// containers keeps the value chosen at its first, lazy attach.
+    fn local_read_ahead(&self, id: &str, config: &Path) {
+        let Ok(cfg) = ImageConfig::load(config) else {
+            return;
+        };
+        let remote: HashMap<&str, u64> = cfg
+            .lowers
+            .iter()
+            .filter(|l| !l.digest.is_empty() && l.size > 0)
+            .map(|l| (l.digest.as_str(), l.size))
+            .collect();
+        let Some((cache, _)) = self.host_cache() else {
+            return;
+        };
+        if remote.is_empty() {
+            return;
+        }
+        let Ok(blobs) = cache.list() else {
+            return;
+        };
+        let cached: u64 = blobs
+            .iter()
+            .filter(|b| remote.contains_key(b.digest.as_str()))
+            .map(|b| b.cached)
+            .sum();
+        let total: u64 = remote.values().sum();
+        if obd_device::worker::read_ahead_kb(Some((cached, total))).is_some() {
+            return;
+        }
+        let Some(file) = self
+            .dev_root
+            .record(id)
+            .ok()
+            .flatten()
+            .and_then(|r| read_ahead_file(&r.device))
+        else {
+            return;
+        };
+        let kb = obd_device::worker::LOCAL_READ_AHEAD_KB.to_string();
+        if std::fs::read_to_string(&file).is_ok_and(|v| v.trim() != kb)
+            && std::fs::write(&file, &kb).is_ok()
+        {
+            tracing::info!(device = %id, read_ahead_kb = %kb, cached, total, "device reads ahead as a local disk: its image is on this host now");
+        }
     }
 
     /// Stops what warms or watches device `id` and forgets what was learned
