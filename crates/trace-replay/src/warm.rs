@@ -367,17 +367,13 @@ pub fn warm(root: &Path, list: &WarmList, stop: &AtomicBool) -> Result<WarmRepor
 /// [`MAX_WARM_FILES`] files).
 pub fn opened_list(opened: Vec<Opened>) -> WarmList {
     let (mut files, mut ranges, mut bytes) = (Vec::new(), 0usize, 0u64);
-    'files: for o in opened.into_iter().take(MAX_WARM_FILES) {
+    for o in opened.into_iter().take(MAX_WARM_FILES) {
         let mut keep = Vec::new();
+        let mut full = false;
         for r in o.file.ranges {
-            if ranges == MAX_WARM_RANGES || bytes.saturating_add(r.1) > MAX_WARM_BYTES {
-                if !keep.is_empty() {
-                    files.push(WarmFile {
-                        path: o.file.path,
-                        ranges: keep,
-                    });
-                }
-                break 'files;
+            full = ranges == MAX_WARM_RANGES || bytes.saturating_add(r.1) > MAX_WARM_BYTES;
+            if full {
+                break;
             }
             ranges += 1;
             bytes += r.1;
@@ -389,26 +385,35 @@ pub fn opened_list(opened: Vec<Opened>) -> WarmList {
                 ranges: keep,
             });
         }
+        if full {
+            break;
+        }
     }
     WarmList::new(files)
 }
 
-/// Whether every page of `len` bytes at `off` (a multiple of the page size)
-/// of the open regular file `f` is in the page cache. False when it cannot
-/// tell (the piece is then read).
-fn all_resident(f: &File, off: u64, len: u64) -> bool {
+/// The system's page size in bytes.
+fn page_size() -> u64 {
     // SAFETY: sysconf has no memory effects.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    let (Ok(l), Ok(o)) = (usize::try_from(len), libc::off_t::try_from(off)) else {
-        return false;
-    };
-    if len == 0 || off % page != 0 {
-        return false;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    page.max(4096) as u64
+}
+
+/// One byte per page of `len` bytes at `off` (a multiple of the page size)
+/// of the open regular file `f`, bit 0 set when the page is in the page
+/// cache: `mincore` over a mapping made for the call. Pages past the file's
+/// end make it fail (ENOMEM).
+fn page_residency(f: &File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
+    let l = usize::try_from(len).map_err(|_| invalid())?;
+    let o = libc::off_t::try_from(off).map_err(|_| invalid())?;
+    let page = page_size();
+    if l == 0 || off % page != 0 {
+        return Err(invalid());
     }
     // SAFETY: a fresh shared read-only mapping of `l` bytes of `f` at a
     // page-aligned offset; only passed to mincore (never dereferenced) and
-    // unmapped below. Pages past the file's end make mincore fail (ENOMEM),
-    // which reads as "not resident".
+    // unmapped below.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -420,15 +425,26 @@ fn all_resident(f: &File, off: u64, len: u64) -> bool {
         )
     };
     if addr == libc::MAP_FAILED {
-        return false;
+        return Err(std::io::Error::last_os_error());
     }
     let mut vec = vec![0u8; l.div_ceil(page as usize)];
     // SAFETY: `addr..addr+l` is the mapping made above; `vec` has one byte
     // per page of it, as mincore writes.
     let rc = unsafe { libc::mincore(addr, l, vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
     // SAFETY: unmaps exactly the mapping made above, which nothing else uses.
     unsafe { libc::munmap(addr, l) };
-    rc == 0 && vec.iter().all(|v| v & 1 == 1)
+    match rc {
+        0 => Ok(vec),
+        _ => Err(err),
+    }
+}
+
+/// Whether every page of `len` bytes at `off` (a multiple of the page size)
+/// of the open regular file `f` is in the page cache. False when it cannot
+/// tell (the piece is then read).
+fn all_resident(f: &File, off: u64, len: u64) -> bool {
+    page_residency(f, off, len).is_ok_and(|v| v.iter().all(|b| b & 1 == 1))
 }
 
 /// Resident page ranges of an open regular file of `size` bytes, as
@@ -437,34 +453,8 @@ fn resident_ranges(fd: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     if size == 0 {
         return Ok(Vec::new());
     }
-    let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-    // SAFETY: sysconf has no memory effects.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    // SAFETY: a fresh shared read-only mapping of `len` bytes of `fd`; it is
-    // only passed to mincore (never dereferenced) and unmapped below.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut vec = vec![0u8; len.div_ceil(page)];
-    // SAFETY: `addr..addr+len` is the mapping made above; `vec` has one byte
-    // per page of it, as mincore writes.
-    let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: unmaps exactly the mapping made above, which nothing else uses.
-    unsafe { libc::munmap(addr, len) };
-    if rc != 0 {
-        return Err(err);
-    }
+    let vec = page_residency(fd, 0, size)?;
+    let page = page_size() as usize;
     let mut out: Vec<(u64, u64)> = Vec::new();
     for (i, v) in vec.iter().enumerate() {
         if v & 1 == 0 {
@@ -666,13 +656,13 @@ fn errno_result(rc: libc::c_int, what: &str, path: &Path) -> Result<libc::c_int>
 
 impl OpenWatch {
     /// Starts watching the filesystem mounted at `root` (needs
-    /// `CAP_SYS_ADMIN`), keeping up to [`MAX_WARM_FILES`] files open.
+    /// `CAP_SYS_ADMIN`), noting up to [`MAX_WARM_FILES`] files.
     pub fn start(root: &Path) -> Result<Self> {
         Self::start_capped(root, MAX_WARM_FILES)
     }
 
-    /// [`OpenWatch::start`] keeping at most `max_files` files open (one
-    /// descriptor each): the first ones opened.
+    /// [`OpenWatch::start`] noting at most `max_files` files: the first
+    /// ones opened.
     pub fn start_capped(root: &Path, max_files: usize) -> Result<Self> {
         let max_files = max_files.min(MAX_WARM_FILES);
         let root = root.canonicalize().map_err(|e| Error::io(root, e))?;
