@@ -440,12 +440,11 @@ impl ObdInner {
     }
 
     /// The warm list ([`WARM_FILE`]) of the acceleration layer of the image
-    /// of `config`, if it has one and warms are on.
-    fn warm_list(&self, id: &str, config: &Path) -> Option<WarmList> {
+    /// `cfg` (device `id`), if it has one and warms are on.
+    fn warm_list(&self, id: &str, cfg: &ImageConfig) -> Option<WarmList> {
         if !self.warm_page_cache {
             return None;
         }
-        let cfg = ImageConfig::load(config).ok()?;
         let accel = cfg
             .acceleration_layer
             .then(|| cfg.lowers.last())
@@ -468,13 +467,14 @@ impl ObdInner {
     /// that the container's first reads of them find the page cache filled
     /// (the device's trace replay fetches the same bytes).
     fn start_warm(&self, id: &str, config: &Path, (mp, dev): (&Path, &Path)) {
-        let Some(list) = self.warm_list(id, config) else {
+        let Ok(cfg) = ImageConfig::load(config) else {
+            return;
+        };
+        let Some(list) = self.warm_list(id, &cfg) else {
             // Only an image's shared read-only device has later containers
             // to learn for; a container's private writable or recording
-            // device has none (and a watch holds files of its mounts open).
-            let shared = ImageConfig::load(config)
-                .is_ok_and(|c| !c.upper.is_writable() && c.record_trace_path.is_empty());
-            if shared {
+            // device has none.
+            if !cfg.upper.is_writable() && cfg.record_trace_path.is_empty() {
                 self.start_watch(id, mp);
             }
             return;
@@ -555,9 +555,11 @@ impl ObdInner {
         if running {
             return;
         }
-        let config = config_path(obd_dir);
-        self.local_read_ahead(&id, &config);
-        let job = match self.warm_list(&id, &config) {
+        let Ok(cfg) = ImageConfig::load(config_path(obd_dir)) else {
+            return;
+        };
+        self.local_read_ahead(&id, &cfg);
+        let job = match self.warm_list(&id, &cfg) {
             Some(list) => WarmJob::List(list),
             None => match self.learned.locked().get(&id) {
                 Some(l) => WarmJob::Learned(Arc::clone(l)),
@@ -571,27 +573,24 @@ impl ObdInner {
         self.spawn_warm(&id, &mp, job, None);
     }
 
-    /// Gives device `id` (the image of `config`) the readahead the worker
+    /// Gives device `id` (of the image `cfg`) the readahead the worker
     /// gives a device attached for an image mostly on this host
     /// ([`obd_device::worker::read_ahead_kb`]) once the host's block cache
     /// holds that much of its remote layers: a device kept for later
     /// containers keeps the value chosen at its first, lazy attach.
-    fn local_read_ahead(&self, id: &str, config: &Path) {
-        let Ok(cfg) = ImageConfig::load(config) else {
-            return;
-        };
+    fn local_read_ahead(&self, id: &str, cfg: &ImageConfig) {
         let remote: HashMap<&str, u64> = cfg
             .lowers
             .iter()
             .filter(|l| !l.digest.is_empty() && l.size > 0)
             .map(|l| (l.digest.as_str(), l.size))
             .collect();
-        let Some((cache, _)) = self.host_cache() else {
-            return;
-        };
         if remote.is_empty() {
             return;
         }
+        let Some((cache, _)) = self.host_cache() else {
+            return;
+        };
         let Ok(blobs) = cache.list() else {
             return;
         };
