@@ -39,15 +39,15 @@ fn service(cache: &std::path::Path) -> ServiceConfig {
     s
 }
 
-#[test]
-fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() {
-    let Some(reg) = Registry::start() else { return };
-    support::init_tls();
+/// The upstream stack pushed to `repo` of `reg` behind a counting
+/// forwarder: the forwarder, the image config naming the blobs through it,
+/// and the blobs' total size.
+fn stack_behind_proxy(reg: &Registry, repo: &str) -> (Server, ImageConfig, u64) {
     let mut lowers = Vec::new();
     let mut total = 0u64;
     for (file, digest) in STACK {
         let data = std::fs::read(fixtures::interop().join(file)).unwrap();
-        let url = reg.push_blob("obd/stack", &data);
+        let url = reg.push_blob(repo, &data);
         assert!(url.ends_with(digest));
         total += data.len() as u64;
         lowers.push(Lower {
@@ -56,14 +56,21 @@ fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() 
             ..Default::default()
         });
     }
-    // A counting forwarder in front of the registry.
     let upstream = reg.url().trim_start_matches("http://").to_string();
     let proxy = Server::start(move |_r: &Req| Action::Forward(upstream.clone()));
     let cfg = ImageConfig {
-        repo_blob_url: format!("{}/v2/obd/stack/blobs", proxy.url()),
+        repo_blob_url: format!("{}/v2/{repo}/blobs", proxy.url()),
         lowers,
         ..Default::default()
     };
+    (proxy, cfg, total)
+}
+
+#[test]
+fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() {
+    let Some(reg) = Registry::start() else { return };
+    support::init_tls();
+    let (proxy, cfg, total) = stack_behind_proxy(&reg, "obd/stack");
     let cache = tempfile::tempdir().unwrap();
     let data_gets = |p: &Server| {
         p.count(|r: &Req| r.method == "GET" && r.header("range").is_some_and(|v| v != "bytes=0-0"))
@@ -155,23 +162,7 @@ fn remote_image_flattens_to_the_local_digest_and_the_cache_survives_a_restart() 
 fn layers_opened_ahead_open_again_from_the_cache_alone() {
     let Some(reg) = Registry::start() else { return };
     support::init_tls();
-    let mut lowers = Vec::new();
-    for (file, digest) in STACK {
-        let data = std::fs::read(fixtures::interop().join(file)).unwrap();
-        reg.push_blob("obd/ahead", &data);
-        lowers.push(Lower {
-            digest: digest.into(),
-            size: data.len() as u64,
-            ..Default::default()
-        });
-    }
-    let upstream = reg.url().trim_start_matches("http://").to_string();
-    let proxy = Server::start(move |_r: &Req| Action::Forward(upstream.clone()));
-    let cfg = ImageConfig {
-        repo_blob_url: format!("{}/v2/obd/ahead/blobs", proxy.url()),
-        lowers,
-        ..Default::default()
-    };
+    let (proxy, cfg, _) = stack_behind_proxy(&reg, "obd/ahead");
     let cache = tempfile::tempdir().unwrap();
 
     // The snapshotter's source: each layer opened ahead, nothing kept open.
