@@ -23,6 +23,11 @@ mod util;
 
 use clap::{Parser, Subcommand};
 
+/// FUSE device workers run in this binary: their request buffers must be in
+/// memory before the kernel copies into them (`tcmu_target::prefault`).
+#[global_allocator]
+static ALLOC: tcmu_target::prefault::PrefaultAlloc = tcmu_target::prefault::PrefaultAlloc;
+
 /// Block-level lazy container images, compatible with overlaybd.
 ///
 /// Layers are LSMT files (optionally ZFile-compressed and tar-wrapped, as in a

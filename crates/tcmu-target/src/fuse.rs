@@ -385,7 +385,12 @@ fn attach(
 /// The session's settings: every thread reads the one `/dev/fuse` file, whose
 /// copy a supervisor keeps (a cloned descriptor would take the requests its
 /// thread had read down with the process).
+///
+/// Built just before each session starts, it also has the session threads'
+/// request buffers populated up to the largest request
+/// ([`crate::prefault`]), so that a worker killed mid-copy fails no request.
 fn config(opts: &FuseOptions) -> Config {
+    crate::prefault::set(opts.max_io.max(4096) as usize + 8192);
     let mut config = Config::default();
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = false;

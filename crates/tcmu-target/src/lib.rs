@@ -7,6 +7,8 @@
 //! - [`fuse`]: the device as one file in a FUSE mount, attached to a loop device
 //!   ([`loopdev`]) with direct I/O (`/dev/loopN`).
 //! - [`mountinfo`]: `/proc/self/mountinfo` parsed into typed entries.
+//! - [`prefault`]: the global allocator that keeps FUSE request buffers in
+//!   memory, so a killed worker fails no request.
 //!
 //! Every frontend serves a [`BlockBackend`]; none knows about layers or
 //! registries, so data flows frontend → image → layer files → sources.
@@ -19,6 +21,7 @@ use zfile::sync::RwLockExt;
 pub mod fuse;
 pub mod loopdev;
 pub mod mountinfo;
+pub mod prefault;
 pub mod tcmu;
 
 /// What a frontend serves: the bytes of one block device.
