@@ -236,11 +236,11 @@ fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result
         trace,
     } = open_image(&req.config, remote.as_deref())?;
     phases.mark("open");
-    // A recording sees the readahead of a first start whatever this host has
-    // cached, so the trace (and the working set packed from it) does not grow
-    // with the cache.
+    // A recording reads ahead as the starts that follow its trace will
+    // (whatever this host has cached), so that the working set packed from
+    // it holds what they read and little more.
     let read_ahead = match trace {
-        crate::open::TracePlan::Record(_) => Some(LAZY_READ_AHEAD_KB),
+        crate::open::TracePlan::Record(_) => Some(trace_replay::pack::TRACED_READ_AHEAD_KB),
         _ => read_ahead_kb(remote.as_deref().and_then(|r| r.local_bytes())),
     };
     let backend = Arc::new(backend.with_read_ahead_kb(read_ahead));

@@ -764,7 +764,7 @@ fn pack(
         .remote
         .registry_source(crate::cmd_image::Access::Lazy, &[&src_ref.host])?;
     let img = Image::open(&cfg, None, &[&*registry]).context("opening the image's layers")?;
-    let ws = pack::working_set(&img, &rec.trace)?;
+    let ws = pack::working_set(&img, &rec.trace)?.in_windows(pack::PACK_WINDOW);
     if ws.extents.is_empty() {
         return Ok(None);
     }

@@ -30,6 +30,7 @@ use crate::layer::{
 };
 use crate::meta::Kind;
 use crate::proto::containerd::types::Mount;
+use obd_device::open::trace_replay::pack::TRACED_READ_AHEAD_KB;
 use obd_device::open::trace_replay::warm::{self, OpenWatch, WarmList, WARM_FILE};
 use obd_device::service::{Op, Service};
 use obd_device::state::{worker_alive, Root};
@@ -142,9 +143,6 @@ pub const DEFAULT_DEVICE_IDLE: Duration = Duration::from_secs(600);
 /// Longest an attach waits for its layers' opens ahead ([`crate::ahead`]);
 /// the worker then opens what is left itself.
 const OPEN_AHEAD_WAIT: Duration = Duration::from_secs(60);
-
-/// Readahead (KiB) of a device whose page cache is warmed from a list.
-const WARM_READ_AHEAD_KB: u32 = 128;
 
 /// The `read_ahead_kb` file of block device `dev` in sysfs.
 fn read_ahead_file(dev: &Path) -> Option<PathBuf> {
@@ -479,25 +477,7 @@ impl ObdInner {
             }
             return;
         };
-        // The list holds what the start needs; readahead beyond it would
-        // fetch blocks outside the working set. With the page cache mostly
-        // hit, the kernel keeps mmap read-around on (it turns it off after
-        // 100 misses, as in the recorded cold start), and each remaining
-        // miss read a whole window: 9.5 MiB outside the working set on a
-        // Java start (docs/BENCHMARKS.md, issue 18). Set before the
-        // container opens its files (a file takes the value at open), and
-        // given back once the warm is done, so that files opened later (a
-        // second container's) read ahead as the device's worker chose.
-        let ra = read_ahead_file(dev).and_then(|p| {
-            let before = std::fs::read_to_string(&p).ok()?.trim().to_string();
-            match std::fs::write(&p, WARM_READ_AHEAD_KB.to_string()) {
-                Ok(()) => Some((p, before)),
-                Err(e) => {
-                    tracing::warn!(device = %id, error = %e, path = %p.display(), "cannot lower the readahead for the page-cache warm");
-                    None
-                }
-            }
-        });
+        let ra = Self::traced_read_ahead(id, dev);
         self.spawn_warm(id, mp, WarmJob::List(list), ra);
     }
 
@@ -528,8 +508,9 @@ impl ObdInner {
     /// here, at its second container, from the files the first opened and
     /// what the page cache holds of them ([`warm::opened_list`]; what the
     /// first had read by then, if it still runs), and its later containers
-    /// warm from that. The readahead is left as the worker
-    /// set it: the image's data is on the host by now.
+    /// warm from that. A warm from the image's own list lowers the
+    /// readahead as at the first container ([`ObdInner::traced_read_ahead`]);
+    /// otherwise it is left as set for the device.
     fn container_mounts(&self, obd_dir: &Path, user: &Path) {
         if !self.warm_page_cache {
             return;
@@ -559,8 +540,13 @@ impl ObdInner {
             return;
         };
         self.local_read_ahead(&id, &cfg);
+        let mut ra = None;
         let job = match self.warm_list(&id, &cfg) {
-            Some(list) => WarmJob::List(list),
+            Some(list) => {
+                let dev = self.dev_root.record(&id).ok().flatten().map(|r| r.device);
+                ra = dev.and_then(|d| Self::traced_read_ahead(&id, &d));
+                WarmJob::List(list)
+            }
             None => match self.learned.locked().get(&id) {
                 Some(l) => WarmJob::Learned(Arc::clone(l)),
                 None => match self.watches.locked().remove(&id) {
@@ -570,7 +556,34 @@ impl ObdInner {
             },
         };
         let mp = obd_dir.join("block").join("mountpoint");
-        self.spawn_warm(&id, &mp, job, None);
+        self.spawn_warm(&id, &mp, job, ra);
+    }
+
+    /// Lowers the readahead of device `dev` (`id`), whose image has a warm
+    /// list, to the recording's ([`TRACED_READ_AHEAD_KB`]); the `read_ahead_kb`
+    /// file and the value to give back when the warm ends.
+    ///
+    /// The list and the packed working set hold what a start read with that
+    /// readahead; a larger one reads around them, and what lies outside is
+    /// fetched (over the network, until the whole image is on the host):
+    /// with the page cache mostly hit the kernel keeps mmap read-around on
+    /// (it turns it off after 100 misses, as in the recorded cold start),
+    /// and each miss read a whole window, 9.5 MiB outside the working set
+    /// on a Java start (docs/BENCHMARKS.md, issue 18). Set before the
+    /// container opens its files (a file takes the value at open), for
+    /// every container of the image (a later one may start with the page
+    /// cache dropped), and given back once the warm is done, so that files
+    /// opened later read ahead as the device's worker chose.
+    fn traced_read_ahead(id: &str, dev: &Path) -> Option<(PathBuf, String)> {
+        let p = read_ahead_file(dev)?;
+        let before = std::fs::read_to_string(&p).ok()?.trim().to_string();
+        match std::fs::write(&p, TRACED_READ_AHEAD_KB.to_string()) {
+            Ok(()) => Some((p, before)),
+            Err(e) => {
+                tracing::warn!(device = %id, error = %e, path = %p.display(), "cannot lower the readahead for the page-cache warm");
+                None
+            }
+        }
     }
 
     /// Gives device `id` (of the image `cfg`) the readahead the worker

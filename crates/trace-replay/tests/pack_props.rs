@@ -1,9 +1,10 @@
 //! Working-set packing against a per-sector model: random layer stacks, a
 //! trace recorded the way the device records it (the image's read observer
 //! while random disk reads run), then the packed layer. The working set is
-//! the sectors the reads took from layer data, in first-read order; stacking
-//! the packed layer on top changes no byte of the disk; its data is those
-//! sectors in that order; and its own trace maps back to the same set.
+//! the sectors the reads took from layer data, in first-read order (and, in
+//! windows, by each window's first read); stacking the packed layer on top
+//! changes no byte of the disk; its data is those sectors in that order; and
+//! its own trace maps back to the same set.
 
 use std::sync::{Arc, Mutex};
 
@@ -78,6 +79,7 @@ proptest! {
     fn packing_keeps_the_disk_and_the_first_read_order(
         layers in prop::collection::vec(writes(), 1..4),
         reads in prop::collection::vec((0..SECTORS, 1u64..48), 1..12),
+        window_shift in 0u32..6,
     ) {
         let blobs: Vec<Vec<u8>> = layers.iter().enumerate().map(|(i, w)| layer(i, w)).collect();
         let mut img = image(&blobs);
@@ -110,7 +112,7 @@ proptest! {
             }
         }
         let mut want: Vec<(u64, u64)> = Vec::new();
-        for x in order {
+        for &x in &order {
             match want.last_mut() {
                 Some(last) if last.0 + last.1 == x * SECTOR => last.1 += SECTOR,
                 _ => want.push((x * SECTOR, SECTOR)),
@@ -120,6 +122,28 @@ proptest! {
         let ws = working_set(&img, &trace).unwrap();
         prop_assert_eq!(&ws.extents, &want);
         prop_assert_eq!(ws.unmapped, 0);
+
+        // In windows of 2^window_shift sectors: the windows in the order
+        // the reads first touch them, each one's sectors in disk order.
+        let per = 1u64 << window_shift;
+        let mut rank: Vec<Option<usize>> = vec![None; SECTORS as usize];
+        let mut ranks = 0;
+        for &x in &order {
+            let w = (x / per) as usize;
+            if rank[w].is_none() {
+                rank[w] = Some(ranks);
+                ranks += 1;
+            }
+        }
+        let mut model = order.clone();
+        model.sort_by_key(|&x| (rank[(x / per) as usize], x));
+        let ws = ws.in_windows(per * SECTOR);
+        let got: Vec<u64> = ws
+            .extents
+            .iter()
+            .flat_map(|&(o, l)| o / SECTOR..(o + l) / SECTOR)
+            .collect();
+        prop_assert_eq!(got, model);
         if ws.extents.is_empty() {
             return Ok(());
         }
