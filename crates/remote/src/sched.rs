@@ -15,6 +15,15 @@
 //! fetch's priority instead of waiting behind all other traffic (no priority
 //! inversion, no starvation of readers behind background download).
 //!
+//! A [`Priority::Prefetch`] request is granted only while no foreground
+//! fetch runs. Prefetch keeps a slow link busy, and a container's read that
+//! misses it then waits behind the queued prefetch bytes at the bottleneck,
+//! over a connection that restarts slow start after idling, on a round trip
+//! those bytes inflate: a 256 KiB read took 405 ms on a 100 Mbit/s link
+//! beside two 512 KiB prefetches (docs/BENCHMARKS.md, issue 18, "Misses
+//! during a prefetch"). Holding the next prefetch until the read is done
+//! lets the link drain for it; the prefetches already running go on.
+//!
 //! Background fetches also stay out of the way of running ones: a
 //! [`Priority::Background`] request is granted only when no more urgent fetch
 //! holds a slot and none has for [`BACKGROUND_QUIET`]. A whole-blob download
@@ -47,6 +56,8 @@ struct State {
     granted: [u64; 3],
     /// Foreground and prefetch fetches holding a slot.
     urgent_running: usize,
+    /// Foreground fetches holding a slot.
+    fg_running: usize,
     /// When the last of them finished.
     urgent_idle_since: Option<Instant>,
 }
@@ -81,6 +92,9 @@ impl Drop for Permit<'_> {
     fn drop(&mut self) {
         let mut st = self.sched.lock();
         st.running -= 1;
+        if self.prio == Priority::Foreground {
+            st.fg_running -= 1;
+        }
         if self.prio != Priority::Background {
             st.urgent_running -= 1;
             if st.urgent_running == 0 {
@@ -198,7 +212,8 @@ impl Scheduler {
             }
             if st.running < self.cap(me.0) && st.queue.first() == Some(&me) {
                 // The most urgent waiter; a background one also waits out
-                // running urgent fetches and the quiet time after them.
+                // running urgent fetches and the quiet time after them, a
+                // prefetch running foreground ones.
                 let quiet_left = match (me.0, st.urgent_idle_since) {
                     (Priority::Background, _) if self.background_quiet.is_zero() => {
                         Some(Duration::ZERO)
@@ -207,6 +222,7 @@ impl Scheduler {
                     (Priority::Background, Some(t)) => {
                         Some(self.background_quiet.saturating_sub(t.elapsed()))
                     }
+                    (Priority::Prefetch, _) if st.fg_running > 0 => None,
                     _ => Some(Duration::ZERO),
                 };
                 match quiet_left {
@@ -224,6 +240,9 @@ impl Scheduler {
         st.running += 1;
         if me.0 != Priority::Background {
             st.urgent_running += 1;
+        }
+        if me.0 == Priority::Foreground {
+            st.fg_running += 1;
         }
         st.granted[me.0 as usize] += 1;
         let more = st.running < self.limit && !st.queue.is_empty();

@@ -203,6 +203,36 @@ fn background_runs_when_nothing_else_does() {
     assert_eq!(s.running(), 2);
 }
 
+/// A prefetch waits while a foreground fetch runs (slots free or not), and
+/// starts when the last one ends; prefetches already running go on.
+#[test]
+fn prefetch_waits_for_running_foreground_fetches() {
+    let s = Arc::new(Scheduler::new(8));
+    let running = s.acquire(Priority::Prefetch);
+    let fg = s.acquire(Priority::Foreground);
+    let fg2 = s.acquire(Priority::Foreground);
+    let (tx, rx) = mpsc::channel();
+    let t = {
+        let s = Arc::clone(&s);
+        thread::spawn(move || {
+            let p = s.acquire(Priority::Prefetch);
+            tx.send(()).unwrap();
+            drop(p);
+        })
+    };
+    s.wait_queued_at(Priority::Prefetch, 1);
+    assert_eq!(s.running(), 3);
+    drop(fg);
+    // One foreground fetch still runs: the prefetch still waits.
+    assert!(rx.try_recv().is_err());
+    assert_eq!(s.queued_at(Priority::Prefetch), 1);
+    drop(fg2);
+    rx.recv().unwrap();
+    t.join().unwrap();
+    drop(running);
+    assert_eq!(s.granted(Priority::Prefetch), 2);
+}
+
 /// The last slot is kept for foreground reads: prefetch fills all but one,
 /// a foreground read still gets in at once, and the next prefetch waits.
 #[test]
