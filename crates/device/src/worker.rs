@@ -143,8 +143,8 @@ fn registry_source(_root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
 /// its remote layers (`None`: all layers are local files).
 ///
 /// Until the image has started on this host, readahead that the start does
-/// not use is fetched over the network: [`LAZY_READ_AHEAD_KB`] (the kernel's
-/// own choice for the FUSE loop device) keeps that down. Once at least
+/// not use is fetched over the network: [`LAZY_READ_AHEAD_KB`] keeps that
+/// down. Once at least
 /// [`LOCAL_SHARE_PERCENT`] of the layers' bytes are cached (a device
 /// attached again for an image that started here before), the frontend's
 /// default applies, as large as a local disk's, so that the same start
@@ -163,8 +163,12 @@ pub fn read_ahead_kb(local: Option<(u64, u64)>) -> Option<u32> {
     }
 }
 
-/// Readahead in KiB of a device whose image is mostly not on this host.
-pub const LAZY_READ_AHEAD_KB: u32 = 2560;
+/// Readahead in KiB of a device whose image is mostly not on this host:
+/// 512, a fifth of the kernel's own choice for the FUSE loop device (2560).
+/// Java's lazy start fetched 29.0 MiB with it against 33.5 MiB, 2.95 s
+/// against 3.44 s at 100 Mbit/s, and the same at 1 Gbit/s
+/// (docs/BENCHMARKS.md, issue 18, "A lazy start's readahead").
+pub const LAZY_READ_AHEAD_KB: u32 = 512;
 /// Readahead in KiB of a device whose image is mostly on this host (the
 /// FUSE frontend's default, as large as a local disk's).
 pub const LOCAL_READ_AHEAD_KB: u32 = tcmu_target::fuse::DEFAULT_READ_AHEAD_KB;
