@@ -179,6 +179,22 @@ pub trait UnitSink {
     fn unit(&mut self, offset: u64, bytes: Vec<u8>) -> bool;
 }
 
+/// Fills `buf` as far as the stream goes; the bytes read (0 at its end).
+/// Unlike `read_exact`, a short stream tells how far it got; unlike
+/// `read_to_end`, nothing of `buf` is zeroed first.
+pub fn read_full(rd: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match rd.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(feature = "registry")]
 pub mod auth;
 #[cfg(feature = "registry")]

@@ -677,15 +677,8 @@ impl RegistryClient {
                 buf.clear();
                 buf.resize(n as usize, 0);
             }
-            let mut got = 0;
-            while got < buf.len() {
-                match body.read(&mut buf[got..]) {
-                    Ok(0) => break,
-                    Ok(k) => got += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(format!("reading body: {}", http::chain(&e))),
-                }
-            }
+            let got = super::read_full(&mut body, &mut buf)
+                .map_err(|e| format!("reading body: {}", http::chain(&e)))?;
             if got as u64 != n {
                 return Err(format!(
                     "body ended at {} of {}",

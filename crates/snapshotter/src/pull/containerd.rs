@@ -497,8 +497,8 @@ fn send_blob(
     let mut off = 0u64;
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n =
-            read_full(&mut rd, &mut buf).map_err(|e| blob_err(digest, format!("reading: {e}")))?;
+        let n = obd_remote::read_full(&mut rd, &mut buf)
+            .map_err(|e| blob_err(digest, format!("reading: {e}")))?;
         if n == 0 {
             break;
         }
@@ -538,20 +538,6 @@ fn send_blob(
         ..base
     });
     Ok(off)
-}
-
-/// Fills `buf` as far as the stream goes; the bytes read (0 at its end).
-fn read_full(rd: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match rd.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
