@@ -499,8 +499,8 @@ impl ObdInner {
         }
     }
 
-    /// Container (or view) snapshot `user` mounts the image device of
-    /// `obd_dir`. Its first container needs nothing (the attach started
+    /// Container (or view) snapshot `user` mounts the image device (`dev`)
+    /// of `obd_dir`. Its first container needs nothing (the attach started
     /// what applies). A later one warms the device's page cache again from
     /// the image's list (what a warm start finds cached is not read again,
     /// so this matters after the host dropped those pages), unless the
@@ -511,7 +511,7 @@ impl ObdInner {
     /// warm from that. A warm from the image's own list lowers the
     /// readahead as at the first container ([`ObdInner::traced_read_ahead`]);
     /// otherwise it is left as set for the device.
-    fn container_mounts(&self, obd_dir: &Path, user: &Path) {
+    fn container_mounts(&self, obd_dir: &Path, user: &Path, dev: &Path) {
         if !self.warm_page_cache {
             return;
         }
@@ -539,12 +539,11 @@ impl ObdInner {
         let Ok(cfg) = ImageConfig::load(config_path(obd_dir)) else {
             return;
         };
-        self.local_read_ahead(&id, &cfg);
+        self.local_read_ahead(&id, &cfg, dev);
         let mut ra = None;
         let job = match self.warm_list(&id, &cfg) {
             Some(list) => {
-                let dev = self.dev_root.record(&id).ok().flatten().map(|r| r.device);
-                ra = dev.and_then(|d| Self::traced_read_ahead(&id, &d));
+                ra = Self::traced_read_ahead(&id, dev);
                 WarmJob::List(list)
             }
             None => match self.learned.locked().get(&id) {
@@ -586,12 +585,12 @@ impl ObdInner {
         }
     }
 
-    /// Gives device `id` (of the image `cfg`) the readahead the worker
+    /// Gives device `dev` (`id`, of the image `cfg`) the readahead the worker
     /// gives a device attached for an image mostly on this host
     /// ([`obd_device::worker::read_ahead_kb`]) once the host's block cache
     /// holds that much of its remote layers: a device kept for later
     /// containers keeps the value chosen at its first, lazy attach.
-    fn local_read_ahead(&self, id: &str, cfg: &ImageConfig) {
+    fn local_read_ahead(&self, id: &str, cfg: &ImageConfig, dev: &Path) {
         let remote: HashMap<&str, u64> = cfg
             .lowers
             .iter()
@@ -616,13 +615,7 @@ impl ObdInner {
         if obd_device::worker::read_ahead_kb(Some((cached, total))).is_some() {
             return;
         }
-        let Some(file) = self
-            .dev_root
-            .record(id)
-            .ok()
-            .flatten()
-            .and_then(|r| read_ahead_file(&r.device))
-        else {
+        let Some(file) = read_ahead_file(dev) else {
             return;
         };
         let kb = obd_device::worker::LOCAL_READ_AHEAD_KB.to_string();
@@ -1085,9 +1078,9 @@ impl LayerHook for ObdLayers {
         if info.kind == Kind::Active && mode != RwMode::Overlayfs {
             tracing::warn!(dir = %info.dir.display(), "plain layers above the obd image: rw_mode overlayfs used");
         }
-        self.ensure_device(obd_dir, &config_path(obd_dir), true)?;
+        let dev = self.ensure_device(obd_dir, &config_path(obd_dir), true)?;
         self.claimed(obd_dir);
-        self.container_mounts(obd_dir, &info.dir);
+        self.container_mounts(obd_dir, &info.dir, &dev);
         let mp = obd_dir.join("block").join("mountpoint");
         let mut lowers: Vec<String> = info.parents[..k]
             .iter()
