@@ -559,9 +559,11 @@ impl Image {
 
     /// Runs `worker` on `threads` threads while every remote layer blob is
     /// advised to stream ahead: whole-disk reads are coming, so each such blob
-    /// is advised in large pieces (32 MiB, each one streamed request at
+    /// is advised in large pieces (128 MiB, each one streamed request at
     /// Prefetch priority; local files ignore it), two streams per layer,
-    /// stopped when the workers end.
+    /// stopped when the workers end. Each request costs the registry more
+    /// than its bytes do: with 32 MiB pieces docker-registry spent ~0.1
+    /// CPU-s more on a 700 MB flatten (28 requests against 12).
     fn run_reading_ahead(
         &self,
         threads: usize,
@@ -571,7 +573,7 @@ impl Image {
         // Each stream takes the layer's next piece, so both stay busy to
         // the end of the blob.
         let advise = |layer: &Layer, next: &AtomicU64| {
-            const PIECE: u64 = 32 << 20;
+            const PIECE: u64 = 128 << 20;
             let size = layer.raw.size();
             while !done.load(Ordering::Relaxed) {
                 let at = next.fetch_add(PIECE, Ordering::Relaxed);
