@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Prints the timeline of obd cold runs kept by `BENCH_TIMELINE=<dir>
 bench/coldstart.sh`: per run, when the pull ended, when registry requests
-were asked for, granted and done (by priority), and when the app was ready;
+were asked for, granted and done (by priority), the device's reads (and the
+time from the last one to `ready`), and when the app was ready;
 times in ms from the run's start.
 
 usage: timeline.py DIR
@@ -70,6 +71,10 @@ def main(d):
                               lambda r: (1, (r["end"] - r["start"]) / 1000))
             print("   device reads per 100 ms (count/ms waited): " + " ".join(
                 f"{k * 100}:{n}/{w:.0f}" for k, (n, w) in reads))
+            # What the start did after its last device read: the app's own
+            # run past its last byte (or a wait outside the device).
+            last = max(r["end"] for r in dv)
+            print(f"   after the last device read: {ms(end) - ms(last):.0f} ms to ready")
             slow = sorted(dv, key=lambda r: r["start"] - r["end"])[:8]
             print("   slowest: " + ", ".join(
                 f"{ms(r['start']):.0f}+{(r['end'] - r['start']) / 1000:.0f}ms" for r in slow))
