@@ -169,8 +169,9 @@ pub fn stream_by_pieces<F: RangeFetcher + ?Sized>(
 
 /// Where [`RangeFetcher::fetch_stream`] delivers a stream's pieces.
 pub trait UnitSink {
-    /// An empty buffer to read the next piece into (a recycled one saves
-    /// faulting in fresh pages for every piece).
+    /// A buffer to read the next piece into, of any length and contents
+    /// (the caller sizes it and overwrites it); a recycled one saves
+    /// faulting in fresh pages for every piece.
     fn buffer(&mut self) -> Vec<u8> {
         Vec::new()
     }
