@@ -231,7 +231,7 @@ class Node:
             with open(os.path.join(sn, "service.toml"), "w") as f:
                 f.write((service.rstrip("\n") + "\n\n" if service else "")
                         + f'[registry.hosts."{REG}"]\nplain_http = true\n')
-            toml = os.path.join(self.dir, "obd.toml")
+            toml = self.snap_toml = os.path.join(self.dir, "obd.toml")
             with open(toml, "w") as f:
                 f.write(f'root = "{sn}"\naddress = "{self.dir}/obd.sock"\n'
                         f'lazy_pull = true\nrw_mode = "overlayfs"\n'
@@ -508,7 +508,10 @@ def measure(variant, ref, reg, tag):
                "--snapshotter", "stargz", ref, quiet=True)
             run = node.ctr("run", "--rm", "--snapshotter", "stargz", ref, f"{tag}-c1")
         else:
-            sh(OBD, "pull", "--plain-http", REG, "--address", node.sock, ref, quiet=True)
+            # The snapshotter's config, as /etc/obd/snapshotter.toml would give
+            # it: the pull's check that devices can read the blobs uses it.
+            sh(OBD, "pull", "--plain-http", REG, "--address", node.sock,
+               "--snapshotter-config", node.snap_toml, ref, quiet=True)
             run = node.ctr("run", "--rm", "--snapshotter", "obd", ref, f"{tag}-c1")
         pull = time.time() - t0
         ready = run_until_ready(run)

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use obd_remote::distribution::ImageRef;
 use snapshotter::pull::{
-    pull_blocking, LayerReport, LayerState, PullError, PullOptions, PullReport, DEFAULT_ADDRESS,
+    pull_blocking, LayerReport, LayerState, PullError, PullOptions, DEFAULT_ADDRESS,
 };
 
 use crate::args::{PlatformArgs, RegistryArgs};
@@ -69,6 +69,11 @@ pub fn run(a: PullArgs) -> Result<()> {
     opts.snapshotter = a.snapshotter;
     opts.platform = a.platform.one()?;
     let json = a.json;
+    // The snapshotter-access check reads one remote layer as a device would;
+    // it starts at the first remote layer and overlaps the rest of the pull.
+    let mut check: Option<std::thread::JoinHandle<std::result::Result<(), String>>> = None;
+    let config = a.snapshotter_config.clone();
+    let reference = a.reference.clone();
     let report = pull_blocking(&opts, |l: &LayerReport| {
         if !json {
             println!(
@@ -80,10 +85,22 @@ pub fn run(a: PullArgs) -> Result<()> {
                 l.ms
             );
         }
+        if check.is_none() && l.state == LayerState::Remote {
+            let (config, reference, digest, size) =
+                (config.clone(), reference.clone(), l.digest.clone(), l.size);
+            check = Some(std::thread::spawn(move || {
+                check_snapshotter_access(&reference, &digest, size, config.as_deref())
+            }));
+        }
     })
     .map_err(|e| explain_pull_error(e, &opts))
     .with_context(|| format!("pulling {}", a.reference))?;
-    let attach = check_snapshotter_access(&report, &a.reference, a.snapshotter_config.as_deref());
+    let attach = match check {
+        None => Ok(()),
+        Some(h) => h
+            .join()
+            .unwrap_or_else(|_| Err("the snapshotter-access check panicked".into())),
+    };
     if let Err(w) = &attach {
         eprintln!("obd: warning: {w}");
     }
@@ -143,19 +160,18 @@ fn explain_pull_error(e: PullError, opts: &PullOptions) -> anyhow::Error {
 }
 
 /// After a pull: can obd-snapshotter's devices read the image's lazily
-/// pulled blobs with the snapshotter's own settings (they do not get this
-/// command's `--plain-http` and the like)? `Err` is the warning to print.
+/// pulled blobs (the remote layer `digest` of `size` bytes) with the
+/// snapshotter's own settings (they do not get this command's `--plain-http`
+/// and the like)? `Err` is the warning to print.
 fn check_snapshotter_access(
-    report: &PullReport,
     reference: &str,
+    digest: &str,
+    size: u64,
     config: Option<&std::path::Path>,
 ) -> std::result::Result<(), String> {
-    let Some(l) = report.layers.iter().find(|l| l.state == LayerState::Remote) else {
-        return Ok(());
-    };
     let node =
         Node::load(config).map_err(|e| format!("cannot read the snapshotter's settings: {e:#}"))?;
-    read_blob_as_worker(&node.service.registry, reference, &l.digest, l.size).map_err(|e| {
+    read_blob_as_worker(&node.service.registry, reference, digest, size).map_err(|e| {
         format!(
             "the pull succeeded, but obd-snapshotter cannot read this image's blobs with its settings \
              ({}): {e:#}. Containers of this image will fail to attach until the snapshotter's \

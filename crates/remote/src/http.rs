@@ -676,10 +676,15 @@ impl Transport {
             .timeout(None)
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(self.opts.user_agent.clone());
-        if ho.insecure_skip_verify {
+        if u.scheme() == "http" {
+            // Plain HTTP never handshakes: no roots, so building the client
+            // does not read the system's certificate store (tens of ms with a
+            // cold page cache, on every pull and device attach).
+            b = b.tls_certs_only(Vec::new());
+        } else if ho.insecure_skip_verify {
             b = b.tls_danger_accept_invalid_certs(true);
         }
-        if let Some(certs) = self.cas.get(hkey) {
+        if let Some(certs) = self.cas.get(hkey).filter(|_| u.scheme() != "http") {
             b = b.tls_certs_merge(certs.iter().cloned());
         }
         let c = b.build().map_err(|e| Error::Registry {

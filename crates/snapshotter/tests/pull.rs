@@ -184,6 +184,32 @@ fn obd_pull_remote_and_plain() {
     let leases = ctr(&["leases", "ls"]);
     assert_eq!(leases.lines().count(), 1, "a lease was left:\n{leases}");
 
+    // --- the top layer's blob served corrupted, pulled into a fresh
+    // namespace (every blob is fetched, both at once): the pull fails naming
+    // that blob and leaves no lease.
+    let top = &r3.layers[1].digest;
+    let hex = top.strip_prefix("sha256:").unwrap();
+    let data = dir
+        .join("registry-data/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let good = std::fs::read(&data).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&data, &bad).unwrap();
+    let mut o = PullOptions::new(&plain);
+    o.address = sock.clone();
+    o.plain_http = true;
+    o.registry.use_docker_config = false;
+    o.namespace = "corrupt".into();
+    let e = pull_blocking(&o, |_| {}).unwrap_err();
+    std::fs::write(&data, &good).unwrap();
+    assert!(e.to_string().contains(top.as_str()), "{e}");
+    let leases = run(containerd::ctr(&sock).args(["-n", "corrupt", "leases", "ls"]));
+    assert_eq!(leases.lines().count(), 1, "a lease was left:\n{leases}");
+
     // --- an index over the plain manifest: the platform's manifest is
     // picked, the index becomes the image's target and references it.
     let pm = client

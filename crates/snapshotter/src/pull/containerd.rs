@@ -159,7 +159,9 @@ impl Unavailable {
 }
 
 /// containerd clients sharing one channel, with the namespace and lease
-/// metadata put on every request.
+/// metadata put on every request. A clone shares the channel (concurrent
+/// calls are multiplexed on it).
+#[derive(Clone)]
 pub(super) struct Containerd {
     ns: MetadataValue<tonic::metadata::Ascii>,
     lease: Option<MetadataValue<tonic::metadata::Ascii>>,

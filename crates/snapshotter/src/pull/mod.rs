@@ -7,7 +7,10 @@
 //! lease sent as `containerd-lease`):
 //!
 //! 1. the config is written into the content store, labelled with
-//!    `containerd.io/gc.ref.snapshot.<snapshotter>=<top chainID>`;
+//!    `containerd.io/gc.ref.snapshot.<snapshotter>=<top chainID>` (alongside
+//!    step 2), and the blobs of the layers the snapshotter will not take
+//!    remotely start downloading into it, three at a time, as containerd's
+//!    own pull does;
 //! 2. for each layer, bottom up: a committed snapshot named by its chainID
 //!    is skipped; otherwise `Prepare(key = "extract-<random> <chainID>",
 //!    parent = previous chainID)` with the layer's `containerd.io/snapshot/*`
@@ -15,7 +18,7 @@
 //!    `containerd.io/snapshot/image-ref=<ref>`. `AlreadyExists` means the
 //!    snapshotter committed it remotely (no data moved). A successful Prepare
 //!    means the layer must be unpacked here: the blob is fetched into the
-//!    content store, applied with containerd's diff service onto the mounts
+//!    content store (or its download from step 1 is waited for), applied with containerd's diff service onto the mounts
 //!    Prepare returned, and committed as the chainID;
 //! 3. the manifest (and index) are written with containerd's GC labels, and
 //!    the image record is created or updated to point at the top descriptor.

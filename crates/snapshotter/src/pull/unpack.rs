@@ -7,6 +7,8 @@ use super::{
     LayerReport, LayerState, PullError, PullOptions, PullReport, LABEL_DISTRIBUTION_SOURCE,
     LABEL_IMAGE_REF, LABEL_SNAPSHOT_REF, LABEL_UNCOMPRESSED, SNAPSHOT_LABEL_PREFIX,
 };
+use crate::layer::{classify_overlaybd, PrepareAction, PrepareInfo};
+use crate::meta::Kind;
 use crate::proto::containerd::services::diff::v1 as diff;
 use crate::proto::containerd::services::snapshots::v1 as snapshots;
 use crate::proto::containerd::types::Mount;
@@ -44,7 +46,8 @@ impl Job<'_> {
         observe: &mut (impl FnMut(&LayerReport) + Send),
     ) -> Result<PullReport, PullError> {
         let chains = oci::chain_ids(&res.config.rootfs.diff_ids);
-        self.write_config(c, &res, chains.last()).await?;
+        let config = self.write_config(c, &res, chains.last());
+        let mut blobs = self.fetch_ahead(c, &res, &chains).await?;
         let mut layers = Vec::with_capacity(res.manifest.layers.len());
         for (i, layer) in res.manifest.layers.iter().enumerate() {
             let t = Instant::now();
@@ -53,7 +56,7 @@ impl Job<'_> {
             let (state, fetched) = if c.snapshot_exists(&chains[i]).await? {
                 (LayerState::Present, 0)
             } else {
-                self.unpack_layer(c, layer, &chains[i], parent, diff_id)
+                self.unpack_layer(c, layer, &chains[i], parent, diff_id, &mut blobs)
                     .await?
             };
             let rep = LayerReport {
@@ -69,6 +72,7 @@ impl Job<'_> {
             observe(&rep);
             layers.push(rep);
         }
+        config.join().await?;
         let target = self.write_manifests(c, &res, &layers).await?;
         let created = c.put_image(self.name, &target).await?;
         let count = |s: LayerState| layers.iter().filter(|l| l.state == s).count();
@@ -91,14 +95,9 @@ impl Job<'_> {
         })
     }
 
-    /// The config, labelled so that it keeps the top snapshot from being
-    /// collected.
-    async fn write_config(
-        &self,
-        c: &mut Containerd,
-        res: &Resolved,
-        top: Option<&String>,
-    ) -> Result<(), PullError> {
+    /// Starts writing the config, labelled so that it keeps the top snapshot
+    /// from being collected; it runs alongside the layers.
+    fn write_config(&self, c: &Containerd, res: &Resolved, top: Option<&String>) -> Task<()> {
         let mut labels = BTreeMap::from([self.source_label()]);
         if let Some(top) = top {
             labels.insert(
@@ -106,15 +105,16 @@ impl Job<'_> {
                 top.clone(),
             );
         }
-        let cd = &res.manifest.config;
-        c.write_bytes(
-            &format!("config-{}", cd.digest),
-            cd,
+        let (mut c, cd, bytes) = (
+            c.clone(),
+            res.manifest.config.clone(),
             res.config_bytes.clone(),
-            &labels,
-        )
-        .await?;
-        Ok(())
+        );
+        Task::spawn(async move {
+            c.write_bytes(&format!("config-{}", cd.digest), &cd, bytes, &labels)
+                .await
+                .map(drop)
+        })
     }
 
     /// The manifest (referencing the config and the layer blobs that are
@@ -174,6 +174,52 @@ impl Job<'_> {
         Ok(target)
     }
 
+    /// Starts fetching, into the content store, the blobs of the layers
+    /// that will be downloaded (the snapshotter takes the others remotely,
+    /// by the same rule as [`classify_overlaybd`]) and are not unpacked yet,
+    /// [`FETCH_AHEAD`] at a time, as containerd's own pull does: their
+    /// registry round trips overlap the layers unpacked before them.
+    async fn fetch_ahead(
+        &self,
+        c: &mut Containerd,
+        res: &Resolved,
+        chains: &[String],
+    ) -> Result<FetchAhead, PullError> {
+        let mut ahead = FetchAhead::default();
+        let slots = Arc::new(tokio::sync::Semaphore::new(FETCH_AHEAD));
+        for (i, layer) in res.manifest.layers.iter().enumerate() {
+            let labels: BTreeMap<_, _> = snapshot_labels(layer, &chains[i], self.name)
+                .into_iter()
+                .collect();
+            let info = PrepareInfo {
+                namespace: &self.opts.namespace,
+                key: "",
+                parent: "",
+                kind: Kind::Active,
+                labels: &labels,
+            };
+            if classify_overlaybd(&info) != PrepareAction::Plain
+                || ahead.0.contains_key(&layer.digest)
+                || c.snapshot_exists(&chains[i]).await?
+            {
+                continue;
+            }
+            let (mut c, layer, labels) = (
+                c.clone(),
+                layer.clone(),
+                self.content_labels(layer, &res.config.rootfs.diff_ids[i]),
+            );
+            let (dist, r, slots) = (self.dist.clone(), self.r.clone(), slots.clone());
+            let digest = layer.digest.clone();
+            let task = Task::spawn(async move {
+                let _slot = slots.acquire_owned().await;
+                fetch_blob(&mut c, &dist, &r, &layer, &labels).await
+            });
+            ahead.0.insert(digest, task);
+        }
+        Ok(ahead)
+    }
+
     /// Prepare → (AlreadyExists: remote) or fetch + diff.Apply + Commit.
     /// Returns the state and the bytes fetched from the registry.
     async fn unpack_layer(
@@ -183,12 +229,13 @@ impl Job<'_> {
         chain: &str,
         parent: &str,
         diff_id: &str,
+        blobs: &mut FetchAhead,
     ) -> Result<(LayerState, u64), PullError> {
         let labels = snapshot_labels(layer, chain, self.name);
         let Some((key, mounts)) = prepare(c, chain, parent, &labels).await? else {
             return Ok((LayerState::Remote, 0));
         };
-        let fetched = match self.apply_layer(c, layer, diff_id, &mounts).await {
+        let fetched = match self.apply_layer(c, layer, diff_id, &mounts, blobs).await {
             Ok(n) => n,
             Err(e) => {
                 c.remove_snapshot(&key).await;
@@ -215,40 +262,34 @@ impl Job<'_> {
         }
     }
 
-    /// Fetches a layer blob into the content store (unless it is there) and
-    /// applies it onto `mounts`; checks the result against the diffID.
+    /// A layer blob's content labels: its source, and its diffID if the
+    /// blob is compressed.
+    fn content_labels(&self, layer: &Descriptor, diff_id: &str) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([self.source_label()]);
+        if is_compressed(&layer.media_type) {
+            labels.insert(LABEL_UNCOMPRESSED.into(), diff_id.into());
+        }
+        labels
+    }
+
+    /// Fetches a layer blob into the content store (unless it is there or
+    /// [`Job::fetch_ahead`] is fetching it) and applies it onto `mounts`;
+    /// checks the result against the diffID.
     async fn apply_layer(
         &self,
         c: &mut Containerd,
         layer: &Descriptor,
         diff_id: &str,
         mounts: &[Mount],
+        blobs: &mut FetchAhead,
     ) -> Result<u64, PullError> {
-        let mut labels = BTreeMap::from([self.source_label()]);
-        if is_compressed(&layer.media_type) {
-            labels.insert(LABEL_UNCOMPRESSED.into(), diff_id.into());
-        }
-        let mut fetched = 0;
-        if c.has_content(&layer.digest).await? {
-            c.label_content(&layer.digest, &labels).await?;
-        } else {
-            let (dist, r, d, size) = (
-                self.dist.clone(),
-                self.r.clone(),
-                layer.digest.clone(),
-                layer.size,
-            );
-            let open: Open = Box::new(move || {
-                dist.open_blob(&r, &d, size)
-                    .map_err(|error| PullError::Registry {
-                        what: format!("layer {d}"),
-                        error,
-                    })
-            });
-            let ingest = format!("layer-{}", layer.digest);
-            let (_, n) = c.write_content(&ingest, layer, &labels, open).await?;
-            fetched = n;
-        }
+        let fetched = match blobs.0.remove(&layer.digest) {
+            Some(task) => task.join().await?,
+            None => {
+                let labels = self.content_labels(layer, diff_id);
+                fetch_blob(c, self.dist, self.r, layer, &labels).await?
+            }
+        };
         let req = c.req(diff::ApplyRequest {
             diff: Some(proto_desc(layer)),
             mounts: mounts.to_vec(),
@@ -274,6 +315,63 @@ impl Job<'_> {
         }
         Ok(fetched)
     }
+}
+
+/// Layer blobs fetched at once by [`Job::fetch_ahead`] (containerd's
+/// default `max_concurrent_downloads`).
+const FETCH_AHEAD: usize = 3;
+
+/// A containerd step running alongside the pull's layer loop; dropped
+/// before [`Task::join`] (the pull failed), it is aborted.
+pub(super) struct Task<T>(tokio::task::JoinHandle<Result<T, PullError>>);
+
+impl<T: Send + 'static> Task<T> {
+    fn spawn(f: impl std::future::Future<Output = Result<T, PullError>> + Send + 'static) -> Self {
+        Task(tokio::spawn(f))
+    }
+
+    async fn join(mut self) -> Result<T, PullError> {
+        (&mut self.0)
+            .await
+            .map_err(|e| PullError::BadOption(format!("pull task: {e}")))?
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The blob fetches [`Job::fetch_ahead`] started, by digest: each ends with
+/// the bytes it read from the registry.
+#[derive(Default)]
+pub(super) struct FetchAhead(HashMap<String, Task<u64>>);
+
+/// Puts `layer`'s blob into the content store with `labels` (only labels
+/// it if it is there); the bytes read from the registry.
+async fn fetch_blob(
+    c: &mut Containerd,
+    dist: &Arc<Distribution>,
+    r: &ImageRef,
+    layer: &Descriptor,
+    labels: &BTreeMap<String, String>,
+) -> Result<u64, PullError> {
+    if c.has_content(&layer.digest).await? {
+        c.label_content(&layer.digest, labels).await?;
+        return Ok(0);
+    }
+    let (dist, r, d, size) = (dist.clone(), r.clone(), layer.digest.clone(), layer.size);
+    let open: Open = Box::new(move || {
+        dist.open_blob(&r, &d, size)
+            .map_err(|error| PullError::Registry {
+                what: format!("layer {d}"),
+                error,
+            })
+    });
+    let ingest = format!("layer-{}", layer.digest);
+    let (_, n) = c.write_content(&ingest, layer, labels, open).await?;
+    Ok(n)
 }
 
 /// `Prepare`s the extract snapshot of `chain`: its key and mounts, or
