@@ -289,13 +289,34 @@ pub async fn pull(
         return Err(PullError::BadOption("empty snapshotter name".into()));
     }
     let dist = registry_client(opts, &r)?;
-    let resolved = {
+    // The registry and containerd are set up at once; a registry error is
+    // the one reported when both fail.
+    let resolving = {
         let (dist, r) = (dist.clone(), r.clone());
-        blocking(move || Ok(oci::resolve(&dist, &r, &platform)?)).await?
+        tokio::spawn(blocking(move || Ok(oci::resolve(&dist, &r, &platform)?)))
     };
-
-    let mut c = containerd::Containerd::new(opts).await?;
-    let lease = c.create_lease(opts.lease_expire).await?;
+    let resolved = |res: Result<Result<oci::Resolved, PullError>, tokio::task::JoinError>| {
+        res.map_err(|e| PullError::BadOption(format!("registry worker: {e}")))?
+    };
+    let setup = async {
+        let mut c = containerd::Containerd::new(opts).await?;
+        let lease = c.create_lease(opts.lease_expire).await?;
+        Ok::<_, PullError>((c, lease))
+    };
+    let (mut c, lease) = match setup.await {
+        Ok(x) => x,
+        Err(e) => {
+            resolved(resolving.await)?;
+            return Err(e);
+        }
+    };
+    let resolved = match resolved(resolving.await) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = c.delete_lease(&lease).await;
+            return Err(e);
+        }
+    };
     let job = unpack::Job {
         opts,
         dist: &dist,

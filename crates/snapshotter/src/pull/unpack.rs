@@ -47,13 +47,14 @@ impl Job<'_> {
     ) -> Result<PullReport, PullError> {
         let chains = oci::chain_ids(&res.config.rootfs.diff_ids);
         let config = self.write_config(c, &res, chains.last());
-        let mut blobs = self.fetch_ahead(c, &res, &chains).await?;
+        let present = snapshots_present(c, &chains).await?;
+        let mut blobs = self.fetch_ahead(c, &res, &chains, &present);
         let mut layers = Vec::with_capacity(res.manifest.layers.len());
         for (i, layer) in res.manifest.layers.iter().enumerate() {
             let t = Instant::now();
             let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
             let diff_id = &res.config.rootfs.diff_ids[i];
-            let (state, fetched) = if c.snapshot_exists(&chains[i]).await? {
+            let (state, fetched) = if present[i] {
                 (LayerState::Present, 0)
             } else {
                 self.unpack_layer(c, layer, &chains[i], parent, diff_id, &mut blobs)
@@ -179,12 +180,13 @@ impl Job<'_> {
     /// by the same rule as [`classify_overlaybd`]) and are not unpacked yet,
     /// [`FETCH_AHEAD`] at a time, as containerd's own pull does: their
     /// registry round trips overlap the layers unpacked before them.
-    async fn fetch_ahead(
+    fn fetch_ahead(
         &self,
-        c: &mut Containerd,
+        c: &Containerd,
         res: &Resolved,
         chains: &[String],
-    ) -> Result<FetchAhead, PullError> {
+        present: &[bool],
+    ) -> FetchAhead {
         let mut ahead = FetchAhead::default();
         let slots = Arc::new(tokio::sync::Semaphore::new(FETCH_AHEAD));
         for (i, layer) in res.manifest.layers.iter().enumerate() {
@@ -200,7 +202,7 @@ impl Job<'_> {
             };
             if classify_overlaybd(&info) != PrepareAction::Plain
                 || ahead.0.contains_key(&layer.digest)
-                || c.snapshot_exists(&chains[i]).await?
+                || present[i]
             {
                 continue;
             }
@@ -217,7 +219,7 @@ impl Job<'_> {
             });
             ahead.0.insert(digest, task);
         }
-        Ok(ahead)
+        ahead
     }
 
     /// Prepare → (AlreadyExists: remote) or fetch + diff.Apply + Commit.
@@ -347,6 +349,31 @@ impl<T> Drop for Task<T> {
 /// the bytes it read from the registry.
 #[derive(Default)]
 pub(super) struct FetchAhead(HashMap<String, Task<u64>>);
+
+/// Whether each chainID is a snapshot already, asked all at once (each
+/// `Stat` is a round trip through containerd, and they do not depend on
+/// each other). A snapshot committed after this (a concurrent pull) is
+/// found by its `Prepare` answering `AlreadyExists`.
+async fn snapshots_present(c: &mut Containerd, chains: &[String]) -> Result<Vec<bool>, PullError> {
+    let tasks: Vec<_> = chains
+        .iter()
+        .map(|chain| {
+            let (mut c, chain) = (c.clone(), chain.clone());
+            Task::spawn(async move {
+                let r = c.snapshot_exists(&chain).await;
+                Ok((r, c.unavailable_retries))
+            })
+        })
+        .collect();
+    let mut present = Vec::with_capacity(chains.len());
+    let retries = c.unavailable_retries;
+    for t in tasks {
+        let (r, after) = t.join().await?;
+        c.unavailable_retries += after - retries;
+        present.push(r?);
+    }
+    Ok(present)
+}
 
 /// Puts `layer`'s blob into the content store with `labels` (only labels
 /// it if it is there); the bytes read from the registry.
