@@ -2,9 +2,10 @@
 //! handshake (like upstream overlaybd's `ctr rpull`).
 //!
 //! The registry is read with [`obd_remote::oci::resolve`] (index →
-//! platform → manifest → config); containerd is driven over its gRPC socket
-//! (namespace in the `containerd-namespace` metadata, everything under a
-//! lease sent as `containerd-lease`):
+//! platform → manifest → config) while containerd is connected; containerd
+//! is driven over its gRPC socket (namespace in the `containerd-namespace`
+//! metadata, everything under a lease sent as `containerd-lease`); which
+//! chainIDs are snapshots already is asked for all layers at once:
 //!
 //! 1. the config is written into the content store, labelled with
 //!    `containerd.io/gc.ref.snapshot.<snapshotter>=<top chainID>` (alongside
