@@ -355,11 +355,14 @@ pub(super) struct FetchAhead(HashMap<String, Task<u64>>);
 /// each other). A snapshot committed after this (a concurrent pull) is
 /// found by its `Prepare` answering `AlreadyExists`.
 async fn snapshots_present(c: &mut Containerd, chains: &[String]) -> Result<Vec<bool>, PullError> {
+    // An image may have hundreds of layers: a bounded burst.
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
     let tasks: Vec<_> = chains
         .iter()
         .map(|chain| {
-            let (mut c, chain) = (c.clone(), chain.clone());
+            let (mut c, chain, slots) = (c.clone(), chain.clone(), slots.clone());
             Task::spawn(async move {
+                let _slot = slots.acquire_owned().await;
                 let r = c.snapshot_exists(&chain).await;
                 Ok((r, c.unavailable_retries))
             })
