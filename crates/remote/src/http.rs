@@ -661,10 +661,23 @@ impl Transport {
         }
     }
 
+    /// Builds (and keeps) the client for `url`'s scheme and host now, so
+    /// that the first request there does not wait for it (an HTTPS client
+    /// loads the system's TLS roots: ~5 ms, ~30 ms with a cold page cache).
+    /// An error is left for that request to report.
+    pub(crate) fn prepare(&self, url: &str) {
+        if let Ok(u) = Url::parse(url) {
+            let _ = self.client(&u);
+        }
+    }
+
     fn client(&self, u: &Url) -> Result<Client> {
         let host = authority(u);
         let key = format!("{}://{host}", u.scheme());
-        if let Some(c) = self.clients.locked().get(&key) {
+        // Built under the lock: a request racing `prepare` waits for that
+        // client instead of building (and loading the roots) again.
+        let mut clients = self.clients.locked();
+        if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
         let hkey = self.host_key(&host);
@@ -691,7 +704,7 @@ impl Transport {
             url: key.clone(),
             detail: format!("cannot build HTTP client: {}", chain(&e)),
         })?;
-        self.clients.locked().insert(key, c.clone());
+        clients.insert(key, c.clone());
         Ok(c)
     }
 
@@ -1027,6 +1040,19 @@ mod tests {
         assert!(t.host_opts("b:1").insecure_skip_verify);
         assert!(t.host_opts("b").insecure_skip_verify);
         assert!(!t.host_opts("c").insecure_skip_verify);
+    }
+
+    #[test]
+    fn prepare_builds_each_client_once() {
+        let t = Transport::with_credentials(RegistryOptions::default(), Arc::new(creds::Anonymous))
+            .unwrap();
+        t.prepare("http://127.0.0.1:9/v2/r/blobs/sha256:00");
+        t.prepare("not a url");
+        let keys = |t: &Transport| t.clients.locked().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&t), ["http://127.0.0.1:9"]);
+        let u = Url::parse("http://127.0.0.1:9/v2/").unwrap();
+        t.client(&u).unwrap();
+        assert_eq!(keys(&t), ["http://127.0.0.1:9"]);
     }
 
     #[test]

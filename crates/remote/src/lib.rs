@@ -119,6 +119,11 @@ pub trait RangeFetcher: Send + Sync {
     /// The blob's size, when the config does not give it.
     fn blob_size(&self, blob_url: &str) -> Result<u64>;
 
+    /// Readies what a first request for `blob_url` needs (the HTTP clients
+    /// of its endpoints, with their TLS roots) so that request does not
+    /// wait for it. The default does nothing.
+    fn prepare(&self, _blob_url: &str) {}
+
     /// Streams bytes `[offset, offset + len)` of `blob` to `sink` in
     /// consecutive `unit`-byte pieces (the last one may be shorter), each
     /// checked as [`RangeFetcher::fetch`] checks its bytes before `sink` sees

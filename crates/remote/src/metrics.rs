@@ -208,6 +208,10 @@ impl RangeFetcher for MeteredFetcher {
         self.inner.blob_size(blob_url)
     }
 
+    fn prepare(&self, blob_url: &str) {
+        self.inner.prepare(blob_url)
+    }
+
     /// One request; its bytes counted as they are delivered.
     fn fetch_stream(
         &self,

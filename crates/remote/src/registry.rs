@@ -1007,6 +1007,13 @@ fn read_200(mut body: Response, want: Want) -> std::result::Result<(Vec<u8>, u64
 }
 
 impl RangeFetcher for RegistryClient {
+    /// The clients of the blob's mirrors and origin.
+    fn prepare(&self, blob_url: &str) {
+        for ep in self.endpoints(blob_url).unwrap_or_default() {
+            self.http.prepare(&ep.url);
+        }
+    }
+
     fn fetch(&self, blob: &BlobRef, offset: u64, len: u64, _prio: Priority) -> Result<Vec<u8>> {
         if len == 0 {
             return Ok(Vec::new());

@@ -305,6 +305,8 @@ pub struct RegistrySource {
     opts: RemoteOptions,
     pass_through: bool,
     one_pass: bool,
+    /// Whether the registry clients were prepared (at the first remote layer).
+    prepared: std::sync::atomic::AtomicBool,
 }
 
 impl RegistrySource {
@@ -343,6 +345,7 @@ impl RegistrySource {
             },
             pass_through: false,
             one_pass: false,
+            prepared: Default::default(),
         })
     }
 
@@ -551,6 +554,18 @@ impl RegistrySource {
         }
         let repo = layer.repo_blob_url.trim_end_matches('/');
         let url = format!("{repo}/{}", l.digest);
+        if !self
+            .prepared
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // The first request's HTTP client (and TLS roots) built while the
+            // layers open and the device comes up, not when that request
+            // waits for it.
+            let (fetcher, u) = (self.fetcher.clone(), url.clone());
+            let _ = std::thread::Builder::new()
+                .name("client-prepare".into())
+                .spawn(move || fetcher.prepare(&u));
+        }
         let size = if l.size > 0 {
             l.size
         } else {
