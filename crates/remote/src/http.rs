@@ -694,11 +694,13 @@ impl Transport {
             // does not read the system's certificate store (tens of ms with a
             // cold page cache, on every pull and device attach).
             b = b.tls_certs_only(Vec::new());
-        } else if ho.insecure_skip_verify {
-            b = b.tls_danger_accept_invalid_certs(true);
-        }
-        if let Some(certs) = self.cas.get(hkey).filter(|_| u.scheme() != "http") {
-            b = b.tls_certs_merge(certs.iter().cloned());
+        } else {
+            if ho.insecure_skip_verify {
+                b = b.tls_danger_accept_invalid_certs(true);
+            }
+            if let Some(certs) = self.cas.get(hkey) {
+                b = b.tls_certs_merge(certs.iter().cloned());
+            }
         }
         let c = b.build().map_err(|e| Error::Registry {
             url: key.clone(),

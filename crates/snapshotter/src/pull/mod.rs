@@ -19,8 +19,9 @@
 //!    `containerd.io/snapshot/image-ref=<ref>`. `AlreadyExists` means the
 //!    snapshotter committed it remotely (no data moved). A successful Prepare
 //!    means the layer must be unpacked here: the blob is fetched into the
-//!    content store (or its download from step 1 is waited for), applied with containerd's diff service onto the mounts
-//!    Prepare returned, and committed as the chainID;
+//!    content store (or its download from step 1 is waited for), applied
+//!    with containerd's diff service onto the mounts Prepare returned, and
+//!    committed as the chainID;
 //! 3. the manifest (and index) are written with containerd's GC labels, and
 //!    the image record is created or updated to point at the top descriptor.
 //!
@@ -294,29 +295,20 @@ pub async fn pull(
     // the one reported when both fail.
     let resolving = {
         let (dist, r) = (dist.clone(), r.clone());
-        tokio::spawn(blocking(move || Ok(oci::resolve(&dist, &r, &platform)?)))
-    };
-    let resolved = |res: Result<Result<oci::Resolved, PullError>, tokio::task::JoinError>| {
-        res.map_err(|e| PullError::BadOption(format!("registry worker: {e}")))?
+        blocking(move || Ok(oci::resolve(&dist, &r, &platform)?))
     };
     let setup = async {
         let mut c = containerd::Containerd::new(opts).await?;
         let lease = c.create_lease(opts.lease_expire).await?;
         Ok::<_, PullError>((c, lease))
     };
-    let (mut c, lease) = match setup.await {
-        Ok(x) => x,
-        Err(e) => {
-            resolved(resolving.await)?;
-            return Err(e);
-        }
-    };
-    let resolved = match resolved(resolving.await) {
-        Ok(x) => x,
-        Err(e) => {
+    let (resolved, (mut c, lease)) = match tokio::join!(resolving, setup) {
+        (Ok(res), Ok(set)) => (res, set),
+        (Err(e), Ok((mut c, lease))) => {
             let _ = c.delete_lease(&lease).await;
             return Err(e);
         }
+        (Err(e), Err(_)) | (Ok(_), Err(e)) => return Err(e),
     };
     let job = unpack::Job {
         opts,
