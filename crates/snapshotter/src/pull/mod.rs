@@ -7,11 +7,13 @@
 //! metadata, everything under a lease sent as `containerd-lease`); which
 //! chainIDs are snapshots already is asked for all layers at once:
 //!
-//! 1. the config is written into the content store, labelled with
-//!    `containerd.io/gc.ref.snapshot.<snapshotter>=<top chainID>` (alongside
-//!    step 2), and the blobs of the layers the snapshotter will not take
-//!    remotely start downloading into it, three at a time, as containerd's
-//!    own pull does;
+//! 1. alongside step 2: the config is written into the content store,
+//!    labelled with `containerd.io/gc.ref.snapshot.<snapshotter>=<top
+//!    chainID>`, then the manifest (and index), with containerd's GC labels
+//!    for the config and every layer blob, as containerd's own pull labels
+//!    it; and the blobs of the layers the snapshotter will not take remotely
+//!    start downloading into it, three at a time, as containerd's own pull
+//!    does;
 //! 2. for each layer, bottom up: a committed snapshot named by its chainID
 //!    is skipped; otherwise `Prepare(key = "extract-<random> <chainID>",
 //!    parent = previous chainID)` with the layer's `containerd.io/snapshot/*`
@@ -22,8 +24,8 @@
 //!    content store (or its download from step 1 is waited for), applied
 //!    with containerd's diff service onto the mounts Prepare returned, and
 //!    committed as the chainID;
-//! 3. the manifest (and index) are written with containerd's GC labels, and
-//!    the image record is created or updated to point at the top descriptor.
+//! 3. once every layer is there, the image record is created or updated to
+//!    point at the top descriptor.
 //!
 //! Blobs and snapshots already in containerd are not fetched again, so a
 //! second pull of the same image moves no layer data.

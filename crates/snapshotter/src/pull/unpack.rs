@@ -47,6 +47,7 @@ impl Job<'_> {
     ) -> Result<PullReport, PullError> {
         let chains = oci::chain_ids(&res.config.rootfs.diff_ids);
         let config = self.write_config(c, &res, chains.last());
+        let manifests = self.write_manifests(c, &res);
         let present = snapshots_present(c, &chains).await?;
         let mut blobs = self.fetch_ahead(c, &res, &chains, &present);
         let mut layers = Vec::with_capacity(res.manifest.layers.len());
@@ -74,7 +75,7 @@ impl Job<'_> {
             layers.push(rep);
         }
         config.join().await?;
-        let target = self.write_manifests(c, &res, &layers).await?;
+        let target = manifests.join().await?;
         let created = c.put_image(self.name, &target).await?;
         let count = |s: LayerState| layers.iter().filter(|l| l.state == s).count();
         Ok(PullReport {
@@ -118,15 +119,14 @@ impl Job<'_> {
         })
     }
 
-    /// The manifest (referencing the config and the layer blobs that are
-    /// here), then the indexes, innermost first. Returns the top
-    /// descriptor, the image record's target.
-    async fn write_manifests(
-        &self,
-        c: &mut Containerd,
-        res: &Resolved,
-        layers: &[LayerReport],
-    ) -> Result<Descriptor, PullError> {
+    /// Starts writing the manifest, then the indexes, innermost first; it
+    /// runs alongside the layers and ends with the top descriptor, the
+    /// image record's target. The manifest is labelled with the config and
+    /// every layer blob, as containerd's own pull labels it: a label naming
+    /// a blob that is not in the content store (a layer the snapshotter
+    /// takes remotely) keeps nothing, and one naming a blob that is there
+    /// (downloaded here or by an earlier pull) keeps it for the image.
+    fn write_manifests(&self, c: &Containerd, res: &Resolved) -> Task<Descriptor> {
         let mut labels = BTreeMap::from([
             self.source_label(),
             (
@@ -134,45 +134,47 @@ impl Job<'_> {
                 res.manifest.config.digest.clone(),
             ),
         ]);
-        for rep in layers.iter().filter(|l| l.state == LayerState::Downloaded) {
+        for (i, layer) in res.manifest.layers.iter().enumerate() {
             labels.insert(
-                format!("containerd.io/gc.ref.content.l.{}", rep.index),
-                rep.digest.clone(),
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                layer.digest.clone(),
             );
         }
-        let m = &res.manifest_doc;
-        let mut target = Descriptor::new(&m.media_type, &m.digest, m.bytes.len() as u64);
-        c.write_bytes(
-            &format!("manifest-{}", m.digest),
-            &target,
-            m.bytes.clone(),
-            &labels,
-        )
-        .await?;
-        for (idx, child) in res.indexes.iter().rev() {
-            let labels = BTreeMap::from([
-                self.source_label(),
-                (
-                    "containerd.io/gc.ref.content.m.0".to_string(),
-                    child.digest.clone(),
-                ),
-            ]);
-            let mt = if idx.media_type.is_empty() {
-                MT_OCI_INDEX
-            } else {
-                &idx.media_type
-            };
-            let d = Descriptor::new(mt, &idx.digest, idx.bytes.len() as u64);
+        let (mut c, source) = (c.clone(), self.source_label());
+        let manifest = res.manifest_doc.clone();
+        let indexes: Vec<_> = res
+            .indexes
+            .iter()
+            .rev()
+            .map(|(idx, child)| (idx.clone(), child.digest.clone()))
+            .collect();
+        Task::spawn(async move {
+            let m = &manifest;
+            let mut target = Descriptor::new(&m.media_type, &m.digest, m.bytes.len() as u64);
             c.write_bytes(
-                &format!("index-{}", idx.digest),
-                &d,
-                idx.bytes.clone(),
+                &format!("manifest-{}", m.digest),
+                &target,
+                m.bytes.clone(),
                 &labels,
             )
             .await?;
-            target = d;
-        }
-        Ok(target)
+            for (idx, child) in indexes {
+                let labels = BTreeMap::from([
+                    source.clone(),
+                    ("containerd.io/gc.ref.content.m.0".to_string(), child),
+                ]);
+                let mt = if idx.media_type.is_empty() {
+                    MT_OCI_INDEX
+                } else {
+                    &idx.media_type
+                };
+                let d = Descriptor::new(mt, &idx.digest, idx.bytes.len() as u64);
+                c.write_bytes(&format!("index-{}", idx.digest), &d, idx.bytes, &labels)
+                    .await?;
+                target = d;
+            }
+            Ok(target)
+        })
     }
 
     /// Starts fetching, into the content store, the blobs of the layers
