@@ -149,15 +149,10 @@ impl Job<'_> {
             .map(|(idx, child)| (idx.clone(), child.digest.clone()))
             .collect();
         Task::spawn(async move {
-            let m = &manifest;
+            let m = manifest;
             let mut target = Descriptor::new(&m.media_type, &m.digest, m.bytes.len() as u64);
-            c.write_bytes(
-                &format!("manifest-{}", m.digest),
-                &target,
-                m.bytes.clone(),
-                &labels,
-            )
-            .await?;
+            c.write_bytes(&format!("manifest-{}", m.digest), &target, m.bytes, &labels)
+                .await?;
             for (idx, child) in indexes {
                 let labels = BTreeMap::from([
                     source.clone(),
