@@ -96,14 +96,7 @@ impl PlatformArgs {
 
 /// This machine's platform, `linux/<GOARCH>`.
 pub fn host_platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        a => a,
-    };
-    format!("linux/{arch}")
+    Platform::host().to_string()
 }
 
 /// Flags that took no value before and take a host now.

@@ -232,6 +232,19 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
         || sn_log().contains("device attached at pull"),
     )
     .unwrap_or_else(|e| panic!("{e:#}; snapshotter log:\n{}", sn_log()));
+    // The working set was fetched whole as the pull committed its layer,
+    // ahead of the device.
+    let ws_digest = ws["digest"].as_str().unwrap().to_string();
+    testbed::wait_until(
+        "the working set fetched ahead",
+        std::time::Duration::from_secs(30),
+        || {
+            sn_log().lines().any(|l| {
+                l.contains("working set fetched ahead of its device") && l.contains(&ws_digest)
+            })
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}; snapshotter log:\n{}", sn_log()));
     // ... and its mount's page cache is warmed from the list, every file found.
     testbed::wait_until(
         "the page-cache warm",

@@ -762,6 +762,37 @@ impl RemoteBlob {
         self.fetch_into_cache(offset, len, Priority::Prefetch)
     }
 
+    /// Fetches the whole blob into the cache at [`Priority::Prefetch`],
+    /// front to back, in requests of about `request` bytes (whole fetch
+    /// units), `in_flight` at a time: for a blob a start will read in that
+    /// order (a packed working set), fetched before its device exists.
+    /// What is cached or in flight here or in another process sharing the
+    /// cache is not fetched again.
+    pub fn prefetch_in_order(&self, request: u64, in_flight: usize) -> Result<()> {
+        let request = request.clamp(self.unit, self.max_units * self.unit) / self.unit * self.unit;
+        let next = AtomicU64::new(0);
+        let fetcher = || -> Result<()> {
+            loop {
+                let at = next.fetch_add(request, Ordering::Relaxed);
+                if at >= self.blob.size {
+                    return Ok(());
+                }
+                self.fetch_into_cache(at, request, Priority::Prefetch)?;
+            }
+        };
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = (1..in_flight.max(1)).map(|_| sc.spawn(fetcher)).collect();
+            let mut res = fetcher();
+            for h in hs {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(Error::Io(std::io::Error::other("prefetch thread panicked")))
+                });
+                res = res.and(r);
+            }
+            res
+        })
+    }
+
     /// [`RemoteBlob::prefetch`] at any priority (e.g. `Background` for a
     /// whole-blob download).
     pub fn fetch_into_cache(&self, offset: u64, len: u64, prio: Priority) -> Result<()> {

@@ -145,6 +145,22 @@ pub struct Platform {
 }
 
 impl Platform {
+    /// This machine's platform: `linux/<GOARCH>`, as containerd names it.
+    pub fn host() -> Platform {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            a => a,
+        };
+        Platform {
+            os: "linux".into(),
+            architecture: arch.into(),
+            ..Default::default()
+        }
+    }
+
     /// Parses `os/arch[/variant]` (no empty part).
     pub fn parse(s: &str) -> Result<Platform, ResolveError> {
         let bad =
@@ -554,7 +570,7 @@ fn image_err(what: &'static str, digest: &str, detail: impl Into<String>) -> Res
 }
 
 #[cfg(feature = "registry")]
-pub use fetch::{resolve, Resolved};
+pub use fetch::{resolve, resolve_manifest, Resolved, ResolvedManifest};
 
 #[cfg(feature = "registry")]
 mod fetch {
@@ -582,6 +598,14 @@ mod fetch {
         pub bytes: u64,
     }
 
+    /// What [`resolve_manifest`] returns.
+    pub type ResolvedManifest = (
+        Vec<(distribution::Manifest, Descriptor)>,
+        distribution::Manifest,
+        Manifest,
+        u64,
+    );
+
     fn reg_err(what: String) -> impl FnOnce(overlaybd_core::Error) -> ResolveError {
         move |error| ResolveError::Registry { what, error }
     }
@@ -595,6 +619,27 @@ mod fetch {
         r: &ImageRef,
         platform: &Platform,
     ) -> Result<Resolved, ResolveError> {
+        let (indexes, m, manifest, mut bytes) = resolve_manifest(dist, r, platform)?;
+        let (config_bytes, config) = read_config(dist, r, &manifest, &m.digest)?;
+        bytes += config_bytes.len() as u64;
+        Ok(Resolved {
+            indexes,
+            manifest_doc: m,
+            manifest,
+            config_bytes,
+            config,
+            bytes,
+        })
+    }
+
+    /// [`resolve`] without the config: the indexes (each with its chosen
+    /// child), the platform manifest as fetched and parsed, and the bytes
+    /// fetched.
+    pub fn resolve_manifest(
+        dist: &Arc<Distribution>,
+        r: &ImageRef,
+        platform: &Platform,
+    ) -> Result<ResolvedManifest, ResolveError> {
         let mut m = dist
             .get_manifest(r, r.reference())
             .map_err(reg_err(format!("manifest {r}")))?;
@@ -649,16 +694,7 @@ mod fetch {
                 ));
             }
         }
-        let (config_bytes, config) = read_config(dist, r, &manifest, &m.digest)?;
-        bytes += config_bytes.len() as u64;
-        Ok(Resolved {
-            indexes,
-            manifest_doc: m,
-            manifest,
-            config_bytes,
-            config,
-            bytes,
-        })
+        Ok((indexes, m, manifest, bytes))
     }
 
     /// The manifest's config, bounded, digest-checked and matching the layers.

@@ -529,14 +529,16 @@ impl RegistrySource {
     /// later open of the layer, in any process sharing the cache, then
     /// fetches nothing; so a snapshotter can open each layer as a pull
     /// commits it, ahead of the device's worker. Keeps nothing open and
-    /// starts no download. False if `layer` is not a remote layer.
-    pub fn open_ahead(&self, layer: LayerRef<'_>) -> Result<bool> {
+    /// starts no download; the blob it returns (dropped, it keeps nothing
+    /// either) can be fetched whole ([`RemoteBlob::prefetch_in_order`]).
+    /// `None` if `layer` is not a remote layer.
+    pub fn open_ahead(&self, layer: LayerRef<'_>) -> Result<Option<Arc<RemoteBlob>>> {
         let Some(blob) = self.remote_blob(layer)? else {
-            return Ok(false);
+            return Ok(None);
         };
         let name = blob.blob().digest.clone();
-        overlaybd_core::image::Layer::open(name, blob)?;
-        Ok(true)
+        overlaybd_core::image::Layer::open(name, blob.clone())?;
+        Ok(Some(blob))
     }
 
     /// The lazily read blob of remote lower `layer` (`None`: not remote),

@@ -3,7 +3,8 @@
 //! sha256 as from local files; a second open over the same cache fetches
 //! nothing; 8 concurrent readers of the same blocks cause one fetch per block;
 //! layers opened ahead (a snapshotter, at each layer's commit) open again in
-//! another source over the same cache with no request.
+//! another source over the same cache with no request, and layers fetched
+//! whole ahead read with none.
 
 mod support;
 
@@ -168,7 +169,7 @@ fn layers_opened_ahead_open_again_from_the_cache_alone() {
     // The snapshotter's source: each layer opened ahead, nothing kept open.
     let ahead = RegistrySource::new(&service(cache.path())).unwrap();
     for r in cfg.layer_refs(None) {
-        assert!(ahead.open_ahead(r).unwrap(), "{}", r.lower.digest);
+        assert!(ahead.open_ahead(r).unwrap().is_some(), "{}", r.lower.digest);
     }
     assert_eq!(ahead.local_bytes(), Some((0, 0)), "open_ahead kept a blob");
     let fetched = proxy.requests().len();
@@ -182,7 +183,7 @@ fn layers_opened_ahead_open_again_from_the_cache_alone() {
         ..cfg.clone()
     };
     let r = local.layer_refs(None).next().unwrap();
-    assert!(!ahead.open_ahead(r).unwrap());
+    assert!(ahead.open_ahead(r).unwrap().is_none());
 
     // The device worker's source, another process over the same cache: its
     // open asks the registry for nothing; its reads are right.
@@ -195,6 +196,48 @@ fn layers_opened_ahead_open_again_from_the_cache_alone() {
         &proxy.requests()[fetched..]
     );
     assert_eq!(disk_sha256(&img), DISK_SHA256);
+}
+
+#[test]
+fn layers_fetched_whole_ahead_read_with_no_request() {
+    let Some(reg) = Registry::start() else { return };
+    support::init_tls();
+    let (proxy, cfg, total) = stack_behind_proxy(&reg, "obd/whole");
+    let cache = tempfile::tempdir().unwrap();
+
+    // The snapshotter's source: each layer opened, then fetched whole.
+    let ahead = RegistrySource::new(&service(cache.path())).unwrap();
+    for r in cfg.layer_refs(None) {
+        let blob = ahead.open_ahead(r).unwrap().expect("a remote layer");
+        blob.prefetch_in_order(512 << 10, 2).unwrap();
+        assert_eq!(blob.cached_bytes(), blob.blob().size, "{}", r.lower.digest);
+    }
+    // No byte came twice: the opens' ends are not fetched again.
+    let mut ranges: Vec<String> = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET")
+        .filter_map(|r| r.header("range").map(|h| format!("{} {h}", r.target)))
+        .filter(|h| !h.ends_with("bytes=0-0"))
+        .collect();
+    let n = ranges.len();
+    ranges.sort();
+    ranges.dedup();
+    assert_eq!(ranges.len(), n, "a range was fetched twice");
+    let fetched = proxy.requests().len();
+
+    // The device worker's source over the same cache reads the whole disk
+    // with no request, and right.
+    let worker = RegistrySource::new(&service(cache.path())).unwrap();
+    let img = Image::open(&cfg, None, &[&LocalFiles, &worker]).unwrap();
+    assert_eq!(disk_sha256(&img), DISK_SHA256);
+    assert_eq!(
+        proxy.requests().len(),
+        fetched,
+        "the worker fetched after the blobs were fetched whole: {:?}",
+        &proxy.requests()[fetched..]
+    );
+    assert_eq!(worker.local_bytes(), Some((total, total)));
 }
 
 #[test]

@@ -14,15 +14,30 @@
 //! the worker fetches nothing twice: an attach first waits for the opens of
 //! its image's layers ([`OpenAhead::wait`]). A failed open is only logged:
 //! the worker opens the layer again and reports its own error.
+//!
+//! An image with a packed working-set layer (the layer `obd trace record`
+//! packs what a start reads into) has all of that layer read by every
+//! start, front to back, by the device's trace replay. At the first remote
+//! Prepare of such an image, before its layers are committed, the image's
+//! manifest is read here and the working set is fetched whole at prefetch
+//! priority, in the replay's requests ([`OpenAhead::working_set`]), on a
+//! thread of lowered priority (at a fast link the fetch's CPU time
+//! otherwise lengthened the pull): its bytes flow while the pull commits
+//! the image's layers, not from the device's attach on. An attach does not
+//! wait for that fetch; the worker's replay finds its requests cached, or
+//! in flight from here (host-wide single flight), and fetches nothing
+//! twice.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use obd_device::state::Root;
-use obd_remote::service::RegistrySource;
-use overlaybd_core::config::ImageConfig;
+use obd_remote::distribution::{Distribution, ImageRef};
+use obd_remote::oci::{self, Platform, ANN_WORKING_SET};
+use obd_remote::service::{RegistrySource, ServiceConfig};
+use overlaybd_core::config::{ImageConfig, Lower};
 use zfile::sync::MutexExt;
 
 /// Threads opening layers at once (the registry source's own fetch limit
@@ -42,24 +57,56 @@ struct Shared {
     /// opened in use in the block cache, which would keep a collection
     /// from ever freeing them; and it reads the service config and
     /// credentials afresh for each pull.
-    source: Mutex<Option<Arc<RegistrySource>>>,
+    source: Mutex<Option<Arc<Burst>>>,
     state: Mutex<State>,
     /// Signalled whenever a job ends.
     ended: Condvar,
 }
 
+/// A burst's registry access: the service config and its source.
+struct Burst {
+    config: ServiceConfig,
+    source: RegistrySource,
+}
+
 #[derive(Default)]
 struct State {
     queue: VecDeque<Job>,
-    /// Jobs queued or running, by layer digest.
+    /// Layer opens queued or running, by layer digest.
     pending: HashMap<String, usize>,
+    /// Images whose working set was looked for, and when.
+    seen: HashMap<String, Instant>,
     threads: usize,
 }
 
-/// Open the top lower of `config` (a committed layer's `config.v1.json`).
+/// How long an image's working set is not looked for again: the Prepares
+/// of one pull's layers come within it.
+const SEEN_FOR: Duration = Duration::from_secs(60);
+
+/// Open the top lower of `config` (a committed layer's `config.v1.json`),
+/// remote layer `digest`.
 struct Job {
     config: PathBuf,
     digest: String,
+}
+
+/// Niceness of the working-set fetch's threads: CPU time the pull leaves
+/// mostly, yet not so little that a request it holds (a host-wide claim
+/// the device's replay may wait on) stalls behind a busy host.
+const WORKING_SET_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread (and the threads it starts) to
+/// [`WORKING_SET_NICE`].
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on one thread id of
+    // this process with a plain integer niceness touches no memory of ours.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WORKING_SET_NICE)
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower a thread's priority");
+    }
 }
 
 impl OpenAhead {
@@ -82,22 +129,33 @@ impl OpenAhead {
         let mut st = self.shared.state.locked();
         *st.pending.entry(digest.clone()).or_default() += 1;
         st.queue.push_back(Job { config, digest });
-        if st.threads < THREADS {
-            let shared = Arc::clone(&self.shared);
-            let spawned = std::thread::Builder::new()
-                .name("open-ahead".into())
-                .spawn(move || shared.run());
-            match spawned {
-                Ok(_) => st.threads += 1,
-                Err(e) => {
-                    // Nothing will run the job: the worker opens the layer.
-                    tracing::warn!(error = %e, "cannot start a layer open ahead");
-                    if st.threads == 0 {
-                        st.queue.clear();
-                        st.pending.clear();
-                    }
-                }
-            }
+        self.shared.spawn(&mut st);
+    }
+
+    /// Reads the manifest of `image` (a reference being pulled) and, if it
+    /// has a working-set layer, fetches that layer whole into the block
+    /// cache, in the background; once per image in [`SEEN_FOR`]. An
+    /// [`OpenAhead::wait`] does not wait for it.
+    pub fn working_set(&self, image: &str) {
+        let mut st = self.shared.state.locked();
+        let now = Instant::now();
+        st.seen.retain(|_, t| now.duration_since(*t) < SEEN_FOR);
+        if st.seen.contains_key(image) {
+            return;
+        }
+        st.seen.insert(image.to_string(), now);
+        drop(st);
+        let (shared, image) = (Arc::clone(&self.shared), image.to_string());
+        let spawned = std::thread::Builder::new()
+            .name("working-set".into())
+            .spawn(move || {
+                // Mostly on CPU time the pull leaves: at a fast link this
+                // fetch competed with the pull's own work and lengthened it.
+                lower_priority();
+                shared.working_set_job(&image);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start fetching a working set ahead");
         }
     }
 
@@ -126,6 +184,28 @@ impl OpenAhead {
 }
 
 impl Shared {
+    /// Starts a thread for the queue unless [`THREADS`] run already.
+    fn spawn(self: &Arc<Self>, st: &mut State) {
+        if st.threads >= THREADS {
+            return;
+        }
+        let shared = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("open-ahead".into())
+            .spawn(move || shared.run());
+        match spawned {
+            Ok(_) => st.threads += 1,
+            Err(e) => {
+                // Nothing will run the job: the worker opens the layer.
+                tracing::warn!(error = %e, "cannot start a layer open ahead");
+                if st.threads == 0 {
+                    st.queue.clear();
+                    st.pending.clear();
+                }
+            }
+        }
+    }
+
     /// Runs jobs until the queue is empty.
     fn run(&self) {
         loop {
@@ -143,58 +223,134 @@ impl Shared {
                     }
                 }
             };
-            let t = Instant::now();
-            match self.open_one(&job) {
-                Ok(true) => {
-                    tracing::info!(digest = %job.digest, ms = t.elapsed().as_millis() as u64, "layer opened ahead of its device")
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(digest = %job.digest, error = %e, "opening a layer ahead of its device failed (the device's worker opens it again)")
-                }
-            }
-            let mut st = self.state.locked();
-            if let Some(n) = st.pending.get_mut(&job.digest) {
-                *n -= 1;
-                if *n == 0 {
-                    st.pending.remove(&job.digest);
-                }
-            }
-            self.ended.notify_all();
+            self.open_job(&job.config, &job.digest);
         }
     }
 
-    /// The source of the current burst, built if there is none.
-    fn source(&self) -> Option<Arc<RegistrySource>> {
+    fn open_job(&self, config: &Path, digest: &str) {
+        let t = Instant::now();
+        match self.open_one(config, digest) {
+            Ok(true) => {
+                tracing::info!(digest = %digest, ms = t.elapsed().as_millis() as u64, "layer opened ahead of its device")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(digest = %digest, error = %e, "opening a layer ahead of its device failed (the device's worker opens it again)")
+            }
+        }
+        let mut st = self.state.locked();
+        if let Some(n) = st.pending.get_mut(digest) {
+            *n -= 1;
+            if *n == 0 {
+                st.pending.remove(digest);
+            }
+        }
+        self.ended.notify_all();
+    }
+
+    fn working_set_job(&self, image: &str) {
+        let t = Instant::now();
+        match self.fetch_working_set(image) {
+            Ok(Some((digest, size))) => {
+                tracing::info!(image = %image, digest = %digest, bytes = size, ms = t.elapsed().as_millis() as u64, "working set fetched ahead of its device")
+            }
+            Ok(None) => {
+                tracing::debug!(image = %image, "no working-set layer to fetch ahead")
+            }
+            Err(e) => {
+                tracing::warn!(image = %image, error = %e, "fetching the working set ahead of its device failed (the device's replay fetches it)")
+            }
+        }
+    }
+
+    /// The source of the current burst, built if there is none; kept for
+    /// the burst's other jobs with `keep` (the pool's threads, the last of
+    /// which drops it), else only returned.
+    fn source(&self, keep: bool) -> Option<Arc<Burst>> {
         let mut slot = self.source.locked();
-        if slot.is_none() {
-            let built = self
-                .dev_root
-                .load_service_config()
-                .map_err(|e| e.to_string())
-                .and_then(|c| RegistrySource::new(&c).map_err(|e| e.to_string()));
-            match built {
-                Ok(s) => *slot = Some(Arc::new(s)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no registry source for opening layers ahead of their device");
+        if let Some(b) = slot.as_ref() {
+            return Some(Arc::clone(b));
+        }
+        let built = self
+            .dev_root
+            .load_service_config()
+            .map_err(|e| e.to_string())
+            .and_then(|config| {
+                let source = RegistrySource::new(&config).map_err(|e| e.to_string())?;
+                Ok(Arc::new(Burst { config, source }))
+            });
+        match built {
+            Ok(b) => {
+                if keep {
+                    *slot = Some(Arc::clone(&b));
                 }
+                Some(b)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no registry source for opening layers ahead of their device");
+                None
             }
         }
-        slot.clone()
     }
 
-    fn open_one(&self, job: &Job) -> Result<bool, String> {
-        let Some(src) = self.source() else {
+    fn open_one(&self, config: &Path, digest: &str) -> Result<bool, String> {
+        let Some(b) = self.source(true) else {
             return Ok(false);
         };
-        let cfg = ImageConfig::load(&job.config).map_err(|e| e.to_string())?;
-        let Some(top) = cfg.layer_refs(job.config.parent()).last() else {
+        let cfg = ImageConfig::load(config).map_err(|e| e.to_string())?;
+        let Some(top) = cfg.layer_refs(config.parent()).last() else {
             return Ok(false);
         };
-        if top.lower.digest != job.digest {
+        if top.lower.digest != digest {
             return Ok(false);
         }
-        src.open_ahead(top).map_err(|e| e.to_string())
+        Ok(b.source
+            .open_ahead(top)
+            .map_err(|e| e.to_string())?
+            .is_some())
+    }
+
+    /// Finds the working-set layer in the manifest of `image` (this host's
+    /// platform) and fetches it whole, in the trace replay's requests
+    /// (`[prefetch]`). Its digest and size, or `None` if it has none.
+    fn fetch_working_set(&self, image: &str) -> Result<Option<(String, u64)>, String> {
+        let Some(b) = self.source(false) else {
+            return Ok(None);
+        };
+        let r = ImageRef::parse(image).map_err(|e| e.to_string())?;
+        let dist =
+            Arc::new(Distribution::new(b.config.registry.clone()).map_err(|e| e.to_string())?);
+        let (_, _, manifest, _) =
+            oci::resolve_manifest(&dist, &r, &Platform::host()).map_err(|e| e.to_string())?;
+        let Some(ws) = manifest
+            .layers
+            .iter()
+            .find(|l| l.annotation(ANN_WORKING_SET) == Some("yes"))
+        else {
+            return Ok(None);
+        };
+        let verity = oci::verity_annotations(&ws.annotations)
+            .map_err(|e| format!("layer {}: {e}", ws.digest))?;
+        let cfg = ImageConfig {
+            repo_blob_url: crate::obd::repo_blob_url(image).map_err(|e| e.to_string())?,
+            lowers: vec![Lower {
+                digest: ws.digest.clone(),
+                size: ws.size,
+                verity,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let Some(layer) = cfg.layer_refs(None).last() else {
+            return Ok(None);
+        };
+        let Some(blob) = b.source.open_ahead(layer).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let p = &b.config.prefetch;
+        blob.prefetch_in_order(p.max_request, p.concurrency)
+            .map_err(|e| e.to_string())?;
+        Ok(Some((ws.digest.clone(), ws.size)))
     }
 }
 

@@ -881,11 +881,24 @@ fn s(p: &Path) -> String {
 
 impl LayerHook for ObdLayers {
     fn classify(&self, info: &PrepareInfo<'_>) -> PrepareAction {
-        if self.lazy_pull {
-            classify_overlaybd(info)
-        } else {
-            PrepareAction::Plain
+        if !self.lazy_pull {
+            return PrepareAction::Plain;
         }
+        let action = classify_overlaybd(info);
+        // A remote layer of an image being pulled: with the prefetch at
+        // pull, its working set (if it has one) starts flowing now.
+        if let (PrepareAction::CommitRemote { .. }, Some(ahead), Some(_)) =
+            (&action, &self.open_ahead, self.prefetch_hold)
+        {
+            let l = info.labels;
+            if let Some(image) = l
+                .get(LABEL_IMAGE_REF)
+                .or_else(|| l.get(LABEL_CRI_IMAGE_REF))
+            {
+                ahead.working_set(image);
+            }
+        }
+        action
     }
 
     fn committed(&self, c: &CommitInfo<'_>) -> Result<()> {
