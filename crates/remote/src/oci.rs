@@ -598,13 +598,18 @@ mod fetch {
         pub bytes: u64,
     }
 
-    /// What [`resolve_manifest`] returns.
-    pub type ResolvedManifest = (
-        Vec<(distribution::Manifest, Descriptor)>,
-        distribution::Manifest,
-        Manifest,
-        u64,
-    );
+    /// An image resolved to its platform manifest ([`resolve_manifest`]).
+    #[derive(Clone, Debug)]
+    pub struct ResolvedManifest {
+        /// Indexes from the top, each with the descriptor of its chosen child.
+        pub indexes: Vec<(distribution::Manifest, Descriptor)>,
+        /// The platform manifest as fetched (digest-checked bytes).
+        pub manifest_doc: distribution::Manifest,
+        /// The platform manifest, parsed.
+        pub manifest: Manifest,
+        /// Bytes fetched from the registry (manifests, indexes).
+        pub bytes: u64,
+    }
 
     fn reg_err(what: String) -> impl FnOnce(overlaybd_core::Error) -> ResolveError {
         move |error| ResolveError::Registry { what, error }
@@ -619,22 +624,19 @@ mod fetch {
         r: &ImageRef,
         platform: &Platform,
     ) -> Result<Resolved, ResolveError> {
-        let (indexes, m, manifest, mut bytes) = resolve_manifest(dist, r, platform)?;
-        let (config_bytes, config) = read_config(dist, r, &manifest, &m.digest)?;
-        bytes += config_bytes.len() as u64;
+        let m = resolve_manifest(dist, r, platform)?;
+        let (config_bytes, config) = read_config(dist, r, &m.manifest, &m.manifest_doc.digest)?;
         Ok(Resolved {
-            indexes,
-            manifest_doc: m,
-            manifest,
+            bytes: m.bytes + config_bytes.len() as u64,
+            indexes: m.indexes,
+            manifest_doc: m.manifest_doc,
+            manifest: m.manifest,
             config_bytes,
             config,
-            bytes,
         })
     }
 
-    /// [`resolve`] without the config: the indexes (each with its chosen
-    /// child), the platform manifest as fetched and parsed, and the bytes
-    /// fetched.
+    /// [`resolve`] without the config.
     pub fn resolve_manifest(
         dist: &Arc<Distribution>,
         r: &ImageRef,
@@ -694,7 +696,12 @@ mod fetch {
                 ));
             }
         }
-        Ok((indexes, m, manifest, bytes))
+        Ok(ResolvedManifest {
+            indexes,
+            manifest_doc: m,
+            manifest,
+            bytes,
+        })
     }
 
     /// The manifest's config, bounded, digest-checked and matching the layers.

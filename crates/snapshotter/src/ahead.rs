@@ -320,9 +320,10 @@ impl Shared {
         let r = ImageRef::parse(image).map_err(|e| e.to_string())?;
         let dist =
             Arc::new(Distribution::new(b.config.registry.clone()).map_err(|e| e.to_string())?);
-        let (_, _, manifest, _) =
+        let resolved =
             oci::resolve_manifest(&dist, &r, &Platform::host()).map_err(|e| e.to_string())?;
-        let Some(ws) = manifest
+        let Some(ws) = resolved
+            .manifest
             .layers
             .iter()
             .find(|l| l.annotation(ANN_WORKING_SET) == Some("yes"))
