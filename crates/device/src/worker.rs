@@ -100,7 +100,9 @@ fn registry_source(root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
         config: root.service_config(),
         source,
     })?;
-    Ok(Some(Box::new(src)))
+    // Its foreground fetches are a container's reads: the host's
+    // prefetches (the snapshotter's working set) wait for them.
+    Ok(Some(Box::new(src.serving_containers())))
 }
 
 /// The `[prefetch]` settings of the service config, as replay options

@@ -16,7 +16,13 @@
 //! inversion, no starvation of readers behind background download).
 //!
 //! A [`Priority::Prefetch`] request is granted only while no foreground
-//! fetch runs. Prefetch keeps a slow link busy, and a container's read that
+//! fetch runs, in this process or (with [`Scheduler::with_host_flag`]) a
+//! container's read in any other on the host: the working set the
+//! snapshotter fetches ahead of a device shares the link with the device
+//! worker's reads. Only the schedulers of containers' reads raise the flag
+//! (a device worker's); the snapshotter's own foreground fetches (layer
+//! opens during a pull) hold only its own prefetches, as before: holding
+//! the working set behind them delayed it by 80–100 ms at 1 Gbit/s. Prefetch keeps a slow link busy, and a container's read that
 //! misses it then waits behind the queued prefetch bytes at the bottleneck,
 //! over a connection that restarts slow start after idling, on a round trip
 //! those bytes inflate: a 256 KiB read took 405 ms on a 100 Mbit/s link
@@ -36,10 +42,15 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::Priority;
+use crate::cache::ForegroundFlag;
 use zfile::sync::{recover, MutexExt};
 
 /// Default number of fetches allowed in flight at once.
 pub const DEFAULT_CONCURRENCY: usize = 8;
+
+/// How often a prefetch held by another process's foreground fetch looks
+/// again (no wake-up crosses processes).
+const HOST_POLL: Duration = Duration::from_millis(2);
 
 /// How long after the last foreground or prefetch fetch a background fetch
 /// waits before it is granted a slot.
@@ -71,6 +82,11 @@ pub struct Scheduler {
     background_quiet: Duration,
     state: Mutex<State>,
     cv: Condvar,
+    /// Prefetches wait while another flag on the host is raised; with
+    /// `raise_host`, this one is raised while a foreground fetch of this
+    /// scheduler runs.
+    host: Option<ForegroundFlag>,
+    raise_host: bool,
 }
 
 /// A granted fetch slot; dropping it frees the slot for the next waiter.
@@ -94,6 +110,11 @@ impl Drop for Permit<'_> {
         st.running -= 1;
         if self.prio == Priority::Foreground {
             st.fg_running -= 1;
+            if st.fg_running == 0 && self.sched.raise_host {
+                if let Some(h) = &self.sched.host {
+                    h.lower();
+                }
+            }
         }
         if self.prio != Priority::Background {
             st.urgent_running -= 1;
@@ -151,7 +172,30 @@ impl Scheduler {
             background_quiet: BACKGROUND_QUIET,
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
+            host: None,
+            raise_host: false,
         }
+    }
+
+    /// The same scheduler holding its prefetches while another process's
+    /// container read runs, through `flag`; with `raise`, its own
+    /// foreground fetches are containers' reads and raise it (see the
+    /// module docs).
+    pub fn with_host_flag(mut self, flag: ForegroundFlag, raise: bool) -> Self {
+        self.host = Some(flag);
+        self.raise_host = raise;
+        self
+    }
+
+    /// Sets whether this scheduler's foreground fetches raise its host
+    /// flag ([`Scheduler::with_host_flag`]).
+    pub fn set_raise_host_flag(&mut self, raise: bool) {
+        self.raise_host = raise;
+    }
+
+    /// Whether another process's foreground fetch runs now.
+    fn foreground_elsewhere(&self) -> bool {
+        self.host.as_ref().is_some_and(|h| h.raised_elsewhere())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -223,6 +267,7 @@ impl Scheduler {
                         Some(self.background_quiet.saturating_sub(t.elapsed()))
                     }
                     (Priority::Prefetch, _) if st.fg_running > 0 => None,
+                    (Priority::Prefetch, _) if self.foreground_elsewhere() => Some(HOST_POLL),
                     _ => Some(Duration::ZERO),
                 };
                 match quiet_left {
@@ -243,6 +288,11 @@ impl Scheduler {
         }
         if me.0 == Priority::Foreground {
             st.fg_running += 1;
+            if st.fg_running == 1 && self.raise_host {
+                if let Some(h) = &self.host {
+                    h.raise();
+                }
+            }
         }
         st.granted[me.0 as usize] += 1;
         let more = st.running < self.limit && !st.queue.is_empty();

@@ -330,6 +330,12 @@ impl RegistrySource {
         let fetcher: Arc<dyn RangeFetcher> =
             Arc::new(MeteredFetcher::new(fetcher, metrics.clone()));
         let copts = cfg.cache.options(Path::new(DEFAULT_CACHE_DIR));
+        let cache = BlockCache::open(copts)?;
+        let mut sched = Scheduler::new(cfg.fetch.concurrency.max(1));
+        match cache.foreground_flag() {
+            Ok(flag) => sched = sched.with_host_flag(flag, false),
+            Err(e) => tracing::warn!("prefetch will not yield to other processes' reads: {e}"),
+        }
         Ok(RegistrySource {
             verify: cfg.cache.verify,
             download: cfg.download.clone(),
@@ -337,8 +343,8 @@ impl RegistrySource {
             opened: Mutex::new(Vec::new()),
             metrics,
             fetcher,
-            cache: BlockCache::open(copts)?,
-            sched: Arc::new(Scheduler::new(cfg.fetch.concurrency.max(1))),
+            cache,
+            sched: Arc::new(sched),
             opts: RemoteOptions {
                 min_fetch: cfg.fetch.min_fetch,
                 max_request: cfg.fetch.max_request,
@@ -347,6 +353,16 @@ impl RegistrySource {
             one_pass: false,
             prepared: Default::default(),
         })
+    }
+
+    /// Marks this source's foreground fetches as containers' reads (a
+    /// device worker's): while one runs, the prefetches of every process on
+    /// the host wait ([`crate::sched`]). Call before opening blobs.
+    pub fn serving_containers(mut self) -> Self {
+        if let Some(s) = Arc::get_mut(&mut self.sched) {
+            s.set_raise_host_flag(true);
+        }
+        self
     }
 
     /// With `on`, the blobs opened from now on stream their read-ahead

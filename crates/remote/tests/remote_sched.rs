@@ -233,6 +233,53 @@ fn prefetch_waits_for_running_foreground_fetches() {
     assert_eq!(s.granted(Priority::Prefetch), 2);
 }
 
+/// Two schedulers over one cache directory, as the snapshotter (fetching a
+/// working set ahead) and a device worker (a container's reads) are: a
+/// foreground fetch of one holds the other's next prefetch until it ends,
+/// and a flag whose file is closed (its process gone) holds nothing.
+#[test]
+fn prefetch_waits_for_foreground_fetches_of_other_processes() {
+    use obd_remote::cache::{BlockCache, CacheOptions};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::open(CacheOptions::new(dir.path())).unwrap();
+    let worker = Scheduler::new(8).with_host_flag(cache.foreground_flag().unwrap(), true);
+    let ahead = Arc::new(Scheduler::new(8).with_host_flag(cache.foreground_flag().unwrap(), false));
+    // Nothing runs in the worker: the prefetch goes at once.
+    drop(ahead.acquire(Priority::Prefetch));
+    let fg = worker.acquire(Priority::Foreground);
+    let fg2 = worker.acquire(Priority::Foreground);
+    let (tx, rx) = mpsc::channel();
+    let t = {
+        let ahead = Arc::clone(&ahead);
+        thread::spawn(move || {
+            let p = ahead.acquire(Priority::Prefetch);
+            tx.send(()).unwrap();
+            drop(p);
+        })
+    };
+    ahead.wait_queued_at(Priority::Prefetch, 1);
+    drop(fg);
+    // One of the worker's foreground fetches still runs.
+    assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+    assert_eq!(ahead.queued_at(Priority::Prefetch), 1);
+    drop(fg2);
+    rx.recv().unwrap();
+    t.join().unwrap();
+    // A flag raised by a scheduler that is gone (file closed) holds nothing.
+    let gone = Scheduler::new(2).with_host_flag(cache.foreground_flag().unwrap(), true);
+    let held = gone.acquire(Priority::Foreground);
+    std::mem::forget(held);
+    drop(gone);
+    drop(ahead.acquire(Priority::Prefetch));
+    // The snapshotter's own foreground fetches (layer opens) hold nothing
+    // elsewhere: they do not raise the flag.
+    let opens = ahead.acquire(Priority::Foreground);
+    drop(worker.acquire(Priority::Prefetch));
+    drop(opens);
+    assert_eq!(ahead.granted(Priority::Prefetch), 3);
+}
+
 /// The last slot is kept for foreground reads: prefetch fills all but one,
 /// a foreground read still gets in at once, and the next prefetch waits.
 #[test]

@@ -74,6 +74,9 @@ pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
 const STATE_FILE: &str = "cache.state";
 /// Name of the eviction lock file.
 const EVICT_FILE: &str = "EVICT";
+/// Locked (shared) while a process fetches a container's read
+/// ([`ForegroundFlag`]).
+const FOREGROUND_FILE: &str = "FOREGROUND";
 
 /// The default byte budget for a cache on a file system of `fs_bytes`: 10 %
 /// of it, at least 1 GiB (but never more than half the file system), at most
@@ -889,6 +892,54 @@ impl BlockCache {
 impl Drop for BlockCache {
     fn drop(&mut self) {
         let _ = self.flush();
+    }
+}
+
+/// Host-wide: whether some process using this cache directory is fetching
+/// a container's read now. Each flag is its own open file description of
+/// the directory's `FOREGROUND` file: [`ForegroundFlag::raise`] takes a
+/// shared lock on it, which the kernel drops with the process, so a crash
+/// cannot leave it raised; [`ForegroundFlag::raised_elsewhere`] sees every
+/// other flag's. The fetch scheduler holds its prefetches while any is
+/// raised ([`crate::sched`]): the host's link is shared by all of them.
+#[derive(Debug)]
+pub struct ForegroundFlag {
+    file: File,
+}
+
+impl ForegroundFlag {
+    /// Raises the flag (idempotent).
+    pub fn raise(&self) {
+        let _ = shm::hold_in_use(&self.file);
+    }
+
+    /// Lowers it.
+    pub fn lower(&self) {
+        let _ = shm::release_in_use(&self.file);
+    }
+
+    /// Whether another flag on the directory is raised (false if that
+    /// cannot be told).
+    pub fn raised_elsewhere(&self) -> bool {
+        shm::in_use(&self.file).unwrap_or(false)
+    }
+}
+
+impl BlockCache {
+    /// A new [`ForegroundFlag`] of this cache's directory.
+    pub fn foreground_flag(&self) -> Result<ForegroundFlag> {
+        let path = self.opts.dir.join(FOREGROUND_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::Cache {
+                path,
+                detail: format!("opening: {e}"),
+            })?;
+        Ok(ForegroundFlag { file })
     }
 }
 

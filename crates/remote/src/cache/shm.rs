@@ -153,6 +153,11 @@ pub(super) fn hold_in_use(file: &File) -> io::Result<()> {
     ofd_lock(file, libc::F_OFD_SETLK, libc::F_RDLCK as libc::c_short).map(|_| ())
 }
 
+/// Releases [`hold_in_use`] (of this open file description).
+pub(super) fn release_in_use(file: &File) -> io::Result<()> {
+    ofd_lock(file, libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short).map(|_| ())
+}
+
 /// Whether any process holds [`hold_in_use`] on `file` (other than through
 /// this open file description).
 pub(super) fn in_use(file: &File) -> io::Result<bool> {
