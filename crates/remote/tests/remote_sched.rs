@@ -203,6 +203,19 @@ fn background_runs_when_nothing_else_does() {
     assert_eq!(s.running(), 2);
 }
 
+/// Acquires a prefetch slot of `s` on a thread of its own, which sends on
+/// the channel once it has it (then frees it).
+fn prefetch_in_thread(s: &Arc<Scheduler>) -> (mpsc::Receiver<()>, thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let s = Arc::clone(s);
+    let t = thread::spawn(move || {
+        let p = s.acquire(Priority::Prefetch);
+        tx.send(()).unwrap();
+        drop(p);
+    });
+    (rx, t)
+}
+
 /// A prefetch waits while a foreground fetch runs (slots free or not), and
 /// starts when the last one ends; prefetches already running go on.
 #[test]
@@ -211,15 +224,7 @@ fn prefetch_waits_for_running_foreground_fetches() {
     let running = s.acquire(Priority::Prefetch);
     let fg = s.acquire(Priority::Foreground);
     let fg2 = s.acquire(Priority::Foreground);
-    let (tx, rx) = mpsc::channel();
-    let t = {
-        let s = Arc::clone(&s);
-        thread::spawn(move || {
-            let p = s.acquire(Priority::Prefetch);
-            tx.send(()).unwrap();
-            drop(p);
-        })
-    };
+    let (rx, t) = prefetch_in_thread(&s);
     s.wait_queued_at(Priority::Prefetch, 1);
     assert_eq!(s.running(), 3);
     drop(fg);
@@ -249,15 +254,7 @@ fn prefetch_waits_for_foreground_fetches_of_other_processes() {
     drop(ahead.acquire(Priority::Prefetch));
     let fg = worker.acquire(Priority::Foreground);
     let fg2 = worker.acquire(Priority::Foreground);
-    let (tx, rx) = mpsc::channel();
-    let t = {
-        let ahead = Arc::clone(&ahead);
-        thread::spawn(move || {
-            let p = ahead.acquire(Priority::Prefetch);
-            tx.send(()).unwrap();
-            drop(p);
-        })
-    };
+    let (rx, t) = prefetch_in_thread(&ahead);
     ahead.wait_queued_at(Priority::Prefetch, 1);
     drop(fg);
     // One of the worker's foreground fetches still runs.
