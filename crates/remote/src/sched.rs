@@ -22,10 +22,12 @@
 //! worker's reads. Only the schedulers of containers' reads raise the flag
 //! (a device worker's); the snapshotter's own foreground fetches (layer
 //! opens during a pull) hold only its own prefetches, as before: holding
-//! the working set behind them delayed it by 80–100 ms at 1 Gbit/s. Prefetch keeps a slow link busy, and a container's read that
-//! misses it then waits behind the queued prefetch bytes at the bottleneck,
-//! over a connection that restarts slow start after idling, on a round trip
-//! those bytes inflate: a 256 KiB read took 405 ms on a 100 Mbit/s link
+//! the working set behind them delayed it by 80–100 ms at 1 Gbit/s.
+//!
+//! Why hold them: prefetch keeps a slow link busy, and a container's read
+//! that misses it then waits behind the queued prefetch bytes at the
+//! bottleneck, over a connection that restarts slow start after idling, on
+//! a round trip those bytes inflate: a 256 KiB read took 405 ms on a 100 Mbit/s link
 //! beside two 512 KiB prefetches (docs/BENCHMARKS.md, issue 18, "Misses
 //! during a prefetch"). Holding the next prefetch until the read is done
 //! lets the link drain for it; the prefetches already running go on.
