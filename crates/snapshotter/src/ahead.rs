@@ -9,6 +9,12 @@
 //! last layer's open only (docs/BENCHMARKS.md, issue 18, "Layers opened at
 //! commit").
 //!
+//! The first remote Prepare of an image reads its manifest, which names
+//! every layer (digest, size, piece table): all of its obd layers are
+//! queued then, so that their opens run alongside containerd's one-by-one
+//! Prepares instead of each after its own commit ([`OpenAhead::image`]);
+//! a commit queues its layer only if that did not ([`OpenAhead::open`]).
+//!
 //! The same code opens the layer in both places
 //! ([`RegistrySource::open_ahead`] is the worker's open, kept nowhere), so
 //! the worker fetches nothing twice: an attach first waits for the opens of
@@ -17,9 +23,9 @@
 //!
 //! An image with a packed working-set layer (the layer `obd trace record`
 //! packs what a start reads into) has all of that layer read by every
-//! start, front to back, by the device's trace replay. At the first remote
-//! Prepare of such an image, before its layers are committed, the image's
-//! manifest is read here and the working set is fetched whole at prefetch
+//! start, front to back, by the device's trace replay. With the prefetch
+//! at pull, once the manifest read at the first remote Prepare has queued
+//! the layers' opens, the working set is fetched whole at prefetch
 //! priority, in the replay's requests ([`OpenAhead::working_set`]), on a
 //! thread of lowered priority (at a fast link the fetch's CPU time
 //! otherwise lengthened the pull): its bytes flow while the pull commits
@@ -29,13 +35,12 @@
 //! twice.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use obd_device::state::Root;
 use obd_remote::distribution::{Distribution, ImageRef};
-use obd_remote::oci::{self, Platform, ANN_WORKING_SET};
+use obd_remote::oci::{self, Platform, ANN_ACCEL, ANN_BLOB_DIGEST, ANN_WORKING_SET};
 use obd_remote::service::{RegistrySource, ServiceConfig};
 use overlaybd_core::config::{ImageConfig, Lower};
 use zfile::sync::MutexExt;
@@ -74,20 +79,41 @@ struct State {
     queue: VecDeque<Job>,
     /// Layer opens queued or running, by layer digest.
     pending: HashMap<String, usize>,
-    /// Images whose working set was looked for, and when.
+    /// Layers opened, and when: a commit does not queue them again.
+    opened: HashMap<String, Instant>,
+    /// Images whose manifest was read, and when.
     seen: HashMap<String, Instant>,
     threads: usize,
 }
 
-/// How long an image's working set is not looked for again: the Prepares
-/// of one pull's layers come within it.
+/// How long an image's manifest is not read again, and an opened layer
+/// not queued again: the Prepares of one pull's layers come within it.
 const SEEN_FOR: Duration = Duration::from_secs(60);
 
-/// Open the top lower of `config` (a committed layer's `config.v1.json`),
-/// remote layer `digest`.
+/// Open `layer`, a config of one remote lower (and the repository URL).
 struct Job {
-    config: PathBuf,
-    digest: String,
+    layer: ImageConfig,
+}
+
+impl Job {
+    fn new(repo_blob_url: &str, lower: &Lower) -> Self {
+        Job {
+            layer: ImageConfig {
+                repo_blob_url: repo_blob_url.to_string(),
+                lowers: vec![Lower {
+                    digest: lower.digest.clone(),
+                    size: lower.size,
+                    verity: lower.verity.clone(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        }
+    }
+
+    fn digest(&self) -> &str {
+        &self.layer.lowers[0].digest
+    }
 }
 
 /// Niceness of the working-set fetch's threads: CPU time the pull leaves
@@ -123,20 +149,19 @@ impl OpenAhead {
         }
     }
 
-    /// Opens the top lower of the config at `config` (remote layer
-    /// `digest`) in the background.
-    pub fn open(&self, config: PathBuf, digest: String) {
-        let mut st = self.shared.state.locked();
-        *st.pending.entry(digest.clone()).or_default() += 1;
-        st.queue.push_back(Job { config, digest });
-        self.shared.spawn(&mut st);
+    /// Opens remote `lower` (of a committed layer whose images' blobs are
+    /// at `repo_blob_url`) in the background, unless it is queued, being
+    /// opened, or was opened in the last [`SEEN_FOR`].
+    pub fn open(&self, repo_blob_url: &str, lower: &Lower) {
+        self.shared.queue(Job::new(repo_blob_url, lower));
     }
 
-    /// Reads the manifest of `image` (a reference being pulled) and, if it
-    /// has a working-set layer, fetches that layer whole into the block
-    /// cache, in the background; once per image in [`SEEN_FOR`]. An
-    /// [`OpenAhead::wait`] does not wait for it.
-    pub fn working_set(&self, image: &str) {
+    /// Reads the manifest of `image` (a reference being pulled) in the
+    /// background, once per image in [`SEEN_FOR`], and queues the opens of
+    /// its remote obd layers; then, with `working_set`, fetches its
+    /// working-set layer (if it has one) whole into the block cache. An
+    /// [`OpenAhead::wait`] does not wait for that fetch.
+    pub fn image(&self, image: &str, working_set: bool) {
         let mut st = self.shared.state.locked();
         let now = Instant::now();
         st.seen.retain(|_, t| now.duration_since(*t) < SEEN_FOR);
@@ -147,15 +172,10 @@ impl OpenAhead {
         drop(st);
         let (shared, image) = (Arc::clone(&self.shared), image.to_string());
         let spawned = std::thread::Builder::new()
-            .name("working-set".into())
-            .spawn(move || {
-                // Mostly on CPU time the pull leaves: at a fast link this
-                // fetch competed with the pull's own work and lengthened it.
-                lower_priority();
-                shared.working_set_job(&image);
-            });
+            .name("image-ahead".into())
+            .spawn(move || shared.image_job(&image, working_set));
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start fetching a working set ahead");
+            tracing::warn!(error = %e, "cannot start reading an image's manifest ahead");
         }
     }
 
@@ -184,6 +204,20 @@ impl OpenAhead {
 }
 
 impl Shared {
+    /// Queues `job` (see [`OpenAhead::open`]).
+    fn queue(self: &Arc<Self>, job: Job) {
+        let mut st = self.state.locked();
+        let now = Instant::now();
+        st.opened.retain(|_, t| now.duration_since(*t) < SEEN_FOR);
+        let d = job.digest();
+        if st.pending.contains_key(d) || st.opened.contains_key(d) {
+            return;
+        }
+        st.pending.insert(d.to_string(), 1);
+        st.queue.push_back(job);
+        self.spawn(&mut st);
+    }
+
     /// Starts a thread for the queue unless [`THREADS`] run already.
     fn spawn(self: &Arc<Self>, st: &mut State) {
         if st.threads >= THREADS {
@@ -223,40 +257,53 @@ impl Shared {
                     }
                 }
             };
-            self.open_job(&job.config, &job.digest);
+            self.open_job(&job);
         }
     }
 
-    fn open_job(&self, config: &Path, digest: &str) {
-        let t = Instant::now();
-        match self.open_one(config, digest) {
+    fn open_job(&self, job: &Job) {
+        let (t, digest) = (Instant::now(), job.digest());
+        let opened = match self.open_one(job) {
             Ok(true) => {
-                tracing::info!(digest = %digest, ms = t.elapsed().as_millis() as u64, "layer opened ahead of its device")
+                tracing::info!(digest = %digest, ms = t.elapsed().as_millis() as u64, "layer opened ahead of its device");
+                true
             }
-            Ok(false) => {}
+            Ok(false) => false,
             Err(e) => {
-                tracing::warn!(digest = %digest, error = %e, "opening a layer ahead of its device failed (the device's worker opens it again)")
+                tracing::warn!(digest = %digest, error = %e, "opening a layer ahead of its device failed (the device's worker opens it again)");
+                false
             }
-        }
+        };
         let mut st = self.state.locked();
-        if let Some(n) = st.pending.get_mut(digest) {
-            *n -= 1;
-            if *n == 0 {
-                st.pending.remove(digest);
-            }
+        st.pending.remove(digest);
+        if opened {
+            st.opened.insert(digest.to_string(), Instant::now());
         }
         self.ended.notify_all();
     }
 
-    fn working_set_job(&self, image: &str) {
+    /// [`OpenAhead::image`] on its thread.
+    fn image_job(self: &Arc<Self>, image: &str, working_set: bool) {
         let t = Instant::now();
-        match self.fetch_working_set(image) {
-            Ok(Some((digest, size))) => {
+        let ws = match self.queue_layers(image) {
+            Ok(ws) => ws,
+            Err(e) => {
+                tracing::warn!(image = %image, error = %e, "reading an image's manifest ahead of its layers failed (each layer is opened at its commit)");
+                return;
+            }
+        };
+        let Some(ws) = ws.filter(|_| working_set) else {
+            return;
+        };
+        // Mostly on CPU time the pull leaves: at a fast link this fetch
+        // competed with the pull's own work and lengthened it.
+        lower_priority();
+        let digest = ws.digest().to_string();
+        match self.fetch_working_set(&ws) {
+            Ok(Some(size)) => {
                 tracing::info!(image = %image, digest = %digest, bytes = size, ms = t.elapsed().as_millis() as u64, "working set fetched ahead of its device")
             }
-            Ok(None) => {
-                tracing::debug!(image = %image, "no working-set layer to fetch ahead")
-            }
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(image = %image, error = %e, "fetching the working set ahead of its device failed (the device's replay fetches it)")
             }
@@ -293,27 +340,23 @@ impl Shared {
         }
     }
 
-    fn open_one(&self, config: &Path, digest: &str) -> Result<bool, String> {
+    fn open_one(&self, job: &Job) -> Result<bool, String> {
         let Some(b) = self.source(true) else {
             return Ok(false);
         };
-        let cfg = ImageConfig::load(config).map_err(|e| e.to_string())?;
-        let Some(top) = cfg.layer_refs(config.parent()).last() else {
+        let Some(layer) = job.layer.layer_refs(None).last() else {
             return Ok(false);
         };
-        if top.lower.digest != digest {
-            return Ok(false);
-        }
         Ok(b.source
-            .open_ahead(top)
+            .open_ahead(layer)
             .map_err(|e| e.to_string())?
             .is_some())
     }
 
-    /// Finds the working-set layer in the manifest of `image` (this host's
-    /// platform) and fetches it whole, in the trace replay's requests
-    /// (`[prefetch]`). Its digest and size, or `None` if it has none.
-    fn fetch_working_set(&self, image: &str) -> Result<Option<(String, u64)>, String> {
+    /// Reads the manifest of `image` (this host's platform) and queues the
+    /// opens of its remote obd layers, bottom up. Its working-set layer, if
+    /// it has one.
+    fn queue_layers(self: &Arc<Self>, image: &str) -> Result<Option<Job>, String> {
         let Some(b) = self.source(false) else {
             return Ok(None);
         };
@@ -322,27 +365,31 @@ impl Shared {
             Arc::new(Distribution::new(b.config.registry.clone()).map_err(|e| e.to_string())?);
         let resolved =
             oci::resolve_manifest(&dist, &r, &Platform::host()).map_err(|e| e.to_string())?;
-        let Some(ws) = resolved
-            .manifest
-            .layers
-            .iter()
-            .find(|l| l.annotation(ANN_WORKING_SET) == Some("yes"))
-        else {
+        let url = crate::obd::repo_blob_url(image).map_err(|e| e.to_string())?;
+        let (mut ws, mut queued) = (None, 0);
+        for l in &resolved.manifest.layers {
+            let a = &l.annotations;
+            if !a.contains_key(ANN_BLOB_DIGEST) || l.annotation(ANN_ACCEL) == Some("yes") {
+                continue;
+            }
+            let lower = crate::obd::remote_lower(a)?;
+            if l.annotation(ANN_WORKING_SET) == Some("yes") {
+                ws = Some(Job::new(&url, &lower));
+            }
+            self.queue(Job::new(&url, &lower));
+            queued += 1;
+        }
+        tracing::info!(image = %image, layers = queued, "layers queued for opening from the image's manifest");
+        Ok(ws)
+    }
+
+    /// Fetches the working-set layer `ws` whole, in the trace replay's
+    /// requests (`[prefetch]`). Its size, or `None` if it is not remote.
+    fn fetch_working_set(&self, ws: &Job) -> Result<Option<u64>, String> {
+        let Some(b) = self.source(false) else {
             return Ok(None);
         };
-        let verity = oci::verity_annotations(&ws.annotations)
-            .map_err(|e| format!("layer {}: {e}", ws.digest))?;
-        let cfg = ImageConfig {
-            repo_blob_url: crate::obd::repo_blob_url(image).map_err(|e| e.to_string())?,
-            lowers: vec![Lower {
-                digest: ws.digest.clone(),
-                size: ws.size,
-                verity,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let Some(layer) = cfg.layer_refs(None).last() else {
+        let Some(layer) = ws.layer.layer_refs(None).last() else {
             return Ok(None);
         };
         let Some(blob) = b.source.open_ahead(layer).map_err(|e| e.to_string())? else {
@@ -351,7 +398,7 @@ impl Shared {
         let p = &b.config.prefetch;
         blob.prefetch_in_order(p.max_request, p.concurrency)
             .map_err(|e| e.to_string())?;
-        Ok(Some((ws.digest.clone(), ws.size)))
+        Ok(Some(ws.layer.lowers[0].size))
     }
 }
 
@@ -365,24 +412,20 @@ mod tests {
         let ahead = OpenAhead::new(Root::new(dir.path().join("root")));
         // Nothing pending: no wait.
         assert!(ahead.wait(&["sha256:aa".into()], Duration::ZERO));
-        // A config that does not exist, and one whose top lower is another
-        // layer: both jobs end (logged, nothing opened).
-        let cfg = dir.path().join("config.v1.json");
-        let c = ImageConfig {
-            lowers: vec![overlaybd_core::config::Lower {
-                digest: "sha256:bb".into(),
-                size: 1,
-                ..Default::default()
-            }],
+        // No service config, so no source: both jobs end, nothing opened,
+        // and a layer not opened is queued again by the next commit.
+        let lower = |d: &str| Lower {
+            digest: d.into(),
+            size: 1,
             ..Default::default()
         };
-        std::fs::write(&cfg, serde_json::to_vec(&c).unwrap()).unwrap();
-        ahead.open(dir.path().join("missing.json"), "sha256:aa".into());
-        ahead.open(cfg, "sha256:cc".into());
+        ahead.open("", &lower("sha256:aa"));
+        ahead.open("http://r/v2/x/blobs", &lower("sha256:cc"));
         assert!(ahead.wait(
             &["sha256:aa".into(), "sha256:cc".into()],
             Duration::from_secs(60)
         ));
         assert_eq!(ahead.pending(), 0);
+        assert!(ahead.shared.state.locked().opened.is_empty());
     }
 }

@@ -875,6 +875,25 @@ fn save(p: &Path, cfg: &ImageConfig) -> Result<()> {
         .map_err(|e| Error::Device(format!("{}: {e}", p.display())))
 }
 
+/// The lower of a remote obd layer from its labels (a snapshot's) or
+/// annotations (its manifest descriptor's): blob digest and size, and the
+/// piece table the device's reads of it are checked against.
+pub(crate) fn remote_lower(l: &BTreeMap<String, String>) -> std::result::Result<Lower, String> {
+    let digest = l.get(LABEL_BLOB_DIGEST).cloned().unwrap_or_default();
+    let size = l
+        .get(LABEL_BLOB_SIZE)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("layer {digest}: label {LABEL_BLOB_SIZE} is not a number"))?;
+    let verity =
+        obd_remote::oci::verity_annotations(l).map_err(|e| format!("layer {digest}: {e}"))?;
+    Ok(Lower {
+        digest,
+        size,
+        verity,
+        ..Default::default()
+    })
+}
+
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -887,15 +906,13 @@ impl LayerHook for ObdLayers {
         let action = classify_overlaybd(info);
         // A remote layer of an image being pulled: with the prefetch at
         // pull, its working set (if it has one) starts flowing now.
-        if let (PrepareAction::CommitRemote { .. }, Some(ahead), Some(_)) =
-            (&action, &self.open_ahead, self.prefetch_hold)
-        {
+        if let (PrepareAction::CommitRemote { .. }, Some(ahead)) = (&action, &self.open_ahead) {
             let l = info.labels;
             if let Some(image) = l
                 .get(LABEL_IMAGE_REF)
                 .or_else(|| l.get(LABEL_CRI_IMAGE_REF))
             {
-                ahead.working_set(image);
+                ahead.image(image, self.prefetch_hold.is_some());
             }
         }
         action
@@ -940,23 +957,9 @@ impl LayerHook for ObdLayers {
             return Ok(());
         }
         let lower = if l.contains_key(LABEL_REMOTE) {
-            let digest = l.get(LABEL_BLOB_DIGEST).cloned().unwrap_or_default();
-            let size = l
-                .get(LABEL_BLOB_SIZE)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| {
-                    Error::InvalidArgument(format!("label {LABEL_BLOB_SIZE} is not a number"))
-                })?;
-            // The piece table the layer's annotations name: the device's
-            // reads of this layer are checked against it.
-            let verity = obd_remote::oci::verity_annotations(l)
-                .map_err(|e| Error::InvalidArgument(format!("layer {digest}: {e}")))?;
             Lower {
-                digest,
-                size,
                 dir: s(&fs),
-                verity,
-                ..Default::default()
+                ..remote_lower(l).map_err(Error::InvalidArgument)?
             }
         } else if local.is_file() && looks_like_layer(&local) {
             if c.parent_dir.is_some() && parent_cfg.is_none() {
@@ -1001,13 +1004,12 @@ impl LayerHook for ObdLayers {
         cfg.result_file = s(&c.dir.join("block").join("init-debug.log"));
         save(&config_path(c.dir), &cfg)?;
         let _ = std::fs::create_dir_all(c.dir.join("block").join("mountpoint"));
-        if let (Some(ahead), true) = (&self.open_ahead, l.contains_key(LABEL_REMOTE)) {
-            let digest = cfg
-                .lowers
-                .last()
-                .map(|l| l.digest.clone())
-                .unwrap_or_default();
-            ahead.open(config_path(c.dir), digest);
+        if let (Some(ahead), true, Some(top)) = (
+            &self.open_ahead,
+            l.contains_key(LABEL_REMOTE),
+            cfg.lowers.last(),
+        ) {
+            ahead.open(&cfg.repo_blob_url, top);
         }
         Ok(())
     }

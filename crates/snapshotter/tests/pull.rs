@@ -268,7 +268,7 @@ fn obd_pull_remote_and_plain() {
         .iter()
         .map(|l| l["digest"].as_str().unwrap().to_string())
         .collect();
-    let before = reg.requests().len();
+    let before = reg.responses_settled().len();
     let r1 = pull(&sock, &obd);
     assert_eq!(r1.name, obd);
     assert_eq!(r1.digest, m.digest);
@@ -281,16 +281,32 @@ fn obd_pull_remote_and_plain() {
         m.bytes.len() as u64 + cfg_size,
         "only the manifest and config come from the registry"
     );
-    // The snapshotter opens each layer as its commit names it: ranged
-    // reads of its ends, index and piece table (all of a layer smaller than
-    // those), never a plain GET of the blob.
+    // The snapshotter opens each layer once, queued from the manifest it
+    // read at the first remote Prepare: ranged reads of its ends, index and
+    // piece table (all of a layer smaller than those), never a plain GET of
+    // the blob.
     let log = dir.join("snapshotter.log");
     fixtures::procs::wait_until("the layers opened ahead", Duration::from_secs(60), || {
         let t = std::fs::read_to_string(&log).unwrap_or_default();
         t.matches("layer opened ahead of its device").count() >= layer_digests.len()
     });
-    let settled = reg.requests().len();
-    let resps = reg.responses()[before..].to_vec();
+    let t = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        t.lines().any(
+            |l| l.contains("layers queued for opening from the image's manifest")
+                && l.contains(&format!("layers={}", layer_digests.len()))
+        ),
+        "{t}"
+    );
+    for d in &layer_digests {
+        let opens = t
+            .lines()
+            .filter(|l| l.contains("layer opened ahead of its device") && l.contains(d.as_str()))
+            .count();
+        assert_eq!(opens, 1, "layer {d} opened {opens} times: {t}");
+    }
+    let resps = reg.responses_settled()[before..].to_vec();
+    let settled = before + resps.len();
     assert!(
         resps
             .iter()
@@ -376,7 +392,10 @@ fn obd_pull_remote_and_plain() {
     let r2 = pull(&sock, &obd);
     assert!(!r2.created);
     assert_eq!(states(&r2), vec![LayerState::Present; 2], "{r2:?}");
-    let reqs: Vec<String> = reg.requests()[settled..].to_vec();
+    let reqs: Vec<String> = reg.responses_settled()[settled..]
+        .iter()
+        .map(|r| r.0.clone())
+        .collect();
     for d in &layer_digests {
         assert!(!reqs.iter().any(|l| l.contains(d.as_str())), "{reqs:?}");
     }
