@@ -93,9 +93,14 @@ fn write_result(cfg_dir: Option<&Path>, result_file: &str, text: &str) {
     }
 }
 
+/// The registry source of a device; `traced`: its image has a trace
+/// ([`obd_remote::service::ServiceConfig::for_traced_image`]).
 #[cfg(feature = "registry")]
-fn registry_source(root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
-    let cfg = root.load_service_config()?;
+fn registry_source(root: &Root, traced: bool) -> Result<Option<Box<dyn LayerSource>>> {
+    let mut cfg = root.load_service_config()?;
+    if traced {
+        cfg = cfg.for_traced_image();
+    }
     let src = obd_remote::service::RegistrySource::new(&cfg).map_err(|source| Error::Image {
         config: root.service_config(),
         source,
@@ -137,7 +142,7 @@ fn replay_options(_root: &Root, _remote: bool) -> trace_replay::ReplayOptions {
 }
 
 #[cfg(not(feature = "registry"))]
-fn registry_source(_root: &Root) -> Result<Option<Box<dyn LayerSource>>> {
+fn registry_source(_root: &Root, _traced: bool) -> Result<Option<Box<dyn LayerSource>>> {
     Ok(None)
 }
 
@@ -232,7 +237,7 @@ fn bring_up(root: &Root, id: &str, kept: Option<std::os::fd::OwnedFd>) -> Result
     let remote = if cfg.all_local(base) {
         None
     } else {
-        registry_source(root)?
+        registry_source(root, cfg.acceleration_layer)?
     };
     phases.mark("source");
     let Opened {
