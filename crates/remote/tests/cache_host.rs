@@ -206,3 +206,30 @@ fn a_full_file_system_passes_reads_through_and_the_cache_recovers() {
     assert_eq!(src.served(), after);
     assert!(after > before);
 }
+
+/// Openers that find a new cache directory at the same moment all open it:
+/// the first one's recovery removes stray temporary files, and the state
+/// file another opener was about to link in is one of them while it is not
+/// yet linked (each attempt has its own temporary name, so threads of one
+/// process do not collide either).
+#[test]
+fn openers_racing_on_a_new_directory_all_open_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    for round in 0..40 {
+        let dir = tmp.path().join(format!("cache-{round}"));
+        let start = std::sync::Barrier::new(6);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..6)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        BlockCache::open(CacheOptions::new(&dir)).map(drop)
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap().unwrap();
+            }
+        });
+    }
+}

@@ -362,11 +362,25 @@ pub(super) struct StateFile {
 
 const STATE_MAGIC: &[u8; 8] = b"OBDCSTAT";
 const STATE_LEN: usize = 4096;
+/// Attempts to open or create the state file before giving up (each lost
+/// only to another opener's progress).
+const STATE_OPEN_TRIES: usize = 100;
 
 impl StateFile {
-    /// Opens or creates `path` (`tmp` is a unique temporary name).
-    pub(super) fn open(path: &Path, tmp: &Path) -> io::Result<Self> {
-        loop {
+    /// Opens or creates `path`. A new file is made under a temporary name
+    /// of its own (`.<name>.<pid>.<n>.tmp`, so that neither other processes
+    /// nor other threads of this one share it) and linked in; an opener
+    /// that lost the race to link, or whose temporary file the first
+    /// opener's recovery removed as stray before it was linked, opens what
+    /// the winner linked.
+    pub(super) fn open(path: &Path) -> io::Result<Self> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let name = path.file_name().map_or_else(
+            || std::borrow::Cow::Borrowed("state"),
+            |n| n.to_string_lossy(),
+        );
+        let mut last = None;
+        for _ in 0..STATE_OPEN_TRIES {
             if let Ok(file) = OpenOptions::new().read(true).write(true).open(path) {
                 let mut m = [0u8; 8];
                 file.read_exact_at(&mut m, 0)?;
@@ -376,23 +390,37 @@ impl StateFile {
                 let shm = Shared::map(&file, STATE_LEN)?;
                 return Ok(Self { shm, file });
             }
-            let file = OpenOptions::new()
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let tmp = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
+            // A file of this name is a dead process's (pids are reused).
+            let _ = fs::remove_file(&tmp);
+            let init = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
-                .open(tmp)?;
-            let init = (|| {
-                allocate(&file, STATE_LEN as u64)?;
-                file.write_all_at(STATE_MAGIC, 0)?;
-                fs::hard_link(tmp, path)
-            })();
-            let _ = fs::remove_file(tmp);
+                .open(&tmp)
+                .and_then(|file| {
+                    allocate(&file, STATE_LEN as u64)?;
+                    file.write_all_at(STATE_MAGIC, 0)?;
+                    fs::hard_link(&tmp, path)
+                });
+            let _ = fs::remove_file(&tmp);
             match init {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                // Linked by another opener first, or removed as stray by
+                // the first opener's recovery: open what is there.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::AlreadyExists | io::ErrorKind::NotFound
+                    ) =>
+                {
+                    last = Some(e)
+                }
                 Err(e) => return Err(e),
             }
         }
+        Err(last.unwrap_or_else(|| io::Error::other("no attempt made")))
     }
 
     /// The host-wide use clock.

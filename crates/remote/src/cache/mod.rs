@@ -330,8 +330,7 @@ impl BlockCache {
             )));
         }
         fs::create_dir_all(&dir).map_err(|e| derr(format!("creating the directory: {e}")))?;
-        let tmp = dir.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
-        let state = StateFile::open(&dir.join(STATE_FILE), &tmp)
+        let state = StateFile::open(&dir.join(STATE_FILE))
             .map_err(|e| derr(format!("opening {STATE_FILE}: {e}")))?;
         let evict_lock = OpenOptions::new()
             .create(true)
