@@ -18,7 +18,7 @@
 //! min_fetch = 262144             # a read's request covers whole multiples of this
 //! traced_min_fetch = 65536       # the same for a device whose image has a trace
 //!                                # (its working set prefetched): its misses are
-//!                                # few and scattered
+//!                                # few and scattered (rounded up to whole cache blocks)
 //! max_request = 4194304          # largest single request
 //! concurrency = 8                # outstanding requests; foreground reads go first
 //!
@@ -282,13 +282,15 @@ pub const DEFAULT_TRACED_MIN_FETCH: u64 = 64 << 10;
 
 impl ServiceConfig {
     /// The config for a device whose image has a trace: its reads fetch in
-    /// units of `traced_min_fetch`. The trace's working set is prefetched
+    /// units of `traced_min_fetch`, rounded up to whole cache blocks (as
+    /// every fetch unit must be). The trace's working set is prefetched
     /// whole, so what the container still misses is a few reads scattered
     /// over the layers (a read-around window that fell differently than in
     /// the recording), not a run that larger units would serve ahead
     /// (docs/BENCHMARKS.md, issue 18, "Misses of a traced start").
     pub fn for_traced_image(mut self) -> Self {
-        self.fetch.min_fetch = self.fetch.traced_min_fetch;
+        let bs = self.cache.block_size.max(1);
+        self.fetch.min_fetch = self.fetch.traced_min_fetch.max(1).div_ceil(bs) * bs;
         self
     }
 
@@ -762,6 +764,19 @@ mod tests {
         assert_eq!(t.fetch.max_request, c.fetch.max_request);
         let d = ServiceConfig::default().for_traced_image();
         assert_eq!(d.fetch.min_fetch, d.cache.block_size);
+        // Whole cache blocks, whatever the two settings.
+        for (bs, traced, want) in [
+            (128 << 10, 64 << 10, 128 << 10),
+            (64 << 10, 100_000, 128 << 10),
+            (64 << 10, 0, 64 << 10),
+        ] {
+            let t = ServiceConfig::from_toml(&format!(
+                "[cache]\nblock_size = {bs}\n[fetch]\ntraced_min_fetch = {traced}"
+            ))
+            .unwrap()
+            .for_traced_image();
+            assert_eq!(t.fetch.min_fetch, want, "block {bs}, traced {traced}");
+        }
     }
 
     #[test]
