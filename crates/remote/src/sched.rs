@@ -39,7 +39,7 @@
 //! in the pauses between a container's reads, not beside them.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -88,7 +88,7 @@ pub struct Scheduler {
     /// `raise_host`, this one is raised while a foreground fetch of this
     /// scheduler runs.
     host: Option<ForegroundFlag>,
-    raise_host: bool,
+    raise_host: AtomicBool,
 }
 
 /// A granted fetch slot; dropping it frees the slot for the next waiter.
@@ -112,7 +112,7 @@ impl Drop for Permit<'_> {
         st.running -= 1;
         if self.prio == Priority::Foreground {
             st.fg_running -= 1;
-            if st.fg_running == 0 && self.sched.raise_host {
+            if st.fg_running == 0 && self.sched.raise_host.load(Ordering::Relaxed) {
                 if let Some(h) = &self.sched.host {
                     h.lower();
                 }
@@ -175,7 +175,7 @@ impl Scheduler {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             host: None,
-            raise_host: false,
+            raise_host: AtomicBool::new(false),
         }
     }
 
@@ -185,14 +185,15 @@ impl Scheduler {
     /// module docs).
     pub fn with_host_flag(mut self, flag: ForegroundFlag, raise: bool) -> Self {
         self.host = Some(flag);
-        self.raise_host = raise;
+        self.raise_host = AtomicBool::new(raise);
         self
     }
 
     /// Sets whether this scheduler's foreground fetches raise its host
-    /// flag ([`Scheduler::with_host_flag`]).
-    pub fn set_raise_host_flag(&mut self, raise: bool) {
-        self.raise_host = raise;
+    /// flag ([`Scheduler::with_host_flag`]); from its next foreground fetch
+    /// that starts with none running.
+    pub fn set_raise_host_flag(&self, raise: bool) {
+        self.raise_host.store(raise, Ordering::Relaxed);
     }
 
     /// Whether another process's foreground fetch runs now.
@@ -290,7 +291,7 @@ impl Scheduler {
         }
         if me.0 == Priority::Foreground {
             st.fg_running += 1;
-            if st.fg_running == 1 && self.raise_host {
+            if st.fg_running == 1 && self.raise_host.load(Ordering::Relaxed) {
                 if let Some(h) = &self.host {
                     h.raise();
                 }

@@ -380,11 +380,9 @@ impl RegistrySource {
 
     /// Marks this source's foreground fetches as containers' reads (a
     /// device worker's): while one runs, the prefetches of every process on
-    /// the host wait ([`crate::sched`]). Call before opening blobs.
-    pub fn serving_containers(mut self) -> Self {
-        if let Some(s) = Arc::get_mut(&mut self.sched) {
-            s.set_raise_host_flag(true);
-        }
+    /// the host wait ([`crate::sched`]).
+    pub fn serving_containers(self) -> Self {
+        self.sched.set_raise_host_flag(true);
         self
     }
 
