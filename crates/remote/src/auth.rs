@@ -276,17 +276,26 @@ impl AuthCache {
         );
     }
 
-    /// Forgets everything about `repo_key` (after a 401/403): its scheme and
-    /// the token for its scope, so the next request re-probes and re-fetches.
-    pub fn invalidate(&self, repo_key: &str) {
-        let old = self.schemes.locked().remove(repo_key);
-        if let Some(Scheme::Bearer {
+    /// Forgets `failed`, the scheme a request for `repo_key` was refused
+    /// with (a 401/403), and the token of its scope, so the next request
+    /// re-learns them. A scheme learnt since (by another request's retry)
+    /// stays: dropping it would send that request's retry anonymously.
+    pub fn invalidate_if(&self, repo_key: &str, failed: &Scheme) {
+        {
+            let mut schemes = self.schemes.locked();
+            if schemes.get(repo_key) == Some(failed) {
+                schemes.remove(repo_key);
+            }
+        }
+        if let Scheme::Bearer {
             realm,
             service,
             scope,
-        }) = old
+        } = failed
         {
-            self.tokens.locked().remove(&(realm, service, scope));
+            self.tokens
+                .locked()
+                .remove(&(realm.clone(), service.clone(), scope.clone()));
         }
     }
 }
@@ -348,9 +357,16 @@ mod tests {
             service: svc.clone(),
             scope: scope.clone(),
         };
+        c.set_scheme("h/a", Scheme::Basic);
+        c.invalidate_if("h/a", &Scheme::Anonymous);
+        assert_eq!(
+            c.scheme("h/a"),
+            Some(Scheme::Basic),
+            "a scheme learnt since the refused request stays"
+        );
         c.set_scheme("h/a", bearer.clone());
-        assert_eq!(c.scheme("h/a"), Some(bearer));
-        c.invalidate("h/a");
+        assert_eq!(c.scheme("h/a"), Some(bearer.clone()));
+        c.invalidate_if("h/a", &bearer);
         assert_eq!(c.scheme("h/a"), None);
         assert_eq!(
             c.token("r", &svc, &scope),

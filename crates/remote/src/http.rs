@@ -755,17 +755,23 @@ impl Transport {
         deadline: Option<Instant>,
         mut send: impl FnMut(Option<&str>) -> std::result::Result<Response, Fail>,
     ) -> std::result::Result<Response, Fail> {
-        // After the first 401/403: whether it carried a usable challenge.
-        let mut renewed: Option<bool> = None;
+        // After the first 401/403: the scheme its challenge asked for (its
+        // retry uses it, not the shared cache: another request's 401 may
+        // have dropped it from there meanwhile), or `None` without one.
+        let mut renewed: Option<Option<Scheme>> = None;
         loop {
-            let authz = self.authorization(who, deadline)?;
+            let scheme = match &renewed {
+                Some(Some(s)) => s.clone(),
+                _ => self.scheme(who, deadline)?,
+            };
+            let authz = self.header_for(who, &scheme, deadline)?;
             let resp = send(authz.as_deref())?;
             let st = resp.status();
             if classify(st) != Class::Auth {
                 return Ok(resp);
             }
             if let Some(challenged) = renewed {
-                let how = if challenged {
+                let how = if challenged.is_some() {
                     "after re-authenticating"
                 } else {
                     "without a usable WWW-Authenticate challenge"
@@ -780,14 +786,16 @@ impl Transport {
                 )));
             }
             let key = who.key();
-            self.auth.invalidate(&key);
+            // Only the scheme this request used is dropped: one another
+            // request has learnt since stays.
+            self.auth.invalidate_if(&key, &scheme);
             // Without a usable challenge the next try probes again (or goes
             // anonymous): the second 401/403 then reports.
-            let scheme = self.challenge(who, &resp);
-            renewed = Some(scheme.is_some());
-            if let Some(s) = scheme {
-                self.auth.set_scheme(&key, s);
+            let learnt = self.challenge(who, &resp);
+            if let Some(s) = &learnt {
+                self.auth.set_scheme(&key, s.clone());
             }
+            renewed = Some(learnt);
         }
     }
 
@@ -851,8 +859,19 @@ impl Transport {
         who: &AuthScope<'_>,
         deadline: Option<Instant>,
     ) -> std::result::Result<Option<String>, Fail> {
+        let scheme = self.scheme(who, deadline)?;
+        self.header_for(who, &scheme, deadline)
+    }
+
+    /// The scheme learnt for `who`'s repository, probing once (per
+    /// repository, whoever asks) if `who` has a probe URL; anonymous if not.
+    fn scheme(
+        &self,
+        who: &AuthScope<'_>,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<Scheme, Fail> {
         let key = who.key();
-        let scheme = match (self.auth.scheme(&key), who.probe) {
+        Ok(match (self.auth.scheme(&key), who.probe) {
             (Some(s), _) => s,
             (None, Some(url)) => self.auth.single_flight(
                 &format!("scheme {key}"),
@@ -864,7 +883,17 @@ impl Transport {
                 },
             )?,
             (None, None) => Scheme::Anonymous,
-        };
+        })
+    }
+
+    /// The `Authorization` value `scheme` gives `who` (fetching a token as
+    /// needed); `None` when anonymous.
+    fn header_for(
+        &self,
+        who: &AuthScope<'_>,
+        scheme: &Scheme,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<Option<String>, Fail> {
         match scheme {
             Scheme::Anonymous => Ok(None),
             Scheme::Basic => match self.lookup_creds(who)? {
@@ -882,7 +911,7 @@ impl Transport {
                 service,
                 scope,
             } => {
-                let t = self.token(who, &realm, &service, &scope, deadline)?;
+                let t = self.token(who, realm, service, scope, deadline)?;
                 Ok(Some(format!("Bearer {t}")))
             }
         }

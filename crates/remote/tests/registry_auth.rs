@@ -344,3 +344,61 @@ fn distribution_bearer_scope_per_access() {
     let e = d.get_manifest(&r, "v1").unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e}");
 }
+
+/// Requests that all start anonymously (the distribution client has no
+/// probe) and are refused together each learn Basic from their own 401 and
+/// retry with it: one request's refusal must not drop the scheme another
+/// has just learnt and send that one's retry anonymously (a converter's
+/// parallel blob pushes failed with "401 … after re-authenticating").
+#[test]
+fn distribution_requests_refused_together_all_retry_authenticated() {
+    use obd_remote::distribution::{Distribution, ImageRef};
+    use obd_remote::registry::HostOptions;
+
+    const N: usize = 8;
+    const ROUNDS: usize = 25;
+    let expect_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("bob:hunter2")
+    );
+    // Each round's anonymous requests are answered together.
+    let together = Arc::new(std::sync::Barrier::new(N));
+    let t = together.clone();
+    let gate = Server::start(move |r: &Req| match r.header("authorization") {
+        None => {
+            t.wait();
+            Action::Reply(
+                Resp::new(401).with_header("WWW-Authenticate", r#"Basic realm="obd-test""#),
+            )
+        }
+        Some(a) if a == expect_basic => Action::Reply(Resp::new(404)),
+        Some(_) => Action::Reply(Resp::new(401)),
+    });
+    for round in 0..ROUNDS {
+        let mut o = opts();
+        o.hosts.insert(
+            gate.addr.clone(),
+            HostOptions {
+                plain_http: true,
+                ..Default::default()
+            },
+        );
+        let d = Distribution::with_credentials(o, creds(&gate.addr, "bob", "hunter2")).unwrap();
+        let r = ImageRef::parse(&format!("{}/test/basic:v1", gate.addr)).unwrap();
+        std::thread::scope(|sc| {
+            for i in 0..N {
+                let (d, r) = (&d, &r);
+                sc.spawn(move || {
+                    let blob = format!("sha256:{:064x}", round * N + i);
+                    let got = d.blob_exists(r, &blob);
+                    assert!(
+                        matches!(got, Ok(None)),
+                        "round {round}, request {i}: {got:?}"
+                    );
+                });
+            }
+        });
+    }
+    let anon = gate.count(|r| r.header("authorization").is_none());
+    assert_eq!(anon, N * ROUNDS, "one anonymous try per request, no more");
+}
