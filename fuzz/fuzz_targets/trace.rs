@@ -1,8 +1,11 @@
 #![no_main]
-//! Trace files, priority lists and page-cache warm lists: arbitrary bytes must
-//! give a value or a typed error; a parsed trace must serialise back to the same
+//! Trace files, priority lists, page-cache warm lists and acceleration-layer
+//! tars: arbitrary bytes must give a value or a typed error; a parsed trace must serialise back to the same
 //! bytes when its record padding was zero, and always re-parse to the same
-//! records; a parsed warm list re-parses from its own bytes to itself.
+//! records; a parsed warm list re-parses from its own bytes to itself; an
+//! acceleration layer's files are top-level names, at most the cap, and the
+//! writer's tar of a `trace` reads back to it.
+use trace_replay::accel::{accel_layer_tar, read_accel_layer, MAX_ACCEL_FILES};
 use trace_replay::warm::WarmList;
 use trace_replay::{parse_priority_list, Trace, HEADER_SIZE, RECORD_SIZE};
 
@@ -29,6 +32,15 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             .iter()
             .all(|f| !f.path.starts_with('/') && f.path.split('/').all(|c| c != "..")));
     }
+    if let Ok(files) = read_accel_layer(data) {
+        assert!(!files.is_empty() && files.len() <= MAX_ACCEL_FILES);
+        assert!(files
+            .iter()
+            .all(|f| !f.name.is_empty() && !f.name.contains('/') && f.name != ".."));
+        assert!(files.iter().map(|f| f.body.len()).sum::<usize>() <= data.len());
+    }
+    let tar = accel_layer_tar(data, None).expect("in-memory tar");
+    assert_eq!(read_accel_layer(&tar).expect("own tar")[0].body, data);
     if let Ok(entries) = parse_priority_list(data) {
         assert!(entries.iter().all(|e| e.path.starts_with('/')));
     }

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use obd_device::open::trace_replay::warm::{self, OpenWatch, Opened, WarmList, WARM_FILE};
+use obd_device::open::trace_replay::accel::accel_layer_tar;
+use obd_device::open::trace_replay::warm::{self, OpenWatch, Opened, WarmList};
 use obd_device::open::trace_replay::Trace;
 use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::oci::{
@@ -158,27 +159,6 @@ impl Source {
             mt => mt,
         }
     }
-}
-
-/// The acceleration layer: an uncompressed tar holding `trace` and, if
-/// given, the warm list ([`WARM_FILE`]), each mode 0444, uid/gid 0, mtime 0:
-/// byte-identical for the same inputs.
-pub fn accel_layer_tar(trace: &[u8], warm: Option<&[u8]>) -> Result<Vec<u8>> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, body) in [("trace", Some(trace)), (WARM_FILE, warm)] {
-        let Some(body) = body else { continue };
-        let mut h = tar::Header::new_ustar();
-        h.set_path(name)?;
-        h.set_size(body.len() as u64);
-        h.set_mode(0o444);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_cksum();
-        b.append(&h, body)?;
-    }
-    Ok(b.into_inner()?)
 }
 
 /// Whether `l` is a working-set layer of an earlier `obd trace record`.
@@ -1010,45 +990,6 @@ fn print_report(a: &RecordArgs, rec: &Recorded, packed: Option<&Packed>, pushed:
 mod tests {
     use super::*;
     use serde_json::Value;
-    use std::io::Read;
-
-    #[test]
-    fn accel_tar_is_deterministic_and_holds_the_trace() {
-        let a = accel_layer_tar(b"abc", None).unwrap();
-        assert_eq!(a, accel_layer_tar(b"abc", None).unwrap());
-        let mut ar = tar::Archive::new(&a[..]);
-        let mut n = 0;
-        for e in ar.entries().unwrap() {
-            let mut e = e.unwrap();
-            n += 1;
-            assert_eq!(e.path().unwrap().to_str(), Some("trace"));
-            assert_eq!(e.header().mode().unwrap(), 0o444);
-            let mut body = String::new();
-            e.read_to_string(&mut body).unwrap();
-            assert_eq!(body, "abc");
-        }
-        assert_eq!(n, 1);
-        // With a warm list: `trace` first, then the list, same header rules.
-        let w = accel_layer_tar(b"abc", Some(b"{}")).unwrap();
-        let names: Vec<(String, u32, String)> = tar::Archive::new(&w[..])
-            .entries()
-            .unwrap()
-            .map(|e| {
-                let mut e = e.unwrap();
-                let mut body = String::new();
-                e.read_to_string(&mut body).unwrap();
-                let p = e.path().unwrap().to_string_lossy().into_owned();
-                (p, e.header().mode().unwrap(), body)
-            })
-            .collect();
-        assert_eq!(
-            names,
-            [
-                ("trace".to_string(), 0o444, "abc".to_string()),
-                (WARM_FILE.to_string(), 0o444, "{}".to_string())
-            ]
-        );
-    }
 
     fn json_of<T: serde::Serialize>(v: &T) -> Value {
         serde_json::from_slice(&oci::to_json(v)).unwrap()

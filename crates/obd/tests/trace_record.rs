@@ -232,6 +232,14 @@ fn record_pushes_an_acceleration_layer_that_is_replayed_at_attach() {
         || sn_log().contains("device attached at pull"),
     )
     .unwrap_or_else(|e| panic!("{e:#}; snapshotter log:\n{}", sn_log()));
+    // The snapshotter unpacked the acceleration layer itself, from the
+    // blob it fetched at the manifest read: containerd did not download it.
+    assert!(
+        sn_log().contains("acceleration layer unpacked by the snapshotter")
+            && !sn_log().contains("left to containerd's unpack"),
+        "snapshotter log:\n{}",
+        sn_log()
+    );
     // The working set was fetched whole as the pull committed its layer,
     // ahead of the device.
     let ws_digest = ws["digest"].as_str().unwrap().to_string();

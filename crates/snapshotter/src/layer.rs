@@ -152,6 +152,41 @@ pub fn classify_overlaybd(info: &PrepareInfo<'_>) -> PrepareAction {
     }
 }
 
+/// An acceleration layer a snapshotter may unpack itself: its target, image
+/// reference, blob digest and size. The same labels as a remote obd layer
+/// (§9.2), on a layer marked [`LABEL_ACCEL_LAYER`]; `None` for anything else.
+pub struct AccelPrepare<'a> {
+    /// Committed name (`containerd.io/snapshot.ref`).
+    pub target: &'a str,
+    /// Image reference (`image-ref` or `cri.image-ref`).
+    pub image: &'a str,
+    /// Blob digest.
+    pub digest: &'a str,
+    /// Blob size.
+    pub size: u64,
+}
+
+impl<'a> AccelPrepare<'a> {
+    /// The acceleration layer `info` prepares, if it has all the labels.
+    pub fn of(info: &PrepareInfo<'a>) -> Option<Self> {
+        let l = info.labels;
+        if info.kind != Kind::Active || l.get(LABEL_ACCEL_LAYER).map(String::as_str) != Some("yes")
+        {
+            return None;
+        }
+        let target = l.get(LABEL_TARGET_REF).filter(|t| !t.is_empty())?;
+        let image = l
+            .get(LABEL_IMAGE_REF)
+            .or_else(|| l.get(LABEL_CRI_IMAGE_REF))?;
+        Some(AccelPrepare {
+            target,
+            image,
+            digest: l.get(LABEL_BLOB_DIGEST)?,
+            size: l.get(LABEL_BLOB_SIZE)?.parse().ok()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +218,40 @@ mod tests {
         }
         l.insert(LABEL_ACCEL_LAYER.into(), "yes".into());
         assert_eq!(info(&l), PrepareAction::Plain);
+    }
+
+    #[test]
+    fn accel_prepare_needs_the_remote_labels() {
+        let mut l = BTreeMap::new();
+        let of = |l: &BTreeMap<String, String>, kind| {
+            AccelPrepare::of(&PrepareInfo {
+                namespace: "default",
+                key: "extract-1 sha256:x",
+                parent: "sha256:p",
+                kind,
+                labels: l,
+            })
+            .map(|a| (a.target.to_string(), a.image.to_string(), a.size))
+        };
+        for (k, v) in [
+            (LABEL_TARGET_REF, "sha256:x"),
+            (LABEL_BLOB_DIGEST, "sha256:b"),
+            (LABEL_BLOB_SIZE, "10"),
+            (LABEL_CRI_IMAGE_REF, "r/x:1"),
+        ] {
+            l.insert(k.into(), v.into());
+        }
+        assert_eq!(of(&l, Kind::Active), None, "not an acceleration layer");
+        l.insert(LABEL_ACCEL_LAYER.into(), "yes".into());
+        assert_eq!(
+            of(&l, Kind::Active),
+            Some(("sha256:x".into(), "r/x:1".into(), 10))
+        );
+        assert_eq!(of(&l, Kind::View), None);
+        l.insert(LABEL_BLOB_SIZE.into(), "ten".into());
+        assert_eq!(of(&l, Kind::Active), None, "a size that does not parse");
+        l.insert(LABEL_BLOB_SIZE.into(), "10".into());
+        l.remove(LABEL_CRI_IMAGE_REF);
+        assert_eq!(of(&l, Kind::Active), None, "no image reference");
     }
 }

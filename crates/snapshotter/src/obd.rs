@@ -25,11 +25,13 @@
 use crate::config::RwMode;
 use crate::error::{Error, Result};
 use crate::layer::{
-    classify_overlaybd, CommitInfo, LayerHook, MountInfo, PrepareAction, PrepareInfo,
+    classify_overlaybd, AccelPrepare, CommitInfo, LayerHook, MountInfo, PrepareAction, PrepareInfo,
     LABEL_BLOB_DIGEST, LABEL_BLOB_SIZE, LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_REMOTE,
+    LABEL_TARGET_REF, REMOTE_VALUE,
 };
 use crate::meta::Kind;
 use crate::proto::containerd::types::Mount;
+use obd_device::open::trace_replay::accel::AccelFile;
 use obd_device::open::trace_replay::pack::TRACED_READ_AHEAD_KB;
 use obd_device::open::trace_replay::warm::{self, OpenWatch, WarmList, WARM_FILE};
 use obd_device::service::{Op, Service};
@@ -131,6 +133,9 @@ pub struct ObdInner {
     warm_page_cache: bool,
     /// Opens remote layers as their commits name them (`None`: off).
     open_ahead: Option<crate::ahead::OpenAhead>,
+    /// Files of acceleration layers being committed remotely, by target
+    /// (from their Prepare's classification to their commit).
+    accel_files: Mutex<HashMap<String, Vec<AccelFile>>>,
     /// How long an image's device stays attached once no container uses
     /// it (`device_idle_secs`).
     device_idle: Duration,
@@ -215,6 +220,7 @@ impl ObdLayers {
                 first_users: Mutex::new(HashMap::new()),
                 warm_page_cache: true,
                 open_ahead: lazy_pull.then(|| crate::ahead::OpenAhead::new(Root::new(root))),
+                accel_files: Mutex::new(HashMap::new()),
                 device_idle: DEFAULT_DEVICE_IDLE,
             }),
         }
@@ -898,10 +904,67 @@ fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// How long an acceleration layer's Prepare waits for the fetch of its
+/// files started at the manifest read, before containerd unpacks it.
+const ACCEL_WAIT: Duration = Duration::from_secs(30);
+
+/// Acceleration layers' files kept between Prepare and commit at most (a
+/// Prepare whose commit never came leaves its entry).
+const MAX_ACCEL_PENDING: usize = 16;
+
+impl ObdLayers {
+    /// An acceleration layer committed without containerd's download and
+    /// unpack: its files, fetched ahead ([`OpenAhead::accel_layer`]), are
+    /// written at its commit. `None` if `info` is not one; `Plain` if its
+    /// files cannot be had (containerd then unpacks it as upstream does).
+    ///
+    /// [`OpenAhead::accel_layer`]: crate::ahead::OpenAhead::accel_layer
+    fn accel_remote(&self, info: &PrepareInfo<'_>) -> Option<PrepareAction> {
+        let a = AccelPrepare::of(info)?;
+        let ahead = self.open_ahead.as_ref()?;
+        let files = match ahead.accel_layer(a.image, a.digest, a.size, ACCEL_WAIT) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(digest = %a.digest, error = %e, "acceleration layer left to containerd's unpack");
+                return Some(PrepareAction::Plain);
+            }
+        };
+        {
+            let mut pending = self.accel_files.locked();
+            if pending.len() >= MAX_ACCEL_PENDING {
+                pending.clear();
+            }
+            pending.insert(a.target.to_string(), files);
+        }
+        let mut labels = info.labels.clone();
+        labels.insert(LABEL_REMOTE.to_string(), REMOTE_VALUE.to_string());
+        Some(PrepareAction::CommitRemote {
+            target: a.target.to_string(),
+            labels,
+        })
+    }
+}
+
+/// Writes an acceleration layer's files into `fs` (its snapshot's tree), as
+/// containerd's unpack of its tar would.
+fn write_accel_files(fs: &Path, files: &[AccelFile]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for f in files {
+        let p = fs.join(&f.name);
+        std::fs::write(&p, &f.body).map_err(|e| Error::io("write", &p, e))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode))
+            .map_err(|e| Error::io("chmod", &p, e))?;
+    }
+    Ok(())
+}
+
 impl LayerHook for ObdLayers {
     fn classify(&self, info: &PrepareInfo<'_>) -> PrepareAction {
         if !self.lazy_pull {
             return PrepareAction::Plain;
+        }
+        if let Some(action) = self.accel_remote(info) {
+            return action;
         }
         let action = classify_overlaybd(info);
         // A remote layer of an image being pulled: with the prefetch at
@@ -930,6 +993,21 @@ impl LayerHook for ObdLayers {
             return self.seal_writable(c.dir);
         }
         let accel = l.get(crate::layer::LABEL_ACCEL_LAYER).map(String::as_str) == Some("yes");
+        if accel && l.contains_key(LABEL_REMOTE) {
+            // Committed without containerd's unpack: write what it would have.
+            let files = l
+                .get(LABEL_TARGET_REF)
+                .and_then(|t| self.accel_files.locked().remove(t));
+            match files {
+                Some(files) => {
+                    write_accel_files(&fs, &files)?;
+                    tracing::info!(dir = %c.dir.display(), files = files.len(), "acceleration layer unpacked by the snapshotter, without containerd's download");
+                }
+                None => {
+                    tracing::warn!(dir = %c.dir.display(), "acceleration layer committed without its files")
+                }
+            }
+        }
         if accel {
             // The acceleration (trace) layer: its `fs/trace` is replayed when
             // the image's device opens, and it is not part of the block stack.

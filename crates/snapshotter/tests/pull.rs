@@ -400,7 +400,146 @@ fn obd_pull_remote_and_plain() {
         assert!(!reqs.iter().any(|l| l.contains(d.as_str())), "{reqs:?}");
     }
 
+    // --- the obd image with an acceleration layer on top, each pulled into
+    // a namespace of its own (every layer prepared). A plain tar of `trace`
+    // is unpacked by the snapshotter from the blob it fetched at the
+    // manifest read: a remote layer, its blob not in containerd's store. A
+    // tar the snapshotter does not take (a directory in it) is left to
+    // containerd, which downloads and applies it; both give `fs/trace`.
+    let trace = obd_device::open::trace_replay::Trace::default().to_bytes();
+    let good = obd_device::open::trace_replay::accel::accel_layer_tar(&trace, None).unwrap();
+    let with_dir = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_path("d/").unwrap();
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("trace").unwrap();
+        h.set_mode(0o444);
+        h.set_size(trace.len() as u64);
+        h.set_cksum();
+        b.append(&h, &trace[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    for (tag, tar, remote) in [("accel", good, true), ("accel-dir", with_dir, false)] {
+        let reference = format!("{addr}/obd/busybox:{tag}");
+        let accel_digest = push_with_accel(&client, &dir, &obd, &reference, &tar);
+        let mut o = PullOptions::new(&reference);
+        o.address = sock.clone();
+        o.plain_http = true;
+        o.registry.use_docker_config = false;
+        o.namespace = tag.into();
+        let r = pull_blocking(&o, |_| {}).unwrap_or_else(|e| panic!("pull {reference}: {e}"));
+        let want = if remote {
+            LayerState::Remote
+        } else {
+            LayerState::Downloaded
+        };
+        assert_eq!(
+            states(&r),
+            vec![LayerState::Remote, LayerState::Remote, want],
+            "{r:?}"
+        );
+        let content = run(containerd::ctr(&sock).args(["-n", tag, "content", "ls"]));
+        assert_eq!(
+            content
+                .lines()
+                .any(|l| l.starts_with(accel_digest.as_str())),
+            !remote,
+            "{tag}: the acceleration layer's blob in containerd's store: {content}"
+        );
+        // The acceleration layer's config names the obd layers and its
+        // `fs`, where `trace` is.
+        let chain = &r.layers[2].chain_id;
+        let accel_cfg = std::fs::read_dir(dir.join("snroot/snapshots"))
+            .unwrap()
+            .filter_map(|e| {
+                overlaybd_core::config::ImageConfig::load(
+                    e.unwrap().path().join("block/config.v1.json"),
+                )
+                .ok()
+            })
+            .filter(|c| c.acceleration_layer)
+            .find(|c| {
+                c.lowers.len() == 3
+                    && std::fs::read(Path::new(&c.lowers[2].dir).join("trace"))
+                        .ok()
+                        .as_deref()
+                        == Some(&trace[..])
+            })
+            .unwrap_or_else(|| {
+                panic!("{tag}: no acceleration layer config with its trace ({chain})")
+            });
+        assert_eq!(accel_cfg.lowers.len(), 3);
+    }
+    let t = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        t.matches("acceleration layer unpacked by the snapshotter")
+            .count(),
+        1,
+        "{t}"
+    );
+    assert_eq!(t.matches("left to containerd's unpack").count(), 1, "{t}");
+
     drop(procs);
+}
+
+/// Pushes `base`'s image with acceleration layer `tar` on top as
+/// `reference`; the layer's digest.
+fn push_with_accel(
+    client: &std::sync::Arc<obd_remote::distribution::Distribution>,
+    dir: &Path,
+    base: &str,
+    reference: &str,
+    tar: &[u8],
+) -> String {
+    use obd_remote::oci::{sha256_digest, ANN_ACCEL, ANN_BLOB_DIGEST, ANN_BLOB_SIZE};
+    let b = ImageRef::parse(base).unwrap();
+    let r = ImageRef::parse(reference).unwrap();
+    let m = client.get_manifest(&b, b.reference()).unwrap();
+    let mut man: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap();
+    let cfg_digest = man["config"]["digest"].as_str().unwrap().to_string();
+    let mut cfg_bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut client
+            .open_blob(&b, &cfg_digest, man["config"]["size"].as_u64().unwrap())
+            .unwrap(),
+        &mut cfg_bytes,
+    )
+    .unwrap();
+    let digest = sha256_digest(tar);
+    client.push_blob_bytes(&r, &digest, tar, dir).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&cfg_bytes).unwrap();
+    cfg["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(digest.clone().into());
+    let cfg_bytes = serde_json::to_vec(&cfg).unwrap();
+    let cfg_digest = sha256_digest(&cfg_bytes);
+    client
+        .push_blob_bytes(&r, &cfg_digest, &cfg_bytes, dir)
+        .unwrap();
+    man["config"]["digest"] = cfg_digest.into();
+    man["config"]["size"] = cfg_bytes.len().into();
+    man["layers"].as_array_mut().unwrap().push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+        "digest": digest,
+        "size": tar.len(),
+        "annotations": {ANN_ACCEL: "yes", ANN_BLOB_DIGEST: digest, ANN_BLOB_SIZE: tar.len().to_string()},
+    }));
+    client
+        .put_manifest(
+            &r,
+            r.reference(),
+            &m.media_type,
+            &serde_json::to_vec(&man).unwrap(),
+        )
+        .unwrap();
+    digest
 }
 
 /// obd layers with the snapshotter root on a small file system that fills

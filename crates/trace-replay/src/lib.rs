@@ -1,6 +1,8 @@
 //! trace-replay: record the reads a container makes at start, in upstream
 //! overlaybd's trace format, and replay them as low-priority prefetch.
 //!
+//! - [`accel`]: the acceleration layer's tar (`trace`, warm list), written
+//!   and read.
 //! - [`format`]: the binary trace file (`Trace`, `Record`; parse and write,
 //!   byte-compatible with overlaybd v1.0.18).
 //! - [`mode`]: what the file at `recordTracePath` asks for (disabled, record,
@@ -19,6 +21,7 @@
 //! Offsets are always inside a layer's uncompressed LSMT file (after the tar
 //! wrapper and ZFile decoding), and layer 0 is the bottom of `lowers`.
 
+pub mod accel;
 pub mod format;
 pub mod mode;
 pub mod pack;
@@ -78,6 +81,9 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// An acceleration layer's blob is not the plain tar this crate writes.
+    #[error("acceleration layer: {0}")]
+    AccelLayer(String),
     /// A page-cache warm list is malformed.
     #[error("warm list: {0}")]
     WarmList(String),

@@ -7,7 +7,7 @@ use super::{
     LayerReport, LayerState, PullError, PullOptions, PullReport, LABEL_DISTRIBUTION_SOURCE,
     LABEL_IMAGE_REF, LABEL_SNAPSHOT_REF, LABEL_UNCOMPRESSED, SNAPSHOT_LABEL_PREFIX,
 };
-use crate::layer::{classify_overlaybd, PrepareAction, PrepareInfo};
+use crate::layer::{classify_overlaybd, AccelPrepare, PrepareAction, PrepareInfo};
 use crate::meta::Kind;
 use crate::proto::containerd::services::diff::v1 as diff;
 use crate::proto::containerd::services::snapshots::v1 as snapshots;
@@ -197,7 +197,10 @@ impl Job<'_> {
                 kind: Kind::Active,
                 labels: &labels,
             };
+            // An acceleration layer is left too: obd's snapshotter unpacks it
+            // itself (`ObdLayers`), and any other's Prepare fetches it below.
             if classify_overlaybd(&info) != PrepareAction::Plain
+                || AccelPrepare::of(&info).is_some()
                 || ahead.0.contains_key(&layer.digest)
                 || present[i]
             {

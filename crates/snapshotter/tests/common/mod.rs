@@ -10,6 +10,7 @@ pub mod cri;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fixtures::procs::run;
 use obd_remote::distribution::{Distribution, ImageRef};
@@ -84,8 +85,9 @@ pub fn push_obd(
 }
 
 /// containerd and the snapshotter (started into `procs`), stopped on drop,
-/// last started first; then whatever they left mounted under `dir` is
-/// unmounted.
+/// last started first; then the device workers of a snapshotter rooted at
+/// `dir` or `dir/snroot` (they outlive the snapshotter by design) are killed and whatever was
+/// left mounted under `dir` is unmounted.
 pub struct Procs {
     pub procs: fixtures::procs::Procs,
     pub dir: PathBuf,
@@ -105,6 +107,14 @@ impl Drop for Procs {
     fn drop(&mut self) {
         // containerd first, then the snapshotter.
         self.procs.stop_all();
+        let mut workers = fixtures::procs::device_workers(&self.dir);
+        workers.extend(fixtures::procs::device_workers(&self.dir.join("snroot")));
+        for pid in &workers {
+            // SAFETY: kill(2) on a pid with a signal number touches no memory.
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let gone = |pid: &u32| !Path::new(&format!("/proc/{pid}")).exists();
+        let _ = fixtures::procs::poll(Duration::from_secs(10), || workers.iter().all(gone));
         obd_device::mount::unmount_below(&self.dir);
     }
 }
