@@ -367,8 +367,17 @@ impl Shared {
                 return;
             }
         };
-        if let Some(a) = &ws.accel {
-            self.accel_ahead(a, &ws.dist);
+        if let Some(a) = ws.accel.clone() {
+            // Alongside the working set's fetch, as containerd's download of
+            // it was, not ahead of it: a start needs both.
+            let (me, dist) = (Arc::clone(self), Arc::clone(&ws.dist));
+            let spawned = std::thread::Builder::new()
+                .name("accel-ahead".into())
+                .spawn(move || me.accel_ahead(&a, &dist));
+            if let Err(e) = spawned {
+                // Its Prepare fetches it.
+                tracing::warn!(error = %e, "cannot start fetching the acceleration layer ahead");
+            }
         }
         let Some(ws) = ws.ws.filter(|_| working_set) else {
             return;
