@@ -235,8 +235,7 @@ fn redirects_cached_and_fetched_without_authorization() {
 /// and sends the token up front afterwards.
 #[test]
 fn distribution_bearer_scope_per_access() {
-    use obd_remote::distribution::{Distribution, ImageRef};
-    use obd_remote::registry::HostOptions;
+    use obd_remote::distribution::ImageRef;
 
     const REPO: &str = "test/dist";
     const MANIFEST: &str = r#"{"schemaVersion":2}"#;
@@ -301,17 +300,7 @@ fn distribution_bearer_scope_per_access() {
         })
     });
 
-    let client = |pass: &str| {
-        let mut o = opts();
-        o.hosts.insert(
-            gate.addr.clone(),
-            HostOptions {
-                plain_http: true,
-                ..Default::default()
-            },
-        );
-        Distribution::with_credentials(o, creds(&gate.addr, "bob", pass)).unwrap()
-    };
+    let client = |pass: &str| dist_client(&gate.addr, pass);
     let d = client("hunter2");
     let r = ImageRef::parse(&format!("{}/{REPO}:v1", gate.addr)).unwrap();
     let m = d.get_manifest(&r, "v1").unwrap();
@@ -352,8 +341,7 @@ fn distribution_bearer_scope_per_access() {
 /// parallel blob pushes failed with "401 … after re-authenticating").
 #[test]
 fn distribution_requests_refused_together_all_retry_authenticated() {
-    use obd_remote::distribution::{Distribution, ImageRef};
-    use obd_remote::registry::HostOptions;
+    use obd_remote::distribution::ImageRef;
 
     const N: usize = 8;
     const ROUNDS: usize = 25;
@@ -375,15 +363,7 @@ fn distribution_requests_refused_together_all_retry_authenticated() {
         Some(_) => Action::Reply(Resp::new(401)),
     });
     for round in 0..ROUNDS {
-        let mut o = opts();
-        o.hosts.insert(
-            gate.addr.clone(),
-            HostOptions {
-                plain_http: true,
-                ..Default::default()
-            },
-        );
-        let d = Distribution::with_credentials(o, creds(&gate.addr, "bob", "hunter2")).unwrap();
+        let d = dist_client(&gate.addr, "hunter2");
         let r = ImageRef::parse(&format!("{}/test/basic:v1", gate.addr)).unwrap();
         std::thread::scope(|sc| {
             for i in 0..N {
@@ -401,4 +381,17 @@ fn distribution_requests_refused_together_all_retry_authenticated() {
     }
     let anon = gate.count(|r| r.header("authorization").is_none());
     assert_eq!(anon, N * ROUNDS, "one anonymous try per request, no more");
+}
+
+/// A distribution client of plain-HTTP `addr` as `bob` with `pass`.
+fn dist_client(addr: &str, pass: &str) -> obd_remote::distribution::Distribution {
+    let mut o = opts();
+    o.hosts.insert(
+        addr.to_string(),
+        obd_remote::registry::HostOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+    );
+    obd_remote::distribution::Distribution::with_credentials(o, creds(addr, "bob", pass)).unwrap()
 }

@@ -347,14 +347,8 @@ fn obd_pull_remote_and_plain() {
                 .expect("a piece table")
         })
         .collect();
-    let top = std::fs::read_dir(dir.join("snroot/snapshots"))
-        .unwrap()
-        .filter_map(|e| {
-            overlaybd_core::config::ImageConfig::load(
-                e.unwrap().path().join("block/config.v1.json"),
-            )
-            .ok()
-        })
+    let top = snapshot_configs(&dir)
+        .into_iter()
         .find(|c| c.lowers.len() == 2)
         .expect("the top obd layer's config.v1.json");
     let got: Vec<_> = top
@@ -455,14 +449,8 @@ fn obd_pull_remote_and_plain() {
         // The acceleration layer's config names the obd layers and its
         // `fs`, where `trace` is.
         let chain = &r.layers[2].chain_id;
-        let accel_cfg = std::fs::read_dir(dir.join("snroot/snapshots"))
-            .unwrap()
-            .filter_map(|e| {
-                overlaybd_core::config::ImageConfig::load(
-                    e.unwrap().path().join("block/config.v1.json"),
-                )
-                .ok()
-            })
+        let accel_cfg = snapshot_configs(&dir)
+            .into_iter()
             .filter(|c| c.acceleration_layer)
             .find(|c| {
                 c.lowers.len() == 3
@@ -486,6 +474,19 @@ fn obd_pull_remote_and_plain() {
     assert_eq!(t.matches("left to containerd's unpack").count(), 1, "{t}");
 
     drop(procs);
+}
+
+/// The `config.v1.json` of every obd snapshot under `<dir>/snroot`.
+fn snapshot_configs(dir: &Path) -> Vec<overlaybd_core::config::ImageConfig> {
+    std::fs::read_dir(dir.join("snroot/snapshots"))
+        .unwrap()
+        .filter_map(|e| {
+            overlaybd_core::config::ImageConfig::load(
+                e.unwrap().path().join("block/config.v1.json"),
+            )
+            .ok()
+        })
+        .collect()
 }
 
 /// Pushes `base`'s image with acceleration layer `tar` on top as
