@@ -97,6 +97,18 @@ struct State {
     threads: usize,
 }
 
+impl State {
+    /// Forgets acceleration layers fetched more than [`SEEN_FOR`] ago that
+    /// no Prepare took (a pull that failed before its last layer).
+    fn prune_accel(&mut self) {
+        let now = Instant::now();
+        self.accel.retain(|_, s| match s {
+            AccelSlot::Pending => true,
+            AccelSlot::Done(_, t) => now.duration_since(*t) < SEEN_FOR,
+        });
+    }
+}
+
 /// An acceleration layer's fetch ahead of its Prepare.
 enum AccelSlot {
     Pending,
@@ -250,6 +262,7 @@ impl OpenAhead {
         };
         let end = Instant::now() + max;
         let mut st = self.shared.state.locked();
+        st.prune_accel();
         loop {
             match st.accel.remove(digest) {
                 Some(AccelSlot::Done(files, _)) => return files,
@@ -483,11 +496,7 @@ impl Shared {
     fn accel_ahead(&self, a: &AccelBlob, dist: &Arc<Distribution>) {
         {
             let mut st = self.state.locked();
-            let now = Instant::now();
-            st.accel.retain(|_, s| match s {
-                AccelSlot::Pending => true,
-                AccelSlot::Done(_, t) => now.duration_since(*t) < SEEN_FOR,
-            });
+            st.prune_accel();
             if st.accel.contains_key(&a.digest) {
                 return;
             }
