@@ -49,6 +49,7 @@ use obd_device::open::trace_replay::accel::{read_accel_layer, AccelFile, MAX_ACC
 use obd_device::state::Root;
 use obd_remote::distribution::{Distribution, ImageRef};
 use obd_remote::oci::{self, Platform, ANN_ACCEL, ANN_BLOB_DIGEST, ANN_WORKING_SET};
+use obd_remote::registry::RegistryOptions;
 use obd_remote::service::{RegistrySource, ServiceConfig};
 use overlaybd_core::config::{ImageConfig, Lower};
 use zfile::sync::MutexExt;
@@ -263,24 +264,21 @@ impl OpenAhead {
         let end = Instant::now() + max;
         let mut st = self.shared.state.locked();
         st.prune_accel();
-        loop {
-            match st.accel.remove(digest) {
-                Some(AccelSlot::Done(files, _)) => return files,
-                Some(AccelSlot::Pending) => {
-                    st.accel.insert(digest.to_string(), AccelSlot::Pending);
-                    let left = end.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err("its fetch ahead did not end in time".into());
-                    }
-                    st = match self.shared.ended.wait_timeout(st, left) {
-                        Ok((g, _)) => g,
-                        Err(p) => p.into_inner().0,
-                    };
-                }
-                None => {
-                    drop(st);
-                    return self.shared.fetch_accel(&blob, None);
-                }
+        while matches!(st.accel.get(digest), Some(AccelSlot::Pending)) {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("its fetch ahead did not end in time".into());
+            }
+            st = match self.shared.ended.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        match st.accel.remove(digest) {
+            Some(AccelSlot::Done(files, _)) => files,
+            _ => {
+                drop(st);
+                self.shared.fetch_accel(&blob, None)
             }
         }
     }
@@ -440,6 +438,19 @@ impl Shared {
         }
     }
 
+    /// The registry options of the current burst's service config, else
+    /// read afresh: reading a manifest or a small blob needs no source
+    /// (whose build opens the block cache).
+    fn registry_options(&self) -> Result<RegistryOptions, String> {
+        if let Some(b) = self.source.locked().as_ref() {
+            return Ok(b.config.registry.clone());
+        }
+        self.dev_root
+            .load_service_config()
+            .map(|c| c.registry)
+            .map_err(|e| e.to_string())
+    }
+
     fn open_one(&self, job: &Job) -> Result<bool, String> {
         let Some(b) = self.source(true) else {
             return Ok(false);
@@ -457,12 +468,9 @@ impl Shared {
     /// opens of its remote obd layers, bottom up; its working-set and
     /// acceleration layers, if it has them.
     fn queue_layers(self: &Arc<Self>, image: &str) -> Result<FromManifest, String> {
-        let Some(b) = self.source(false) else {
-            return Err("no registry source".into());
-        };
         let r = ImageRef::parse(image).map_err(|e| e.to_string())?;
         let dist =
-            Arc::new(Distribution::new(b.config.registry.clone()).map_err(|e| e.to_string())?);
+            Arc::new(Distribution::new(self.registry_options()?).map_err(|e| e.to_string())?);
         let resolved =
             oci::resolve_manifest(&dist, &r, &Platform::host()).map_err(|e| e.to_string())?;
         let url = crate::obd::repo_blob_url(image).map_err(|e| e.to_string())?;
@@ -526,8 +534,7 @@ impl Shared {
         let dist = match dist {
             Some(d) => Arc::clone(d),
             None => {
-                let b = self.source(false).ok_or("no registry source")?;
-                Arc::new(Distribution::new(b.config.registry.clone()).map_err(|e| e.to_string())?)
+                Arc::new(Distribution::new(self.registry_options()?).map_err(|e| e.to_string())?)
             }
         };
         let r = ImageRef::parse(&a.image).map_err(|e| e.to_string())?;
