@@ -1,10 +1,10 @@
 #![no_main]
 //! Trace files, priority lists, page-cache warm lists and acceleration-layer
-//! tars: arbitrary bytes must give a value or a typed error; a parsed trace must serialise back to the same
-//! bytes when its record padding was zero, and always re-parse to the same
-//! records; a parsed warm list re-parses from its own bytes to itself; an
-//! acceleration layer's files are top-level names, at most the cap, and the
-//! writer's tar of a `trace` reads back to it.
+//! tars: arbitrary bytes must give a value or a typed error; a parsed trace
+//! must serialise back to the same bytes when its record padding was zero,
+//! and always re-parse to the same records; a parsed warm list re-parses
+//! from its own bytes to itself; an acceleration layer's files are top-level
+//! names, at most the cap, and the writer's tar of a `trace` reads back to it.
 use trace_replay::accel::{accel_layer_tar, read_accel_layer, MAX_ACCEL_FILES};
 use trace_replay::warm::WarmList;
 use trace_replay::{parse_priority_list, Trace, HEADER_SIZE, RECORD_SIZE};
